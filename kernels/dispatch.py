@@ -1,0 +1,96 @@
+"""The one place that decides which implementation of a hot op runs.
+
+Triton on CUDA tensors (when triton imports), the plain-torch reference everywhere else. ``force("triton")``
+or ``force("torch")`` overrides that for the calls made inside the ``with`` block (tests force Triton on CPU
+under ``TRITON_INTERPRET=1``; ``tritonsd parity --kernels triton`` does the same). The choice lives in a
+context variable, so it is scoped and thread-safe rather than a module-level switch.
+
+The model calls only these functions, never a kernel module directly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from typing import Iterator
+
+import torch
+
+from . import attention as _attention
+from . import conv as _conv
+from . import geglu as _geglu
+from . import group_norm as _group_norm
+from . import layer_norm as _layer_norm
+
+BACKENDS = ("auto", "torch", "triton")
+_forced: contextvars.ContextVar[str] = contextvars.ContextVar("tritonsd_kernels", default="auto")
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def force(backend: str) -> Iterator[None]:
+    """Run the enclosed calls on ``backend`` ("auto", "torch" or "triton")."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown kernel backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+    if backend == "triton" and not triton_available():
+        raise RuntimeError("the Triton kernels were asked for, but triton is not installed")
+    token = _forced.set(backend)
+    try:
+        yield
+    finally:
+        _forced.reset(token)
+
+
+def current_backend() -> str:
+    return _forced.get()
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    """Whether a call on ``x`` goes to the Triton kernel."""
+    backend = _forced.get()
+    if backend == "auto":
+        return x.is_cuda and triton_available()
+    return backend == "triton"
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, causal: bool = False) -> torch.Tensor:
+    """Multi-head attention. q: [B, N, H*D], k and v: [B, M, H*D] (any strides) -> [B, N, H*D]."""
+    impl = _attention.attention_triton if use_triton(q) else _attention.attention_reference
+    return impl(q, k, v, heads, causal=causal)
+
+
+def group_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_groups: int = 32,
+               eps: float = 1e-5, silu: bool = False) -> torch.Tensor:
+    """GroupNorm over x [B, C, ...] with statistics in float32, optionally followed by SiLU."""
+    impl = _group_norm.group_norm_triton if use_triton(x) else _group_norm.group_norm_reference
+    return impl(x, weight, bias, num_groups, eps, silu=silu)
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """LayerNorm over the last dimension."""
+    impl = _layer_norm.layer_norm_triton if use_triton(x) else _layer_norm.layer_norm_reference
+    return impl(x, weight, bias, eps)
+
+
+def geglu(x: torch.Tensor) -> torch.Tensor:
+    """GEGLU gate: x [..., 2F] -> a * gelu(gate) [..., F], with (a, gate) = x.chunk(2, -1)."""
+    impl = _geglu.geglu_triton if use_triton(x) else _geglu.geglu_reference
+    return impl(x)
+
+
+def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride: int = 1,
+           padding: int = 0, emb: torch.Tensor | None = None, residual: torch.Tensor | None = None,
+           scale: float | None = None) -> torch.Tensor:
+    """2-D convolution with a fused epilogue: ``(conv(x) + bias + emb[:, :, None, None] + residual) * scale``.
+
+    emb: [B, C_out] per-channel add (the ResBlock's time embedding); residual: [B, C_out, H', W'].
+    """
+    impl = _conv.conv2d_triton if use_triton(x) else _conv.conv2d_reference
+    return impl(x, weight, bias, stride, padding, emb=emb, residual=residual, scale=scale)

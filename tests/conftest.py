@@ -1,0 +1,34 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tritonsd.tools.reference import fixtures_dir, load_reference
+
+FP32_BOUND = 1e-4  # the fixtures' README: relative error bound for float32 implementations
+
+
+@pytest.fixture(scope="session")
+def fixtures() -> Path:
+    """The fixtures directory. Missing fixtures FAIL the test: a skipped parity test proves nothing."""
+    d = fixtures_dir()
+    if not (d / "sd1-tiny.safetensors").is_file():
+        pytest.fail(f"parity fixtures not found at {d} (set TRITONSD_FIXTURES to their directory)")
+    return d
+
+
+@pytest.fixture(scope="session")
+def reference(fixtures):
+    """reference(name) -> (tensors, meta) for NAME.reference.safetensors, cached per session."""
+    cache: dict[str, tuple] = {}
+
+    def get(name: str):
+        if name not in cache:
+            path = fixtures / f"{name}.reference.safetensors"
+            if not path.is_file():
+                pytest.fail(f"reference file missing: {path}")
+            cache[name] = load_reference(path)
+        return cache[name]
+
+    return get
