@@ -1,0 +1,81 @@
+import re
+
+import pytest
+import torch
+from PIL import Image
+
+from tritonsd.tools import png
+
+# AUTOMATIC1111's infotext parser (modules/infotext_utils.py) splits the last line with this pattern.
+RE_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+
+
+def parse_like_a1111(text: str) -> dict:
+    *lines, last = text.strip().split("\n")
+    prompt, negative, in_negative = [], [], False
+    for line in lines:
+        if line.startswith("Negative prompt:"):
+            in_negative = True
+            line = line[len("Negative prompt:"):].strip()
+        (negative if in_negative else prompt).append(line)
+    out = {"Prompt": "\n".join(prompt), "Negative prompt": "\n".join(negative)}
+    for key, value in RE_PARAM.findall(last):
+        out[key] = value
+    return out
+
+
+def test_infotext_reads_back_with_a1111_parser():
+    info = png.Infotext("a cat, on a mat", "blurry", 20, "DPM++ 2M Karras", 7.5, 1234, 512, 768,
+                        "abcdef0123", "v1-5-pruned-emaonly")
+    fields = parse_like_a1111(info.render())
+    assert fields["Prompt"] == "a cat, on a mat"
+    assert fields["Negative prompt"] == "blurry"
+    assert fields["Steps"] == "20"
+    assert fields["Sampler"] == "DPM++ 2M Karras"
+    assert fields["CFG scale"] == "7.5"
+    assert fields["Seed"] == "1234"
+    assert fields["Size"] == "512x768"
+    assert fields["Model hash"] == "abcdef0123"
+    assert fields["Model"] == "v1-5-pruned-emaonly"
+
+
+def test_empty_negative_prompt_has_no_line():
+    text = png.Infotext("", "", 10, "Euler", 1.0, 0, 64, 64, "0" * 10, "m").render()
+    assert "Negative prompt" not in text
+    assert text.split("\n")[0] == ""
+
+
+def test_model_hash_is_sha256_prefix(tmp_path):
+    import hashlib
+
+    f = tmp_path / "m.bin"
+    f.write_bytes(b"tritonsd" * 1000)
+    assert png.model_hash(f) == hashlib.sha256(b"tritonsd" * 1000).hexdigest()[:10]
+
+
+def test_write_png_roundtrip_and_deterministic(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    image = png.to_pil(torch.rand(3, 24, 40, generator=g))
+    a = png.write_png(tmp_path / "a.png", image, "hello\nSteps: 1")
+    b = png.write_png(tmp_path / "b.png", image, "hello\nSteps: 1")
+    assert a.read_bytes() == b.read_bytes()
+    assert png.read_parameters(a) == "hello\nSteps: 1"
+    with Image.open(a) as im:
+        assert im.size == (40, 24) and im.mode == "RGB"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "b.png"]  # no temporary left
+
+
+def test_to_pil_truncates_like_original():
+    x = torch.tensor([0.0, 0.5, 1.0, 1.5, -1.0]).view(1, 1, 5).expand(3, 1, 5)
+    arr = list(png.to_pil(x).getdata())
+    assert [p[0] for p in arr] == [0, 127, 255, 255, 0]
+
+
+def test_failed_write_leaves_nothing(tmp_path):
+    class Broken:
+        def save(self, *a, **k):
+            raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        png.write_png(tmp_path / "x.png", Broken(), "p")
+    assert list(tmp_path.iterdir()) == []
