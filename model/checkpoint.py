@@ -1,0 +1,279 @@
+"""Read original single-file checkpoints (``.safetensors`` and pickled ``.ckpt``) into a flat dict of tensors,
+and normalise their keys to the names our modules use.
+
+Every malformed-file error is raised here as ``CheckpointError`` with the file name and the reason on one line.
+The file is only ever opened for reading.
+
+Pickles: ``torch.load(weights_only=True)`` refuses every global outside torch's own tensor-rebuilding set; the
+released pytorch-lightning files also reference a few harmless globals (the ``ModelCheckpoint`` callback class,
+numpy scalars and dtypes in the training bookkeeping). Those, and only those, are allowed, mapped to inert
+placeholder classes defined here, for the duration of the load. Anything else (``os.system``, ``eval``, any other
+class) is refused by the unpickler before it can be called.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+SAFETENSORS_SUFFIX = ".safetensors"
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
+
+# bytes per element of each safetensors dtype name
+_SAFETENSORS_ITEMSIZE = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+    "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1,
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read: missing, truncated, not a checkpoint, or unsafe."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Inert stand-ins for the extra globals of the released pytorch-lightning pickles. They accept whatever the
+# pickle passes and keep nothing: these entries are bookkeeping we ignore.
+
+
+class _Inert:
+    """Accepts any constructor arguments and any pickled state; does nothing with them."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        pass
+
+    def __setstate__(self, state) -> None:
+        pass
+
+
+class ModelCheckpointPlaceholder(_Inert):
+    """Stands in for ``pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint``."""
+
+
+class NumpyDtypePlaceholder(_Inert):
+    """Stands in for ``numpy.dtype`` (and numpy's per-dtype classes)."""
+
+
+class NumpyScalarPlaceholder(_Inert):
+    """Stands in for ``numpy.core.multiarray.scalar(dtype, raw_bytes)``."""
+
+
+# The complete allowlist beyond torch's defaults. ``_codecs.encode`` (how protocol-2 pickles store bytes, used by
+# the numpy scalars) is already in torch's weights-only default set, with the real, side-effect-free function.
+ALLOWED_PICKLE_GLOBALS: tuple[tuple[type, str], ...] = (
+    (ModelCheckpointPlaceholder, "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint"),
+    (NumpyScalarPlaceholder, "numpy.core.multiarray.scalar"),
+    (NumpyDtypePlaceholder, "numpy.dtype"),
+    (NumpyDtypePlaceholder, "numpy.dtypes.Float64DType"),
+    (NumpyDtypePlaceholder, "numpy.dtypes.Int64DType"),
+)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading
+
+
+def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a ``.safetensors`` or pickled ``.ckpt`` checkpoint into a flat ``{name: tensor}`` dict on the CPU.
+
+    Tensors keep their stored dtype. ``.ckpt``: the ``"state_dict"`` wrapper is optional; other top-level entries
+    (lightning's epoch, global_step, callbacks) and a nested ``"state_dict"`` are dropped.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not a regular file")
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError(f"{path.name}: empty file")
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if path.suffix.lower() == SAFETENSORS_SUFFIX:
+        return _read_safetensors(path)
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        return _read_pickle(path)
+    # unknown suffix: decide from the content (torch's zip container starts with "PK")
+    if head.startswith(b"PK") or head[:1] == b"\x80":
+        return _read_pickle(path)
+    return _read_safetensors(path)
+
+
+def validate_safetensors_header(path: Path) -> dict:
+    """Check the safetensors framing ourselves (so a lying or truncated file gives a clear error) and return the
+    parsed header: 8-byte little-endian header length, a JSON object, and each tensor's data_offsets inside the
+    data section with the size its dtype and shape imply."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise CheckpointError(f"{path.name}: truncated safetensors file ({size} bytes, no header length)")
+        (header_len,) = struct.unpack("<Q", prefix)
+        if header_len > MAX_HEADER_BYTES:
+            raise CheckpointError(f"{path.name}: not a safetensors file (header length {header_len} is implausible)")
+        if 8 + header_len > size:
+            raise CheckpointError(f"{path.name}: truncated or not a safetensors file (header length {header_len} "
+                                  f"exceeds the file size {size})")
+        raw = f.read(header_len)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise CheckpointError(f"{path.name}: not a safetensors file (header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path.name}: not a safetensors file (header is not a JSON object)")
+    data_len = size - 8 - header_len
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        _check_tensor_entry(path, name, info, data_len)
+    return header
+
+
+def _check_tensor_entry(path: Path, name: str, info, data_len: int) -> None:
+    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
+        raise CheckpointError(f"{path.name}: bad safetensors header entry for {name!r}")
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if dtype not in _SAFETENSORS_ITEMSIZE:
+        raise CheckpointError(f"{path.name}: tensor {name!r} has unsupported dtype {dtype!r}")
+    if not (isinstance(shape, list) and all(isinstance(s, int) and s >= 0 for s in shape)):
+        raise CheckpointError(f"{path.name}: tensor {name!r} has a bad shape {shape!r}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+        raise CheckpointError(f"{path.name}: tensor {name!r} has bad data_offsets {offsets!r}")
+    begin, end = offsets
+    if not 0 <= begin <= end <= data_len:
+        raise CheckpointError(f"{path.name}: truncated or corrupt: tensor {name!r} data_offsets [{begin}, {end}] "
+                              f"lie outside the {data_len}-byte data section")
+    numel = 1
+    for s in shape:
+        numel *= s
+    if end - begin != numel * _SAFETENSORS_ITEMSIZE[dtype]:
+        raise CheckpointError(f"{path.name}: corrupt header: tensor {name!r} ({dtype} {shape}) needs "
+                              f"{numel * _SAFETENSORS_ITEMSIZE[dtype]} bytes but data_offsets span {end - begin}")
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    validate_safetensors_header(path)
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, RuntimeError, OSError) as e:
+        raise CheckpointError(f"{path.name}: unreadable safetensors file ({_one_line(e)})") from None
+
+
+def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        with torch.serialization.safe_globals(list(ALLOWED_PICKLE_GLOBALS)):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        refused = re.search(r"GLOBAL (\S+)|unrecognized function (.+?)(?:$| which)|new object for .*? got (\S+)",
+                            str(e))
+        if refused:
+            what = next(g for g in refused.groups() if g)
+            raise CheckpointError(f"{path.name}: refused to load: the pickle wants to call {what.rstrip('.')}, "
+                                  f"which is not a tensor or an allowed bookkeeping entry (the code never ran)"
+                                  ) from None
+        raise CheckpointError(f"{path.name}: not a readable checkpoint ({_one_line(e)})") from None
+    except (RuntimeError, EOFError, OSError, ValueError, AttributeError, TypeError, KeyError) as e:
+        raise CheckpointError(f"{path.name}: truncated or not a torch checkpoint ({_one_line(e)})") from None
+    return _unwrap_state_dict(path, obj)
+
+
+def _unwrap_state_dict(path: Path, obj) -> dict[str, torch.Tensor]:
+    """``{"state_dict": {...}, ...}`` or a bare dict -> the flat tensor dict (a nested "state_dict" dropped)."""
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path.name}: not a checkpoint (the pickle holds a {type(obj).__name__}, not a dict)")
+    sd = obj.get("state_dict", obj)
+    if not isinstance(sd, dict):
+        raise CheckpointError(f"{path.name}: not a checkpoint ('state_dict' is a {type(sd).__name__})")
+    tensors = {k: v for k, v in sd.items() if k != "state_dict" and isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise CheckpointError(f"{path.name}: not a checkpoint (no tensors found)")
+    if any(not isinstance(k, str) for k in tensors):
+        raise CheckpointError(f"{path.name}: not a checkpoint (tensor names are not strings)")
+    return tensors
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text[:200] + ("..." if len(text) > 200 else "")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Key normalisation
+
+SCHEDULE_BUFFERS = (
+    "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
+    "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
+    "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
+)
+MODULE_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.")
+# older SD1 files store transformers' CLIPTextModel without its ``text_model.`` level
+_CLIP_TEXT_MODEL_PARTS = ("embeddings.", "encoder.", "final_layer_norm.")
+_CLIP_PREFIXES = ("cond_stage_model.transformer.", "conditioner.embedders.0.transformer.")
+
+
+@dataclass
+class NormalizedKeys:
+    """A checkpoint split into what the modules load, the schedule it carries and what was set aside."""
+
+    weights: dict[str, torch.Tensor]
+    alphas_cumprod: torch.Tensor | None = None
+    ignored: dict[str, list[str]] = field(default_factory=dict)  # reason -> keys
+    renamed: int = 0  # keys mapped from an older layout
+
+
+def normalize_keys(state_dict: dict[str, torch.Tensor]) -> NormalizedKeys:
+    """Drop the extras the modules do not hold (position_ids, EMA bookkeeping, schedule buffers, denoiser sigmas,
+    logvar, anything outside the model's modules) and map older layouts to the names our modules use."""
+    out = NormalizedKeys(weights={})
+    # SD 2.x in SGM naming (SD2.1-turbo style) has a single OpenCLIP embedder and no label_emb (the SDXL refiner
+    # has both, and stays under its own names so detection can refuse it)
+    sd2_in_sgm_naming = not any(k.startswith(("conditioner.embedders.1.", "model.diffusion_model.label_emb."))
+                                for k in state_dict)
+    for key, value in state_dict.items():
+        reason = _ignore_reason(key)
+        if reason is not None:
+            out.ignored.setdefault(reason, []).append(key)
+            if key == "alphas_cumprod":
+                out.alphas_cumprod = value
+            continue
+        new = _renamed(key, sd2_in_sgm_naming)
+        out.renamed += new != key
+        out.weights[new] = value
+    return out
+
+
+def _ignore_reason(key: str) -> str | None:
+    if key.endswith(".position_ids"):
+        return "position_ids (always arange(77))"
+    if key.startswith("model_ema."):
+        return "model_ema.* (EMA bookkeeping)"
+    if key in SCHEDULE_BUFFERS:
+        return "schedule buffers (rebuilt from the config; alphas_cumprod kept)"
+    if key == "denoiser.sigmas":
+        return "denoiser.sigmas (derived from alphas_cumprod)"
+    if key == "logvar":
+        return "logvar (training only)"
+    if not key.startswith(MODULE_PREFIXES):
+        return "outside the model's modules"
+    return None
+
+
+def _renamed(key: str, sd2_in_sgm_naming: bool) -> str:
+    for prefix in _CLIP_PREFIXES:
+        if key.startswith(prefix):
+            rest = key[len(prefix):]
+            if rest.startswith(_CLIP_TEXT_MODEL_PARTS):
+                return f"{prefix}text_model.{rest}"
+            return key
+    if sd2_in_sgm_naming and key.startswith("conditioner.embedders.0.model."):
+        return "cond_stage_model.model." + key[len("conditioner.embedders.0.model."):]
+    return key

@@ -1,0 +1,254 @@
+"""The Stable Diffusion UNet (openaimodel ``UNetModel`` with ``SpatialTransformer``s), SD1 / SD2 / SDXL.
+
+Attribute paths are the checkpoint keys below ``model.diffusion_model.``. Where the original applies
+GroupNorm -> SiLU -> conv, the SiLU is fused into the GroupNorm call and an ``nn.Identity`` keeps the SiLU's
+index in the ``nn.Sequential`` so the following layer's key (``in_layers.2``, ``out_layers.3``, ``out.2``) stays
+the original's. The time-embedding add and the residual adds are fused into the convolutions' epilogue.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..kernels import dispatch
+from .config import UNetConfig
+from .layers import Conv2d, GroupNorm, LayerNorm
+
+
+class UNetShapeError(ValueError):
+    """An input the UNet cannot take (latent sides, channels, missing conditioning)."""
+
+
+def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding as the original's: [cos(t * f), sin(t * f)] with f = max_period ** (-i / half), in
+    float32; ``timesteps`` [B] may be fractional (k-diffusion passes interpolated t)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half)
+    args = timesteps[:, None].float() * freqs[None]  # [B, half]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
+
+
+class ResBlock(nn.Module):
+    """GN -> SiLU -> conv (+ time embedding) -> GN -> SiLU -> conv (+ skip). ``emb`` is SiLU(time embedding),
+    shared by every block (each original block starts its ``emb_layers`` with that SiLU)."""
+
+    def __init__(self, channels: int, out_channels: int, emb_channels: int):
+        super().__init__()
+        self.in_layers = nn.Sequential(GroupNorm(32, channels), nn.Identity(), Conv2d(channels, out_channels, 3,
+                                                                                      padding=1))
+        self.emb_layers = nn.Sequential(nn.Identity(), nn.Linear(emb_channels, out_channels))
+        self.out_layers = nn.Sequential(GroupNorm(32, out_channels), nn.Identity(), nn.Identity(),
+                                        Conv2d(out_channels, out_channels, 3, padding=1))
+        self.skip_connection = nn.Identity() if out_channels == channels else Conv2d(channels, out_channels, 1)
+
+    def forward(self, x: torch.Tensor, emb_silu: torch.Tensor) -> torch.Tensor:
+        h = self.in_layers[0](x, silu=True)
+        h = self.in_layers[2](h, emb=self.emb_layers[1](emb_silu))
+        h = self.out_layers[0](h, silu=True)
+        return self.out_layers[3](h, residual=self.skip_connection(x))
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention of x over context (self-attention when context is None)."""
+
+    def __init__(self, query_dim: int, context_dim: int, heads: int, dim_head: int):
+        super().__init__()
+        inner = heads * dim_head
+        self.heads = heads
+        self.to_q = nn.Linear(query_dim, inner, bias=False)
+        self.to_k = nn.Linear(context_dim, inner, bias=False)
+        self.to_v = nn.Linear(context_dim, inner, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Identity())  # [1] was Dropout
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        context = x if context is None else context
+        out = dispatch.attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads)
+        return self.to_out[0](out)
+
+
+class GEGLU(nn.Module):
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out * 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dispatch.geglu(self.proj(x))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, inner: int):
+        super().__init__()
+        self.net = nn.Sequential(GEGLU(dim, inner), nn.Identity(), nn.Linear(inner, dim))  # [1] was Dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net[2](self.net[0](x))
+
+
+class BasicTransformerBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int):
+        super().__init__()
+        self.attn1 = CrossAttention(dim, dim, heads, dim_head)
+        self.ff = FeedForward(dim, dim * 4)
+        self.attn2 = CrossAttention(dim, context_dim, heads, dim_head)
+        self.norm1 = LayerNorm(dim)
+        self.norm2 = LayerNorm(dim)
+        self.norm3 = LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        x = self.attn1(self.norm1(x)) + x
+        x = self.attn2(self.norm2(x), context) + x
+        return self.ff(self.norm3(x)) + x
+
+
+class SpatialTransformer(nn.Module):
+    """GN -> proj_in (1x1 conv, or Linear when ``linear``) -> transformer blocks -> proj_out, plus the input."""
+
+    def __init__(self, channels: int, heads: int, depth: int, context_dim: int, linear: bool):
+        super().__init__()
+        self.linear = linear
+        self.norm = GroupNorm(32, channels, eps=1e-6)
+        proj = (lambda: nn.Linear(channels, channels)) if linear else (lambda: Conv2d(channels, channels, 1))
+        self.proj_in = proj()
+        self.transformer_blocks = nn.ModuleList(
+            BasicTransformerBlock(channels, heads, channels // heads, context_dim) for _ in range(depth))
+        self.proj_out = proj()
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        y = self.norm(x)
+        if not self.linear:
+            y = self.proj_in(y)
+        y = y.permute(0, 2, 3, 1).reshape(b, h * w, c)  # [B, C, H, W] -> [B, H*W, C]
+        if self.linear:
+            y = self.proj_in(y)
+        for block in self.transformer_blocks:
+            y = block(y, context)
+        if self.linear:
+            y = self.proj_out(y)
+        y = y.reshape(b, h, w, c).permute(0, 3, 1, 2)  # [B, H*W, C] -> [B, C, H, W]
+        if self.linear:
+            return y + x
+        return self.proj_out(y.contiguous(), residual=x)
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.op = Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class TimestepBlock(nn.Sequential):
+    """One entry of input_blocks / output_blocks / middle_block: layers that each take what they need."""
+
+    def forward(self, x: torch.Tensor, emb_silu: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb_silu)
+            elif isinstance(layer, SpatialTransformer):
+                x = layer(x, context)
+            else:
+                x = layer(x)
+        return x
+
+
+class UNetModel(nn.Module):
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        self.cfg = cfg
+        mc, ted = cfg.model_channels, cfg.time_embed_dim
+        self.time_embed = nn.Sequential(nn.Linear(mc, ted), nn.SiLU(), nn.Linear(ted, ted))
+        if cfg.adm_in_channels is not None:
+            self.label_emb = nn.Sequential(nn.Sequential(nn.Linear(cfg.adm_in_channels, ted), nn.SiLU(),
+                                                         nn.Linear(ted, ted)))
+
+        def transformer(ch: int, depth: int) -> SpatialTransformer:
+            return SpatialTransformer(ch, cfg.heads_at(ch), depth, cfg.context_dim, cfg.use_linear_in_transformer)
+
+        self.input_blocks = nn.ModuleList([TimestepBlock(Conv2d(cfg.in_channels, mc, 3, padding=1))])
+        skip_channels = [mc]
+        ch = mc
+        last = len(cfg.channel_mult) - 1
+        for level, mult in enumerate(cfg.channel_mult):
+            for _ in range(cfg.num_res_blocks):
+                layers: list[nn.Module] = [ResBlock(ch, mult * mc, ted)]
+                ch = mult * mc
+                if cfg.transformer_depth[level]:
+                    layers.append(transformer(ch, cfg.transformer_depth[level]))
+                self.input_blocks.append(TimestepBlock(*layers))
+                skip_channels.append(ch)
+            if level != last:
+                self.input_blocks.append(TimestepBlock(Downsample(ch)))
+                skip_channels.append(ch)
+
+        self.middle_block = TimestepBlock(ResBlock(ch, ch, ted), transformer(ch, cfg.transformer_depth_middle),
+                                          ResBlock(ch, ch, ted))
+
+        self.output_blocks = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(cfg.channel_mult))):
+            for i in range(cfg.num_res_blocks + 1):
+                layers = [ResBlock(ch + skip_channels.pop(), mult * mc, ted)]
+                ch = mult * mc
+                if cfg.transformer_depth[level]:
+                    layers.append(transformer(ch, cfg.transformer_depth[level]))
+                if level and i == cfg.num_res_blocks:
+                    layers.append(Upsample(ch))
+                self.output_blocks.append(TimestepBlock(*layers))
+
+        self.out = nn.Sequential(GroupNorm(32, ch), nn.Identity(), Conv2d(ch, cfg.out_channels, 3, padding=1))
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor | float, context: torch.Tensor,
+                y: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, in_channels, H, W], timesteps [B] or scalar (may be fractional), context [B, N, context_dim],
+        y [B, adm_in_channels] (SDXL only) -> [B, out_channels, H, W]."""
+        self._check_inputs(x, context, y)
+        dtype = self.time_embed[0].weight.dtype
+        t = torch.as_tensor(timesteps, device=x.device).reshape(-1).expand(x.shape[0])
+        emb = self.time_embed(timestep_embedding(t, self.cfg.model_channels).to(dtype))
+        if y is not None:
+            emb = emb + self.label_emb(y.to(dtype))
+        emb_silu = F.silu(emb)
+
+        h = x.to(dtype)
+        context = context.to(dtype)
+        skips = []
+        for block in self.input_blocks:
+            h = block(h, emb_silu, context)
+            skips.append(h)
+        h = self.middle_block(h, emb_silu, context)
+        for block in self.output_blocks:
+            h = block(torch.cat([h, skips.pop()], dim=1), emb_silu, context)
+        h = self.out[0](h, silu=True)
+        return self.out[2](h)
+
+    def _check_inputs(self, x: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None) -> None:
+        cfg = self.cfg
+        if x.ndim != 4 or x.shape[1] != cfg.in_channels:
+            raise UNetShapeError(f"UNet input must be [B, {cfg.in_channels}, H, W], got {list(x.shape)}")
+        f = cfg.downsample_factor
+        if x.shape[2] % f or x.shape[3] % f:
+            raise UNetShapeError(f"latent height and width must be multiples of {f} for this UNet "
+                                 f"(images: multiples of {8 * f} pixels), got {x.shape[2]}x{x.shape[3]}")
+        if context.ndim != 3 or context.shape[-1] != cfg.context_dim:
+            raise UNetShapeError(f"context must be [B, N, {cfg.context_dim}], got {list(context.shape)}")
+        if (y is None) != (cfg.adm_in_channels is None):
+            need = f"a [B, {cfg.adm_in_channels}] vector y" if cfg.adm_in_channels else "no y"
+            raise UNetShapeError(f"this UNet needs {need}")
