@@ -1,9 +1,174 @@
-"""Convolution with a fused epilogue. (Triton kernel: to be written; the reference is final.)"""
+"""2-D convolution as an implicit GEMM with a fused epilogue.
+
+GEMM view: M = B*H'*W' output pixels, N = C_out, K = C_in*KH*KW. A program owns a [BLOCK_M, BLOCK_N] output
+tile; it loops over the KH*KW taps (unrolled) and, per tap, over C_in in BLOCK_K chunks, gathering the input
+pixels the tap reads ([BLOCK_M, BLOCK_K], zero outside the image: that is the padding) and the tap's weights
+([BLOCK_K, BLOCK_N]). No im2col buffer. Input, weight, residual and output are all read through their strides,
+so NCHW and channels_last work alike (channels_last makes the K loads contiguous). Accumulation is float32
+(full IEEE float32 products for float32 inputs). The epilogue adds bias, the per-(batch, channel) ``emb`` and
+the ``residual``, multiplies by ``scale``, and stores once.
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from ._triton import FLOAT_DTYPES, check_device, configs, dot, dot_precision, dot_upcast
+
+CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+    for bm, bn, bk, w, s in [
+        (128, 128, 32, 8, 3), (128, 128, 64, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4),
+        (128, 256, 32, 8, 3), (64, 64, 32, 4, 4), (256, 128, 32, 8, 3), (64, 32, 32, 4, 4),
+    ]
+]
+INTERPRETED_CONFIG = triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)
+GROUP_M = 8  # output-tile rows swept together, so neighbouring programs share weight tiles in L2
+
+
+@triton.autotune(configs=configs(CONFIGS, INTERPRETED_CONFIG),
+                 key=["C_IN", "C_OUT", "H", "W", "KH", "KW", "STRIDE", "PAD", "HAS_RES"])
+@triton.jit
+def _conv2d_kernel(
+    X, Wt, Bias, Emb, Res, Y,
+    M, C_IN, H, W, C_OUT, H_OUT, W_OUT,
+    stride_xb, stride_xc, stride_xh, stride_xw,
+    stride_wn, stride_wc, stride_wh, stride_ww,
+    stride_eb, stride_en,
+    stride_rb, stride_rc, stride_rh, stride_rw,
+    stride_yb, stride_yc, stride_yh, stride_yw,
+    scale,
+    KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_EMB: tl.constexpr, HAS_RES: tl.constexpr, HAS_SCALE: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, GROUP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # grouped tile order (as the Triton matmul tutorial)
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(C_OUT, BLOCK_N)
+    per_group = GROUP * num_n
+    first_m = (pid // per_group) * GROUP
+    group_rows = tl.minimum(num_m - first_m, GROUP)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < M
+    n_ok = offs_n < C_OUT
+    hw_out = H_OUT * W_OUT
+    bidx = offs_m // hw_out  # [BLOCK_M] batch, output row, output column
+    ho = (offs_m % hw_out) // W_OUT
+    wo = offs_m % W_OUT
+    x_batch = X + bidx.to(tl.int64) * stride_xb
+    offs_k0 = tl.arange(0, BLOCK_K)
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for kh in tl.static_range(KH):
+        hi = ho * STRIDE - PAD + kh
+        h_ok = m_ok & (hi >= 0) & (hi < H)
+        for kw in tl.static_range(KW):
+            wi = wo * STRIDE - PAD + kw
+            pix_ok = h_ok & (wi >= 0) & (wi < W)
+            x_pix = x_batch + hi * stride_xh + wi * stride_xw  # [BLOCK_M] pointers to channel 0
+            w_tap = Wt + kh * stride_wh + kw * stride_ww
+            for c0 in range(0, C_IN, BLOCK_K):
+                offs_k = c0 + offs_k0
+                k_ok = offs_k < C_IN
+                a = tl.load(x_pix[:, None] + offs_k[None, :] * stride_xc, mask=pix_ok[:, None] & k_ok[None, :],
+                            other=0.0)  # [BLOCK_M, BLOCK_K]
+                b = tl.load(w_tap + offs_k[:, None] * stride_wc + offs_n[None, :] * stride_wn,
+                            mask=k_ok[:, None] & n_ok[None, :], other=0.0)  # [BLOCK_K, BLOCK_N]
+                acc += dot(a, b, PRECISION, UPCAST)
+
+    tile_ok = m_ok[:, None] & n_ok[None, :]
+    if HAS_BIAS:
+        acc += tl.load(Bias + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_EMB:
+        acc += tl.load(Emb + bidx[:, None].to(tl.int64) * stride_eb + offs_n[None, :] * stride_en, mask=tile_ok,
+                       other=0.0).to(tl.float32)
+    if HAS_RES:
+        r_ptr = (Res + bidx[:, None].to(tl.int64) * stride_rb + offs_n[None, :] * stride_rc
+                 + (ho * stride_rh + wo * stride_rw)[:, None])
+        acc += tl.load(r_ptr, mask=tile_ok, other=0.0).to(tl.float32)
+    if HAS_SCALE:
+        acc = acc * scale
+    y_ptr = (Y + bidx[:, None].to(tl.int64) * stride_yb + offs_n[None, :] * stride_yc
+             + (ho * stride_yh + wo * stride_yw)[:, None])
+    tl.store(y_ptr, acc.to(Y.dtype.element_ty), mask=tile_ok)
+
+
+def _as_int(v) -> int | None:
+    """An int stride/padding, or a pair of equal ints; None for anything else (the reference handles it)."""
+    if isinstance(v, int):
+        return v
+    if isinstance(v, (tuple, list)) and len(v) == 2 and v[0] == v[1] and isinstance(v[0], int):
+        return v[0]
+    return None
+
+
+def _output_shape(x: torch.Tensor, weight: torch.Tensor, stride, padding) -> tuple[int, int, int, int] | None:
+    """[B, C_out, H', W'] for the convolutions the kernel covers, None for the others."""
+    st, pad = _as_int(stride), _as_int(padding)
+    if x.dim() != 4 or weight.dim() != 4 or weight.shape[1] != x.shape[1] or st is None or pad is None or st < 1:
+        return None
+    h_out = (x.shape[2] + 2 * pad - weight.shape[2]) // st + 1
+    w_out = (x.shape[3] + 2 * pad - weight.shape[3]) // st + 1
+    if h_out <= 0 or w_out <= 0:
+        return None  # the reference raises its own error
+    return x.shape[0], weight.shape[0], h_out, w_out
+
+
+def conv2d_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride: int = 1,
+                  padding: int = 0, emb: torch.Tensor | None = None, residual: torch.Tensor | None = None,
+                  scale: float | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Same contract as :func:`conv2d_reference`; ``out`` (optional, [B, C_out, H', W']) receives the result.
+
+    Falls back to the reference (which also raises the errors for bad shapes) for grouped convolutions,
+    unequal or string stride/padding, dtypes other than float16/bfloat16/float32, x and weight of different
+    dtypes, or emb/residual shapes that only broadcast.
+    """
+    out_shape = _output_shape(x, weight, stride, padding)
+    if (out_shape is None or x.dtype not in FLOAT_DTYPES or weight.dtype != x.dtype
+            or (emb is not None and tuple(emb.shape) != out_shape[:2])
+            or (residual is not None and tuple(residual.shape) != out_shape)):
+        result = conv2d_reference(x, weight, bias, stride, padding, emb=emb, residual=residual, scale=scale)
+        return result if out is None else out.copy_(result)
+    check_device(x, weight, bias, emb, residual, out)
+    bsz, c_in, h, w = x.shape
+    c_out, _, kh, kw = weight.shape
+    st, pad = _as_int(stride), _as_int(padding)
+    h_out, w_out = out_shape[2:]
+    if out is None:
+        out_dtype = x.dtype  # as the reference's type promotion
+        for t in (emb, residual):
+            if t is not None:
+                out_dtype = torch.promote_types(out_dtype, t.dtype)
+        memory_format = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and c_in > 1 \
+            else torch.contiguous_format
+        out = torch.empty(out_shape, device=x.device, dtype=out_dtype, memory_format=memory_format)
+    m = bsz * h_out * w_out
+    if m == 0 or c_out == 0:
+        return out
+    e = emb if emb is not None else out
+    r = residual if residual is not None else out
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(c_out, meta["BLOCK_N"]),)  # noqa: E731
+    _conv2d_kernel[grid](
+        x, weight, bias if bias is not None else weight, e, r, out,
+        m, c_in, h, w, c_out, h_out, w_out,
+        *x.stride(), *weight.stride(),
+        e.stride(0), e.stride(1),
+        *r.stride(), *out.stride(),
+        1.0 if scale is None else float(scale),
+        KH=kh, KW=kw, STRIDE=st, PAD=pad,
+        HAS_BIAS=bias is not None, HAS_EMB=emb is not None, HAS_RES=residual is not None,
+        HAS_SCALE=scale is not None, PRECISION=dot_precision(x.dtype), UPCAST=dot_upcast(x.dtype), GROUP=GROUP_M,
+    )
+    return out
 
 
 def conv2d_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride: int = 1,
@@ -18,7 +183,3 @@ def conv2d_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     if scale is not None:
         y = y * scale
     return y
-
-
-def conv2d_triton(x, weight, bias=None, stride=1, padding=0, emb=None, residual=None, scale=None):
-    raise NotImplementedError("Triton convolution is not written yet")

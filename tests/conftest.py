@@ -1,5 +1,14 @@
 from __future__ import annotations
 
+# Without a GPU the Triton kernels run under Triton's CPU interpreter. The variable is read when a kernel is
+# decorated (at import), so it must be set before anything imports triton or tritonsd.kernels.
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from pathlib import Path
 
 import pytest

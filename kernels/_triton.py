@@ -1,0 +1,68 @@
+"""What the Triton launchers share: interpreter detection, config choice, argument checks.
+
+``TRITON_INTERPRET=1`` is read by ``triton.jit`` when a kernel is decorated, i.e. when a kernel module is
+imported; the launchers read it at the same moment so that the interpreter (CPU tensors, numpy semantics) and
+the compiled path (CUDA tensors) never get mixed up.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+class KernelArgumentError(ValueError):
+    """Arguments a kernel (and its reference) cannot take: wrong ranks, mismatched shapes or dtypes."""
+
+
+class KernelDeviceError(RuntimeError):
+    """A Triton kernel was asked to run on tensors it cannot reach (CPU tensors without the interpreter)."""
+
+
+def configs(tuned: list[triton.Config], interpreted: triton.Config) -> list[triton.Config]:
+    """The autotune candidates, or the single ``interpreted`` one under the interpreter (tuning it is pointless)."""
+    return [interpreted] if INTERPRET else tuned
+
+
+def check_device(*tensors: torch.Tensor | None) -> None:
+    """Compiled kernels need CUDA tensors; the interpreter needs CPU tensors."""
+    for t in tensors:
+        if t is None:
+            continue
+        if INTERPRET and t.is_cuda:
+            raise KernelDeviceError("TRITON_INTERPRET=1 is set, but the tensors are on CUDA; unset it to run "
+                                    "the compiled kernels")
+        if not INTERPRET and not t.is_cuda:
+            raise KernelDeviceError(f"the Triton kernels need CUDA tensors (got a {t.device} tensor); set "
+                                    "TRITON_INTERPRET=1 before importing tritonsd to run them on the CPU")
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot input precision: full IEEE float32 for float32 inputs (TF32 would cost ~1e-3 relative error)."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def dot_upcast(dtype: torch.dtype) -> bool:
+    """Whether :func:`dot` must widen its operands: the interpreter's bfloat16 tl.dot returns garbage (triton
+    3.9), so under the interpreter bfloat16 tiles are multiplied as the float32 values they hold (exact)."""
+    return INTERPRET and dtype == torch.bfloat16
+
+
+@triton.jit
+def dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """tl.dot with a float32 result; see :func:`dot_precision` and :func:`dot_upcast` for the flags."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b, input_precision=PRECISION)
+
+
+def next_power_of_2(n: int) -> int:
+    return triton.next_power_of_2(n)
