@@ -22,6 +22,9 @@ VAE = "first_stage_model."
 SD1_TEXT = "cond_stage_model.transformer."
 SD2_TEXT = "cond_stage_model.model."
 SDXL_TEXT = ("conditioner.embedders.0.transformer.", "conditioner.embedders.1.model.")
+# the text module's prefix(es) as ``text.text_config_from_weights`` takes them
+TEXT_PREFIXES = {"sd1": ("cond_stage_model.",), "sd2": ("cond_stage_model.",),
+                 "sdxl": ("conditioner.embedders.0.", "conditioner.embedders.1.")}
 
 DEFAULT_SCALE_FACTOR = {"sd1": 0.18215, "sd2": 0.18215, "sdxl": 0.13025}
 DEFAULT_SCHEDULE = {"linear_start": 0.00085, "linear_end": 0.012, "timesteps": 1000}
@@ -96,6 +99,8 @@ class ModelConfig:
     linear_end: float = DEFAULT_SCHEDULE["linear_end"]
     timesteps: int = DEFAULT_SCHEDULE["timesteps"]
     heads_source: str = "assumed"  # "yaml" | "assumed"
+    text_heads: int | None = None  # as given (None: each tower's width // 64)
+    cond_stage_yaml: dict | None = None  # the YAML's cond_stage_config / conditioner_config node
     yaml_path: str | None = None
 
 
@@ -135,7 +140,8 @@ def detect_config(state_dict: dict[str, torch.Tensor], yaml_path: str | Path | N
     return ModelConfig(
         family=family, inpainting=inpainting, parameterization=param, parameterization_source=param_source,
         scale_factor=scale, alphas_cumprod=alphas, alphas_cumprod_source=alphas_source, unet=unet, vae=vae,
-        text=text_configs(weights, family, text_heads), heads_source=heads_source,
+        text=text_configs(weights, family, text_heads), heads_source=heads_source, text_heads=text_heads,
+        cond_stage_yaml=_cond_stage_yaml(yaml_params) if yaml_params is not None else None,
         yaml_path=str(yaml_path) if yaml_path is not None else None, **schedule,
     )
 
@@ -273,8 +279,7 @@ def text_configs(weights: dict[str, torch.Tensor], family: str, heads: int | Non
     """The text towers' configs, keyed by their checkpoint prefix (the text module reads the shapes)."""
     from .text import text_config_from_weights
 
-    prefixes = {"sd1": (SD1_TEXT,), "sd2": (SD2_TEXT,), "sdxl": SDXL_TEXT}[family]
-    return {prefix: text_config_from_weights(weights, prefix, heads=heads) for prefix in prefixes}
+    return {prefix: text_config_from_weights(weights, prefix, heads=heads) for prefix in TEXT_PREFIXES[family]}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -358,6 +363,10 @@ def _load_yaml(path: str | Path) -> dict:
 def _unet_yaml(params: dict) -> dict:
     cfg = params.get("unet_config") or params.get("network_config") or {}
     return cfg.get("params", {}) or {}
+
+
+def _cond_stage_yaml(params: dict) -> dict | None:
+    return params.get("cond_stage_config") or params.get("conditioner_config")
 
 
 def _vae_yaml(params: dict) -> dict:
