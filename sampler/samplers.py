@@ -1,0 +1,249 @@
+"""Samplers as pure functions: no model, schedule or guidance knowledge, no hidden RNG.
+
+Sigma-space samplers (k-diffusion 0.1.1's, same signature and arithmetic):
+    ``sample_*(model, x, sigmas, extra_args=None, callback=None, ...) -> x``
+    ``model(x, sigma, **extra_args)`` returns the denoised x0; ``sigma`` is a [B] tensor; ``sigmas`` descend
+    to 0; ``x`` starts as unit noise times the start scale (``sigmas[0]`` for k-diffusion,
+    ``schedule.sgm_start_scale`` for sgm). The callback gets ``{x, i, sigma, sigma_hat, denoised}``.
+    sgm's ``EulerEDMSampler`` (s_churn 0) and ``DPMPP2MSampler`` are ``sample_euler`` and ``sample_dpmpp_2m``
+    over the sgm sigmas with a quantising denoiser: their update formulas are the same operations.
+
+Timestep-space samplers (CompVis ``DDIMSampler.ddim_sampling`` / ``PLMSSampler.plms_sampling``):
+    ``sample_ddim(model, x, schedule, ...) -> (x, {"x_inter": [...], "pred_x0": [...]})``
+    ``model(x, t, **extra_args)`` returns ``(eps, pred_x0)`` for integer timesteps ``t`` [B]; ``pred_x0`` is
+    None when it should be derived from eps with the DDIM alphas (eps models), or the model's own x0 (v models,
+    as the Stability DDIMSampler does). Both lists start with x_T. The callback gets ``{x, i, t, denoised}``.
+
+Noise: every stochastic sampler takes ``noise_sampler(a, b) -> Tensor`` (k-diffusion's protocol; a, b are the
+current and next sigma, or timestep for DDIM); the default draws from a CPU ``torch.Generator`` seeded
+with ``seed``, so results are reproducible and independent of the global RNG and of the device.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .schedule import DDIMSchedule
+
+NoiseSampler = Callable[[object, object], torch.Tensor]
+
+
+class SamplerError(ValueError):
+    """A sampler was called with arguments it cannot honour."""
+
+
+def seeded_noise_sampler(x: torch.Tensor, seed: int) -> NoiseSampler:
+    """Noise like ``x`` from a CPU generator seeded once; successive calls continue its stream."""
+    generator = torch.Generator(device="cpu").manual_seed(int(seed))
+
+    def sample(_a, _b) -> torch.Tensor:
+        return torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device, x.dtype)
+
+    return sample
+
+
+def _append_dims(v: torch.Tensor, ndim: int) -> torch.Tensor:
+    return v[(...,) + (None,) * (ndim - v.ndim)]
+
+
+def to_d(x: torch.Tensor, sigma: torch.Tensor, denoised: torch.Tensor) -> torch.Tensor:
+    """Karras ODE derivative dx/dsigma from a denoiser output."""
+    return (x - denoised) / _append_dims(sigma, x.ndim)
+
+
+def get_ancestral_step(sigma_from, sigma_to, eta: float = 1.0):
+    """(sigma_down, sigma_up): the deterministic step target and the noise to add after it."""
+    if not eta:
+        return sigma_to, 0.0
+    sigma_up = min(sigma_to, eta * (sigma_to ** 2 * (sigma_from ** 2 - sigma_to ** 2) / sigma_from ** 2) ** 0.5)
+    sigma_down = (sigma_to ** 2 - sigma_up ** 2) ** 0.5
+    return sigma_down, sigma_up
+
+
+def _check_sigmas(x: torch.Tensor, sigmas: torch.Tensor) -> None:
+    if sigmas.ndim != 1 or sigmas.shape[0] < 2:
+        raise SamplerError(f"sigmas must be a 1-D tensor of at least 2 values, got shape {tuple(sigmas.shape)}")
+
+
+# ---------------------------------------------------------------- sigma space (k-diffusion)
+
+
+@torch.no_grad()
+def sample_euler(model, x, sigmas, extra_args=None, callback=None, s_churn=0.0, s_tmin=0.0,
+                 s_tmax=float("inf"), s_noise=1.0, noise_sampler: NoiseSampler | None = None, seed: int = 0):
+    """Euler steps (Karras et al. 2022, Algorithm 2); deterministic unless ``s_churn`` > 0."""
+    _check_sigmas(x, sigmas)
+    extra_args = {} if extra_args is None else extra_args
+    s_in = x.new_ones([x.shape[0]])
+    n = len(sigmas) - 1
+    for i in range(n):
+        gamma = min(s_churn / n, 2 ** 0.5 - 1) if s_tmin <= sigmas[i] <= s_tmax else 0.0
+        sigma_hat = sigmas[i] * (gamma + 1)
+        if gamma > 0:
+            if noise_sampler is None:
+                noise_sampler = seeded_noise_sampler(x, seed)
+            eps = noise_sampler(sigmas[i], sigma_hat) * s_noise
+            x = x + eps * (sigma_hat ** 2 - sigmas[i] ** 2) ** 0.5
+        denoised = model(x, sigma_hat * s_in, **extra_args)
+        d = to_d(x, sigma_hat, denoised)
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigma_hat, "denoised": denoised})
+        dt = sigmas[i + 1] - sigma_hat
+        x = x + d * dt
+    return x
+
+
+@torch.no_grad()
+def sample_euler_ancestral(model, x, sigmas, extra_args=None, callback=None, eta=1.0, s_noise=1.0,
+                           noise_sampler: NoiseSampler | None = None, seed: int = 0):
+    """Euler ancestral: an Euler step down to ``sigma_down``, then fresh noise of ``sigma_up``.
+
+    The noise sampler is called once per step whose next sigma is > 0, in step order.
+    """
+    _check_sigmas(x, sigmas)
+    extra_args = {} if extra_args is None else extra_args
+    noise_sampler = seeded_noise_sampler(x, seed) if noise_sampler is None else noise_sampler
+    s_in = x.new_ones([x.shape[0]])
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        sigma_down, sigma_up = get_ancestral_step(sigmas[i], sigmas[i + 1], eta=eta)
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
+        d = to_d(x, sigmas[i], denoised)
+        dt = sigma_down - sigmas[i]
+        x = x + d * dt
+        if sigmas[i + 1] > 0:
+            x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise * sigma_up
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None):
+    """DPM-Solver++(2M): first step and the step to sigma 0 are first order (the last returns denoised)."""
+    _check_sigmas(x, sigmas)
+    extra_args = {} if extra_args is None else extra_args
+    s_in = x.new_ones([x.shape[0]])
+
+    def sigma_fn(t):
+        return t.neg().exp()
+
+    def t_fn(sigma):
+        return sigma.log().neg()
+
+    old_denoised = None
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
+        t, t_next = t_fn(sigmas[i]), t_fn(sigmas[i + 1])
+        h = t_next - t
+        if old_denoised is None or sigmas[i + 1] == 0:
+            x = (sigma_fn(t_next) / sigma_fn(t)) * x - (-h).expm1() * denoised
+        else:
+            h_last = t - t_fn(sigmas[i - 1])
+            r = h_last / h
+            denoised_d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
+            x = (sigma_fn(t_next) / sigma_fn(t)) * x - (-h).expm1() * denoised_d
+        old_denoised = denoised
+    return x
+
+
+# ---------------------------------------------------------------- timestep space (CompVis DDIM / PLMS)
+
+
+class _DDIMCoefficients:
+    """The schedule's per-step scalars in the latent dtype, as the original's ``torch.full`` buffers hold them."""
+
+    def __init__(self, schedule: DDIMSchedule, x: torch.Tensor):
+        if schedule.timesteps.ndim != 1 or len(schedule.timesteps) < 1:
+            raise SamplerError("the DDIM schedule has no timesteps")
+        self.timesteps = [int(t) for t in schedule.timesteps]
+        self.alphas = schedule.alphas.to(x.device, x.dtype)
+        self.alphas_prev = schedule.alphas_prev.to(x.device, x.dtype)
+        self.sigmas = schedule.sigmas.to(x.device, x.dtype)
+        self.sqrt_one_minus_alphas = (1.0 - schedule.alphas.to(torch.float32)).sqrt().to(x.device, x.dtype)
+        self.stochastic = bool((schedule.sigmas != 0).any())
+
+    def step(self, x, e_t, pred_x0, index, noise=None):
+        """One DDIM update from x at step ``index``; ``pred_x0`` None derives it from ``e_t``."""
+        a_t, a_prev = self.alphas[index], self.alphas_prev[index]
+        sigma_t = self.sigmas[index]
+        if pred_x0 is None:
+            pred_x0 = (x - self.sqrt_one_minus_alphas[index] * e_t) / a_t.sqrt()
+        dir_xt = (1.0 - a_prev - sigma_t ** 2).sqrt() * e_t
+        x_prev = a_prev.sqrt() * pred_x0 + dir_xt
+        if noise is not None:
+            x_prev = x_prev + sigma_t * noise
+        return x_prev, pred_x0
+
+
+def _timestep_batch(x: torch.Tensor, t: int) -> torch.Tensor:
+    return torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+
+
+@torch.no_grad()
+def sample_ddim(model, x, schedule: DDIMSchedule, extra_args=None, callback=None,
+                noise_sampler: NoiseSampler | None = None, seed: int = 0):
+    """DDIM from x_T over ``schedule`` (from ``schedule.ddim_schedule``); eta > 0 draws noise every step."""
+    extra_args = {} if extra_args is None else extra_args
+    coef = _DDIMCoefficients(schedule, x)
+    if coef.stochastic and noise_sampler is None:
+        noise_sampler = seeded_noise_sampler(x, seed)
+    intermediates = {"x_inter": [x], "pred_x0": [x]}
+    n = len(coef.timesteps)
+    for i in range(n):
+        index = n - i - 1
+        t = coef.timesteps[index]
+        e_t, pred_x0 = model(x, _timestep_batch(x, t), **extra_args)
+        noise = None
+        if coef.stochastic:
+            noise = noise_sampler(t, coef.timesteps[index - 1] if index > 0 else 0)
+        x_prev, pred_x0 = coef.step(x, e_t, pred_x0, index, noise)
+        if callback is not None:
+            callback({"x": x, "i": i, "t": t, "denoised": pred_x0})
+        x = x_prev
+        intermediates["x_inter"].append(x)
+        intermediates["pred_x0"].append(pred_x0)
+    return x, intermediates
+
+
+@torch.no_grad()
+def sample_plms(model, x, schedule: DDIMSchedule, extra_args=None, callback=None):
+    """PLMS (pseudo linear multistep) over DDIM timesteps; eta must be 0.
+
+    The first step is a pseudo improved Euler step (two model calls), later ones Adams-Bashforth of order
+    2-4 on eps. pred_x0 always comes from the combined eps (the original handles eps models only).
+    """
+    extra_args = {} if extra_args is None else extra_args
+    coef = _DDIMCoefficients(schedule, x)
+    if coef.stochastic:
+        raise SamplerError("PLMS needs eta = 0 (a DDIM schedule without noise)")
+    intermediates = {"x_inter": [x], "pred_x0": [x]}
+    n = len(coef.timesteps)
+    old_eps: list[torch.Tensor] = []
+    for i in range(n):
+        index = n - i - 1
+        t, t_next = coef.timesteps[index], coef.timesteps[max(index - 1, 0)]
+        e_t, _ = model(x, _timestep_batch(x, t), **extra_args)
+        if len(old_eps) == 0:
+            x_prev, _ = coef.step(x, e_t, None, index)
+            e_t_next, _ = model(x_prev, _timestep_batch(x, t_next), **extra_args)
+            e_t_prime = (e_t + e_t_next) / 2
+        elif len(old_eps) == 1:
+            e_t_prime = (3 * e_t - old_eps[-1]) / 2
+        elif len(old_eps) == 2:
+            e_t_prime = (23 * e_t - 16 * old_eps[-1] + 5 * old_eps[-2]) / 12
+        else:
+            e_t_prime = (55 * e_t - 59 * old_eps[-1] + 37 * old_eps[-2] - 9 * old_eps[-3]) / 24
+        x_prev, pred_x0 = coef.step(x, e_t_prime, None, index)
+        old_eps.append(e_t)
+        if len(old_eps) >= 4:
+            old_eps.pop(0)
+        if callback is not None:
+            callback({"x": x, "i": i, "t": t, "denoised": pred_x0})
+        x = x_prev
+        intermediates["x_inter"].append(x)
+        intermediates["pred_x0"].append(pred_x0)
+    return x, intermediates
