@@ -102,7 +102,11 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     # unknown suffix: decide from the content (torch's zip container starts with "PK")
     if head.startswith(b"PK") or head[:1] == b"\x80":
         return _read_pickle(path)
-    return _read_safetensors(path)
+    try:
+        return _read_safetensors(path)
+    except CheckpointError:
+        raise CheckpointError(f"{path.name}: not a checkpoint (neither safetensors nor a torch pickle; expected "
+                              f"a .safetensors or .ckpt file)") from None
 
 
 def validate_safetensors_header(path: Path) -> dict:
