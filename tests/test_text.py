@@ -3,6 +3,8 @@ upcast from the checkpoints), plus shape reading, YAML options, meta-device cons
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import yaml
@@ -17,11 +19,16 @@ from tritonsd.tools.reference import relative_error
 FAMILY = {"sd1-tiny": "sd1", "sd1-inpaint-tiny": "sd1", "sd2v-tiny": "sd2", "sdxl-tiny": "sdxl"}
 
 
-def _weights(fixtures, name: str, suffix: str = ".safetensors") -> dict[str, torch.Tensor]:
-    path = fixtures / f"{name}{suffix}"
-    if suffix == ".ckpt":
+@functools.lru_cache(maxsize=None)
+def _read(path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".ckpt":
         return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
     return load_file(str(path))
+
+
+def _weights(fixtures, name: str, suffix: str = ".safetensors") -> dict[str, torch.Tensor]:
+    """The checkpoint's flat state dict (a fresh dict over cached tensors; tests never modify tensors)."""
+    return dict(_read(fixtures / f"{name}{suffix}"))
 
 
 def _module_weights(state_dict, prefix: str) -> dict[str, torch.Tensor]:
@@ -232,3 +239,16 @@ def test_sdxl_size_inputs_are_checked(fixtures, reference):
         cond(["a", "b"], original_size=(64, 64), crop_coords_top_left=(0, 0))
     with torch.no_grad(), pytest.raises(TextConfigError, match="one tuple per prompt"):
         cond(["a", "b"], original_size=[(64, 64)] * 3, crop_coords_top_left=(0, 0), target_size=(64, 64))
+
+
+# ---------------------------------------------------------------------------------------------- Triton path
+
+@pytest.mark.parametrize("name", ["sd1-tiny", "sd2v-tiny"])
+def test_text_context_through_triton_kernels(fixtures, reference, name):
+    """The same towers with attention (causal) and LayerNorm on the Triton kernels (interpreter on CPU)."""
+    from tritonsd.kernels import dispatch
+
+    tensors, meta = reference(name)
+    module = _loaded(fixtures, reference, name)
+    with dispatch.force("triton"), torch.no_grad():
+        _check(module(meta["prompts"][:2]), tensors["text.context"][:2])
