@@ -173,21 +173,35 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
+        raise CheckpointError(f"{path.name}: not a torch checkpoint (neither a zip archive nor a pickle)")
     try:
         with torch.serialization.safe_globals(list(ALLOWED_PICKLE_GLOBALS)):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        refused = re.search(r"GLOBAL (\S+)|unrecognized function (.+?)(?:$| which)|new object for .*? got (\S+)",
-                            str(e))
-        if refused:
-            what = next(g for g in refused.groups() if g)
-            raise CheckpointError(f"{path.name}: refused to load: the pickle wants to call {what.rstrip('.')}, "
-                                  f"which is not a tensor or an allowed bookkeeping entry (the code never ran)"
-                                  ) from None
-        raise CheckpointError(f"{path.name}: not a readable checkpoint ({_one_line(e)})") from None
-    except (RuntimeError, EOFError, OSError, ValueError, AttributeError, TypeError, KeyError) as e:
+        raise CheckpointError(f"{path.name}: {_unpickling_reason(str(e))}") from None
+    except RuntimeError as e:
+        if "central directory" in str(e) or "zip archive" in str(e):
+            raise CheckpointError(f"{path.name}: truncated or corrupt (its zip archive is incomplete)") from None
         raise CheckpointError(f"{path.name}: truncated or not a torch checkpoint ({_one_line(e)})") from None
+    except (EOFError, OSError, ValueError, AttributeError, TypeError, KeyError, IndexError) as e:
+        raise CheckpointError(f"{path.name}: truncated or not a torch checkpoint ({type(e).__name__}: "
+                              f"{_one_line(e)})") from None
     return _unwrap_state_dict(path, obj)
+
+
+def _unpickling_reason(message: str) -> str:
+    """One line from torch's multi-paragraph weights-only refusal."""
+    refused = re.search(r"GLOBAL (\S+)|unrecognized function (.+?)(?:$| which)|new object for .*? got (\S+)",
+                        message)
+    if refused:
+        what = next(g for g in refused.groups() if g).rstrip(".")
+        return (f"refused to load: the pickle wants to call {what}, which is not a tensor or an allowed "
+                f"bookkeeping entry (the code never ran)")
+    detail = re.search(r"WeightsUnpickler error:(.*?)(?:Check the documentation|$)", message, re.S)
+    return f"truncated or not a torch checkpoint (bad pickle: {_one_line(detail.group(1) if detail else message)})"
 
 
 def _unwrap_state_dict(path: Path, obj) -> dict[str, torch.Tensor]:
