@@ -489,7 +489,7 @@ class GeneralConditioner(nn.Module):
                 outs = embedder(list(prompts))
             else:
                 if key not in inputs:
-                    arg = next(a for a, k in _CONDITION_ARGS.items() if k == key)
+                    arg = next((a for a, k in _CONDITION_ARGS.items() if k == key), key)
                     raise TextConfigError(f"the SDXL conditioner needs {arg!r}")
                 outs = embedder(_condition_rows(inputs[key], batch, key))
             for out in outs if isinstance(outs, tuple) else (outs,):
