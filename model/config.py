@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 
@@ -116,7 +116,7 @@ def detect_config(state_dict: dict[str, torch.Tensor], yaml_path: str | Path | N
         raise ModelConfigError(f"parameterization must be 'eps' or 'v', not {parameterization!r}")
     norm = normalize_keys(state_dict)
     weights = norm.weights
-    family = detect_family(weights)
+    family = detect_family(weights, other_keys=[k for keys in norm.ignored.values() for k in keys])
     yaml_params = _load_yaml(yaml_path) if yaml_path is not None else None
 
     unet = unet_config_from_weights(weights, family)
@@ -146,17 +146,19 @@ def detect_config(state_dict: dict[str, torch.Tensor], yaml_path: str | Path | N
     )
 
 
-def detect_family(weights: dict[str, torch.Tensor]) -> str:
-    """"sd1" | "sd2" | "sdxl" from the key prefixes (after ``normalize_keys``); anything else is refused, naming
-    the keys that decided it."""
+def detect_family(weights: dict[str, torch.Tensor], other_keys: Iterable[str] = ()) -> str:
+    """"sd1" | "sd2" | "sdxl" from the key prefixes (after ``normalize_keys``; ``other_keys``: the keys it set
+    aside, named in the error when there is no model); anything else is refused, naming the keys that decided
+    it."""
     def has(prefix: str) -> bool:
         return any(k.startswith(prefix) for k in weights)
 
     if not has(UNET + "input_blocks.0.0."):
-        if has("encoder.") and has("decoder."):
+        all_keys = set(weights) | set(other_keys)
+        if any(k.startswith("encoder.") for k in all_keys) and any(k.startswith("decoder.") for k in all_keys):
             raise UnsupportedModelError("a standalone VAE file (encoder.*/decoder.* keys, no UNet); "
                                         "a full model checkpoint is needed")
-        found = sorted({k.split(".")[0] for k in weights})[:6]
+        found = sorted({k.split(".")[0] for k in all_keys})[:6]
         raise UnsupportedModelError(f"unknown model family: no UNet ({UNET}input_blocks.0.0.weight missing); "
                                     f"top-level prefixes found: {', '.join(found) or 'none'}")
     label_emb = has(UNET + "label_emb.")
