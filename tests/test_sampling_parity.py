@@ -220,3 +220,25 @@ def test_sdxl_from_prompts(benches):
         check(got, b.ref[key], f"sdxl {key} from prompts")
     for key in ("latents", "image"):
         check(out[key], b.ref[f"euler_cfg7p5.{key}"], f"sdxl euler_cfg7p5.{key} from prompts")
+
+
+# ---------------------------------------------------------------- SD1 inpainting: c_concat shared by both halves
+
+
+def test_inpaint_ddim(benches):
+    """runwayml's inpaint_st.py DDIM: UNet input cat([x, mask, masked-image latents]), CFG 7.5."""
+    b = benches("sd1-inpaint-tiny")
+    ref = b.ref
+
+    def run():
+        sched = S.ddim_schedule(b.config.alphas_cumprod, 10)
+        extra = {"cond": {"context": ref["inpaint.cond"]}, "uncond": {"context": ref["inpaint.uncond"]},
+                 "c_concat": ref["inpaint.c_concat"]}
+        latents, inter = K.sample_ddim(ddim_model(b, 7.5), ref["inpaint.x_T"], sched, extra_args=extra)
+        return {"latents": latents, "x_inter": torch.stack(inter["x_inter"]), "result": b.image(latents),
+                "timesteps": sched.timesteps}
+
+    out = b.run("inpaint", run)
+    assert torch.equal(out["timesteps"], ref["ddim.timesteps"])
+    for key in ("latents", "x_inter", "result"):
+        check(out[key], ref[f"inpaint.{key}"], f"sd1-inpaint-tiny inpaint.{key}")
