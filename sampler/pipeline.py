@@ -114,9 +114,8 @@ def resolve_settings(model, settings: GenerationSettings) -> GenerationSettings:
     steps = _integer("steps", s.steps)
     if not 1 <= steps <= MAX_STEPS:
         raise PipelineError(f"steps must be between 1 and {MAX_STEPS}, got {steps}")
-    if s.sampler in ("ddim", "plms") and steps > model.config.timesteps // 2:
-        raise PipelineError(f"{s.sampler} takes at most {model.config.timesteps // 2} steps (the original's "
-                            f"uniform timesteps run past the schedule beyond that), got {steps}")
+    if s.sampler in ("ddim", "plms"):
+        _check_ddim_steps(s.sampler, steps, model.config.timesteps)
     batch = _integer("batch", s.batch)
     if batch < 1:
         raise PipelineError(f"batch must be at least 1, got {batch}")
@@ -158,6 +157,23 @@ def resolve_settings(model, settings: GenerationSettings) -> GenerationSettings:
                             "resize the image or leave width / height unset")
     return dataclasses.replace(s, steps=steps, batch=batch, seed=seed, cfg_scale=cfg_scale, eta=eta,
                                strength=strength, width=width, height=height)
+
+
+def _ddim_steps_ok(steps: int, num_timesteps: int) -> bool:
+    return int(S.ddim_timesteps(steps, num_timesteps)[-1]) < num_timesteps
+
+
+def _check_ddim_steps(sampler: str, steps: int, num_timesteps: int) -> None:
+    """The original's uniform DDIM timesteps ``range(0, T, T // steps) + 1`` reach T itself (past the schedule)
+    when ``T // steps`` divides T - 1: e.g. 3, 9, 27, 37 or more than 500 steps of 1000. The original fails
+    there too; name the nearest step counts that work."""
+    if _ddim_steps_ok(steps, num_timesteps):
+        return
+    ok = [n for n in range(1, num_timesteps // 2 + 1) if _ddim_steps_ok(n, num_timesteps)]
+    near = sorted(ok, key=lambda n: (abs(n - steps), n))[:2]
+    raise PipelineError(f"{sampler} cannot run {steps} steps: its uniform timesteps would reach timestep "
+                        f"{num_timesteps}, past the schedule (as in the original); try "
+                        f"{' or '.join(map(str, sorted(near)))} steps")
 
 
 def _integer(name, value) -> int:
