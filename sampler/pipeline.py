@@ -37,6 +37,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -177,13 +178,7 @@ def _check_ddim_steps(sampler: str, steps: int, num_timesteps: int) -> None:
 
 
 def _integer(name, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        try:
-            import numpy as np
-            if isinstance(value, np.integer):
-                return int(value)
-        except ImportError:  # pragma: no cover
-            pass
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise PipelineError(f"{name} must be an integer, got {value!r}")
     return int(value)
 
@@ -240,20 +235,9 @@ class NoiseStreams:
         rows = [torch.randn(list(shape), generator=g, dtype=torch.float32) for g in self.generators[stream]]
         return torch.stack(rows).to(self.device)
 
-
-class _ShapedNoise:
-    """k-diffusion-style ``noise_sampler(sigma, sigma_next)`` drawing [B, *shape] from the ancestral streams;
-    ``bind(x)`` sets the shape from the latent."""
-
-    def __init__(self, streams: NoiseStreams):
-        self.streams, self.shape = streams, None
-
-    def bind(self, x: torch.Tensor) -> "_ShapedNoise":
-        self.shape = tuple(x.shape[1:])
-        return self
-
-    def __call__(self, _a, _b) -> torch.Tensor:
-        return self.streams.draw("ancestral", self.shape)
+    def noise_sampler(self, shape) -> K.NoiseSampler:
+        """k-diffusion-style ``noise_sampler(sigma, sigma_next)`` drawing [batch, *shape] ancestral / eta noise."""
+        return lambda _a, _b: self.draw("ancestral", shape)
 
 
 def start_noise(seed: int, batch: int, shape) -> torch.Tensor:
@@ -508,8 +492,7 @@ def generate(model, settings: GenerationSettings, callback: Callable[[int, int],
     else:
         total = num_steps(schedule)
         step_callback = None if callback is None else (lambda d: callback(d["i"], total))
-        noise = _ShapedNoise(streams).bind(x)
         latents = sample_latents(model, s.sampler, schedule, x, s.cfg_scale, cond, uncond, shared,
-                                 noise_sampler=noise, callback=step_callback)
+                                 noise_sampler=streams.noise_sampler(latent_shape), callback=step_callback)
     check_finite(latents, f"{s.sampler} sampling")
     return decode_latents(model, latents).cpu()
