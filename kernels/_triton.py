@@ -49,19 +49,16 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def dot_upcast(dtype: torch.dtype) -> bool:
-    """Whether :func:`dot` must widen its operands: the interpreter's bfloat16 tl.dot returns garbage (triton
-    3.9), so under the interpreter bfloat16 tiles are multiplied as the float32 values they hold (exact)."""
-    return INTERPRET and dtype == torch.bfloat16
+_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
-@triton.jit
-def dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """tl.dot with a float32 result; see :func:`dot_precision` and :func:`dot_upcast` for the flags."""
-    if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    else:
-        return tl.dot(a, b, input_precision=PRECISION)
+def dot_dtype(dtype: torch.dtype):
+    """The dtype tl.dot operands are cast to: the input's own dtype (a no-op cast), except bfloat16 under the
+    interpreter, whose bfloat16 tl.dot returns garbage (triton 3.9): there the tiles are multiplied as the
+    float32 values they hold, which is exact."""
+    if INTERPRET and dtype == torch.bfloat16:
+        return tl.float32
+    return _TL_DTYPES[dtype]
 
 
 def next_power_of_2(n: int) -> int:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._triton import (FLOAT_DTYPES, KernelArgumentError, check_device, configs, dot, dot_precision, dot_upcast,
+from ._triton import (FLOAT_DTYPES, KernelArgumentError, check_device, configs, dot_dtype, dot_precision,
                       next_power_of_2)
 
 MAX_HEAD_DIM = 512  # larger head dims fall back to the reference (the accumulators would not fit in registers)
@@ -34,9 +34,9 @@ CONFIGS_MEDIUM_D = [  # D0 + D1 <= 160
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
     for bm, bn, w, s in [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 4, 2), (64, 32, 4, 3)]
 ]
-CONFIGS_LARGE_D = [  # up to 512 (VAE mid-block, one head)
+CONFIGS_LARGE_D = [  # up to 512 (VAE mid-block, one head); float32 tiles fit shared memory only in the smaller ones
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-    for bm, bn, w, s in [(64, 32, 8, 2), (32, 32, 4, 2), (64, 16, 4, 2), (32, 64, 8, 2), (64, 64, 8, 1)]
+    for bm, bn, w, s in [(64, 32, 8, 2), (32, 32, 4, 2), (64, 16, 4, 2), (32, 64, 8, 2), (64, 64, 8, 1), (32, 16, 4, 1)]
 ]
 INTERPRETED_CONFIG = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=1)
 
@@ -50,7 +50,7 @@ def _attention_kernel(
     stride_ob, stride_on, stride_od,
     H, N, M, qk_scale,
     HEAD_D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -66,13 +66,13 @@ def _attention_kernel(
     offs_d0 = tl.arange(0, D0)
     d0_ok = offs_d0 < HEAD_D  # all-true unless HEAD_D < 16
     q0 = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d0[None, :] * stride_qd,
-                 mask=row_ok[:, None] & d0_ok[None, :], other=0.0)
+                 mask=row_ok[:, None] & d0_ok[None, :], other=0.0).to(DOT_DTYPE)
     acc0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
     if D1 > 0:
         offs_d1 = D0 + tl.arange(0, D1)
         d1_ok = offs_d1 < HEAD_D
         q1 = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d1[None, :] * stride_qd,
-                     mask=row_ok[:, None] & d1_ok[None, :], other=0.0)
+                     mask=row_ok[:, None] & d1_ok[None, :], other=0.0).to(DOT_DTYPE)
         acc1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -85,12 +85,12 @@ def _attention_kernel(
         col_ok = offs_n < M
         # k^T slabs: [D, BLOCK_N]
         k0 = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d0[:, None] * stride_kd,
-                     mask=col_ok[None, :] & d0_ok[:, None], other=0.0)
-        s = dot(q0, k0, PRECISION, UPCAST)
+                     mask=col_ok[None, :] & d0_ok[:, None], other=0.0).to(DOT_DTYPE)
+        s = tl.dot(q0, k0, input_precision=PRECISION)
         if D1 > 0:
             k1 = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d1[:, None] * stride_kd,
-                         mask=col_ok[None, :] & d1_ok[:, None], other=0.0)
-            s += dot(q1, k1, PRECISION, UPCAST)
+                         mask=col_ok[None, :] & d1_ok[:, None], other=0.0).to(DOT_DTYPE)
+            s += tl.dot(q1, k1, input_precision=PRECISION)
         s = s * qk_scale  # log2 units: softmax via exp2
         if CAUSAL:
             s = tl.where(col_ok[None, :] & (offs_n[None, :] <= offs_m[:, None]), s, float("-inf"))
@@ -101,13 +101,14 @@ def _attention_kernel(
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         m_i = m_new
+        p = p.to(V.dtype.element_ty).to(DOT_DTYPE)  # P in v's dtype, as flash attention does
         v0 = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d0[None, :] * stride_vd,
-                     mask=col_ok[:, None] & d0_ok[None, :], other=0.0)
-        acc0 = acc0 * alpha[:, None] + dot(p.to(v0.dtype), v0, PRECISION, UPCAST)
+                     mask=col_ok[:, None] & d0_ok[None, :], other=0.0).to(DOT_DTYPE)
+        acc0 = acc0 * alpha[:, None] + tl.dot(p, v0, input_precision=PRECISION)
         if D1 > 0:
             v1 = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d1[None, :] * stride_vd,
-                         mask=col_ok[:, None] & d1_ok[None, :], other=0.0)
-            acc1 = acc1 * alpha[:, None] + dot(p.to(v1.dtype), v1, PRECISION, UPCAST)
+                         mask=col_ok[:, None] & d1_ok[None, :], other=0.0).to(DOT_DTYPE)
+            acc1 = acc1 * alpha[:, None] + tl.dot(p, v1, input_precision=PRECISION)
 
     inv_l = 1.0 / l_i
     tl.store(o_base + offs_m[:, None] * stride_on + offs_d0[None, :] * stride_od,
@@ -179,8 +180,7 @@ def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: i
         out.stride(0), out.stride(1), out.stride(2),
         heads, n, m, LOG2E / math.sqrt(d),
         HEAD_D=d, D0=d0, D1=d1, CAUSAL=bool(causal), PRECISION=dot_precision(q.dtype),
-        UPCAST=dot_upcast(q.dtype),
-
+        DOT_DTYPE=dot_dtype(q.dtype),
     )
     return out
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._triton import FLOAT_DTYPES, check_device, configs, dot, dot_precision, dot_upcast
+from ._triton import FLOAT_DTYPES, check_device, configs, dot_dtype, dot_precision
 
 CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
@@ -43,7 +43,7 @@ def _conv2d_kernel(
     scale,
     KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_EMB: tl.constexpr, HAS_RES: tl.constexpr, HAS_SCALE: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr, GROUP: tl.constexpr,
+    PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # grouped tile order (as the Triton matmul tutorial)
@@ -80,10 +80,10 @@ def _conv2d_kernel(
                 offs_k = c0 + offs_k0
                 k_ok = offs_k < C_IN
                 a = tl.load(x_pix[:, None] + offs_k[None, :] * stride_xc, mask=pix_ok[:, None] & k_ok[None, :],
-                            other=0.0)  # [BLOCK_M, BLOCK_K]
+                            other=0.0).to(DOT_DTYPE)  # [BLOCK_M, BLOCK_K]
                 b = tl.load(w_tap + offs_k[:, None] * stride_wc + offs_n[None, :] * stride_wn,
-                            mask=k_ok[:, None] & n_ok[None, :], other=0.0)  # [BLOCK_K, BLOCK_N]
-                acc += dot(a, b, PRECISION, UPCAST)
+                            mask=k_ok[:, None] & n_ok[None, :], other=0.0).to(DOT_DTYPE)  # [BLOCK_K, BLOCK_N]
+                acc += tl.dot(a, b, input_precision=PRECISION)
 
     tile_ok = m_ok[:, None] & n_ok[None, :]
     if HAS_BIAS:
@@ -166,7 +166,7 @@ def conv2d_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         1.0 if scale is None else float(scale),
         KH=kh, KW=kw, STRIDE=st, PAD=pad,
         HAS_BIAS=bias is not None, HAS_EMB=emb is not None, HAS_RES=residual is not None,
-        HAS_SCALE=scale is not None, PRECISION=dot_precision(x.dtype), UPCAST=dot_upcast(x.dtype), GROUP=GROUP_M,
+        HAS_SCALE=scale is not None, PRECISION=dot_precision(x.dtype), DOT_DTYPE=dot_dtype(x.dtype), GROUP=GROUP_M,
     )
     return out
 

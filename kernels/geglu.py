@@ -17,7 +17,7 @@ CONFIGS = [
     for bf, w in [(512, 4), (1024, 4), (1024, 8), (2048, 8), (4096, 8), (4096, 16)]
 ]
 INTERPRETED_CONFIG = triton.Config({"BLOCK_F": 512}, num_warps=4)
-SQRT1_2 = 0.7071067811865476
+SQRT1_2 = tl.constexpr(0.7071067811865476)  # 1/sqrt(2), a constexpr so the kernel can read it
 
 
 @triton.autotune(configs=configs(CONFIGS, INTERPRETED_CONFIG), key=["F"])

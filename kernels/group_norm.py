@@ -28,18 +28,6 @@ TARGET_PROGRAMS = 8 * 132  # enough slices to fill an H100 several times over
 MIN_SLICE = 4096  # elements per program at least (smaller slices only add merge work)
 
 
-@triton.jit
-def _element_offsets(e, S, Cg, stride_c, stride_s, CHANNELS_INNER: tl.constexpr):
-    """Group-local element index -> (memory offset within the group, channel within the group)."""
-    if CHANNELS_INNER:
-        c = e % Cg
-        s = e // Cg
-    else:
-        c = e // S
-        s = e % S
-    return c * stride_c + s * stride_s, c
-
-
 @triton.autotune(configs=configs(CONFIGS, INTERPRETED_CONFIG), key=["S", "Cg", "SLICE", "CHANNELS_INNER"])
 @triton.jit
 def _group_stats_kernel(X, STATS, S, Cg, G, stride_xb, stride_xc, stride_xs, SLICE, SPLIT,
@@ -58,8 +46,13 @@ def _group_stats_kernel(X, STATS, S, Cg, G, stride_xb, stride_xc, stride_xs, SLI
     for t in range(start, end, BLOCK):
         e = t + tl.arange(0, BLOCK)
         ok = e < end
-        off, _ = _element_offsets(e, S, Cg, stride_xc, stride_xs, CHANNELS_INNER)
-        x = tl.load(base + off, mask=ok, other=0.0).to(tl.float32)
+        if CHANNELS_INNER:  # group-local element index -> (channel, position), in memory order
+            c = e % Cg
+            s = e // Cg
+        else:
+            c = e // S
+            s = e % S
+        x = tl.load(base + c * stride_xc + s * stride_xs, mask=ok, other=0.0).to(tl.float32)
         n_t = tl.minimum(end - t, BLOCK).to(tl.float32)
         mean_t = tl.sum(x, 0) / n_t
         xc = tl.where(ok, x - mean_t, 0.0)
@@ -107,15 +100,19 @@ def _group_norm_apply_kernel(X, Y, W, B, STATS, S, Cg, G, stride_xb, stride_xc, 
     for t in range(start, end, BLOCK):
         e = t + tl.arange(0, BLOCK)
         ok = e < end
-        x_off, c = _element_offsets(e, S, Cg, stride_xc, stride_xs, CHANNELS_INNER)
-        y_off, _ = _element_offsets(e, S, Cg, stride_yc, stride_ys, CHANNELS_INNER)
-        x = tl.load(x_base + x_off, mask=ok, other=0.0).to(tl.float32)
+        if CHANNELS_INNER:
+            c = e % Cg
+            s = e // Cg
+        else:
+            c = e // S
+            s = e % S
+        x = tl.load(x_base + c * stride_xc + s * stride_xs, mask=ok, other=0.0).to(tl.float32)
         w = tl.load(W + g * Cg + c, mask=ok, other=0.0).to(tl.float32)
         bias = tl.load(B + g * Cg + c, mask=ok, other=0.0).to(tl.float32)
         y = (x - mean) * rstd * w + bias
         if SILU:
             y = y / (1.0 + tl.exp(-y))
-        tl.store(y_base + y_off, y.to(Y.dtype.element_ty), mask=ok)
+        tl.store(y_base + c * stride_yc + s * stride_ys, y.to(Y.dtype.element_ty), mask=ok)
 
 
 def _slices(groups_total: int, group_size: int) -> tuple[int, int]:
