@@ -28,6 +28,14 @@ Inpainting ignores ``strength`` (runwayml samples from pure noise).
 
 SDXL: the unconditional conditioning is the original's zeroed text features (``force_uc_zero_embeddings``) when
 the negative prompt is empty; a non-empty negative prompt is encoded and used (its pooled feature included).
+Size conditioning: original size = target size = (height, width), crop (0, 0).
+
+Samplers: ``eta`` is DDIM's (PLMS refuses eta != 0 as the original; euler_a always uses ancestral eta 1).
+DDIM / PLMS on v models take eps and x0 from v (Stability's DDIMSampler; its PLMSSampler would misread v as
+eps). The k samplers run over k-diffusion's ``CompVis(V)Denoiser`` sigmas (SD1/2) or sgm's quantising
+``DiscreteDenoiser`` with ``LegacyDDPMDiscretization`` sigmas (SDXL; ``karras`` swaps in Karras sigmas between
+the training sigma extremes). Image sides must be multiples of the VAE factor (8) times the UNet's
+(2 ** (levels - 1)): 64 for SD 1.x / 2.x, 32 for SDXL.
 """
 
 from __future__ import annotations
@@ -345,7 +353,7 @@ def prepare_inpaint_conditioning(model, image: torch.Tensor, mask: torch.Tensor,
     masked_image = image * (mask < 0.5)
     batch, latent_hw = noise.shape[0], tuple(noise.shape[-2:])
     mask_latent = F.interpolate(mask, size=latent_hw).expand(batch, -1, -1, -1)  # nearest
-    masked_latents = encode_latents(model, masked_image.expand(batch, -1, -1, -1), noise)
+    masked_latents = encode_latents(model, masked_image, noise)  # one encode, broadcast over the batch
     c_concat = torch.cat([mask_latent, masked_latents], dim=1)  # [B, 1 + 4, h, w]
     return InpaintConditioning(mask, masked_image, mask_latent, masked_latents, c_concat)
 
