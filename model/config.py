@@ -9,7 +9,7 @@ the released models' defaults, and ``ModelConfig`` records which.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -291,8 +291,6 @@ def text_configs(weights: dict[str, torch.Tensor], family: str, heads: int | Non
 def _apply_heads(unet: UNetConfig, family: str, yaml_params: dict | None) -> tuple[UNetConfig, str]:
     """Heads are not in the weights: the YAML decides when given, else the released models' values (SD1: 8
     heads; SD2 / SDXL: 64-channel heads)."""
-    from dataclasses import replace
-
     unet_yaml = _unet_yaml(yaml_params) if yaml_params is not None else {}
     nhc = unet_yaml.get("num_head_channels", -1)
     nh = unet_yaml.get("num_heads", -1)

@@ -79,25 +79,21 @@ class Upsample(nn.Module):
 
 
 class Level(nn.Module):
-    """One resolution of the encoder (``down.i``) or decoder (``up.i``): ResnetBlocks, optional attention after
-    each, then a resampling layer (``downsample`` / ``upsample``) unless it is the last."""
+    """One resolution of the encoder (``down.i``) or decoder (``up.i``): ResnetBlocks, each followed by attention
+    where the config asks for it. The owner attaches ``downsample`` / ``upsample`` to every level but the last
+    one it runs."""
 
-    def __init__(self, channels: list[tuple[int, int]], attention: bool, resample: nn.Module | None,
-                 resample_name: str):
+    def __init__(self, channels: list[tuple[int, int]], attention: bool):
         super().__init__()
         self.block = nn.ModuleList(ResnetBlock(i, o) for i, o in channels)
         self.attn = nn.ModuleList(AttnBlock(o) for _, o in channels) if attention else nn.ModuleList()
-        self.resample_name = resample_name
-        if resample is not None:
-            setattr(self, resample_name, resample)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for i, block in enumerate(self.block):
             x = block(x)
             if len(self.attn):
                 x = self.attn[i](x)
-        resample = getattr(self, self.resample_name, None)
-        return resample(x) if resample is not None else x
+        return x
 
 
 class MidBlock(nn.Module):
@@ -121,8 +117,10 @@ class Encoder(nn.Module):
         for i, width in enumerate(widths):
             channels = [(ch if j == 0 else width, width) for j in range(cfg.num_res_blocks)]
             ch = width
-            last = i == len(widths) - 1
-            self.down.append(Level(channels, i in cfg.attn_levels, None if last else Downsample(ch), "downsample"))
+            level = Level(channels, i in cfg.attn_levels)
+            if i != len(widths) - 1:
+                level.downsample = Downsample(ch)
+            self.down.append(level)
         self.mid = MidBlock(ch)
         self.norm_out = _norm(ch)
         self.conv_out = Conv2d(ch, 2 * cfg.z_channels if cfg.double_z else cfg.z_channels, 3, padding=1)
@@ -131,6 +129,8 @@ class Encoder(nn.Module):
         h = self.conv_in(x)
         for level in self.down:
             h = level(h)
+            if hasattr(level, "downsample"):
+                h = level.downsample(h)
         h = self.mid(h)
         return self.conv_out(self.norm_out(h, silu=True))
 
@@ -146,7 +146,10 @@ class Decoder(nn.Module):
         for i in reversed(range(len(widths))):
             channels = [(ch if j == 0 else widths[i], widths[i]) for j in range(cfg.num_res_blocks + 1)]
             ch = widths[i]
-            levels.insert(0, Level(channels, i in cfg.attn_levels, Upsample(ch) if i else None, "upsample"))
+            level = Level(channels, i in cfg.attn_levels)
+            if i != 0:
+                level.upsample = Upsample(ch)
+            levels.insert(0, level)
         self.up = nn.ModuleList(levels)  # up[i] is level i; it runs from the last level to the first
         self.norm_out = _norm(ch)
         self.conv_out = Conv2d(ch, cfg.out_ch, 3, padding=1)
@@ -155,6 +158,8 @@ class Decoder(nn.Module):
         h = self.mid(self.conv_in(z))
         for level in reversed(self.up):
             h = level(h)
+            if hasattr(level, "upsample"):
+                h = level.upsample(h)
         return self.conv_out(self.norm_out(h, silu=True))
 
 

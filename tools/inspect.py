@@ -15,6 +15,7 @@ import torch
 
 from ..model.checkpoint import SCHEDULE_BUFFERS, normalize_keys, read_checkpoint
 from ..model.config import TEXT_PREFIXES, UNET, VAE, ModelConfig, ModelConfigError, detect_config
+from ..model.text import TextConfigError
 
 FAMILY_NAMES = {"sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x", "sdxl": "Stable Diffusion XL (base)"}
 PARAM_SOURCES = {"yaml": "from the YAML", "option": "given with --parameterization",
@@ -44,7 +45,7 @@ def inspect_checkpoint(path: Path, yaml_path: Path | None = None, parameterizati
     raw = read_checkpoint(path)
     try:
         cfg = detect_config(raw, yaml_path, parameterization=parameterization)
-    except ModelConfigError as e:
+    except (ModelConfigError, TextConfigError) as e:
         raise type(e)(f"{path.name}: {e}") from None
     norm = normalize_keys(raw)
     return {
