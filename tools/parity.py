@@ -1,0 +1,446 @@
+"""``tritonsd parity CHECKPOINT --reference REF.safetensors``: recompute every tensor of a reference file.
+
+A reference file (the fixtures' format: ``NAME.reference.safetensors`` + ``NAME.reference.json``) holds the
+inputs and outputs of runs of the ORIGINAL code. This command loads the checkpoint, recomputes each stored
+output from the stored inputs (see ``tools/parity_groups.py``: groups by name prefix, sampler groups parsed as
+``<sampler>_cfg<scale>``) and prints one row per tensor: name, shape, relative error
+``max|a - b| / max|ref|``, bound (1e-4 for float32 tensors, exact for integer ones), pass / FAIL.
+
+Every key of the file gets a row: inputs are shown as such (or, for conditioning stored as "rows [i, j] of
+text.context", compared with the recomputed rows), and a tensor that cannot be recomputed is a FAILURE that
+names it. Exit code 0 when every row passes, 1 when one fails, 2 on bad usage (a missing file, a reference of
+another model).
+
+Kernels: ``--kernels auto`` (Triton on CUDA, the torch references on the CPU), ``torch`` or ``triton``. Triton
+without a GPU runs under Triton's interpreter, which is chosen when the kernels are imported: ``run`` sets
+``TRITON_INTERPRET=1`` before anything imports them (the model modules are imported lazily for this reason).
+If they were already imported without it (another tool in the same process), it says so and asks for
+``TRITON_INTERPRET=1`` in the environment.
+
+Defaults: the checkpoint's YAML is ``--config``, else ``CHECKPOINT.yaml`` beside it when that exists; the
+text towers' head count (not in the weights) is ``--text-heads``, else the JSON's ``text_encoder_config``;
+v-prediction comes from the YAML, else from the JSON's ``parameterization``; the JSON's ``scale_factor``
+overrides the config's (it is a setting of the reference run, not of the weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .cli import UsageError
+
+FP32_BOUND = 1e-4  # the fixtures' README: relative error bound for float32 implementations
+KERNELS = ("auto", "torch", "triton")
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "parity", help="recompute every tensor of a reference file and compare (exit 1 on any failure)",
+        description=__doc__.split("\n\n")[0].split(": ", 1)[1])
+    p.add_argument("checkpoint", type=Path, help=".safetensors or .ckpt file")
+    p.add_argument("--reference", type=Path, required=True,
+                   help="NAME.reference.safetensors (its NAME.reference.json is read too)")
+    p.add_argument("--config", type=Path, default=None,
+                   help="the original inference YAML (default: CHECKPOINT.yaml beside the checkpoint, if any)")
+    p.add_argument("--only", default=None, metavar="GROUP,...",
+                   help="check only these groups (name prefixes: tokens, text, unet, vae, sample, ddim_cfg7p5, ...)")
+    p.add_argument("--kernels", choices=KERNELS, default="auto",
+                   help="auto: Triton on CUDA, torch on the CPU; triton without a GPU uses Triton's interpreter")
+    p.add_argument("--text-heads", type=int, default=None,
+                   help="attention heads of the text towers (default: the reference JSON's text_encoder_config)")
+    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:N")
+    p.add_argument("--json", type=Path, default=None, dest="json_out", metavar="OUT",
+                   help="write the rows (and a summary) as JSON")
+    p.add_argument("--save", type=Path, default=None, metavar="OUT.safetensors",
+                   help="save every recomputed tensor (and the inputs used) under the reference's names")
+    p.set_defaults(run=run)
+
+
+# ---------------------------------------------------------------- entry
+
+
+def run(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    device = _device(args.device)
+    _prepare_kernels(args.kernels, device)  # before the model modules (and so the kernels) are imported
+    _check_paths(args)
+    ref, meta = _read_reference(args.reference)
+    config_path = args.config if args.config is not None else _sibling_yaml(args.checkpoint)
+    model = _load(args, config_path, meta, device)
+    check_fits(model, ref, meta, args.checkpoint, args.reference)
+
+    groups = _groups(ref, meta)
+    selected = _select(groups, args.only)
+    for note in _notes(model, meta, config_path):
+        print(note, file=sys.stderr)
+
+    from ..kernels import dispatch
+
+    computed, errors, timings = {}, {}, {}
+    with dispatch.force(args.kernels), torch.no_grad(), _strict_float32():
+        computed, errors, timings = recompute(model, ref, meta, device, {g: groups[g] for g in selected})
+    rows = build_rows(ref, meta, {g: groups[g] for g in selected}, computed, errors)
+    seconds = time.perf_counter() - started
+
+    print(format_header(args, device, config_path))
+    print(format_rows(rows))
+    print(format_summary(rows, seconds, skipped=len(ref) - sum(len(groups[g]) for g in selected)))
+    if args.json_out is not None:
+        _write_json(args, device, config_path, rows, timings, seconds)
+    if args.save is not None:
+        _save(args.save, rows, computed, ref)
+    return 0 if all(r["pass"] for r in rows) else 1
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise UsageError(f"--device {name!r}: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: no CUDA device is available")
+    return device
+
+
+def _prepare_kernels(kernels: str, device: torch.device) -> None:
+    """``--kernels triton`` on the CPU needs Triton's interpreter, chosen when the kernel modules are imported."""
+    if kernels != "triton" or device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        return
+    loaded = sys.modules.get("tritonsd.kernels._triton")
+    if loaded is not None and not getattr(loaded, "INTERPRET", False):
+        raise UsageError("--kernels triton without a GPU runs under Triton's interpreter, but the kernels were "
+                         "already imported without it; set TRITON_INTERPRET=1 in the environment")
+    os.environ["TRITON_INTERPRET"] = "1"
+
+
+def _check_paths(args) -> None:
+    for what, path in (("checkpoint", args.checkpoint), ("reference", args.reference), ("--config", args.config)):
+        if path is not None and not path.is_file():
+            raise UsageError(f"{what} {path} does not exist")
+    if args.text_heads is not None and args.text_heads < 1:
+        raise UsageError(f"--text-heads must be at least 1, got {args.text_heads}")
+
+
+def _read_reference(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    from .reference import load_reference
+
+    try:
+        ref, meta = load_reference(path)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{path.with_suffix('.json').name} is not valid JSON: {e}") from None
+    except Exception as e:  # safetensors raises its own error type for a file that is not safetensors
+        raise UsageError(f"cannot read the reference {path.name}: {str(e).splitlines()[0]}") from None
+    if not ref:
+        raise UsageError(f"the reference {path.name} holds no tensors")
+    if not meta:
+        print(f"note: no {path.with_suffix('.json').name} beside the reference: prompts and steps are unknown",
+              file=sys.stderr)
+    return ref, meta
+
+
+def _sibling_yaml(checkpoint: Path) -> Path | None:
+    for suffix in (".yaml", ".yml"):
+        candidate = checkpoint.with_suffix(suffix)
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+# ---------------------------------------------------------------- model and fit
+
+
+def heads_from_meta(meta: dict) -> int | None:
+    """The text towers' head count from the JSON's ``text_encoder_config`` (one value for every tower)."""
+    found: set[int] = set()
+
+    def walk(node) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key in ("num_attention_heads", "heads") and isinstance(value, int):
+                    found.add(value)
+                else:
+                    walk(value)
+
+    walk(meta.get("text_encoder_config"))
+    if len(found) > 1:
+        raise UsageError(f"the reference's text towers have different head counts {sorted(found)}; a single "
+                         "--text-heads cannot serve them")
+    return found.pop() if found else None
+
+
+def _load(args, config_path: Path | None, meta: dict, device: torch.device):
+    from ..model.sd import load_model
+
+    heads = args.text_heads if args.text_heads is not None else heads_from_meta(meta)
+    model = load_model(args.checkpoint, config_path, text_heads=heads, dtype=torch.float32, device=device)
+    cfg = model.config
+    wanted = meta.get("parameterization")
+    if wanted in ("eps", "v") and wanted != cfg.parameterization:
+        if cfg.parameterization_source != "assumed":
+            raise UsageError(f"the reference was made with {wanted}-prediction, but {args.checkpoint.name} is "
+                             f"{cfg.parameterization} (from the {cfg.parameterization_source}): another model?")
+        cfg = dataclasses.replace(cfg, parameterization=wanted, parameterization_source="reference")
+    scale = meta.get("scale_factor")
+    if isinstance(scale, (int, float)) and float(scale) != cfg.scale_factor:
+        cfg = dataclasses.replace(cfg, scale_factor=float(scale))
+    model.config = cfg
+    return model
+
+
+def _notes(model, meta: dict, config_path: Path | None) -> list[str]:
+    cfg = model.config
+    notes = []
+    if config_path is None:
+        notes.append("note: no YAML given or beside the checkpoint; shapes from the weights, defaults otherwise")
+    if cfg.parameterization_source == "reference":
+        notes.append(f"note: {cfg.parameterization}-prediction taken from the reference JSON")
+    return notes
+
+
+SDXL_MARKERS = ("tokens.clip_l", "tokens.open_clip", "text.crossattn", "text.vector", "unet.y", "sample.crossattn")
+FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
+
+
+def check_fits(model, ref: dict[str, torch.Tensor], meta: dict, checkpoint: Path, reference: Path) -> None:
+    """Refuse (exit 2) a reference whose tensors cannot belong to this checkpoint, naming the first misfit."""
+    cfg = model.config
+    problems = []
+    ref_sdxl = any(k in ref for k in SDXL_MARKERS)
+    if ref_sdxl != (cfg.family == "sdxl"):
+        problems.append(f"it is a reference of an {'SDXL' if ref_sdxl else 'SD 1.x/2.x'} model, the checkpoint is "
+                        f"{FAMILY_NAMES.get(cfg.family, cfg.family)}")
+    expected = {"unet.x": (1, cfg.unet.in_channels, "UNet input channels")}
+    for name in ("vae.z", "sample.x_T", "inpaint.x_T"):
+        expected[name] = (1, cfg.vae.embed_dim, "latent channels")
+    for name in ("unet.context", "sample.cond", "sample.uncond", "sample.crossattn", "inpaint.cond"):
+        expected[name] = (-1, cfg.unet.context_dim, "context width")
+    if cfg.unet.adm_in_channels is not None:
+        for name in ("unet.y", "sample.vector"):
+            expected[name] = (-1, cfg.unet.adm_in_channels, "vector width")
+    for name in ("vae.image", "inpaint.image"):
+        expected[name] = (1, cfg.vae.in_channels, "image channels")
+    for name, (dim, size, what) in expected.items():
+        t = ref.get(name)
+        if t is not None and (t.dim() < 2 or t.shape[dim] != size) and not problems:
+            problems.append(f"{name} has shape {list(t.shape)}, but the checkpoint's {what} is {size}")
+    if any(k.startswith("inpaint.") for k in ref) and not cfg.inpainting and not problems:
+        problems.append("it holds an inpainting run, the checkpoint is not an inpainting model")
+    if problems:
+        raise UsageError(f"{reference.name} does not fit {checkpoint.name}: {problems[0]}")
+
+
+@contextlib.contextmanager
+def _strict_float32():
+    """float32 parity: no TF32 in cuBLAS / cuDNN while recomputing (restored afterwards)."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+# ---------------------------------------------------------------- groups and recomputation
+
+
+def _groups(ref: dict[str, torch.Tensor], meta: dict) -> dict[str, list[str]]:
+    """{group: names}, in the JSON's order (then any names it does not list, sorted)."""
+    listed = [k for k in meta.get("tensors", {}) if k in ref]
+    order = listed + sorted(k for k in ref if k not in set(listed))
+    groups: dict[str, list[str]] = {}
+    for name in order:
+        groups.setdefault(name.split(".", 1)[0], []).append(name)
+    return groups
+
+
+def _select(groups: dict[str, list[str]], only: str | None) -> list[str]:
+    if only is None:
+        return list(groups)
+    wanted = [g.strip() for g in only.split(",") if g.strip()]
+    unknown = [g for g in wanted if g not in groups]
+    if not wanted or unknown:
+        raise UsageError(f"--only: no group {', '.join(map(repr, unknown)) or '(none given)'} in the reference "
+                         f"(it has: {', '.join(groups)})")
+    return [g for g in groups if g in wanted]
+
+
+def recompute(model, ref, meta, device, groups: dict[str, list[str]]):
+    """({name: tensor on the CPU}, {group: error message}, {group: seconds}) over ``groups``."""
+    from . import parity_groups as G
+
+    ctx = G.Recompute(model, ref, meta, device)
+    computed: dict[str, torch.Tensor] = {}
+    errors: dict[str, str] = {}
+    timings: dict[str, float] = {}
+    for group, names in groups.items():
+        if all(G.is_input(n, meta) for n in names):
+            continue
+        t0 = time.perf_counter()
+        try:
+            out = G.recompute_group(ctx, group, names)
+            computed.update({k: v.detach().to("cpu") for k, v in out.items() if not G.is_input(k, meta)})
+        except Exception as e:  # one group's failure is reported on its rows; the others still run
+            errors[group] = _one_line(e)
+        timings[group] = time.perf_counter() - t0
+    return computed, errors, timings
+
+
+def _one_line(e: BaseException) -> str:
+    from . import parity_groups as G
+
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    if isinstance(e, G.GroupError):
+        return text
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+# ---------------------------------------------------------------- rows
+
+
+def build_rows(ref, meta, groups: dict[str, list[str]], computed, errors) -> list[dict]:
+    from . import parity_groups as G
+
+    rows = []
+    for group, names in groups.items():
+        for name in names:
+            stored = ref[name]
+            row = {"name": name, "group": group, "shape": list(stored.shape),
+                   "dtype": str(stored.dtype).removeprefix("torch."), "kind": "input", "error": None,
+                   "bound": None, "pass": True, "note": None}
+            if G.is_input(name, meta):
+                source = G.derived_from(name, meta)
+                if source is not None and source[0] in computed:
+                    row.update(compare(stored, _rows_of(computed[source[0]], source[1])), kind="derived",
+                               note=f"rows {source[1]} of the recomputed {source[0]}")
+            elif name in computed:
+                row.update(compare(stored, computed[name]))
+            else:
+                row.update(kind="missing", **{"pass": False},
+                           note=errors.get(group) or f"cannot recompute {name}: this runtime does not produce it")
+            rows.append(row)
+    return rows
+
+
+def _rows_of(t: torch.Tensor, rows: list[int]) -> torch.Tensor | None:
+    return t[rows] if rows and max(rows) < t.shape[0] else None
+
+
+def compare(stored: torch.Tensor, actual: torch.Tensor | None) -> dict:
+    """Relative error and verdict: float tensors against ``FP32_BOUND``, integer tensors exactly."""
+    exact = not stored.is_floating_point()
+    out = {"kind": "exact" if exact else "compared", "bound": 0.0 if exact else FP32_BOUND}
+    if actual is None:
+        return {**out, "pass": False, "note": "no recomputed tensor to compare"}
+    if tuple(actual.shape) != tuple(stored.shape):
+        return {**out, "pass": False, "note": f"recomputed shape {list(actual.shape)} differs from the reference's"}
+    if exact:
+        diff = (actual.to(torch.float64) - stored.to(torch.float64)).abs()
+        err = diff.max().item() if diff.numel() else 0.0
+        return {**out, "error": err, "pass": err == 0.0,
+                "note": None if err == 0.0 else f"{int((diff != 0).sum())} of {diff.numel()} values differ"}
+    from .reference import relative_error
+
+    err = relative_error(actual, stored)
+    ok = math.isfinite(err) and err <= FP32_BOUND
+    return {**out, "error": err, "pass": ok, "note": None if math.isfinite(err) else "not finite"}
+
+
+# ---------------------------------------------------------------- output
+
+
+def format_header(args, device, config_path) -> str:
+    return (f"parity: {args.checkpoint.name} (config {config_path.name if config_path else 'none'}) vs "
+            f"{args.reference.name}; kernels {args.kernels}, {device}, float32")
+
+
+def _fmt_error(row: dict) -> str:
+    if row["error"] is None:
+        return "-"
+    return "0" if row["error"] == 0 else f"{row['error']:.2e}"
+
+
+def _fmt_bound(row: dict) -> str:
+    if row["bound"] is None:
+        return "-"
+    return "exact" if row["bound"] == 0 else f"{row['bound']:.0e}"
+
+
+def _verdict(row: dict) -> str:
+    if row["kind"] == "input":
+        return "input"
+    return "pass" if row["pass"] else "FAIL"
+
+
+def format_rows(rows: list[dict]) -> str:
+    width = max([len(r["name"]) for r in rows] + [4])
+    lines = [f"{'name':<{width}}  {'shape':<20} {'rel. error':>10}  {'bound':>5}  result"]
+    for r in rows:
+        line = (f"{r['name']:<{width}}  {str(r['shape']):<20} {_fmt_error(r):>10}  {_fmt_bound(r):>5}  "
+                f"{_verdict(r)}")
+        if r["note"] and (not r["pass"] or r["kind"] == "derived"):
+            line += f"  ({r['note']})"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def _max_error(rows: list[dict]) -> tuple[float | None, str | None]:
+    scored = [r for r in rows if r["error"] is not None and r["bound"]]
+    if not scored:
+        return None, None
+    worst = max(scored, key=lambda r: r["error"] if math.isfinite(r["error"]) else math.inf)
+    return worst["error"], worst["name"]
+
+
+def format_summary(rows: list[dict], seconds: float, skipped: int = 0) -> str:
+    failed = [r["name"] for r in rows if not r["pass"]]
+    inputs = sum(r["kind"] == "input" for r in rows)
+    err, name = _max_error(rows)
+    text = (f"{len(rows)} tensors: {len(rows) - inputs} checked, {len(failed)} failed, {inputs} inputs"
+            + (f"; max relative error {err:.2e} ({name})" if err is not None else "") + f"; {seconds:.1f} s")
+    if skipped:
+        text += f"; {skipped} tensors of other groups not checked (--only)"
+    if failed:
+        text += "\nFAILED: " + ", ".join(failed)
+    return text
+
+
+def _write_json(args, device, config_path, rows, timings, seconds) -> None:
+    err, name = _max_error(rows)
+    report = {
+        "checkpoint": str(args.checkpoint), "reference": str(args.reference),
+        "config": str(config_path) if config_path else None, "kernels": args.kernels, "device": str(device),
+        "dtype": "float32", "bound": FP32_BOUND, "passed": all(r["pass"] for r in rows),
+        "failed": [r["name"] for r in rows if not r["pass"]], "max_error": err, "max_error_name": name,
+        "seconds": seconds, "group_seconds": timings, "rows": rows,
+    }
+    args.json_out.parent.mkdir(parents=True, exist_ok=True)
+    args.json_out.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def _save(path: Path, rows: list[dict], computed: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> None:
+    """The recomputed tensors (cast to the reference's dtypes) and, so that the file is itself a complete
+    reference, the inputs they were computed from; the metadata lists which are which."""
+    from safetensors.torch import save_file
+
+    out, inputs = {}, []
+    for r in rows:
+        name = r["name"]
+        if r["kind"] in ("input", "derived"):
+            out[name] = ref[name].contiguous()
+            inputs.append(name)
+        elif name in computed and tuple(computed[name].shape) == tuple(ref[name].shape):
+            out[name] = computed[name].to(ref[name].dtype).contiguous()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(out, str(path), metadata={"inputs": ",".join(inputs), "producer": "tritonsd parity"})
