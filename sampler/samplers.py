@@ -49,8 +49,12 @@ def _append_dims(v: torch.Tensor, ndim: int) -> torch.Tensor:
 
 
 def to_d(x: torch.Tensor, sigma: torch.Tensor, denoised: torch.Tensor) -> torch.Tensor:
-    """Karras ODE derivative dx/dsigma from a denoiser output."""
-    return (x - denoised) / _append_dims(sigma, x.ndim)
+    """Karras ODE derivative dx/dsigma from a denoiser output.
+
+    A 0-d ``sigma`` stays 0-d, so it may live on the CPU while ``x`` is on the GPU (a CPU scalar then): the
+    CUDA-graph runner keeps ``sigmas`` on the CPU so that the samplers' control flow never syncs the device.
+    """
+    return (x - denoised) / (sigma if sigma.ndim == 0 else _append_dims(sigma, x.ndim))
 
 
 def get_ancestral_step(sigma_from, sigma_to, eta: float = 1.0):

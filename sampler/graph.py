@@ -1,0 +1,276 @@
+"""CUDA-graph capture of the whole denoising loop, one graph per loop shape.
+
+A ``GraphRunner`` runs a sigma-space sampler (``euler``, ``euler_a``, ``dpmpp_2m``) over a CFG denoiser. On
+CUDA the loop (every UNet call, the CFG combine and every sampler update, unrolled over the steps) is captured
+ONCE per ``LoopKey`` into a graph that reads static buffers: the start latents, the conditioning (cond and
+uncond, plus shared inputs such as inpainting's ``c_concat``) and, for ancestral samplers, the noise of every
+step (pre-drawn on the CPU from the seed, see ``predraw_noise``). A run copies its inputs into those buffers
+and replays the graph; a prompt change with the same shapes only copies new conditioning. On the CPU (or with
+``use_graphs=False``) the same loop body runs eagerly from the same static buffers, so CPU tests exercise the
+code that is captured on the GPU.
+
+Capturability: the sampler gets ``sigmas`` as a CPU tensor, so its Python control flow (``sigmas[i + 1] > 0``,
+the ancestral step sizes) reads host values and never syncs the device, and the scalars multiply the device
+tensors as CPU scalars. The denoiser must hold its tables on the device (build ``EpsDenoiser`` /
+``VDenoiser`` / ``SGMEpsDenoiser`` from ``alphas_cumprod.to(device)``): a host-to-device copy inside the
+captured region fails the capture, reported as ``GraphCaptureError``.
+
+DDIM and PLMS take integer timesteps and a different model protocol; run them through ``samplers`` directly.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+import torch
+
+from . import samplers as K
+from .denoise import CFGDenoiser
+
+# the sigma-space samplers whose loop can be captured
+GRAPH_SAMPLERS: dict[str, Callable] = {
+    "euler": K.sample_euler,
+    "euler_a": K.sample_euler_ancestral,
+    "dpmpp_2m": K.sample_dpmpp_2m,
+}
+
+
+class GraphRunnerError(ValueError):
+    """The runner was called with inputs it cannot serve (unknown sampler, missing noise, bad shapes)."""
+
+
+class GraphCaptureError(RuntimeError):
+    """CUDA-graph capture of the loop failed (something in the loop synchronised or copied from the host)."""
+
+
+@dataclass(frozen=True)
+class LoopKey:
+    """Everything a captured loop bakes in: shapes, dtypes, device, sampler, the sigma values and CFG scale."""
+
+    batch: int
+    channels: int
+    height: int
+    width: int
+    dtype: torch.dtype
+    device: str
+    sampler: str
+    steps: int
+    sigmas: tuple[float, ...]
+    cfg_scale: float
+    eta: float
+    noise_draws: int
+    inputs: tuple  # ((group, name, shape, dtype), ...) of the conditioning buffers
+
+
+def noise_draws(sampler: str, sigmas: torch.Tensor, eta: float = 1.0) -> int:
+    """How many noise tensors ``sampler`` draws over ``sigmas`` (``euler_a``: one per step whose next sigma > 0)."""
+    if sampler == "euler_a" and eta:
+        return int((sigmas[1:] > 0).sum())
+    return 0
+
+
+def predraw_noise(shape, count: int, seed: int) -> torch.Tensor:
+    """[count, *shape] float32 CPU noise: exactly the stream ``samplers.seeded_noise_sampler`` would draw."""
+    generator = torch.Generator(device="cpu").manual_seed(int(seed))
+    out = torch.empty((count, *shape), dtype=torch.float32)
+    for i in range(count):
+        out[i] = torch.randn(tuple(shape), generator=generator, dtype=torch.float32)
+    return out
+
+
+class StaticNoise:
+    """A noise sampler over a pre-filled buffer [N, *shape]: the k-th call since ``reset`` returns ``buffer[k]``."""
+
+    def __init__(self, buffer: torch.Tensor):
+        self.buffer = buffer
+        self.calls = 0
+
+    def reset(self) -> None:
+        self.calls = 0
+
+    def __call__(self, _a, _b) -> torch.Tensor:
+        if self.calls >= self.buffer.shape[0]:
+            raise GraphRunnerError(f"the sampler drew more than the {self.buffer.shape[0]} pre-drawn noise tensors")
+        noise = self.buffer[self.calls]
+        self.calls += 1
+        return noise
+
+
+def _as_inputs(cond) -> dict[str, torch.Tensor]:
+    """Conditioning as a dict of tensors: a bare tensor is the cross-attention ``context``; None values drop."""
+    if cond is None:
+        return {}
+    if isinstance(cond, torch.Tensor):
+        return {"context": cond}
+    if not isinstance(cond, Mapping):
+        raise GraphRunnerError(f"conditioning must be a tensor or a dict of tensors, got {type(cond).__name__}")
+    out = {}
+    for name, value in cond.items():
+        if value is None:
+            continue
+        if not isinstance(value, torch.Tensor):
+            raise GraphRunnerError(f"conditioning entry {name!r} must be a tensor, got {type(value).__name__}")
+        out[name] = value
+    return out
+
+
+def _signature(groups: dict[str, dict[str, torch.Tensor]]) -> tuple:
+    return tuple((g, n, tuple(t.shape), t.dtype) for g, d in groups.items() for n, t in sorted(d.items()))
+
+
+class CapturedLoop:
+    """The static buffers of one ``LoopKey`` and, on CUDA, the graph that replays the loop over them."""
+
+    def __init__(self, key: LoopKey, denoiser, sigmas: torch.Tensor, x_like: torch.Tensor,
+                 groups: dict[str, dict[str, torch.Tensor]], eta: float):
+        device = torch.device(key.device)
+        self.key = key
+        self.sigmas = sigmas  # CPU: host-side control flow in the sampler
+        self.eta = eta
+        self.cfg = CFGDenoiser(denoiser, key.cfg_scale)
+        self.static_x = torch.empty(x_like.shape, dtype=x_like.dtype, device=device)
+        self.static = {g: {n: torch.empty(t.shape, dtype=t.dtype, device=device) for n, t in d.items()}
+                       for g, d in groups.items()}
+        self.static_noise = torch.empty((max(key.noise_draws, 1), *x_like.shape), dtype=x_like.dtype, device=device)
+        self.noise = StaticNoise(self.static_noise)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.static_out: torch.Tensor | None = None
+        self.replays = 0
+
+    def load(self, x_T: torch.Tensor, groups: dict[str, dict[str, torch.Tensor]], noise: torch.Tensor | None):
+        """Copy this run's inputs into the static buffers (host-to-device when they come from the CPU)."""
+        self.static_x.copy_(x_T)
+        for g, d in groups.items():
+            for n, t in d.items():
+                self.static[g][n].copy_(t)
+        if self.key.noise_draws:
+            self.static_noise.copy_(noise[: self.key.noise_draws])
+
+    def body(self, sigmas: torch.Tensor | None = None, callback=None) -> torch.Tensor:
+        """The loop over the static buffers: exactly the sampler function called on them."""
+        sigmas = self.sigmas if sigmas is None else sigmas
+        self.noise.reset()
+        extra = {"cond": self.static["cond"], "uncond": self.static.get("uncond") or None,
+                 **self.static.get("shared", {})}
+        fn = GRAPH_SAMPLERS[self.key.sampler]
+        if self.key.sampler == "euler_a":
+            return fn(self.cfg, self.static_x, sigmas, extra_args=extra, callback=callback, eta=self.eta,
+                      noise_sampler=self.noise)
+        return fn(self.cfg, self.static_x, sigmas, extra_args=extra, callback=callback)
+
+    def capture(self) -> None:
+        """Warm up (one step, on a side stream: Triton autotuning, cuBLAS handles) then capture the whole loop."""
+        stream = torch.cuda.Stream(device=self.static_x.device)
+        stream.wait_stream(torch.cuda.current_stream(self.static_x.device))
+        with torch.cuda.stream(stream):
+            self.body(self.sigmas[:2])
+        torch.cuda.current_stream(self.static_x.device).wait_stream(stream)
+        torch.cuda.synchronize(self.static_x.device)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                out = self.body()
+        except RuntimeError as e:
+            raise GraphCaptureError(
+                f"CUDA-graph capture of the {self.key.sampler} loop failed ({str(e).splitlines()[0]}); is the "
+                "denoiser built from alphas_cumprod on the device?") from e
+        self.graph, self.static_out = graph, out
+
+    def run(self, progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+        """Replay the graph (or run the loop eagerly without one); ``progress(i, n)`` after each step."""
+        self.replays += 1
+        n = self.key.steps
+        if self.graph is None:
+            callback = None if progress is None else (lambda d: progress(d["i"], n))
+            return self.body(callback=callback)
+        self.graph.replay()
+        if progress is not None:
+            for i in range(n):
+                progress(i, n)
+        return self.static_out.clone()
+
+
+class GraphRunner:
+    """Runs the denoising loop for one denoiser (sigma space, without CFG), a captured loop per ``LoopKey``.
+
+    Keep one runner per loaded model so the graphs are reused across images; ``max_entries`` bounds how many
+    captured loops (each with its own memory pool) stay alive, least recently used first out.
+    """
+
+    def __init__(self, denoiser, device: str | torch.device = "cpu", use_graphs: bool | None = None,
+                 max_entries: int = 4):
+        self.denoiser = denoiser
+        self.device = torch.device(device)
+        if use_graphs and self.device.type != "cuda":
+            raise GraphRunnerError(f"CUDA graphs need a CUDA device, the runner is on {self.device}")
+        self.use_graphs = self.device.type == "cuda" if use_graphs is None else bool(use_graphs)
+        self.max_entries = max_entries
+        self.entries: OrderedDict[LoopKey, CapturedLoop] = OrderedDict()
+        self.captures = 0
+
+    def key(self, x_T, sigmas, cfg_scale, sampler, eta, groups) -> LoopKey:
+        b, c, h, w = x_T.shape
+        return LoopKey(batch=b, channels=c, height=h, width=w, dtype=x_T.dtype, device=str(self.device),
+                       sampler=sampler, steps=len(sigmas) - 1, sigmas=tuple(float(s) for s in sigmas),
+                       cfg_scale=float(cfg_scale), eta=float(eta) if sampler == "euler_a" else 0.0,
+                       noise_draws=noise_draws(sampler, sigmas, eta), inputs=_signature(groups))
+
+    def run(self, x_T: torch.Tensor, cond, uncond=None, noise: torch.Tensor | None = None, *,
+            sigmas: torch.Tensor, cfg_scale: float, sampler: str = "dpmpp_2m", eta: float = 1.0,
+            shared: Mapping[str, torch.Tensor] | None = None,
+            progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+        """Latents after the loop. ``x_T``: start latents already scaled (``x * sigmas[0]``); ``cond`` /
+        ``uncond``: context tensors or dicts (``context``, ``y``); ``noise``: [N, *x_T.shape] pre-drawn noise for
+        ``euler_a`` (``predraw_noise(x_T.shape, noise_draws(...), seed)``); ``progress(i, n)`` after each step
+        (all at once after the replay, when captured)."""
+        if sampler not in GRAPH_SAMPLERS:
+            raise GraphRunnerError(f"the graph runner serves {', '.join(GRAPH_SAMPLERS)}, not {sampler!r}")
+        if x_T.ndim != 4:
+            raise GraphRunnerError(f"x_T must be [B, C, H, W], got {list(x_T.shape)}")
+        sigmas = sigmas.detach().to("cpu")
+        if sigmas.ndim != 1 or len(sigmas) < 2:
+            raise GraphRunnerError(f"sigmas must be 1-D with at least 2 values, got shape {tuple(sigmas.shape)}")
+        groups = {"cond": _as_inputs(cond)}
+        if uncond is not None and float(cfg_scale) != 1.0:
+            groups["uncond"] = _as_inputs(uncond)
+        if shared:
+            groups["shared"] = _as_inputs(shared)
+        if not groups["cond"]:
+            raise GraphRunnerError("no conditioning given")
+        for g, d in groups.items():
+            for n, t in d.items():
+                if t.shape[0] != x_T.shape[0]:
+                    raise GraphRunnerError(f"{g} {n!r} has batch {t.shape[0]}, x_T has {x_T.shape[0]}")
+        key = self.key(x_T, sigmas, cfg_scale, sampler, eta, groups)
+        if key.noise_draws:
+            want = (key.noise_draws, *x_T.shape)
+            if noise is None or noise.ndim != len(want) or noise.shape[0] < want[0] or noise.shape[1:] != want[1:]:
+                got = None if noise is None else list(noise.shape)
+                raise GraphRunnerError(f"{sampler} needs pre-drawn noise of shape {list(want)}, got {got}")
+        entry = self._entry(key, sigmas, x_T, groups, eta)
+        entry.load(x_T, groups, noise)
+        if entry.graph is None and self.use_graphs:
+            try:
+                entry.capture()
+            except GraphCaptureError:
+                del self.entries[key]
+                raise
+        return entry.run(progress)
+
+    def _entry(self, key, sigmas, x_T, groups, eta) -> CapturedLoop:
+        entry = self.entries.get(key)
+        if entry is not None:
+            self.entries.move_to_end(key)
+            return entry
+        while len(self.entries) >= self.max_entries:
+            self.entries.popitem(last=False)
+        entry = CapturedLoop(key, self.denoiser, sigmas, x_T, groups, eta)
+        self.entries[key] = entry
+        self.captures += 1
+        return entry
+
+    def clear(self) -> None:
+        """Drop every captured loop (and with them their graphs' memory pools)."""
+        self.entries.clear()

@@ -1,0 +1,184 @@
+"""GraphRunner: its eager path (CPU) is the sampler called directly, bit for bit; its cache captures once per
+loop shape; ancestral noise through the static buffer is the seeded noise stream. The CUDA tests (graph replay
+against the eager loop) run only where a GPU is present."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tritonsd.model.sd import load_model
+from tritonsd.sampler import denoise as D
+from tritonsd.sampler import samplers as K
+from tritonsd.sampler import schedule as S
+from tritonsd.sampler.graph import GraphRunner, GraphRunnerError, StaticNoise, noise_draws, predraw_noise
+
+STEPS = 4
+CFG = 7.5
+SAMPLER_FNS = {"euler": K.sample_euler, "euler_a": K.sample_euler_ancestral, "dpmpp_2m": K.sample_dpmpp_2m}
+
+
+@pytest.fixture(scope="module")
+def tiny(fixtures):
+    return load_model(fixtures / "sd1-tiny.safetensors", fixtures / "sd1-tiny.yaml", text_heads=2)
+
+
+def make_denoiser(model, device="cpu"):
+    return D.EpsDenoiser(model.apply_model, model.config.alphas_cumprod.to(device))
+
+
+def inputs(model, batch=1, size=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ctx = model.config.unet.context_dim
+    x = torch.randn(batch, 4, size, size, generator=g)
+    cond = torch.randn(batch, 77, ctx, generator=g)
+    uncond = torch.randn(batch, 77, ctx, generator=g)
+    return x, cond, uncond
+
+
+def karras(model, steps=STEPS):
+    den = make_denoiser(model)
+    return S.get_sigmas_karras(steps, float(den.sigma_min), float(den.sigma_max))
+
+
+def direct(model, sampler, x, sigmas, cond, uncond, seed=0):
+    """The sampler called as the pipeline would, without the runner; euler_a draws its own seeded noise."""
+    cfg = D.CFGDenoiser(make_denoiser(model), CFG)
+    extra = {"cond": {"context": cond}, "uncond": {"context": uncond}}
+    kwargs = {"seed": seed} if sampler == "euler_a" else {}
+    return SAMPLER_FNS[sampler](cfg, x * sigmas[0], sigmas, extra_args=extra, **kwargs)
+
+
+def run(runner, sampler, x, sigmas, cond, uncond, seed=0, **kw):
+    n = noise_draws(sampler, sigmas)
+    noise = predraw_noise(x.shape, n, seed) if n else None
+    return runner.run(x * sigmas[0], cond, uncond, noise, sigmas=sigmas, cfg_scale=CFG, sampler=sampler, **kw)
+
+
+@pytest.mark.parametrize("sampler", ["euler", "euler_a", "dpmpp_2m"])
+def test_eager_path_is_the_sampler_bitwise(tiny, sampler):
+    x, cond, uncond = inputs(tiny)
+    sigmas = karras(tiny)
+    runner = GraphRunner(make_denoiser(tiny))
+    assert not runner.use_graphs
+    out = run(runner, sampler, x, sigmas, cond, uncond, seed=123)
+    ref = direct(tiny, sampler, x, sigmas, cond, uncond, seed=123)
+    assert torch.isfinite(ref).all()
+    assert torch.equal(out, ref)
+
+
+def test_static_noise_is_the_seeded_stream():
+    x = torch.empty(2, 4, 8, 8)
+    seeded = K.seeded_noise_sampler(x, 7)
+    pre = predraw_noise(x.shape, 3, 7)
+    static = StaticNoise(pre.clone())
+    for i in range(3):
+        expected = seeded(None, None)
+        assert torch.equal(pre[i], expected) and torch.equal(static(None, None), expected)
+    with pytest.raises(GraphRunnerError, match="pre-drawn"):
+        static(None, None)
+
+
+def test_noise_draws_counts_the_ancestral_calls(tiny):
+    sigmas = karras(tiny, 5)
+    counted = []
+    x, cond, uncond = inputs(tiny)
+
+    def noise(a, b):
+        counted.append((a, b))
+        return torch.zeros_like(x)
+
+    K.sample_euler_ancestral(lambda x, s, **_: x * 0, x, sigmas, noise_sampler=noise)
+    assert noise_draws("euler_a", sigmas) == len(counted) == 4
+    assert noise_draws("euler_a", sigmas, eta=0.0) == 0
+    assert noise_draws("dpmpp_2m", sigmas) == noise_draws("euler", sigmas) == 0
+
+
+def test_cache_one_entry_per_shape_and_prompt_change_reuses_it(tiny):
+    sigmas = karras(tiny)
+    runner = GraphRunner(make_denoiser(tiny))
+    x, cond, uncond = inputs(tiny, seed=0)
+    first = run(runner, "dpmpp_2m", x, sigmas, cond, uncond)
+    entry = next(iter(runner.entries.values()))
+    # same shape, new prompt (new conditioning values) and new start noise: no new entry, new inputs used
+    x2, cond2, uncond2 = inputs(tiny, seed=1)
+    second = run(runner, "dpmpp_2m", x2, sigmas, cond2, uncond2)
+    assert runner.captures == 1 and len(runner.entries) == 1
+    assert next(iter(runner.entries.values())) is entry and entry.replays == 2
+    assert torch.equal(second, direct(tiny, "dpmpp_2m", x2, sigmas, cond2, uncond2))
+    assert not torch.equal(first, second)
+    # the first result is the caller's own tensor, not the static buffer
+    assert torch.equal(first, direct(tiny, "dpmpp_2m", x, sigmas, cond, uncond))
+    # a new shape (batch, size), step count or guidance scale: a new entry each
+    xb, condb, uncondb = inputs(tiny, batch=2)
+    run(runner, "dpmpp_2m", xb, sigmas, condb, uncondb)
+    assert runner.captures == 2
+    xs, conds, unconds = inputs(tiny, size=16)
+    run(runner, "dpmpp_2m", xs, sigmas, conds, unconds)
+    assert runner.captures == 3 and len(runner.entries) == 3
+    runner.run(x * sigmas[0], cond, uncond, sigmas=sigmas, cfg_scale=3.0)
+    assert runner.captures == 4
+    # back to the first shape: found again
+    run(runner, "dpmpp_2m", x, sigmas, cond, uncond)
+    assert runner.captures == 4 and entry.replays == 3
+
+
+def test_cache_evicts_least_recently_used(tiny):
+    runner = GraphRunner(make_denoiser(tiny), max_entries=2)
+    x, cond, uncond = inputs(tiny)
+    for steps in (1, 2, 1, 3):
+        sigmas = karras(tiny, steps)
+        run(runner, "euler", x, sigmas, cond, uncond)
+    assert runner.captures == 3
+    assert sorted(k.steps for k in runner.entries) == [1, 3]
+
+
+def test_progress_and_inputs_untouched(tiny):
+    runner = GraphRunner(make_denoiser(tiny))
+    x, cond, uncond = inputs(tiny)
+    sigmas = karras(tiny)
+    x_T, before = x * sigmas[0], (x * sigmas[0]).clone()
+    seen = []
+    runner.run(x_T, {"context": cond}, {"context": uncond}, sigmas=sigmas, cfg_scale=CFG, sampler="euler",
+               progress=lambda i, n: seen.append((i, n)))
+    assert seen == [(i, STEPS) for i in range(STEPS)]
+    assert torch.equal(x_T, before)
+
+
+def test_bad_inputs_are_refused(tiny):
+    runner = GraphRunner(make_denoiser(tiny))
+    x, cond, uncond = inputs(tiny)
+    sigmas = karras(tiny)
+    with pytest.raises(GraphRunnerError, match="ddim"):
+        runner.run(x, cond, uncond, sigmas=sigmas, cfg_scale=CFG, sampler="ddim")
+    with pytest.raises(GraphRunnerError, match="pre-drawn noise"):
+        runner.run(x, cond, uncond, sigmas=sigmas, cfg_scale=CFG, sampler="euler_a")
+    with pytest.raises(GraphRunnerError, match="batch"):
+        runner.run(x, torch.cat([cond, cond]), uncond, sigmas=sigmas, cfg_scale=CFG)
+    with pytest.raises(GraphRunnerError, match="CUDA"):
+        GraphRunner(make_denoiser(tiny), device="cpu", use_graphs=True)
+    assert runner.captures == 0
+
+
+# ---------------------------------------------------------------- CUDA only: graph replay == eager loop
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+
+
+@cuda
+@pytest.mark.parametrize("sampler", ["euler", "euler_a", "dpmpp_2m"])
+def test_graph_replay_equals_eager_loop(tiny, sampler):
+    model = tiny.to("cuda")
+    den = make_denoiser(model, "cuda")
+    graphed = GraphRunner(den, device="cuda")
+    eager = GraphRunner(den, device="cuda", use_graphs=False)
+    sigmas = karras(model)
+    for seed in (0, 1):  # the second prompt replays the same graph with new buffers
+        x, cond, uncond = inputs(model, batch=2, seed=seed)
+        g = run(graphed, sampler, x, sigmas, cond.cuda(), uncond.cuda(), seed=seed)
+        e = run(eager, sampler, x, sigmas, cond.cuda(), uncond.cuda(), seed=seed)
+        assert torch.equal(g, e)
+        ref = direct(model, sampler, x.cuda(), sigmas.cuda(), cond.cuda(), uncond.cuda(), seed=seed)
+        assert (g - ref).abs().max() <= 1e-4 * ref.abs().max()  # CUDA sigmas: division, not CPU-scalar reciprocal
+    assert graphed.captures == 1 and next(iter(graphed.entries.values())).graph is not None
