@@ -52,4 +52,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Under ``python -m tritonsd.tools.cli`` this file runs as ``__main__``, a second copy of the module: its
+    # UsageError is not the one subcommands import (``from .cli import UsageError``), so run the package's main.
+    from tritonsd.tools.cli import main as package_main
+
+    sys.exit(package_main())
