@@ -99,7 +99,8 @@ SD1_RUNS = {  # fixture run -> (sampler, karras, cfg)
 
 
 @pytest.mark.parametrize("name, run", [("sd1-tiny", r) for r in SD1_RUNS] +
-                         [("sd2v-tiny", "ddim_cfg7p5"), ("sd2v-tiny", "dpmpp_2m_karras_cfg7p5")])
+                         [("sd2v-tiny", "ddim_cfg7p5"), ("sd2v-tiny", "euler_a_cfg7p5"),
+                          ("sd2v-tiny", "dpmpp_2m_karras_cfg7p5")])
 def test_sampler_wiring(models, reference, name, run):
     """make_schedule + txt2img_start + sample_latents from the stored x_T reproduce the original's latents."""
     model = models(name)
@@ -219,6 +220,25 @@ def test_generate_each_sampler(models, sampler):
     assert torch.equal(P.generate(model, settings), a)  # same seed: bitwise the same
     b = P.generate(model, dataclasses.replace(settings, seed=4))
     assert (a - b).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("sampler, cfg, calls", [("euler", 7.5, [4, 4]), ("euler", 1.0, [2, 2]),
+                                                 ("plms", 7.5, [4, 4, 4]), ("ddim", 0.0, [4, 4])])
+def test_cfg_is_one_batched_unet_call(models, monkeypatch, sampler, cfg, calls):
+    """[uncond, cond] in one UNet call per model evaluation; cond only at cfg 1 (PLMS's first step evaluates
+    twice)."""
+    model = models("sd1-tiny")
+    seen = []
+    apply_model = model.apply_model
+
+    def counting(x, t, context, y=None):
+        seen.append(x.shape[0])
+        assert context.shape[0] == x.shape[0]
+        return apply_model(x, t, context, y)
+
+    monkeypatch.setattr(model, "apply_model", counting)
+    run(model, sampler=sampler, cfg_scale=cfg, batch=2)
+    assert seen == calls
 
 
 def test_batch_image_i_is_seed_plus_i(models):
