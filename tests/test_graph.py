@@ -13,7 +13,7 @@ from tritonsd.sampler import samplers as K
 from tritonsd.sampler import schedule as S
 from tritonsd.sampler.graph import GraphRunner, GraphRunnerError, StaticNoise, noise_draws, predraw_noise
 
-STEPS = 4
+STEPS = 3
 CFG = 7.5
 SAMPLER_FNS = {"euler": K.sample_euler, "euler_a": K.sample_euler_ancestral, "dpmpp_2m": K.sample_dpmpp_2m}
 
@@ -25,6 +25,14 @@ def tiny(fixtures):
 
 def make_denoiser(model, device="cpu"):
     return D.EpsDenoiser(model.apply_model, model.config.alphas_cumprod.to(device))
+
+
+class ToyDenoiser:
+    """A cheap stand-in for the cache tests: depends on x, sigma and the context values."""
+
+    def __call__(self, x, sigma, context):
+        shift = context.mean(dim=(1, 2))[:, None, None, None]  # [B, 77, C] -> [B, 1, 1, 1]
+        return x / (sigma[:, None, None, None] ** 2 + 1) ** 0.5 + shift
 
 
 def inputs(model, batch=1, size=8, seed=0):
@@ -94,49 +102,77 @@ def test_noise_draws_counts_the_ancestral_calls(tiny):
     assert noise_draws("dpmpp_2m", sigmas) == noise_draws("euler", sigmas) == 0
 
 
-def test_cache_one_entry_per_shape_and_prompt_change_reuses_it(tiny):
+def test_prompt_change_reuses_the_entry_with_new_inputs(tiny):
     sigmas = karras(tiny)
     runner = GraphRunner(make_denoiser(tiny))
     x, cond, uncond = inputs(tiny, seed=0)
     first = run(runner, "dpmpp_2m", x, sigmas, cond, uncond)
     entry = next(iter(runner.entries.values()))
-    # same shape, new prompt (new conditioning values) and new start noise: no new entry, new inputs used
-    x2, cond2, uncond2 = inputs(tiny, seed=1)
+    x2, cond2, uncond2 = inputs(tiny, seed=1)  # same shapes, new prompt and start noise
     second = run(runner, "dpmpp_2m", x2, sigmas, cond2, uncond2)
-    assert runner.captures == 1 and len(runner.entries) == 1
-    assert next(iter(runner.entries.values())) is entry and entry.replays == 2
+    assert runner.captures == 1 and len(runner.entries) == 1 and entry.replays == 2
     assert torch.equal(second, direct(tiny, "dpmpp_2m", x2, sigmas, cond2, uncond2))
     assert not torch.equal(first, second)
-    # the first result is the caller's own tensor, not the static buffer
-    assert torch.equal(first, direct(tiny, "dpmpp_2m", x, sigmas, cond, uncond))
-    # a new shape (batch, size), step count or guidance scale: a new entry each
-    xb, condb, uncondb = inputs(tiny, batch=2)
-    run(runner, "dpmpp_2m", xb, sigmas, condb, uncondb)
-    assert runner.captures == 2
-    xs, conds, unconds = inputs(tiny, size=16)
-    run(runner, "dpmpp_2m", xs, sigmas, conds, unconds)
-    assert runner.captures == 3 and len(runner.entries) == 3
-    runner.run(x * sigmas[0], cond, uncond, sigmas=sigmas, cfg_scale=3.0)
-    assert runner.captures == 4
-    # back to the first shape: found again
-    run(runner, "dpmpp_2m", x, sigmas, cond, uncond)
-    assert runner.captures == 4 and entry.replays == 3
 
 
-def test_cache_evicts_least_recently_used(tiny):
-    runner = GraphRunner(make_denoiser(tiny), max_entries=2)
-    x, cond, uncond = inputs(tiny)
+def toy_run(runner, batch=1, size=8, steps=STEPS, cfg=CFG, seed=0, sampler="dpmpp_2m"):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 4, size, size, generator=g)
+    cond, uncond = torch.randn(2, batch, 77, 8, generator=g)
+    sigmas = S.get_sigmas_karras(steps, 0.03, 14.6)
+    n = noise_draws(sampler, sigmas)
+    noise = predraw_noise(x.shape, n, seed) if n else None
+    out = runner.run(x * sigmas[0], cond, uncond, noise, sigmas=sigmas, cfg_scale=cfg, sampler=sampler)
+    kwargs = {"seed": seed} if sampler == "euler_a" else {}  # euler_a draws its own seeded noise
+    ref = SAMPLER_FNS[sampler](D.CFGDenoiser(ToyDenoiser(), cfg), x * sigmas[0], sigmas,
+                               extra_args={"cond": {"context": cond}, "uncond": {"context": uncond}}, **kwargs)
+    return out, ref
+
+
+def test_cache_one_entry_per_loop_shape():
+    runner = GraphRunner(ToyDenoiser())
+    out, ref = toy_run(runner)
+    entry = next(iter(runner.entries.values()))
+    for seed in (1, 2):  # new prompts and noise, same shapes: the same entry
+        out2, ref2 = toy_run(runner, seed=seed)
+        assert torch.equal(out2, ref2)
+    assert runner.captures == 1 and entry.replays == 3
+    assert torch.equal(out, ref)  # the first result is the caller's own tensor, not a static buffer
+    toy_run(runner, batch=2)
+    toy_run(runner, size=16)
+    toy_run(runner, steps=STEPS + 1)
+    toy_run(runner, cfg=3.0)
+    toy_run(runner, sampler="euler")
+    assert runner.captures == 6 and len(runner.entries) == 4  # max_entries 4
+    keys = list(runner.entries)
+    assert [k.batch for k in keys] == [1, 1, 1, 1] and keys[-1].sampler == "euler"
+    toy_run(runner, cfg=3.0)  # still cached: found again
+    assert runner.captures == 6 and list(runner.entries)[-1].cfg_scale == 3.0
+
+
+def test_cache_evicts_least_recently_used():
+    runner = GraphRunner(ToyDenoiser(), max_entries=2)
     for steps in (1, 2, 1, 3):
-        sigmas = karras(tiny, steps)
-        run(runner, "euler", x, sigmas, cond, uncond)
+        toy_run(runner, steps=steps)
     assert runner.captures == 3
     assert sorted(k.steps for k in runner.entries) == [1, 3]
+    runner.clear()
+    assert not runner.entries
 
 
-def test_progress_and_inputs_untouched(tiny):
-    runner = GraphRunner(make_denoiser(tiny))
-    x, cond, uncond = inputs(tiny)
-    sigmas = karras(tiny)
+def test_euler_a_through_the_static_noise_buffer():
+    runner = GraphRunner(ToyDenoiser())
+    for seed in (0, 5):
+        out, ref = toy_run(runner, sampler="euler_a", seed=seed, steps=5)
+        assert torch.equal(out, ref)
+    assert runner.captures == 1
+
+
+def test_progress_and_inputs_untouched():
+    runner = GraphRunner(ToyDenoiser())
+    x = torch.randn(1, 4, 8, 8)
+    cond, uncond = torch.randn(2, 1, 77, 8)
+    sigmas = S.get_sigmas_karras(STEPS, 0.03, 14.6)
     x_T, before = x * sigmas[0], (x * sigmas[0]).clone()
     seen = []
     runner.run(x_T, {"context": cond}, {"context": uncond}, sigmas=sigmas, cfg_scale=CFG, sampler="euler",
@@ -145,10 +181,11 @@ def test_progress_and_inputs_untouched(tiny):
     assert torch.equal(x_T, before)
 
 
-def test_bad_inputs_are_refused(tiny):
-    runner = GraphRunner(make_denoiser(tiny))
-    x, cond, uncond = inputs(tiny)
-    sigmas = karras(tiny)
+def test_bad_inputs_are_refused():
+    runner = GraphRunner(ToyDenoiser())
+    x = torch.randn(1, 4, 8, 8)
+    cond, uncond = torch.randn(2, 1, 77, 8)
+    sigmas = S.get_sigmas_karras(STEPS, 0.03, 14.6)
     with pytest.raises(GraphRunnerError, match="ddim"):
         runner.run(x, cond, uncond, sigmas=sigmas, cfg_scale=CFG, sampler="ddim")
     with pytest.raises(GraphRunnerError, match="pre-drawn noise"):
@@ -156,7 +193,7 @@ def test_bad_inputs_are_refused(tiny):
     with pytest.raises(GraphRunnerError, match="batch"):
         runner.run(x, torch.cat([cond, cond]), uncond, sigmas=sigmas, cfg_scale=CFG)
     with pytest.raises(GraphRunnerError, match="CUDA"):
-        GraphRunner(make_denoiser(tiny), device="cpu", use_graphs=True)
+        GraphRunner(ToyDenoiser(), device="cpu", use_graphs=True)
     assert runner.captures == 0
 
 
