@@ -458,6 +458,7 @@ def sample_latents(model, sampler: str, schedule, x: torch.Tensor, cfg_scale: fl
             latents, _ = K.sample_plms(den, x, schedule, extra_args=extra, callback=callback)
         return latents
     den = D.CFGDenoiser(sigma_denoiser(model), cfg_scale)
+    schedule = schedule.to(x.device)  # the samplers broadcast sigmas against x (not only as 0-dim scalars)
     if sampler == "euler":
         return K.sample_euler(den, x, schedule, extra_args=extra, callback=callback)
     if sampler == "euler_a":
