@@ -22,7 +22,8 @@ from pathlib import Path
 from .cli import UsageError
 
 DTYPES = ("fp32", "fp16", "bf16")
-MAX_SEED = 2 ** 32 - 1  # AUTOMATIC1111's seed range; seed + i for image i stays a valid generator seed
+RANDOM_SEEDS = 2 ** 32  # a random seed is drawn from AUTOMATIC1111's range
+SEED_LIMIT = 2 ** 64  # torch.Generator.manual_seed takes [0, 2**64); image i uses seed + i
 NUMBERED = re.compile(r"^(\d{5,})-")
 
 
@@ -88,13 +89,15 @@ def check_usage(args: argparse.Namespace) -> None:
         raise UsageError(f"--batch must be at least 1, got {args.batch}")
     if args.text_heads is not None and args.text_heads < 1:
         raise UsageError(f"--text-heads must be at least 1, got {args.text_heads}")
-    if args.seed is not None and not -1 <= args.seed <= MAX_SEED:
-        raise UsageError(f"--seed must be in 0..{MAX_SEED} (or -1 for a random one), got {args.seed}")
+    if args.seed is not None and not -1 <= args.seed <= SEED_LIMIT - args.batch:
+        raise UsageError(f"--seed must be in 0..2**64 - --batch (or -1 for a random one), got {args.seed}")
     if args.mask is not None and args.init_image is None:
         raise UsageError("--mask needs --init-image (the image to inpaint)")
     if args.strength is not None:
         if args.init_image is None:
             raise UsageError("--strength applies to img2img only: give --init-image")
+        if args.mask is not None:
+            raise UsageError("--strength does not apply to inpainting (the masked area is repainted from noise)")
         if not 0.0 <= args.strength <= 1.0:
             raise UsageError(f"--strength must be between 0 and 1, got {args.strength}")
 
@@ -219,10 +222,7 @@ def _run(args: argparse.Namespace) -> int:
     device, dtype = resolve_device(args.device, args.dtype)
     check_kernels(args.kernels, device)
     check_output_dir(args.out)
-    seed = secrets.randbelow(MAX_SEED - args.batch + 2) if args.seed in (None, -1) else args.seed
-    if seed + args.batch - 1 > MAX_SEED:
-        raise UsageError(f"--seed {seed} + --batch {args.batch} runs past the largest seed {MAX_SEED}")
-    print(f"seed {seed}", file=sys.stderr, flush=True)
+    seed = secrets.randbelow(RANDOM_SEEDS) if args.seed in (None, -1) else args.seed
 
     from ..kernels import dispatch
 
@@ -230,7 +230,8 @@ def _run(args: argparse.Namespace) -> int:
         model, model_hash = load(args, device, dtype)
         warn_truncated(model, args.prompt, "prompt")
         warn_truncated(model, args.negative_prompt, "negative prompt")
-        settings, images = sample(model, args, init, seed)
+        settings, images = sample(model, args, init, seed, dtype)
+    print(f"seed {seed}", file=sys.stderr, flush=True)  # also in each file's name and infotext
     for path in write_images(args.out, images, settings, model_hash, args.checkpoint.stem):
         print(path, flush=True)
     return 0
@@ -278,7 +279,7 @@ def warn_truncated(model, prompt: str, what: str) -> None:
               f"\"{dropped}\"", file=sys.stderr)
 
 
-def sample(model, args: argparse.Namespace, init: InitImages | None, seed: int):
+def sample(model, args: argparse.Namespace, init: InitImages | None, seed: int, dtype: str):
     """(resolved settings, images [B, 3, H, W] in [0, 1]); refuses a non-finite result."""
     import torch
 
@@ -301,10 +302,13 @@ def sample(model, args: argparse.Namespace, init: InitImages | None, seed: int):
             progress.n = step + 1
             progress.refresh()
 
-        images = generate(model, settings, callback=on_step)
-    if not torch.isfinite(images).all():
-        raise NonFiniteError("the generated images hold NaN or Inf values; nothing was written "
-                             "(try --dtype fp32 or another seed)")
+        try:
+            images = generate(model, settings, callback=on_step)
+            if not torch.isfinite(images).all():
+                raise NonFiniteError("NaN or Inf in the generated images")
+        except NonFiniteError as e:
+            hint = "try --dtype fp32" if dtype != "fp32" else "the weights may be damaged"
+            raise NonFiniteError(f"{e} (seed {seed}); nothing was written ({hint})") from None
     return settings, images
 
 
@@ -321,7 +325,7 @@ def infotext(settings, index: int, model_hash: str, model_name: str) -> str:
     from .png import Infotext
 
     extra = None
-    if settings.init_image is not None:
+    if settings.init_image is not None and settings.mask is None:  # img2img (inpainting ignores strength)
         extra = {"Denoising strength": float(settings.strength)}
     return Infotext(prompt=settings.prompt, negative_prompt=settings.negative_prompt, steps=settings.steps,
                     sampler=sampler_name(settings.sampler, settings.karras), cfg_scale=settings.cfg_scale,

@@ -1,0 +1,296 @@
+"""The ``tritonsd`` command line as a user runs it: subprocesses of ``python -m tritonsd.tools.cli``.
+
+Every run is started at once when the module's first test asks for one (they are independent), a few at a time,
+so the file costs about as much wall time as its longest runs; tiny fixture models at 64-128 px, 3-4 steps.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+CLI = [sys.executable, "-m", "tritonsd.tools.cli"]
+# Tiny tensors: one thread per process is as fast and lets the runs overlap without oversubscribing the cores.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+HAS_CUDA = torch.cuda.is_available()
+
+# AUTOMATIC1111's infotext parser (modules/infotext_utils.py) splits the last line with this pattern.
+RE_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+
+
+def parse_infotext(text: str) -> dict:
+    *lines, last = text.strip().split("\n")
+    prompt, negative, in_negative = [], [], False
+    for line in lines:
+        if line.startswith("Negative prompt:"):
+            in_negative = True
+            line = line[len("Negative prompt:"):].strip()
+        (negative if in_negative else prompt).append(line)
+    out = {"Prompt": "\n".join(prompt), "Negative prompt": "\n".join(negative)}
+    out.update(RE_PARAM.findall(last))
+    return out
+
+
+def sha256_10(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:10]
+
+
+def tiny_args(fixtures: Path, name: str = "sd1-tiny") -> list[str]:
+    return ["--checkpoint", str(fixtures / f"{name}.safetensors"), "--config", str(fixtures / f"{name}.yaml"),
+            "--text-heads", "2"]
+
+
+LONG_PROMPT = " ".join(["cat"] * 75) + " dog horse"  # "cat", "dog", "horse": one CLIP token each
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+
+
+def write_gradient(path: Path, width: int, height: int) -> Path:
+    y, x = np.mgrid[0:height, 0:width]
+    rgb = np.stack([255 * x / width, 255 * y / height, 128 + 0 * x], axis=-1).astype(np.uint8)
+    Image.fromarray(rgb, mode="RGB").save(path)
+    return path
+
+
+def write_mask(path: Path, width: int, height: int) -> Path:
+    mask = np.zeros((height, width), dtype=np.uint8)
+    mask[height // 4: 3 * height // 4, width // 4: 3 * width // 4] = 255
+    Image.fromarray(mask, mode="L").save(path)
+    return path
+
+
+def write_nan_checkpoint(fixtures: Path, path: Path) -> Path:
+    """sd1-tiny with a NaN bias in the VAE decoder's last convolution: every decoded pixel is NaN."""
+    weights = load_file(fixtures / "sd1-tiny.safetensors")
+    weights["first_stage_model.decoder.conv_out.bias"] = torch.full_like(
+        weights["first_stage_model.decoder.conv_out.bias"], float("nan"))
+    save_file(weights, path)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ the runs
+
+
+def plan_runs(fixtures: Path, tmp: Path) -> dict[str, tuple[list[str], Path]]:
+    """name -> (arguments, output directory). Output directories are created by the runs (or not at all)."""
+    init = write_gradient(tmp / "init-128x64.png", 128, 64)
+    init64 = write_gradient(tmp / "init-64.png", 64, 64)
+    mask = write_mask(tmp / "mask-64.png", 64, 64)
+    mask_small = write_mask(tmp / "mask-32.png", 32, 32)
+    not_image = tmp / "not-an-image.png"
+    not_image.write_text("this is not a PNG")
+    junk = tmp / "junk.safetensors"
+    junk.write_bytes(b"\x00" * 1000)
+    a_file = tmp / "a-file"
+    a_file.write_text("")
+    preexisting = tmp / "out-again"
+    preexisting.mkdir()
+    (preexisting / "00041-123.png").write_bytes(b"not ours")
+
+    sd1 = tiny_args(fixtures)
+    small = ["--width", "64", "--height", "64", "--steps", "3"]
+    base = [*sd1, "--prompt", "a red circle", *small]
+    runs = {
+        "txt2img": [*sd1, "--prompt", "a red circle above a blue square", "--negative-prompt", "blurry",
+                    "--cfg", "5.5", "--seed", "7", "--batch", "2", *small],
+        "again": [*sd1, "--prompt", "a red circle above a blue square", "--negative-prompt", "blurry",
+                  "--cfg", "5.5", "--seed", "7", "--batch", "2", *small],
+        "img2img": [*sd1, "--prompt", LONG_PROMPT, "--init-image", str(init), "--strength", "0.6",
+                    "--sampler", "ddim", "--steps", "4", "--seed", "3"],
+        "inpaint": [*tiny_args(fixtures, "sd1-inpaint-tiny"), "--prompt", "", "--init-image", str(init64),
+                    "--mask", str(mask), "--steps", "3"],
+        "nan": ["--checkpoint", str(write_nan_checkpoint(fixtures, tmp / "nan.safetensors")),
+                "--config", str(fixtures / "sd1-tiny.yaml"), "--text-heads", "2", "--prompt", "x", *small],
+        "missing_checkpoint": ["--checkpoint", str(tmp / "nope.safetensors"), "--prompt", "x", *small],
+        "junk_checkpoint": ["--checkpoint", str(junk), "--prompt", "x", *small],
+        "width_not_8": [*sd1, "--prompt", "x", "--width", "100", "--height", "64"],
+        "steps_0": [*sd1, "--prompt", "x", "--steps", "0"],
+        "width_not_64": [*sd1, "--prompt", "x", "--width", "72", "--height", "64"],
+        "mask_plain_model": [*base, "--init-image", str(init64), "--mask", str(mask)],
+        "strength_with_mask": [*base, "--init-image", str(init64), "--mask", str(mask), "--strength", "0.5"],
+        "strength_range": [*base, "--init-image", str(init64), "--strength", "1.5"],
+        "mask_without_init": [*base, "--mask", str(mask)],
+        "init_not_image": [*base, "--init-image", str(not_image)],
+        "init_missing": [*base, "--init-image", str(tmp / "nope.png")],
+        "init_size_mismatch": [*sd1, "--prompt", "x", "--init-image", str(init), "--width", "64"],
+        "mask_size_mismatch": [*tiny_args(fixtures, "sd1-inpaint-tiny"), "--prompt", "x",
+                               "--init-image", str(init64), "--mask", str(mask_small)],
+        # A junk checkpoint proves these are checked before the model is read.
+        "cuda_missing": ["--checkpoint", str(junk), "--prompt", "x", *small, "--device", "cuda"],
+        "fp16_on_cpu": ["--checkpoint", str(junk), "--prompt", "x", *small, "--device", "cpu", "--dtype", "fp16"],
+        "out_is_file": ["--checkpoint", str(junk), "--prompt", "x", *small, "--out", str(a_file)],
+        "out_under_file": ["--checkpoint", str(junk), "--prompt", "x", *small, "--out", str(a_file / "sub")],
+        "no_prompt": [*sd1, *small],
+    }
+    planned = {}
+    for name, args in runs.items():
+        out = {"again": preexisting, "out_is_file": a_file, "out_under_file": a_file / "sub"}.get(name, tmp / name)
+        planned[name] = (["generate", *args] if "--out" in args else ["generate", *args, "--out", str(out)], out)
+    return planned
+
+
+class Runs:
+    """Starts every planned run at once (a few at a time); ``result(name)`` waits for that one."""
+
+    def __init__(self, planned: dict[str, tuple[list[str], Path]]):
+        self.planned = planned
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2))
+        self.futures = {name: self.pool.submit(tritonsd, *args) for name, (args, _) in planned.items()}
+
+    def result(self, name: str) -> tuple[subprocess.CompletedProcess, Path]:
+        return self.futures[name].result(), self.planned[name][1]
+
+
+def tritonsd(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, env=ENV, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def runs(fixtures, tmp_path_factory):
+    r = Runs(plan_runs(fixtures, tmp_path_factory.mktemp("cli")))
+    yield r
+    r.pool.shutdown(wait=True)
+
+
+def output_pngs(proc: subprocess.CompletedProcess) -> list[Path]:
+    """The paths the run printed on stdout, one line each; every one exists."""
+    paths = [Path(line) for line in proc.stdout.splitlines()]
+    assert paths and all(p.is_file() for p in paths), proc.stdout
+    return paths
+
+
+def assert_ok(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "\r" not in proc.stderr, "a progress bar was drawn although stderr is not a terminal"
+
+
+def assert_failed_cleanly(proc: subprocess.CompletedProcess, out: Path, code: int, *words: str) -> str:
+    """Exit ``code``, exactly one stderr line naming the problem, nothing on stdout, no file in ``out``."""
+    assert proc.returncode == code, (proc.returncode, proc.stderr)
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("tritonsd generate: error: "), lines[0]
+    for word in words:
+        assert word.lower() in lines[0].lower(), lines[0]
+    assert proc.stdout == ""
+    if out.is_dir():
+        assert list(out.iterdir()) == [], f"files left in {out}"
+    return lines[0]
+
+
+# ------------------------------------------------------------------------------------------------ tests
+
+
+def test_help():
+    for args in (["--help"], ["generate", "--help"]):
+        proc = tritonsd(*args)
+        assert proc.returncode == 0, proc.stderr
+        assert "usage: tritonsd" in proc.stdout
+    assert "--init-image" in proc.stdout and "--negative-prompt" in proc.stdout
+
+
+def test_txt2img_writes_pngs_with_infotext(runs, fixtures):
+    proc, out = runs.result("txt2img")
+    assert_ok(proc)
+    paths = output_pngs(proc)
+    assert [p.name for p in paths] == ["00000-7.png", "00001-8.png"]
+    assert sorted(out.iterdir()) == paths, "temporary files left behind"
+    assert "seed 7" in proc.stderr.splitlines()
+    for i, path in enumerate(paths):
+        with Image.open(path) as im:
+            assert (im.format, im.mode, im.size) == ("PNG", "RGB", (64, 64))
+            info = parse_infotext(im.info["parameters"])
+        assert info == {"Prompt": "a red circle above a blue square", "Negative prompt": "blurry", "Steps": "3",
+                        "Sampler": "DPM++ 2M Karras", "CFG scale": "5.5", "Seed": str(7 + i), "Size": "64x64",
+                        "Model hash": sha256_10(fixtures / "sd1-tiny.safetensors"), "Model": "sd1-tiny"}
+    assert paths[0].read_bytes() != paths[1].read_bytes()
+
+
+def test_same_seed_gives_identical_png_and_never_overwrites(runs):
+    first, _ = runs.result("txt2img")
+    proc, out = runs.result("again")
+    assert_ok(proc)
+    paths = output_pngs(proc)
+    assert [p.name for p in paths] == ["00042-7.png", "00043-8.png"]  # after the file already there
+    assert (out / "00041-123.png").read_bytes() == b"not ours"
+    assert [p.read_bytes() for p in paths] == [p.read_bytes() for p in output_pngs(first)]
+
+
+def test_img2img_takes_size_from_init_image_and_warns_on_long_prompt(runs):
+    proc, out = runs.result("img2img")
+    assert_ok(proc)
+    [path] = output_pngs(proc)
+    with Image.open(path) as im:
+        assert im.size == (128, 64)
+        info = parse_infotext(im.info["parameters"])
+    assert (info["Size"], info["Sampler"], info["Steps"], info["Seed"]) == ("128x64", "DDIM", "4", "3")
+    assert info["Denoising strength"] == "0.6"
+    assert info["Prompt"] == LONG_PROMPT  # the infotext keeps the prompt as given
+    [warning] = [line for line in proc.stderr.splitlines() if "warning" in line]
+    assert "75 tokens" in warning and warning.endswith('dropped: "dog horse"')
+
+
+def test_inpainting_with_mask_and_empty_prompt_random_seed(runs):
+    proc, out = runs.result("inpaint")
+    assert_ok(proc)
+    [path] = output_pngs(proc)
+    [seed] = [int(m.group(1)) for line in proc.stderr.splitlines() if (m := re.fullmatch(r"seed (\d+)", line))]
+    assert path.name == f"00000-{seed}.png"
+    with Image.open(path) as im:
+        assert im.size == (64, 64)
+        info = parse_infotext(im.info["parameters"])
+    assert (info["Prompt"], info["Seed"], info["Model"]) == ("", str(seed), "sd1-inpaint-tiny")
+    assert "Denoising strength" not in info  # inpainting repaints the masked area from noise: no strength
+
+
+@pytest.mark.parametrize("name, code, words", [
+    ("missing_checkpoint", 1, ("not found", "nope.safetensors")),
+    ("junk_checkpoint", 1, ("junk.safetensors",)),
+    ("width_not_8", 2, ("--width", "multiple of 8", "100")),
+    ("steps_0", 2, ("--steps",)),
+    ("width_not_64", 1, ("width 72", "multiple of 64")),  # the model decides: SD1 sides are multiples of 64
+    ("mask_plain_model", 1, ("inpainting model",)),
+    ("strength_with_mask", 2, ("--strength", "inpainting")),
+    ("strength_range", 2, ("--strength",)),
+    ("mask_without_init", 2, ("--mask", "--init-image")),
+    ("init_not_image", 1, ("init image", "not-an-image.png")),
+    ("init_missing", 1, ("init image", "not found")),
+    ("init_size_mismatch", 1, ("128x64", "64x64")),
+    ("mask_size_mismatch", 1, ("mask", "32x32", "64x64")),
+    ("out_is_file", 1, ("a-file", "not a directory")),
+    ("out_under_file", 1, ("a-file", "not a directory")),
+    ("nan", 1, ("nan",)),
+])
+def test_bad_input_fails_with_one_line(runs, name, code, words):
+    proc, out = runs.result(name)
+    assert_failed_cleanly(proc, out, code, *words)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the refusal on a machine without CUDA")
+@pytest.mark.parametrize("name, code, words", [
+    ("cuda_missing", 1, ("cuda", "not available")),
+    ("fp16_on_cpu", 2, ("fp16", "cpu")),
+])
+def test_device_refusals_come_before_loading(runs, name, code, words):
+    proc, out = runs.result(name)
+    assert_failed_cleanly(proc, out, code, *words)
+
+
+def test_missing_prompt_is_a_usage_error(runs):
+    proc, _ = runs.result("no_prompt")
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and "--prompt" in proc.stderr.splitlines()[-1]
