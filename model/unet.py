@@ -221,7 +221,10 @@ class UNetModel(nn.Module):
         y [B, adm_in_channels] (SDXL only) -> [B, out_channels, H, W]."""
         self._check_inputs(x, context, y)
         dtype = self.time_embed[0].weight.dtype
-        t = torch.as_tensor(timesteps, device=x.device).reshape(-1).expand(x.shape[0])
+        t = torch.as_tensor(timesteps, device=x.device).reshape(-1)
+        if t.numel() not in (1, x.shape[0]):
+            raise UNetShapeError(f"got {t.numel()} timesteps for a batch of {x.shape[0]}")
+        t = t.expand(x.shape[0])  # one timestep for every row, or one per row
         emb = self.time_embed(timestep_embedding(t, self.cfg.model_channels).to(dtype))
         if y is not None:
             emb = emb + self.label_emb(y.to(dtype))

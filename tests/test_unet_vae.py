@@ -101,6 +101,8 @@ def test_latent_sides(model, reference):
             xl.apply_model(torch.randn(1, 4, 10, 10), 10, ctx2, y)
         with pytest.raises(UNetShapeError, match="needs a \\[B, 1568\\] vector y"):
             xl.apply_model(torch.randn(1, 4, 8, 8), 10, ctx2)
+        with pytest.raises(UNetShapeError, match="3 timesteps for a batch of 1"):
+            sd1.apply_model(torch.randn(1, 4, 8, 8), torch.tensor([1, 2, 3]), ctx1)
         with pytest.raises(UNetShapeError, match="context must be"):
             sd1.apply_model(torch.randn(1, 4, 8, 8), 10, ctx2)
 
