@@ -308,13 +308,23 @@ def _parameterization(family: str, yaml_params: dict | None, option: str | None)
         return option, "option"
     if yaml_params is not None:
         if family == "sdxl":
-            scaling = str(yaml_params.get("denoiser_config", {}).get("params", {})
-                          .get("scaling_config", {}).get("target", ""))
+            scaling = str(_node(yaml_params, "denoiser_config", "params", "scaling_config").get("target", ""))
             if scaling:
                 return ("v" if scaling.endswith("VScaling") else "eps"), "yaml"
         else:
-            return str(yaml_params.get("parameterization", "eps")), "yaml"
+            value = str(yaml_params.get("parameterization") or "eps")
+            if value not in ("eps", "v"):
+                raise UnsupportedModelError(f"parameterization {value!r} (from the YAML) is not supported; "
+                                            f"expected eps or v")
+            return value, "yaml"
     return "eps", "assumed"
+
+
+def _node(params: dict, *path: str) -> dict:
+    """params[path[0]][path[1]]..., {} where a level is missing or null."""
+    for key in path:
+        params = params.get(key) or {} if isinstance(params, dict) else {}
+    return params if isinstance(params, dict) else {}
 
 
 def _schedule(yaml_params: dict | None) -> dict:
@@ -322,8 +332,7 @@ def _schedule(yaml_params: dict | None) -> dict:
     if yaml_params is None:
         return schedule
     sources = [yaml_params]
-    disc = (yaml_params.get("denoiser_config", {}).get("params", {}).get("discretization_config", {})
-            .get("params", {}))
+    disc = _node(yaml_params, "denoiser_config", "params", "discretization_config", "params")
     sources.append({"timesteps": disc.get("num_timesteps"), **disc})
     for src in sources:
         for key in schedule:
@@ -361,8 +370,7 @@ def _load_yaml(path: str | Path) -> dict:
 
 
 def _unet_yaml(params: dict) -> dict:
-    cfg = params.get("unet_config") or params.get("network_config") or {}
-    return cfg.get("params", {}) or {}
+    return _node(params, "unet_config", "params") or _node(params, "network_config", "params")
 
 
 def _cond_stage_yaml(params: dict) -> dict | None:
@@ -370,7 +378,7 @@ def _cond_stage_yaml(params: dict) -> dict | None:
 
 
 def _vae_yaml(params: dict) -> dict:
-    return (params.get("first_stage_config") or {}).get("params", {}) or {}
+    return _node(params, "first_stage_config", "params")
 
 
 def _check_yaml_agrees(params: dict, unet: UNetConfig, vae: VAEConfig) -> None:
@@ -402,7 +410,7 @@ def _check_yaml_agrees(params: dict, unet: UNetConfig, vae: VAEConfig) -> None:
         check("unet_config", "transformer_depth of the middle block", middle, unet.transformer_depth_middle)
 
     vy = _vae_yaml(params)
-    dd = vy.get("ddconfig", {}) or {}
+    dd = _node(vy, "ddconfig")
     check("first_stage_config", "embed_dim", vy.get("embed_dim"), vae.embed_dim)
     for key in ("z_channels", "in_channels", "out_ch", "ch", "num_res_blocks", "double_z"):
         check("first_stage_config.ddconfig", key, dd.get(key), getattr(vae, key))
