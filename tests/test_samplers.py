@@ -342,3 +342,19 @@ def test_ddim_eps_and_v_wrappers_compose_with_cfg_inside():
     assert torch.equal(eps, a * v + b * x) and torch.equal(x0, a * x - b * v)
     eps_only, none = D.EpsPrediction(raw)(x, t, cond=cond, uncond=uncond)
     assert none is None and torch.equal(eps_only, v)
+
+
+def test_ddim_eta_step_against_float64_formula():
+    """One stochastic step: x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma^2) eps + sigma * noise."""
+    acp = S.linear_alphas_cumprod().float()
+    sched = S.ddim_schedule(acp, 4, eta=0.7)
+    g = torch.Generator().manual_seed(5)
+    x, eps, noise = (torch.randn(1, 4, 8, 8, generator=g) for _ in range(3))
+    out, inter = K.sample_ddim(lambda x, t: (eps, None), x, sched._replace(timesteps=sched.timesteps[-1:],
+                               alphas=sched.alphas[-1:], alphas_prev=sched.alphas_prev[-1:],
+                               sigmas=sched.sigmas[-1:]), noise_sampler=lambda a, b: noise)
+    a, a_prev, sigma = sched.alphas[-1].double(), sched.alphas_prev[-1], sched.sigmas[-1]
+    x0 = (x.double() - (1 - a).sqrt() * eps.double()) / a.sqrt()
+    expect = a_prev.sqrt() * x0 + (1 - a_prev - sigma ** 2).sqrt() * eps.double() + sigma * noise.double()
+    assert sigma > 0.1
+    assert relative_error(out, expect) < 1e-6 and relative_error(inter["pred_x0"][1], x0) < 1e-6
