@@ -64,6 +64,15 @@ class LoopKey:
     inputs: tuple  # ((group, name, shape, dtype), ...) of the conditioning buffers
 
 
+def tables_on_device(denoiser, device: str | torch.device):
+    """Move a sigma-space denoiser's ``sigmas`` table (``EpsDenoiser``, ``VDenoiser``, ``SGMEpsDenoiser``) to
+    ``device`` in place and return it, so that no host-to-device copy happens inside the captured loop."""
+    inner = getattr(denoiser, "inner", denoiser)
+    if isinstance(getattr(inner, "sigmas", None), torch.Tensor):
+        inner.sigmas = inner.sigmas.to(device)
+    return denoiser
+
+
 def noise_draws(sampler: str, sigmas: torch.Tensor, eta: float = 1.0) -> int:
     """How many noise tensors ``sampler`` draws over ``sigmas`` (``euler_a``: one per step whose next sigma > 0)."""
     if sampler == "euler_a" and eta:

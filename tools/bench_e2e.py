@@ -1,0 +1,456 @@
+"""``tritonsd bench e2e``: whole-image speed of full-size models with random weights, and the diffusers peer.
+
+Models are built from the released checkpoints' key manifests (``model/random_weights.py``): the same layout,
+shapes and dtype as the real files, random values (speed does not depend on them). For each model, size,
+batch and sampler, every implementation generates ``--repeat`` images after a first one:
+
+* ``tritonsd-graph``: our model, the sampling loop captured in a CUDA graph (``sampler/graph.py``);
+* ``tritonsd-eager``: the same loop without the graph;
+* ``diffusers-eager`` / ``diffusers-compile``: diffusers ``UNet2DConditionModel`` and ``AutoencoderKL`` at the
+  same config and dtype (SDPA attention), eager and ``torch.compile(mode=--compile-mode)``, driven by OUR
+  sampler loop and OUR text encoder (so the difference is the UNet and the VAE).
+
+Reported per row: ``step_ms`` (denoising loop / steps: one UNet call at the CFG batch, the CFG combine and the
+sampler update; CUDA events), ``it_per_s``, ``unet_forward_ms`` (one UNet call, eager impls), ``image_ms``
+(text encoding, start noise, loop, VAE decode and the copy to the host, wall clock), ``first_image_ms`` (the
+first image of the row in this process: graph capture, ``torch.compile`` and Triton autotuning of new shapes
+included; rows run in the order printed), ``peak_mem_gb`` (``torch.cuda.max_memory_allocated``, weights
+included). Medians over the repeats; the raw lists are kept. Results go to ``bench/results/e2e-*.json`` with
+the device, versions, git commit, settings and command; ``tools/readme_table.py`` renders them.
+
+diffusers is optional: imported only here, and only when a diffusers impl is asked for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ..kernels import dispatch
+from ..model.device import resolve_device, resolve_dtype
+from ..model.random_weights import MANIFESTS, build_random_model, fill_random_
+from ..model.vae_guard import decode_first_stage_guarded, guard_for
+from ..sampler import denoise as D
+from ..sampler import pipeline as P
+from ..sampler.graph import GraphRunner, noise_draws, predraw_noise, tables_on_device
+
+IMPLS = ("tritonsd-graph", "tritonsd-eager", "diffusers-eager", "diffusers-compile")
+BENCH_MODELS = ("sd15", "sd21", "sdxl")
+BENCH_SAMPLERS = ("dpmpp_2m", "euler", "euler_a")
+DEFAULT_SIZE = {"sd15": 512, "sd21": 768, "sdxl": 1024}
+PROMPT = "a photograph of an astronaut riding a horse on the moon, detailed, 8k"
+RESULTS_DIR = Path(__file__).resolve().parent.parent / "bench" / "results"
+UNET_TIMINGS = 10
+
+
+class BenchE2EError(RuntimeError):
+    """The end-to-end benchmark cannot run as asked (no GPU, diffusers missing, ...)."""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", action="append", default=None, metavar="NAME",
+                   help=f"{', '.join(BENCH_MODELS)} or a key-manifest JSON path (repeatable; default sd15, sd21)")
+    p.add_argument("--size", type=int, default=None, help="image side (default: sd15 512, sd21 768, sdxl 1024)")
+    p.add_argument("--batch", type=int, action="append", default=None, help="images per run (repeatable; "
+                                                                             "default 1 and 4)")
+    p.add_argument("--sampler", choices=BENCH_SAMPLERS, action="append", default=None,
+                   help="repeatable; default dpmpp_2m and euler")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--cfg", type=float, default=7.5)
+    p.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default="fp16")
+    p.add_argument("--impl", choices=IMPLS, action="append", default=None,
+                   help="repeatable; default all (the diffusers ones only when diffusers imports)")
+    p.add_argument("--repeat", type=int, default=3, help="timed images per row after the first (default 3)")
+    p.add_argument("--compile-mode", default="max-autotune", help="torch.compile mode of diffusers-compile")
+    p.add_argument("--kernels", choices=dispatch.BACKENDS, default="auto", help="our kernels' backend")
+    p.add_argument("--device", default="cuda", help="cuda (default) or cpu (smoke runs only)")
+    p.add_argument("--text-heads", type=int, default=None, help="text heads for a manifest path's model")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--git-commit", default=None, help="record this commit (when the tree has no .git)")
+    p.add_argument("--json", type=Path, default=None, metavar="PATH",
+                   help="results file (default bench/results/e2e-DEVICE-DTYPE-TIME.json); rewritten after "
+                        "every row, so a run cut short keeps what it measured")
+
+
+def add_parser(subparsers) -> None:
+    """Standalone registration (``tools/bench.py`` registers ``e2e`` under ``tritonsd bench``)."""
+    p = subparsers.add_parser("e2e", help="whole-image speed, full-size random-weight models vs diffusers")
+    add_arguments(p)
+    p.set_defaults(run=run)
+
+
+# ---------------------------------------------------------------- timing
+
+
+class Clock:
+    """Stage marks on the device timeline (CUDA events) or the host clock (CPU, synchronous)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.marks: list = []
+
+    def mark(self) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def spans_ms(self) -> list[float]:
+        """Milliseconds between consecutive marks (synchronises first)."""
+        if self.cuda:
+            torch.cuda.synchronize()
+            return [a.elapsed_time(b) for a, b in zip(self.marks, self.marks[1:])]
+        return [(b - a) * 1e3 for a, b in zip(self.marks, self.marks[1:])]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+# ---------------------------------------------------------------- implementations
+
+
+class TritonsdImpl:
+    """Our UNet and VAE; the loop through ``GraphRunner`` with or without the CUDA graph."""
+
+    def __init__(self, name: str, model, device: torch.device, graphs: bool):
+        self.name, self.model = name, model
+        self.runner = GraphRunner(tables_on_device(P.sigma_denoiser(model), device), device, use_graphs=graphs)
+
+    def loop(self, x, cond, uncond, noise, sigmas, sampler, cfg):
+        return self.runner.run(x, cond, uncond, noise, sigmas=sigmas, cfg_scale=cfg, sampler=sampler)
+
+    def decode(self, latents):
+        return decode_first_stage_guarded(self.model, latents.to(P._vae_dtype(self.model)))
+
+    def forward(self, x, t, cond):
+        """One UNet call (for ``unet_forward_ms``)."""
+        return self.model.apply_model(x, t, cond["context"], cond.get("y"))
+
+    def info(self) -> dict:
+        return {"captures": self.runner.captures, "vae_retries": guard_for(self.model.first_stage_model).retries}
+
+    def close(self) -> None:
+        self.runner.clear()
+
+
+def _import_diffusers():
+    try:
+        import diffusers
+    except ImportError:
+        raise BenchE2EError(
+            "diffusers is not installed, and the diffusers-eager / diffusers-compile rows need it: pip install "
+            "diffusers (on a lent GPU machine, carry its wheel), or pass --impl tritonsd-graph --impl "
+            "tritonsd-eager") from None
+    return diffusers
+
+
+def diffusers_configs(name: str, size: int) -> tuple[dict, dict]:
+    """UNet2DConditionModel and AutoencoderKL configs of the released models (their diffusers conversions)."""
+    sd1 = dict(block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
+               down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+               up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+               in_channels=4, out_channels=4, sample_size=size // 8)
+    unet = {
+        "sd15": dict(sd1, cross_attention_dim=768, attention_head_dim=8),
+        "sd21": dict(sd1, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True),
+        "sdxl": dict(block_out_channels=(320, 640, 1280), layers_per_block=2,
+                     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                     transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
+                     cross_attention_dim=2048, use_linear_projection=True, addition_embed_type="text_time",
+                     addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+                     in_channels=4, out_channels=4, sample_size=size // 8),
+    }
+    if name not in unet:
+        raise BenchE2EError(f"no diffusers config for {name!r} (the peer runs for {', '.join(unet)})")
+    vae = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
+               block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+               up_block_types=("UpDecoderBlock2D",) * 4, sample_size=size)
+    return unet[name], vae
+
+
+class DiffusersImpl:
+    """diffusers' UNet and VAE (random weights, same dtype); our text encoder and sampler loop around them."""
+
+    def __init__(self, name: str, bench_model: str, ours, size: int, dtype, device, compile_mode: str | None,
+                 seed: int):
+        diffusers = _import_diffusers()
+        self.name, self.ours, self.device = name, ours, device
+        unet_cfg, vae_cfg = diffusers_configs(bench_model, size)
+        with torch.device(device):
+            unet = diffusers.UNet2DConditionModel(**unet_cfg)
+            vae = diffusers.AutoencoderKL(**vae_cfg)
+        self.unet_module = fill_random_(unet.to(dtype).eval().requires_grad_(False), seed)
+        self.vae = fill_random_(vae.to(dtype).eval().requires_grad_(False), seed)
+        self.unet_fn = self.unet_module
+        if compile_mode:
+            self.unet_fn = torch.compile(self.unet_module, mode=compile_mode, dynamic=False)
+        self.sdxl = "addition_embed_type" in unet_cfg
+        den = P.sigma_denoiser(ours)
+        den.unet = self.unet  # the same wrapper (eps / v / sgm), the peer's UNet inside
+        self.runner = GraphRunner(tables_on_device(den, device), device, use_graphs=False)
+
+    def unet(self, x, t, context, y=None):
+        kwargs = {}
+        if self.sdxl:  # text_embeds [B, 1280] + time_ids [B, 6] -> the 2816-wide vector inside
+            time_ids = torch.tensor([1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0], device=x.device)
+        dtype = self.unet_module.dtype
+        if self.sdxl:
+            kwargs["added_cond_kwargs"] = {"text_embeds": y[:, :1280].to(dtype),
+                                           "time_ids": time_ids.expand(x.shape[0], 6).to(dtype)}
+        out = self.unet_fn(x.to(dtype), t, encoder_hidden_states=context.to(dtype), **kwargs).sample
+        return out.float()
+
+    def loop(self, x, cond, uncond, noise, sigmas, sampler, cfg):
+        return self.runner.run(x, cond, uncond, noise, sigmas=sigmas, cfg_scale=cfg, sampler=sampler)
+
+    def forward(self, x, t, cond):
+        return self.unet(x, t, cond["context"], cond.get("y"))
+
+    def decode(self, latents):
+        z = latents.to(self.vae.dtype) / self.ours.config.scale_factor
+        return self.vae.decode(z).sample
+
+    def info(self) -> dict:
+        return {"unet_params": sum(p.numel() for p in self.unet_module.parameters()),
+                "vae_params": sum(p.numel() for p in self.vae.parameters())}
+
+    def close(self) -> None:
+        self.runner.clear()
+
+
+# ---------------------------------------------------------------- one image, one row
+
+
+@torch.no_grad()
+def one_image(impl, model, device, batch: int, size: int, sampler: str, args) -> dict:
+    """Stage times of one whole image (text -> noise -> loop -> VAE -> host)."""
+    clock = Clock(device)
+    t0 = time.perf_counter()
+    clock.mark()
+    cond, uncond = P.encode_prompts(model, PROMPT, "", batch, args.cfg, size, size)
+    clock.mark()
+    sigmas = P.make_schedule(model, sampler, args.steps, karras=True)
+    x_T = P.start_noise(args.seed, batch, (4, size // 8, size // 8))
+    x = P.txt2img_start(model, sigmas, x_T)
+    n = noise_draws(sampler, sigmas)
+    noise = predraw_noise(x.shape, n, args.seed) if n else None
+    clock.mark()
+    latents = impl.loop(x.to(device), cond, uncond, noise, sigmas, sampler, args.cfg)
+    clock.mark()
+    image = impl.decode(latents)
+    clock.mark()
+    image = torch.clamp((image.float() + 1) / 2, 0, 1).cpu()
+    wall = (time.perf_counter() - t0) * 1e3
+    text_ms, prep_ms, loop_ms, decode_ms = clock.spans_ms()
+    return {"image_ms": wall, "text_ms": text_ms, "loop_ms": loop_ms, "decode_ms": decode_ms,
+            "finite": bool(torch.isfinite(image).all())}
+
+
+@torch.no_grad()
+def unet_forward_ms(impl, model, device, batch: int, size: int, args) -> float:
+    """Median of single UNet calls at the CFG batch (2 x batch), warmed up."""
+    cond, _ = P.encode_prompts(model, PROMPT, "", 2 * batch, 1.0, size, size)
+    x = torch.randn(2 * batch, 4, size // 8, size // 8, device=device)
+    t = torch.full((2 * batch,), 500.0, device=device)
+    for _ in range(2):
+        impl.forward(x, t, cond)
+    times = []
+    for _ in range(UNET_TIMINGS):
+        clock = Clock(device)
+        clock.mark()
+        impl.forward(x, t, cond)
+        clock.mark()
+        times.append(clock.spans_ms()[0])
+    return statistics.median(times)
+
+
+def measure(impl, model, device, batch, size, sampler, args) -> dict:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    first = one_image(impl, model, device, batch, size, sampler, args)
+    runs = [one_image(impl, model, device, batch, size, sampler, args) for _ in range(args.repeat)]
+    med = {k: statistics.median(r[k] for r in runs) for k in ("image_ms", "text_ms", "loop_ms", "decode_ms")}
+    row = {"first_image_ms": first["image_ms"], **med, "step_ms": med["loop_ms"] / args.steps,
+           "it_per_s": args.steps / (med["loop_ms"] / 1e3),
+           "finite": first["finite"] and all(r["finite"] for r in runs),
+           "raw": {k: [r[k] for r in runs] for k in ("image_ms", "text_ms", "loop_ms", "decode_ms")}}
+    if not impl.name.endswith("graph"):
+        row["unet_forward_ms"] = unet_forward_ms(impl, model, device, batch, size, args)
+    if device.type == "cuda":
+        row["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2 ** 30
+    return row
+
+
+# ---------------------------------------------------------------- environment and output
+
+
+def _git_commit(override: str | None) -> tuple[str | None, bool | None]:
+    if override:
+        return override, None
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", "kernels", "model", "sampler"],
+                                    cwd=root, capture_output=True, text=True).stdout.strip())
+        return commit, dirty
+    except (OSError, subprocess.CalledProcessError):
+        return None, None
+
+
+def environment(args, device: torch.device) -> dict:
+    import triton
+    try:
+        import diffusers
+        diffusers_version = diffusers.__version__
+    except ImportError:
+        diffusers_version = None
+    commit, dirty = _git_commit(args.git_commit)
+    return {
+        "bench": "e2e",
+        "command": " ".join(["tritonsd", *sys.argv[1:]]) if sys.argv and "tritonsd" in sys.argv[0] else
+        " ".join(sys.argv),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__, "triton": triton.__version__, "diffusers": diffusers_version,
+        "cuda": torch.version.cuda, "python": platform.python_version(),
+        "git_commit": commit, "git_dirty_code": dirty,
+        "settings": {"steps": args.steps, "cfg": args.cfg, "dtype": args.dtype, "repeat": args.repeat,
+                     "kernels": args.kernels, "compile_mode": args.compile_mode, "karras": True,
+                     "seed": args.seed, "prompt": PROMPT, "peer_text_encoder": "tritonsd",
+                     "peer_sampler_loop": "tritonsd (eager)", "peer_attention": "SDPA"},
+    }
+
+
+def results_path(args, env: dict) -> Path:
+    if args.json is not None:
+        return args.json
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    device = "".join(c if c.isalnum() or c in "-_" else "_" for c in env["device"])
+    return RESULTS_DIR / f"e2e-{device}-{args.dtype}-{stamp}.json"
+
+
+def write_results(path: Path, env: dict, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({**env, "rows": rows}, indent=1))
+    tmp.replace(path)
+
+
+def print_row(r: dict) -> None:
+    head = f"{r['model']:<6} {r['size']:>4} b{r['batch']:<2} {r['sampler']:<9} {r['impl']:<18}"
+    if "error" in r:
+        print(f"{head} -- {r['error']}", flush=True)
+        return
+    unet = f"unet {r['unet_forward_ms']:7.2f} ms  " if "unet_forward_ms" in r else ""
+    mem = f"  peak {r['peak_mem_gb']:.2f} GB" if "peak_mem_gb" in r else ""
+    print(f"{head} {r['step_ms']:8.2f} ms/step {r['it_per_s']:7.2f} it/s  {unet}image {r['image_ms']:8.1f} ms  "
+          f"first {r['first_image_ms']:9.1f} ms{mem}", flush=True)
+
+
+# ---------------------------------------------------------------- the run
+
+
+def _make_impl(name, bench_model, model, size, dtype, device, args):
+    if name == "tritonsd-graph":
+        return TritonsdImpl(name, model, device, graphs=device.type == "cuda")
+    if name == "tritonsd-eager":
+        return TritonsdImpl(name, model, device, graphs=False)
+    mode = args.compile_mode if name == "diffusers-compile" else None
+    return DiffusersImpl(name, bench_model, model, size, dtype, device, mode, args.seed)
+
+
+def _check_args(args) -> None:
+    for flag, values in (("--batch", args.batch or []), ("--steps", [args.steps]), ("--repeat", [args.repeat])):
+        if any(v < 1 for v in values):
+            raise BenchE2EError(f"{flag} must be at least 1")
+    if args.size is not None and args.size % 64:
+        raise BenchE2EError(f"--size must be a multiple of 64, got {args.size}")
+
+
+def run(args: argparse.Namespace) -> int:
+    _check_args(args)
+    device = resolve_device(args.device)
+    if device.type == "cuda":
+        import os
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            raise BenchE2EError("TRITON_INTERPRET=1 is set: unset it to benchmark the compiled kernels")
+    dtype = resolve_dtype(args.dtype)
+    impls = list(dict.fromkeys(args.impl or IMPLS))
+    if any(i.startswith("diffusers") for i in impls):
+        try:
+            _import_diffusers()
+        except BenchE2EError as e:
+            if args.impl:  # asked for by name: fail
+                raise
+            print(f"note: {e}; running tritonsd rows only", file=sys.stderr)
+            impls = [i for i in impls if not i.startswith("diffusers")]
+    env = environment(args, device)
+    path = results_path(args, env)
+    rows: list[dict] = []
+    for bench_model in args.model or ["sd15", "sd21"]:
+        size = args.size or DEFAULT_SIZE.get(bench_model, 512)
+        model = build_random_model(bench_model, dtype=dtype, device=device, seed=args.seed,
+                                   text_heads=args.text_heads)
+        for impl_name in impls:
+            impl = None
+            try:
+                impl = _make_impl(impl_name, bench_model, model, size, dtype, device, args)
+                for batch in args.batch or [1, 4]:
+                    for sampler in args.sampler or ["dpmpp_2m", "euler"]:
+                        row = {"model": bench_model if bench_model in MANIFESTS else Path(bench_model).stem,
+                               "family": model.config.family, "size": size, "batch": batch, "sampler": sampler,
+                               "steps": args.steps, "cfg": args.cfg, "dtype": args.dtype, "impl": impl_name}
+                        try:
+                            with dispatch.force(args.kernels):
+                                row.update(measure(impl, model, device, batch, size, sampler, args))
+                            row.update(impl.info())
+                        except (RuntimeError, ValueError) as e:  # OOM, capture failure: record, go on
+                            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+                        rows.append(row)
+                        print_row(row)
+                        write_results(path, env, rows)
+            except (RuntimeError, ValueError, ImportError) as e:
+                row = {"model": bench_model, "size": size, "impl": impl_name, "batch": None, "sampler": None,
+                       "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
+                rows.append(row)
+                print(f"{bench_model:<6} {size:>4} {impl_name:<18} -- {row['error']}", flush=True)
+                write_results(path, env, rows)
+            finally:
+                if impl is not None:
+                    impl.close()
+                del impl
+                gc.collect()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+        del model
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    print(f"wrote {path}")
+    return 1 if any("error" in r for r in rows) else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tritonsd.tools.bench_e2e", description=__doc__.splitlines()[0])
+    add_arguments(p)
+    return run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
