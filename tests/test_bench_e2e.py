@@ -1,0 +1,121 @@
+"""The end-to-end benchmark's plumbing on the CPU at tiny scale (timings there mean nothing), and the README
+speed table generated from results files."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+from safetensors import safe_open
+
+from tritonsd.tools import bench_e2e, readme_table
+
+HAS_DIFFUSERS = importlib.util.find_spec("diffusers") is not None
+
+
+def tiny_manifest(fixtures, tmp_path):
+    """A key manifest (the released manifests' format) of the sd1-tiny file, from its header."""
+    dtypes = {"F32": "float32", "F16": "float16", "I64": "int64", "I32": "int32", "BF16": "bfloat16"}
+    with safe_open(str(fixtures / "sd1-tiny.safetensors"), "pt") as f:
+        tensors = {k: {"shape": list(f.get_slice(k).get_shape()), "dtype": dtypes[f.get_slice(k).get_dtype()]}
+                   for k in f.keys()}
+    path = tmp_path / "sd1-tiny.json"
+    path.write_text(json.dumps({"model": "sd1-tiny", "tensors": tensors}))
+    return path
+
+
+def test_e2e_smoke_on_cpu(fixtures, tmp_path, capsys):
+    out = tmp_path / "e2e.json"
+    rc = bench_e2e.main(["--device", "cpu", "--model", str(tiny_manifest(fixtures, tmp_path)), "--text-heads", "2",
+                         "--size", "64", "--batch", "1", "--steps", "2", "--repeat", "1", "--dtype", "fp32",
+                         "--impl", "tritonsd-graph", "--sampler", "euler_a", "--git-commit", "abc123",
+                         "--json", str(out)])
+    assert rc == 0
+    data = json.loads(out.read_text())
+    assert data["bench"] == "e2e" and data["git_commit"] == "abc123" and data["device"]
+    assert data["settings"]["steps"] == 2 and data["settings"]["dtype"] == "fp32" and data["torch"]
+    (row,) = data["rows"]
+    assert "error" not in row and row["finite"] and row["captures"] == 1  # one loop entry for the 2 images
+    assert row["impl"] == "tritonsd-graph" and row["sampler"] == "euler_a" and row["batch"] == 1
+    assert row["step_ms"] == pytest.approx(row["loop_ms"] / 2) and row["it_per_s"] == pytest.approx(2e3 / row["loop_ms"])
+    assert row["raw"]["loop_ms"] == [row["loop_ms"]] and row["image_ms"] >= row["loop_ms"]
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_e2e_refuses_bad_settings():
+    with pytest.raises(bench_e2e.BenchE2EError, match="--size"):
+        bench_e2e.main(["--device", "cpu", "--size", "500"])
+    with pytest.raises(bench_e2e.BenchE2EError, match="--batch"):
+        bench_e2e.main(["--device", "cpu", "--batch", "0"])
+
+
+@pytest.mark.skipif(HAS_DIFFUSERS, reason="diffusers is installed here")
+def test_e2e_names_missing_diffusers():
+    with pytest.raises(bench_e2e.BenchE2EError, match="diffusers is not installed"):
+        bench_e2e.main(["--device", "cpu", "--impl", "diffusers-eager"])
+
+
+@pytest.mark.skipif(not HAS_DIFFUSERS, reason="diffusers is optional")
+@pytest.mark.parametrize("name,size", [("sd15", 512), ("sd21", 768), ("sdxl", 1024)])
+def test_peer_configs_have_our_parameter_counts(name, size):
+    import diffusers
+    import torch
+
+    from tritonsd.model.random_weights import build_meta_model
+
+    unet_cfg, vae_cfg = bench_e2e.diffusers_configs(name, size)
+    with torch.device("meta"):
+        unet, vae = diffusers.UNet2DConditionModel(**unet_cfg), diffusers.AutoencoderKL(**vae_cfg)
+    ours = build_meta_model(name)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(unet) == count(ours.model.diffusion_model) and count(vae) == count(ours.first_stage_model)
+
+
+# ---------------------------------------------------------------- README table
+
+
+def results(rows, **env):
+    return {"bench": "e2e", "device": "NVIDIA H100 80GB HBM3", "torch": "2.11.0", "triton": "3.6.0",
+            "diffusers": "0.42.1", "git_commit": "0123456789abcdef", "date": "2026-11-24T10:00:00+00:00",
+            "settings": {"dtype": "fp16", "steps": 20, "cfg": 7.5}, "rows": rows, **env}
+
+
+def row(impl, batch, its, sampler="dpmpp_2m", **extra):
+    return {"model": "sd15", "size": 512, "batch": batch, "sampler": sampler, "impl": impl, "it_per_s": its,
+            "image_ms": 1234.0, "first_image_ms": 56789.0, "peak_mem_gb": 3.21, **extra}
+
+
+def test_table_from_results():
+    data = results([row("tritonsd-graph", 1, 31.25), row("diffusers-eager", 1, 20.5), row("tritonsd-graph", 4, 9.0),
+                    row("tritonsd-eager", 4, 1.0, sampler="euler"),
+                    {"model": "sd15", "size": 512, "batch": 4, "sampler": "dpmpp_2m", "impl": "diffusers-eager",
+                     "error": "OutOfMemoryError: ..."}])
+    table = readme_table.speed_table(data, source="e2e-x.json")
+    lines = table.splitlines()
+    assert lines[0].startswith("NVIDIA H100 80GB HBM3, fp16, 20 steps DPM++ 2M Karras, CFG 7.5; torch 2.11.0")
+    assert "diffusers 0.42.1" in lines[0] and "0123456789" in lines[0] and "`e2e-x.json`" in lines[0]
+    assert lines[2] == ("| model | size | batch | tritonsd-graph it/s | diffusers-eager it/s | tritonsd-graph image s "
+                        "| first image s | peak GB |")
+    assert lines[4] == "| sd15 | 512×512 | 1 | 31.25 | 20.50 | 1.23 | 56.8 | 3.2 |"
+    assert lines[5] == "| sd15 | 512×512 | 4 | 9.00 | – | 1.23 | 56.8 | 3.2 |"  # the error row is left out
+    assert len(lines) == 6
+    assert readme_table.speed_table(data, sampler="euler_a") == ""
+
+
+def test_table_cli_newest_file_update_and_no_results(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(readme_table, "RESULTS_DIR", tmp_path)
+    assert readme_table.main([]) == 0 and capsys.readouterr().out == ""  # nothing measured yet: no table
+    old = results([row("tritonsd-graph", 1, 1.0)], date="2026-11-20T00:00:00+00:00")
+    new = results([row("tritonsd-graph", 1, 2.0)])
+    (tmp_path / "e2e-b.json").write_text(json.dumps(old))
+    (tmp_path / "e2e-a.json").write_text(json.dumps(new))
+    (tmp_path / "kernels-x.json").write_text("{}")
+    assert readme_table.main([]) == 0
+    assert "| 2.00 |" in capsys.readouterr().out
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n{readme_table.START}\nold\n{readme_table.END}\ntail\n")
+    assert readme_table.main([str(tmp_path / "e2e-b.json"), "--update", str(readme)]) == 0
+    text = readme.read_text()
+    assert "old" not in text and "| 1.00 |" in text and text.endswith(f"{readme_table.END}\ntail\n")
+    assert readme_table.main([str(tmp_path / "kernels-x.json")]) == 1

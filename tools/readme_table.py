@@ -1,0 +1,127 @@
+"""The README's short speed table, generated from ``bench/results/e2e-*.json`` (never typed by hand).
+
+``python -m tritonsd.tools.readme_table [FILE ...] [--update README.md]``: without files, the newest e2e result
+file; prints the markdown table, or with ``--update`` replaces the text between ``<!-- speed-table:start -->``
+and ``<!-- speed-table:end -->`` in that file. With no results it says so and prints no table.
+
+One row per (model, size, batch) for one sampler (``--sampler``, default DPM++ 2M): it/s of each
+implementation, then our whole-image and first-image latency and peak memory (tritonsd-graph).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+RESULTS_DIR = Path(__file__).resolve().parent.parent / "bench" / "results"
+IMPL_ORDER = ("tritonsd-graph", "tritonsd-eager", "diffusers-eager", "diffusers-compile")
+START, END = "<!-- speed-table:start -->", "<!-- speed-table:end -->"
+SAMPLER_NAMES = {"dpmpp_2m": "DPM++ 2M Karras", "euler": "Euler", "euler_a": "Euler a"}
+
+
+class ResultsError(ValueError):
+    """A results file that is not an e2e results JSON, or a README without the table markers."""
+
+
+def result_files(directory: Path | None = None) -> list[Path]:
+    """The e2e results files in ``directory`` (default ``bench/results``)."""
+    directory = RESULTS_DIR if directory is None else directory
+    return sorted(directory.glob("e2e-*.json")) if directory.is_dir() else []
+
+
+def load_results(path: Path) -> dict:
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ResultsError(f"{path}: cannot read results ({e})") from None
+    if data.get("bench") != "e2e" or not isinstance(data.get("rows"), list):
+        raise ResultsError(f"{path}: not an end-to-end results file (no bench 'e2e' / rows)")
+    return data
+
+
+def newest(paths: list[Path]) -> Path | None:
+    """The file with the latest recorded date (the file name's stamp breaks ties)."""
+    dated = []
+    for p in paths:
+        try:
+            dated.append((load_results(p).get("date", ""), p.name, p))
+        except ResultsError:
+            continue
+    return max(dated)[2] if dated else None
+
+
+def _fmt(value, spec: str) -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def speed_table(data: dict, sampler: str = "dpmpp_2m", source: str | None = None) -> str:
+    """Markdown: a caption line with the device, versions and settings, then the table. Empty when the file
+    has no successful row for ``sampler``."""
+    rows = [r for r in data["rows"] if r.get("sampler") == sampler and "error" not in r]
+    if not rows:
+        return ""
+    impls = [i for i in IMPL_ORDER if any(r["impl"] == i for r in rows)]
+    impls += sorted({r["impl"] for r in rows} - set(impls))
+    groups: dict[tuple, dict[str, dict]] = {}
+    for r in rows:
+        groups.setdefault((r["model"], r["size"], r["batch"]), {})[r["impl"]] = r
+    s = data.get("settings", {})
+    caption = (f"{data.get('device')}, {s.get('dtype')}, {s.get('steps')} steps {SAMPLER_NAMES.get(sampler, sampler)},"
+               f" CFG {s.get('cfg')}; torch {data.get('torch')}, triton {data.get('triton')}"
+               + (f", diffusers {data['diffusers']}" if data.get("diffusers") else "")
+               + f"; commit {str(data.get('git_commit'))[:10]}, {str(data.get('date'))[:10]}"
+               + (f" (`{source}`)" if source else ""))
+    head = ["model", "size", "batch"] + [f"{i} it/s" for i in impls]
+    ours = "tritonsd-graph" if "tritonsd-graph" in impls else impls[0]
+    head += [f"{ours} image s", "first image s", "peak GB"]
+    lines = [caption, "", "| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
+    for (model, size, batch), by_impl in sorted(groups.items()):
+        cells = [model, f"{size}×{size}", str(batch)]
+        cells += [_fmt(by_impl[i]["it_per_s"], ".2f") if i in by_impl else "–" for i in impls]
+        r = by_impl.get(ours, {})
+        cells += [_fmt(r.get("image_ms") and r["image_ms"] / 1e3, ".2f"),
+                  _fmt(r.get("first_image_ms") and r["first_image_ms"] / 1e3, ".1f"),
+                  _fmt(r.get("peak_mem_gb"), ".1f")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def update_readme(readme: Path, table: str) -> None:
+    """Replace the text between the markers (which must be there) with ``table``."""
+    text = readme.read_text()
+    start, end = text.find(START), text.find(END)
+    if start < 0 or end < start:
+        raise ResultsError(f"{readme}: no {START} ... {END} markers to put the table between")
+    readme.write_text(text[: start + len(START)] + "\n" + table + text[end:])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tritonsd.tools.readme_table", description=__doc__.splitlines()[0])
+    p.add_argument("files", nargs="*", type=Path, help="e2e results JSON (default: the newest in bench/results)")
+    p.add_argument("--sampler", default="dpmpp_2m", choices=sorted(SAMPLER_NAMES))
+    p.add_argument("--update", type=Path, default=None, metavar="README", help="rewrite the table in this file")
+    args = p.parse_args(argv)
+    try:
+        paths = args.files or [f for f in [newest(result_files())] if f is not None]
+        tables = [speed_table(load_results(f), args.sampler, f.name) for f in paths]
+        tables = [t for t in tables if t]
+        if not tables:
+            print("no end-to-end results (run `tritonsd bench e2e` on a GPU; results go to bench/results/)",
+                  file=sys.stderr)
+            return 0
+        table = "\n".join(tables)
+        if args.update:
+            update_readme(args.update, table)
+            print(f"updated {args.update}")
+        else:
+            print(table, end="")
+    except ResultsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
