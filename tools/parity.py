@@ -12,10 +12,10 @@ names it. Exit code 0 when every row passes, 1 when one fails, 2 on bad usage (a
 another model).
 
 Kernels: ``--kernels auto`` (Triton on CUDA, the torch references on the CPU), ``torch`` or ``triton``. Triton
-without a GPU runs under Triton's interpreter, which is chosen when the kernels are imported: ``run`` sets
-``TRITON_INTERPRET=1`` before anything imports them (the model modules are imported lazily for this reason).
-If they were already imported without it (another tool in the same process), it says so and asks for
-``TRITON_INTERPRET=1`` in the environment.
+without a GPU runs under Triton's interpreter, which is chosen when the kernel modules are imported: ``run`` sets
+``TRITON_INTERPRET=1`` first thing when they are not imported yet (this module imports the model lazily), and
+otherwise (the CLI imports every subcommand, and some import the model at start-up) re-runs the same command in a
+child process with ``TRITON_INTERPRET=1`` in its environment. Setting it yourself avoids the re-run.
 
 Defaults: the checkpoint's YAML is ``--config``, else ``CHECKPOINT.yaml`` beside it when that exists; the
 text towers' head count (not in the weights) is ``--text-heads``, else the JSON's ``text_encoder_config``;
@@ -72,8 +72,11 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     device = _device(args.device)
-    _prepare_kernels(args.kernels, device)  # before the model modules (and so the kernels) are imported
     _check_paths(args)
+    if _needs_interpreter(args.kernels, device):
+        if _kernels_imported_compiled():
+            return _rerun_under_interpreter(args)
+        os.environ["TRITON_INTERPRET"] = "1"  # read when the kernel modules are imported (below, lazily)
     ref, meta = _read_reference(args.reference)
     config_path = args.config if args.config is not None else _sibling_yaml(args.checkpoint)
     model = _load(args, config_path, meta, device)
@@ -86,7 +89,6 @@ def run(args: argparse.Namespace) -> int:
 
     from ..kernels import dispatch
 
-    computed, errors, timings = {}, {}, {}
     with dispatch.force(args.kernels), torch.no_grad(), _strict_float32():
         computed, errors, timings = recompute(model, ref, meta, device, {g: groups[g] for g in selected})
     rows = build_rows(ref, meta, {g: groups[g] for g in selected}, computed, errors)
@@ -114,15 +116,37 @@ def _device(name: str) -> torch.device:
     return device
 
 
-def _prepare_kernels(kernels: str, device: torch.device) -> None:
-    """``--kernels triton`` on the CPU needs Triton's interpreter, chosen when the kernel modules are imported."""
-    if kernels != "triton" or device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
-        return
+def _needs_interpreter(kernels: str, device: torch.device) -> bool:
+    """``--kernels triton`` on the CPU runs under Triton's interpreter, which is chosen (``TRITON_INTERPRET=1``)
+    when the kernel modules are imported."""
+    return kernels == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
+
+
+def _kernels_imported_compiled() -> bool:
     loaded = sys.modules.get("tritonsd.kernels._triton")
-    if loaded is not None and not getattr(loaded, "INTERPRET", False):
-        raise UsageError("--kernels triton without a GPU runs under Triton's interpreter, but the kernels were "
-                         "already imported without it; set TRITON_INTERPRET=1 in the environment")
-    os.environ["TRITON_INTERPRET"] = "1"
+    return loaded is not None and not getattr(loaded, "INTERPRET", False)
+
+
+def _rerun_under_interpreter(args) -> int:
+    """The kernels were imported for compilation (another subcommand's module imports the model at start-up):
+    run this same check in a child process whose environment selects the interpreter; its exit code is ours."""
+    import subprocess
+
+    print("note: --kernels triton on the CPU: re-running under TRITON_INTERPRET=1", file=sys.stderr)
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    argv = [sys.executable, "-m", "tritonsd.tools.cli", "parity", *_argv(args)]
+    return subprocess.run(argv, env=env).returncode
+
+
+def _argv(args) -> list[str]:
+    """The command line that gives ``args`` back (for the re-run)."""
+    argv = [str(args.checkpoint), "--reference", str(args.reference), "--kernels", args.kernels,
+            "--device", args.device]
+    for flag, value in (("--config", args.config), ("--only", args.only), ("--text-heads", args.text_heads),
+                        ("--json", args.json_out), ("--save", args.save)):
+        if value is not None:
+            argv += [flag, str(value)]
+    return argv
 
 
 def _check_paths(args) -> None:
@@ -294,6 +318,8 @@ def recompute(model, ref, meta, device, groups: dict[str, list[str]]):
         except Exception as e:  # one group's failure is reported on its rows; the others still run
             errors[group] = _one_line(e)
         timings[group] = time.perf_counter() - t0
+        print(f"  {group}: {timings[group]:.1f} s{' (failed)' if group in errors else ''}", file=sys.stderr,
+              flush=True)
     return computed, errors, timings
 
 
