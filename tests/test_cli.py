@@ -110,7 +110,7 @@ def plan_runs(fixtures: Path, tmp: Path) -> dict[str, tuple[list[str], Path]]:
         "img2img": [*sd1, "--prompt", LONG_PROMPT, "--init-image", str(init), "--strength", "0.6",
                     "--sampler", "ddim", "--steps", "4", "--seed", "3"],
         "inpaint": [*tiny_args(fixtures, "sd1-inpaint-tiny"), "--prompt", "", "--init-image", str(init64),
-                    "--mask", str(mask), "--steps", "3"],
+                    "--mask", str(mask), "--steps", "3", "--sampler", "euler_a"],
         "nan": ["--checkpoint", str(write_nan_checkpoint(fixtures, tmp / "nan.safetensors")),
                 "--config", str(fixtures / "sd1-tiny.yaml"), "--text-heads", "2", "--prompt", "x", *small],
         "missing_checkpoint": ["--checkpoint", str(tmp / "nope.safetensors"), "--prompt", "x", *small],
@@ -254,6 +254,7 @@ def test_inpainting_with_mask_and_empty_prompt_random_seed(runs):
         assert im.size == (64, 64)
         info = parse_infotext(im.info["parameters"])
     assert (info["Prompt"], info["Seed"], info["Model"]) == ("", str(seed), "sd1-inpaint-tiny")
+    assert info["Sampler"] == "Euler a"  # Karras sigmas are the default for dpmpp_2m only
     assert "Denoising strength" not in info  # inpainting repaints the masked area from noise: no strength
 
 

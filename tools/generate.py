@@ -47,15 +47,17 @@ def add_parser(subparsers) -> None:
     gen.add_argument("--negative-prompt", default="", help="what to steer away from (default: nothing)")
     gen.add_argument("--sampler", choices=("ddim", "plms", "euler", "euler_a", "dpmpp_2m"), default="dpmpp_2m",
                      help="default: dpmpp_2m")
-    gen.add_argument("--karras", action=argparse.BooleanOptionalAction, default=True,
-                     help="Karras sigmas for the k-diffusion samplers (default: on; DDIM / PLMS ignore it)")
+    gen.add_argument("--karras", action=argparse.BooleanOptionalAction, default=None,
+                     help="Karras sigmas for the k-diffusion samplers (default: on for dpmpp_2m, off for euler "
+                          "and euler_a, as AUTOMATIC1111's sampler names; DDIM / PLMS ignore it)")
     gen.add_argument("--steps", type=int, default=20, help="sampling steps (default: 20)")
     gen.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale (default: 7.5)")
     gen.add_argument("--seed", type=int, default=None,
                      help="seed of image 0; image i uses seed + i (default: random, printed on stderr)")
     gen.add_argument("--width", type=int, default=None,
                      help="multiple of 8 (default: the init image's, else 512 SD1, 768 SD2, 1024 SDXL)")
-    gen.add_argument("--height", type=int, default=None, help="multiple of 8 (default: as --width)")
+    gen.add_argument("--height", type=int, default=None,
+                     help="multiple of 8 (default: the init image's, else --width, else the family's)")
     gen.add_argument("--batch", type=int, default=1, help="images per run (default: 1)")
     gen.add_argument("--init-image", type=Path, default=None, help="PNG/JPEG to start from (img2img, inpainting)")
     gen.add_argument("--strength", type=float, default=None,
@@ -287,9 +289,11 @@ def sample(model, args: argparse.Namespace, init: InitImages | None, seed: int, 
     from .progress import bar, progress_enabled
 
     settings = GenerationSettings(
-        prompt=args.prompt, negative_prompt=args.negative_prompt, sampler=args.sampler, karras=args.karras,
+        prompt=args.prompt, negative_prompt=args.negative_prompt, sampler=args.sampler,
+        karras=(args.sampler == "dpmpp_2m") if args.karras is None else args.karras,
         steps=args.steps, cfg_scale=args.cfg, seed=seed, batch=args.batch,
-        width=init.width if init else args.width, height=init.height if init else args.height,
+        width=init.width if init else args.width or args.height,  # one side given: a square image
+        height=init.height if init else args.height or args.width,
     )
     if init is not None:
         settings.init_image, settings.mask = init.image, init.mask
@@ -349,29 +353,29 @@ def write_images(out: Path, images, settings, model_hash: str, model_name: str) 
     written = []
     for i, image in enumerate(images):
         pending = out / f".tritonsd-pending-{os.getpid()}-{i}.png"
-        write_png(pending, to_pil(image), infotext(settings, i, model_hash, model_name))
-        os.chmod(pending, 0o666 & ~umask)  # write_png's temporary file is private (0600); an output is not
-        written.append(_claim(pending, out, settings.seed + i))
+        try:
+            write_png(pending, to_pil(image), infotext(settings, i, model_hash, model_name))
+            os.chmod(pending, 0o666 & ~umask)  # write_png's temporary file is private (0600); an output is not
+            written.append(_claim(pending, out, settings.seed + i))
+        finally:
+            pending.unlink(missing_ok=True)
     return written
 
 
 def _claim(pending: Path, out: Path, seed: int) -> Path:
-    """Give the finished file ``pending`` the next free number: ``os.link`` refuses an existing name, so two
-    runs writing into one directory at once cannot overwrite each other."""
+    """Link the finished file ``pending`` under the next free number (the caller removes ``pending``):
+    ``os.link`` refuses an existing name, so two runs writing into one directory cannot overwrite each other."""
     number = next_number(out)
-    try:
-        while True:
-            target = out / f"{number:05d}-{seed}.png"
-            try:
-                os.link(pending, target)
-                return target
-            except FileExistsError:
+    while True:
+        target = out / f"{number:05d}-{seed}.png"
+        try:
+            os.link(pending, target)
+            return target
+        except FileExistsError:
+            number += 1
+        except OSError:  # a file system without hard links: the check above is all we can do
+            if target.exists():
                 number += 1
-            except OSError:  # a file system without hard links: the check above is all we can do
-                if target.exists():
-                    number += 1
-                    continue
-                os.replace(pending, target)
-                return target
-    finally:
-        pending.unlink(missing_ok=True)
+                continue
+            os.replace(pending, target)
+            return target
