@@ -94,7 +94,7 @@ def test_table_from_results():
     table = readme_table.speed_table(data, source="e2e-x.json")
     lines = table.splitlines()
     assert lines[0].startswith("NVIDIA H100 80GB HBM3, fp16, 20 steps DPM++ 2M Karras, CFG 7.5; torch 2.11.0")
-    assert "diffusers 0.42.1" in lines[0] and "0123456789" in lines[0] and "`e2e-x.json`" in lines[0]
+    assert "diffusers 0.42.1" in lines[0] and "0123456789abcdef" in lines[0] and "`e2e-x.json`" in lines[0]
     assert lines[2] == ("| model | size | batch | tritonsd-graph it/s | diffusers-eager it/s | tritonsd-graph image s "
                         "| first image s | peak GB |")
     assert lines[4] == "| sd15 | 512×512 | 1 | 31.25 | 20.50 | 1.23 | 56.8 | 3.2 |"
@@ -119,3 +119,15 @@ def test_table_cli_newest_file_update_and_no_results(tmp_path, monkeypatch, caps
     text = readme.read_text()
     assert "old" not in text and "| 1.00 |" in text and text.endswith(f"{readme_table.END}\ntail\n")
     assert readme_table.main([str(tmp_path / "kernels-x.json")]) == 1
+
+
+def test_merge_split_runs():
+    a = results([row("tritonsd-graph", 1, 1.0), row("diffusers-eager", 1, 3.0)], date="2026-11-24T09:00:00+00:00",
+                git_commit="aaaaaaaaaaaa")
+    b = results([row("tritonsd-graph", 1, 2.0), {**row("diffusers-eager", 1, None), "error": "OOM"},
+                 row("diffusers-compile", 1, 4.0)], git_commit="bbbbbbbbbbbb")
+    other = results([row("tritonsd-graph", 4, 9.0)], device="NVIDIA H200", date="2026-11-23T00:00:00+00:00")
+    merged = readme_table.merge([b, other, a])
+    got = {(r["impl"], r["batch"]): r.get("it_per_s") for r in merged["rows"] if "error" not in r}
+    assert got == {("tritonsd-graph", 1): 2.0, ("diffusers-eager", 1): 3.0, ("diffusers-compile", 1): 4.0}
+    assert merged["git_commit"] == "aaaaaaaaaa, bbbbbbbbbb" and merged["device"] == "NVIDIA H100 80GB HBM3"

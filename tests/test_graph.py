@@ -4,6 +4,8 @@ against the eager loop) run only where a GPU is present."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -205,8 +207,8 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs nee
 
 @cuda
 @pytest.mark.parametrize("sampler", ["euler", "euler_a", "dpmpp_2m"])
-def test_graph_replay_equals_eager_loop(tiny, sampler):
-    model = tiny.to("cuda")
+def test_graph_replay_equals_eager_loop_cuda(tiny, sampler):
+    model = copy.deepcopy(tiny).to("cuda")
     den = make_denoiser(model, "cuda")
     graphed = GraphRunner(den, device="cuda")
     eager = GraphRunner(den, device="cuda", use_graphs=False)

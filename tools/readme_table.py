@@ -1,7 +1,8 @@
 """The README's short speed table, generated from ``bench/results/e2e-*.json`` (never typed by hand).
 
-``python -m tritonsd.tools.readme_table [FILE ...] [--update README.md]``: without files, the newest e2e result
-file; prints the markdown table, or with ``--update`` replaces the text between ``<!-- speed-table:start -->``
+``python -m tritonsd.tools.readme_table [FILE ...] [--update README.md]``: without files, every e2e result file
+with the newest one's setup (device, dtype, steps, CFG), merged (a run split over several commands gives one
+table; newer rows win); prints the markdown table, or with ``--update`` replaces the text between ``<!-- speed-table:start -->``
 and ``<!-- speed-table:end -->`` in that file. With no results it says so and prints no table.
 
 One row per (model, size, batch) for one sampler (``--sampler``, default DPM++ 2M): it/s of each
@@ -41,15 +42,44 @@ def load_results(path: Path) -> dict:
     return data
 
 
-def newest(paths: list[Path]) -> Path | None:
-    """The file with the latest recorded date (the file name's stamp breaks ties)."""
-    dated = []
+def _setup(data: dict) -> tuple:
+    """What must agree for rows of several files to share one table."""
+    st = data.get("settings", {})
+    return data.get("device"), st.get("dtype"), st.get("steps"), st.get("cfg")
+
+
+def merge(datas: list[dict]) -> dict:
+    """One results dict from several runs of the same setup (a run split over several commands): rows of
+    later files (by date) replace those of earlier ones for the same model, size, batch, sampler and impl;
+    files of another device / dtype / steps / CFG than the newest are left out."""
+    datas = sorted(datas, key=lambda d: str(d.get("date", "")))
+    if not datas:
+        raise ResultsError("no results to merge")
+    last = datas[-1]
+    rows: dict[tuple, dict] = {}
+    for d in datas:
+        if _setup(d) != _setup(last):
+            continue
+        for r in d["rows"]:
+            key = (r.get("model"), r.get("size"), r.get("batch"), r.get("sampler"), r.get("impl"))
+            if "error" not in r or key not in rows:
+                rows[key] = r
+    commits = list(dict.fromkeys(str(d.get("git_commit"))[:10] for d in datas if _setup(d) == _setup(last)))
+    return {**last, "rows": list(rows.values()), "git_commit": ", ".join(commits)}
+
+
+def newest_setup(paths: list[Path]) -> list[dict]:
+    """The readable results among ``paths`` that share the newest file's setup."""
+    datas = []
     for p in paths:
         try:
-            dated.append((load_results(p).get("date", ""), p.name, p))
+            datas.append(load_results(p))
         except ResultsError:
             continue
-    return max(dated)[2] if dated else None
+    if not datas:
+        return []
+    latest = max(datas, key=lambda d: str(d.get("date", "")))
+    return [d for d in datas if _setup(d) == _setup(latest)]
 
 
 def _fmt(value, spec: str) -> str:
@@ -71,7 +101,7 @@ def speed_table(data: dict, sampler: str = "dpmpp_2m", source: str | None = None
     caption = (f"{data.get('device')}, {s.get('dtype')}, {s.get('steps')} steps {SAMPLER_NAMES.get(sampler, sampler)},"
                f" CFG {s.get('cfg')}; torch {data.get('torch')}, triton {data.get('triton')}"
                + (f", diffusers {data['diffusers']}" if data.get("diffusers") else "")
-               + f"; commit {str(data.get('git_commit'))[:10]}, {str(data.get('date'))[:10]}"
+               + f"; commit {data.get('git_commit')}, {str(data.get('date'))[:10]}"
                + (f" (`{source}`)" if source else ""))
     head = ["model", "size", "batch"] + [f"{i} it/s" for i in impls]
     ours = "tritonsd-graph" if "tritonsd-graph" in impls else impls[0]
@@ -99,19 +129,18 @@ def update_readme(readme: Path, table: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tritonsd.tools.readme_table", description=__doc__.splitlines()[0])
-    p.add_argument("files", nargs="*", type=Path, help="e2e results JSON (default: the newest in bench/results)")
+    p.add_argument("files", nargs="*", type=Path,
+                   help="e2e results JSON, merged (default: those of the newest setup in bench/results)")
     p.add_argument("--sampler", default="dpmpp_2m", choices=sorted(SAMPLER_NAMES))
     p.add_argument("--update", type=Path, default=None, metavar="README", help="rewrite the table in this file")
     args = p.parse_args(argv)
     try:
-        paths = args.files or [f for f in [newest(result_files())] if f is not None]
-        tables = [speed_table(load_results(f), args.sampler, f.name) for f in paths]
-        tables = [t for t in tables if t]
-        if not tables:
+        datas = [load_results(f) for f in args.files] if args.files else newest_setup(result_files())
+        table = speed_table(merge(datas), args.sampler) if datas else ""
+        if not table:
             print("no end-to-end results (run `tritonsd bench e2e` on a GPU; results go to bench/results/)",
                   file=sys.stderr)
             return 0
-        table = "\n".join(tables)
         if args.update:
             update_readme(args.update, table)
             print(f"updated {args.update}")
