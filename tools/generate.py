@@ -33,36 +33,40 @@ class GenerateError(ValueError):
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("generate", help="generate images (txt2img, img2img, inpainting) from a checkpoint",
-                              description=__doc__.split("\n\n")[0])
+                              description="Generate images from an original checkpoint: txt2img, img2img "
+                                          "(--init-image) or inpainting (--init-image and --mask, 9-channel "
+                                          "model). Writes OUT/NNNNN-SEED.png with AUTOMATIC1111 infotext and "
+                                          "prints each path.")
     model = p.add_argument_group("model")
-    model.add_argument("--checkpoint", type=Path, required=True, help=".safetensors or .ckpt file")
-    model.add_argument("--config", type=Path, default=None, help="the original inference YAML (eps/v, heads)")
-    model.add_argument("--text-heads", type=int, default=None,
+    model.add_argument("--checkpoint", type=Path, required=True, metavar="PATH", help=".safetensors or .ckpt file")
+    model.add_argument("--config", type=Path, default=None, metavar="YAML", help="the original inference YAML (eps/v, heads)")
+    model.add_argument("--text-heads", type=int, default=None, metavar="N",
                        help="attention heads of the text towers (not in the weights; default width / 64)")
     model.add_argument("--parameterization", choices=("eps", "v"), default=None,
                        help="prediction type, when no --config says it (SD2 768 models are v)")
 
     gen = p.add_argument_group("generation")
-    gen.add_argument("--prompt", required=True, help="the prompt ('' for an unconditional image)")
-    gen.add_argument("--negative-prompt", default="", help="what to steer away from (default: nothing)")
+    gen.add_argument("--prompt", required=True, metavar="TEXT", help="the prompt ('' for an unconditional image)")
+    gen.add_argument("--negative-prompt", default="", metavar="TEXT", help="what to steer away from (default: nothing)")
     gen.add_argument("--sampler", choices=("ddim", "plms", "euler", "euler_a", "dpmpp_2m"), default="dpmpp_2m",
                      help="default: dpmpp_2m")
     gen.add_argument("--karras", action=argparse.BooleanOptionalAction, default=None,
                      help="Karras sigmas for the k-diffusion samplers (default: on for dpmpp_2m, off for euler "
                           "and euler_a, as AUTOMATIC1111's sampler names; DDIM / PLMS ignore it)")
-    gen.add_argument("--steps", type=int, default=20, help="sampling steps (default: 20)")
-    gen.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale (default: 7.5)")
-    gen.add_argument("--seed", type=int, default=None,
+    gen.add_argument("--steps", type=int, default=20, metavar="N", help="sampling steps (default: 20)")
+    gen.add_argument("--cfg", type=float, default=7.5, metavar="SCALE", help="classifier-free guidance scale (default: 7.5)")
+    gen.add_argument("--seed", type=int, default=None, metavar="N",
                      help="seed of image 0; image i uses seed + i (default: random, printed on stderr)")
-    gen.add_argument("--width", type=int, default=None,
-                     help="multiple of 8 (default: the init image's, else 512 SD1, 768 SD2, 1024 SDXL)")
-    gen.add_argument("--height", type=int, default=None,
-                     help="multiple of 8 (default: the init image's, else --width, else the family's)")
-    gen.add_argument("--batch", type=int, default=1, help="images per run (default: 1)")
-    gen.add_argument("--init-image", type=Path, default=None, help="PNG/JPEG to start from (img2img, inpainting)")
-    gen.add_argument("--strength", type=float, default=None,
+    gen.add_argument("--width", type=int, default=None, metavar="PX",
+                     help="multiple of 64 (SDXL: 32) (default: the init image's, else --height, else 512 SD1, "
+                          "768 SD2-v, 1024 SDXL)")
+    gen.add_argument("--height", type=int, default=None, metavar="PX",
+                     help="as --width (default: the init image's, else --width, else the family's)")
+    gen.add_argument("--batch", type=int, default=1, metavar="N", help="images per run (default: 1)")
+    gen.add_argument("--init-image", type=Path, default=None, metavar="IMAGE", help="PNG/JPEG to start from (img2img, inpainting)")
+    gen.add_argument("--strength", type=float, default=None, metavar="F",
                      help="how much of the init image to repaint, 0..1 (img2img; default: the pipeline's, 0.75)")
-    gen.add_argument("--mask", type=Path, default=None,
+    gen.add_argument("--mask", type=Path, default=None, metavar="IMAGE",
                      help="grey image the size of --init-image, white = repaint (needs an inpainting model)")
 
     run_ = p.add_argument_group("runtime")
@@ -71,7 +75,7 @@ def add_parser(subparsers) -> None:
                       help="weights and activations (default: fp16 on cuda, fp32 on cpu; cpu runs fp32 only)")
     run_.add_argument("--kernels", choices=("auto", "torch", "triton"), default="auto",
                       help="auto: Triton on cuda, torch on cpu")
-    run_.add_argument("--out", type=Path, default=Path("outputs"), help="output directory (default: outputs)")
+    run_.add_argument("--out", type=Path, default=Path("outputs"), metavar="DIR", help="output directory (default: outputs)")
     run_.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=run)
 
