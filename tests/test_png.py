@@ -80,3 +80,15 @@ def test_failed_write_leaves_nothing(tmp_path):
     with pytest.raises(OSError):
         png.write_png(tmp_path / "x.png", Broken(), "p")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_written_png_is_not_private(tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        path = png.write_png(tmp_path / "p.png", png.to_pil(torch.rand(3, 4, 4)), "p")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644

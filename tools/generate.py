@@ -352,14 +352,11 @@ def write_images(out: Path, images, settings, model_hash: str, model_name: str) 
     from .png import to_pil, write_png
 
     out.mkdir(parents=True, exist_ok=True)
-    umask = os.umask(0)
-    os.umask(umask)
     written = []
     for i, image in enumerate(images):
         pending = out / f".tritonsd-pending-{os.getpid()}-{i}.png"
         try:
             write_png(pending, to_pil(image), infotext(settings, i, model_hash, model_name))
-            os.chmod(pending, 0o666 & ~umask)  # write_png's temporary file is private (0600); an output is not
             written.append(_claim(pending, out, settings.seed + i))
         finally:
             pending.unlink(missing_ok=True)

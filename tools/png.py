@@ -86,6 +86,7 @@ def write_png(path: str | os.PathLike, image: Image.Image, parameters: str) -> P
     info.add_text("parameters", parameters)
     fd, tmp = tempfile.mkstemp(prefix=".tritonsd-", suffix=".png", dir=path.parent)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's file is private (0600); an output image is not
         with os.fdopen(fd, "wb") as f:
             image.save(f, format="PNG", pnginfo=info)
         os.replace(tmp, path)
@@ -93,6 +94,12 @@ def write_png(path: str | os.PathLike, image: Image.Image, parameters: str) -> P
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def read_parameters(path: str | os.PathLike) -> str | None:
