@@ -1,0 +1,95 @@
+"""Flash attention forward vs torch eager and every SDPA backend, at the real SD shapes."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import Case, run_case, script_main  # noqa: E402
+from sd_shapes import BATCH, CONTEXT, MODELS, TEXT  # noqa: E402
+
+from tritonsd.kernels.attention import attention_reference, attention_triton  # noqa: E402
+
+
+def cases() -> list[Case]:
+    out = []
+
+    def add(model, name, b, n, m, heads, d, causal=False):
+        def make(dtype, b=b, n=n, m=m, w=heads * d):
+            g = torch.Generator(device="cuda").manual_seed(0)
+            # q, k, v as chunks of one fused projection, as the model produces them
+            if n == m:
+                q, k, v = torch.randn(b, n, 3 * w, device="cuda", dtype=dtype, generator=g).chunk(3, -1)
+            else:
+                q = torch.randn(b, n, w, device="cuda", dtype=dtype, generator=g)
+                k, v = torch.randn(b, m, 2 * w, device="cuda", dtype=dtype, generator=g).chunk(2, -1)
+            return q, k, v, heads, causal
+        flops = 4.0 * b * heads * n * m * d * (0.5 if causal else 1.0)
+        out.append(Case("attention", model, name, {"B": b, "N": n, "M": m, "heads": heads, "head_dim": d,
+                                                   "causal": causal}, make, flops, "TFLOP/s"))
+
+    for model, spec in MODELS.items():
+        for c, side in spec["levels"]:
+            h = spec["heads"](c)
+            add(model, f"self-{side}x{side}-c{c}", BATCH, side * side, side * side, h, c // h)
+            add(model, f"cross-{side}x{side}-c{c}", BATCH, side * side, CONTEXT, h, c // h)
+        lat = spec["latent"]
+        add(model, f"vae-mid-{lat}x{lat}-c512", 1, lat * lat, lat * lat, 1, 512)
+    for name, width, heads in TEXT:
+        add("text", f"{name}-causal", BATCH, CONTEXT, CONTEXT, heads, width // heads, causal=True)
+    return out
+
+
+def _heads_first(q, k, v, heads):
+    b, n, w = q.shape
+    d = w // heads
+    # [B, N, H*D] -> [B, H, N, D] (views)
+    return (q.view(b, n, heads, d).transpose(1, 2), k.view(b, k.shape[1], heads, d).transpose(1, 2),
+            v.view(b, v.shape[1], heads, d).transpose(1, 2))
+
+
+def torch_eager(q, k, v, heads, causal):
+    qh, kh, vh = _heads_first(q, k, v, heads)
+    s = (qh @ kh.transpose(-1, -2)) * qh.shape[-1] ** -0.5
+    if causal:
+        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1), float("-inf"))
+    o = s.softmax(-1) @ vh
+    return o.transpose(1, 2).reshape(q.shape)
+
+
+def sdpa(backend):
+    from torch.nn.attention import sdpa_kernel
+
+    def run(q, k, v, heads, causal):
+        qh, kh, vh = _heads_first(q, k, v, heads)
+        with sdpa_kernel(backend):
+            o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=causal)
+        return o.transpose(1, 2).reshape(q.shape)
+    return run
+
+
+def implementations() -> dict:
+    from torch.nn.attention import SDPBackend
+
+    impls = {"triton": lambda q, k, v, h, c: attention_triton(q, k, v, h, causal=c), "torch-eager": torch_eager}
+    for name in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH"):
+        if hasattr(SDPBackend, name):
+            impls[f"sdpa-{name.split('_')[0].lower()}"] = sdpa(getattr(SDPBackend, name))
+    return impls
+
+
+def bench(dtype: torch.dtype, model: str | None = None) -> list[dict]:
+    impls = implementations()
+    rows = []
+    for case in cases():
+        if model is None or case.model == model:
+            rows += run_case(case, impls, lambda q, k, v, h, c: attention_reference(q, k, v, h, causal=c), dtype)
+    return rows
+
+
+if __name__ == "__main__":
+    sys.exit(script_main("attention", bench))

@@ -1,0 +1,46 @@
+"""GEGLU gate vs torch eager (chunk + exact GELU + multiply), at the feed-forward shapes (F = 4 * channels)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import Case, run_case, script_main  # noqa: E402
+from sd_shapes import BATCH, MODELS  # noqa: E402
+
+from tritonsd.kernels.geglu import geglu_reference, geglu_triton  # noqa: E402
+
+
+def cases() -> list[Case]:
+    out = []
+    for model, spec in MODELS.items():
+        for c, side in spec["levels"]:
+            n, f = side * side, 4 * c
+
+            def make(dtype, n=n, f=f):
+                g = torch.Generator(device="cuda").manual_seed(0)
+                return (torch.randn(BATCH, n, 2 * f, device="cuda", dtype=dtype, generator=g),)
+            out.append(Case("geglu", model, f"ff-{side}x{side}-F{f}", {"B": BATCH, "N": n, "F": f}, make,
+                            3.0 * BATCH * n * f * 2, "GB/s", {"bytes_per_element_assumed": 2}))
+    return out
+
+
+def bench(dtype: torch.dtype, model: str | None = None) -> list[dict]:
+    impls = {"triton": geglu_triton, "torch-eager": geglu_reference}
+    try:
+        compiled = torch.compile(geglu_reference)
+        impls["torch-compile"] = compiled
+    except Exception:  # noqa: BLE001 - torch.compile is an optional peer
+        pass
+    rows = []
+    for case in cases():
+        if model is None or case.model == model:
+            rows += run_case(case, impls, geglu_reference, dtype)
+    return rows
+
+
+if __name__ == "__main__":
+    sys.exit(script_main("geglu", bench))

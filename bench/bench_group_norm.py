@@ -1,0 +1,61 @@
+"""GroupNorm (+SiLU) vs torch eager (the float32 reference path and native half-precision F.group_norm)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import Case, run_case, script_main  # noqa: E402
+from sd_shapes import BATCH, MODELS, VAE_LEVELS  # noqa: E402
+
+from tritonsd.kernels.group_norm import group_norm_reference, group_norm_triton  # noqa: E402
+
+
+def cases() -> list[Case]:
+    out = []
+
+    def add(model, name, b, c, side, channels_last=False):
+        def make(dtype):
+            g = torch.Generator(device="cuda").manual_seed(0)
+            x = torch.randn(b, c, side, side, device="cuda", dtype=dtype, generator=g)
+            if channels_last:
+                x = x.to(memory_format=torch.channels_last)
+            w = torch.randn(c, device="cuda", dtype=dtype, generator=g)
+            bias = torch.randn(c, device="cuda", dtype=dtype, generator=g)
+            return x, w, bias
+        numel = b * c * side * side
+        out.append(Case("group_norm", model, name, {"B": b, "C": c, "H": side, "W": side, "groups": 32,
+                                                    "silu": True, "channels_last": channels_last},
+                        make, 2.0 * numel * 2, "GB/s", {"bytes_per_element_assumed": 2}))
+
+    for model, spec in MODELS.items():
+        for c, side in spec["levels"]:
+            add(model, f"unet-{side}x{side}-c{c}", BATCH, c, side)
+        c0, s0 = spec["levels"][0]
+        add(model, f"unet-up-concat-{s0}x{s0}-c{3 * c0}", BATCH, 3 * c0, s0)
+        add(model, f"unet-{s0}x{s0}-c{c0}-channels-last", BATCH, c0, s0, channels_last=True)
+        for c, scale in VAE_LEVELS:
+            side = spec["latent"] * scale
+            add(model, f"vae-{side}x{side}-c{c}", 1, c, side)
+    return out
+
+
+def bench(dtype: torch.dtype, model: str | None = None) -> list[dict]:
+    impls = {
+        "triton": lambda x, w, b: group_norm_triton(x, w, b, 32, 1e-5, silu=True),
+        "torch-eager-fp32-stats": lambda x, w, b: group_norm_reference(x, w, b, 32, 1e-5, silu=True),
+        "torch-eager-native": lambda x, w, b: F.silu(F.group_norm(x, 32, w, b, 1e-5)),
+    }
+    rows = []
+    for case in cases():
+        if model is None or case.model == model:
+            rows += run_case(case, impls, lambda x, w, b: group_norm_reference(x, w, b, 32, 1e-5, silu=True), dtype)
+    return rows
+
+
+if __name__ == "__main__":
+    sys.exit(script_main("group_norm", bench))

@@ -1,0 +1,49 @@
+"""LayerNorm over the last dim vs F.layer_norm, at the transformer blocks' and text towers' shapes."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import Case, run_case, script_main  # noqa: E402
+from sd_shapes import BATCH, CONTEXT, MODELS, TEXT  # noqa: E402
+
+from tritonsd.kernels.layer_norm import layer_norm_reference, layer_norm_triton  # noqa: E402
+
+
+def cases() -> list[Case]:
+    out = []
+
+    def add(model, name, rows, width):
+        def make(dtype):
+            g = torch.Generator(device="cuda").manual_seed(0)
+            x = torch.randn(BATCH, rows, width, device="cuda", dtype=dtype, generator=g)
+            return x, torch.randn(width, device="cuda", dtype=dtype, generator=g), \
+                torch.randn(width, device="cuda", dtype=dtype, generator=g)
+        out.append(Case("layer_norm", model, name, {"B": BATCH, "N": rows, "C": width}, make,
+                        2.0 * BATCH * rows * width * 2, "GB/s", {"bytes_per_element_assumed": 2}))
+
+    for model, spec in MODELS.items():
+        for c, side in spec["levels"]:
+            add(model, f"unet-{side}x{side}-c{c}", side * side, c)
+    for name, width, _ in TEXT:
+        add("text", name, CONTEXT, width)
+    return out
+
+
+def bench(dtype: torch.dtype, model: str | None = None) -> list[dict]:
+    impls = {"triton": layer_norm_triton,
+             "torch-eager": lambda x, w, b: F.layer_norm(x, (x.shape[-1],), w, b, 1e-5)}
+    rows = []
+    for case in cases():
+        if model is None or case.model == model:
+            rows += run_case(case, impls, layer_norm_reference, dtype)
+    return rows
+
+
+if __name__ == "__main__":
+    sys.exit(script_main("layer_norm", bench))

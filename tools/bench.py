@@ -1,0 +1,81 @@
+"""``tritonsd bench``: benchmarks, one sub-subcommand each (``kernels`` now; others register in BENCHES).
+
+``tritonsd bench kernels [--op NAME] [--model NAME] [--dtype fp16] [--json PATH]`` runs ``bench/bench_<op>.py``
+of the repository checkout (the scripts are not part of the installed package) and writes every row, with the
+device, the torch/triton versions, the git commit and this command, to ``bench/results/`` (or ``--json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+from types import ModuleType
+
+BENCH_DIR = Path(__file__).resolve().parent.parent / "bench"
+KERNEL_OPS = ("attention", "group_norm", "layer_norm", "geglu", "conv")
+
+
+class BenchSetupError(RuntimeError):
+    """The benchmark scripts cannot be found or cannot run here."""
+
+
+def _load(name: str) -> ModuleType:
+    """A module of the bench/ directory (found beside the package, as the scripts are not installed)."""
+    path = BENCH_DIR / f"{name}.py"
+    if not path.is_file():
+        raise BenchSetupError(f"benchmark script not found: {path} (run from a repository checkout)")
+    if str(BENCH_DIR) not in sys.path:
+        sys.path.insert(0, str(BENCH_DIR))  # the scripts import their shared harness by name, as when run directly
+    return importlib.import_module(name)
+
+
+def add_kernels_parser(sub) -> None:
+    p = sub.add_parser("kernels", help="time the Triton kernels against torch eager, SDPA backends and cuDNN",
+                       description="Time each Triton kernel and its peers at the real SD 1.5 (512x512) and SD 2.1 "
+                                   "(768x768) shapes, batch 2, after checking each against the float32 reference.")
+    p.add_argument("--op", choices=KERNEL_OPS, action="append", help="only this op (repeatable; default: all)")
+    p.add_argument("--model", default=None, help="only cases of this model: sd15-512, sd21-768, text")
+    p.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default="fp16")
+    p.add_argument("--json", type=Path, default=None, metavar="PATH",
+                   help="write the results here (default: bench/results/kernels-DEVICE-DTYPE-TIME.json)")
+
+
+def run_kernels(args: argparse.Namespace) -> int:
+    harness = _load("harness")
+    try:
+        harness.require_cuda()
+    except harness.BenchError as e:
+        raise BenchSetupError(str(e)) from None
+    rows = []
+    for op in args.op or KERNEL_OPS:
+        module = _load(f"bench_{op}")
+        op_rows = module.bench(harness.DTYPES[args.dtype], args.model)
+        harness.print_rows(op_rows)
+        rows += op_rows
+    path = harness.write_json(rows, args.json, ["tritonsd", *sys.argv[1:]], args.dtype, "kernels")
+    failed = [r for r in rows if r["impl"] == "triton" and "error" in r]
+    print(f"wrote {path}")
+    if failed:
+        print(f"{len(failed)} Triton case(s) failed: " + ", ".join(f"{r['op']}/{r['case']}" for r in failed),
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+# name -> (adds its parser to the bench sub-subparsers, runs it)
+BENCHES = {"kernels": (add_kernels_parser, run_kernels)}
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("bench", help="benchmarks (kernels)", description="Benchmarks; see each subcommand.")
+    sub = p.add_subparsers(dest="bench_command", metavar="BENCH", required=True)
+    for add, _ in BENCHES.values():
+        add(sub)
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    _, run_bench = BENCHES[args.bench_command]
+    return run_bench(args)
