@@ -11,6 +11,7 @@ from torch import nn
 
 from .checkpoint import CheckpointError, normalize_keys, read_checkpoint
 from .config import ModelConfig, ModelConfigError, detect_config
+from .device import resolve_device
 from .text import TextConfigError, build_cond_stage, cond_stage_prefix
 from .unet import UNetModel
 from .vae import AutoencoderKL
@@ -76,7 +77,9 @@ def load_model(path: str | Path, config: str | Path | ModelConfig | None = None,
                parameterization: str | None = None, text_heads: int | None = None,
                dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> StableDiffusion:
     """Read a checkpoint, detect its config (``config``: the original YAML's path, or a ``ModelConfig``), build
-    the modules on the meta device and load the weights strictly, cast to ``dtype`` on ``device``."""
+    the modules on the meta device and load the weights strictly, cast to ``dtype`` on ``device``
+    (``DeviceError`` at once when the device is not available)."""
+    device = resolve_device(device)
     path = Path(path)
     raw = read_checkpoint(path)
     try:

@@ -111,6 +111,12 @@ def test_resolve_device_without_cuda(monkeypatch):
     assert resolve_device("auto") == torch.device("cpu") == resolve_device(None) == resolve_device("CPU")
 
 
+def test_load_model_on_missing_cuda_fails_first(monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(DeviceError, match="is_available"):  # before the (missing) file is even read
+        load_model(tmp_path / "absent.safetensors", device="cuda", dtype=torch.float16)
+
+
 def test_resolve_device_bad_names():
     for name in ("gpu0", "tpu", "mps"):
         with pytest.raises(DeviceError, match=repr(name)):
