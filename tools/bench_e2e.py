@@ -141,7 +141,11 @@ class TritonsdImpl:
         return self.model.apply_model(x, t, cond["context"], cond.get("y"))
 
     def info(self) -> dict:
-        return {"captures": self.runner.captures, "vae_retries": guard_for(self.model.first_stage_model).retries}
+        entries = list(self.runner.entries.values())
+        return {"loop_entries": len(entries), "cuda_graph": any(e.graph is not None for e in entries),
+                "vae_retries": guard_for(self.model.first_stage_model).retries,
+                "unet_params": sum(p.numel() for p in self.model.model.diffusion_model.parameters()),
+                "vae_params": sum(p.numel() for p in self.model.first_stage_model.parameters())}
 
     def close(self) -> None:
         self.runner.clear()
@@ -280,7 +284,10 @@ def unet_forward_ms(impl, model, device, batch: int, size: int, args) -> float:
 
 
 def measure(impl, model, device, batch, size, sampler, args) -> dict:
+    impl.runner.clear()  # each row captures its own loop: its first image pays for it, its peak holds only it
+    gc.collect()
     if device.type == "cuda":
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     first = one_image(impl, model, device, batch, size, sampler, args)
     runs = [one_image(impl, model, device, batch, size, sampler, args) for _ in range(args.repeat)]
