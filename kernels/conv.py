@@ -4,12 +4,17 @@ GEMM view: M = B*H'*W' output pixels, N = C_out, K = C_in*KH*KW. A program owns 
 tile; it loops over the KH*KW taps (unrolled) and, per tap, over C_in in BLOCK_K chunks, gathering the input
 pixels the tap reads ([BLOCK_M, BLOCK_K], zero outside the image: that is the padding) and the tap's weights
 ([BLOCK_K, BLOCK_N]). No im2col buffer. Input, weight, residual and output are all read through their strides,
-so NCHW and channels_last work alike (channels_last makes the K loads contiguous). Accumulation is float32
+so NCHW and channels_last work alike; channels_last activations are the fast path (the K loads are then
+contiguous). The weights are read from a [KH, KW, C_in, C_out] copy (C_out contiguous, so the [BLOCK_K, BLOCK_N]
+weight tiles load coalesced), packed once per weight tensor and version and kept while that tensor lives
+(the cache never changes results, it only saves the repacking). Accumulation is float32
 (full IEEE float32 products for float32 inputs). The epilogue adds bias, the per-(batch, channel) ``emb`` and
 the ``residual``, multiplies by ``scale``, and stores once.
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -21,8 +26,7 @@ from ._triton import FLOAT_DTYPES, check_device, configs, dot_dtype, dot_precisi
 CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
     for bm, bn, bk, w, s in [
-        (128, 128, 32, 8, 3), (128, 128, 64, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4),
-        (128, 256, 32, 8, 3), (64, 64, 32, 4, 4), (256, 128, 32, 8, 3), (64, 32, 32, 4, 4),
+        (128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (128, 256, 32, 8, 3), (64, 64, 32, 4, 4),
     ]
 ]
 INTERPRETED_CONFIG = triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)
@@ -102,6 +106,25 @@ def _conv2d_kernel(
     tl.store(y_ptr, acc.to(Y.dtype.element_ty), mask=tile_ok)
 
 
+# id(weight) -> (weakref to it, its version, packed copy); an entry leaves when its weight is freed
+_PACKED: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}
+
+
+def packed_weight(weight: torch.Tensor) -> torch.Tensor:
+    """weight [C_out, C_in, KH, KW] as a view of a [KH, KW, C_in, C_out]-contiguous copy (same shape, new
+    strides), cached per tensor until it is modified in place (its version counter moves)."""
+    if weight.stride(0) == 1 and weight.stride(1) == weight.shape[0]:
+        return weight  # already C_out-contiguous
+    hit = _PACKED.get(id(weight))
+    if hit is not None and hit[0]() is weight and hit[1] == weight._version:
+        return hit[2]
+    packed = weight.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)  # [KH, KW, Cin, Cout] memory order
+    if not (weight.is_cuda and torch.cuda.is_current_stream_capturing()):  # graph-owned memory: not cached
+        key = id(weight)
+        _PACKED[key] = (weakref.ref(weight, lambda _, key=key: _PACKED.pop(key, None)), weight._version, packed)
+    return packed
+
+
 def _as_int(v) -> int | None:
     """An int stride/padding, or a pair of equal ints; None for anything else (the reference handles it)."""
     if isinstance(v, int):
@@ -154,6 +177,7 @@ def conv2d_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     m = bsz * h_out * w_out
     if m == 0 or c_out == 0:
         return out
+    weight = packed_weight(weight)
     e = emb if emb is not None else out
     r = residual if residual is not None else out
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(c_out, meta["BLOCK_N"]),)  # noqa: E731

@@ -85,3 +85,15 @@ def test_grouped_convolution_falls_back_to_reference():
     w = torch.randn(8, 4, 3, 3, generator=g).to(DEVICE)  # groups=2: not covered by the kernel
     with pytest.raises(RuntimeError):  # the reference's own error: conv2d_reference takes no groups
         conv2d_triton(x, w, None, 1, 1)
+
+
+def test_packed_weights_follow_in_place_updates(no_fallback):
+    """The [KH, KW, C_in, C_out] weight copy is reused while the weight is unchanged and redone after copy_()."""
+    tensors, params = case(1, 8, 16, (6, 6), 3, 1, 1, torch.float32, seed=8, epilogue=False)
+    w = tensors["weight"]
+    packed = conv_mod.packed_weight(w)
+    assert torch.equal(packed, w) and packed.stride()[0] == 1 and conv_mod.packed_weight(w) is packed
+    check(tensors, params, torch.float32)
+    w.copy_(torch.randn(w.shape, generator=torch.Generator().manual_seed(9)).to(w))
+    assert conv_mod.packed_weight(w) is not packed
+    check(tensors, params, torch.float32)
