@@ -6,6 +6,11 @@ under ``TRITON_INTERPRET=1``; ``tritonsd parity --kernels triton`` does the same
 context variable, so it is scoped and thread-safe rather than a module-level switch.
 
 The model calls only these functions, never a kernel module directly.
+
+Each Triton launcher falls back to its torch reference, explicitly and documented in its docstring, for what
+its kernel does not cover (e.g. attention head dims above 512, grouped convolutions, dtypes other than
+float16/bfloat16/float32); forcing Triton on CPU tensors without ``TRITON_INTERPRET=1`` is a clear
+``KernelDeviceError`` rather than a silent fallback.
 """
 
 from __future__ import annotations
