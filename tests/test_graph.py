@@ -13,7 +13,8 @@ from tritonsd.model.sd import load_model
 from tritonsd.sampler import denoise as D
 from tritonsd.sampler import samplers as K
 from tritonsd.sampler import schedule as S
-from tritonsd.sampler.graph import GraphRunner, GraphRunnerError, StaticNoise, noise_draws, predraw_noise
+from tritonsd.sampler.graph import (GraphRunner, GraphRunnerError, StaticNoise, noise_draws, predraw_noise,
+                                    tables_on_device)
 
 STEPS = 3
 CFG = 7.5
@@ -197,6 +198,40 @@ def test_bad_inputs_are_refused():
     with pytest.raises(GraphRunnerError, match="CUDA"):
         GraphRunner(ToyDenoiser(), device="cpu", use_graphs=True)
     assert runner.captures == 0
+
+
+def meta_tiny_model(fixtures):
+    """The sd1-tiny model on the meta device (shapes only), built from its file's header."""
+    from safetensors import safe_open
+
+    from tritonsd.model.checkpoint import normalize_keys
+    from tritonsd.model.config import detect_config
+    from tritonsd.model.sd import build_model
+
+    with safe_open(str(fixtures / "sd1-tiny.safetensors"), "pt") as f:
+        shapes = {k: f.get_slice(k).get_shape() for k in f.keys() if k != "alphas_cumprod"}
+    weights = {k: torch.empty(v, device="meta") for k, v in shapes.items()}
+    with torch.device("meta"):
+        return build_model(detect_config(weights, text_heads=2), normalize_keys(weights).weights)
+
+
+@pytest.mark.parametrize("sampler", ["euler", "euler_a", "dpmpp_2m"])
+def test_loop_never_reads_device_values(fixtures, sampler):
+    """Capturability without a GPU: the loop runs on the META device (no values), so any host read of a
+    device value (``.item()``, ``bool(t)``, a Python ``if`` on a device tensor: a sync that would break the
+    capture) raises. Only the CPU sigmas may steer it."""
+    model = meta_tiny_model(fixtures)
+    runner = GraphRunner(tables_on_device(D.EpsDenoiser(model.apply_model, torch.ones(1000) * 0.5), "meta"),
+                         device="meta", use_graphs=False)
+    sigmas = S.get_sigmas_karras(STEPS, 0.03, 14.6)
+    x, ctx = torch.randn(2, 4, 8, 8), torch.randn(2, 77, 32)
+    n = noise_draws(sampler, sigmas)
+    out = runner.run(x, ctx, ctx, predraw_noise(x.shape, n, 0) if n else None, sigmas=sigmas, cfg_scale=CFG,
+                     sampler=sampler)
+    assert out.device.type == "meta" and out.shape == x.shape
+    with pytest.raises(RuntimeError, match="meta"):  # the same loop over device sigmas does read them
+        SAMPLER_FNS[sampler](D.CFGDenoiser(runner.denoiser, CFG), x.to("meta"), sigmas.to("meta"),
+                             extra_args={"cond": {"context": ctx.to("meta")}, "uncond": {"context": ctx.to("meta")}})
 
 
 # ---------------------------------------------------------------- CUDA only: graph replay == eager loop
