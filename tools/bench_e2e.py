@@ -11,8 +11,9 @@ batch and sampler, every implementation generates ``--repeat`` images after a fi
   sampler loop and OUR text encoder (so the difference is the UNet and the VAE).
 
 Reported per row: ``step_ms`` (denoising loop / steps: one UNet call at the CFG batch, the CFG combine and the
-sampler update; CUDA events), ``it_per_s``, ``unet_forward_ms`` (one UNet call, eager impls), ``image_ms``
-(text encoding, start noise, loop, VAE decode and the copy to the host, wall clock), ``first_image_ms`` (the
+sampler update; CUDA events), ``it_per_s``, ``unet_tflop_per_step`` / ``vae_tflop`` (torch's FLOP counter on
+the meta device: the arithmetic floor; ``unet_tflops_per_s`` is it over ``step_ms``), ``unet_forward_ms`` (one
+UNet call, eager impls), ``image_ms`` (text encoding, start noise, loop, VAE decode and the copy to the host, wall clock), ``first_image_ms`` (the
 first image of the row in this process: graph capture, ``torch.compile`` and Triton autotuning of new shapes
 included; rows run in the order printed), ``peak_mem_gb`` (``torch.cuda.max_memory_allocated``, weights
 included). Medians over the repeats; the raw lists are kept. Results go to ``bench/results/e2e-*.json`` with
@@ -38,7 +39,7 @@ import torch
 
 from ..kernels import dispatch
 from ..model.device import resolve_device, resolve_dtype
-from ..model.random_weights import MANIFESTS, build_random_model, fill_random_
+from ..model.random_weights import MANIFESTS, build_meta_model, build_random_model, fill_random_
 from ..model.vae_guard import decode_first_stage_guarded, guard_for
 from ..sampler import denoise as D
 from ..sampler import pipeline as P
@@ -303,6 +304,25 @@ def measure(impl, model, device, batch, size, sampler, args) -> dict:
     return row
 
 
+@torch.no_grad()
+def work_tflop(meta_model, size: int, batch: int) -> dict:
+    """FLOPs (torch's counter: convolutions, matrix products, attention) of one UNet call at the CFG batch and of
+    the VAE decode of the batch, counted on the meta device: the arithmetic floor of a step and a decode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg = meta_model.config.unet
+    h = size // 8
+    x = torch.empty(2 * batch, cfg.in_channels, h, h, device="meta")
+    t = torch.full((2 * batch,), 500.0, device="meta")
+    ctx = torch.empty(2 * batch, 77, cfg.context_dim, device="meta")
+    y = torch.empty(2 * batch, cfg.adm_in_channels, device="meta") if cfg.adm_in_channels else None
+    with FlopCounterMode(display=False) as unet:
+        meta_model.apply_model(x, t, ctx, y)
+    with FlopCounterMode(display=False) as vae:
+        meta_model.first_stage_model.decode(torch.empty(batch, 4, h, h, device="meta"))
+    return {"unet_tflop_per_step": unet.get_total_flops() / 1e12, "vae_tflop": vae.get_total_flops() / 1e12}
+
+
 # ---------------------------------------------------------------- environment and output
 
 
@@ -366,7 +386,8 @@ def print_row(r: dict) -> None:
         return
     unet = f"unet {r['unet_forward_ms']:7.2f} ms  " if "unet_forward_ms" in r else ""
     mem = f"  peak {r['peak_mem_gb']:.2f} GB" if "peak_mem_gb" in r else ""
-    print(f"{head} {r['step_ms']:8.2f} ms/step {r['it_per_s']:7.2f} it/s  {unet}image {r['image_ms']:8.1f} ms  "
+    rate = f" ({r['unet_tflops_per_s']:.0f} TFLOP/s)" if "unet_tflops_per_s" in r else ""
+    print(f"{head} {r['step_ms']:8.2f} ms/step{rate} {r['it_per_s']:7.2f} it/s  {unet}image {r['image_ms']:8.1f} ms  "
           f"first {r['first_image_ms']:9.1f} ms{mem}", flush=True)
 
 
@@ -414,6 +435,9 @@ def run(args: argparse.Namespace) -> int:
         size = args.size or DEFAULT_SIZE.get(bench_model, 512)
         model = build_random_model(bench_model, dtype=dtype, device=device, seed=args.seed,
                                    text_heads=args.text_heads)
+        meta_model = build_meta_model(bench_model, text_heads=args.text_heads)
+        work = {b: work_tflop(meta_model, size, b) for b in args.batch or [1, 4]}
+        del meta_model
         for impl_name in impls:
             impl = None
             try:
@@ -427,6 +451,8 @@ def run(args: argparse.Namespace) -> int:
                             with dispatch.force(args.kernels):
                                 row.update(measure(impl, model, device, batch, size, sampler, args))
                             row.update(impl.info())
+                            row.update(work[batch])
+                            row["unet_tflops_per_s"] = work[batch]["unet_tflop_per_step"] / (row["step_ms"] / 1e3)
                         except (RuntimeError, ValueError) as e:  # OOM, capture failure: record, go on
                             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
                         rows.append(row)
