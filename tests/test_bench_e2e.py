@@ -44,6 +44,17 @@ def test_e2e_smoke_on_cpu(fixtures, tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
 
 
+def test_cli_bench_e2e_without_cuda(monkeypatch, capsys):
+    import torch
+
+    from tritonsd.tools import cli
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli.main(["bench", "e2e", "--model", "sd15", "--batch", "1"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("tritonsd bench: error: device 'cuda'") and "\n" not in err
+
+
 def test_e2e_refuses_bad_settings():
     with pytest.raises(bench_e2e.BenchE2EError, match="--size"):
         bench_e2e.main(["--device", "cpu", "--size", "500"])

@@ -64,12 +64,29 @@ def run_kernels(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- e2e: whole-image speed vs diffusers, in tools/bench_e2e.py (its arguments and run live there)
+
+
+def add_e2e_parser(sub) -> None:
+    from . import bench_e2e
+
+    p = sub.add_parser("e2e", help="whole-image speed of full-size random-weight models vs diffusers",
+                       description=bench_e2e.__doc__.splitlines()[0])
+    bench_e2e.add_arguments(p)
+
+
+def run_e2e(args: argparse.Namespace) -> int:
+    from . import bench_e2e
+
+    return bench_e2e.run(args)
+
+
 # name -> (adds its parser to the bench sub-subparsers, runs it)
-BENCHES = {"kernels": (add_kernels_parser, run_kernels)}
+BENCHES = {"kernels": (add_kernels_parser, run_kernels), "e2e": (add_e2e_parser, run_e2e)}
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("bench", help="benchmarks (kernels)", description="Benchmarks; see each subcommand.")
+    p = subparsers.add_parser("bench", help="benchmarks (kernels, e2e)", description="Benchmarks; see each subcommand.")
     sub = p.add_subparsers(dest="bench_command", metavar="BENCH", required=True)
     for add, _ in BENCHES.values():
         add(sub)

@@ -83,13 +83,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "every row, so a run cut short keeps what it measured")
 
 
-def add_parser(subparsers) -> None:
-    """Standalone registration (``tools/bench.py`` registers ``e2e`` under ``tritonsd bench``)."""
-    p = subparsers.add_parser("e2e", help="whole-image speed, full-size random-weight models vs diffusers")
-    add_arguments(p)
-    p.set_defaults(run=run)
-
-
 # ---------------------------------------------------------------- timing
 
 
