@@ -17,6 +17,8 @@ from tritonsd.model.sd import load_model
 from tritonsd.model.vae_guard import VAEDecodeGuard, VAEDecodeNaNWarning, decode_first_stage_guarded, guard_for
 from tritonsd.tools.reference import relative_error
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # Triton on CPU tensors needs the interpreter (no GPU)
+
 # bounds for one op on half-precision inputs against float64 (float16 rounding of the output is ~5e-4)
 HALF_BOUND = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
@@ -138,26 +140,26 @@ def test_resolve_dtype():
 def offset_input(shape, dtype, offset=200.0, seed=0):
     """Values around a large mean: naive half-precision sums of x and x^2 lose the variance entirely."""
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(shape, generator=g) + offset).to(dtype)
+    return (torch.randn(shape, generator=g) + offset).to(DEVICE, dtype)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_group_norm_statistics_in_float32(backend, dtype):
     x = offset_input((2, 64, 8, 8), dtype)
-    w, b = torch.randn(64).to(dtype), torch.randn(64).to(dtype)
+    w, b = torch.randn(64).to(DEVICE, dtype), torch.randn(64).to(DEVICE, dtype)
     ref = torch.nn.functional.group_norm(x.double(), 32, w.double(), b.double(), 1e-5)
     with dispatch.force(backend):
         out = dispatch.group_norm(x, w, b, 32, 1e-5)
     assert out.dtype == dtype
-    assert relative_error(out.double(), ref) <= HALF_BOUND[dtype]
+    assert relative_error(out.double().cpu(), ref.cpu()) <= HALF_BOUND[dtype]
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_layer_norm_statistics_in_float32(backend, dtype):
     x = offset_input((2, 16, 320), dtype)
-    w, b = torch.randn(320).to(dtype), torch.randn(320).to(dtype)
+    w, b = torch.randn(320).to(DEVICE, dtype), torch.randn(320).to(DEVICE, dtype)
     ref = torch.nn.functional.layer_norm(x.double(), (320,), w.double(), b.double(), 1e-5)
     with dispatch.force(backend):
         out = dispatch.layer_norm(x, w, b, 1e-5)
@@ -172,9 +174,9 @@ def test_attention_scores_do_not_overflow(backend, dtype):
     fp16 NaN): scores and softmax must be float32."""
     g = torch.Generator().manual_seed(1)
     heads, d = 2, 40
-    q = (torch.randn(1, 32, heads * d, generator=g) * 60).to(dtype)
+    q = (torch.randn(1, 32, heads * d, generator=g) * 60).to(DEVICE, dtype)
     k = q.clone()  # aligned keys: the largest scores, |q|^2 ~ 1.4e5
-    v = torch.randn(1, 32, heads * d, generator=g).to(dtype)
+    v = torch.randn(1, 32, heads * d, generator=g).to(DEVICE, dtype)
     qh, kh, vh = (t.double().reshape(1, 32, heads, d).transpose(1, 2) for t in (q, k, v))
     probs = torch.softmax(qh @ kh.transpose(-1, -2) / d ** 0.5, dim=-1)
     ref = (probs @ vh).transpose(1, 2).reshape(1, 32, heads * d)  # [B, H, N, D] -> [B, N, H*D]
