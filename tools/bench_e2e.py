@@ -20,6 +20,13 @@ included). Medians over the repeats; the raw lists are kept. Results go to ``ben
 the device, versions, git commit, settings and command; ``tools/readme_table.py`` renders them.
 
 diffusers is optional: imported only here, and only when a diffusers impl is asked for.
+
+On a lent GPU machine (no network; the tree travels without ``../shared`` and without ``.git``): carry the
+wheels of diffusers, importlib_metadata, ftfy and wcwidth in ``.whl/`` and the manifests (plus the sd1-tiny
+fixtures for the CUDA tests) in ``.fixtures/`` (both git-ignored), install the wheels with
+``pip install --no-index --no-deps --target /tmp/site .whl/*.whl``, put a ``tritonsd`` symlink to the tree on
+``PYTHONPATH``, set ``TRITONSD_FIXTURES=$PWD/.fixtures`` and pass ``--git-commit`` and ``--json $OUT/...``.
+Split a long run over several commands (``--model``, ``--impl``); ``tools/readme_table.py`` merges the files.
 """
 
 from __future__ import annotations
