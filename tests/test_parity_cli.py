@@ -65,30 +65,46 @@ def copy_reference(fixtures: Path, name: str, dest: Path, tensors: dict | None =
 
 @pytest.fixture(scope="module")
 def full_run(fixtures, tmp_path_factory):
-    """full_run(name) -> (CompletedProcess, rows, json path, saved path, seconds); sd1 also saves its tensors."""
-    cache: dict[str, tuple] = {}
+    """full_run(name) -> (CompletedProcess-like, rows, seconds, saved path); sd1 also saves its tensors.
 
-    def get(name: str):
-        if name not in cache:
+    The four whole-file runs start together on first use, one thread each: the tiny models keep two threads
+    poorly busy, so running them side by side on CI's two cores is faster than one after another.
+    """
+    runs: dict[str, tuple] = {}
+
+    def start_all():
+        for name in FIXTURES:
             out = tmp_path_factory.mktemp(name)
-            saved = out / "recomputed.safetensors"
             args = [fixtures / f"{name}.safetensors", "--reference", fixtures / f"{name}.reference.safetensors",
                     "--json", out / "rows.json"]
             if name == "sd1-tiny":
-                args += ["--save", saved]
-            t0 = time.perf_counter()
-            proc = parity(*args)
-            seconds = time.perf_counter() - t0
-            rows = rows_of(out / "rows.json") if (out / "rows.json").exists() else {}
-            cache[name] = (proc, rows, out / "rows.json", saved, seconds)
-        return cache[name]
+                args += ["--save", out / "recomputed.safetensors"]
+            cmd = [sys.executable, "-m", "tritonsd.tools.cli", "parity", *map(str, args)]
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                    env={**os.environ, "OMP_NUM_THREADS": "1"})
+            runs[name] = (proc, out, time.perf_counter())
 
-    return get
+    def get(name: str):
+        if not runs:
+            start_all()
+        proc, out, t0 = runs[name][:3]
+        if len(runs[name]) == 3:
+            stdout, stderr = proc.communicate(timeout=1800)
+            done = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+            rows = rows_of(out / "rows.json") if (out / "rows.json").exists() else {}
+            runs[name] = (proc, out, t0, (done, rows, time.perf_counter() - t0, out / "recomputed.safetensors"))
+        return runs[name][3]
+
+    yield get
+    for proc, *_ in runs.values():
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 @pytest.mark.parametrize("name", FIXTURES)
 def test_every_tensor_of_the_reference_passes(full_run, reference, name):
-    proc, rows, _, _, seconds = full_run(name)
+    proc, rows, seconds, _ = full_run(name)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     ref, _ = reference(name)
     assert set(rows) == set(ref), "one row per key of the reference file, no more, no less"
@@ -111,7 +127,7 @@ def test_every_tensor_of_the_reference_passes(full_run, reference, name):
 
 
 def test_saved_tensors_pass_the_comparison(full_run, reference):
-    proc, rows, _, saved, _ = full_run("sd1-tiny")
+    proc, rows, _, saved = full_run("sd1-tiny")
     assert proc.returncode == 0
     ref, _ = reference("sd1-tiny")
     out = load_file(str(saved))
@@ -128,8 +144,8 @@ def test_saved_tensors_pass_the_comparison(full_run, reference):
 
 
 def test_ckpt_file(fixtures, tmp_path, reference):
-    """The float16 .ckpt of the same model: every weight-dependent group (text, UNet, VAE) and one sampler run."""
-    groups = "tokens,text,unet,vae,sample,ddim_cfg1p0"
+    """The float16 .ckpt of the same model: every weight-dependent group (text, UNet, VAE)."""
+    groups = "tokens,text,unet,vae"
     proc = parity(fixtures / "sd1-tiny.ckpt", "--reference", fixtures / "sd1-tiny.reference.safetensors",
                   "--only", groups, "--json", tmp_path / "rows.json")
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -158,32 +174,26 @@ def test_tampered_tensor_fails_and_is_named(fixtures, tmp_path, reference):
     assert "FAILED: ddim_cfg1p0.latents" in proc.stdout
 
 
-def test_tampered_token_id_fails_exactly(fixtures, tmp_path, reference):
+def test_wrong_token_id_and_tensors_we_cannot_recompute_fail(fixtures, tmp_path, reference):
+    """Token ids compare exactly; a tensor of an unknown group, or one its group does not produce, is a FAILURE
+    that names it, never a silent skip."""
     ref, _ = reference("sd2v-tiny")
-    tensors = dict(ref)
-    tokens = tensors["tokens.input_ids"].clone()
+    tokens = ref["tokens.input_ids"].clone()
     tokens[2, 3] += 1
-    tensors["tokens.input_ids"] = tokens
+    tensors = {**ref, "tokens.input_ids": tokens, "mystery.thing": torch.ones(3), "unet.hidden": torch.ones(2)}
     path = copy_reference(fixtures, "sd2v-tiny", tmp_path, tensors)
-    proc = parity(fixtures / "sd2v-tiny.safetensors", "--reference", path, "--only", "tokens",
+    proc = parity(fixtures / "sd2v-tiny.safetensors", "--reference", path, "--only", "tokens,mystery,unet",
                   "--json", tmp_path / "rows.json")
-    assert proc.returncode == 1
-    row = rows_of(tmp_path / "rows.json")["tokens.input_ids"]
-    assert row["kind"] == "exact" and not row["pass"] and "1 of 462 values differ" in row["note"]
-
-
-def test_tensor_that_cannot_be_recomputed_is_a_failure(fixtures, tmp_path, reference):
-    ref, meta = reference("sd1-tiny")
-    tensors = {**ref, "mystery.thing": torch.ones(3), "vae.posterior_median": torch.ones(2)}
-    path = copy_reference(fixtures, "sd1-tiny", tmp_path, tensors)
-    proc = parity(fixtures / "sd1-tiny.safetensors", "--reference", path, "--only", "mystery,vae",
-                  "--json", tmp_path / "rows.json")
-    assert proc.returncode == 1
+    assert proc.returncode == 1, proc.stdout + proc.stderr
     rows = rows_of(tmp_path / "rows.json")
-    assert {n for n, r in rows.items() if not r["pass"]} == {"mystery.thing", "vae.posterior_median"}
+    assert {n for n, r in rows.items() if not r["pass"]} == {"tokens.input_ids", "mystery.thing", "unet.hidden"}
+    row = rows["tokens.input_ids"]
+    assert row["kind"] == "exact" and "1 of 462 values differ" in row["note"]
     assert "unknown group 'mystery'" in rows["mystery.thing"]["note"]
-    assert "cannot recompute vae.posterior_median" in rows["vae.posterior_median"]["note"]
-    assert all(rows[n]["pass"] for n in ("vae.decoded", "vae.posterior_mean", "vae.posterior_logvar"))
+    assert "cannot recompute unet.hidden" in rows["unet.hidden"]["note"]
+    assert rows["unet.out0"]["pass"] and rows["unet.out1"]["pass"]
+    for name in ("tokens.input_ids", "mystery.thing", "unet.hidden"):
+        assert any(ln.startswith(name + " ") and "FAIL" in ln for ln in proc.stdout.splitlines())
 
 
 def test_other_batch_prompts_and_steps_from_shapes(fixtures, tmp_path, reference):
@@ -233,10 +243,13 @@ def test_bad_usage_exits_2(fixtures, tmp_path):
 
 
 def test_triton_kernels_under_the_interpreter(fixtures, tmp_path):
-    """UNet, VAE and text through the Triton kernels (the interpreter without a GPU), even when the environment
-    does not ask for the interpreter: the command arranges it itself."""
+    """The text tower through the Triton kernels (the interpreter without a GPU), even when the environment does
+    not ask for the interpreter: the command arranges it itself.
+
+    Only text: under the interpreter on 2 CPU cores, sd1-tiny's text group takes ~15 s, but its UNet group
+    ~8 min and its VAE group ~20 min (all within 2.3e-6 there); the UNet and VAE kernels have their own tests."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    groups = "text,unet,vae"
+    groups = "tokens,text"
     cmd = [sys.executable, "-m", "tritonsd.tools.cli", "parity", str(fixtures / "sd1-tiny.safetensors"),
            "--reference", str(fixtures / "sd1-tiny.reference.safetensors"), "--kernels", "triton",
            "--only", groups, "--json", str(tmp_path / "rows.json")]

@@ -78,12 +78,11 @@ def run(args: argparse.Namespace) -> int:
             return _rerun_under_interpreter(args)
         os.environ["TRITON_INTERPRET"] = "1"  # read when the kernel modules are imported (below, lazily)
     ref, meta = _read_reference(args.reference)
+    groups = _groups(ref, meta)
+    selected = _select(groups, args.only)
     config_path = args.config if args.config is not None else _sibling_yaml(args.checkpoint)
     model = _load(args, config_path, meta, device)
     check_fits(model, ref, meta, args.checkpoint, args.reference)
-
-    groups = _groups(ref, meta)
-    selected = _select(groups, args.only)
     for note in _notes(model, meta, config_path):
         print(note, file=sys.stderr)
 
