@@ -40,9 +40,10 @@ DERIVED = {"unet.context", "unet.y"}
 
 
 def parity(*args, timeout: int = 900, env: dict | None = None) -> subprocess.CompletedProcess:
+    """One run; one torch thread (the tiny models keep a second one poorly busy, and tests run side by side)."""
     cmd = [sys.executable, "-m", "tritonsd.tools.cli", "parity", *map(str, args)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
 
 
 def rows_of(path: Path) -> dict[str, dict]:
@@ -249,6 +250,7 @@ def test_triton_kernels_under_the_interpreter(fixtures, tmp_path):
     Only text: under the interpreter on 2 CPU cores, sd1-tiny's text group takes ~15 s, but its UNet group
     ~8 min and its VAE group ~20 min (all within 2.3e-6 there); the UNet and VAE kernels have their own tests."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["OMP_NUM_THREADS"] = "1"
     groups = "tokens,text"
     cmd = [sys.executable, "-m", "tritonsd.tools.cli", "parity", str(fixtures / "sd1-tiny.safetensors"),
            "--reference", str(fixtures / "sd1-tiny.reference.safetensors"), "--kernels", "triton",
