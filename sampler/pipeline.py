@@ -36,6 +36,14 @@ eps). The k samplers run over k-diffusion's ``CompVis(V)Denoiser`` sigmas (SD1/2
 ``DiscreteDenoiser`` with ``LegacyDDPMDiscretization`` sigmas (SDXL; ``karras`` swaps in Karras sigmas between
 the training sigma extremes). Image sides must be multiples of the VAE factor (8) times the UNet's
 (2 ** (levels - 1)): 64 for SD 1.x / 2.x, 32 for SDXL.
+
+CUDA graphs: on a CUDA model, ``use_graphs`` (the default) runs the euler / euler_a / dpmpp_2m loop through the
+model's ``GraphRunner`` (``sampler/graph.py``), captured once per loop shape and replayed; euler_a's ancestral
+noise is pre-drawn from the same per-image stream, so the results are the eager loop's (up to CUDA rounding:
+the runner's sigmas stay on the host). DDIM / PLMS, and every run on the CPU, take the eager path.
+
+The VAE decode goes through ``model.vae_guard``: a half-precision decode that overflows to NaN / Inf is redone
+in float32 (one warning per model); float32 decodes are ``decode_first_stage`` itself.
 """
 
 from __future__ import annotations
@@ -49,9 +57,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..model.vae_guard import decode_first_stage_guarded
 from . import denoise as D
 from . import samplers as K
 from . import schedule as S
+from .graph import GRAPH_SAMPLERS, GraphCaptureError, GraphRunner, noise_draws, tables_on_device
 
 SAMPLERS = ("ddim", "plms", "euler", "euler_a", "dpmpp_2m")
 K_SAMPLERS = ("euler", "euler_a", "dpmpp_2m")
@@ -85,6 +95,7 @@ class GenerationSettings:
     init_image: torch.Tensor | None = None  # [1, 3, H, W] in [-1, 1] (img2img / inpainting)
     strength: float = 0.75  # img2img
     mask: torch.Tensor | None = None  # [1, 1, H, W] in [0, 1], 1 = repaint (inpainting, 9-channel model)
+    use_graphs: bool = True  # CUDA-graph the euler / euler_a / dpmpp_2m loop (CUDA models only; CPU: no effect)
 
 
 # ---------------------------------------------------------------- settings
@@ -145,6 +156,8 @@ def resolve_settings(model, settings: GenerationSettings) -> GenerationSettings:
         raise PipelineError(f"strength must be in [0, 1], got {strength}")
     if not isinstance(s.karras, bool):
         raise PipelineError(f"karras must be True or False, got {s.karras!r}")
+    if not isinstance(s.use_graphs, bool):
+        raise PipelineError(f"use_graphs must be True or False, got {s.use_graphs!r}")
 
     image_hw = None
     if s.init_image is not None:
@@ -314,9 +327,10 @@ def encode_latents(model, image: torch.Tensor, noise: torch.Tensor) -> torch.Ten
 
 
 def decode_latents(model, latents: torch.Tensor) -> torch.Tensor:
-    """``clamp((decode_first_stage(latents) + 1) / 2, 0, 1)`` as float32."""
+    """``clamp((decode_first_stage(latents) + 1) / 2, 0, 1)`` as float32 (a non-finite half-precision decode
+    is redone in float32, see ``model.vae_guard``)."""
     with torch.no_grad():
-        image = model.decode_first_stage(latents.to(_vae_dtype(model))).float()
+        image = decode_first_stage_guarded(model, latents.to(_vae_dtype(model))).float()
     check_finite(image, "VAE decoding")
     return torch.clamp((image + 1.0) / 2.0, min=0.0, max=1.0)
 
@@ -469,6 +483,59 @@ def sample_latents(model, sampler: str, schedule, x: torch.Tensor, cfg_scale: fl
     raise PipelineError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
 
 
+# ---------------------------------------------------------------- CUDA-graph loop
+
+
+class _HeldRunner:
+    """A model's ``GraphRunner`` and the weights it was made for (the captured graphs read their memory).
+
+    A copy of the model gets an empty holder: its weights live elsewhere (and graphs cannot be copied)."""
+
+    def __init__(self, runner: GraphRunner | None = None, weights: tuple = ()):
+        self.runner, self.weights = runner, weights
+
+    def __deepcopy__(self, memo):
+        return _HeldRunner()
+
+
+def _unet_weights(model) -> tuple:
+    """Where the UNet's tensors live: it changes when the model moves or changes dtype (``.to``, ``.half``)."""
+    unet = model.model.diffusion_model
+    return tuple(t.data_ptr() for t in (*unet.parameters(), *unet.buffers()))
+
+
+def loop_runner(model, settings: GenerationSettings) -> GraphRunner | None:
+    """The model's ``GraphRunner`` when this run's loop is CUDA-graphed (CUDA model, ``use_graphs``, a sigma
+    sampler), else None (the eager ``sample_latents``). One runner per model, held on the model as
+    ``model.graph_runner`` so its captured loops serve every later image; made anew when the weights moved."""
+    device = model_device(model)
+    if not settings.use_graphs or device.type != "cuda" or settings.sampler not in GRAPH_SAMPLERS:
+        return None
+    held = getattr(model, "graph_runner", None)
+    weights = _unet_weights(model)
+    if not isinstance(held, _HeldRunner) or held.runner is None or held.weights != weights:
+        held = _HeldRunner(GraphRunner(tables_on_device(sigma_denoiser(model), device), device), weights)
+        model.graph_runner = held
+    return held.runner
+
+
+def sample_latents_graphed(runner: GraphRunner, sampler: str, sigmas: torch.Tensor, x: torch.Tensor,
+                           cfg_scale: float, cond: dict, uncond: dict | None = None, shared: dict | None = None,
+                           draw_noise: Callable[[], torch.Tensor] | None = None,
+                           progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    """``sample_latents`` for a sigma sampler through ``runner``. euler_a's noise is pre-drawn with
+    ``draw_noise()`` (the pipeline's ancestral stream, in the order the eager loop draws it);
+    ``progress(i, n)`` after each step (all at once after a graph replay)."""
+    count = noise_draws(sampler, sigmas)
+    noise = torch.stack([draw_noise() for _ in range(count)]) if count else None  # [N, B, C, h, w]
+    try:
+        return runner.run(x, cond, uncond, noise, sigmas=sigmas, cfg_scale=cfg_scale, sampler=sampler,
+                          shared=shared, progress=progress)
+    except GraphCaptureError as e:
+        raise GraphCaptureError(f"{e}; run without CUDA graphs (use_graphs=False, tritonsd generate "
+                                "--no-cuda-graphs)") from e
+
+
 # ---------------------------------------------------------------- the whole run
 
 
@@ -499,9 +566,15 @@ def generate(model, settings: GenerationSettings, callback: Callable[[int, int],
     if schedule is None:  # img2img at strength 0
         latents = x
     else:
-        total = num_steps(schedule)
-        step_callback = None if callback is None else (lambda d: callback(d["i"], total))
-        latents = sample_latents(model, s.sampler, schedule, x, s.cfg_scale, cond, uncond, shared,
-                                 noise_sampler=streams.noise_sampler(latent_shape), callback=step_callback)
+        runner = loop_runner(model, s)
+        if runner is not None:
+            latents = sample_latents_graphed(runner, s.sampler, schedule, x, s.cfg_scale, cond, uncond, shared,
+                                             draw_noise=lambda: streams.draw("ancestral", latent_shape),
+                                             progress=callback)
+        else:
+            total = num_steps(schedule)
+            step_callback = None if callback is None else (lambda d: callback(d["i"], total))
+            latents = sample_latents(model, s.sampler, schedule, x, s.cfg_scale, cond, uncond, shared,
+                                     noise_sampler=streams.noise_sampler(latent_shape), callback=step_callback)
     check_finite(latents, f"{s.sampler} sampling")
     return decode_latents(model, latents).cpu()

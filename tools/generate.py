@@ -75,6 +75,9 @@ def add_parser(subparsers) -> None:
                       help="weights and activations (default: fp16 on cuda, fp32 on cpu; cpu runs fp32 only)")
     run_.add_argument("--kernels", choices=("auto", "torch", "triton"), default="auto",
                       help="auto: Triton on cuda, torch on cpu")
+    run_.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                      help="run the sampling loop eagerly (default on cuda: the euler / euler_a / dpmpp_2m loop is "
+                           "captured once as a CUDA graph and replayed)")
     run_.add_argument("--out", type=Path, default=Path("outputs"), metavar="DIR", help="output directory (default: outputs)")
     run_.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=run)
@@ -298,6 +301,7 @@ def sample(model, args: argparse.Namespace, init: InitImages | None, seed: int, 
         steps=args.steps, cfg_scale=args.cfg, seed=seed, batch=args.batch,
         width=init.width if init else args.width or args.height,  # one side given: a square image
         height=init.height if init else args.height or args.width,
+        use_graphs=args.cuda_graphs,
     )
     if init is not None:
         settings.init_image, settings.mask = init.image, init.mask
