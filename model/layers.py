@@ -1,9 +1,12 @@
-"""nn building blocks whose parameters keep torch's names (``weight``, ``bias``) but whose forward goes
-through ``kernels.dispatch``, so the model never calls a kernel directly."""
+"""nn building blocks shared by the UNet, the VAE and the text towers. Parameters keep torch's names
+(``weight``, ``bias``) but forwards go through ``kernels.dispatch``, so the model never calls a kernel directly."""
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import dispatch
@@ -28,3 +31,27 @@ class Conv2d(nn.Conv2d):
                 scale: float | None = None) -> torch.Tensor:
         return dispatch.conv2d(x, self.weight, self.bias, self.stride[0], self.padding[0],
                                emb=emb, residual=residual, scale=scale)
+
+
+class Upsample(nn.Module):
+    """Nearest 2x upsampling then a 3x3 conv (the UNet's and the VAE decoder's ``upsample.conv``)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding as the original's (openaimodel's and sgm's ``timestep_embedding``): [B] -> [B, dim] =
+    [cos(t * f), sin(t * f)] with f = max_period ** (-i / half), in float32 (odd dim: zero-padded). ``timesteps``
+    may be fractional (k-diffusion passes interpolated t); SDXL's size conditioning embeds pixel sizes with it."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half)
+    args = timesteps[:, None].float() * freqs[None]  # [B, half]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb

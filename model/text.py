@@ -18,7 +18,6 @@ Computation runs in the parameters' dtype (float32 as the originals when loaded 
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
@@ -28,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import dispatch
-from .layers import LayerNorm
+from .layers import LayerNorm, timestep_embedding
 from .tokenizer import CONTEXT_LENGTH, EOS_ID, CLIPTokenizer, get_tokenizer
 
 CLIP_PAD_ID = EOS_ID  # transformers' CLIPTokenizer pads with <|endoftext|>
@@ -404,20 +403,8 @@ class FrozenOpenCLIPEmbedder2(_OpenCLIPEmbedderBase):
 # SDXL conditioner
 
 
-def fourier_embedding(values: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """sgm's ``timestep_embedding``: [N] -> [N, dim] = [cos(v * f), sin(v * f)] with
-    f = exp(-ln(max_period) * arange(dim // 2) / (dim // 2)), computed in float32 (odd dim: zero-padded)."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=values.device) / half)
-    args = values[:, None].float() * freqs[None]  # [N, half]
-    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-    if dim % 2:
-        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
-    return emb
-
-
 class ConcatTimestepEmbedderND(nn.Module):
-    """Embeds each of the D numbers of a row independently with ``fourier_embedding`` and concatenates:
+    """Embeds each of the D numbers of a row independently with ``timestep_embedding`` and concatenates:
     [B, D] -> [B, D * outdim]. No parameters."""
 
     def __init__(self, outdim: int = 256):
@@ -429,7 +416,7 @@ class ConcatTimestepEmbedderND(nn.Module):
             x = x[:, None]
         b, d = x.shape
         # [B, D] -> [B*D] -> [B*D, outdim] -> [B, D*outdim]
-        return fourier_embedding(x.reshape(b * d), self.outdim).reshape(b, d * self.outdim)
+        return timestep_embedding(x.reshape(b * d), self.outdim).reshape(b, d * self.outdim)
 
 
 SDXL_BASE_INPUTS = ("txt", "txt", "original_size_as_tuple", "crop_coords_top_left", "target_size_as_tuple")
@@ -588,5 +575,5 @@ def build_cond_stage(state_dict: Mapping[str, torch.Tensor], family: str, heads:
 __all__ = [
     "CONTEXT_LENGTH", "ConcatTimestepEmbedderND", "FrozenCLIPEmbedder", "FrozenOpenCLIPEmbedder",
     "FrozenOpenCLIPEmbedder2", "GeneralConditioner", "TextConfig", "TextConfigError", "build_cond_stage",
-    "cond_stage_prefix", "fourier_embedding", "text_config_from_weights",
+    "cond_stage_prefix", "text_config_from_weights",
 ]

@@ -8,7 +8,6 @@ the original's. The time-embedding add and the residual adds are fused into the 
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
@@ -16,23 +15,11 @@ from torch import nn
 
 from ..kernels import dispatch
 from .config import UNetConfig
-from .layers import Conv2d, GroupNorm, LayerNorm
+from .layers import Conv2d, GroupNorm, LayerNorm, Upsample, timestep_embedding
 
 
 class UNetShapeError(ValueError):
     """An input the UNet cannot take (latent sides, channels, missing conditioning)."""
-
-
-def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding as the original's: [cos(t * f), sin(t * f)] with f = max_period ** (-i / half), in
-    float32; ``timesteps`` [B] may be fractional (k-diffusion passes interpolated t)."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half)
-    args = timesteps[:, None].float() * freqs[None]  # [B, half]
-    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-    if dim % 2:
-        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
-    return emb
 
 
 class ResBlock(nn.Module):
@@ -145,15 +132,6 @@ class Downsample(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.op(x)
-
-
-class Upsample(nn.Module):
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 class TimestepBlock(nn.Sequential):

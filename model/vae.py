@@ -12,7 +12,7 @@ from torch import nn
 
 from ..kernels import dispatch
 from .config import VAEConfig
-from .layers import Conv2d, GroupNorm
+from .layers import Conv2d, GroupNorm, Upsample
 
 
 def _norm(channels: int) -> GroupNorm:
@@ -67,15 +67,6 @@ class Downsample(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.pad(x, (0, 1, 0, 1)))
-
-
-class Upsample(nn.Module):
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 class Level(nn.Module):

@@ -10,16 +10,12 @@ from tritonsd.kernels._triton import KernelArgumentError
 from tritonsd.kernels.attention import attention_reference, attention_triton, split_head_dim
 from tritonsd.tools.reference import relative_error
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+from kernel_checks import DEVICE, TOL, forbid_fallback
 
 
 @pytest.fixture
 def no_fallback(monkeypatch):
-    """Make any fallback to the reference inside the launcher an error: the kernel itself must run."""
-    def fail(*args, **kwargs):
-        raise AssertionError("the launcher fell back to the reference")
-    monkeypatch.setattr(attention_mod, "attention_reference", fail)
+    forbid_fallback(monkeypatch, attention_mod, "attention_reference")
 
 
 def qkv(b, n, m, width, dtype, seed, fused=True):

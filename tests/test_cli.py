@@ -20,26 +20,12 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from a1111 import parse_infotext
+
 CLI = [sys.executable, "-m", "tritonsd.tools.cli"]
 # Tiny tensors: one thread per process is as fast and lets the runs overlap without oversubscribing the cores.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 HAS_CUDA = torch.cuda.is_available()
-
-# AUTOMATIC1111's infotext parser (modules/infotext_utils.py) splits the last line with this pattern.
-RE_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
-
-
-def parse_infotext(text: str) -> dict:
-    *lines, last = text.strip().split("\n")
-    prompt, negative, in_negative = [], [], False
-    for line in lines:
-        if line.startswith("Negative prompt:"):
-            in_negative = True
-            line = line[len("Negative prompt:"):].strip()
-        (negative if in_negative else prompt).append(line)
-    out = {"Prompt": "\n".join(prompt), "Negative prompt": "\n".join(negative)}
-    out.update(RE_PARAM.findall(last))
-    return out
 
 
 def sha256_10(path: Path) -> str:

@@ -11,15 +11,12 @@ from tritonsd.kernels import conv as conv_mod
 from tritonsd.kernels.conv import conv2d_reference, conv2d_triton
 from tritonsd.tools.reference import relative_error
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+from kernel_checks import DEVICE, TOL, forbid_fallback
 
 
 @pytest.fixture
 def no_fallback(monkeypatch):
-    def fail(*args, **kwargs):
-        raise AssertionError("the launcher fell back to the reference")
-    monkeypatch.setattr(conv_mod, "conv2d_reference", fail)
+    forbid_fallback(monkeypatch, conv_mod, "conv2d_reference")
 
 
 def case(b, c_in, c_out, hw, k, stride, pad, dtype, seed, epilogue=True, channels_last=False, bias=True):

@@ -9,15 +9,12 @@ from tritonsd.kernels import geglu as geglu_mod
 from tritonsd.kernels.geglu import geglu_reference, geglu_triton
 from tritonsd.tools.reference import relative_error
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+from kernel_checks import DEVICE, TOL, forbid_fallback
 
 
 @pytest.fixture
 def no_fallback(monkeypatch):
-    def fail(*args, **kwargs):
-        raise AssertionError("the launcher fell back to the reference")
-    monkeypatch.setattr(geglu_mod, "geglu_reference", fail)
+    forbid_fallback(monkeypatch, geglu_mod, "geglu_reference")
 
 
 def check(shape, dtype, seed):

@@ -10,15 +10,12 @@ from tritonsd.kernels._triton import KernelArgumentError
 from tritonsd.kernels.layer_norm import layer_norm_reference, layer_norm_triton
 from tritonsd.tools.reference import relative_error
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+from kernel_checks import DEVICE, TOL, forbid_fallback
 
 
 @pytest.fixture
 def no_fallback(monkeypatch):
-    def fail(*args, **kwargs):
-        raise AssertionError("the launcher fell back to the reference")
-    monkeypatch.setattr(layer_norm_mod, "layer_norm_reference", fail)
+    forbid_fallback(monkeypatch, layer_norm_mod, "layer_norm_reference")
 
 
 def inputs(shape, dtype, seed):

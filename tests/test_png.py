@@ -1,33 +1,16 @@
-import re
-
 import pytest
 import torch
 from PIL import Image
 
 from tritonsd.tools import png
 
-# AUTOMATIC1111's infotext parser (modules/infotext_utils.py) splits the last line with this pattern.
-RE_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
-
-
-def parse_like_a1111(text: str) -> dict:
-    *lines, last = text.strip().split("\n")
-    prompt, negative, in_negative = [], [], False
-    for line in lines:
-        if line.startswith("Negative prompt:"):
-            in_negative = True
-            line = line[len("Negative prompt:"):].strip()
-        (negative if in_negative else prompt).append(line)
-    out = {"Prompt": "\n".join(prompt), "Negative prompt": "\n".join(negative)}
-    for key, value in RE_PARAM.findall(last):
-        out[key] = value
-    return out
+from a1111 import parse_infotext
 
 
 def test_infotext_reads_back_with_a1111_parser():
     info = png.Infotext("a cat, on a mat", "blurry", 20, "DPM++ 2M Karras", 7.5, 1234, 512, 768,
                         "abcdef0123", "v1-5-pruned-emaonly")
-    fields = parse_like_a1111(info.render())
+    fields = parse_infotext(info.render())
     assert fields["Prompt"] == "a cat, on a mat"
     assert fields["Negative prompt"] == "blurry"
     assert fields["Steps"] == "20"

@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 from conftest import FP32_BOUND
 from tritonsd.model.text import (FrozenCLIPEmbedder, FrozenOpenCLIPEmbedder, FrozenOpenCLIPEmbedder2,
                                  GeneralConditioner, TextConfigError, build_cond_stage, cond_stage_prefix,
-                                 fourier_embedding, text_config_from_weights)
+                                 text_config_from_weights)
+from tritonsd.model.layers import timestep_embedding
 from tritonsd.tools.reference import relative_error
 
 FAMILY = {"sd1-tiny": "sd1", "sd1-inpaint-tiny": "sd1", "sd2v-tiny": "sd2", "sdxl-tiny": "sdxl"}
@@ -159,17 +160,17 @@ def test_sdxl_sampling_conditioning_and_zeroed_text(fixtures, reference):
     assert torch.equal(uc_vec[:, pooled:], c_vec[:, pooled:])
 
 
-def test_fourier_embedding_matches_the_formula():
+def test_size_embedding_matches_the_formula():
     # an independent float64 evaluation of [cos(v f), sin(v f)], f = 10000^(-i/128)
     values = torch.tensor([0, 1, 64, 1024, 2048])
     i = torch.arange(128, dtype=torch.float64)
     args = values[:, None].double() * torch.exp(-torch.log(torch.tensor(10000.0, dtype=torch.float64)) * i / 128)
     expected = torch.cat([torch.cos(args), torch.sin(args)], dim=1)
-    emb = fourier_embedding(values, 256)
+    emb = timestep_embedding(values, 256)
     assert emb.dtype == torch.float32
     # float32 frequencies times values up to 2048: arguments carry ~2048 * 6e-8 rounding
     assert (emb.double() - expected).abs().max().item() < 5e-4
-    assert fourier_embedding(values, 7).shape == (5, 7)
+    assert timestep_embedding(values, 7).shape == (5, 7)
 
 
 # ---------------------------------------------------------------------------------------------- shapes, build
