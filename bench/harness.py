@@ -10,7 +10,6 @@ warm-up). Run a script directly (``python bench/bench_attention.py``) or all of 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import json
 import platform
@@ -22,8 +21,10 @@ from typing import Callable
 
 import torch
 
+from tritonsd.tools.reference import relative_error, strict_float32
+
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-TOLERANCE = {torch.float16: 1e-2, torch.bfloat16: 2e-2, torch.float32: 1e-4}
+TOLERANCE = {torch.float16: 1e-2, torch.bfloat16: 1e-2, torch.float32: 1e-4}
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
@@ -53,24 +54,6 @@ def require_cuda() -> torch.device:
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise BenchError("TRITON_INTERPRET=1 is set: unset it to benchmark the compiled kernels")
     return torch.device("cuda")
-
-
-@contextlib.contextmanager
-def strict_float32():
-    """No TF32 while computing the float32 references."""
-    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
-
-
-def relative_error(actual: torch.Tensor, reference: torch.Tensor) -> float:
-    a, b = actual.double(), reference.double()
-    denom = b.abs().max().item()
-    err = (a - b).abs().max().item()
-    return err / denom if denom else err
 
 
 def to_float32(args: tuple) -> tuple:

@@ -26,7 +26,6 @@ overrides the config's (it is a setting of the reference run, not of the weights
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import math
@@ -38,6 +37,7 @@ from pathlib import Path
 import torch
 
 from .cli import UsageError
+from .reference import relative_error, strict_float32
 
 FP32_BOUND = 1e-4  # the fixtures' README: relative error bound for float32 implementations
 KERNELS = ("auto", "torch", "triton")
@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..kernels import dispatch
 
-    with dispatch.force(args.kernels), torch.no_grad(), _strict_float32():
+    with dispatch.force(args.kernels), torch.no_grad(), strict_float32():
         computed, errors, timings = recompute(model, ref, meta, device, {g: groups[g] for g in selected})
     rows = build_rows(ref, meta, {g: groups[g] for g in selected}, computed, errors)
     seconds = time.perf_counter() - started
@@ -264,17 +264,6 @@ def check_fits(model, ref: dict[str, torch.Tensor], meta: dict, checkpoint: Path
         raise UsageError(f"{reference.name} does not fit {checkpoint.name}: {problems[0]}")
 
 
-@contextlib.contextmanager
-def _strict_float32():
-    """float32 parity: no TF32 in cuBLAS / cuDNN while recomputing (restored afterwards)."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-
-
 # ---------------------------------------------------------------- groups and recomputation
 
 
@@ -375,7 +364,6 @@ def compare(stored: torch.Tensor, actual: torch.Tensor | None) -> dict:
         err = diff.max().item() if diff.numel() else 0.0
         return {**out, "error": err, "pass": err == 0.0,
                 "note": None if err == 0.0 else f"{int((diff != 0).sum())} of {diff.numel()} values differ"}
-    from .reference import relative_error
 
     err = relative_error(actual, stored)
     ok = math.isfinite(err) and err <= FP32_BOUND

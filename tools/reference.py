@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -41,3 +42,14 @@ def relative_error(actual: torch.Tensor, reference: torch.Tensor) -> float:
     if denom == 0.0:
         return err
     return err / denom
+
+
+@contextlib.contextmanager
+def strict_float32():
+    """No TF32 in cuBLAS / cuDNN inside the block (float32 references and parity; restored afterwards)."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
