@@ -26,10 +26,12 @@ PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 SAFETENSORS_SUFFIX = ".safetensors"
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
 
-# bytes per element of each safetensors dtype name
-_SAFETENSORS_ITEMSIZE = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-    "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1,
+# torch dtype of each safetensors dtype name (its itemsize gives the bytes per element)
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
 
 
@@ -109,6 +111,20 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
                               f"a .safetensors or .ckpt file)") from None
 
 
+def read_checkpoint_shapes(path: str | Path) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors as meta tensors (names, shapes, dtypes; no data): all that config detection and
+    ``inspect`` need. A ``.safetensors`` file is read from its validated header alone, so a multi-GB file takes
+    milliseconds; a pickle has to be loaded whole."""
+    path = Path(path)
+    if path.suffix.lower() != SAFETENSORS_SUFFIX:
+        return {k: v.to("meta") for k, v in read_checkpoint(path).items()}
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file" if not path.exists() else f"{path}: not a regular file")
+    header = validate_safetensors_header(path)
+    return {name: torch.empty(info["shape"], dtype=_SAFETENSORS_DTYPES[info["dtype"]], device="meta")
+            for name, info in header.items() if name != "__metadata__"}
+
+
 def validate_safetensors_header(path: Path) -> dict:
     """Check the safetensors framing ourselves (so a lying or truncated file gives a clear error) and return the
     parsed header: 8-byte little-endian header length, a JSON object, and each tensor's data_offsets inside the
@@ -143,7 +159,7 @@ def _check_tensor_entry(path: Path, name: str, info, data_len: int) -> None:
     if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
         raise CheckpointError(f"{path.name}: bad safetensors header entry for {name!r}")
     dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-    if dtype not in _SAFETENSORS_ITEMSIZE:
+    if dtype not in _SAFETENSORS_DTYPES:
         raise CheckpointError(f"{path.name}: tensor {name!r} has unsupported dtype {dtype!r}")
     if not (isinstance(shape, list) and all(isinstance(s, int) and s >= 0 for s in shape)):
         raise CheckpointError(f"{path.name}: tensor {name!r} has a bad shape {shape!r}")
@@ -156,9 +172,10 @@ def _check_tensor_entry(path: Path, name: str, info, data_len: int) -> None:
     numel = 1
     for s in shape:
         numel *= s
-    if end - begin != numel * _SAFETENSORS_ITEMSIZE[dtype]:
+    itemsize = _SAFETENSORS_DTYPES[dtype].itemsize
+    if end - begin != numel * itemsize:
         raise CheckpointError(f"{path.name}: corrupt header: tensor {name!r} ({dtype} {shape}) needs "
-                              f"{numel * _SAFETENSORS_ITEMSIZE[dtype]} bytes but data_offsets span {end - begin}")
+                              f"{numel * itemsize} bytes but data_offsets span {end - begin}")
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:

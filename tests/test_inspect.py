@@ -64,3 +64,51 @@ def test_bad_file_is_a_one_line_error(tmp_path, capsys, content):
     assert main(["inspect", str(path)]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("tritonsd inspect: error: junk.ckpt:") and "\n" not in err
+
+
+# manifest dtype name -> (safetensors dtype name, bytes per element)
+_ST_DTYPES = {"float32": ("F32", 4), "float16": ("F16", 2), "bfloat16": ("BF16", 2), "int64": ("I64", 8),
+              "int32": ("I32", 4)}
+
+
+def write_sparse_safetensors(tensors: dict, path) -> int:
+    """A valid .safetensors file with exactly these keys, shapes and dtypes whose data section is a hole
+    (a sparse file: full size on paper, next to nothing on disk). Returns the apparent size."""
+    header, offset = {}, 0
+    for name, info in sorted(tensors.items()):
+        st, itemsize = _ST_DTYPES[info["dtype"]]
+        numel = 1
+        for s in info["shape"]:
+            numel *= s
+        header[name] = {"dtype": st, "shape": info["shape"], "data_offsets": [offset, offset + numel * itemsize]}
+        offset += numel * itemsize
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        f.truncate(8 + len(blob) + offset)
+    return 8 + len(blob) + offset
+
+
+@pytest.mark.parametrize("name,family,inpainting", [("sd15", "sd1", False), ("sd15-inpaint", "sd1", True),
+                                                    ("sd21-v", "sd2", False), ("sdxl-base", "sdxl", False)])
+def test_full_size_released_layout(fixtures, tmp_path, capsys, name, family, inpainting):
+    """A full-size file with the released key layout (from manifests/, SDXL with its optional denoiser.sigmas):
+    detected as its family, parameters per component as the manifest counts them."""
+    manifest = json.loads((fixtures / "manifests" / f"{name}.json").read_text())
+    tensors = {**manifest["tensors"], **manifest.get("optional_tensors", {})}
+    path = tmp_path / f"{name}.safetensors"
+    size = write_sparse_safetensors(tensors, path)
+    r = _inspect_json(capsys, path)
+    assert (r["family"], r["inpainting"], r["bytes"], r["keys"]) == (family, inpainting, size, len(tensors))
+    counts = manifest["element_counts_by_prefix"]
+    unet, vae = counts["model.diffusion_model."], counts["first_stage_model."]
+    assert (r["parameters"]["unet"], r["parameters"]["vae"]) == (unet, vae)
+    # the text towers: everything under their prefixes but position_ids (an int64 arange the loader ignores)
+    position_ids = sum(1 for k in manifest["tensors"] if k.endswith("position_ids"))
+    text = sum(v for k, v in counts.items() if k.startswith(("cond_stage_model.", "conditioner.")))
+    assert sum(v for k, v in r["parameters"].items() if k.startswith("text")) == text - 77 * position_ids
+    if family == "sdxl":
+        assert r["parameters"]["text1"] == counts["conditioner.embedders.1."]
+        assert r["unet"]["transformer_depth"] == [0, 2, 10] and r["unet"]["adm_in_channels"] == 2816

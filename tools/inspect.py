@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..model.checkpoint import SCHEDULE_BUFFERS, normalize_keys, read_checkpoint
+from ..model.checkpoint import SCHEDULE_BUFFERS, normalize_keys, read_checkpoint_shapes
 from ..model.config import TEXT_PREFIXES, UNET, VAE, ModelConfig, ModelConfigError, detect_config
 from ..model.text import TextConfigError
 
@@ -40,9 +40,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def inspect_checkpoint(path: Path, yaml_path: Path | None = None, parameterization: str | None = None) -> dict:
-    """The report as a JSON-able dict."""
+    """The report as a JSON-able dict (from the shapes alone: a .safetensors file's data is never read)."""
     path = Path(path)
-    raw = read_checkpoint(path)
+    raw = read_checkpoint_shapes(path)
     try:
         cfg = detect_config(raw, yaml_path, parameterization=parameterization)
     except (ModelConfigError, TextConfigError) as e:
