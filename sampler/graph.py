@@ -26,15 +26,11 @@ from typing import Callable, Mapping
 
 import torch
 
-from . import samplers as K
 from .denoise import CFGDenoiser
+from .registry import SAMPLERS
 
-# the sigma-space samplers whose loop can be captured
-GRAPH_SAMPLERS: dict[str, Callable] = {
-    "euler": K.sample_euler,
-    "euler_a": K.sample_euler_ancestral,
-    "dpmpp_2m": K.sample_dpmpp_2m,
-}
+# the sigma-space samplers whose loop can be captured (the registry's ``graphable``)
+GRAPH_SAMPLERS: dict[str, Callable] = {name: spec.fn for name, spec in SAMPLERS.items() if spec.graphable}
 
 
 class GraphRunnerError(ValueError):

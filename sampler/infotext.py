@@ -1,11 +1,13 @@
-"""PNG output with the generation settings in a ``parameters`` text chunk, in the format AUTOMATIC1111
+"""The AUTOMATIC1111 infotext, and PNGs carrying it in a ``parameters`` text chunk, in the format AUTOMATIC1111
 writes and reads (so existing tools show them), written atomically (no partial file on failure)."""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,17 +15,6 @@ import numpy as np
 import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
-
-SAMPLER_NAMES = {  # our sampler id -> the name AUTOMATIC1111 writes
-    ("ddim", False): "DDIM",
-    ("plms", False): "PLMS",
-    ("euler", False): "Euler",
-    ("euler_a", False): "Euler a",
-    ("dpmpp_2m", False): "DPM++ 2M",
-    ("dpmpp_2m", True): "DPM++ 2M Karras",
-    ("euler", True): "Euler Karras",
-    ("euler_a", True): "Euler a Karras",
-}
 
 
 def model_hash(path: str | os.PathLike) -> str:
@@ -37,6 +28,10 @@ def model_hash(path: str | os.PathLike) -> str:
 
 @dataclass
 class Infotext:
+    """AUTOMATIC1111's ``parameters`` text: the prompt, ``Negative prompt: ...`` (when not empty), then one line
+    of ``Key: value`` pairs in the order ``processing.create_infotext`` (v1.10) writes them; None values are
+    left out, as there."""
+
     prompt: str
     negative_prompt: str
     steps: int
@@ -45,12 +40,11 @@ class Infotext:
     seed: int
     width: int
     height: int
-    model_hash: str
-    model: str
-    extra: dict[str, object] | None = None  # e.g. {"Denoising strength": 0.6}
+    model_hash: str | None
+    model: str | None
+    extra: dict[str, object] | None = None  # VAE hash, Denoising strength, Schedule type, ... (in that order)
 
     def render(self) -> str:
-        """prompt, then ``Negative prompt: ...`` (when not empty), then one line of ``Key: value`` pairs."""
         lines = [self.prompt]
         if self.negative_prompt:
             lines.append(f"Negative prompt: {self.negative_prompt}")
@@ -65,7 +59,7 @@ class Infotext:
         }
         for key, value in (self.extra or {}).items():
             fields[key] = _number(value) if isinstance(value, float) else value
-        lines.append(", ".join(f"{k}: {v}" for k, v in fields.items()))
+        lines.append(", ".join(f"{k}: {v}" for k, v in fields.items() if v is not None))
         return "\n".join(lines)
 
 
@@ -105,3 +99,39 @@ def _umask() -> int:
 def read_parameters(path: str | os.PathLike) -> str | None:
     with Image.open(path) as im:
         return im.info.get("parameters")
+
+
+NUMBERED = re.compile(r"^(\d{5,})-")
+
+
+def next_number(out: Path) -> int:
+    """One past the highest ``NNNNN-`` file number in ``out`` (0 in a new directory)."""
+    numbers = [int(m.group(1)) for name in os.listdir(out) if (m := NUMBERED.match(name))]
+    return max(numbers, default=-1) + 1
+
+
+def save_numbered(out: Path, image: Image.Image, parameters: str, seed: int | None) -> Path:
+    """``out/NNNNN-<seed>.png`` (``NNNNN.png`` without a seed), numbered after the files already there, written
+    whole to a temporary file first, then linked under the next free number: ``os.link`` refuses an existing
+    name, so two runs writing into one directory never overwrite each other."""
+    out.mkdir(parents=True, exist_ok=True)
+    pending = out / f".tritonsd-pending-{os.getpid()}-{threading.get_ident()}.png"
+    suffix = "" if seed is None else f"-{seed}"
+    try:
+        write_png(pending, image, parameters)
+        number = next_number(out)
+        while True:
+            target = out / f"{number:05d}{suffix}.png"
+            try:
+                os.link(pending, target)
+                return target
+            except FileExistsError:
+                number += 1
+            except OSError:  # a file system without hard links: the check above is all we can do
+                if target.exists():
+                    number += 1
+                    continue
+                os.replace(pending, target)
+                return target
+    finally:
+        pending.unlink(missing_ok=True)

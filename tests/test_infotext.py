@@ -2,7 +2,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tritonsd.tools import png
+from tritonsd.sampler import infotext as png
 
 from a1111 import parse_infotext
 

@@ -1,0 +1,252 @@
+"""One settings type for a generation, checked once without a model and resolved once against it.
+
+``GenerationSettings.check()`` needs no model: types, ranges, the sampler's name, images and their sizes; the
+CLI calls it before loading anything, so a typo costs no model load. ``resolve(config)`` adds what needs the
+model: the family's default size, the image-side rule, DDIM's step counts, the inpainting channels. Both return
+a new object and raise ``SettingsError`` naming the field; the CLI turns the field into the flag the user typed
+(``cfg_scale`` -> ``--cfg``).
+
+Defaults are the same for Python and the CLI: DPM++ 2M with Karras sigmas, Euler and Euler a with the uniform
+ones (AUTOMATIC1111's sampler defaults), 20 steps, CFG 7.5, the family's default size, a random seed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import secrets
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from . import registry
+from . import schedule as S
+
+MAX_STEPS = 1000
+MAX_BATCH = 64
+SEED_RANGE = 2 ** 64  # torch.Generator.manual_seed takes [0, 2**64); image i uses seed + i
+RANDOM_SEEDS = 2 ** 32  # a random seed is drawn from AUTOMATIC1111's range
+VAE_FACTOR_MULTIPLE = 8  # every released VAE: pixels per latent cell
+
+
+class SettingsError(ValueError):
+    """A setting the pipeline cannot honour; ``field`` names the setting (``cfg_scale``, ``width``, ...)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field} {message}")
+        self.field = field
+        self.detail = message
+
+
+@dataclass
+class GenerationSettings:
+    prompt: str = ""
+    negative_prompt: str = ""
+    sampler: str = registry.DEFAULT_SAMPLER
+    karras: bool | None = None  # None: the sampler's default schedule (Karras for dpmpp_2m only)
+    steps: int = 20
+    cfg_scale: float = 7.5
+    seed: int | None = None  # None: random, drawn once by check()
+    eta: float = 0.0  # DDIM's
+    width: int | None = None  # None: the init image's, else the other side, else the family's default
+    height: int | None = None
+    batch_size: int = 1
+    init_image: object = None  # PIL image or [1, 3, H, W] tensor in [-1, 1] (img2img, inpainting)
+    mask: object = None  # PIL image or [1, 1, H, W] tensor in [0, 1], 1 = repaint (9-channel models)
+    strength: float = 0.75  # img2img: how much of the schedule runs
+    use_graphs: bool = True  # CUDA-graph the sigma samplers' loop (CUDA models only)
+
+    # ------------------------------------------------------------ without a model
+
+    def check(self) -> "GenerationSettings":
+        """A checked copy: numbers typed and in range, images as tensors, a seed drawn when none was given."""
+        if not isinstance(self.prompt, str):
+            raise SettingsError("prompt", f"must be a string, got {type(self.prompt).__name__}")
+        if not isinstance(self.negative_prompt, str):
+            raise SettingsError("negative_prompt", f"must be a string, got {type(self.negative_prompt).__name__}")
+        try:
+            spec = registry.get(self.sampler)
+        except registry.UnknownSamplerError as e:
+            raise SettingsError("sampler", str(e).split(" ", 1)[1]) from None
+        _flag("karras", self.karras, allow_none=True)
+        _flag("use_graphs", self.use_graphs)
+        steps = _integer("steps", self.steps, 1, MAX_STEPS)
+        batch = _integer("batch_size", self.batch_size, 1, MAX_BATCH)
+        seed = secrets.randbelow(RANDOM_SEEDS) if self.seed is None else _integer("seed", self.seed, 0,
+                                                                                      SEED_RANGE - batch)
+        cfg_scale = _real("cfg_scale", self.cfg_scale, 0.0)
+        eta = _real("eta", self.eta, 0.0)
+        if eta != 0 and self.sampler != "ddim":
+            raise SettingsError("eta", f"applies to ddim only ({self.sampler} needs 0; euler_a always uses "
+                                       f"ancestral eta 1), got {eta:g}")
+        strength = _real("strength", self.strength, 0.0, 1.0)
+        init_image = mask = None
+        if self.init_image is not None:
+            init_image = image_tensor("init_image", self.init_image, 3, -1.0, 1.0)
+        if self.mask is not None:
+            if init_image is None:
+                raise SettingsError("mask", "needs an init_image to inpaint")
+            mask = image_tensor("mask", self.mask, 1, 0.0, 1.0)
+            if mask.shape[-2:] != init_image.shape[-2:]:
+                raise SettingsError("mask", f"is {_size(mask)} but init_image is {_size(init_image)}")
+        width, height = self.width, self.height
+        for name, value in (("width", width), ("height", height)):
+            if value is not None:
+                _integer(name, value, VAE_FACTOR_MULTIPLE, None)
+        if init_image is not None:
+            h, w = init_image.shape[-2:]
+            if (width is not None and width != w) or (height is not None and height != h):
+                raise SettingsError("width" if width not in (None, w) else "height",
+                                    f"x height {width or w}x{height or h} does not match the init image, which is "
+                                    f"{w}x{h}; resize the image or leave width and height unset")
+            width, height = int(w), int(h)
+        elif (width is None) != (height is None):
+            width = height = width or height  # one side given: a square image
+        return dataclasses.replace(self, karras=self.karras, steps=steps, batch_size=batch, seed=seed,
+                                   cfg_scale=cfg_scale, eta=eta, strength=strength, init_image=init_image,
+                                   mask=mask, width=width, height=height,
+                                   sampler=spec.name)
+
+    # ------------------------------------------------------------ against the model
+
+    def resolve(self, config) -> "GenerationSettings":
+        """A checked copy with everything filled in for the model of ``config`` (a ``ModelConfig``)."""
+        s = self.check()
+        spec = registry.get(s.sampler)
+        in_channels = config.unet.in_channels
+        if in_channels not in (4, 9):
+            raise SettingsError("model", f"UNets with {in_channels} input channels are not supported (4, or 9 "
+                                         "for inpainting)")
+        if s.mask is not None and in_channels != 9:
+            raise SettingsError("mask", "needs an inpainting model (9-channel UNet); this model's UNet takes "
+                                        f"{in_channels} channels")
+        if spec.space == "timesteps":
+            check_ddim_steps(s.sampler, s.steps, config.timesteps)
+        multiple = side_multiple(config)
+        size = default_size(config)
+        width = _side("width", s.width if s.width is not None else size, multiple, config)
+        height = _side("height", s.height if s.height is not None else size, multiple, config)
+        karras = spec.karras if s.karras is None else s.karras
+        return dataclasses.replace(s, width=width, height=height, karras=karras)
+
+    @property
+    def mode(self) -> str:
+        """"txt2img", "img2img" or "inpaint"."""
+        if self.init_image is None:
+            return "txt2img"
+        return "img2img" if self.mask is None else "inpaint"
+
+
+# ---------------------------------------------------------------- the image-side rule (one place)
+
+
+DEFAULT_SIZE = {"sd1": 512, "sd2": 512, "sdxl": 1024}  # SD2 v-prediction models: 768 (see default_size)
+
+
+def default_size(config) -> int:
+    """Training resolution of the family: SD1 512, SD2 768 for v-prediction (512 for the eps base), SDXL 1024."""
+    if config.family == "sd2" and config.parameterization == "v":
+        return 768
+    return DEFAULT_SIZE[config.family]
+
+
+def vae_factor(config) -> int:
+    """Pixels per latent cell (8 for every released VAE)."""
+    return 2 ** (len(config.vae.ch_mult) - 1)
+
+
+def side_multiple(config) -> int:
+    """Image sides must be multiples of this: the VAE factor times the UNet's down-sampling (its up path does
+    no size matching): 64 for SD 1.x / 2.x, 32 for SDXL."""
+    return vae_factor(config) * config.unet.downsample_factor
+
+
+SIDE_RULE = "a multiple of 64 (SDXL: 32)"  # side_multiple for the released layouts, for help texts
+
+
+def _side(name: str, value: int, multiple: int, config) -> int:
+    if value < multiple or value % multiple:
+        raise SettingsError(name, f"{value} is not a positive multiple of {multiple} (a {config.family} model "
+                                  f"needs image sides divisible by {multiple}: VAE x{vae_factor(config)}, UNet "
+                                  f"x{config.unet.downsample_factor})")
+    return value
+
+
+# ---------------------------------------------------------------- DDIM step counts
+
+
+def _ddim_steps_ok(steps: int, num_timesteps: int) -> bool:
+    return int(S.ddim_timesteps(steps, num_timesteps)[-1]) < num_timesteps
+
+
+def check_ddim_steps(sampler: str, steps: int, num_timesteps: int) -> None:
+    """The original's uniform DDIM timesteps ``range(0, T, T // steps) + 1`` reach T itself (past the schedule)
+    when ``T // steps`` divides T - 1: e.g. 3, 9, 27, 37 or more than 500 steps of 1000. The original fails
+    there too; name the nearest step counts that work."""
+    if _ddim_steps_ok(steps, num_timesteps):
+        return
+    ok = [n for n in range(1, num_timesteps // 2 + 1) if _ddim_steps_ok(n, num_timesteps)]
+    near = sorted(ok, key=lambda n: (abs(n - steps), n))[:2]
+    raise SettingsError("steps", f"{steps} cannot be run by {sampler}: its uniform timesteps would reach "
+                                 f"timestep {num_timesteps}, past the schedule (as in the original); try "
+                                 f"{' or '.join(map(str, sorted(near)))} steps")
+
+
+# ---------------------------------------------------------------- value checks
+
+
+def _integer(name: str, value, low: int, high: int | None) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise SettingsError(name, f"must be an integer, got {value!r}")
+    value = int(value)
+    if value < low or (high is not None and value > high):
+        bound = f"at least {low}" if high is None else f"between {low} and {high}"
+        raise SettingsError(name, f"must be {bound}, got {value}")
+    return value
+
+
+def _real(name: str, value, low: float, high: float | None = None) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)) or not math.isfinite(value):
+        raise SettingsError(name, f"must be a finite number, got {value!r}")
+    value = float(value)
+    if value < low or (high is not None and value > high):
+        bound = f">= {low:g}" if high is None else f"between {low:g} and {high:g}"
+        raise SettingsError(name, f"must be {bound}, got {value:g}")
+    return value
+
+
+def _flag(name: str, value, allow_none: bool = False) -> None:
+    if not (isinstance(value, bool) or (allow_none and value is None)):
+        raise SettingsError(name, f"must be True or False, got {value!r}")
+
+
+def _size(t: torch.Tensor) -> str:
+    return f"{t.shape[-1]}x{t.shape[-2]}"
+
+
+def image_tensor(name: str, image, channels: int, low: float, high: float) -> torch.Tensor:
+    """A PIL image (RGB for 3 channels, greyscale for 1) or a [1, C, H, W] tensor, checked, as a float32
+    tensor in [low, high]: RGB pixels map to [-1, 1], mask pixels to [0, 1]. Sides must be multiples of 8."""
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        pixels = torch.from_numpy(np.asarray(image.convert("RGB" if channels == 3 else "L"), dtype=np.float32).copy())
+        if channels == 3:
+            image = (pixels / 127.5 - 1.0).permute(2, 0, 1)[None]  # [H, W, 3] -> [1, 3, H, W] in [-1, 1]
+        else:
+            image = (pixels / 255.0)[None, None]  # [H, W] -> [1, 1, H, W] in [0, 1]
+    if not isinstance(image, torch.Tensor) or image.dim() != 4 or image.shape[0] != 1 or image.shape[1] != channels:
+        shape = list(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+        raise SettingsError(name, f"must be a PIL image or a [1, {channels}, H, W] tensor, got {shape}")
+    if not image.is_floating_point():
+        raise SettingsError(name, f"must be a floating-point tensor, got {image.dtype}")
+    if not torch.isfinite(image).all():
+        raise SettingsError(name, "contains NaN or Inf")
+    lo, hi = image.min().item(), image.max().item()
+    if lo < low - 1e-3 or hi > high + 1e-3:
+        raise SettingsError(name, f"values must be in [{low:g}, {high:g}], got [{lo:.4g}, {hi:.4g}]")
+    h, w = image.shape[-2:]
+    if h % VAE_FACTOR_MULTIPLE or w % VAE_FACTOR_MULTIPLE:
+        raise SettingsError(name, f"is {w}x{h}; its sides must be multiples of {VAE_FACTOR_MULTIPLE}")
+    return image.float()
