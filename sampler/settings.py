@@ -89,17 +89,17 @@ class GenerationSettings:
                 raise SettingsError("mask", "needs an init_image to inpaint")
             mask = image_tensor("mask", self.mask, 1, 0.0, 1.0)
             if mask.shape[-2:] != init_image.shape[-2:]:
-                raise SettingsError("mask", f"is {_size(mask)} but init_image is {_size(init_image)}")
+                raise SettingsError("mask", f"is {_size(mask)} but the init image is {_size(init_image)}")
         width, height = self.width, self.height
         for name, value in (("width", width), ("height", height)):
-            if value is not None:
-                _integer(name, value, VAE_FACTOR_MULTIPLE, None)
+            if value is not None and _integer(name, value, VAE_FACTOR_MULTIPLE, None) % VAE_FACTOR_MULTIPLE:
+                raise SettingsError(name, f"{value} is not a multiple of {VAE_FACTOR_MULTIPLE} (the VAE's factor)")
         if init_image is not None:
             h, w = init_image.shape[-2:]
-            if (width is not None and width != w) or (height is not None and height != h):
-                raise SettingsError("width" if width not in (None, w) else "height",
-                                    f"x height {width or w}x{height or h} does not match the init image, which is "
-                                    f"{w}x{h}; resize the image or leave width and height unset")
+            for name, value in (("width", width), ("height", height)):
+                if value is not None and value != (w if name == "width" else h):
+                    raise SettingsError(name, f"{value} does not match the init image, which is {w}x{h}; resize "
+                                              "the image or leave width and height unset")
             width, height = int(w), int(h)
         elif (width is None) != (height is None):
             width = height = width or height  # one side given: a square image
