@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from tritonsd.tools.reference import relative_error, strict_float32
+from tritonsd.testing.reference import relative_error, strict_float32
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 TOLERANCE = {torch.float16: 1e-2, torch.bfloat16: 1e-2, torch.float32: 1e-4}

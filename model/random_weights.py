@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..tools.reference import fixtures_dir
+from ..testing.reference import fixtures_dir
 from .checkpoint import normalize_keys
 from .config import detect_config
 from .sd import StableDiffusion, build_model

@@ -32,6 +32,7 @@ redone in float32). Nothing is hung on the ``nn.Module``.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import os
 from dataclasses import dataclass
@@ -43,7 +44,6 @@ import torch
 from ..kernels import dispatch
 from ..model.vae_guard import VAEDecodeGuard
 from . import registry
-from . import schedule as S
 from .graph import GraphCaptureError, GraphRunner, noise_draws, tables_on_device
 from .infotext import Infotext
 from .noise import CPUNoise, NoiseSource
@@ -117,6 +117,11 @@ class Pipeline:
             self._model_hash = self._model_hash()
         return self._model_hash
 
+    def _kernels(self):
+        """The kernel choice for a stage: this pipeline's, or (for "auto") whatever the caller's
+        ``dispatch.force`` block says."""
+        return contextlib.nullcontext() if self.kernels == "auto" else dispatch.force(self.kernels)
+
     def _model_unet(self, x, t, context, y=None):
         """``apply_model`` returning float32: the sampler state stays float32 whatever the weights' dtype."""
         return self.model.apply_model(x, t, context, y).float()
@@ -139,17 +144,18 @@ class Pipeline:
     # ------------------------------------------------------------ stage 1: text
 
     @torch.no_grad()
-    def encode_text(self, prompts: list[str], *, size: tuple[int, int], zero: bool = False,
+    def encode_text(self, prompts: list[str], *, size: tuple[int, int] | None = None, zero: bool = False,
                     original_size=None, crop_coords_top_left=(0, 0), target_size=None) -> dict[str, torch.Tensor]:
         """One side's UNet keywords for ``prompts``: ``{"context"}`` (SD1/2) or ``{"context", "y"}`` (SDXL, with
         its size conditioning: original and target size default to ``size`` = (height, width); ``zero``
         zeroes the text features, sgm's unconditional side)."""
-        with dispatch.force(self.kernels):
+        with self._kernels():
             if self.config.family != "sdxl":
                 return {"context": self.model.get_learned_conditioning(prompts).float()}
             context, y = self.model.get_learned_conditioning(
-                prompts, original_size=original_size or size, crop_coords_top_left=crop_coords_top_left,
-                target_size=target_size or size, zero_text=zero)
+                prompts, original_size=size if original_size is None else original_size,
+                crop_coords_top_left=crop_coords_top_left, target_size=size if target_size is None else target_size,
+                zero_text=zero)
         return {"context": context.float(), "y": y.float()}
 
     def encode(self, settings: GenerationSettings, **size_conditions) -> Conditioning:
@@ -176,7 +182,7 @@ class Pipeline:
         spec = registry.get(s.sampler)
         x_T = noise.start(shape).to(device)
         shared, inpaint = {}, None
-        with dispatch.force(self.kernels):
+        with self._kernels():
             if self.config.unet.in_channels == 9:
                 image = s.init_image if s.init_image is not None else torch.zeros(1, 3, s.height, s.width)
                 mask = s.mask if s.mask is not None else torch.ones(1, 1, s.height, s.width)
@@ -203,7 +209,7 @@ class Pipeline:
         spec = registry.get(s.sampler)
         total = latents.steps
         x = latents.x
-        with dispatch.force(self.kernels):
+        with self._kernels():
             runner = self._graph_runner(spec, s)
             if runner is not None:
                 out = self._denoise_graphed(runner, spec, latents, cond, s, callback)
@@ -259,7 +265,7 @@ class Pipeline:
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """``clamp((decode_first_stage(latents) + 1) / 2, 0, 1)`` [B, 3, H, W] float32 on the model's device."""
-        with dispatch.force(self.kernels):
+        with self._kernels():
             return decode_clamped(self.vae_guard, self.config.scale_factor, latents)
 
     # ------------------------------------------------------------ all of it

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tritonsd.tools.reference import fixtures_dir, load_reference
+from tritonsd.testing.reference import fixtures_dir, load_reference
 
 FP32_BOUND = 1e-4  # the fixtures' README: relative error bound for float32 implementations
 

@@ -18,7 +18,7 @@ def forbid_fallback(monkeypatch, module, reference_name: str) -> None:
 
 def assert_matches(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> float:
     """The NaN-poisoned output was fully written and is within the dtype's bound of the reference."""
-    from tritonsd.tools.reference import relative_error
+    from tritonsd.testing.reference import relative_error
 
     assert not torch.isnan(got).any(), "the kernel left elements unwritten"
     err = relative_error(got, ref)

@@ -8,7 +8,7 @@ import torch
 from tritonsd.kernels import attention as attention_mod
 from tritonsd.kernels._triton import KernelArgumentError
 from tritonsd.kernels.attention import attention_reference, attention_triton, split_head_dim
-from tritonsd.tools.reference import relative_error
+from tritonsd.testing.reference import relative_error
 
 from kernel_checks import DEVICE, assert_matches, forbid_fallback
 

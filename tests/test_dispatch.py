@@ -17,7 +17,7 @@ import torch
 
 from tritonsd.kernels import _triton, attention, conv, dispatch, geglu, group_norm, layer_norm
 from tritonsd.model.layers import Conv2d, GroupNorm, LayerNorm
-from tritonsd.tools.reference import relative_error
+from tritonsd.testing.reference import relative_error
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"

@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tritonsd.tools.reference import relative_error
+from tritonsd.testing.reference import relative_error
 
 from conftest import FP32_BOUND
 

@@ -14,7 +14,7 @@ import torch
 from tritonsd.model.sd import load_model
 from tritonsd.sampler import pipeline as P
 from tritonsd.sampler import schedule as S
-from tritonsd.tools.reference import relative_error
+from tritonsd.testing.reference import relative_error
 
 from conftest import FP32_BOUND
 

@@ -20,7 +20,7 @@ from tritonsd.model.vae_guard import VAEDecodeNaNWarning
 from tritonsd.sampler import pipeline as P
 from tritonsd.sampler.graph import GraphRunner, tables_on_device
 from tritonsd.tools.cli import build_parser
-from tritonsd.tools.reference import relative_error
+from tritonsd.testing.reference import relative_error
 
 GRAPH_SAMPLERS = ("euler", "euler_a", "dpmpp_2m")
 GRAPH_BOUND = 1e-3  # CUDA graph vs eager CUDA loop: the runner keeps sigmas on the host (CPU-scalar arithmetic)

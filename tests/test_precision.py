@@ -15,7 +15,7 @@ from tritonsd.kernels import dispatch
 from tritonsd.model.device import DeviceError, DTypeError, resolve_device, resolve_dtype
 from tritonsd.model.sd import load_model
 from tritonsd.model.vae_guard import VAEDecodeGuard, VAEDecodeNaNWarning, decode_first_stage_guarded, guard_for
-from tritonsd.tools.reference import relative_error
+from tritonsd.testing.reference import relative_error
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # Triton on CPU tensors needs the interpreter (no GPU)
 

@@ -14,7 +14,7 @@ from safetensors import safe_open
 from tritonsd.sampler import denoise as D
 from tritonsd.sampler import samplers as K
 from tritonsd.sampler import schedule as S
-from tritonsd.tools.reference import relative_error
+from tritonsd.testing.reference import relative_error
 
 from conftest import FP32_BOUND
 

@@ -8,7 +8,7 @@ import torch
 from safetensors import safe_open
 
 from tritonsd.sampler import schedule as S
-from tritonsd.tools.reference import relative_error
+from tritonsd.testing.reference import relative_error
 
 from conftest import FP32_BOUND
 

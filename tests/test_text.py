@@ -15,7 +15,7 @@ from tritonsd.model.text import (FrozenCLIPEmbedder, FrozenOpenCLIPEmbedder, Fro
                                  GeneralConditioner, TextConfigError, build_cond_stage, cond_stage_prefix,
                                  text_config_from_weights)
 from tritonsd.model.layers import timestep_embedding
-from tritonsd.tools.reference import relative_error
+from tritonsd.testing.reference import relative_error
 
 FAMILY = {"sd1-tiny": "sd1", "sd1-inpaint-tiny": "sd1", "sd2v-tiny": "sd2", "sdxl-tiny": "sdxl"}
 

@@ -12,7 +12,7 @@ from tritonsd.model.checkpoint import read_checkpoint
 from tritonsd.model.config import UnsupportedModelError
 from tritonsd.model.sd import load_model
 from tritonsd.model.unet import UNetShapeError
-from tritonsd.tools.reference import relative_error
+from tritonsd.testing.reference import relative_error
 
 FILES = [
     ("sd1-tiny", ".safetensors"), ("sd1-tiny", ".ckpt"),

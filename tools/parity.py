@@ -2,7 +2,7 @@
 
 A reference file (the fixtures' format: ``NAME.reference.safetensors`` + ``NAME.reference.json``) holds the
 inputs and outputs of runs of the ORIGINAL code. This command loads the checkpoint, recomputes each stored
-output from the stored inputs (see ``tools/parity_groups.py``: groups by name prefix, sampler groups parsed as
+output from the stored inputs (see ``testing/groups.py``: groups by name prefix, sampler groups parsed as
 ``<sampler>_cfg<scale>``) and prints one row per tensor: name, shape, relative error
 ``max|a - b| / max|ref|``, bound (1e-4 for float32 tensors, exact for integer ones), pass / FAIL.
 
@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from .cli import UsageError
-from .reference import relative_error, strict_float32
+from ..testing.reference import relative_error, strict_float32
 
 FP32_BOUND = 1e-4  # the fixtures' README: relative error bound for float32 implementations
 KERNELS = ("auto", "torch", "triton")
@@ -157,7 +157,7 @@ def _check_paths(args) -> None:
 
 
 def _read_reference(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    from .reference import load_reference
+    from ..testing.reference import load_reference
 
     try:
         ref, meta = load_reference(path)
@@ -290,9 +290,10 @@ def _select(groups: dict[str, list[str]], only: str | None) -> list[str]:
 
 def recompute(model, ref, meta, device, groups: dict[str, list[str]]):
     """({name: tensor on the CPU}, {group: error message}, {group: seconds}) over ``groups``."""
-    from . import parity_groups as G
+    from ..sampler.pipeline import Pipeline
+    from ..testing import groups as G
 
-    ctx = G.Recompute(model, ref, meta, device)
+    ctx = G.Recompute(Pipeline(model), ref, meta, device)
     computed: dict[str, torch.Tensor] = {}
     errors: dict[str, str] = {}
     timings: dict[str, float] = {}
@@ -312,7 +313,7 @@ def recompute(model, ref, meta, device, groups: dict[str, list[str]]):
 
 
 def _one_line(e: BaseException) -> str:
-    from . import parity_groups as G
+    from ..testing import groups as G
 
     text = str(e).strip().splitlines()[0] if str(e).strip() else ""
     if isinstance(e, G.GroupError):
@@ -324,7 +325,7 @@ def _one_line(e: BaseException) -> str:
 
 
 def build_rows(ref, meta, groups: dict[str, list[str]], computed, errors) -> list[dict]:
-    from . import parity_groups as G
+    from ..testing import groups as G
 
     rows = []
     for group, names in groups.items():

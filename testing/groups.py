@@ -1,10 +1,12 @@
 """Recomputing a reference file's tensors, one group (name prefix) at a time, from the file's STORED inputs.
 
-Every group handler takes a ``Recompute`` (model, stored tensors, JSON) and the group's key names and returns
-``{name: tensor}`` for what it recomputed; names it does not return and that are not inputs become failures in
-``tools/parity.py``. Handlers use only the model's public API (``get_learned_conditioning``, ``apply_model``,
-``decode_first_stage``, ``encode_first_stage``, the text modules' tokenizers) and the sampler modules
-(``sampler.schedule``, ``sampler.denoise``, ``sampler.samplers``); no model math lives here.
+Every group handler takes a ``Recompute`` (a Pipeline, stored tensors, JSON) and the group's key names and
+returns ``{name: tensor}`` for what it recomputed; names it does not return and that are not inputs become
+failures in ``tools/parity.py``. Conditioning, schedules, sampling and decoding go through the Pipeline's stages
+(``encode`` / ``encode_text``, ``prepare_latents``, ``denoise``, ``decode``) and ``sampler.wiring``, so what is
+checked is what users run; the module-level groups (tokens, the text towers, one UNet call, the VAE) call the
+model's own modules. No model math and no sampler wiring lives here: the stored inputs enter the stages as a
+``StoredNoise`` source and stored conditioning.
 
 Nothing is hard-wired to the public files: batch sizes and latent sizes come from the stored tensors' shapes,
 prompts and step counts from the JSON (steps, when absent there, from the shapes), CFG scales from the group
@@ -21,11 +23,11 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
-from ..sampler import denoise as D
-from ..sampler import samplers as K
+from ..sampler import registry
 from ..sampler import schedule as S
+from ..sampler import wiring as W
+from ..sampler.pipeline import Conditioning, Pipeline
 
 
 class GroupError(ValueError):
@@ -70,16 +72,20 @@ def derived_from(name: str, meta: dict) -> tuple[str, list[int]] | None:
 
 @dataclass
 class Recompute:
-    """A loaded model and one reference file (tensors on the CPU as stored, the JSON as a dict)."""
+    """A Pipeline and one reference file (tensors on the CPU as stored, the JSON as a dict)."""
 
-    model: torch.nn.Module
+    pipe: Pipeline
     ref: dict[str, torch.Tensor]
     meta: dict
     device: torch.device
 
     @property
+    def model(self):
+        return self.pipe.model
+
+    @property
     def config(self):
-        return self.model.config
+        return self.pipe.config
 
     def get(self, name: str) -> torch.Tensor:
         """A stored tensor on the compute device; a clear error when the file lacks it."""
@@ -111,20 +117,44 @@ class Recompute:
                              "tensor shows it")
         return int(steps)
 
-    def image(self, latents: torch.Tensor) -> torch.Tensor:
-        """What the original scripts save: ``clamp((decode_first_stage(latents) + 1) / 2, 0, 1)``."""
-        return torch.clamp((self.model.decode_first_stage(latents) + 1.0) / 2.0, 0.0, 1.0)
+    def image_size(self, latent: torch.Tensor) -> tuple[int, int]:
+        """(height, width) in pixels of a stored latent [B, C, h, w]."""
+        factor = 2 ** (len(self.config.vae.ch_mult) - 1)
+        return latent.shape[-2] * factor, latent.shape[-1] * factor
 
-    def alphas_cumprod64(self) -> torch.Tensor:
-        """The float64 schedule the original holds besides the float32 buffer (DDIM's v conversion, sgm).
+    def settings(self, x_T: torch.Tensor, **fields):
+        """Pipeline settings for a reference run from ``x_T`` [B, C, h, w] (batch and size) and ``fields``."""
+        height, width = self.image_size(x_T)
+        return self.pipe.settings(batch_size=x_T.shape[0], width=width, height=height, seed=0, **fields)
 
-        The linear schedule of the config; the checkpoint's own buffer when that differs from it.
-        """
-        cfg = self.config
-        acp64 = S.linear_alphas_cumprod(cfg.linear_start, cfg.linear_end, cfg.timesteps)
-        if cfg.alphas_cumprod_source == "file" and not torch.equal(acp64.float(), cfg.alphas_cumprod.float()):
-            return cfg.alphas_cumprod.double()
-        return acp64
+
+class StoredNoise:
+    """A ``NoiseSource`` (``sampler/noise.py``) replaying a reference run's stored noise: x_T, the VAE
+    posterior noise, and per-step ancestral noise in the order the sampler draws it."""
+
+    def __init__(self, start: torch.Tensor, vae: torch.Tensor | None = None,
+                 ancestral: torch.Tensor | None = None, group: str = ""):
+        self._start, self._vae, self.group = start, vae, group
+        self.left = [] if ancestral is None else list(ancestral.unbind(0))
+
+    def start(self, shape) -> torch.Tensor:
+        return _fits(self._start, shape, "x_T")
+
+    def vae(self, shape) -> torch.Tensor:
+        if self._vae is None:
+            raise GroupError("the run needs VAE posterior noise, which the file does not store")
+        return _fits(self._vae, shape, "VAE noise")
+
+    def ancestral(self, shape) -> torch.Tensor:
+        if not self.left:
+            raise GroupError(f"the sampler asked for more noise than {self.group}.noise holds")
+        return self.left.pop(0)
+
+
+def _fits(t: torch.Tensor, shape, what: str) -> torch.Tensor:
+    if tuple(t.shape[1:]) != tuple(shape):
+        raise GroupError(f"the stored {what} is {list(t.shape)}, the run needs [B, {', '.join(map(str, shape))}]")
+    return t
 
 
 def _wanted(keys, *names: str) -> bool:
@@ -155,15 +185,14 @@ _SIZE_ARGS = {"original_size_as_tuple": "original_size", "crop_coords_top_left":
 
 
 def _size_conditions(ctx: Recompute, values: Callable[[str], object]) -> dict[str, object]:
-    """``get_learned_conditioning`` keywords for the conditioner's non-text inputs, ``values(input_key)``."""
+    """``encode_text`` keywords for the conditioner's non-text inputs, ``values(input_key)``."""
     return {_SIZE_ARGS.get(key, key): values(key) for key in ctx.model.conditioner.input_keys if key != "txt"}
 
 
 def text_group(ctx: Recompute, keys: list[str]) -> dict[str, torch.Tensor]:
-    model = ctx.model
     if ctx.config.family != "sdxl":
         prompts = ctx.prompts("tokens.input_ids")
-        return {"text.context": model.get_learned_conditioning(prompts)}
+        return {"text.context": ctx.pipe.encode_text(prompts)["context"]}
     prompts = ctx.prompts("tokens.clip_l")
     out: dict[str, torch.Tensor] = {}
     for kind, embedder in _text_embedders(ctx):
@@ -173,13 +202,14 @@ def text_group(ctx: Recompute, keys: list[str]) -> dict[str, torch.Tensor]:
             features, pooled = embedder(prompts)
             out[f"text.open_clip_{embedder.layer}"] = features
             out["text.open_clip_pooled"] = pooled
-    conditioner = model.conditioner
+    conditioner = ctx.model.conditioner
     for embedder, key in zip(conditioner.embedders, conditioner.input_keys):
         if key != "txt" and f"text.emb_{key}" in keys:
             out[f"text.emb_{key}"] = embedder(ctx.get(f"text.{key}"))
     if _wanted(keys, "text.crossattn", "text.vector"):
         sizes = _size_conditions(ctx, lambda key: ctx.get(f"text.{key}"))
-        out["text.crossattn"], out["text.vector"] = model.get_learned_conditioning(prompts, **sizes)
+        side = ctx.pipe.encode_text(prompts, **sizes)
+        out["text.crossattn"], out["text.vector"] = side["context"], side["y"]
     return out
 
 
@@ -238,52 +268,38 @@ def _sigma_steps(ctx: Recompute, group: str) -> int:
 
 
 def ddim_group(ctx: Recompute, keys: list[str]) -> dict[str, torch.Tensor]:
-    sched = S.ddim_schedule(ctx.config.alphas_cumprod, _ddim_steps(ctx, None))
+    sched = W.make_schedule(ctx.config, registry.get("ddim"), _ddim_steps(ctx, None))
     return {"ddim.timesteps": sched.timesteps, "ddim.alphas": sched.alphas, "ddim.alphas_prev": sched.alphas_prev}
 
 
-def _kdiff_denoiser(ctx: Recompute):
-    wrapper = D.VDenoiser if ctx.config.parameterization == "v" else D.EpsDenoiser
-    return wrapper(ctx.model.apply_model, ctx.config.alphas_cumprod)
-
-
 def kdiff_group(ctx: Recompute, keys: list[str]) -> dict[str, torch.Tensor]:
-    den = _kdiff_denoiser(ctx)
     steps = ctx.steps(ctx.ref["kdiff.sigmas"].shape[0] - 1 if "kdiff.sigmas" in ctx.ref else None, "kdiff.sigmas")
-    return {"kdiff.sigmas": den.get_sigmas(steps),
-            "kdiff.sigmas_karras": S.get_sigmas_karras(steps, den.sigma_min.item(), den.sigma_max.item(), rho=7.0)}
-
-
-def _sgm_denoiser(ctx: Recompute) -> D.SGMEpsDenoiser:
-    if ctx.config.parameterization != "eps":
-        raise GroupError("sgm sampling of a v-prediction SDXL model is not supported")
-    return D.SGMEpsDenoiser(ctx.model.apply_model, ctx.alphas_cumprod64())
-
-
-def _sgm_sigmas(ctx: Recompute, group: str) -> torch.Tensor:
-    return S.sgm_sigmas(ctx.alphas_cumprod64(), _sigma_steps(ctx, group)).to(ctx.device)
+    spec = registry.get("euler")
+    return {"kdiff.sigmas": W.make_schedule(ctx.config, spec, steps, karras=False),
+            "kdiff.sigmas_karras": W.make_schedule(ctx.config, spec, steps, karras=True)}
 
 
 def sample_group(ctx: Recompute, keys: list[str]) -> dict[str, torch.Tensor]:
-    """The sampling runs' conditioning from the JSON's sample prompt (and SDXL's sigmas / timesteps)."""
-    model = ctx.model
-    prompt = str(ctx.meta_value("sample_prompt"))
-    negative = str(ctx.meta.get("sample_negative_prompt", ""))
+    """The sampling runs' conditioning from the JSON's sample prompt through ``Pipeline.encode`` (and SDXL's
+    sigmas / timesteps through the wiring)."""
     x_T = ctx.get("sample.x_T")
-    n = x_T.shape[0]
+    settings = ctx.settings(x_T, prompt=str(ctx.meta_value("sample_prompt")),
+                            negative_prompt=str(ctx.meta.get("sample_negative_prompt", "")), sampler="euler",
+                            steps=_sigma_steps(ctx, "sample") if ctx.config.family == "sdxl" else 1)
     if ctx.config.family != "sdxl":
-        return {"sample.cond": model.get_learned_conditioning(n * [prompt]),
-                "sample.uncond": model.get_learned_conditioning(n * [negative])}
+        cond = ctx.pipe.encode(settings)
+        return {"sample.cond": cond.cond["context"], "sample.uncond": cond.uncond["context"]}
     out = {}
     if _wanted(keys, "sample.crossattn", "sample.vector", "sample.uc_crossattn", "sample.uc_vector"):
         sizes = _size_conditions(ctx, lambda key: _sgm_sample_size(ctx, key, x_T))
-        out["sample.crossattn"], out["sample.vector"] = model.get_learned_conditioning(n * [prompt], **sizes)
-        out["sample.uc_crossattn"], out["sample.uc_vector"] = model.get_learned_conditioning(
-            n * [negative], zero_text=True, **sizes)
+        sizes.pop("aesthetic_score", None)
+        cond = ctx.pipe.encode(settings, **sizes)
+        out["sample.crossattn"], out["sample.vector"] = cond.cond["context"], cond.cond["y"]
+        out["sample.uc_crossattn"], out["sample.uc_vector"] = cond.uncond["context"], cond.uncond["y"]
     if _wanted(keys, "sample.sigmas", "sample.timesteps"):
-        sigmas = _sgm_sigmas(ctx, "sample")
+        sigmas = W.make_schedule(ctx.config, registry.get("euler"), settings.steps)
         out["sample.sigmas"] = sigmas
-        out["sample.timesteps"] = _sgm_denoiser(ctx).sigma_to_idx(sigmas[:-1])
+        out["sample.timesteps"] = W.sigma_denoiser(None, ctx.config).sigma_to_idx(sigmas[:-1])
     return out
 
 
@@ -298,9 +314,8 @@ def _sgm_sample_size(ctx: Recompute, key: str, x_T: torch.Tensor):
     meta_key = _SGM_SAMPLE_META.get(key, f"sample_{key}")
     if meta_key in ctx.meta:
         return tuple(ctx.meta[meta_key]) if isinstance(ctx.meta[meta_key], list) else ctx.meta[meta_key]
-    factor = 2 ** (len(ctx.config.vae.ch_mult) - 1)
     if key in ("original_size_as_tuple", "target_size_as_tuple"):
-        return (x_T.shape[-2] * factor, x_T.shape[-1] * factor)
+        return ctx.image_size(x_T)
     if key == "crop_coords_top_left":
         return (0, 0)
     raise GroupError(f"needs {meta_key!r} from the reference JSON, which does not give it")
@@ -311,7 +326,7 @@ def _sgm_sample_size(ctx: Recompute, key: str, x_T: torch.Tensor):
 
 @dataclass(frozen=True)
 class SamplerGroup:
-    sampler: str  # ddim | plms | euler | euler_a | dpmpp_2m
+    sampler: str  # a registry name
     karras: bool
     scale: float
 
@@ -319,7 +334,6 @@ class SamplerGroup:
 _SAMPLER_GROUP = re.compile(r"(?P<sampler>[a-z0-9_]+?)_cfg(?P<whole>\d+)(?:p(?P<frac>\d+))?")
 _SAMPLER_ALIASES = {"dpmpp2m": "dpmpp_2m", "euler_ancestral": "euler_a", "k_euler": "euler",
                     "k_euler_a": "euler_a"}
-SAMPLERS = ("ddim", "plms", "euler", "euler_a", "dpmpp_2m")
 
 
 def parse_sampler_group(group: str) -> SamplerGroup | None:
@@ -332,107 +346,65 @@ def parse_sampler_group(group: str) -> SamplerGroup | None:
     karras = name.endswith("_karras")
     name = name.removesuffix("_karras")
     name = _SAMPLER_ALIASES.get(name, name)
-    if name not in SAMPLERS:
+    if name not in registry.SAMPLERS:
         return None
     scale = float(f"{m.group('whole')}.{m.group('frac') or 0}")
     return SamplerGroup(name, karras, scale)
 
 
-def _ddim_model(ctx: Recompute, scale: float):
-    """CFG on the raw UNet output, then eps (and x0 for v), as the original DDIMSampler does."""
-    raw = D.CFGDenoiser(D.UNetOutput(ctx.model.apply_model), scale)
-    if ctx.config.parameterization == "v":
-        return D.EpsFromV(raw, ctx.alphas_cumprod64())
-    return D.EpsPrediction(raw)
+def run_stages(ctx: Recompute, settings, cond: Conditioning, noise: StoredNoise) -> tuple:
+    """``prepare_latents`` and ``denoise`` from the stored noise: (latents, the Latents, the step dicts)."""
+    latents = ctx.pipe.prepare_latents(settings, noise)
+    steps: list[dict] = []
+    x = ctx.pipe.denoise(latents, cond, settings, callback=steps.append)
+    if noise.left:
+        raise GroupError(f"{noise.group}.noise holds {len(noise.left)} more noise tensors than the sampler used")
+    return x, latents, steps
 
 
-def _ddim_outputs(ctx: Recompute, group: str, keys, latents, inter, image_name: str) -> dict[str, torch.Tensor]:
-    out = {f"{group}.latents": latents, f"{group}.x_inter": torch.stack(inter["x_inter"]),
-           f"{group}.pred_x0": torch.stack(inter["pred_x0"])}
+def _stepped_outputs(ctx: Recompute, group: str, keys, x, steps, start, image_name: str) -> dict:
+    """``<group>.latents`` and, from the step dicts, DDIM's ``x_inter`` / ``pred_x0`` (both lists start with
+    the first latent, as the original's) or the sigma samplers' ``denoised``; the decoded image when wanted."""
+    out = {f"{group}.latents": x}
+    if "t" in steps[0]:  # timestep space
+        out[f"{group}.x_inter"] = torch.stack([start, *(d["x"] for d in steps[1:]), x])
+        out[f"{group}.pred_x0"] = torch.stack([start, *(d["denoised"] for d in steps)])
+    else:
+        out[f"{group}.denoised"] = torch.stack([d["denoised"] for d in steps])
     if image_name in keys:
-        out[image_name] = ctx.image(latents)
+        out[image_name] = ctx.pipe.decode(x)
     return out
-
-
-def _stored_noise_sampler(ctx: Recompute, group: str) -> tuple[Callable, list[torch.Tensor]]:
-    """Returns ``<group>.noise[i]`` on its i-th call (the list shows what is left unused)."""
-    if f"{group}.noise" not in ctx.ref:
-        raise GroupError(f"{group} is stochastic but the file stores no {group}.noise to replay")
-    noises = list(ctx.get(f"{group}.noise").unbind(0))
-
-    def sample(_a, _b):
-        if not noises:
-            raise GroupError(f"the sampler asked for more noise than {group}.noise holds")
-        return noises.pop(0)
-
-    return sample, noises
 
 
 def sampler_group(ctx: Recompute, group: str, spec: SamplerGroup, keys: list[str]) -> dict[str, torch.Tensor]:
-    if spec.sampler in ("ddim", "plms"):
-        return _timestep_sampler_group(ctx, group, spec, keys)
-    if ctx.config.family == "sdxl":
-        return _sgm_sampler_group(ctx, group, spec, keys)
-    return _kdiff_sampler_group(ctx, group, spec, keys)
-
-
-def _timestep_sampler_group(ctx, group, spec, keys):
-    if ctx.config.family == "sdxl":
+    """A sampling run from the stored x_T (and noise) and the stored conditioning (``sample.*``), so a failure in
+    the text tower shows in the text / sample rows only."""
+    space = registry.get(spec.sampler).space
+    sdxl = ctx.config.family == "sdxl"
+    if sdxl and space == "timesteps":
         raise GroupError(f"{spec.sampler.upper()} is not an sgm sampler; SDXL references use Euler / DPM++ 2M")
-    sched = S.ddim_schedule(ctx.config.alphas_cumprod, _ddim_steps(ctx, f"{group}.x_inter"))
-    extra = {"cond": {"context": ctx.get("sample.cond")}, "uncond": {"context": ctx.get("sample.uncond")}}
-    x_T = ctx.get("sample.x_T")
-    sampler = K.sample_ddim if spec.sampler == "ddim" else K.sample_plms
-    latents, inter = sampler(_ddim_model(ctx, spec.scale), x_T, sched, extra_args=extra)
-    return _ddim_outputs(ctx, group, keys, latents, inter, f"{group}.image")
-
-
-def _sigma_sampler_run(ctx, group, spec, model, x, sigmas, extra, keys):
-    """Runs euler / euler_a / dpmpp_2m over ``sigmas`` collecting each step's denoised x0."""
-    denoised: list[torch.Tensor] = []
-    kwargs = {}
-    unused: list = []
-    if spec.sampler == "euler_a":
-        kwargs["noise_sampler"], unused = _stored_noise_sampler(ctx, group)
-        kwargs.update(eta=1.0, s_noise=1.0)
-    sampler = {"euler": K.sample_euler, "euler_a": K.sample_euler_ancestral, "dpmpp_2m": K.sample_dpmpp_2m}
-    latents = sampler[spec.sampler](model, x, sigmas, extra_args=extra,
-                                    callback=lambda d: denoised.append(d["denoised"]), **kwargs)
-    if unused:
-        raise GroupError(f"{group}.noise holds {len(unused)} more noise tensors than the sampler used")
-    out = {f"{group}.latents": latents, f"{group}.denoised": torch.stack(denoised)}
-    if f"{group}.image" in keys:
-        out[f"{group}.image"] = ctx.image(latents)
-    return out
-
-
-def _kdiff_sampler_group(ctx, group, spec, keys):
-    """k-diffusion 0.1.1 through the CFG wrapper of its README: one batch [uncond, cond]."""
-    den = _kdiff_denoiser(ctx)
-    steps = _sigma_steps(ctx, group)
-    if spec.karras:
-        sigmas = S.get_sigmas_karras(steps, den.sigma_min.item(), den.sigma_max.item(), rho=7.0)
-    else:
-        sigmas = den.get_sigmas(steps)
-    sigmas = sigmas.to(ctx.device)
-    extra = {"cond": {"context": ctx.get("sample.cond")}, "uncond": {"context": ctx.get("sample.uncond")}}
-    x = ctx.get("sample.x_T") * sigmas[0]
-    return _sigma_sampler_run(ctx, group, spec, D.CFGDenoiser(den, spec.scale), x, sigmas, extra, keys)
-
-
-def _sgm_sampler_group(ctx, group, spec, keys):
-    """sgm ``do_sample``: LegacyDDPMDiscretization sigmas, start ``x_T * sqrt(1 + sigma_max^2)``, quantised
-    denoiser, VanillaCFG over [uc, c]. EulerEDMSampler (s_churn 0) / DPMPP2MSampler are our euler / dpmpp_2m."""
-    if spec.karras:
+    if sdxl and spec.karras:
         raise GroupError("sgm sampling with Karras sigmas is not supported")
-    if spec.sampler not in ("euler", "dpmpp_2m"):
+    if sdxl and spec.sampler not in ("euler", "dpmpp_2m"):
         raise GroupError(f"sgm sampler {spec.sampler!r} is not supported (Euler and DPM++ 2M are)")
-    sigmas = _sgm_sigmas(ctx, group)
-    cond = {"context": ctx.get("sample.crossattn"), "y": ctx.get("sample.vector")}
-    uncond = {"context": ctx.get("sample.uc_crossattn"), "y": ctx.get("sample.uc_vector")}
-    x = ctx.get("sample.x_T") * S.sgm_start_scale(sigmas)
-    model = D.CFGDenoiser(_sgm_denoiser(ctx), spec.scale)
-    return _sigma_sampler_run(ctx, group, spec, model, x, sigmas, {"cond": cond, "uncond": uncond}, keys)
+    x_T = ctx.get("sample.x_T")
+    steps = _ddim_steps(ctx, f"{group}.x_inter") if space == "timesteps" else _sigma_steps(ctx, group)
+    settings = ctx.settings(x_T, sampler=spec.sampler, karras=spec.karras, steps=steps, cfg_scale=spec.scale)
+    if sdxl:
+        cond = Conditioning({"context": ctx.get("sample.crossattn"), "y": ctx.get("sample.vector")},
+                            {"context": ctx.get("sample.uc_crossattn"), "y": ctx.get("sample.uc_vector")})
+    else:
+        cond = Conditioning({"context": ctx.get("sample.cond")}, {"context": ctx.get("sample.uncond")})
+    if spec.scale == 1.0:
+        cond.uncond = None
+    ancestral = None
+    if registry.get(spec.sampler).name == "euler_a":
+        if f"{group}.noise" not in ctx.ref:
+            raise GroupError(f"{group} is stochastic but the file stores no {group}.noise to replay")
+        ancestral = ctx.get(f"{group}.noise")
+    noise = StoredNoise(x_T, ancestral=ancestral, group=group)
+    x, latents, step_dicts = run_stages(ctx, settings, cond, noise)
+    return _stepped_outputs(ctx, group, keys, x, step_dicts, latents.x, f"{group}.image")
 
 
 # ---------------------------------------------------------------- inpainting
@@ -447,51 +419,38 @@ def _produced_by(ctx: Recompute, name: str) -> str:
 
 
 def inpaint_group(ctx: Recompute, keys: list[str]) -> dict[str, torch.Tensor]:
-    """runwayml ``scripts/inpaint_st.py``: masked image, nearest-downsampled mask, SAMPLED masked-image latents
-    (mean + std * the stored noise), DDIM with ``c_concat`` shared by both CFG halves, decoded result."""
-    model = ctx.model
-    out: dict[str, torch.Tensor] = {}
-    x_T = ctx.get("inpaint.x_T")
-    n, hw = x_T.shape[0], tuple(x_T.shape[-2:])
-
-    def batch(t: torch.Tensor) -> torch.Tensor:  # [1, ...] -> [n, ...] (the script repeats per sample)
-        return t.repeat(n, *([1] * (t.dim() - 1))) if t.shape[0] == 1 else t
-
-    image, mask = ctx.get("inpaint.image"), ctx.get("inpaint.mask")
-    masked_image = image * (mask < 0.5)
-    out["inpaint.masked_image"] = masked_image
-    out["inpaint.mask_latent"] = F.interpolate(batch(mask), size=hw)  # nearest
-    mean, logvar = model.encode_first_stage(batch(masked_image))
-    std = torch.exp(0.5 * logvar)
-    out["inpaint.masked_image_posterior_mean"] = mean
-    out["inpaint.masked_image_posterior_std"] = std
-    out["inpaint.masked_image_posterior_logvar"] = logvar
-    latents = model.config.scale_factor * (mean + std * ctx.get("inpaint.masked_image_noise"))
-    out["inpaint.masked_image_latents"] = latents
-    out["inpaint.c_concat"] = torch.cat([out["inpaint.mask_latent"], latents], dim=1)
-
-    prompt = str(ctx.meta_value("inpaint_prompt"))
-    negative = str(ctx.meta.get("inpaint_negative_prompt", ""))
-    out["inpaint.cond"] = model.get_learned_conditioning(n * [prompt])
-    out["inpaint.uncond"] = model.get_learned_conditioning(n * [negative])
-
-    if _wanted(keys, "inpaint.latents", "inpaint.x_inter", "inpaint.pred_x0", "inpaint.result"):
-        out.update(_inpaint_ddim(ctx, keys, x_T))
-    return out
-
-
-def _inpaint_ddim(ctx: Recompute, keys, x_T) -> dict[str, torch.Tensor]:
+    """runwayml ``scripts/inpaint_st.py`` through the stages: ``encode`` for cond / uncond, ``prepare_latents``
+    for the masked image, the nearest-downsampled mask and the SAMPLED masked-image latents (the stored noise),
+    then DDIM with ``c_concat`` shared by both CFG halves and ``decode``."""
     call = _produced_by(ctx, "inpaint.latents")
     eta = float(_ETA.search(call).group(1)) if _ETA.search(call) else 0.0
     if eta != 0.0:
         raise GroupError(f"inpaint.latents was sampled with eta={eta}, whose noise the file does not store")
     guidance = _GUIDANCE.search(call)
     scale = float(ctx.meta.get("inpaint_cfg_scale", guidance.group(1) if guidance else 7.5))
-    sched = S.ddim_schedule(ctx.config.alphas_cumprod, _ddim_steps(ctx, "inpaint.x_inter"))
-    extra = {"cond": {"context": ctx.get("inpaint.cond")}, "uncond": {"context": ctx.get("inpaint.uncond")},
-             "c_concat": ctx.get("inpaint.c_concat")}
-    latents, inter = K.sample_ddim(_ddim_model(ctx, scale), x_T, sched, extra_args=extra)
-    return _ddim_outputs(ctx, "inpaint", keys, latents, inter, "inpaint.result")
+    x_T = ctx.get("inpaint.x_T")
+    image, mask = ctx.get("inpaint.image"), ctx.get("inpaint.mask")
+    settings = ctx.settings(x_T, prompt=str(ctx.meta_value("inpaint_prompt")),
+                            negative_prompt=str(ctx.meta.get("inpaint_negative_prompt", "")), sampler="ddim",
+                            steps=_ddim_steps(ctx, "inpaint.x_inter"), cfg_scale=scale, init_image=image,
+                            mask=mask)
+    cond = ctx.pipe.encode(settings)
+    out: dict[str, torch.Tensor] = {"inpaint.cond": cond.cond["context"], "inpaint.uncond": cond.uncond["context"]}
+    noise = StoredNoise(x_T, vae=ctx.get("inpaint.masked_image_noise"), group="inpaint")
+    if _wanted(keys, "inpaint.latents", "inpaint.x_inter", "inpaint.pred_x0", "inpaint.result"):
+        x, latents, steps = run_stages(ctx, settings, cond, noise)
+        out.update(_stepped_outputs(ctx, "inpaint", keys, x, steps, latents.x, "inpaint.result"))
+    else:
+        latents = ctx.pipe.prepare_latents(settings, noise)
+    ic = latents.inpaint
+    out.update({"inpaint.masked_image": ic.masked_image, "inpaint.mask_latent": ic.mask_latent,
+                "inpaint.masked_image_latents": ic.masked_image_latents, "inpaint.c_concat": ic.c_concat})
+    # the posterior of the masked image, one row per image as the script encodes it
+    masked = ic.masked_image.expand(x_T.shape[0], -1, -1, -1)
+    mean, logvar = ctx.model.encode_first_stage(masked)
+    out.update({"inpaint.masked_image_posterior_mean": mean, "inpaint.masked_image_posterior_logvar": logvar,
+                "inpaint.masked_image_posterior_std": torch.exp(0.5 * logvar)})
+    return out
 
 
 # ---------------------------------------------------------------- dispatch
@@ -511,5 +470,5 @@ def recompute_group(ctx: Recompute, group: str, keys: list[str]) -> dict[str, to
     spec = parse_sampler_group(group)
     if spec is None:
         raise GroupError(f"unknown group {group!r} (not one of {', '.join(FIXED_GROUPS)} nor <sampler>_cfg<scale> "
-                         f"with a sampler of {', '.join(SAMPLERS)})")
+                         f"with a sampler of {', '.join(registry.SAMPLERS)})")
     return sampler_group(ctx, group, spec, keys)
