@@ -68,7 +68,8 @@ class GenerationSettings:
         try:
             spec = registry.get(self.sampler)
         except registry.UnknownSamplerError as e:
-            raise SettingsError("sampler", str(e).split(" ", 1)[1]) from None
+            raise SettingsError("sampler", f"{self.sampler!r} is unknown; choose one of "
+                                           f"{', '.join(registry.SAMPLERS)}") from None
         _flag("karras", self.karras, allow_none=True)
         _flag("use_graphs", self.use_graphs)
         steps = _integer("steps", self.steps, 1, MAX_STEPS)
