@@ -6,14 +6,14 @@ produced a non-finite value, decodes the same latents again with a float32 copy 
 failure, then kept), warning once per guard. A float32 VAE has nothing to retry with: its output is returned
 as is for the caller's finiteness check.
 
-The pipeline calls ``decode_first_stage_guarded(model, z)`` in place of ``model.decode_first_stage(z)``.
+Each Pipeline holds one guard for its model's VAE (so the warning comes once per pipeline and the float32 copy
+is reused) and decodes through it.
 """
 
 from __future__ import annotations
 
 import copy
 import warnings
-import weakref
 
 import torch
 from torch import nn
@@ -57,19 +57,3 @@ class VAEDecodeGuard:
         if self._vae_fp32 is None:
             self._vae_fp32 = copy.deepcopy(self.vae).to(torch.float32).eval().requires_grad_(False)
         return self._vae_fp32
-
-
-_GUARDS: "weakref.WeakKeyDictionary[nn.Module, VAEDecodeGuard]" = weakref.WeakKeyDictionary()
-
-
-def guard_for(vae: nn.Module) -> VAEDecodeGuard:
-    """The one guard of ``vae`` (so the warning comes once per loaded model and the float32 copy is reused)."""
-    guard = _GUARDS.get(vae)
-    if guard is None:
-        guard = _GUARDS[vae] = VAEDecodeGuard(vae)
-    return guard
-
-
-def decode_first_stage_guarded(model, z: torch.Tensor) -> torch.Tensor:
-    """``model.decode_first_stage(z)`` (scaled latents -> image in about [-1, 1]) with the float32 retry."""
-    return guard_for(model.first_stage_model).decode(z / model.config.scale_factor)

@@ -64,10 +64,7 @@ def timestep_model(unet: Callable, config, cfg_scale: float):
 
 def build_denoiser(unet: Callable, config, spec: SamplerSpec, cfg_scale: float):
     """What ``spec.fn`` calls: the guided denoiser of its space."""
-    if spec.space == "timesteps":
-        if config.family == "sdxl":
-            raise WiringError(f"{spec.name} is not an sgm sampler; SDXL runs the sigma samplers "
-                              "(dpmpp_2m, euler, euler_a)")
+    if spec.space == "timesteps":  # SDXL too (as AUTOMATIC1111 offers it; sgm itself has no DDIM)
         return timestep_model(unet, config, cfg_scale)
     return D.CFGDenoiser(sigma_denoiser(unet, config), cfg_scale)
 

@@ -2,8 +2,8 @@
 
 CPU: ``use_graphs`` changes nothing (the eager path, no runner made); the pipeline's runner wiring (conditioning,
 the ancestral noise pre-drawn from the pipeline's own stream, progress) run through the runner's EAGER path
-gives the eager pipeline's images bit for bit; the decode goes through ``decode_first_stage_guarded`` (a VAE
-that overflows in float16 still gives an image, with one warning). CUDA only (``*_cuda``): graph replay equals
+gives the eager pipeline's images bit for bit; the decode goes through the pipeline's VAE guard (a VAE that
+overflows in float16 still gives an image, with one warning). CUDA only (``*_cuda``): graph replay equals
 the eager pipeline within 1e-3 and the captured loop is reused.
 """
 
@@ -18,7 +18,10 @@ import torch
 from tritonsd.model.sd import load_model
 from tritonsd.model.vae_guard import VAEDecodeNaNWarning
 from tritonsd.sampler import pipeline as P
+from tritonsd.sampler import registry
 from tritonsd.sampler.graph import GraphRunner, tables_on_device
+from tritonsd.sampler.settings import GenerationSettings, SettingsError
+from tritonsd.sampler.wiring import sigma_denoiser
 from tritonsd.tools.cli import build_parser
 from tritonsd.testing.reference import relative_error
 
@@ -28,19 +31,23 @@ GRAPH_BOUND = 1e-3  # CUDA graph vs eager CUDA loop: the runner keeps sigmas on 
 
 @pytest.fixture(scope="module")
 def tiny(fixtures):
-    return load_model(fixtures / "sd1-tiny.safetensors", fixtures / "sd1-tiny.yaml", text_heads=2)
+    return P.Pipeline(load_model(fixtures / "sd1-tiny.safetensors", fixtures / "sd1-tiny.yaml", text_heads=2))
 
 
 def settings(sampler, **kw):
     base = dict(prompt="a red circle", negative_prompt="blue", sampler=sampler, steps=3, width=64, height=64,
-                seed=11, batch=2)
-    return P.GenerationSettings(**{**base, **kw})
+                seed=11, batch_size=2)
+    return GenerationSettings(**{**base, **kw})
 
 
-def generate(model, s):
+def generate(pipe, s):
     steps = []
-    image = P.generate(model, s, callback=lambda i, n: steps.append((i, n)))
+    image = pipe.generate(pipe.settings(s), callback=lambda d: steps.append((d["i"], d["total"])))
     return image, steps
+
+
+def runner_of(pipe, s):
+    return pipe._graph_runner(registry.get(s.sampler), s)
 
 
 # ---------------------------------------------------------------- CPU
@@ -51,7 +58,7 @@ def test_use_graphs_changes_nothing_on_cpu(tiny, sampler):
     on, steps_on = generate(tiny, settings(sampler, use_graphs=True))
     off, steps_off = generate(tiny, settings(sampler, use_graphs=False))
     assert torch.equal(on, off) and steps_on == steps_off == [(i, 3) for i in range(3)]
-    assert P.loop_runner(tiny, settings(sampler)) is None and not hasattr(tiny, "graph_runner")
+    assert runner_of(tiny, settings(sampler)) is None and tiny._runner is None
 
 
 @pytest.mark.parametrize("sampler", GRAPH_SAMPLERS)
@@ -59,8 +66,8 @@ def test_runner_wiring_equals_eager_pipeline_bitwise(tiny, sampler, monkeypatch)
     """The CUDA branch of ``generate`` with a CPU runner (its eager loop over the static buffers): same images
     and progress as the eager pipeline, so the conditioning and euler_a's pre-drawn noise are wired right."""
     eager, eager_steps = generate(tiny, settings(sampler))
-    runner = GraphRunner(tables_on_device(P.sigma_denoiser(tiny), "cpu"), "cpu")
-    monkeypatch.setattr(P, "loop_runner", lambda model, s: runner)
+    runner = GraphRunner(tables_on_device(sigma_denoiser(tiny.unet, tiny.config), "cpu"), "cpu")
+    monkeypatch.setattr(tiny, "_graph_runner", lambda spec, s: runner)
     through, steps = generate(tiny, settings(sampler))
     assert runner.captures == 1 and next(iter(runner.entries.values())).replays == 1
     assert torch.isfinite(eager).all() and torch.equal(through, eager)
@@ -72,8 +79,8 @@ def test_runner_wiring_img2img_euler_a_bitwise(tiny, monkeypatch):
     image = torch.linspace(-1, 1, 64 * 64 * 3).reshape(1, 3, 64, 64)
     s = settings("euler_a", steps=4, strength=0.5, init_image=image)
     eager, eager_steps = generate(tiny, s)
-    runner = GraphRunner(tables_on_device(P.sigma_denoiser(tiny), "cpu"), "cpu")
-    monkeypatch.setattr(P, "loop_runner", lambda model, s: runner)
+    runner = GraphRunner(tables_on_device(sigma_denoiser(tiny.unet, tiny.config), "cpu"), "cpu")
+    monkeypatch.setattr(tiny, "_graph_runner", lambda spec, s: runner)
     through, steps = generate(tiny, s)
     assert torch.equal(through, eager) and steps == eager_steps == [(0, 2), (1, 2)]
 
@@ -81,7 +88,7 @@ def test_runner_wiring_img2img_euler_a_bitwise(tiny, monkeypatch):
 def test_pipeline_decodes_through_the_guard(tiny):
     """A float16 VAE whose decoder overflows: ``decode_first_stage`` gives NaN, the pipeline still returns the
     float32 decode of the same weights, warning once for the model."""
-    model = copy.deepcopy(tiny)
+    model = copy.deepcopy(tiny.model)
     vae = model.first_stage_model.half()  # the fixture's weights are float16 values: an exact cast
     vae.decoder.conv_in.weight.data.mul_(4096)
     z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)) / model.config.scale_factor
@@ -89,26 +96,27 @@ def test_pipeline_decodes_through_the_guard(tiny):
         assert not torch.isfinite(model.decode_first_stage(z.half())).all()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        image = P.generate(model, settings("euler", batch=1, steps=2))
-        decoded = P.decode_latents(model, z)
+        pipe = P.Pipeline(model)
+        image, _ = generate(pipe, settings("euler", batch_size=1, steps=2))
+        decoded = pipe.decode(z)
     assert torch.isfinite(image).all()
     assert len([w for w in caught if issubclass(w.category, VAEDecodeNaNWarning)]) == 1
     with torch.no_grad():
-        expected = vae.float().decode((z.half() / model.config.scale_factor).float())
+        expected = vae.float().decode((z / model.config.scale_factor).half().float())  # reaches the VAE in fp16
     assert torch.equal(decoded, torch.clamp((expected + 1) / 2, 0, 1))
 
 
 def test_float32_decode_is_decode_first_stage(tiny):
     z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        expected = torch.clamp((tiny.decode_first_stage(z) + 1) / 2, 0, 1)
-    assert torch.equal(P.decode_latents(tiny, z), expected)
+        expected = torch.clamp((tiny.model.decode_first_stage(z) + 1) / 2, 0, 1)
+    assert torch.equal(tiny.decode(z), expected)
 
 
 def test_use_graphs_setting_and_flag(tiny):
-    assert P.GenerationSettings().use_graphs is True
-    with pytest.raises(P.PipelineError, match="use_graphs must be True or False"):
-        P.resolve_settings(tiny, P.GenerationSettings(use_graphs=1))
+    assert GenerationSettings().use_graphs is True
+    with pytest.raises(SettingsError, match="use_graphs must be True or False"):
+        tiny.settings(GenerationSettings(use_graphs=1))
     parser = build_parser()
     base = ["generate", "--checkpoint", "m.safetensors", "--prompt", "x"]
     assert parser.parse_args(base).cuda_graphs is True
@@ -124,7 +132,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs nee
 @cuda
 @pytest.mark.parametrize("sampler", GRAPH_SAMPLERS)
 def test_graph_loop_equals_eager_cuda(tiny, sampler):
-    model = copy.deepcopy(tiny).to("cuda")
+    model = P.Pipeline(copy.deepcopy(tiny.model).to("cuda"))
     for seed, prompt in ((11, "a red circle"), (12, "a blue square")):  # the second run replays the same graph
         s = settings(sampler, seed=seed, prompt=prompt)
         graphed, steps = generate(model, s)
@@ -132,23 +140,23 @@ def test_graph_loop_equals_eager_cuda(tiny, sampler):
         err = relative_error(graphed, eager)
         assert torch.isfinite(graphed).all() and err <= GRAPH_BOUND, f"{sampler}: relative error {err:.3g}"
         assert steps == eager_steps
-    runner = P.loop_runner(model, settings(sampler))
-    assert runner is model.graph_runner.runner and runner.captures == 1
+    runner = runner_of(model, settings(sampler))
+    assert runner is model._runner and runner.captures == 1
     entry = next(iter(runner.entries.values()))
     assert entry.graph is not None and entry.replays == 2
 
 
 @cuda
 def test_moved_weights_get_a_new_runner_cuda(tiny):
-    model = copy.deepcopy(tiny).to("cuda")
-    s = settings("dpmpp_2m", batch=1)
+    model = P.Pipeline(copy.deepcopy(tiny.model).to("cuda"))
+    s = settings("dpmpp_2m", batch_size=1)
     first, _ = generate(model, s)
-    runner = P.loop_runner(model, s)
-    old = [t.data for t in model.model.diffusion_model.parameters()]  # held: the copy cannot reuse this memory
-    model.to("cpu").to("cuda")  # new weight memory: the old graphs would read the old tensors
+    runner = runner_of(model, s)
+    old = [t.data for t in model.model.model.diffusion_model.parameters()]  # held: the copy cannot reuse this memory
+    model.model.to("cpu").to("cuda")  # new weight memory: the old graphs would read the old tensors
     del old
     again, _ = generate(model, s)
-    assert P.loop_runner(model, s) is not runner
+    assert runner_of(model, s) is not runner
     assert relative_error(again, first) <= GRAPH_BOUND
-    assert P.loop_runner(model, settings("ddim")) is None
-    assert P.loop_runner(model, settings("euler", use_graphs=False)) is None
+    assert runner_of(model, settings("ddim")) is None
+    assert runner_of(model, settings("euler", use_graphs=False)) is None

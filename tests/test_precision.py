@@ -14,7 +14,8 @@ from torch import nn
 from tritonsd.kernels import dispatch
 from tritonsd.model.device import DeviceError, DTypeError, resolve_device, resolve_dtype
 from tritonsd.model.sd import load_model
-from tritonsd.model.vae_guard import VAEDecodeGuard, VAEDecodeNaNWarning, decode_first_stage_guarded, guard_for
+from tritonsd.model.vae_guard import VAEDecodeGuard, VAEDecodeNaNWarning
+from tritonsd.sampler.vae_io import decode_clamped
 from tritonsd.testing.reference import relative_error
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # Triton on CPU tensors needs the interpreter (no GPU)
@@ -74,13 +75,15 @@ def test_guard_leaves_finite_and_float32_results_alone():
     assert torch.isnan(out).all() and caught == [] and vae32.calls == [torch.float32]
 
 
-def test_decode_first_stage_guarded_scales_and_keeps_one_guard_per_model():
+def test_decode_clamped_scales_clamps_and_warns_once_per_guard():
     vae = OverflowVAE().half()
-    model = SimpleNamespace(first_stage_model=vae, config=SimpleNamespace(scale_factor=0.5))
+    guard = VAEDecodeGuard(vae)
     z = torch.randn(1, 4, 2, 2) + 3
-    out, caught = collect_warnings(lambda: [decode_first_stage_guarded(model, z) for _ in range(2)])
-    assert torch.allclose(out[0], z / 0.5 - (z / 0.5).mean(), atol=1e-5)
-    assert len(caught) == 1 and guard_for(vae).retries == 2
+    out, caught = collect_warnings(lambda: [decode_clamped(guard, 0.5, z) for _ in range(2)])
+    zh = (z / 0.5).half().float()  # the latents reach the VAE in its dtype
+    decoded = zh - zh.mean()
+    assert torch.allclose(out[0], torch.clamp((decoded + 1) / 2, 0, 1), atol=1e-5)
+    assert len(caught) == 1 and guard.retries == 2
 
 
 def test_guard_on_the_real_vae(fixtures):
@@ -92,7 +95,7 @@ def test_guard_on_the_real_vae(fixtures):
     z = torch.randn(1, 4, 2, 2) / model.config.scale_factor
     with torch.no_grad():
         assert not torch.isfinite(vae.decode(z / model.config.scale_factor)).all()
-        out, caught = collect_warnings(lambda: decode_first_stage_guarded(model, z))
+        out, caught = collect_warnings(lambda: VAEDecodeGuard(vae).decode(z / model.config.scale_factor))
         expected = vae.float().decode(z.float() / model.config.scale_factor)
     assert len(caught) == 1 and out.dtype == torch.float32 and torch.isfinite(out).all()
     assert torch.equal(out, expected)
@@ -201,5 +204,5 @@ def test_half_model_close_to_float32_cuda(fixtures, dtype, bound):
     with torch.no_grad():
         assert relative_error(mh.apply_model(x, t, c).float(), m32.apply_model(x, t, c)) <= bound
         z = x[:1]
-        image = decode_first_stage_guarded(mh, z)
+        image = VAEDecodeGuard(mh.first_stage_model).decode(z / mh.config.scale_factor)
         assert relative_error(image.float(), m32.decode_first_stage(z)) <= bound

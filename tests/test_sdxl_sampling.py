@@ -9,6 +9,10 @@ import torch
 
 from tritonsd.model.sd import load_model
 from tritonsd.sampler import pipeline as P
+from tritonsd.sampler import registry
+from tritonsd.sampler import wiring as W
+from tritonsd.sampler.settings import GenerationSettings, SettingsError, side_multiple
+from tritonsd.testing.groups import StoredNoise
 from tritonsd.testing.reference import relative_error
 
 from conftest import FP32_BOUND
@@ -23,13 +27,13 @@ def check(actual, ref, what):
 
 @pytest.fixture(scope="module")
 def sdxl(fixtures, reference):
-    model = load_model(fixtures / "sdxl-tiny.safetensors", fixtures / "sdxl-tiny.yaml", text_heads=2)
+    pipe = P.Pipeline(load_model(fixtures / "sdxl-tiny.safetensors", fixtures / "sdxl-tiny.yaml", text_heads=2))
     ref, meta = reference("sdxl-tiny")
     h, w = meta["sample_target_size"]
     assert meta["sample_original_size"] == [h, w] and meta["sample_crop_coords_top_left"] == [0, 0]
-    cond, uncond = P.encode_prompts(model, meta["sample_prompt"], meta["sample_negative_prompt"],
-                                    ref["sample.x_T"].shape[0], 7.5, h, w)
-    return model, ref, cond, uncond
+    c = pipe.encode(pipe.settings(prompt=meta["sample_prompt"], negative_prompt=meta["sample_negative_prompt"],
+                                  batch_size=ref["sample.x_T"].shape[0], width=w, height=h))
+    return pipe, ref, c.cond, c.uncond
 
 
 def test_conditioning(sdxl):
@@ -41,8 +45,9 @@ def test_conditioning(sdxl):
 
 
 def test_real_negative_prompt_is_encoded(sdxl):
-    model, ref, cond, _ = sdxl
-    _, uncond = P.encode_prompts(model, "a red circle", "blurry", 1, 7.5, 128, 128)
+    pipe, ref, cond, _ = sdxl
+    model = pipe.model
+    uncond = pipe.encode(pipe.settings(prompt="a red circle", negative_prompt="blurry", width=128, height=128)).uncond
     crossattn, vector = model.get_learned_conditioning(["blurry"], original_size=(128, 128),
                                                        crop_coords_top_left=(0, 0), target_size=(128, 128))
     assert torch.equal(uncond["context"], crossattn) and torch.equal(uncond["y"], vector)
@@ -50,37 +55,38 @@ def test_real_negative_prompt_is_encoded(sdxl):
 
 
 def test_sigmas_and_timesteps_exact(sdxl):
-    model, ref, _, _ = sdxl
+    pipe, ref, _, _ = sdxl
     for sampler in ("euler", "dpmpp_2m"):
-        sigmas = P.make_schedule(model, sampler, 10, karras=False)
+        sigmas = W.make_schedule(pipe.config, registry.get(sampler), 10, karras=False)
         assert torch.equal(sigmas, ref["sample.sigmas"])
-        assert torch.equal(P.sigma_denoiser(model).sigma_to_idx(sigmas[:-1]), ref["sample.timesteps"])
+        assert torch.equal(W.sigma_denoiser(None, pipe.config).sigma_to_idx(sigmas[:-1]), ref["sample.timesteps"])
 
 
 @pytest.mark.parametrize("run", list(RUNS))
 def test_sampling(sdxl, run):
-    model, ref, cond, uncond = sdxl
+    pipe, ref, cond, uncond = sdxl
     sampler, scale = RUNS[run]
-    sigmas = P.make_schedule(model, sampler, 10, karras=False)
-    x = P.txt2img_start(model, sigmas, ref["sample.x_T"])
-    check(x, ref["sample.x_T"] * (1 + ref["sample.sigmas"][0].double() ** 2).sqrt().float(), "start latent")
+    settings = pipe.settings(sampler=sampler, karras=False, steps=10, cfg_scale=scale, batch_size=2, width=128,
+                             height=128, seed=0)
+    latents = pipe.prepare_latents(settings, StoredNoise(ref["sample.x_T"]))
+    assert torch.equal(latents.schedule, ref["sample.sigmas"])
+    check(latents.x, ref["sample.x_T"] * (1 + ref["sample.sigmas"][0].double() ** 2).sqrt().float(), "start latent")
     denoised = []
-    latents = P.sample_latents(model, sampler, sigmas, x, scale, cond, uncond,
-                               callback=lambda d: denoised.append(d["denoised"]))
-    check(latents, ref[f"{run}.latents"], f"{run}.latents")
+    x = pipe.denoise(latents, P.Conditioning(cond, uncond), settings, callback=lambda d: denoised.append(d["denoised"]))
+    check(x, ref[f"{run}.latents"], f"{run}.latents")
     check(torch.stack(denoised), ref[f"{run}.denoised"], f"{run}.denoised")
-    check(P.decode_latents(model, latents), ref[f"{run}.image"], f"{run}.image")
+    check(pipe.decode(x), ref[f"{run}.image"], f"{run}.image")
 
 
 def test_sizes(sdxl):
     """Latent sides must be multiples of 4 (two UNet downsamplings) -> image sides multiples of 32."""
-    model = sdxl[0]
-    assert P.size_multiple(model) == 32
-    s = P.resolve_settings(model, P.GenerationSettings())
+    pipe = sdxl[0]
+    assert side_multiple(pipe.config) == 32
+    s = pipe.settings()
     assert (s.width, s.height) == (1024, 1024)
-    assert P.resolve_settings(model, P.GenerationSettings(width=96, height=160)).width == 96
-    with pytest.raises(P.PipelineError, match="multiple of 32"):
-        P.resolve_settings(model, P.GenerationSettings(width=80, height=64))
+    assert pipe.settings(width=96, height=160).width == 96
+    with pytest.raises(SettingsError, match="multiple of 32"):
+        pipe.settings(GenerationSettings(width=80, height=64))
 
 
 @pytest.mark.parametrize("sampler, extra", [("dpmpp_2m", {"karras": True, "negative_prompt": "blurry"}),
@@ -88,9 +94,8 @@ def test_sizes(sdxl):
                                             ("euler_a", {"init_image": torch.zeros(1, 3, 64, 64), "strength": 0.5})])
 def test_generate_smoke(sdxl, sampler, extra):
     """generate() end to end on SDXL at 64x64 (latent 8x8): finite, deterministic."""
-    model = sdxl[0]
-    settings = P.GenerationSettings(prompt="a red circle", sampler=sampler, steps=2, width=64, height=64, seed=1,
-                                    **extra)
-    out = P.generate(model, settings)
+    pipe = sdxl[0]
+    settings = pipe.settings(prompt="a red circle", sampler=sampler, steps=2, width=64, height=64, seed=1, **extra)
+    out = pipe.generate(settings)
     assert out.shape == (1, 3, 64, 64) and torch.isfinite(out).all()
-    assert torch.equal(P.generate(model, settings), out)
+    assert torch.equal(pipe.generate(settings), out)
