@@ -36,7 +36,7 @@ def test_e2e_smoke_on_cpu(fixtures, tmp_path, capsys):
     assert data["bench"] == "e2e" and data["git_commit"] == "abc123" and data["device"]
     assert data["settings"]["steps"] == 2 and data["settings"]["dtype"] == "fp32" and data["torch"]
     (row,) = data["rows"]
-    assert "error" not in row and row["finite"] and row["loop_entries"] == 1  # one loop entry for the 2 images
+    assert "error" not in row and row["finite"] and row["loop_entries"] == 0  # the CPU runs the eager loop
     assert row["cuda_graph"] is False and row["vae_retries"] == 0  # on the CPU the loop runs eagerly
     assert row["impl"] == "tritonsd-graph" and row["sampler"] == "euler_a" and row["batch"] == 1
     assert row["step_ms"] == pytest.approx(row["loop_ms"] / 2) and row["it_per_s"] == pytest.approx(2e3 / row["loop_ms"])

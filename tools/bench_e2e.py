@@ -4,11 +4,17 @@ Models are built from the released checkpoints' key manifests (``model/random_we
 shapes and dtype as the real files, random values (speed does not depend on them). For each model, size,
 batch and sampler, every implementation generates ``--repeat`` images after a first one:
 
-* ``tritonsd-graph``: our model, the sampling loop captured in a CUDA graph (``sampler/graph.py``);
-* ``tritonsd-eager``: the same loop without the graph;
-* ``diffusers-eager`` / ``diffusers-compile``: diffusers ``UNet2DConditionModel`` and ``AutoencoderKL`` at the
-  same config and dtype (SDPA attention), eager and ``torch.compile(mode=--compile-mode)``, driven by OUR
-  sampler loop and OUR text encoder (so the difference is the UNet and the VAE).
+* ``tritonsd-graph``: the product: a ``Pipeline`` over our model, the sampling loop captured in a CUDA graph;
+* ``tritonsd-eager``: the same Pipeline without the graph;
+* ``diffusers-eager`` / ``diffusers-compile``: the same Pipeline (our text encoder, noise, sampler loop) with
+  diffusers' ``UNet2DConditionModel`` and ``AutoencoderKL`` at the same config and dtype swapped in as its UNet
+  and VAE (so the difference is the UNet and the VAE): eager as diffusers' users run it (SDPA attention), and
+  compiled with the recipe of huggingface/diffusion-fast (channels_last, fused QKV projections,
+  ``torch.compile(mode=--compile-mode, fullgraph=True)``, inductor's ``conv_1x1_as_mm``,
+  ``coordinate_descent_tuning`` and ``epilogue_fusion=False``).
+
+Every image runs the Pipeline's stages (``encode``, ``prepare_latents``, ``denoise``, ``decode``) on the same
+settings a user's ``pipe(...)`` call would resolve to; nothing here wires samplers, denoisers or noise.
 
 Reported per row: ``step_ms`` (denoising loop / steps: one UNet call at the CFG batch, the CFG combine and the
 sampler update; CUDA events), ``it_per_s``, ``unet_tflop_per_step`` / ``vae_tflop`` (torch's FLOP counter on
@@ -47,10 +53,7 @@ import torch
 from ..kernels import dispatch
 from ..model.device import resolve_device, resolve_dtype
 from ..model.random_weights import MANIFESTS, build_meta_model, build_random_model, fill_random_
-from ..model.vae_guard import decode_first_stage_guarded, guard_for
-from ..sampler import denoise as D
-from ..sampler import pipeline as P
-from ..sampler.graph import GraphRunner, noise_draws, predraw_noise, tables_on_device
+from ..sampler.pipeline import Pipeline
 
 IMPLS = ("tritonsd-graph", "tritonsd-eager", "diffusers-eager", "diffusers-compile")
 BENCH_MODELS = ("sd15", "sd21", "sdxl")
@@ -125,31 +128,23 @@ def _sync(device: torch.device) -> None:
 
 
 class TritonsdImpl:
-    """Our UNet and VAE; the loop through ``GraphRunner`` with or without the CUDA graph."""
+    """The product: a Pipeline over our model, with or without the CUDA graph."""
 
-    def __init__(self, name: str, model, device: torch.device, graphs: bool):
-        self.name, self.model = name, model
-        self.runner = GraphRunner(tables_on_device(P.sigma_denoiser(model), device), device, use_graphs=graphs)
-
-    def loop(self, x, cond, uncond, noise, sigmas, sampler, cfg):
-        return self.runner.run(x, cond, uncond, noise, sigmas=sigmas, cfg_scale=cfg, sampler=sampler)
-
-    def decode(self, latents):
-        return decode_first_stage_guarded(self.model, latents.to(P._vae_dtype(self.model)))
-
-    def forward(self, x, t, cond):
-        """One UNet call (for ``unet_forward_ms``)."""
-        return self.model.apply_model(x, t, cond["context"], cond.get("y"))
+    def __init__(self, name: str, model, graphs: bool):
+        self.name, self.graphs = name, graphs
+        self.pipe = Pipeline(model)
 
     def info(self) -> dict:
-        entries = list(self.runner.entries.values())
+        runner = self.pipe._runner
+        entries = list(runner.entries.values()) if runner is not None else []
+        model = self.pipe.model
         return {"loop_entries": len(entries), "cuda_graph": any(e.graph is not None for e in entries),
-                "vae_retries": guard_for(self.model.first_stage_model).retries,
-                "unet_params": sum(p.numel() for p in self.model.model.diffusion_model.parameters()),
-                "vae_params": sum(p.numel() for p in self.model.first_stage_model.parameters())}
+                "vae_retries": self.pipe.vae_guard.retries,
+                "unet_params": sum(p.numel() for p in model.model.diffusion_model.parameters()),
+                "vae_params": sum(p.numel() for p in model.first_stage_model.parameters())}
 
     def close(self) -> None:
-        self.runner.clear()
+        self.pipe.clear_graphs()
 
 
 def _import_diffusers():
@@ -188,78 +183,100 @@ def diffusers_configs(name: str, size: int) -> tuple[dict, dict]:
     return unet[name], vae
 
 
+class DiffusersUNet:
+    """diffusers' UNet behind the Pipeline's UNet protocol ``unet(x, t, context, y=None) -> float32``."""
+
+    def __init__(self, module, fn, sdxl: bool):
+        self.module, self.fn, self.sdxl = module, fn, sdxl
+
+    def __call__(self, x, t, context, y=None):
+        dtype = self.module.dtype
+        kwargs = {}
+        if self.sdxl:  # text_embeds [B, 1280] + time_ids [B, 6] -> the 2816-wide vector inside
+            time_ids = torch.tensor([1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0], device=x.device)
+            kwargs["added_cond_kwargs"] = {"text_embeds": y[:, :1280].to(dtype),
+                                           "time_ids": time_ids.expand(x.shape[0], 6).to(dtype)}
+        return self.fn(x.to(dtype), t, encoder_hidden_states=context.to(dtype), **kwargs).sample.float()
+
+
+class DiffusersVAE:
+    """diffusers' VAE behind the Pipeline's decode-guard protocol (``vae`` and ``decode(unscaled z)``)."""
+
+    def __init__(self, vae):
+        self.vae, self.retries = vae, 0
+
+    def decode(self, z):
+        return self.vae.decode(z).sample
+
+
+def compile_recipe(unet, vae, mode: str):
+    """huggingface/diffusion-fast's setup: channels_last, fused QKV, inductor flags, ``fullgraph=True``."""
+    import torch._inductor.config as inductor
+
+    inductor.conv_1x1_as_mm = True
+    inductor.coordinate_descent_tuning = True
+    inductor.epilogue_fusion = False
+    inductor.coordinate_descent_check_all_directions = True
+    for module in (unet, vae):
+        module.to(memory_format=torch.channels_last)
+        if hasattr(module, "fuse_qkv_projections"):
+            module.fuse_qkv_projections()
+    return torch.compile(unet, mode=mode, fullgraph=True, dynamic=False)
+
+
 class DiffusersImpl:
-    """diffusers' UNet and VAE (random weights, same dtype); our text encoder and sampler loop around them."""
+    """A Pipeline over our model (text encoder, noise, sampler loop) with diffusers' UNet and VAE swapped in
+    (random weights, same dtype); eager, or compiled with ``compile_recipe``."""
 
     def __init__(self, name: str, bench_model: str, ours, size: int, dtype, device, compile_mode: str | None,
                  seed: int):
         diffusers = _import_diffusers()
-        self.name, self.ours, self.device = name, ours, device
+        self.name, self.graphs = name, False
         unet_cfg, vae_cfg = diffusers_configs(bench_model, size)
         with torch.device(device):
             unet = diffusers.UNet2DConditionModel(**unet_cfg)
             vae = diffusers.AutoencoderKL(**vae_cfg)
         self.unet_module = fill_random_(unet.to(dtype).eval().requires_grad_(False), seed)
         self.vae = fill_random_(vae.to(dtype).eval().requires_grad_(False), seed)
-        self.unet_fn = self.unet_module
-        if compile_mode:
-            self.unet_fn = torch.compile(self.unet_module, mode=compile_mode, dynamic=False)
-        self.sdxl = "addition_embed_type" in unet_cfg
-        den = P.sigma_denoiser(ours)
-        den.unet = self.unet  # the same wrapper (eps / v / sgm), the peer's UNet inside
-        self.runner = GraphRunner(tables_on_device(den, device), device, use_graphs=False)
-
-    def unet(self, x, t, context, y=None):
-        kwargs = {}
-        if self.sdxl:  # text_embeds [B, 1280] + time_ids [B, 6] -> the 2816-wide vector inside
-            time_ids = torch.tensor([1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0], device=x.device)
-        dtype = self.unet_module.dtype
-        if self.sdxl:
-            kwargs["added_cond_kwargs"] = {"text_embeds": y[:, :1280].to(dtype),
-                                           "time_ids": time_ids.expand(x.shape[0], 6).to(dtype)}
-        out = self.unet_fn(x.to(dtype), t, encoder_hidden_states=context.to(dtype), **kwargs).sample
-        return out.float()
-
-    def loop(self, x, cond, uncond, noise, sigmas, sampler, cfg):
-        return self.runner.run(x, cond, uncond, noise, sigmas=sigmas, cfg_scale=cfg, sampler=sampler)
-
-    def forward(self, x, t, cond):
-        return self.unet(x, t, cond["context"], cond.get("y"))
-
-    def decode(self, latents):
-        z = latents.to(self.vae.dtype) / self.ours.config.scale_factor
-        return self.vae.decode(z).sample
+        fn = compile_recipe(self.unet_module, self.vae, compile_mode) if compile_mode else self.unet_module
+        self.pipe = Pipeline(ours)
+        self.pipe.unet = DiffusersUNet(self.unet_module, fn, "addition_embed_type" in unet_cfg)
+        self.pipe.vae_guard = DiffusersVAE(self.vae)
 
     def info(self) -> dict:
         return {"unet_params": sum(p.numel() for p in self.unet_module.parameters()),
-                "vae_params": sum(p.numel() for p in self.vae.parameters())}
+                "vae_params": sum(p.numel() for p in self.vae.parameters()), "recipe": "diffusion-fast"
+                if self.name == "diffusers-compile" else "eager"}
 
     def close(self) -> None:
-        self.runner.clear()
+        self.pipe.clear_graphs()
 
 
 # ---------------------------------------------------------------- one image, one row
 
 
+def bench_settings(impl, batch: int, size: int, sampler: str, args):
+    """What ``pipe(PROMPT, ...)`` would run: the sampler's default schedule, as a user gets it."""
+    return impl.pipe.settings(prompt=PROMPT, sampler=sampler, steps=args.steps, cfg_scale=args.cfg,
+                              width=size, height=size, batch_size=batch, seed=args.seed, use_graphs=impl.graphs)
+
+
 @torch.no_grad()
-def one_image(impl, model, device, batch: int, size: int, sampler: str, args) -> dict:
-    """Stage times of one whole image (text -> noise -> loop -> VAE -> host)."""
+def one_image(impl, device, settings) -> dict:
+    """Stage times of one whole image through the Pipeline's stages (text -> noise -> loop -> VAE -> host)."""
+    pipe = impl.pipe
     clock = Clock(device)
     t0 = time.perf_counter()
     clock.mark()
-    cond, uncond = P.encode_prompts(model, PROMPT, "", batch, args.cfg, size, size)
+    cond = pipe.encode(settings)
     clock.mark()
-    sigmas = P.make_schedule(model, sampler, args.steps, karras=True)
-    x_T = P.start_noise(args.seed, batch, (4, size // 8, size // 8))
-    x = P.txt2img_start(model, sigmas, x_T)
-    n = noise_draws(sampler, sigmas)
-    noise = predraw_noise(x.shape, n, args.seed) if n else None
+    latents = pipe.prepare_latents(settings)
     clock.mark()
-    latents = impl.loop(x.to(device), cond, uncond, noise, sigmas, sampler, args.cfg)
+    x = pipe.denoise(latents, cond, settings)
     clock.mark()
-    image = impl.decode(latents)
+    image = pipe.decode(x)
     clock.mark()
-    image = torch.clamp((image.float() + 1) / 2, 0, 1).cpu()
+    image = image.cpu()
     wall = (time.perf_counter() - t0) * 1e3
     text_ms, prep_ms, loop_ms, decode_ms = clock.spans_ms()
     return {"image_ms": wall, "text_ms": text_ms, "loop_ms": loop_ms, "decode_ms": decode_ms,
@@ -267,38 +284,43 @@ def one_image(impl, model, device, batch: int, size: int, sampler: str, args) ->
 
 
 @torch.no_grad()
-def unet_forward_ms(impl, model, device, batch: int, size: int, args) -> float:
+def unet_forward_ms(impl, device, settings) -> float:
     """Median of single UNet calls at the CFG batch (2 x batch), warmed up."""
-    cond, _ = P.encode_prompts(model, PROMPT, "", 2 * batch, 1.0, size, size)
-    x = torch.randn(2 * batch, 4, size // 8, size // 8, device=device)
-    t = torch.full((2 * batch,), 500.0, device=device)
+    pipe = impl.pipe
+    cond = pipe.encode(settings)
+    context = torch.cat([cond.uncond["context"], cond.cond["context"]])
+    y = torch.cat([cond.uncond["y"], cond.cond["y"]]) if "y" in cond.cond else None
+    c, h, w = pipe.latent_shape(settings)
+    x = torch.randn(context.shape[0], c, h, w, device=device)
+    t = torch.full((context.shape[0],), 500.0, device=device)
     for _ in range(2):
-        impl.forward(x, t, cond)
+        pipe.unet(x, t, context, y)
     times = []
     for _ in range(UNET_TIMINGS):
         clock = Clock(device)
         clock.mark()
-        impl.forward(x, t, cond)
+        pipe.unet(x, t, context, y)
         clock.mark()
         times.append(clock.spans_ms()[0])
     return statistics.median(times)
 
 
-def measure(impl, model, device, batch, size, sampler, args) -> dict:
-    impl.runner.clear()  # each row captures its own loop: its first image pays for it, its peak holds only it
+def measure(impl, device, batch, size, sampler, args) -> dict:
+    impl.close()  # each row captures its own loop: its first image pays for it, its peak holds only it
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    first = one_image(impl, model, device, batch, size, sampler, args)
-    runs = [one_image(impl, model, device, batch, size, sampler, args) for _ in range(args.repeat)]
+    settings = bench_settings(impl, batch, size, sampler, args)
+    first = one_image(impl, device, settings)
+    runs = [one_image(impl, device, settings) for _ in range(args.repeat)]
     med = {k: statistics.median(r[k] for r in runs) for k in ("image_ms", "text_ms", "loop_ms", "decode_ms")}
     row = {"first_image_ms": first["image_ms"], **med, "step_ms": med["loop_ms"] / args.steps,
-           "it_per_s": args.steps / (med["loop_ms"] / 1e3),
+           "it_per_s": args.steps / (med["loop_ms"] / 1e3), "karras": settings.karras,
            "finite": first["finite"] and all(r["finite"] for r in runs),
            "raw": {k: [r[k] for r in runs] for k in ("image_ms", "text_ms", "loop_ms", "decode_ms")}}
-    if not impl.name.endswith("graph"):
-        row["unet_forward_ms"] = unet_forward_ms(impl, model, device, batch, size, args)
+    if not impl.graphs:
+        row["unet_forward_ms"] = unet_forward_ms(impl, device, settings)
     if device.type == "cuda":
         row["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2 ** 30
     return row
@@ -358,7 +380,7 @@ def environment(args, device: torch.device) -> dict:
         "cuda": torch.version.cuda, "python": platform.python_version(),
         "git_commit": commit, "git_dirty_code": dirty,
         "settings": {"steps": args.steps, "cfg": args.cfg, "dtype": args.dtype, "repeat": args.repeat,
-                     "kernels": args.kernels, "compile_mode": args.compile_mode, "karras": True,
+                     "kernels": args.kernels, "compile_mode": args.compile_mode, "schedule": "the sampler's default",
                      "seed": args.seed, "prompt": PROMPT, "peer_text_encoder": "tritonsd",
                      "peer_sampler_loop": "tritonsd (eager)", "peer_attention": "SDPA"},
     }
@@ -396,9 +418,9 @@ def print_row(r: dict) -> None:
 
 def _make_impl(name, bench_model, model, size, dtype, device, args):
     if name == "tritonsd-graph":
-        return TritonsdImpl(name, model, device, graphs=device.type == "cuda")
+        return TritonsdImpl(name, model, graphs=device.type == "cuda")
     if name == "tritonsd-eager":
-        return TritonsdImpl(name, model, device, graphs=False)
+        return TritonsdImpl(name, model, graphs=False)
     mode = args.compile_mode if name == "diffusers-compile" else None
     return DiffusersImpl(name, bench_model, model, size, dtype, device, mode, args.seed)
 
@@ -449,7 +471,7 @@ def run(args: argparse.Namespace) -> int:
                                "steps": args.steps, "cfg": args.cfg, "dtype": args.dtype, "impl": impl_name}
                         try:
                             with dispatch.force(args.kernels):
-                                row.update(measure(impl, model, device, batch, size, sampler, args))
+                                row.update(measure(impl, device, batch, size, sampler, args))
                             row.update(impl.info())
                             row.update(work[batch])
                             row["unet_tflops_per_s"] = work[batch]["unet_tflop_per_step"] / (row["step_ms"] / 1e3)
