@@ -84,7 +84,8 @@ def test_without_yaml_the_released_defaults_are_assumed(raw):
 def test_parameterization_option(fixtures, raw):
     cfg = detect_config(raw("sd2v-tiny.safetensors"), parameterization="v")
     assert (cfg.parameterization, cfg.parameterization_source) == ("v", "option")
-    cfg = detect_config(raw("sd2v-tiny.safetensors"), fixtures / "sd2v-tiny.yaml", parameterization="eps")
+    cfg = detect_config(raw("sd2v-tiny.safetensors"), fixtures / "sd2v-tiny.yaml", parameterization="eps",
+                        text_heads=2)
     assert (cfg.parameterization, cfg.parameterization_source) == ("eps", "option")
     with pytest.raises(ModelConfigError, match="parameterization"):
         detect_config(raw("sd2v-tiny.safetensors"), parameterization="x0")
@@ -101,7 +102,7 @@ def test_alphas_cumprod_from_the_file_and_derived(raw):
 
 
 def test_sdxl_schedule_is_derived_and_matches_its_sigmas(fixtures, raw, reference):
-    cfg = detect_config(raw("sdxl-tiny.safetensors"), fixtures / "sdxl-tiny.yaml")
+    cfg = detect_config(raw("sdxl-tiny.safetensors"), fixtures / "sdxl-tiny.yaml", text_heads=2)
     assert cfg.alphas_cumprod_source == "derived"
     ref, _ = reference("sdxl-tiny")
     ac = cfg.alphas_cumprod.double()[ref["sample.timesteps"]]

@@ -3,7 +3,6 @@ writes and reads (so existing tools show them), written atomically (no partial f
 
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
 from dataclasses import dataclass
@@ -13,6 +12,8 @@ import numpy as np
 import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
+
+from ..model.hashes import model_hash  # noqa: F401  (moved to model/hashes.py; importers use it from here)
 
 SAMPLER_NAMES = {  # our sampler id -> the name AUTOMATIC1111 writes
     ("ddim", False): "DDIM",
@@ -24,15 +25,6 @@ SAMPLER_NAMES = {  # our sampler id -> the name AUTOMATIC1111 writes
     ("euler", True): "Euler Karras",
     ("euler_a", True): "Euler a Karras",
 }
-
-
-def model_hash(path: str | os.PathLike) -> str:
-    """First 10 hex digits of the file's sha256 (AUTOMATIC1111's "Model hash")."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:10]
 
 
 @dataclass
