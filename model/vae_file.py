@@ -50,9 +50,10 @@ def vae_weights(raw: Mapping[str, torch.Tensor], path: str | Path) -> dict[str, 
     if any(k.startswith(_DIFFUSERS_VAE) for k in weights):
         raise VAEFileError(f"{path.name}: a diffusers-layout VAE (encoder.down_blocks.*); an original-layout VAE "
                            f"file (encoder.down.*) is needed")
+    if any(k.startswith(UNET) for k in other):
+        raise VAEFileError(f"{path.name}: a full model checkpoint ({UNET}* keys), not a VAE file")
     if other:
-        what = "a full model checkpoint" if any(k.startswith(UNET) for k in other) else "not a VAE file"
-        raise VAEFileError(f"{path.name}: {what}: {len(other)} keys outside {', '.join(VAE_PARTS)} (e.g. "
+        raise VAEFileError(f"{path.name}: not a VAE file: {len(other)} keys outside {', '.join(VAE_PARTS)} (e.g. "
                            f"{', '.join(sorted(other)[:3])})")
     if not weights:
         raise VAEFileError(f"{path.name}: no VAE weights (no {', '.join(VAE_PARTS)} keys)")
