@@ -185,7 +185,7 @@ def detect_family(weights: dict[str, torch.Tensor], other_keys: Iterable[str] = 
             return "sdxl"
         if has(SDXL_CLIP + "model.") and label_emb:
             adm = weights[UNET + "label_emb.0.0.weight"].shape[1]
-            raise UnsupportedModelError(f"SDXL refiner is not supported yet: found conditioner.embedders.0.model.* "
+            raise UnsupportedModelError(f"SDXL refiner is not supported yet: found {SDXL_CLIP}model.* "
                                         f"(OpenCLIP bigG only) and label_emb (adm_in_channels {adm})")
         embedders = sorted({".".join(k.split(".")[:4]) for k in weights if k.startswith(SDXL_EMBEDDERS)})
         raise UnsupportedModelError(f"this SGM layout is not supported yet: found {', '.join(embedders[:4])}"
@@ -199,7 +199,7 @@ def detect_family(weights: dict[str, torch.Tensor], other_keys: Iterable[str] = 
         return "sd2"
     found = sorted({".".join(k.split(".")[:2]) for k in weights if not k.startswith((UNET, VAE))})[:6]
     raise UnsupportedModelError(f"unknown model family: a UNet but no text encoder under {SD1_TEXT}text_model. "
-                                f"(SD1), {SD2_TEXT} (SD2) or conditioner.embedders (SDXL); other keys: "
+                                f"(SD1), {SD2_TEXT} (SD2) or {SDXL_EMBEDDERS} (SDXL); other keys: "
                                 f"{', '.join(found) or 'none'}")
 
 

@@ -1,5 +1,5 @@
-"""The OpenCLIP text tower (SD2 ``cond_stage_model.``, SDXL ``conditioner.embedders.1.``) in open_clip's layout:
-``model.{token_embedding, positional_embedding, transformer.resblocks.N, ln_final, text_projection,
+"""The OpenCLIP text tower (SD2 ``cond_stage_model.``, SDXL ``conditioner.embedders.1.``) in open_clip's
+layout: ``model.{token_embedding, positional_embedding, transformer.resblocks.N, ln_final, text_projection,
 logit_scale}``, so the checkpoint's keys below the prefix load strictly. GELU (erf), causal mask, no padding
 mask. ``FrozenOpenCLIPEmbedder`` is SD2's encoder, ``FrozenOpenCLIPEmbedder2`` SDXL's (features and pooled).
 """

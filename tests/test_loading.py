@@ -99,7 +99,8 @@ def test_external_vae_replaces_the_checkpoints(fixtures, tmp_path, suffix, prefi
     loaded = model.first_stage_model.state_dict()
     assert loaded.keys() == vae.keys()
     assert all(torch.equal(loaded[k], vae[k].float()) for k in vae)
-    assert not torch.equal(loaded["decoder.conv_out.weight"], own.first_stage_model.state_dict()["decoder.conv_out.weight"])
+    own_vae = own.first_stage_model.state_dict()
+    assert not torch.equal(loaded["decoder.conv_out.weight"], own_vae["decoder.conv_out.weight"])
     unet, own_unet = model.model.state_dict(), own.model.state_dict()
     assert all(torch.equal(unet[k], own_unet[k]) for k in own_unet)
 
