@@ -59,6 +59,25 @@ def test_load_model_picks_up_the_yaml_beside_the_checkpoint(fixtures, tmp_path):
     assert (without.config.heads_source, without.config.unet.num_heads, without.source.config) == ("assumed", 8, None)
 
 
+def test_keys_are_normalised_once_per_load(fixtures, monkeypatch):
+    import tritonsd.model.config as config_module
+    import tritonsd.model.keys as keys_module
+    import tritonsd.model.sd as sd_module
+
+    calls = []
+
+    def counting(state_dict):
+        calls.append(len(state_dict))
+        return keys_module.normalize_keys(state_dict)
+
+    for module in (sd_module, config_module):
+        monkeypatch.setattr(module, "normalize_keys", counting)
+    model = load_model(fixtures / "sd1-tiny.safetensors", fixtures / "sd1-tiny.yaml", text_heads=2)
+    assert calls == [684 + 244 + 37 + 12]  # one pass over the README's key count
+    assert model.source.model_name == "sd1-tiny"
+    assert model.source.model_hash() == hashlib.sha256((fixtures / "sd1-tiny.safetensors").read_bytes()).hexdigest()[:10]
+
+
 def test_assumed_heads_that_the_yaml_contradicts_are_an_error(fixtures, tmp_path):
     """The YAML's FrozenOpenCLIPEmbedder defaults to ViT-H-14 (16 heads at width 1024); the tiny tower is 32 wide,
     so width // 64 = 1 head would be a silent guess: refused, naming both values."""
