@@ -1,5 +1,5 @@
-"""Read original single-file checkpoints (``.safetensors`` and pickled ``.ckpt``) into a flat dict of tensors,
-and normalise their keys to the names our modules use.
+"""Read original single-file checkpoints (``.safetensors`` and pickled ``.ckpt``) into a flat dict of tensors
+(``keys.normalize_keys`` then maps their names to our modules').
 
 Every malformed-file error is raised here as ``CheckpointError`` with the file name and the reason on one line.
 The file is only ever opened for reading.
@@ -17,7 +17,6 @@ import json
 import pickle
 import re
 import struct
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -239,76 +238,3 @@ def _unwrap_state_dict(path: Path, obj) -> dict[str, torch.Tensor]:
 def _one_line(e: BaseException) -> str:
     text = " ".join(str(e).split())
     return text[:200] + ("..." if len(text) > 200 else "")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Key normalisation
-
-SCHEDULE_BUFFERS = (
-    "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
-    "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
-    "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
-)
-MODULE_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.")
-# older SD1 files store transformers' CLIPTextModel without its ``text_model.`` level
-_CLIP_TEXT_MODEL_PARTS = ("embeddings.", "encoder.", "final_layer_norm.")
-_CLIP_PREFIXES = ("cond_stage_model.transformer.", "conditioner.embedders.0.transformer.")
-
-
-@dataclass
-class NormalizedKeys:
-    """A checkpoint split into what the modules load, the schedule it carries and what was set aside."""
-
-    weights: dict[str, torch.Tensor]
-    alphas_cumprod: torch.Tensor | None = None
-    ignored: dict[str, list[str]] = field(default_factory=dict)  # reason -> keys
-    renamed: int = 0  # keys mapped from an older layout
-
-
-def normalize_keys(state_dict: dict[str, torch.Tensor]) -> NormalizedKeys:
-    """Drop the extras the modules do not hold (position_ids, EMA bookkeeping, schedule buffers, denoiser sigmas,
-    logvar, anything outside the model's modules) and map older layouts to the names our modules use."""
-    out = NormalizedKeys(weights={})
-    # SD 2.x in SGM naming (SD2.1-turbo style) has a single OpenCLIP embedder and no label_emb (the SDXL refiner
-    # has both, and stays under its own names so detection can refuse it)
-    sd2_in_sgm_naming = not any(k.startswith(("conditioner.embedders.1.", "model.diffusion_model.label_emb."))
-                                for k in state_dict)
-    for key, value in state_dict.items():
-        reason = _ignore_reason(key)
-        if reason is not None:
-            out.ignored.setdefault(reason, []).append(key)
-            if key == "alphas_cumprod":
-                out.alphas_cumprod = value
-            continue
-        new = _renamed(key, sd2_in_sgm_naming)
-        out.renamed += new != key
-        out.weights[new] = value
-    return out
-
-
-def _ignore_reason(key: str) -> str | None:
-    if key.endswith(".position_ids"):
-        return "position_ids (always arange(77))"
-    if key.startswith("model_ema."):
-        return "model_ema.* (EMA bookkeeping)"
-    if key in SCHEDULE_BUFFERS:
-        return "schedule buffers (rebuilt from the config; alphas_cumprod kept)"
-    if key == "denoiser.sigmas":
-        return "denoiser.sigmas (derived from alphas_cumprod)"
-    if key == "logvar":
-        return "logvar (training only)"
-    if not key.startswith(MODULE_PREFIXES):
-        return "outside the model's modules"
-    return None
-
-
-def _renamed(key: str, sd2_in_sgm_naming: bool) -> str:
-    for prefix in _CLIP_PREFIXES:
-        if key.startswith(prefix):
-            rest = key[len(prefix):]
-            if rest.startswith(_CLIP_TEXT_MODEL_PARTS):
-                return f"{prefix}text_model.{rest}"
-            return key
-    if sd2_in_sgm_naming and key.startswith("conditioner.embedders.0.model."):
-        return "cond_stage_model.model." + key[len("conditioner.embedders.0.model."):]
-    return key

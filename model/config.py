@@ -1,33 +1,29 @@
-"""What a checkpoint is: family, widths, heads, parameterization and schedule, read from the weights' shapes and
-(optionally) the original YAML. The one place that knows the SD1 / SD2 / SDXL / inpainting differences.
+"""What a checkpoint is: family, widths, heads, parameterization, schedule and text conditioning, read from the
+weights' shapes and (optionally) the original YAML. The one place that knows the SD1 / SD2 / SDXL / inpainting
+differences. The ``ModelConfig`` it returns is complete: ``build_model(config)`` needs nothing else.
 
-Shapes decide everything the weights can tell. What they cannot (attention head counts, eps vs v, the schedule
-when the file has no ``alphas_cumprod``) comes from the YAML when given, else from an explicit option, else from
-the released models' defaults, and ``ModelConfig`` records which.
+Shapes decide everything the weights can tell. What they cannot (attention head counts, eps vs v, the scale
+factor, the schedule when the file has no ``alphas_cumprod``, the text towers' output layers) comes from the
+YAML when given, else from an explicit option, else from the released models' defaults, and ``ModelConfig``
+records which (``*_source``: "yaml" | "option" | "assumed"; the schedule also "file").
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Iterable, Mapping
 
 import torch
 
-from .checkpoint import normalize_keys
-
-UNET = "model.diffusion_model."
-VAE = "first_stage_model."
-SD1_TEXT = "cond_stage_model.transformer."
-SD2_TEXT = "cond_stage_model.model."
-SDXL_TEXT = ("conditioner.embedders.0.transformer.", "conditioner.embedders.1.model.")
-# the text module's prefix(es) as ``text.text_config_from_weights`` takes them
-TEXT_PREFIXES = {"sd1": ("cond_stage_model.",), "sd2": ("cond_stage_model.",),
-                 "sdxl": ("conditioner.embedders.0.", "conditioner.embedders.1.")}
+from .keys import SD1_TEXT, SD2_TEXT, SDXL_CLIP, SDXL_EMBEDDERS, SDXL_OPEN_CLIP, UNET, VAE, NormalizedKeys, \
+    normalize_keys
+from .text_config import CondStageConfig, TextConfig, cond_stage_config
 
 DEFAULT_SCALE_FACTOR = {"sd1": 0.18215, "sd2": 0.18215, "sdxl": 0.13025}
 DEFAULT_SCHEDULE = {"linear_start": 0.00085, "linear_end": 0.012, "timesteps": 1000}
+YAML_SUFFIXES = (".yaml", ".yml")
 
 
 class ModelConfigError(ValueError):
@@ -94,56 +90,77 @@ class ModelConfig:
     alphas_cumprod_source: str  # "file" | "derived"
     unet: UNetConfig
     vae: VAEConfig
-    text: dict[str, Any] = field(default_factory=dict)  # checkpoint prefix -> the text tower's config
+    cond_stage: CondStageConfig  # the text towers (shapes, heads, layers) and SDXL's size embedders
     linear_start: float = DEFAULT_SCHEDULE["linear_start"]
     linear_end: float = DEFAULT_SCHEDULE["linear_end"]
     timesteps: int = DEFAULT_SCHEDULE["timesteps"]
-    heads_source: str = "assumed"  # "yaml" | "assumed"
-    text_heads: int | None = None  # as given (None: each tower's width // 64)
-    cond_stage_yaml: dict | None = None  # the YAML's cond_stage_config / conditioner_config node
+    schedule_source: str = "assumed"  # linear_start / linear_end / timesteps: "yaml" | "assumed"
+    scale_factor_source: str = "assumed"  # "yaml" | "assumed"
+    heads_source: str = "assumed"  # the UNet's heads: "yaml" | "assumed"
     yaml_path: str | None = None
+
+    @property
+    def text(self) -> dict[str, TextConfig]:
+        """The text towers' shapes and heads, keyed by their checkpoint prefix."""
+        return {e.prefix: e.tower for e in self.cond_stage.text_encoders}
 
 
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def detect_config(state_dict: dict[str, torch.Tensor], yaml_path: str | Path | None = None,
+def detect_config(weights: NormalizedKeys | Mapping[str, torch.Tensor], yaml_path: str | Path | None = None, *,
                   parameterization: str | None = None, text_heads: int | None = None) -> ModelConfig:
-    """Describe the model a checkpoint holds. ``state_dict`` is ``read_checkpoint``'s dict (raw keys are fine: they
-    are normalised here). ``parameterization`` ("eps" | "v") overrides the YAML; ``text_heads`` sets the text
-    towers' head count (not in the weights; default width // 64)."""
+    """Describe the model a checkpoint holds. ``weights``: ``normalize_keys``' result (a loader normalises once and
+    passes it here and to the modules), or a raw state dict, normalised here. ``yaml_path``: the original
+    inference YAML (see ``find_config``). ``parameterization`` ("eps" | "v") overrides the YAML; ``text_heads``
+    sets every text tower's head count (not in the weights)."""
     if parameterization not in (None, "eps", "v"):
         raise ModelConfigError(f"parameterization must be 'eps' or 'v', not {parameterization!r}")
-    norm = normalize_keys(state_dict)
-    weights = norm.weights
-    family = detect_family(weights, other_keys=[k for keys in norm.ignored.values() for k in keys])
+    if text_heads is not None and text_heads < 1:
+        raise ModelConfigError(f"text_heads must be at least 1, got {text_heads}")
+    norm = weights if isinstance(weights, NormalizedKeys) else normalize_keys(weights)
+    shapes = norm.weights
+    family = detect_family(shapes, other_keys=norm.ignored_keys)
     yaml_params = _load_yaml(yaml_path) if yaml_path is not None else None
 
-    unet = unet_config_from_weights(weights, family)
+    unet = unet_config_from_weights(shapes, family)
     unet, heads_source = _apply_heads(unet, family, yaml_params)
-    vae = vae_config_from_weights(weights)
+    vae = vae_config_from_weights(shapes)
     inpainting = _inpainting(unet)
     if yaml_params is not None:
         _check_yaml_agrees(yaml_params, unet, vae)
 
     param, param_source = _parameterization(family, yaml_params, parameterization)
-    schedule = _schedule(yaml_params)
+    schedule, schedule_source = _schedule(yaml_params)
     if norm.alphas_cumprod is not None:
         alphas, alphas_source = norm.alphas_cumprod.to(torch.float32), "file"
     else:
         alphas, alphas_source = derive_alphas_cumprod(**schedule), "derived"
-
-    scale = DEFAULT_SCALE_FACTOR[family]
+    scale, scale_source = DEFAULT_SCALE_FACTOR[family], "assumed"
     if yaml_params is not None and "scale_factor" in yaml_params:
-        scale = float(yaml_params["scale_factor"])
+        scale, scale_source = float(yaml_params["scale_factor"]), "yaml"
+    cond_yaml = _cond_stage_yaml(yaml_params) if yaml_params is not None else None
 
     return ModelConfig(
         family=family, inpainting=inpainting, parameterization=param, parameterization_source=param_source,
         scale_factor=scale, alphas_cumprod=alphas, alphas_cumprod_source=alphas_source, unet=unet, vae=vae,
-        text=text_configs(weights, family, text_heads), heads_source=heads_source, text_heads=text_heads,
-        cond_stage_yaml=_cond_stage_yaml(yaml_params) if yaml_params is not None else None,
+        cond_stage=cond_stage_config(shapes, family, cond_yaml, text_heads), schedule_source=schedule_source,
+        scale_factor_source=scale_source, heads_source=heads_source,
         yaml_path=str(yaml_path) if yaml_path is not None else None, **schedule,
     )
+
+
+def find_config(checkpoint: str | Path) -> Path | None:
+    """The original inference YAML beside a checkpoint (same stem, ``.yaml`` or ``.yml``), as AUTOMATIC1111
+    picks it up; None when there is none (or ``checkpoint`` is not a file path, e.g. ``demo:sd1``)."""
+    path = Path(checkpoint)
+    if not path.is_file():
+        return None
+    for suffix in YAML_SUFFIXES:
+        candidate = path.with_suffix(suffix)
+        if candidate.is_file():
+            return candidate
+    return None
 
 
 def detect_family(weights: dict[str, torch.Tensor], other_keys: Iterable[str] = ()) -> str:
@@ -162,15 +179,15 @@ def detect_family(weights: dict[str, torch.Tensor], other_keys: Iterable[str] = 
         raise UnsupportedModelError(f"unknown model family: no UNet ({UNET}input_blocks.0.0.weight missing); "
                                     f"top-level prefixes found: {', '.join(found) or 'none'}")
     label_emb = has(UNET + "label_emb.")
-    if has("conditioner."):
-        clip_l, bigg = has(SDXL_TEXT[0]), has(SDXL_TEXT[1])
+    if has(SDXL_EMBEDDERS):
+        clip_l, bigg = has(SDXL_CLIP + "transformer."), has(SDXL_OPEN_CLIP + "model.")
         if clip_l and bigg and label_emb:
             return "sdxl"
-        if has("conditioner.embedders.0.model.") and label_emb:
+        if has(SDXL_CLIP + "model.") and label_emb:
             adm = weights[UNET + "label_emb.0.0.weight"].shape[1]
-            raise UnsupportedModelError(f"SDXL refiner is not supported yet: found conditioner.embedders.0.model.* "
+            raise UnsupportedModelError(f"SDXL refiner is not supported yet: found {SDXL_CLIP}model.* "
                                         f"(OpenCLIP bigG only) and label_emb (adm_in_channels {adm})")
-        embedders = sorted({".".join(k.split(".")[:4]) for k in weights if k.startswith("conditioner.")})
+        embedders = sorted({".".join(k.split(".")[:4]) for k in weights if k.startswith(SDXL_EMBEDDERS)})
         raise UnsupportedModelError(f"this SGM layout is not supported yet: found {', '.join(embedders[:4])}"
                                     f"{' and label_emb' if label_emb else ', no label_emb'}")
     if label_emb:
@@ -182,7 +199,7 @@ def detect_family(weights: dict[str, torch.Tensor], other_keys: Iterable[str] = 
         return "sd2"
     found = sorted({".".join(k.split(".")[:2]) for k in weights if not k.startswith((UNET, VAE))})[:6]
     raise UnsupportedModelError(f"unknown model family: a UNet but no text encoder under {SD1_TEXT}text_model. "
-                                f"(SD1), {SD2_TEXT} (SD2) or conditioner.embedders (SDXL); other keys: "
+                                f"(SD1), {SD2_TEXT} (SD2) or {SDXL_EMBEDDERS} (SDXL); other keys: "
                                 f"{', '.join(found) or 'none'}")
 
 
@@ -277,13 +294,6 @@ def vae_config_from_weights(weights: dict[str, torch.Tensor]) -> VAEConfig:
     )
 
 
-def text_configs(weights: dict[str, torch.Tensor], family: str, heads: int | None) -> dict[str, Any]:
-    """The text towers' configs, keyed by their checkpoint prefix (the text module reads the shapes)."""
-    from .text import text_config_from_weights
-
-    return {prefix: text_config_from_weights(weights, prefix, heads=heads) for prefix in TEXT_PREFIXES[family]}
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # What the weights cannot say: heads, eps vs v, schedule
 
@@ -327,18 +337,19 @@ def _node(params: dict, *path: str) -> dict:
     return params if isinstance(params, dict) else {}
 
 
-def _schedule(yaml_params: dict | None) -> dict:
-    schedule = dict(DEFAULT_SCHEDULE)
+def _schedule(yaml_params: dict | None) -> tuple[dict, str]:
+    """linear_start / linear_end / timesteps: the YAML's (LDM top level, or SGM's discretization_config) where
+    it gives any, else the released models'."""
+    schedule, source = dict(DEFAULT_SCHEDULE), "assumed"
     if yaml_params is None:
-        return schedule
-    sources = [yaml_params]
+        return schedule, source
     disc = _node(yaml_params, "denoiser_config", "params", "discretization_config", "params")
-    sources.append({"timesteps": disc.get("num_timesteps"), **disc})
-    for src in sources:
+    for src in (yaml_params, {"timesteps": disc.get("num_timesteps"), **disc}):
         for key in schedule:
             if src.get(key) is not None:
                 schedule[key] = type(schedule[key])(src[key])
-    return schedule
+                source = "yaml"
+    return schedule, source
 
 
 def derive_alphas_cumprod(linear_start: float, linear_end: float, timesteps: int) -> torch.Tensor:

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ..testing.reference import fixtures_dir
-from .checkpoint import normalize_keys
+from .keys import normalize_keys
 from .config import detect_config
 from .sd import StableDiffusion, build_model
 
@@ -70,9 +70,9 @@ def build_meta_model(name: str | Path, parameterization: str | None = None,
     if parameterization is None and str(name) in MANIFESTS:
         parameterization = MANIFESTS[str(name)][1]
     weights = meta_state_dict(load_manifest(name))
-    config = detect_config(weights, parameterization=parameterization, text_heads=text_heads)
+    config = detect_config(normalize_keys(weights), parameterization=parameterization, text_heads=text_heads)
     with torch.device("meta"):
-        model = build_model(config, normalize_keys(weights).weights)
+        model = build_model(config)
     return model.eval().requires_grad_(False)
 
 

@@ -1,5 +1,6 @@
-"""The whole model: UNet, VAE and text conditioning, named as the checkpoint's top-level prefixes, and
-``load_model`` which reads a checkpoint, detects its config and loads it strictly."""
+"""The whole model: UNet, VAE and text conditioning, named as the checkpoint's top-level prefixes; ``build_model``
+builds it from a ``ModelConfig`` alone, and ``load_model`` reads a checkpoint (or builds the demo model),
+normalises its keys once, detects its config and loads it strictly."""
 
 from __future__ import annotations
 
@@ -9,12 +10,16 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointError, normalize_keys, read_checkpoint
-from .config import ModelConfig, ModelConfigError, detect_config
+from .checkpoint import CheckpointError, read_checkpoint
+from .conditioner import build_cond_stage
+from .config import ModelConfig, ModelConfigError, detect_config, find_config
 from .device import resolve_device
-from .text import TextConfigError, build_cond_stage, cond_stage_prefix
+from .keys import VAE, normalize_keys
+from .source import LoadedFrom
+from .text_config import TextConfigError
 from .unet import UNetModel
 from .vae import AutoencoderKL
+from .vae_file import check_vae_fits, load_vae_weights
 
 
 class DiffusionWrapper(nn.Module):
@@ -27,18 +32,20 @@ class DiffusionWrapper(nn.Module):
 
 class StableDiffusion(nn.Module):
     """``model.diffusion_model`` (UNet), ``first_stage_model`` (VAE) and ``cond_stage_model`` (SD1 / SD2) or
-    ``conditioner`` (SDXL); build with ``build_model`` or ``load_model``."""
+    ``conditioner`` (SDXL); build with ``build_model`` or ``load_model``. ``source`` says where the weights came
+    from (``load_model`` sets it; None for a model built but not loaded)."""
 
-    def __init__(self, config: ModelConfig, cond_stage: nn.Module):
+    def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
+        self.source: LoadedFrom | None = None
         self.model = DiffusionWrapper(UNetModel(config.unet))
         self.first_stage_model = AutoencoderKL(config.vae)
-        setattr(self, cond_stage_prefix(config.family).rstrip("."), cond_stage)
+        setattr(self, config.cond_stage.prefix.rstrip("."), build_cond_stage(config.cond_stage))
 
     @property
     def text_module(self) -> nn.Module:
-        return getattr(self, cond_stage_prefix(self.config.family).rstrip("."))
+        return getattr(self, self.config.cond_stage.prefix.rstrip("."))
 
     def get_learned_conditioning(self, prompts: Sequence[str], **sdxl_conditions):
         """SD1 / SD2: context [B, 77, C]. SDXL: (crossattn [B, 77, C], vector [B, adm]); ``sdxl_conditions`` are
@@ -66,37 +73,71 @@ class StableDiffusion(nn.Module):
         return self.first_stage_model.encode(image)
 
 
-def build_model(config: ModelConfig, state_dict: Mapping[str, torch.Tensor]) -> StableDiffusion:
-    """The modules for ``config``, not loaded (``state_dict``: normalised keys; only the text towers' shapes are
-    read from it). Build under ``torch.device("meta")`` to allocate nothing."""
-    cond_stage = build_cond_stage(state_dict, config.family, config.text_heads, config.cond_stage_yaml)
-    return StableDiffusion(config, cond_stage)
+def build_model(config: ModelConfig) -> StableDiffusion:
+    """The modules ``config`` describes, not loaded. Build under ``torch.device("meta")`` to allocate nothing."""
+    return StableDiffusion(config)
 
 
-def load_model(path: str | Path, config: str | Path | ModelConfig | None = None,
-               parameterization: str | None = None, text_heads: int | None = None,
+def load_model(path: str | Path, config: str | Path | ModelConfig | bool | None = None, *,
+               parameterization: str | None = None, text_heads: int | None = None, vae: str | Path | None = None,
                dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> StableDiffusion:
-    """Read a checkpoint, detect its config (``config``: the original YAML's path, or a ``ModelConfig``), build
-    the modules on the meta device and load the weights strictly, cast to ``dtype`` on ``device``
-    (``DeviceError`` at once when the device is not available)."""
+    """Read a checkpoint, detect its config, build the modules on the meta device and load the weights strictly,
+    cast to ``dtype`` on ``device`` (``DeviceError`` at once when the device is not available).
+
+    ``path``: a ``.safetensors`` / ``.ckpt`` file, or ``"demo:sd1"`` (the built-in random-weight model).
+    ``config``: the original YAML's path; None (default) uses the YAML beside the checkpoint when there is one
+    (``find_config``); False uses none; a ``ModelConfig`` is taken as it is. ``vae``: an external VAE file
+    replacing the checkpoint's (``model/vae_file.py``). ``model.source`` records the files used.
+    """
+    from .demo import build_demo_model, is_demo
+
     device = resolve_device(device)
+    if is_demo(path):
+        if config not in (None, False):
+            raise ModelConfigError(f"{path} is built from its own config; a YAML or ModelConfig does not apply")
+        return build_demo_model(str(path), dtype=dtype, device=device, vae=vae)
     path = Path(path)
-    raw = read_checkpoint(path)
+    yaml_path = _yaml_for(path, config)
+    vae_weights = load_vae_weights(vae) if vae is not None else None  # small: fail before the big read
+    norm = normalize_keys(read_checkpoint(path))
     try:
-        if isinstance(config, ModelConfig):
-            cfg = config
-        else:
-            cfg = detect_config(raw, config, parameterization=parameterization, text_heads=text_heads)
-        weights = normalize_keys(raw).weights
-        del raw
+        cfg = config if isinstance(config, ModelConfig) else \
+            detect_config(norm, yaml_path, parameterization=parameterization, text_heads=text_heads)
         with torch.device("meta"):
-            model = build_model(cfg, weights)
+            model = build_model(cfg)
     except (ModelConfigError, TextConfigError) as e:
         raise type(e)(f"{path.name}: {e}") from None
-    weights = {k: _cast(v, dtype, device) for k, v in weights.items()}
+    weights = norm.weights
+    if vae_weights is not None:
+        weights = replace_vae(model, weights, vae, vae_weights)
+    load_weights_(model, path, weights, dtype, device)
+    model.source = LoadedFrom(checkpoint=path, config=yaml_path, vae=Path(vae) if vae is not None else None)
+    return model
+
+
+def _yaml_for(path: Path, config) -> Path | None:
+    if config is None:
+        return find_config(path)
+    if config is False or isinstance(config, ModelConfig):
+        return None
+    return Path(config)
+
+
+def replace_vae(model: StableDiffusion, weights: Mapping[str, torch.Tensor], vae_path: str | Path,
+                vae_weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``weights`` with the VAE part replaced by an external VAE file's (bare keys), checked against the model."""
+    expected = {k: v.shape for k, v in model.first_stage_model.state_dict().items()}
+    check_vae_fits(vae_path, vae_weights, expected)
+    kept = {k: v for k, v in weights.items() if not k.startswith(VAE)}
+    return {**kept, **{VAE + k: v for k, v in vae_weights.items()}}
+
+
+def load_weights_(model: StableDiffusion, path: Path, weights: Mapping[str, torch.Tensor], dtype: torch.dtype,
+                  device: torch.device) -> None:
+    """Assign ``weights`` (normalised keys) to a meta-built model, strictly, cast to ``dtype`` on ``device``."""
     _check_keys(path, model, weights)
-    model.load_state_dict(weights, strict=True, assign=True)
-    return model.eval().requires_grad_(False)
+    model.load_state_dict({k: _cast(v, dtype, device) for k, v in weights.items()}, strict=True, assign=True)
+    model.eval().requires_grad_(False)
 
 
 def _cast(t: torch.Tensor, dtype: torch.dtype, device) -> torch.Tensor:

@@ -3,7 +3,6 @@ writes and reads (so existing tools show them), written atomically (no partial f
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import tempfile
@@ -15,15 +14,6 @@ import numpy as np
 import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
-
-
-def model_hash(path: str | os.PathLike) -> str:
-    """First 10 hex digits of the file's sha256 (AUTOMATIC1111's "Model hash")."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:10]
 
 
 @dataclass

@@ -91,6 +91,7 @@ class Pipeline:
         self.name = name
         self.kernels = kernels
         self._model_hash = model_hash
+        self._vae_hash: str | None = None
         self.vae_guard = VAEDecodeGuard(model.first_stage_model)
         self.unet = self._model_unet  # peers (the benchmarks) may swap in another callable of the same protocol
         self._runner: GraphRunner | None = None
@@ -116,6 +117,14 @@ class Pipeline:
         if callable(self._model_hash):
             self._model_hash = self._model_hash()
         return self._model_hash
+
+    @property
+    def vae_hash(self) -> str | None:
+        """AUTOMATIC1111's "VAE hash" of an external VAE file (None for the checkpoint's own VAE)."""
+        source = getattr(self.model, "source", None)
+        if self._vae_hash is None and source is not None and source.vae is not None:
+            self._vae_hash = source.vae_hash()
+        return self._vae_hash
 
     def _kernels(self):
         """The kernel choice for a stage: this pipeline's, or (for "auto") whatever the caller's
@@ -292,7 +301,11 @@ class Pipeline:
         """AUTOMATIC1111's ``parameters`` text of image ``index``."""
         s = settings
         spec = registry.get(s.sampler)
-        extra = {"Denoising strength": float(s.strength) if s.mode == "img2img" else None,
+        source = getattr(self.model, "source", None)
+        vae = source.vae if source is not None else None
+        extra = {"VAE hash": self.vae_hash if vae is not None else None,
+                 "VAE": source.vae_name if vae is not None else None,
+                 "Denoising strength": float(s.strength) if s.mode == "img2img" else None,
                  "Schedule type": spec.a1111_schedule(s.karras)}
         return Infotext(prompt=s.prompt, negative_prompt=s.negative_prompt, steps=s.steps,
                         sampler=spec.a1111_name, cfg_scale=s.cfg_scale, seed=s.seed + index, width=s.width,
@@ -325,31 +338,33 @@ class Pipeline:
 def load(path: str | os.PathLike, config: str | os.PathLike | None = None, *, device=None, dtype=None,
          kernels: str = "auto", vae: str | os.PathLike | None = None, text_heads: int | None = None,
          parameterization: str | None = None) -> Pipeline:
-    """A Pipeline for an original single-file checkpoint (``.safetensors`` or ``.ckpt``).
+    """A Pipeline for an original single-file checkpoint (``.safetensors`` or ``.ckpt``), or the built-in demo
+    model ``"demo:sd1"`` (tiny, random weights: its images are noise; no file needed).
 
     ``config``: the original inference YAML (default: the checkpoint's stem + ``.yaml`` beside it, when there);
     ``device``: "cpu", "cuda", "cuda:N" (default: CUDA when available); ``dtype``: "fp32", "fp16", "bf16" or a
     torch dtype (default: fp16 on CUDA, fp32 on the CPU); ``kernels``: "auto", "torch" or "triton"; ``vae``: an
-    external VAE file; ``text_heads`` / ``parameterization``: what the weights cannot tell, when no YAML does.
-    The model hash for the infotext is computed in the background while the weights load."""
+    external VAE file (``.safetensors`` / ``.pt``); ``text_heads`` / ``parameterization``: what the weights cannot
+    tell, when no YAML does. The model hash for the infotext is computed in the background while the weights
+    load."""
+    from ..model.demo import is_demo
     from ..model.device import resolve_device, resolve_dtype
+    from ..model.hashes import model_hash
     from ..model.sd import load_model
-    from .infotext import model_hash
 
-    if vae is not None:
-        raise NotImplementedError("external VAE files are not supported yet")
     device = resolve_device(device)
     dtype = resolve_dtype(dtype if dtype is not None else ("fp16" if device.type == "cuda" else "fp32"))
-    path = Path(path)
-    if config is None and path.with_suffix(".yaml").is_file():
-        config = path.with_suffix(".yaml")
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
-    hashing = pool.submit(model_hash, path)  # sha256 releases the GIL: overlaps the load
-    pool.shutdown(wait=False)
+    hashing = None
+    if not is_demo(path):
+        pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+        hashing = pool.submit(model_hash, path)  # sha256 releases the GIL: overlaps the load
+        pool.shutdown(wait=False)
     with dispatch.force(kernels):
-        model = load_model(path, config=config, parameterization=parameterization, text_heads=text_heads,
+        model = load_model(path, config=config, parameterization=parameterization, text_heads=text_heads, vae=vae,
                            dtype=dtype, device=device)
-    return Pipeline(model, name=path.stem, model_hash=hashing.result, kernels=kernels)
+    source = model.source
+    return Pipeline(model, name=source.model_name, kernels=kernels,
+                    model_hash=hashing.result if hashing is not None else source.model_hash)
 
 
 __all__ = ["Conditioning", "GenerationSettings", "Latents", "NonFiniteError", "Pipeline", "load"]

@@ -11,6 +11,7 @@ import yaml
 from tritonsd.model.checkpoint import read_checkpoint
 from tritonsd.model.config import (ModelConfigError, UnsupportedModelError, derive_alphas_cumprod,
                                    detect_config)
+from tritonsd.model.text_config import TextConfigError
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +85,8 @@ def test_without_yaml_the_released_defaults_are_assumed(raw):
 def test_parameterization_option(fixtures, raw):
     cfg = detect_config(raw("sd2v-tiny.safetensors"), parameterization="v")
     assert (cfg.parameterization, cfg.parameterization_source) == ("v", "option")
-    cfg = detect_config(raw("sd2v-tiny.safetensors"), fixtures / "sd2v-tiny.yaml", parameterization="eps")
+    cfg = detect_config(raw("sd2v-tiny.safetensors"), fixtures / "sd2v-tiny.yaml", parameterization="eps",
+                        text_heads=2)
     assert (cfg.parameterization, cfg.parameterization_source) == ("eps", "option")
     with pytest.raises(ModelConfigError, match="parameterization"):
         detect_config(raw("sd2v-tiny.safetensors"), parameterization="x0")
@@ -101,7 +103,7 @@ def test_alphas_cumprod_from_the_file_and_derived(raw):
 
 
 def test_sdxl_schedule_is_derived_and_matches_its_sigmas(fixtures, raw, reference):
-    cfg = detect_config(raw("sdxl-tiny.safetensors"), fixtures / "sdxl-tiny.yaml")
+    cfg = detect_config(raw("sdxl-tiny.safetensors"), fixtures / "sdxl-tiny.yaml", text_heads=2)
     assert cfg.alphas_cumprod_source == "derived"
     ref, _ = reference("sdxl-tiny")
     ac = cfg.alphas_cumprod.double()[ref["sample.timesteps"]]
@@ -181,3 +183,68 @@ def test_unknown_families_name_the_deciding_keys(raw):
     no_text = {k: v for k, v in sd1.items() if not k.startswith("cond_stage_model.")}
     with pytest.raises(UnsupportedModelError, match="no text encoder"):
         detect_config(no_text)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Text towers: heads from the YAML's named tower, an option, or assumed; never a contradicted guess
+
+
+def _released_meta(fixtures, name: str) -> dict[str, torch.Tensor]:
+    """The full-size released layout (manifests/) as meta tensors."""
+    import json
+
+    manifest = json.loads((fixtures / "manifests" / f"{name}.json").read_text())
+    return {k: torch.empty(v["shape"], dtype=getattr(torch, v["dtype"]), device="meta")
+            for k, v in manifest["tensors"].items()}
+
+
+def _yaml(tmp_path, cond_stage: str) -> str:
+    path = tmp_path / "v2.yaml"
+    path.write_text("model:\n  params:\n    parameterization: v\n    cond_stage_config:\n" + cond_stage)
+    return path
+
+
+def test_text_heads_from_the_tower_the_yaml_names(fixtures, tmp_path):
+    sd21 = _released_meta(fixtures, "sd21-v")
+    node = ("      target: ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder\n"
+            "      params: {arch: ViT-H-14, layer: penultimate}\n")
+    cfg = detect_config(sd21, _yaml(tmp_path, node))
+    (encoder,) = cfg.cond_stage.text_encoders
+    assert (encoder.tower.width, encoder.tower.heads) == (1024, 16)
+    assert (encoder.heads_source, encoder.arch) == ("yaml", "ViT-H-14")
+    assert (encoder.layer, encoder.layer_source) == ("penultimate", "yaml")
+    # the class's default layer when the YAML leaves it out (open_clip embedders default to "last")
+    cfg = detect_config(sd21, _yaml(tmp_path, "      target: ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder\n"))
+    assert cfg.cond_stage.text_encoders[0].layer == "last" and cfg.text["cond_stage_model."].heads == 16
+    with pytest.raises(TextConfigError, match="text_heads 8 contradicts the YAML's FrozenOpenCLIPEmbedder "
+                                              "\\(ViT-H-14: 16 heads\\)"):
+        detect_config(sd21, _yaml(tmp_path, node), text_heads=8)
+    # an arch we do not know says nothing: assumed, as without a YAML
+    cfg = detect_config(sd21, _yaml(tmp_path, node.replace("ViT-H-14", "ViT-H-14-custom")))
+    assert (cfg.text["cond_stage_model."].heads, cfg.cond_stage.text_encoders[0].heads_source) == (16, "assumed")
+
+
+def test_yaml_naming_another_tower_kind_is_refused(fixtures, tmp_path):
+    sd21 = _released_meta(fixtures, "sd21-v")
+    with pytest.raises(TextConfigError, match="YAML names FrozenCLIPEmbedder, but the weights hold an OpenCLIP tower"):
+        detect_config(sd21, _yaml(tmp_path, "      target: ldm.modules.encoders.modules.FrozenCLIPEmbedder\n"))
+
+
+def test_sources_of_what_the_weights_do_not_hold(fixtures, raw):
+    cfg = detect_config(raw("sd1-tiny.safetensors"), fixtures / "sd1-tiny.yaml", text_heads=2)
+    assert (cfg.scale_factor_source, cfg.schedule_source, cfg.alphas_cumprod_source) == ("yaml", "yaml", "file")
+    assert (cfg.cond_stage.source, cfg.cond_stage.text_encoders[0].heads_source) == ("yaml", "option")
+    cfg = detect_config(raw("sd1-tiny.safetensors"))
+    assert (cfg.scale_factor_source, cfg.schedule_source, cfg.cond_stage.source) == ("assumed",) * 3
+
+
+def test_detect_config_takes_normalised_keys_once(raw):
+    """The loader normalises once and hands the result over; a raw dict gives the same config."""
+    from tritonsd.model.keys import normalize_keys
+
+    norm = normalize_keys(raw("sdxl-tiny.safetensors"))
+    a, b = detect_config(norm, text_heads=2), detect_config(raw("sdxl-tiny.safetensors"), text_heads=2)
+    assert a.cond_stage == b.cond_stage and a.unet == b.unet and a.vae == b.vae
+    assert [type(e).__name__ for e in a.cond_stage.embedders] == ["TextEncoderConfig"] * 2 + ["SizeEmbedderConfig"] * 3
+    assert a.cond_stage.input_keys == ("txt", "txt", "original_size_as_tuple", "crop_coords_top_left",
+                                       "target_size_as_tuple")

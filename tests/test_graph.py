@@ -204,7 +204,6 @@ def meta_tiny_model(fixtures):
     """The sd1-tiny model on the meta device (shapes only), built from its file's header."""
     from safetensors import safe_open
 
-    from tritonsd.model.checkpoint import normalize_keys
     from tritonsd.model.config import detect_config
     from tritonsd.model.sd import build_model
 
@@ -212,7 +211,7 @@ def meta_tiny_model(fixtures):
         shapes = {k: f.get_slice(k).get_shape() for k in f.keys() if k != "alphas_cumprod"}
     weights = {k: torch.empty(v, device="meta") for k, v in shapes.items()}
     with torch.device("meta"):
-        return build_model(detect_config(weights, text_heads=2), normalize_keys(weights).weights)
+        return build_model(detect_config(weights, text_heads=2))
 
 
 @pytest.mark.parametrize("sampler", ["euler", "euler_a", "dpmpp_2m"])

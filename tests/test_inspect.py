@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from tritonsd.tools.cli import main
 
@@ -14,8 +15,15 @@ def _inspect_json(capsys, *args) -> dict:
     return json.loads(capsys.readouterr().out)
 
 
-def test_sd1_report(fixtures, capsys):
-    r = _inspect_json(capsys, fixtures / "sd1-tiny.safetensors")
+def _alone(fixtures, tmp_path, name: str):
+    """The fixture checkpoint linked into tmp_path without its YAML (so none is found beside it)."""
+    path = tmp_path / name
+    path.symlink_to(fixtures / name)
+    return path
+
+
+def test_sd1_report(fixtures, tmp_path, capsys):
+    r = _inspect_json(capsys, _alone(fixtures, tmp_path, "sd1-tiny.safetensors"))
     assert (r["family"], r["inpainting"]) == ("sd1", False)
     assert (r["parameterization"], r["parameterization_source"]) == ("eps", "assumed")
     assert r["weight_dtypes"] == {"float32": 684 + 244 + 36}  # README: float32 weights; key counts per part
@@ -27,22 +35,22 @@ def test_sd1_report(fixtures, capsys):
                                                                                       "schedule": 12}
 
 
-def test_sd2_parameterization_given_or_assumed(fixtures, capsys):
-    ckpt = fixtures / "sd2v-tiny.ckpt"
+def test_sd2_parameterization_given_or_assumed(fixtures, tmp_path, capsys):
+    ckpt = _alone(fixtures, tmp_path, "sd2v-tiny.ckpt")
     r = _inspect_json(capsys, ckpt)
     assert (r["family"], r["parameterization"], r["parameterization_source"]) == ("sd2", "eps", "assumed")
     assert r["weight_dtypes"] == {"float16": 684 + 244 + 42}
-    r = _inspect_json(capsys, ckpt, "--config", fixtures / "sd2v-tiny.yaml")
+    r = _inspect_json(capsys, ckpt, "--config", fixtures / "sd2v-tiny.yaml", "--text-heads", "2")
     assert (r["parameterization"], r["parameterization_source"]) == ("v", "yaml")
     assert r["unet"]["num_head_channels"] == 16 and r["unet"]["heads_source"] == "yaml"
     r = _inspect_json(capsys, ckpt, "--parameterization", "v")
     assert (r["parameterization"], r["parameterization_source"]) == ("v", "option")
 
 
-def test_inpainting_and_sdxl(fixtures, capsys):
-    r = _inspect_json(capsys, fixtures / "sd1-inpaint-tiny.ckpt")
+def test_inpainting_and_sdxl(fixtures, tmp_path, capsys):
+    r = _inspect_json(capsys, _alone(fixtures, tmp_path, "sd1-inpaint-tiny.ckpt"))
     assert (r["family"], r["inpainting"], r["unet"]["in_channels"]) == ("sd1", True, 9)
-    r = _inspect_json(capsys, fixtures / "sdxl-tiny.safetensors")
+    r = _inspect_json(capsys, _alone(fixtures, tmp_path, "sdxl-tiny.safetensors"))
     assert r["family"] == "sdxl" and r["scale_factor"] == 0.13025 and r["alphas_cumprod"] == "derived"
     assert r["keys_by_prefix"] == {"model.diffusion_model.": 1678, "first_stage_model.": 244,
                                    "conditioner.embedders.0.": 53, "conditioner.embedders.1.": 42}
@@ -51,10 +59,72 @@ def test_inpainting_and_sdxl(fixtures, capsys):
     assert r["unet"]["transformer_depth"] == [0, 2, 10] and r["unet"]["transformer_depth_middle"] == 10
 
 
-def test_text_report(fixtures, capsys):
-    assert main(["inspect", str(fixtures / "sd2v-tiny.safetensors")]) == 0
+def test_text_report(fixtures, tmp_path, capsys):
+    assert main(["inspect", str(_alone(fixtures, tmp_path, "sd2v-tiny.safetensors"))]) == 0
     out = capsys.readouterr().out
     assert "sd2" in out and "assumed" in out and "schedule buffers" in out and "float16" in out
+
+
+def _settings(report: dict) -> dict[str, tuple]:
+    return {s["setting"]: (s["value"], s["source"]) for s in report["settings"]}
+
+
+def test_settings_not_in_the_weights_and_their_sources(fixtures, tmp_path, capsys):
+    """The YAML beside the checkpoint is found; each setting says where it came from."""
+    ckpt = tmp_path / "sd2v-tiny.ckpt"
+    ckpt.symlink_to(fixtures / "sd2v-tiny.ckpt")
+    (tmp_path / "sd2v-tiny.yaml").write_text((fixtures / "sd2v-tiny.yaml").read_text())
+    r = _inspect_json(capsys, ckpt, "--text-heads", "2")
+    assert r["config"] == {"path": str(tmp_path / "sd2v-tiny.yaml"), "source": "found beside the checkpoint"}
+    assert _settings(r) == {
+        "prediction": ("v", "yaml"), "scale_factor": (0.18215, "yaml"),
+        "schedule": ("alphas_cumprod stored in the checkpoint", "file"),
+        "unet heads": ("16-channel heads", "yaml"),
+        "text heads cond_stage_model.": ("2", "option"), "text layer cond_stage_model.": ("penultimate", "yaml"),
+        "vae": ("the checkpoint's (first_stage_model.*)", "file")}
+
+    (tmp_path / "alone").mkdir()
+    r = _inspect_json(capsys, _alone(fixtures, tmp_path / "alone", "sdxl-tiny.safetensors"))
+    assert r["config"]["path"] is None
+    assert _settings(r) == {
+        "prediction": ("eps", "assumed"), "scale_factor": (0.13025, "assumed"),
+        "schedule": ("linear betas 0.00085 -> 0.012, 1000 steps", "assumed"),
+        "unet heads": ("64-channel heads", "assumed"),
+        "text heads conditioner.embedders.0.": ("1", "assumed"),
+        "text layer conditioner.embedders.0.": ("hidden (index 2)", "assumed"),
+        "text heads conditioner.embedders.1.": ("1", "assumed"),
+        "text layer conditioner.embedders.1.": ("penultimate", "assumed"),
+        "vae": ("the checkpoint's (first_stage_model.*)", "file")}
+    assert main(["inspect", str(ckpt), "--text-heads", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "settings not in the weights" in out and "found beside the checkpoint" in out
+
+
+def test_yaml_contradicting_the_assumed_heads_is_a_one_line_error(fixtures, capsys):
+    """sd1-tiny.yaml's FrozenCLIPEmbedder is ViT-L (12 heads, 768 wide): the 32-wide tower's heads are unknown."""
+    assert main(["inspect", str(fixtures / "sd1-tiny.safetensors")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("tritonsd inspect: error: sd1-tiny.safetensors: cond_stage_model.: ") and "\n" not in err
+    assert "assumed 1 (width 32 / 64)" in err and "openai/clip-vit-large-patch14 (12 heads at width 768)" in err
+
+
+def test_demo_and_external_vae(fixtures, tmp_path, capsys):
+    r = _inspect_json(capsys, "demo:sd1")
+    assert r["family"] == "sd1" and r["file"].endswith("demo-sd1.json")
+    assert {k: round(v / 1e6, 2) for k, v in r["parameters"].items()} == {"unet": 3.22, "vae": 1.73, "text": 1.61}
+    assert {s["source"] for s in r["settings"]} == {"builtin", "file"}
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(fixtures / "sd1-tiny.safetensors"))
+    vae = {k.removeprefix("first_stage_model."): v for k, v in weights.items() if k.startswith("first_stage_model.")}
+    save_file(vae, str(tmp_path / "tiny-vae.safetensors"))
+    r = _inspect_json(capsys, "demo:sd1", "--vae", tmp_path / "tiny-vae.safetensors")
+    assert _settings(r)["vae"] == ("tiny-vae.safetensors", "option")
+    vae["encoder.conv_in.weight"] = torch.zeros(64, 3, 3, 3)
+    save_file(vae, str(tmp_path / "bad-vae.safetensors"))
+    assert main(["inspect", "demo:sd1", "--vae", str(tmp_path / "bad-vae.safetensors")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("tritonsd inspect: error: bad-vae.safetensors: the VAE does not fit") and "\n" not in err
 
 
 @pytest.mark.parametrize("content", [b"", b"not a checkpoint at all" * 100])

@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from tritonsd.model.checkpoint import normalize_keys
 from tritonsd.model.config import detect_config
+from tritonsd.model.keys import normalize_keys
 from tritonsd.model.sd import build_model
 
 # manifests/README.md and README-sdxl.md (parameters, i.e. elements, per component)
@@ -49,7 +49,8 @@ def test_manifest_structure(fixtures, name):
     want = RELEASED[name]
     sd = _meta_state_dict(manifest)
     assert len(sd) == manifest["key_count"]
-    cfg = detect_config(sd)
+    norm = normalize_keys(sd)
+    cfg = detect_config(norm)
     assert (cfg.family, cfg.inpainting) == (want["family"], want["inpainting"])
     u = cfg.unet
     assert (u.model_channels, u.channel_mult, u.num_res_blocks, u.transformer_depth, u.transformer_depth_middle) \
@@ -61,9 +62,8 @@ def test_manifest_structure(fixtures, name):
     assert cfg.parameterization_source == "assumed"  # eps vs v is not in the keys (sd21-v is v)
     assert [t.heads for t in cfg.text.values()] == {"sd1": [12], "sd2": [16], "sdxl": [12, 20]}[cfg.family]
 
-    norm = normalize_keys(sd)
     with torch.device("meta"):
-        model = build_model(cfg, norm.weights)
+        model = build_model(cfg)
     built = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     ignored = {k for keys in norm.ignored.values() for k in keys}
     expected = {k: tuple(v["shape"]) for k, v in manifest["tensors"].items() if k not in ignored}
@@ -109,7 +109,7 @@ def test_sd15_forward_at_full_width(fixtures):
     sd = _meta_state_dict(_manifest(fixtures, "sd15"))
     cfg = detect_config(sd)
     with torch.device("meta"):
-        model = build_model(cfg, normalize_keys(sd).weights)
+        model = build_model(cfg)
     model.load_state_dict(_random_weights(model), strict=True, assign=True)
     with torch.no_grad():
         context = model.get_learned_conditioning(["a photograph of an astronaut riding a horse"])
@@ -127,7 +127,7 @@ def test_full_size_forward_shapes_on_meta(fixtures, name):
     sd = _meta_state_dict(_manifest(fixtures, name))
     cfg = detect_config(sd)
     with torch.device("meta"):
-        model = build_model(cfg, normalize_keys(sd).weights)
+        model = build_model(cfg)
         x = torch.empty(2, 4, 8, 16)
         context = torch.empty(2, 77, cfg.unet.context_dim)
         y = torch.empty(2, cfg.unet.adm_in_channels) if cfg.unet.adm_in_channels else None

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from tritonsd.model.checkpoint import normalize_keys
+from tritonsd.model.keys import normalize_keys
 from tritonsd.model.random_weights import (ManifestError, build_meta_model, build_random_model, load_manifest,
                                            meta_state_dict)
 

@@ -11,9 +11,11 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import FP32_BOUND
-from tritonsd.model.text import (FrozenCLIPEmbedder, FrozenOpenCLIPEmbedder, FrozenOpenCLIPEmbedder2,
-                                 GeneralConditioner, TextConfigError, build_cond_stage, cond_stage_prefix,
-                                 text_config_from_weights)
+from tritonsd.model.clip import FrozenCLIPEmbedder
+from tritonsd.model.conditioner import GeneralConditioner, build_cond_stage
+from tritonsd.model.keys import cond_stage_prefix
+from tritonsd.model.open_clip import FrozenOpenCLIPEmbedder, FrozenOpenCLIPEmbedder2
+from tritonsd.model.text_config import TextConfigError, cond_stage_config, text_config_from_weights
 from tritonsd.model.layers import timestep_embedding
 from tritonsd.testing.reference import relative_error
 
@@ -61,7 +63,7 @@ def _loaded(fixtures, reference, name: str, suffix: str = ".safetensors", use_ya
         family = FAMILY[name]
         sd = _weights(fixtures, name, suffix)
         node = _yaml_cond_node(fixtures, name) if use_yaml else None
-        module = build_cond_stage(sd, family, heads=_heads(reference(name)[1]), yaml_params=node)
+        module = build_cond_stage(cond_stage_config(sd, family, node, heads=_heads(reference(name)[1])))
         module.load_state_dict(_module_weights(sd, cond_stage_prefix(family)), strict=True)
         _CACHE[key] = module.eval()
     return _CACHE[key]
@@ -199,7 +201,7 @@ def test_meta_device_build_then_assign(fixtures, reference):
     tensors, meta = reference("sdxl-tiny")
     sd = _weights(fixtures, "sdxl-tiny")
     with torch.device("meta"):
-        cond = build_cond_stage(sd, "sdxl", heads=2)
+        cond = build_cond_stage(cond_stage_config(sd, "sdxl", heads=2))
     cond.load_state_dict(_module_weights(sd, "conditioner."), strict=True, assign=True)
     with torch.no_grad():
         crossattn, vector = cond(meta["prompts"], **_size_inputs(tensors))
@@ -225,9 +227,9 @@ def test_errors_are_clear(fixtures):
     with pytest.raises(TextConfigError, match="heads"):
         text_config_from_weights(sd1, "cond_stage_model.", heads=3)
     with pytest.raises(TextConfigError, match="family"):
-        build_cond_stage(sd1, "sd3")
-    with pytest.raises(TextConfigError, match="SD2"):
-        build_cond_stage(sd1, "sd2")
+        cond_stage_config(sd1, "sd3")
+    with pytest.raises(TextConfigError, match="needs FrozenOpenCLIPEmbedder, but the weights hold a CLIP tower"):
+        cond_stage_config(sd1, "sd2")
     broken = {k: v for k, v in sd1.items() if "mlp.fc1.weight" not in k}
     with pytest.raises(TextConfigError, match="fc1"):
         text_config_from_weights(broken, "cond_stage_model.")

@@ -39,7 +39,10 @@ def add_parser(subparsers) -> None:
                                           "model). Writes OUT/NNNNN-SEED.png with AUTOMATIC1111 infotext and "
                                           "prints each path.")
     model = p.add_argument_group("model")
-    model.add_argument("--checkpoint", type=Path, required=True, metavar="PATH", help=".safetensors or .ckpt file")
+    model.add_argument("--checkpoint", type=Path, required=True, metavar="PATH",
+                       help=".safetensors or .ckpt file, or demo:sd1 (a built-in tiny model with random weights)")
+    model.add_argument("--vae", type=Path, default=None, metavar="FILE",
+                       help="an external VAE (.safetensors or .pt) in place of the checkpoint's")
     model.add_argument("--config", type=Path, default=None, metavar="YAML",
                        help="the original inference YAML (eps/v, heads); default: CHECKPOINT.yaml beside it")
     model.add_argument("--text-heads", type=int, default=None, metavar="N",
@@ -123,15 +126,21 @@ def usage_errors(step):
         raise UsageError(f"{FLAGS.get(e.field, e.field)} {e.detail}") from None
 
 
-def check_checkpoint(path: Path, config: Path | None) -> None:
+def check_checkpoint(path: Path, config: Path | None, vae: Path | None = None) -> None:
+    from ..model.demo import is_demo
+
+    if vae is not None and not vae.is_file():
+        raise GenerateError(f"VAE file not found: {vae}")
+    if config is not None and not config.is_file():
+        raise GenerateError(f"config not found: {config}")
+    if is_demo(str(path)):
+        return
     if not path.exists():
         raise GenerateError(f"checkpoint not found: {path}")
     if not path.is_file():
         raise GenerateError(f"checkpoint is not a file: {path}")
     if not os.access(path, os.R_OK):
         raise GenerateError(f"checkpoint is not readable: {path}")
-    if config is not None and not config.is_file():
-        raise GenerateError(f"config not found: {config}")
 
 
 def resolve_device(device: str | None, dtype: str | None) -> tuple[str, str]:
@@ -200,7 +209,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     check_usage(args)
-    check_checkpoint(args.checkpoint, args.config)
+    check_checkpoint(args.checkpoint, args.config, args.vae)
     init = open_image(args.init_image, "init image") if args.init_image is not None else None
     mask = open_image(args.mask, "mask") if args.mask is not None else None
     settings = settings_from_args(args, init, mask)
@@ -225,8 +234,8 @@ def load(args: argparse.Namespace, device: str, dtype: str):
     from .progress import bar, progress_enabled
 
     with bar(1, f"loading {args.checkpoint.name}", progress_enabled(args.quiet), unit="model") as progress:
-        pipe = load_pipeline(args.checkpoint, args.config, device=device, dtype=dtype, kernels=args.kernels,
-                             text_heads=args.text_heads, parameterization=args.parameterization)
+        pipe = load_pipeline(str(args.checkpoint), args.config, device=device, dtype=dtype, kernels=args.kernels,
+                             vae=args.vae, text_heads=args.text_heads, parameterization=args.parameterization)
         progress.update()
     cfg = pipe.config
     if cfg.family == "sd2" and cfg.parameterization_source == "assumed":

@@ -174,11 +174,9 @@ def _read_reference(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def _sibling_yaml(checkpoint: Path) -> Path | None:
-    for suffix in (".yaml", ".yml"):
-        candidate = checkpoint.with_suffix(suffix)
-        if candidate.is_file():
-            return candidate
-    return None
+    from ..model.config import find_config
+
+    return find_config(checkpoint)
 
 
 # ---------------------------------------------------------------- model and fit
