@@ -238,8 +238,7 @@ def test_inpainting_conv_in_delta_is_zero_padded(models, tmp_path):
         state.clear()
 
 
-def test_half_precision_weights_are_rounded_once(models, fixtures):
-    model = models("sd1-tiny")
+def test_half_precision_weights_are_rounded_once(fixtures):
     half = load_model(fixtures / "sd1-tiny.safetensors", fixtures / "sd1-tiny.yaml", text_heads=2,
                       dtype=torch.float16)
     lora = read_lora(fixtures / "lora-sd1-tiny.safetensors")
@@ -263,7 +262,6 @@ def test_half_precision_weights_are_rounded_once(models, fixtures):
     assert (np.abs(f64(rounded_twice) - exact) - half_ulp - float32_error).max() > 0, "the check can tell"
     state.clear()
     assert torch.equal(dict(half.named_parameters())[key], w16)
-    del model
 
 
 # ---------------------------------------------------------------- names
