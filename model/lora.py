@@ -26,7 +26,7 @@ import torch
 
 from .lora_file import LoraError, LoraFile, lora_hashes_value, read_lora, safe_text, short_hash
 from .lora_keys import LayerIndex, Target, lora_family_hint, model_family
-from .lora_math import module_delta
+from .lora_math import LoraShapeError, module_delta
 
 
 class LoraWarning(UserWarning):
@@ -112,9 +112,11 @@ def lora_deltas(lora: LoraFile, shapes: Mapping[str, Sequence[int]], te_multipli
         multiplier = te_multiplier if target.is_text else unet_multiplier
         try:
             value = module_delta(parts, shape, multiplier, device)
+        except LoraShapeError as e:
+            raise LoraError(f"{safe_text(lora.path.name)}: module {safe_text(module)} ({target.param}): {e}; "
+                            "a LoRA for another model?") from None
         except LoraError as e:
-            raise LoraError(f"{safe_text(lora.path.name)}: module {safe_text(module)} ({target.param}): {e}"
-                            f"{'; made for another model?' if 'shape' in str(e) else ''}") from None
+            raise LoraError(f"{safe_text(lora.path.name)}: module {safe_text(module)}: {e}") from None
         out.deltas.append(Delta(target, value))
     if not out.deltas:
         raise LoraError(f"{safe_text(lora.path.name)}: none of its {len(lora.modules)} modules matches a weight of "
@@ -175,7 +177,7 @@ class LoraState:
         self.params = dict(model.named_parameters())
         self.shapes = {k: tuple(v.shape) for k, v in self.params.items()}
         self.pristine_device = torch.device(pristine_device)
-        self.delta_device = delta_device if delta_device is not None else next(iter(self.params.values())).device
+        self.delta_device = delta_device  # None: where the weights are, at each apply
         self.pristine: dict[str, torch.Tensor] = {}
         self.applied: list[LoraSpec] = []
 
@@ -186,7 +188,8 @@ class LoraState:
     def apply(self, specs: Sequence[LoraSpec]) -> ApplyReport:
         """Replace the applied LoRAs by ``specs`` (empty: ``clear``). On error nothing has changed."""
         specs = list(specs)
-        files, all_deltas = read_and_compute(specs, self.shapes, self.delta_device)
+        device = self.delta_device or next(iter(self.params.values())).device
+        files, all_deltas = read_and_compute(specs, self.shapes, device)
         hashes = [(f.name, short_hash(f.path)) for f in files]
         grouped = deltas_by_weight(all_deltas)
         new_values = {name: merged_weight(self._pristine_of(name), ds) for name, ds in grouped.items()}

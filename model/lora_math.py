@@ -30,6 +30,10 @@ OTHER_TYPES = {"weight": "IA3", "on_input": "IA3", "diff": "full", "w_norm": "no
                "bias": "a LyCORIS bias"}
 
 
+class LoraShapeError(LoraError):
+    """A module's delta cannot take the shape of the weight it names (a LoRA for another model)."""
+
+
 def module_kind(parts: dict) -> str:
     """"lora", "hada" or "lokr", in webui's order of module types; ``LoraError`` for anything else."""
     unknown = sorted(set(parts) - KNOWN_PARTS)
@@ -79,7 +83,7 @@ def _fit(updown: torch.Tensor, target: tuple) -> torch.Tensor:
     if len(target) == 4 and target[1] == 9 and updown.dim() == 4 and updown.shape[1] < 9 \
             and updown.shape[0] == target[0] and updown.shape[2:] == target[2:]:
         return F.pad(updown, (0, 0, 0, 0, 0, 9 - updown.shape[1]))  # [out, 4, k, k] -> [out, 9, k, k]
-    raise LoraError(f"its delta has shape {list(updown.shape)}, the weight {list(target)}")
+    raise LoraShapeError(f"its delta has shape {list(updown.shape)}, the weight {list(target)}")
 
 
 def _numel(shape: tuple) -> int:
