@@ -9,6 +9,11 @@ is touched, so a failed apply (bad file, another family, unsupported module) lea
 were, previous LoRAs included. Each weight is summed in float32 (pristine + delta of LoRA 1 + delta of LoRA 2,
 webui's order) and rounded to the weight's dtype once.
 
+OpenCLIP towers (SD2, SDXL's second): the q / k / v deltas go into their thirds of ``in_proj_weight`` (webui's
+``torch.vstack``), out_proj gets its own. webui changes ``in_proj_weight`` only when a layer has all of q, k, v
+and out_proj (kohya's files always do); here each part applies on its own, which is webui's result whenever
+webui applies them.
+
 Also here: ``<lora:name:w>`` prompt tags (webui's ``extra_networks.parse_prompt`` + ``ExtraNetworkLora``),
 ``find_lora`` (the file stem in ``--lora-dir``), ``--lora FILE:W`` arguments, and the ``lora`` parity group.
 """
@@ -202,7 +207,7 @@ class LoraState:
                     self.pristine[name] = self.params[name].detach().to(self.pristine_device, copy=True)
                 self.params[name].copy_(value)
         self.applied = specs
-        return self._report(files, all_deltas, hashes, len(new_values))
+        return self._report(files, specs, all_deltas, hashes, len(new_values))
 
     def clear(self) -> None:
         """Copy every pristine weight back (bit-exact) and drop the copies."""
@@ -215,12 +220,13 @@ class LoraState:
     def _pristine_of(self, name: str) -> torch.Tensor:
         return self.pristine[name] if name in self.pristine else self.params[name].detach()
 
-    def _report(self, files, all_deltas, hashes, changed: int) -> ApplyReport:
+    def _report(self, files, specs, all_deltas, hashes, changed: int) -> ApplyReport:
         messages = [m for m in map(unmatched_warning, all_deltas) if m]
         for m in messages:
             warnings.warn(m, LoraWarning, stacklevel=3)
-        loras = [{"name": d.name, "path": str(f.path), "matched": d.matched, "unmatched": len(d.unmatched),
-                  "hash": h} for f, d, (_, h) in zip(files, all_deltas, hashes)]
+        loras = [{"name": d.name, "path": str(f.path), "te": s.te_multiplier, "unet": s.unet_multiplier,
+                  "matched": d.matched, "unmatched": len(d.unmatched), "hash": h}
+                 for f, s, d, (_, h) in zip(files, specs, all_deltas, hashes)]
         return ApplyReport(loras, changed, self.pristine_bytes, messages,
                            lora_hashes_value(hashes) if hashes else "")
 

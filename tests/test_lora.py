@@ -186,6 +186,40 @@ def test_synthetic_lora_locon_loha_lokr(models, tmp_path):
     assert_bit_identical(model, saved, "after clear")
 
 
+def test_sd2_openclip_qkv_rows_and_mlp(models, tmp_path):
+    """SD2's one OpenCLIP tower: q / k / v deltas land in their thirds of in_proj_weight, out_proj and the MLP
+    in their own weights (lora_te_ names converted for SD2)."""
+    model = models("sd2v-tiny")
+    prefix = "lora_te_text_model_encoder_layers_1_"
+    modules, expected = {}, {}
+    attn = "cond_stage_model.model.transformer.resblocks.1."
+    for i, (part, key) in enumerate([("self_attn_q_proj", None), ("self_attn_k_proj", None),
+                                     ("self_attn_v_proj", None), ("self_attn_out_proj", "attn.out_proj.weight"),
+                                     ("mlp_fc2", "mlp.c_proj.weight")]):
+        out_features, in_features = (32, 128) if part == "mlp_fc2" else (32, 32)
+        t = _rng_tensors(20 + i, up=(out_features, 2), down=(2, in_features))
+        modules[prefix + part] = {"lora_up.weight": t["up"], "lora_down.weight": t["down"],
+                                  "alpha": torch.tensor(1.0)}
+        delta = _expected_lora(t, 1.0, 2, (out_features, in_features))
+        if key is None:  # rows i*32 .. (i+1)*32 of in_proj_weight [96, 32]
+            expected.setdefault(attn + "attn.in_proj_weight", np.zeros((96, 32)))[i * 32:(i + 1) * 32] = delta
+        else:
+            expected[attn + key] = delta
+    path = write_lora(tmp_path / "sd2.safetensors", modules)
+    saved = snapshot(model)
+    state = LoraState(model)
+    try:
+        state.apply([LoraSpec(path, 0.9, 0.1)])  # text tower: the te multiplier
+        params = dict(model.named_parameters())
+        for key, delta in expected.items():
+            err = relative_error(params[key], torch.from_numpy(f64(saved[key]) + 0.9 * delta))
+            assert err <= BOUND, f"{key}: relative error {err:.3g}"
+        assert {k for k in params if not torch.equal(params[k], saved[k])} == set(expected)
+    finally:
+        state.clear()
+    assert_bit_identical(model, saved, "after clear")
+
+
 def test_two_loras_add_in_order_and_switch_in_place(models, fixtures, tmp_path):
     model = models("sd1-tiny")
     cases = synthetic_modules()
