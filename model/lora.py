@@ -61,7 +61,7 @@ class Delta:
     """The float32 change of one weight by one LoRA module (``rows``: part of an OpenCLIP in_proj_weight)."""
 
     target: Target
-    value: torch.Tensor
+    value: torch.Tensor | None  # None once summed into its weight (memory released)
 
 
 @dataclass
@@ -145,6 +145,18 @@ def merged_weight(pristine: torch.Tensor, deltas: Iterable[Delta]) -> torch.Tens
     return acc.to(pristine.dtype)
 
 
+def merge_all(grouped: dict[str, list[Delta]], pristine_of) -> dict[str, torch.Tensor]:
+    """``merged_weight`` of every weight in ``grouped`` (emptied as it goes: each delta's memory is released
+    once its weight is summed, so the peak stays near the deltas' own size)."""
+    out = {}
+    for name in list(grouped):
+        deltas = grouped.pop(name)
+        out[name] = merged_weight(pristine_of(name), deltas)
+        for d in deltas:
+            d.value = None
+    return out
+
+
 def deltas_by_weight(all_deltas: Iterable[LoraDeltas]) -> dict[str, list[Delta]]:
     """Our weight key -> its deltas, LoRA by LoRA in the order given (webui adds them one after the other)."""
     out: dict[str, list[Delta]] = {}
@@ -197,7 +209,7 @@ class LoraState:
         files, all_deltas = read_and_compute(specs, self.shapes, device)
         hashes = [(f.name, short_hash(f.path)) for f in files]
         grouped = deltas_by_weight(all_deltas)
-        new_values = {name: merged_weight(self._pristine_of(name), ds) for name, ds in grouped.items()}
+        new_values = merge_all(grouped, self._pristine_of)
         # ---- nothing below can fail on bad input: same shapes and dtypes, copies only
         with torch.no_grad():
             for name in [n for n in self.pristine if n not in new_values]:
@@ -341,13 +353,10 @@ def recompute_lora_reference(model: torch.nn.Module, ref_tensors: Mapping[str, t
         specs.append(LoraSpec(path, te, float(e.get("unet_multiplier", te))))
     params = dict(model.named_parameters())
     _, all_deltas = read_and_compute(specs, {k: tuple(v.shape) for k, v in params.items()})
-    grouped = deltas_by_weight(all_deltas)
+    merged = merge_all(deltas_by_weight(all_deltas), lambda key: params[key].detach())
     out = {}
     for name in ref_tensors:
-        if not name.startswith("merged."):
-            continue
         key = name[len("merged."):]
-        if key not in params:
-            continue
-        out[name] = merged_weight(params[key].detach(), grouped.get(key, [])).float().cpu()
+        if name.startswith("merged.") and key in params:
+            out[name] = merged.get(key, params[key].detach()).float().cpu()
     return out

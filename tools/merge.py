@@ -23,7 +23,7 @@ import torch
 
 from .cli import UsageError
 from ..model.checkpoint import SAFETENSORS_SUFFIX, normalize_keys, read_checkpoint, validate_safetensors_header
-from ..model.lora import LoraSpec, deltas_by_weight, merged_weight, parse_lora_arg, read_and_compute, \
+from ..model.lora import LoraSpec, deltas_by_weight, merge_all, parse_lora_arg, read_and_compute, \
     unmatched_warning
 from ..model.lora_file import LoraError, addnet_hash, safe_text
 
@@ -74,10 +74,8 @@ def merge_checkpoint(checkpoint: str | Path, specs: list[LoraSpec], out: str | P
     key_of = normalized_to_file_keys(raw)
     shapes = {ours: tuple(raw[theirs].shape) for ours, theirs in key_of.items()}
     files, all_deltas = read_and_compute(specs, shapes)
-    merged = dict(raw)
-    for ours, deltas in deltas_by_weight(all_deltas).items():
-        theirs = key_of[ours]
-        merged[theirs] = merged_weight(raw[theirs], deltas)
+    changed = merge_all(deltas_by_weight(all_deltas), lambda ours: raw[key_of[ours]])
+    merged = {**raw, **{key_of[ours]: value for ours, value in changed.items()}}
     entries = [{"name": f.name, "file": f.path.name, "addnet_hash": addnet_hash(f.path), "te": s.te_multiplier,
                 "unet": s.unet_multiplier} for f, s in zip(files, specs)]
     metadata = _metadata(checkpoint)
@@ -85,7 +83,7 @@ def merge_checkpoint(checkpoint: str | Path, specs: list[LoraSpec], out: str | P
     write_safetensors_atomic(merged, out, metadata)
     loras = [{**e, "matched": d.matched, "unmatched": len(d.unmatched)} for e, d in zip(entries, all_deltas)]
     messages = [m for m in map(unmatched_warning, all_deltas) if m]
-    return MergeReport(loras, len(deltas_by_weight(all_deltas)), len(raw), messages)
+    return MergeReport(loras, len(changed), len(raw), messages)
 
 
 def normalized_to_file_keys(raw: dict[str, torch.Tensor]) -> dict[str, str]:
