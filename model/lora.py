@@ -307,8 +307,9 @@ def find_lora(name: str, lora_dir: str | Path) -> Path:
         raise LoraError(f"unknown LoRA <lora:{safe_text(name, 60)}>: no {safe_text(name, 60)}.safetensors in "
                         f"{safe_text(str(lora_dir))}")
     if len(hits) > 1:
+        examples = ", ".join(safe_text(str(h.relative_to(lora_dir)), 60) for h in hits[:3])
         raise LoraError(f"LoRA name {safe_text(name, 60)} is ambiguous: {len(hits)} files in "
-                        f"{safe_text(str(lora_dir))} ({', '.join(safe_text(str(h.relative_to(lora_dir)), 60) for h in hits[:3])})")
+                        f"{safe_text(str(lora_dir))} ({examples})")
     return hits[0]
 
 

@@ -347,9 +347,10 @@ def test_failed_apply_changes_nothing(models, fixtures, tmp_path):
     truncated.write_bytes(good.read_bytes()[:-1000])
     # a file whose first modules fit and whose last one has the wrong shape
     t = _rng_tensors(10, up=(32, 4), down=(4, 32))
+    parts = {"lora_up.weight": t["up"], "lora_down.weight": t["down"]}  # [32, 32]: fits q_proj, not fc1
     wrong = write_lora(tmp_path / "wrong_shape.safetensors", {
-        "lora_te_text_model_encoder_layers_0_self_attn_q_proj": {"lora_up.weight": t["up"], "lora_down.weight": t["down"]},
-        "lora_te_text_model_encoder_layers_0_mlp_fc1": {"lora_up.weight": t["up"], "lora_down.weight": t["down"]},
+        "lora_te_text_model_encoder_layers_0_self_attn_q_proj": parts,
+        "lora_te_text_model_encoder_layers_0_mlp_fc1": parts,
     })
     state = LoraState(model)
     try:
@@ -370,7 +371,8 @@ def test_failed_apply_changes_nothing(models, fixtures, tmp_path):
 def test_another_family_unet_only_is_refused(models, fixtures, tmp_path):
     """An SDXL U-Net-only file (no text-encoder names to tell) on SD1: its shapes do not fit."""
     xl = read_lora(fixtures / "lora-sdxl-tiny.safetensors")
-    path = write_lora(tmp_path / "xl_unet.safetensors", {m: p for m, p in xl.modules.items() if m.startswith("lora_unet")})
+    unet_only = {m: p for m, p in xl.modules.items() if m.startswith("lora_unet")}
+    path = write_lora(tmp_path / "xl_unet.safetensors", unet_only)
     with pytest.raises(LoraError, match="another model"):
         LoraState(models("sd1-tiny")).apply([LoraSpec(path, 1.0)])
 
