@@ -197,14 +197,19 @@ class LoraState:
         self.delta_device = delta_device  # None: where the weights are, at each apply
         self.pristine: dict[str, torch.Tensor] = {}
         self.applied: list[LoraSpec] = []
+        self._last: tuple | None = None  # (file signatures, report) of the applied set
 
     @property
     def pristine_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.pristine.values())
 
     def apply(self, specs: Sequence[LoraSpec]) -> ApplyReport:
-        """Replace the applied LoRAs by ``specs`` (empty: ``clear``). On error nothing has changed."""
+        """Replace the applied LoRAs by ``specs`` (empty: ``clear``). On error nothing has changed. The same
+        specs again, with their files unchanged (size, mtime), is a no-op returning the same report."""
         specs = list(specs)
+        signature = (specs, [_file_signature(s.path) for s in specs])
+        if self._last is not None and self._last[0] == signature:
+            return self._last[1]
         device = self.delta_device or next(iter(self.params.values())).device
         files, all_deltas = read_and_compute(specs, self.shapes, device)
         hashes = [(f.name, short_hash(f.path)) for f in files]
@@ -219,7 +224,9 @@ class LoraState:
                     self.pristine[name] = self.params[name].detach().to(self.pristine_device, copy=True)
                 self.params[name].copy_(value)
         self.applied = specs
-        return self._report(files, specs, all_deltas, hashes, len(new_values))
+        report = self._report(files, specs, all_deltas, hashes, len(new_values))
+        self._last = (signature, report)
+        return report
 
     def clear(self) -> None:
         """Copy every pristine weight back (bit-exact) and drop the copies."""
@@ -228,6 +235,7 @@ class LoraState:
                 self.params[name].copy_(value)
         self.pristine.clear()
         self.applied = []
+        self._last = None
 
     def _pristine_of(self, name: str) -> torch.Tensor:
         return self.pristine[name] if name in self.pristine else self.params[name].detach()
@@ -241,6 +249,14 @@ class LoraState:
                  for f, s, d, (_, h) in zip(files, specs, all_deltas, hashes)]
         return ApplyReport(loras, changed, self.pristine_bytes, messages,
                            lora_hashes_value(hashes) if hashes else "")
+
+
+def _file_signature(path: Path) -> tuple | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns, st.st_ino
 
 
 # ---------------------------------------------------------------- names, prompt tags, arguments

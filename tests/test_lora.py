@@ -436,3 +436,32 @@ def test_lora_hashes_infotext(fixtures):
     assert value == '"lora-sd1-tiny: 3718a40f15e6, oddnamex: 0123456789ab"'
     parsed = parse_infotext(f"a cat\nSteps: 20, Lora hashes: {value}, Version: x")
     assert parsed["Lora hashes"] == value and parsed["Version"] == "x"
+
+
+def test_same_loras_again_is_a_no_op_until_the_file_changes(models, fixtures, tmp_path, monkeypatch):
+    import os
+
+    from tritonsd.model import lora as L
+
+    path = tmp_path / "copy.safetensors"
+    path.write_bytes((fixtures / "lora-sd1-tiny.safetensors").read_bytes())
+    model = models("sd1-tiny")
+    saved = snapshot(model)
+    state = LoraState(model)
+    try:
+        first = state.apply([LoraSpec(path, 0.7)])
+        applied = snapshot(model)
+        reads = []
+        real_read = L.read_lora
+        monkeypatch.setattr(L, "read_lora", lambda p: reads.append(p) or real_read(p))
+        assert state.apply([LoraSpec(path, 0.7)]) is first and reads == []
+        state.apply([LoraSpec(path, 0.5)])  # another multiplier: recomputed
+        assert len(reads) == 1
+        state.apply([LoraSpec(path, 0.7)])
+        assert_bit_identical(model, applied, "back to 0.7")
+        os.utime(path, ns=(1, 1))  # the file changed on disk: read again
+        state.apply([LoraSpec(path, 0.7)])
+        assert len(reads) == 3
+    finally:
+        state.clear()
+    assert_bit_identical(model, saved, "after clear")
