@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-SUBCOMMANDS = ("generate", "inspect", "parity", "bench")
+SUBCOMMANDS = ("generate", "inspect", "parity", "bench", "merge")
 
 
 class UsageError(ValueError):
