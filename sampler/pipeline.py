@@ -84,7 +84,7 @@ class Pipeline:
     CUDA, the torch references on the CPU), "torch" or "triton" for every stage this pipeline runs."""
 
     def __init__(self, model, *, name: str = "model", model_hash: str | Callable[[], str] | None = None,
-                 kernels: str = "auto"):
+                 kernels: str = "auto", lora_dir: str | os.PathLike | None = None):
         if kernels not in dispatch.BACKENDS:
             raise ValueError(f"unknown kernels {kernels!r}; expected one of {', '.join(dispatch.BACKENDS)}")
         self.model = model
@@ -96,6 +96,10 @@ class Pipeline:
         self.unet = self._model_unet  # peers (the benchmarks) may swap in another callable of the same protocol
         self._runner: GraphRunner | None = None
         self._runner_key: tuple = ()
+        self.lora_dir = lora_dir  # where <lora:name:w> in a prompt is looked up
+        self._loras: list = []  # set_loras' LoraSpecs (a prompt's own LoRAs come on top, per generation)
+        self._lora_state = None  # model.lora.LoraState, made on first use: the pristine copies of touched weights
+        self.lora_report = None  # the last apply's ApplyReport (its Lora hashes go into the infotext)
 
     # ------------------------------------------------------------ facts
 
@@ -150,6 +154,45 @@ class Pipeline:
         f = vae_factor(self.config)
         return self.config.vae.embed_dim, settings.height // f, settings.width // f
 
+    # ------------------------------------------------------------ LoRA
+
+    def set_loras(self, loras) -> object:
+        """Apply ``loras`` in place (``LoraSpec``s, or ``(path, weight)`` / ``(path, te_weight, unet_weight)``),
+        replacing the previous set; ``[]`` restores the checkpoint's weights. The weights keep their storage, so
+        captured CUDA graphs stay valid. A failed switch (``LoraError``) leaves the weights as they were.
+        Returns the ``ApplyReport`` (matched modules, warnings, bytes of pristine copies held)."""
+        from ..model.lora import LoraSpec
+
+        specs = [s if isinstance(s, LoraSpec) else LoraSpec(*s) for s in loras]
+        report = self._apply_loras(specs)
+        self._loras = specs
+        return report
+
+    def _apply_loras(self, specs: list):
+        if self._lora_state is None:
+            if not specs:
+                return None
+            from ..model.lora import LoraState
+
+            self._lora_state = LoraState(self.model)
+        self.lora_report = self._lora_state.apply(specs)
+        return self.lora_report
+
+    def _activate_prompt_loras(self, prompt: str) -> str:
+        """Apply ``set_loras``' LoRAs plus the prompt's ``<lora:name:w>`` tags (found in ``lora_dir``), as
+        AUTOMATIC1111 does per generation; returns the prompt without its tags."""
+        if "<" not in prompt and self._lora_state is None:
+            return prompt
+        from ..model.lora import LoraError, LoraSpec, find_lora, parse_lora_tags
+
+        text, tags = parse_lora_tags(prompt)
+        if tags and self.lora_dir is None:
+            raise LoraError(f"the prompt names <lora:{tags[0][0]}> but no LoRA folder was given (lora_dir, "
+                            "--lora-dir)")
+        specs = self._loras + [LoraSpec(find_lora(name, self.lora_dir), te, unet) for name, te, unet in tags]
+        self._apply_loras(specs)
+        return text
+
     # ------------------------------------------------------------ stage 1: text
 
     @torch.no_grad()
@@ -169,10 +212,12 @@ class Pipeline:
 
     def encode(self, settings: GenerationSettings, **size_conditions) -> Conditioning:
         """The prompt (and, with CFG, the negative prompt) for every image of the batch; SDXL's size conditions
-        (``original_size``, ``crop_coords_top_left``, ``target_size``) may be given."""
+        (``original_size``, ``crop_coords_top_left``, ``target_size``) may be given. The LoRAs of
+        ``set_loras`` and of the prompt's ``<lora:...>`` tags are applied first."""
         s = settings
         rows, size = s.batch_size, (s.height, s.width)
-        cond = self.encode_text(rows * [s.prompt], size=size, **size_conditions)
+        prompt = self._activate_prompt_loras(s.prompt)
+        cond = self.encode_text(rows * [prompt], size=size, **size_conditions)
         if s.cfg_scale == 1.0:
             return Conditioning(cond, None)
         zero = self.config.family == "sdxl" and not s.negative_prompt
@@ -306,7 +351,8 @@ class Pipeline:
         extra = {"VAE hash": self.vae_hash if vae is not None else None,
                  "VAE": source.vae_name if vae is not None else None,
                  "Denoising strength": float(s.strength) if s.mode == "img2img" else None,
-                 "Schedule type": spec.a1111_schedule(s.karras)}
+                 "Schedule type": spec.a1111_schedule(s.karras),
+                 "Lora hashes": self.lora_report.lora_hashes or None if self.lora_report is not None else None}
         return Infotext(prompt=s.prompt, negative_prompt=s.negative_prompt, steps=s.steps,
                         sampler=spec.a1111_name, cfg_scale=s.cfg_scale, seed=s.seed + index, width=s.width,
                         height=s.height, model_hash=self.model_hash, model=self.name, extra=extra).render()
@@ -337,7 +383,7 @@ class Pipeline:
 
 def load(path: str | os.PathLike, config: str | os.PathLike | None = None, *, device=None, dtype=None,
          kernels: str = "auto", vae: str | os.PathLike | None = None, text_heads: int | None = None,
-         parameterization: str | None = None) -> Pipeline:
+         parameterization: str | None = None, lora_dir: str | os.PathLike | None = None) -> Pipeline:
     """A Pipeline for an original single-file checkpoint (``.safetensors`` or ``.ckpt``), or the built-in demo
     model ``"demo:sd1"`` (tiny, random weights: its images are noise; no file needed).
 
@@ -345,8 +391,8 @@ def load(path: str | os.PathLike, config: str | os.PathLike | None = None, *, de
     ``device``: "cpu", "cuda", "cuda:N" (default: CUDA when available); ``dtype``: "fp32", "fp16", "bf16" or a
     torch dtype (default: fp16 on CUDA, fp32 on the CPU); ``kernels``: "auto", "torch" or "triton"; ``vae``: an
     external VAE file (``.safetensors`` / ``.pt``); ``text_heads`` / ``parameterization``: what the weights cannot
-    tell, when no YAML does. The model hash for the infotext is computed in the background while the weights
-    load."""
+    tell, when no YAML does; ``lora_dir``: where ``<lora:name:w>`` in a prompt is looked up. The model hash for
+    the infotext is computed in the background while the weights load."""
     from ..model.demo import is_demo
     from ..model.device import resolve_device, resolve_dtype
     from ..model.hashes import model_hash
@@ -363,7 +409,7 @@ def load(path: str | os.PathLike, config: str | os.PathLike | None = None, *, de
         model = load_model(path, config=config, parameterization=parameterization, text_heads=text_heads, vae=vae,
                            dtype=dtype, device=device)
     source = model.source
-    return Pipeline(model, name=source.model_name, kernels=kernels,
+    return Pipeline(model, name=source.model_name, kernels=kernels, lora_dir=lora_dir,
                     model_hash=hashing.result if hashing is not None else source.model_hash)
 
 

@@ -17,7 +17,7 @@ from tritonsd.model.lora import LoraSpec, LoraState, LoraWarning, recompute_lora
 from tritonsd.model.lora_file import LoraError, addnet_hash, read_lora
 from tritonsd.model.lora_keys import LayerIndex
 from tritonsd.model.sd import load_model
-from tritonsd.tools.reference import relative_error
+from tritonsd.testing.reference import relative_error
 
 BOUND = 1e-5  # the bound for merged weights
 

@@ -1,6 +1,6 @@
 """LoRA in generation: applying a LoRA in place gives the latents of the ``tritonsd merge`` output, and switching
 LoRAs in place (two LoRAs and none) gives what a fresh model with that LoRA gives; on CUDA the same through the
-graph runner, captured once. Written against ``sampler.pipeline.generate``; the Pipeline will take these over."""
+graph runner, captured once. Through the Pipeline: ``set_loras`` and the stages, stopping at the latents."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from tritonsd.model.lora import LoraSpec, LoraState
 from tritonsd.model.sd import load_model
 from tritonsd.sampler import pipeline as P
 from tritonsd.tools.merge import merge_checkpoint
-from tritonsd.tools.reference import relative_error
+from tritonsd.testing.reference import relative_error
 
 from test_lora import synthetic_modules, write_lora
 
@@ -19,24 +19,16 @@ SETTINGS = dict(prompt="a red circle", negative_prompt="blurry", steps=3, width=
                 seed=7)
 
 
-def latents_of(model, monkeypatch, **kw) -> torch.Tensor:
-    """The sampler's final latents of one ``generate`` run (captured on their way to the VAE)."""
-    seen = []
-    decode = P.decode_latents
-
-    def spy(m, latents):
-        seen.append(latents.detach().cpu().clone())
-        return decode(m, latents)
-
-    monkeypatch.setattr(P, "decode_latents", spy)
-    P.generate(model, P.GenerationSettings(**{**SETTINGS, **kw}))
-    monkeypatch.setattr(P, "decode_latents", decode)
-    return seen[-1]
+def latents_of(pipe, **kw) -> torch.Tensor:
+    """The sampler's final latents of one run: the Pipeline's stages up to ``denoise``."""
+    settings = pipe.settings(**{**SETTINGS, **kw})
+    latents = pipe.denoise(pipe.prepare_latents(settings), pipe.encode(settings), settings)
+    return latents.detach().cpu().clone()
 
 
 def load(fixtures, path=None, device="cpu"):
-    return load_model(path or fixtures / "sd1-tiny.safetensors", fixtures / "sd1-tiny.yaml", text_heads=2,
-                      device=device)
+    return P.Pipeline(load_model(path or fixtures / "sd1-tiny.safetensors", fixtures / "sd1-tiny.yaml",
+                                 text_heads=2, device=device))
 
 
 @pytest.fixture(scope="module")
@@ -45,47 +37,49 @@ def second_lora(tmp_path_factory):
     return write_lora(path, {name: parts for name, _, parts, _, _ in synthetic_modules()})
 
 
-def test_applying_equals_merging(fixtures, tmp_path, monkeypatch):
+def test_applying_equals_merging(fixtures, tmp_path):
     lora = fixtures / "lora-sd1-tiny.safetensors"
     merged_path = tmp_path / "merged.safetensors"
     merge_checkpoint(fixtures / "sd1-tiny.safetensors", [LoraSpec(lora, 0.7)], merged_path)
-    model = load(fixtures)
-    plain = latents_of(model, monkeypatch)
-    LoraState(model).apply([LoraSpec(lora, 0.7)])
-    applied = latents_of(model, monkeypatch)
-    merged = latents_of(load(fixtures, merged_path), monkeypatch)
+    pipe = load(fixtures)
+    plain = latents_of(pipe)
+    report = pipe.set_loras([(lora, 0.7)])
+    assert report.weights_changed == 61 and report.pristine_bytes > 0
+    applied = latents_of(pipe)
+    merged = latents_of(load(fixtures, merged_path))
     assert relative_error(applied, merged) <= 1e-5
     assert relative_error(applied, plain) > 1e-3, "the LoRA changes the result"
 
 
-def test_switching_equals_fresh_runs(fixtures, second_lora, monkeypatch):
+def test_switching_equals_fresh_runs(fixtures, second_lora):
     first = fixtures / "lora-sd1-tiny.safetensors"
     choices = {"first": [LoraSpec(first, 0.7)], "second": [LoraSpec(second_lora, 0.8, 0.5)], "none": []}
     fresh = {}
     for name, specs in choices.items():
-        model = load(fixtures)
-        LoraState(model).apply(specs)
-        fresh[name] = latents_of(model, monkeypatch)
-    model = load(fixtures)
-    state = LoraState(model)
+        pipe = load(fixtures)
+        LoraState(pipe.model).apply(specs)
+        fresh[name] = latents_of(pipe)
+    pipe = load(fixtures)
     for name in ["first", "second", "none", "first", "none"]:
-        state.apply(choices[name])
-        assert torch.equal(latents_of(model, monkeypatch), fresh[name]), f"after switching to {name}"
+        pipe.set_loras(choices[name])
+        assert torch.equal(latents_of(pipe), fresh[name]), f"after switching to {name}"
     assert not torch.equal(fresh["first"], fresh["second"])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_switching_under_cuda_graphs_captures_once(fixtures, second_lora, monkeypatch):
+def test_switching_under_cuda_graphs_captures_once(fixtures, second_lora):
     first = fixtures / "lora-sd1-tiny.safetensors"
     choices = {"first": [LoraSpec(first, 0.7)], "second": [LoraSpec(second_lora, 0.8, 0.5)], "none": []}
-    model = load(fixtures, device="cuda")
-    state = LoraState(model)
+    pipe = load(fixtures, device="cuda")
     runner = None
     for name in ["first", "second", "none", "first"]:
-        state.apply(choices[name])
-        graphed = latents_of(model, monkeypatch)
-        eager = latents_of(model, monkeypatch, use_graphs=False)
-        runner = runner or model.graph_runner.runner
-        assert model.graph_runner.runner is runner and runner.captures == 1, "one capture serves every switch"
+        pipe.set_loras(choices[name])
+        graphed = latents_of(pipe)
+        eager = latents_of(pipe, use_graphs=False)
+        fresh = load(fixtures, device="cuda")
+        LoraState(fresh.model).apply(choices[name])
+        runner = runner or pipe._runner
+        assert pipe._runner is runner and runner.captures == 1, "one capture serves every switch"
         assert relative_error(graphed, eager) <= 1e-3, f"graph replay after switching to {name}"
-    state.clear()
+        assert relative_error(graphed, latents_of(fresh, use_graphs=False)) <= 1e-3, f"{name}: a fresh eager run"
+    pipe.set_loras([])

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from tritonsd.model.checkpoint import read_checkpoint
 from tritonsd.model.sd import load_model
-from tritonsd.tools.reference import relative_error
+from tritonsd.testing.reference import relative_error
 
 CLI = [sys.executable, "-m", "tritonsd.tools.cli", "merge"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}

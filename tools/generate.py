@@ -45,6 +45,10 @@ def add_parser(subparsers) -> None:
                        help="an external VAE (.safetensors or .pt) in place of the checkpoint's")
     model.add_argument("--config", type=Path, default=None, metavar="YAML",
                        help="the original inference YAML (eps/v, heads); default: CHECKPOINT.yaml beside it")
+    model.add_argument("--lora", action="append", default=[], metavar="FILE:W",
+                       help="apply a LoRA (.safetensors) at weight W, or FILE:TE_W:UNET_W (repeatable)")
+    model.add_argument("--lora-dir", type=Path, default=None, metavar="DIR",
+                       help="where <lora:name:w> in the prompt is looked up (AUTOMATIC1111's models/Lora)")
     model.add_argument("--text-heads", type=int, default=None, metavar="N",
                        help="attention heads of the text towers (not in the weights; default width / 64)")
     model.add_argument("--parameterization", choices=("eps", "v"), default=None,
@@ -124,6 +128,17 @@ def usage_errors(step):
         return step()
     except SettingsError as e:
         raise UsageError(f"{FLAGS.get(e.field, e.field)} {e.detail}") from None
+
+
+def lora_specs(values: list[str]) -> list:
+    """``--lora FILE:W`` values as LoraSpecs, each file checked before the model loads."""
+    from ..model.lora import parse_lora_arg
+
+    specs = [parse_lora_arg(v) for v in values]
+    for spec in specs:
+        if not spec.path.is_file():
+            raise GenerateError(f"LoRA file not found: {spec.path}")
+    return specs
 
 
 def check_checkpoint(path: Path, config: Path | None, vae: Path | None = None) -> None:
@@ -213,11 +228,14 @@ def _run(args: argparse.Namespace) -> int:
     init = open_image(args.init_image, "init image") if args.init_image is not None else None
     mask = open_image(args.mask, "mask") if args.mask is not None else None
     settings = settings_from_args(args, init, mask)
+    loras = lora_specs(args.lora)
     device, dtype = resolve_device(args.device, args.dtype)
     check_kernels(args.kernels, device)
     check_output_dir(args.out)
 
     pipe = load(args, device, dtype)
+    if loras:
+        pipe.set_loras(loras)
     warn_truncated(pipe.model, settings.prompt, "prompt")
     warn_truncated(pipe.model, settings.negative_prompt, "negative prompt")
     settings = usage_errors(lambda: pipe.settings(settings))
@@ -235,7 +253,8 @@ def load(args: argparse.Namespace, device: str, dtype: str):
 
     with bar(1, f"loading {args.checkpoint.name}", progress_enabled(args.quiet), unit="model") as progress:
         pipe = load_pipeline(str(args.checkpoint), args.config, device=device, dtype=dtype, kernels=args.kernels,
-                             vae=args.vae, text_heads=args.text_heads, parameterization=args.parameterization)
+                             vae=args.vae, text_heads=args.text_heads, parameterization=args.parameterization,
+                             lora_dir=args.lora_dir)
         progress.update()
     cfg = pipe.config
     if cfg.family == "sd2" and cfg.parameterization_source == "assumed":

@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from .cli import UsageError
-from ..model.checkpoint import SAFETENSORS_SUFFIX, normalize_keys, read_checkpoint, validate_safetensors_header
+from ..model.checkpoint import SAFETENSORS_SUFFIX, read_checkpoint, validate_safetensors_header
+from ..model.keys import normalize_keys
 from ..model.lora import LoraSpec, deltas_by_weight, merge_all, parse_lora_arg, read_and_compute, \
     unmatched_warning
 from ..model.lora_file import LoraError, addnet_hash, safe_text
