@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from ._triton import (FLOAT_DTYPES, KernelArgumentError, check_device, configs, dot_dtype, dot_precision,
-                      next_power_of_2)
+                      launch, next_power_of_2)
 
 MAX_HEAD_DIM = 512  # larger head dims fall back to the reference (the accumulators would not fit in registers)
 LOG2E = 1.4426950408889634
@@ -172,8 +172,8 @@ def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: i
     d0, d1 = split_head_dim(d)
     kernel = _KERNEL_SMALL_D if d0 + d1 <= 64 else _KERNEL_MEDIUM_D if d0 + d1 <= 160 else _KERNEL_LARGE_D
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), b * heads)  # noqa: E731
-    kernel[grid](
-        q, k, v, out,
+    launch(
+        kernel, grid, q, k, v, out,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._triton import FLOAT_DTYPES, check_device, configs, dot_dtype, dot_precision
+from ._triton import FLOAT_DTYPES, check_device, configs, dot_dtype, dot_precision, launch
 
 CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
@@ -181,8 +181,8 @@ def conv2d_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     e = emb if emb is not None else out
     r = residual if residual is not None else out
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(c_out, meta["BLOCK_N"]),)  # noqa: E731
-    _conv2d_kernel[grid](
-        x, weight, bias if bias is not None else weight, e, r, out,
+    launch(
+        _conv2d_kernel, grid, x, weight, bias if bias is not None else weight, e, r, out,
         m, c_in, h, w, c_out, h_out, w_out,
         *x.stride(), *weight.stride(),
         e.stride(0), e.stride(1),
