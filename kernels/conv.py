@@ -34,7 +34,8 @@ GROUP_M = 8  # output-tile rows swept together, so neighbouring programs share w
 
 
 @triton.autotune(configs=configs(CONFIGS, INTERPRETED_CONFIG),
-                 key=["C_IN", "C_OUT", "H", "W", "KH", "KW", "STRIDE", "PAD", "HAS_RES"])
+                 # M = batch x output pixels; stride_xc is 1 for channels_last input (the layout changes the best tile)
+                 key=["M", "C_IN", "C_OUT", "H", "W", "KH", "KW", "STRIDE", "PAD", "HAS_RES", "stride_xc"])
 @triton.jit
 def _conv2d_kernel(
     X, Wt, Bias, Emb, Res, Y,
