@@ -120,16 +120,16 @@ def choose(cache: TuningCache, kernel: str, source: str, key: tuple, configs: Se
 # ---- the launch path ---------------------------------------------------------------------------------------------
 
 def source_hash(kernel) -> str:
-    fn = kernel
-    while not isinstance(fn, triton.runtime.JITFunction):
-        fn = fn.fn
-    return fn.cache_key
+    """The JIT's hash of the kernel's source and what it calls: a changed kernel is a new entry."""
+    from .variants import innermost
+
+    return innermost(kernel).cache_key
 
 
 def kernel_name(kernel) -> str:
-    fn = kernel
-    while not isinstance(fn, triton.runtime.JITFunction):
-        fn = fn.fn
+    from .variants import innermost
+
+    fn = innermost(kernel)
     return f"{fn.module}.{fn.__name__}"
 
 

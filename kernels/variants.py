@@ -100,15 +100,21 @@ def _mock(a):
     return a
 
 
-def _kernel_name(kernel) -> tuple[str, str]:
+def innermost(kernel):
+    """The JIT (or interpreted) function under an autotuner / heuristics wrapper."""
     fn = kernel
-    while not isinstance(fn, triton.runtime.JITFunction):
+    while isinstance(fn, (triton.runtime.Autotuner, triton.runtime.Heuristics)):
         fn = fn.fn
-    module = sys.modules[fn.module]
-    for name, value in vars(module).items():
+    return fn
+
+
+def _kernel_name(kernel) -> tuple[str, str]:
+    fn = innermost(kernel)
+    module_name = getattr(fn, "module", None) or fn.fn.__module__
+    for name, value in vars(sys.modules[module_name]).items():
         if value is kernel:
-            return fn.module, name
-    raise LookupError(f"kernel {fn.__name__} is not a global of {fn.module}")
+            return module_name, name
+    raise LookupError(f"kernel {kernel} is not a global of {module_name}")
 
 
 def _as_arg(a):
