@@ -7,7 +7,10 @@ the compiled path (CUDA tensors) never get mixed up.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
+from typing import Any, Iterator
 
 import torch
 import triton
@@ -32,9 +35,11 @@ def configs(tuned: list[triton.Config], interpreted: triton.Config) -> list[trit
 
 
 def check_device(*tensors: torch.Tensor | None) -> None:
-    """Compiled kernels need CUDA tensors; the interpreter needs CPU tensors."""
+    """Compiled kernels need CUDA tensors; the interpreter needs CPU tensors. While launches are recorded
+    (:func:`recording`), meta tensors stand for CUDA ones."""
+    recording_now = _recorder.get() is not None
     for t in tensors:
-        if t is None:
+        if t is None or (recording_now and t.is_meta):
             continue
         if INTERPRET and t.is_cuda:
             raise KernelDeviceError("TRITON_INTERPRET=1 is set, but the tensors are on CUDA; unset it to run "
@@ -63,3 +68,36 @@ def dot_dtype(dtype: torch.dtype):
 
 def next_power_of_2(n: int) -> int:
     return triton.next_power_of_2(n)
+
+
+# ---- launching: every launcher goes through launch(), so that launches can be recorded (to know which kernel
+# variants a model needs, without a GPU) and autotuned keys looked up in the persistent tuning cache.
+
+_recorder: contextvars.ContextVar[list | None] = contextvars.ContextVar("tritonsd_launch_recorder", default=None)
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[list[tuple[Any, tuple, dict]]]:
+    """Record the launches made inside the block as (kernel, args, kwargs) instead of running them; the
+    launchers then accept meta tensors, so a whole model can be walked on the meta device."""
+    launches: list[tuple[Any, tuple, dict]] = []
+    token = _recorder.set(launches)
+    try:
+        yield launches
+    finally:
+        _recorder.reset(token)
+
+
+def launch(kernel, grid, *args, **kwargs) -> None:
+    """``kernel[grid](*args, **kwargs)``, or record it (see :func:`recording`). Autotuned kernels first look
+    their key up in the persistent tuning cache (kernels/tuning.py), and store the winner after tuning."""
+    launches = _recorder.get()
+    if launches is not None:
+        launches.append((kernel, args, kwargs))
+        return
+    if INTERPRET or not isinstance(kernel, triton.runtime.Autotuner):
+        kernel[grid](*args, **kwargs)
+        return
+    from . import tuning
+
+    tuning.tuned_launch(kernel, grid, args, kwargs)

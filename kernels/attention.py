@@ -20,23 +20,30 @@ import triton
 import triton.language as tl
 
 from ._triton import (FLOAT_DTYPES, KernelArgumentError, check_device, configs, dot_dtype, dot_precision,
-                      next_power_of_2)
+                      launch, next_power_of_2)
 
 MAX_HEAD_DIM = 512  # larger head dims fall back to the reference (the accumulators would not fit in registers)
 LOG2E = 1.4426950408889634
 
-# Autotune candidates per class of padded head dim (the accumulators' register footprint grows with D).
+# Autotune candidates per class of padded head dim (the accumulators' register footprint grows with D), at most
+# 3 per key, pruned with ``tritonsd check-compile --arch sm_90`` (kernels/data/check-compile-sm_90.json): every
+# fp16/bf16 config uses wgmma and spills nothing. BLOCK_M=32 fell back to mma.sync; at D=512, (64, 16, 4 warps, 2)
+# spilled 4.6 KB and (64, 32, 8 warps, 2) 40 bytes.
 CONFIGS_SMALL_D = [  # D0 + D1 <= 64
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-    for bm, bn, w, s in [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3)]
+    for bm, bn, w, s in [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3)]
 ]
 CONFIGS_MEDIUM_D = [  # D0 + D1 <= 160
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-    for bm, bn, w, s in [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 3)]
+    for bm, bn, w, s in [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3)]
 ]
-CONFIGS_LARGE_D = [  # up to 512 (VAE mid-block, one head); float32 tiles fit shared memory only in the smaller ones
+CONFIGS_LARGE_D = [  # up to 512 (VAE mid-block, one head), half precision
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-    for bm, bn, w, s in [(64, 32, 8, 2), (32, 32, 4, 2), (64, 16, 4, 2), (32, 16, 4, 1)]
+    for bm, bn, w, s in [(64, 32, 8, 1), (64, 16, 8, 2), (64, 16, 8, 1)]
+]
+CONFIGS_LARGE_D_FP32 = [  # float32 tiles of D up to 512 fit shared memory only in small blocks (no wgmma in fp32)
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+    for bm, bn, w, s in [(32, 32, 4, 2), (32, 16, 4, 1)]
 ]
 INTERPRETED_CONFIG = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=1)
 
@@ -128,6 +135,7 @@ def _tuned(configs_list: list[triton.Config]):
 _KERNEL_SMALL_D = _tuned(CONFIGS_SMALL_D)
 _KERNEL_MEDIUM_D = _tuned(CONFIGS_MEDIUM_D)
 _KERNEL_LARGE_D = _tuned(CONFIGS_LARGE_D)
+_KERNEL_LARGE_D_FP32 = _tuned(CONFIGS_LARGE_D_FP32)
 
 
 def split_head_dim(d: int) -> tuple[int, int]:
@@ -170,10 +178,15 @@ def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: i
     if b == 0 or n == 0:
         return out
     d0, d1 = split_head_dim(d)
-    kernel = _KERNEL_SMALL_D if d0 + d1 <= 64 else _KERNEL_MEDIUM_D if d0 + d1 <= 160 else _KERNEL_LARGE_D
+    if d0 + d1 <= 64:
+        kernel = _KERNEL_SMALL_D
+    elif d0 + d1 <= 160:
+        kernel = _KERNEL_MEDIUM_D
+    else:
+        kernel = _KERNEL_LARGE_D_FP32 if q.dtype == torch.float32 else _KERNEL_LARGE_D
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), b * heads)  # noqa: E731
-    kernel[grid](
-        q, k, v, out,
+    launch(
+        kernel, grid, q, k, v, out,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),

@@ -26,6 +26,11 @@ from typing import Callable, Mapping
 
 import torch
 
+try:
+    from triton.errors import TritonError  # OutOfResources, CompilationError, PTXASError: not RuntimeErrors
+except ImportError:  # no triton here: nothing more to catch
+    TritonError = RuntimeError
+
 from .denoise import CFGDenoiser
 from .registry import SAMPLERS
 
@@ -169,15 +174,15 @@ class CapturedLoop:
         """Warm up (one step, on a side stream: Triton autotuning, cuBLAS handles) then capture the whole loop."""
         stream = torch.cuda.Stream(device=self.static_x.device)
         stream.wait_stream(torch.cuda.current_stream(self.static_x.device))
-        with torch.cuda.stream(stream):
-            self.body(self.sigmas[:2])
-        torch.cuda.current_stream(self.static_x.device).wait_stream(stream)
-        torch.cuda.synchronize(self.static_x.device)
         graph = torch.cuda.CUDAGraph()
-        try:
+        try:  # the warm-up compiles and tunes: Triton's errors surface there
+            with torch.cuda.stream(stream):
+                self.body(self.sigmas[:2])
+            torch.cuda.current_stream(self.static_x.device).wait_stream(stream)
+            torch.cuda.synchronize(self.static_x.device)
             with torch.cuda.graph(graph):
                 out = self.body()
-        except RuntimeError as e:
+        except (RuntimeError, TritonError) as e:
             raise GraphCaptureError(
                 f"CUDA-graph capture of the {self.key.sampler} loop failed ({str(e).splitlines()[0]}); is the "
                 "denoiser built from alphas_cumprod on the device?") from e
@@ -259,7 +264,7 @@ class GraphRunner:
         if entry.graph is None and self.use_graphs:
             try:
                 entry.capture()
-            except GraphCaptureError:
+            except BaseException:  # a failed entry is never reused
                 del self.entries[key]
                 raise
         return entry.run(progress)

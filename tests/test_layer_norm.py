@@ -55,3 +55,25 @@ def test_weight_shape_is_checked():
     x, w, b = inputs((2, 8), torch.float32, seed=1)
     with pytest.raises(KernelArgumentError, match="weight"):
         layer_norm_triton(x, w[:4], b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_transformer_view_of_nchw_is_read_in_place(no_fallback, dtype):
+    """SD 1.5's norm1 input: the [B, H*W, C] view of an NCHW tensor (columns H*W apart), read without a copy."""
+    g = torch.Generator().manual_seed(3)
+    nchw = (torch.randn(2, 40, 4, 6, generator=g) * 2 + 0.5).to(DEVICE, dtype)
+    x = nchw.permute(0, 2, 3, 1).reshape(2, 24, 40)  # [B, C, H, W] -> [B, H*W, C], a view
+    assert x.data_ptr() == nchw.data_ptr() and x.stride(-1) == 24
+    assert layer_norm_mod.rows_view(x).data_ptr() == nchw.data_ptr()
+    _, w, b = inputs((40,), dtype, seed=4)
+    check(x, w, b, dtype)
+
+
+def test_leading_dims_that_do_not_merge(no_fallback):
+    """[A, B, N, D] whose A and B cannot merge: read as [A*B, N, D] when possible, else through a copy."""
+    x, w, b = inputs((3, 4, 5, 48), torch.float32, seed=5)
+    rows = x[:, :, :3]  # [3, 4, 3, 48]: rows 240 apart within a block of 3, so only [12, 3, 48] is a view
+    assert layer_norm_mod.rows_view(rows).shape == (12, 3, 48)
+    assert layer_norm_mod.rows_view(rows).data_ptr() == rows.data_ptr()
+    check(rows, w, b, torch.float32)
+    check(x.transpose(1, 2)[:, :, :3], w, b, torch.float32)  # [3, 5, 3, 48]: needs a copy
