@@ -20,7 +20,7 @@ def _fixture_parses(fixtures):
     for name in PROMPT_REFERENCES:
         meta = json.loads((fixtures / f"{name}.reference.json").read_text())
         for case in meta["cases"]:
-            for key in ("prompts", "clip_l", "open_clip_g"):
+            for key in ("prompts", "chunks", "clip_l", "open_clip_g"):
                 for p in case.get(key, []):
                     if isinstance(p, dict) and "parse_prompt_attention" in p:
                         out.append((p["prompt"], p["parse_prompt_attention"]))
