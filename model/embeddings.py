@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -87,7 +88,8 @@ def _sha256(path: Path) -> str:
 
 def _read_pickle(path: Path):
     try:
-        with torch.serialization.safe_globals(list(_EMBEDDING_PICKLE_GLOBALS)):
+        with torch.serialization.safe_globals(list(_EMBEDDING_PICKLE_GLOBALS)), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's multi-line protocol warnings on odd files
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         raise EmbeddingError(f"{printable(path.name)}: refused to load (the pickle holds something other than "
