@@ -30,6 +30,7 @@ import torch
 
 from .embeddings import Embedding, EmbeddingDatabase, load_embeddings, ti_hashes
 from .prompt_chunks import PromptChunk, batch_chunks, empty_chunk, model_input_ids
+from .prompt_parser import prompt_schedule, schedule_index
 from .tokenizer import BOS_ID, EOS_ID
 
 OPEN_CLIP_PAD_ID = 0
@@ -253,6 +254,46 @@ def _sdxl_conditioning(model, prompts, outputs, used, width, height, is_negative
     return Conditioning(crossattn, torch.cat(vector, dim=1), used)
 
 
+@dataclass
+class ScheduledConditioning:
+    """One prompt's editing schedule, encoded: entry j (rows of ``cond``) is used up to step ``end_steps[j]``.
+
+    A1111 encodes all texts of one prompt's schedule in ONE batch (they share the emphasis rescale and are padded
+    to the same chunk count), each unique prompt separately, so this is the unit the pipeline should cache.
+    """
+
+    end_steps: list[int]
+    texts: list[str]
+    cond: Conditioning
+
+    def index_at(self, step: int) -> int:
+        """Entry used at sampler step ``step`` (0-based denoiser call count, as A1111's CFGDenoiser.step)."""
+        return schedule_index(list(zip(self.end_steps, self.texts)), step)
+
+    def at(self, step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(context [1, 77k, C], vector [1, adm] or None) for ``step``."""
+        j = self.index_at(step)
+        vector = None if self.cond.vector is None else self.cond.vector[j:j + 1]
+        return self.cond.context[j:j + 1], vector
+
+    def table(self, steps: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per-step tables for a captured graph: (context [steps, 77k, C], vector [steps, adm] or None), row s =
+        step s."""
+        rows = torch.tensor([self.index_at(s) for s in range(steps)], device=self.cond.context.device)
+        vector = None if self.cond.vector is None else self.cond.vector[rows]
+        return self.cond.context[rows], vector
+
+
+def encode_schedule(model, prompt: str, steps: int, *, hires_steps: int | None = None, **kwargs
+                    ) -> ScheduledConditioning:
+    """``prompt``'s ``[from:to:when]`` / ``[a|b]`` schedule for ``steps`` sampling steps, encoded in one batch
+    (A1111's ``get_learned_conditioning``). ``kwargs`` go to ``encode_prompts`` (clip_skip, embeddings, width,
+    height, is_negative, ...)."""
+    schedule = prompt_schedule(prompt, steps, hires_steps)
+    texts = [text for _, text in schedule]
+    return ScheduledConditioning([end for end, _ in schedule], texts, encode_prompts(model, texts, **kwargs))
+
+
 def model_embedding_widths(model) -> dict[str, int]:
     return {t.key: t.embedder.config.width for t in text_towers(model)}
 
@@ -264,5 +305,6 @@ def load_model_embeddings(model, directory: str | Path) -> tuple[EmbeddingDataba
     return load_embeddings(directory, towers[0].tokenizer, model_embedding_widths(model))
 
 
-__all__ = ["Conditioning", "PromptEncodeError", "encode_prompts", "load_model_embeddings",
+__all__ = ["Conditioning", "PromptEncodeError", "ScheduledConditioning", "encode_prompts", "encode_schedule",
+           "load_model_embeddings",
            "model_embedding_widths", "text_towers"]

@@ -59,3 +59,16 @@ def test_resize_happens_only_where_sizes_differ(fixtures, reference, monkeypatch
         m.apply_model(tensors[f"{n}.x"], tensors[f"{n}.t"], tensors[f"{n}.context"])
     expected = [(tuple(r["upsampled_h"]), tuple(r["skip"][-2:])) for r in case["hijacked_cat_resizes"]]
     assert calls == expected
+
+
+@pytest.mark.parametrize("model_name", ["sd1-tiny", "sd2v-tiny", "sdxl-tiny"])
+def test_a1111_sizes_run_for_every_family(fixtures, reference, model_name):
+    """128x96 (latent 16x12) and a 1360x768-shaped latent at small scale (85x48: odd after one halving)."""
+    m = _model(fixtures, model_name)
+    ref = reference(model_name)[0]
+    ctx = ref["unet.context"][:1]
+    y = ref["unet.y"][:1] if "unet.y" in ref else None
+    with torch.no_grad():
+        for h, w in ((12, 16), (48, 85)):
+            out = m.apply_model(torch.randn(1, 4, h, w, generator=torch.Generator().manual_seed(h)), 500.0, ctx, y)
+            assert out.shape == (1, 4, h, w) and torch.isfinite(out).all()

@@ -9,7 +9,7 @@ import torch
 from _prompt_models import tiny_model
 from conftest import FP32_BOUND
 from tritonsd.model.prompt_chunks import PromptTooLongError
-from tritonsd.model.prompt_encode import PromptEncodeError, encode_prompts
+from tritonsd.model.prompt_encode import PromptEncodeError, encode_prompts, encode_schedule
 from tritonsd.model.tokenizer import BOS_ID, EOS_ID
 from tritonsd.tools.reference import relative_error
 
@@ -127,3 +127,25 @@ def test_bad_requests_are_one_line(fixtures):
     assert "1001" in str(e.value) and "\n" not in str(e.value)
     out = encode_prompts(model, ["🐱 (((unbalanced", "BREAK", "[a:b:0.5]"])
     assert out.context.shape == (3, 77, 32) and torch.isfinite(out.context).all()
+
+
+def test_prompt_editing_steps_use_the_fixture_schedules(fixtures, reference):
+    """Records which conditioning each sampler step gets and checks it against A1111's schedules (steps=10):
+    step s (0-based, as A1111's denoiser counter) uses the first entry with s <= end_step."""
+    _, meta = reference("prompts-sd1-tiny")
+    model = tiny_model(fixtures, "sd1-tiny")
+    for s in meta["prompt_schedules"]:
+        sched = encode_schedule(model, s["prompt"], s["steps"])
+        expected_texts = [text for _, text in s["schedule"]]
+        assert sched.texts == expected_texts and sched.end_steps == [e for e, _ in s["schedule"]]
+        together = encode_prompts(model, expected_texts).context  # one batch, as A1111
+        used = []
+        table, _ = sched.table(s["steps"])
+        for step in range(s["steps"]):
+            context, _ = sched.at(step)
+            j = next(i for i, (end, _) in enumerate(s["schedule"]) if step <= end)
+            assert torch.equal(context[0], together[j]) and torch.equal(table[step], together[j])
+            used.append(sched.texts[sched.index_at(step)])
+        assert len(used) == s["steps"]
+    editing = encode_schedule(model, "a [cat:dog:0.5] on a mat", 10)
+    assert [editing.texts[editing.index_at(k)] for k in range(10)] == ["a cat on a mat"] * 6 + ["a dog on a mat"] * 4
