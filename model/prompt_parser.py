@@ -23,7 +23,6 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Union
 
 
 class PromptSyntaxError(ValueError):
@@ -139,9 +138,6 @@ class _Scheduled:
 @dataclass
 class _Alternate:
     options: list  # list of node lists (None for an empty option)
-
-
-_Node = Union[str, _Scheduled, _Alternate, list]
 
 
 class _Parser:
