@@ -216,7 +216,10 @@ class UNetModel(nn.Module):
             skips.append(h)
         h = self.middle_block(h, emb_silu, context)
         for block in self.output_blocks:
-            h = block(torch.cat([h, skips.pop()], dim=1), emb_silu, context)
+            skip = skips.pop()
+            if h.shape[-2:] != skip.shape[-2:]:  # odd sizes (A1111's sd_hijack_unet): upsampled -> skip's size
+                h = F.interpolate(h, size=skip.shape[-2:], mode="nearest")
+            h = block(torch.cat([h, skip], dim=1), emb_silu, context)
         h = self.out[0](h, silu=True)
         return self.out[2](h)
 
@@ -224,10 +227,8 @@ class UNetModel(nn.Module):
         cfg = self.cfg
         if x.ndim != 4 or x.shape[1] != cfg.in_channels:
             raise UNetShapeError(f"UNet input must be [B, {cfg.in_channels}, H, W], got {list(x.shape)}")
-        f = cfg.downsample_factor
-        if x.shape[2] % f or x.shape[3] % f:
-            raise UNetShapeError(f"latent height and width must be multiples of {f} for this UNet "
-                                 f"(images: multiples of {8 * f} pixels), got {x.shape[2]}x{x.shape[3]}")
+        if x.shape[2] < 1 or x.shape[3] < 1:
+            raise UNetShapeError(f"latent height and width must be at least 1, got {x.shape[2]}x{x.shape[3]}")
         if context.ndim != 3 or context.shape[-1] != cfg.context_dim:
             raise UNetShapeError(f"context must be [B, N, {cfg.context_dim}], got {list(context.shape)}")
         if (y is None) != (cfg.adm_in_channels is None):

@@ -1,0 +1,143 @@
+"""Reading AUTOMATIC1111's ``parameters`` infotext back (v1.10.1 ``infotext_utils.parse_generation_parameters``).
+
+The text is the prompt (possibly several lines), optionally ``Negative prompt: ...`` lines, and a last line of
+``Key: value`` pairs (values may be JSON-quoted). As A1111: the last line counts as parameters only when it holds
+at least 3 pairs (else it is part of the prompt); ``WxH`` values split into ``Key-1`` / ``Key-2``; missing
+``Clip skip`` means 1, missing ``RNG`` means GPU, missing ``Schedule type`` means Automatic; unknown keys are kept.
+
+``parse_infotext`` gives that raw ``{key: str}`` dict; ``generation_settings`` turns it into typed settings for the
+pipeline, ignoring (with one note each) values that do not parse, as A1111's paste does.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from .rng import RNGError, source_from_infotext
+
+RE_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+RE_IMAGESIZE = re.compile(r"^(\d+)x(\d+)$")
+MAX_INFOTEXT_CHARS = 1 << 20
+
+
+class InfotextError(ValueError):
+    """Text that cannot be read as an infotext at all (one line)."""
+
+
+def _unquote(text: str) -> str:
+    if len(text) < 2 or text[0] != '"' or text[-1] != '"':
+        return text
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text
+    return value if isinstance(value, str) else text
+
+
+def parse_infotext(text: str) -> dict[str, str]:
+    """A1111's ``parse_generation_parameters`` (without styles / hypernetwork / hires back-compat)."""
+    if not isinstance(text, str):
+        raise InfotextError(f"an infotext must be text, got {type(text).__name__}")
+    if len(text) > MAX_INFOTEXT_CHARS:
+        raise InfotextError(f"the infotext is {len(text)} characters long; the limit is {MAX_INFOTEXT_CHARS}")
+    *lines, last = text.strip().split("\n")
+    if len(RE_PARAM.findall(last)) < 3:
+        lines.append(last)
+        last = ""
+    prompt, negative, in_negative = [], [], False
+    for line in lines:
+        line = line.strip()
+        if line.startswith("Negative prompt:"):
+            in_negative = True
+            line = line[len("Negative prompt:"):].strip()
+        (negative if in_negative else prompt).append(line)
+    res: dict[str, str] = {"Prompt": "\n".join(prompt), "Negative prompt": "\n".join(negative)}
+    for key, value in RE_PARAM.findall(last):
+        value = _unquote(value)
+        m = RE_IMAGESIZE.match(value)
+        if m is not None:
+            res[f"{key}-1"], res[f"{key}-2"] = m.group(1), m.group(2)
+        else:
+            res[key] = value
+    res.setdefault("Clip skip", "1")
+    res.setdefault("RNG", "GPU")
+    res.setdefault("Schedule type", "Automatic")
+    res.setdefault("Emphasis", "Original")
+    return res
+
+
+# key -> (setting name, converter)
+def _positive_int(v: str) -> int:
+    n = int(v)
+    if n < 1:
+        raise ValueError("must be at least 1")
+    return n
+
+
+def _seed(v: str) -> int:
+    n = int(v)
+    if n < 0 or n >= 2 ** 64:
+        raise ValueError("outside 0..2**64-1")
+    return n
+
+
+def _strength(v: str) -> float:
+    x = float(v)
+    if not 0.0 <= x <= 1.0:
+        raise ValueError("outside 0..1")
+    return x
+
+
+def _finite(v: str) -> float:
+    x = float(v)
+    if x != x or x in (float("inf"), float("-inf")):
+        raise ValueError("not finite")
+    return x
+
+
+_TYPED = {
+    "Steps": ("steps", _positive_int),
+    "Sampler": ("sampler", str),
+    "Schedule type": ("schedule_type", str),
+    "CFG scale": ("cfg_scale", _finite),
+    "Seed": ("seed", _seed),
+    "Size-1": ("width", _positive_int),
+    "Size-2": ("height", _positive_int),
+    "Clip skip": ("clip_skip", _positive_int),
+    "RNG": ("rng", source_from_infotext),
+    "Variation seed": ("subseed", _seed),
+    "Variation seed strength": ("subseed_strength", _strength),
+    "Emphasis": ("emphasis", str),
+}
+
+
+def _printable(text: str, limit: int = 60) -> str:
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def generation_settings(infotext: str | dict[str, str]) -> dict[str, Any]:
+    """Typed settings: prompt, negative_prompt, steps, sampler, schedule_type, cfg_scale, seed, width, height,
+    clip_skip, rng ("nv" / "cpu"), subseed, subseed_strength, emphasis, where present; ``extra``: every other
+    key (raw strings); ``notes``: one line per value that did not parse (that field is left out)."""
+    raw = parse_infotext(infotext) if isinstance(infotext, str) else dict(infotext)
+    out: dict[str, Any] = {"prompt": raw.get("Prompt", ""), "negative_prompt": raw.get("Negative prompt", ""),
+                           "extra": {}, "notes": []}
+    for key, value in raw.items():
+        if key in ("Prompt", "Negative prompt"):
+            continue
+        if key not in _TYPED:
+            out["extra"][key] = value
+            continue
+        name, convert = _TYPED[key]
+        try:
+            out[name] = convert(value.strip())
+        except (ValueError, RNGError) as e:
+            reason = str(e).splitlines()[0] if str(e) else "malformed"
+            out["notes"].append(f"infotext field {_printable(key)!s}: {_printable(value)!r} ignored ({reason})")
+    return out
+
+
+__all__ = ["InfotextError", "generation_settings", "parse_infotext"]

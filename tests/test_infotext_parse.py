@@ -1,0 +1,80 @@
+"""Reading A1111 ``parameters`` infotexts back (A1111 v1.10.1 parse_generation_parameters rules), including the
+writer's own output (tools/png.py) and malformed or unknown fields."""
+
+from __future__ import annotations
+
+import pytest
+
+from tritonsd.sampler.infotext_parse import InfotextError, generation_settings, parse_infotext
+from tritonsd.tools.png import Infotext
+
+A1111_TEXT = """masterpiece, (a cat:1.2) on a [red:blue:0.5] mat
+second prompt line
+Negative prompt: blurry, lowres
+watermark
+Steps: 28, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 6.5, Seed: 3141592653, Size: 832x1216, \
+Model hash: 31e35c80fc, Model: sd_xl_base_1.0, Clip skip: 2, RNG: CPU, Variation seed: 77, \
+Variation seed strength: 0.25, TI hashes: "easyneg: 6f6d3a9e1b2c, style: aa11bb22cc33", Lora hashes: "x: 1", \
+Version: v1.10.1"""
+
+
+def test_a1111_text_raw_fields():
+    raw = parse_infotext(A1111_TEXT)
+    assert raw["Prompt"] == "masterpiece, (a cat:1.2) on a [red:blue:0.5] mat\nsecond prompt line"
+    assert raw["Negative prompt"] == "blurry, lowres\nwatermark"
+    assert raw["Size-1"] == "832" and raw["Size-2"] == "1216"
+    assert raw["TI hashes"] == "easyneg: 6f6d3a9e1b2c, style: aa11bb22cc33"  # JSON-quoted value unquoted
+    assert raw["Version"] == "v1.10.1" and raw["Lora hashes"] == "x: 1"
+
+
+def test_a1111_text_typed_settings():
+    s = generation_settings(A1111_TEXT)
+    assert (s["steps"], s["sampler"], s["schedule_type"], s["cfg_scale"]) == (28, "DPM++ 2M", "Karras", 6.5)
+    assert (s["seed"], s["width"], s["height"], s["clip_skip"]) == (3141592653, 832, 1216, 2)
+    assert (s["rng"], s["subseed"], s["subseed_strength"]) == ("cpu", 77, 0.25)
+    assert s["extra"]["Model hash"] == "31e35c80fc" and "Version" in s["extra"]
+    assert s["notes"] == []
+
+
+def test_defaults_for_missing_fields():
+    s = generation_settings("a cat\nSteps: 20, Seed: 1, Size: 512x512")
+    assert s["clip_skip"] == 1 and s["rng"] == "nv" and s["schedule_type"] == "Automatic"
+    assert generation_settings("a cat\nRNG: GPU, Steps: 4, Seed: 2")["rng"] == "nv"  # GPU noise == nv
+
+
+def test_a_last_line_with_fewer_than_three_pairs_is_prompt():
+    raw = parse_infotext("a photo\nlighting: soft, mood: calm")
+    assert raw["Prompt"] == "a photo\nlighting: soft, mood: calm"
+    assert "lighting" not in raw
+
+
+def test_round_trip_of_our_writer():
+    text = Infotext(prompt="a (red:1.3) fox", negative_prompt="blur", steps=12, sampler="Euler a",
+                    cfg_scale=7.5, seed=99, width=640, height=384, model_hash="abcdef0123", model="tiny",
+                    extra={"Clip skip": 2, "RNG": "CPU", "Variation seed": 5,
+                           "Variation seed strength": 0.4}).render()
+    s = generation_settings(text)
+    assert (s["prompt"], s["negative_prompt"], s["steps"], s["sampler"], s["cfg_scale"], s["seed"]) == \
+        ("a (red:1.3) fox", "blur", 12, "Euler a", 7.5, 99)
+    assert (s["width"], s["height"], s["clip_skip"], s["rng"], s["subseed"], s["subseed_strength"]) == \
+        (640, 384, 2, "cpu", 5, 0.4)
+
+
+def test_malformed_fields_are_noted_not_fatal():
+    s = generation_settings("p\nSteps: many, Seed: -3, CFG scale: inf, Size: 0x64, RNG: TPU, Clip skip: 1.5, "
+                            "Variation seed strength: 2, Sampler: Euler")
+    assert s["sampler"] == "Euler" and s["height"] == 64
+    for key in ("steps", "seed", "cfg_scale", "width", "rng", "clip_skip", "subseed_strength"):
+        assert key not in s
+    assert len(s["notes"]) == 7 and all("\n" not in n for n in s["notes"])
+
+
+def test_unknown_and_odd_text_never_crashes():
+    for text in ["", "\n\n", "Steps: 5", ": : :", "a\nB: 1, C: \"unterminated, D: 3", "\x00\x1b[31m",
+                 "🐱\nSteps: 🐱, Seed: 🐱, Size: 🐱x🐱", "a\n" + "K: v, " * 500]:
+        s = generation_settings(text)
+        assert isinstance(s["prompt"], str)
+        for note in s["notes"]:
+            assert "\n" not in note and "\x1b" not in note
+    with pytest.raises(InfotextError):
+        parse_infotext(b"bytes")  # type: ignore[arg-type]
