@@ -4,8 +4,8 @@ Every group handler takes a ``Recompute`` (a Pipeline, stored tensors, JSON) and
 returns ``{name: tensor}`` for what it recomputed; names it does not return and that are not inputs become
 failures in ``tools/parity.py``. Conditioning, schedules, sampling and decoding go through the Pipeline's stages
 (``encode`` / ``encode_text``, ``prepare_latents``, ``denoise``, ``decode``) and ``sampler.wiring``, so what is
-checked is what users run; the module-level groups (tokens, the text towers, one UNet call, the VAE) call the
-model's own modules. No model math and no sampler wiring lives here: the stored inputs enter the stages as a
+checked is what users run; the module-level groups (tokens, the text towers as the original scripts call them,
+one UNet call, the VAE) call the model's own modules. No model math and no sampler wiring lives here: the stored inputs enter the stages as a
 ``StoredNoise`` source and stored conditioning.
 
 Nothing is hard-wired to the public files: batch sizes and latent sizes come from the stored tensors' shapes,
@@ -192,7 +192,7 @@ def _size_conditions(ctx: Recompute, values: Callable[[str], object]) -> dict[st
 def text_group(ctx: Recompute, keys: list[str]) -> dict[str, torch.Tensor]:
     if ctx.config.family != "sdxl":
         prompts = ctx.prompts("tokens.input_ids")
-        return {"text.context": ctx.pipe.encode_text(prompts)["context"]}
+        return {"text.context": ctx.model.get_learned_conditioning(prompts)}
     prompts = ctx.prompts("tokens.clip_l")
     out: dict[str, torch.Tensor] = {}
     for kind, embedder in _text_embedders(ctx):
@@ -208,8 +208,7 @@ def text_group(ctx: Recompute, keys: list[str]) -> dict[str, torch.Tensor]:
             out[f"text.emb_{key}"] = embedder(ctx.get(f"text.{key}"))
     if _wanted(keys, "text.crossattn", "text.vector"):
         sizes = _size_conditions(ctx, lambda key: ctx.get(f"text.{key}"))
-        side = ctx.pipe.encode_text(prompts, **sizes)
-        out["text.crossattn"], out["text.vector"] = side["context"], side["y"]
+        out["text.crossattn"], out["text.vector"] = ctx.model.get_learned_conditioning(prompts, **sizes)
     return out
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from tritonsd.sampler.infotext_parse import InfotextError, generation_settings, parse_infotext
-from tritonsd.tools.png import Infotext
+from tritonsd.sampler.infotext import Infotext
 
 A1111_TEXT = """masterpiece, (a cat:1.2) on a [red:blue:0.5] mat
 second prompt line

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from conftest import FP32_BOUND
 from tritonsd.model.sd import load_model
-from tritonsd.tools.reference import relative_error
+from tritonsd.testing.reference import relative_error
 
 _MODELS: dict[str, torch.nn.Module] = {}
 

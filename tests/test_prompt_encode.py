@@ -11,7 +11,7 @@ from conftest import FP32_BOUND
 from tritonsd.model.prompt_chunks import PromptTooLongError
 from tritonsd.model.prompt_encode import PromptEncodeError, encode_prompts, encode_schedule
 from tritonsd.model.tokenizer import BOS_ID, EOS_ID
-from tritonsd.tools.reference import relative_error
+from tritonsd.testing.reference import relative_error
 
 
 def _prompts(case):
