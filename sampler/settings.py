@@ -25,6 +25,9 @@ from . import schedule as S
 
 MAX_STEPS = 1000
 MAX_BATCH = 64
+MAX_CLIP_SKIP = 12  # AUTOMATIC1111's slider; the model's own layer count is checked when the prompt is encoded
+RNG_SOURCES = ("nv", "gpu", "cpu")
+PROMPT_SYNTAXES = ("a1111", "original")
 SEED_RANGE = 2 ** 64  # torch.Generator.manual_seed takes [0, 2**64); image i uses seed + i
 RANDOM_SEEDS = 2 ** 32  # a random seed is drawn from AUTOMATIC1111's range
 VAE_FACTOR_MULTIPLE = 8  # every released VAE: pixels per latent cell
@@ -55,6 +58,13 @@ class GenerationSettings:
     init_image: object = None  # PIL image or [1, 3, H, W] tensor in [-1, 1] (img2img, inpainting)
     mask: object = None  # PIL image or [1, 1, H, W] tensor in [0, 1], 1 = repaint (9-channel models)
     strength: float = 0.75  # img2img: how much of the schedule runs
+    clip_skip: int = 1  # CLIP-L: final_layer_norm(hidden_states[-clip_skip]) (AUTOMATIC1111's; OpenCLIP ignores it)
+    rng: str = "nv"  # noise source: "nv" (CUDA's torch.randn on any device), "gpu" (CUDA), "cpu"
+    subseed: int | None = None  # variation seed (AUTOMATIC1111's); image i uses subseed + i
+    subseed_strength: float = 0.0  # 0: no variation
+    pad_cond_uncond: bool = False  # pad the shorter of cond / uncond with empty chunks: one batched UNet call
+    prompt_syntax: str = "a1111"  # "a1111": weights, BREAK, long prompts, editing; "original": the original
+    # scripts' encoding (one 77-token window, text taken literally)
     use_graphs: bool = True  # CUDA-graph the sigma samplers' loop (CUDA models only)
 
     # ------------------------------------------------------------ without a model
@@ -72,6 +82,12 @@ class GenerationSettings:
                                            f"{', '.join(registry.SAMPLERS)}") from None
         _flag("karras", self.karras, allow_none=True)
         _flag("use_graphs", self.use_graphs)
+        _flag("pad_cond_uncond", self.pad_cond_uncond)
+        _choice("rng", self.rng, RNG_SOURCES)
+        _choice("prompt_syntax", self.prompt_syntax, PROMPT_SYNTAXES)
+        clip_skip = _integer("clip_skip", self.clip_skip, 1, MAX_CLIP_SKIP)
+        subseed = None if self.subseed is None else _integer("subseed", self.subseed, 0, SEED_RANGE - 1)
+        subseed_strength = _real("subseed_strength", self.subseed_strength, 0.0, 1.0)
         steps = _integer("steps", self.steps, 1, MAX_STEPS)
         batch = _integer("batch_size", self.batch_size, 1, MAX_BATCH)
         seed = secrets.randbelow(RANDOM_SEEDS) if self.seed is None else _integer("seed", self.seed, 0,
@@ -106,8 +122,8 @@ class GenerationSettings:
             width = height = width or height  # one side given: a square image
         return dataclasses.replace(self, karras=self.karras, steps=steps, batch_size=batch, seed=seed,
                                    cfg_scale=cfg_scale, eta=eta, strength=strength, init_image=init_image,
-                                   mask=mask, width=width, height=height,
-                                   sampler=spec.name)
+                                   mask=mask, width=width, height=height, clip_skip=clip_skip, subseed=subseed,
+                                   subseed_strength=subseed_strength, sampler=spec.name)
 
     # ------------------------------------------------------------ against the model
 
@@ -158,19 +174,19 @@ def vae_factor(config) -> int:
 
 
 def side_multiple(config) -> int:
-    """Image sides must be multiples of this: the VAE factor times the UNet's down-sampling (its up path does
-    no size matching): 64 for SD 1.x / 2.x, 32 for SDXL."""
-    return vae_factor(config) * config.unet.downsample_factor
+    """Image sides must be multiples of this: the VAE factor (8 for every released VAE). The UNet takes any
+    latent size: where an upsampled tensor and its skip connection differ, it resizes the upsampled one, as
+    AUTOMATIC1111's ``sd_hijack_unet`` does."""
+    return vae_factor(config)
 
 
-SIDE_RULE = "a multiple of 64 (SDXL: 32)"  # side_multiple for the released layouts, for help texts
+SIDE_RULE = "a multiple of 8"  # side_multiple for the released layouts, for help texts
 
 
 def _side(name: str, value: int, multiple: int, config) -> int:
     if value < multiple or value % multiple:
-        raise SettingsError(name, f"{value} is not a positive multiple of {multiple} (a {config.family} model "
-                                  f"needs image sides divisible by {multiple}: VAE x{vae_factor(config)}, UNet "
-                                  f"x{config.unet.downsample_factor})")
+        raise SettingsError(name, f"{value} is not a positive multiple of {multiple} (this {config.family} model's "
+                                  f"VAE maps {multiple} pixels to one latent cell)")
     return value
 
 
@@ -220,6 +236,18 @@ def _real(name: str, value, low: float, high: float | None = None) -> float:
 def _flag(name: str, value, allow_none: bool = False) -> None:
     if not (isinstance(value, bool) or (allow_none and value is None)):
         raise SettingsError(name, f"must be True or False, got {value!r}")
+
+
+def _choice(name: str, value, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise SettingsError(name, f"must be one of {', '.join(choices)}, got {value!r}")
+
+
+def check_rng_device(rng: str, device) -> None:
+    """``rng="gpu"`` draws with CUDA's generator: refused on a CPU device (``nv`` gives the same numbers)."""
+    if rng == "gpu" and torch.device(device).type != "cuda":
+        raise SettingsError("rng", "gpu draws noise on CUDA, and this model runs on the CPU; use nv (the same "
+                                   "numbers, computed anywhere) or cpu")
 
 
 def _size(t: torch.Tensor) -> str:
