@@ -155,6 +155,32 @@ class GenerationSettings:
         return "img2img" if self.mask is None else "inpaint"
 
 
+# ---------------------------------------------------------------- from an AUTOMATIC1111 infotext
+
+
+INFOTEXT_FIELDS = ("prompt", "negative_prompt", "steps", "cfg_scale", "seed", "width", "height", "clip_skip", "rng",
+                   "subseed", "subseed_strength")
+
+
+def fields_from_infotext(text: str) -> tuple[dict, list[str]]:
+    """(GenerationSettings fields, notes) from an AUTOMATIC1111 ``parameters`` text: prompt, negative prompt,
+    steps, sampler and schedule type, CFG scale, seed, size, clip skip, RNG and variation seed. Unknown keys are
+    ignored; each malformed value is left out with one note line; an unknown sampler is a ``SettingsError``."""
+    from .infotext_parse import generation_settings
+
+    parsed = generation_settings(text)
+    fields = {k: parsed[k] for k in INFOTEXT_FIELDS if k in parsed}
+    if "sampler" in parsed:
+        try:
+            fields["sampler"], fields["karras"] = registry.from_a1111_name(parsed["sampler"],
+                                                                            parsed.get("schedule_type"))
+        except registry.UnknownSamplerError as e:
+            raise SettingsError("sampler", f"from the infotext: {e}") from None
+    if fields.get("subseed_strength", 0.0) == 0.0:
+        fields.pop("subseed", None)
+    return fields, parsed["notes"]
+
+
 # ---------------------------------------------------------------- the image-side rule (one place)
 
 
