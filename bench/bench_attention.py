@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import Case, run_case, script_main  # noqa: E402
-from sd_shapes import BATCH, CONTEXT, MODELS, TEXT  # noqa: E402
+from .harness import Case, run_case, script_main
+from .sd_shapes import BATCH, CONTEXT, MODELS, TEXT
 
-from tritonsd.kernels.attention import attention_reference, attention_triton  # noqa: E402
+from ..kernels.attention import attention_reference, attention_triton
 
 
 def cases() -> list[Case]:

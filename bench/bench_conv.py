@@ -4,15 +4,13 @@ channels_last, at the UNet's and VAE decoder's convolutions."""
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import Case, run_case, script_main  # noqa: E402
-from sd_shapes import BATCH, MODELS, VAE_LEVELS  # noqa: E402
+from .harness import Case, run_case, script_main
+from .sd_shapes import BATCH, MODELS, VAE_LEVELS
 
-from tritonsd.kernels.conv import conv2d_reference, conv2d_triton  # noqa: E402
+from ..kernels.conv import conv2d_reference, conv2d_triton
 
 
 def cases() -> list[Case]:

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import Case, run_case, script_main  # noqa: E402
-from sd_shapes import BATCH, MODELS  # noqa: E402
+from .harness import Case, run_case, script_main
+from .sd_shapes import BATCH, MODELS
 
-from tritonsd.kernels.geglu import geglu_reference, geglu_triton  # noqa: E402
+from ..kernels.geglu import geglu_reference, geglu_triton
 
 
 def cases() -> list[Case]:
