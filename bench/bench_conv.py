@@ -7,11 +7,14 @@ import sys
 
 import torch
 
-from .harness import Case, run_case, script_main
+from .harness import Case, case_generator, run_case, script_main
 from .sd_shapes import BATCH, MODELS, VAE_LEVELS
 
 from ..kernels.conv import conv2d_reference, conv2d_triton
 
+
+TRITON = conv2d_triton  # the kernel, called with a case's inputs
+REFERENCE = conv2d_reference  # what it must equal (on float32 inputs)
 
 def cases() -> list[Case]:
     out = []
@@ -20,7 +23,7 @@ def cases() -> list[Case]:
         side_out = (side + 2 * pad - k) // stride + 1
 
         def make(dtype):
-            g = torch.Generator(device="cuda").manual_seed(0)
+            g = case_generator()
 
             def r(*shape, s=1.0):
                 return torch.randn(*shape, device="cuda", dtype=dtype, generator=g) * s
@@ -71,7 +74,7 @@ def bench(dtype: torch.dtype, model: str | None = None) -> list[dict]:
     rows = []
     for case in cases():
         if model is None or case.model == model:
-            rows += run_case(case, impls, conv2d_reference, dtype)
+            rows += run_case(case, impls, REFERENCE, dtype)
     return rows
 
 

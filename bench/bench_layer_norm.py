@@ -7,18 +7,21 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from .harness import Case, run_case, script_main
+from .harness import Case, case_generator, run_case, script_main
 from .sd_shapes import BATCH, CONTEXT, MODELS, TEXT
 
 from ..kernels.layer_norm import layer_norm_reference, layer_norm_triton
 
+
+TRITON = layer_norm_triton  # the kernel, called with a case's inputs
+REFERENCE = layer_norm_reference  # what it must equal (on float32 inputs)
 
 def cases() -> list[Case]:
     out = []
 
     def add(model, name, rows, width):
         def make(dtype):
-            g = torch.Generator(device="cuda").manual_seed(0)
+            g = case_generator()
             x = torch.randn(BATCH, rows, width, device="cuda", dtype=dtype, generator=g)
             return x, torch.randn(width, device="cuda", dtype=dtype, generator=g), \
                 torch.randn(width, device="cuda", dtype=dtype, generator=g)
@@ -39,7 +42,7 @@ def bench(dtype: torch.dtype, model: str | None = None) -> list[dict]:
     rows = []
     for case in cases():
         if model is None or case.model == model:
-            rows += run_case(case, impls, layer_norm_reference, dtype)
+            rows += run_case(case, impls, REFERENCE, dtype)
     return rows
 
 

@@ -27,6 +27,14 @@ TOLERANCE = {torch.float16: 1e-2, torch.bfloat16: 1e-2, torch.float32: 1e-4}
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
+SEED = 0  # the cases' inputs are drawn from this; the GPU run's correctness stage draws a fresh one per run
+
+
+def case_generator(device: str = "cuda") -> torch.Generator:
+    """The generator a case's ``make`` draws its inputs from (seeded with :data:`SEED`)."""
+    return torch.Generator(device=device).manual_seed(SEED)
+
+
 class BenchError(RuntimeError):
     """The benchmarks cannot run here (no CUDA device, the interpreter switched on, ...)."""
 
