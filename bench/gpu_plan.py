@@ -209,11 +209,12 @@ def plan(numbers: list[int], costs: dict, warm: bool = False) -> list[Estimate]:
 
 def fit(estimates: list[Estimate], budget: float, setup_s: float) -> tuple[list[Estimate], list[Estimate]]:
     """(to run, skipped): in order, a stage whose estimate does not fit what is left is skipped; later, smaller
-    stages may still run."""
+    stages may still run, except stages 1-4 without stage 0 (their estimates assume its compiles)."""
     left = budget - setup_s - ARCHIVE_RESERVE_S
     run, skipped = [], []
     for e in estimates:
-        if e.seconds <= left:
+        needs_precompile = 1 <= e.stage <= 4 and any(s.stage == 0 for s in skipped)
+        if e.seconds <= left and not needs_precompile:
             run.append(e)
             left -= e.seconds
         else:
