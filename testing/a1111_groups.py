@@ -121,22 +121,26 @@ def misfit(kind: str, model, ref: dict[str, torch.Tensor], meta: dict) -> str | 
                     f"{'SDXL' if sdxl else 'SD 1.x/2.x'}")
         for name, t in ref.items():
             if not name.endswith(".vector") and t.dim() == 3 and t.shape[-1] != cfg.unet.context_dim:
-                return f"{name} is {t.shape[-1]} wide, the checkpoint's context width is {cfg.unet.context_dim}"
+                return (f"{_safe(name)} is {t.shape[-1]} wide, the checkpoint's context width is "
+                        f"{cfg.unet.context_dim}")
     if kind == "unet_sizes":
         for name, t in ref.items():
             suffix = name.rsplit(".", 1)[-1]
             if suffix == "x" and (t.dim() != 4 or t.shape[1] != cfg.unet.in_channels):
-                return f"{name} has shape {list(t.shape)}, the UNet takes {cfg.unet.in_channels} channels"
+                return f"{_safe(name)} has shape {list(t.shape)}, the UNet takes {cfg.unet.in_channels} channels"
             if suffix == "context" and t.shape[-1] != cfg.unet.context_dim:
-                return f"{name} is {t.shape[-1]} wide, the checkpoint's context width is {cfg.unet.context_dim}"
+                return (f"{_safe(name)} is {t.shape[-1]} wide, the checkpoint's context width is "
+                        f"{cfg.unet.context_dim}")
             if suffix == "y" and (cfg.unet.adm_in_channels is None or t.shape[-1] != cfg.unet.adm_in_channels):
-                return f"{name} is a vector condition of width {t.shape[-1]}, the UNet takes " \
-                       f"{cfg.unet.adm_in_channels or 'none'}"
+                return (f"{_safe(name)} is a vector condition of width {t.shape[-1]}, the UNet takes "
+                        f"{cfg.unet.adm_in_channels or 'none'}")
     if kind == "lora":
         shapes = {k: tuple(v.shape) for k, v in model.named_parameters()}
         merged = [k for k in ref if k.startswith("merged.")]
-        if merged and not any(shapes.get(k[len("merged."):]) == tuple(ref[k].shape) for k in merged):
-            return f"none of its merged weights is a weight of this checkpoint (e.g. {merged[0]})"
+        foreign = [k for k in merged if shapes.get(k[len("merged."):]) != tuple(ref[k].shape)]
+        if foreign:
+            return (f"{len(foreign)} of its {len(merged)} merged weights are not weights of this checkpoint "
+                    f"with that shape (e.g. {_safe(foreign[0])})")
     return None
 
 
