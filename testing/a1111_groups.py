@@ -228,8 +228,13 @@ def _case_tensor_names(ctx, case: dict, keys: list[str]) -> dict[str, str]:
     return out
 
 
-def prompts_group(ctx, group: str, keys: list[str], embeddings=None) -> dict[str, torch.Tensor]:
-    """One case: its prompts encoded together, as one forward of A1111's conditioning module."""
+def prompts_group(ctx, group: str, keys: list[str]) -> dict[str, torch.Tensor]:
+    return _encode_case(ctx, group, keys)[0]
+
+
+def _encode_case(ctx, group: str, keys: list[str], embeddings=None):
+    """One case: its prompts encoded together, as one forward of A1111's conditioning module; ({name: tensor},
+    the ``encode_prompts`` result)."""
     from ..model.prompt_encode import encode_prompts
 
     case = _case(ctx, group)
@@ -241,11 +246,17 @@ def prompts_group(ctx, group: str, keys: list[str], embeddings=None) -> dict[str
     result = {names["context"]: out.context} if "context" in names else {}
     if "vector" in names and out.vector is not None:
         result[names["vector"]] = out.vector
-    return result
+    return result, out
 
 
 def ti_group(ctx, group: str, keys: list[str]) -> dict[str, torch.Tensor]:
-    return prompts_group(ctx, group, keys, embeddings=embedding_database(ctx))
+    """A prompts case with the embeddings; a ``TI hashes`` value other than the reference run's is noted."""
+    result, out = _encode_case(ctx, group, keys, embeddings=embedding_database(ctx))
+    expected = _case(ctx, group).get("infotext_TI_hashes")
+    if isinstance(expected, str) and out.ti_hashes != expected:
+        ctx.notes.append(f"note: {group}: TI hashes {_safe(out.ti_hashes)!r}, the reference run wrote "
+                         f"{_safe(expected)!r}")
+    return result
 
 
 def embedding_dirs(ctx) -> list[Path]:
@@ -285,13 +296,19 @@ def embedding_database(ctx):
                 reason = f"embedding file skipped: {e}"
             if reason:
                 messages.append(reason)
-    ctx.notes.extend(f"note: {m}" for m in messages)
+    skipped_too = ctx.meta.get("embeddings_skipped_shape_mismatch") or {}
+    ctx.notes.extend(f"note: {m}" + (" (as in the reference run)" if _skipped_name(m, skipped_too) else "")
+                     for m in messages)
     expected = ctx.meta.get("embeddings_loaded")
     if isinstance(expected, dict) and set(expected) != set(db.embeddings):
         ctx.notes.append(f"note: loaded embeddings {sorted(db.embeddings)}, the reference run loaded "
                          f"{sorted(expected)}")
     ctx.cache["embeddings"] = db
     return db
+
+
+def _skipped_name(message: str, names) -> bool:
+    return any(f"embedding {_safe(n)} skipped" in message for n in names)
 
 
 def unet_sizes_group(ctx, group: str, keys: list[str]) -> dict[str, torch.Tensor]:

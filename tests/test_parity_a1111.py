@@ -167,17 +167,24 @@ def test_rearranged_unet_and_prompt_cases(fixtures, reference, tmp_path):
 # ---------------------------------------------------------------- files beside the reference, bad usage
 
 
-def test_embeddings_folder_beside_the_reference_or_given(fixtures, tmp_path):
-    """Without embeddings/ beside it the TI groups fail and say why; --embeddings-dir points at them."""
+def test_embeddings_folder_beside_the_reference_or_given(fixtures, reference, tmp_path):
+    """Without embeddings/ beside it the TI groups fail and say why; --embeddings-dir points at them. A TI hashes
+    value other than the reference run's is noted (it is not a tensor, so it gets no row)."""
+    _, meta = reference("ti-sd1-tiny")
+    meta = json.loads(json.dumps(meta))
+    alone = next(c for c in meta["cases"] if c["name"] == "alone")
+    alone["infotext_TI_hashes"] = "tiny-style: 000000000000"
     shutil.copy(fixtures / "ti-sd1-tiny.reference.safetensors", tmp_path)
-    shutil.copy(fixtures / "ti-sd1-tiny.reference.json", tmp_path)
     path = tmp_path / "ti-sd1-tiny.reference.safetensors"
+    path.with_suffix(".json").write_text(json.dumps(meta))
     args = [fixtures / "sd1-tiny.safetensors", "--reference", path, "--text-heads", "2", "--only", "alone"]
     proc = parity(*args, "--json", tmp_path / "rows.json")
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "no embeddings folder" in rows_of(tmp_path / "rows.json")["alone.cond"]["note"]
     proc = parity(*args, "--embeddings-dir", fixtures / "embeddings")
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "alone: TI hashes 'tiny-style: 3c274136175d', the reference run wrote 'tiny-style: 000000000000'" \
+        in proc.stderr
 
 
 def test_missing_lora_file_fails_and_is_named(fixtures, tmp_path):

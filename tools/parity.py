@@ -492,7 +492,8 @@ def _write_json(args, device, config_path, rows, timings, seconds) -> None:
     report = {
         "checkpoint": str(args.checkpoint) if args.checkpoint is not None else None, "reference": str(args.reference),
         "config": str(config_path) if config_path else None, "kernels": args.kernels, "device": str(device),
-        "dtype": "float32", "bound": max((r["bound"] for r in rows if r["bound"]), default=FP32_BOUND), "passed": all(r["pass"] for r in rows),
+        "dtype": "float32", "bound": max((r["bound"] for r in rows if r["bound"]), default=FP32_BOUND),
+        "passed": all(r["pass"] for r in rows),
         "failed": [r["name"] for r in rows if not r["pass"]], "max_error": err, "max_error_name": name,
         "seconds": seconds, "group_seconds": timings, "rows": rows,
     }
