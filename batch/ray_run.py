@@ -2,7 +2,7 @@
 
 Each dataset row is one unit (a JSON list of jobs), in its own block so the actors share the work; an actor
 returns one row per job with the PNG bytes, and the driver writes the files, so the workers need no shared
-storage. ``concurrency`` is ``--workers`` or the cluster's GPU count (1 on a cluster without GPUs); each actor
+storage. The actor pool's size (its ``concurrency``) is ``--workers`` or the cluster's GPU count (1 on a cluster without GPUs); each actor
 takes one GPU when the cluster has any (``num_gpus=1``) and one logical CPU. A local cluster (``--ray local``)
 declares enough logical CPUs for the actors plus Ray Data's own read and output tasks, so those never wait
 behind an actor that holds the last CPU.
@@ -10,6 +10,7 @@ behind an actor that holds the last CPU.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -17,7 +18,7 @@ from typing import Iterator
 
 import numpy as np
 
-from .jobs import Job
+from .jobs import Job, escape
 from .worker import BatchWorker, LoadSpec, Result, one_line
 
 SPARE_CPUS = 2  # logical CPUs a local cluster declares beyond one per actor, for Ray Data's own tasks
@@ -89,11 +90,14 @@ def run_on_ray(units: list[list[Job]], spec: LoadSpec, group_size: int, address:
         ds = ray.data.from_items(items, override_num_blocks=len(items))  # a block per unit: actors share them
         ds = ds.map_batches(PipelineActor, fn_constructor_kwargs={"spec": dataclasses.asdict(spec),
                                                                    "group_size": group_size},
-                            batch_size=1, concurrency=concurrency, num_cpus=1, num_gpus=1 if gpus else 0)
+                            batch_size=1, compute=ray.data.ActorPoolStrategy(size=concurrency), num_cpus=1,
+                            num_gpus=1 if gpus else 0)
         try:
-            for row in ds.iter_rows():
-                d = json.loads(row["result"])
-                yield Result(d["line"], d["id"], d["seed"], d["seconds"], bytes(row["png"]) or None, d["error"])
+            with _quiet("ray.data"):  # no per-dataset chatter on the driver
+                for row in ds.iter_rows():
+                    d = json.loads(row["result"])
+                    yield Result(d["line"], d["id"], d["seed"], d["seconds"], bytes(row["png"]) or None,
+                                 d["error"])
         except ray.exceptions.RayError as e:
             raise RayError(f"a Ray worker failed: {_last_line(e)}") from None
     finally:
@@ -101,9 +105,18 @@ def run_on_ray(units: list[list[Job]], spec: LoadSpec, group_size: int, address:
             ray.shutdown()
 
 
+@contextlib.contextmanager
+def _quiet(logger_name: str):
+    log = logging.getLogger(logger_name)
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
 def _last_line(e: BaseException) -> str:
     """The worker's own exception line out of Ray's wrapped traceback."""
     lines = [s for s in str(e).strip().splitlines() if s.strip()]
-    from .jobs import escape
-
     return escape(lines[-1].strip() if lines else type(e).__name__, 300)
