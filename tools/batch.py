@@ -71,14 +71,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ..batch import run_batch as batch
+    from ..batch import BatchError, run_batch as batch
     from ..batch.jobs import escape
     from .generate import check_checkpoint
     from .progress import progress_enabled
 
     check_usage(args)
     if not args.jobs.is_file():
-        raise UsageError(f"jobs file not found: {args.jobs}")
+        raise BatchError(f"jobs file not found: {args.jobs}")
     if args.ray in (None, "local"):  # a remote cluster's workers may see other files than this machine
         check_checkpoint(Path(args.checkpoint), args.config, args.vae)
 
