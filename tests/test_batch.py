@@ -245,3 +245,14 @@ def test_local_ray_declares_cpus_beyond_the_actors(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     assert ray_run.connect(FakeRay, "local", 3) is True
     assert calls[0]["num_cpus"] >= 3 + 1 and calls[0]["num_gpus"] == 0
+
+
+def test_throughput_script_writes_a_record(tmp_path):
+    from tritonsd.batch.throughput import main
+
+    out = tmp_path / "r.json"
+    assert main(["--checkpoint", "demo:sd1", "--size", "64", "--steps", "1", "--images", "3", "--group-sizes", "1",
+                 "2", "--device", "cpu", "--out", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert [r["group_size"] for r in record["rows"]] == [1, 2]
+    assert all(r["images"] == 3 and r["images_per_hour"] > 0 for r in record["rows"])
