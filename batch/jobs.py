@@ -10,7 +10,6 @@ generate``'s default; a missing seed (or A1111's -1) is derived from the id, so 
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
