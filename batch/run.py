@@ -87,8 +87,8 @@ def batch(jobs, out, checkpoint: str | os.PathLike | None = None, *, config=None
     with OutputDir(out) as output:
         done = output.done_ids(j.id for j in job_list)
         previous = output.previous_rows()
-        kept = [{**previous.get(j.id, {"file": j.file, "seed": j.seed, "seconds": None}), "line": j.line,
-                 "id": j.id} for j in job_list if j.id in done]
+        kept = [{"line": j.line, "id": j.id, "file": j.file, "seed": j.seed,
+                 "seconds": previous.get(j.id, {}).get("seconds")} for j in job_list if j.id in done]
         output.start_results(kept)
         report.skipped = [j.id for j in job_list if j.id in done]
         for bad in rejected:
