@@ -4,7 +4,8 @@ driver without a model so that a bad line costs nothing and is reported by its l
 Fields: ``id`` (required: the output's file name), ``prompt``, ``negative_prompt``, ``seed``, ``steps``,
 ``sampler_name`` (A1111's "DPM++ 2M", the old "DPM++ 2M Karras", or ours "dpmpp_2m"), ``scheduler``
 ("Automatic", "Uniform", "Karras"), ``cfg_scale``, ``width``, ``height``, ``loras`` (a list of ``"FILE"``,
-``"FILE:W"``, ``"FILE:TE_W:UNET_W"`` or ``{"path": FILE, "weight": W}``). A missing field takes ``tritonsd
+``"FILE:W"``, ``"FILE:TE_W:UNET_W"`` or ``{"path": FILE, "weight": W}``; FILE relative to the current directory,
+else to the LoRA folder, with or without ``.safetensors``). A missing field takes ``tritonsd
 generate``'s default; a missing seed (or A1111's -1) is derived from the id, so a rerun gives the same image.
 """
 
