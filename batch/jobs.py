@@ -1,7 +1,8 @@
 """Job lines: one JSON object per line of ``JOBS.jsonl``, with AUTOMATIC1111's txt2img field names, checked on the
 driver without a model so that a bad line costs nothing and is reported by its line number.
 
-Fields: ``id`` (required: the output's file name), ``prompt``, ``negative_prompt``, ``seed``, ``steps``,
+Fields: ``id`` (required: the output's file name), ``prompt``, ``negative_prompt``, ``seed``, ``subseed``,
+``subseed_strength`` (A1111's variation seed), ``steps``,
 ``sampler_name`` (A1111's "DPM++ 2M", the old "DPM++ 2M Karras", or ours "dpmpp_2m"), ``scheduler``
 ("Automatic", "Uniform", "Karras"), ``cfg_scale``, ``width``, ``height``, ``loras`` (a list of ``"FILE"``,
 ``"FILE:W"``, ``"FILE:TE_W:UNET_W"`` or ``{"path": FILE, "weight": W}``; FILE relative to the current directory,
@@ -21,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-FIELDS = ("id", "prompt", "negative_prompt", "seed", "steps", "sampler_name", "scheduler", "cfg_scale", "width",
-          "height", "loras")
+FIELDS = ("id", "prompt", "negative_prompt", "seed", "subseed", "subseed_strength", "steps", "sampler_name",
+          "scheduler", "cfg_scale", "width", "height", "loras")
 # GenerationSettings field -> the job field a SettingsError names
 JOB_FIELD = {"sampler": "sampler_name", "karras": "scheduler"}
 MAX_ID_BYTES = 200  # "<id>.png" and its temporary name stay under the usual 255-byte file-name limit
@@ -64,7 +65,8 @@ class Job:
         s = self.settings
         return {"line": self.line, "id": self.id, "loras": [list(x) for x in self.loras],
                 "settings": {f: getattr(s, f) for f in ("prompt", "negative_prompt", "sampler", "karras", "steps",
-                                                         "cfg_scale", "seed", "width", "height")}}
+                                                         "cfg_scale", "seed", "subseed", "subseed_strength", "width",
+                                                         "height")}}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Job":
@@ -212,8 +214,10 @@ def parse_job(fields, line: int, *, lora_dir: Path | None = None, base: Path | N
     seed = fields.get("seed")
     if seed is None or (seed == -1 and not isinstance(seed, bool)):
         seed = seed_from_id(job_id)
-    given = {k: fields[k] for k in ("prompt", "negative_prompt", "steps", "cfg_scale", "width", "height")
-             if fields.get(k) is not None}
+    given = {k: fields[k] for k in ("prompt", "negative_prompt", "steps", "cfg_scale", "width", "height", "subseed",
+                                    "subseed_strength") if fields.get(k) is not None}
+    if given.get("subseed") == -1 and not isinstance(given["subseed"], bool):
+        given["subseed"] = seed_from_id(job_id + "\0subseed")  # A1111's "random": derived, as the seed
     if sampler is not None:
         given["sampler"] = sampler
     try:

@@ -3,9 +3,9 @@
 Each dataset row is one unit (a JSON list of jobs), in its own block so the actors share the work; an actor
 returns one row per job with the PNG bytes, and the driver writes the files, so the workers need no shared
 storage. The actor pool's size (its ``concurrency``) is ``--workers`` or the cluster's GPU count (1 on a cluster
-without GPUs); each actor takes one GPU when the cluster has any (``num_gpus=1``) and one logical CPU. A local cluster (``--ray local``)
-declares enough logical CPUs for the actors plus Ray Data's own read and output tasks, so those never wait
-behind an actor that holds the last CPU.
+without GPUs); each actor takes one GPU when the cluster has any (``num_gpus=1``) and one logical CPU. A local
+cluster (``--ray local``) declares enough logical CPUs for the actors plus Ray Data's own read and output tasks,
+so those never wait behind an actor that holds the last CPU.
 """
 
 from __future__ import annotations

@@ -52,7 +52,8 @@ def local_results(units: list[list[Job]], spec: LoadSpec | None, group_size: int
 
 
 def batch(jobs, out, checkpoint: str | os.PathLike | None = None, *, config=None, vae=None, text_heads=None,
-          parameterization=None, lora_dir=None, device=None, dtype=None, kernels: str = "auto",
+          parameterization=None, lora_dir=None, embeddings_dir=None, device=None, dtype=None,
+          kernels: str = "auto",
           group_size: int = 1, ray: str | None = None, workers: int | None = None, pipe=None,
           progress: bool = False, on_result: Callable[[Result | Rejected], None] | None = None) -> BatchReport:
     """Run ``jobs`` (a JSONL file's path, or an iterable of JSON lines / dicts) into ``out``.
@@ -81,8 +82,8 @@ def batch(jobs, out, checkpoint: str | os.PathLike | None = None, *, config=None
         job_list, rejected = read_jobs(jobs, lora_dir=lora_dir_path)
     spec = None if pipe is not None else LoadSpec(
         checkpoint=_path_text(checkpoint), config=_path_text(config), vae=_path_text(vae), text_heads=text_heads,
-        parameterization=parameterization, lora_dir=str(lora_dir_path) if lora_dir_path else None, device=device,
-        dtype=dtype, kernels=kernels)
+        parameterization=parameterization, lora_dir=str(lora_dir_path) if lora_dir_path else None,
+        embeddings_dir=_path_text(embeddings_dir), device=device, dtype=dtype, kernels=kernels)
     report = BatchReport(Path(out))
     with OutputDir(out) as output:
         done = output.done_ids(j.id for j in job_list)

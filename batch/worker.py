@@ -31,6 +31,7 @@ class LoadSpec:
     text_heads: int | None = None
     parameterization: str | None = None
     lora_dir: str | None = None
+    embeddings_dir: str | None = None
     device: str | None = None
     dtype: str | None = None
     kernels: str = "auto"
@@ -40,7 +41,7 @@ class LoadSpec:
 
         return load(self.checkpoint, self.config, device=self.device, dtype=self.dtype, kernels=self.kernels,
                     vae=self.vae, text_heads=self.text_heads, parameterization=self.parameterization,
-                    lora_dir=self.lora_dir)
+                    lora_dir=self.lora_dir, embeddings_dir=self.embeddings_dir)
 
 
 @dataclass
@@ -161,28 +162,41 @@ class BatchWorker:
             settings, noise, cond = first, None, padded[0].cond  # exactly Pipeline.generate's calls
         else:
             settings = dataclasses.replace(first, batch_size=len(padded))
-            noise = StackedNoise([job_noise(r.settings.seed, pipe.device) for r in padded])
+            shape = pipe.latent_shape(first)
+            noise = StackedNoise([job_noise(r.settings, shape, pipe.device) for r in padded])
             cond = _stack_conditioning([r.cond for r in padded])
         latents = pipe.prepare_latents(settings, noise)
         return _Sampled(batch, pipe.denoise(latents, cond, settings))
 
     def images(self, sampled: _Sampled) -> list:
         """PIL images of the real rows, each with its own job's infotext and seed."""
-        pixels = self.pipe.decode(sampled.latents).cpu()  # [group_size, 3, H, W]
-        return [self.pipe.to_pil(pixels[i: i + 1], row.settings)[0] for i, row in enumerate(sampled.rows)]
+        pipe = self.pipe
+        pixels = pipe.decode(sampled.latents).cpu()  # [group_size, 3, H, W]
+        images = []
+        for i, row in enumerate(sampled.rows):
+            # The infotext's "TI hashes" are those of the Pipeline's last encode; here each row has its own
+            # encode (the Pipeline offers no per-image field for them yet).
+            if hasattr(pipe, "_ti_hashes"):
+                pipe._ti_hashes = getattr(row.cond, "ti_hashes", None)
+            images.append(pipe.to_pil(pixels[i: i + 1], row.settings)[0])
+        return images
 
 
 def _cond_shape(cond) -> tuple:
+    """What rows must share to be stacked: per-step tables or not, and every tensor's shape (cond and uncond
+    may differ in token length; each side must match across rows)."""
     sides = [cond.cond] + ([cond.uncond] if cond.uncond is not None else [])
-    return tuple((k, tuple(v.shape)) for side in sides for k, v in sorted(side.items()))
+    per_step = getattr(cond, "per_step", False)
+    return (per_step, *((k, tuple(v.shape)) for side in sides for k, v in sorted(side.items())))
 
 
 def _stack_conditioning(conds: list):
-    """One Conditioning of len(conds) rows from one-row ones (same shapes, same CFG)."""
+    """One Conditioning of len(conds) rows from one-row ones (same ``_cond_shape``)."""
     first = conds[0]
+    axis = 1 if getattr(first, "per_step", False) else 0  # per-step tables are [calls, B, ...]
 
     def cat(sides: list[dict]) -> dict:
-        return {k: torch.cat([s[k] for s in sides]) for k in sides[0]}  # n x [1, ...] -> [n, ...]
+        return {k: torch.cat([s[k] for s in sides], dim=axis) for k in sides[0]}  # n x [1, ...] -> [n, ...]
 
     uncond = None if first.uncond is None else cat([c.uncond for c in conds])
     return dataclasses.replace(first, cond=cat([c.cond for c in conds]), uncond=uncond)

@@ -41,7 +41,7 @@ def rows_by_line(out: Path) -> dict[int, dict]:
 
 def test_seed_missing_or_minus_one_comes_from_the_id():
     jobs, bad = read_jobs(lines({"id": "fox"}, {"id": "owl", "seed": -1}, {"id": "cat", "seed": 12}))
-    assert not bad
+    assert not bad and jobs[2].settings.subseed is None
     expect = {i: int(hashlib.sha256(i.encode()).hexdigest()[:8], 16) for i in ("fox", "owl")}
     assert [j.seed for j in jobs] == [expect["fox"], expect["owl"], 12]
 
@@ -120,7 +120,8 @@ def test_across_group_sizes_latents_agree_within_1e5(pipe):
     """Within 1e-5 of the latents' scale: this random-weight model's latents reach ~100 after 2 steps, where
     float32 keeps ~7 digits, so summation order alone moves them by a few 1e-4 absolute (a real model's
     latents are O(1))."""
-    jobs, _ = read_jobs(lines({"id": "a", "prompt": "a red car", "seed": 3, **SMALL, "sampler_name": "Euler a"},
+    jobs, _ = read_jobs(lines({"id": "a", "prompt": "a red car", "seed": 3, **SMALL, "sampler_name": "Euler a",
+                               "subseed": 9, "subseed_strength": 0.4},
                               {"id": "b", "prompt": "a very long winding road", "seed": 4, **SMALL,
                                "sampler_name": "Euler a"},
                               {"id": "c", "prompt": "", "negative_prompt": "x", **SMALL, "sampler_name": "Euler a"}))
@@ -133,6 +134,22 @@ def test_across_group_sizes_latents_agree_within_1e5(pipe):
         scale = alone.abs().max().item()
         assert (together.latents[i: i + 1] - alone).abs().max().item() <= 1e-5 * scale, job.id
     assert (together.latents[0] - together.latents[1]).abs().max() > 0.1  # each row its own job
+
+
+def test_prompt_editing_rows_share_a_batch(pipe):
+    """Prompts with ``[from:to:when]`` carry per-step tables [calls, 1, ...]: stacked along the batch axis."""
+    jobs, _ = read_jobs(lines(*[{"id": f"e{i}", "prompt": f"[a cat:a dog:1] number {i}", "seed": i, **SMALL,
+                                 "sampler_name": "Euler"} for i in range(2)],
+                              {"id": "plain", "prompt": "a cat", "seed": 5, **SMALL, "sampler_name": "Euler"}))
+    grouped = BatchWorker(pipe, 2)
+    rows = [grouped._prepare(j) for j in jobs]
+    assert [r.cond.per_step for r in rows] == [True, True, False]
+    assert [[r.job.id for r in b] for b in grouped._batches(rows)] == [["e0", "e1"], ["plain"]]
+    together = grouped.sample(rows[:2]).latents
+    single = BatchWorker(pipe, 1)
+    for i, job in enumerate(jobs[:2]):
+        alone = single.sample([single._prepare(job)]).latents
+        assert (together[i: i + 1] - alone).abs().max().item() <= 1e-5 * alone.abs().max().item(), job.id
 
 
 def test_at_a_fixed_group_size_an_image_does_not_depend_on_its_companions(pipe, tmp_path):

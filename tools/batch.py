@@ -33,6 +33,8 @@ def add_parser(subparsers) -> None:
     model.add_argument("--parameterization", choices=("eps", "v"), default=None)
     model.add_argument("--lora-dir", type=Path, default=None, metavar="DIR",
                        help="where <lora:name:w> in prompts and bare names in \"loras\" are looked up")
+    model.add_argument("--embeddings-dir", type=Path, default=None, metavar="DIR",
+                       help="textual-inversion embeddings, used where a prompt names their file")
     run_ = p.add_argument_group("runtime")
     run_.add_argument("--group-size", type=int, default=1, metavar="N",
                       help="up to N jobs of one size and sampler settings share a UNet batch (default: 1)")
@@ -81,6 +83,8 @@ def _run(args: argparse.Namespace) -> int:
         raise BatchError(f"jobs file not found: {args.jobs}")
     if args.ray in (None, "local"):  # a remote cluster's workers may see other files than this machine
         check_checkpoint(Path(args.checkpoint), args.config, args.vae)
+        if args.embeddings_dir is not None and not args.embeddings_dir.is_dir():
+            raise BatchError(f"embeddings folder not found: {args.embeddings_dir}")
 
     def report_line(result) -> None:
         if result.error is not None and not args.quiet:
@@ -89,6 +93,7 @@ def _run(args: argparse.Namespace) -> int:
 
     report = batch(args.jobs, args.out, args.checkpoint, config=args.config, vae=args.vae,
                    text_heads=args.text_heads, parameterization=args.parameterization, lora_dir=args.lora_dir,
+                   embeddings_dir=args.embeddings_dir,
                    device=args.device, dtype=args.dtype, kernels=args.kernels, group_size=args.group_size,
                    ray=args.ray, workers=args.workers, progress=progress_enabled(args.quiet),
                    on_result=report_line)
