@@ -98,7 +98,9 @@ def batch(jobs, out, checkpoint: str | os.PathLike | None = None, *, config=None
             if on_result:
                 on_result(bad)
         units = make_units([j for j in job_list if j.id not in done], group_size)
-        if ray is None:
+        if not units:
+            results = iter(())  # nothing left: no model load, no cluster
+        elif ray is None:
             results = local_results(units, spec, group_size, pipe)
         else:
             from .ray_run import run_on_ray

@@ -273,3 +273,13 @@ def test_throughput_script_writes_a_record(tmp_path):
     record = json.loads(out.read_text())
     assert [r["group_size"] for r in record["rows"]] == [1, 2]
     assert all(r["images"] == 3 and r["images_per_hour"] > 0 for r in record["rows"])
+
+
+def test_tritonsd_batch_is_callable_before_and_after_import():
+    import subprocess
+    import sys
+
+    code = ("import tritonsd; a = tritonsd.batch; import tritonsd.batch.run; b = tritonsd.batch; "
+            "print(callable(a), a is b, a.seed_from_id('fox') == b.seed_from_id('fox'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["True", "True", "True"], out.stderr
