@@ -68,29 +68,36 @@ TESTS_CUDA = ("tests/test_graph.py::test_graph_replay_equals_eager_loop_cuda "
               "tests/test_pipeline_graph.py::test_graph_loop_equals_eager_cuda "
               "tests/test_pipeline_graph.py::test_moved_weights_get_a_new_runner_cuda "
               "tests/test_lora_pipeline.py::test_switching_under_cuda_graphs_captures_once")
+UNTUNED = "TRITONSD_AUTOTUNE=0"  # correctness runs: one config per kernel variant (no tuning, a third of the compiles)
 E2E = "python3 -m tritonsd.tools.cli bench e2e --git-commit {commit} --steps 20 --repeat 10 --sampler dpmpp_2m"
 
 STAGES = (
     Stage(0, "precompile", "compile every kernel variant stages 1-4 need, in parallel on all cores (no GPU work)",
           ("python3 -m tritonsd.tools.cli warmup --model sd15 --size 512x512 --batch 1,2 --dtype fp16",
-           "python3 -m tritonsd.tools.cli warmup {fix}/sd1-tiny.safetensors --size 64x64 --batch 1,2 --dtype fp32",
-           "python3 -m tritonsd.tools.cli warmup {fix}/sd1-tiny.safetensors --size 128x128 --batch 1,2 --dtype fp16",
-           "python3 -m tritonsd.tools.cli warmup {fix}/sd1-tiny.safetensors --size 128x128 --batch 1,2 --dtype bf16"),
+           f"{UNTUNED} python3 -m tritonsd.tools.cli warmup {{fix}}/sd1-tiny.safetensors --size 128x128 "
+           "--batch 2 --dtype fp32 --no-vae",
+           f"{UNTUNED} python3 -m tritonsd.tools.cli warmup {{fix}}/sd1-tiny.safetensors --size 64x64 "
+           "--batch 2,4 --dtype fp16",
+           f"{UNTUNED} python3 -m tritonsd.tools.cli warmup {{fix}}/sd1-tiny.safetensors --size 128x128 "
+           "--batch 2 --dtype fp16",
+           f"{UNTUNED} python3 -m tritonsd.tools.cli warmup {{fix}}/sd1-tiny.safetensors --size 128x128 "
+           "--batch 2 --dtype bf16"),
           run_s="precompile", processes=4),
     Stage(1, "kernels-fp16", "fp16 correctness of every kernel at SD 1.5 shapes vs torch (fresh random inputs, "
                              "outputs poisoned first, relative error <= 1e-2)",
           ("python3 -m tritonsd.bench.gpu_correctness --dtype fp16 --models sd15-512,text --git-commit {commit} "
            "--json {json}",), tunes=("sd15-fp16",), run_s="correctness"),
-    Stage(2, "parity", "GPU parity of the tiny fixtures: fp32 within 1e-4 (tritonsd parity), fp16 / bf16 within "
+    Stage(2, "parity", "GPU parity of the tiny fixtures: the fp32 set (text and UNet of sd1-tiny) within 1e-4 "
+                       "(tritonsd parity), the whole model in fp16 / bf16 within "
                        "the half-precision bounds (test_precision)",
-          ("python3 -m tritonsd.tools.cli parity {fix}/sd1-tiny.safetensors --reference "
-           "{fix}/sd1-tiny.reference.safetensors --device cuda --json {json}",
-           "python3 -m pytest -q -p no:cacheprovider tests/test_precision.py -k half_model_close_to_float32_cuda "
-           "--junitxml {xml}"),
-          tunes=("tiny-fp32", "tiny-half"), run_s="parity", processes=2),
+          (f"{UNTUNED} python3 -m tritonsd.tools.cli parity {{fix}}/sd1-tiny.safetensors --reference "
+           "{fix}/sd1-tiny.reference.safetensors --device cuda --only tokens,text,unet --json {json}",
+           f"{UNTUNED} python3 -m pytest -q -p no:cacheprovider tests/test_precision.py -k "
+           "half_model_close_to_float32_cuda --junitxml {xml}"),
+          run_s="parity", processes=2),
     Stage(3, "cuda-tests", "pytest: CUDA-graph replay == eager, LoRA switching under graphs captures once",
-          (f"python3 -m pytest -q -p no:cacheprovider {TESTS_CUDA} --junitxml {{xml}}",),
-          tunes=("tiny-fp32",), run_s="cuda_tests"),
+          (f"{UNTUNED} python3 -m pytest -q -p no:cacheprovider {TESTS_CUDA} --junitxml {{xml}}",),
+          run_s="cuda_tests"),
     Stage(4, "e2e-sd15", "SD 1.5 512x512 batch 1: tritonsd (graph) vs diffusers eager; warm-up (compile + tuning) "
                          "recorded apart from the first image",
           (f"{E2E} --model sd15 --batch 1 --impl tritonsd-graph --impl diffusers-eager --json {{json}}",),
@@ -107,6 +114,7 @@ STAGES = (
           run_s="e2e_sd21_sdxl"),
 )
 PRECOMPILED = ("sd15-fp16", "tiny-fp32", "tiny-half")  # what stage 0 compiles
+UNTUNED_GROUPS = ("tiny-fp32", "tiny-half")  # compiled and run with TRITONSD_AUTOTUNE=0
 
 
 def stage_by_number(n: int) -> Stage:
@@ -275,9 +283,13 @@ def count_groups(only: list[str] | None = None) -> dict:
         "sd21-fp16": lambda: variants.model_launches(variants.released("sd21"), [(768, 768)], (2,), fp16),
         "sdxl-fp16": lambda: variants.model_launches(variants.released("sdxl"), [(1024, 1024)], (2,), fp16),
         "bench-sd21-fp16": lambda: variants.model_launches(variants.released("sd21"), [(768, 768)], (2,), fp16),
-        "tiny-fp32": lambda: variants.model_launches(_tiny_config(), [(64, 64)], (1, 2), fp32),
-        "tiny-half": lambda: (variants.model_launches(_tiny_config(), [(128, 128)], (1, 2), fp16)
-                              + variants.model_launches(_tiny_config(), [(128, 128)], (1, 2), bf16)),
+        # untuned (TRITONSD_AUTOTUNE=0): the fp32 parity set (sd1-tiny's text and UNet at 128 px, batch 2: fp32
+        # convolutions compile slowly); the CUDA tests in fp16 (64 px) and the half-precision model test (fp16 /
+        # bf16 at 128 px)
+        "tiny-fp32": lambda: variants.model_launches(_tiny_config(), [(128, 128)], (2,), fp32, vae=False),
+        "tiny-half": lambda: (variants.model_launches(_tiny_config(), [(64, 64)], (2, 4), fp16)
+                              + variants.model_launches(_tiny_config(), [(128, 128)], (2,), fp16)
+                              + variants.model_launches(_tiny_config(), [(128, 128)], (2,), bf16)),
     }
     out = {}
     for name, launches_of in groups.items():
@@ -286,7 +298,10 @@ def count_groups(only: list[str] | None = None) -> dict:
         launches = launches_of()
         unique = variants.unique(launches)
         tasks: dict = {}
+        untuned = name in UNTUNED_GROUPS
         for t in precompile.tasks_for(unique, ["sm_90"]):
+            if untuned and t.config not in (None, 0):
+                continue  # TRITONSD_AUTOTUNE=0: the first shipped config only
             dtype = _dtype(t.launch)
             kernel = t.launch.module.rsplit(".", 1)[-1]
             tasks.setdefault(dtype, {}).setdefault(kernel, 0)
@@ -296,7 +311,7 @@ def count_groups(only: list[str] | None = None) -> dict:
         for la in keys:
             kernel = la.resolve()
             n = len(getattr(kernel, "configs", ()) or ())
-            configs += n if n > 1 else 0
+            configs += n if n > 1 and not untuned else 0
         out[name] = {"variants": len(unique), "tasks": tasks, "tuning_keys": sum(1 for la in keys if la.tuning_key()),
                      "tuning_configs": configs}
     return out
