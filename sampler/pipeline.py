@@ -111,6 +111,8 @@ class Pipeline:
         if embeddings_dir is not None:
             self.load_embeddings(embeddings_dir)
         self._ti_hashes: str | None = None  # of the last encode, for the infotext
+        self.auto_warmup = True  # on CUDA with the Triton kernels: compile and tune new shapes before their run
+        self._warmed: set[tuple] = set()
 
     # ------------------------------------------------------------ facts
 
@@ -211,6 +213,30 @@ class Pipeline:
         specs = self._loras + [LoraSpec(find_lora(name, self.lora_dir), te, unet) for name, te, unet in tags]
         self._apply_loras(specs)
         return text
+
+    # ------------------------------------------------------------ kernels: compile and tune before the run
+
+    def warmup(self, sizes: list[tuple[int, int]] | None = None, batches=(1, 2), jobs: int | None = None):
+        """Compile every Triton kernel variant the UNet, VAE and text towers need at ``sizes`` ((height, width)
+        pixels; default: the family's size) and UNet ``batches``, in parallel across the CPU's cores into
+        Triton's on-disk cache, then time each autotune key once into the persistent tuning cache
+        (``kernels/warmup.py``). On CUDA with the Triton kernels only; returns its ``WarmupReport`` or None.
+        ``generate`` does this by itself for each new shape (``auto_warmup``)."""
+        if self.device.type != "cuda" or self.kernels == "torch" or dispatch.current_backend() == "torch":
+            return None
+        from ..kernels.warmup import warmup
+        from .settings import default_size
+
+        size = default_size(self.config)
+        return warmup(self.config, sizes=sizes or [(size, size)], batches=batches, dtype=self.dtype,
+                      device=self.device, model=self.model, jobs=jobs)
+
+    def _warm(self, settings: GenerationSettings) -> None:
+        batches = (settings.batch_size, 2 * settings.batch_size)  # CFG runs both halves in one batch
+        key = (settings.height, settings.width, batches)
+        if self.auto_warmup and key not in self._warmed:
+            self.warmup([(settings.height, settings.width)], batches)
+            self._warmed.add(key)
 
     # ------------------------------------------------------------ stage 1: text
 
@@ -429,7 +455,9 @@ class Pipeline:
 
     def generate(self, settings: GenerationSettings, callback: StepCallback | None = None,
                  noise: NoiseSource | None = None) -> torch.Tensor:
-        """Images [B, 3, H, W] in [0, 1], float32 on the CPU, for resolved ``settings``."""
+        """Images [B, 3, H, W] in [0, 1], float32 on the CPU, for resolved ``settings`` (on CUDA, a new shape's
+        kernels are compiled and tuned first: ``warmup``)."""
+        self._warm(settings)
         cond = self.encode(settings)
         latents = self.prepare_latents(settings, noise)
         x = self.denoise(latents, cond, settings, callback)
