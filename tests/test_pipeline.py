@@ -11,7 +11,6 @@ import math
 import pytest
 import torch
 
-from tritonsd.model.sd import load_model
 from tritonsd.sampler import pipeline as P
 from tritonsd.sampler import registry
 from tritonsd.sampler import schedule as S
@@ -31,19 +30,6 @@ SMALL = dict(width=64, height=64)  # latent 8x8: the smallest size the tiny SD1 
 def check(actual, ref, what, bound=FP32_BOUND):
     err = relative_error(actual, ref)
     assert err <= bound, f"{what}: relative error {err:.3g} > {bound}"
-
-
-@pytest.fixture(scope="module")
-def pipes(fixtures):
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            cache[name] = P.Pipeline(load_model(fixtures / f"{name}.safetensors", fixtures / f"{name}.yaml",
-                                                text_heads=2))
-        return cache[name]
-
-    return get
 
 
 @pytest.fixture(scope="module")

@@ -8,23 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tritonsd.model.sd import load_model
 from tritonsd.sampler import pipeline as P
 from tritonsd.sampler.graph import GraphRunner, tables_on_device
 from tritonsd.sampler.wiring import sigma_denoiser
-
-
-@pytest.fixture(scope="module")
-def pipes(fixtures):
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            cache[name] = P.Pipeline(load_model(fixtures / f"{name}.safetensors", fixtures / f"{name}.yaml",
-                                                text_heads=2))
-        return cache[name]
-
-    return get
 
 
 def a1111_entry(schedule: list, step: int) -> int:

@@ -64,15 +64,6 @@ def check_usage(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    # As in generate: under ``python -m tritonsd.tools.cli`` the running cli is a second module object.
-    try:
-        return _run(args)
-    except UsageError as e:
-        print(f"tritonsd batch: error: {e}", file=sys.stderr)
-        return 2
-
-
-def _run(args: argparse.Namespace) -> int:
     from ..batch import BatchError, run_batch as batch
     from ..batch.jobs import escape
     from .generate import check_checkpoint

@@ -267,16 +267,6 @@ def open_image(path: Path, what: str):
 
 
 def run(args: argparse.Namespace) -> int:
-    # Usage errors are reported here rather than by cli.main: under ``python -m tritonsd.tools.cli`` the running
-    # cli is ``__main__``, a second module object whose UsageError is another class than the one imported here.
-    try:
-        return _run(args)
-    except UsageError as e:
-        print(f"tritonsd generate: error: {e}", file=sys.stderr)
-        return 2
-
-
-def _run(args: argparse.Namespace) -> int:
     from ..sampler.settings import check_rng_device
 
     check_usage(args)
