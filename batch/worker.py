@@ -173,12 +173,8 @@ class BatchWorker:
         pipe = self.pipe
         pixels = pipe.decode(sampled.latents).cpu()  # [group_size, 3, H, W]
         images = []
-        for i, row in enumerate(sampled.rows):
-            # The infotext's "TI hashes" are those of the Pipeline's last encode; here each row has its own
-            # encode (the Pipeline offers no per-image field for them yet).
-            if hasattr(pipe, "_ti_hashes"):
-                pipe._ti_hashes = getattr(row.cond, "ti_hashes", None)
-            images.append(pipe.to_pil(pixels[i: i + 1], row.settings)[0])
+        for i, row in enumerate(sampled.rows):  # each row has its own encode (and so its own TI hashes)
+            images.append(pipe.to_pil(pixels[i: i + 1], row.settings, row.cond)[0])
         return images
 
 

@@ -473,8 +473,9 @@ class Pipeline:
 
     # ------------------------------------------------------------ images out
 
-    def infotext(self, settings: GenerationSettings, index: int = 0) -> str:
-        """AUTOMATIC1111's ``parameters`` text of image ``index``."""
+    def infotext(self, settings: GenerationSettings, index: int = 0, conditioning: Conditioning | None = None) -> str:
+        """AUTOMATIC1111's ``parameters`` text of image ``index`` (its TI hashes from ``conditioning``, else from
+        this pipeline's last ``encode``)."""
         s = settings
         spec = registry.get(s.sampler)
         source = getattr(self.model, "source", None)
@@ -488,19 +489,22 @@ class Pipeline:
                  "Clip skip": s.clip_skip if s.clip_skip > 1 else None,
                  "RNG": infotext_rng(s.rng),
                  "Schedule type": spec.a1111_schedule(s.karras),
-                 "TI hashes": self._ti_hashes if s.prompt_syntax == "a1111" else None,
+                 "TI hashes": (conditioning.ti_hashes if conditioning is not None else self._ti_hashes)
+                 if s.prompt_syntax == "a1111" else None,
                  "Lora hashes": self.lora_report.lora_hashes or None if self.lora_report is not None else None}
         return Infotext(prompt=s.prompt, negative_prompt=s.negative_prompt, steps=s.steps,
                         sampler=spec.a1111_name, cfg_scale=s.cfg_scale, seed=s.seed + index, width=s.width,
                         height=s.height, model_hash=self.model_hash, model=self.name, extra=extra).render()
 
-    def to_pil(self, images: torch.Tensor, settings: GenerationSettings) -> list:
+    def to_pil(self, images: torch.Tensor, settings: GenerationSettings,
+               conditioning: Conditioning | None = None) -> list:
+        """PIL images with ``info["parameters"]`` (the infotext) and ``info["seed"]``."""
         from .infotext import to_pil
 
         out = []
         for i, image in enumerate(images):
             pil = to_pil(image)
-            pil.info["parameters"] = self.infotext(settings, i)
+            pil.info["parameters"] = self.infotext(settings, i, conditioning)
             pil.info["seed"] = settings.seed + i
             out.append(pil)
         return out
