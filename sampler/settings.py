@@ -247,7 +247,7 @@ def side_multiple(config) -> int:
     return vae_factor(config)
 
 
-SIDE_RULE = "a multiple of 8"  # side_multiple for the released layouts, for help texts
+SIDE_RULE = f"a multiple of {VAE_FACTOR_MULTIPLE}"  # side_multiple of every released VAE, for help texts
 
 
 def _side(name: str, value: int, multiple: int, config) -> int:
