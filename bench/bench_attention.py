@@ -7,7 +7,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from .harness import Case, case_generator, run_case, script_main
+from .harness import Case, case_generator, run_cases, script_main
 from .sd_shapes import BATCH, CONTEXT, MODELS, TEXT
 
 from ..kernels.attention import attention_reference, attention_triton
@@ -89,11 +89,7 @@ def implementations() -> dict:
 
 def bench(dtype: torch.dtype, model: str | None = None) -> list[dict]:
     impls = implementations()
-    rows = []
-    for case in cases():
-        if model is None or case.model == model:
-            rows += run_case(case, impls, REFERENCE, dtype)
-    return rows
+    return run_cases(cases(), impls, REFERENCE, dtype, model)
 
 
 if __name__ == "__main__":

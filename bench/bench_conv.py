@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from .harness import Case, case_generator, run_case, script_main
+from .harness import Case, case_generator, run_cases, script_main
 from .sd_shapes import BATCH, MODELS, VAE_LEVELS
 
 from ..kernels.conv import conv2d_reference, conv2d_triton
@@ -71,11 +71,7 @@ def bench(dtype: torch.dtype, model: str | None = None) -> list[dict]:
         "cudnn+torch-epilogue": conv2d_reference,
         "cudnn-channels-last+epi": channels_last(conv2d_reference),
     }
-    rows = []
-    for case in cases():
-        if model is None or case.model == model:
-            rows += run_case(case, impls, REFERENCE, dtype)
-    return rows
+    return run_cases(cases(), impls, REFERENCE, dtype, model)
 
 
 if __name__ == "__main__":

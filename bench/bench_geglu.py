@@ -6,7 +6,7 @@ import sys
 
 import torch
 
-from .harness import Case, case_generator, run_case, script_main
+from .harness import Case, case_generator, run_cases, script_main
 from .sd_shapes import BATCH, MODELS
 
 from ..kernels.geglu import geglu_reference, geglu_triton
@@ -36,11 +36,7 @@ def bench(dtype: torch.dtype, model: str | None = None) -> list[dict]:
         impls["torch-compile"] = compiled
     except Exception:  # noqa: BLE001 - torch.compile is an optional peer
         pass
-    rows = []
-    for case in cases():
-        if model is None or case.model == model:
-            rows += run_case(case, impls, REFERENCE, dtype)
-    return rows
+    return run_cases(cases(), impls, REFERENCE, dtype, model)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from .harness import Case, case_generator, run_case, script_main
+from .harness import Case, case_generator, run_cases, script_main
 from .sd_shapes import BATCH, MODELS, VAE_LEVELS
 
 from ..kernels.group_norm import group_norm_reference, group_norm_triton
@@ -55,11 +55,7 @@ def bench(dtype: torch.dtype, model: str | None = None) -> list[dict]:
         "torch-eager-fp32-stats": lambda x, w, b: group_norm_reference(x, w, b, 32, 1e-5, silu=True),
         "torch-eager-native": lambda x, w, b: F.silu(F.group_norm(x, 32, w, b, 1e-5)),
     }
-    rows = []
-    for case in cases():
-        if model is None or case.model == model:
-            rows += run_case(case, impls, REFERENCE, dtype)
-    return rows
+    return run_cases(cases(), impls, REFERENCE, dtype, model)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from .harness import Case, case_generator, run_case, script_main
+from .harness import Case, case_generator, run_cases, script_main
 from .sd_shapes import BATCH, CONTEXT, MODELS, TEXT
 
 from ..kernels.layer_norm import layer_norm_reference, layer_norm_triton
@@ -39,11 +39,7 @@ def cases() -> list[Case]:
 def bench(dtype: torch.dtype, model: str | None = None) -> list[dict]:
     impls = {"triton": layer_norm_triton,
              "torch-eager": lambda x, w, b: F.layer_norm(x, (x.shape[-1],), w, b, 1e-5)}
-    rows = []
-    for case in cases():
-        if model is None or case.model == model:
-            rows += run_case(case, impls, REFERENCE, dtype)
-    return rows
+    return run_cases(cases(), impls, REFERENCE, dtype, model)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 
@@ -65,6 +65,16 @@ def require_cuda() -> torch.device:
 
 def to_float32(args: tuple) -> tuple:
     return tuple(a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+
+
+def run_cases(cases: Iterable[Case], impls: dict[str, Callable], reference: Callable, dtype: torch.dtype,
+              model: str | None = None) -> list[dict]:
+    """``run_case`` over the cases of ``model`` (all when None)."""
+    rows = []
+    for case in cases:
+        if model is None or case.model == model:
+            rows += run_case(case, impls, reference, dtype)
+    return rows
 
 
 def run_case(case: Case, impls: dict[str, Callable], reference: Callable, dtype: torch.dtype,
