@@ -150,9 +150,11 @@ class Recompute:
         return latent.shape[-2] * factor, latent.shape[-1] * factor
 
     def settings(self, x_T: torch.Tensor, **fields):
-        """Pipeline settings for a reference run from ``x_T`` [B, C, h, w] (batch and size) and ``fields``."""
+        """Pipeline settings for a reference run of the original scripts from ``x_T`` [B, C, h, w] (batch and size)
+        and ``fields``: their prompt encoding (one 77-token window, the text taken literally)."""
         height, width = self.image_size(x_T)
-        return self.pipe.settings(batch_size=x_T.shape[0], width=width, height=height, seed=0, **fields)
+        return self.pipe.settings(batch_size=x_T.shape[0], width=width, height=height, seed=0,
+                                  prompt_syntax="original", **fields)
 
 
 class StoredNoise:
