@@ -184,7 +184,7 @@ def detect_family(weights: dict[str, torch.Tensor], other_keys: Iterable[str] = 
         if clip_l and bigg and label_emb:
             return "sdxl"
         if has(SDXL_CLIP + "model.") and label_emb:
-            adm = weights[UNET + "label_emb.0.0.weight"].shape[1]
+            adm = _shape(weights, UNET + "label_emb.0.0.weight", MATRIX)[1]
             raise UnsupportedModelError(f"SDXL refiner is not supported yet: found {SDXL_CLIP}model.* "
                                         f"(OpenCLIP bigG only) and label_emb (adm_in_channels {adm})")
         embedders = sorted({".".join(k.split(".")[:4]) for k in weights if k.startswith(SDXL_EMBEDDERS)})
@@ -218,11 +218,21 @@ def _inpainting(unet: UNetConfig) -> bool:
 # UNet and VAE shapes
 
 
-def _shape(weights: dict[str, torch.Tensor], key: str) -> torch.Size:
+CONV, MATRIX = (4,), (2,)  # the ranks a convolution's and a linear layer's weight have
+
+
+def _shape(weights: dict[str, torch.Tensor], key: str, ranks: tuple[int, ...]) -> torch.Size:
+    """The shape of ``weights[key]``, which must have one of ``ranks`` dimensions, none of them empty: a scalar
+    where a matrix belongs, zero channels or a wrong rank is one line naming the key and its shape."""
     try:
-        return weights[key].shape
+        shape = weights[key].shape
     except KeyError:
         raise ModelConfigError(f"missing tensor {key}") from None
+    if len(shape) not in ranks or 0 in shape:
+        want = " or ".join(f"{r}-D" for r in ranks)
+        raise ModelConfigError(f"{key} has shape {list(shape)}; a {want} tensor with no empty dimension was "
+                               "expected")
+    return shape
 
 
 def _indices(weights: dict[str, torch.Tensor], prefix: str) -> list[int]:
@@ -234,10 +244,10 @@ def _indices(weights: dict[str, torch.Tensor], prefix: str) -> list[int]:
 def unet_config_from_weights(weights: dict[str, torch.Tensor], family: str) -> UNetConfig:
     """UNet widths and layout from the shapes under ``model.diffusion_model.``; heads are left to ``_apply_heads``."""
     p = UNET
-    model_channels, in_channels = _shape(weights, p + "input_blocks.0.0.weight")[:2]
-    out_channels = _shape(weights, p + "out.2.weight")[0]
-    time_embed_dim = _shape(weights, p + "time_embed.0.weight")[0]
-    adm = _shape(weights, p + "label_emb.0.0.weight")[1] if p + "label_emb.0.0.weight" in weights else None
+    model_channels, in_channels = _shape(weights, p + "input_blocks.0.0.weight", CONV)[:2]
+    out_channels = _shape(weights, p + "out.2.weight", CONV)[0]
+    time_embed_dim = _shape(weights, p + "time_embed.0.weight", MATRIX)[0]
+    adm = _shape(weights, p + "label_emb.0.0.weight", MATRIX)[1] if p + "label_emb.0.0.weight" in weights else None
 
     # walk the input blocks: ResBlocks (optionally + SpatialTransformer) per level, a Downsample between levels
     levels: list[list[int]] = [[]]  # per level: input-block indices of its ResBlocks
@@ -251,7 +261,7 @@ def unet_config_from_weights(weights: dict[str, torch.Tensor], family: str) -> U
         raise ModelConfigError(f"UNet levels have different ResBlock counts ({[len(b) for b in levels]})")
     channel_mult, depth = [], []
     for blocks in levels:
-        out_ch = _shape(weights, p + f"input_blocks.{blocks[0]}.0.out_layers.3.weight")[0]
+        out_ch = _shape(weights, p + f"input_blocks.{blocks[0]}.0.out_layers.3.weight", CONV)[0]
         if out_ch % model_channels:
             raise ModelConfigError(f"UNet level width {out_ch} is not a multiple of model_channels {model_channels}")
         channel_mult.append(out_ch // model_channels)
@@ -264,32 +274,35 @@ def unet_config_from_weights(weights: dict[str, torch.Tensor], family: str) -> U
         raise UnsupportedModelError("not supported yet: a UNet middle block without a SpatialTransformer")
 
     t = p + "middle_block.1."
-    emb_out = _shape(weights, p + "input_blocks.1.0.emb_layers.1.weight")[0]
-    if emb_out != _shape(weights, p + "input_blocks.1.0.out_layers.3.weight")[0]:
+    emb_out = _shape(weights, p + "input_blocks.1.0.emb_layers.1.weight", MATRIX)[0]
+    if emb_out != _shape(weights, p + "input_blocks.1.0.out_layers.3.weight", CONV)[0]:
         raise UnsupportedModelError("not supported yet: a UNet with use_scale_shift_norm")
     return UNetConfig(
         in_channels=in_channels, out_channels=out_channels, model_channels=model_channels,
         channel_mult=tuple(channel_mult), num_res_blocks=counts.pop(), transformer_depth=tuple(depth),
         transformer_depth_middle=middle_depth,
-        context_dim=_shape(weights, t + "transformer_blocks.0.attn2.to_k.weight")[1],
-        use_linear_in_transformer=len(_shape(weights, t + "proj_in.weight")) == 2,
+        context_dim=_shape(weights, t + "transformer_blocks.0.attn2.to_k.weight", MATRIX)[1],
+        use_linear_in_transformer=len(_shape(weights, t + "proj_in.weight", MATRIX + CONV)) == 2,
         time_embed_dim=time_embed_dim, adm_in_channels=adm,
     )
 
 
 def vae_config_from_weights(weights: dict[str, torch.Tensor]) -> VAEConfig:
     p = VAE
-    ch, in_channels = _shape(weights, p + "encoder.conv_in.weight")[:2]
+    ch, in_channels = _shape(weights, p + "encoder.conv_in.weight", CONV)[:2]
     levels = _indices(weights, p + "encoder.down.")
     if not levels:
         raise ModelConfigError(f"no VAE encoder levels under {p}encoder.down.")
-    ch_mult = tuple(_shape(weights, p + f"encoder.down.{i}.block.0.conv2.weight")[0] // ch for i in levels)
-    z_channels = _shape(weights, p + "decoder.conv_in.weight")[1]
+    widths = [_shape(weights, p + f"encoder.down.{i}.block.0.conv2.weight", CONV)[0] for i in levels]
+    if any(w % ch for w in widths):
+        raise ModelConfigError(f"VAE level widths {widths} are not multiples of its base width {ch}")
+    ch_mult = tuple(w // ch for w in widths)
+    z_channels = _shape(weights, p + "decoder.conv_in.weight", CONV)[1]
     return VAEConfig(
-        in_channels=in_channels, out_ch=_shape(weights, p + "decoder.conv_out.weight")[0], ch=ch, ch_mult=ch_mult,
+        in_channels=in_channels, out_ch=_shape(weights, p + "decoder.conv_out.weight", CONV)[0], ch=ch, ch_mult=ch_mult,
         num_res_blocks=len(_indices(weights, p + "encoder.down.0.block.")), z_channels=z_channels,
-        embed_dim=_shape(weights, p + "post_quant_conv.weight")[1],
-        double_z=_shape(weights, p + "encoder.conv_out.weight")[0] == 2 * z_channels,
+        embed_dim=_shape(weights, p + "post_quant_conv.weight", CONV)[1],
+        double_z=_shape(weights, p + "encoder.conv_out.weight", CONV)[0] == 2 * z_channels,
         attn_levels=tuple(i for i in levels if p + f"encoder.down.{i}.attn.0.q.weight" in weights),
     )
 

@@ -89,10 +89,16 @@ class CondStageConfig:
 # Shapes from weights
 
 
-def _shape(weights: Mapping[str, torch.Tensor], key: str) -> tuple[int, ...]:
+def _shape(weights: Mapping[str, torch.Tensor], key: str) -> tuple[int, int]:
+    """A 2-D weight's shape (every text-tower weight read for the config is a matrix); a scalar, a wrong rank
+    or an empty dimension is one line naming the key and its shape."""
     if key not in weights:
         raise TextConfigError(f"text encoder weight {key!r} is missing from the checkpoint")
-    return tuple(weights[key].shape)
+    shape = tuple(weights[key].shape)
+    if len(shape) != 2 or 0 in shape:
+        raise TextConfigError(f"text encoder weight {key} has shape {list(shape)}; a 2-D tensor with no empty "
+                              "dimension was expected")
+    return shape
 
 
 def _count_blocks(weights: Mapping[str, torch.Tensor], block_prefix: str) -> int:

@@ -3,6 +3,8 @@ fixtures' READMEs and the original schedule formula; clear errors for what is no
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -248,3 +250,27 @@ def test_detect_config_takes_normalised_keys_once(raw):
     assert [type(e).__name__ for e in a.cond_stage.embedders] == ["TextEncoderConfig"] * 2 + ["SizeEmbedderConfig"] * 3
     assert a.cond_stage.input_keys == ("txt", "txt", "original_size_as_tuple", "crop_coords_top_left",
                                        "target_size_as_tuple")
+
+
+@pytest.mark.parametrize("name", ["sd1-tiny", "sdxl-tiny"])
+def test_unusable_shapes_are_one_line_naming_the_key(fixtures, name):
+    """Every weight replaced by a scalar, an empty matrix or a vector: detection either still works (a tensor it
+    does not read) or refuses in one line that names the key and its shape; never an IndexError, a ValueError
+    from unpacking or a ZeroDivisionError."""
+    from tritonsd.model.checkpoint import read_checkpoint
+    from tritonsd.model.text_config import TextConfigError
+
+    weights = read_checkpoint(fixtures / f"{name}.safetensors")
+    read = re.compile(r"(conv_in|conv_out|post_quant_conv|out\.2|time_embed\.0|label_emb\.0\.0|emb_layers\.1|"
+                      r"out_layers\.3|conv2|to_k|proj_in|token_embedding|position_embedding|fc1|c_fc)\.weight$|"
+                      r"(positional_embedding|text_projection)$")
+    refused = 0
+    for key in [k for k in weights if read.search(k)]:
+        for bad in (torch.tensor(1.0), torch.zeros(0, 3), torch.zeros(3)):
+            try:
+                detect_config({**weights, key: bad}, text_heads=2)
+            except (ModelConfigError, TextConfigError) as e:
+                message = str(e)
+                assert "\n" not in message and key in message and str(list(bad.shape)) in message, message
+                refused += 1
+    assert refused >= 30  # the tensors the detection reads: every one is checked
