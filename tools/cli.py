@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-SUBCOMMANDS = ("generate", "inspect", "parity", "bench", "merge", "warmup", "check_compile")
+SUBCOMMANDS = ("generate", "inspect", "parity", "bench", "merge", "warmup", "check_compile", "serve")
 
 
 class UsageError(ValueError):
