@@ -78,6 +78,10 @@ def _sampler(name, schedule) -> tuple[str, bool | None]:
     name = SAMPLER_ALIASES.get(name.strip().lower(), name) if isinstance(name, str) else name
     if not isinstance(name, str):
         raise BadRequest(f"sampler_name must be a string, got {printable(name)}")
+    if schedule is not None and not isinstance(schedule, str):
+        raise BadRequest(f"scheduler must be a string, got {printable(schedule)}")
+    if name.strip().endswith(" Karras") and (schedule is None or schedule.strip().lower() in ("", "automatic")):
+        schedule = None  # an old combined name keeps its schedule under "Automatic" (A1111's get_sampler_and_scheduler)
     try:
         return from_a1111_name(name, schedule)
     except UnknownSamplerError as e:
