@@ -64,7 +64,8 @@ def parse_auth(text: str | None) -> dict[str, str]:
 
 
 class BodyLimit:
-    """413 for a body over ``limit`` bytes: by Content-Length at once, else while it streams in."""
+    """413 for a body over ``limit`` bytes: by its Content-Length at once; a body without one (chunked) is read
+    here up to the limit, then handed on."""
 
     def __init__(self, app, limit: int = limits.MAX_BODY_BYTES):
         self.app, self.limit = app, limit
@@ -73,35 +74,35 @@ class BodyLimit:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         length = dict(scope.get("headers") or []).get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.limit):
-            return await _send_json(send, 413, error_body(
-                "PayloadTooLarge", f"the request body is over the limit of {self.limit} bytes"))
-        seen, started = 0, False
-
-        async def limited_receive():
-            nonlocal seen
+        if length is not None:
+            if not length.isdigit() or int(length) > self.limit:
+                return await self._refuse(send)
+            return await self.app(scope, receive, send)  # the server holds the body to its Content-Length
+        chunks, size = [], 0
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    raise _TooLarge()
-            return message
+            if message["type"] != "http.request":
+                return  # the client went away
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
+                return await self._refuse(send)
+            if not message.get("more_body"):
+                break
+        replayed = False
 
-        async def tracked_send(message):
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
 
-        try:
-            await self.app(scope, limited_receive, tracked_send)
-        except _TooLarge:
-            if not started:
-                await _send_json(send, 413, error_body(
-                    "PayloadTooLarge", f"the request body is over the limit of {self.limit} bytes"))
+        await self.app(scope, replay, send)
 
-
-class _TooLarge(Exception):
-    pass
+    async def _refuse(self, send) -> None:
+        await _send_json(send, 413, error_body("PayloadTooLarge",
+                                               f"the request body is over the limit of {self.limit} bytes"))
 
 
 class BasicAuth:
@@ -318,7 +319,7 @@ def set_options_sync(state: ServerState, req: dict) -> None:
     if isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or not 1 <= clip_skip <= 12:
         raise BadRequest(f"CLIP_stop_at_last_layers must be an integer from 1 to 12, got {printable(clip_skip)}")
     randn = req.get("randn_source", o.randn_source)
-    if randn not in jobs.RNG_SOURCES:
+    if not isinstance(randn, str) or randn not in jobs.RNG_SOURCES:
         raise BadRequest(f"randn_source must be one of {', '.join(jobs.RNG_SOURCES)}, got {printable(randn)}")
     eta = req.get("eta_ddim", o.eta_ddim)
     if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0 <= eta <= 1:

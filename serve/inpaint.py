@@ -18,7 +18,10 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps
 
+from .errors import BadRequest
+
 LANCZOS = Image.Resampling.LANCZOS
+MAX_WORK_PIXELS = 1 << 26  # an intermediate image of resize_image may be at most this large
 BACKGROUND = (255, 255, 255)  # A1111's img2img_background_color default
 
 
@@ -43,6 +46,10 @@ def resize_image(mode: int, im: Image.Image, width: int, height: int) -> Image.I
     else:
         src_w = width if ratio < src_ratio else im.width * height // im.height
         src_h = height if ratio >= src_ratio else im.height * width // im.width
+    src_w, src_h = max(1, src_w), max(1, src_h)
+    if src_w * src_h > MAX_WORK_PIXELS:  # an extreme aspect ratio scaled to cover the output
+        raise BadRequest(f"an image of {im.width}x{im.height} cannot be fitted to {width}x{height} with "
+                         f"resize_mode {mode}: its aspect ratio is too extreme")
     resized = im.resize((src_w, src_h), resample=LANCZOS)
     res = Image.new(im.mode if im.mode in ("RGB", "L") else "RGB", (width, height))
     res.paste(resized, box=(width // 2 - src_w // 2, height // 2 - src_h // 2))

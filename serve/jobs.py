@@ -31,6 +31,7 @@ SAMPLER_ALIASES = {"k_dpmpp_2m": "DPM++ 2M", "k_euler_a": "Euler a", "k_euler_an
                    "k_euler": "Euler", "ddim": "DDIM", "plms": "PLMS"}
 RNG_SOURCES = {"GPU": "nv", "NV": "nv", "CPU": "cpu"}
 OVERRIDES_USED = ("sd_model_checkpoint", "sd_vae", "CLIP_stop_at_last_layers", "randn_source", "eta_ddim")
+MAX_MASK_BLUR = 64  # A1111's slider maximum
 _logged_ignored: set[str] = set()
 
 
@@ -109,7 +110,7 @@ def _overrides(req, options: Options, catalog, host) -> tuple[ModelKey, int, str
     key = ModelKey(ckpt.path if ckpt is not None else host.default.checkpoint, vae)
     clip_skip = over.get("CLIP_stop_at_last_layers", options.clip_skip)
     rng_name = over.get("randn_source", options.randn_source)
-    if rng_name not in RNG_SOURCES:
+    if not isinstance(rng_name, str) or rng_name not in RNG_SOURCES:
         raise BadRequest(f"randn_source must be one of {', '.join(RNG_SOURCES)}, got {printable(rng_name)}")
     eta = over.get("eta_ddim", options.eta_ddim)
     unused = [f"override_settings.{k}" for k in over if k not in OVERRIDES_USED]
@@ -181,8 +182,9 @@ def _prepare_images(req, v, width, height, notes: list[str]) -> inpaint.Prepared
             "inpaint_full_res_padding": v("inpaint_full_res_padding"),
             "inpainting_mask_invert": v("inpainting_mask_invert"), "inpainting_fill": v("inpainting_fill")}
     for name, x in ints.items():
-        if isinstance(x, bool) or not isinstance(x, int) or x < 0 or x > 1024:
-            raise BadRequest(f"{name} must be an integer between 0 and 1024, got {printable(x)}")
+        high = MAX_MASK_BLUR if name.startswith("mask_blur") else limits.MAX_SIDE
+        if isinstance(x, bool) or not isinstance(x, int) or x < 0 or x > high:
+            raise BadRequest(f"{name} must be an integer between 0 and {high}, got {printable(x)}")
     if ints["resize_mode"] > 3 or ints["inpainting_fill"] > 3 or ints["inpainting_mask_invert"] > 1:
         raise BadRequest("resize_mode and inpainting_fill must be 0..3, inpainting_mask_invert 0 or 1")
     if ints["resize_mode"] == 3:

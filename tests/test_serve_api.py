@@ -329,11 +329,16 @@ def malformed_cases() -> list[tuple[str, str, object]]:
         (i2i, "resize_mode 7", {**ok, "init_images": [img], "resize_mode": 7}),
         (i2i, "width 100 with an image", {**ok, "init_images": [img], "width": 100}),
         (i2i, "denoising_strength 3", {**ok, "init_images": [img], "denoising_strength": 3}),
+        (i2i, "mask_blur 1000", {**ok, "init_images": [img], "mask": img, "mask_blur": 1000}),
+        (i2i, "a 1x20000 image cropped to a square", {**ok, "init_images": [_b64(png(Image.new("RGB", (1, 20000))))],
+                                                      "resize_mode": 1}),
+        (t2i, "randn_source as a list", {**ok, "override_settings": {"randn_source": [1]}}),
         ("POST /sdapi/v1/png-info", "png-info bad base64", {"image": "@@@"}),
         ("POST /sdapi/v1/png-info", "png-info without image", {}),
         ("POST /sdapi/v1/options", "options: missing model", {"sd_model_checkpoint": "nope"}),
         ("POST /sdapi/v1/options", "options: clip skip as text", {"CLIP_stop_at_last_layers": "x"}),
         ("POST /sdapi/v1/options", "options: a list", [1, 2]),
+        ("POST /sdapi/v1/options", "options: randn_source as an object", {"randn_source": {"a": 1}}),
         ("GET /sdapi/v1/progress?skip_current_image=maybe", "progress: bad query", None),
         ("GET /sdapi/v1/no-such-route", "unknown route", None),
         ("GET /sdapi/v1/txt2img", "wrong method", None),
@@ -379,3 +384,23 @@ def test_body_over_64_mib_gets_413(server):
     head, _, body = data.partition(b"\r\n\r\n")
     assert head.split(b" ")[1] == b"413"
     assert json.loads(body)["error"] == "PayloadTooLarge"
+
+
+def test_chunked_body_over_64_mib_gets_413(server):
+    """A body without Content-Length is counted as it arrives."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=60) as s:
+        s.sendall(b"POST /sdapi/v1/txt2img HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                  b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n")
+        block = b"%x\r\n%s\r\n" % (1 << 20, b" " * (1 << 20))
+        try:
+            for _ in range(66):
+                s.sendall(block)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server answered and closed while we were still sending
+        data = b""
+        try:
+            while chunk := s.recv(65536):
+                data += chunk
+        except ConnectionResetError:
+            pass
+    assert data.split(b" ")[1] == b"413", data[:200]
