@@ -127,7 +127,7 @@ def build_plan(req, mode: str, *, options: Options, catalog, host) -> Plan:
     key, clip_skip, rng, eta_ddim, unused = _overrides(req, options, catalog, host)
     ignored = ignored_fields(req, table) + unused
     notes: list[str] = []
-    eta = v("eta") if req.eta is not None else None
+    eta = req.eta
     if sampler == "ddim":
         eta = eta_ddim if eta is None else eta
     else:
@@ -147,10 +147,9 @@ def build_plan(req, mode: str, *, options: Options, catalog, host) -> Plan:
     prepared = None
     if mode == "img2img":
         prepared = _prepare_images(req, v, fields["width"], fields["height"], notes)
-        fields.update(init_image=prepared.image, strength=v("denoising_strength"))
-    settings = GenerationSettings(**_settings_fields(fields)).check()
-    if mode == "img2img" and prepared.mask is not None:
-        settings = dataclasses.replace(settings, mask=prepared.mask)  # the worker drops it for 4-channel models
+        # the mask goes in as given; the worker drops it for a 4-channel model (_for_model)
+        fields.update(init_image=prepared.image, mask=prepared.mask, strength=v("denoising_strength"))
+    settings = GenerationSettings(**fields).check()
     pipe = host.pipe
     device = pipe.device if pipe is not None else (host.options.device or "cpu")
     dtype_bytes = pipe.dtype.itemsize if pipe is not None else 2
@@ -161,11 +160,6 @@ def build_plan(req, mode: str, *, options: Options, catalog, host) -> Plan:
             log.warning("request field %s is accepted and ignored (not implemented by tritonsd)", printable(name))
     return Plan(mode, settings, n_iter, key, bool(v("override_settings_restore_afterwards")), subseed, prepared,
                 bool(v("send_images")), sorted(set(ignored)), notes, parameters(req, mode == "img2img"))
-
-
-def _settings_fields(fields: dict) -> dict:
-    """The init image goes in as PIL; the mask is set after ``check`` (whose model-free checks pass it through)."""
-    return {k: x for k, x in fields.items() if k != "mask"}
 
 
 def _prepare_images(req, v, width, height, notes: list[str]) -> inpaint.Prepared:

@@ -10,7 +10,10 @@ import math
 import pytest
 from PIL import Image
 
-pytest.importorskip("fastapi", reason="the serve extra (fastapi) is not installed")
+try:
+    import fastapi  # noqa: F401
+except ModuleNotFoundError:  # the server's parts need the serve extra (in the test extra)
+    pytest.fail("fastapi is not installed: pip install -e '.[test]'", pytrace=False)
 
 from tritonsd.serve import images, inpaint, limits  # noqa: E402
 from tritonsd.serve.errors import ApiError, TooLarge  # noqa: E402
