@@ -44,13 +44,17 @@ class Server:
                 with urllib.request.urlopen(self.url + "/sdapi/v1/progress", timeout=2) as r:
                     json.load(r)
                     return
+            except urllib.error.HTTPError:  # it answers (401 behind --api-auth): it is up
+                return
             except (urllib.error.URLError, ConnectionError, OSError):
                 time.sleep(0.3)
+        log = self.log()
         self.stop()
-        raise RuntimeError(f"the server did not answer within {START_TIMEOUT_S} s:\n{self.log()}")
+        raise RuntimeError(f"the server did not answer within {START_TIMEOUT_S} s:\n{log}")
 
     def log(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(errors="replace")[-4000:]
 
     def alive(self) -> bool:
