@@ -46,11 +46,23 @@ def server(fixtures, tmp_path_factory):
     for suffix in (".safetensors", ".yaml"):
         (models / f"sd1-inpaint-tiny{suffix}").symlink_to(fixtures / f"sd1-inpaint-tiny{suffix}")
     (loras / "lora-sd1-tiny.safetensors").symlink_to(fixtures / "lora-sd1-tiny.safetensors")
+    vaes = root / "vae"
+    vaes.mkdir()
+    write_checkpoints_vae(fixtures / "sd1-tiny.safetensors", vaes / "tiny-vae.safetensors")
     s = Server(["--checkpoint", str(fixtures / "sd1-tiny.safetensors"), "--text-heads", "2",
-                "--models-dir", str(models), "--lora-dir", str(loras),
+                "--models-dir", str(models), "--lora-dir", str(loras), "--vae-dir", str(vaes),
                 "--embeddings-dir", str(fixtures / "embeddings")], root / "server.log")
     yield s
     s.stop()
+
+
+def write_checkpoints_vae(checkpoint, out) -> None:
+    """The checkpoint's own VAE as an external VAE file (bare keys): the same weights under another name."""
+    from safetensors.torch import load_file, save_file
+
+    prefix = "first_stage_model."
+    save_file({k[len(prefix):]: v.contiguous() for k, v in load_file(checkpoint).items() if k.startswith(prefix)},
+              out)
 
 
 @pytest.fixture(scope="module")
@@ -162,6 +174,17 @@ def test_inpainting_pastes_the_original_back(api, full_res):
     assert all(got[p] == src[p] for p in outside), "pixels outside the mask changed"
     assert any(got[x, y] != src[x, y] for x in range(28, 36) for y in range(28, 36)), "the masked area was kept"
     assert api.get_options()["sd_model_checkpoint"].startswith("sd1-tiny.safetensors")  # override restored
+
+
+def test_vae_from_override_settings(api):
+    """The external file holds the checkpoint's own VAE weights: the same pixels, a different infotext."""
+    assert [v["model_name"] for v in api.get_sd_vae()] == ["tiny-vae.safetensors"]
+    plain = api.txt2img(prompt="vae", seed=4, **SMALL)
+    r = api.txt2img(prompt="vae", seed=4, override_settings={"sd_vae": "tiny-vae.safetensors"}, **SMALL)
+    assert r.info["sd_vae_name"] == "tiny-vae.safetensors" and plain.info["sd_vae_name"] is None
+    assert "VAE: tiny-vae.safetensors" in r.info["infotexts"][0]
+    assert r.image.tobytes() == plain.image.tobytes()
+    assert api.get_options()["sd_vae"] == "Automatic"
 
 
 def test_model_switch_through_options(api):
