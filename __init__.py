@@ -13,7 +13,8 @@ guidance, the Pipeline) and ``tritonsd.tools`` (the command line).
 __version__ = "0.1.0"
 
 _API = {"load": "tritonsd.sampler.pipeline", "Pipeline": "tritonsd.sampler.pipeline",
-        "GenerationSettings": "tritonsd.sampler.settings", "SettingsError": "tritonsd.sampler.settings"}
+        "GenerationSettings": "tritonsd.sampler.settings", "SettingsError": "tritonsd.sampler.settings",
+        "batch": "tritonsd.batch"}
 
 
 def __getattr__(name: str):

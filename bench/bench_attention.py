@@ -3,24 +3,29 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import Case, run_case, script_main  # noqa: E402
-from sd_shapes import BATCH, CONTEXT, MODELS, TEXT  # noqa: E402
+from .harness import Case, case_generator, run_cases, script_main
+from .sd_shapes import BATCH, CONTEXT, MODELS, TEXT
 
-from tritonsd.kernels.attention import attention_reference, attention_triton  # noqa: E402
+from ..kernels.attention import attention_reference, attention_triton
 
+
+def TRITON(q, k, v, heads, causal):  # noqa: N802 - the kernel, called with a case's inputs
+    return attention_triton(q, k, v, heads, causal=causal)
+
+
+def REFERENCE(q, k, v, heads, causal):  # noqa: N802 - what it must equal (on float32 inputs)
+    return attention_reference(q, k, v, heads, causal=causal)
 
 def cases() -> list[Case]:
     out = []
 
     def add(model, name, b, n, m, heads, d, causal=False):
         def make(dtype, b=b, n=n, m=m, w=heads * d):
-            g = torch.Generator(device="cuda").manual_seed(0)
+            g = case_generator()
             # q, k, v as chunks of one fused projection, as the model produces them
             if n == m:
                 q, k, v = torch.randn(b, n, 3 * w, device="cuda", dtype=dtype, generator=g).chunk(3, -1)
@@ -75,7 +80,7 @@ def sdpa(backend):
 def implementations() -> dict:
     from torch.nn.attention import SDPBackend
 
-    impls = {"triton": lambda q, k, v, h, c: attention_triton(q, k, v, h, causal=c), "torch-eager": torch_eager}
+    impls = {"triton": TRITON, "torch-eager": torch_eager}
     for name in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH"):
         if hasattr(SDPBackend, name):
             impls[f"sdpa-{name.split('_')[0].lower()}"] = sdpa(getattr(SDPBackend, name))
@@ -84,11 +89,7 @@ def implementations() -> dict:
 
 def bench(dtype: torch.dtype, model: str | None = None) -> list[dict]:
     impls = implementations()
-    rows = []
-    for case in cases():
-        if model is None or case.model == model:
-            rows += run_case(case, impls, lambda q, k, v, h, c: attention_reference(q, k, v, h, causal=c), dtype)
-    return rows
+    return run_cases(cases(), impls, REFERENCE, dtype, model)
 
 
 if __name__ == "__main__":

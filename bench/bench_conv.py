@@ -4,16 +4,17 @@ channels_last, at the UNet's and VAE decoder's convolutions."""
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import Case, run_case, script_main  # noqa: E402
-from sd_shapes import BATCH, MODELS, VAE_LEVELS  # noqa: E402
+from .harness import Case, case_generator, run_cases, script_main
+from .sd_shapes import BATCH, MODELS, VAE_LEVELS
 
-from tritonsd.kernels.conv import conv2d_reference, conv2d_triton  # noqa: E402
+from ..kernels.conv import conv2d_reference, conv2d_triton
 
+
+TRITON = conv2d_triton  # the kernel, called with a case's inputs
+REFERENCE = conv2d_reference  # what it must equal (on float32 inputs)
 
 def cases() -> list[Case]:
     out = []
@@ -22,7 +23,7 @@ def cases() -> list[Case]:
         side_out = (side + 2 * pad - k) // stride + 1
 
         def make(dtype):
-            g = torch.Generator(device="cuda").manual_seed(0)
+            g = case_generator()
 
             def r(*shape, s=1.0):
                 return torch.randn(*shape, device="cuda", dtype=dtype, generator=g) * s
@@ -70,11 +71,7 @@ def bench(dtype: torch.dtype, model: str | None = None) -> list[dict]:
         "cudnn+torch-epilogue": conv2d_reference,
         "cudnn-channels-last+epi": channels_last(conv2d_reference),
     }
-    rows = []
-    for case in cases():
-        if model is None or case.model == model:
-            rows += run_case(case, impls, conv2d_reference, dtype)
-    return rows
+    return run_cases(cases(), impls, REFERENCE, dtype, model)
 
 
 if __name__ == "__main__":

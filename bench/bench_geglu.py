@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import Case, run_case, script_main  # noqa: E402
-from sd_shapes import BATCH, MODELS  # noqa: E402
+from .harness import Case, case_generator, run_cases, script_main
+from .sd_shapes import BATCH, MODELS
 
-from tritonsd.kernels.geglu import geglu_reference, geglu_triton  # noqa: E402
+from ..kernels.geglu import geglu_reference, geglu_triton
 
+
+TRITON = geglu_triton  # the kernel, called with a case's inputs
+REFERENCE = geglu_reference  # what it must equal (on float32 inputs)
 
 def cases() -> list[Case]:
     out = []
@@ -21,7 +22,7 @@ def cases() -> list[Case]:
             n, f = side * side, 4 * c
 
             def make(dtype, n=n, f=f):
-                g = torch.Generator(device="cuda").manual_seed(0)
+                g = case_generator()
                 return (torch.randn(BATCH, n, 2 * f, device="cuda", dtype=dtype, generator=g),)
             out.append(Case("geglu", model, f"ff-{side}x{side}-F{f}", {"B": BATCH, "N": n, "F": f}, make,
                             3.0 * BATCH * n * f * 2, "GB/s", {"bytes_per_element_assumed": 2}))
@@ -35,11 +36,7 @@ def bench(dtype: torch.dtype, model: str | None = None) -> list[dict]:
         impls["torch-compile"] = compiled
     except Exception:  # noqa: BLE001 - torch.compile is an optional peer
         pass
-    rows = []
-    for case in cases():
-        if model is None or case.model == model:
-            rows += run_case(case, impls, geglu_reference, dtype)
-    return rows
+    return run_cases(cases(), impls, REFERENCE, dtype, model)
 
 
 if __name__ == "__main__":

@@ -3,24 +3,29 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import Case, run_case, script_main  # noqa: E402
-from sd_shapes import BATCH, MODELS, VAE_LEVELS  # noqa: E402
+from .harness import Case, case_generator, run_cases, script_main
+from .sd_shapes import BATCH, MODELS, VAE_LEVELS
 
-from tritonsd.kernels.group_norm import group_norm_reference, group_norm_triton  # noqa: E402
+from ..kernels.group_norm import group_norm_reference, group_norm_triton
 
+
+def TRITON(x, w, b):  # noqa: N802 - the kernel, called with a case's inputs
+    return group_norm_triton(x, w, b, 32, 1e-5, silu=True)
+
+
+def REFERENCE(x, w, b):  # noqa: N802 - what it must equal (on float32 inputs)
+    return group_norm_reference(x, w, b, 32, 1e-5, silu=True)
 
 def cases() -> list[Case]:
     out = []
 
     def add(model, name, b, c, side, channels_last=False):
         def make(dtype):
-            g = torch.Generator(device="cuda").manual_seed(0)
+            g = case_generator()
             x = torch.randn(b, c, side, side, device="cuda", dtype=dtype, generator=g)
             if channels_last:
                 x = x.to(memory_format=torch.channels_last)
@@ -46,15 +51,11 @@ def cases() -> list[Case]:
 
 def bench(dtype: torch.dtype, model: str | None = None) -> list[dict]:
     impls = {
-        "triton": lambda x, w, b: group_norm_triton(x, w, b, 32, 1e-5, silu=True),
+        "triton": TRITON,
         "torch-eager-fp32-stats": lambda x, w, b: group_norm_reference(x, w, b, 32, 1e-5, silu=True),
         "torch-eager-native": lambda x, w, b: F.silu(F.group_norm(x, 32, w, b, 1e-5)),
     }
-    rows = []
-    for case in cases():
-        if model is None or case.model == model:
-            rows += run_case(case, impls, lambda x, w, b: group_norm_reference(x, w, b, 32, 1e-5, silu=True), dtype)
-    return rows
+    return run_cases(cases(), impls, REFERENCE, dtype, model)
 
 
 if __name__ == "__main__":

@@ -3,24 +3,25 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import Case, run_case, script_main  # noqa: E402
-from sd_shapes import BATCH, CONTEXT, MODELS, TEXT  # noqa: E402
+from .harness import Case, case_generator, run_cases, script_main
+from .sd_shapes import BATCH, CONTEXT, MODELS, TEXT
 
-from tritonsd.kernels.layer_norm import layer_norm_reference, layer_norm_triton  # noqa: E402
+from ..kernels.layer_norm import layer_norm_reference, layer_norm_triton
 
+
+TRITON = layer_norm_triton  # the kernel, called with a case's inputs
+REFERENCE = layer_norm_reference  # what it must equal (on float32 inputs)
 
 def cases() -> list[Case]:
     out = []
 
     def add(model, name, rows, width):
         def make(dtype):
-            g = torch.Generator(device="cuda").manual_seed(0)
+            g = case_generator()
             x = torch.randn(BATCH, rows, width, device="cuda", dtype=dtype, generator=g)
             return x, torch.randn(width, device="cuda", dtype=dtype, generator=g), \
                 torch.randn(width, device="cuda", dtype=dtype, generator=g)
@@ -38,11 +39,7 @@ def cases() -> list[Case]:
 def bench(dtype: torch.dtype, model: str | None = None) -> list[dict]:
     impls = {"triton": layer_norm_triton,
              "torch-eager": lambda x, w, b: F.layer_norm(x, (x.shape[-1],), w, b, 1e-5)}
-    rows = []
-    for case in cases():
-        if model is None or case.model == model:
-            rows += run_case(case, impls, layer_norm_reference, dtype)
-    return rows
+    return run_cases(cases(), impls, REFERENCE, dtype, model)
 
 
 if __name__ == "__main__":

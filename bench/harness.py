@@ -3,7 +3,7 @@
 Each ``bench_<op>.py`` lists its cases (the real shapes of SD 1.5 at 512x512 and SD 2.1 at 768x768, batch 2 for
 classifier-free guidance) and its implementations (ours and the peers); :func:`run_case` checks every
 implementation against the float32 reference before timing it with ``triton.testing.do_bench`` (medians after
-warm-up). Run a script directly (``python bench/bench_attention.py``) or all of them through
+warm-up). Run a script as a module (``python -m tritonsd.bench.bench_attention``) or all of them through
 ``tritonsd bench kernels``.
 """
 
@@ -12,20 +12,27 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
-import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 
-from tritonsd.testing.reference import relative_error, strict_float32
+from ..testing.reference import relative_error, strict_float32
+from . import environment
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 TOLERANCE = {torch.float16: 1e-2, torch.bfloat16: 1e-2, torch.float32: 1e-4}
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+SEED = 0  # the cases' inputs are drawn from this; the GPU run's correctness stage draws a fresh one per run
+
+
+def case_generator(device: str = "cuda") -> torch.Generator:
+    """The generator a case's ``make`` draws its inputs from (seeded with :data:`SEED`)."""
+    return torch.Generator(device=device).manual_seed(SEED)
 
 
 class BenchError(RuntimeError):
@@ -58,6 +65,16 @@ def require_cuda() -> torch.device:
 
 def to_float32(args: tuple) -> tuple:
     return tuple(a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+
+
+def run_cases(cases: Iterable[Case], impls: dict[str, Callable], reference: Callable, dtype: torch.dtype,
+              model: str | None = None) -> list[dict]:
+    """``run_case`` over the cases of ``model`` (all when None)."""
+    rows = []
+    for case in cases:
+        if model is None or case.model == model:
+            rows += run_case(case, impls, reference, dtype)
+    return rows
 
 
 def run_case(case: Case, impls: dict[str, Callable], reference: Callable, dtype: torch.dtype,
@@ -99,27 +116,6 @@ def run_case(case: Case, impls: dict[str, Callable], reference: Callable, dtype:
     return rows
 
 
-def environment(command: list[str]) -> dict:
-    import triton
-
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
-                                capture_output=True, text=True, timeout=10).stdout.strip() or None
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", "kernels", "bench"],
-                                    cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True,
-                                    timeout=10).stdout.strip())
-    except (OSError, subprocess.SubprocessError):
-        commit, dirty = None, None
-    return {
-        "command": " ".join(command),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
-        "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None,
-        "python": platform.python_version(), "git_commit": commit, "git_dirty_kernels_or_bench": dirty,
-    }
-
-
 def print_rows(rows: list[dict]) -> None:
     for r in rows:
         if "error" in r:
@@ -129,22 +125,24 @@ def print_rows(rows: list[dict]) -> None:
                   f"{r['throughput']:8.1f} {r['unit']}  err {r['rel_error']:.1e}", flush=True)
 
 
-def write_json(rows: list[dict], path: Path | None, command: list[str], dtype: str, name: str) -> Path:
+def write_json(rows: list[dict], path: Path | None, command: list[str], dtype: str, name: str,
+               git_commit: str | None = None) -> Path:
     if path is None:
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         device = (torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu").replace(" ", "_")
         path = RESULTS_DIR / f"{name}-{device}-{dtype}-{stamp}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({**environment(command), "dtype": dtype, "rows": rows}, indent=1))
+    path.write_text(json.dumps({**environment.record(command, git_commit), "dtype": dtype, "rows": rows}, indent=1))
     return path
 
 
 def script_main(op: str, bench: Callable[[torch.dtype, str | None], list[dict]]) -> int:
-    """``python bench/bench_<op>.py [--dtype fp16] [--model sd15-512] [--json PATH]``."""
+    """``python -m tritonsd.bench.bench_<op> [--dtype fp16] [--model sd15-512] [--json PATH] [--git-commit SHA]``."""
     p = argparse.ArgumentParser(description=f"benchmark the {op} kernel against its peers")
     p.add_argument("--dtype", choices=list(DTYPES), default="fp16")
     p.add_argument("--model", default=None, help="only cases of this model (sd15-512, sd21-768, ...)")
     p.add_argument("--json", type=Path, default=None, help="where to write the results (default bench/results/)")
+    p.add_argument("--git-commit", default=None, help="record this commit (when the tree has no .git)")
     args = p.parse_args()
     try:
         require_cuda()
@@ -153,5 +151,5 @@ def script_main(op: str, bench: Callable[[torch.dtype, str | None], list[dict]])
         print(f"error: {e}", file=sys.stderr)
         return 1
     print_rows(rows)
-    print(f"wrote {write_json(rows, args.json, sys.argv, args.dtype, op)}")
+    print(f"wrote {write_json(rows, args.json, sys.argv, args.dtype, op, args.git_commit)}")
     return 0

@@ -29,9 +29,16 @@ class KernelDeviceError(RuntimeError):
     """A Triton kernel was asked to run on tensors it cannot reach (CPU tensors without the interpreter)."""
 
 
+AUTOTUNE = os.environ.get("TRITONSD_AUTOTUNE", "1") != "0"  # 0: the first shipped config only (tests, checks)
+
+
 def configs(tuned: list[triton.Config], interpreted: triton.Config) -> list[triton.Config]:
-    """The autotune candidates, or the single ``interpreted`` one under the interpreter (tuning it is pointless)."""
-    return [interpreted] if INTERPRET else tuned
+    """The autotune candidates; the single ``interpreted`` one under the interpreter (tuning it is pointless);
+    with ``TRITONSD_AUTOTUNE=0`` (read at import, like ``TRITON_INTERPRET``) the first shipped config alone, so
+    correctness runs on a GPU compile one binary per kernel variant instead of one per config."""
+    if INTERPRET:
+        return [interpreted]
+    return tuned if AUTOTUNE else tuned[:1]
 
 
 def check_device(*tensors: torch.Tensor | None) -> None:

@@ -145,17 +145,43 @@ def _run(tasks: list[Task], jobs: int) -> Iterator[Result]:
         for t in tasks:
             yield run_task(t)
         return
-    # ``spawn``: a parent that holds a CUDA context must not fork; the workers never touch CUDA
-    ctx = multiprocessing.get_context("spawn")
     env_interpret = os.environ.pop("TRITON_INTERPRET", None)  # workers compile: no interpreter
     try:
-        with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+        with worker_pool(jobs) as pool:
             # the longest first (float32 3x3 convolutions) so that they do not trail at the end
             order = sorted(tasks, key=lambda t: -_cost_hint(t))
             yield from pool.map(run_task, order, chunksize=1)
     finally:
         if env_interpret is not None:
             os.environ["TRITON_INTERPRET"] = env_interpret
+
+
+def worker_pool(jobs: int) -> concurrent.futures.ProcessPoolExecutor:
+    """``jobs`` compile worker processes that end themselves when this process goes away.
+
+    ``spawn``: a parent that holds a CUDA context must not fork; the workers never touch CUDA. A parent that is
+    killed (SIGKILL, or SIGTERM from ``timeout``, which Python does not turn into a clean shutdown) never
+    tells its executor's workers to stop, and they would compile on, or wait forever on their task queue (they
+    hold its write end too, so they never read end-of-file): each worker watches its parent instead.
+    """
+    ctx = multiprocessing.get_context("spawn")
+    return concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_watch_parent,
+                                                  initargs=(os.getpid(),))
+
+
+ORPHAN_POLL_SECONDS = 0.5
+
+
+def _watch_parent(parent_pid: int) -> None:
+    """Worker initializer: a daemon thread that exits this process once its parent is no longer ``parent_pid``
+    (a dead parent's children are re-parented to init or a subreaper)."""
+    import threading
+
+    def watch():
+        while os.getppid() == parent_pid:
+            time.sleep(ORPHAN_POLL_SECONDS)
+        os._exit(1)  # no cleanup to do: results go to the parent, compiles to Triton's atomic cache writes
+    threading.Thread(target=watch, name="tritonsd-orphan-watch", daemon=True).start()
 
 
 def _cost_hint(task: Task) -> float:

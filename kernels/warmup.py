@@ -69,18 +69,19 @@ def select(launches: Iterable[variants.Launch], kernels: Sequence[str] | None) -
 
 
 def needed_launches(config, sizes: Iterable[tuple[int, int]], batches: Iterable[int], dtype: torch.dtype,
-                    kernels: Sequence[str] | None = None) -> list[variants.Launch]:
-    return select(variants.model_launches(config, list(sizes), list(batches), dtype), kernels)
+                    kernels: Sequence[str] | None = None, vae: bool = True) -> list[variants.Launch]:
+    return select(variants.model_launches(config, list(sizes), list(batches), dtype, vae=vae), kernels)
 
 
 def warmup(config, sizes: Sequence[tuple[int, int]] | None = None, batches: Sequence[int] = (1, 2),
            dtype: torch.dtype = torch.float16, device: str | torch.device | None = None, arch: str | None = None,
            jobs: int | None = None, kernels: Sequence[str] | None = None, model: torch.nn.Module | None = None,
-           progress: Callable[[int, int], None] | None = None) -> WarmupReport:
+           progress: Callable[[int, int], None] | None = None, vae: bool = True) -> WarmupReport:
     """Compile, then (with ``model`` on a CUDA ``device`` of the same ``arch``) tune.
 
     config: a ``ModelConfig`` (or ``variants.released(name)``); sizes: (height, width) in pixels (default: the
-    config's native size, else 512x512); arch: ``sm_90``... (default: the current GPU's; required without one).
+    config's native size, else 512x512); arch: ``sm_90``... (default: the current GPU's; required without one);
+    vae: the VAE decode's kernels too.
     """
     arch = arch or current_arch()
     if arch is None:
@@ -88,9 +89,9 @@ def warmup(config, sizes: Sequence[tuple[int, int]] | None = None, batches: Sequ
     if sizes is None:
         sizes = [getattr(config, "size", (512, 512))]
     for h, w in sizes:
-        if h <= 0 or w <= 0 or h % 64 or w % 64:
-            raise WarmupError(f"image size {h}x{w}: sides must be positive multiples of 64")
-    launches = needed_launches(config, sizes, batches, dtype, kernels)
+        if h <= 0 or w <= 0 or h % 8 or w % 8:
+            raise WarmupError(f"image size {h}x{w}: sides must be positive multiples of 8")
+    launches = needed_launches(config, sizes, batches, dtype, kernels, vae)
     unique = variants.unique(launches)
     report = WarmupReport(arch=arch, launches=len(launches), variants=len(unique),
                           tuning_keys=len(variants.unique(launches, lambda la: (la.name, la.tuning_key()))))

@@ -11,6 +11,7 @@ with the hash of its JSON file, as a checkpoint's is the hash of its file.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -71,22 +72,25 @@ def demo_config(name: str) -> ModelConfig:
         schedule_source=BUILTIN, scale_factor_source=BUILTIN, heads_source=BUILTIN, **schedule)
 
 
+def random_parameter(name: str, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+    """float32 values for one parameter, drawn from ``generator`` on its device: matrices, convolutions and
+    embeddings ~ N(0, 1/fan_in), 1-D weights (norms) ~ 1 + N(0, 0.02²), biases ~ N(0, 0.02²), scalars 1.
+    The one rule for random weights (the demo model's, and the benchmarks' full-size models')."""
+    device = generator.device
+    if len(shape) >= 2:
+        fan_in = math.prod(shape[1:])
+        return torch.randn(shape, generator=generator, device=device) * fan_in ** -0.5
+    if len(shape) == 1:
+        base = 1.0 if name.endswith("weight") else 0.0
+        return base + 0.02 * torch.randn(shape, generator=generator, device=device)
+    return torch.ones(shape, device=device)
+
+
 def random_weights(model: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
     """float32 CPU values for every parameter of ``model`` (which may live on the meta device), drawn in
     sorted-name order from one CPU generator: the same values on every machine."""
     g = torch.Generator(device="cpu").manual_seed(seed)
-    weights = {}
-    for name, p in sorted(model.named_parameters()):
-        shape = tuple(p.shape)
-        if len(shape) >= 2:
-            fan_in = p[0].numel()
-            weights[name] = torch.randn(shape, generator=g) * fan_in ** -0.5
-        elif len(shape) == 1:
-            base = 1.0 if name.endswith("weight") else 0.0
-            weights[name] = base + 0.02 * torch.randn(shape, generator=g)
-        else:
-            weights[name] = torch.ones(shape)
-    return weights
+    return {name: random_parameter(name, tuple(p.shape), g) for name, p in sorted(model.named_parameters())}
 
 
 def build_demo_model(name: str = "demo:sd1", *, dtype: torch.dtype = torch.float32,

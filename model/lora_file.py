@@ -8,7 +8,6 @@ group the parts by module name. Every problem with the file itself is one ``Lora
 from __future__ import annotations
 
 import hashlib
-import json
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,13 +98,5 @@ def short_hash(path: str | Path) -> str:
 
 def lora_hashes_value(named_hashes: list[tuple[str, str]]) -> str:
     """The ``Lora hashes`` infotext value: ``name: hash, name: hash`` with ':' and ',' removed from each name
-    (``ExtraNetworkLora.activate``), quoted as webui quotes a value holding ':' (``infotext_utils.quote``)."""
-    text = ", ".join(f"{name.replace(':', '').replace(',', '')}: {h}" for name, h in named_hashes)
-    return infotext_quote(text)
-
-
-def infotext_quote(text: str) -> str:
-    """webui's ``quote``: plain when free of ',', ':' and newlines, else a JSON string."""
-    if "," not in text and "\n" not in text and ":" not in text:
-        return text
-    return json.dumps(text, ensure_ascii=False)
+    (``ExtraNetworkLora.activate``); the infotext writer quotes it (``sampler.infotext.quote``)."""
+    return ", ".join(f"{name.replace(':', '').replace(',', '')}: {h}" for name, h in named_hashes)

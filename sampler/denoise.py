@@ -14,7 +14,8 @@ Timestep space (DDIM / PLMS, ``model(x, t, **cond) -> (eps, pred_x0 or None)``):
 * ``UNetOutput``: the raw UNet output (eps or v); ``EpsPrediction`` / ``EpsFromV`` turn it into eps (and x0
   for v, with the DDPM buffers, as the Stability ``DDIMSampler`` does).
 
-Guidance: ``CFGDenoiser(inner, cond_scale)`` wraps either kind; it goes INSIDE the eps/v conversion for
+Guidance: ``CFGDenoiser(inner, cond_scale)`` wraps either kind (cond and uncond of different token lengths run
+as two calls, as AUTOMATIC1111 does; ``PerCallConditioning`` selects per-step rows for prompt editing); it goes INSIDE the eps/v conversion for
 DDIM (``EpsFromV(CFGDenoiser(UNetOutput(unet), s), acp)``: the original combines raw v) and OUTSIDE the
 sigma-space wrappers (``CFGDenoiser(VDenoiser(unet, acp), s)``: k-diffusion combines denoised x0).
 """
@@ -175,11 +176,40 @@ class CFGDenoiser:
             return self.inner(x, s, **cond, **shared)
         if set(cond) != set(uncond):
             raise CFGError(f"cond has keys {sorted(cond)} but uncond has {sorted(uncond)}")
+        if any(_rows_shape(cond[k]) != _rows_shape(uncond[k]) for k in cond):
+            # prompts of different lengths (77 * k tokens): two UNet calls, as AUTOMATIC1111 does by default
+            out_cond = self.inner(x, s, **cond, **shared)
+            out_uncond = self.inner(x, s, **uncond, **shared)
+            return out_uncond + (out_cond - out_uncond) * self.cond_scale
         inputs = {k: _cat_pair(uncond[k], cond[k]) for k in cond}
         inputs.update({k: _cat_pair(v, v) for k, v in shared.items()})
         s = _batch_sigma(s, x)
         out_uncond, out_cond = self.inner(torch.cat([x, x]), torch.cat([s, s]), **inputs).chunk(2)
         return out_uncond + (out_cond - out_uncond) * self.cond_scale
+
+
+class PerCallConditioning:
+    """Prompt editing: the conditioning tensors are tables [calls, B, ...] and call k of the model gets row
+    ``min(k, calls - 1)`` (AUTOMATIC1111's ``CFGDenoiser.step`` count). Wraps the outermost model (a CFG
+    denoiser, or DDIM's eps wrapper around one); make one per sampler run. Under a CUDA graph the row choice
+    happens at capture: each captured step reads its own row of the static tables."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.calls = 0
+
+    def __call__(self, x, s, cond: dict, uncond: dict | None = None, **shared):
+        k = self.calls
+        self.calls += 1
+
+        def row(side):
+            return None if side is None else {n: t[min(k, t.shape[0] - 1)] for n, t in side.items()}
+
+        return self.inner(x, s, cond=row(cond), uncond=row(uncond), **shared)
+
+
+def _rows_shape(t) -> tuple:
+    return tuple(t.shape[1:]) if isinstance(t, torch.Tensor) else ()
 
 
 def _cat_pair(a, b):

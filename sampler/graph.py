@@ -31,7 +31,7 @@ try:
 except ImportError:  # no triton here: nothing more to catch
     TritonError = RuntimeError
 
-from .denoise import CFGDenoiser
+from .denoise import CFGDenoiser, PerCallConditioning
 from .registry import SAMPLERS
 
 # the sigma-space samplers whose loop can be captured (the registry's ``graphable``)
@@ -62,7 +62,8 @@ class LoopKey:
     cfg_scale: float
     eta: float
     noise_draws: int
-    inputs: tuple  # ((group, name, shape, dtype), ...) of the conditioning buffers
+    inputs: tuple  # ((group, name, shape, dtype), ...) of the conditioning buffers (their token length too)
+    per_step: bool = False  # cond / uncond are per-step tables [calls, B, ...] (prompt editing)
 
 
 def tables_on_device(denoiser, device: str | torch.device):
@@ -165,10 +166,11 @@ class CapturedLoop:
         extra = {"cond": self.static["cond"], "uncond": self.static.get("uncond") or None,
                  **self.static.get("shared", {})}
         fn = GRAPH_SAMPLERS[self.key.sampler]
+        model = PerCallConditioning(self.cfg) if self.key.per_step else self.cfg
         if self.key.sampler == "euler_a":
-            return fn(self.cfg, self.static_x, sigmas, extra_args=extra, callback=callback, eta=self.eta,
+            return fn(model, self.static_x, sigmas, extra_args=extra, callback=callback, eta=self.eta,
                       noise_sampler=self.noise)
-        return fn(self.cfg, self.static_x, sigmas, extra_args=extra, callback=callback)
+        return fn(model, self.static_x, sigmas, extra_args=extra, callback=callback)
 
     def capture(self) -> None:
         """Warm up (one step, on a side stream: Triton autotuning, cuBLAS handles) then capture the whole loop."""
@@ -220,21 +222,23 @@ class GraphRunner:
         self.entries: OrderedDict[LoopKey, CapturedLoop] = OrderedDict()
         self.captures = 0
 
-    def key(self, x_T, sigmas, cfg_scale, sampler, eta, groups) -> LoopKey:
+    def key(self, x_T, sigmas, cfg_scale, sampler, eta, groups, per_step: bool = False) -> LoopKey:
         b, c, h, w = x_T.shape
         return LoopKey(batch=b, channels=c, height=h, width=w, dtype=x_T.dtype, device=str(self.device),
                        sampler=sampler, steps=len(sigmas) - 1, sigmas=tuple(float(s) for s in sigmas),
                        cfg_scale=float(cfg_scale), eta=float(eta) if sampler == "euler_a" else 0.0,
-                       noise_draws=noise_draws(sampler, sigmas, eta), inputs=_signature(groups))
+                       noise_draws=noise_draws(sampler, sigmas, eta), inputs=_signature(groups),
+                       per_step=per_step)
 
     def run(self, x_T: torch.Tensor, cond, uncond=None, noise: torch.Tensor | None = None, *,
             sigmas: torch.Tensor, cfg_scale: float, sampler: str = "dpmpp_2m", eta: float = 1.0,
             shared: Mapping[str, torch.Tensor] | None = None,
-            progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+            progress: Callable[[int, int], None] | None = None, per_step: bool = False) -> torch.Tensor:
         """Latents after the loop. ``x_T``: start latents already scaled (``x * sigmas[0]``); ``cond`` /
         ``uncond``: context tensors or dicts (``context``, ``y``); ``noise``: [N, *x_T.shape] pre-drawn noise for
         ``euler_a`` (``predraw_noise(x_T.shape, noise_draws(...), seed)``); ``progress(i, n)`` after each step
-        (all at once after the replay, when captured)."""
+        (all at once after the replay, when captured); ``per_step``: cond / uncond are per-step tables
+        [calls, B, ...] (prompt editing), copied into static tables that the captured steps read row by row."""
         if sampler not in GRAPH_SAMPLERS:
             raise GraphRunnerError(f"the graph runner serves {', '.join(GRAPH_SAMPLERS)}, not {sampler!r}")
         if x_T.ndim != 4:
@@ -250,10 +254,11 @@ class GraphRunner:
         if not groups["cond"]:
             raise GraphRunnerError("no conditioning given")
         for g, d in groups.items():
+            axis = 1 if per_step and g != "shared" else 0
             for n, t in d.items():
-                if t.shape[0] != x_T.shape[0]:
-                    raise GraphRunnerError(f"{g} {n!r} has batch {t.shape[0]}, x_T has {x_T.shape[0]}")
-        key = self.key(x_T, sigmas, cfg_scale, sampler, eta, groups)
+                if t.shape[axis] != x_T.shape[0]:
+                    raise GraphRunnerError(f"{g} {n!r} has batch {t.shape[axis]}, x_T has {x_T.shape[0]}")
+        key = self.key(x_T, sigmas, cfg_scale, sampler, eta, groups, per_step)
         if key.noise_draws:
             want = (key.noise_draws, *x_T.shape)
             if noise is None or noise.ndim != len(want) or noise.shape[0] < want[0] or noise.shape[1:] != want[1:]:

@@ -3,6 +3,7 @@ writes and reads (so existing tools show them), written atomically (no partial f
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tempfile
@@ -49,8 +50,17 @@ class Infotext:
         }
         for key, value in (self.extra or {}).items():
             fields[key] = _number(value) if isinstance(value, float) else value
-        lines.append(", ".join(f"{k}: {v}" for k, v in fields.items() if v is not None))
+        lines.append(", ".join(f"{k}: {quote(v)}" for k, v in fields.items() if v is not None))
         return "\n".join(lines)
+
+
+def quote(value) -> str:
+    """AUTOMATIC1111's ``infotext_utils.quote``: a value holding ',', ':' or a newline is written as a JSON
+    string, so the line of ``Key: value`` pairs splits back unambiguously."""
+    text = str(value)
+    if "," not in text and "\n" not in text and ":" not in text:
+        return text
+    return json.dumps(text, ensure_ascii=False)
 
 
 def _number(x: float) -> str:

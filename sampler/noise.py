@@ -1,21 +1,25 @@
 """Where a generation's randomness comes from: a ``NoiseSource`` gives, per image of the batch, the start noise
 x_T, the VAE posterior samples and the per-step ancestral / eta noise, each [batch, *shape] float32.
 
-``CPUNoise`` (the parity fixtures' source): image ``i`` draws x_T as the FIRST ``randn`` of
-``torch.Generator("cpu").manual_seed(seed + i)``, and its VAE / ancestral noise from two more CPU generators
-seeded from ``seed + i``; so image ``i`` of a batch is image 0 of a batch of one with seed ``seed + i``, and a
-seed gives the same numbers on the CPU and the GPU. The Pipeline takes any object with the same three methods
-(e.g. the stored noise of a reference run).
+``ImageNoise`` is AUTOMATIC1111's (``sampler/rng.py``'s ``ImageRNG``): image ``i`` has seed ``seed + i`` and its
+own generator of the chosen source (``nv``: CUDA's ``torch.randn`` reproduced on any device, the default;
+``gpu``; ``cpu``), whose first draw is x_T (blended with the variation seed's by ``subseed_strength``) and whose
+later draws are the ancestral / eta noise; so image ``i`` of a batch is image 0 of a batch of one with seed
+``seed + i``, on the CPU and the GPU alike. The VAE posterior samples (img2img, inpainting) come from a second
+generator per image, seeded from ``seed + i`` (``derived_seed``). The Pipeline takes any object with the same
+three methods (e.g. a reference run's stored noise).
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, Sequence
 
 import torch
 
+from .rng import ImageRNG, create_generator
+
 SEED_RANGE = 2 ** 64
-_STREAMS = {"start": 0, "vae": 1, "ancestral": 2}  # per-image noise streams
+_STREAMS = {"start": 0, "vae": 1}
 
 
 class NoiseSource(Protocol):
@@ -27,28 +31,37 @@ class NoiseSource(Protocol):
 
 
 def derived_seed(seed: int, stream: str) -> int:
-    """Seed of one per-image noise stream; "start" is the seed itself (x_T as documented)."""
+    """Seed of one per-image noise stream; "start" is the seed itself."""
     return (seed + _STREAMS[stream] * 0x9E3779B97F4A7C15) % SEED_RANGE
 
 
-class CPUNoise:
-    """Per-image CPU generators for the start noise, VAE posterior samples and ancestral / eta noise; the
-    draws are moved to ``device``."""
+class ImageNoise:
+    """AUTOMATIC1111's per-image noise for a batch of ``batch`` images from ``seed`` (see the module docstring);
+    draws land on ``device``."""
 
-    def __init__(self, seed: int, batch: int, device: torch.device | str = "cpu"):
-        self.device = device
-        self.generators = {name: [torch.Generator("cpu").manual_seed(derived_seed(seed + i, name))
-                                  for i in range(batch)] for name in _STREAMS}
+    def __init__(self, shape: Sequence[int], seed: int, batch: int, source: str = "nv",
+                 subseed: int | None = None, subseed_strength: float = 0.0, device: torch.device | str = "cpu"):
+        self.shape = tuple(shape)
+        self.seeds = [(seed + i) % SEED_RANGE for i in range(batch)]
+        subseeds = None if subseed is None else [(subseed + i) % SEED_RANGE for i in range(batch)]
+        self.rng = ImageRNG(self.shape, self.seeds, subseeds=subseeds, subseed_strength=subseed_strength,
+                            source=source, device=device)
+        self.source, self.device = source, device
+        self._vae = None
 
-    def _draw(self, stream: str, shape) -> torch.Tensor:
-        rows = [torch.randn(list(shape), generator=g, dtype=torch.float32) for g in self.generators[stream]]
-        return torch.stack(rows).to(self.device)  # [batch, *shape]
+    def _check(self, shape) -> None:
+        if tuple(shape) != self.shape:
+            raise ValueError(f"noise of shape {tuple(shape)} asked of a source made for {self.shape}")
 
     def start(self, shape) -> torch.Tensor:
-        return self._draw("start", shape)
-
-    def vae(self, shape) -> torch.Tensor:
-        return self._draw("vae", shape)
+        self._check(shape)
+        return self.rng.next()  # the first call: the start noise
 
     def ancestral(self, shape) -> torch.Tensor:
-        return self._draw("ancestral", shape)
+        self._check(shape)
+        return self.rng.next()
+
+    def vae(self, shape) -> torch.Tensor:
+        if self._vae is None:
+            self._vae = [create_generator(derived_seed(s, "vae"), self.source, self.device) for s in self.seeds]
+        return torch.stack([g.randn(shape) for g in self._vae])

@@ -43,11 +43,13 @@ import torch
 
 from ..kernels import dispatch
 from ..model.vae_guard import VAEDecodeGuard
+from . import denoise as D
 from . import registry
 from .graph import GraphCaptureError, GraphRunner, noise_draws, tables_on_device
 from .infotext import Infotext
-from .noise import CPUNoise, NoiseSource
-from .settings import GenerationSettings, vae_factor
+from .rng import infotext_rng
+from .noise import ImageNoise, NoiseSource
+from .settings import GenerationSettings, check_rng_device, fields_from_infotext, vae_factor
 from .vae_io import InpaintConditioning, NonFiniteError, check_finite, decode_clamped, encode_image, \
     inpaint_conditioning
 from .wiring import build_denoiser, img2img_start, make_schedule, num_steps, sigma_denoiser, txt2img_start
@@ -58,10 +60,14 @@ StepCallback = Callable[[dict], None]
 @dataclass
 class Conditioning:
     """The UNet's conditioning keywords for both sides of the guidance: ``{"context"}`` (SD1/2) or
-    ``{"context", "y"}`` (SDXL), float32, one row per image; ``uncond`` is None when CFG is off (scale 1)."""
+    ``{"context", "y"}`` (SDXL), float32, one row per image; ``uncond`` is None when CFG is off (scale 1). The two
+    sides may differ in token length (77 * chunks): the guidance then makes two UNet calls. With prompt editing
+    (``per_step``) every tensor is a table [calls, B, ...] whose row k serves the k-th model call."""
 
     cond: dict[str, torch.Tensor]
     uncond: dict[str, torch.Tensor] | None
+    per_step: bool = False
+    ti_hashes: str | None = None  # AUTOMATIC1111's "TI hashes" of the embeddings the prompts used
 
 
 @dataclass
@@ -84,7 +90,8 @@ class Pipeline:
     CUDA, the torch references on the CPU), "torch" or "triton" for every stage this pipeline runs."""
 
     def __init__(self, model, *, name: str = "model", model_hash: str | Callable[[], str] | None = None,
-                 kernels: str = "auto", lora_dir: str | os.PathLike | None = None):
+                 kernels: str = "auto", lora_dir: str | os.PathLike | None = None,
+                 embeddings_dir: str | os.PathLike | None = None):
         if kernels not in dispatch.BACKENDS:
             raise ValueError(f"unknown kernels {kernels!r}; expected one of {', '.join(dispatch.BACKENDS)}")
         self.model = model
@@ -100,6 +107,12 @@ class Pipeline:
         self._loras: list = []  # set_loras' LoraSpecs (a prompt's own LoRAs come on top, per generation)
         self._lora_state = None  # model.lora.LoraState, made on first use: the pristine copies of touched weights
         self.lora_report = None  # the last apply's ApplyReport (its Lora hashes go into the infotext)
+        self.embeddings, self.embedding_messages = None, []  # textual inversion, found by file name in prompts
+        if embeddings_dir is not None:
+            self.load_embeddings(embeddings_dir)
+        self._ti_hashes: str | None = None  # of the last encode, for the infotext
+        self.auto_warmup = True  # on CUDA with the Triton kernels: compile and tune new shapes before their run
+        self._warmed: set[tuple] = set()
 
     # ------------------------------------------------------------ facts
 
@@ -148,7 +161,15 @@ class Pipeline:
             settings = GenerationSettings(**fields)
         elif fields:
             settings = dataclasses.replace(settings, **fields)
-        return settings.resolve(self.config)
+        resolved = settings.resolve(self.config)
+        check_rng_device(resolved.rng, self.device)
+        return resolved
+
+    def from_infotext(self, text: str, **fields) -> GenerationSettings:
+        """Settings from an AUTOMATIC1111 ``parameters`` text (a PNG's infotext), ``fields`` overriding it:
+        a round trip gives the same image. Malformed values are left out (see ``settings.fields_from_infotext``)."""
+        parsed, _notes = fields_from_infotext(text)
+        return self.settings(**{**parsed, **fields})
 
     def latent_shape(self, settings: GenerationSettings) -> tuple[int, int, int]:
         f = vae_factor(self.config)
@@ -193,12 +214,37 @@ class Pipeline:
         self._apply_loras(specs)
         return text
 
+    # ------------------------------------------------------------ kernels: compile and tune before the run
+
+    def warmup(self, sizes: list[tuple[int, int]] | None = None, batches=(1, 2), jobs: int | None = None):
+        """Compile every Triton kernel variant the UNet, VAE and text towers need at ``sizes`` ((height, width)
+        pixels; default: the family's size) and UNet ``batches``, in parallel across the CPU's cores into
+        Triton's on-disk cache, then time each autotune key once into the persistent tuning cache
+        (``kernels/warmup.py``). On CUDA with the Triton kernels only; returns its ``WarmupReport`` or None.
+        ``generate`` does this by itself for each new shape (``auto_warmup``)."""
+        if self.device.type != "cuda" or self.kernels == "torch" or dispatch.current_backend() == "torch":
+            return None
+        from ..kernels.warmup import warmup
+        from .settings import default_size
+
+        size = default_size(self.config)
+        return warmup(self.config, sizes=sizes or [(size, size)], batches=batches, dtype=self.dtype,
+                      device=self.device, model=self.model, jobs=jobs)
+
+    def _warm(self, settings: GenerationSettings) -> None:
+        batches = (settings.batch_size, 2 * settings.batch_size)  # CFG runs both halves in one batch
+        key = (settings.height, settings.width, batches)
+        if self.auto_warmup and key not in self._warmed:
+            self.warmup([(settings.height, settings.width)], batches)
+            self._warmed.add(key)
+
     # ------------------------------------------------------------ stage 1: text
 
     @torch.no_grad()
     def encode_text(self, prompts: list[str], *, size: tuple[int, int] | None = None, zero: bool = False,
                     original_size=None, crop_coords_top_left=(0, 0), target_size=None) -> dict[str, torch.Tensor]:
-        """One side's UNet keywords for ``prompts``: ``{"context"}`` (SD1/2) or ``{"context", "y"}`` (SDXL, with
+        """One side's UNet keywords for ``prompts`` as the original scripts encode them (one 77-token window, the
+        text taken literally): ``{"context"}`` (SD1/2) or ``{"context", "y"}`` (SDXL, with
         its size conditioning: original and target size default to ``size`` = (height, width); ``zero``
         zeroes the text features, sgm's unconditional side)."""
         with self._kernels():
@@ -210,13 +256,92 @@ class Pipeline:
                 zero_text=zero)
         return {"context": context.float(), "y": y.float()}
 
+    def load_embeddings(self, directory: str | os.PathLike) -> list[str]:
+        """Textual-inversion embeddings from ``directory`` (triggered by their file names in prompts, as
+        AUTOMATIC1111); returns one line per file skipped (wrong width, unreadable), also kept in
+        ``embedding_messages``."""
+        from ..model.prompt_encode import load_model_embeddings
+
+        self.embeddings, self.embedding_messages = load_model_embeddings(self.model, directory)
+        return self.embedding_messages
+
     def encode(self, settings: GenerationSettings, **size_conditions) -> Conditioning:
-        """The prompt (and, with CFG, the negative prompt) for every image of the batch; SDXL's size conditions
-        (``original_size``, ``crop_coords_top_left``, ``target_size``) may be given. The LoRAs of
-        ``set_loras`` and of the prompt's ``<lora:...>`` tags are applied first."""
+        """The prompt (and, with CFG, the negative prompt) for every image of the batch, as AUTOMATIC1111 reads
+        them (``prompt_syntax="a1111"``: weights, BREAK, prompts beyond 75 tokens, ``[from:to:when]`` editing,
+        textual inversion, clip skip; cond and uncond encoded apart) or as the original scripts do
+        (``"original"``: one 77-token window, text taken literally; SDXL's size conditions ``original_size``,
+        ``crop_coords_top_left``, ``target_size`` may be given). The LoRAs of ``set_loras`` and of the prompt's
+        ``<lora:...>`` tags are applied first."""
         s = settings
-        rows, size = s.batch_size, (s.height, s.width)
         prompt = self._activate_prompt_loras(s.prompt)
+        if s.prompt_syntax == "original":
+            return self._encode_original(s, prompt, **size_conditions)
+        if size_conditions:
+            raise ValueError("size conditions are taken from the settings with prompt_syntax='a1111'")
+        with self._kernels():
+            cond = self._encode_side(prompt, s, is_negative=False)
+            uncond = None if s.cfg_scale == 1.0 else self._encode_side(s.negative_prompt, s, is_negative=True)
+        used = cond.cond.used_embeddings + (uncond.cond.used_embeddings if uncond is not None else [])
+        from ..model.embeddings import ti_hashes
+
+        self._ti_hashes = ti_hashes(used) or None
+        return self._conditioning(s, cond, uncond)
+
+    def _encode_side(self, prompt: str, s: GenerationSettings, is_negative: bool):
+        """One prompt's editing schedule, encoded in one batch (``ScheduledConditioning``)."""
+        from ..model.prompt_encode import encode_schedule
+
+        return encode_schedule(self.model, prompt, s.steps, clip_skip=s.clip_skip, embeddings=self.embeddings,
+                               width=s.width, height=s.height, is_negative=is_negative)
+
+    def _conditioning(self, s: GenerationSettings, cond, uncond) -> Conditioning:
+        """The UNet keywords of both sides: one row per image, or per-call tables when a prompt schedules."""
+        per_step = len(cond.texts) > 1 or (uncond is not None and len(uncond.texts) > 1)
+        calls = s.steps + 1  # PLMS evaluates its first step twice
+        sides = []
+        for side in (cond, uncond):
+            if side is None:
+                sides.append(None)
+                continue
+            entries = {"context": side.cond.context.float()}
+            if side.cond.vector is not None:
+                entries["y"] = side.cond.vector.float()
+            if per_step:
+                rows = torch.tensor([side.index_at(k) for k in range(calls)], device=entries["context"].device)
+                # [entries, ...] -> [calls, B, ...]: row k is the entry model call k uses
+                sides.append({n: t[rows][:, None].expand(-1, s.batch_size, *t.shape[1:]) for n, t in entries.items()})
+            else:
+                sides.append({n: t[:1].expand(s.batch_size, *t.shape[1:]) for n, t in entries.items()})
+        c, u = sides
+        if u is not None and s.pad_cond_uncond:
+            c, u = self._pad_to_same_length(c, u, s, per_step)
+        return Conditioning(c, u, per_step=per_step, ti_hashes=self._ti_hashes)
+
+    def _pad_to_same_length(self, c: dict, u: dict, s: GenerationSettings, per_step: bool):
+        """AUTOMATIC1111's ``pad_cond_uncond``: the shorter side gets empty-prompt chunks appended, so guidance
+        stays one batched call (it changes the image)."""
+        from ..model.prompt_encode import encode_prompts
+
+        axis = 2 if per_step else 1
+        if c["context"].shape[axis] == u["context"].shape[axis]:
+            return c, u
+        with self._kernels():
+            empty = encode_prompts(self.model, [""], clip_skip=s.clip_skip, width=s.width,
+                                   height=s.height).context.float()  # [1, 77, C]
+
+        def pad(side, to):
+            missing = (to - side["context"].shape[axis]) // empty.shape[1]
+            shape = list(side["context"].shape)
+            shape[axis] = empty.shape[1] * missing
+            extra = empty.repeat(1, missing, 1).expand(*shape) if not per_step else \
+                empty.repeat(1, missing, 1)[None].expand(*shape)
+            return {**side, "context": torch.cat([side["context"], extra], dim=axis)}
+
+        longest = max(c["context"].shape[axis], u["context"].shape[axis])
+        return pad(c, longest), pad(u, longest)
+
+    def _encode_original(self, s: GenerationSettings, prompt: str, **size_conditions) -> Conditioning:
+        rows, size = s.batch_size, (s.height, s.width)
         cond = self.encode_text(rows * [prompt], size=size, **size_conditions)
         if s.cfg_scale == 1.0:
             return Conditioning(cond, None)
@@ -227,12 +352,14 @@ class Pipeline:
     # ------------------------------------------------------------ stage 2: latents
 
     def prepare_latents(self, settings: GenerationSettings, noise: NoiseSource | None = None) -> Latents:
-        """The first latent and the schedule left to run, from ``noise`` (default: ``CPUNoise(seed, batch)``):
+        """The first latent and the schedule left to run, from ``noise`` (default: AUTOMATIC1111's per-image
+        ``ImageNoise`` of the settings' seed, source and variation seed):
         txt2img from x_T, img2img from the encoded init image, inpainting with its image conditioning."""
         s = settings
         device = self.device
-        noise = CPUNoise(s.seed, s.batch_size, device) if noise is None else noise
         shape = self.latent_shape(s)
+        if noise is None:
+            noise = ImageNoise(shape, s.seed, s.batch_size, s.rng, s.subseed, s.subseed_strength, device)
         spec = registry.get(s.sampler)
         x_T = noise.start(shape).to(device)
         shared, inpaint = {}, None
@@ -269,6 +396,8 @@ class Pipeline:
                 out = self._denoise_graphed(runner, spec, latents, cond, s, callback)
             else:
                 den = build_denoiser(self.unet, self.config, spec, s.cfg_scale)
+                if cond.per_step:
+                    den = D.PerCallConditioning(den)
                 schedule = latents.schedule
                 if isinstance(schedule, torch.Tensor):
                     schedule = schedule.to(x.device)  # the samplers broadcast sigmas against x
@@ -305,7 +434,7 @@ class Pipeline:
         progress = None if callback is None else (lambda i, n: callback({"i": i, "total": n}))
         try:
             return runner.run(x, cond.cond, cond.uncond, noise, sigmas=sigmas, cfg_scale=s.cfg_scale,
-                              sampler=spec.name, shared=latents.shared, progress=progress)
+                              sampler=spec.name, shared=latents.shared, progress=progress, per_step=cond.per_step)
         except GraphCaptureError as e:
             raise GraphCaptureError(f"{e}; run without CUDA graphs (use_graphs=False, tritonsd generate "
                                     "--no-cuda-graphs)") from e
@@ -326,7 +455,9 @@ class Pipeline:
 
     def generate(self, settings: GenerationSettings, callback: StepCallback | None = None,
                  noise: NoiseSource | None = None) -> torch.Tensor:
-        """Images [B, 3, H, W] in [0, 1], float32 on the CPU, for resolved ``settings``."""
+        """Images [B, 3, H, W] in [0, 1], float32 on the CPU, for resolved ``settings`` (on CUDA, a new shape's
+        kernels are compiled and tuned first: ``warmup``)."""
+        self._warm(settings)
         cond = self.encode(settings)
         latents = self.prepare_latents(settings, noise)
         x = self.denoise(latents, cond, settings, callback)
@@ -342,28 +473,38 @@ class Pipeline:
 
     # ------------------------------------------------------------ images out
 
-    def infotext(self, settings: GenerationSettings, index: int = 0) -> str:
-        """AUTOMATIC1111's ``parameters`` text of image ``index``."""
+    def infotext(self, settings: GenerationSettings, index: int = 0, conditioning: Conditioning | None = None) -> str:
+        """AUTOMATIC1111's ``parameters`` text of image ``index`` (its TI hashes from ``conditioning``, else from
+        this pipeline's last ``encode``)."""
         s = settings
         spec = registry.get(s.sampler)
         source = getattr(self.model, "source", None)
         vae = source.vae if source is not None else None
+        variation = s.subseed_strength > 0
         extra = {"VAE hash": self.vae_hash if vae is not None else None,
                  "VAE": source.vae_name if vae is not None else None,
+                 "Variation seed": (s.subseed or 0) + index if variation else None,
+                 "Variation seed strength": float(s.subseed_strength) if variation else None,
                  "Denoising strength": float(s.strength) if s.mode == "img2img" else None,
+                 "Clip skip": s.clip_skip if s.clip_skip > 1 else None,
+                 "RNG": infotext_rng(s.rng),
                  "Schedule type": spec.a1111_schedule(s.karras),
+                 "TI hashes": (conditioning.ti_hashes if conditioning is not None else self._ti_hashes)
+                 if s.prompt_syntax == "a1111" else None,
                  "Lora hashes": self.lora_report.lora_hashes or None if self.lora_report is not None else None}
         return Infotext(prompt=s.prompt, negative_prompt=s.negative_prompt, steps=s.steps,
                         sampler=spec.a1111_name, cfg_scale=s.cfg_scale, seed=s.seed + index, width=s.width,
                         height=s.height, model_hash=self.model_hash, model=self.name, extra=extra).render()
 
-    def to_pil(self, images: torch.Tensor, settings: GenerationSettings) -> list:
+    def to_pil(self, images: torch.Tensor, settings: GenerationSettings,
+               conditioning: Conditioning | None = None) -> list:
+        """PIL images with ``info["parameters"]`` (the infotext) and ``info["seed"]``."""
         from .infotext import to_pil
 
         out = []
         for i, image in enumerate(images):
             pil = to_pil(image)
-            pil.info["parameters"] = self.infotext(settings, i)
+            pil.info["parameters"] = self.infotext(settings, i, conditioning)
             pil.info["seed"] = settings.seed + i
             out.append(pil)
         return out
@@ -383,7 +524,8 @@ class Pipeline:
 
 def load(path: str | os.PathLike, config: str | os.PathLike | None = None, *, device=None, dtype=None,
          kernels: str = "auto", vae: str | os.PathLike | None = None, text_heads: int | None = None,
-         parameterization: str | None = None, lora_dir: str | os.PathLike | None = None) -> Pipeline:
+         parameterization: str | None = None, lora_dir: str | os.PathLike | None = None,
+         embeddings_dir: str | os.PathLike | None = None) -> Pipeline:
     """A Pipeline for an original single-file checkpoint (``.safetensors`` or ``.ckpt``), or the built-in demo
     model ``"demo:sd1"`` (tiny, random weights: its images are noise; no file needed).
 
@@ -391,8 +533,9 @@ def load(path: str | os.PathLike, config: str | os.PathLike | None = None, *, de
     ``device``: "cpu", "cuda", "cuda:N" (default: CUDA when available); ``dtype``: "fp32", "fp16", "bf16" or a
     torch dtype (default: fp16 on CUDA, fp32 on the CPU); ``kernels``: "auto", "torch" or "triton"; ``vae``: an
     external VAE file (``.safetensors`` / ``.pt``); ``text_heads`` / ``parameterization``: what the weights cannot
-    tell, when no YAML does; ``lora_dir``: where ``<lora:name:w>`` in a prompt is looked up. The model hash for
-    the infotext is computed in the background while the weights load."""
+    tell, when no YAML does; ``lora_dir``: where ``<lora:name:w>`` in a prompt is looked up;
+    ``embeddings_dir``: textual-inversion embeddings, used where their file name appears in a prompt. The model
+    hash for the infotext is computed in the background while the weights load."""
     from ..model.demo import is_demo
     from ..model.device import resolve_device, resolve_dtype
     from ..model.hashes import model_hash
@@ -409,7 +552,7 @@ def load(path: str | os.PathLike, config: str | os.PathLike | None = None, *, de
         model = load_model(path, config=config, parameterization=parameterization, text_heads=text_heads, vae=vae,
                            dtype=dtype, device=device)
     source = model.source
-    return Pipeline(model, name=source.model_name, kernels=kernels, lora_dir=lora_dir,
+    return Pipeline(model, name=source.model_name, kernels=kernels, lora_dir=lora_dir, embeddings_dir=embeddings_dir,
                     model_hash=hashing.result if hashing is not None else source.model_hash)
 
 

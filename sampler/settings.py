@@ -98,6 +98,8 @@ class GenerationSettings:
             raise SettingsError("eta", f"applies to ddim only ({self.sampler} needs 0; euler_a always uses "
                                        f"ancestral eta 1), got {eta:g}")
         strength = _real("strength", self.strength, 0.0, 1.0)
+        for name in ("prompt", "negative_prompt"):
+            check_prompt(name, getattr(self, name), steps, self.prompt_syntax)
         init_image = mask = None
         if self.init_image is not None:
             init_image = image_tensor("init_image", self.init_image, 3, -1.0, 1.0)
@@ -155,6 +157,71 @@ class GenerationSettings:
         return "img2img" if self.mask is None else "inpaint"
 
 
+# ---------------------------------------------------------------- prompts
+
+
+MAX_PROMPT_CHARS = 10_000  # refused before tokenizing: 1,000 tokens of text are some 5,000 characters
+
+
+def check_prompt(name: str, text: str, steps: int, syntax: str) -> None:
+    """A prompt the encoders can take, checked without a model: UTF-8 text without NUL, at most the prompt limit
+    (``MAX_PROMPT_TOKENS`` after parsing, for every text of its editing schedule; embedding names count as the
+    tokens they spell) and valid syntax. Errors give the count and a short excerpt, never the prompt itself."""
+    from ..model.prompt_chunks import MAX_PROMPT_TOKENS, PromptTooLongError, tokenize_prompt
+    from ..model.prompt_parser import PromptSyntaxError, prompt_schedule
+    from ..model.tokenizer import get_tokenizer
+
+    if "\x00" in text:
+        raise SettingsError(name, f"holds a NUL character ({_excerpt(text)})")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise SettingsError(name, f"is not valid Unicode text (a lone surrogate) ({_excerpt(text)})") from None
+    if len(text) > MAX_PROMPT_CHARS:
+        raise SettingsError(name, f"has {len(text):,} characters ({_excerpt(text)}); the limit is "
+                                  f"{MAX_PROMPT_TOKENS:,} tokens")
+    if syntax != "a1111" or not text:
+        return
+    try:
+        tokenizer = get_tokenizer("transformers")
+        for _end, scheduled in prompt_schedule(text, steps):
+            tokenize_prompt(scheduled, tokenizer)
+    except (PromptTooLongError, PromptSyntaxError) as e:
+        raise SettingsError(name, f"is not usable: {e} ({_excerpt(text)})") from None
+
+
+def _excerpt(text: str, limit: int = 40) -> str:
+    """The first characters of untrusted text, control characters escaped."""
+    head = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text[:limit])
+    return f'"{head}..."' if len(text) > limit else f'"{head}"'
+
+
+# ---------------------------------------------------------------- from an AUTOMATIC1111 infotext
+
+
+INFOTEXT_FIELDS = ("prompt", "negative_prompt", "steps", "cfg_scale", "seed", "width", "height", "clip_skip", "rng",
+                   "subseed", "subseed_strength")
+
+
+def fields_from_infotext(text: str) -> tuple[dict, list[str]]:
+    """(GenerationSettings fields, notes) from an AUTOMATIC1111 ``parameters`` text: prompt, negative prompt,
+    steps, sampler and schedule type, CFG scale, seed, size, clip skip, RNG and variation seed. Unknown keys are
+    ignored; each malformed value is left out with one note line; an unknown sampler is a ``SettingsError``."""
+    from .infotext_parse import generation_settings
+
+    parsed = generation_settings(text)
+    fields = {k: parsed[k] for k in INFOTEXT_FIELDS if k in parsed}
+    if "sampler" in parsed:
+        try:
+            fields["sampler"], fields["karras"] = registry.from_a1111_name(parsed["sampler"],
+                                                                            parsed.get("schedule_type"))
+        except registry.UnknownSamplerError as e:
+            raise SettingsError("sampler", f"from the infotext: {e}") from None
+    if fields.get("subseed_strength", 0.0) == 0.0:
+        fields.pop("subseed", None)
+    return fields, parsed["notes"]
+
+
 # ---------------------------------------------------------------- the image-side rule (one place)
 
 
@@ -180,7 +247,7 @@ def side_multiple(config) -> int:
     return vae_factor(config)
 
 
-SIDE_RULE = "a multiple of 8"  # side_multiple for the released layouts, for help texts
+SIDE_RULE = f"a multiple of {VAE_FACTOR_MULTIPLE}"  # side_multiple of every released VAE, for help texts
 
 
 def _side(name: str, value: int, multiple: int, config) -> int:

@@ -94,10 +94,7 @@ def _prompt(name: str, v) -> str:
         return ""
     if not isinstance(v, str):
         raise BadRequest(f"{name} must be a string")
-    if len(v) > limits.MAX_PROMPT_CHARS:
-        raise BadRequest(f"{name} has {len(v)} characters; the limit is {limits.MAX_PROMPT_CHARS}",
-                         "PromptTooLongError")
-    return v
+    return v  # its length and tokens: GenerationSettings.check (the project's prompt limits)
 
 
 def _overrides(req, options: Options, catalog, host) -> tuple[ModelKey, int, str, float, list[str]]:

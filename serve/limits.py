@@ -1,5 +1,6 @@
-"""Limits checked before a job is queued: request body size, prompt length, iterations, and whether the batch's
-pixels fit in the device's memory."""
+"""Limits checked before a job is queued: request body size, iterations, image sides, and whether the batch's
+pixels fit in the device's memory. Prompts follow the project's limits (``GenerationSettings.check``: characters
+and tokens, before anything is queued)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import os
 from .errors import TooLarge
 
 MAX_BODY_BYTES = 64 << 20  # 64 MiB; larger bodies get 413
-MAX_PROMPT_CHARS = 1 << 16  # characters; the encoder's token limit (MAX_PROMPT_TOKENS) applies after this
 MAX_N_ITER = 100
 MAX_SIDE = 8192  # pixels per side (the settings also ask for a multiple of 8)
 # Peak working memory per output pixel and image, in bytes per byte of the dtype: the VAE decoder's activations

@@ -19,7 +19,8 @@ the text tower shows in the ``text`` / ``sample`` rows and not in every sampler'
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -49,6 +50,9 @@ _INPUT_PATTERNS = [re.compile(p) for p in (
 
 def is_input(name: str, meta: dict) -> bool:
     """Whether ``name`` is an input of the reference run (stored, not produced by the model)."""
+    kind = reference_kind(meta)
+    if kind is not None:
+        return A.is_input(name, meta, kind)
     if name in _INPUT_NAMES or any(p.match(name) for p in _INPUT_PATTERNS):
         return True
     produced_by = str(meta.get("tensors", {}).get(name, {}).get("produced_by", ""))
@@ -70,14 +74,37 @@ def derived_from(name: str, meta: dict) -> tuple[str, list[int]] | None:
 # ---------------------------------------------------------------- the run's inputs
 
 
+def reference_kind(meta: dict) -> str | None:
+    """The A1111 reference kind (``testing/a1111_groups.py``), or None for an original-code reference."""
+    return A.reference_kind(meta)
+
+
+def group_names(ref: dict[str, torch.Tensor], meta: dict) -> dict[str, list[str]]:
+    """{group: names}, in the JSON's order (then any names it does not list, sorted): the name prefix, or for
+    the A1111 case references the case."""
+    kind = reference_kind(meta)
+    listed = [k for k in meta.get("tensors", {}) if k in ref]
+    order = listed + sorted(k for k in ref if k not in set(listed))
+    groups: dict[str, list[str]] = {}
+    for name in order:
+        group = name.split(".", 1)[0] if kind is None else A.group_of(name, meta, kind)
+        groups.setdefault(group, []).append(name)
+    return groups
+
+
 @dataclass
 class Recompute:
-    """A Pipeline and one reference file (tensors on the CPU as stored, the JSON as a dict)."""
+    """A Pipeline (None for a reference that needs no model) and one reference file (tensors on the CPU as
+    stored, the JSON as a dict); where the file is (for what lies beside it) and notes for the user."""
 
-    pipe: Pipeline
+    pipe: Pipeline | None
     ref: dict[str, torch.Tensor]
     meta: dict
     device: torch.device
+    reference: Path | None = None
+    embeddings_dir: Path | None = None
+    notes: list[str] = field(default_factory=list)
+    cache: dict = field(default_factory=dict)
 
     @property
     def model(self):
@@ -463,6 +490,9 @@ FIXED_GROUPS: dict[str, Callable[[Recompute, list[str]], dict[str, torch.Tensor]
 
 def recompute_group(ctx: Recompute, group: str, keys: list[str]) -> dict[str, torch.Tensor]:
     """Everything of ``group`` this runtime recomputes (may include names the file does not hold)."""
+    kind = reference_kind(ctx.meta)
+    if kind is not None:
+        return A.recompute(ctx, kind, group, keys)
     handler = FIXED_GROUPS.get(group)
     if handler is not None:
         return handler(ctx, keys)
@@ -471,3 +501,6 @@ def recompute_group(ctx: Recompute, group: str, keys: list[str]) -> dict[str, to
         raise GroupError(f"unknown group {group!r} (not one of {', '.join(FIXED_GROUPS)} nor <sampler>_cfg<scale> "
                          f"with a sampler of {', '.join(registry.SAMPLERS)})")
     return sampler_group(ctx, group, spec, keys)
+
+
+from . import a1111_groups as A  # noqa: E402  (it imports GroupError from this module)

@@ -41,3 +41,20 @@ def reference(fixtures):
         return cache[name]
 
     return get
+
+
+@pytest.fixture(scope="module")
+def pipes(fixtures):
+    """pipes(name) -> a Pipeline of the fixture checkpoint NAME (its YAML, 2 text heads), one per test module."""
+    from tritonsd.model.sd import load_model
+    from tritonsd.sampler.pipeline import Pipeline
+
+    cache: dict[str, Pipeline] = {}
+
+    def get(name: str) -> Pipeline:
+        if name not in cache:
+            cache[name] = Pipeline(load_model(fixtures / f"{name}.safetensors", fixtures / f"{name}.yaml",
+                                              text_heads=2))
+        return cache[name]
+
+    return get

@@ -9,7 +9,9 @@ import json
 import pytest
 from safetensors import safe_open
 
-from tritonsd.tools import bench_e2e, readme_table
+from tritonsd.bench import e2e as bench_e2e
+from tritonsd.bench import environment
+from tritonsd.tools import readme_table
 
 HAS_DIFFUSERS = importlib.util.find_spec("diffusers") is not None
 
@@ -35,13 +37,41 @@ def test_e2e_smoke_on_cpu(fixtures, tmp_path, capsys):
     data = json.loads(out.read_text())
     assert data["bench"] == "e2e" and data["git_commit"] == "abc123" and data["device"]
     assert data["settings"]["steps"] == 2 and data["settings"]["dtype"] == "fp32" and data["torch"]
+    assert data["settings"]["repeat"] == 1 and isinstance(data["command"], str) and data["command"]
+    assert set(environment.SMI_FIELDS.values()) <= set(data["gpu"])  # nulls without nvidia-smi, never missing
     (row,) = data["rows"]
+    assert row["warmup_s"] is None  # no compile off CUDA: the field is there, empty
     assert "error" not in row and row["finite"] and row["loop_entries"] == 0  # the CPU runs the eager loop
     assert row["cuda_graph"] is False and row["vae_retries"] == 0  # on the CPU the loop runs eagerly
     assert row["impl"] == "tritonsd-graph" and row["sampler"] == "euler_a" and row["batch"] == 1
     assert row["step_ms"] == pytest.approx(row["loop_ms"] / 2) and row["it_per_s"] == pytest.approx(2e3 / row["loop_ms"])
     assert row["raw"]["loop_ms"] == [row["loop_ms"]] and row["image_ms"] >= row["loop_ms"]
     assert "wrote" in capsys.readouterr().out
+
+
+def test_default_repeats_are_at_least_ten():
+    import argparse
+
+    p = argparse.ArgumentParser()
+    bench_e2e.add_arguments(p)
+    assert p.parse_args([]).repeat >= 10
+
+
+def test_commit_comes_from_the_flag_then_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv(environment.COMMIT_ENV, "fromenv")
+    assert environment.git_commit("fromflag", root=tmp_path) == ("fromflag", None)
+    assert environment.git_commit(None, root=tmp_path) == ("fromenv", None)
+    monkeypatch.delenv(environment.COMMIT_ENV)
+    assert environment.git_commit(None, root=tmp_path) == (None, None)  # no .git there, nothing passed
+
+
+def test_nvidia_smi_line_is_parsed_and_absence_is_null(monkeypatch):
+    got = environment.parse_smi("580.159.04, 1980, 3201, 1980, 3201, 700.00, 41")
+    assert got == {"driver": "580.159.04", "sm_clock_mhz": 1980, "mem_clock_mhz": 3201, "sm_clock_max_mhz": 1980,
+                   "mem_clock_max_mhz": 3201, "power_limit_w": 700.0, "temperature_c": 41}
+    assert environment.parse_smi("[N/A], 1980")["driver"] is None
+    monkeypatch.setattr(environment.shutil, "which", lambda name: None)
+    assert environment.gpu_state() == dict.fromkeys(environment.SMI_FIELDS.values())
 
 
 def test_cli_bench_e2e_without_cuda(monkeypatch, capsys):
@@ -74,7 +104,7 @@ def test_peer_configs_have_our_parameter_counts(name, size):
     import diffusers
     import torch
 
-    from tritonsd.model.random_weights import build_meta_model
+    from tritonsd.bench.random_weights import build_meta_model
 
     unet_cfg, vae_cfg = bench_e2e.diffusers_configs(name, size)
     with torch.device("meta"):

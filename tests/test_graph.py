@@ -242,7 +242,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs nee
 @cuda
 @pytest.mark.parametrize("sampler", ["euler", "euler_a", "dpmpp_2m"])
 def test_graph_replay_equals_eager_loop_cuda(tiny, sampler):
-    model = copy.deepcopy(tiny).to("cuda")
+    model = copy.deepcopy(tiny).to("cuda", torch.float16)  # half precision: no fp32 compile storm on the GPU
     den = make_denoiser(model, "cuda")
     graphed = GraphRunner(den, device="cuda")
     eager = GraphRunner(den, device="cuda", use_graphs=False)
@@ -253,5 +253,6 @@ def test_graph_replay_equals_eager_loop_cuda(tiny, sampler):
         e = run(eager, sampler, x, sigmas, cond.cuda(), uncond.cuda(), seed=seed)
         assert torch.equal(g, e)
         ref = direct(model, sampler, x.cuda(), sigmas.cuda(), cond.cuda(), uncond.cuda(), seed=seed)
-        assert (g - ref).abs().max() <= 1e-4 * ref.abs().max()  # CUDA sigmas: division, not CPU-scalar reciprocal
+        # CUDA sigmas (division, not the CPU-scalar reciprocal) through a float16 UNet: the half-precision bound
+        assert (g - ref).abs().max() <= 1e-2 * ref.abs().max()
     assert graphed.captures == 1 and next(iter(graphed.entries.values())).graph is not None

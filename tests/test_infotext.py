@@ -33,7 +33,9 @@ def test_model_hash_is_sha256_prefix(tmp_path):
 
     f = tmp_path / "m.bin"
     f.write_bytes(b"tritonsd" * 1000)
-    assert png.model_hash(f) == hashlib.sha256(b"tritonsd" * 1000).hexdigest()[:10]
+    from tritonsd.model.hashes import model_hash
+
+    assert model_hash(f) == hashlib.sha256(b"tritonsd" * 1000).hexdigest()[:10]
 
 
 def test_write_png_roundtrip_and_deterministic(tmp_path):

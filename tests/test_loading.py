@@ -184,13 +184,12 @@ def test_demo_model_is_deterministic_and_named_for_the_infotext():
 
 
 def test_demo_model_generates(tmp_path):
-    from tritonsd.sampler.pipeline import GenerationSettings, generate
+    import tritonsd
 
-    model = load_model("demo:sd1")
-    settings = GenerationSettings(prompt="a red circle", sampler="euler", karras=False, steps=3, width=64,
-                                  height=64, seed=1)
-    with torch.no_grad():
-        images = generate(model, settings)
+    pipe = tritonsd.load("demo:sd1")
+    assert (pipe.name, pipe.device.type) == ("demo-sd1", "cpu")
+    settings = pipe.settings(prompt="a red circle", sampler="euler", steps=3, width=64, height=64, seed=1)
+    images = pipe.generate(settings)
     assert images.shape == (1, 3, 64, 64) and torch.isfinite(images).all()
     assert 0.0 <= images.min() and images.max() <= 1.0
 

@@ -431,8 +431,11 @@ def test_addnet_hash(fixtures, family):
 def test_lora_hashes_infotext(fixtures):
     from a1111 import parse_infotext
     from tritonsd.model.lora_file import lora_hashes_value
+    from tritonsd.sampler.infotext import quote
 
-    value = lora_hashes_value([("lora-sd1-tiny", "3718a40f15e6"), ("odd:name,x", "0123456789ab")])
+    raw = lora_hashes_value([("lora-sd1-tiny", "3718a40f15e6"), ("odd:name,x", "0123456789ab")])
+    assert raw == "lora-sd1-tiny: 3718a40f15e6, oddnamex: 0123456789ab"
+    value = quote(raw)
     assert value == '"lora-sd1-tiny: 3718a40f15e6, oddnamex: 0123456789ab"'
     parsed = parse_infotext(f"a cat\nSteps: 20, Lora hashes: {value}, Version: x")
     assert parsed["Lora hashes"] == value and parsed["Version"] == "x"

@@ -11,12 +11,12 @@ import math
 import pytest
 import torch
 
-from tritonsd.model.sd import load_model
 from tritonsd.sampler import pipeline as P
 from tritonsd.sampler import registry
 from tritonsd.sampler import schedule as S
 from tritonsd.sampler import wiring as W
-from tritonsd.sampler.noise import CPUNoise, derived_seed
+from tritonsd.sampler.noise import ImageNoise, derived_seed
+from tritonsd.sampler.rng import PhiloxGenerator
 from tritonsd.sampler.settings import GenerationSettings, SettingsError
 from tritonsd.sampler.vae_io import inpaint_conditioning, posterior_sample
 from tritonsd.testing.groups import StoredNoise
@@ -30,19 +30,6 @@ SMALL = dict(width=64, height=64)  # latent 8x8: the smallest size the tiny SD1 
 def check(actual, ref, what, bound=FP32_BOUND):
     err = relative_error(actual, ref)
     assert err <= bound, f"{what}: relative error {err:.3g} > {bound}"
-
-
-@pytest.fixture(scope="module")
-def pipes(fixtures):
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            cache[name] = P.Pipeline(load_model(fixtures / f"{name}.safetensors", fixtures / f"{name}.yaml",
-                                                text_heads=2))
-        return cache[name]
-
-    return get
 
 
 @pytest.fixture(scope="module")
@@ -153,9 +140,12 @@ def test_encode_prompts(pipes, reference, name):
 
 
 def test_start_noise_is_per_image_seeded():
-    x = CPUNoise(41, 3).start((4, 8, 8))
+    x = ImageNoise((4, 8, 8), 41, 3, source="cpu").start((4, 8, 8))
     for i in range(3):
         assert torch.equal(x[i], torch.randn([4, 8, 8], generator=torch.Generator("cpu").manual_seed(41 + i)))
+    x = ImageNoise((4, 8, 8), 41, 3).start((4, 8, 8))  # nv, the default: CUDA's randn of seed + i
+    for i in range(3):
+        assert torch.equal(x[i], torch.from_numpy(PhiloxGenerator(41 + i).randn((4, 8, 8))))
 
 
 # ---------------------------------------------------------------- img2img
@@ -170,7 +160,7 @@ def vae_noise(seed, shape):
 def test_img2img_strength0_is_vae_round_trip(pipes, sampler):
     model = pipes("sd1-tiny").model
     image = smooth_image()
-    out = run(pipes("sd1-tiny"), sampler=sampler, init_image=image, strength=0.0, seed=5, cfg_scale=3.0)
+    out = run(pipes("sd1-tiny"), sampler=sampler, init_image=image, strength=0.0, seed=5, cfg_scale=3.0, rng="cpu")
     vae, scale = model.first_stage_model, model.config.scale_factor
     with torch.no_grad():
         mean, logvar = vae.encode(image)
@@ -328,14 +318,15 @@ def test_defaults(pipes):
     s = pipes("sd1-tiny").settings(init_image=torch.zeros(1, 3, 128, 192))
     assert (s.width, s.height) == (192, 128)
     assert pipes("sd1-tiny").settings(width=128).height == 128  # one side given: a square
+    s = pipes("sd1-tiny").settings(width=72, height=56)  # any multiple of 8, as AUTOMATIC1111
+    assert (s.width, s.height) == (72, 56)
     assert pipes("sd1-tiny").settings(sampler="euler").karras is False  # A1111's "Euler": uniform sigmas
     assert pipes("sd1-tiny").settings(sampler="euler_a", karras=True).karras is True
 
 
 BAD = [  # (model, settings overrides, message fragment)
     ("sd1-tiny", dict(width=100), "multiple of 8"),
-    ("sd1-tiny", dict(width=72), "multiple of 64"),
-    ("sd1-tiny", dict(height=96), "multiple of 64"),
+    ("sd1-tiny", dict(height=60), "multiple of 8"),
     ("sd1-tiny", dict(width=0), "at least 8"),
     ("sd1-tiny", dict(width=64.0), "integer"),
     ("sd1-tiny", dict(steps=0), "steps"),
@@ -361,7 +352,7 @@ BAD = [  # (model, settings overrides, message fragment)
     ("sd1-tiny", dict(init_image=torch.full((1, 3, 64, 64), 200.0)), "[-1, 1]"),
     ("sd1-tiny", dict(init_image=torch.full((1, 3, 64, 64), math.nan)), "NaN"),
     ("sd1-inpaint-tiny", dict(init_image=torch.zeros(1, 3, 64, 64), mask=torch.full((1, 1, 64, 64), 2.0)), "[0, 1]"),
-    ("sd1-tiny", dict(init_image=torch.zeros(1, 3, 96, 64), width=None, height=None), "multiple of 64"),
+    ("sd1-tiny", dict(init_image=torch.zeros(1, 3, 100, 64), width=None, height=None), "multiples of 8"),
     ("sd1-tiny", dict(prompt=None), "string"),
 ]
 

@@ -4,7 +4,7 @@ CPU: ``use_graphs`` changes nothing (the eager path, no runner made); the pipeli
 the ancestral noise pre-drawn from the pipeline's own stream, progress) run through the runner's EAGER path
 gives the eager pipeline's images bit for bit; the decode goes through the pipeline's VAE guard (a VAE that
 overflows in float16 still gives an image, with one warning). CUDA only (``*_cuda``): graph replay equals
-the eager pipeline within 1e-3 and the captured loop is reused.
+the eager pipeline in float16 within 1e-2 and the captured loop is reused.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from tritonsd.tools.cli import build_parser
 from tritonsd.testing.reference import relative_error
 
 GRAPH_SAMPLERS = ("euler", "euler_a", "dpmpp_2m")
-GRAPH_BOUND = 1e-3  # CUDA graph vs eager CUDA loop: the runner keeps sigmas on the host (CPU-scalar arithmetic)
+GRAPH_BOUND = 1e-2  # CUDA graph vs eager CUDA loop in float16: the runner keeps sigmas on the host (CPU scalars)
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +132,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs nee
 @cuda
 @pytest.mark.parametrize("sampler", GRAPH_SAMPLERS)
 def test_graph_loop_equals_eager_cuda(tiny, sampler):
-    model = P.Pipeline(copy.deepcopy(tiny.model).to("cuda"))
+    model = P.Pipeline(copy.deepcopy(tiny.model).to("cuda", torch.float16))
     for seed, prompt in ((11, "a red circle"), (12, "a blue square")):  # the second run replays the same graph
         s = settings(sampler, seed=seed, prompt=prompt)
         graphed, steps = generate(model, s)
@@ -148,7 +148,7 @@ def test_graph_loop_equals_eager_cuda(tiny, sampler):
 
 @cuda
 def test_moved_weights_get_a_new_runner_cuda(tiny):
-    model = P.Pipeline(copy.deepcopy(tiny.model).to("cuda"))
+    model = P.Pipeline(copy.deepcopy(tiny.model).to("cuda", torch.float16))
     s = settings("dpmpp_2m", batch_size=1)
     first, _ = generate(model, s)
     runner = runner_of(model, s)

@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 
 from tritonsd.model.keys import normalize_keys
-from tritonsd.model.random_weights import (ManifestError, build_meta_model, build_random_model, load_manifest,
+from tritonsd.bench.random_weights import (ManifestError, build_meta_model, build_random_model, load_manifest,
                                            meta_state_dict)
 
 # extras a released file carries that the modules do not hold (manifests/README.md)

@@ -339,6 +339,8 @@ def malformed_cases() -> list[tuple[str, str, object]]:
         (t2i, "unknown sampler", {**ok, "sampler_name": "Nope 3000"}),
         (t2i, "unknown scheduler", {**ok, "scheduler": "bogus"}),
         (t2i, "a 10 MB prompt", {**ok, "prompt": "a" * 10_000_000}),
+        (t2i, "a prompt over the token limit", {**ok, "prompt": "red, " * 1500}),
+        (t2i, "a NUL in the negative prompt", {**ok, "negative_prompt": "a\u0000b"}),
         (t2i, "prompt as a number", {**ok, "prompt": 5}),
         (t2i, "override_settings not an object", {**ok, "override_settings": "x"}),
         (t2i, "override to a missing model", {**ok, "override_settings": {"sd_model_checkpoint": "missing"}}),

@@ -1,8 +1,8 @@
 """``tritonsd bench``: benchmarks, one sub-subcommand each (``kernels`` now; others register in BENCHES).
 
-``tritonsd bench kernels [--op NAME] [--model NAME] [--dtype fp16] [--json PATH]`` runs ``bench/bench_<op>.py``
-of the repository checkout (the scripts are not part of the installed package) and writes every row, with the
-device, the torch/triton versions, the git commit and this command, to ``bench/results/`` (or ``--json``).
+``tritonsd bench kernels [--op NAME] [--model NAME] [--dtype fp16] [--json PATH] [--git-commit SHA]`` runs
+``tritonsd.bench.bench_<op>`` and writes every row, with the device, its driver and clocks, the torch/triton
+versions, the git commit and this command, to ``bench/results/`` (or ``--json``).
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
-BENCH_DIR = Path(__file__).resolve().parent.parent / "bench"
 KERNEL_OPS = ("attention", "group_norm", "layer_norm", "geglu", "conv")
 
 
@@ -22,13 +21,8 @@ class BenchSetupError(RuntimeError):
 
 
 def _load(name: str) -> ModuleType:
-    """A module of the bench/ directory (found beside the package, as the scripts are not installed)."""
-    path = BENCH_DIR / f"{name}.py"
-    if not path.is_file():
-        raise BenchSetupError(f"benchmark script not found: {path} (run from a repository checkout)")
-    if str(BENCH_DIR) not in sys.path:
-        sys.path.insert(0, str(BENCH_DIR))  # the scripts import their shared harness by name, as when run directly
-    return importlib.import_module(name)
+    """A module of the installed ``tritonsd.bench`` package (``harness``, ``bench_conv``, ...)."""
+    return importlib.import_module(f"tritonsd.bench.{name}")
 
 
 def add_kernels_parser(sub) -> None:
@@ -40,6 +34,8 @@ def add_kernels_parser(sub) -> None:
     p.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default="fp16")
     p.add_argument("--json", type=Path, default=None, metavar="PATH",
                    help="write the results here (default: bench/results/kernels-DEVICE-DTYPE-TIME.json)")
+    p.add_argument("--git-commit", default=None, help="record this commit (when the tree has no .git; else "
+                                                      "$TRITONSD_GIT_COMMIT, else git)")
 
 
 def run_kernels(args: argparse.Namespace) -> int:
@@ -54,7 +50,7 @@ def run_kernels(args: argparse.Namespace) -> int:
         op_rows = module.bench(harness.DTYPES[args.dtype], args.model)
         harness.print_rows(op_rows)
         rows += op_rows
-    path = harness.write_json(rows, args.json, ["tritonsd", *sys.argv[1:]], args.dtype, "kernels")
+    path = harness.write_json(rows, args.json, ["tritonsd", *sys.argv[1:]], args.dtype, "kernels", args.git_commit)
     failed = [r for r in rows if r["impl"] == "triton" and "error" in r]
     print(f"wrote {path}")
     if failed:
@@ -64,11 +60,11 @@ def run_kernels(args: argparse.Namespace) -> int:
     return 0
 
 
-# ---- e2e: whole-image speed vs diffusers, in tools/bench_e2e.py (its arguments and run live there)
+# ---- e2e: whole-image speed vs diffusers, in tritonsd.bench.e2e (its arguments and run live there)
 
 
 def add_e2e_parser(sub) -> None:
-    from . import bench_e2e
+    from ..bench import e2e as bench_e2e
 
     p = sub.add_parser("e2e", help="whole-image speed of full-size random-weight models vs diffusers",
                        description=bench_e2e.__doc__.splitlines()[0])
@@ -76,7 +72,7 @@ def add_e2e_parser(sub) -> None:
 
 
 def run_e2e(args: argparse.Namespace) -> int:
-    from . import bench_e2e
+    from ..bench import e2e as bench_e2e
 
     return bench_e2e.run(args)
 

@@ -23,7 +23,9 @@ SAMPLER_NAMES = ("dpmpp_2m", "euler", "euler_a", "ddim", "plms")  # the registry
 FLAGS = {"prompt": "--prompt", "negative_prompt": "--negative-prompt", "sampler": "--sampler", "karras": "--karras",
          "steps": "--steps", "cfg_scale": "--cfg", "seed": "--seed", "width": "--width", "height": "--height",
          "batch_size": "--batch", "init_image": "--init-image", "mask": "--mask", "strength": "--strength",
-         "use_graphs": "--no-cuda-graphs", "model": "--checkpoint"}
+         "clip_skip": "--clip-skip", "rng": "--rng", "subseed": "--subseed", "subseed_strength": "--subseed-strength",
+         "pad_cond_uncond": "--pad-cond-uncond", "prompt_syntax": "--prompt-syntax", "use_graphs": "--no-cuda-graphs",
+         "model": "--checkpoint"}
 
 
 class GenerateError(ValueError):
@@ -55,14 +57,19 @@ def add_parser(subparsers) -> None:
                        help="prediction type, when no --config says it (SD2 768 models are v)")
 
     gen = p.add_argument_group("generation")
-    gen.add_argument("--prompt", required=True, metavar="TEXT", help="the prompt ('' for an unconditional image)")
-    gen.add_argument("--negative-prompt", default="", metavar="TEXT", help="what to steer away from (default: nothing)")
-    gen.add_argument("--sampler", choices=SAMPLER_NAMES, default="dpmpp_2m", help="default: dpmpp_2m")
+    gen.add_argument("--prompt", default=None, metavar="TEXT",
+                     help="the prompt, in AUTOMATIC1111's syntax: (word:1.2), [word], BREAK, [from:to:when], "
+                          "[a|b], <lora:name:w>, embedding names ('' for an unconditional image)")
+    gen.add_argument("--from-png", type=Path, default=None, metavar="PNG",
+                     help="take the settings from an AUTOMATIC1111 PNG's infotext (flags given override them)")
+    gen.add_argument("--infotext", default=None, metavar="TEXT", help="the same from the infotext's text")
+    gen.add_argument("--negative-prompt", default=None, metavar="TEXT", help="what to steer away from (default: nothing)")
+    gen.add_argument("--sampler", choices=SAMPLER_NAMES, default=None, help="default: dpmpp_2m")
     gen.add_argument("--karras", action=argparse.BooleanOptionalAction, default=None,
                      help="Karras sigmas for the k-diffusion samplers (default: on for dpmpp_2m, off for euler "
                           "and euler_a, as AUTOMATIC1111's sampler names; DDIM / PLMS ignore it)")
-    gen.add_argument("--steps", type=int, default=20, metavar="N", help="sampling steps (default: 20)")
-    gen.add_argument("--cfg", type=float, default=7.5, metavar="SCALE", help="classifier-free guidance scale (default: 7.5)")
+    gen.add_argument("--steps", type=int, default=None, metavar="N", help="sampling steps (default: 20)")
+    gen.add_argument("--cfg", type=float, default=None, metavar="SCALE", help="classifier-free guidance scale (default: 7.5)")
     gen.add_argument("--seed", type=int, default=None, metavar="N",
                      help="seed of image 0; image i uses seed + i (default or -1: random, printed on stderr)")
     gen.add_argument("--width", type=int, default=None, metavar="PX",
@@ -70,7 +77,23 @@ def add_parser(subparsers) -> None:
                           "1024 SDXL)")
     gen.add_argument("--height", type=int, default=None, metavar="PX",
                      help="as --width (default: the init image's, else --width, else the family's)")
-    gen.add_argument("--batch", type=int, default=1, metavar="N", help="images per run (default: 1)")
+    gen.add_argument("--batch", type=int, default=None, metavar="N", help="images per run (default: 1)")
+    gen.add_argument("--clip-skip", type=int, default=None, metavar="N",
+                     help="use the text encoder's N-th layer from the end (SD1's CLIP; default 1, the last)")
+    gen.add_argument("--rng", choices=("nv", "gpu", "cpu"), default=None,
+                     help="noise source: nv (CUDA's generator reproduced on any device: the same image on the "
+                          "CPU and the GPU, AUTOMATIC1111's default), gpu, cpu (default: nv)")
+    gen.add_argument("--subseed", type=int, default=None, metavar="N", help="variation seed")
+    gen.add_argument("--subseed-strength", type=float, default=None, metavar="F",
+                     help="how much of the variation seed's noise, 0..1 (default 0)")
+    gen.add_argument("--pad-cond-uncond", action="store_true", default=None,
+                     help="pad the shorter of prompt / negative prompt with empty chunks (one batched UNet call; "
+                          "AUTOMATIC1111's option of that name: it changes the image)")
+    gen.add_argument("--prompt-syntax", choices=("a1111", "original"), default=None,
+                     help="a1111 (default): weights, BREAK, long prompts, editing; original: one 77-token window "
+                          "read literally, as the original scripts")
+    gen.add_argument("--embeddings-dir", type=Path, default=None, metavar="DIR",
+                     help="textual-inversion embeddings, used where their file name appears in a prompt")
     gen.add_argument("--init-image", type=Path, default=None, metavar="IMAGE", help="PNG/JPEG to start from (img2img, inpainting)")
     gen.add_argument("--strength", type=float, default=None, metavar="F",
                      help="how much of the init image to repaint, 0..1 (img2img; default 0.75)")
@@ -108,16 +131,47 @@ def check_usage(args: argparse.Namespace) -> None:
 
 
 def settings_from_args(args: argparse.Namespace, init_image=None, mask=None):
-    """The run's ``GenerationSettings``, checked without the model (``SettingsError`` names the flag)."""
-    from ..sampler.settings import GenerationSettings
+    """The run's ``GenerationSettings``: the infotext's (``--from-png`` / ``--infotext``), then the flags given,
+    checked without the model (``SettingsError`` names the flag)."""
+    from ..sampler.settings import GenerationSettings, fields_from_infotext
 
-    fields = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, sampler=args.sampler,
-                  karras=args.karras, steps=args.steps, cfg_scale=args.cfg,
-                  seed=None if args.seed == -1 else args.seed, width=args.width, height=args.height,
-                  batch_size=args.batch, init_image=init_image, mask=mask, use_graphs=args.cuda_graphs)
-    if args.strength is not None:
-        fields["strength"] = args.strength
-    return usage_errors(GenerationSettings(**fields).check)
+    fields = {}
+    text = infotext_of(args)
+    if text is not None:
+        fields, notes = usage_errors(lambda: fields_from_infotext(text))
+        for note in notes:
+            print(f"tritonsd generate: warning: {note}", file=sys.stderr)
+    elif args.prompt is None:
+        raise UsageError("--prompt is required (or --from-png / --infotext)")
+    given = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, sampler=args.sampler,
+                 karras=args.karras, steps=args.steps, cfg_scale=args.cfg, seed=args.seed, width=args.width,
+                 height=args.height, batch_size=args.batch, strength=args.strength, clip_skip=args.clip_skip,
+                 rng=args.rng, subseed=args.subseed, subseed_strength=args.subseed_strength,
+                 pad_cond_uncond=args.pad_cond_uncond, prompt_syntax=args.prompt_syntax,
+                 init_image=init_image, mask=mask)
+    fields.update({k: v for k, v in given.items() if v is not None})
+    if fields.get("seed") == -1:
+        fields["seed"] = None
+    if args.sampler is not None and args.karras is None:
+        fields.pop("karras", None)  # a sampler named on the command line gets its own default schedule
+    if init_image is not None and args.width is None and args.height is None:
+        fields.pop("width", None), fields.pop("height", None)  # the init image's size
+    return usage_errors(lambda: GenerationSettings(**fields, use_graphs=args.cuda_graphs).check())
+
+
+def infotext_of(args: argparse.Namespace) -> str | None:
+    """The AUTOMATIC1111 ``parameters`` text of ``--infotext`` or of ``--from-png``'s file."""
+    if args.infotext is not None and args.from_png is not None:
+        raise UsageError("--from-png and --infotext both give the settings: choose one")
+    if args.infotext is not None:
+        return args.infotext
+    if args.from_png is None:
+        return None
+    image = open_image(args.from_png, "--from-png image")
+    text = image.info.get("parameters")
+    if not isinstance(text, str) or not text.strip():
+        raise GenerateError(f"{args.from_png} holds no AUTOMATIC1111 'parameters' text")
+    return text
 
 
 def usage_errors(step):
@@ -213,16 +267,8 @@ def open_image(path: Path, what: str):
 
 
 def run(args: argparse.Namespace) -> int:
-    # Usage errors are reported here rather than by cli.main: under ``python -m tritonsd.tools.cli`` the running
-    # cli is ``__main__``, a second module object whose UsageError is another class than the one imported here.
-    try:
-        return _run(args)
-    except UsageError as e:
-        print(f"tritonsd generate: error: {e}", file=sys.stderr)
-        return 2
+    from ..sampler.settings import check_rng_device
 
-
-def _run(args: argparse.Namespace) -> int:
     check_usage(args)
     check_checkpoint(args.checkpoint, args.config, args.vae)
     init = open_image(args.init_image, "init image") if args.init_image is not None else None
@@ -230,14 +276,18 @@ def _run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args, init, mask)
     loras = lora_specs(args.lora)
     device, dtype = resolve_device(args.device, args.dtype)
+    usage_errors(lambda: check_rng_device(settings.rng, device))
     check_kernels(args.kernels, device)
+    if args.embeddings_dir is not None and not args.embeddings_dir.is_dir():
+        raise GenerateError(f"embeddings folder not found: {args.embeddings_dir}")
     check_output_dir(args.out)
 
     pipe = load(args, device, dtype)
     if loras:
         pipe.set_loras(loras)
-    warn_truncated(pipe.model, settings.prompt, "prompt")
-    warn_truncated(pipe.model, settings.negative_prompt, "negative prompt")
+    if settings.prompt_syntax == "original":
+        warn_truncated(pipe.model, settings.prompt, "prompt")
+        warn_truncated(pipe.model, settings.negative_prompt, "negative prompt")
     settings = usage_errors(lambda: pipe.settings(settings))
     images = sample(pipe, settings, args.quiet, dtype)
     print(f"seed {settings.seed}", file=sys.stderr, flush=True)  # also in each file's name and infotext
@@ -254,7 +304,9 @@ def load(args: argparse.Namespace, device: str, dtype: str):
     with bar(1, f"loading {args.checkpoint.name}", progress_enabled(args.quiet), unit="model") as progress:
         pipe = load_pipeline(str(args.checkpoint), args.config, device=device, dtype=dtype, kernels=args.kernels,
                              vae=args.vae, text_heads=args.text_heads, parameterization=args.parameterization,
-                             lora_dir=args.lora_dir)
+                             lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir)
+    for line in pipe.embedding_messages:
+        print(f"tritonsd generate: warning: {line}", file=sys.stderr)
         progress.update()
     cfg = pipe.config
     if cfg.family == "sd2" and cfg.parameterization_source == "assumed":
@@ -271,7 +323,8 @@ def _tokenizers(model):
 
 
 def warn_truncated(model, prompt: str, what: str) -> None:
-    """Prompts longer than the towers' 75 tokens lose their tail (as in the original): say which words."""
+    """With ``--prompt-syntax original`` prompts longer than 75 tokens lose their tail (as in the original
+    scripts): say which words."""
     if not prompt:
         return
     tokenizer, positions = _tokenizers(model)[0]

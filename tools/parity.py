@@ -6,6 +6,11 @@ output from the stored inputs (see ``testing/groups.py``: groups by name prefix,
 ``<sampler>_cfg<scale>``) and prints one row per tensor: name, shape, relative error
 ``max|a - b| / max|ref|``, bound (1e-4 for float32 tensors, exact for integer ones), pass / FAIL.
 
+AUTOMATIC1111 references (``testing/a1111_groups.py``; told apart by their JSON) are recomputed too: prompt
+conditionings (groups = the JSON's cases), textual inversion (the ``embeddings/`` folder beside the reference, or
+``--embeddings-dir``), the UNet at odd latent sizes, LoRA merged weights (the LoRA files beside the reference;
+bound 1e-5) and NV noise (bound 1e-6; no model: the CHECKPOINT argument is left out).
+
 Every key of the file gets a row: inputs are shown as such (or, for conditioning stored as "rows [i, j] of
 text.context", compared with the recomputed rows), and a tensor that cannot be recomputed is a FAILURE that
 names it. Exit code 0 when every row passes, 1 when one fails, 2 on bad usage (a missing file, a reference of
@@ -47,7 +52,8 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "parity", help="recompute every tensor of a reference file and compare (exit 1 on any failure)",
         description=__doc__.split("\n\n")[0].split(": ", 1)[1])
-    p.add_argument("checkpoint", type=Path, help=".safetensors or .ckpt file")
+    p.add_argument("checkpoint", type=Path, nargs="?", default=None,
+                   help=".safetensors or .ckpt file (not needed for a reference that uses no model, e.g. NV noise)")
     p.add_argument("--reference", type=Path, required=True,
                    help="NAME.reference.safetensors (its NAME.reference.json is read too)")
     p.add_argument("--config", type=Path, default=None,
@@ -58,6 +64,9 @@ def add_parser(subparsers) -> None:
                    help="auto: Triton on CUDA, torch on the CPU; triton without a GPU uses Triton's interpreter")
     p.add_argument("--text-heads", type=int, default=None,
                    help="attention heads of the text towers (default: the reference JSON's text_encoder_config)")
+    p.add_argument("--embeddings-dir", type=Path, default=None, metavar="DIR",
+                   help="textual-inversion references: the embeddings folder (default: the folder the JSON "
+                        "registered, beside the reference)")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:N")
     p.add_argument("--json", type=Path, default=None, dest="json_out", metavar="OUT",
                    help="write the rows (and a summary) as JSON")
@@ -78,22 +87,26 @@ def run(args: argparse.Namespace) -> int:
             return _rerun_under_interpreter(args)
         os.environ["TRITON_INTERPRET"] = "1"  # read when the kernel modules are imported (below, lazily)
     ref, meta = _read_reference(args.reference)
+    kind = _kind(meta)
     groups = _groups(ref, meta)
     selected = _select(groups, args.only)
-    config_path = args.config if args.config is not None else _sibling_yaml(args.checkpoint)
-    model = _load(args, config_path, meta, device)
-    check_fits(model, ref, meta, args.checkpoint, args.reference)
-    for note in _notes(model, meta, config_path):
-        print(note, file=sys.stderr)
+    model, config_path = None, None
+    if _needs_model(args, kind):
+        config_path = args.config if args.config is not None else _sibling_yaml(args.checkpoint)
+        model = _load(args, config_path, meta, device, kind)
+        check_fits(model, ref, meta, args.checkpoint, args.reference)
+        for note in _notes(model, meta, config_path):
+            print(note, file=sys.stderr)
 
     from ..kernels import dispatch
 
     with dispatch.force(args.kernels), torch.no_grad(), strict_float32():
-        computed, errors, timings = recompute(model, ref, meta, device, {g: groups[g] for g in selected})
+        computed, errors, timings = recompute(model, ref, meta, device, {g: groups[g] for g in selected},
+                                              reference=args.reference, embeddings_dir=args.embeddings_dir)
     rows = build_rows(ref, meta, {g: groups[g] for g in selected}, computed, errors)
     seconds = time.perf_counter() - started
 
-    print(format_header(args, device, config_path))
+    print(format_header(args, device, config_path, model is not None))
     print(format_rows(rows))
     print(format_summary(rows, seconds, skipped=len(ref) - sum(len(groups[g]) for g in selected)))
     if args.json_out is not None:
@@ -113,6 +126,26 @@ def _device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {name}: no CUDA device is available")
     return device
+
+
+def _kind(meta: dict) -> str | None:
+    from ..testing.groups import reference_kind
+
+    return reference_kind(meta)
+
+
+def _needs_model(args, kind: str | None) -> bool:
+    """Whether the reference is recomputed with the checkpoint; one that needs none ignores a given one."""
+    from ..testing.a1111_groups import needs_model
+
+    if needs_model(kind):
+        if args.checkpoint is None:
+            raise UsageError(f"{args.reference.name} is recomputed with a model: give the CHECKPOINT it was made "
+                             "with")
+        return True
+    if args.checkpoint is not None:
+        print(f"note: {args.reference.name} uses no model; {args.checkpoint.name} is not loaded", file=sys.stderr)
+    return False
 
 
 def _needs_interpreter(kernels: str, device: torch.device) -> bool:
@@ -139,10 +172,10 @@ def _rerun_under_interpreter(args) -> int:
 
 def _argv(args) -> list[str]:
     """The command line that gives ``args`` back (for the re-run)."""
-    argv = [str(args.checkpoint), "--reference", str(args.reference), "--kernels", args.kernels,
-            "--device", args.device]
+    argv = [str(args.checkpoint)] if args.checkpoint is not None else []
+    argv += ["--reference", str(args.reference), "--kernels", args.kernels, "--device", args.device]
     for flag, value in (("--config", args.config), ("--only", args.only), ("--text-heads", args.text_heads),
-                        ("--json", args.json_out), ("--save", args.save)):
+                        ("--embeddings-dir", args.embeddings_dir), ("--json", args.json_out), ("--save", args.save)):
         if value is not None:
             argv += [flag, str(value)]
     return argv
@@ -152,6 +185,8 @@ def _check_paths(args) -> None:
     for what, path in (("checkpoint", args.checkpoint), ("reference", args.reference), ("--config", args.config)):
         if path is not None and not path.is_file():
             raise UsageError(f"{what} {path} does not exist")
+    if args.embeddings_dir is not None and not args.embeddings_dir.is_dir():
+        raise UsageError(f"--embeddings-dir {args.embeddings_dir} is not a folder")
     if args.text_heads is not None and args.text_heads < 1:
         raise UsageError(f"--text-heads must be at least 1, got {args.text_heads}")
 
@@ -201,11 +236,21 @@ def heads_from_meta(meta: dict) -> int | None:
     return found.pop() if found else None
 
 
-def _load(args, config_path: Path | None, meta: dict, device: torch.device):
+def _load(args, config_path: Path | None, meta: dict, device: torch.device, kind: str | None = None):
     from ..model.sd import load_model
+    from ..model.text_config import TextConfigError
+    from ..testing.a1111_groups import uses_text_towers
 
     heads = args.text_heads if args.text_heads is not None else heads_from_meta(meta)
-    model = load_model(args.checkpoint, config_path, text_heads=heads, dtype=torch.float32, device=device)
+    try:
+        model = load_model(args.checkpoint, config_path, text_heads=heads, dtype=torch.float32, device=device)
+    except TextConfigError:
+        if heads is not None or kind is None or uses_text_towers(kind):
+            raise
+        # the text towers' head count is not in the weights, and this reference never runs them
+        print("note: text heads unknown (not in the weights, the JSON or --text-heads); this reference does not "
+              "use the text towers", file=sys.stderr)
+        model = load_model(args.checkpoint, config_path, text_heads=1, dtype=torch.float32, device=device)
     cfg = model.config
     wanted = meta.get("parameterization")
     if wanted in ("eps", "v") and wanted != cfg.parameterization:
@@ -236,6 +281,14 @@ FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
 
 def check_fits(model, ref: dict[str, torch.Tensor], meta: dict, checkpoint: Path, reference: Path) -> None:
     """Refuse (exit 2) a reference whose tensors cannot belong to this checkpoint, naming the first misfit."""
+    from ..testing import a1111_groups
+
+    kind = a1111_groups.reference_kind(meta)
+    if kind is not None:
+        problem = a1111_groups.misfit(kind, model, ref, meta)
+        if problem:
+            raise UsageError(f"{reference.name} does not fit {checkpoint.name}: {problem}")
+        return
     cfg = model.config
     problems = []
     ref_sdxl = any(k in ref for k in SDXL_MARKERS)
@@ -267,12 +320,9 @@ def check_fits(model, ref: dict[str, torch.Tensor], meta: dict, checkpoint: Path
 
 def _groups(ref: dict[str, torch.Tensor], meta: dict) -> dict[str, list[str]]:
     """{group: names}, in the JSON's order (then any names it does not list, sorted)."""
-    listed = [k for k in meta.get("tensors", {}) if k in ref]
-    order = listed + sorted(k for k in ref if k not in set(listed))
-    groups: dict[str, list[str]] = {}
-    for name in order:
-        groups.setdefault(name.split(".", 1)[0], []).append(name)
-    return groups
+    from ..testing.groups import group_names
+
+    return group_names(ref, meta)
 
 
 def _select(groups: dict[str, list[str]], only: str | None) -> list[str]:
@@ -286,12 +336,15 @@ def _select(groups: dict[str, list[str]], only: str | None) -> list[str]:
     return [g for g in groups if g in wanted]
 
 
-def recompute(model, ref, meta, device, groups: dict[str, list[str]]):
-    """({name: tensor on the CPU}, {group: error message}, {group: seconds}) over ``groups``."""
+def recompute(model, ref, meta, device, groups: dict[str, list[str]], reference: Path | None = None,
+              embeddings_dir: Path | None = None):
+    """({name: tensor on the CPU}, {group: error message}, {group: seconds}) over ``groups``; ``model`` None for
+    a reference that needs none."""
     from ..sampler.pipeline import Pipeline
     from ..testing import groups as G
 
-    ctx = G.Recompute(Pipeline(model), ref, meta, device)
+    ctx = G.Recompute(Pipeline(model) if model is not None else None, ref, meta, device, reference=reference,
+                      embeddings_dir=embeddings_dir)
     computed: dict[str, torch.Tensor] = {}
     errors: dict[str, str] = {}
     timings: dict[str, float] = {}
@@ -307,6 +360,9 @@ def recompute(model, ref, meta, device, groups: dict[str, list[str]]):
         timings[group] = time.perf_counter() - t0
         print(f"  {group}: {timings[group]:.1f} s{' (failed)' if group in errors else ''}", file=sys.stderr,
               flush=True)
+        for note in ctx.notes:
+            print(note, file=sys.stderr)
+        ctx.notes.clear()
     return computed, errors, timings
 
 
@@ -324,7 +380,9 @@ def _one_line(e: BaseException) -> str:
 
 def build_rows(ref, meta, groups: dict[str, list[str]], computed, errors) -> list[dict]:
     from ..testing import groups as G
+    from ..testing.a1111_groups import bound_for
 
+    bound = bound_for(G.reference_kind(meta), FP32_BOUND)
     rows = []
     for group, names in groups.items():
         for name in names:
@@ -335,10 +393,10 @@ def build_rows(ref, meta, groups: dict[str, list[str]], computed, errors) -> lis
             if G.is_input(name, meta):
                 source = G.derived_from(name, meta)
                 if source is not None and source[0] in computed:
-                    row.update(compare(stored, _rows_of(computed[source[0]], source[1])), kind="derived",
+                    row.update(compare(stored, _rows_of(computed[source[0]], source[1]), bound), kind="derived",
                                note=f"rows {source[1]} of the recomputed {source[0]}")
             elif name in computed:
-                row.update(compare(stored, computed[name]))
+                row.update(compare(stored, computed[name], bound))
             else:
                 row.update(kind="missing", **{"pass": False},
                            note=errors.get(group) or f"cannot recompute {name}: this runtime does not produce it")
@@ -350,10 +408,10 @@ def _rows_of(t: torch.Tensor, rows: list[int]) -> torch.Tensor | None:
     return t[rows] if rows and max(rows) < t.shape[0] else None
 
 
-def compare(stored: torch.Tensor, actual: torch.Tensor | None) -> dict:
-    """Relative error and verdict: float tensors against ``FP32_BOUND``, integer tensors exactly."""
+def compare(stored: torch.Tensor, actual: torch.Tensor | None, bound: float = FP32_BOUND) -> dict:
+    """Relative error and verdict: float tensors against ``bound``, integer tensors exactly."""
     exact = not stored.is_floating_point()
-    out = {"kind": "exact" if exact else "compared", "bound": 0.0 if exact else FP32_BOUND}
+    out = {"kind": "exact" if exact else "compared", "bound": 0.0 if exact else bound}
     if actual is None:
         return {**out, "pass": False, "note": "no recomputed tensor to compare"}
     if tuple(actual.shape) != tuple(stored.shape):
@@ -365,16 +423,17 @@ def compare(stored: torch.Tensor, actual: torch.Tensor | None) -> dict:
                 "note": None if err == 0.0 else f"{int((diff != 0).sum())} of {diff.numel()} values differ"}
 
     err = relative_error(actual, stored)
-    ok = math.isfinite(err) and err <= FP32_BOUND
+    ok = math.isfinite(err) and err <= bound
     return {**out, "error": err, "pass": ok, "note": None if math.isfinite(err) else "not finite"}
 
 
 # ---------------------------------------------------------------- output
 
 
-def format_header(args, device, config_path) -> str:
-    return (f"parity: {args.checkpoint.name} (config {config_path.name if config_path else 'none'}) vs "
-            f"{args.reference.name}; kernels {args.kernels}, {device}, float32")
+def format_header(args, device, config_path, loaded: bool = True) -> str:
+    model = (f"{args.checkpoint.name} (config {config_path.name if config_path else 'none'})"
+             if loaded and args.checkpoint is not None else "no model")
+    return f"parity: {model} vs {args.reference.name}; kernels {args.kernels}, {device}, float32"
 
 
 def _fmt_error(row: dict) -> str:
@@ -431,9 +490,10 @@ def format_summary(rows: list[dict], seconds: float, skipped: int = 0) -> str:
 def _write_json(args, device, config_path, rows, timings, seconds) -> None:
     err, name = _max_error(rows)
     report = {
-        "checkpoint": str(args.checkpoint), "reference": str(args.reference),
+        "checkpoint": str(args.checkpoint) if args.checkpoint is not None else None, "reference": str(args.reference),
         "config": str(config_path) if config_path else None, "kernels": args.kernels, "device": str(device),
-        "dtype": "float32", "bound": FP32_BOUND, "passed": all(r["pass"] for r in rows),
+        "dtype": "float32", "bound": max((r["bound"] for r in rows if r["bound"]), default=FP32_BOUND),
+        "passed": all(r["pass"] for r in rows),
         "failed": [r["name"] for r in rows if not r["pass"]], "max_error": err, "max_error_name": name,
         "seconds": seconds, "group_seconds": timings, "rows": rows,
     }

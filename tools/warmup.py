@@ -36,6 +36,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--arch", default=None, help="target, e.g. sm_90 (default: this GPU's)")
     p.add_argument("--jobs", type=int, default=None, help="compile workers (default: the CPUs)")
     p.add_argument("--kernels", default=None, help="only these kernels (comma-separated)")
+    p.add_argument("--no-vae", dest="vae", action="store_false", help="the UNet and text kernels only")
     p.set_defaults(run=run)
 
 
@@ -78,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     try:
         report = warmup(config, sizes=sizes, batches=batches, dtype=dtype, arch=arch, jobs=args.jobs,
-                        kernels=kernels)
+                        kernels=kernels, vae=args.vae)
     except WarmupError as e:
         raise UsageError(str(e)) from None
     print(report.summary())

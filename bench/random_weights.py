@@ -14,10 +14,11 @@ from pathlib import Path
 
 import torch
 
+from ..model.config import detect_config
+from ..model.demo import random_parameter
+from ..model.keys import normalize_keys
+from ..model.sd import StableDiffusion, build_model
 from ..testing.reference import fixtures_dir
-from .keys import normalize_keys
-from .config import detect_config
-from .sd import StableDiffusion, build_model
 
 # short names -> manifest file and parameterization (the keys cannot tell v from eps)
 MANIFESTS = {
@@ -78,19 +79,15 @@ def build_meta_model(name: str | Path, parameterization: str | None = None,
 
 @torch.no_grad()
 def fill_random_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Fill every parameter in place: fan-in-scaled normal for >= 2-D, about 1 for 1-D weights (norms), about
-    0 for biases, 1 for scalars. Drawn on the parameters' device from a generator seeded with ``seed``."""
+    """Fill every parameter in place with the demo model's rule (``model.demo.random_parameter``), drawn on
+    the parameters' device from a generator seeded with ``seed``, one parameter at a time (float32, then
+    cast: the peak is one parameter's float32 copy)."""
     generators: dict[torch.device, torch.Generator] = {}
     for name, p in model.named_parameters():
         g = generators.get(p.device)
         if g is None:
             g = generators[p.device] = torch.Generator(device=p.device).manual_seed(seed)
-        if p.ndim >= 2:
-            p.normal_(0.0, (p[0].numel()) ** -0.5, generator=g)
-        elif p.ndim == 1:
-            p.normal_(1.0 if name.endswith("weight") else 0.0, 0.02, generator=g)
-        else:
-            p.fill_(1.0)
+        p.copy_(random_parameter(name, tuple(p.shape), g))
     return model
 
 

@@ -1,6 +1,6 @@
 """``tritonsd bench e2e``: whole-image speed of full-size models with random weights, and the diffusers peer.
 
-Models are built from the released checkpoints' key manifests (``model/random_weights.py``): the same layout,
+Models are built from the released checkpoints' key manifests (``bench/random_weights.py``): the same layout,
 shapes and dtype as the real files, random values (speed does not depend on them). For each model, size,
 batch and sampler, every implementation generates ``--repeat`` images after a first one:
 
@@ -16,23 +16,25 @@ batch and sampler, every implementation generates ``--repeat`` images after a fi
 Every image runs the Pipeline's stages (``encode``, ``prepare_latents``, ``denoise``, ``decode``) on the same
 settings a user's ``pipe(...)`` call would resolve to; nothing here wires samplers, denoisers or noise.
 
-Reported per row: ``step_ms`` (denoising loop / steps: one UNet call at the CFG batch, the CFG combine and the
-sampler update; CUDA events), ``it_per_s``, ``unet_tflop_per_step`` / ``vae_tflop`` (torch's FLOP counter on
-the meta device: the arithmetic floor; ``unet_tflops_per_s`` is it over ``step_ms``), ``unet_forward_ms`` (one
-UNet call, eager impls), ``image_ms`` (text encoding, start noise, loop, VAE decode and the copy to the host, wall clock), ``first_image_ms`` (the
-first image of the row in this process: graph capture, ``torch.compile`` and Triton autotuning of new shapes
-included; rows run in the order printed), ``peak_mem_gb`` (``torch.cuda.max_memory_allocated``, weights
-included). Medians over the repeats; the raw lists are kept. Results go to ``bench/results/e2e-*.json`` with
-the device, versions, git commit, settings and command; ``tools/readme_table.py`` renders them.
+Reported per row: ``warmup_s`` (tritonsd rows on CUDA: the library warm-up for the row's shapes, run first:
+every kernel variant compiled in parallel and every autotune key tuned once; split into ``warmup_compile_s``
+and ``warmup_tuning_s``), ``step_ms`` (denoising loop / steps: one UNet call at the CFG batch, the CFG combine
+and the sampler update; CUDA events), ``it_per_s``, ``unet_tflop_per_step`` / ``vae_tflop`` (torch's FLOP
+counter on the meta device: the arithmetic floor; ``unet_tflops_per_s`` is it over ``step_ms``),
+``unet_forward_ms`` (one UNet call, eager impls), ``image_ms`` (text encoding, start noise, loop, VAE decode
+and the copy to the host, wall clock), ``first_image_ms`` (the first image of the row in this process, after
+the warm-up: graph capture, and for the peer ``torch.compile``, included; rows run in the order printed),
+``peak_mem_gb`` (``torch.cuda.max_memory_allocated``, weights included). Medians over ``--repeat`` (default
+10) timed images; the raw lists are kept. Results go to ``bench/results/e2e-*.json`` with the device, its
+driver and clocks, versions, git commit, settings and command (``bench/environment.py``);
+``tools/readme_table.py`` renders them.
 
 diffusers is optional: imported only here, and only when a diffusers impl is asked for.
 
-On a lent GPU machine (no network; the tree travels without ``../shared`` and without ``.git``): carry the
-wheels of diffusers, importlib_metadata, ftfy and wcwidth in ``.whl/`` and the manifests (plus the sd1-tiny
-fixtures for the CUDA tests) in ``.fixtures/`` (both git-ignored), install the wheels with
-``pip install --no-index --no-deps --target /tmp/site .whl/*.whl``, put a ``tritonsd`` symlink to the tree on
-``PYTHONPATH``, set ``TRITONSD_FIXTURES=$PWD/.fixtures`` and pass ``--git-commit`` and ``--json $OUT/...``.
-Split a long run over several commands (``--model``, ``--impl``); ``tools/readme_table.py`` merges the files.
+On a lent GPU machine (no network; the tree travels without ``../shared`` and without ``.git``) this runs as
+stages of ``bench/gpu_run.sh`` (see bench/README.md), which carries the wheels and fixtures, passes
+``--git-commit`` and writes the JSON to ``$OUT``. Split a long run over several commands (``--model``,
+``--impl``); ``tools/readme_table.py`` merges the files.
 """
 
 from __future__ import annotations
@@ -43,7 +45,6 @@ import gc
 import json
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -52,15 +53,16 @@ import torch
 
 from ..kernels import dispatch
 from ..model.device import resolve_device, resolve_dtype
-from ..model.random_weights import MANIFESTS, build_meta_model, build_random_model, fill_random_
 from ..sampler.pipeline import Pipeline
+from . import environment as bench_environment
+from .random_weights import MANIFESTS, build_meta_model, build_random_model, fill_random_
 
 IMPLS = ("tritonsd-graph", "tritonsd-eager", "diffusers-eager", "diffusers-compile")
 BENCH_MODELS = ("sd15", "sd21", "sdxl")
 BENCH_SAMPLERS = ("dpmpp_2m", "euler", "euler_a")
 DEFAULT_SIZE = {"sd15": 512, "sd21": 768, "sdxl": 1024}
 PROMPT = "a photograph of an astronaut riding a horse on the moon, detailed, 8k"
-RESULTS_DIR = Path(__file__).resolve().parent.parent / "bench" / "results"
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
 UNET_TIMINGS = 10
 
 
@@ -81,13 +83,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default="fp16")
     p.add_argument("--impl", choices=IMPLS, action="append", default=None,
                    help="repeatable; default all (the diffusers ones only when diffusers imports)")
-    p.add_argument("--repeat", type=int, default=3, help="timed images per row after the first (default 3)")
+    p.add_argument("--repeat", type=int, default=10, help="timed images per row after the first (default 10)")
     p.add_argument("--compile-mode", default="max-autotune", help="torch.compile mode of diffusers-compile")
     p.add_argument("--kernels", choices=dispatch.BACKENDS, default="auto", help="our kernels' backend")
     p.add_argument("--device", default="cuda", help="cuda (default) or cpu (smoke runs only)")
     p.add_argument("--text-heads", type=int, default=None, help="text heads for a manifest path's model")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--git-commit", default=None, help="record this commit (when the tree has no .git)")
+    p.add_argument("--git-commit", default=None, help="record this commit (when the tree has no .git; else "
+                                                      "$TRITONSD_GIT_COMMIT, else git)")
     p.add_argument("--json", type=Path, default=None, metavar="PATH",
                    help="results file (default bench/results/e2e-DEVICE-DTYPE-TIME.json); rewritten after "
                         "every row, so a run cut short keeps what it measured")
@@ -305,6 +308,25 @@ def unet_forward_ms(impl, device, settings) -> float:
     return statistics.median(times)
 
 
+def warmup_row(impl, device, batch: int, size: int) -> dict:
+    """Our compile and tuning time for the row's shapes, apart from the first image: the library warm-up
+    (``tritonsd.kernels.warmup.warmup``: every kernel variant compiled in parallel, then every autotune key
+    tuned once into the persistent cache) for one UNet step at the CFG batch and the VAE decode. Rows of the
+    peer, and runs off CUDA, have none (``warmup_s`` null: the peer's compile is in its first image)."""
+    if not isinstance(impl, TritonsdImpl) or device.type != "cuda":
+        return {"warmup_s": None}
+    from ..kernels.warmup import warmup
+
+    pipe = impl.pipe
+    start = time.perf_counter()
+    report = warmup(pipe.config, sizes=[(size, size)], batches=(2 * batch,), dtype=pipe.dtype, device=device,
+                    model=pipe.model)
+    return {"warmup_s": time.perf_counter() - start, "warmup_compiles": report.tasks,
+            "warmup_compile_misses": report.misses, "warmup_compile_s": report.compile.wall_seconds,
+            "warmup_tuned_keys": report.tuned, "warmup_tuning_s": report.tuning_seconds,
+            "warmup_failures": len(report.compile.failures)}
+
+
 def measure(impl, device, batch, size, sampler, args) -> dict:
     impl.close()  # each row captures its own loop: its first image pays for it, its peak holds only it
     gc.collect()
@@ -312,10 +334,11 @@ def measure(impl, device, batch, size, sampler, args) -> dict:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     settings = bench_settings(impl, batch, size, sampler, args)
+    warm = warmup_row(impl, device, batch, size)
     first = one_image(impl, device, settings)
     runs = [one_image(impl, device, settings) for _ in range(args.repeat)]
     med = {k: statistics.median(r[k] for r in runs) for k in ("image_ms", "text_ms", "loop_ms", "decode_ms")}
-    row = {"first_image_ms": first["image_ms"], **med, "step_ms": med["loop_ms"] / args.steps,
+    row = {**warm, "first_image_ms": first["image_ms"], **med, "step_ms": med["loop_ms"] / args.steps,
            "it_per_s": args.steps / (med["loop_ms"] / 1e3), "karras": settings.karras,
            "finite": first["finite"] and all(r["finite"] for r in runs),
            "raw": {k: [r[k] for r in runs] for k in ("image_ms", "text_ms", "loop_ms", "decode_ms")}}
@@ -348,42 +371,18 @@ def work_tflop(meta_model, size: int, batch: int) -> dict:
 # ---------------------------------------------------------------- environment and output
 
 
-def _git_commit(override: str | None) -> tuple[str | None, bool | None]:
-    if override:
-        return override, None
-    root = Path(__file__).resolve().parent.parent
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                                check=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", "kernels", "model", "sampler"],
-                                    cwd=root, capture_output=True, text=True).stdout.strip())
-        return commit, dirty
-    except (OSError, subprocess.CalledProcessError):
-        return None, None
-
-
 def environment(args, device: torch.device) -> dict:
-    import triton
-    try:
-        import diffusers
-        diffusers_version = diffusers.__version__
-    except ImportError:
-        diffusers_version = None
-    commit, dirty = _git_commit(args.git_commit)
-    return {
-        "bench": "e2e",
-        "command": " ".join(["tritonsd", *sys.argv[1:]]) if sys.argv and "tritonsd" in sys.argv[0] else
-        " ".join(sys.argv),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "torch": torch.__version__, "triton": triton.__version__, "diffusers": diffusers_version,
-        "cuda": torch.version.cuda, "python": platform.python_version(),
-        "git_commit": commit, "git_dirty_code": dirty,
-        "settings": {"steps": args.steps, "cfg": args.cfg, "dtype": args.dtype, "repeat": args.repeat,
-                     "kernels": args.kernels, "compile_mode": args.compile_mode, "schedule": "the sampler's default",
-                     "seed": args.seed, "prompt": PROMPT, "peer_text_encoder": "tritonsd",
-                     "peer_sampler_loop": "tritonsd (eager)", "peer_attention": "SDPA"},
-    }
+    """The shared record (commit, command, device, driver, clocks, versions) plus this run's settings."""
+    env = bench_environment.record(git_commit_override=args.git_commit)
+    if device.type != "cuda":
+        env["device"] = platform.processor() or "cpu"
+    env["bench"] = "e2e"
+    env["settings"] = {"steps": args.steps, "cfg": args.cfg, "dtype": args.dtype, "repeat": args.repeat,
+                       "kernels": args.kernels, "compile_mode": args.compile_mode,
+                       "schedule": "the sampler's default", "seed": args.seed, "prompt": PROMPT,
+                       "peer_text_encoder": "tritonsd", "peer_sampler_loop": "tritonsd (eager)",
+                       "peer_attention": "SDPA"}
+    return env
 
 
 def results_path(args, env: dict) -> Path:
@@ -409,8 +408,9 @@ def print_row(r: dict) -> None:
     unet = f"unet {r['unet_forward_ms']:7.2f} ms  " if "unet_forward_ms" in r else ""
     mem = f"  peak {r['peak_mem_gb']:.2f} GB" if "peak_mem_gb" in r else ""
     rate = f" ({r['unet_tflops_per_s']:.0f} TFLOP/s)" if "unet_tflops_per_s" in r else ""
+    warm = f"warmup {r['warmup_s']:6.1f} s  " if r.get("warmup_s") is not None else ""
     print(f"{head} {r['step_ms']:8.2f} ms/step{rate} {r['it_per_s']:7.2f} it/s  {unet}image {r['image_ms']:8.1f} ms  "
-          f"first {r['first_image_ms']:9.1f} ms{mem}", flush=True)
+          f"{warm}first {r['first_image_ms']:9.1f} ms{mem}", flush=True)
 
 
 # ---------------------------------------------------------------- the run
@@ -502,7 +502,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tritonsd.tools.bench_e2e", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m tritonsd.bench.e2e", description=__doc__.splitlines()[0])
     add_arguments(p)
     return run(p.parse_args(argv))
 

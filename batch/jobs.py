@@ -1,0 +1,289 @@
+"""Job lines: one JSON object per line of ``JOBS.jsonl``, with AUTOMATIC1111's txt2img field names, checked on the
+driver without a model so that a bad line costs nothing and is reported by its line number.
+
+Fields: ``id`` (required: the output's file name), ``prompt``, ``negative_prompt``, ``seed``, ``subseed``,
+``subseed_strength`` (A1111's variation seed), ``steps``,
+``sampler_name`` (A1111's "DPM++ 2M", the old "DPM++ 2M Karras", or ours "dpmpp_2m"), ``scheduler``
+("Automatic", "Uniform", "Karras"), ``cfg_scale``, ``width``, ``height``, ``loras`` (a list of ``"FILE"``,
+``"FILE:W"``, ``"FILE:TE_W:UNET_W"`` or ``{"path": FILE, "weight": W}``; FILE relative to the current directory,
+else to the LoRA folder, with or without ``.safetensors``). A missing field takes ``tritonsd
+generate``'s default; a missing seed (or A1111's -1) is derived from the id, so a rerun gives the same image.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+FIELDS = ("id", "prompt", "negative_prompt", "seed", "subseed", "subseed_strength", "steps", "sampler_name",
+          "scheduler", "cfg_scale", "width", "height", "loras")
+# GenerationSettings field -> the job field a SettingsError names
+JOB_FIELD = {"sampler": "sampler_name", "karras": "scheduler"}
+MAX_ID_BYTES = 200  # "<id>.png" and its temporary name stay under the usual 255-byte file-name limit
+ID_SEEDS = 2 ** 32  # a derived seed is in AUTOMATIC1111's range
+MAX_LINE_BYTES = 1 << 20
+_LORA_TAG = re.compile(r"<(?:lora|lyco):[^>]+>")  # the prompt's own LoRAs (webui's extra-network tags)
+
+
+class JobError(ValueError):
+    """A job line that cannot run; the message is one line, its untrusted parts escaped."""
+
+
+@dataclass(frozen=True)
+class Job:
+    """One checked job line. ``settings`` is a checked ``GenerationSettings`` (batch of one, seed set)."""
+
+    line: int  # 1-based line number in the jobs file
+    id: str
+    settings: object
+    loras: tuple[tuple[str, float, float], ...] = ()  # (absolute path, te weight, unet weight)
+
+    @property
+    def seed(self) -> int:
+        return self.settings.seed
+
+    @property
+    def file(self) -> str:
+        return f"{self.id}.png"
+
+    def group_key(self) -> tuple:
+        """What jobs must share to run in one UNet batch: the sampler loop, the size, and the LoRA weights
+        (``loras`` and the prompt's ``<lora:...>`` tags, which the Pipeline applies per generation)."""
+        s = self.settings
+        return (s.sampler, s.karras, s.steps, s.cfg_scale, s.width, s.height, self.loras,
+                tuple(_LORA_TAG.findall(s.prompt)))
+
+    def to_dict(self) -> dict:
+        """A plain, JSON-able form (what travels to a Ray worker)."""
+        s = self.settings
+        return {"line": self.line, "id": self.id, "loras": [list(x) for x in self.loras],
+                "settings": {f: getattr(s, f) for f in ("prompt", "negative_prompt", "sampler", "karras", "steps",
+                                                         "cfg_scale", "seed", "subseed", "subseed_strength", "width",
+                                                         "height")}}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Job":
+        from ..sampler.settings import GenerationSettings
+
+        return cls(line=d["line"], id=d["id"], settings=GenerationSettings(**d["settings"]),
+                   loras=tuple(tuple(x) for x in d["loras"]))
+
+
+@dataclass
+class Rejected:
+    """A line that will not run: ``id`` when one could be read."""
+
+    line: int
+    error: str
+    id: str | None = None
+
+    def row(self) -> dict:
+        return {"line": self.line, "id": self.id, "error": self.error}
+
+
+# ------------------------------------------------------------------------------------------------ escaping
+
+
+def escape(text: str, limit: int = 200) -> str:
+    """``text`` safe to print: control and format characters as escapes, cut to ``limit`` characters."""
+    out = []
+    for ch in text:
+        if unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Zl", "Zp"):
+            out.append(ch.encode("unicode_escape", "backslashreplace").decode("ascii"))
+        else:
+            out.append(ch)
+    s = "".join(out)
+    return s if len(s) <= limit else s[: limit - 3] + "..."
+
+
+# ------------------------------------------------------------------------------------------------ one line
+
+
+def check_id(value) -> str:
+    if not isinstance(value, str):
+        raise JobError(f"id must be a string, got {escape(json.dumps(value), 40)}")
+    if not value:
+        raise JobError("id must not be empty")
+    if any(unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Zl", "Zp") for ch in value):
+        raise JobError(f"id {escape(value)!r} holds a control character")
+    if "/" in value or "\\" in value or (os.altsep and os.altsep in value):
+        raise JobError(f"id {escape(value)!r} holds a path separator")
+    if ".." in value:
+        raise JobError(f"id {escape(value)!r} holds '..'")
+    if value.startswith("."):
+        raise JobError(f"id {escape(value)!r} starts with '.' (hidden files and temporaries start so)")
+    if len(value.encode("utf-8", "surrogatepass")) > MAX_ID_BYTES:
+        raise JobError(f"id is longer than {MAX_ID_BYTES} bytes")
+    return value
+
+
+def seed_from_id(job_id: str) -> int:
+    """The seed of a job that names none: the first 4 bytes of sha256(id), so it never changes."""
+    return int.from_bytes(hashlib.sha256(job_id.encode("utf-8")).digest()[:4], "big") % ID_SEEDS
+
+
+def parse_sampler(fields: dict) -> tuple[str | None, bool | None]:
+    from ..sampler.registry import UnknownSamplerError, from_a1111_name
+
+    name, schedule = fields.get("sampler_name"), fields.get("scheduler")
+    if schedule is not None and not isinstance(schedule, str):
+        raise JobError(f"scheduler must be a string, got {escape(json.dumps(schedule), 40)}")
+    if name is None:
+        if schedule is None:
+            return None, None
+        name = "dpmpp_2m"  # the default sampler, with the schedule asked for
+    if not isinstance(name, str):
+        raise JobError(f"sampler_name must be a string, got {escape(json.dumps(name), 40)}")
+    try:
+        return from_a1111_name(name, schedule)
+    except UnknownSamplerError as e:
+        raise JobError(escape(str(e), 300)) from None
+
+
+def _number(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise JobError(f"{name} must be a finite number, got {escape(json.dumps(value), 40)}")
+    return float(value)
+
+
+def parse_loras(value, lora_dir: Path | None, base: Path) -> tuple[tuple[str, float, float], ...]:
+    """``loras`` as (absolute path, te weight, unet weight); a missing file is this line's error."""
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise JobError("loras must be a list of \"FILE:W\" strings or {\"path\": FILE, \"weight\": W} objects")
+    out = []
+    for item in value:
+        if isinstance(item, str):
+            path, weights = _split_lora_text(item)
+        elif isinstance(item, dict) and isinstance(item.get("path"), str) and set(item) <= {"path", "weight"}:
+            path, weights = item["path"], [_number("loras weight", item.get("weight", 1.0))]
+        else:
+            raise JobError(f"loras item {escape(json.dumps(item), 60)} is not \"FILE:W\" or "
+                           "{\"path\": FILE, \"weight\": W}")
+        te, unet = (weights + [1.0])[0], weights[-1] if weights else 1.0
+        out.append((str(find_lora_file(path, lora_dir, base)), te, unet))
+    return tuple(out)
+
+
+def _split_lora_text(text: str) -> tuple[str, list[float]]:
+    """``FILE[:TE_W[:UNET_W]]``, numbers taken from the right (FILE may hold ':')."""
+    parts, weights = text.split(":"), []
+    while len(parts) > 1 and len(weights) < 2:
+        try:
+            w = float(parts[-1])
+        except ValueError:
+            break
+        weights.insert(0, _number("loras weight", w))
+        parts.pop()
+    return ":".join(parts), weights
+
+
+def find_lora_file(path: str, lora_dir: Path | None, base: Path) -> Path:
+    """``path`` (relative to ``base``), else ``lora_dir/path`` or ``lora_dir/path.safetensors``."""
+    candidates = [base / path]
+    if lora_dir is not None:
+        candidates += [lora_dir / path, lora_dir / f"{path}.safetensors"]
+    for c in candidates:
+        if c.is_file():
+            return c.resolve()
+    where = f" (nor in {escape(str(lora_dir))})" if lora_dir is not None else ""
+    raise JobError(f"LoRA file not found: {escape(path)}{where}")
+
+
+def parse_job(fields, line: int, *, lora_dir: Path | None = None, base: Path | None = None) -> Job:
+    """One job from a decoded JSON line, checked without a model; raises ``JobError`` (one line)."""
+    from ..sampler.settings import GenerationSettings, SettingsError
+
+    if not isinstance(fields, dict):
+        raise JobError(f"a job line must be a JSON object, got {type(fields).__name__}")
+    job_id = check_id(fields.get("id")) if "id" in fields else None
+    if job_id is None:
+        raise JobError("id is missing (the output's file name)")
+    unknown = [k for k in fields if k not in FIELDS]
+    if unknown:
+        raise JobError(f"unknown field {escape(unknown[0], 60)!r}; the fields are {', '.join(FIELDS)}")
+    sampler, karras = parse_sampler(fields)
+    seed = fields.get("seed")
+    if seed is None or (seed == -1 and not isinstance(seed, bool)):
+        seed = seed_from_id(job_id)
+    given = {k: fields[k] for k in ("prompt", "negative_prompt", "steps", "cfg_scale", "width", "height", "subseed",
+                                    "subseed_strength") if fields.get(k) is not None}
+    if given.get("subseed") == -1 and not isinstance(given["subseed"], bool):
+        given["subseed"] = seed_from_id(job_id + "\0subseed")  # A1111's "random": derived, as the seed
+    if sampler is not None:
+        given["sampler"] = sampler
+    try:
+        settings = GenerationSettings(seed=seed, karras=karras, **given).check()
+    except SettingsError as e:
+        raise JobError(f"{JOB_FIELD.get(e.field, e.field)} {escape(e.detail, 300)}") from None
+    loras = parse_loras(fields.get("loras"), lora_dir, base if base is not None else Path.cwd())
+    return Job(line=line, id=job_id, settings=settings, loras=loras)
+
+
+# ------------------------------------------------------------------------------------------------ a file
+
+
+def read_jobs(lines: Iterable[str | dict], *, lora_dir=None, base=None) -> tuple[list[Job], list[Rejected]]:
+    """(jobs in line order, rejected lines). Items are JSON text lines or already-decoded dicts; blank lines
+    are skipped (their numbers still count); a later line reusing an id is rejected."""
+    lora_dir = Path(lora_dir) if lora_dir is not None else None
+    jobs: list[Job] = []
+    rejected: list[Rejected] = []
+    seen: dict[str, int] = {}
+    for number, item in enumerate(lines, start=1):
+        if isinstance(item, str):
+            if not item.strip():
+                continue
+            try:
+                fields = json.loads(item)
+            except (json.JSONDecodeError, RecursionError) as e:
+                msg = e.msg if isinstance(e, json.JSONDecodeError) else "nested too deeply"
+                rejected.append(Rejected(number, f"invalid JSON: {msg}"))
+                continue
+        else:
+            fields = item
+        raw_id = fields.get("id") if isinstance(fields, dict) and isinstance(fields.get("id"), str) else None
+        try:
+            job = parse_job(fields, number, lora_dir=lora_dir, base=base)
+        except JobError as e:
+            rejected.append(Rejected(number, str(e), raw_id))
+            continue
+        if job.id in seen:
+            rejected.append(Rejected(number, f"duplicate id {escape(job.id)!r} (first on line {seen[job.id]})",
+                                     job.id))
+            continue
+        seen[job.id] = number
+        jobs.append(job)
+    return jobs, rejected
+
+
+def read_jobs_file(path: str | os.PathLike, **kw) -> tuple[list[Job], list[Rejected]]:
+    """``read_jobs`` over a file; lines that are not UTF-8 or too long are rejected by number."""
+    path = Path(path)
+    lines: list[str] = []
+    pre: list[Rejected] = []
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                text, bad = "", "not UTF-8 text"
+            else:
+                bad = "line is longer than 1 MiB" if len(raw) > MAX_LINE_BYTES else None
+                text = "" if bad else text
+            if bad:
+                pre.append(Rejected(number, bad))
+            lines.append(text)
+    jobs, rejected = read_jobs(lines, **kw)
+    return jobs, sorted(pre + rejected, key=lambda r: r.line)
+
+
+__all__ = ["Job", "JobError", "Rejected", "escape", "parse_job", "read_jobs", "read_jobs_file", "seed_from_id"]
