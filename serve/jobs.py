@@ -6,6 +6,7 @@ Mapping (A1111 field -> GenerationSettings): sampler_name / sampler_index + sche
 combined "DPM++ 2M Karras", and A1111's ``k_`` aliases); seed / subseed -1 -> random; subseed_strength; steps,
 cfg_scale, width, height, batch_size; n_iter -> one generation per iteration with the seeds counting on;
 denoising_strength -> strength; eta -> DDIM's eta (Euler a always runs A1111's ancestral eta 1);
+``infotext`` fills the fields the request did not send (A1111 v1.10's ``apply_infotext``);
 override_settings / options: CLIP_stop_at_last_layers -> clip_skip, randn_source -> rng ("GPU" and "NV" -> nv,
 the same numbers on any device; "CPU" -> cpu), sd_model_checkpoint and sd_vae -> the model the job runs on.
 """
@@ -22,7 +23,7 @@ from . import inpaint, limits
 from .errors import ApiError, BadRequest, NotFound, printable
 from .host import ModelKey
 from .images import decode_image, png_b64
-from .schema import IMG2IMG_FIELDS, TXT2IMG_FIELDS, ignored_fields, parameters, value
+from .schema import IMG2IMG_FIELDS, TXT2IMG_FIELDS, apply_infotext, ignored_fields, parameters, value
 from .worker import Interrupted, Job
 
 log = logging.getLogger("tritonsd.serve")
@@ -119,11 +120,12 @@ def build_plan(req, mode: str, *, options: Options, catalog, host) -> Plan:
     from ..sampler.settings import GenerationSettings
 
     table = TXT2IMG_FIELDS if mode == "txt2img" else IMG2IMG_FIELDS
+    req, infotext_notes = apply_infotext(req)
     v = lambda name: value(req, name, table)  # noqa: E731
     sampler, karras = _sampler(req.sampler_name or v("sampler_index"), req.scheduler)
     key, clip_skip, rng, eta_ddim, unused = _overrides(req, options, catalog, host)
     ignored = ignored_fields(req, table) + unused
-    notes: list[str] = []
+    notes: list[str] = list(infotext_notes)
     eta = req.eta
     if sampler == "ddim":
         eta = eta_ddim if eta is None else eta

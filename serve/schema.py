@@ -58,7 +58,7 @@ COMMON: dict[str, tuple[Any, Any, str]] = {
     "save_images": (Optional[bool], False, IGNORED),
     "alwayson_scripts": (Optional[dict[str, Any]], {}, IGNORED),
     "force_task_id": (Optional[str], None, NOOP),
-    "infotext": (Optional[str], None, IGNORED),
+    "infotext": (Optional[str], None, IMPLEMENTED),
 }
 
 TXT2IMG_ONLY = {
@@ -110,6 +110,33 @@ TXT2IMG_FIELDS = {**COMMON, **TXT2IMG_ONLY}
 IMG2IMG_FIELDS = {**COMMON, **IMG2IMG_ONLY}
 Txt2ImgRequest = _model("StableDiffusionProcessingTxt2Img", TXT2IMG_FIELDS)
 Img2ImgRequest = _model("StableDiffusionProcessingImg2Img", IMG2IMG_FIELDS)
+
+
+# generation_settings' name -> the request field it fills (A1111 v1.10's ``infotext`` request field)
+_FROM_INFOTEXT = {"prompt": "prompt", "negative_prompt": "negative_prompt", "steps": "steps",
+                  "sampler": "sampler_name", "schedule_type": "scheduler", "cfg_scale": "cfg_scale", "seed": "seed",
+                  "width": "width", "height": "height", "subseed": "subseed", "subseed_strength": "subseed_strength"}
+
+
+def apply_infotext(req: BaseModel) -> tuple[BaseModel, list[str]]:
+    """The request with the fields it did not send taken from its ``infotext`` (as A1111's
+    ``apply_infotext``; values that do not parse are left out, one note each); (request, notes)."""
+    if not req.infotext:
+        return req, []
+    from ..sampler.infotext_parse import generation_settings
+
+    parsed = generation_settings(req.infotext)
+    sent = req.model_fields_set
+    update = {field: parsed[name] for name, field in _FROM_INFOTEXT.items() if name in parsed and field not in sent}
+    if "clip_skip" in parsed and "CLIP_stop_at_last_layers" not in (req.override_settings or {}):
+        update["override_settings"] = {**(req.override_settings or {}), "CLIP_stop_at_last_layers": parsed["clip_skip"]}
+    if "Denoising strength" in parsed["extra"] and "denoising_strength" in type(req).model_fields \
+            and "denoising_strength" not in sent:
+        try:
+            update["denoising_strength"] = float(parsed["extra"]["Denoising strength"])
+        except ValueError:
+            parsed["notes"].append("infotext field Denoising strength ignored (not a number)")
+    return req.model_copy(update=update), list(parsed["notes"])
 
 
 def value(req: BaseModel, name: str, table: dict):

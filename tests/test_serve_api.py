@@ -230,6 +230,19 @@ def test_progress_while_running_and_interrupt(api):
     assert after["state"]["job_count"] == 0 and after["progress"] == 0
 
 
+def test_infotext_field_fills_what_the_request_did_not_send(server):
+    infotext = ("a fox\nNegative prompt: dull\n"
+                "Steps: 3, Sampler: Euler, CFG scale: 6, Seed: 123, Size: 64x56, Clip skip: 2")
+    url = server.url + "/sdapi/v1/txt2img"
+    info = json.loads(requests.post(url, json={"infotext": infotext}, timeout=120).json()["info"])
+    assert (info["prompt"], info["negative_prompt"], info["steps"]) == ("a fox", "dull", 3)
+    assert info["sampler_name"] == "Euler"
+    assert (info["cfg_scale"], info["seed"], info["width"], info["height"], info["clip_skip"]) == (6, 123, 64, 56, 2)
+    sent = json.loads(requests.post(url, json={"infotext": infotext, "seed": 5, "prompt": "a cat"}, timeout=120)
+                      .json()["info"])
+    assert (sent["seed"], sent["prompt"], sent["steps"]) == (5, "a cat", 3)
+
+
 def test_png_info_reads_the_infotext(api):
     r = api.txt2img(prompt="info please", negative_prompt="nothing", seed=21, **SMALL)
     got = api.png_info(r.image)
