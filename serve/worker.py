@@ -94,13 +94,9 @@ class Worker:
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._interrupt = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"tritonsd-worker-{name}", daemon=True)
-        self.queued = 0  # jobs waiting or running (the progress route shows it)
-        self._count_lock = threading.Lock()
         self._thread.start()
 
     def submit(self, job: Job) -> concurrent.futures.Future:
-        with self._count_lock:
-            self.queued += 1
         self._queue.put(job)
         return job.future
 
@@ -127,8 +123,7 @@ class Worker:
             if job is None:
                 return
             if not job.future.set_running_or_notify_cancel():
-                self._done()
-                continue
+                continue  # its request went away while it waited
             self._interrupt.clear()
             self.progress.begin(job.name, job.job_count)
             try:
@@ -139,8 +134,3 @@ class Worker:
                 job.future.set_exception(e)
             finally:
                 self.progress.end()
-                self._done()
-
-    def _done(self) -> None:
-        with self._count_lock:
-            self.queued -= 1
