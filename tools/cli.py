@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-SUBCOMMANDS = ("generate", "inspect", "parity", "bench", "merge", "warmup", "check_compile", "batch")
+SUBCOMMANDS = ("generate", "inspect", "parity", "bench", "merge", "warmup", "check_compile", "batch", "serve")
 
 
 class UsageError(ValueError):

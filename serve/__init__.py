@@ -1,0 +1,43 @@
+"""``tritonsd serve``: one resident Pipeline behind AUTOMATIC1111's HTTP API (v1.10's ``/sdapi/v1`` routes,
+field names, defaults and response shapes) and a small web page, on FastAPI + uvicorn (the ``serve`` extra).
+
+    from tritonsd.serve import build_state, create_app
+    state = build_state("model.safetensors", models_dir="models/")
+    app = create_app(state)            # an ASGI app; uvicorn.run(app, host="127.0.0.1", port=7860)
+
+Modules: ``app`` (routes, errors, body limit, auth), ``schema`` (A1111's request fields), ``jobs`` (request ->
+GenerationSettings plan -> images), ``worker`` (the device's single worker and A1111's progress state), ``host``
+(the resident Pipeline and model switches), ``catalog`` (checkpoints, VAEs, LoRAs, embeddings), ``inpaint``
+(A1111's img2img resize, mask and paste-back), ``images`` (base64 / PNG), ``limits``.
+"""
+
+from __future__ import annotations
+
+
+def build_state(checkpoint: str, *, config=None, models_dir=None, vae_dir=None, lora_dir=None,
+                embeddings_dir=None, device=None, dtype=None, kernels: str = "auto", text_heads=None,
+                parameterization=None, credentials: dict | None = None, pipe=None):
+    """Load the checkpoint (unless ``pipe`` is given ready) and start the device's worker."""
+    from .catalog import Catalog
+    from .host import LoadOptions, ModelHost
+    from .app import ServerState
+    from .worker import Worker
+
+    catalog = Catalog(str(checkpoint), config=None if config is None else str(config), models_dir=models_dir,
+                      vae_dir=vae_dir, lora_dir=lora_dir, embeddings_dir=embeddings_dir)
+    options = LoadOptions(device=device, dtype=dtype, kernels=kernels, text_heads=text_heads,
+                          parameterization=parameterization,
+                          extra={"lora_dir": lora_dir, "embeddings_dir": embeddings_dir})
+    host = ModelHost(catalog, options, pipe=pipe)
+    if pipe is None:
+        host.ensure(host.default)
+    return ServerState(catalog=catalog, host=host, worker=Worker(host), credentials=dict(credentials or {}))
+
+
+def create_app(state):
+    from .app import create_app as _create_app
+
+    return _create_app(state)
+
+
+__all__ = ["build_state", "create_app"]

@@ -1,0 +1,304 @@
+"""A1111 requests turned into generation plans (on the request's thread: decoding, checks) and plans run on the
+worker (on the device): the same GenerationSettings ``pipe(...)`` would get, so the images are the same bytes.
+
+Mapping (A1111 field -> GenerationSettings): sampler_name / sampler_index + scheduler -> sampler, karras
+(``registry.from_a1111_name``: v1.10's names with "Automatic" / "Uniform" / "Karras" schedules, the older
+combined "DPM++ 2M Karras", and A1111's ``k_`` aliases); seed / subseed -1 -> random; subseed_strength; steps,
+cfg_scale, width, height, batch_size; n_iter -> one generation per iteration with the seeds counting on;
+denoising_strength -> strength; eta -> DDIM's eta (Euler a always runs A1111's ancestral eta 1);
+``infotext`` fills the fields the request did not send (A1111 v1.10's ``apply_infotext``);
+override_settings / options: CLIP_stop_at_last_layers -> clip_skip, randn_source -> rng ("GPU" and "NV" -> nv,
+the same numbers on any device; "CPU" -> cpu), sd_model_checkpoint and sd_vae -> the model the job runs on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import random
+from dataclasses import dataclass, field
+
+from . import inpaint, limits
+from .errors import ApiError, BadRequest, NotFound, printable
+from .host import ModelKey
+from .images import decode_image, png_b64
+from .schema import IMG2IMG_FIELDS, TXT2IMG_FIELDS, apply_infotext, ignored_fields, parameters, value
+from .worker import Interrupted, Job
+
+log = logging.getLogger("tritonsd.serve")
+
+SAMPLER_ALIASES = {"k_dpmpp_2m": "DPM++ 2M", "k_euler_a": "Euler a", "k_euler_ancestral": "Euler a",
+                   "k_euler": "Euler", "ddim": "DDIM", "plms": "PLMS"}
+RNG_SOURCES = {"GPU": "nv", "NV": "nv", "CPU": "cpu"}
+OVERRIDES_USED = ("sd_model_checkpoint", "sd_vae", "CLIP_stop_at_last_layers", "randn_source", "eta_ddim")
+MAX_MASK_BLUR = 64  # A1111's slider maximum
+_logged_ignored: set[str] = set()
+
+
+@dataclass
+class Options:
+    """The server's A1111 options (``/sdapi/v1/options``); keys it does not use are kept and echoed."""
+
+    clip_skip: int = 1
+    randn_source: str = "GPU"
+    eta_ddim: float = 0.0
+    sd_vae: str = "Automatic"
+    other: dict = field(default_factory=dict)
+
+
+@dataclass
+class Plan:
+    mode: str  # "txt2img" | "img2img"
+    settings: object  # GenerationSettings, checked (seed fixed)
+    n_iter: int
+    key: ModelKey
+    restore: bool  # override_settings_restore_afterwards
+    subseed: int  # drawn even when unused, as A1111 reports it
+    prepared: inpaint.Prepared | None
+    send_images: bool
+    ignored: list[str]
+    notes: list[str]
+    parameters: dict
+
+
+# ---------------------------------------------------------------- request -> plan
+
+
+def _fixed_seed(name: str, v) -> int:
+    """A1111's ``get_fixed_seed``: -1 (or null) draws one in [0, 4294967294)."""
+    if v is None or v == -1:
+        return random.randrange(4294967294)
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise BadRequest(f"{name} must be -1 (random) or a non-negative integer, got {printable(v)}")
+    return v
+
+
+def _sampler(name, schedule) -> tuple[str, bool | None]:
+    from ..sampler.registry import UnknownSamplerError, from_a1111_name
+
+    name = SAMPLER_ALIASES.get(name.strip().lower(), name) if isinstance(name, str) else name
+    if not isinstance(name, str):
+        raise BadRequest(f"sampler_name must be a string, got {printable(name)}")
+    if schedule is not None and not isinstance(schedule, str):
+        raise BadRequest(f"scheduler must be a string, got {printable(schedule)}")
+    if name.strip().endswith(" Karras") and (schedule is None or schedule.strip().lower() in ("", "automatic")):
+        schedule = None  # an old combined name keeps its schedule under "Automatic" (A1111's get_sampler_and_scheduler)
+    try:
+        return from_a1111_name(name, schedule)
+    except UnknownSamplerError as e:
+        raise NotFound(f"Sampler not found: {printable(e)}", "SamplerNotFound") from None
+
+
+def _prompt(name: str, v) -> str:
+    if v is None:
+        return ""
+    if not isinstance(v, str):
+        raise BadRequest(f"{name} must be a string")
+    return v  # its length and tokens: GenerationSettings.check (the project's prompt limits)
+
+
+def _overrides(req, options: Options, catalog, host) -> tuple[ModelKey, int, str, float, list[str]]:
+    """(model key, clip_skip, rng, ddim eta, override keys not used) from ``override_settings`` over the
+    server's options."""
+    over = req.override_settings or {}
+    ckpt_name = over.get("sd_model_checkpoint")
+    ckpt = catalog.find_checkpoint(ckpt_name) if ckpt_name is not None else None
+    vae = catalog.find_vae(over["sd_vae"]) if "sd_vae" in over else host.default.vae
+    key = ModelKey(ckpt.path if ckpt is not None else host.default.checkpoint, vae)
+    clip_skip = over.get("CLIP_stop_at_last_layers", options.clip_skip)
+    rng_name = over.get("randn_source", options.randn_source)
+    if not isinstance(rng_name, str) or rng_name not in RNG_SOURCES:
+        raise BadRequest(f"randn_source must be one of {', '.join(RNG_SOURCES)}, got {printable(rng_name)}")
+    eta = over.get("eta_ddim", options.eta_ddim)
+    unused = [f"override_settings.{k}" for k in over if k not in OVERRIDES_USED]
+    return key, clip_skip, RNG_SOURCES[rng_name], eta, unused
+
+
+def build_plan(req, mode: str, *, options: Options, catalog, host) -> Plan:
+    """Everything checked that can be checked without the device; raises ApiError / SettingsError."""
+    from ..sampler.settings import GenerationSettings
+
+    table = TXT2IMG_FIELDS if mode == "txt2img" else IMG2IMG_FIELDS
+    req, infotext_notes = apply_infotext(req)
+    v = lambda name: value(req, name, table)  # noqa: E731
+    sampler, karras = _sampler(req.sampler_name or v("sampler_index"), req.scheduler)
+    key, clip_skip, rng, eta_ddim, unused = _overrides(req, options, catalog, host)
+    ignored = ignored_fields(req, table) + unused
+    notes: list[str] = list(infotext_notes)
+    eta = req.eta
+    if sampler == "ddim":
+        eta = eta_ddim if eta is None else eta
+    else:
+        if sampler == "euler_a" and eta not in (None, 1, 1.0):
+            ignored.append("eta")
+        eta = 0.0
+    seed = _fixed_seed("seed", req.seed)
+    subseed = _fixed_seed("subseed", req.subseed)
+    strength = v("subseed_strength")
+    n_iter = v("n_iter")
+    if isinstance(n_iter, bool) or not isinstance(n_iter, int) or not 1 <= n_iter <= limits.MAX_N_ITER:
+        raise BadRequest(f"n_iter must be between 1 and {limits.MAX_N_ITER}, got {printable(n_iter)}")
+    fields = dict(prompt=_prompt("prompt", req.prompt), negative_prompt=_prompt("negative_prompt", req.negative_prompt),
+                  sampler=sampler, karras=karras, steps=v("steps"), cfg_scale=v("cfg_scale"), seed=seed,
+                  eta=eta, width=v("width"), height=v("height"), batch_size=v("batch_size"), clip_skip=clip_skip,
+                  rng=rng, subseed=subseed if strength else None, subseed_strength=strength)
+    prepared = None
+    if mode == "img2img":
+        prepared = _prepare_images(req, v, fields["width"], fields["height"], notes)
+        # the mask goes in as given; the worker drops it for a 4-channel model (_for_model)
+        fields.update(init_image=prepared.image, mask=prepared.mask, strength=v("denoising_strength"))
+    settings = GenerationSettings(**fields).check()
+    pipe = host.pipe
+    device = pipe.device if pipe is not None else (host.options.device or "cpu")
+    dtype_bytes = pipe.dtype.itemsize if pipe is not None else 2
+    limits.check_memory(settings.batch_size, settings.width or 512, settings.height or 512, device, dtype_bytes)
+    for name in ignored:
+        if name not in _logged_ignored:
+            _logged_ignored.add(name)
+            log.warning("request field %s is accepted and ignored (not implemented by tritonsd)", printable(name))
+    return Plan(mode, settings, n_iter, key, bool(v("override_settings_restore_afterwards")), subseed, prepared,
+                bool(v("send_images")), sorted(set(ignored)), notes, parameters(req, mode == "img2img"))
+
+
+def _prepare_images(req, v, width, height, notes: list[str]) -> inpaint.Prepared:
+    images = req.init_images
+    if not images:
+        raise NotFound("Init image not found", "InitImageNotFound")
+    if len(images) > 1:
+        raise BadRequest(f"init_images holds {len(images)} images; this server takes one per request")
+    init = decode_image("init_images[0]", images[0])
+    mask = decode_image("mask", req.mask) if req.mask else None
+    blur = req.mask_blur
+    blur_x, blur_y = (blur, blur) if isinstance(blur, int) else (v("mask_blur_x"), v("mask_blur_y"))
+    ints = {"resize_mode": v("resize_mode"), "mask_blur_x": blur_x, "mask_blur_y": blur_y,
+            "inpaint_full_res_padding": v("inpaint_full_res_padding"),
+            "inpainting_mask_invert": v("inpainting_mask_invert"), "inpainting_fill": v("inpainting_fill")}
+    for name, x in ints.items():
+        high = MAX_MASK_BLUR if name.startswith("mask_blur") else limits.MAX_SIDE
+        if isinstance(x, bool) or not isinstance(x, int) or x < 0 or x > high:
+            raise BadRequest(f"{name} must be an integer between 0 and {high}, got {printable(x)}")
+    if ints["resize_mode"] > 3 or ints["inpainting_fill"] > 3 or ints["inpainting_mask_invert"] > 1:
+        raise BadRequest("resize_mode and inpainting_fill must be 0..3, inpainting_mask_invert 0 or 1")
+    if ints["resize_mode"] == 3:
+        notes.append("resize_mode 3 (latent upscale) resizes the image as resize_mode 0")
+    for name, side in (("width", width), ("height", height)):
+        if isinstance(side, bool) or not isinstance(side, int) or not 8 <= side <= limits.MAX_SIDE:
+            raise BadRequest(f"{name} must be an integer between 8 and {limits.MAX_SIDE}, got {printable(side)}")
+    prepared = inpaint.prepare(init, mask, width, height, resize_mode=ints["resize_mode"], blur_x=blur_x,
+                               blur_y=blur_y, invert=bool(ints["inpainting_mask_invert"]),
+                               full_res=bool(v("inpaint_full_res")),
+                               full_res_padding=ints["inpaint_full_res_padding"])
+    notes.extend(prepared.notes)
+    return prepared
+
+
+# ---------------------------------------------------------------- plan -> images (on the worker)
+
+
+def generation_job(plan: Plan) -> Job:
+    return Job(f"scripts_{plan.mode}", lambda worker: run_plan(plan, worker), job_count=plan.n_iter)
+
+
+def run_plan(plan: Plan, worker) -> dict:
+    host = worker.host
+    worker.progress.update(textinfo="Loading model" if host.key != plan.key else None)
+    pipe = host.ensure(plan.key)
+    if not plan.restore:
+        host.default = plan.key  # A1111 keeps an override when told not to restore
+    base, notes = _for_model(plan, pipe)
+    batch = base.batch_size
+    images, infotexts = [], []
+    for it in range(plan.n_iter):
+        s = dataclasses.replace(base, seed=base.seed + it * batch,
+                                subseed=None if base.subseed is None else base.subseed + it * batch)
+        s = pipe.settings(s)
+        worker.progress.update(job_no=it, sampling_step=0, sampling_steps=0, textinfo=None)
+        pils = _generate(pipe, s, worker)
+        for pil in pils:
+            if plan.prepared is not None:
+                pil = inpaint.paste_back(pil, plan.prepared)
+            images.append(pil)
+            infotexts.append(pil.info.get("parameters", ""))
+        if worker.interrupted:
+            break
+    return respond(plan, pipe, base, images, infotexts, notes)
+
+
+def _for_model(plan: Plan, pipe):
+    """The plan's settings for the loaded model: a mask on a 4-channel model becomes img2img of the area with
+    the paste-back (A1111 would also blend the latents under the mask at every step)."""
+    s, notes = plan.settings, list(plan.notes)
+    inpainting_model = pipe.config.unet.in_channels == 9
+    if s.mask is not None and not inpainting_model:
+        s = dataclasses.replace(s, mask=None)
+        notes.append("this is not an inpainting model: the masked area is repainted by img2img and the original "
+                     "pasted back outside the mask (no per-step latent masking)")
+    if s.mask is not None and s.strength != 1.0:
+        notes.append("inpainting models repaint the masked area from noise here: denoising_strength is not used")
+    return s, notes
+
+
+def _generate(pipe, s, worker) -> list:
+    """PIL images of one iteration; interrupted mid-loop, the last step's denoised latents are decoded (as A1111
+    returns what it has)."""
+    last: dict = {}
+
+    def step(d: dict) -> None:
+        worker.progress.update(sampling_step=d["i"] + 1, sampling_steps=d["total"])
+        latent = d.get("denoised", d.get("x"))
+        if latent is not None:
+            last["latent"] = latent
+            worker.check_interrupt()  # a CUDA-graph replay reports after the loop: nothing left to stop there
+
+    try:
+        out = pipe.generate(s, callback=step)
+    except Interrupted:
+        out = pipe.decode(last["latent"]).cpu()
+    return pipe.to_pil(out, s)
+
+
+def respond(plan: Plan, pipe, s, images: list, infotexts: list[str], notes: list[str]) -> dict:
+    """A1111's ``TextToImageResponse`` / ``ImageToImageResponse``."""
+    from ..sampler import registry
+
+    n = len(images)
+    all_seeds = [s.seed + i for i in range(n)] or [s.seed]
+    all_subseeds = [plan.subseed + i for i in range(n)] or [plan.subseed]
+    source = getattr(pipe.model, "source", None)
+    info = {
+        "prompt": s.prompt, "all_prompts": [s.prompt] * max(n, 1),
+        "negative_prompt": s.negative_prompt, "all_negative_prompts": [s.negative_prompt] * max(n, 1),
+        "seed": s.seed, "all_seeds": all_seeds, "subseed": plan.subseed, "all_subseeds": all_subseeds,
+        "subseed_strength": s.subseed_strength, "width": s.width, "height": s.height,
+        "sampler_name": registry.get(s.sampler).a1111_name,
+        "scheduler": registry.get(s.sampler).a1111_schedule(bool(s.karras)) or "Automatic",
+        "cfg_scale": s.cfg_scale, "steps": s.steps, "batch_size": s.batch_size,
+        "restore_faces": None, "face_restoration_model": None,
+        "sd_model_name": pipe.name, "sd_model_hash": pipe.model_hash,
+        "sd_vae_name": source.vae_name if source is not None else None, "sd_vae_hash": pipe.vae_hash,
+        "seed_resize_from_w": -1, "seed_resize_from_h": -1,
+        "denoising_strength": s.strength if plan.mode == "img2img" else None,
+        "extra_generation_params": {}, "index_of_first_image": 0, "infotexts": infotexts, "styles": [],
+        "job_timestamp": "", "clip_skip": s.clip_skip,
+        "is_using_inpainting_conditioning": pipe.config.unet.in_channels == 9,
+        "version": "tritonsd", "ignored_fields": plan.ignored, "notes": notes,
+    }
+    return {"images": [png_b64(im) for im in images] if plan.send_images else [],
+            "parameters": plan.parameters, "info": json.dumps(info)}
+
+
+def switch_job(key: ModelKey) -> Job:
+    """POST /options' model switch, queued behind the jobs already waiting (they run on the model they
+    asked for)."""
+
+    def run(worker):
+        worker.progress.update(textinfo="Loading model")
+        worker.host.ensure(key)
+        worker.host.default = key
+        return None
+
+    return Job("switch_model", run)
+
+
+__all__ = ["ApiError", "Options", "Plan", "build_plan", "generation_job", "switch_job"]

@@ -1,0 +1,88 @@
+"""``tritonsd serve``: keep one model loaded and warm behind AUTOMATIC1111's HTTP API and a small web page
+(``serve/``). Needs the ``serve`` extra (``pip install 'tritonsd[serve]'``: FastAPI and uvicorn)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .cli import UsageError
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("serve", help="serve a resident model over AUTOMATIC1111's HTTP API and a web page",
+                              description="Load a checkpoint once and serve it over AUTOMATIC1111's /sdapi/v1 "
+                                          "API (txt2img, img2img, progress, interrupt, options, ...) and a web "
+                                          "page at /. One worker per device runs the jobs in order.")
+    m = p.add_argument_group("models")
+    m.add_argument("--checkpoint", required=True, metavar="FILE",
+                   help=".safetensors or .ckpt file, or demo:sd1 (the built-in tiny random-weight model)")
+    m.add_argument("--config", type=Path, default=None, metavar="YAML",
+                   help="the checkpoint's original inference YAML (default: CHECKPOINT.yaml beside it)")
+    m.add_argument("--models-dir", type=Path, default=None, metavar="DIR",
+                   help="more checkpoints, switched to with sd_model_checkpoint (options or override_settings)")
+    m.add_argument("--vae-dir", type=Path, default=None, metavar="DIR", help="VAE files for sd_vae")
+    m.add_argument("--lora-dir", type=Path, default=None, metavar="DIR", help="LoRAs for <lora:name:w> in prompts")
+    m.add_argument("--embeddings-dir", type=Path, default=None, metavar="DIR", help="textual-inversion embeddings")
+    m.add_argument("--text-heads", type=int, default=None, metavar="N",
+                   help="attention heads of the text towers (not in the weights; default width / 64)")
+    m.add_argument("--parameterization", choices=("eps", "v"), default=None,
+                   help="prediction type, when no YAML says it")
+    r = p.add_argument_group("runtime")
+    r.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
+    r.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None,
+                   help="default: fp16 on cuda, fp32 on cpu")
+    r.add_argument("--kernels", choices=("auto", "torch", "triton"), default="auto")
+    n = p.add_argument_group("network")
+    n.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    n.add_argument("--port", type=int, default=7860, help="default: 7860")
+    n.add_argument("--api-auth", default=None, metavar="USER:PASS",
+                   help="HTTP basic auth for every route (comma-separated for several users)")
+    p.set_defaults(run=run)
+
+
+def check_usage(args: argparse.Namespace) -> dict:
+    from ..serve.app import parse_auth
+
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"--port must be between 0 and 65535, got {args.port}")
+    if args.text_heads is not None and args.text_heads < 1:
+        raise UsageError(f"--text-heads must be at least 1, got {args.text_heads}")
+    for flag in ("models_dir", "vae_dir", "lora_dir", "embeddings_dir"):
+        d = getattr(args, flag)
+        if d is not None and not d.is_dir():
+            raise UsageError(f"--{flag.replace('_', '-')} {d} is not a directory")
+    try:
+        return parse_auth(args.api_auth)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ModuleNotFoundError as e:
+        raise RuntimeError(f"{e.name} is not installed; install the serve extra: pip install 'tritonsd[serve]'") \
+            from None
+    credentials = check_usage(args)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not credentials:
+        print(f"tritonsd serve: warning: listening on {args.host} without --api-auth: anyone who can reach this "
+              "address can use the server", file=sys.stderr)
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from ..serve import build_state, create_app
+
+    state = build_state(args.checkpoint, config=args.config, models_dir=args.models_dir, vae_dir=args.vae_dir,
+                        lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir, device=args.device,
+                        dtype=args.dtype, kernels=args.kernels, text_heads=args.text_heads,
+                        parameterization=args.parameterization, credentials=credentials)
+    import threading
+
+    threading.Thread(target=state.catalog.hash_all, name="tritonsd-hash", daemon=True).start()
+    print(f"tritonsd serve: {state.catalog.main.name} loaded on {state.host.pipe.device}; "
+          f"http://{args.host}:{args.port}/", file=sys.stderr, flush=True)
+    uvicorn.run(create_app(state), host=args.host, port=args.port, log_level="warning", access_log=False)
+    return 0
