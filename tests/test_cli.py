@@ -119,6 +119,16 @@ def plan_runs(fixtures: Path, tmp: Path) -> dict[str, tuple[list[str], Path]]:
         "out_is_file": ["--checkpoint", str(junk), "--prompt", "x", *small, "--out", str(a_file)],
         "out_under_file": ["--checkpoint", str(junk), "--prompt", "x", *small, "--out", str(a_file / "sub")],
         "no_prompt": [*sd1, *small],
+        # checked before the model is read (the junk checkpoint would fail otherwise)
+        "prompt_too_long": ["--checkpoint", str(junk), "--prompt", "cat " * 1001, *small],
+        "prompt_nul": ["--checkpoint", str(junk), "--prompt", "a\x01b\u2028", "--negative-prompt", "x" * 20000, *small],
+        "rng_gpu_on_cpu": ["--checkpoint", str(junk), "--prompt", "x", *small, "--rng", "gpu", "--device", "cpu"],
+        "bad_infotext_sampler": ["--checkpoint", str(junk), "--infotext", "a cat\nSteps: 3, Sampler: Heun++ 9M, Seed: 1"],
+        "infotext": [*sd1, "--infotext", "a (red:1.2) circle, [cat|dog]\nNegative prompt: blurry\nSteps: 3, Sampler: "
+                     "Euler a, CFG scale: 6, Seed: 12, Size: 64x72, Clip skip: 2, RNG: CPU, Frobnicate: 7, "
+                     "Variation seed strength: lots"],
+        "override_infotext": [*sd1, "--infotext", "a circle\nSteps: 3, Sampler: Euler, Seed: 12, Size: 64x64",
+                              "--seed", "13", "--steps", "2"],
     }
     planned = {}
     for name, args in runs.items():
@@ -288,3 +298,57 @@ def test_missing_prompt_is_a_usage_error(runs):
     proc, _ = runs.result("no_prompt")
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "--prompt" in proc.stderr.splitlines()[-1]
+
+
+@pytest.mark.parametrize("name, code, words", [
+    ("prompt_too_long", 2, ("--prompt", "1001 tokens", "limit is 1000")),
+    ("rng_gpu_on_cpu", 2, ("--rng", "nv")),
+    ("bad_infotext_sampler", 2, ("--sampler", "Heun++ 9M")),
+])
+def test_prompt_and_infotext_refused_before_loading(runs, name, code, words):
+    proc, out = runs.result(name)
+    line = assert_failed_cleanly(proc, out, code, *words)
+    assert len(line) < 300  # a count and a short excerpt, never the prompt itself
+
+
+def test_control_characters_and_huge_negative_prompt(runs):
+    proc, out = runs.result("prompt_nul")
+    line = assert_failed_cleanly(proc, out, 2, "--negative-prompt", "20,000 characters")
+    assert len(line) < 300
+
+
+def test_infotext_in_with_unknown_and_malformed_fields(runs):
+    """A1111's parameters text: its settings are used, an unknown key is ignored, a malformed value is one
+    warning line and left out."""
+    proc, _ = runs.result("infotext")
+    assert_ok(proc)
+    warnings = [line for line in proc.stderr.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and "Variation seed strength" in warnings[0]
+    [path] = output_pngs(proc)
+    with Image.open(path) as im:
+        info = parse_infotext(im.info["parameters"])
+        assert im.size == (64, 72)
+    assert (info["Prompt"], info["Negative prompt"], info["Steps"], info["Sampler"], info["CFG scale"]) == \
+        ("a (red:1.2) circle, [cat|dog]", "blurry", "3", "Euler a", "6")
+    assert (info["Clip skip"], info["RNG"], info["Seed"]) == ("2", "CPU", "12")
+    assert "Frobnicate" not in info
+
+
+def test_flags_override_the_infotext(runs):
+    proc, _ = runs.result("override_infotext")
+    assert_ok(proc)
+    [path] = output_pngs(proc)
+    assert path.name.endswith("-13.png")
+    with Image.open(path) as im:
+        info = parse_infotext(im.info["parameters"])
+    assert (info["Seed"], info["Steps"], info["Sampler"]) == ("13", "2", "Euler")
+
+
+def test_png_round_trip_gives_the_same_png(runs, fixtures, tmp_path):
+    """--from-png of a generated image (same checkpoint) writes the same bytes."""
+    first, _ = runs.result("infotext")
+    [source] = output_pngs(first)
+    proc = tritonsd("generate", *tiny_args(fixtures), "--from-png", str(source), "--out", str(tmp_path / "again"))
+    assert_ok(proc)
+    [again] = output_pngs(proc)
+    assert again.read_bytes() == source.read_bytes()
