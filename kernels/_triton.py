@@ -41,6 +41,11 @@ def configs(tuned: list[triton.Config], interpreted: triton.Config) -> list[trit
     return tuned if AUTOTUNE else tuned[:1]
 
 
+def is_recording() -> bool:
+    """Whether launches are being recorded (:func:`recording`): meta tensors then stand for CUDA ones."""
+    return _recorder.get() is not None
+
+
 def check_device(*tensors: torch.Tensor | None) -> None:
     """Compiled kernels need CUDA tensors; the interpreter needs CPU tensors. While launches are recorded
     (:func:`recording`), meta tensors stand for CUDA ones."""

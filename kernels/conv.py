@@ -30,6 +30,8 @@ CONFIGS = [
 ]
 INTERPRETED_CONFIG = triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)
 GROUP_M = 8  # output-tile rows swept together, so neighbouring programs share weight tiles in L2
+MIN_TRITON_C_IN = 16  # dispatch sends fewer input channels (the first convolutions, 3 or 4 wide) to the reference:
+# their masked 4-wide channel tiles spill registers on sm_90 in every config (check-compile)
 
 
 @triton.autotune(configs=configs(CONFIGS, INTERPRETED_CONFIG),
@@ -153,7 +155,7 @@ def conv2d_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
     Falls back to the reference (which also raises the errors for bad shapes) for grouped convolutions,
     unequal or string stride/padding, dtypes other than float16/bfloat16/float32, x and weight of different
-    dtypes, or emb/residual shapes that only broadcast.
+    dtypes, or emb/residual shapes that only broadcast. Its output is channels-last.
     """
     out_shape = _output_shape(x, weight, stride, padding)
     if (out_shape is None or x.dtype not in FLOAT_DTYPES or weight.dtype != x.dtype
@@ -171,12 +173,17 @@ def conv2d_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         for t in (emb, residual):
             if t is not None:
                 out_dtype = torch.promote_types(out_dtype, t.dtype)
-        memory_format = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and c_in > 1 \
-            else torch.contiguous_format
-        out = torch.empty(out_shape, device=x.device, dtype=out_dtype, memory_format=memory_format)
+        out = torch.empty(out_shape, device=x.device, dtype=out_dtype, memory_format=torch.channels_last)
     m = bsz * h_out * w_out
     if m == 0 or c_out == 0:
         return out
+    if not x.is_contiguous(memory_format=torch.channels_last):
+        # Channels-last in and out: gathering channels H*W apart (NCHW), or storing and reading the residual
+        # with the pixel index split into NCHW strides, spills registers on sm_90 (check-compile: up to 5.9 KB
+        # per thread in every config); the first convolution copies its input once, the rest chain channels-last.
+        x = x.contiguous(memory_format=torch.channels_last)
+    if residual is not None and not residual.is_contiguous(memory_format=torch.channels_last):
+        residual = residual.contiguous(memory_format=torch.channels_last)
     weight = packed_weight(weight)
     e = emb if emb is not None else out
     r = residual if residual is not None else out

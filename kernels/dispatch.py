@@ -21,6 +21,7 @@ from typing import Iterator
 
 import torch
 
+from . import _triton
 from . import attention as _attention
 from . import conv as _conv
 from . import geglu as _geglu
@@ -60,8 +61,8 @@ def current_backend() -> str:
 def use_triton(x: torch.Tensor) -> bool:
     """Whether a call on ``x`` goes to the Triton kernel."""
     backend = _forced.get()
-    if backend == "auto":
-        return x.is_cuda and triton_available()
+    if backend == "auto":  # CUDA tensors; meta ones stand for them while launches are recorded (kernels/variants)
+        return (x.is_cuda or (x.is_meta and _triton.is_recording())) and triton_available()
     return backend == "triton"
 
 
@@ -95,7 +96,9 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
            scale: float | None = None) -> torch.Tensor:
     """2-D convolution with a fused epilogue: ``(conv(x) + bias + emb[:, :, None, None] + residual) * scale``.
 
-    emb: [B, C_out] per-channel add (the ResBlock's time embedding); residual: [B, C_out, H', W'].
+    emb: [B, C_out] per-channel add (the ResBlock's time embedding); residual: [B, C_out, H', W']. With "auto",
+    convolutions of fewer than ``conv.MIN_TRITON_C_IN`` input channels run the reference (cuDNN on CUDA).
     """
-    impl = _conv.conv2d_triton if use_triton(x) else _conv.conv2d_reference
+    narrow = x.dim() == 4 and x.shape[1] < _conv.MIN_TRITON_C_IN and _forced.get() == "auto"
+    impl = _conv.conv2d_triton if use_triton(x) and not narrow else _conv.conv2d_reference
     return impl(x, weight, bias, stride, padding, emb=emb, residual=residual, scale=scale)

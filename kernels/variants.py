@@ -1,6 +1,6 @@
 """Which kernel launches (and so which compiled variants) a model needs at given image sizes and batches.
 
-The model itself is walked on the meta device with the Triton kernels forced and every launch recorded
+The model itself is walked on the meta device with the kernels CUDA would choose ("auto") and every launch recorded
 (``_triton.recording``): the launchers compute exactly the strides, constexprs and shapes they would on the
 GPU, so this list never drifts from the code. A :class:`Launch` is plain data (picklable, for compile
 workers); :meth:`Launch.variant` is what decides a distinct compiled binary (Triton specialises integers on
@@ -125,8 +125,8 @@ def _as_arg(a):
 
 
 def record(fn: Callable[[], object]) -> list[Launch]:
-    """The launches ``fn`` makes with the Triton kernels forced (run on meta tensors: nothing is computed)."""
-    with _triton.recording() as raw, dispatch.force("triton"), torch.no_grad():
+    """The launches ``fn`` makes with the kernels CUDA would choose (run on meta tensors: nothing is computed)."""
+    with _triton.recording() as raw, dispatch.force("auto"), torch.no_grad():
         fn()
     out = []
     for kernel, args, kwargs in raw:
