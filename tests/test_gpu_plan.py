@@ -33,10 +33,8 @@ def fake_costs(run_s: float = 10.0) -> dict:
                         "gpu_machine_cores": 16, "run_s": {s.run_s: run_s for s in G.STAGES}}}
 
 
-@pytest.mark.xfail(strict=True, reason="not yet: the CUDA tests' fp32 tiny-model kernels (231 compiles, ~14 s of CPU "
-                                       "each for a conv) and tuning every key of three dtypes plan ~1500 s; the "
-                                       "tests must move to fp16 / bf16 with a small fp32 set (issue 11)")
 def test_cold_plan_of_stages_0_to_4_fits_360_s(costs):
+    """From a cold start (setup, the parallel precompile and stages 1-4), with the committed measurements."""
     estimates = G.plan(G.parse_only("1-4"), costs, warm=False)
     assert [e.stage for e in estimates] == [0, 1, 2, 3, 4]
     total = costs["assumed"]["setup_s"] + sum(e.seconds for e in estimates)
