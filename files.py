@@ -8,8 +8,9 @@ restored when the last write finishes). SIGKILL cannot be caught: the temporary 
 and the next write into that directory (or an explicit ``remove_stale_temps``) removes it, because the pid in
 its name no longer exists. A temporary file of a live process is never touched.
 
-Numbered outputs (``00012-1234.png``, numbered like A1111) are claimed with ``os.link``, which refuses an
-existing name, so concurrent writers into one directory never take the same number or overwrite a file.
+Numbered outputs (``00012-1234.png``, numbered like A1111) are claimed under an exclusive lock on the directory
+with ``os.link``, which refuses an existing name, so concurrent writers into one directory never take the same
+number (whatever follows it) or overwrite a file.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ _TEMP_NAME = re.compile(r"^\.tritonsd-(?:tmp|pending)-(\d+)-")
 NUMBERED = re.compile(r"^(\d+)-")  # A1111's output names: a number, a dash, the rest
 
 _lock = threading.RLock()  # re-entrant: the signal handler runs in the main thread, which may hold it
+_dir_lock = threading.Lock()
 _in_flight: set[Path] = set()  # temporary files this process is writing now
 _previous_handlers: dict[int, object] = {}
 _cleaned_dirs: set[Path] = set()  # directories whose stale temporaries this process has removed already
@@ -81,35 +83,70 @@ def write_numbered(directory: str | Path, make_name: Callable[[int], str], write
 
 
 def claim_numbered(directory: Path, make_name: Callable[[int], str], source: Path, start: int | None = None) -> Path:
-    """Give the finished file ``source`` (in ``directory``) the first free numbered name from ``start`` (default:
-    one past the highest number there) and return it; ``source`` itself stays (the caller removes it). Hard links
-    refuse an existing name, so two processes cannot claim one number. On a file system without hard links the
-    name is reserved with O_EXCL and the file renamed over the reservation."""
-    number = next_number(directory) if start is None else start
-    while True:
-        target = directory / make_name(number)
-        try:
-            os.link(source, target)
-            return target
-        except FileExistsError:
-            number += 1
-        except OSError:  # no hard links here (some network and FAT file systems)
-            try:
-                os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-            except FileExistsError:
+    """Give the finished file ``source`` (in ``directory``) the first free number and return its new path;
+    ``source`` itself stays (the caller removes it). A number is free when no name in ``directory`` starts with
+    it (``00012-1.png`` takes 12 for ``00012-2.png`` too); numbering starts one past the highest number there,
+    or at the first free one from ``start``. Concurrent writers are serialised by an exclusive ``flock`` on the
+    directory while they pick and link, and the hard link refuses an existing name in any case. On a file
+    system without hard links the name is reserved with O_EXCL and the file renamed over the reservation."""
+    with _directory_lock(directory):
+        taken = _numbers(directory)
+        number = max(taken, default=-1) + 1 if start is None else start
+        while True:
+            while number in taken:
                 number += 1
-                continue
-            os.replace(source, target)
-            return target
+            target = directory / make_name(number)
+            try:
+                os.link(source, target)
+                return target
+            except FileExistsError:
+                taken.add(number)
+            except OSError:  # no hard links here (some network and FAT file systems)
+                try:
+                    os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+                except FileExistsError:
+                    taken.add(number)
+                    continue
+                os.replace(source, target)
+                return target
+
+
+def _numbers(directory: Path) -> set[int]:
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return set()
+    return {int(m.group(1)) for name in names if (m := NUMBERED.match(name))}
+
+
+@contextlib.contextmanager
+def _directory_lock(directory: Path) -> Iterator[None]:
+    """An exclusive advisory lock on the directory itself (no lock file is left behind); a no-op where flock is
+    missing or refused (the hard link still prevents overwriting, though not a shared number)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    with _dir_lock:  # threads of this process take turns too (flock is per open file: belt and braces)
+        try:
+            fd = os.open(directory, os.O_RDONLY)
+        except OSError:
+            yield
+            return
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError:
+                pass
+            yield
+        finally:
+            os.close(fd)
 
 
 def next_number(directory: Path) -> int:
     """One past the highest ``NNNNN-`` number among the names in ``directory`` (0 when there is none)."""
-    try:
-        names = os.listdir(directory)
-    except FileNotFoundError:
-        return 0
-    return max((int(m.group(1)) for name in names if (m := NUMBERED.match(name))), default=-1) + 1
+    return max(_numbers(directory), default=-1) + 1
 
 
 def remove_stale_temps(directory: str | Path) -> list[Path]:
