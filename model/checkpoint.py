@@ -172,6 +172,7 @@ def validate_safetensors_header(path: Path) -> dict:
     data_len = size - 8 - header_len
     spans = []
     for name, info in header.items():
+        _check_unicode(path, name, "tensor name")
         if name == "__metadata__":
             _check_metadata(path, info)
         else:
@@ -241,6 +242,18 @@ def _check_metadata(path: Path, meta) -> None:
         return
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         raise CheckpointError(f"{_name(path)}: corrupt header (__metadata__ must map names to strings)")
+    for key, value in meta.items():
+        _check_unicode(path, key, "__metadata__ key")
+        _check_unicode(path, value, "__metadata__ value")
+
+
+def _check_unicode(path: Path, text: str, what: str) -> None:
+    """JSON's ``\\ud800`` escapes decode to lone surrogates, which Python accepts and safetensors refuses."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise CheckpointError(f"{_name(path)}: corrupt header: {what} {quote(text, 80)} is not valid Unicode (a "
+                              f"lone surrogate)") from None
 
 
 def _check_tensor_entry(path: Path, name: str, info, data_len: int) -> tuple[int, int]:
@@ -462,17 +475,19 @@ def _unwrap_state_dict(path: Path, obj) -> dict[str, torch.Tensor]:
 
 
 def _check_loaded_tensor(path: Path, name: str, t: torch.Tensor) -> None:
+    """A plain dense CPU tensor, every element of which lies inside its storage, none of them shared with
+    another (a stride-0 view of one float could otherwise claim a terabyte)."""
     what = f"{_name(path)}: tensor {quote(name)}"
     if t.layout != torch.strided or t.is_quantized or t.device.type != "cpu":
         raise CheckpointError(f"{what} is not a plain dense tensor ({t.layout}, {t.dtype}, {t.device.type})")
     if t.numel() == 0:
         return
-    # the furthest element the view reaches must lie inside the storage
-    reach = t.storage_offset() + sum((s - 1) * st for s, st in zip(t.shape, t.stride()))
-    if min(t.stride(), default=1) < 0 or (reach + 1) * t.element_size() > t.untyped_storage().nbytes() or \
-            t.numel() * t.element_size() > t.untyped_storage().nbytes():
-        raise CheckpointError(f"{what} claims {t.numel():,} elements of {t.dtype} but its storage holds "
-                              f"{t.untyped_storage().nbytes():,} bytes")
+    storage_bytes = t.untyped_storage().nbytes()
+    last = t.storage_offset() + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+    inside = min(t.stride(), default=1) >= 0 and (last + 1) * t.element_size() <= storage_bytes
+    if not inside or t.numel() * t.element_size() > storage_bytes:
+        raise CheckpointError(f"{what} claims {t.numel():,} elements of {str(t.dtype).removeprefix('torch.')} "
+                              f"but its storage holds {storage_bytes:,} bytes")
 
 
 # ---------------------------------------------------------------------------------------------------------------

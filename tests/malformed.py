@@ -184,6 +184,9 @@ CASES: tuple[Case, ...] = (
     Case("control_characters_in_name", ".safetensors",
          lambda: safetensors_bytes({CONTROL_NAME: {**F32, "dtype": "F32\x1b[31m"}}, bytes(16)),
          ("unsupported dtype", "\\x1b", "\\u202e")),
+    Case("name_lone_surrogate", ".safetensors",
+         lambda: safetensors_bytes(b'{"w\\ud800": ' + json.dumps(F32).encode() + b"}", bytes(16)),
+         ("not valid Unicode", "\\ud800")),
     # .ckpt: every unpickler error is the one-line bad-checkpoint error
     Case("ckpt_saved_id_not_tuple", ".ckpt", lambda: with_pickle(b"\x80\x02K\x01Q."),
          ("bad checkpoint", "AssertionError")),
