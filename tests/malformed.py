@@ -77,8 +77,8 @@ def codec_call(*args: bytes) -> bytes:
     return b"\x80\x02" + _global("_codecs", "encode") + b"(" + b"".join(args) + b"tR."
 
 
-def deflate_bomb(gigabytes: float) -> bytes:
-    """A zip checkpoint whose data.pkl is ``gigabytes`` GB of zeros, deflated (about 1 MB per GB). The deflate
+def deflate_bomb(gigabytes: float, member: str = "data.pkl") -> bytes:
+    """A zip checkpoint whose ``member`` is ``gigabytes`` GB of zeros, deflated (about 1 MB per GB). The deflate
     stream is built from one fully flushed 16 MiB block repeated (each such block compresses to the same bytes),
     so building it costs a CRC pass, not gigabytes of compression."""
     chunk = bytes(1 << 24)
@@ -90,8 +90,8 @@ def deflate_bomb(gigabytes: float) -> bytes:
     crc = 0
     for _ in range(n):
         crc = zlib.crc32(chunk, crc)
-    archive = rezip(small_ckpt(), {"data.pkl": stream})
-    return _relabel_member(archive, "data.pkl", method=zipfile.ZIP_DEFLATED, crc=crc, size=n * len(chunk))
+    archive = rezip(small_ckpt(), {member: stream})
+    return _relabel_member(archive, member, method=zipfile.ZIP_DEFLATED, crc=crc, size=n * len(chunk))
 
 
 def lying_deflate() -> bytes:
@@ -196,6 +196,8 @@ CASES: tuple[Case, ...] = (
          ("bad checkpoint", "LookupError")),
     Case("ckpt_type_error", ".ckpt", lambda: with_pickle(codec_call(b"K\x01")), ("bad checkpoint", "TypeError")),
     Case("ckpt_deflate_bomb", ".ckpt", lambda: deflate_bomb(2.0), ("would decompress", "refused before reading")),
+    Case("ckpt_deflated_storage_bomb", ".ckpt", lambda: deflate_bomb(1.0, "data/0"),
+         ("would decompress to", "over 2 times the file", "refused before reading")),
     Case("ckpt_lying_deflate", ".ckpt", lambda: lying_deflate(), ("bad checkpoint",)),
     Case("ckpt_bzip2_member", ".ckpt", lambda: rezip(small_ckpt(), compression=zipfile.ZIP_BZIP2),
          ("compression method 12",)),
