@@ -18,9 +18,9 @@ class) is refused by the unpickler before it can be called.
 
 from __future__ import annotations
 
+import io
 import json
 import pickle
-import pickletools
 import re
 import struct
 import warnings
@@ -39,7 +39,9 @@ SAFETENSORS_SUFFIX = ".safetensors"
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit (decimal, not 100 MiB)
 MAX_JSON_DEPTH = 8  # a valid header nests 3 deep ({name: {"shape": [...]}}); deeper is refused before parsing
 MAX_JSON_DIGITS = 20  # 2**64 - 1 has 20 digits; a longer number is refused before parsing
-MAX_PICKLE_BYTES = 32 * 1024 * 1024  # a zip checkpoint's data.pkl (released SD files: well under 1 MiB)
+# A checkpoint's pickle (data.pkl, or a legacy file's object pickle): released SD files hold well under 1 MiB.
+# torch's weights-only unpickler is pure Python (about a microsecond per opcode), so this also bounds the time.
+MAX_PICKLE_BYTES = 4 * 1024 * 1024
 ZIP_EXPANSION = 2  # the members of a zip checkpoint may decompress to at most this many times the file's size
 _INT64_LIMIT = 2**63
 
@@ -418,40 +420,63 @@ def _zip_inner(name: str) -> str:
 _LEGACY_PICKLES = 5  # magic number, protocol version, sys_info, the object, the storage keys; then raw storages
 
 
-class _BoundedReader:
-    """The read/readline a pickle walker needs, never asking the OS for more than the file still holds."""
+class _Stub:
+    """What every global becomes while a pickle is only being walked: accepts any call and any state."""
 
-    def __init__(self, f, size: int) -> None:
-        self.f, self.size = f, size
+    def __init__(self, *args, **kwargs) -> None:
+        pass
 
-    def read(self, n: int = -1) -> bytes:
-        left = self.size - self.f.tell()
-        return self.f.read(left if n < 0 else min(n, left))
+    def __setstate__(self, state) -> None:
+        pass
 
-    def readline(self) -> bytes:
-        return self.f.readline()
+    def __setitem__(self, key, value) -> None:
+        pass
 
-    def at_end(self) -> bool:
-        return self.f.tell() >= self.size
+    def append(self, item) -> None:
+        pass
+
+    def extend(self, items) -> None:
+        pass
+
+
+class _WalkingUnpickler(pickle.Unpickler):
+    """The C unpickler with every global replaced by ``_Stub`` and persistent ids by None: it parses and builds
+    plain containers only, so nothing named by the file is ever imported or called. Used to find where each
+    pickle of a legacy file ends (and whether the file ends first) at C speed."""
+
+    def find_class(self, module, name):
+        return _Stub
+
+    def persistent_load(self, pid):
+        return None
 
 
 def _check_legacy_pickles(path: Path) -> None:
-    """A legacy-format (pre-zip) checkpoint is a run of pickles followed by raw storage bytes. Walk the pickles'
-    opcodes (parsing only: nothing is called or built) so a file cut inside one is reported as truncated, not by
-    whatever the unpickler makes of a half-read opcode."""
+    """A legacy-format (pre-zip) checkpoint is a run of pickles followed by raw storage bytes. Walk the pickles
+    (``_WalkingUnpickler``: nothing named by the file is imported or called) so a file cut inside one is reported
+    as truncated, not by whatever torch's unpickler makes of a half-read opcode, and so no pickle longer than
+    MAX_PICKLE_BYTES reaches torch's pure-Python unpickler. Each walk sees at most MAX_PICKLE_BYTES + 1 bytes."""
     size = path.stat().st_size
     with _open(path) as f:
-        reader = _BoundedReader(f, size)
         for _ in range(_LEGACY_PICKLES):
+            begin = f.tell()
+            chunk = f.read(MAX_PICKLE_BYTES + 1)
+            window = io.BytesIO(chunk)
             try:
-                for _op in pickletools.genops(reader):
-                    pass
-            except Exception as e:  # noqa: BLE001 - genops raises ValueError, UnicodeDecodeError, ... on bad bytes
-                if reader.at_end():
+                _WalkingUnpickler(window).load()
+            except MemoryError:
+                raise CheckpointError(f"{_name(path)}: bad checkpoint (its pickle does not fit in memory)") from None
+            except Exception as e:  # noqa: BLE001 - any malformed pickle: UnpicklingError, ValueError, TypeError ...
+                ran_out = window.tell() >= len(chunk)
+                if ran_out and len(chunk) > MAX_PICKLE_BYTES:
+                    raise CheckpointError(f"{_name(path)}: bad checkpoint (a pickle longer than "
+                                          f"{MAX_PICKLE_BYTES:,} bytes; refused before running it)") from None
+                if ran_out:
                     raise CheckpointError(f"{_name(path)}: truncated (the file ends inside its pickle stream, "
                                           f"{size} bytes)") from None
                 raise CheckpointError(f"{_name(path)}: bad checkpoint (not a torch pickle: {type(e).__name__}: "
                                       f"{_one_line(e)})") from None
+            f.seek(begin + window.tell())
 
 
 def _unwrap_state_dict(path: Path, obj) -> dict[str, torch.Tensor]:

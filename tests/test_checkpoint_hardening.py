@@ -195,3 +195,33 @@ def test_require_float_weights_on_a_fixture(fixtures):
     weights["first_stage_model.decoder.conv_in.weight"] = weights["first_stage_model.decoder.conv_in.weight"].int()
     with pytest.raises(CheckpointError, match="first_stage_model.decoder.conv_in.weight' is int32"):
         require_float_weights(weights, ("first_stage_model.",), "sd1-tiny.safetensors")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The legacy-format walk never runs what the file names
+
+
+class _SystemCall:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("where", ["object", "sys_info_position"])
+def test_legacy_code_running_pickle_is_refused_and_never_runs(tmp_path, where):
+    marker = tmp_path / "marker"
+    path = tmp_path / "evil.ckpt"
+    evil = _SystemCall(marker)
+    if where == "object":
+        torch.save({"state_dict": {"model.diffusion_model.a": torch.zeros(2)}, "x": evil}, path,
+                   _use_new_zipfile_serialization=False)
+    else:  # a legacy file whose first pickle (the magic number's place) is the payload
+        import pickle
+
+        path.write_bytes(pickle.dumps(evil, protocol=2) + pickle.dumps(evil, protocol=2) * 4)
+    with pytest.raises(CheckpointError) as e:
+        read_checkpoint(path)
+    _assert_clean_line(str(e.value))
+    assert not marker.exists()
