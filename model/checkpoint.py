@@ -6,8 +6,9 @@ text taken from the file (tensor names, metadata, dtype strings, pickle globals)
 ``tritonsd.untrusted`` first. The file is only ever opened for reading, and nothing is read or allocated before
 the sizes that decide it have been checked against the file: a safetensors header is validated field by field
 (and its JSON's nesting and number lengths before it is parsed); a zip-format ``.ckpt`` has every member's
-declared size bounded before torch reads one; a legacy-format pickle stream is walked opcode by opcode (without
-running it) so a truncated file is reported as truncated.
+declared size bounded before torch reads one; a legacy-format file's pickles are walked first (every global
+stubbed: nothing is imported or called) so a truncated file is reported as truncated. Pickles are bounded to
+MAX_PICKLE_BYTES, which also bounds the time torch's pure-Python unpickler can take.
 
 Pickles: ``torch.load(weights_only=True)`` refuses every global outside torch's own tensor-rebuilding set; the
 released pytorch-lightning files also reference a few harmless globals (the ``ModelCheckpoint`` callback class,
@@ -287,7 +288,7 @@ def _check_tensor_entry(path: Path, name: str, info, data_len: int) -> tuple[int
         raise CheckpointError(f"{what} has a bad shape {_excerpt(shape)} (too many elements)")
     itemsize = _SAFETENSORS_DTYPES[dtype].itemsize
     if end - begin != numel * itemsize:
-        raise CheckpointError(f"{_name(path)}: corrupt header: tensor {quote(name)} ({dtype} {shape}) needs "
+        raise CheckpointError(f"{_name(path)}: corrupt header: tensor {quote(name)} ({dtype} {_excerpt(shape)}) needs "
                               f"{numel * itemsize} bytes but data_offsets span {end - begin}")
     return begin, end
 

@@ -163,7 +163,8 @@ def safetensors_file(header: dict | bytes, data: bytes, header_len: int | None =
     return struct.pack("<Q", len(raw) if header_len is None else header_len % 2**64) + raw + data
 
 
-def zip_file(members: list[tuple[str, bytes]], compress: Callable[[str], int] = lambda name: zipfile.ZIP_STORED) -> bytes:
+def zip_file(members: list[tuple[str, bytes]],
+             compress: Callable[[str], int] = lambda name: zipfile.ZIP_STORED) -> bytes:
     out = io.BytesIO()
     with warnings.catch_warnings(), zipfile.ZipFile(out, "w") as z:
         warnings.simplefilter("ignore")  # "Duplicate name": a duplicated member is one of the mutations

@@ -55,7 +55,8 @@ def _temps(directory: Path) -> list[str]:
 
 def _next_run(out: Path) -> Path:
     """Another process writing into the same directory (the 'next run')."""
-    code = "import sys; from tritonsd import files; print(files.write_numbered(sys.argv[1], lambda n: f'{n:05d}-1.png', lambda f: f.write(b'ok')))"
+    code = ("import sys; from tritonsd import files; "
+            "print(files.write_numbered(sys.argv[1], lambda n: f'{n:05d}-1.png', lambda f: f.write(b'ok')))")
     proc = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     return Path(proc.stdout.strip())
