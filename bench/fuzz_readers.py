@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import resource
 import select
@@ -64,6 +65,7 @@ def worker(fixtures: Path) -> None:
         case = fm.make_case(seeds, fm.RandomDraw(i))
         path = tmp / f"case{case.suffix}"
         path.write_bytes(case.data)
+        _answer({"started": i})  # the watchdog times the readers from here, not the building of the case
         report = {"case": i, "cls": case.cls, "what": case.what[:120], "bytes": len(case.data)}
         try:
             outcome = fm.check_outcome(path, time_limit=1e9)  # the parent's watchdog times it
@@ -95,6 +97,7 @@ class Worker:
     def __init__(self, fixtures: Path) -> None:
         self.proc = subprocess.Popen([sys.executable, __file__, "worker", "--fixtures", str(fixtures)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+        self.fd, self.pending = self.proc.stdout.fileno(), b""
         ready = self.read(600)
         if not ready or not ready.get("ready"):
             raise RuntimeError("a fuzz worker failed to start")
@@ -105,12 +108,19 @@ class Worker:
         self.proc.stdin.flush()
 
     def read(self, timeout: float) -> dict | None:
-        """The next answer, or None on a timeout or a dead worker."""
-        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
-        if not ready:
-            return None
-        line = self.proc.stdout.readline()
-        return json.loads(line) if line else None
+        """The next answer, or None on a timeout or a dead worker. Lines are split here from raw reads: a
+        buffered reader could hold a second line that select() no longer sees."""
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self.pending:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self.fd], [], [], left)[0]:
+                return None
+            chunk = os.read(self.fd, 1 << 16)
+            if not chunk:  # the worker died
+                return None
+            self.pending += chunk
+        line, self.pending = self.pending.split(b"\n", 1)
+        return json.loads(line)
 
     def kill(self) -> None:
         self.proc.kill()
@@ -136,12 +146,15 @@ def run(args: argparse.Namespace) -> int:
                 next_case += 1
         for w in list(pending):
             wk, i = workers[w], pending[w]
-            report = wk.read(args.hang)
-            if report is None:  # a hang (no answer in time) or a crash (the worker died)
-                kind = "crash" if wk.proc.poll() is not None else "hang"
+            started = wk.read(args.build_timeout)
+            built = started is not None and started.get("started") == i
+            report = wk.read(args.hang) if built else None
+            if report is None:  # a hang (no answer in time), a crash (the worker died), a slow generator
+                kind = "crash" if wk.proc.poll() is not None else "hang" if built else "build_timeout"
                 wk.kill()
                 counts[kind] += 1
                 failures.append({"case": i, "result": kind})
+                print(f"case {i}: {kind}", file=sys.stderr, flush=True)
                 workers[w] = Worker(fixtures)
             else:
                 result = report["result"]
@@ -153,6 +166,7 @@ def run(args: argparse.Namespace) -> int:
                     failures.append({**report, "result": "memory"})
                 if result == "escaped":
                     failures.append(report)
+                    print(f"case {i}: escaped: {report.get('error')}", file=sys.stderr, flush=True)
                 worst["seconds"] = max(worst["seconds"], report.get("seconds", 0.0))
                 worst["rss_rise_mb"] = max(worst["rss_rise_mb"], round(rise_mb, 1))
             del pending[w]
@@ -164,6 +178,7 @@ def run(args: argparse.Namespace) -> int:
     record = {
         "command": " ".join(["python", "bench/fuzz_readers.py", "run", "--cases", str(args.cases), "--start",
                              str(args.start), "--workers", str(args.workers), "--hang", str(args.hang)]),
+        "run_as": "PYTHONPATH=<checkout>/.pp OMP_NUM_THREADS=1 nice -n 19 <command> --out <this file>",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "git_commit": _git_commit(),
         "python": platform.python_version(), "torch": _torch_version(), "machine": platform.machine(),
@@ -242,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--cases", type=int, default=20_000)
     r.add_argument("--start", type=int, default=0, help="the first case number")
     r.add_argument("--workers", type=int, default=1)
-    r.add_argument("--hang", type=float, default=10.0, help="seconds without an answer that count as a hang")
+    r.add_argument("--hang", type=float, default=10.0, help="seconds in the readers that count as a hang")
+    r.add_argument("--build-timeout", type=float, default=120.0, help="seconds allowed for building a case")
     r.add_argument("--out", default=None, help="write the record here (JSON)")
     c = sub.add_parser("case", help="rebuild and check one case")
     c.add_argument("number", type=int)
