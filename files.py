@@ -38,8 +38,9 @@ _cleaned_dirs: set[Path] = set()  # directories whose stale temporaries this pro
 
 
 def temp_path(target: Path) -> Path:
-    """The hidden temporary file a write of ``target`` goes through (this process's pid, a random part)."""
-    return target.parent / f"{TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(4)}-{target.name}"
+    """The hidden temporary file a write of ``target`` goes through (this process's pid, a random part, and the
+    final name cut to 100 characters so the whole stays within the usual 255-byte name limit)."""
+    return target.parent / f"{TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(4)}-{target.name[:100]}"
 
 
 @contextlib.contextmanager

@@ -269,3 +269,9 @@ def test_concurrent_processes_number_without_collisions(tmp_path):
     assert contents == sorted(f"{w}:{i}".encode() * 500 for w in range(4) for i in range(8))
     for n in names:  # each file's name carries its writer, and holds that writer's content
         assert (out / n).read_bytes().startswith(n.split("-")[1].split(".")[0].encode() + b":")
+
+
+def test_a_long_final_name_still_fits(tmp_path):
+    target = tmp_path / ("n" * 250 + ".png")  # 254 bytes: the temporary name must not grow past the limit
+    files.atomic_write(target, lambda f: f.write(b"x"))
+    assert target.read_bytes() == b"x" and _temps(tmp_path) == []
