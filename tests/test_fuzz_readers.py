@@ -44,6 +44,7 @@ def test_mutated_checkpoints_give_one_line_or_load(seeds, tmp_path):
             path.unlink()
 
     one()
+    print(f"fuzz: {EXAMPLES} cases, hits per class {dict(hits)}, outcomes {dict(outcomes)}")
     assert set(hits) == set(CLASSES), f"classes not hit: {set(CLASSES) - set(hits)} ({dict(hits)})"
     assert outcomes["refused"] > 0 and outcomes["loaded"] > 0, dict(outcomes)
 
