@@ -440,10 +440,12 @@ class _Stub:
         pass
 
 
-class _WalkingUnpickler(pickle.Unpickler):
-    """The C unpickler with every global replaced by ``_Stub`` and persistent ids by None: it parses and builds
+class _WalkingUnpickler(pickle._Unpickler):  # noqa: SLF001 - the pure-Python unpickler, see below
+    """An unpickler with every global replaced by ``_Stub`` and persistent ids by None: it parses and builds
     plain containers only, so nothing named by the file is ever imported or called. Used to find where each
-    pickle of a legacy file ends (and whether the file ends first) at C speed."""
+    pickle of a legacy file ends (and whether the file ends first). The pure-Python implementation, not the C
+    one: its memo is a dict, where the C unpickler sizes an array by the largest BINPUT index a (hostile) file
+    names, which took gigabytes and over a minute on a fuzzed file."""
 
     def find_class(self, module, name):
         return _Stub

@@ -225,3 +225,26 @@ def test_legacy_code_running_pickle_is_refused_and_never_runs(tmp_path, where):
         read_checkpoint(path)
     _assert_clean_line(str(e.value))
     assert not marker.exists()
+
+
+def test_a_huge_memo_index_costs_neither_time_nor_memory(tmp_path):
+    """A legacy pickle whose BINPUT names memo slot 2**28 - 1: the walk must not size anything by it (the C
+    unpickler allocates and clears a 4 GB array for that)."""
+    from malformed import legacy_ckpt
+
+    blob = legacy_ckpt()
+    # the object pickle (the second one opening with a memoised dict): its dict goes to memo slot 2**28 - 1
+    main_pickle = blob.index(b"\x80\x02}q\x00", blob.index(b"\x80\x02}q\x00") + 1)
+    blob = blob[:main_pickle] + b"\x80\x02}r\xff\xff\xff\x0f" + blob[main_pickle + 5:]
+    path = tmp_path / "memo.ckpt"
+    path.write_bytes(blob)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    try:
+        out = read_checkpoint(path)
+    except CheckpointError as e:
+        _assert_clean_line(str(e))
+    else:
+        assert torch.equal(out["model.diffusion_model.w"], torch.arange(8, dtype=torch.float32))
+    assert time.perf_counter() - start < 5
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 500_000  # KiB
