@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
+from ..untrusted import escape  # the batch modules print untrusted ids and text through it
+
 FIELDS = ("id", "prompt", "negative_prompt", "seed", "subseed", "subseed_strength", "steps", "sampler_name",
           "scheduler", "cfg_scale", "width", "height", "loras")
 # GenerationSettings field -> the job field a SettingsError names
@@ -89,18 +91,6 @@ class Rejected:
 
 
 # ------------------------------------------------------------------------------------------------ escaping
-
-
-def escape(text: str, limit: int = 200) -> str:
-    """``text`` safe to print: control and format characters as escapes, cut to ``limit`` characters."""
-    out = []
-    for ch in text:
-        if unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Zl", "Zp"):
-            out.append(ch.encode("unicode_escape", "backslashreplace").decode("ascii"))
-        else:
-            out.append(ch)
-    s = "".join(out)
-    return s if len(s) <= limit else s[: limit - 3] + "..."
 
 
 # ------------------------------------------------------------------------------------------------ one line

@@ -10,11 +10,11 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointError, read_checkpoint
+from .checkpoint import CheckpointError, read_checkpoint, require_float_weights
 from .conditioner import build_cond_stage
 from .config import ModelConfig, ModelConfigError, detect_config, find_config
 from .device import resolve_device
-from .keys import VAE, normalize_keys
+from .keys import MODULE_PREFIXES, VAE, normalize_keys
 from .source import LoadedFrom
 from .text_config import TextConfigError
 from .unet import UNetModel
@@ -100,6 +100,7 @@ def load_model(path: str | Path, config: str | Path | ModelConfig | bool | None 
     yaml_path = _yaml_for(path, config)
     vae_weights = load_vae_weights(vae) if vae is not None else None  # small: fail before the big read
     norm = normalize_keys(read_checkpoint(path))
+    require_float_weights(norm.weights, MODULE_PREFIXES, path.name)  # an int tensor would be cast silently
     try:
         cfg = config if isinstance(config, ModelConfig) else \
             detect_config(norm, yaml_path, parameterization=parameterization, text_heads=text_heads)

@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import tempfile
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,26 +71,17 @@ def to_pil(image: torch.Tensor) -> Image.Image:
 
 
 def write_png(path: str | os.PathLike, image: Image.Image, parameters: str) -> Path:
-    """Write ``image`` with a ``parameters`` tEXt chunk; atomic: a temporary file renamed into place."""
-    path = Path(path)
+    """Write ``image`` with a ``parameters`` tEXt chunk, atomically (``tritonsd.files``: a temporary file in the
+    target's directory, renamed into place; nothing is left on failure)."""
+    from ..files import atomic_write
+
+    return atomic_write(Path(path), lambda f: image.save(f, format="PNG", pnginfo=png_info(parameters)))
+
+
+def png_info(parameters: str) -> PngInfo:
     info = PngInfo()
     info.add_text("parameters", parameters)
-    fd, tmp = tempfile.mkstemp(prefix=".tritonsd-", suffix=".png", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's file is private (0600); an output image is not
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    return info
 
 
 def read_parameters(path: str | os.PathLike) -> str | None:
@@ -101,37 +89,12 @@ def read_parameters(path: str | os.PathLike) -> str | None:
         return im.info.get("parameters")
 
 
-NUMBERED = re.compile(r"^(\d{5,})-")
-
-
-def next_number(out: Path) -> int:
-    """One past the highest ``NNNNN-`` file number in ``out`` (0 in a new directory)."""
-    numbers = [int(m.group(1)) for name in os.listdir(out) if (m := NUMBERED.match(name))]
-    return max(numbers, default=-1) + 1
-
-
 def save_numbered(out: Path, image: Image.Image, parameters: str, seed: int | None) -> Path:
-    """``out/NNNNN-<seed>.png`` (``NNNNN.png`` without a seed), numbered after the files already there, written
-    whole to a temporary file first, then linked under the next free number: ``os.link`` refuses an existing
-    name, so two runs writing into one directory never overwrite each other."""
-    out.mkdir(parents=True, exist_ok=True)
-    pending = out / f".tritonsd-pending-{os.getpid()}-{threading.get_ident()}.png"
+    """``out/NNNNN-<seed>.png`` (``NNNNN.png`` without a seed), numbered after the files already there as
+    AUTOMATIC1111 numbers them; written whole before the name appears, never overwriting, and concurrent runs
+    writing into one directory never share a number (``tritonsd.files.write_numbered``)."""
+    from ..files import write_numbered
+
     suffix = "" if seed is None else f"-{seed}"
-    try:
-        write_png(pending, image, parameters)
-        number = next_number(out)
-        while True:
-            target = out / f"{number:05d}{suffix}.png"
-            try:
-                os.link(pending, target)
-                return target
-            except FileExistsError:
-                number += 1
-            except OSError:  # a file system without hard links: the check above is all we can do
-                if target.exists():
-                    number += 1
-                    continue
-                os.replace(pending, target)
-                return target
-    finally:
-        pending.unlink(missing_ok=True)
+    return write_numbered(out, lambda n: f"{n:05d}{suffix}.png",
+                          lambda f: image.save(f, format="PNG", pnginfo=png_info(parameters)))

@@ -192,8 +192,9 @@ def check_prompt(name: str, text: str, steps: int, syntax: str) -> None:
 
 def _excerpt(text: str, limit: int = 40) -> str:
     """The first characters of untrusted text, control characters escaped."""
-    head = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text[:limit])
-    return f'"{head}..."' if len(text) > limit else f'"{head}"'
+    from ..untrusted import escape
+
+    return f'"{escape(text, limit)}"'
 
 
 # ---------------------------------------------------------------- from an AUTOMATIC1111 infotext

@@ -19,6 +19,7 @@ from ..model.checkpoint import read_checkpoint_shapes
 from ..model.config import ModelConfig, ModelConfigError, detect_config, find_config
 from ..model.demo import demo_config, demo_config_path, is_demo
 from ..model.keys import SCHEDULE_BUFFERS, TEXT_PREFIXES, UNET, VAE, NormalizedKeys, normalize_keys
+from ..untrusted import escape
 from ..model.text_config import TextConfigError
 from ..model.vae_file import check_vae_fits, vae_weights
 
@@ -169,7 +170,7 @@ def _unet_summary(cfg: ModelConfig) -> dict:
 
 def _printable(text: str) -> str:
     """Names read from files are untrusted: control characters escaped before printing."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return escape(text, None)
 
 
 def format_report(r: dict) -> str:
