@@ -49,7 +49,8 @@ from .graph import GraphCaptureError, GraphRunner, noise_draws, tables_on_device
 from .infotext import Infotext
 from .rng import infotext_rng
 from .noise import ImageNoise, NoiseSource
-from .settings import GenerationSettings, check_rng_device, fields_from_infotext, vae_factor
+from .memory import memory_shortfall
+from .settings import GenerationSettings, SettingsError, check_rng_device, fields_from_infotext, vae_factor
 from .vae_io import InpaintConditioning, NonFiniteError, check_finite, decode_clamped, encode_image, \
     inpaint_conditioning
 from .wiring import build_denoiser, img2img_start, make_schedule, num_steps, sigma_denoiser, txt2img_start
@@ -163,6 +164,10 @@ class Pipeline:
             settings = dataclasses.replace(settings, **fields)
         resolved = settings.resolve(self.config)
         check_rng_device(resolved.rng, self.device)
+        short = memory_shortfall(resolved.batch_size, resolved.width, resolved.height, self.device, self.dtype,
+                                 self.config.vae.ch)
+        if short is not None:
+            raise SettingsError("width", f"x height: {short}")
         return resolved
 
     def from_infotext(self, text: str, **fields) -> GenerationSettings:

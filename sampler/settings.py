@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import secrets
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -322,13 +323,30 @@ def _size(t: torch.Tensor) -> str:
     return f"{t.shape[-1]}x{t.shape[-2]}"
 
 
+def to_mode(image, mode: str):
+    """``image`` as 8-bit ``mode`` ("RGB" or "L"): CMYK, palette (with transparency too) and 16-bit images
+    converted without Pillow's warnings; 16-bit grey scaled to 8 bits (Pillow's own conversion would clip it)."""
+    from PIL import Image
+
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        grey = np.clip(np.asarray(image, dtype=np.float64) / 257.0, 0, 255).round().astype(np.uint8)
+        image = Image.fromarray(grey, mode="L")
+    if image.mode == mode:
+        return image
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if image.mode == "P":
+            image = image.convert("RGBA")
+        return image.convert(mode)
+
+
 def image_tensor(name: str, image, channels: int, low: float, high: float) -> torch.Tensor:
     """A PIL image (RGB for 3 channels, greyscale for 1) or a [1, C, H, W] tensor, checked, as a float32
     tensor in [low, high]: RGB pixels map to [-1, 1], mask pixels to [0, 1]. Sides must be multiples of 8."""
     from PIL import Image
 
     if isinstance(image, Image.Image):
-        pixels = torch.from_numpy(np.asarray(image.convert("RGB" if channels == 3 else "L"), dtype=np.float32).copy())
+        pixels = torch.from_numpy(np.asarray(to_mode(image, "RGB" if channels == 3 else "L"), dtype=np.float32).copy())
         if channels == 3:
             image = (pixels / 127.5 - 1.0).permute(2, 0, 1)[None]  # [H, W, 3] -> [1, 3, H, W] in [-1, 1]
         else:

@@ -57,6 +57,21 @@ def write_mask(path: Path, width: int, height: int) -> Path:
     return path
 
 
+def write_png_header(path: Path, width: int, height: int) -> Path:
+    """A PNG whose header claims ``width`` x ``height`` (an 8-bit grey image) with no pixel data behind it: what a
+    decompression bomb looks like before it is decoded."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) +
+                     chunk(b"IEND", b""))
+    return path
+
+
 def write_nan_checkpoint(fixtures: Path, path: Path) -> Path:
     """sd1-tiny with a NaN bias in the VAE decoder's last convolution: every decoded pixel is NaN."""
     weights = load_file(fixtures / "sd1-tiny.safetensors")
@@ -81,6 +96,13 @@ def plan_runs(fixtures: Path, tmp: Path) -> dict[str, tuple[list[str], Path]]:
     junk.write_bytes(b"\x00" * 1000)
     a_file = tmp / "a-file"
     a_file.write_text("")
+    bomb = write_png_header(tmp / "bomb.png", 30000, 30000)
+    cmyk = tmp / "cmyk.jpg"
+    Image.open(write_gradient(tmp / "rgb-64.png", 64, 64)).convert("CMYK").save(cmyk)
+    palette = tmp / "palette.png"
+    Image.open(write_gradient(tmp / "rgb2-64.png", 64, 64)).convert("P").save(palette, transparency=0)
+    mask16 = tmp / "mask16.png"
+    Image.fromarray(np.asarray(Image.open(write_mask(tmp / "m8.png", 64, 64))).astype(np.uint16) * 257).save(mask16)
     preexisting = tmp / "out-again"
     preexisting.mkdir()
     (preexisting / "00041-123.png").write_bytes(b"not ours")
@@ -119,6 +141,13 @@ def plan_runs(fixtures: Path, tmp: Path) -> dict[str, tuple[list[str], Path]]:
         "out_is_file": ["--checkpoint", str(junk), "--prompt", "x", *small, "--out", str(a_file)],
         "out_under_file": ["--checkpoint", str(junk), "--prompt", "x", *small, "--out", str(a_file / "sub")],
         "no_prompt": [*sd1, *small],
+        "cfg_nan": ["--checkpoint", str(junk), "--prompt", "x", *small, "--cfg", "nan"],
+        "huge_size": ["--checkpoint", str(junk), "--prompt", "x", "--width", "8192", "--height", "8192"],
+        "init_dev_null": ["--checkpoint", str(junk), "--prompt", "x", "--init-image", "/dev/null"],
+        "init_bomb": ["--checkpoint", str(junk), "--prompt", "x", "--init-image", str(bomb)],
+        "cmyk_palette_16bit": [*tiny_args(fixtures, "sd1-inpaint-tiny"), "--prompt", "x", "--init-image", str(cmyk),
+                               "--mask", str(mask16), "--steps", "2"],
+        "palette": [*base, "--init-image", str(palette), "--strength", "0.5"],
         # checked before the model is read (the junk checkpoint would fail otherwise)
         "prompt_too_long": ["--checkpoint", str(junk), "--prompt", "cat " * 1001, *small],
         "prompt_nul": ["--checkpoint", str(junk), "--prompt", "a\x01b\u2028", "--negative-prompt", "x" * 20000, *small],
@@ -352,3 +381,24 @@ def test_png_round_trip_gives_the_same_png(runs, fixtures, tmp_path):
     assert_ok(proc)
     [again] = output_pngs(proc)
     assert again.read_bytes() == source.read_bytes()
+
+
+@pytest.mark.parametrize("name, code, words", [
+    ("cfg_nan", 2, ("--cfg", "finite")),
+    ("huge_size", 2, ("8192x8192", "GiB")),  # at once, before the (junk) checkpoint is read
+    ("init_dev_null", 1, ("init image", "not a regular file")),
+    ("init_bomb", 1, ("bomb.png", "pixels")),
+])
+def test_inputs_refused_before_loading(runs, name, code, words):
+    proc, out = runs.result(name)
+    assert_failed_cleanly(proc, out, code, *words)
+
+
+@pytest.mark.parametrize("name", ["cmyk_palette_16bit", "palette"])
+def test_cmyk_palette_and_16_bit_images_are_converted_quietly(runs, name):
+    proc, _ = runs.result(name)
+    assert_ok(proc)
+    assert proc.stderr.splitlines() == [line for line in proc.stderr.splitlines() if line.startswith("seed ")]
+    [path] = output_pngs(proc)
+    with Image.open(path) as im:
+        assert im.size == (64, 64)

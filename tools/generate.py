@@ -227,6 +227,21 @@ def resolve_device(device: str | None, dtype: str | None) -> tuple[str, str]:
     return device, dtype
 
 
+def check_memory(settings, device: str, dtype: str) -> None:
+    """Sizes given on the command line that cannot fit the device's free memory: one line before loading (the
+    family's default size is checked by the Pipeline once the model is known)."""
+    import torch
+
+    from ..sampler.memory import memory_shortfall
+
+    if settings.width is None or settings.height is None:
+        return
+    torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    short = memory_shortfall(settings.batch_size, settings.width, settings.height, device, torch_dtype)
+    if short is not None:
+        raise UsageError(f"--width / --height / --batch: {short}")
+
+
 def check_kernels(kernels: str, device: str) -> None:
     if kernels == "triton" and device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         raise UsageError("--kernels triton on the CPU needs TRITON_INTERPRET=1 (Triton's slow interpreter)")
@@ -248,19 +263,36 @@ def check_output_dir(out: Path) -> None:
         raise GenerateError(f"output directory {out} is not writable: {e.strerror or e}") from None
 
 
+MAX_IMAGE_PIXELS = 8192 * 8192  # an input image larger than this is refused before its pixels are decoded
+
+
 def open_image(path: Path, what: str):
-    """A PIL image fully read from ``path`` (the settings convert and check it)."""
+    """A PIL image fully read from ``path``, a regular file of at most ``MAX_IMAGE_PIXELS`` (the settings convert
+    CMYK, palette and 16-bit images and check the rest)."""
+    import warnings
+
     from PIL import Image, UnidentifiedImageError
 
+    from ..untrusted import escape
+
+    if not path.exists():
+        raise GenerateError(f"{what} not found: {escape(path)}")
+    if not path.is_file():
+        raise GenerateError(f"{what} {escape(path)} is not a regular file")
     try:
-        with Image.open(path) as im:
-            im.load()
-            return im.copy()
-    except FileNotFoundError:
-        raise GenerateError(f"{what} not found: {path}") from None
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        reason = "not an image Pillow can read" if isinstance(e, UnidentifiedImageError) else str(e)
-        raise GenerateError(f"cannot open {what} {path}: {reason}") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                if im.width * im.height > MAX_IMAGE_PIXELS:
+                    raise GenerateError(f"{what} {escape(path)} is {im.width}x{im.height}: more than the "
+                                        f"{MAX_IMAGE_PIXELS:,} pixels tritonsd reads")
+                im.load()
+                return im.copy()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise GenerateError(f"{what} {escape(path)} is refused as a decompression bomb ({escape(e)})") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as e:
+        reason = "not an image Pillow can read" if isinstance(e, UnidentifiedImageError) else escape(e)
+        raise GenerateError(f"cannot open {what} {escape(path)}: {reason}") from None
 
 
 # ------------------------------------------------------------------------------------------------ run
@@ -277,6 +309,7 @@ def run(args: argparse.Namespace) -> int:
     loras = lora_specs(args.lora)
     device, dtype = resolve_device(args.device, args.dtype)
     usage_errors(lambda: check_rng_device(settings.rng, device))
+    check_memory(settings, device, dtype)
     check_kernels(args.kernels, device)
     if args.embeddings_dir is not None and not args.embeddings_dir.is_dir():
         raise GenerateError(f"embeddings folder not found: {args.embeddings_dir}")
