@@ -9,6 +9,12 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# One CPU thread here and in every process the tests start (CLI runs, the server, Ray actors inherit the variable):
+# on 2 cores, heavy processes side by side thrash with more; and torch's CPU kernels may sum in another order with
+# another thread count, which would break the byte-for-byte comparisons between a test and the process it starts.
+os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(1)
+
 from pathlib import Path
 
 import pytest
