@@ -78,7 +78,7 @@ class GenerationSettings:
             raise SettingsError("negative_prompt", f"must be a string, got {type(self.negative_prompt).__name__}")
         try:
             spec = registry.get(self.sampler)
-        except registry.UnknownSamplerError as e:
+        except registry.UnknownSamplerError:
             raise SettingsError("sampler", f"{self.sampler!r} is unknown; choose one of "
                                            f"{', '.join(registry.SAMPLERS)}") from None
         _flag("karras", self.karras, allow_none=True)

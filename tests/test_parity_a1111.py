@@ -9,7 +9,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import save_file
 
 from test_parity_cli import parity, rows_of

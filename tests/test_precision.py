@@ -5,7 +5,6 @@ inputs (torch references, and the Triton kernels under the interpreter)."""
 from __future__ import annotations
 
 import warnings
-from types import SimpleNamespace
 
 import pytest
 import torch

@@ -8,7 +8,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tritonsd.sampler import pipeline as P
 from tritonsd.sampler.graph import GraphRunner, tables_on_device
 from tritonsd.sampler.wiring import sigma_denoiser
 
