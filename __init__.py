@@ -12,7 +12,7 @@ guidance, the Pipeline) and ``tritonsd.tools`` (the command line).
 
 __version__ = "0.1.0"
 
-_API = {"load": "tritonsd.sampler.pipeline", "Pipeline": "tritonsd.sampler.pipeline",
+_API = {"load": "tritonsd.pipeline", "Pipeline": "tritonsd.pipeline",
         "GenerationSettings": "tritonsd.sampler.settings", "SettingsError": "tritonsd.sampler.settings",
         "batch": "tritonsd.batch"}
 

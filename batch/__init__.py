@@ -17,9 +17,9 @@ from __future__ import annotations
 import sys
 import types
 
-from .jobs import Job, JobError, Rejected, read_jobs, read_jobs_file, seed_from_id
-from .run import BatchError, BatchReport, make_units
-from .run import batch as run_batch
+from tritonsd.batch.jobs import Job, JobError, Rejected, read_jobs, read_jobs_file, seed_from_id
+from tritonsd.batch.run import BatchError, BatchReport, make_units
+from tritonsd.batch.run import batch as run_batch
 
 
 class _CallableModule(types.ModuleType):

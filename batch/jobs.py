@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from ..untrusted import escape  # the batch modules print untrusted ids and text through it
+from tritonsd.escape import escape  # the batch modules print untrusted ids and text through it
 
 FIELDS = ("id", "prompt", "negative_prompt", "seed", "subseed", "subseed_strength", "steps", "sampler_name",
           "scheduler", "cfg_scale", "width", "height", "loras")
@@ -72,7 +72,7 @@ class Job:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Job":
-        from ..sampler.settings import GenerationSettings
+        from tritonsd.sampler.settings import GenerationSettings
 
         return cls(line=d["line"], id=d["id"], settings=GenerationSettings(**d["settings"]),
                    loras=tuple(tuple(x) for x in d["loras"]))
@@ -120,7 +120,7 @@ def seed_from_id(job_id: str) -> int:
 
 
 def parse_sampler(fields: dict) -> tuple[str | None, bool | None]:
-    from ..sampler.registry import UnknownSamplerError, from_a1111_name
+    from tritonsd.sampler.registry import UnknownSamplerError, from_a1111_name
 
     name, schedule = fields.get("sampler_name"), fields.get("scheduler")
     if schedule is not None and not isinstance(schedule, str):
@@ -190,7 +190,7 @@ def find_lora_file(path: str, lora_dir: Path | None, base: Path) -> Path:
 
 def parse_job(fields, line: int, *, lora_dir: Path | None = None, base: Path | None = None) -> Job:
     """One job from a decoded JSON line, checked without a model; raises ``JobError`` (one line)."""
-    from ..sampler.settings import GenerationSettings, SettingsError
+    from tritonsd.sampler.settings import GenerationSettings, SettingsError
 
     if not isinstance(fields, dict):
         raise JobError(f"a job line must be a JSON object, got {type(fields).__name__}")

@@ -15,7 +15,7 @@ import torch
 def job_noise(settings, shape, device) -> object:
     """The noise source ``Pipeline.prepare_latents`` uses by default for a batch of one of ``settings``
     (``shape``: the latent's [C, h, w])."""
-    from ..sampler.noise import ImageNoise
+    from tritonsd.sampler.noise import ImageNoise
 
     s = settings
     return ImageNoise(shape, s.seed, 1, s.rng, s.subseed, s.subseed_strength, device)

@@ -18,8 +18,8 @@ from typing import Iterator
 
 import numpy as np
 
-from .jobs import Job, escape
-from .worker import BatchWorker, LoadSpec, Result, one_line
+from tritonsd.batch.jobs import Job, escape
+from tritonsd.batch.worker import BatchWorker, LoadSpec, Result, one_line
 
 SPARE_CPUS = 2  # logical CPUs a local cluster declares beyond one per actor, for Ray Data's own tasks
 

@@ -11,9 +11,9 @@ from typing import Callable, Iterator
 
 from tqdm import tqdm
 
-from .jobs import Job, Rejected, read_jobs, read_jobs_file
-from .output import OutputDir
-from .worker import BatchWorker, LoadSpec, Result
+from tritonsd.batch.jobs import Job, Rejected, read_jobs, read_jobs_file
+from tritonsd.batch.output import OutputDir
+from tritonsd.batch.worker import BatchWorker, LoadSpec, Result
 
 
 class BatchError(RuntimeError):
@@ -103,7 +103,7 @@ def batch(jobs, out, checkpoint: str | os.PathLike | None = None, *, config=None
         elif ray is None:
             results = local_results(units, spec, group_size, pipe)
         else:
-            from .ray_run import run_on_ray
+            from tritonsd.batch.ray_run import run_on_ray
 
             results = run_on_ray(units, spec, group_size, ray, workers)
         bar = tqdm(total=sum(map(len, units)), desc="batch", unit="image", file=sys.stderr, disable=not progress,

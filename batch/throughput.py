@@ -1,7 +1,7 @@
 """Images per hour of ``tritonsd batch`` on one device, per group size (the issue's GPU figure: 512x512, 20
 steps, DPM++ 2M Karras, CFG 7.5, on one GPU).
 
-    python -m tritonsd.batch.throughput --random sd15 --out bench/results/batch-throughput-h100.json
+    python -m tritonsd.batch.throughput --random sd15 --out benchmarks/results/batch-throughput-h100.json
     python -m tritonsd.batch.throughput --checkpoint v1-5-pruned-emaonly.safetensors --group-sizes 1 4 8
 
 A model with random weights (``--random``: a released layout from the fixtures' key manifests) costs what the
@@ -23,21 +23,21 @@ from pathlib import Path
 def make_pipe(args):
     import torch
 
-    from ..sampler.pipeline import Pipeline, load
+    from tritonsd.pipeline import Pipeline, load
 
     if args.checkpoint:
         return load(args.checkpoint, device=args.device, dtype=args.dtype)
     try:
-        from ..bench.random_weights import build_random_model
+        from tritonsd.bench.random_weights import build_random_model
     except ImportError:
-        from ..model.random_weights import build_random_model
+        from tritonsd.model.random_weights import build_random_model
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or "fp16"]
     model = build_random_model(args.random, dtype=dtype, device=args.device or "cuda")
     return Pipeline(model, name=f"random-{args.random}", model_hash="0000000000")
 
 
 def jobs_for(count: int, size: int, steps: int, offset: int) -> list:
-    from .jobs import read_jobs
+    from tritonsd.batch.jobs import read_jobs
 
     lines = [json.dumps({"id": f"j{offset + i}", "prompt": f"a photograph of object number {offset + i}",
                          "negative_prompt": "blurry", "seed": offset + i, "steps": steps, "width": size,
@@ -50,8 +50,8 @@ def jobs_for(count: int, size: int, steps: int, offset: int) -> list:
 def measure(pipe, group_size: int, images: int, size: int, steps: int) -> dict:
     import torch
 
-    from .run import make_units
-    from .worker import BatchWorker
+    from tritonsd.batch.run import make_units
+    from tritonsd.batch.worker import BatchWorker
 
     worker = BatchWorker(pipe, group_size)
     sync = torch.cuda.synchronize if pipe.device.type == "cuda" else (lambda: None)

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .jobs import Job, escape
-from .noise import StackedNoise, job_noise
+from tritonsd.batch.jobs import Job, escape
+from tritonsd.batch.noise import StackedNoise, job_noise
 
 
 @dataclass
@@ -37,7 +37,7 @@ class LoadSpec:
     kernels: str = "auto"
 
     def load(self):
-        from ..sampler.pipeline import load
+        from tritonsd.pipeline import load
 
         return load(self.checkpoint, self.config, device=self.device, dtype=self.dtype, kernels=self.kernels,
                     vae=self.vae, text_heads=self.text_heads, parameterization=self.parameterization,

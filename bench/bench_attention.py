@@ -7,10 +7,10 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from .harness import Case, case_generator, run_cases, script_main
-from .sd_shapes import BATCH, CONTEXT, MODELS, TEXT
+from tritonsd.bench.harness import Case, case_generator, run_cases, script_main
+from tritonsd.bench.sd_shapes import BATCH, CONTEXT, MODELS, TEXT
 
-from ..kernels.attention import attention_reference, attention_triton
+from tritonsd.kernels.attention import attention_reference, attention_triton
 
 
 def TRITON(q, k, v, heads, causal):  # noqa: N802 - the kernel, called with a case's inputs

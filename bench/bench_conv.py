@@ -7,10 +7,10 @@ import sys
 
 import torch
 
-from .harness import Case, case_generator, run_cases, script_main
-from .sd_shapes import BATCH, MODELS, VAE_LEVELS
+from tritonsd.bench.harness import Case, case_generator, run_cases, script_main
+from tritonsd.bench.sd_shapes import BATCH, MODELS, VAE_LEVELS
 
-from ..kernels.conv import conv2d_reference, conv2d_triton
+from tritonsd.kernels.conv import conv2d_reference, conv2d_triton
 
 
 TRITON = conv2d_triton  # the kernel, called with a case's inputs

@@ -6,10 +6,10 @@ import sys
 
 import torch
 
-from .harness import Case, case_generator, run_cases, script_main
-from .sd_shapes import BATCH, MODELS
+from tritonsd.bench.harness import Case, case_generator, run_cases, script_main
+from tritonsd.bench.sd_shapes import BATCH, MODELS
 
-from ..kernels.geglu import geglu_reference, geglu_triton
+from tritonsd.kernels.geglu import geglu_reference, geglu_triton
 
 
 TRITON = geglu_triton  # the kernel, called with a case's inputs

@@ -7,10 +7,10 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from .harness import Case, case_generator, run_cases, script_main
-from .sd_shapes import BATCH, MODELS, VAE_LEVELS
+from tritonsd.bench.harness import Case, case_generator, run_cases, script_main
+from tritonsd.bench.sd_shapes import BATCH, MODELS, VAE_LEVELS
 
-from ..kernels.group_norm import group_norm_reference, group_norm_triton
+from tritonsd.kernels.group_norm import group_norm_reference, group_norm_triton
 
 
 def TRITON(x, w, b):  # noqa: N802 - the kernel, called with a case's inputs

@@ -7,10 +7,10 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from .harness import Case, case_generator, run_cases, script_main
-from .sd_shapes import BATCH, CONTEXT, MODELS, TEXT
+from tritonsd.bench.harness import Case, case_generator, run_cases, script_main
+from tritonsd.bench.sd_shapes import BATCH, CONTEXT, MODELS, TEXT
 
-from ..kernels.layer_norm import layer_norm_reference, layer_norm_triton
+from tritonsd.kernels.layer_norm import layer_norm_reference, layer_norm_triton
 
 
 TRITON = layer_norm_triton  # the kernel, called with a case's inputs

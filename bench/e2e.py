@@ -25,14 +25,14 @@ counter on the meta device: the arithmetic floor; ``unet_tflops_per_s`` is it ov
 and the copy to the host, wall clock), ``first_image_ms`` (the first image of the row in this process, after
 the warm-up: graph capture, and for the peer ``torch.compile``, included; rows run in the order printed),
 ``peak_mem_gb`` (``torch.cuda.max_memory_allocated``, weights included). Medians over ``--repeat`` (default
-10) timed images; the raw lists are kept. Results go to ``bench/results/e2e-*.json`` with the device, its
+10) timed images; the raw lists are kept. Results go to ``benchmarks/results/e2e-*.json`` with the device, its
 driver and clocks, versions, git commit, settings and command (``bench/environment.py``);
 ``tools/readme_table.py`` renders them.
 
 diffusers is optional: imported only here, and only when a diffusers impl is asked for.
 
 On a lent GPU machine (no network; the tree travels without ``../shared`` and without ``.git``) this runs as
-stages of ``bench/gpu_run.sh`` (see bench/README.md), which carries the wheels and fixtures, passes
+stages of ``benchmarks/gpu_run.sh`` (see benchmarks/README.md), which carries the wheels and fixtures, passes
 ``--git-commit`` and writes the JSON to ``$OUT``. Split a long run over several commands (``--model``,
 ``--impl``); ``tools/readme_table.py`` merges the files.
 """
@@ -51,11 +51,11 @@ from pathlib import Path
 
 import torch
 
-from ..kernels import dispatch
-from ..model.device import resolve_device, resolve_dtype
-from ..sampler.pipeline import Pipeline
-from . import environment as bench_environment
-from .random_weights import MANIFESTS, build_meta_model, build_random_model, fill_random_
+from tritonsd.kernels import dispatch
+from tritonsd.devices import resolve_device, resolve_dtype
+from tritonsd.pipeline import Pipeline
+from tritonsd.bench import environment as bench_environment
+from tritonsd.bench.random_weights import MANIFESTS, build_meta_model, build_random_model, fill_random_
 
 IMPLS = ("tritonsd-graph", "tritonsd-eager", "diffusers-eager", "diffusers-compile")
 BENCH_MODELS = ("sd15", "sd21", "sdxl")
@@ -92,7 +92,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--git-commit", default=None, help="record this commit (when the tree has no .git; else "
                                                       "$TRITONSD_GIT_COMMIT, else git)")
     p.add_argument("--json", type=Path, default=None, metavar="PATH",
-                   help="results file (default bench/results/e2e-DEVICE-DTYPE-TIME.json); rewritten after "
+                   help="results file (default benchmarks/results/e2e-DEVICE-DTYPE-TIME.json); rewritten after "
                         "every row, so a run cut short keeps what it measured")
 
 
@@ -310,12 +310,12 @@ def unet_forward_ms(impl, device, settings) -> float:
 
 def warmup_row(impl, device, batch: int, size: int) -> dict:
     """Our compile and tuning time for the row's shapes, apart from the first image: the library warm-up
-    (``tritonsd.kernels.warmup.warmup``: every kernel variant compiled in parallel, then every autotune key
+    (``tritonsd.compile.warmup.warmup``: every kernel variant compiled in parallel, then every autotune key
     tuned once into the persistent cache) for one UNet step at the CFG batch and the VAE decode. Rows of the
     peer, and runs off CUDA, have none (``warmup_s`` null: the peer's compile is in its first image)."""
     if not isinstance(impl, TritonsdImpl) or device.type != "cuda":
         return {"warmup_s": None}
-    from ..kernels.warmup import warmup
+    from tritonsd.compile.warmup import warmup
 
     pipe = impl.pipe
     start = time.perf_counter()

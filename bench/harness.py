@@ -19,8 +19,8 @@ from typing import Callable, Iterable
 
 import torch
 
-from ..testing.reference import relative_error, strict_float32
-from . import environment
+from tritonsd.testing.reference import relative_error, strict_float32
+from tritonsd.bench import environment
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 TOLERANCE = {torch.float16: 1e-2, torch.bfloat16: 1e-2, torch.float32: 1e-4}
@@ -141,7 +141,7 @@ def script_main(op: str, bench: Callable[[torch.dtype, str | None], list[dict]])
     p = argparse.ArgumentParser(description=f"benchmark the {op} kernel against its peers")
     p.add_argument("--dtype", choices=list(DTYPES), default="fp16")
     p.add_argument("--model", default=None, help="only cases of this model (sd15-512, sd21-768, ...)")
-    p.add_argument("--json", type=Path, default=None, help="where to write the results (default bench/results/)")
+    p.add_argument("--json", type=Path, default=None, help="where to write the results (default benchmarks/results/)")
     p.add_argument("--git-commit", default=None, help="record this commit (when the tree has no .git)")
     args = p.parse_args()
     try:

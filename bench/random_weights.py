@@ -14,11 +14,11 @@ from pathlib import Path
 
 import torch
 
-from ..model.config import detect_config
-from ..model.demo import random_parameter
-from ..model.keys import normalize_keys
-from ..model.sd import StableDiffusion, build_model
-from ..testing.reference import fixtures_dir
+from tritonsd.model.config import detect_config
+from tritonsd.model.demo import random_parameter
+from tritonsd.formats.keys import normalize_keys
+from tritonsd.model.sd import StableDiffusion, build_model
+from tritonsd.testing.reference import fixtures_dir
 
 # short names -> manifest file and parameterization (the keys cannot tell v from eps)
 MANIFESTS = {

@@ -110,6 +110,6 @@ def launch(kernel, grid, *args, **kwargs) -> None:
     if INTERPRET or not isinstance(kernel, triton.runtime.Autotuner):
         kernel[grid](*args, **kwargs)
         return
-    from . import tuning
+    from tritonsd.compile import tuning
 
     tuning.tuned_launch(kernel, grid, args, kwargs)

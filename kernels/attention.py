@@ -19,8 +19,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._triton import (FLOAT_DTYPES, KernelArgumentError, check_device, configs, dot_dtype, dot_precision,
-                      launch, next_power_of_2)
+from tritonsd.kernels._triton import (FLOAT_DTYPES, KernelArgumentError, check_device, configs, dot_dtype,
+    dot_precision, launch, next_power_of_2)
 
 MAX_HEAD_DIM = 512  # larger head dims fall back to the reference (the accumulators would not fit in registers)
 LOG2E = 1.4426950408889634

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._triton import FLOAT_DTYPES, check_device, configs, dot_dtype, dot_precision, launch
+from tritonsd.kernels._triton import FLOAT_DTYPES, check_device, configs, dot_dtype, dot_precision, launch
 
 # at most 3 per key (each key is timed once per GPU; see kernels/tuning.py); all use wgmma on sm_90 in fp16/bf16
 CONFIGS = [

@@ -21,12 +21,12 @@ from typing import Iterator
 
 import torch
 
-from . import _triton
-from . import attention as _attention
-from . import conv as _conv
-from . import geglu as _geglu
-from . import group_norm as _group_norm
-from . import layer_norm as _layer_norm
+from tritonsd.kernels import _triton
+from tritonsd.kernels import attention as _attention
+from tritonsd.kernels import conv as _conv
+from tritonsd.kernels import geglu as _geglu
+from tritonsd.kernels import group_norm as _group_norm
+from tritonsd.kernels import layer_norm as _layer_norm
 
 BACKENDS = ("auto", "torch", "triton")
 _forced: contextvars.ContextVar[str] = contextvars.ContextVar("tritonsd_kernels", default="auto")

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._triton import FLOAT_DTYPES, check_device, configs, launch
+from tritonsd.kernels._triton import FLOAT_DTYPES, check_device, configs, launch
 
 CONFIGS = [
     triton.Config({"BLOCK_F": bf}, num_warps=w)

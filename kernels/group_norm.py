@@ -20,8 +20,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._triton import (FLOAT_DTYPES, INTERPRET, KernelArgumentError, check_device, configs, launch,
-                      next_power_of_2)
+from tritonsd.kernels._triton import (FLOAT_DTYPES, INTERPRET, KernelArgumentError, check_device, configs, launch,
+    next_power_of_2)
 
 CONFIGS = [triton.Config({"BLOCK": bl}, num_warps=w) for bl, w in [(1024, 4), (2048, 8), (4096, 8)]]  # <= 3 per key
 INTERPRETED_CONFIG = triton.Config({"BLOCK": 1024}, num_warps=4)

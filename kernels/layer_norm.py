@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._triton import FLOAT_DTYPES, KernelArgumentError, check_device, configs, launch, next_power_of_2
+from tritonsd.kernels._triton import FLOAT_DTYPES, KernelArgumentError, check_device, configs, launch, next_power_of_2
 
 MAX_WIDTH = 16384  # wider rows fall back to the reference (one row must fit in registers)
 

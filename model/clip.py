@@ -12,10 +12,10 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..kernels import dispatch
-from .layers import LayerNorm
-from .text_config import TextConfig, TextConfigError, check_tokens
-from .tokenizer import EOS_ID, CLIPTokenizer, get_tokenizer
+from tritonsd.kernels import dispatch
+from tritonsd.model.layers import LayerNorm
+from tritonsd.model.text_config import TextConfig, TextConfigError, check_tokens
+from tritonsd.prompt.tokenizer import EOS_ID, CLIPTokenizer, get_tokenizer
 
 CLIP_PAD_ID = EOS_ID  # transformers' CLIPTokenizer pads with <|endoftext|>
 

@@ -10,10 +10,10 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .clip import FrozenCLIPEmbedder
-from .layers import timestep_embedding
-from .open_clip import FrozenOpenCLIPEmbedder, FrozenOpenCLIPEmbedder2
-from .text_config import CondStageConfig, SizeEmbedderConfig, TextConfigError, TextEncoderConfig
+from tritonsd.model.clip import FrozenCLIPEmbedder
+from tritonsd.model.layers import timestep_embedding
+from tritonsd.model.open_clip import FrozenOpenCLIPEmbedder, FrozenOpenCLIPEmbedder2
+from tritonsd.model.text_config import CondStageConfig, SizeEmbedderConfig, TextConfigError, TextEncoderConfig
 
 
 class ConcatTimestepEmbedderND(nn.Module):

@@ -17,9 +17,9 @@ from typing import Iterable, Mapping
 
 import torch
 
-from .keys import SD1_TEXT, SD2_TEXT, SDXL_CLIP, SDXL_EMBEDDERS, SDXL_OPEN_CLIP, UNET, VAE, NormalizedKeys, \
-    normalize_keys
-from .text_config import CondStageConfig, TextConfig, cond_stage_config
+from tritonsd.formats.keys import (SD1_TEXT, SD2_TEXT, SDXL_CLIP, SDXL_EMBEDDERS, SDXL_OPEN_CLIP, UNET, VAE,
+    NormalizedKeys, normalize_keys)
+from tritonsd.model.text_config import CondStageConfig, TextConfig, cond_stage_config
 
 DEFAULT_SCALE_FACTOR = {"sd1": 0.18215, "sd2": 0.18215, "sdxl": 0.13025}
 DEFAULT_SCHEDULE = {"linear_start": 0.00085, "linear_end": 0.012, "timesteps": 1000}

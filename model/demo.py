@@ -16,12 +16,12 @@ from pathlib import Path
 
 import torch
 
-from .config import UNetConfig, VAEConfig, ModelConfig, ModelConfigError, derive_alphas_cumprod
-from .keys import COND_STAGE
-from .sd import StableDiffusion, build_model, load_weights_, replace_vae
-from .source import LoadedFrom
-from .text_config import CondStageConfig, TextConfig, TextEncoderConfig
-from .vae_file import load_vae_weights
+from tritonsd.model.config import UNetConfig, VAEConfig, ModelConfig, ModelConfigError, derive_alphas_cumprod
+from tritonsd.formats.keys import COND_STAGE
+from tritonsd.model.sd import StableDiffusion, build_model, load_weights_, replace_vae
+from tritonsd.formats.source import LoadedFrom
+from tritonsd.model.text_config import CondStageConfig, TextConfig, TextEncoderConfig
+from tritonsd.formats.vae_file import load_vae_weights
 
 DEMO_SCHEME = "demo:"
 DEMO_MODELS = {"sd1": "demo-sd1.json"}

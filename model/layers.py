@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import dispatch
+from tritonsd.kernels import dispatch
 
 
 class GroupNorm(nn.GroupNorm):

@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import dispatch
-from .layers import LayerNorm
-from .text_config import TextConfig, TextConfigError, check_tokens
-from .tokenizer import CLIPTokenizer, get_tokenizer
+from tritonsd.kernels import dispatch
+from tritonsd.model.layers import LayerNorm
+from tritonsd.model.text_config import TextConfig, TextConfigError, check_tokens
+from tritonsd.prompt.tokenizer import CLIPTokenizer, get_tokenizer
 
 OPEN_CLIP_PAD_ID = 0  # open_clip.tokenize pads with 0
 

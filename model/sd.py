@@ -1,6 +1,6 @@
 """The whole model: UNet, VAE and text conditioning, named as the checkpoint's top-level prefixes; ``build_model``
-builds it from a ``ModelConfig`` alone, and ``load_model`` reads a checkpoint (or builds the demo model),
-normalises its keys once, detects its config and loads it strictly."""
+builds it from a ``ModelConfig`` alone, ``load_weights_`` fills a meta-built model strictly (``model/load.py``
+reads the files)."""
 
 from __future__ import annotations
 
@@ -10,16 +10,14 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointError, read_checkpoint, require_float_weights
-from .conditioner import build_cond_stage
-from .config import ModelConfig, ModelConfigError, detect_config, find_config
-from .device import resolve_device
-from .keys import MODULE_PREFIXES, VAE, normalize_keys
-from .source import LoadedFrom
-from .text_config import TextConfigError
-from .unet import UNetModel
-from .vae import AutoencoderKL
-from .vae_file import check_vae_fits, load_vae_weights
+from tritonsd.formats.checkpoint import CheckpointError
+from tritonsd.formats.keys import VAE
+from tritonsd.formats.source import LoadedFrom
+from tritonsd.model.conditioner import build_cond_stage
+from tritonsd.model.config import ModelConfig
+from tritonsd.model.unet import UNetModel
+from tritonsd.model.vae import AutoencoderKL
+from tritonsd.formats.vae_file import check_vae_fits
 
 
 class DiffusionWrapper(nn.Module):
@@ -76,52 +74,6 @@ class StableDiffusion(nn.Module):
 def build_model(config: ModelConfig) -> StableDiffusion:
     """The modules ``config`` describes, not loaded. Build under ``torch.device("meta")`` to allocate nothing."""
     return StableDiffusion(config)
-
-
-def load_model(path: str | Path, config: str | Path | ModelConfig | bool | None = None, *,
-               parameterization: str | None = None, text_heads: int | None = None, vae: str | Path | None = None,
-               dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> StableDiffusion:
-    """Read a checkpoint, detect its config, build the modules on the meta device and load the weights strictly,
-    cast to ``dtype`` on ``device`` (``DeviceError`` at once when the device is not available).
-
-    ``path``: a ``.safetensors`` / ``.ckpt`` file, or ``"demo:sd1"`` (the built-in random-weight model).
-    ``config``: the original YAML's path; None (default) uses the YAML beside the checkpoint when there is one
-    (``find_config``); False uses none; a ``ModelConfig`` is taken as it is. ``vae``: an external VAE file
-    replacing the checkpoint's (``model/vae_file.py``). ``model.source`` records the files used.
-    """
-    from .demo import build_demo_model, is_demo
-
-    device = resolve_device(device)
-    if is_demo(path):
-        if config not in (None, False):
-            raise ModelConfigError(f"{path} is built from its own config; a YAML or ModelConfig does not apply")
-        return build_demo_model(str(path), dtype=dtype, device=device, vae=vae)
-    path = Path(path)
-    yaml_path = _yaml_for(path, config)
-    vae_weights = load_vae_weights(vae) if vae is not None else None  # small: fail before the big read
-    norm = normalize_keys(read_checkpoint(path))
-    require_float_weights(norm.weights, MODULE_PREFIXES, path.name)  # an int tensor would be cast silently
-    try:
-        cfg = config if isinstance(config, ModelConfig) else \
-            detect_config(norm, yaml_path, parameterization=parameterization, text_heads=text_heads)
-        with torch.device("meta"):
-            model = build_model(cfg)
-    except (ModelConfigError, TextConfigError) as e:
-        raise type(e)(f"{path.name}: {e}") from None
-    weights = norm.weights
-    if vae_weights is not None:
-        weights = replace_vae(model, weights, vae, vae_weights)
-    load_weights_(model, path, weights, dtype, device)
-    model.source = LoadedFrom(checkpoint=path, config=yaml_path, vae=Path(vae) if vae is not None else None)
-    return model
-
-
-def _yaml_for(path: Path, config) -> Path | None:
-    if config is None:
-        return find_config(path)
-    if config is False or isinstance(config, ModelConfig):
-        return None
-    return Path(config)
 
 
 def replace_vae(model: StableDiffusion, weights: Mapping[str, torch.Tensor], vae_path: str | Path,

@@ -16,7 +16,7 @@ from typing import Any, Mapping, Union
 
 import torch
 
-from .keys import CLIP_ROOT, OPEN_CLIP_ROOT, SDXL_EMBEDDERS, TEXT_PREFIXES, cond_stage_prefix
+from tritonsd.formats.keys import CLIP_ROOT, OPEN_CLIP_ROOT, SDXL_EMBEDDERS, TEXT_PREFIXES, cond_stage_prefix
 
 LAYER_NORM_EPS = 1e-5
 HEAD_WIDTH = 64  # every released text tower's head width: the assumed head count is width // 64

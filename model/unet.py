@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import dispatch
-from .config import UNetConfig
-from .layers import Conv2d, GroupNorm, LayerNorm, Upsample, timestep_embedding
+from tritonsd.kernels import dispatch
+from tritonsd.model.config import UNetConfig
+from tritonsd.model.layers import Conv2d, GroupNorm, LayerNorm, Upsample, timestep_embedding
 
 
 class UNetShapeError(ValueError):

@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import dispatch
-from .config import VAEConfig
-from .layers import Conv2d, GroupNorm, Upsample
+from tritonsd.kernels import dispatch
+from tritonsd.model.config import VAEConfig
+from tritonsd.model.layers import Conv2d, GroupNorm, Upsample
 
 
 def _norm(channels: int) -> GroupNorm:

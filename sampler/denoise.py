@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from . import schedule
+from tritonsd.sampler import schedule
 
 
 class CFGError(ValueError):

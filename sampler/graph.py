@@ -31,8 +31,8 @@ try:
 except ImportError:  # no triton here: nothing more to catch
     TritonError = RuntimeError
 
-from .denoise import CFGDenoiser, PerCallConditioning
-from .registry import SAMPLERS
+from tritonsd.sampler.denoise import CFGDenoiser, PerCallConditioning
+from tritonsd.sampler.registry import SAMPLERS
 
 # the sigma-space samplers whose loop can be captured (the registry's ``graphable``)
 GRAPH_SAMPLERS: dict[str, Callable] = {name: spec.fn for name, spec in SAMPLERS.items() if spec.graphable}

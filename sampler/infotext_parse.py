@@ -15,7 +15,7 @@ import json
 import re
 from typing import Any
 
-from .rng import RNGError, source_from_infotext
+from tritonsd.sampler.rng import RNGError, source_from_infotext
 
 RE_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 RE_IMAGESIZE = re.compile(r"^(\d+)x(\d+)$")

@@ -16,7 +16,7 @@ from typing import Protocol, Sequence
 
 import torch
 
-from .rng import ImageRNG, create_generator
+from tritonsd.sampler.rng import ImageRNG, create_generator
 
 SEED_RANGE = 2 ** 64
 _STREAMS = {"start": 0, "vae": 1}

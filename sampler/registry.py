@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from . import samplers as K
+from tritonsd.sampler import samplers as K
 
 
 class UnknownSamplerError(ValueError):

@@ -25,7 +25,7 @@ from typing import Callable
 
 import torch
 
-from .schedule import DDIMSchedule
+from tritonsd.sampler.schedule import DDIMSchedule
 
 NoiseSampler = Callable[[object, object], torch.Tensor]
 

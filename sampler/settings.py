@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import registry
-from . import schedule as S
+from tritonsd.sampler import registry
+from tritonsd.sampler import schedule as S
 
 MAX_STEPS = 1000
 MAX_BATCH = 64
@@ -168,9 +168,9 @@ def check_prompt(name: str, text: str, steps: int, syntax: str) -> None:
     """A prompt the encoders can take, checked without a model: UTF-8 text without NUL, at most the prompt limit
     (``MAX_PROMPT_TOKENS`` after parsing, for every text of its editing schedule; embedding names count as the
     tokens they spell) and valid syntax. Errors give the count and a short excerpt, never the prompt itself."""
-    from ..model.prompt_chunks import MAX_PROMPT_TOKENS, PromptTooLongError, tokenize_prompt
-    from ..model.prompt_parser import PromptSyntaxError, prompt_schedule
-    from ..model.tokenizer import get_tokenizer
+    from tritonsd.prompt.chunks import MAX_PROMPT_TOKENS, PromptTooLongError, tokenize_prompt
+    from tritonsd.prompt.parser import PromptSyntaxError, prompt_schedule
+    from tritonsd.prompt.tokenizer import get_tokenizer
 
     if "\x00" in text:
         raise SettingsError(name, f"holds a NUL character ({_excerpt(text)})")
@@ -193,7 +193,7 @@ def check_prompt(name: str, text: str, steps: int, syntax: str) -> None:
 
 def _excerpt(text: str, limit: int = 40) -> str:
     """The first characters of untrusted text, control characters escaped."""
-    from ..untrusted import escape
+    from tritonsd.escape import escape
 
     return f'"{escape(text, limit)}"'
 
@@ -209,7 +209,7 @@ def fields_from_infotext(text: str) -> tuple[dict, list[str]]:
     """(GenerationSettings fields, notes) from an AUTOMATIC1111 ``parameters`` text: prompt, negative prompt,
     steps, sampler and schedule type, CFG scale, seed, size, clip skip, RNG and variation seed. Unknown keys are
     ignored; each malformed value is left out with one note line; an unknown sampler is a ``SettingsError``."""
-    from .infotext_parse import generation_settings
+    from tritonsd.sampler.infotext_parse import generation_settings
 
     parsed = generation_settings(text)
     fields = {k: parsed[k] for k in INFOTEXT_FIELDS if k in parsed}

@@ -27,9 +27,9 @@ from typing import Callable
 
 import torch
 
-from . import denoise as D
-from . import schedule as S
-from .registry import SamplerSpec
+from tritonsd.sampler import denoise as D
+from tritonsd.sampler import schedule as S
+from tritonsd.sampler.registry import SamplerSpec
 
 
 class WiringError(ValueError):

@@ -18,10 +18,10 @@ def build_state(checkpoint: str, *, config=None, models_dir=None, vae_dir=None, 
                 embeddings_dir=None, device=None, dtype=None, kernels: str = "auto", text_heads=None,
                 parameterization=None, credentials: dict | None = None, pipe=None):
     """Load the checkpoint (unless ``pipe`` is given ready) and start the device's worker."""
-    from .catalog import Catalog
-    from .host import LoadOptions, ModelHost
-    from .app import ServerState
-    from .worker import Worker
+    from tritonsd.serve.catalog import Catalog
+    from tritonsd.serve.host import LoadOptions, ModelHost
+    from tritonsd.serve.app import ServerState
+    from tritonsd.serve.worker import Worker
 
     catalog = Catalog(str(checkpoint), config=None if config is None else str(config), models_dir=models_dir,
                       vae_dir=vae_dir, lora_dir=lora_dir, embeddings_dir=embeddings_dir)
@@ -35,7 +35,7 @@ def build_state(checkpoint: str, *, config=None, models_dir=None, vae_dir=None, 
 
 
 def create_app(state):
-    from .app import create_app as _create_app
+    from tritonsd.serve.app import create_app as _create_app
 
     return _create_app(state)
 

@@ -23,14 +23,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from . import jobs, limits
-from .catalog import Catalog
-from .errors import ApiError, BadRequest, error_body, printable
-from .host import ModelHost
-from .images import decode_image, text_items
-from .jobs import Options
-from .schema import Img2ImgRequest, PNGInfoRequest, Txt2ImgRequest
-from .worker import Worker
+from tritonsd.serve import jobs, limits
+from tritonsd.serve.catalog import Catalog
+from tritonsd.serve.errors import ApiError, BadRequest, error_body, printable
+from tritonsd.serve.host import ModelHost
+from tritonsd.serve.images import decode_image, text_items
+from tritonsd.serve.jobs import Options
+from tritonsd.serve.schema import Img2ImgRequest, PNGInfoRequest, Txt2ImgRequest
+from tritonsd.serve.worker import Worker
 
 log = logging.getLogger("tritonsd.serve")
 STATIC = Path(__file__).parent / "static"
@@ -204,7 +204,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.post("/sdapi/v1/png-info")
     def png_info(req: PNGInfoRequest):
-        from ..sampler.infotext_parse import parse_infotext
+        from tritonsd.sampler.infotext_parse import parse_infotext
 
         image = decode_image("image", req.image)
         geninfo = image.info.get("parameters")
@@ -227,7 +227,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.get("/sdapi/v1/samplers")
     def samplers():
-        from ..sampler.registry import SAMPLERS
+        from tritonsd.sampler.registry import SAMPLERS
 
         aliases = {}
         for alias, name in jobs.SAMPLER_ALIASES.items():
@@ -337,7 +337,7 @@ async def _maybe_switch(state: ServerState, req: dict, run_job) -> None:
     """Queue a switch when the checkpoint or the VAE changes; answers once the new model is loaded."""
     if "sd_model_checkpoint" not in req and "sd_vae" not in req:
         return None
-    from .host import ModelKey
+    from tritonsd.serve.host import ModelKey
 
     ckpt = (state.catalog.find_checkpoint(req["sd_model_checkpoint"]).path if "sd_model_checkpoint" in req
             else state.host.default.checkpoint)

@@ -5,7 +5,7 @@ manifests: the layout and dtype of the released file, random values; speed does 
     python -m tritonsd.serve.bench                       # sd15, 512x512, 20 steps, 1 and 8 clients (CUDA)
     python -m tritonsd.serve.bench --model demo:sd1 --size 64 --steps 3 --requests 4    # a CPU smoke run
 
-Writes ``bench/results/serve-<device>-<dtype>-<date>.json``.
+Writes ``benchmarks/results/serve-<device>-<dtype>-<date>.json``.
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ def _free_port() -> int:
 
 def _pipeline(name: str, dtype: str, device: str):
     import tritonsd
-    from ..model.device import resolve_dtype
-    from ..model.random_weights import build_random_model
-    from ..sampler.pipeline import Pipeline
+    from tritonsd.devices import resolve_dtype
+    from tritonsd.model.random_weights import build_random_model
+    from tritonsd.pipeline import Pipeline
 
     if name.startswith("demo:"):
         return tritonsd.load(name, device=device, dtype=dtype)
@@ -46,7 +46,7 @@ def _pipeline(name: str, dtype: str, device: str):
 def _serve(state):
     import uvicorn
 
-    from . import create_app
+    from tritonsd.serve import create_app
 
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(state), host="127.0.0.1", port=port, log_level="warning"))
@@ -96,12 +96,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", type=int, nargs="+", default=[1, 8])
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None, help="default: fp16 on cuda, fp32 on cpu")
-    p.add_argument("--json", type=Path, default=None, help="output file (default: bench/results/serve-...json)")
+    p.add_argument("--json", type=Path, default=None, help="output file (default: benchmarks/results/serve-...json)")
     args = p.parse_args(argv)
 
     import torch
 
-    from . import build_state
+    from tritonsd.serve import build_state
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype or ("fp16" if device.startswith("cuda") else "fp32")

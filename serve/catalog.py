@@ -9,7 +9,7 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import NotFound, printable
+from tritonsd.serve.errors import NotFound, printable
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 VAE_SUFFIXES = (".safetensors", ".pt", ".ckpt")
@@ -47,7 +47,7 @@ class Checkpoint:
     def hash_now(self) -> None:
         """Compute the sha256 (seconds for a multi-GB file; done in the background at start)."""
         if self._sha256 is None and not self.is_demo:
-            from ..model.hashes import sha256_file
+            from tritonsd.formats.hashes import sha256_file
 
             self._sha256 = sha256_file(self.path)
 
@@ -155,7 +155,7 @@ class Catalog:
     def embeddings(self) -> dict:
         """A1111's ``/sdapi/v1/embeddings``: every readable file under ``loaded``, unreadable ones under
         ``skipped`` (whether a width fits the model is checked when a prompt uses it)."""
-        from ..model.embeddings import EmbeddingError, embedding_files, load_embedding_file
+        from tritonsd.formats.embeddings import EmbeddingError, embedding_files, load_embedding_file
 
         loaded, skipped = {}, {}
         if self.embeddings_dir is None or not Path(self.embeddings_dir).is_dir():

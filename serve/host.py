@@ -8,7 +8,7 @@ import inspect
 import logging
 from dataclasses import dataclass, field
 
-from .catalog import Catalog, Checkpoint
+from tritonsd.serve.catalog import Catalog, Checkpoint
 
 log = logging.getLogger("tritonsd.serve")
 
@@ -50,7 +50,7 @@ class ModelHost:
             return self.pipe
         ckpt = next((c for c in self.catalog.checkpoints if c.path == key.checkpoint), None)
         if ckpt is None:
-            from .errors import NotFound
+            from tritonsd.serve.errors import NotFound
 
             raise NotFound("the requested model is no longer in the models folder")
         self.pipe, self.key = None, None

@@ -12,7 +12,7 @@ import warnings
 from PIL import Image, UnidentifiedImageError
 from PIL.PngImagePlugin import PngInfo
 
-from .errors import BadRequest, TooLarge, printable
+from tritonsd.serve.errors import BadRequest, TooLarge, printable
 
 MAX_IMAGE_PIXELS = 4096 * 4096  # an input image larger than this is refused before its pixels are read
 _DATA_URL = re.compile(r"^data:[^,;]*(;[^,]*)?,", re.IGNORECASE)

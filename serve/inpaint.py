@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps
 
-from .errors import BadRequest
+from tritonsd.serve.errors import BadRequest
 
 LANCZOS = Image.Resampling.LANCZOS
 MAX_WORK_PIXELS = 1 << 26  # an intermediate image of resize_image may be at most this large

@@ -19,12 +19,12 @@ import logging
 import random
 from dataclasses import dataclass, field
 
-from . import inpaint, limits
-from .errors import ApiError, BadRequest, NotFound, printable
-from .host import ModelKey
-from .images import decode_image, png_b64
-from .schema import IMG2IMG_FIELDS, TXT2IMG_FIELDS, apply_infotext, ignored_fields, parameters, value
-from .worker import Interrupted, Job
+from tritonsd.serve import inpaint, limits
+from tritonsd.serve.errors import ApiError, BadRequest, NotFound, printable
+from tritonsd.serve.host import ModelKey
+from tritonsd.serve.images import decode_image, png_b64
+from tritonsd.serve.schema import IMG2IMG_FIELDS, TXT2IMG_FIELDS, apply_infotext, ignored_fields, parameters, value
+from tritonsd.serve.worker import Interrupted, Job
 
 log = logging.getLogger("tritonsd.serve")
 
@@ -75,7 +75,7 @@ def _fixed_seed(name: str, v) -> int:
 
 
 def _sampler(name, schedule) -> tuple[str, bool | None]:
-    from ..sampler.registry import UnknownSamplerError, from_a1111_name
+    from tritonsd.sampler.registry import UnknownSamplerError, from_a1111_name
 
     name = SAMPLER_ALIASES.get(name.strip().lower(), name) if isinstance(name, str) else name
     if not isinstance(name, str):
@@ -117,7 +117,7 @@ def _overrides(req, options: Options, catalog, host) -> tuple[ModelKey, int, str
 
 def build_plan(req, mode: str, *, options: Options, catalog, host) -> Plan:
     """Everything checked that can be checked without the device; raises ApiError / SettingsError."""
-    from ..sampler.settings import GenerationSettings
+    from tritonsd.sampler.settings import GenerationSettings
 
     table = TXT2IMG_FIELDS if mode == "txt2img" else IMG2IMG_FIELDS
     req, infotext_notes = apply_infotext(req)
@@ -260,7 +260,7 @@ def _generate(pipe, s, worker) -> list:
 
 def respond(plan: Plan, pipe, s, images: list, infotexts: list[str], notes: list[str]) -> dict:
     """A1111's ``TextToImageResponse`` / ``ImageToImageResponse``."""
-    from ..sampler import registry
+    from tritonsd.sampler import registry
 
     n = len(images)
     all_seeds = [s.seed + i for i in range(n)] or [s.seed]

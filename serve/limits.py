@@ -4,8 +4,8 @@ and tokens, before anything is queued)."""
 
 from __future__ import annotations
 
-from ..sampler.memory import available_bytes, estimate_bytes
-from .errors import TooLarge
+from tritonsd.sampler.memory import available_bytes, estimate_bytes
+from tritonsd.serve.errors import TooLarge
 
 MAX_BODY_BYTES = 64 << 20  # 64 MiB; larger bodies get 413
 MAX_N_ITER = 100

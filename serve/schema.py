@@ -123,7 +123,7 @@ def apply_infotext(req: BaseModel) -> tuple[BaseModel, list[str]]:
     ``apply_infotext``; values that do not parse are left out, one note each); (request, notes)."""
     if not req.infotext:
         return req, []
-    from ..sampler.infotext_parse import generation_settings
+    from tritonsd.sampler.infotext_parse import generation_settings
 
     parsed = generation_settings(req.infotext)
     sent = req.model_fields_set

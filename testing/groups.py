@@ -25,14 +25,12 @@ from typing import Callable
 
 import torch
 
-from ..sampler import registry
-from ..sampler import schedule as S
-from ..sampler import wiring as W
-from ..sampler.pipeline import Conditioning, Pipeline
-
-
-class GroupError(ValueError):
-    """A group cannot be recomputed from what the reference file holds (or is of a kind we do not know)."""
+from tritonsd.sampler import registry
+from tritonsd.sampler import schedule as S
+from tritonsd.sampler import wiring as W
+from tritonsd.pipeline import Conditioning, Pipeline
+from tritonsd.testing import a1111_groups as A
+from tritonsd.testing.reference import GroupError
 
 
 # ---------------------------------------------------------------- what is an input
@@ -503,6 +501,3 @@ def recompute_group(ctx: Recompute, group: str, keys: list[str]) -> dict[str, to
         raise GroupError(f"unknown group {group!r} (not one of {', '.join(FIXED_GROUPS)} nor <sampler>_cfg<scale> "
                          f"with a sampler of {', '.join(registry.SAMPLERS)})")
     return sampler_group(ctx, group, spec, keys)
-
-
-from . import a1111_groups as A  # noqa: E402  (it imports GroupError from this module)

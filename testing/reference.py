@@ -12,6 +12,10 @@ import torch
 FIXTURES_ENV = "TRITONSD_FIXTURES"
 
 
+class GroupError(ValueError):
+    """A group cannot be recomputed from what the reference file holds (or is of a kind we do not know)."""
+
+
 def fixtures_dir() -> Path:
     """``$TRITONSD_FIXTURES`` if set, else ``../shared/fixtures`` beside the repository checkout."""
     env = os.environ.get(FIXTURES_ENV)

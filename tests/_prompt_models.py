@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tritonsd.model.sd import load_model
+from tritonsd.model.load import load_model
 
 _CACHE: dict[str, object] = {}
 

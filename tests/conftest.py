@@ -15,9 +15,13 @@ if not torch.cuda.is_available():
 os.environ["OMP_NUM_THREADS"] = "1"
 torch.set_num_threads(1)
 
+import sys
 from pathlib import Path
 
 import pytest
+
+# benchmarks/ (the GPU-run scripts, the README table) is not installed: import it from the checkout.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tritonsd.testing.reference import fixtures_dir, load_reference
 
@@ -52,8 +56,8 @@ def reference(fixtures):
 @pytest.fixture(scope="module")
 def pipes(fixtures):
     """pipes(name) -> a Pipeline of the fixture checkpoint NAME (its YAML, 2 text heads), one per test module."""
-    from tritonsd.model.sd import load_model
-    from tritonsd.sampler.pipeline import Pipeline
+    from tritonsd.model.load import load_model
+    from tritonsd.pipeline import Pipeline
 
     cache: dict[str, Pipeline] = {}
 

@@ -1,5 +1,5 @@
 """Structure-aware mutations of real checkpoints, for the reader fuzzers (tests/test_fuzz_readers.py under
-Hypothesis, bench/fuzz_readers.py for the long run and atheris).
+Hypothesis, benchmarks/fuzz_readers.py for the long run and atheris).
 
 A mutation starts from a seed file (the fixtures sd1-tiny.safetensors and sd1-tiny.ckpt, and the ckpt's weights
 re-saved in torch's legacy format) and changes one thing of one class: the safetensors header framing or JSON,
@@ -501,7 +501,7 @@ class Outcome:
 def check_outcome(path: Path, time_limit: float = 10.0) -> Outcome:
     """Read ``path`` with every reader; raise AssertionError unless each ends in a clean load or our one-line
     CheckpointError naming the file, within ``time_limit``, with the file unchanged and the readers agreeing."""
-    from tritonsd.model.checkpoint import CheckpointError, read_checkpoint, read_checkpoint_shapes
+    from tritonsd.formats.checkpoint import CheckpointError, read_checkpoint, read_checkpoint_shapes
 
     before = (path.stat().st_size, path.stat().st_mtime_ns)
     start = time.perf_counter()

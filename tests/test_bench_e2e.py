@@ -11,7 +11,7 @@ from safetensors import safe_open
 
 from tritonsd.bench import e2e as bench_e2e
 from tritonsd.bench import environment
-from tritonsd.tools import readme_table
+from benchmarks import readme_table
 
 HAS_DIFFUSERS = importlib.util.find_spec("diffusers") is not None
 

@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from tritonsd.kernels import check_compile, precompile, variants
+from tritonsd.compile import check_compile, precompile, variants
 
 
 def result(kernel="conv", dtype="float16", arch="sm_90", error=None, **res):

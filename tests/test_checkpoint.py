@@ -17,8 +17,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from tritonsd.model.checkpoint import CheckpointError, read_checkpoint
-from tritonsd.model.keys import normalize_keys
+from tritonsd.formats.checkpoint import CheckpointError, read_checkpoint
+from tritonsd.formats.keys import normalize_keys
 
 
 def _digest(path) -> tuple[str, int]:

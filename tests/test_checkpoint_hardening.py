@@ -16,8 +16,7 @@ import pytest
 import torch
 
 from malformed import CASES, CONTROL_NAME, F32, safetensors_bytes, small_ckpt
-from tritonsd.model.checkpoint import (CheckpointError, read_checkpoint, read_checkpoint_shapes,
-                                       require_float_weights)
+from tritonsd.formats.checkpoint import CheckpointError, read_checkpoint, read_checkpoint_shapes, require_float_weights
 from tritonsd.tools.cli import main
 
 _BUILT: dict[str, bytes] = {}

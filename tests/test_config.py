@@ -10,9 +10,8 @@ import pytest
 import torch
 import yaml
 
-from tritonsd.model.checkpoint import read_checkpoint
-from tritonsd.model.config import (ModelConfigError, UnsupportedModelError, derive_alphas_cumprod,
-                                   detect_config)
+from tritonsd.formats.checkpoint import read_checkpoint
+from tritonsd.model.config import ModelConfigError, UnsupportedModelError, derive_alphas_cumprod, detect_config
 from tritonsd.model.text_config import TextConfigError
 
 
@@ -242,7 +241,7 @@ def test_sources_of_what_the_weights_do_not_hold(fixtures, raw):
 
 def test_detect_config_takes_normalised_keys_once(raw):
     """The loader normalises once and hands the result over; a raw dict gives the same config."""
-    from tritonsd.model.keys import normalize_keys
+    from tritonsd.formats.keys import normalize_keys
 
     norm = normalize_keys(raw("sdxl-tiny.safetensors"))
     a, b = detect_config(norm, text_heads=2), detect_config(raw("sdxl-tiny.safetensors"), text_heads=2)
@@ -257,7 +256,7 @@ def test_unusable_shapes_are_one_line_naming_the_key(fixtures, name):
     """Every weight replaced by a scalar, an empty matrix or a vector: detection either still works (a tensor it
     does not read) or refuses in one line that names the key and its shape; never an IndexError, a ValueError
     from unpacking or a ZeroDivisionError."""
-    from tritonsd.model.checkpoint import read_checkpoint
+    from tritonsd.formats.checkpoint import read_checkpoint
     from tritonsd.model.text_config import TextConfigError
 
     weights = read_checkpoint(fixtures / f"{name}.safetensors")

@@ -10,9 +10,9 @@ from safetensors.torch import save_file
 
 from _prompt_models import tiny_model
 from conftest import FP32_BOUND
-from tritonsd.model.embeddings import EmbeddingError, load_embedding_file, load_embeddings, ti_hashes
-from tritonsd.model.prompt_encode import encode_prompts, load_model_embeddings
-from tritonsd.model.tokenizer import get_tokenizer
+from tritonsd.formats.embeddings import EmbeddingError, load_embedding_file, load_embeddings, ti_hashes
+from tritonsd.prompt.encode import encode_prompts, load_model_embeddings
+from tritonsd.prompt.tokenizer import get_tokenizer
 from tritonsd.testing.reference import relative_error
 
 CASES = [("sd1-tiny", "ti-sd1-tiny"), ("sdxl-tiny", "ti-sdxl-tiny")]

@@ -1,4 +1,4 @@
-"""tritonsd.files: atomic writes, no partial or temporary file after a kill, stale temporaries of dead writers
+"""tritonsd.outputs: atomic writes, no partial or temporary file after a kill, stale temporaries of dead writers
 removed by the next run (never a live writer's), collision-free numbering under concurrent writers."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tritonsd import files
+from tritonsd import outputs as files
 
 # A child that writes DIR/NAME through files.atomic_write (or write_numbered), and in the middle of writing
 # creates READY and sleeps: the parent kills it there, in the write phase.

@@ -3,7 +3,7 @@ the fixtures sd1-tiny.safetensors and sd1-tiny.ckpt (and the ckpt's weights in t
 headers, offsets, dtypes, shapes, names, zip members, pickle opcodes and truncation. Every outcome must be our
 CheckpointError with one printable line naming the file, or a clean load, within 10 s, with the input unchanged;
 every class must be hit. The long run (20,000+ inputs, worker processes under a watchdog) is
-bench/fuzz_readers.py; TRITONSD_FUZZ_EXAMPLES sets this test's count."""
+benchmarks/fuzz_readers.py; TRITONSD_FUZZ_EXAMPLES sets this test's count."""
 
 from __future__ import annotations
 

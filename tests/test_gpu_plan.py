@@ -14,7 +14,7 @@ import tarfile
 
 import pytest
 
-from tritonsd.bench import gpu_plan as G
+from benchmarks import gpu_plan as G
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,7 @@ def test_committed_counts_are_what_the_models_need(costs):
     """The counts the estimate uses match a fresh count of the same group (the sd15 fp16 UNet step, VAE decode
     and text layer), made in a process without the interpreter (which ships one config per kernel)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-m", "tritonsd.bench.gpu_plan", "count", "--group", "sd15-fp16"],
+    out = subprocess.run([sys.executable, str(G.ROOT / "benchmarks" / "gpu_plan.py"), "count", "--group", "sd15-fp16"],
                          env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     fresh = json.loads(out.stdout)["sd15-fp16"]

@@ -9,12 +9,12 @@ import copy
 import pytest
 import torch
 
-from tritonsd.model.sd import load_model
+from tritonsd.model.load import load_model
 from tritonsd.sampler import denoise as D
 from tritonsd.sampler import samplers as K
 from tritonsd.sampler import schedule as S
 from tritonsd.sampler.graph import (GraphRunner, GraphRunnerError, StaticNoise, noise_draws, predraw_noise,
-                                    tables_on_device)
+    tables_on_device)
 
 STEPS = 3
 CFG = 7.5

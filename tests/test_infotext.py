@@ -33,7 +33,7 @@ def test_model_hash_is_sha256_prefix(tmp_path):
 
     f = tmp_path / "m.bin"
     f.write_bytes(b"tritonsd" * 1000)
-    from tritonsd.model.hashes import model_hash
+    from tritonsd.formats.hashes import model_hash
 
     assert model_hash(f) == hashlib.sha256(b"tritonsd" * 1000).hexdigest()[:10]
 

@@ -10,12 +10,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from tritonsd.model.checkpoint import CheckpointError, read_checkpoint
+from tritonsd.formats.checkpoint import CheckpointError, read_checkpoint
 from tritonsd.model.config import find_config
-from tritonsd.model.hashes import model_hash, sha256_file, vae_hash
-from tritonsd.model.sd import load_model
+from tritonsd.formats.hashes import model_hash, sha256_file, vae_hash
+from tritonsd.model.load import load_model
 from tritonsd.model.text_config import TextConfigError
-from tritonsd.model.vae_file import VAEFileError, load_vae_weights
+from tritonsd.formats.vae_file import VAEFileError, load_vae_weights
 
 VAE_PREFIX = "first_stage_model."
 
@@ -61,8 +61,8 @@ def test_load_model_picks_up_the_yaml_beside_the_checkpoint(fixtures, tmp_path):
 
 def test_keys_are_normalised_once_per_load(fixtures, monkeypatch):
     import tritonsd.model.config as config_module
-    import tritonsd.model.keys as keys_module
-    import tritonsd.model.sd as sd_module
+    import tritonsd.formats.keys as keys_module
+    import tritonsd.model.load as load_module
 
     calls = []
 
@@ -70,7 +70,7 @@ def test_keys_are_normalised_once_per_load(fixtures, monkeypatch):
         calls.append(len(state_dict))
         return keys_module.normalize_keys(state_dict)
 
-    for module in (sd_module, config_module):
+    for module in (load_module, config_module):
         monkeypatch.setattr(module, "normalize_keys", counting)
     model = load_model(fixtures / "sd1-tiny.safetensors", fixtures / "sd1-tiny.yaml", text_heads=2)
     assert calls == [684 + 244 + 37 + 12]  # one pass over the README's key count

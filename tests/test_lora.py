@@ -13,10 +13,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from tritonsd.model.lora import LoraSpec, LoraState, LoraWarning, recompute_lora_reference
-from tritonsd.model.lora_file import LoraError, addnet_hash, read_lora
-from tritonsd.model.lora_keys import LayerIndex
-from tritonsd.model.sd import load_model
+from tritonsd.lora.apply import LoraSpec, LoraState, LoraWarning, recompute_lora_reference
+from tritonsd.formats.lora_file import LoraError, addnet_hash, read_lora
+from tritonsd.lora.keys import LayerIndex
+from tritonsd.model.load import load_model
 from tritonsd.testing.reference import relative_error
 
 BOUND = 1e-5  # the bound for merged weights
@@ -430,7 +430,7 @@ def test_addnet_hash(fixtures, family):
 
 def test_lora_hashes_infotext(fixtures):
     from a1111 import parse_infotext
-    from tritonsd.model.lora_file import lora_hashes_value
+    from tritonsd.formats.lora_file import lora_hashes_value
     from tritonsd.sampler.infotext import quote
 
     raw = lora_hashes_value([("lora-sd1-tiny", "3718a40f15e6"), ("odd:name,x", "0123456789ab")])
@@ -444,7 +444,7 @@ def test_lora_hashes_infotext(fixtures):
 def test_same_loras_again_is_a_no_op_until_the_file_changes(models, fixtures, tmp_path, monkeypatch):
     import os
 
-    from tritonsd.model import lora as L
+    from tritonsd.lora import apply as L
 
     path = tmp_path / "copy.safetensors"
     path.write_bytes((fixtures / "lora-sd1-tiny.safetensors").read_bytes())

@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tritonsd.model.lora import LoraSpec, LoraState
-from tritonsd.model.sd import load_model
-from tritonsd.sampler import pipeline as P
+from tritonsd.lora.apply import LoraSpec, LoraState
+from tritonsd.model.load import load_model
+from tritonsd import pipeline as P
 from tritonsd.tools.merge import merge_checkpoint
 from tritonsd.testing.reference import relative_error
 

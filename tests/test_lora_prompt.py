@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tritonsd.model.lora import LoraSpec, LoraWarning, find_lora, parse_lora_arg, parse_lora_tags
-from tritonsd.model.lora_file import LoraError
+from tritonsd.lora.apply import LoraSpec, LoraWarning, find_lora, parse_lora_arg, parse_lora_tags
+from tritonsd.formats.lora_file import LoraError
 
 
 @pytest.mark.parametrize("prompt, text, loras", [

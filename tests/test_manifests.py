@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tritonsd.model.config import detect_config
-from tritonsd.model.keys import normalize_keys
+from tritonsd.formats.keys import normalize_keys
 from tritonsd.model.sd import build_model
 
 # manifests/README.md and README-sdxl.md (parameters, i.e. elements, per component)

@@ -13,8 +13,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from tritonsd.model.checkpoint import read_checkpoint
-from tritonsd.model.sd import load_model
+from tritonsd.formats.checkpoint import read_checkpoint
+from tritonsd.model.load import load_model
 from tritonsd.testing.reference import relative_error
 
 CLI = [sys.executable, "-m", "tritonsd.tools.cli", "merge"]

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import FP32_BOUND
-from tritonsd.model.sd import load_model
+from tritonsd.model.load import load_model
 from tritonsd.testing.reference import relative_error
 
 _MODELS: dict[str, torch.nn.Module] = {}

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tritonsd.sampler.pipeline import Pipeline
+from tritonsd.pipeline import Pipeline
 from tritonsd.tools import cli
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from tritonsd.sampler import pipeline as P
+from tritonsd import pipeline as P
 from tritonsd.sampler import registry
 from tritonsd.sampler import schedule as S
 from tritonsd.sampler import wiring as W

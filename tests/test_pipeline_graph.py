@@ -15,9 +15,9 @@ import warnings
 import pytest
 import torch
 
-from tritonsd.model.sd import load_model
+from tritonsd.model.load import load_model
 from tritonsd.model.vae_guard import VAEDecodeNaNWarning
-from tritonsd.sampler import pipeline as P
+from tritonsd import pipeline as P
 from tritonsd.sampler import registry
 from tritonsd.sampler.graph import GraphRunner, tables_on_device
 from tritonsd.sampler.settings import GenerationSettings, SettingsError

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from tritonsd.kernels import dispatch
-from tritonsd.model.device import DeviceError, DTypeError, resolve_device, resolve_dtype
-from tritonsd.model.sd import load_model
+from tritonsd.devices import DeviceError, DTypeError, resolve_device, resolve_dtype
+from tritonsd.model.load import load_model
 from tritonsd.model.vae_guard import VAEDecodeGuard, VAEDecodeNaNWarning
 from tritonsd.sampler.vae_io import decode_clamped
 from tritonsd.testing.reference import relative_error

@@ -7,10 +7,9 @@ import json
 
 import pytest
 
-from tritonsd.model.embeddings import load_embeddings
-from tritonsd.model.prompt_chunks import (MAX_PROMPT_TOKENS, PromptTooLongError, empty_chunk, model_input_ids,
-                                          tokenize_prompt)
-from tritonsd.model.tokenizer import BOS_ID, EOS_ID, get_tokenizer
+from tritonsd.formats.embeddings import load_embeddings
+from tritonsd.prompt.chunks import MAX_PROMPT_TOKENS, PromptTooLongError, empty_chunk, model_input_ids, tokenize_prompt
+from tritonsd.prompt.tokenizer import BOS_ID, EOS_ID, get_tokenizer
 
 # reference -> [(record key, tokenizer flavour, pad id)]
 TOWERS = {

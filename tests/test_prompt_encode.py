@@ -8,9 +8,9 @@ import torch
 
 from _prompt_models import tiny_model
 from conftest import FP32_BOUND
-from tritonsd.model.prompt_chunks import PromptTooLongError
-from tritonsd.model.prompt_encode import PromptEncodeError, encode_prompts, encode_schedule
-from tritonsd.model.tokenizer import BOS_ID, EOS_ID
+from tritonsd.prompt.chunks import PromptTooLongError
+from tritonsd.prompt.encode import PromptEncodeError, encode_prompts, encode_schedule
+from tritonsd.prompt.tokenizer import BOS_ID, EOS_ID
 from tritonsd.testing.reference import relative_error
 
 

@@ -8,8 +8,7 @@ import json
 
 import pytest
 
-from tritonsd.model.prompt_parser import (PromptSyntaxError, parse_prompt_attention, prompt_schedules,
-                                          schedule_index)
+from tritonsd.prompt.parser import PromptSyntaxError, parse_prompt_attention, prompt_schedules, schedule_index
 
 PROMPT_REFERENCES = ("prompts-sd1-tiny", "prompts-sd2v-tiny", "prompts-sdxl-tiny", "ti-sd1-tiny", "ti-sdxl-tiny")
 

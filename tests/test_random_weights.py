@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from tritonsd.model.keys import normalize_keys
+from tritonsd.formats.keys import normalize_keys
 from tritonsd.bench.random_weights import (ManifestError, build_meta_model, build_random_model, load_manifest,
-                                           meta_state_dict)
+    meta_state_dict)
 
 # extras a released file carries that the modules do not hold (manifests/README.md)
 EXTRAS = ("model_ema.", "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_", "log_one_minus_",

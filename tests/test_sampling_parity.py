@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tritonsd.model.sd import load_model
+from tritonsd.model.load import load_model
 from tritonsd.sampler import denoise as D
 from tritonsd.sampler import samplers as K
 from tritonsd.sampler import schedule as S

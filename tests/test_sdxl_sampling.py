@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tritonsd.model.sd import load_model
-from tritonsd.sampler import pipeline as P
+from tritonsd.model.load import load_model
+from tritonsd import pipeline as P
 from tritonsd.sampler import registry
 from tritonsd.sampler import wiring as W
 from tritonsd.sampler.settings import GenerationSettings, SettingsError, side_multiple

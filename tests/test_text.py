@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from conftest import FP32_BOUND
 from tritonsd.model.clip import FrozenCLIPEmbedder
 from tritonsd.model.conditioner import GeneralConditioner, build_cond_stage
-from tritonsd.model.keys import cond_stage_prefix
+from tritonsd.formats.keys import cond_stage_prefix
 from tritonsd.model.open_clip import FrozenOpenCLIPEmbedder, FrozenOpenCLIPEmbedder2
 from tritonsd.model.text_config import TextConfigError, cond_stage_config, text_config_from_weights
 from tritonsd.model.layers import timestep_embedding

@@ -11,8 +11,7 @@ from importlib import resources
 import pytest
 import torch
 
-from tritonsd.model.tokenizer import (BOS_ID, EOS_ID, NUM_MERGES, CLIPTokenizer, TokenizerError,
-                                      get_tokenizer)
+from tritonsd.prompt.tokenizer import BOS_ID, EOS_ID, NUM_MERGES, CLIPTokenizer, TokenizerError, get_tokenizer
 
 FLAVORS = ("transformers", "open_clip")
 
@@ -152,7 +151,7 @@ def test_bad_input_raises_clear_errors(tmp_path):
 
 
 def test_vocabulary_is_not_read_at_import():
-    code = ("import tritonsd.model.conditioner, tritonsd.model.tokenizer as t; "
+    code = ("import tritonsd.model.conditioner, tritonsd.prompt.tokenizer as t; "
             "print(t._load_vocab.cache_info().currsize)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "0"

@@ -9,7 +9,8 @@ import pytest
 import torch
 import triton
 
-from tritonsd.kernels import conv, tuning, variants
+from tritonsd.kernels import conv
+from tritonsd.compile import tuning, variants
 
 CONFIGS = [triton.Config({"BLOCK": b}, num_warps=w, num_stages=2) for b, w in [(64, 4), (128, 4), (128, 8)]]
 FAST = CONFIGS[1]

@@ -8,9 +8,9 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import FP32_BOUND
-from tritonsd.model.checkpoint import read_checkpoint
+from tritonsd.formats.checkpoint import read_checkpoint
 from tritonsd.model.config import UnsupportedModelError
-from tritonsd.model.sd import load_model
+from tritonsd.model.load import load_model
 from tritonsd.model.unet import UNetShapeError
 from tritonsd.testing.reference import relative_error
 

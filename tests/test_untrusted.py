@@ -1,4 +1,4 @@
-"""tritonsd.untrusted: text from files printed with every control, bidi and otherwise non-printable character
+"""tritonsd.escape: text from files printed with every control, bidi and otherwise non-printable character
 escaped, on one line, cut to an excerpt when long."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tritonsd.untrusted import escape, quote
+from tritonsd.escape import escape, quote
 
 
 @pytest.mark.parametrize("raw, shown", [

@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .cli import UsageError
+from tritonsd.tools.cli import UsageError
 
 
 def add_parser(subparsers) -> None:
@@ -64,10 +64,10 @@ def check_usage(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..batch import BatchError, run_batch as batch
-    from ..batch.jobs import escape
-    from .generate import check_checkpoint
-    from .progress import progress_enabled
+    from tritonsd.batch import BatchError, run_batch as batch
+    from tritonsd.batch.jobs import escape
+    from tritonsd.tools.generate import check_checkpoint
+    from tritonsd.tools.progress import progress_enabled
 
     check_usage(args)
     if not args.jobs.is_file():

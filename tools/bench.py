@@ -2,7 +2,7 @@
 
 ``tritonsd bench kernels [--op NAME] [--model NAME] [--dtype fp16] [--json PATH] [--git-commit SHA]`` runs
 ``tritonsd.bench.bench_<op>`` and writes every row, with the device, its driver and clocks, the torch/triton
-versions, the git commit and this command, to ``bench/results/`` (or ``--json``).
+versions, the git commit and this command, to ``benchmarks/results/`` (or ``--json``).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def add_kernels_parser(sub) -> None:
     p.add_argument("--model", default=None, help="only cases of this model: sd15-512, sd21-768, text")
     p.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default="fp16")
     p.add_argument("--json", type=Path, default=None, metavar="PATH",
-                   help="write the results here (default: bench/results/kernels-DEVICE-DTYPE-TIME.json)")
+                   help="write the results here (default: benchmarks/results/kernels-DEVICE-DTYPE-TIME.json)")
     p.add_argument("--git-commit", default=None, help="record this commit (when the tree has no .git; else "
                                                       "$TRITONSD_GIT_COMMIT, else git)")
 
@@ -64,7 +64,7 @@ def run_kernels(args: argparse.Namespace) -> int:
 
 
 def add_e2e_parser(sub) -> None:
-    from ..bench import e2e as bench_e2e
+    from tritonsd.bench import e2e as bench_e2e
 
     p = sub.add_parser("e2e", help="whole-image speed of full-size random-weight models vs diffusers",
                        description=bench_e2e.__doc__.splitlines()[0])
@@ -72,7 +72,7 @@ def add_e2e_parser(sub) -> None:
 
 
 def run_e2e(args: argparse.Namespace) -> int:
-    from ..bench import e2e as bench_e2e
+    from tritonsd.bench import e2e as bench_e2e
 
     return bench_e2e.run(args)
 

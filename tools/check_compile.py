@@ -1,7 +1,7 @@
 """``tritonsd check-compile --arch sm_90[,sm_80,sm_86,sm_89] [--json FILE]``: compile every shipped kernel config
 at the SD 1.5 / SD 2.1 / SDXL shapes for those GPUs, without a GPU, and print registers, spills, shared memory
 and whether wgmma is used. Exits 1 on a compile failure, a spill in fp16/bf16, or an sm_90 matmul without wgmma.
-The work lives in ``tritonsd.kernels.check_compile``."""
+The work lives in ``tritonsd.compile.check_compile``."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from .cli import UsageError
+from tritonsd.tools.cli import UsageError
 
 
 def _csv(text: str) -> list[str]:
@@ -33,8 +33,8 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..kernels import aot, check_compile, variants
-    from ..kernels.warmup import WarmupError
+    from tritonsd.compile import aot, check_compile, variants
+    from tritonsd.compile.warmup import WarmupError
 
     archs = _csv(args.arch)
     try:

@@ -15,7 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .cli import UsageError
+from tritonsd.tools.cli import UsageError
 
 DTYPES = ("fp32", "fp16", "bf16")
 SAMPLER_NAMES = ("dpmpp_2m", "euler", "euler_a", "ddim", "plms")  # the registry's (checked in tests)
@@ -33,7 +33,7 @@ class GenerateError(ValueError):
 
 
 def add_parser(subparsers) -> None:
-    from ..sampler.settings import SIDE_RULE
+    from tritonsd.sampler.settings import SIDE_RULE
 
     p = subparsers.add_parser("generate", help="generate images (txt2img, img2img, inpainting) from a checkpoint",
                               description="Generate images from an original checkpoint: txt2img, img2img "
@@ -133,7 +133,7 @@ def check_usage(args: argparse.Namespace) -> None:
 def settings_from_args(args: argparse.Namespace, init_image=None, mask=None):
     """The run's ``GenerationSettings``: the infotext's (``--from-png`` / ``--infotext``), then the flags given,
     checked without the model (``SettingsError`` names the flag)."""
-    from ..sampler.settings import GenerationSettings, fields_from_infotext
+    from tritonsd.sampler.settings import GenerationSettings, fields_from_infotext
 
     fields = {}
     text = infotext_of(args)
@@ -176,7 +176,7 @@ def infotext_of(args: argparse.Namespace) -> str | None:
 
 def usage_errors(step):
     """Run ``step()``; a ``SettingsError`` becomes a ``UsageError`` naming the flag (exit code 2)."""
-    from ..sampler.settings import SettingsError
+    from tritonsd.sampler.settings import SettingsError
 
     try:
         return step()
@@ -186,7 +186,7 @@ def usage_errors(step):
 
 def lora_specs(values: list[str]) -> list:
     """``--lora FILE:W`` values as LoraSpecs, each file checked before the model loads."""
-    from ..model.lora import parse_lora_arg
+    from tritonsd.lora.apply import parse_lora_arg
 
     specs = [parse_lora_arg(v) for v in values]
     for spec in specs:
@@ -196,7 +196,7 @@ def lora_specs(values: list[str]) -> list:
 
 
 def check_checkpoint(path: Path, config: Path | None, vae: Path | None = None) -> None:
-    from ..model.demo import is_demo
+    from tritonsd.model.demo import is_demo
 
     if vae is not None and not vae.is_file():
         raise GenerateError(f"VAE file not found: {vae}")
@@ -232,7 +232,7 @@ def check_memory(settings, device: str, dtype: str) -> None:
     family's default size is checked by the Pipeline once the model is known)."""
     import torch
 
-    from ..sampler.memory import memory_shortfall
+    from tritonsd.sampler.memory import memory_shortfall
 
     if settings.width is None or settings.height is None:
         return
@@ -273,7 +273,7 @@ def open_image(path: Path, what: str):
 
     from PIL import Image, UnidentifiedImageError
 
-    from ..untrusted import escape
+    from tritonsd.escape import escape
 
     if not path.exists():
         raise GenerateError(f"{what} not found: {escape(path)}")
@@ -299,7 +299,7 @@ def open_image(path: Path, what: str):
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..sampler.settings import check_rng_device
+    from tritonsd.sampler.settings import check_rng_device
 
     check_usage(args)
     check_checkpoint(args.checkpoint, args.config, args.vae)
@@ -331,8 +331,8 @@ def run(args: argparse.Namespace) -> int:
 
 def load(args: argparse.Namespace, device: str, dtype: str):
     """The Pipeline for ``--checkpoint`` (its model hash computed alongside the load)."""
-    from ..sampler.pipeline import load as load_pipeline
-    from .progress import bar, progress_enabled
+    from tritonsd.pipeline import load as load_pipeline
+    from tritonsd.tools.progress import bar, progress_enabled
 
     with bar(1, f"loading {args.checkpoint.name}", progress_enabled(args.quiet), unit="model") as progress:
         pipe = load_pipeline(str(args.checkpoint), args.config, device=device, dtype=dtype, kernels=args.kernels,
@@ -369,8 +369,8 @@ def warn_truncated(model, prompt: str, what: str) -> None:
 
 def sample(pipe, settings, quiet: bool, dtype: str):
     """Images [B, 3, H, W] in [0, 1] with a progress bar; a non-finite result is refused."""
-    from ..sampler.pipeline import NonFiniteError
-    from .progress import bar, progress_enabled
+    from tritonsd.pipeline import NonFiniteError
+    from tritonsd.tools.progress import bar, progress_enabled
 
     with bar(settings.steps, "sampling", progress_enabled(quiet), unit="step") as progress:
         def on_step(step: dict) -> None:

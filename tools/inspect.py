@@ -15,13 +15,13 @@ from pathlib import Path
 
 import torch
 
-from ..model.checkpoint import read_checkpoint_shapes
-from ..model.config import ModelConfig, ModelConfigError, detect_config, find_config
-from ..model.demo import demo_config, demo_config_path, is_demo
-from ..model.keys import SCHEDULE_BUFFERS, TEXT_PREFIXES, UNET, VAE, NormalizedKeys, normalize_keys
-from ..untrusted import escape
-from ..model.text_config import TextConfigError
-from ..model.vae_file import check_vae_fits, vae_weights
+from tritonsd.formats.checkpoint import read_checkpoint_shapes
+from tritonsd.model.config import ModelConfig, ModelConfigError, detect_config, find_config
+from tritonsd.model.demo import demo_config, demo_config_path, is_demo
+from tritonsd.formats.keys import SCHEDULE_BUFFERS, TEXT_PREFIXES, UNET, VAE, NormalizedKeys, normalize_keys
+from tritonsd.escape import escape
+from tritonsd.model.text_config import TextConfigError
+from tritonsd.formats.vae_file import check_vae_fits, vae_weights
 
 FAMILY_NAMES = {"sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x", "sdxl": "Stable Diffusion XL (base)"}
 PARAM_SOURCES = {"yaml": "from the YAML", "option": "given with --parameterization", "builtin": "built-in model",
@@ -102,7 +102,7 @@ def inspect_checkpoint(path: str | Path, yaml_path: Path | None = None, paramete
 
 def _demo(name: str) -> dict[str, torch.Tensor]:
     """A built-in model's tensors as meta tensors (its modules' state dict on the meta device)."""
-    from ..model.sd import build_model
+    from tritonsd.model.sd import build_model
 
     with torch.device("meta"):
         return build_model(demo_config(name)).state_dict()

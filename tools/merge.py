@@ -21,12 +21,12 @@ from pathlib import Path
 
 import torch
 
-from .cli import UsageError
-from ..model.checkpoint import SAFETENSORS_SUFFIX, read_checkpoint, validate_safetensors_header
-from ..model.keys import normalize_keys
-from ..model.lora import LoraSpec, deltas_by_weight, merge_all, parse_lora_arg, read_and_compute, \
-    unmatched_warning
-from ..model.lora_file import LoraError, addnet_hash, safe_text
+from tritonsd.tools.cli import UsageError
+from tritonsd.formats.checkpoint import SAFETENSORS_SUFFIX, read_checkpoint, validate_safetensors_header
+from tritonsd.formats.keys import normalize_keys
+from tritonsd.lora.apply import (LoraSpec, deltas_by_weight, merge_all, parse_lora_arg, read_and_compute,
+    unmatched_warning)
+from tritonsd.formats.lora_file import LoraError, addnet_hash, safe_text
 
 
 def add_parser(subparsers) -> None:

@@ -41,8 +41,8 @@ from pathlib import Path
 
 import torch
 
-from .cli import UsageError
-from ..testing.reference import relative_error, strict_float32
+from tritonsd.tools.cli import UsageError
+from tritonsd.testing.reference import relative_error, strict_float32
 
 FP32_BOUND = 1e-4  # the fixtures' README: relative error bound for float32 implementations
 KERNELS = ("auto", "torch", "triton")
@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
         for note in _notes(model, meta, config_path):
             print(note, file=sys.stderr)
 
-    from ..kernels import dispatch
+    from tritonsd.kernels import dispatch
 
     with dispatch.force(args.kernels), torch.no_grad(), strict_float32():
         computed, errors, timings = recompute(model, ref, meta, device, {g: groups[g] for g in selected},
@@ -129,14 +129,14 @@ def _device(name: str) -> torch.device:
 
 
 def _kind(meta: dict) -> str | None:
-    from ..testing.groups import reference_kind
+    from tritonsd.testing.groups import reference_kind
 
     return reference_kind(meta)
 
 
 def _needs_model(args, kind: str | None) -> bool:
     """Whether the reference is recomputed with the checkpoint; one that needs none ignores a given one."""
-    from ..testing.a1111_groups import needs_model
+    from tritonsd.testing.a1111_groups import needs_model
 
     if needs_model(kind):
         if args.checkpoint is None:
@@ -192,7 +192,7 @@ def _check_paths(args) -> None:
 
 
 def _read_reference(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    from ..testing.reference import load_reference
+    from tritonsd.testing.reference import load_reference
 
     try:
         ref, meta = load_reference(path)
@@ -209,7 +209,7 @@ def _read_reference(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def _sibling_yaml(checkpoint: Path) -> Path | None:
-    from ..model.config import find_config
+    from tritonsd.model.config import find_config
 
     return find_config(checkpoint)
 
@@ -237,9 +237,9 @@ def heads_from_meta(meta: dict) -> int | None:
 
 
 def _load(args, config_path: Path | None, meta: dict, device: torch.device, kind: str | None = None):
-    from ..model.sd import load_model
-    from ..model.text_config import TextConfigError
-    from ..testing.a1111_groups import uses_text_towers
+    from tritonsd.model.load import load_model
+    from tritonsd.model.text_config import TextConfigError
+    from tritonsd.testing.a1111_groups import uses_text_towers
 
     heads = args.text_heads if args.text_heads is not None else heads_from_meta(meta)
     try:
@@ -281,7 +281,7 @@ FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
 
 def check_fits(model, ref: dict[str, torch.Tensor], meta: dict, checkpoint: Path, reference: Path) -> None:
     """Refuse (exit 2) a reference whose tensors cannot belong to this checkpoint, naming the first misfit."""
-    from ..testing import a1111_groups
+    from tritonsd.testing import a1111_groups
 
     kind = a1111_groups.reference_kind(meta)
     if kind is not None:
@@ -320,7 +320,7 @@ def check_fits(model, ref: dict[str, torch.Tensor], meta: dict, checkpoint: Path
 
 def _groups(ref: dict[str, torch.Tensor], meta: dict) -> dict[str, list[str]]:
     """{group: names}, in the JSON's order (then any names it does not list, sorted)."""
-    from ..testing.groups import group_names
+    from tritonsd.testing.groups import group_names
 
     return group_names(ref, meta)
 
@@ -340,8 +340,8 @@ def recompute(model, ref, meta, device, groups: dict[str, list[str]], reference:
               embeddings_dir: Path | None = None):
     """({name: tensor on the CPU}, {group: error message}, {group: seconds}) over ``groups``; ``model`` None for
     a reference that needs none."""
-    from ..sampler.pipeline import Pipeline
-    from ..testing import groups as G
+    from tritonsd.pipeline import Pipeline
+    from tritonsd.testing import groups as G
 
     ctx = G.Recompute(Pipeline(model) if model is not None else None, ref, meta, device, reference=reference,
                       embeddings_dir=embeddings_dir)
@@ -367,7 +367,7 @@ def recompute(model, ref, meta, device, groups: dict[str, list[str]], reference:
 
 
 def _one_line(e: BaseException) -> str:
-    from ..testing import groups as G
+    from tritonsd.testing import groups as G
 
     text = str(e).strip().splitlines()[0] if str(e).strip() else ""
     if isinstance(e, G.GroupError):
@@ -379,8 +379,8 @@ def _one_line(e: BaseException) -> str:
 
 
 def build_rows(ref, meta, groups: dict[str, list[str]], computed, errors) -> list[dict]:
-    from ..testing import groups as G
-    from ..testing.a1111_groups import bound_for
+    from tritonsd.testing import groups as G
+    from tritonsd.testing.a1111_groups import bound_for
 
     bound = bound_for(G.reference_kind(meta), FP32_BOUND)
     rows = []

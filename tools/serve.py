@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .cli import UsageError
+from tritonsd.tools.cli import UsageError
 
 
 def add_parser(subparsers) -> None:
@@ -43,7 +43,7 @@ def add_parser(subparsers) -> None:
 
 
 def check_usage(args: argparse.Namespace) -> dict:
-    from ..serve.app import parse_auth
+    from tritonsd.serve.app import parse_auth
 
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port must be between 0 and 65535, got {args.port}")
@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     import logging
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    from ..serve import build_state, create_app
+    from tritonsd.serve import build_state, create_app
 
     state = build_state(args.checkpoint, config=args.config, models_dir=args.models_dir, vae_dir=args.vae_dir,
                         lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir, device=args.device,

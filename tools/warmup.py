@@ -1,7 +1,7 @@
 """``tritonsd warmup (CHECKPOINT | --model sd15|sd21|sdxl) [--size 512x512 ...] [--batch 1,2] [--arch sm_90]``:
 compile every kernel variant those shapes need, in parallel, into Triton's on-disk cache (and, on a GPU with a
 checkpoint, tune each autotune key once into the persistent tuning cache), so that the first image does not
-wait for it. The work lives in ``tritonsd.kernels.warmup``."""
+wait for it. The work lives in ``tritonsd.compile.warmup``."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import re
 import sys
 from pathlib import Path
 
-from .cli import UsageError
+from tritonsd.tools.cli import UsageError
 
 DTYPES = ("fp16", "bf16", "fp32")
 
@@ -41,14 +41,14 @@ def add_parser(subparsers) -> None:
 
 
 def _config(args: argparse.Namespace):
-    from ..kernels import variants
+    from tritonsd.compile import variants
 
     if (args.checkpoint is None) == (args.model is None):
         raise UsageError("give a checkpoint or --model, not both")
     if args.model:
         return variants.released(args.model)
-    from ..model.checkpoint import read_checkpoint_shapes
-    from ..model.config import detect_config
+    from tritonsd.formats.checkpoint import read_checkpoint_shapes
+    from tritonsd.model.config import detect_config
 
     return detect_config(read_checkpoint_shapes(args.checkpoint))
 
@@ -56,8 +56,8 @@ def _config(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..kernels import aot
-    from ..kernels.warmup import WarmupError, warmup
+    from tritonsd.compile import aot
+    from tritonsd.compile.warmup import WarmupError, warmup
 
     try:
         batches = [int(b) for b in args.batch.split(",") if b.strip()]

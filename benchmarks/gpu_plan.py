@@ -1,0 +1,502 @@
+"""The prepared GPU run (``benchmarks/gpu_run.sh``): its stages in priority order, their time estimates, the budget.
+
+GPU time comes in short windows on a bare machine (issue 11): so the run is planned before it starts. Each
+stage's estimate is built from committed data (``benchmarks/data/gpu_costs.json``):
+
+* compile counts: the kernel variants x autotune configs each stage needs, counted here by walking the models
+  on the meta device (:func:`count`; ``python3 benchmarks/gpu_plan.py count --write`` refreshes them);
+* per-task compile seconds for sm_90 per kernel and dtype, measured without a GPU (``tritonsd check-compile``
+  and ``tritonsd warmup --arch sm_90``), and the parallel speed-up measured with 1 and 2 workers on a 2-core
+  machine, extrapolated to the GPU machine's cores by Amdahl's law;
+* assumed constants (process start, tuning seconds per config, run seconds), named as assumptions.
+
+Stage 0 compiles what stages 1-4 need in parallel (``tritonsd warmup``), so they start warm; a restored cache
+archive (``--cache-archive``, written after every stage) makes it nearly free. ``run`` executes the selected
+stages (``--only``) in order, skips (and names) a stage whose estimate does not fit the budget left, stops a
+stage that runs past the budget, and rewrites ``gpu-run.json`` (every stage's status and its results) after
+each stage; each stage's own JSON also goes to ``benchmarks/results/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+DATA = Path(__file__).resolve().parent / "data" / "gpu_costs.json"
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parent.parent
+COLD_LIMIT_S = 360  # stages 0-4 from a cold start (issue 11)
+DEFAULT_BUDGET_S = 560  # one device command runs at most 600 s: leave room for the archive and the transfer
+ARCHIVE_RESERVE_S = 20  # kept back from the budget for writing the cache archive
+ARCHIVE_PART_BYTES = 15 * 2 ** 20  # files coming back from the machine are capped at 16 MiB each
+
+
+class PlanError(ValueError):
+    """A plan that cannot be made as asked (unknown stage, bad budget, missing cost data)."""
+
+
+# ---------------------------------------------------------------- stages
+
+
+@dataclass(frozen=True)
+class Stage:
+    number: int
+    name: str
+    what: str
+    commands: tuple[str, ...]  # shell commands, run in order from the repository root; {json} {xml} {fix} {commit}
+    compiles: tuple[str, ...] = ()  # the compile-count groups this stage compiles itself (serially, in-process)
+    tunes: tuple[str, ...] = ()  # the count groups whose autotune keys this stage tunes first
+    run_s: str = ""  # the key of its assumed run time (``assumed.run_s``)
+    processes: int = 1  # python processes it starts (each pays ``assumed.process_start_s``)
+
+    @property
+    def slug(self) -> str:
+        return f"stage{self.number}-{self.name}"
+
+
+TESTS_CUDA = ("tests/test_graph.py::test_graph_replay_equals_eager_loop_cuda "
+              "tests/test_pipeline_graph.py::test_graph_loop_equals_eager_cuda "
+              "tests/test_pipeline_graph.py::test_moved_weights_get_a_new_runner_cuda "
+              "tests/test_lora_pipeline.py::test_switching_under_cuda_graphs_captures_once")
+UNTUNED = "TRITONSD_AUTOTUNE=0"  # correctness runs: one config per kernel variant (no tuning, a third of the compiles)
+E2E = "python3 -m tritonsd.tools.cli bench e2e --git-commit {commit} --steps 20 --repeat 10 --sampler dpmpp_2m"
+
+STAGES = (
+    Stage(0, "precompile", "compile every kernel variant stages 1-4 need, in parallel on all cores (no GPU work)",
+          ("python3 -m tritonsd.tools.cli warmup --model sd15 --size 512x512 --batch 1,2 --dtype fp16",
+           f"{UNTUNED} python3 -m tritonsd.tools.cli warmup {{fix}}/sd1-tiny.safetensors --size 128x128 "
+           "--batch 2 --dtype fp32 --no-vae",
+           f"{UNTUNED} python3 -m tritonsd.tools.cli warmup {{fix}}/sd1-tiny.safetensors --size 64x64 "
+           "--batch 2,4 --dtype fp16",
+           f"{UNTUNED} python3 -m tritonsd.tools.cli warmup {{fix}}/sd1-tiny.safetensors --size 128x128 "
+           "--batch 2 --dtype fp16",
+           f"{UNTUNED} python3 -m tritonsd.tools.cli warmup {{fix}}/sd1-tiny.safetensors --size 128x128 "
+           "--batch 2 --dtype bf16"),
+          run_s="precompile", processes=4),
+    Stage(1, "kernels-fp16", "fp16 correctness of every kernel at SD 1.5 shapes vs torch (fresh random inputs, "
+                             "outputs poisoned first, relative error <= 1e-2)",
+          ("python3 benchmarks/gpu_correctness.py --dtype fp16 --models sd15-512,text --git-commit {commit} "
+           "--json {json}",), tunes=("sd15-fp16",), run_s="correctness"),
+    Stage(2, "parity", "GPU parity of the tiny fixtures: the fp32 set (text and UNet of sd1-tiny) within 1e-4 "
+                       "(tritonsd parity), the whole model in fp16 / bf16 within "
+                       "the half-precision bounds (test_precision)",
+          (f"{UNTUNED} python3 -m tritonsd.tools.cli parity {{fix}}/sd1-tiny.safetensors --reference "
+           "{fix}/sd1-tiny.reference.safetensors --device cuda --only tokens,text,unet --json {json}",
+           f"{UNTUNED} python3 -m pytest -q -p no:cacheprovider tests/test_precision.py -k "
+           "half_model_close_to_float32_cuda --junitxml {xml}"),
+          run_s="parity", processes=2),
+    Stage(3, "cuda-tests", "pytest: CUDA-graph replay == eager, LoRA switching under graphs captures once",
+          (f"{UNTUNED} python3 -m pytest -q -p no:cacheprovider {TESTS_CUDA} --junitxml {{xml}}",),
+          run_s="cuda_tests"),
+    Stage(4, "e2e-sd15", "SD 1.5 512x512 batch 1: tritonsd (graph) vs diffusers eager; warm-up (compile + tuning) "
+                         "recorded apart from the first image",
+          (f"{E2E} --model sd15 --batch 1 --impl tritonsd-graph --impl diffusers-eager --json {{json}}",),
+          tunes=("sd15-fp16",), run_s="e2e_sd15"),
+    Stage(5, "diffusers-compile", "SD 1.5 512x512 batch 1: diffusers compiled with diffusion-fast's recipe "
+                                  "(its compile time is not known without a GPU: assumed)",
+          (f"{E2E} --model sd15 --batch 1 --impl diffusers-compile --json {{json}}",), run_s="diffusers_compile"),
+    Stage(6, "bench-kernels", "tritonsd bench kernels (fp16): every kernel against its peers",
+          ("python3 -m tritonsd.tools.cli bench kernels --dtype fp16 --git-commit {commit} --json {json}",),
+          compiles=("bench-sd21-fp16",), tunes=("bench-sd21-fp16",), run_s="bench_kernels"),
+    Stage(7, "e2e-sd21-sdxl", "SD 2.1 768x768 and SDXL 1024x1024 batch 1: tritonsd vs diffusers eager",
+          (f"{E2E} --model sd21 --model sdxl --batch 1 --impl tritonsd-graph --impl diffusers-eager "
+           "--json {json}",), compiles=("sd21-fp16", "sdxl-fp16"), tunes=("sd21-fp16", "sdxl-fp16"),
+          run_s="e2e_sd21_sdxl"),
+)
+PRECOMPILED = ("sd15-fp16", "tiny-fp32", "tiny-half")  # what stage 0 compiles
+UNTUNED_GROUPS = ("tiny-fp32", "tiny-half")  # compiled and run with TRITONSD_AUTOTUNE=0
+
+
+def stage_by_number(n: int) -> Stage:
+    for s in STAGES:
+        if s.number == n:
+            return s
+    raise PlanError(f"no stage {n} (stages: {', '.join(str(s.number) for s in STAGES)})")
+
+
+def parse_only(text: str | None) -> list[int]:
+    """``1,3-4`` -> [1, 3, 4]; None -> every stage. Stage 0 (precompile) comes along with any of 1-4 unless
+    the cache archive was restored (then it costs little: every compile is a hit)."""
+    if text is None:
+        return [s.number for s in STAGES]
+    out: set[int] = set()
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            lo, _, hi = part.partition("-")
+            first, last = int(lo), int(hi or lo)
+        except ValueError:
+            raise PlanError(f"--only {text!r}: expected stage numbers like 1,3-4") from None
+        for n in range(first, last + 1):
+            out.add(stage_by_number(n).number)
+    if out & {1, 2, 3, 4}:
+        out.add(0)
+    return sorted(out)
+
+
+# ---------------------------------------------------------------- costs
+
+
+def load_costs(path: Path = DATA) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise PlanError(f"cost data unreadable: {path} ({e})") from None
+
+
+def parallel_speedup(speedup_2: float, cores: int) -> float:
+    """Amdahl's law: the parallel fraction p that gives ``speedup_2`` on 2 workers, applied to ``cores``."""
+    speedup_2 = min(max(speedup_2, 1.0), 2.0)
+    p = 2.0 * (1.0 - 1.0 / speedup_2)
+    return 1.0 / ((1.0 - p) + p / cores)
+
+
+def compile_seconds(tasks: dict, per_task: dict, default: float) -> float:
+    """Serial seconds for ``tasks`` ({dtype: {kernel: n}}) at the measured per-task seconds."""
+    total = 0.0
+    for dtype, kernels in tasks.items():
+        for kernel, n in kernels.items():
+            total += n * per_task.get(dtype, {}).get(kernel, default)
+    return total
+
+
+@dataclass
+class Estimate:
+    stage: int
+    name: str
+    seconds: float
+    parts: dict = field(default_factory=dict)
+
+
+def estimate(stage: Stage, costs: dict, warm: bool = False, tuned: set | None = None) -> Estimate:
+    """Seconds for one stage. ``warm``: the cache archive was restored (compiles and tuning are hits).
+    ``tuned``: count groups already tuned by an earlier stage of this run (updated)."""
+    measured, counts, assumed = costs["measured"], costs["counts"], costs["assumed"]
+    per_task, default = measured["compile_s_per_task"], measured["compile_s_default"]
+    cores = assumed["gpu_machine_cores"]
+    parts = {"process_start": stage.processes * assumed["process_start_s"], "run": assumed["run_s"][stage.run_s]}
+    if stage.number == 0:
+        serial = sum(compile_seconds(counts[g]["tasks"], per_task, default) for g in PRECOMPILED)
+        speedup = parallel_speedup(measured["speedup_2_workers"], cores)
+        parts["compile"] = (assumed["cache_hit_s_per_task"] * sum(_n(counts[g]["tasks"]) for g in PRECOMPILED)
+                            if warm else serial / speedup)
+    if stage.compiles:  # compiled in-process by the JIT, one after another
+        n = sum(_n(counts[g]["tasks"]) for g in stage.compiles)
+        parts["compile"] = (assumed["cache_hit_s_per_task"] * n if warm else
+                            sum(compile_seconds(counts[g]["tasks"], per_task, default) for g in stage.compiles))
+    tuned = set() if tuned is None else tuned
+    fresh = [g for g in stage.tunes if g not in tuned]
+    tuned.update(stage.tunes)
+    if fresh and not warm:
+        configs = sum(counts[g]["tuning_configs"] for g in fresh)
+        parts["tuning"] = configs * assumed["tune_s_per_config"]
+    return Estimate(stage.number, stage.name, round(sum(parts.values()), 1),
+                    {k: round(v, 1) for k, v in parts.items()})
+
+
+def _n(tasks: dict) -> int:
+    return sum(n for kernels in tasks.values() for n in kernels.values())
+
+
+def plan(numbers: list[int], costs: dict, warm: bool = False) -> list[Estimate]:
+    tuned: set = set()
+    return [estimate(stage_by_number(n), costs, warm, tuned) for n in numbers]
+
+
+def fit(estimates: list[Estimate], budget: float, setup_s: float) -> tuple[list[Estimate], list[Estimate]]:
+    """(to run, skipped): in order, a stage whose estimate does not fit what is left is skipped; later, smaller
+    stages may still run, except stages 1-4 without stage 0 (their estimates assume its compiles)."""
+    left = budget - setup_s - ARCHIVE_RESERVE_S
+    run, skipped = [], []
+    for e in estimates:
+        needs_precompile = 1 <= e.stage <= 4 and any(s.stage == 0 for s in skipped)
+        if e.seconds <= left and not needs_precompile:
+            run.append(e)
+            left -= e.seconds
+        else:
+            skipped.append(e)
+    return run, skipped
+
+
+def format_plan(estimates: list[Estimate], skipped: list[Estimate], costs: dict, warm: bool, budget: float) -> str:
+    setup = costs["assumed"]["setup_s"]
+    lines = [f"GPU run plan ({'warm: cache archive restored' if warm else 'cold start'}), budget {budget:.0f} s, "
+             f"setup {setup:.0f} s (wheels, cache restore)"]
+    skipped_numbers = {e.stage for e in skipped}
+    total = setup
+    for e in sorted(estimates + skipped, key=lambda e: e.stage):
+        parts = ", ".join(f"{k} {v:.0f}" for k, v in e.parts.items())
+        mark = "SKIP" if e.stage in skipped_numbers else "run "
+        if e.stage not in skipped_numbers:
+            total += e.seconds
+        lines.append(f"  {mark} {e.stage} {e.name:<18} {e.seconds:6.0f} s  ({parts})  "
+                     f"{stage_by_number(e.stage).what}")
+    first = setup + sum(e.seconds for e in estimates + skipped if e.stage <= 4)
+    lines.append(f"  stages 0-4 (skipped or not): {first:.0f} s (limit {COLD_LIMIT_S} s); planned total {total:.0f} s")
+    if not warm:
+        per_task, default = costs["measured"]["compile_s_per_task"], costs["measured"]["compile_s_default"]
+        groups = ", ".join(f"{g} {compile_seconds(costs['counts'][g]['tasks'], per_task, default):.0f} s "
+                           f"({_n(costs['counts'][g]['tasks'])} tasks)" for g in PRECOMPILED)
+        lines.append(f"  stage 0 serial compile: {groups}; parallel speed-up on "
+                     f"{costs['assumed']['gpu_machine_cores']} cores "
+                     f"{parallel_speedup(costs['measured']['speedup_2_workers'], costs['assumed']['gpu_machine_cores']):.1f}"
+                     f" (from {costs['measured']['speedup_2_workers']:.2f} on 2)")
+    if skipped:
+        lines.append("  skipped (would not finish in the budget): " + ", ".join(
+            f"{e.stage} {e.name} ({e.seconds:.0f} s)" for e in skipped))
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- counting (without a GPU)
+
+
+def _tiny_config():
+    from tritonsd.formats.checkpoint import read_checkpoint_shapes
+    from tritonsd.model.config import detect_config
+    from tritonsd.testing.reference import fixtures_dir
+
+    return detect_config(read_checkpoint_shapes(fixtures_dir() / "sd1-tiny.safetensors"), text_heads=2)
+
+
+def count_groups(only: list[str] | None = None) -> dict:
+    """Compile tasks ({dtype: {kernel: n}}) and autotune configs to time, per count group, walked on meta.
+    Run it without ``TRITON_INTERPRET`` (the interpreter ships one config per kernel, not the GPU's)."""
+    import torch
+
+    from tritonsd.compile import precompile, variants
+
+    fp16, bf16, fp32 = torch.float16, torch.bfloat16, torch.float32
+    groups = {
+        "sd15-fp16": lambda: variants.model_launches(variants.released("sd15"), [(512, 512)], (1, 2), fp16),
+        "sd21-fp16": lambda: variants.model_launches(variants.released("sd21"), [(768, 768)], (2,), fp16),
+        "sdxl-fp16": lambda: variants.model_launches(variants.released("sdxl"), [(1024, 1024)], (2,), fp16),
+        "bench-sd21-fp16": lambda: variants.model_launches(variants.released("sd21"), [(768, 768)], (2,), fp16),
+        # untuned (TRITONSD_AUTOTUNE=0): the fp32 parity set (sd1-tiny's text and UNet at 128 px, batch 2: fp32
+        # convolutions compile slowly); the CUDA tests in fp16 (64 px) and the half-precision model test (fp16 /
+        # bf16 at 128 px)
+        "tiny-fp32": lambda: variants.model_launches(_tiny_config(), [(128, 128)], (2,), fp32, vae=False),
+        "tiny-half": lambda: (variants.model_launches(_tiny_config(), [(64, 64)], (2, 4), fp16)
+                              + variants.model_launches(_tiny_config(), [(128, 128)], (2,), fp16)
+                              + variants.model_launches(_tiny_config(), [(128, 128)], (2,), bf16)),
+    }
+    out = {}
+    for name, launches_of in groups.items():
+        if only and name not in only:
+            continue
+        launches = launches_of()
+        unique = variants.unique(launches)
+        tasks: dict = {}
+        untuned = name in UNTUNED_GROUPS
+        for t in precompile.tasks_for(unique, ["sm_90"]):
+            if untuned and t.config not in (None, 0):
+                continue  # TRITONSD_AUTOTUNE=0: the first shipped config only
+            dtype = _dtype(t.launch)
+            kernel = t.launch.module.rsplit(".", 1)[-1]
+            tasks.setdefault(dtype, {}).setdefault(kernel, 0)
+            tasks[dtype][kernel] += 1
+        keys = variants.unique(launches, lambda la: (la.name, la.tuning_key()))
+        configs = 0
+        for la in keys:
+            kernel = la.resolve()
+            n = len(getattr(kernel, "configs", ()) or ())
+            configs += n if n > 1 and not untuned else 0
+        out[name] = {"variants": len(unique), "tasks": tasks, "tuning_keys": sum(1 for la in keys if la.tuning_key()),
+                     "tuning_configs": configs}
+    return out
+
+
+def _dtype(launch) -> str:
+    from tritonsd.compile.check_compile import _dtype_of
+
+    return _dtype_of(launch)
+
+
+# ---------------------------------------------------------------- running on the GPU machine
+
+
+def _fill(command: str, **values: str) -> str:
+    return command.format(**{k: shlex.quote(v) for k, v in values.items()})
+
+
+def run_stage(stage: Stage, work: Path, fix: Path, commit: str, timeout: float) -> dict:
+    """Run one stage's commands (each in its own process group, all stopped at ``timeout`` seconds); its JSON
+    (and pytest's XML) are written in ``work`` and returned inside the result, and the JSON copied to
+    ``benchmarks/results/``."""
+    json_path, xml_path = work / f"{stage.slug}.json", work / f"{stage.slug}.xml"
+    start = time.perf_counter()
+    status, rcs = "ok", []
+    for command in stage.commands:
+        left = timeout - (time.perf_counter() - start)
+        if left <= 0:
+            status = "timeout"
+            break
+        cmd = _fill(command, json=str(json_path), xml=str(xml_path), fix=str(fix), commit=commit)
+        print(f"[stage {stage.number}] $ {cmd}", flush=True)
+        proc = subprocess.Popen(cmd, shell=True, cwd=ROOT, start_new_session=True)
+        try:
+            rcs.append(proc.wait(timeout=left))
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            status = "timeout"
+            break
+        if rcs[-1] != 0:
+            status = "failed"
+    result = {"stage": stage.number, "name": stage.name, "status": status, "returncodes": rcs,
+              "seconds": round(time.perf_counter() - start, 1)}
+    if json_path.is_file():
+        try:
+            result["result"] = json.loads(json_path.read_text())
+        except ValueError:
+            result["result"] = None
+        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+        (RESULTS_DIR / f"gpu-{stage.slug}.json").write_text(json_path.read_text())
+    if xml_path.is_file():
+        result["pytest_junit_xml"] = xml_path.read_text()[:200_000]
+    return result
+
+
+def write_archive(cache_root: Path, out: Path) -> list[str]:
+    """The compile and tuning caches as one .tar.gz beside the JSON, split into parts under the 16 MiB cap
+    (``gpu-cache.tar.gz.00``, ``.01``, ...); returns the part names."""
+    for old in out.glob("gpu-cache.tar.gz.*"):
+        old.unlink()
+    whole = out / "gpu-cache.tar.gz.tmp"
+    with tarfile.open(whole, "w:gz") as tar:
+        tar.add(cache_root, arcname="cache")
+    names = []
+    with whole.open("rb") as f:
+        for i in range(100):
+            chunk = f.read(ARCHIVE_PART_BYTES)
+            if not chunk:
+                break
+            name = f"gpu-cache.tar.gz.{i:02d}"
+            (out / name).write_bytes(chunk)
+            names.append(name)
+    whole.unlink()
+    return names
+
+
+def restore_archive(parts_dir: Path, cache_root: Path) -> bool:
+    """Unpack ``gpu-cache.tar.gz.NN`` parts (from an earlier run) into ``cache_root``; False when none."""
+    parts = sorted(parts_dir.glob("gpu-cache.tar.gz.[0-9][0-9]"))
+    if not parts:
+        return False
+    whole = cache_root.parent / "gpu-cache.restore.tar.gz"
+    cache_root.parent.mkdir(parents=True, exist_ok=True)
+    with whole.open("wb") as f:
+        for p in parts:
+            f.write(p.read_bytes())
+    with tarfile.open(whole, "r:gz") as tar:
+        for member in tar.getmembers():  # our own archive, but never write outside the cache root
+            if member.name.startswith("/") or ".." in Path(member.name).parts or member.issym() or member.islnk():
+                raise PlanError(f"unsafe path in the cache archive: {member.name!r}")
+        tar.extractall(cache_root.parent)
+    whole.unlink()
+    return True
+
+
+def execute(numbers: list[int], costs: dict, args) -> int:
+    started = time.perf_counter()
+    out, fix, cache_root = Path(args.out), Path(args.fixtures), Path(args.cache_root)
+    out.mkdir(parents=True, exist_ok=True)
+    work = cache_root.parent / "stages"  # not $OUT: at most 8 files come back, so $OUT holds gpu-run.json + archive
+    work.mkdir(parents=True, exist_ok=True)
+    warm = bool(args.warm)
+    estimates = plan(numbers, costs, warm)
+    todo, skipped = fit(estimates, args.budget, costs["assumed"]["setup_s"])
+    print(format_plan(todo, skipped, costs, warm, args.budget), flush=True)
+    summary = {"command": " ".join(sys.argv), "git_commit": args.git_commit, "budget_s": args.budget, "warm": warm,
+               "plan": [asdict(e) for e in estimates], "skipped": [{"stage": e.stage, "name": e.name,
+               "estimate_s": e.seconds, "why": "would not finish in the budget"} for e in skipped], "stages": []}
+    failed = False
+    for e in todo:
+        stage = stage_by_number(e.stage)
+        left = args.budget - (time.perf_counter() - started) - ARCHIVE_RESERVE_S
+        if left < min(e.seconds, 30):
+            summary["skipped"].append({"stage": e.stage, "name": e.name, "estimate_s": e.seconds,
+                                       "why": f"only {left:.0f} s left when its turn came"})
+            print(f"[stage {e.stage}] skipped: {left:.0f} s left, estimate {e.seconds:.0f} s", flush=True)
+            continue
+        result = run_stage(stage, work, fix, args.git_commit or "unknown", left)
+        result["estimate_s"] = e.seconds
+        failed |= result["status"] != "ok"
+        summary["stages"].append(result)
+        print(f"[stage {e.stage}] {result['status']} in {result['seconds']:.0f} s (estimate {e.seconds:.0f} s)",
+              flush=True)
+        summary["archive"] = write_archive(cache_root, out) if cache_root.is_dir() else []
+        summary["elapsed_s"] = round(time.perf_counter() - started, 1)
+        (out / "gpu-run.json").write_text(json.dumps(summary, indent=1))
+    (out / "gpu-run.json").write_text(json.dumps(summary, indent=1))
+    again = sorted({r["stage"] for r in summary["stages"] if r["status"] != "ok"} | {s["stage"] for s in
+                                                                                        summary["skipped"]})
+    if again:
+        print(f"rerun what failed or was skipped: benchmarks/gpu_run.sh --only {','.join(map(str, again))}", flush=True)
+    return 1 if failed else 0
+
+
+# ---------------------------------------------------------------- command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python3 benchmarks/gpu_plan.py", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    for name in ("plan", "run"):
+        q = sub.add_parser(name, help="print the plan" if name == "plan" else "run the stages (on the GPU machine)")
+        q.add_argument("--budget", type=float, default=DEFAULT_BUDGET_S, help="seconds for the whole run")
+        q.add_argument("--only", default=None, metavar="STAGES", help="e.g. 1,3-4 (default all)")
+        q.add_argument("--warm", action="store_true", help="the cache archive was restored")
+        q.add_argument("--costs", type=Path, default=DATA)
+        if name == "run":
+            q.add_argument("--out", required=True, help="where the JSON and the cache archive go ($OUT)")
+            q.add_argument("--fixtures", required=True, help="the carried fixtures directory")
+            q.add_argument("--cache-root", required=True, help="the directory holding the Triton and tuning caches")
+            q.add_argument("--git-commit", default=None)
+    c = sub.add_parser("count", help="count the compile tasks and tuning configs per group (no GPU)")
+    c.add_argument("--write", action="store_true", help=f"store them in {DATA.name}")
+    c.add_argument("--group", action="append", default=None, help="only this group (repeatable)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "count":
+            if os.environ.get("TRITON_INTERPRET") == "1":
+                raise PlanError("unset TRITON_INTERPRET: the interpreter ships one config per kernel")
+            counts = count_groups(args.group)
+            print(json.dumps(counts, indent=1))
+            if args.write:
+                costs = load_costs()
+                costs["counts"].update(counts)
+                DATA.write_text(json.dumps(costs, indent=1) + "\n")
+            return 0
+        if not math.isfinite(args.budget) or args.budget <= 0:
+            raise PlanError(f"--budget must be a positive number of seconds, got {args.budget}")
+        costs = load_costs(args.costs)
+        numbers = parse_only(args.only)
+        if args.command == "plan":
+            estimates = plan(numbers, costs, args.warm)
+            todo, skipped = fit(estimates, args.budget, costs["assumed"]["setup_s"])
+            print(format_plan(todo, skipped, costs, args.warm, args.budget))
+            return 0
+        return execute(numbers, costs, args)
+    except PlanError as e:
+        print(f"gpu_plan: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""``load_model``: a checkpoint file (or the built-in demo model) to a loaded ``StableDiffusion``: read the file,
+normalise its keys once, detect its config, build on the meta device and load strictly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from tritonsd.devices import resolve_device
+from tritonsd.formats.checkpoint import read_checkpoint, require_float_weights
+from tritonsd.formats.keys import MODULE_PREFIXES, normalize_keys
+from tritonsd.formats.source import LoadedFrom
+from tritonsd.formats.vae_file import load_vae_weights
+from tritonsd.model.config import ModelConfig, ModelConfigError, detect_config, find_config
+from tritonsd.model.demo import build_demo_model, is_demo
+from tritonsd.model.sd import StableDiffusion, build_model, load_weights_, replace_vae
+from tritonsd.model.text_config import TextConfigError
+
+
+def load_model(path: str | Path, config: str | Path | ModelConfig | bool | None = None, *,
+               parameterization: str | None = None, text_heads: int | None = None, vae: str | Path | None = None,
+               dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> StableDiffusion:
+    """Read a checkpoint, detect its config, build the modules on the meta device and load the weights strictly,
+    cast to ``dtype`` on ``device`` (``DeviceError`` at once when the device is not available).
+
+    ``path``: a ``.safetensors`` / ``.ckpt`` file, or ``"demo:sd1"`` (the built-in random-weight model).
+    ``config``: the original YAML's path; None (default) uses the YAML beside the checkpoint when there is one
+    (``find_config``); False uses none; a ``ModelConfig`` is taken as it is. ``vae``: an external VAE file
+    replacing the checkpoint's (``model/vae_file.py``). ``model.source`` records the files used.
+    """
+    device = resolve_device(device)
+    if is_demo(path):
+        if config not in (None, False):
+            raise ModelConfigError(f"{path} is built from its own config; a YAML or ModelConfig does not apply")
+        return build_demo_model(str(path), dtype=dtype, device=device, vae=vae)
+    path = Path(path)
+    yaml_path = _yaml_for(path, config)
+    vae_weights = load_vae_weights(vae) if vae is not None else None  # small: fail before the big read
+    norm = normalize_keys(read_checkpoint(path))
+    require_float_weights(norm.weights, MODULE_PREFIXES, path.name)  # an int tensor would be cast silently
+    try:
+        cfg = config if isinstance(config, ModelConfig) else \
+            detect_config(norm, yaml_path, parameterization=parameterization, text_heads=text_heads)
+        with torch.device("meta"):
+            model = build_model(cfg)
+    except (ModelConfigError, TextConfigError) as e:
+        raise type(e)(f"{path.name}: {e}") from None
+    weights = norm.weights
+    if vae_weights is not None:
+        weights = replace_vae(model, weights, vae, vae_weights)
+    load_weights_(model, path, weights, dtype, device)
+    model.source = LoadedFrom(checkpoint=path, config=yaml_path, vae=Path(vae) if vae is not None else None)
+    return model
+
+
+def _yaml_for(path: Path, config) -> Path | None:
+    if config is None:
+        return find_config(path)
+    if config is False or isinstance(config, ModelConfig):
+        return None
+    return Path(config)

@@ -1,0 +1,566 @@
+"""The Pipeline: a loaded model and everything that turns settings into images. It is the product; the command
+line, ``tritonsd parity`` and ``tritonsd bench e2e`` all run its stages.
+
+    pipe = tritonsd.load("v1-5-pruned-emaonly.safetensors")
+    images = pipe("a red fox in snow", seed=42)          # PIL images; info["parameters"] is the infotext
+    pipe.save(images, "outputs/")
+
+The stages, public so a caller can stop at conditioning or at latents:
+
+    settings = pipe.settings(prompt=..., ...)       GenerationSettings, checked and resolved for this model
+    cond     = pipe.encode(settings)                Conditioning: cond / uncond keyword dicts for the UNet
+    latents  = pipe.prepare_latents(settings)       Latents: the first latent, the schedule left to run,
+                                                    inpainting's c_concat, the noise source
+    x        = pipe.denoise(latents, cond, settings, callback)   the sampler loop (CUDA graph where it can)
+    images   = pipe.decode(x)                       [B, 3, H, W] float32 in [0, 1]
+
+Modes follow the settings: no init image is txt2img (``scripts/txt2img.py``; SDXL as sgm's
+``SamplingPipeline.text_to_image``), an init image img2img (``scripts/img2img.py``; see ``sampler/wiring.py``),
+an init image and a mask inpainting (runwayml ``scripts/inpaint_st.py``, 9-channel UNet). A 9-channel model
+always gets the image conditioning ``c_concat``: without a mask it repaints everything (mask all ones, masked
+image all zeros), which is what ``inpaint_st.py`` computes for a full mask. Inpainting ignores ``strength``.
+
+SDXL: the unconditional side is the original's zeroed text features (``force_uc_zero_embeddings``) when the
+negative prompt is empty, else the encoded negative prompt; size conditioning: original size = target size =
+(height, width), crop (0, 0).
+
+The Pipeline owns the model, its CUDA-graph runner (``sampler/graph.py``: the sigma samplers' loop captured
+once per loop shape and replayed, on CUDA) and its VAE decode guard (a non-finite half-precision decode is
+redone in float32). Nothing is hung on the ``nn.Module``.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from tritonsd.kernels import dispatch
+from tritonsd.model.vae_guard import VAEDecodeGuard
+from tritonsd.sampler import denoise as D
+from tritonsd.sampler import registry
+from tritonsd.sampler.graph import GraphCaptureError, GraphRunner, noise_draws, tables_on_device
+from tritonsd.sampler.infotext import Infotext
+from tritonsd.sampler.rng import infotext_rng
+from tritonsd.sampler.noise import ImageNoise, NoiseSource
+from tritonsd.sampler.memory import memory_shortfall
+from tritonsd.sampler.settings import (GenerationSettings, SettingsError, check_rng_device, fields_from_infotext,
+    vae_factor)
+from tritonsd.sampler.vae_io import (InpaintConditioning, NonFiniteError, check_finite, decode_clamped, encode_image,
+    inpaint_conditioning)
+from tritonsd.sampler.wiring import (build_denoiser, img2img_start, make_schedule, num_steps, sigma_denoiser,
+    txt2img_start)
+
+StepCallback = Callable[[dict], None]
+
+
+@dataclass
+class Conditioning:
+    """The UNet's conditioning keywords for both sides of the guidance: ``{"context"}`` (SD1/2) or
+    ``{"context", "y"}`` (SDXL), float32, one row per image; ``uncond`` is None when CFG is off (scale 1). The two
+    sides may differ in token length (77 * chunks): the guidance then makes two UNet calls. With prompt editing
+    (``per_step``) every tensor is a table [calls, B, ...] whose row k serves the k-th model call."""
+
+    cond: dict[str, torch.Tensor]
+    uncond: dict[str, torch.Tensor] | None
+    per_step: bool = False
+    ti_hashes: str | None = None  # AUTOMATIC1111's "TI hashes" of the embeddings the prompts used
+
+
+@dataclass
+class Latents:
+    """What the sampler loop starts from."""
+
+    x: torch.Tensor  # [B, C, h, w] float32 on the model's device: the first latent, scaled for the schedule
+    schedule: object  # sigmas (descending, ending in 0) or a DDIMSchedule left to run; None: no step
+    shared: dict[str, torch.Tensor]  # conditioning both guidance halves share (inpainting's c_concat)
+    noise: NoiseSource  # the ancestral / eta noise of the loop comes from here
+    inpaint: InpaintConditioning | None = None
+
+    @property
+    def steps(self) -> int:
+        return 0 if self.schedule is None else num_steps(self.schedule)
+
+
+class Pipeline:
+    """A loaded model made into an image generator; see the module docstring. ``kernels``: "auto" (Triton on
+    CUDA, the torch references on the CPU), "torch" or "triton" for every stage this pipeline runs."""
+
+    def __init__(self, model, *, name: str = "model", model_hash: str | Callable[[], str] | None = None,
+                 kernels: str = "auto", lora_dir: str | os.PathLike | None = None,
+                 embeddings_dir: str | os.PathLike | None = None):
+        if kernels not in dispatch.BACKENDS:
+            raise ValueError(f"unknown kernels {kernels!r}; expected one of {', '.join(dispatch.BACKENDS)}")
+        self.model = model
+        self.name = name
+        self.kernels = kernels
+        self._model_hash = model_hash
+        self._vae_hash: str | None = None
+        self.vae_guard = VAEDecodeGuard(model.first_stage_model)
+        self.unet = self._model_unet  # peers (the benchmarks) may swap in another callable of the same protocol
+        self._runner: GraphRunner | None = None
+        self._runner_key: tuple = ()
+        self.lora_dir = lora_dir  # where <lora:name:w> in a prompt is looked up
+        self._loras: list = []  # set_loras' LoraSpecs (a prompt's own LoRAs come on top, per generation)
+        self._lora_state = None  # model.lora.LoraState, made on first use: the pristine copies of touched weights
+        self.lora_report = None  # the last apply's ApplyReport (its Lora hashes go into the infotext)
+        self.embeddings, self.embedding_messages = None, []  # textual inversion, found by file name in prompts
+        if embeddings_dir is not None:
+            self.load_embeddings(embeddings_dir)
+        self._ti_hashes: str | None = None  # of the last encode, for the infotext
+        self.auto_warmup = True  # on CUDA with the Triton kernels: compile and tune new shapes before their run
+        self._warmed: set[tuple] = set()
+
+    # ------------------------------------------------------------ facts
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.model.diffusion_model.parameters()).dtype
+
+    @property
+    def model_hash(self) -> str | None:
+        """AUTOMATIC1111's short model hash (computed once, in the background since ``load``)."""
+        if callable(self._model_hash):
+            self._model_hash = self._model_hash()
+        return self._model_hash
+
+    @property
+    def vae_hash(self) -> str | None:
+        """AUTOMATIC1111's "VAE hash" of an external VAE file (None for the checkpoint's own VAE)."""
+        source = getattr(self.model, "source", None)
+        if self._vae_hash is None and source is not None and source.vae is not None:
+            self._vae_hash = source.vae_hash()
+        return self._vae_hash
+
+    def _kernels(self):
+        """The kernel choice for a stage: this pipeline's, or (for "auto") whatever the caller's
+        ``dispatch.force`` block says."""
+        return contextlib.nullcontext() if self.kernels == "auto" else dispatch.force(self.kernels)
+
+    def _model_unet(self, x, t, context, y=None):
+        """``apply_model`` returning float32: the sampler state stays float32 whatever the weights' dtype."""
+        return self.model.apply_model(x, t, context, y).float()
+
+    # ------------------------------------------------------------ settings
+
+    def settings(self, settings: GenerationSettings | None = None, **fields) -> GenerationSettings:
+        """``settings`` (or ``GenerationSettings(**fields)``, or the first with ``fields`` replaced) checked and
+        resolved for this model; raises ``SettingsError`` naming the field."""
+        if settings is None:
+            settings = GenerationSettings(**fields)
+        elif fields:
+            settings = dataclasses.replace(settings, **fields)
+        resolved = settings.resolve(self.config)
+        check_rng_device(resolved.rng, self.device)
+        short = memory_shortfall(resolved.batch_size, resolved.width, resolved.height, self.device, self.dtype,
+                                 self.config.vae.ch)
+        if short is not None:
+            raise SettingsError("width", f"x height: {short}")
+        return resolved
+
+    def from_infotext(self, text: str, **fields) -> GenerationSettings:
+        """Settings from an AUTOMATIC1111 ``parameters`` text (a PNG's infotext), ``fields`` overriding it:
+        a round trip gives the same image. Malformed values are left out (see ``settings.fields_from_infotext``)."""
+        parsed, _notes = fields_from_infotext(text)
+        return self.settings(**{**parsed, **fields})
+
+    def latent_shape(self, settings: GenerationSettings) -> tuple[int, int, int]:
+        f = vae_factor(self.config)
+        return self.config.vae.embed_dim, settings.height // f, settings.width // f
+
+    # ------------------------------------------------------------ LoRA
+
+    def set_loras(self, loras) -> object:
+        """Apply ``loras`` in place (``LoraSpec``s, or ``(path, weight)`` / ``(path, te_weight, unet_weight)``),
+        replacing the previous set; ``[]`` restores the checkpoint's weights. The weights keep their storage, so
+        captured CUDA graphs stay valid. A failed switch (``LoraError``) leaves the weights as they were.
+        Returns the ``ApplyReport`` (matched modules, warnings, bytes of pristine copies held)."""
+        from tritonsd.lora.apply import LoraSpec
+
+        specs = [s if isinstance(s, LoraSpec) else LoraSpec(*s) for s in loras]
+        report = self._apply_loras(specs)
+        self._loras = specs
+        return report
+
+    def _apply_loras(self, specs: list):
+        if self._lora_state is None:
+            if not specs:
+                return None
+            from tritonsd.lora.apply import LoraState
+
+            self._lora_state = LoraState(self.model)
+        self.lora_report = self._lora_state.apply(specs)
+        return self.lora_report
+
+    def _activate_prompt_loras(self, prompt: str) -> str:
+        """Apply ``set_loras``' LoRAs plus the prompt's ``<lora:name:w>`` tags (found in ``lora_dir``), as
+        AUTOMATIC1111 does per generation; returns the prompt without its tags."""
+        if "<" not in prompt and self._lora_state is None:
+            return prompt
+        from tritonsd.lora.apply import LoraError, LoraSpec, find_lora, parse_lora_tags
+
+        text, tags = parse_lora_tags(prompt)
+        if tags and self.lora_dir is None:
+            raise LoraError(f"the prompt names <lora:{tags[0][0]}> but no LoRA folder was given (lora_dir, "
+                            "--lora-dir)")
+        specs = self._loras + [LoraSpec(find_lora(name, self.lora_dir), te, unet) for name, te, unet in tags]
+        self._apply_loras(specs)
+        return text
+
+    # ------------------------------------------------------------ kernels: compile and tune before the run
+
+    def warmup(self, sizes: list[tuple[int, int]] | None = None, batches=(1, 2), jobs: int | None = None):
+        """Compile every Triton kernel variant the UNet, VAE and text towers need at ``sizes`` ((height, width)
+        pixels; default: the family's size) and UNet ``batches``, in parallel across the CPU's cores into
+        Triton's on-disk cache, then time each autotune key once into the persistent tuning cache
+        (``kernels/warmup.py``). On CUDA with the Triton kernels only; returns its ``WarmupReport`` or None.
+        ``generate`` does this by itself for each new shape (``auto_warmup``)."""
+        if self.device.type != "cuda" or self.kernels == "torch" or dispatch.current_backend() == "torch":
+            return None
+        from tritonsd.compile.warmup import warmup
+        from tritonsd.sampler.settings import default_size
+
+        size = default_size(self.config)
+        return warmup(self.config, sizes=sizes or [(size, size)], batches=batches, dtype=self.dtype,
+                      device=self.device, model=self.model, jobs=jobs)
+
+    def _warm(self, settings: GenerationSettings) -> None:
+        batches = (settings.batch_size, 2 * settings.batch_size)  # CFG runs both halves in one batch
+        key = (settings.height, settings.width, batches)
+        if self.auto_warmup and key not in self._warmed:
+            self.warmup([(settings.height, settings.width)], batches)
+            self._warmed.add(key)
+
+    # ------------------------------------------------------------ stage 1: text
+
+    @torch.no_grad()
+    def encode_text(self, prompts: list[str], *, size: tuple[int, int] | None = None, zero: bool = False,
+                    original_size=None, crop_coords_top_left=(0, 0), target_size=None) -> dict[str, torch.Tensor]:
+        """One side's UNet keywords for ``prompts`` as the original scripts encode them (one 77-token window, the
+        text taken literally): ``{"context"}`` (SD1/2) or ``{"context", "y"}`` (SDXL, with
+        its size conditioning: original and target size default to ``size`` = (height, width); ``zero``
+        zeroes the text features, sgm's unconditional side)."""
+        with self._kernels():
+            if self.config.family != "sdxl":
+                return {"context": self.model.get_learned_conditioning(prompts).float()}
+            context, y = self.model.get_learned_conditioning(
+                prompts, original_size=size if original_size is None else original_size,
+                crop_coords_top_left=crop_coords_top_left, target_size=size if target_size is None else target_size,
+                zero_text=zero)
+        return {"context": context.float(), "y": y.float()}
+
+    def load_embeddings(self, directory: str | os.PathLike) -> list[str]:
+        """Textual-inversion embeddings from ``directory`` (triggered by their file names in prompts, as
+        AUTOMATIC1111); returns one line per file skipped (wrong width, unreadable), also kept in
+        ``embedding_messages``."""
+        from tritonsd.prompt.encode import load_model_embeddings
+
+        self.embeddings, self.embedding_messages = load_model_embeddings(self.model, directory)
+        return self.embedding_messages
+
+    def encode(self, settings: GenerationSettings, **size_conditions) -> Conditioning:
+        """The prompt (and, with CFG, the negative prompt) for every image of the batch, as AUTOMATIC1111 reads
+        them (``prompt_syntax="a1111"``: weights, BREAK, prompts beyond 75 tokens, ``[from:to:when]`` editing,
+        textual inversion, clip skip; cond and uncond encoded apart) or as the original scripts do
+        (``"original"``: one 77-token window, text taken literally; SDXL's size conditions ``original_size``,
+        ``crop_coords_top_left``, ``target_size`` may be given). The LoRAs of ``set_loras`` and of the prompt's
+        ``<lora:...>`` tags are applied first."""
+        s = settings
+        prompt = self._activate_prompt_loras(s.prompt)
+        if s.prompt_syntax == "original":
+            return self._encode_original(s, prompt, **size_conditions)
+        if size_conditions:
+            raise ValueError("size conditions are taken from the settings with prompt_syntax='a1111'")
+        with self._kernels():
+            cond = self._encode_side(prompt, s, is_negative=False)
+            uncond = None if s.cfg_scale == 1.0 else self._encode_side(s.negative_prompt, s, is_negative=True)
+        used = cond.cond.used_embeddings + (uncond.cond.used_embeddings if uncond is not None else [])
+        from tritonsd.formats.embeddings import ti_hashes
+
+        self._ti_hashes = ti_hashes(used) or None
+        return self._conditioning(s, cond, uncond)
+
+    def _encode_side(self, prompt: str, s: GenerationSettings, is_negative: bool):
+        """One prompt's editing schedule, encoded in one batch (``ScheduledConditioning``)."""
+        from tritonsd.prompt.encode import encode_schedule
+
+        return encode_schedule(self.model, prompt, s.steps, clip_skip=s.clip_skip, embeddings=self.embeddings,
+                               width=s.width, height=s.height, is_negative=is_negative)
+
+    def _conditioning(self, s: GenerationSettings, cond, uncond) -> Conditioning:
+        """The UNet keywords of both sides: one row per image, or per-call tables when a prompt schedules."""
+        per_step = len(cond.texts) > 1 or (uncond is not None and len(uncond.texts) > 1)
+        calls = s.steps + 1  # PLMS evaluates its first step twice
+        sides = []
+        for side in (cond, uncond):
+            if side is None:
+                sides.append(None)
+                continue
+            entries = {"context": side.cond.context.float()}
+            if side.cond.vector is not None:
+                entries["y"] = side.cond.vector.float()
+            if per_step:
+                rows = torch.tensor([side.index_at(k) for k in range(calls)], device=entries["context"].device)
+                # [entries, ...] -> [calls, B, ...]: row k is the entry model call k uses
+                sides.append({n: t[rows][:, None].expand(-1, s.batch_size, *t.shape[1:]) for n, t in entries.items()})
+            else:
+                sides.append({n: t[:1].expand(s.batch_size, *t.shape[1:]) for n, t in entries.items()})
+        c, u = sides
+        if u is not None and s.pad_cond_uncond:
+            c, u = self._pad_to_same_length(c, u, s, per_step)
+        return Conditioning(c, u, per_step=per_step, ti_hashes=self._ti_hashes)
+
+    def _pad_to_same_length(self, c: dict, u: dict, s: GenerationSettings, per_step: bool):
+        """AUTOMATIC1111's ``pad_cond_uncond``: the shorter side gets empty-prompt chunks appended, so guidance
+        stays one batched call (it changes the image)."""
+        from tritonsd.prompt.encode import encode_prompts
+
+        axis = 2 if per_step else 1
+        if c["context"].shape[axis] == u["context"].shape[axis]:
+            return c, u
+        with self._kernels():
+            empty = encode_prompts(self.model, [""], clip_skip=s.clip_skip, width=s.width,
+                                   height=s.height).context.float()  # [1, 77, C]
+
+        def pad(side, to):
+            missing = (to - side["context"].shape[axis]) // empty.shape[1]
+            shape = list(side["context"].shape)
+            shape[axis] = empty.shape[1] * missing
+            extra = empty.repeat(1, missing, 1).expand(*shape) if not per_step else \
+                empty.repeat(1, missing, 1)[None].expand(*shape)
+            return {**side, "context": torch.cat([side["context"], extra], dim=axis)}
+
+        longest = max(c["context"].shape[axis], u["context"].shape[axis])
+        return pad(c, longest), pad(u, longest)
+
+    def _encode_original(self, s: GenerationSettings, prompt: str, **size_conditions) -> Conditioning:
+        rows, size = s.batch_size, (s.height, s.width)
+        cond = self.encode_text(rows * [prompt], size=size, **size_conditions)
+        if s.cfg_scale == 1.0:
+            return Conditioning(cond, None)
+        zero = self.config.family == "sdxl" and not s.negative_prompt
+        uncond = self.encode_text(rows * [s.negative_prompt], size=size, zero=zero, **size_conditions)
+        return Conditioning(cond, uncond)
+
+    # ------------------------------------------------------------ stage 2: latents
+
+    def prepare_latents(self, settings: GenerationSettings, noise: NoiseSource | None = None) -> Latents:
+        """The first latent and the schedule left to run, from ``noise`` (default: AUTOMATIC1111's per-image
+        ``ImageNoise`` of the settings' seed, source and variation seed):
+        txt2img from x_T, img2img from the encoded init image, inpainting with its image conditioning."""
+        s = settings
+        device = self.device
+        shape = self.latent_shape(s)
+        if noise is None:
+            noise = ImageNoise(shape, s.seed, s.batch_size, s.rng, s.subseed, s.subseed_strength, device)
+        spec = registry.get(s.sampler)
+        x_T = noise.start(shape).to(device)
+        shared, inpaint = {}, None
+        with self._kernels():
+            if self.config.unet.in_channels == 9:
+                image = s.init_image if s.init_image is not None else torch.zeros(1, 3, s.height, s.width)
+                mask = s.mask if s.mask is not None else torch.ones(1, 1, s.height, s.width)
+                inpaint = inpaint_conditioning(self.model, image, mask, noise.vae(shape).to(device))
+                shared["c_concat"] = inpaint.c_concat
+            schedule = make_schedule(self.config, spec, s.steps, s.karras, s.eta)
+            if s.mode == "img2img":
+                init_latent = encode_image(self.model, s.init_image, noise.vae(shape))
+                x, schedule = img2img_start(schedule, init_latent, x_T, s.strength)
+            else:
+                x = txt2img_start(self.config, schedule, x_T)
+        return Latents(x=x, schedule=schedule, shared=shared, noise=noise, inpaint=inpaint)
+
+    # ------------------------------------------------------------ stage 3: the sampler loop
+
+    def denoise(self, latents: Latents, cond: Conditioning, settings: GenerationSettings,
+                callback: StepCallback | None = None) -> torch.Tensor:
+        """Latents after the sampler loop, float32. ``callback(step)`` after each step with the sampler's dict
+        (``i``, ``x``, ``denoised``, ...) plus ``total``; after a CUDA-graph replay it gets ``i`` and ``total``
+        only, for every step at once."""
+        s = settings
+        if latents.schedule is None:  # img2img at strength 0
+            return latents.x
+        spec = registry.get(s.sampler)
+        total = latents.steps
+        x = latents.x
+        with self._kernels():
+            runner = self._graph_runner(spec, s)
+            if runner is not None:
+                out = self._denoise_graphed(runner, spec, latents, cond, s, callback)
+            else:
+                den = build_denoiser(self.unet, self.config, spec, s.cfg_scale)
+                if cond.per_step:
+                    den = D.PerCallConditioning(den)
+                schedule = latents.schedule
+                if isinstance(schedule, torch.Tensor):
+                    schedule = schedule.to(x.device)  # the samplers broadcast sigmas against x
+                kwargs = {}
+                if spec.name in ("euler_a", "ddim"):
+                    kwargs["noise_sampler"] = lambda _a, _b: latents.noise.ancestral(x.shape[1:]).to(x.device)
+                step = None if callback is None else (lambda d: callback({**d, "total": total}))
+                extra = {"cond": cond.cond, "uncond": cond.uncond, **latents.shared}
+                out = spec.fn(den, x, schedule, extra_args=extra, callback=step, **kwargs)
+                if spec.space == "timesteps":
+                    out = out[0]  # (x, intermediates)
+        return check_finite(out, f"{s.sampler} sampling")
+
+    def _graph_runner(self, spec: registry.SamplerSpec, s: GenerationSettings) -> GraphRunner | None:
+        """The pipeline's runner when this loop is CUDA-graphed (CUDA model, ``use_graphs``, a capturable
+        sampler); made anew when the UNet's weights moved (``.to``, ``.half``) or the UNet callable changed."""
+        device = self.device
+        if not s.use_graphs or device.type != "cuda" or not spec.graphable:
+            return None
+        unet = self.model.model.diffusion_model
+        key = (id(self.unet), *(t.data_ptr() for t in (*unet.parameters(), *unet.buffers())))
+        if self._runner is None or self._runner_key != key:
+            self._runner = GraphRunner(tables_on_device(sigma_denoiser(self.unet, self.config), device), device)
+            self._runner_key = key
+        return self._runner
+
+    @staticmethod
+    def _denoise_graphed(runner, spec, latents, cond, s, callback) -> torch.Tensor:
+        """The loop through the runner; euler_a's noise is pre-drawn from the same per-image stream, in the order
+        the eager loop draws it."""
+        sigmas, x = latents.schedule, latents.x
+        count = noise_draws(spec.name, sigmas)
+        noise = torch.stack([latents.noise.ancestral(x.shape[1:]) for _ in range(count)]) if count else None
+        progress = None if callback is None else (lambda i, n: callback({"i": i, "total": n}))
+        try:
+            return runner.run(x, cond.cond, cond.uncond, noise, sigmas=sigmas, cfg_scale=s.cfg_scale,
+                              sampler=spec.name, shared=latents.shared, progress=progress, per_step=cond.per_step)
+        except GraphCaptureError as e:
+            raise GraphCaptureError(f"{e}; run without CUDA graphs (use_graphs=False, tritonsd generate "
+                                    "--no-cuda-graphs)") from e
+
+    def clear_graphs(self) -> None:
+        """Drop every captured loop (and the memory pools they hold)."""
+        if self._runner is not None:
+            self._runner.clear()
+
+    # ------------------------------------------------------------ stage 4: pixels
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """``clamp((decode_first_stage(latents) + 1) / 2, 0, 1)`` [B, 3, H, W] float32 on the model's device."""
+        with self._kernels():
+            return decode_clamped(self.vae_guard, self.config.scale_factor, latents)
+
+    # ------------------------------------------------------------ all of it
+
+    def generate(self, settings: GenerationSettings, callback: StepCallback | None = None,
+                 noise: NoiseSource | None = None) -> torch.Tensor:
+        """Images [B, 3, H, W] in [0, 1], float32 on the CPU, for resolved ``settings`` (on CUDA, a new shape's
+        kernels are compiled and tuned first: ``warmup``)."""
+        self._warm(settings)
+        cond = self.encode(settings)
+        latents = self.prepare_latents(settings, noise)
+        x = self.denoise(latents, cond, settings, callback)
+        return self.decode(x).cpu()
+
+    def __call__(self, prompt: str = "", negative_prompt: str = "", *, callback: StepCallback | None = None,
+                 **fields) -> list:
+        """PIL images for ``prompt``; ``fields`` are ``GenerationSettings``'s (seed, steps, cfg_scale, sampler,
+        karras, width, height, batch_size, init_image, mask, strength, eta, use_graphs). Each image's
+        ``info["parameters"]`` is its AUTOMATIC1111 infotext and ``info["seed"]`` its seed."""
+        settings = self.settings(prompt=prompt, negative_prompt=negative_prompt, **fields)
+        return self.to_pil(self.generate(settings, callback), settings)
+
+    # ------------------------------------------------------------ images out
+
+    def infotext(self, settings: GenerationSettings, index: int = 0, conditioning: Conditioning | None = None) -> str:
+        """AUTOMATIC1111's ``parameters`` text of image ``index`` (its TI hashes from ``conditioning``, else from
+        this pipeline's last ``encode``)."""
+        s = settings
+        spec = registry.get(s.sampler)
+        source = getattr(self.model, "source", None)
+        vae = source.vae if source is not None else None
+        variation = s.subseed_strength > 0
+        extra = {"VAE hash": self.vae_hash if vae is not None else None,
+                 "VAE": source.vae_name if vae is not None else None,
+                 "Variation seed": (s.subseed or 0) + index if variation else None,
+                 "Variation seed strength": float(s.subseed_strength) if variation else None,
+                 "Denoising strength": float(s.strength) if s.mode == "img2img" else None,
+                 "Clip skip": s.clip_skip if s.clip_skip > 1 else None,
+                 "RNG": infotext_rng(s.rng),
+                 "Schedule type": spec.a1111_schedule(s.karras),
+                 "TI hashes": (conditioning.ti_hashes if conditioning is not None else self._ti_hashes)
+                 if s.prompt_syntax == "a1111" else None,
+                 "Lora hashes": self.lora_report.lora_hashes or None if self.lora_report is not None else None}
+        return Infotext(prompt=s.prompt, negative_prompt=s.negative_prompt, steps=s.steps,
+                        sampler=spec.a1111_name, cfg_scale=s.cfg_scale, seed=s.seed + index, width=s.width,
+                        height=s.height, model_hash=self.model_hash, model=self.name, extra=extra).render()
+
+    def to_pil(self, images: torch.Tensor, settings: GenerationSettings,
+               conditioning: Conditioning | None = None) -> list:
+        """PIL images with ``info["parameters"]`` (the infotext) and ``info["seed"]``."""
+        from tritonsd.sampler.infotext import to_pil
+
+        out = []
+        for i, image in enumerate(images):
+            pil = to_pil(image)
+            pil.info["parameters"] = self.infotext(settings, i, conditioning)
+            pil.info["seed"] = settings.seed + i
+            out.append(pil)
+        return out
+
+    @staticmethod
+    def save(images: list, out_dir: str | os.PathLike) -> list[Path]:
+        """``out_dir/NNNNN-<seed>.png`` for each image, numbered after the files already there (as
+        AUTOMATIC1111 numbers them); never overwrites, nothing half-written."""
+        from tritonsd.sampler.infotext import save_numbered
+
+        return [save_numbered(Path(out_dir), image, image.info.get("parameters", ""), image.info.get("seed"))
+                for image in images]
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load(path: str | os.PathLike, config: str | os.PathLike | None = None, *, device=None, dtype=None,
+         kernels: str = "auto", vae: str | os.PathLike | None = None, text_heads: int | None = None,
+         parameterization: str | None = None, lora_dir: str | os.PathLike | None = None,
+         embeddings_dir: str | os.PathLike | None = None) -> Pipeline:
+    """A Pipeline for an original single-file checkpoint (``.safetensors`` or ``.ckpt``), or the built-in demo
+    model ``"demo:sd1"`` (tiny, random weights: its images are noise; no file needed).
+
+    ``config``: the original inference YAML (default: the checkpoint's stem + ``.yaml`` beside it, when there);
+    ``device``: "cpu", "cuda", "cuda:N" (default: CUDA when available); ``dtype``: "fp32", "fp16", "bf16" or a
+    torch dtype (default: fp16 on CUDA, fp32 on the CPU); ``kernels``: "auto", "torch" or "triton"; ``vae``: an
+    external VAE file (``.safetensors`` / ``.pt``); ``text_heads`` / ``parameterization``: what the weights cannot
+    tell, when no YAML does; ``lora_dir``: where ``<lora:name:w>`` in a prompt is looked up;
+    ``embeddings_dir``: textual-inversion embeddings, used where their file name appears in a prompt. The model
+    hash for the infotext is computed in the background while the weights load."""
+    from tritonsd.model.demo import is_demo
+    from tritonsd.devices import resolve_device, resolve_dtype
+    from tritonsd.formats.hashes import model_hash
+    from tritonsd.model.load import load_model
+
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype if dtype is not None else ("fp16" if device.type == "cuda" else "fp32"))
+    hashing = None
+    if not is_demo(path):
+        pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+        hashing = pool.submit(model_hash, path)  # sha256 releases the GIL: overlaps the load
+        pool.shutdown(wait=False)
+    with dispatch.force(kernels):
+        model = load_model(path, config=config, parameterization=parameterization, text_heads=text_heads, vae=vae,
+                           dtype=dtype, device=device)
+    source = model.source
+    return Pipeline(model, name=source.model_name, kernels=kernels, lora_dir=lora_dir, embeddings_dir=embeddings_dir,
+                    model_hash=hashing.result if hashing is not None else source.model_hash)
+
+
+__all__ = ["Conditioning", "GenerationSettings", "Latents", "NonFiniteError", "Pipeline", "load"]
