@@ -19,6 +19,7 @@ import torch
 import triton
 
 from tritonsd.kernels import _triton, dispatch
+from tritonsd.kernels._triton import innermost
 
 TEXT_TOKENS = 77
 
@@ -98,14 +99,6 @@ def _mock(a):
     if isinstance(a, TensorArg):
         return _AlignedMock(getattr(torch, a.dtype), a.aligned)
     return a
-
-
-def innermost(kernel):
-    """The JIT (or interpreted) function under an autotuner / heuristics wrapper."""
-    fn = kernel
-    while isinstance(fn, (triton.runtime.Autotuner, triton.runtime.Heuristics)):
-        fn = fn.fn
-    return fn
 
 
 def _kernel_name(kernel) -> tuple[str, str]:

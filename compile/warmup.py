@@ -12,7 +12,8 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
-from tritonsd.compile import precompile, variants
+from tritonsd.compile import precompile, tuning, variants
+from tritonsd.kernels import _triton
 
 KERNEL_NAMES = ("attention", "conv", "group_norm", "layer_norm", "geglu")
 
@@ -102,19 +103,19 @@ def warmup(config, sizes: Sequence[tuple[int, int]] | None = None, batches: Sequ
 
 
 def tune_model(model: torch.nn.Module, sizes: Sequence[tuple[int, int]], batches: Sequence[int],
-               dtype: torch.dtype, device: torch.device) -> tuple[int, float]:
-    """One UNet step per (size, batch) and one VAE decode per size on random inputs: every autotuned launch
-    looks its key up in the persistent cache and tunes it once when absent. Returns (keys tuned, seconds)."""
+               dtype: torch.dtype, device: torch.device, tuner: tuning.Tuner | None = None) -> tuple[int, float]:
+    """One UNet step per (size, batch) and one VAE decode per size on random inputs, inside
+    ``_triton.tuning(tuner)``: every autotuned launch looks its key up in the tuning tables and has it timed
+    once, and stored, when absent. Returns (keys tuned, seconds)."""
     import time
 
-    from tritonsd.compile import tuning
-
-    before = tuning.STATS["tuned"]
+    tuner = tuner or tuning.Tuner()
+    before = tuner.tuned
     start = time.perf_counter()
     unet = model.model.diffusion_model
     cfg = unet.cfg
     g = torch.Generator(device=device).manual_seed(0)
-    with torch.no_grad():
+    with torch.no_grad(), _triton.tuning(tuner):
         for h, w in sizes:
             for b in batches:
                 x = torch.randn(b, cfg.in_channels, h // 8, w // 8, generator=g, device=device, dtype=dtype)
@@ -125,4 +126,4 @@ def tune_model(model: torch.nn.Module, sizes: Sequence[tuple[int, int]], batches
             z = torch.randn(1, 4, h // 8, w // 8, generator=g, device=device, dtype=dtype)
             model.first_stage_model.decode(z)
     torch.cuda.synchronize(device)
-    return tuning.STATS["tuned"] - before, time.perf_counter() - start
+    return tuner.tuned - before, time.perf_counter() - start
