@@ -1,3 +1,4 @@
 """Benchmarks (``tritonsd.bench``): the kernel benchmarks (``bench_<op>``), the end-to-end benchmark (``e2e``),
-full-size random-weight models (``random_weights``), the shared environment record (``environment``) and the
-prepared GPU run's planner (``gpu_plan``). The runtime package imports nothing from here."""
+full-size random-weight models (``random_weights``) and the shared environment record (``environment``); the
+shapes come from ``tritonsd.compile.shapes``. The prepared GPU run's scripts live in ``benchmarks/`` (not
+installed). The runtime package imports nothing from here."""

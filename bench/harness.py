@@ -1,9 +1,9 @@
 """What the kernel benchmarks share: timing, the correctness gate, throughput, the environment record.
 
-Each ``bench_<op>.py`` lists its cases (the real shapes of SD 1.5 at 512x512 and SD 2.1 at 768x768, batch 2 for
-classifier-free guidance) and its implementations (ours and the peers); :func:`run_case` checks every
-implementation against the float32 reference before timing it with ``triton.testing.do_bench`` (medians after
-warm-up). Run a script as a module (``python -m tritonsd.bench.bench_attention``) or all of them through
+Each ``bench_<op>.py`` lists its cases (the real shapes of SD 1.5 at 512x512, SD 2.1 at 768x768 and SDXL at
+1024x1024 from ``compile/shapes.py``, batch 2 for classifier-free guidance, and the text towers) and its
+implementations (ours and the peers); :func:`run_case` checks every implementation against the float32
+reference before timing it with ``triton.testing.do_bench`` (medians after warm-up). Run a script as a module (``python -m tritonsd.bench.bench_attention``) or all of them through
 ``tritonsd bench kernels``.
 """
 
@@ -24,7 +24,7 @@ from tritonsd.bench import environment
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 TOLERANCE = {torch.float16: 1e-2, torch.bfloat16: 1e-2, torch.float32: 1e-4}
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+RESULTS_DIR = Path(__file__).resolve().parent.parent / "benchmarks" / "results"  # the checkout's, beside the GPU scripts
 
 
 SEED = 0  # the cases' inputs are drawn from this; the GPU run's correctness stage draws a fresh one per run

@@ -107,7 +107,7 @@ STAGES = (
           (f"{E2E} --model sd15 --batch 1 --impl diffusers-compile --json {{json}}",), run_s="diffusers_compile"),
     Stage(6, "bench-kernels", "tritonsd bench kernels (fp16): every kernel against its peers",
           ("python3 -m tritonsd.tools.cli bench kernels --dtype fp16 --git-commit {commit} --json {json}",),
-          compiles=("bench-sd21-fp16",), tunes=("bench-sd21-fp16",), run_s="bench_kernels"),
+          compiles=("bench-fp16",), tunes=("bench-fp16",), run_s="bench_kernels"),
     Stage(7, "e2e-sd21-sdxl", "SD 2.1 768x768 and SDXL 1024x1024 batch 1: tritonsd vs diffusers eager",
           (f"{E2E} --model sd21 --model sdxl --batch 1 --impl tritonsd-graph --impl diffusers-eager "
            "--json {json}",), compiles=("sd21-fp16", "sdxl-fp16"), tunes=("sd21-fp16", "sdxl-fp16"),
@@ -275,14 +275,17 @@ def count_groups(only: list[str] | None = None) -> dict:
     Run it without ``TRITON_INTERPRET`` (the interpreter ships one config per kernel, not the GPU's)."""
     import torch
 
-    from tritonsd.compile import precompile, variants
+    from tritonsd.compile import precompile, shapes, variants
 
     fp16, bf16, fp32 = torch.float16, torch.bfloat16, torch.float32
+    sd15, sd21, sdxl = (shapes.released(n) for n in ("sd15", "sd21", "sdxl"))
     groups = {
-        "sd15-fp16": lambda: variants.model_launches(variants.released("sd15"), [(512, 512)], (1, 2), fp16),
-        "sd21-fp16": lambda: variants.model_launches(variants.released("sd21"), [(768, 768)], (2,), fp16),
-        "sdxl-fp16": lambda: variants.model_launches(variants.released("sdxl"), [(1024, 1024)], (2,), fp16),
-        "bench-sd21-fp16": lambda: variants.model_launches(variants.released("sd21"), [(768, 768)], (2,), fp16),
+        "sd15-fp16": lambda: variants.model_launches(sd15, [sd15.size], (1, 2), fp16),
+        "sd21-fp16": lambda: variants.model_launches(sd21, [sd21.size], (2,), fp16),
+        "sdxl-fp16": lambda: variants.model_launches(sdxl, [sdxl.size], (2,), fp16),
+        # the kernel benchmarks' SD 2.1 and SDXL cases (stage 0 compiled SD 1.5's): their models at batch 2
+        "bench-fp16": lambda: (variants.model_launches(sd21, [sd21.size], (2,), fp16)
+                               + variants.model_launches(sdxl, [sdxl.size], (2,), fp16)),
         # untuned (TRITONSD_AUTOTUNE=0): the fp32 parity set (sd1-tiny's text and UNet at 128 px, batch 2: fp32
         # convolutions compile slowly); the CUDA tests in fp16 (64 px) and the half-precision model test (fp16 /
         # bf16 at 128 px)

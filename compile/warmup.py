@@ -12,7 +12,7 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
-from tritonsd.compile import precompile, tuning, variants
+from tritonsd.compile import precompile, shapes, tuning, variants
 from tritonsd.kernels import _triton
 
 KERNEL_NAMES = ("attention", "conv", "group_norm", "layer_norm", "geglu")
@@ -80,7 +80,7 @@ def warmup(config, sizes: Sequence[tuple[int, int]] | None = None, batches: Sequ
            progress: Callable[[int, int], None] | None = None, vae: bool = True) -> WarmupReport:
     """Compile, then (with ``model`` on a CUDA ``device`` of the same ``arch``) tune.
 
-    config: a ``ModelConfig`` (or ``variants.released(name)``); sizes: (height, width) in pixels (default: the
+    config: a ``ModelConfig`` (or ``shapes.released(name)``); sizes: (height, width) in pixels (default: the
     config's native size, else 512x512); arch: ``sm_90``... (default: the current GPU's; required without one);
     vae: the VAE decode's kernels too.
     """
@@ -119,7 +119,7 @@ def tune_model(model: torch.nn.Module, sizes: Sequence[tuple[int, int]], batches
         for h, w in sizes:
             for b in batches:
                 x = torch.randn(b, cfg.in_channels, h // 8, w // 8, generator=g, device=device, dtype=dtype)
-                ctx = torch.randn(b, variants.TEXT_TOKENS, cfg.context_dim, generator=g, device=device, dtype=dtype)
+                ctx = torch.randn(b, shapes.TEXT_TOKENS, cfg.context_dim, generator=g, device=device, dtype=dtype)
                 y = (torch.randn(b, cfg.adm_in_channels, generator=g, device=device, dtype=dtype)
                      if cfg.adm_in_channels is not None else None)
                 unet(x, torch.full((b,), 500.0, device=device), ctx, y)

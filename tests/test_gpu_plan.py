@@ -25,7 +25,7 @@ def costs():
 def fake_costs(run_s: float = 10.0) -> dict:
     """Round numbers: every stage runs ``run_s``, 1 s per process start, no compile or tuning to speak of."""
     groups = {g: {"variants": 1, "tasks": {"fp16": {"conv": 1}}, "tuning_keys": 0, "tuning_configs": 0}
-              for g in ("sd15-fp16", "sd21-fp16", "sdxl-fp16", "bench-sd21-fp16", "tiny-fp32", "tiny-half")}
+              for g in ("sd15-fp16", "sd21-fp16", "sdxl-fp16", "bench-fp16", "tiny-fp32", "tiny-half")}
     return {"measured": {"compile_s_per_task": {"fp16": {"conv": 0.0}}, "compile_s_default": 0.0,
                          "speedup_2_workers": 2.0},
             "counts": groups,

@@ -33,7 +33,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tritonsd.compile import aot, check_compile, variants
+    from tritonsd.compile import aot, check_compile, shapes
     from tritonsd.compile.warmup import WarmupError
 
     archs = _csv(args.arch)
@@ -43,8 +43,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(str(e)) from None
     models, dtypes = _csv(args.models), _csv(args.dtypes)
     for m in models:
-        if m not in variants.RELEASED:
-            raise UsageError(f"unknown model {m!r} (expected {', '.join(variants.RELEASED)})")
+        if m not in shapes.RELEASED:
+            raise UsageError(f"unknown model {m!r} (expected {', '.join(shapes.RELEASED)})")
     for d in dtypes:
         if d not in check_compile.DTYPES:
             raise UsageError(f"unknown dtype {d!r} (expected fp16, bf16, fp32)")

@@ -41,12 +41,12 @@ def add_parser(subparsers) -> None:
 
 
 def _config(args: argparse.Namespace):
-    from tritonsd.compile import variants
+    from tritonsd.compile import shapes
 
     if (args.checkpoint is None) == (args.model is None):
         raise UsageError("give a checkpoint or --model, not both")
     if args.model:
-        return variants.released(args.model)
+        return shapes.released(args.model)
     from tritonsd.formats.checkpoint import read_checkpoint_shapes
     from tritonsd.model.config import detect_config
 
