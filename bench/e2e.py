@@ -62,7 +62,7 @@ BENCH_MODELS = ("sd15", "sd21", "sdxl")
 BENCH_SAMPLERS = ("dpmpp_2m", "euler", "euler_a")
 DEFAULT_SIZE = {"sd15": 512, "sd21": 768, "sdxl": 1024}
 PROMPT = "a photograph of an astronaut riding a horse on the moon, detailed, 8k"
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+RESULTS_DIR = Path(__file__).resolve().parent.parent / "benchmarks" / "results"  # the checkout's, beside the GPU scripts
 UNET_TIMINGS = 10
 
 
