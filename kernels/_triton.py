@@ -66,6 +66,20 @@ def check_device(*tensors: torch.Tensor | None) -> None:
                                     "TRITON_INTERPRET=1 before importing tritonsd to run them on the CPU")
 
 
+def _version(text: str) -> tuple[int, ...]:
+    """``3.6.0`` / ``3.9.0+git1234`` -> (3, 6, 0)."""
+    return tuple(int(part) for part in re.findall(r"\d+", text.split("+")[0])[:3])
+
+
+TRITON_VERSION = _version(triton.__version__)
+
+
+def triton_at_least(version: tuple[int, ...]) -> bool:
+    """Whether the installed Triton is ``version`` (major, minor[, patch]) or newer: for shipped configs whose
+    compiled code (registers, spills) differs between releases."""
+    return TRITON_VERSION >= tuple(version)
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """tl.dot input precision: full IEEE float32 for float32 inputs (TF32 would cost ~1e-3 relative error)."""
     return "ieee" if dtype == torch.float32 else "tf32"
