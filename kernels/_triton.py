@@ -74,10 +74,12 @@ def _version(text: str) -> tuple[int, ...]:
 TRITON_VERSION = _version(triton.__version__)
 
 
-def triton_at_least(version: tuple[int, ...]) -> bool:
-    """Whether the installed Triton is ``version`` (major, minor[, patch]) or newer: for shipped configs whose
-    compiled code (registers, spills) differs between releases."""
-    return TRITON_VERSION >= tuple(version)
+def shipped(rows: list[tuple], since: dict[tuple, tuple[int, ...]],
+            version: tuple[int, ...] = TRITON_VERSION) -> list[tuple]:
+    """The config rows to ship with triton ``version`` (default: the installed one): a row listed in ``since``
+    only from that (major, minor) on. For configs whose compiled code (registers, spills) differs between
+    releases; order is kept (the first row is the untuned default)."""
+    return [r for r in rows if version >= since.get(r, ())]
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -264,7 +266,6 @@ def autotune_key(autotuner, args: tuple, kwargs: dict) -> tuple:
 
 
 _tables: dict[str, TuningTables] = {}  # per GPU name, read once per process
-LOOKUPS = {"hits": 0, "misses": 0}  # keys found in / missing from the tables, in this process
 
 
 def tables_for_current_gpu() -> TuningTables:
@@ -277,6 +278,4 @@ def tables_for_current_gpu() -> TuningTables:
 def tuned_config(autotuner, key: tuple) -> triton.Config | None:
     """The config the tuning tables hold for this key on the current GPU, if still shipped; else None."""
     hit = tables_for_current_gpu().lookup(kernel_name(autotuner), source_hash(autotuner), key)
-    config = match_config(autotuner.configs, hit["config"]) if hit is not None else None
-    LOOKUPS["hits" if config is not None else "misses"] += 1
-    return config
+    return match_config(autotuner.configs, hit["config"]) if hit is not None else None

@@ -1,4 +1,6 @@
-"""check-compile's rules (spills, wgmma, failures) and a CI-sized run of the command for sm_90 and sm_80."""
+"""check-compile's rules (spills, wgmma, failures), a CI-sized run of the command for sm_90 and sm_80, and the
+VAE attention's D=512 configs (the ones whose spills differ between triton releases) for sm_90 with the installed
+triton."""
 
 from __future__ import annotations
 
@@ -6,6 +8,8 @@ import json
 import os
 import subprocess
 import sys
+
+import pytest
 
 from tritonsd.compile import check_compile, precompile, variants
 
@@ -45,3 +49,32 @@ def test_ci_subset(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "tritonsd.tools.cli", "check-compile", "--arch", "sm_9x"],
                          capture_output=True, text=True, env=env, timeout=120)
     assert bad.returncode == 2 and "not a CUDA architecture" in bad.stderr
+
+
+def test_configs_are_pruned_per_triton_version():
+    """Triton 3.6 (the GPU image's) spills with (64, 32, 8 warps, 1 stage) at D=512, 3.9 does not: the row is
+    shipped from 3.9 on, and the others, in order, everywhere."""
+    from tritonsd.kernels import _triton, attention
+
+    assert _triton.shipped(attention.LARGE_D, attention.LARGE_D_SINCE_TRITON, (3, 6, 0)) == [(64, 16, 8, 2),
+                                                                                            (64, 16, 8, 1)]
+    assert _triton.shipped(attention.LARGE_D, attention.LARGE_D_SINCE_TRITON, (3, 9, 0)) == attention.LARGE_D
+    assert _triton._version("3.9.0+git1a2b3c") == (3, 9, 0) and _triton._version("3.10.1") == (3, 10, 1)
+
+
+@pytest.mark.slow
+def test_vae_attention_configs_do_not_spill_with_this_triton(tmp_path, monkeypatch):
+    """Every config shipped for the installed triton of the D=512 attention (the SD VAE's mid-block) compiles for
+    sm_90 in fp16 with wgmma and no spill: (64, 32, 8 warps, 1 stage) spilled 880 bytes under triton 3.6 and is
+    shipped only from 3.9 (kernels/attention.py)."""
+    from tritonsd.kernels import attention
+
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "cache"))  # compile, not a cache hit (workers inherit)
+    monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")
+    launches = [la for la in check_compile.representative_launches(["sd15"], ["fp16"], ["attention"])
+                if la.kernel == "_KERNEL_LARGE_D"]
+    assert len(launches) == 1 and dict(launches[0].kwargs)["HEAD_D"] == 512
+    rows, _ = check_compile.check(["sm_90"], launches, jobs=2)
+    shipped = {precompile._short(c) for c in attention._KERNEL_LARGE_D.configs}
+    assert {r.config for r in rows} == shipped and len(shipped) == len(attention.CONFIGS_LARGE_D)
+    assert all(r.ok and r.spill_bytes == 0 and r.wgmma for r in rows), check_compile.format_table(rows)
