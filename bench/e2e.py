@@ -62,7 +62,6 @@ BENCH_MODELS = ("sd15", "sd21", "sdxl")
 BENCH_SAMPLERS = ("dpmpp_2m", "euler", "euler_a")
 DEFAULT_SIZE = {"sd15": 512, "sd21": 768, "sdxl": 1024}
 PROMPT = "a photograph of an astronaut riding a horse on the moon, detailed, 8k"
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 UNET_TIMINGS = 10
 
 
@@ -390,7 +389,7 @@ def results_path(args, env: dict) -> Path:
         return args.json
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     device = "".join(c if c.isalnum() or c in "-_" else "_" for c in env["device"])
-    return RESULTS_DIR / f"e2e-{device}-{args.dtype}-{stamp}.json"
+    return bench_environment.results_dir() / f"e2e-{device}-{args.dtype}-{stamp}.json"
 
 
 def write_results(path: Path, env: dict, rows: list[dict]) -> None:

@@ -24,7 +24,6 @@ from tritonsd.bench import environment
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 TOLERANCE = {torch.float16: 1e-2, torch.bfloat16: 1e-2, torch.float32: 1e-4}
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
 SEED = 0  # the cases' inputs are drawn from this; the GPU run's correctness stage draws a fresh one per run
@@ -130,7 +129,7 @@ def write_json(rows: list[dict], path: Path | None, command: list[str], dtype: s
     if path is None:
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         device = (torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu").replace(" ", "_")
-        path = RESULTS_DIR / f"{name}-{device}-{dtype}-{stamp}.json"
+        path = environment.results_dir() / f"{name}-{device}-{dtype}-{stamp}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({**environment.record(command, git_commit), "dtype": dtype, "rows": rows}, indent=1))
     return path

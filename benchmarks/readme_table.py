@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-RESULTS_DIR = Path(__file__).resolve().parent.parent / "bench" / "results"
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
 IMPL_ORDER = ("tritonsd-graph", "tritonsd-eager", "diffusers-eager", "diffusers-compile")
 START, END = "<!-- speed-table:start -->", "<!-- speed-table:end -->"
 SAMPLER_NAMES = {"dpmpp_2m": "DPM++ 2M Karras", "euler": "Euler", "euler_a": "Euler a"}

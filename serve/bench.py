@@ -22,7 +22,8 @@ import threading
 import time
 from pathlib import Path
 
-RESULTS_DIR = Path(__file__).resolve().parent.parent / "bench" / "results"
+from tritonsd.bench import environment
+
 
 
 def _free_port() -> int:
@@ -125,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
                            "dtype": dtype, "cfg": 7.0, "route": "/sdapi/v1/txt2img", "transport": "loopback HTTP"},
               "rows": rows}
     safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
-    path = args.json or RESULTS_DIR / f"serve-{safe}-{dtype}-{datetime.datetime.now():%Y%m%d-%H%M%S}.json"
+    stamp = f"{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    path = args.json or environment.results_dir() / f"serve-{safe}-{dtype}-{stamp}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1))
     for r in rows:
