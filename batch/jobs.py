@@ -120,7 +120,7 @@ def seed_from_id(job_id: str) -> int:
 
 
 def parse_sampler(fields: dict) -> tuple[str | None, bool | None]:
-    from tritonsd.sampler.registry import UnknownSamplerError, from_a1111_name
+    from tritonsd.sampler.registry import DEFAULT_SAMPLER, UnknownSamplerError, from_a1111_name
 
     name, schedule = fields.get("sampler_name"), fields.get("scheduler")
     if schedule is not None and not isinstance(schedule, str):
@@ -128,7 +128,7 @@ def parse_sampler(fields: dict) -> tuple[str | None, bool | None]:
     if name is None:
         if schedule is None:
             return None, None
-        name = "dpmpp_2m"  # the default sampler, with the schedule asked for
+        name = DEFAULT_SAMPLER  # with the schedule asked for
     if not isinstance(name, str):
         raise JobError(f"sampler_name must be a string, got {escape(json.dumps(name), 40)}")
     try:

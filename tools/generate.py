@@ -18,7 +18,6 @@ from pathlib import Path
 from tritonsd.tools.cli import UsageError
 
 DTYPES = ("fp32", "fp16", "bf16")
-SAMPLER_NAMES = ("dpmpp_2m", "euler", "euler_a", "ddim", "plms")  # the registry's (checked in tests)
 # GenerationSettings field -> the flag that sets it, so errors name what the user typed
 FLAGS = {"prompt": "--prompt", "negative_prompt": "--negative-prompt", "sampler": "--sampler", "karras": "--karras",
          "steps": "--steps", "cfg_scale": "--cfg", "seed": "--seed", "width": "--width", "height": "--height",
@@ -32,7 +31,29 @@ class GenerateError(ValueError):
     """An input file, the device or the output directory is not usable (exit code 1)."""
 
 
+def _listing(names) -> str:
+    """"a", "a and b", "a, b and c"."""
+    names = list(names)
+    return " and ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
+
+
+def sampler_help() -> dict[str, str]:
+    """The help of --sampler, --karras and --no-cuda-graphs, from the registry as it is now."""
+    from tritonsd.sampler import registry
+
+    sigma = [s for s in registry.SAMPLERS.values() if s.space == "sigmas"]
+    fixed = [s.a1111_name for s in registry.SAMPLERS.values() if s.space != "sigmas"]
+    return {"sampler": f"default: {registry.DEFAULT_SAMPLER}",
+            "karras": f"Karras sigmas for the k-diffusion samplers (default: on for "
+                      f"{_listing(s.name for s in sigma if s.karras)}, off for "
+                      f"{_listing(s.name for s in sigma if not s.karras)}, as AUTOMATIC1111's sampler names"
+                      + (f"; {' / '.join(fixed)} ignore it)" if fixed else ")"),
+            "graphs": f"run the sampling loop eagerly (default on cuda: the {' / '.join(registry.graph_samplers())} "
+                      "loop is captured once as a CUDA graph and replayed)"}
+
+
 def add_parser(subparsers) -> None:
+    from tritonsd.sampler import registry
     from tritonsd.sampler.settings import SIDE_RULE
 
     p = subparsers.add_parser("generate", help="generate images (txt2img, img2img, inpainting) from a checkpoint",
@@ -40,6 +61,7 @@ def add_parser(subparsers) -> None:
                                           "(--init-image) or inpainting (--init-image and --mask, 9-channel "
                                           "model). Writes OUT/NNNNN-SEED.png with AUTOMATIC1111 infotext and "
                                           "prints each path.")
+    helps = sampler_help()
     model = p.add_argument_group("model")
     model.add_argument("--checkpoint", type=Path, required=True, metavar="PATH",
                        help=".safetensors or .ckpt file, or demo:sd1 (a built-in tiny model with random weights)")
@@ -64,10 +86,8 @@ def add_parser(subparsers) -> None:
                      help="take the settings from an AUTOMATIC1111 PNG's infotext (flags given override them)")
     gen.add_argument("--infotext", default=None, metavar="TEXT", help="the same from the infotext's text")
     gen.add_argument("--negative-prompt", default=None, metavar="TEXT", help="what to steer away from (default: nothing)")
-    gen.add_argument("--sampler", choices=SAMPLER_NAMES, default=None, help="default: dpmpp_2m")
-    gen.add_argument("--karras", action=argparse.BooleanOptionalAction, default=None,
-                     help="Karras sigmas for the k-diffusion samplers (default: on for dpmpp_2m, off for euler "
-                          "and euler_a, as AUTOMATIC1111's sampler names; DDIM / PLMS ignore it)")
+    gen.add_argument("--sampler", choices=registry.names(), default=None, help=helps["sampler"])
+    gen.add_argument("--karras", action=argparse.BooleanOptionalAction, default=None, help=helps["karras"])
     gen.add_argument("--steps", type=int, default=None, metavar="N", help="sampling steps (default: 20)")
     gen.add_argument("--cfg", type=float, default=None, metavar="SCALE", help="classifier-free guidance scale (default: 7.5)")
     gen.add_argument("--seed", type=int, default=None, metavar="N",
@@ -106,9 +126,7 @@ def add_parser(subparsers) -> None:
                       help="weights and activations (default: fp16 on cuda, fp32 on cpu; cpu runs fp32 only)")
     run_.add_argument("--kernels", choices=("auto", "torch", "triton"), default="auto",
                       help="auto: Triton on cuda, torch on cpu")
-    run_.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
-                      help="run the sampling loop eagerly (default on cuda: the euler / euler_a / dpmpp_2m loop is "
-                           "captured once as a CUDA graph and replayed)")
+    run_.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false", help=helps["graphs"])
     run_.add_argument("--out", type=Path, default=Path("outputs"), metavar="DIR", help="output directory (default: outputs)")
     run_.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=run)
