@@ -7,7 +7,7 @@ Here (CPU: Triton's interpreter; the launch recorder stands for a captured graph
 launched with): the conv launches get the parameters' storage before and after a LoRA switch; switching
 none -> A -> B -> none gives a freshly loaded model's UNet output at each point; the checkpoint round trip
 (``state_dict()``, ``tritonsd merge``) gives contiguous tensors in the original layout. The CUDA-graph version
-of the switch is ``tests/test_pipeline_graph.py::test_lora_switch_under_a_captured_graph_cuda``.
+of the switch is ``tests/test_lora_pipeline.py::test_switching_under_cuda_graphs_captures_once``.
 """
 
 from __future__ import annotations
