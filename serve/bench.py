@@ -34,7 +34,7 @@ def _free_port() -> int:
 def _pipeline(name: str, dtype: str, device: str):
     from tritonsd.devices import resolve_dtype
     from tritonsd.load_spec import LoadSpec
-    from tritonsd.model.random_weights import build_random_model
+    from tritonsd.bench.random_weights import build_random_model
     from tritonsd.pipeline import Pipeline, load_spec
 
     if name.startswith("demo:"):
