@@ -41,7 +41,10 @@ from typing import Callable
 
 import torch
 
+from tritonsd.formats.hashes import model_hash
 from tritonsd.kernels import dispatch
+from tritonsd.load_spec import CheckedSpec, LoadSpec
+from tritonsd.model.load import load_model
 from tritonsd.model.vae_guard import VAEDecodeGuard
 from tritonsd.sampler import denoise as D
 from tritonsd.sampler import registry
@@ -544,25 +547,32 @@ def load(path: str | os.PathLike, config: str | os.PathLike | None = None, *, de
     external VAE file (``.safetensors`` / ``.pt``); ``text_heads`` / ``parameterization``: what the weights cannot
     tell, when no YAML does; ``lora_dir``: where ``<lora:name:w>`` in a prompt is looked up;
     ``embeddings_dir``: textual-inversion embeddings, used where their file name appears in a prompt. The model
-    hash for the infotext is computed in the background while the weights load."""
-    from tritonsd.model.demo import is_demo
-    from tritonsd.devices import resolve_device, resolve_dtype
-    from tritonsd.formats.hashes import model_hash
-    from tritonsd.model.load import load_model
+    hash for the infotext is computed in the background while the weights load.
 
-    device = resolve_device(device)
-    dtype = resolve_dtype(dtype if dtype is not None else ("fp16" if device.type == "cuda" else "fp32"))
+    The same as ``load_spec(LoadSpec(path, config, ...))``: the keywords are ``LoadSpec``'s fields."""
+    return load_spec(LoadSpec(path, config, device=device, dtype=dtype, kernels=kernels, vae=vae,
+                              text_heads=text_heads, parameterization=parameterization, lora_dir=lora_dir,
+                              embeddings_dir=embeddings_dir))
+
+
+def load_spec(spec: LoadSpec | CheckedSpec) -> Pipeline:
+    """The Pipeline ``spec`` describes: its prechecks (``LoadSpec.check``, skipped for a ``CheckedSpec``), then
+    the weights, the model hash computed alongside them."""
+    checked = spec.check()
+    spec = checked.spec
     hashing = None
-    if not is_demo(path):
+    if not spec.is_demo:
         pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
-        hashing = pool.submit(model_hash, path)  # sha256 releases the GIL: overlaps the load
+        hashing = pool.submit(model_hash, spec.path)  # sha256 releases the GIL: overlaps the load
         pool.shutdown(wait=False)
-    with dispatch.force(kernels):
-        model = load_model(path, config=config, parameterization=parameterization, text_heads=text_heads, vae=vae,
-                           dtype=dtype, device=device)
+    with dispatch.force(spec.kernels):
+        model = load_model(spec.path, config=spec.config, parameterization=spec.parameterization,
+                           text_heads=spec.text_heads, vae=spec.vae, dtype=checked.dtype, device=checked.device)
     source = model.source
-    return Pipeline(model, name=source.model_name, kernels=kernels, lora_dir=lora_dir, embeddings_dir=embeddings_dir,
+    return Pipeline(model, name=source.model_name, kernels=spec.kernels, lora_dir=spec.lora_dir,
+                    embeddings_dir=spec.embeddings_dir,
                     model_hash=hashing.result if hashing is not None else source.model_hash)
 
 
-__all__ = ["Conditioning", "GenerationSettings", "Latents", "NonFiniteError", "Pipeline", "load"]
+__all__ = ["CheckedSpec", "Conditioning", "GenerationSettings", "Latents", "LoadSpec", "NonFiniteError", "Pipeline",
+           "load", "load_spec"]

@@ -52,7 +52,7 @@ from pathlib import Path
 import torch
 
 from tritonsd.kernels import dispatch
-from tritonsd.devices import resolve_device, resolve_dtype
+from tritonsd.devices import DTYPE_NAMES, resolve_device, resolve_dtype
 from tritonsd.pipeline import Pipeline
 from tritonsd.bench import environment as bench_environment
 from tritonsd.bench.random_weights import MANIFESTS, build_meta_model, build_random_model, fill_random_
@@ -89,7 +89,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"repeatable; default {' and '.join(default_samplers())}")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--cfg", type=float, default=7.5)
-    p.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default="fp16")
+    p.add_argument("--dtype", choices=tuple(DTYPE_NAMES), default="fp16")
     p.add_argument("--impl", choices=IMPLS, action="append", default=None,
                    help="repeatable; default all (the diffusers ones only when diffusers imports)")
     p.add_argument("--repeat", type=int, default=10, help="timed images per row after the first (default 10)")

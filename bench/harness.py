@@ -19,10 +19,11 @@ from typing import Callable, Iterable
 
 import torch
 
+from tritonsd.devices import DTYPE_NAMES
 from tritonsd.testing.reference import relative_error, strict_float32
 from tritonsd.bench import environment
 
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+DTYPES = DTYPE_NAMES  # the benchmarks' --dtype names (devices' table)
 TOLERANCE = {torch.float16: 1e-2, torch.bfloat16: 1e-2, torch.float32: 1e-4}
 
 

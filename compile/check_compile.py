@@ -12,12 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
-import torch
-
 from tritonsd.compile import precompile, variants
+from tritonsd.devices import DTYPE_NAMES, DTYPES, dtype_name
 
 MATMUL_KERNELS = ("attention", "conv")  # the kernels whose inner loop is tl.dot
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 @dataclass
@@ -51,14 +49,14 @@ def representative_launches(models: Iterable[str] = variants.RELEASED, dtypes: I
         shapes = variants.released(name)
         size = (sizes or {}).get(name, shapes.size)
         for dt in dtypes:
-            out += variants.model_launches(shapes, [size], (1, 2), DTYPES[dt])
+            out += variants.model_launches(shapes, [size], (1, 2), DTYPE_NAMES[dt])
     return variants.unique(select(out, kernels))
 
 
 def _dtype_of(launch: variants.Launch) -> str:
     for a in launch.args:
         if isinstance(a, variants.TensorArg):
-            return {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}.get(a.dtype, a.dtype)
+            return dtype_name(a.dtype) if a.dtype in DTYPES else a.dtype  # variants record torch's names
     return "?"
 
 

@@ -91,8 +91,7 @@ class GenerationSettings:
         subseed_strength = _real("subseed_strength", self.subseed_strength, 0.0, 1.0)
         steps = _integer("steps", self.steps, 1, MAX_STEPS)
         batch = _integer("batch_size", self.batch_size, 1, MAX_BATCH)
-        seed = secrets.randbelow(RANDOM_SEEDS) if self.seed is None else _integer("seed", self.seed, 0,
-                                                                                      SEED_RANGE - batch)
+        seed = random_seed() if self.seed is None else _integer("seed", self.seed, 0, SEED_RANGE - batch)
         cfg_scale = _real("cfg_scale", self.cfg_scale, 0.0)
         eta = _real("eta", self.eta, 0.0)
         if eta != 0 and not spec.takes_eta:
@@ -316,6 +315,11 @@ def _flag(name: str, value, allow_none: bool = False) -> None:
 def _choice(name: str, value, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise SettingsError(name, f"must be one of {', '.join(choices)}, got {value!r}")
+
+
+def random_seed() -> int:
+    """A seed for a generation that names none, drawn from AUTOMATIC1111's range (``RANDOM_SEEDS``)."""
+    return secrets.randbelow(RANDOM_SEEDS)
 
 
 def check_rng_device(rng: str, device) -> None:

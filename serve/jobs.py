@@ -17,9 +17,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import random
 from dataclasses import dataclass, field
 
+from tritonsd.sampler.settings import random_seed
 from tritonsd.serve import inpaint, limits
 from tritonsd.serve.errors import ApiError, BadRequest, NotFound, printable
 from tritonsd.serve.host import ModelKey
@@ -65,9 +65,9 @@ class Plan:
 
 
 def _fixed_seed(name: str, v) -> int:
-    """A1111's ``get_fixed_seed``: -1 (or null) draws one in [0, 4294967294)."""
+    """A1111's ``get_fixed_seed``: -1 (or null) draws one (``random_seed``: A1111's range)."""
     if v is None or v == -1:
-        return random.randrange(4294967294)
+        return random_seed()
     if isinstance(v, bool) or not isinstance(v, int) or v < 0:
         raise BadRequest(f"{name} must be -1 (random) or a non-negative integer, got {printable(v)}")
     return v
@@ -150,7 +150,7 @@ def build_plan(req, mode: str, *, options: Options, catalog, host) -> Plan:
         fields.update(init_image=prepared.image, mask=prepared.mask, strength=v("denoising_strength"))
     settings = GenerationSettings(**fields).check()
     pipe = host.pipe
-    device = pipe.device if pipe is not None else (host.options.device or "cpu")
+    device = pipe.device if pipe is not None else (host.spec.device or "cpu")
     dtype_bytes = pipe.dtype.itemsize if pipe is not None else 2
     limits.check_memory(settings.batch_size, settings.width or 512, settings.height or 512, device, dtype_bytes)
     for name in ignored:

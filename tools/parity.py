@@ -41,6 +41,7 @@ from pathlib import Path
 
 import torch
 
+from tritonsd.devices import DeviceError, resolve_device
 from tritonsd.sampler import registry
 from tritonsd.tools.cli import UsageError
 from tritonsd.testing.reference import relative_error, strict_float32
@@ -119,15 +120,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise UsageError(f"--device {name!r}: {e}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: no CUDA device is available")
-    return device
+        return resolve_device(name)
+    except DeviceError as e:
+        raise UsageError(f"--device: {e}") from None
 
 
 def _kind(meta: dict) -> str | None:
