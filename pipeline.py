@@ -41,11 +41,14 @@ from typing import Callable
 
 import torch
 
+from tritonsd.formats.hashes import model_hash
 from tritonsd.kernels import dispatch
+from tritonsd.load_spec import CheckedSpec, LoadSpec
+from tritonsd.model.load import load_model
 from tritonsd.model.vae_guard import VAEDecodeGuard
 from tritonsd.sampler import denoise as D
 from tritonsd.sampler import registry
-from tritonsd.sampler.graph import GraphCaptureError, GraphRunner, noise_draws, tables_on_device
+from tritonsd.sampler.graph import GraphCaptureError, GraphRunner, tables_on_device
 from tritonsd.sampler.infotext import Infotext
 from tritonsd.sampler.rng import infotext_rng
 from tritonsd.sampler.noise import ImageNoise, NoiseSource
@@ -79,6 +82,7 @@ class Latents:
 
     x: torch.Tensor  # [B, C, h, w] float32 on the model's device: the first latent, scaled for the schedule
     schedule: object  # sigmas (descending, ending in 0) or a DDIMSchedule left to run; None: no step
+    spec: registry.SamplerSpec  # the sampler the schedule was made for (the settings' sampler, resolved once)
     shared: dict[str, torch.Tensor]  # conditioning both guidance halves share (inpainting's c_concat)
     noise: NoiseSource  # the ancestral / eta noise of the loop comes from here
     inpaint: InpaintConditioning | None = None
@@ -361,7 +365,8 @@ class Pipeline:
     def prepare_latents(self, settings: GenerationSettings, noise: NoiseSource | None = None) -> Latents:
         """The first latent and the schedule left to run, from ``noise`` (default: AUTOMATIC1111's per-image
         ``ImageNoise`` of the settings' seed, source and variation seed):
-        txt2img from x_T, img2img from the encoded init image, inpainting with its image conditioning."""
+        txt2img from x_T, img2img from the encoded init image, inpainting with its image conditioning. The
+        settings' sampler is resolved to its registry spec here, once: ``denoise`` runs ``latents.spec``."""
         s = settings
         device = self.device
         shape = self.latent_shape(s)
@@ -382,19 +387,19 @@ class Pipeline:
                 x, schedule = img2img_start(schedule, init_latent, x_T, s.strength)
             else:
                 x = txt2img_start(self.config, schedule, x_T)
-        return Latents(x=x, schedule=schedule, shared=shared, noise=noise, inpaint=inpaint)
+        return Latents(x=x, schedule=schedule, spec=spec, shared=shared, noise=noise, inpaint=inpaint)
 
     # ------------------------------------------------------------ stage 3: the sampler loop
 
     def denoise(self, latents: Latents, cond: Conditioning, settings: GenerationSettings,
                 callback: StepCallback | None = None) -> torch.Tensor:
-        """Latents after the sampler loop, float32. ``callback(step)`` after each step with the sampler's dict
-        (``i``, ``x``, ``denoised``, ...) plus ``total``; after a CUDA-graph replay it gets ``i`` and ``total``
-        only, for every step at once."""
+        """Latents after the sampler loop of ``latents.spec``, float32. ``callback(step)`` after each step with
+        the sampler's dict (``i``, ``x``, ``denoised``, ...) plus ``total``; after a CUDA-graph replay it gets
+        ``i`` and ``total`` only, for every step at once."""
         s = settings
         if latents.schedule is None:  # img2img at strength 0
             return latents.x
-        spec = registry.get(s.sampler)
+        spec = latents.spec
         total = latents.steps
         x = latents.x
         with self._kernels():
@@ -409,7 +414,7 @@ class Pipeline:
                 if isinstance(schedule, torch.Tensor):
                     schedule = schedule.to(x.device)  # the samplers broadcast sigmas against x
                 kwargs = {}
-                if spec.name in ("euler_a", "ddim"):
+                if spec.takes_noise:
                     kwargs["noise_sampler"] = lambda _a, _b: latents.noise.ancestral(x.shape[1:]).to(x.device)
                 step = None if callback is None else (lambda d: callback({**d, "total": total}))
                 extra = {"cond": cond.cond, "uncond": cond.uncond, **latents.shared}
@@ -433,15 +438,15 @@ class Pipeline:
 
     @staticmethod
     def _denoise_graphed(runner, spec, latents, cond, s, callback) -> torch.Tensor:
-        """The loop through the runner; euler_a's noise is pre-drawn from the same per-image stream, in the order
-        the eager loop draws it."""
+        """The loop through the runner, which gets the spec; an ancestral sampler's noise is pre-drawn from the
+        same per-image stream, in the order the eager loop draws it."""
         sigmas, x = latents.schedule, latents.x
-        count = noise_draws(spec.name, sigmas)
+        count = spec.noise_draws(sigmas)
         noise = torch.stack([latents.noise.ancestral(x.shape[1:]) for _ in range(count)]) if count else None
         progress = None if callback is None else (lambda i, n: callback({"i": i, "total": n}))
         try:
             return runner.run(x, cond.cond, cond.uncond, noise, sigmas=sigmas, cfg_scale=s.cfg_scale,
-                              sampler=spec.name, shared=latents.shared, progress=progress, per_step=cond.per_step)
+                              sampler=spec, shared=latents.shared, progress=progress, per_step=cond.per_step)
         except GraphCaptureError as e:
             raise GraphCaptureError(f"{e}; run without CUDA graphs (use_graphs=False, tritonsd generate "
                                     "--no-cuda-graphs)") from e
@@ -542,25 +547,32 @@ def load(path: str | os.PathLike, config: str | os.PathLike | None = None, *, de
     external VAE file (``.safetensors`` / ``.pt``); ``text_heads`` / ``parameterization``: what the weights cannot
     tell, when no YAML does; ``lora_dir``: where ``<lora:name:w>`` in a prompt is looked up;
     ``embeddings_dir``: textual-inversion embeddings, used where their file name appears in a prompt. The model
-    hash for the infotext is computed in the background while the weights load."""
-    from tritonsd.model.demo import is_demo
-    from tritonsd.devices import resolve_device, resolve_dtype
-    from tritonsd.formats.hashes import model_hash
-    from tritonsd.model.load import load_model
+    hash for the infotext is computed in the background while the weights load.
 
-    device = resolve_device(device)
-    dtype = resolve_dtype(dtype if dtype is not None else ("fp16" if device.type == "cuda" else "fp32"))
+    The same as ``load_spec(LoadSpec(path, config, ...))``: the keywords are ``LoadSpec``'s fields."""
+    return load_spec(LoadSpec(path, config, device=device, dtype=dtype, kernels=kernels, vae=vae,
+                              text_heads=text_heads, parameterization=parameterization, lora_dir=lora_dir,
+                              embeddings_dir=embeddings_dir))
+
+
+def load_spec(spec: LoadSpec | CheckedSpec) -> Pipeline:
+    """The Pipeline ``spec`` describes: its prechecks (``LoadSpec.check``, skipped for a ``CheckedSpec``), then
+    the weights, the model hash computed alongside them."""
+    checked = spec.check()
+    spec = checked.spec
     hashing = None
-    if not is_demo(path):
+    if not spec.is_demo:
         pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
-        hashing = pool.submit(model_hash, path)  # sha256 releases the GIL: overlaps the load
+        hashing = pool.submit(model_hash, spec.path)  # sha256 releases the GIL: overlaps the load
         pool.shutdown(wait=False)
-    with dispatch.force(kernels):
-        model = load_model(path, config=config, parameterization=parameterization, text_heads=text_heads, vae=vae,
-                           dtype=dtype, device=device)
+    with dispatch.force(spec.kernels):
+        model = load_model(spec.path, config=spec.config, parameterization=spec.parameterization,
+                           text_heads=spec.text_heads, vae=spec.vae, dtype=checked.dtype, device=checked.device)
     source = model.source
-    return Pipeline(model, name=source.model_name, kernels=kernels, lora_dir=lora_dir, embeddings_dir=embeddings_dir,
+    return Pipeline(model, name=source.model_name, kernels=spec.kernels, lora_dir=spec.lora_dir,
+                    embeddings_dir=spec.embeddings_dir,
                     model_hash=hashing.result if hashing is not None else source.model_hash)
 
 
-__all__ = ["Conditioning", "GenerationSettings", "Latents", "NonFiniteError", "Pipeline", "load"]
+__all__ = ["CheckedSpec", "Conditioning", "GenerationSettings", "Latents", "LoadSpec", "NonFiniteError", "Pipeline",
+           "load", "load_spec"]

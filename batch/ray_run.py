@@ -19,7 +19,8 @@ from typing import Iterator
 import numpy as np
 
 from tritonsd.batch.jobs import Job, escape
-from tritonsd.batch.worker import BatchWorker, LoadSpec, Result, one_line
+from tritonsd.batch.worker import BatchWorker, Result, one_line
+from tritonsd.load_spec import LoadSpec
 
 SPARE_CPUS = 2  # logical CPUs a local cluster declares beyond one per actor, for Ray Data's own tasks
 
@@ -29,10 +30,13 @@ class RayError(RuntimeError):
 
 
 class PipelineActor:
-    """The ``map_batches`` class: loads the Pipeline once per actor, then turns units into result rows."""
+    """The ``map_batches`` class: loads the Pipeline once per actor (its ``LoadSpec`` checked there, on the
+    actor's node), then turns units into result rows."""
 
     def __init__(self, spec: dict, group_size: int):
-        self.worker = BatchWorker(LoadSpec(**spec).load(), group_size)
+        from tritonsd.pipeline import load_spec  # the actor's import: the driver needs no model code
+
+        self.worker = BatchWorker(load_spec(LoadSpec(**spec)), group_size)
 
     def __call__(self, batch: dict) -> dict:
         rows, pngs = [], []
@@ -82,7 +86,7 @@ def run_on_ray(units: list[list[Job]], spec: LoadSpec, group_size: int, address:
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False  # the driver shows its own bar (jobs, with an ETA)
         ctx.print_on_execution_start = False
-        gpus = int(ray.cluster_resources().get("GPU", 0)) if spec.device != "cpu" else 0
+        gpus = int(ray.cluster_resources().get("GPU", 0)) if str(spec.device) != "cpu" else 0
         concurrency = workers or max(gpus, 1)
         if not units:
             return

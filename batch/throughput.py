@@ -19,20 +19,21 @@ import sys
 import time
 from pathlib import Path
 
+from tritonsd.devices import DTYPE_NAMES
+
 
 def make_pipe(args):
-    import torch
-
-    from tritonsd.pipeline import Pipeline, load
+    from tritonsd.devices import resolve_dtype
+    from tritonsd.load_spec import LoadSpec
+    from tritonsd.pipeline import Pipeline, load_spec
 
     if args.checkpoint:
-        return load(args.checkpoint, device=args.device, dtype=args.dtype)
+        return load_spec(LoadSpec(args.checkpoint, device=args.device, dtype=args.dtype))
     try:
         from tritonsd.bench.random_weights import build_random_model
     except ImportError:
         from tritonsd.model.random_weights import build_random_model
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or "fp16"]
-    model = build_random_model(args.random, dtype=dtype, device=args.device or "cuda")
+    model = build_random_model(args.random, dtype=resolve_dtype(args.dtype or "fp16"), device=args.device or "cuda")
     return Pipeline(model, name=f"random-{args.random}", model_hash="0000000000")
 
 
@@ -82,7 +83,7 @@ def main(argv=None) -> int:
     p.add_argument("--images", type=int, default=32, help="timed images per group size (default 32)")
     p.add_argument("--group-sizes", type=int, nargs="+", default=[1, 4])
     p.add_argument("--device", default=None)
-    p.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default=None)
+    p.add_argument("--dtype", choices=tuple(DTYPE_NAMES), default=None)
     p.add_argument("--out", type=Path, default=None, metavar="JSON", help="write the results here")
     args = p.parse_args(argv)
 

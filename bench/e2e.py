@@ -52,22 +52,31 @@ from pathlib import Path
 import torch
 
 from tritonsd.kernels import dispatch
-from tritonsd.devices import resolve_device, resolve_dtype
+from tritonsd.devices import DTYPE_NAMES, resolve_device, resolve_dtype
 from tritonsd.pipeline import Pipeline
 from tritonsd.bench import environment as bench_environment
 from tritonsd.bench.random_weights import MANIFESTS, build_meta_model, build_random_model, fill_random_
+from tritonsd.sampler import registry
 
 IMPLS = ("tritonsd-graph", "tritonsd-eager", "diffusers-eager", "diffusers-compile")
 BENCH_MODELS = ("sd15", "sd21", "sdxl")
-BENCH_SAMPLERS = ("dpmpp_2m", "euler", "euler_a")
 DEFAULT_SIZE = {"sd15": 512, "sd21": 768, "sdxl": 1024}
 PROMPT = "a photograph of an astronaut riding a horse on the moon, detailed, 8k"
-RESULTS_DIR = Path(__file__).resolve().parent.parent / "benchmarks" / "results"  # the checkout's, beside the GPU scripts
 UNET_TIMINGS = 10
 
 
 class BenchE2EError(RuntimeError):
     """The end-to-end benchmark cannot run as asked (no GPU, diffusers missing, ...)."""
+
+
+def bench_samplers() -> tuple[str, ...]:
+    """The samplers a row may time: those whose loop tritonsd-graph captures (the registry's ``graphable``)."""
+    return tuple(registry.graph_samplers())
+
+
+def default_samplers() -> list[str]:
+    """The rows' samplers when none is asked for: the captured ones that draw no noise."""
+    return [name for name, spec in registry.graph_samplers().items() if not spec.stochastic]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -76,11 +85,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", type=int, default=None, help="image side (default: sd15 512, sd21 768, sdxl 1024)")
     p.add_argument("--batch", type=int, action="append", default=None, help="images per run (repeatable; "
                                                                              "default 1 and 4)")
-    p.add_argument("--sampler", choices=BENCH_SAMPLERS, action="append", default=None,
-                   help="repeatable; default dpmpp_2m and euler")
+    p.add_argument("--sampler", choices=bench_samplers(), action="append", default=None,
+                   help=f"repeatable; default {' and '.join(default_samplers())}")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--cfg", type=float, default=7.5)
-    p.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default="fp16")
+    p.add_argument("--dtype", choices=tuple(DTYPE_NAMES), default="fp16")
     p.add_argument("--impl", choices=IMPLS, action="append", default=None,
                    help="repeatable; default all (the diffusers ones only when diffusers imports)")
     p.add_argument("--repeat", type=int, default=10, help="timed images per row after the first (default 10)")
@@ -390,7 +399,7 @@ def results_path(args, env: dict) -> Path:
         return args.json
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     device = "".join(c if c.isalnum() or c in "-_" else "_" for c in env["device"])
-    return RESULTS_DIR / f"e2e-{device}-{args.dtype}-{stamp}.json"
+    return bench_environment.results_dir() / f"e2e-{device}-{args.dtype}-{stamp}.json"
 
 
 def write_results(path: Path, env: dict, rows: list[dict]) -> None:
@@ -473,7 +482,7 @@ def run(args: argparse.Namespace) -> int:
             try:
                 impl = _make_impl(impl_name, bench_model, model, size, dtype, device, args)
                 for batch in args.batch or [1, 4]:
-                    for sampler in args.sampler or ["dpmpp_2m", "euler"]:
+                    for sampler in args.sampler or default_samplers():
                         row = {"model": bench_model if bench_model in MANIFESTS else Path(bench_model).stem,
                                "family": model.config.family, "size": size, "batch": batch, "sampler": sampler,
                                "steps": args.steps, "cfg": args.cfg, "dtype": args.dtype, "impl": impl_name}

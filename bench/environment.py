@@ -18,6 +18,17 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository checkout (the package root)
 COMMIT_ENV = "TRITONSD_GIT_COMMIT"
+RESULTS_ENV = "TRITONSD_RESULTS"
+
+
+def results_dir() -> Path:
+    """Where measured JSON goes: ``$TRITONSD_RESULTS``, else the checkout's ``benchmarks/results/`` (an editable
+    install, or a run from the checkout), else ``benchmarks/results/`` under the current directory (an installed
+    package has no checkout beside it)."""
+    if os.environ.get(RESULTS_ENV):
+        return Path(os.environ[RESULTS_ENV])
+    checkout = ROOT / "benchmarks"
+    return (checkout if checkout.is_dir() else Path.cwd() / "benchmarks") / "results"
 
 # nvidia-smi --query-gpu fields -> our names (clocks in MHz, power in W, temperature in C)
 SMI_FIELDS = {

@@ -3,8 +3,8 @@
 Each ``bench_<op>.py`` lists its cases (the real shapes of SD 1.5 at 512x512, SD 2.1 at 768x768 and SDXL at
 1024x1024 from ``compile/shapes.py``, batch 2 for classifier-free guidance, and the text towers) and its
 implementations (ours and the peers); :func:`run_case` checks every implementation against the float32
-reference before timing it with ``triton.testing.do_bench`` (medians after warm-up). Run a script as a module (``python -m tritonsd.bench.bench_attention``) or all of them through
-``tritonsd bench kernels``.
+reference before timing it with ``triton.testing.do_bench`` (medians after warm-up). Run a script as a module
+(``python -m tritonsd.bench.bench_attention``) or all of them through ``tritonsd bench kernels``.
 """
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ from typing import Callable, Iterable
 
 import torch
 
+from tritonsd.devices import DTYPE_NAMES
 from tritonsd.testing.reference import relative_error, strict_float32
 from tritonsd.bench import environment
 
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+DTYPES = DTYPE_NAMES  # the benchmarks' --dtype names (devices' table)
 TOLERANCE = {torch.float16: 1e-2, torch.bfloat16: 1e-2, torch.float32: 1e-4}
-RESULTS_DIR = Path(__file__).resolve().parent.parent / "benchmarks" / "results"  # the checkout's, beside the GPU scripts
 
 
 SEED = 0  # the cases' inputs are drawn from this; the GPU run's correctness stage draws a fresh one per run
@@ -130,7 +130,7 @@ def write_json(rows: list[dict], path: Path | None, command: list[str], dtype: s
     if path is None:
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         device = (torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu").replace(" ", "_")
-        path = RESULTS_DIR / f"{name}-{device}-{dtype}-{stamp}.json"
+        path = environment.results_dir() / f"{name}-{device}-{dtype}-{stamp}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({**environment.record(command, git_commit), "dtype": dtype, "rows": rows}, indent=1))
     return path

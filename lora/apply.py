@@ -221,7 +221,9 @@ class LoraState:
                 self.params[name].copy_(self.pristine.pop(name))
             for name, value in new_values.items():
                 if name not in self.pristine:
-                    self.pristine[name] = self.params[name].detach().to(self.pristine_device, copy=True)
+                    # same strides as the parameter (the convolutions' kernel layout): restoring is a plain copy
+                    self.pristine[name] = self.params[name].detach().to(self.pristine_device, copy=True,
+                                                                        memory_format=torch.preserve_format)
                 self.params[name].copy_(value)
         self.applied = specs
         report = self._report(files, specs, all_deltas, hashes, len(new_values))

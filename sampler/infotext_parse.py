@@ -16,6 +16,7 @@ import re
 from typing import Any
 
 from tritonsd.sampler.rng import RNGError, source_from_infotext
+from tritonsd.sampler.settings import SEED_RANGE
 
 RE_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 RE_IMAGESIZE = re.compile(r"^(\d+)x(\d+)$")
@@ -78,7 +79,7 @@ def _positive_int(v: str) -> int:
 
 def _seed(v: str) -> int:
     n = int(v)
-    if n < 0 or n >= 2 ** 64:
+    if n < 0 or n >= SEED_RANGE:
         raise ValueError("outside 0..2**64-1")
     return n
 

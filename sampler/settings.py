@@ -48,11 +48,11 @@ class GenerationSettings:
     prompt: str = ""
     negative_prompt: str = ""
     sampler: str = registry.DEFAULT_SAMPLER
-    karras: bool | None = None  # None: the sampler's default schedule (Karras for dpmpp_2m only)
+    karras: bool | None = None  # None: the sampler's default schedule (its registry spec's ``karras``)
     steps: int = 20
     cfg_scale: float = 7.5
     seed: int | None = None  # None: random, drawn once by check()
-    eta: float = 0.0  # DDIM's
+    eta: float = 0.0  # for the samplers that take it (``takes_eta``: DDIM); 0 for the others
     width: int | None = None  # None: the init image's, else the other side, else the family's default
     height: int | None = None
     batch_size: int = 1
@@ -91,13 +91,12 @@ class GenerationSettings:
         subseed_strength = _real("subseed_strength", self.subseed_strength, 0.0, 1.0)
         steps = _integer("steps", self.steps, 1, MAX_STEPS)
         batch = _integer("batch_size", self.batch_size, 1, MAX_BATCH)
-        seed = secrets.randbelow(RANDOM_SEEDS) if self.seed is None else _integer("seed", self.seed, 0,
-                                                                                      SEED_RANGE - batch)
+        seed = random_seed() if self.seed is None else _integer("seed", self.seed, 0, SEED_RANGE - batch)
         cfg_scale = _real("cfg_scale", self.cfg_scale, 0.0)
         eta = _real("eta", self.eta, 0.0)
-        if eta != 0 and self.sampler != "ddim":
-            raise SettingsError("eta", f"applies to ddim only ({self.sampler} needs 0; euler_a always uses "
-                                       f"ancestral eta 1), got {eta:g}")
+        if eta != 0 and not spec.takes_eta:
+            raise SettingsError("eta", f"applies to {_names(lambda s: s.takes_eta)} only ({spec.name} needs 0; "
+                                       f"{_names(lambda s: s.stochastic)} always uses ancestral eta 1), got {eta:g}")
         strength = _real("strength", self.strength, 0.0, 1.0)
         for name in ("prompt", "negative_prompt"):
             check_prompt(name, getattr(self, name), steps, self.prompt_syntax)
@@ -156,6 +155,12 @@ class GenerationSettings:
         if self.init_image is None:
             return "txt2img"
         return "img2img" if self.mask is None else "inpaint"
+
+
+def _names(has) -> str:
+    """The registry's samplers with a property, for messages: "a", "a and b"."""
+    names = [spec.name for spec in registry.SAMPLERS.values() if has(spec)]
+    return " and ".join(names)
 
 
 # ---------------------------------------------------------------- prompts
@@ -310,6 +315,11 @@ def _flag(name: str, value, allow_none: bool = False) -> None:
 def _choice(name: str, value, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise SettingsError(name, f"must be one of {', '.join(choices)}, got {value!r}")
+
+
+def random_seed() -> int:
+    """A seed for a generation that names none, drawn from AUTOMATIC1111's range (``RANDOM_SEEDS``)."""
+    return secrets.randbelow(RANDOM_SEEDS)
 
 
 def check_rng_device(rng: str, device) -> None:

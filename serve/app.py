@@ -229,10 +229,7 @@ def create_app(state: ServerState) -> FastAPI:
     def samplers():
         from tritonsd.sampler.registry import SAMPLERS
 
-        aliases = {}
-        for alias, name in jobs.SAMPLER_ALIASES.items():
-            aliases.setdefault(name, []).append(alias)
-        return [{"name": s.a1111_name, "aliases": aliases.get(s.a1111_name, []),
+        return [{"name": s.a1111_name, "aliases": list(s.a1111_aliases),
                  "options": {"scheduler": "karras"} if s.karras else {}} for s in SAMPLERS.values()]
 
     @app.get("/sdapi/v1/schedulers")

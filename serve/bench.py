@@ -22,7 +22,8 @@ import threading
 import time
 from pathlib import Path
 
-RESULTS_DIR = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+from tritonsd.bench import environment
+
 
 
 def _free_port() -> int:
@@ -32,13 +33,13 @@ def _free_port() -> int:
 
 
 def _pipeline(name: str, dtype: str, device: str):
-    import tritonsd
     from tritonsd.devices import resolve_dtype
-    from tritonsd.model.random_weights import build_random_model
-    from tritonsd.pipeline import Pipeline
+    from tritonsd.load_spec import LoadSpec
+    from tritonsd.bench.random_weights import build_random_model
+    from tritonsd.pipeline import Pipeline, load_spec
 
     if name.startswith("demo:"):
-        return tritonsd.load(name, device=device, dtype=dtype)
+        return load_spec(LoadSpec(name, device=device, dtype=dtype))
     model = build_random_model(name, dtype=resolve_dtype(dtype), device=device, seed=0)
     return Pipeline(model, name=f"{name}-random", model_hash="0000000000")
 
@@ -101,10 +102,11 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from tritonsd.devices import default_dtype, dtype_name, resolve_device
     from tritonsd.serve import build_state
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = args.dtype or ("fp16" if device.startswith("cuda") else "fp32")
+    device = str(resolve_device(args.device))
+    dtype = dtype_name(args.dtype) if args.dtype else default_dtype(device)
     pipe = _pipeline(args.model, dtype, device)
     label = args.model if args.model.startswith("demo:") else f"demo:{args.model}-random"
     state = build_state(label, pipe=pipe)
@@ -125,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
                            "dtype": dtype, "cfg": 7.0, "route": "/sdapi/v1/txt2img", "transport": "loopback HTTP"},
               "rows": rows}
     safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
-    path = args.json or RESULTS_DIR / f"serve-{safe}-{dtype}-{datetime.datetime.now():%Y%m%d-%H%M%S}.json"
+    stamp = f"{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    path = args.json or environment.results_dir() / f"serve-{safe}-{dtype}-{stamp}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1))
     for r in rows:

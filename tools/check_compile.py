@@ -12,6 +12,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from tritonsd.devices import DTYPE_NAMES
 from tritonsd.tools.cli import UsageError
 
 
@@ -46,8 +47,8 @@ def run(args: argparse.Namespace) -> int:
         if m not in shapes.RELEASED:
             raise UsageError(f"unknown model {m!r} (expected {', '.join(shapes.RELEASED)})")
     for d in dtypes:
-        if d not in check_compile.DTYPES:
-            raise UsageError(f"unknown dtype {d!r} (expected fp16, bf16, fp32)")
+        if d not in DTYPE_NAMES:
+            raise UsageError(f"unknown dtype {d!r} (expected {', '.join(DTYPE_NAMES)})")
     start = time.perf_counter()
     try:
         launches = check_compile.representative_launches(models, dtypes, _csv(args.kernels) if args.kernels else None)

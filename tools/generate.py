@@ -2,7 +2,8 @@
 9-channel model) from an original checkpoint, written as PNGs with AUTOMATIC1111 ``parameters`` infotext.
 
 A thin shell over the Pipeline: flags -> ``GenerationSettings`` (checked before the model loads, so a mistake
-costs seconds, not a model load) -> ``tritonsd.load`` -> ``Pipeline.generate`` -> ``Pipeline.save`` (files
+costs seconds, not a model load) -> a ``LoadSpec`` (its prechecks before anything is read) ->
+``tritonsd.pipeline.load_spec`` -> ``Pipeline.generate`` -> ``Pipeline.save`` (files
 numbered like AUTOMATIC1111's ``00000-<seed>.png``, never overwritten, written only once every image of the
 batch is finite). Exit codes: 0 success, 1 a problem with the inputs or the run, 2 bad usage.
 """
@@ -15,10 +16,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from tritonsd.devices import DTYPE_NAMES
 from tritonsd.tools.cli import UsageError
 
-DTYPES = ("fp32", "fp16", "bf16")
-SAMPLER_NAMES = ("dpmpp_2m", "euler", "euler_a", "ddim", "plms")  # the registry's (checked in tests)
 # GenerationSettings field -> the flag that sets it, so errors name what the user typed
 FLAGS = {"prompt": "--prompt", "negative_prompt": "--negative-prompt", "sampler": "--sampler", "karras": "--karras",
          "steps": "--steps", "cfg_scale": "--cfg", "seed": "--seed", "width": "--width", "height": "--height",
@@ -32,7 +32,29 @@ class GenerateError(ValueError):
     """An input file, the device or the output directory is not usable (exit code 1)."""
 
 
+def _listing(names) -> str:
+    """"a", "a and b", "a, b and c"."""
+    names = list(names)
+    return " and ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
+
+
+def sampler_help() -> dict[str, str]:
+    """The help of --sampler, --karras and --no-cuda-graphs, from the registry as it is now."""
+    from tritonsd.sampler import registry
+
+    sigma = [s for s in registry.SAMPLERS.values() if s.space == "sigmas"]
+    fixed = [s.a1111_name for s in registry.SAMPLERS.values() if s.space != "sigmas"]
+    return {"sampler": f"default: {registry.DEFAULT_SAMPLER}",
+            "karras": f"Karras sigmas for the k-diffusion samplers (default: on for "
+                      f"{_listing(s.name for s in sigma if s.karras)}, off for "
+                      f"{_listing(s.name for s in sigma if not s.karras)}, as AUTOMATIC1111's sampler names"
+                      + (f"; {' / '.join(fixed)} ignore it)" if fixed else ")"),
+            "graphs": f"run the sampling loop eagerly (default on cuda: the {' / '.join(registry.graph_samplers())} "
+                      "loop is captured once as a CUDA graph and replayed)"}
+
+
 def add_parser(subparsers) -> None:
+    from tritonsd.sampler import registry
     from tritonsd.sampler.settings import SIDE_RULE
 
     p = subparsers.add_parser("generate", help="generate images (txt2img, img2img, inpainting) from a checkpoint",
@@ -40,6 +62,7 @@ def add_parser(subparsers) -> None:
                                           "(--init-image) or inpainting (--init-image and --mask, 9-channel "
                                           "model). Writes OUT/NNNNN-SEED.png with AUTOMATIC1111 infotext and "
                                           "prints each path.")
+    helps = sampler_help()
     model = p.add_argument_group("model")
     model.add_argument("--checkpoint", type=Path, required=True, metavar="PATH",
                        help=".safetensors or .ckpt file, or demo:sd1 (a built-in tiny model with random weights)")
@@ -64,10 +87,8 @@ def add_parser(subparsers) -> None:
                      help="take the settings from an AUTOMATIC1111 PNG's infotext (flags given override them)")
     gen.add_argument("--infotext", default=None, metavar="TEXT", help="the same from the infotext's text")
     gen.add_argument("--negative-prompt", default=None, metavar="TEXT", help="what to steer away from (default: nothing)")
-    gen.add_argument("--sampler", choices=SAMPLER_NAMES, default=None, help="default: dpmpp_2m")
-    gen.add_argument("--karras", action=argparse.BooleanOptionalAction, default=None,
-                     help="Karras sigmas for the k-diffusion samplers (default: on for dpmpp_2m, off for euler "
-                          "and euler_a, as AUTOMATIC1111's sampler names; DDIM / PLMS ignore it)")
+    gen.add_argument("--sampler", choices=registry.names(), default=None, help=helps["sampler"])
+    gen.add_argument("--karras", action=argparse.BooleanOptionalAction, default=None, help=helps["karras"])
     gen.add_argument("--steps", type=int, default=None, metavar="N", help="sampling steps (default: 20)")
     gen.add_argument("--cfg", type=float, default=None, metavar="SCALE", help="classifier-free guidance scale (default: 7.5)")
     gen.add_argument("--seed", type=int, default=None, metavar="N",
@@ -102,13 +123,11 @@ def add_parser(subparsers) -> None:
 
     run_ = p.add_argument_group("runtime")
     run_.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
-    run_.add_argument("--dtype", choices=DTYPES, default=None,
+    run_.add_argument("--dtype", choices=tuple(DTYPE_NAMES), default=None,
                       help="weights and activations (default: fp16 on cuda, fp32 on cpu; cpu runs fp32 only)")
     run_.add_argument("--kernels", choices=("auto", "torch", "triton"), default="auto",
                       help="auto: Triton on cuda, torch on cpu")
-    run_.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
-                      help="run the sampling loop eagerly (default on cuda: the euler / euler_a / dpmpp_2m loop is "
-                           "captured once as a CUDA graph and replayed)")
+    run_.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false", help=helps["graphs"])
     run_.add_argument("--out", type=Path, default=Path("outputs"), metavar="DIR", help="output directory (default: outputs)")
     run_.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=run)
@@ -195,55 +214,38 @@ def lora_specs(values: list[str]) -> list:
     return specs
 
 
-def check_checkpoint(path: Path, config: Path | None, vae: Path | None = None) -> None:
-    from tritonsd.model.demo import is_demo
+def load_spec_of(args: argparse.Namespace):
+    """The ``LoadSpec`` of the model flags, which ``generate``, ``batch`` and ``serve`` share (``--checkpoint``,
+    ``--config``, ``--device``, ``--dtype``, ``--kernels``, ``--text-heads``, ``--parameterization``,
+    ``--lora-dir``, ``--embeddings-dir``; ``--vae`` where the subcommand has it)."""
+    from tritonsd.load_spec import LoadSpec
 
-    if vae is not None and not vae.is_file():
-        raise GenerateError(f"VAE file not found: {vae}")
-    if config is not None and not config.is_file():
-        raise GenerateError(f"config not found: {config}")
-    if is_demo(str(path)):
-        return
-    if not path.exists():
-        raise GenerateError(f"checkpoint not found: {path}")
-    if not path.is_file():
-        raise GenerateError(f"checkpoint is not a file: {path}")
-    if not os.access(path, os.R_OK):
-        raise GenerateError(f"checkpoint is not readable: {path}")
+    return LoadSpec(args.checkpoint, args.config, device=args.device, dtype=args.dtype, kernels=args.kernels,
+                    vae=getattr(args, "vae", None), text_heads=args.text_heads,
+                    parameterization=args.parameterization, lora_dir=args.lora_dir,
+                    embeddings_dir=args.embeddings_dir)
 
 
-def resolve_device(device: str | None, dtype: str | None) -> tuple[str, str]:
-    """(device, dtype): the defaults filled in, CUDA checked before anything is loaded."""
-    import torch
-
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif device == "cuda" and not torch.cuda.is_available():
-        raise GenerateError("--device cuda was asked for, but CUDA is not available (use --device cpu)")
-    if dtype is None:
-        dtype = "fp16" if device == "cuda" else "fp32"
-    if device == "cpu" and dtype != "fp32":
+def check_cpu_dtype(device: str, dtype: str | None) -> None:
+    """The command line computes in fp32 on the CPU: ``--dtype fp16`` / ``bf16`` there is bad usage."""
+    if device == "cpu" and dtype not in (None, "fp32"):
         raise UsageError(f"--dtype {dtype} needs --device cuda; on the CPU tritonsd computes in fp32")
-    return device, dtype
 
 
-def check_memory(settings, device: str, dtype: str) -> None:
+def check_memory(settings, checked) -> None:
     """Sizes given on the command line that cannot fit the device's free memory: one line before loading (the
     family's default size is checked by the Pipeline once the model is known)."""
-    import torch
-
     from tritonsd.sampler.memory import memory_shortfall
 
     if settings.width is None or settings.height is None:
         return
-    torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
-    short = memory_shortfall(settings.batch_size, settings.width, settings.height, device, torch_dtype)
+    short = memory_shortfall(settings.batch_size, settings.width, settings.height, checked.device, checked.dtype)
     if short is not None:
         raise UsageError(f"--width / --height / --batch: {short}")
 
 
-def check_kernels(kernels: str, device: str) -> None:
-    if kernels == "triton" and device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+def check_kernels(kernels: str, device) -> None:
+    if kernels == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         raise UsageError("--kernels triton on the CPU needs TRITON_INTERPRET=1 (Triton's slow interpreter)")
 
 
@@ -302,42 +304,38 @@ def run(args: argparse.Namespace) -> int:
     from tritonsd.sampler.settings import check_rng_device
 
     check_usage(args)
-    check_checkpoint(args.checkpoint, args.config, args.vae)
+    checked = load_spec_of(args).check()  # files, device and dtype: before anything is read
     init = open_image(args.init_image, "init image") if args.init_image is not None else None
     mask = open_image(args.mask, "mask") if args.mask is not None else None
     settings = settings_from_args(args, init, mask)
     loras = lora_specs(args.lora)
-    device, dtype = resolve_device(args.device, args.dtype)
-    usage_errors(lambda: check_rng_device(settings.rng, device))
-    check_memory(settings, device, dtype)
-    check_kernels(args.kernels, device)
-    if args.embeddings_dir is not None and not args.embeddings_dir.is_dir():
-        raise GenerateError(f"embeddings folder not found: {args.embeddings_dir}")
+    check_cpu_dtype(checked.device.type, checked.dtype_name)
+    usage_errors(lambda: check_rng_device(settings.rng, checked.device))
+    check_memory(settings, checked)
+    check_kernels(args.kernels, checked.device)
     check_output_dir(args.out)
 
-    pipe = load(args, device, dtype)
+    pipe = load(args, checked)
     if loras:
         pipe.set_loras(loras)
     if settings.prompt_syntax == "original":
         warn_truncated(pipe.model, settings.prompt, "prompt")
         warn_truncated(pipe.model, settings.negative_prompt, "negative prompt")
     settings = usage_errors(lambda: pipe.settings(settings))
-    images = sample(pipe, settings, args.quiet, dtype)
+    images = sample(pipe, settings, args.quiet, checked.dtype_name)
     print(f"seed {settings.seed}", file=sys.stderr, flush=True)  # also in each file's name and infotext
     for path in pipe.save(pipe.to_pil(images, settings), args.out):
         print(path, flush=True)
     return 0
 
 
-def load(args: argparse.Namespace, device: str, dtype: str):
-    """The Pipeline for ``--checkpoint`` (its model hash computed alongside the load)."""
-    from tritonsd.pipeline import load as load_pipeline
+def load(args: argparse.Namespace, checked):
+    """The Pipeline of the checked ``LoadSpec`` (its model hash computed alongside the load)."""
+    from tritonsd.pipeline import load_spec
     from tritonsd.tools.progress import bar, progress_enabled
 
     with bar(1, f"loading {args.checkpoint.name}", progress_enabled(args.quiet), unit="model") as progress:
-        pipe = load_pipeline(str(args.checkpoint), args.config, device=device, dtype=dtype, kernels=args.kernels,
-                             vae=args.vae, text_heads=args.text_heads, parameterization=args.parameterization,
-                             lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir)
+        pipe = load_spec(checked)
     for line in pipe.embedding_messages:
         print(f"tritonsd generate: warning: {line}", file=sys.stderr)
         progress.update()

@@ -41,6 +41,8 @@ from pathlib import Path
 
 import torch
 
+from tritonsd.devices import DeviceError, resolve_device
+from tritonsd.sampler import registry
 from tritonsd.tools.cli import UsageError
 from tritonsd.testing.reference import relative_error, strict_float32
 
@@ -59,7 +61,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--config", type=Path, default=None,
                    help="the original inference YAML (default: CHECKPOINT.yaml beside the checkpoint, if any)")
     p.add_argument("--only", default=None, metavar="GROUP,...",
-                   help="check only these groups (name prefixes: tokens, text, unet, vae, sample, ddim_cfg7p5, ...)")
+                   help="check only these groups (name prefixes: tokens, text, unet, vae, sample, "
+                        f"<sampler>_cfg<scale> with a sampler of {', '.join(registry.names())}, ...)")
     p.add_argument("--kernels", choices=KERNELS, default="auto",
                    help="auto: Triton on CUDA, torch on the CPU; triton without a GPU uses Triton's interpreter")
     p.add_argument("--text-heads", type=int, default=None,
@@ -117,15 +120,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise UsageError(f"--device {name!r}: {e}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: no CUDA device is available")
-    return device
+        return resolve_device(name)
+    except DeviceError as e:
+        raise UsageError(f"--device: {e}") from None
 
 
 def _kind(meta: dict) -> str | None:

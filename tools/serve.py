@@ -7,7 +7,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from tritonsd.devices import DTYPE_NAMES
 from tritonsd.tools.cli import UsageError
+from tritonsd.tools.generate import load_spec_of
 
 
 def add_parser(subparsers) -> None:
@@ -31,7 +33,7 @@ def add_parser(subparsers) -> None:
                    help="prediction type, when no YAML says it")
     r = p.add_argument_group("runtime")
     r.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
-    r.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None,
+    r.add_argument("--dtype", choices=tuple(DTYPE_NAMES), default=None,
                    help="default: fp16 on cuda, fp32 on cpu")
     r.add_argument("--kernels", choices=("auto", "torch", "triton"), default="auto")
     n = p.add_argument_group("network")
@@ -75,10 +77,8 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from tritonsd.serve import build_state, create_app
 
-    state = build_state(args.checkpoint, config=args.config, models_dir=args.models_dir, vae_dir=args.vae_dir,
-                        lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir, device=args.device,
-                        dtype=args.dtype, kernels=args.kernels, text_heads=args.text_heads,
-                        parameterization=args.parameterization, credentials=credentials)
+    state = build_state(load_spec_of(args), models_dir=args.models_dir, vae_dir=args.vae_dir,
+                        credentials=credentials)
     import threading
 
     threading.Thread(target=state.catalog.hash_all, name="tritonsd-hash", daemon=True).start()

@@ -10,9 +10,9 @@ import re
 import sys
 from pathlib import Path
 
+from tritonsd.devices import DTYPE_NAMES
 from tritonsd.tools.cli import UsageError
 
-DTYPES = ("fp16", "bf16", "fp32")
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -32,7 +32,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--model", choices=("sd15", "sd21", "sdxl"), help="a released model's shapes instead")
     p.add_argument("--size", action="append", default=None, help="WIDTHxHEIGHT, repeatable (default: native)")
     p.add_argument("--batch", default="1,2", help="comma-separated UNet batches (default 1,2: CFG)")
-    p.add_argument("--dtype", choices=DTYPES, default="fp16")
+    p.add_argument("--dtype", choices=tuple(DTYPE_NAMES), default="fp16")
     p.add_argument("--arch", default=None, help="target, e.g. sm_90 (default: this GPU's)")
     p.add_argument("--jobs", type=int, default=None, help="compile workers (default: the CPUs)")
     p.add_argument("--kernels", default=None, help="only these kernels (comma-separated)")
@@ -54,8 +54,6 @@ def _config(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from tritonsd.compile import aot
     from tritonsd.compile.warmup import WarmupError, warmup
 
@@ -76,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     if sizes is None and not hasattr(config, "size"):
         sizes = [{"sdxl": (1024, 1024), "sd2": (768, 768)}.get(config.family, (512, 512))]
     kernels = [k.strip() for k in args.kernels.split(",")] if args.kernels else None
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    dtype = DTYPE_NAMES[args.dtype]
     try:
         report = warmup(config, sizes=sizes, batches=batches, dtype=dtype, arch=arch, jobs=args.jobs,
                         kernels=kernels, vae=args.vae)
