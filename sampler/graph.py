@@ -10,10 +10,13 @@ and replays the graph; a prompt change with the same shapes only copies new cond
 code that is captured on the GPU.
 
 Capturability: the sampler gets ``sigmas`` as a CPU tensor, so its Python control flow (``sigmas[i + 1] > 0``,
-the ancestral step sizes) reads host values and never syncs the device, and the scalars multiply the device
-tensors as CPU scalars. The denoiser must hold its tables on the device (build ``EpsDenoiser`` /
-``VDenoiser`` / ``SGMEpsDenoiser`` from ``alphas_cumprod.to(device)``): a host-to-device copy inside the
-captured region fails the capture, reported as ``GraphCaptureError``.
+the ancestral step sizes) reads host values and never syncs the device, and the scalars reach the device as
+kernel arguments. Per-step tables: each captured loop prepares the denoiser for its sigmas before the loop
+(``denoise.prepare``: ``c_in`` / ``c_out`` / ``c_skip`` on the host, the timesteps and the timestep embeddings
+on the device), so a captured step reads its row and launches no scalar work: the input scaling, the UNet,
+the denoiser output, the CFG combine and the sampler update (one fused launch each, ``kernels/sampler_step``).
+The denoiser's training-sigma table must be on the device too (``tables_on_device``) for calls the tables do not
+cover: a host-to-device copy inside the captured region fails the capture, reported as ``GraphCaptureError``.
 
 DDIM and PLMS take integer timesteps and a different model protocol; run them through ``samplers`` directly.
 """
@@ -31,7 +34,7 @@ try:
 except ImportError:  # no triton here: nothing more to catch
     TritonError = RuntimeError
 
-from tritonsd.sampler.denoise import CFGDenoiser, PerCallConditioning
+from tritonsd.sampler.denoise import CFGDenoiser, PerCallConditioning, prepare
 from tritonsd.sampler.registry import SAMPLERS
 
 # the sigma-space samplers whose loop can be captured (the registry's ``graphable``)
@@ -132,15 +135,16 @@ def _signature(groups: dict[str, dict[str, torch.Tensor]]) -> tuple:
 
 
 class CapturedLoop:
-    """The static buffers of one ``LoopKey`` and, on CUDA, the graph that replays the loop over them."""
+    """The static buffers of one ``LoopKey``, the denoiser's per-step tables for its sigmas and, on CUDA, the
+    graph that replays the loop over them."""
 
     def __init__(self, key: LoopKey, denoiser, sigmas: torch.Tensor, x_like: torch.Tensor,
                  groups: dict[str, dict[str, torch.Tensor]], eta: float):
         device = torch.device(key.device)
         self.key = key
-        self.sigmas = sigmas  # CPU: host-side control flow in the sampler
+        self.sigmas = sigmas  # CPU: host-side control flow in the sampler, and the keys of the tables
         self.eta = eta
-        self.cfg = CFGDenoiser(denoiser, key.cfg_scale)
+        self.cfg = CFGDenoiser(prepare(denoiser, sigmas, device), key.cfg_scale)
         self.static_x = torch.empty(x_like.shape, dtype=x_like.dtype, device=device)
         self.static = {g: {n: torch.empty(t.shape, dtype=t.dtype, device=device) for n, t in d.items()}
                        for g, d in groups.items()}
