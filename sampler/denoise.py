@@ -149,8 +149,13 @@ class _SigmaDenoiser:
     device) or prepared (``prepare``: the values read from ``StepTables``, the output in one fused launch).
 
     A subclass defines ``scalings(s) -> (c_skip or None, c_out, c_in)``, ``scaled_sigma(sigma, device)`` (the
-    sigma the scalings see) and ``timestep(sigma)`` (the UNet's t).
+    sigma the scalings see) and ``timestep(sigma)`` (the UNet's t), and sets ``sigmas`` (the training sigmas,
+    which ``graph.tables_on_device`` may move) and ``host_sigmas`` (the same, kept on the host).
     """
+
+    def training_sigmas(self, device: str | torch.device) -> torch.Tensor:
+        """The training sigmas on ``device``; on the host, the copy kept there (the device's may be meta)."""
+        return self.host_sigmas if torch.device(device).type == "cpu" else self.sigmas.to(device)
 
     def prepare(self, sigmas: torch.Tensor, device: str | torch.device | None = None):
         """A copy of this denoiser with the tables of ``sigmas`` (the sampler's schedule) on ``device`` (default:
@@ -185,6 +190,7 @@ class EpsDenoiser(_SigmaDenoiser):
     def __init__(self, unet, alphas_cumprod: torch.Tensor, embedding_dim: int | None = None):
         self.unet = unet
         self.sigmas = schedule.discrete_sigmas(alphas_cumprod)  # ascending, float32
+        self.host_sigmas = self.sigmas.cpu()
         self.embedding_dim = embedding_dim
         self.tables = None
 
@@ -200,7 +206,7 @@ class EpsDenoiser(_SigmaDenoiser):
         return schedule.get_sigmas(self.sigmas, n)
 
     def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
-        return schedule.sigma_to_t(sigma, self.sigmas.to(sigma.device))
+        return schedule.sigma_to_t(sigma, self.training_sigmas(sigma.device))
 
     @staticmethod
     def scalings(s):
@@ -235,19 +241,19 @@ class SGMEpsDenoiser(_SigmaDenoiser):
 
     def __init__(self, unet, alphas_cumprod: torch.Tensor, embedding_dim: int | None = None):
         self.unet = unet
-        self.sigmas = schedule.sgm_training_sigmas(alphas_cumprod)  # ascending, float32
+        self.sigmas = self.host_sigmas = schedule.sgm_training_sigmas(alphas_cumprod)  # ascending, float32
         self.embedding_dim = embedding_dim
         self.tables = None
 
     def sigma_to_idx(self, sigma: torch.Tensor) -> torch.Tensor:
-        return schedule.sigma_to_idx(sigma, self.sigmas.to(sigma.device))
+        return schedule.sigma_to_idx(sigma, self.training_sigmas(sigma.device))
 
     @staticmethod
     def scalings(s):
         return None, -s, 1 / (s ** 2 + 1.0) ** 0.5  # eps * c_out + x: the same sum as x + eps * c_out
 
     def scaled_sigma(self, sigma, device):
-        return self.sigmas.to(device)[self.sigma_to_idx(sigma)]
+        return self.training_sigmas(device)[self.sigma_to_idx(sigma)]
 
     def timestep(self, sigma):
         return self.sigma_to_idx(sigma)

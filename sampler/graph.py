@@ -94,6 +94,13 @@ def predraw_noise(shape, count: int, seed: int) -> torch.Tensor:
     return out
 
 
+def warmup_sigmas(sigmas: torch.Tensor) -> torch.Tensor:
+    """The loop's first (up to) three sigmas, then 0: a short loop that launches every kernel variant the whole
+    loop launches (dpmpp_2m's first- and second-order updates and its last step, euler_a's noisy steps and its
+    last one), so that nothing is compiled inside the capture. It draws no more noise tensors than the loop."""
+    return torch.cat([sigmas[:-1][:3], sigmas.new_zeros(1)])
+
+
 class StaticNoise:
     """A noise sampler over a pre-filled buffer [N, *shape]: the k-th call since ``reset`` returns ``buffer[k]``."""
 
@@ -177,13 +184,14 @@ class CapturedLoop:
         return fn(model, self.static_x, sigmas, extra_args=extra, callback=callback)
 
     def capture(self) -> None:
-        """Warm up (one step, on a side stream: Triton autotuning, cuBLAS handles) then capture the whole loop."""
+        """Warm up (up to three steps, on a side stream: Triton compiles and autotuning, cuBLAS handles) then
+        capture the whole loop."""
         stream = torch.cuda.Stream(device=self.static_x.device)
         stream.wait_stream(torch.cuda.current_stream(self.static_x.device))
         graph = torch.cuda.CUDAGraph()
         try:  # the warm-up compiles and tunes: Triton's errors surface there
             with torch.cuda.stream(stream):
-                self.body(self.sigmas[:2])
+                self.body(warmup_sigmas(self.sigmas))
             torch.cuda.current_stream(self.static_x.device).wait_stream(stream)
             torch.cuda.synchronize(self.static_x.device)
             with torch.cuda.graph(graph):

@@ -3,8 +3,9 @@
 Sigma-space samplers (k-diffusion 0.1.1's, same signature and arithmetic):
     ``sample_*(model, x, sigmas, extra_args=None, callback=None, ...) -> x``
     ``model(x, sigma, **extra_args)`` returns the denoised x0; ``sigma`` is a [B] tensor on the device of
-    ``sigmas`` (not of ``x``: with CPU sigmas, as the CUDA-graph runner keeps them, the denoiser reads host values
-    and looks its per-step tables up by them, see ``denoise``); ``sigmas`` descend to 0; ``x`` starts as unit noise times the start scale (``sigmas[0]`` for k-diffusion,
+    ``sigmas`` (not of ``x``: with CPU sigmas, as the pipeline and the CUDA-graph runner keep them, the
+    denoiser reads host values and looks its per-step tables up by them, see ``denoise``); ``sigmas`` descend
+    to 0; ``x`` starts as unit noise times the start scale (``sigmas[0]`` for k-diffusion,
     ``schedule.sgm_start_scale`` for sgm). The callback gets ``{x, i, sigma, sigma_hat, denoised}``.
     sgm's ``EulerEDMSampler`` (s_churn 0) and ``DPMPP2MSampler`` are ``sample_euler`` and ``sample_dpmpp_2m``
     over the sgm sigmas with a quantising denoiser: their update formulas are the same operations.

@@ -9,9 +9,9 @@ One function each, so the Pipeline, the parity checks and the benchmarks build t
   ``get_sigmas`` / Karras for SD1/2, sgm's ``LegacyDDPMDiscretization`` / Karras (between the training sigma
   extremes) for SDXL.
 * ``build_denoiser(unet, config, spec, cfg_scale, schedule, device)``: ``CFGDenoiser`` around the sigma-space
-  wrapper (k-diffusion combines denoised x0), prepared with the schedule's per-step tables, or ``EpsFromV`` / ``EpsPrediction`` around ``CFGDenoiser(UNetOutput)``
-  for DDIM / PLMS (the original combines the raw output). PLMS on v models converts v too: the original
-  PLMSSampler would misread v as eps.
+  wrapper (k-diffusion combines denoised x0), prepared with the schedule's per-step tables, or ``EpsFromV`` /
+  ``EpsPrediction`` around ``CFGDenoiser(UNetOutput)`` for DDIM / PLMS (the original combines the raw output).
+  PLMS on v models converts v too: the original PLMSSampler would misread v as eps.
 * ``txt2img_start`` / ``img2img_start``: the first latent from unit noise (and the init latent).
 
 img2img (``strength`` s, n steps, ``t_enc = int(s * n)``):
