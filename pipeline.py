@@ -155,9 +155,9 @@ class Pipeline:
         ``dispatch.force`` block says."""
         return contextlib.nullcontext() if self.kernels == "auto" else dispatch.force(self.kernels)
 
-    def _model_unet(self, x, t, context, y=None):
+    def _model_unet(self, x, t, context, y=None, t_emb=None):
         """``apply_model`` returning float32: the sampler state stays float32 whatever the weights' dtype."""
-        return self.model.apply_model(x, t, context, y).float()
+        return self.model.apply_model(x, t, context, y, t_emb=t_emb).float()
 
     # ------------------------------------------------------------ settings
 
@@ -407,12 +407,10 @@ class Pipeline:
             if runner is not None:
                 out = self._denoise_graphed(runner, spec, latents, cond, s, callback)
             else:
-                den = build_denoiser(self.unet, self.config, spec, s.cfg_scale)
+                schedule = latents.schedule  # sigmas stay on the host: the prepared denoiser reads its tables by them
+                den = build_denoiser(self.unet, self.config, spec, s.cfg_scale, schedule, x.device)
                 if cond.per_step:
                     den = D.PerCallConditioning(den)
-                schedule = latents.schedule
-                if isinstance(schedule, torch.Tensor):
-                    schedule = schedule.to(x.device)  # the samplers broadcast sigmas against x
                 kwargs = {}
                 if spec.takes_noise:
                     kwargs["noise_sampler"] = lambda _a, _b: latents.noise.ancestral(x.shape[1:]).to(x.device)

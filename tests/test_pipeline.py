@@ -238,10 +238,10 @@ def test_cfg_is_one_batched_unet_call(pipes, monkeypatch, sampler, cfg, calls):
     seen = []
     apply_model = model.apply_model
 
-    def counting(x, t, context, y=None):
+    def counting(x, t, context, y=None, t_emb=None):
         seen.append(x.shape[0])
         assert context.shape[0] == x.shape[0]
-        return apply_model(x, t, context, y)
+        return apply_model(x, t, context, y, t_emb=t_emb)
 
     monkeypatch.setattr(model, "apply_model", counting)
     run(pipe, sampler=sampler, cfg_scale=cfg, batch_size=2)
