@@ -13,7 +13,7 @@ import pytest
 
 PARENT = """
 import os, sys, time
-from tritonsd.kernels import precompile
+from tritonsd.compile import precompile
 pool = precompile.worker_pool(1)
 print(pool.submit(os.getpid).result(), flush=True)
 pool.submit(time.sleep, 600)  # the worker is busy, as in a long compile

@@ -64,7 +64,7 @@ def add_one(X, N, BLOCK: tl.constexpr):
 
 COUNT = textwrap.dedent('''
     import sys
-    from tritonsd.kernels import precompile, variants
+    from tritonsd.compile import precompile, variants
     n, block = int(sys.argv[1]), int(sys.argv[2])
     launch = variants.Launch("toy_kernel", "add_one", (variants.TensorArg("float32", True), n), (("BLOCK", block),))
     report = precompile.compile_all(precompile.tasks_for([launch], ["sm_90"]), jobs=1)
