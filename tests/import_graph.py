@@ -177,11 +177,11 @@ class Graph:
         for node, lazy in _function_bodies(module.tree):
             if not isinstance(node, (ast.Import, ast.ImportFrom)):
                 continue
-            statement = ast.get_source_segment(module.text, node) or ast.dump(node)
+            statement = ast.unparse(node)
             above = lines[node.lineno - 2].strip() if node.lineno > 1 else ""
             reason = (any("# lazy:" in line for line in lines[node.lineno - 1: node.end_lineno])
                       or (above.startswith("#") and "lazy:" in above))
-            common = {"importer": module.name, "statement": " ".join(statement.split()), "line": node.lineno,
+            common = {"importer": module.name, "statement": statement, "line": node.lineno,
                       "lazy": lazy, "reason": reason}
             for target, error in self._targets(module, node):
                 out.append(Import(target=target if not error else "", error=error, **common))
