@@ -33,7 +33,7 @@ class Import:
 
     importer: str  # the importing module, dotted
     target: str  # the module the statement loads, dotted ('' when it does not resolve)
-    statement: str  # as written, e.g. "from tritonsd.model import random_weights"
+    statement: str  # as ast.unparse writes it, e.g. "from tritonsd.model import random_weights"
     line: int
     lazy: bool  # inside a function body: runs when the function is called, not at import
     reason: bool  # a "# lazy: ..." comment on the statement's lines or on the line above
@@ -114,8 +114,8 @@ class Graph:
         self.root, self.package = Path(root).resolve(), package
         self.modules: dict[str, Module] = {}
         for path in package_files(self.root, exclude):
-            self.modules[module_name(self.root, package, path)] = self._read(module_name(self.root, package, path),
-                                                                             path)
+            name = module_name(self.root, package, path)
+            self.modules[name] = self._read(name, path)
         self._specs: dict[str, str] = {}
         self.imports: list[Import] = [imp for m in self.modules.values() for imp in self.imports_of(m)]
 
