@@ -152,7 +152,7 @@ def test_across_group_sizes_latents_are_identical_with_a_row_wise_unet(pipe, mon
     a job's latents in a group of 3 and alone are bit-identical: noise, subseeds, conditioning rows, guidance and
     the sampler's steps are per job exactly; only the real UNet's sums may differ."""
 
-    def row_wise(x, t, context, y=None):
+    def row_wise(x, t, context, y=None, t_emb=None):
         t = torch.as_tensor(t, dtype=x.dtype).reshape(-1, 1, 1, 1)  # [B or 1, 1, 1, 1]
         prompt = context[:, 1:1 + x.shape[1], 0].reshape(x.shape[0], x.shape[1], 1, 1)  # a token per channel
         return torch.tanh(x) * 0.5 + prompt + t * 1e-3
