@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Iterable
 
 from tritonsd.escape import escape  # the batch modules print untrusted ids and text through it
-from tritonsd.sampler.settings import RANDOM_SEEDS
+from tritonsd.sampler.seeds import RANDOM_SEEDS
 
 FIELDS = ("id", "prompt", "negative_prompt", "seed", "subseed", "subseed_strength", "steps", "sampler_name",
           "scheduler", "cfg_scale", "width", "height", "loras")

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import secrets
 import warnings
 from dataclasses import dataclass
 
@@ -23,14 +22,13 @@ import torch
 
 from tritonsd.sampler import registry
 from tritonsd.sampler import schedule as S
+from tritonsd.sampler.seeds import SEED_RANGE, random_seed
 
 MAX_STEPS = 1000
 MAX_BATCH = 64
 MAX_CLIP_SKIP = 12  # AUTOMATIC1111's slider; the model's own layer count is checked when the prompt is encoded
 RNG_SOURCES = ("nv", "gpu", "cpu")
 PROMPT_SYNTAXES = ("a1111", "original")
-SEED_RANGE = 2 ** 64  # torch.Generator.manual_seed takes [0, 2**64); image i uses seed + i
-RANDOM_SEEDS = 2 ** 32  # a random seed is drawn from AUTOMATIC1111's range
 VAE_FACTOR_MULTIPLE = 8  # every released VAE: pixels per latent cell
 
 
@@ -315,11 +313,6 @@ def _flag(name: str, value, allow_none: bool = False) -> None:
 def _choice(name: str, value, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise SettingsError(name, f"must be one of {', '.join(choices)}, got {value!r}")
-
-
-def random_seed() -> int:
-    """A seed for a generation that names none, drawn from AUTOMATIC1111's range (``RANDOM_SEEDS``)."""
-    return secrets.randbelow(RANDOM_SEEDS)
 
 
 def check_rng_device(rng: str, device) -> None:

@@ -19,7 +19,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 
-from tritonsd.sampler.settings import random_seed
+from tritonsd.sampler.seeds import random_seed
 from tritonsd.serve import inpaint, limits
 from tritonsd.serve.errors import ApiError, BadRequest, NotFound, printable
 from tritonsd.serve.host import ModelKey
