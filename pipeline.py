@@ -46,19 +46,22 @@ from tritonsd.kernels import dispatch
 from tritonsd.load_spec import CheckedSpec, LoadSpec
 from tritonsd.model.load import load_model
 from tritonsd.model.vae_guard import VAEDecodeGuard
-from tritonsd.sampler import denoise as D
-from tritonsd.sampler import registry
+from tritonsd.sampler import denoise as D, registry
 from tritonsd.sampler.graph import GraphCaptureError, GraphRunner, tables_on_device
-from tritonsd.sampler.infotext import Infotext
+from tritonsd.sampler.infotext import Infotext, save_numbered, to_pil
 from tritonsd.sampler.rng import infotext_rng
 from tritonsd.sampler.noise import ImageNoise, NoiseSource
 from tritonsd.sampler.memory import memory_shortfall
-from tritonsd.sampler.settings import (GenerationSettings, SettingsError, check_rng_device, fields_from_infotext,
-    vae_factor)
+from tritonsd.sampler.settings import (check_rng_device, default_size, fields_from_infotext, GenerationSettings,
+    SettingsError, vae_factor)
 from tritonsd.sampler.vae_io import (InpaintConditioning, NonFiniteError, check_finite, decode_clamped, encode_image,
     inpaint_conditioning)
 from tritonsd.sampler.wiring import (build_denoiser, img2img_start, make_schedule, num_steps, sigma_denoiser,
     txt2img_start)
+from tritonsd.lora.apply import find_lora, LoraError, LoraSpec, LoraState, parse_lora_tags
+from tritonsd.compile.warmup import warmup
+from tritonsd.prompt.encode import encode_prompts, encode_schedule, load_model_embeddings
+from tritonsd.formats.embeddings import ti_hashes
 
 StepCallback = Callable[[dict], None]
 
@@ -155,9 +158,9 @@ class Pipeline:
         ``dispatch.force`` block says."""
         return contextlib.nullcontext() if self.kernels == "auto" else dispatch.force(self.kernels)
 
-    def _model_unet(self, x, t, context, y=None):
+    def _model_unet(self, x, t, context, y=None, t_emb=None):
         """``apply_model`` returning float32: the sampler state stays float32 whatever the weights' dtype."""
-        return self.model.apply_model(x, t, context, y).float()
+        return self.model.apply_model(x, t, context, y, t_emb=t_emb).float()
 
     # ------------------------------------------------------------ settings
 
@@ -193,7 +196,6 @@ class Pipeline:
         replacing the previous set; ``[]`` restores the checkpoint's weights. The weights keep their storage, so
         captured CUDA graphs stay valid. A failed switch (``LoraError``) leaves the weights as they were.
         Returns the ``ApplyReport`` (matched modules, warnings, bytes of pristine copies held)."""
-        from tritonsd.lora.apply import LoraSpec
 
         specs = [s if isinstance(s, LoraSpec) else LoraSpec(*s) for s in loras]
         report = self._apply_loras(specs)
@@ -204,7 +206,6 @@ class Pipeline:
         if self._lora_state is None:
             if not specs:
                 return None
-            from tritonsd.lora.apply import LoraState
 
             self._lora_state = LoraState(self.model)
         self.lora_report = self._lora_state.apply(specs)
@@ -215,7 +216,6 @@ class Pipeline:
         AUTOMATIC1111 does per generation; returns the prompt without its tags."""
         if "<" not in prompt and self._lora_state is None:
             return prompt
-        from tritonsd.lora.apply import LoraError, LoraSpec, find_lora, parse_lora_tags
 
         text, tags = parse_lora_tags(prompt)
         if tags and self.lora_dir is None:
@@ -235,8 +235,6 @@ class Pipeline:
         ``generate`` does this by itself for each new shape (``auto_warmup``)."""
         if self.device.type != "cuda" or self.kernels == "torch" or dispatch.current_backend() == "torch":
             return None
-        from tritonsd.compile.warmup import warmup
-        from tritonsd.sampler.settings import default_size
 
         size = default_size(self.config)
         return warmup(self.config, sizes=sizes or [(size, size)], batches=batches, dtype=self.dtype,
@@ -271,7 +269,6 @@ class Pipeline:
         """Textual-inversion embeddings from ``directory`` (triggered by their file names in prompts, as
         AUTOMATIC1111); returns one line per file skipped (wrong width, unreadable), also kept in
         ``embedding_messages``."""
-        from tritonsd.prompt.encode import load_model_embeddings
 
         self.embeddings, self.embedding_messages = load_model_embeddings(self.model, directory)
         return self.embedding_messages
@@ -293,14 +290,12 @@ class Pipeline:
             cond = self._encode_side(prompt, s, is_negative=False)
             uncond = None if s.cfg_scale == 1.0 else self._encode_side(s.negative_prompt, s, is_negative=True)
         used = cond.cond.used_embeddings + (uncond.cond.used_embeddings if uncond is not None else [])
-        from tritonsd.formats.embeddings import ti_hashes
 
         self._ti_hashes = ti_hashes(used) or None
         return self._conditioning(s, cond, uncond)
 
     def _encode_side(self, prompt: str, s: GenerationSettings, is_negative: bool):
         """One prompt's editing schedule, encoded in one batch (``ScheduledConditioning``)."""
-        from tritonsd.prompt.encode import encode_schedule
 
         return encode_schedule(self.model, prompt, s.steps, clip_skip=s.clip_skip, embeddings=self.embeddings,
                                width=s.width, height=s.height, is_negative=is_negative)
@@ -331,7 +326,6 @@ class Pipeline:
     def _pad_to_same_length(self, c: dict, u: dict, s: GenerationSettings, per_step: bool):
         """AUTOMATIC1111's ``pad_cond_uncond``: the shorter side gets empty-prompt chunks appended, so guidance
         stays one batched call (it changes the image)."""
-        from tritonsd.prompt.encode import encode_prompts
 
         axis = 2 if per_step else 1
         if c["context"].shape[axis] == u["context"].shape[axis]:
@@ -407,12 +401,10 @@ class Pipeline:
             if runner is not None:
                 out = self._denoise_graphed(runner, spec, latents, cond, s, callback)
             else:
-                den = build_denoiser(self.unet, self.config, spec, s.cfg_scale)
+                schedule = latents.schedule  # sigmas stay on the host: the prepared denoiser reads its tables by them
+                den = build_denoiser(self.unet, self.config, spec, s.cfg_scale, schedule, x.device)
                 if cond.per_step:
                     den = D.PerCallConditioning(den)
-                schedule = latents.schedule
-                if isinstance(schedule, torch.Tensor):
-                    schedule = schedule.to(x.device)  # the samplers broadcast sigmas against x
                 kwargs = {}
                 if spec.takes_noise:
                     kwargs["noise_sampler"] = lambda _a, _b: latents.noise.ancestral(x.shape[1:]).to(x.device)
@@ -511,7 +503,6 @@ class Pipeline:
     def to_pil(self, images: torch.Tensor, settings: GenerationSettings,
                conditioning: Conditioning | None = None) -> list:
         """PIL images with ``info["parameters"]`` (the infotext) and ``info["seed"]``."""
-        from tritonsd.sampler.infotext import to_pil
 
         out = []
         for i, image in enumerate(images):
@@ -525,7 +516,6 @@ class Pipeline:
     def save(images: list, out_dir: str | os.PathLike) -> list[Path]:
         """``out_dir/NNNNN-<seed>.png`` for each image, numbered after the files already there (as
         AUTOMATIC1111 numbers them); never overwrites, nothing half-written."""
-        from tritonsd.sampler.infotext import save_numbered
 
         return [save_numbered(Path(out_dir), image, image.info.get("parameters", ""), image.info.get("seed"))
                 for image in images]

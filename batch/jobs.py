@@ -23,7 +23,9 @@ from pathlib import Path
 from typing import Iterable
 
 from tritonsd.escape import escape  # the batch modules print untrusted ids and text through it
-from tritonsd.sampler.settings import RANDOM_SEEDS
+from tritonsd.sampler.seeds import RANDOM_SEEDS
+from tritonsd.sampler.settings import GenerationSettings, SettingsError
+from tritonsd.sampler.registry import DEFAULT_SAMPLER, UnknownSamplerError, from_a1111_name
 
 FIELDS = ("id", "prompt", "negative_prompt", "seed", "subseed", "subseed_strength", "steps", "sampler_name",
           "scheduler", "cfg_scale", "width", "height", "loras")
@@ -72,8 +74,6 @@ class Job:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Job":
-        from tritonsd.sampler.settings import GenerationSettings
-
         return cls(line=d["line"], id=d["id"], settings=GenerationSettings(**d["settings"]),
                    loras=tuple(tuple(x) for x in d["loras"]))
 
@@ -121,8 +121,6 @@ def seed_from_id(job_id: str) -> int:
 
 
 def parse_sampler(fields: dict) -> tuple[str | None, bool | None]:
-    from tritonsd.sampler.registry import DEFAULT_SAMPLER, UnknownSamplerError, from_a1111_name
-
     name, schedule = fields.get("sampler_name"), fields.get("scheduler")
     if schedule is not None and not isinstance(schedule, str):
         raise JobError(f"scheduler must be a string, got {escape(json.dumps(schedule), 40)}")
@@ -191,7 +189,6 @@ def find_lora_file(path: str, lora_dir: Path | None, base: Path) -> Path:
 
 def parse_job(fields, line: int, *, lora_dir: Path | None = None, base: Path | None = None) -> Job:
     """One job from a decoded JSON line, checked without a model; raises ``JobError`` (one line)."""
-    from tritonsd.sampler.settings import GenerationSettings, SettingsError
 
     if not isinstance(fields, dict):
         raise JobError(f"a job line must be a JSON object, got {type(fields).__name__}")

@@ -57,6 +57,7 @@ from tritonsd.pipeline import Pipeline
 from tritonsd.bench import environment as bench_environment
 from tritonsd.bench.random_weights import MANIFESTS, build_meta_model, build_random_model, fill_random_
 from tritonsd.sampler import registry
+from tritonsd.compile.warmup import warmup
 
 IMPLS = ("tritonsd-graph", "tritonsd-eager", "diffusers-eager", "diffusers-compile")
 BENCH_MODELS = ("sd15", "sd21", "sdxl")
@@ -324,7 +325,6 @@ def warmup_row(impl, device, batch: int, size: int) -> dict:
     peer, and runs off CUDA, have none (``warmup_s`` null: the peer's compile is in its first image)."""
     if not isinstance(impl, TritonsdImpl) or device.type != "cuda":
         return {"warmup_s": None}
-    from tritonsd.compile.warmup import warmup
 
     pipe = impl.pipe
     start = time.perf_counter()

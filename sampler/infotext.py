@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
+from tritonsd.outputs import atomic_write, write_numbered
 
 
 @dataclass
@@ -73,7 +74,6 @@ def to_pil(image: torch.Tensor) -> Image.Image:
 def write_png(path: str | os.PathLike, image: Image.Image, parameters: str) -> Path:
     """Write ``image`` with a ``parameters`` tEXt chunk, atomically (``tritonsd.outputs``: a temporary file in the
     target's directory, renamed into place; nothing is left on failure)."""
-    from tritonsd.outputs import atomic_write
 
     return atomic_write(Path(path), lambda f: image.save(f, format="PNG", pnginfo=png_info(parameters)))
 
@@ -93,7 +93,6 @@ def save_numbered(out: Path, image: Image.Image, parameters: str, seed: int | No
     """``out/NNNNN-<seed>.png`` (``NNNNN.png`` without a seed), numbered after the files already there as
     AUTOMATIC1111 numbers them; written whole before the name appears, never overwriting, and concurrent runs
     writing into one directory never share a number (``tritonsd.outputs.write_numbered``)."""
-    from tritonsd.outputs import write_numbered
 
     suffix = "" if seed is None else f"-{seed}"
     return write_numbered(out, lambda n: f"{n:05d}{suffix}.png",

@@ -26,11 +26,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from tritonsd.serve import jobs, limits
 from tritonsd.serve.catalog import Catalog
 from tritonsd.serve.errors import ApiError, BadRequest, error_body, printable
-from tritonsd.serve.host import ModelHost
+from tritonsd.serve.host import ModelHost, ModelKey
 from tritonsd.serve.images import decode_image, text_items
 from tritonsd.serve.jobs import Options
 from tritonsd.serve.schema import Img2ImgRequest, PNGInfoRequest, Txt2ImgRequest
 from tritonsd.serve.worker import Worker
+from tritonsd.sampler.infotext_parse import parse_infotext
+from tritonsd.sampler.registry import SAMPLERS
 
 log = logging.getLogger("tritonsd.serve")
 STATIC = Path(__file__).parent / "static"
@@ -204,8 +206,6 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.post("/sdapi/v1/png-info")
     def png_info(req: PNGInfoRequest):
-        from tritonsd.sampler.infotext_parse import parse_infotext
-
         image = decode_image("image", req.image)
         geninfo = image.info.get("parameters")
         geninfo = geninfo if isinstance(geninfo, str) else ""
@@ -227,8 +227,6 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.get("/sdapi/v1/samplers")
     def samplers():
-        from tritonsd.sampler.registry import SAMPLERS
-
         return [{"name": s.a1111_name, "aliases": list(s.a1111_aliases),
                  "options": {"scheduler": "karras"} if s.karras else {}} for s in SAMPLERS.values()]
 
@@ -334,7 +332,6 @@ async def _maybe_switch(state: ServerState, req: dict, run_job) -> None:
     """Queue a switch when the checkpoint or the VAE changes; answers once the new model is loaded."""
     if "sd_model_checkpoint" not in req and "sd_vae" not in req:
         return None
-    from tritonsd.serve.host import ModelKey
 
     ckpt = (state.catalog.find_checkpoint(req["sd_model_checkpoint"]).path if "sd_model_checkpoint" in req
             else state.host.default.checkpoint)

@@ -19,13 +19,16 @@ import json
 import logging
 from dataclasses import dataclass, field
 
-from tritonsd.sampler.settings import random_seed
+from tritonsd.sampler.seeds import random_seed
 from tritonsd.serve import inpaint, limits
 from tritonsd.serve.errors import ApiError, BadRequest, NotFound, printable
 from tritonsd.serve.host import ModelKey
 from tritonsd.serve.images import decode_image, png_b64
 from tritonsd.serve.schema import IMG2IMG_FIELDS, TXT2IMG_FIELDS, apply_infotext, ignored_fields, parameters, value
 from tritonsd.serve.worker import Interrupted, Job
+from tritonsd.sampler.registry import UnknownSamplerError, from_a1111_alias, from_a1111_name
+from tritonsd.sampler import registry
+from tritonsd.sampler.settings import GenerationSettings
 
 log = logging.getLogger("tritonsd.serve")
 
@@ -74,8 +77,6 @@ def _fixed_seed(name: str, v) -> int:
 
 
 def _sampler(name, schedule) -> tuple[str, bool | None]:
-    from tritonsd.sampler.registry import UnknownSamplerError, from_a1111_alias, from_a1111_name
-
     name = (from_a1111_alias(name) or name) if isinstance(name, str) else name
     if not isinstance(name, str):
         raise BadRequest(f"sampler_name must be a string, got {printable(name)}")
@@ -116,8 +117,6 @@ def _overrides(req, options: Options, catalog, host) -> tuple[ModelKey, int, str
 
 def build_plan(req, mode: str, *, options: Options, catalog, host) -> Plan:
     """Everything checked that can be checked without the device; raises ApiError / SettingsError."""
-    from tritonsd.sampler import registry
-    from tritonsd.sampler.settings import GenerationSettings
 
     table = TXT2IMG_FIELDS if mode == "txt2img" else IMG2IMG_FIELDS
     req, infotext_notes = apply_infotext(req)
@@ -260,7 +259,6 @@ def _generate(pipe, s, worker) -> list:
 
 def respond(plan: Plan, pipe, s, images: list, infotexts: list[str], notes: list[str]) -> dict:
     """A1111's ``TextToImageResponse`` / ``ImageToImageResponse``."""
-    from tritonsd.sampler import registry
 
     spec = registry.get(s.sampler)
     n = len(images)

@@ -32,6 +32,7 @@ def test_rules():
     assert check_compile.judge(result(error="PTXASError: boom")).problems[0].startswith("compile failed")
 
 
+@pytest.mark.slow  # `tritonsd check-compile` compiles in a subprocess
 def test_ci_subset(tmp_path):
     """Every shipped layer_norm / geglu config at SD 1.5 shapes compiles for sm_90 and sm_80 without spills."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

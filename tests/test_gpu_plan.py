@@ -53,6 +53,7 @@ def test_plan_is_built_from_the_compile_data_and_a_warm_start_plans_less(costs):
     assert sum(e.seconds for e in warm) < sum(e.seconds for e in estimates)
 
 
+@pytest.mark.slow  # benchmarks/gpu_plan.py in a subprocess
 def test_committed_counts_are_what_the_models_need(costs):
     """The counts the estimate uses match a fresh count of the same group (the sd15 fp16 UNet step, VAE decode
     and text layer), made in a process without the interpreter (which ships one config per kernel)."""

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # compile-worker processes, killed
+
 PARENT = """
 import os, sys, time
 from tritonsd.compile import precompile

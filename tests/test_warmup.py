@@ -12,6 +12,8 @@ import textwrap
 
 import pytest
 
+pytestmark = pytest.mark.slow  # every test compiles kernels in subprocesses
+
 WARMUP = ["-m", "tritonsd.tools.cli", "warmup", "--model", "sd15", "--size", "64x64", "--batch", "1",
           "--arch", "sm_90", "--kernels", "layer_norm,geglu", "--jobs", "1"]
 

@@ -14,6 +14,8 @@ from pathlib import Path
 
 from tritonsd.devices import DTYPE_NAMES
 from tritonsd.tools.cli import UsageError
+from tritonsd.compile import aot, check_compile, shapes
+from tritonsd.compile.warmup import WarmupError
 
 
 def _csv(text: str) -> list[str]:
@@ -34,9 +36,6 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tritonsd.compile import aot, check_compile, shapes
-    from tritonsd.compile.warmup import WarmupError
-
     archs = _csv(args.arch)
     try:
         archs = [f"sm_{aot.parse_arch(a)}" for a in archs]
