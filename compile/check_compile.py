@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
 from tritonsd.compile import precompile, shapes, variants
+from tritonsd.compile.warmup import select
 from tritonsd.devices import DTYPE_NAMES, DTYPES, dtype_name
 
 MATMUL_KERNELS = ("attention", "conv")  # the kernels whose inner loop is tl.dot
@@ -42,8 +43,6 @@ class Row:
 def representative_launches(models: Iterable[str] = shapes.RELEASED, dtypes: Iterable[str] = ("fp16", "bf16"),
                             kernels: Sequence[str] | None = None, sizes: dict | None = None) -> list[variants.Launch]:
     """Unique variants over the released models at their native sizes (or ``sizes[name]``), batch 1 and 2."""
-    from tritonsd.compile.warmup import select
-
     out = []
     for name in models:
         model = shapes.released(name)

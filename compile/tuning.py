@@ -16,7 +16,9 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Sequence
 
+import torch
 import triton
+import triton.testing
 
 from tritonsd.kernels._triton import (TuningTables, config_to_dict, kernel_name, key_repr, match_config, read_entries,
                                       source_hash)
@@ -62,8 +64,6 @@ def choose(cache: TuningCache, kernel: str, source: str, key: tuple, configs: Se
 
 def time_on_gpu(autotuner, grid, args: tuple, kwargs: dict, config: triton.Config) -> float:
     """Milliseconds of one launch with ``config`` (median of Triton's ``do_bench``)."""
-    import triton.testing
-
     def call():
         autotuner.fn.run(*args, grid=grid, warmup=False, **kwargs, **config.all_kwargs())
     return triton.testing.do_bench(call, warmup=5, rep=20, return_mode="median")
@@ -102,6 +102,4 @@ class Tuner:
 
 
 def _current_gpu() -> str:
-    import torch
-
     return torch.cuda.get_device_name()

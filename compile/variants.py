@@ -21,6 +21,8 @@ import triton
 from tritonsd.compile.shapes import TEXT_TOKENS
 from tritonsd.kernels import _triton, dispatch
 from tritonsd.kernels._triton import innermost
+from tritonsd.model.unet import UNetModel
+from tritonsd.model.vae import AutoencoderKL
 
 
 
@@ -177,9 +179,6 @@ def text_launches(width: int, heads: int, batch: int, dtype: torch.dtype) -> lis
 
 def meta_modules(config, dtype: torch.dtype):
     """The UNet and VAE of a ``ModelConfig`` on the meta device, in ``dtype`` (nothing allocated)."""
-    from tritonsd.model.unet import UNetModel
-    from tritonsd.model.vae import AutoencoderKL
-
     with torch.device("meta"):
         unet = UNetModel(config.unet).to(dtype).eval()
         vae = AutoencoderKL(config.vae).to(dtype).eval()

@@ -7,6 +7,7 @@ use both call. The second process finds every variant in the cache (no compile) 
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
@@ -107,8 +108,6 @@ def tune_model(model: torch.nn.Module, sizes: Sequence[tuple[int, int]], batches
     """One UNet step per (size, batch) and one VAE decode per size on random inputs, inside
     ``_triton.tuning(tuner)``: every autotuned launch looks its key up in the tuning tables and has it timed
     once, and stored, when absent. Returns (keys tuned, seconds)."""
-    import time
-
     tuner = tuner or tuning.Tuner()
     before = tuner.tuned
     start = time.perf_counter()
