@@ -48,8 +48,7 @@ from tritonsd.model.load import load_model
 from tritonsd.model.vae_guard import VAEDecodeGuard
 from tritonsd.sampler import denoise as D, registry
 from tritonsd.sampler.graph import GraphCaptureError, GraphRunner, tables_on_device
-from tritonsd.sampler.infotext import Infotext, save_numbered, to_pil
-from tritonsd.sampler.rng import infotext_rng
+from tritonsd.sampler.infotext import generation_infotext, save_numbered, to_pil
 from tritonsd.sampler.noise import ImageNoise, NoiseSource
 from tritonsd.sampler.memory import memory_shortfall
 from tritonsd.sampler.settings import (check_rng_device, default_size, fields_from_infotext, GenerationSettings,
@@ -60,7 +59,8 @@ from tritonsd.sampler.wiring import (build_denoiser, img2img_start, make_schedul
     txt2img_start)
 from tritonsd.lora.apply import find_lora, LoraError, LoraSpec, LoraState, parse_lora_tags
 from tritonsd.compile.warmup import warmup
-from tritonsd.prompt.encode import encode_prompts, encode_schedule, load_model_embeddings
+from tritonsd.prompt.encode import (encode_schedule, load_model_embeddings, pad_to_same_length,
+                                     unet_keywords)
 from tritonsd.formats.embeddings import ti_hashes
 
 StepCallback = Callable[[dict], None]
@@ -301,49 +301,14 @@ class Pipeline:
                                width=s.width, height=s.height, is_negative=is_negative)
 
     def _conditioning(self, s: GenerationSettings, cond, uncond) -> Conditioning:
-        """The UNet keywords of both sides: one row per image, or per-call tables when a prompt schedules."""
-        per_step = len(cond.texts) > 1 or (uncond is not None and len(uncond.texts) > 1)
-        calls = s.steps + 1  # PLMS evaluates its first step twice
-        sides = []
-        for side in (cond, uncond):
-            if side is None:
-                sides.append(None)
-                continue
-            entries = {"context": side.cond.context.float()}
-            if side.cond.vector is not None:
-                entries["y"] = side.cond.vector.float()
-            if per_step:
-                rows = torch.tensor([side.index_at(k) for k in range(calls)], device=entries["context"].device)
-                # [entries, ...] -> [calls, B, ...]: row k is the entry model call k uses
-                sides.append({n: t[rows][:, None].expand(-1, s.batch_size, *t.shape[1:]) for n, t in entries.items()})
-            else:
-                sides.append({n: t[:1].expand(s.batch_size, *t.shape[1:]) for n, t in entries.items()})
-        c, u = sides
+        """The UNet keywords of both sides (``prompt.encode.unet_keywords``), padded to one length when the
+        settings ask for AUTOMATIC1111's ``pad_cond_uncond``."""
+        c, u, per_step = unet_keywords(cond, uncond, calls=s.steps + 1, batch=s.batch_size)  # PLMS: steps + 1 calls
         if u is not None and s.pad_cond_uncond:
-            c, u = self._pad_to_same_length(c, u, s, per_step)
+            with self._kernels():
+                c, u = pad_to_same_length(self.model, c, u, per_step, clip_skip=s.clip_skip, width=s.width,
+                                          height=s.height)
         return Conditioning(c, u, per_step=per_step, ti_hashes=self._ti_hashes)
-
-    def _pad_to_same_length(self, c: dict, u: dict, s: GenerationSettings, per_step: bool):
-        """AUTOMATIC1111's ``pad_cond_uncond``: the shorter side gets empty-prompt chunks appended, so guidance
-        stays one batched call (it changes the image)."""
-
-        axis = 2 if per_step else 1
-        if c["context"].shape[axis] == u["context"].shape[axis]:
-            return c, u
-        with self._kernels():
-            empty = encode_prompts(self.model, [""], clip_skip=s.clip_skip, width=s.width,
-                                   height=s.height).context.float()  # [1, 77, C]
-
-        def pad(side, to):
-            missing = (to - side["context"].shape[axis]) // empty.shape[1]
-            shape = list(side["context"].shape)
-            shape[axis] = empty.shape[1] * missing
-            extra = empty.repeat(1, missing, 1).expand(*shape) if not per_step else \
-                empty.repeat(1, missing, 1)[None].expand(*shape)
-            return {**side, "context": torch.cat([side["context"], extra], dim=axis)}
-
-        longest = max(c["context"].shape[axis], u["context"].shape[axis])
-        return pad(c, longest), pad(u, longest)
 
     def _encode_original(self, s: GenerationSettings, prompt: str, **size_conditions) -> Conditioning:
         rows, size = s.batch_size, (s.height, s.width)
@@ -480,25 +445,13 @@ class Pipeline:
     def infotext(self, settings: GenerationSettings, index: int = 0, conditioning: Conditioning | None = None) -> str:
         """AUTOMATIC1111's ``parameters`` text of image ``index`` (its TI hashes from ``conditioning``, else from
         this pipeline's last ``encode``)."""
-        s = settings
-        spec = registry.get(s.sampler)
         source = getattr(self.model, "source", None)
         vae = source.vae if source is not None else None
-        variation = s.subseed_strength > 0
-        extra = {"VAE hash": self.vae_hash if vae is not None else None,
-                 "VAE": source.vae_name if vae is not None else None,
-                 "Variation seed": (s.subseed or 0) + index if variation else None,
-                 "Variation seed strength": float(s.subseed_strength) if variation else None,
-                 "Denoising strength": float(s.strength) if s.mode == "img2img" else None,
-                 "Clip skip": s.clip_skip if s.clip_skip > 1 else None,
-                 "RNG": infotext_rng(s.rng),
-                 "Schedule type": spec.a1111_schedule(s.karras),
-                 "TI hashes": (conditioning.ti_hashes if conditioning is not None else self._ti_hashes)
-                 if s.prompt_syntax == "a1111" else None,
-                 "Lora hashes": self.lora_report.lora_hashes or None if self.lora_report is not None else None}
-        return Infotext(prompt=s.prompt, negative_prompt=s.negative_prompt, steps=s.steps,
-                        sampler=spec.a1111_name, cfg_scale=s.cfg_scale, seed=s.seed + index, width=s.width,
-                        height=s.height, model_hash=self.model_hash, model=self.name, extra=extra).render()
+        ti = conditioning.ti_hashes if conditioning is not None else self._ti_hashes
+        return generation_infotext(settings, index, model=self.name, model_hash=self.model_hash,
+                                   vae=source.vae_name if vae is not None else None,
+                                   vae_hash=self.vae_hash if vae is not None else None, ti_hashes=ti,
+                                   lora_hashes=self.lora_report.lora_hashes if self.lora_report is not None else None)
 
     def to_pil(self, images: torch.Tensor, settings: GenerationSettings,
                conditioning: Conditioning | None = None) -> list:

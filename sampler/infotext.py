@@ -12,7 +12,10 @@ import numpy as np
 import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
+
 from tritonsd.outputs import atomic_write, write_numbered
+from tritonsd.sampler import registry
+from tritonsd.sampler.rng import infotext_rng
 
 
 @dataclass
@@ -50,6 +53,29 @@ class Infotext:
             fields[key] = _number(value) if isinstance(value, float) else value
         lines.append(", ".join(f"{k}: {quote(v)}" for k, v in fields.items() if v is not None))
         return "\n".join(lines)
+
+
+def generation_infotext(s, index: int = 0, *, model: str | None, model_hash: str | None, vae: str | None = None,
+                        vae_hash: str | None = None, ti_hashes: str | None = None,
+                        lora_hashes: str | None = None) -> str:
+    """The infotext of image ``index`` of a generation with settings ``s`` (resolved ``GenerationSettings``), as
+    AUTOMATIC1111 writes it: the sampler and schedule by their A1111 names, the image's own seed, variation seed,
+    img2img strength, clip skip, noise source, and the files that shaped the image (VAE, embeddings, LoRAs)."""
+    spec = registry.get(s.sampler)
+    variation = s.subseed_strength > 0
+    extra = {"VAE hash": vae_hash,
+             "VAE": vae,
+             "Variation seed": (s.subseed or 0) + index if variation else None,
+             "Variation seed strength": float(s.subseed_strength) if variation else None,
+             "Denoising strength": float(s.strength) if s.mode == "img2img" else None,
+             "Clip skip": s.clip_skip if s.clip_skip > 1 else None,
+             "RNG": infotext_rng(s.rng),
+             "Schedule type": spec.a1111_schedule(s.karras),
+             "TI hashes": ti_hashes if s.prompt_syntax == "a1111" else None,
+             "Lora hashes": lora_hashes or None}
+    return Infotext(prompt=s.prompt, negative_prompt=s.negative_prompt, steps=s.steps, sampler=spec.a1111_name,
+                    cfg_scale=s.cfg_scale, seed=s.seed + index, width=s.width, height=s.height,
+                    model_hash=model_hash, model=model, extra=extra).render()
 
 
 def quote(value) -> str:
