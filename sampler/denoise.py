@@ -55,6 +55,7 @@ class EpsDenoiser:
     def __init__(self, unet, alphas_cumprod: torch.Tensor):
         self.unet = unet
         self.sigmas = schedule.discrete_sigmas(alphas_cumprod)  # ascending, float32
+        self.log_sigmas = schedule.discrete_log_sigmas(self.sigmas)
 
     @property
     def sigma_min(self) -> torch.Tensor:
@@ -65,10 +66,10 @@ class EpsDenoiser:
         return self.sigmas[-1]
 
     def get_sigmas(self, n: int) -> torch.Tensor:
-        return schedule.get_sigmas(self.sigmas, n)
+        return schedule.get_sigmas(self.sigmas, n, self.log_sigmas)
 
     def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
-        return schedule.sigma_to_t(sigma, self.sigmas.to(sigma.device))
+        return schedule.sigma_to_t(sigma, self.sigmas.to(sigma.device), self.log_sigmas.to(sigma.device))
 
     def __call__(self, x, sigma, **cond):
         sigma = _batch_sigma(sigma, x)
