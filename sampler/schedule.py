@@ -18,8 +18,9 @@ between MKL's code paths for different processors, and ``torch.linspace`` betwee
 CPU kernels. So the training sigmas and their logs of the released models' linear schedule are read from
 ``pinned.py`` (the values the parity fixtures were made with), ``exp`` in ``t_to_sigma`` is taken in float64 and
 rounded (correctly rounded whatever the machine's float64 ``exp``, except in cases rarer than 1 in 10^8), and
-k-diffusion's timesteps come from ``linspace32`` (the vectorized kernel's arithmetic). The Karras schedule's
-``linspace`` and ``** rho`` still follow torch's kernels (they match the fixtures on AVX2 / AVX-512 CPUs).
+k-diffusion's timesteps and the Karras ramp come from ``linspace32`` (the vectorized kernel's arithmetic). The
+Karras schedule's ``** rho`` is still torch's (vectorized SLEEF ``pow`` on AVX2 / AVX-512, as the fixtures; the
+scalar ``pow`` of CPUs without AVX2 may differ in the last bit).
 """
 
 from __future__ import annotations
@@ -197,7 +198,7 @@ def get_sigmas_karras(n: int, sigma_min: float, sigma_max: float, rho: float = 7
         raise ScheduleError(f"the number of sampling steps must be at least 1, got {n}")
     if not 0 < sigma_min <= sigma_max:
         raise ScheduleError(f"Karras sigmas need 0 < sigma_min <= sigma_max, got {sigma_min}, {sigma_max}")
-    ramp = torch.linspace(0, 1, n)
+    ramp = linspace32(0, 1, n)
     min_inv_rho = sigma_min ** (1 / rho)
     max_inv_rho = sigma_max ** (1 / rho)
     sigmas = (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho

@@ -191,8 +191,12 @@ out = {}
 for n in (1, 5, 7, 10, 12, 20, 37, 50):
     out[f"kdiff{n}"] = S.get_sigmas(sig, n)
     out[f"sgm{n}"] = S.sgm_sigmas(acp64, n)
+for n in KARRAS_STEPS:
+    out[f"karras{n}"] = S.get_sigmas_karras(n, sig[0].item(), sig[-1].item())
 save_file(out, sys.argv[1])
 """
+# Karras's ``** rho`` is torch's pow: SLEEF's on AVX2 / AVX-512, the C library's without; they part from n = 34
+KARRAS_STEPS = (1, 5, 7, 10, 12, 20, 33)
 
 CPU_PATHS = [{"MKL_CBWR": "AUTO"}, {"MKL_CBWR": "COMPATIBLE"}, {"MKL_CBWR": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"},
              {"ATEN_CPU_CAPABILITY": "default"}]
@@ -200,16 +204,19 @@ CPU_PATHS = [{"MKL_CBWR": "AUTO"}, {"MKL_CBWR": "COMPATIBLE"}, {"MKL_CBWR": "AVX
 
 @pytest.mark.parametrize("env", CPU_PATHS, ids=lambda e: ",".join(f"{k}={v}" for k, v in e.items()))
 def test_schedules_are_the_same_on_every_cpu_path(tmp_path, reference, env):
-    """k-diffusion and sgm sigmas are bit-identical whichever MKL code path and torch kernel the CPU gets, and
-    equal to the fixtures (which a plain float32 computation on an AVX2 / AVX-512 MKL path misses by 1 ulp)."""
-    got = _run_in_fresh_process(RUNTIME, env, tmp_path / "sigmas.safetensors")
+    """k-diffusion, Karras and sgm sigmas are bit-identical whichever MKL code path and torch kernel the CPU gets,
+    and equal to the fixtures (which a plain float32 computation on an AVX2 / AVX-512 MKL path misses by 1 ulp)."""
+    got = _run_in_fresh_process(f"KARRAS_STEPS = {KARRAS_STEPS}\n" + RUNTIME, env, tmp_path / "sigmas.safetensors")
     assert torch.equal(got["kdiff10"], reference("sd1-tiny")[0]["kdiff.sigmas"])
+    assert torch.equal(got["karras10"], reference("sd1-tiny")[0]["kdiff.sigmas_karras"])
     assert torch.equal(got["sgm10"], reference("sdxl-tiny")[0]["sample.sigmas"])
     acp64 = S.linear_alphas_cumprod()
     sig = S.discrete_sigmas(acp64.float())
     for n in (1, 5, 7, 10, 12, 20, 37, 50):
         assert torch.equal(got[f"kdiff{n}"], S.get_sigmas(sig, n)), n
         assert torch.equal(got[f"sgm{n}"], S.sgm_sigmas(acp64, n)), n
+    for n in KARRAS_STEPS:
+        assert torch.equal(got[f"karras{n}"], S.get_sigmas_karras(n, sig[0].item(), sig[-1].item())), n
 
 
 def test_other_schedules_are_computed():
