@@ -150,12 +150,17 @@ class _SigmaDenoiser:
 
     A subclass defines ``scalings(s) -> (c_skip or None, c_out, c_in)``, ``scaled_sigma(sigma, device)`` (the
     sigma the scalings see) and ``timestep(sigma)`` (the UNet's t), and sets ``sigmas`` (the training sigmas,
-    which ``graph.tables_on_device`` may move) and ``host_sigmas`` (the same, kept on the host).
+    which ``graph.tables_on_device`` may move) and ``host_sigmas`` (the same, kept on the host); the eps / v ones also
+    ``log_sigmas`` / ``host_log_sigmas``.
     """
 
     def training_sigmas(self, device: str | torch.device) -> torch.Tensor:
         """The training sigmas on ``device``; on the host, the copy kept there (the device's may be meta)."""
         return self.host_sigmas if torch.device(device).type == "cpu" else self.sigmas.to(device)
+
+    def training_log_sigmas(self, device: str | torch.device) -> torch.Tensor:
+        """Their logs (k-diffusion's ``log_sigmas``), likewise."""
+        return self.host_log_sigmas if torch.device(device).type == "cpu" else self.log_sigmas.to(device)
 
     def prepare(self, sigmas: torch.Tensor, device: str | torch.device | None = None):
         """A copy of this denoiser with the tables of ``sigmas`` (the sampler's schedule) on ``device`` (default:
@@ -190,7 +195,8 @@ class EpsDenoiser(_SigmaDenoiser):
     def __init__(self, unet, alphas_cumprod: torch.Tensor, embedding_dim: int | None = None):
         self.unet = unet
         self.sigmas = schedule.discrete_sigmas(alphas_cumprod)  # ascending, float32
-        self.host_sigmas = self.sigmas.cpu()
+        self.log_sigmas = schedule.discrete_log_sigmas(self.sigmas)  # k-diffusion's buffer (pinned: schedule.py)
+        self.host_sigmas, self.host_log_sigmas = self.sigmas.cpu(), self.log_sigmas.cpu()
         self.embedding_dim = embedding_dim
         self.tables = None
 
@@ -203,10 +209,10 @@ class EpsDenoiser(_SigmaDenoiser):
         return self.sigmas[-1]
 
     def get_sigmas(self, n: int) -> torch.Tensor:
-        return schedule.get_sigmas(self.sigmas, n)
+        return schedule.get_sigmas(self.sigmas, n, self.log_sigmas)
 
     def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
-        return schedule.sigma_to_t(sigma, self.training_sigmas(sigma.device))
+        return schedule.sigma_to_t(sigma, self.training_sigmas(sigma.device), self.training_log_sigmas(sigma.device))
 
     @staticmethod
     def scalings(s):

@@ -69,11 +69,13 @@ class LoopKey:
 
 
 def tables_on_device(denoiser, device: str | torch.device):
-    """Move a sigma-space denoiser's ``sigmas`` table (``EpsDenoiser``, ``VDenoiser``, ``SGMEpsDenoiser``) to
-    ``device`` in place and return it, so that no host-to-device copy happens inside the captured loop."""
+    """Move a sigma-space denoiser's ``sigmas`` (and ``log_sigmas``) tables (``EpsDenoiser``, ``VDenoiser``,
+    ``SGMEpsDenoiser``) to ``device`` in place and return it, so that no host-to-device copy happens inside the
+    captured loop."""
     inner = getattr(denoiser, "inner", denoiser)
-    if isinstance(getattr(inner, "sigmas", None), torch.Tensor):
-        inner.sigmas = inner.sigmas.to(device)
+    for name in ("sigmas", "log_sigmas"):
+        if isinstance(getattr(inner, name, None), torch.Tensor):
+            setattr(inner, name, getattr(inner, name).to(device))
     return denoiser
 
 
