@@ -95,6 +95,30 @@ class Latents:
         return 0 if self.schedule is None else num_steps(self.schedule)
 
 
+DIFFUSERS_ALIASES = {"num_inference_steps": "steps", "guidance_scale": "cfg_scale",
+                     "num_images_per_prompt": "batch_size", "image": "init_image", "mask_image": "mask"}
+
+
+def from_diffusers_names(fields: dict) -> dict:
+    """``fields`` with diffusers' keyword names (``DIFFUSERS_ALIASES``) turned into ``GenerationSettings``' own;
+    a setting given under both names is a ``SettingsError``."""
+    out = {k: v for k, v in fields.items() if k not in DIFFUSERS_ALIASES}
+    for alias, name in DIFFUSERS_ALIASES.items():
+        if alias in fields:
+            if name in fields:
+                raise SettingsError(name, f"is given twice: as {name} and as diffusers' {alias}")
+            out[name] = fields[alias]
+    return out
+
+
+class Images(list):
+    """A list of PIL images that also answers diffusers' ``.images``."""
+
+    @property
+    def images(self) -> list:
+        return self
+
+
 class Pipeline:
     """A loaded model made into an image generator; see the module docstring. ``kernels``: "auto" (Triton on
     CUDA, the torch references on the CPU), "torch" or "triton" for every stage this pipeline runs."""
@@ -167,6 +191,10 @@ class Pipeline:
     def settings(self, settings: GenerationSettings | None = None, **fields) -> GenerationSettings:
         """``settings`` (or ``GenerationSettings(**fields)``, or the first with ``fields`` replaced) checked and
         resolved for this model; raises ``SettingsError`` naming the field."""
+        unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(GenerationSettings)})
+        if unknown:
+            raise SettingsError(unknown[0], "is not a setting (GenerationSettings' fields, or diffusers' "
+                                            f"{', '.join(DIFFUSERS_ALIASES)} in pipe(...))")
         if settings is None:
             settings = GenerationSettings(**fields)
         elif fields:
@@ -433,12 +461,14 @@ class Pipeline:
         return self.decode(x).cpu()
 
     def __call__(self, prompt: str = "", negative_prompt: str = "", *, callback: StepCallback | None = None,
-                 **fields) -> list:
+                 **fields) -> "Images":
         """PIL images for ``prompt``; ``fields`` are ``GenerationSettings``'s (seed, steps, cfg_scale, sampler,
-        karras, width, height, batch_size, init_image, mask, strength, eta, use_graphs). Each image's
+        karras, width, height, batch_size, init_image, mask, strength, eta, use_graphs), or diffusers' names for
+        them (``DIFFUSERS_ALIASES``: num_inference_steps, guidance_scale, num_images_per_prompt, image,
+        mask_image). The result is a list that also has ``.images`` (diffusers' output). Each image's
         ``info["parameters"]`` is its AUTOMATIC1111 infotext and ``info["seed"]`` its seed."""
-        settings = self.settings(prompt=prompt, negative_prompt=negative_prompt, **fields)
-        return self.to_pil(self.generate(settings, callback), settings)
+        settings = self.settings(prompt=prompt, negative_prompt=negative_prompt, **from_diffusers_names(fields))
+        return Images(self.to_pil(self.generate(settings, callback), settings))
 
     # ------------------------------------------------------------ images out
 
@@ -517,5 +547,5 @@ def load_spec(spec: LoadSpec | CheckedSpec) -> Pipeline:
                     model_hash=hashing.result if hashing is not None else source.model_hash)
 
 
-__all__ = ["CheckedSpec", "Conditioning", "GenerationSettings", "Latents", "LoadSpec", "NonFiniteError", "Pipeline",
+__all__ = ["CheckedSpec", "Conditioning", "GenerationSettings", "Images", "Latents", "LoadSpec", "NonFiniteError", "Pipeline",
            "load", "load_spec"]

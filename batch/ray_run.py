@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 from typing import Iterator
 
 import numpy as np
@@ -61,7 +62,11 @@ def connect(ray, address: str, workers: int | None) -> bool:
     """Connect to (or start) the cluster; True when this call started a local one (to shut down after)."""
     if ray.is_initialized():
         return False  # the caller's own connection (e.g. a notebook, or a test's shared local cluster)
-    kw = dict(logging_level=logging.WARNING, configure_logging=True)
+    # Ray's C++ core logs to the driver's stderr (e.g. an "E ... core_worker.cc" line about actor restarts on
+    # every good run); its failures reach us as exceptions, so only fatal lines are kept
+    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
+    kw = dict(logging_level=logging.ERROR, configure_logging=True, log_to_driver=False)  # no Ray chatter on a
+    # good run: a worker's failure comes back as its result row's error or as the exception below
     try:
         if address == "local":
             import torch
@@ -72,7 +77,11 @@ def connect(ray, address: str, workers: int | None) -> bool:
             return True
         ray.init(address=address, **kw)  # "auto": the cluster this machine belongs to
     except (ConnectionError, RuntimeError, ValueError) as e:
-        raise RayError(f"cannot connect to the Ray cluster at {address}: {one_line(e)}") from None
+        if address == "auto":  # Ray's own message names its CLI's --address flag, which tritonsd does not have
+            raise RayError("no running Ray cluster was found from this machine; start one (ray start --head), "
+                           "give its address (--ray=ADDRESS) or run one here (--ray=local)") from None
+        raise RayError(f"cannot connect to the Ray cluster at {escape(address, 200)} (--ray={escape(address, 200)}): "
+                       f"{_without_ray_flags(one_line(e))}") from None
     return False
 
 
@@ -117,6 +126,11 @@ def _quiet(logger_name: str):
         yield
     finally:
         log.setLevel(level)
+
+
+def _without_ray_flags(text: str) -> str:
+    """Ray's message with its hints about Ray's own CLI flags (``--address``) cut: tritonsd has ``--ray=``."""
+    return text.split(" Please specify", 1)[0].replace("`--address` flag", "--ray=ADDRESS")
 
 
 def _last_line(e: BaseException) -> str:

@@ -26,7 +26,7 @@ from tritonsd.serve.host import ModelKey
 from tritonsd.serve.images import decode_image, png_b64
 from tritonsd.serve.schema import IMG2IMG_FIELDS, TXT2IMG_FIELDS, apply_infotext, ignored_fields, parameters, value
 from tritonsd.serve.worker import Interrupted, Job
-from tritonsd.sampler.registry import UnknownSamplerError, from_a1111_alias, from_a1111_name
+from tritonsd.sampler.registry import UnknownSamplerError, resolve_name
 from tritonsd.sampler import registry
 from tritonsd.sampler.settings import GenerationSettings
 
@@ -77,15 +77,12 @@ def _fixed_seed(name: str, v) -> int:
 
 
 def _sampler(name, schedule) -> tuple[str, bool | None]:
-    name = (from_a1111_alias(name) or name) if isinstance(name, str) else name
     if not isinstance(name, str):
         raise BadRequest(f"sampler_name must be a string, got {printable(name)}")
     if schedule is not None and not isinstance(schedule, str):
         raise BadRequest(f"scheduler must be a string, got {printable(schedule)}")
-    if name.strip().endswith(" Karras") and (schedule is None or schedule.strip().lower() in ("", "automatic")):
-        schedule = None  # an old combined name keeps its schedule under "Automatic" (A1111's get_sampler_and_scheduler)
     try:
-        return from_a1111_name(name, schedule)
+        return resolve_name(name, schedule)  # the one reading of a sampler name, every door's
     except UnknownSamplerError as e:
         raise NotFound(f"Sampler not found: {printable(e)}", "SamplerNotFound") from None
 

@@ -32,7 +32,8 @@ def add_parser(subparsers) -> None:
     m.add_argument("--parameterization", choices=("eps", "v"), default=None,
                    help="prediction type, when no YAML says it")
     r = p.add_argument_group("runtime")
-    r.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
+    r.add_argument("--device", default=None, metavar="DEVICE",
+                      help="cpu, cuda or cuda:N (default: cuda when available)")
     r.add_argument("--dtype", choices=tuple(DTYPE_NAMES), default=None,
                    help="default: fp16 on cuda, fp32 on cpu")
     r.add_argument("--kernels", choices=("auto", "torch", "triton"), default="auto")
