@@ -49,7 +49,9 @@ from tritonsd.model.vae_guard import VAEDecodeGuard
 from tritonsd.sampler import denoise as D, registry
 from tritonsd.sampler.graph import GraphCaptureError, GraphRunner, tables_on_device
 from tritonsd.sampler.infotext import generation_infotext, save_numbered, to_pil
+from tritonsd.sampler.infotext_parse import parse_infotext
 from tritonsd.sampler.noise import ImageNoise, NoiseSource
+from tritonsd.sampler.reproduce import check_networks, with_lora_tags
 from tritonsd.sampler.memory import memory_shortfall
 from tritonsd.sampler.settings import (check_rng_device, default_size, fields_from_infotext, GenerationSettings,
     SettingsError, vae_factor)
@@ -142,6 +144,7 @@ class Pipeline:
         self._lora_state = None  # model.lora.LoraState, made on first use: the pristine copies of touched weights
         self.lora_report = None  # the last apply's ApplyReport (its Lora hashes go into the infotext)
         self.embeddings, self.embedding_messages = None, []  # textual inversion, found by file name in prompts
+        self._embeddings_dir = embeddings_dir
         if embeddings_dir is not None:
             self.load_embeddings(embeddings_dir)
         self._ti_hashes: str | None = None  # of the last encode, for the infotext
@@ -211,6 +214,7 @@ class Pipeline:
         """Settings from an AUTOMATIC1111 ``parameters`` text (a PNG's infotext), ``fields`` overriding it:
         a round trip gives the same image. Malformed values are left out (see ``settings.fields_from_infotext``)."""
         parsed, _notes = fields_from_infotext(text)
+        check_networks(parse_infotext(text), self.lora_dir, self._embeddings_dir)
         return self.settings(**{**parsed, **fields})
 
     def latent_shape(self, settings: GenerationSettings) -> tuple[int, int, int]:
@@ -299,6 +303,7 @@ class Pipeline:
         ``embedding_messages``."""
 
         self.embeddings, self.embedding_messages = load_model_embeddings(self.model, directory)
+        self._embeddings_dir = directory
         return self.embedding_messages
 
     def encode(self, settings: GenerationSettings, **size_conditions) -> Conditioning:
@@ -478,6 +483,8 @@ class Pipeline:
         source = getattr(self.model, "source", None)
         vae = source.vae if source is not None else None
         ti = conditioning.ti_hashes if conditioning is not None else self._ti_hashes
+        if self._loras:  # set_loras' LoRAs are recorded as A1111 records every LoRA: a tag in the prompt
+            settings = dataclasses.replace(settings, prompt=with_lora_tags(settings.prompt, self._loras))
         return generation_infotext(settings, index, model=self.name, model_hash=self.model_hash,
                                    vae=source.vae_name if vae is not None else None,
                                    vae_hash=self.vae_hash if vae is not None else None, ti_hashes=ti,

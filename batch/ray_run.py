@@ -14,7 +14,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import os
 from typing import Iterator
 
 import numpy as np
@@ -62,9 +61,6 @@ def connect(ray, address: str, workers: int | None) -> bool:
     """Connect to (or start) the cluster; True when this call started a local one (to shut down after)."""
     if ray.is_initialized():
         return False  # the caller's own connection (e.g. a notebook, or a test's shared local cluster)
-    # Ray's C++ core logs to the driver's stderr (e.g. an "E ... core_worker.cc" line about actor restarts on
-    # every good run); its failures reach us as exceptions, so only fatal lines are kept
-    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
     kw = dict(logging_level=logging.ERROR, configure_logging=True, log_to_driver=False)  # no Ray chatter on a
     # good run: a worker's failure comes back as its result row's error or as the exception below
     try:
@@ -103,7 +99,9 @@ def run_on_ray(units: list[list[Job]], spec: LoadSpec, group_size: int, address:
         ds = ds.map_batches(PipelineActor, fn_constructor_kwargs={"spec": dataclasses.asdict(spec),
                                                                    "group_size": group_size},
                             batch_size=1, compute=ray.data.ActorPoolStrategy(size=concurrency), num_cpus=1,
-                            num_gpus=1 if gpus else 0)
+                            num_gpus=1 if gpus else 0,
+                            max_restarts=0)  # a failed actor is reported, not restarted (with restarts, Ray's core
+        # logs an error line on every good run: the constructor's arguments live in the object store)
         try:
             with _quiet("ray.data"):  # no per-dataset chatter on the driver
                 for row in ds.iter_rows():

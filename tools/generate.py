@@ -22,6 +22,8 @@ from tritonsd.sampler import registry
 from tritonsd.sampler.settings import (check_rng_device, fields_from_infotext, GenerationSettings, SettingsError,
     SIDE_RULE)
 from tritonsd.lora.apply import parse_lora_arg
+from tritonsd.sampler.infotext_parse import parse_infotext
+from tritonsd.sampler.reproduce import check_networks
 from tritonsd.load_spec import LoadSpec
 from tritonsd.sampler.memory import memory_shortfall
 from tritonsd.escape import escape
@@ -169,6 +171,7 @@ def settings_from_args(args: argparse.Namespace, init_image=None, mask=None):
         fields, notes = usage_errors(lambda: fields_from_infotext(text))
         for note in notes:
             print(f"tritonsd generate: warning: {note}", file=sys.stderr)
+        check_networks(parse_infotext(text), args.lora_dir, args.embeddings_dir, "--lora-dir", "--embeddings-dir")
     elif args.prompt is None:
         raise UsageError("--prompt is required (or --from-png / --infotext)")
     given = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, sampler=args.sampler,
