@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import warnings
 from typing import Iterator
 
 import numpy as np
@@ -96,12 +97,10 @@ def run_on_ray(units: list[list[Job]], spec: LoadSpec, group_size: int, address:
             return
         items = [{"unit": json.dumps([j.to_dict() for j in unit])} for unit in units]
         ds = ray.data.from_items(items, override_num_blocks=len(items))  # a block per unit: actors share them
-        ds = ds.map_batches(PipelineActor, fn_constructor_kwargs={"spec": dataclasses.asdict(spec),
-                                                                   "group_size": group_size},
-                            batch_size=1, compute=ray.data.ActorPoolStrategy(size=concurrency), num_cpus=1,
-                            num_gpus=1 if gpus else 0,
-                            max_restarts=0)  # a failed actor is reported, not restarted (with restarts, Ray's core
-        # logs an error line on every good run: the constructor's arguments live in the object store)
+        with warnings.catch_warnings():  # Ray 2.60 names max_restarts a deprecated "ray_remote_args"; no
+            # named parameter takes it yet
+            warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
+            ds = _map(ray, ds, spec, group_size, concurrency, gpus)
         try:
             with _quiet("ray.data"):  # no per-dataset chatter on the driver
                 for row in ds.iter_rows():
@@ -113,6 +112,16 @@ def run_on_ray(units: list[list[Job]], spec: LoadSpec, group_size: int, address:
     finally:
         if started:
             ray.shutdown()
+
+
+def _map(ray, ds, spec: LoadSpec, group_size: int, concurrency: int, gpus: int):
+    """The actor pool over ``ds``: one Pipeline per actor, a failed actor reported, not restarted (with
+    restarts, Ray's core logs an error line on every good run: the constructor's arguments live in the object
+    store)."""
+    return ds.map_batches(PipelineActor, fn_constructor_kwargs={"spec": dataclasses.asdict(spec),
+                                                               "group_size": group_size},
+                          batch_size=1, compute=ray.data.ActorPoolStrategy(size=concurrency), num_cpus=1,
+                          num_gpus=1 if gpus else 0, max_restarts=0)
 
 
 @contextlib.contextmanager
