@@ -101,14 +101,23 @@ def test_txt2img_png_equals_pipeline(api, pipe, tmp_path):
     assert r.parameters["steps"] == 3 and r.parameters["prompt"] == "a red circle"
 
 
-def test_ignored_fields_named_in_info_and_once_in_log(api, server):
-    for _ in range(2):
-        r = api.txt2img(prompt="x", seed=3, restore_faces=True, enable_hr=True, **SMALL)
-        assert r.info["ignored_fields"] == ["enable_hr", "restore_faces"]
-        assert len(r.images) == 1
-    log = server.log()
-    assert log.count("restore_faces is accepted and ignored") == 1
-    assert log.count("enable_hr is accepted and ignored") == 1
+def post(server, path: str, body: dict) -> tuple[int, dict]:
+    resp = requests.post(server.url + path, json=body, timeout=120)
+    return resp.status_code, resp.json()
+
+
+def test_unsupported_fields_are_refused_by_name(server):
+    """Fields that ask A1111 for what tritonsd does not implement: a 422 naming them (issue 28, point 2)."""
+    status, body = post(server, "/sdapi/v1/txt2img", {"prompt": "x", "seed": 3, "restore_faces": True,
+                                                      "script_name": "x/y/z plot", **SMALL})
+    assert status == 422 and body["error"] == "UnsupportedFields"
+    assert "restore_faces" in body["detail"] and "script_name" in body["detail"]
+    status, body = post(server, "/sdapi/v1/txt2img", {"prompt": "x", "seed": 3, "alwayson_scripts": {
+        "ADetailer": {"args": [True]}}, **SMALL})
+    assert status == 422 and "alwayson_scripts.ADetailer" in body["detail"]
+    status, body = post(server, "/sdapi/v1/txt2img", {"infotext": "x\nSteps: 2, Seed: 1, Face restoration: "
+                                                                  "CodeFormer", **SMALL})
+    assert status == 422 and "infotext.Face restoration" in body["detail"]
 
 
 def test_batch_and_iterations_count_seeds_on(api, pipe, tmp_path):

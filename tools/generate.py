@@ -22,7 +22,7 @@ from tritonsd.sampler import registry
 from tritonsd.sampler.settings import (check_rng_device, fields_from_infotext, GenerationSettings, SettingsError,
     SIDE_RULE)
 from tritonsd.lora.apply import parse_lora_arg
-from tritonsd.sampler.infotext_parse import parse_infotext
+from tritonsd.sampler.infotext_parse import generation_settings, parse_infotext, unsupported_keys
 from tritonsd.sampler.reproduce import check_networks
 from tritonsd.load_spec import LoadSpec
 from tritonsd.sampler.memory import memory_shortfall
@@ -95,6 +95,9 @@ def add_parser(subparsers) -> None:
     gen.add_argument("--from-png", type=Path, default=None, metavar="PNG",
                      help="take the settings from an AUTOMATIC1111 PNG's infotext (flags given override them)")
     gen.add_argument("--infotext", default=None, metavar="TEXT", help="the same from the infotext's text")
+    gen.add_argument("--ignore-unsupported", action="store_true",
+                     help="generate even when the infotext asks for what tritonsd does not implement (Face "
+                          "restoration, ...): those are named on stderr (default: exit 2)")
     gen.add_argument("--negative-prompt", default=None, metavar="TEXT", help="what to steer away from (default: nothing)")
     gen.add_argument("--sampler", default=None, metavar="NAME", help=helps["sampler"])
     gen.add_argument("--scheduler", default=None, metavar="TYPE",
@@ -171,6 +174,7 @@ def settings_from_args(args: argparse.Namespace, init_image=None, mask=None):
         fields, notes = usage_errors(lambda: fields_from_infotext(text))
         for note in notes:
             print(f"tritonsd generate: warning: {note}", file=sys.stderr)
+        check_unsupported(text, args.ignore_unsupported)
         check_networks(parse_infotext(text), args.lora_dir, args.embeddings_dir, "--lora-dir", "--embeddings-dir")
     elif args.prompt is None:
         raise UsageError("--prompt is required (or --from-png / --infotext)")
@@ -192,6 +196,18 @@ def settings_from_args(args: argparse.Namespace, init_image=None, mask=None):
     if init_image is not None and args.width is None and args.height is None:
         fields.pop("width", None), fields.pop("height", None)  # the init image's size
     return usage_errors(lambda: GenerationSettings(**fields, use_graphs=args.cuda_graphs).check())
+
+
+def check_unsupported(text: str, ignore: bool) -> None:
+    """An infotext whose keys ask for what is not implemented (``Face restoration``, ...): bad usage (exit 2), or,
+    with ``--ignore-unsupported``, one warning line naming them."""
+    keys = unsupported_keys(generation_settings(text))
+    if not keys:
+        return
+    if not ignore:
+        raise UsageError(f"the infotext asks for what tritonsd does not implement, so the image would differ: "
+                         f"{', '.join(keys)} (give --ignore-unsupported to generate without them)")
+    print(f"tritonsd generate: warning: ignored (not implemented): {', '.join(keys)}", file=sys.stderr)
 
 
 def infotext_of(args: argparse.Namespace) -> str | None:

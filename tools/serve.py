@@ -46,6 +46,10 @@ def add_parser(subparsers) -> None:
                    help="default: 7860; checked before the model loads (exit 1 when taken)")
     n.add_argument("--api-auth", default=None, metavar="USER:PASS",
                    help="HTTP basic auth for every route (comma-separated for several users)")
+    r.add_argument("--ignore-unsupported", action="store_true",
+                   help="serve requests whose fields ask for what tritonsd does not implement (restore_faces, "
+                        "script_name, alwayson_scripts entries, ...), naming them in the response's info, instead "
+                        "of refusing them with a 422")
     p.set_defaults(run=run)
 
 
@@ -140,7 +144,7 @@ def serve(args: argparse.Namespace, credentials: dict, sock: socket.socket, uvic
     from tritonsd.serve import build_state, create_app  # lazy: fastapi (the serve extra), for this subcommand only
 
     state = build_state(load_spec_of(args), models_dir=args.models_dir, vae_dir=args.vae_dir,
-                        credentials=credentials)
+                        credentials=credentials, ignore_unsupported=args.ignore_unsupported)
     import threading
 
     threading.Thread(target=state.catalog.hash_all, name="tritonsd-hash", daemon=True).start()
