@@ -31,7 +31,6 @@ redone in float32). Nothing is hung on the ``nn.Module``.
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import dataclasses
 import os
@@ -41,7 +40,6 @@ from typing import Callable
 
 import torch
 
-from tritonsd.formats.hashes import model_hash
 from tritonsd.kernels import dispatch
 from tritonsd.load_spec import CheckedSpec, LoadSpec
 from tritonsd.model.load import load_model
@@ -527,7 +525,8 @@ def load(path: str | os.PathLike, config: str | os.PathLike | None = None, *, de
     external VAE file (``.safetensors`` / ``.pt``); ``text_heads`` / ``parameterization``: what the weights cannot
     tell, when no YAML does; ``lora_dir``: where ``<lora:name:w>`` in a prompt is looked up;
     ``embeddings_dir``: textual-inversion embeddings, used where their file name appears in a prompt. The model
-    hash for the infotext is computed in the background while the weights load.
+    hash for the infotext is computed when the first infotext needs it, and cached on disk
+    (``formats.hashes.cached_sha256``).
 
     The same as ``load_spec(LoadSpec(path, config, ...))``: the keywords are ``LoadSpec``'s fields."""
     return load_spec(LoadSpec(path, config, device=device, dtype=dtype, kernels=kernels, vae=vae,
@@ -540,18 +539,13 @@ def load_spec(spec: LoadSpec | CheckedSpec) -> Pipeline:
     the weights, the model hash computed alongside them."""
     checked = spec.check()
     spec = checked.spec
-    hashing = None
-    if not spec.is_demo:
-        pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
-        hashing = pool.submit(model_hash, spec.path)  # sha256 releases the GIL: overlaps the load
-        pool.shutdown(wait=False)
     with dispatch.force(spec.kernels):
         model = load_model(spec.path, config=spec.config, parameterization=spec.parameterization,
                            text_heads=spec.text_heads, vae=spec.vae, dtype=checked.dtype, device=checked.device)
     source = model.source
     return Pipeline(model, name=source.model_name, kernels=spec.kernels, lora_dir=spec.lora_dir,
                     embeddings_dir=spec.embeddings_dir,
-                    model_hash=hashing.result if hashing is not None else source.model_hash)
+                    model_hash=source.model_hash)  # computed (or read from the disk cache) when a PNG needs it
 
 
 __all__ = ["CheckedSpec", "Conditioning", "GenerationSettings", "Images", "Latents", "LoadSpec", "NonFiniteError", "Pipeline",

@@ -275,3 +275,49 @@ def test_device_takes_cuda_n(command, tmp_path):
              "serve": []}[command]
     args = build_parser().parse_args([command, "--checkpoint", "demo:sd1", *extra, "--device", "cuda:1"])
     assert args.device == "cuda:1"
+
+
+# ---------------------------------------------------------------- 10. a start in seconds
+
+
+def test_model_hash_is_cached_on_disk_and_computed_only_when_needed(fixtures, tmp_path, monkeypatch):
+    import hashlib
+
+    from tritonsd.formats import hashes
+
+    monkeypatch.setenv("TRITONSD_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "m.safetensors"
+    path.write_bytes((fixtures / "sd1-tiny.safetensors").read_bytes())
+    calls = []
+    real = hashes.sha256_file
+    monkeypatch.setattr(hashes, "sha256_file", lambda p: calls.append(p) or real(p))
+
+    pipe = tritonsd.load(path, config=fixtures / "sd1-tiny.yaml", device="cpu", text_heads=2)
+    assert calls == []  # loading hashes nothing
+    want = hashlib.sha256(path.read_bytes()).hexdigest()[:10]  # computed here, not by the code under test
+    assert pipe.model_hash == want and len(calls) == 1
+    again = tritonsd.load(path, config=fixtures / "sd1-tiny.yaml", device="cpu", text_heads=2)
+    assert again.model_hash == want and len(calls) == 1  # a second load reads the cache
+    assert (tmp_path / "cache" / "hashes.json").is_file()
+    with open(path, "r+b") as f:  # a changed file (size and mtime) is hashed again
+        f.seek(0, 2)
+        f.write(b" ")
+    os.utime(path, ns=(1, 1))
+    assert hashes.model_hash(path) == hashlib.sha256(path.read_bytes()).hexdigest()[:10] and len(calls) == 2
+
+
+def test_loading_initialises_no_parameters(fixtures, monkeypatch):
+    import torch
+
+    from tritonsd.model import load as L
+
+    called = []
+    for cls in L._INIT_CLASSES:
+        original = cls.__dict__["reset_parameters"]
+        monkeypatch.setattr(cls, "reset_parameters",
+                            lambda self, _o=original: called.append(type(self).__name__) or _o(self))
+    pipe = tritonsd.load(fixtures / "sd1-tiny.safetensors", device="cpu", text_heads=2)
+    assert called == []
+    assert pipe.model.model.diffusion_model is not None
+    torch.nn.Linear(2, 2)  # and outside the load, modules initialise as usual
+    assert called == ["Linear"]

@@ -12,6 +12,8 @@ import importlib
 import re
 import sys
 
+from tritonsd import __version__
+
 SUBCOMMANDS = ("generate", "inspect", "parity", "bench", "merge", "warmup", "check_compile", "batch", "serve")
 
 
@@ -40,19 +42,13 @@ def bare_flags(argv: list[str]) -> list[str]:
     return out
 
 
-def version() -> str:
-    from tritonsd import __version__
-
-    return __version__
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tritonsd",
         description="Stable Diffusion with Triton kernels: generate images from original checkpoints, "
                     "inspect them, benchmark the kernels, check parity against reference outputs.",
     )
-    parser.add_argument("--version", action="version", version=f"tritonsd {version()}")
+    parser.add_argument("--version", action="version", version=f"tritonsd {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in SUBCOMMANDS:
         try:
