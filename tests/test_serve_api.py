@@ -106,6 +106,13 @@ def post(server, path: str, body: dict) -> tuple[int, dict]:
     return resp.status_code, resp.json()
 
 
+def test_webuiapi_default_img2img_payload_is_accepted(api):
+    """webuiapi sends its whole default payload on every call (eta 1.0, s_tmax 0, seed_resize 0, ...): nothing
+    in it asks for what is not implemented, so it is a 200 with nothing named (issue 28, point 2)."""
+    r = api.img2img(images=[Image.new("RGB", (64, 64), (120, 30, 200))], prompt="x", seed=2, **SMALL)
+    assert len(r.images) == 1 and r.info["ignored_fields"] == []
+
+
 def test_unsupported_fields_are_refused_by_name(server):
     """Fields that ask A1111 for what tritonsd does not implement: a 422 naming them (issue 28, point 2)."""
     status, body = post(server, "/sdapi/v1/txt2img", {"prompt": "x", "seed": 3, "restore_faces": True,
