@@ -25,7 +25,7 @@ from typing import Iterable
 from tritonsd.escape import escape  # the batch modules print untrusted ids and text through it
 from tritonsd.sampler.seeds import RANDOM_SEEDS
 from tritonsd.sampler.settings import GenerationSettings, SettingsError
-from tritonsd.sampler.registry import DEFAULT_SAMPLER, UnknownSamplerError, from_a1111_name
+from tritonsd.sampler.registry import DEFAULT_SAMPLER, UnknownSamplerError, resolve_name
 
 FIELDS = ("id", "prompt", "negative_prompt", "seed", "subseed", "subseed_strength", "steps", "sampler_name",
           "scheduler", "cfg_scale", "width", "height", "loras")
@@ -131,7 +131,7 @@ def parse_sampler(fields: dict) -> tuple[str | None, bool | None]:
     if not isinstance(name, str):
         raise JobError(f"sampler_name must be a string, got {escape(json.dumps(name), 40)}")
     try:
-        return from_a1111_name(name, schedule)
+        return resolve_name(name, schedule)
     except UnknownSamplerError as e:
         raise JobError(escape(str(e), 300)) from None
 
