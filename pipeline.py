@@ -16,9 +16,12 @@ The stages, public so a caller can stop at conditioning or at latents:
 
 Modes follow the settings: no init image is txt2img (``scripts/txt2img.py``; SDXL as sgm's
 ``SamplingPipeline.text_to_image``), an init image img2img (``scripts/img2img.py``; see ``sampler/wiring.py``),
-an init image and a mask inpainting (runwayml ``scripts/inpaint_st.py``, 9-channel UNet). A 9-channel model
-always gets the image conditioning ``c_concat``: without a mask it repaints everything (mask all ones, masked
-image all zeros), which is what ``inpaint_st.py`` computes for a full mask. Inpainting ignores ``strength``.
+an init image and a mask inpainting as AUTOMATIC1111 does it (``sampler/inpaint.py``: mask blur, only masked,
+masked content, paste-back outside the mask; for a PIL init image, prepared by ``GenerationSettings.check``).
+A 4-channel model inpaints by img2img of the init latent (``strength``) with A1111's per-step latent masking; a
+9-channel model (runwayml ``scripts/inpaint_st.py``) repaints from noise with the image conditioning
+``c_concat`` and ignores ``strength``. A 9-channel model always gets ``c_concat``: without a mask it repaints
+everything (mask all ones, masked image all zeros), which is what ``inpaint_st.py`` computes for a full mask.
 
 SDXL: the unconditional side is the original's zeroed text features (``force_uc_zero_embeddings``) when the
 negative prompt is empty, else the encoded negative prompt; size conditioning: original size = target size =
@@ -44,7 +47,7 @@ from tritonsd.kernels import dispatch
 from tritonsd.load_spec import CheckedSpec, LoadSpec
 from tritonsd.model.load import load_model
 from tritonsd.model.vae_guard import VAEDecodeGuard
-from tritonsd.sampler import denoise as D, registry
+from tritonsd.sampler import denoise as D, inpaint as I, registry
 from tritonsd.sampler.graph import GraphCaptureError, GraphRunner, tables_on_device
 from tritonsd.sampler.infotext import generation_infotext, save_numbered, to_pil
 from tritonsd.sampler.infotext_parse import parse_infotext
@@ -89,6 +92,7 @@ class Latents:
     shared: dict[str, torch.Tensor]  # conditioning both guidance halves share (inpainting's c_concat)
     noise: NoiseSource  # the ancestral / eta noise of the loop comes from here
     inpaint: InpaintConditioning | None = None
+    blend: I.LatentBlend | None = None  # a 4-channel model's inpainting: the latents kept outside the mask
 
     @property
     def steps(self) -> int:
@@ -364,7 +368,7 @@ class Pipeline:
             noise = ImageNoise(shape, s.seed, s.batch_size, s.rng, s.subseed, s.subseed_strength, device)
         spec = registry.get(s.sampler)
         x_T = noise.start(shape).to(device)
-        shared, inpaint = {}, None
+        shared, inpaint, blend = {}, None, None
         with self._kernels():
             if self.config.unet.in_channels == 9:
                 image = s.init_image if s.init_image is not None else torch.zeros(1, 3, s.height, s.width)
@@ -375,9 +379,24 @@ class Pipeline:
             if s.mode == "img2img":
                 init_latent = encode_image(self.model, s.init_image, noise.vae(shape))
                 x, schedule = img2img_start(schedule, init_latent, x_T, s.strength)
+            elif s.mode == "inpaint" and inpaint is None:  # a 4-channel model
+                blend = self._latent_blend(s, encode_image(self.model, s.init_image, noise.vae(shape)), shape)
+                x, schedule = img2img_start(schedule, blend.init_latent, x_T, s.strength)
             else:
                 x = txt2img_start(self.config, schedule, x_T)
-        return Latents(x=x, schedule=schedule, spec=spec, shared=shared, noise=noise, inpaint=inpaint)
+        return Latents(x=x, schedule=schedule, spec=spec, shared=shared, noise=noise, inpaint=inpaint, blend=blend)
+
+    def _latent_blend(self, s: GenerationSettings, init_latent: torch.Tensor, shape) -> I.LatentBlend:
+        """A1111's latent masks of the settings' processed mask, and the init latent after ``inpainting_fill``
+        2 / 3 (latent noise: the seeds' own unit noise, without variation, as A1111's ``create_random_tensors``
+        of the seeds)."""
+        device = init_latent.device
+        source = s.inpaint.latent_mask if s.inpaint is not None else I.mask_image(s.mask)
+        mask, nmask = (m.to(device) for m in I.latent_masks(source, *shape))
+        noise = None
+        if s.inpainting_fill == 2:
+            noise = ImageNoise(shape, s.seed, s.batch_size, s.rng, None, 0.0, device).start(shape).to(device)
+        return I.LatentBlend(I.fill_latent(init_latent, s.inpainting_fill, mask, nmask, noise), mask, nmask)
 
     # ------------------------------------------------------------ stage 3: the sampler loop
 
@@ -393,7 +412,7 @@ class Pipeline:
         total = latents.steps
         x = latents.x
         with self._kernels():
-            runner = self._graph_runner(spec, s)
+            runner = self._graph_runner(spec, s) if latents.blend is None else None
             if runner is not None:
                 out = self._denoise_graphed(runner, spec, latents, cond, s, callback)
             else:
@@ -401,6 +420,8 @@ class Pipeline:
                 den = build_denoiser(self.unet, self.config, spec, s.cfg_scale, schedule, x.device)
                 if cond.per_step:
                     den = D.PerCallConditioning(den)
+                if latents.blend is not None and spec.space != "timesteps":
+                    den = I.BlendedDenoiser(den, latents.blend)  # A1111's per-step latent masking
                 kwargs = {}
                 if spec.takes_noise:
                     kwargs["noise_sampler"] = lambda _a, _b: latents.noise.ancestral(x.shape[1:]).to(x.device)
@@ -409,6 +430,8 @@ class Pipeline:
                 out = spec.fn(den, x, schedule, extra_args=extra, callback=step, **kwargs)
                 if spec.space == "timesteps":
                     out = out[0]  # (x, intermediates)
+            if latents.blend is not None:
+                out = latents.blend(out)  # A1111's sample(): the kept latents once more after the loop
         return check_finite(out, f"{s.sampler} sampling")
 
     def _graph_runner(self, spec: registry.SamplerSpec, s: GenerationSettings) -> GraphRunner | None:
@@ -490,11 +513,14 @@ class Pipeline:
 
     def to_pil(self, images: torch.Tensor, settings: GenerationSettings,
                conditioning: Conditioning | None = None) -> list:
-        """PIL images with ``info["parameters"]`` (the infotext) and ``info["seed"]``."""
+        """PIL images with ``info["parameters"]`` (the infotext) and ``info["seed"]``; an inpainting's are pasted
+        back into the original (``inpaint.paste_back``: A1111's ``apply_overlay``)."""
 
         out = []
         for i, image in enumerate(images):
             pil = to_pil(image)
+            if settings.inpaint is not None:  # the original outside the mask, in the original's frame
+                pil = I.paste_back(pil, settings.inpaint)
             pil.info["parameters"] = self.infotext(settings, i, conditioning)
             pil.info["seed"] = settings.seed + i
             out.append(pil)

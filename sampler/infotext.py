@@ -67,15 +67,30 @@ def generation_infotext(s, index: int = 0, *, model: str | None, model_hash: str
              "VAE": vae,
              "Variation seed": (s.subseed or 0) + index if variation else None,
              "Variation seed strength": float(s.subseed_strength) if variation else None,
-             "Denoising strength": float(s.strength) if s.mode == "img2img" else None,
+             "Denoising strength": float(s.strength) if s.mode != "txt2img" else None,
              "Clip skip": s.clip_skip if s.clip_skip > 1 else None,
              "RNG": infotext_rng(s.rng),
+             **inpaint_infotext(s),
              "Schedule type": spec.a1111_schedule(s.karras),
              "TI hashes": ti_hashes if s.prompt_syntax == "a1111" else None,
              "Lora hashes": lora_hashes or None}
     return Infotext(prompt=s.prompt, negative_prompt=s.negative_prompt, steps=s.steps, sampler=spec.a1111_name,
                     cfg_scale=s.cfg_scale, seed=s.seed + index, width=s.width, height=s.height,
                     model_hash=model_hash, model=model, extra=extra).render()
+
+
+def inpaint_infotext(s) -> dict:
+    """The keys A1111's img2img ``init`` adds for a mask, in its order (Mask mode, Mask blur, Inpaint area,
+    Masked area padding, Masked content); they come after RNG and before the sampler's Schedule type, as
+    ``init`` runs before the sampler. Empty unless the settings were prepared from a mask
+    (``GenerationSettings.inpaint``)."""
+    prepared = getattr(s, "inpaint", None)
+    if prepared is None or not prepared.extra:
+        return {}
+    extra = dict(prepared.extra)
+    if s.inpainting_fill in (2, 3):  # set by init after the pixels, with the init latent
+        extra["Masked content"] = ("latent noise", "latent nothing")[s.inpainting_fill - 2]
+    return extra
 
 
 def quote(value) -> str:

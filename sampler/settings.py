@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tritonsd.sampler import registry, schedule as S
+from tritonsd.sampler import inpaint as I, registry, schedule as S
 from tritonsd.sampler.seeds import SEED_RANGE, random_seed
 from tritonsd.prompt.chunks import MAX_PROMPT_TOKENS, PromptTooLongError, tokenize_prompt
 from tritonsd.prompt.parser import PromptSyntaxError, prompt_schedule
@@ -66,7 +66,7 @@ class GenerationSettings:
     height: int | None = None
     batch_size: int = 1
     init_image: object = None  # PIL image or [1, 3, H, W] tensor in [-1, 1] (img2img, inpainting)
-    mask: object = None  # PIL image or [1, 1, H, W] tensor in [0, 1], 1 = repaint (9-channel models)
+    mask: object = None  # PIL image or [1, 1, H, W] tensor in [0, 1], 1 = repaint (inpainting)
     strength: float = 0.75  # img2img: how much of the schedule runs
     clip_skip: int = 1  # CLIP-L: final_layer_norm(hidden_states[-clip_skip]) (AUTOMATIC1111's; OpenCLIP ignores it)
     rng: str = "nv"  # noise source: "nv" (CUDA's torch.randn on any device), "gpu" (CUDA), "cpu"
@@ -76,6 +76,14 @@ class GenerationSettings:
     prompt_syntax: str = "a1111"  # "a1111": weights, BREAK, long prompts, editing; "original": the original
     # scripts' encoding (one 77-token window, text taken literally)
     use_graphs: bool = True  # CUDA-graph the sigma samplers' loop (CUDA models only)
+    # inpainting (an init image and a mask), AUTOMATIC1111's fields with its UI's defaults (sampler/inpaint.py):
+    mask_blur: int | tuple = 4  # Gaussian sigma in pixels; (x, y) for A1111's mask_blur_x / mask_blur_y
+    inpaint_full_res: bool = False  # "Inpaint area": False whole picture, True only masked
+    inpaint_full_res_padding: int = 32  # "Only masked padding, pixels"
+    inpainting_fill: int | str = 1  # "Masked content": 0 fill, 1 original, 2 latent noise, 3 latent nothing
+    inpainting_mask_invert: bool = False  # "Mask mode": True inpaints what is NOT masked
+    resize_mode: int = 0  # init image to width x height: 0 just resize, 1 crop and resize, 2 resize and fill
+    inpaint: object = None  # set by check() from a PIL init image and a mask: the prepared ``inpaint.Prepared``
 
     # ------------------------------------------------------------ without a model
 
@@ -104,16 +112,21 @@ class GenerationSettings:
         strength = _real("strength", self.strength, 0.0, 1.0)
         for name in ("prompt", "negative_prompt"):
             check_prompt(name, getattr(self, name), steps, self.prompt_syntax)
+        fill = _inpaint_fields(self)
+        prepared, width, height = self._prepare_inpaint(fill)
         init_image = mask = None
         if self.init_image is not None:
-            init_image = image_tensor("init_image", self.init_image, 3, -1.0, 1.0)
+            init_image = image_tensor("init_image", self.init_image if prepared is None else prepared.image,
+                                      3, -1.0, 1.0)
         if self.mask is not None:
             if init_image is None:
                 raise SettingsError("mask", "needs an init_image to inpaint")
-            mask = image_tensor("mask", self.mask, 1, 0.0, 1.0)
+            if prepared is not None:
+                mask = image_tensor("mask", prepared.mask, 1, 0.0, 1.0)
+            else:
+                mask = image_tensor("mask", self.mask, 1, 0.0, 1.0)
             if mask.shape[-2:] != init_image.shape[-2:]:
                 raise SettingsError("mask", f"is {_size(mask)} but the init image is {_size(init_image)}")
-        width, height = self.width, self.height
         for name, value in (("width", width), ("height", height)):
             if value is not None and _integer(name, value, VAE_FACTOR_MULTIPLE, None) % VAE_FACTOR_MULTIPLE:
                 raise SettingsError(name, f"{value} is not a multiple of {VAE_FACTOR_MULTIPLE} (the VAE's factor)")
@@ -129,7 +142,43 @@ class GenerationSettings:
         return dataclasses.replace(self, karras=karras, steps=steps, batch_size=batch, seed=seed,
                                    cfg_scale=cfg_scale, eta=eta, strength=strength, init_image=init_image,
                                    mask=mask, width=width, height=height, clip_skip=clip_skip, subseed=subseed,
-                                   subseed_strength=subseed_strength, sampler=spec.name)
+                                   subseed_strength=subseed_strength, sampler=spec.name, inpainting_fill=fill,
+                                   inpaint=prepared)
+
+    def _prepare_inpaint(self, fill: int) -> tuple:
+        """(prepared, width, height): A1111's pixel-side inpainting (``inpaint.prepare``) of a PIL init image and
+        a mask, at width x height (default: the init image's size); (None, width, height) for anything else
+        (already prepared; a tensor init image is the model's input as is: no blur, no paste-back)."""
+        from PIL import Image
+
+        if self.inpaint is not None:
+            return self.inpaint, self.width, self.height
+        if self.mask is None or not isinstance(self.init_image, Image.Image):
+            return None, self.width, self.height
+        init = to_mode(self.init_image, "RGBA" if self.init_image.mode in ("RGBA", "LA", "P") else "RGB")
+        mask = self.mask
+        if isinstance(mask, torch.Tensor):
+            mask = I.mask_image(image_tensor("mask", mask, 1, 0.0, 1.0))
+        elif not isinstance(mask, Image.Image):
+            raise SettingsError("mask", f"must be a PIL image or a [1, 1, H, W] tensor, got {type(mask).__name__}")
+        elif mask.mode != "RGBA":
+            mask = to_mode(mask, "L")
+        if mask.size != init.size:
+            raise SettingsError("mask", f"is {mask.width}x{mask.height} but the init image is "
+                                        f"{init.width}x{init.height}")
+        width = self.width if self.width is not None else (self.height or init.width)
+        height = self.height if self.height is not None else (self.width or init.height)
+        for name, value in (("width", width), ("height", height)):
+            if _integer(name, value, VAE_FACTOR_MULTIPLE, None) % VAE_FACTOR_MULTIPLE:
+                raise SettingsError(name, f"{value} is not a multiple of {VAE_FACTOR_MULTIPLE} (the VAE's factor)")
+        blur_x, blur_y = self.mask_blur if isinstance(self.mask_blur, tuple) else (self.mask_blur, self.mask_blur)
+        try:
+            prepared = I.prepare(init, mask, width, height, resize_mode=self.resize_mode, blur_x=blur_x,
+                                 blur_y=blur_y, invert=self.inpainting_mask_invert, full_res=self.inpaint_full_res,
+                                 full_res_padding=self.inpaint_full_res_padding, inpainting_fill=fill)
+        except I.InpaintError as e:
+            raise SettingsError("mask", str(e)) from None
+        return prepared, width, height
 
     # ------------------------------------------------------------ against the model
 
@@ -141,9 +190,6 @@ class GenerationSettings:
         if in_channels not in (4, 9):
             raise SettingsError("model", f"UNets with {in_channels} input channels are not supported (4, or 9 "
                                          "for inpainting)")
-        if s.mask is not None and in_channels != 9:
-            raise SettingsError("mask", "needs an inpainting model (9-channel UNet); this model's UNet takes "
-                                        f"{in_channels} channels")
         if spec.space == "timesteps":
             check_ddim_steps(s.sampler, s.steps, config.timesteps)
         multiple = side_multiple(config)
@@ -159,6 +205,28 @@ class GenerationSettings:
         if self.init_image is None:
             return "txt2img"
         return "img2img" if self.mask is None else "inpaint"
+
+
+MAX_MASK_BLUR = 64  # A1111's slider maximum
+RESIZE_MODES = 4  # 0 just resize, 1 crop and resize, 2 resize and fill, 3 latent upscale (resized as 0)
+
+
+def _inpaint_fields(s: GenerationSettings) -> int:
+    """The inpainting fields checked; returns ``inpainting_fill`` as 0..3."""
+    blur = s.mask_blur if isinstance(s.mask_blur, tuple) else (s.mask_blur,)
+    if len(blur) not in (1, 2):
+        raise SettingsError("mask_blur", f"must be an integer or an (x, y) pair, got {s.mask_blur!r}")
+    for value in blur:
+        _integer("mask_blur", value, 0, MAX_MASK_BLUR)
+    _flag("inpaint_full_res", s.inpaint_full_res)
+    if s.inpainting_mask_invert not in (0, 1):  # True / False, or A1111's 0 / 1
+        raise SettingsError("inpainting_mask_invert", f"must be True or False, got {s.inpainting_mask_invert!r}")
+    _integer("inpaint_full_res_padding", s.inpaint_full_res_padding, 0, 256)
+    _integer("resize_mode", s.resize_mode, 0, RESIZE_MODES - 1)
+    try:
+        return I.fill_mode(s.inpainting_fill)
+    except I.InpaintError as e:
+        raise SettingsError("inpainting_fill", str(e)) from None
 
 
 def _is_random(seed) -> bool:

@@ -20,7 +20,8 @@ import logging
 from dataclasses import dataclass, field
 
 from tritonsd.sampler.seeds import random_seed
-from tritonsd.serve import inpaint, limits
+from tritonsd.sampler import inpaint
+from tritonsd.serve import limits
 from tritonsd.serve.errors import ApiError, BadRequest, NotFound, printable
 from tritonsd.serve.host import ModelKey
 from tritonsd.serve.images import decode_image, png_b64
@@ -35,7 +36,7 @@ log = logging.getLogger("tritonsd.serve")
 
 RNG_SOURCES = {"GPU": "nv", "NV": "nv", "CPU": "cpu"}
 OVERRIDES_USED = ("sd_model_checkpoint", "sd_vae", "CLIP_stop_at_last_layers", "randn_source", "eta_ddim")
-MAX_MASK_BLUR = 64  # A1111's slider maximum
+MAX_MASK_BLUR = 64  # A1111's slider maximum (GenerationSettings checks it too)
 _logged_ignored: set[str] = set()
 
 
@@ -58,7 +59,7 @@ class Plan:
     key: ModelKey
     restore: bool  # override_settings_restore_afterwards
     subseed: int  # drawn even when unused, as A1111 reports it
-    prepared: inpaint.Prepared | None
+    prepared: inpaint.Prepared | None  # plain img2img's resized init image (a mask: settings.inpaint)
     send_images: bool
     ignored: list[str]
     notes: list[str]
@@ -149,10 +150,11 @@ def build_plan(req, mode: str, *, options: Options, catalog, host, ignore_unsupp
                   rng=rng, subseed=subseed if strength else None, subseed_strength=strength)
     prepared = None
     if mode == "img2img":
-        prepared = _prepare_images(req, v, fields["width"], fields["height"], notes)
-        # the mask goes in as given; the worker drops it for a 4-channel model (_for_model)
-        fields.update(init_image=prepared.image, mask=prepared.mask, strength=v("denoising_strength"))
-    settings = GenerationSettings(**fields).check()
+        prepared, inpainting = _prepare_images(req, v, fields["width"], fields["height"], notes)
+        fields.update(init_image=prepared.image, strength=v("denoising_strength"), **inpainting)
+    settings = GenerationSettings(**fields).check()  # a mask: A1111's inpainting prepared here (sampler/inpaint)
+    if settings.inpaint is not None:
+        notes.extend(settings.inpaint.notes)
     pipe = host.pipe
     device = pipe.device if pipe is not None else (host.spec.device or "cpu")
     dtype_bytes = pipe.dtype.itemsize if pipe is not None else 2
@@ -165,7 +167,9 @@ def build_plan(req, mode: str, *, options: Options, catalog, host, ignore_unsupp
                 bool(v("send_images")), sorted(set(ignored)), notes, parameters(req, mode == "img2img"))
 
 
-def _prepare_images(req, v, width, height, notes: list[str]) -> inpaint.Prepared:
+def _prepare_images(req, v, width, height, notes: list[str]) -> tuple[inpaint.Prepared, dict]:
+    """(the init image, flattened and resized as A1111 does for img2img; the GenerationSettings fields of the
+    inpainting). With a mask the init image stays as sent: the settings prepare it (``sampler/inpaint.py``)."""
     images = req.init_images
     if not images:
         raise NotFound("Init image not found", "InitImageNotFound")
@@ -189,12 +193,13 @@ def _prepare_images(req, v, width, height, notes: list[str]) -> inpaint.Prepared
     for name, side in (("width", width), ("height", height)):
         if isinstance(side, bool) or not isinstance(side, int) or not 8 <= side <= limits.MAX_SIDE:
             raise BadRequest(f"{name} must be an integer between 8 and {limits.MAX_SIDE}, got {printable(side)}")
-    prepared = inpaint.prepare(init, mask, width, height, resize_mode=ints["resize_mode"], blur_x=blur_x,
-                               blur_y=blur_y, invert=bool(ints["inpainting_mask_invert"]),
-                               full_res=bool(v("inpaint_full_res")),
-                               full_res_padding=ints["inpaint_full_res_padding"])
-    notes.extend(prepared.notes)
-    return prepared
+    if mask is None:
+        return inpaint.prepare(init, None, width, height, resize_mode=ints["resize_mode"]), {}
+    fields = dict(mask=mask, mask_blur=(blur_x, blur_y), inpaint_full_res=bool(v("inpaint_full_res")),
+                  inpaint_full_res_padding=ints["inpaint_full_res_padding"],
+                  inpainting_fill=ints["inpainting_fill"], inpainting_mask_invert=bool(ints["inpainting_mask_invert"]),
+                  resize_mode=ints["resize_mode"], width=width, height=height)
+    return inpaint.Prepared(init, None, None, None, []), fields
 
 
 # ---------------------------------------------------------------- plan -> images (on the worker)
@@ -219,9 +224,7 @@ def run_plan(plan: Plan, worker) -> dict:
         s = pipe.settings(s)
         worker.progress.update(job_no=it, sampling_step=0, sampling_steps=0, textinfo=None)
         pils = _generate(pipe, s, worker)
-        for pil in pils:
-            if plan.prepared is not None:
-                pil = inpaint.paste_back(pil, plan.prepared)
+        for pil in pils:  # an inpainting's are pasted back by the Pipeline (to_pil)
             images.append(pil)
             infotexts.append(pil.info.get("parameters", ""))
         if worker.interrupted:
@@ -230,15 +233,10 @@ def run_plan(plan: Plan, worker) -> dict:
 
 
 def _for_model(plan: Plan, pipe):
-    """The plan's settings for the loaded model: a mask on a 4-channel model becomes img2img of the area with
-    the paste-back (A1111 would also blend the latents under the mask at every step)."""
+    """The plan's settings for the loaded model, and the notes on what differs from A1111 there."""
     s, notes = plan.settings, list(plan.notes)
     inpainting_model = pipe.config.unet.in_channels == 9
-    if s.mask is not None and not inpainting_model:
-        s = dataclasses.replace(s, mask=None)
-        notes.append("this is not an inpainting model: the masked area is repainted by img2img and the original "
-                     "pasted back outside the mask (no per-step latent masking)")
-    if s.mask is not None and s.strength != 1.0:
+    if s.mask is not None and inpainting_model and s.strength != 1.0:
         notes.append("inpainting models repaint the masked area from noise here: denoising_strength is not used")
     return s, notes
 

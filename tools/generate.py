@@ -1,5 +1,5 @@
-"""``tritonsd generate``: txt2img, img2img (``--init-image``) and inpainting (``--init-image`` + ``--mask`` with a
-9-channel model) from an original checkpoint, written as PNGs with AUTOMATIC1111 ``parameters`` infotext.
+"""``tritonsd generate``: txt2img, img2img (``--init-image``) and inpainting (``--init-image`` + ``--mask``, as
+AUTOMATIC1111 inpaints: ``sampler/inpaint.py``) from an original checkpoint, written as PNGs with AUTOMATIC1111 ``parameters`` infotext.
 
 A thin shell over the Pipeline: flags -> ``GenerationSettings`` (checked before the model loads, so a mistake
 costs seconds, not a model load) -> a ``LoadSpec`` (its prechecks before anything is read) ->
@@ -36,7 +36,10 @@ FLAGS = {"prompt": "--prompt", "negative_prompt": "--negative-prompt", "sampler"
          "batch_size": "--batch", "init_image": "--init-image", "mask": "--mask", "strength": "--strength",
          "clip_skip": "--clip-skip", "rng": "--rng", "subseed": "--subseed", "subseed_strength": "--subseed-strength",
          "pad_cond_uncond": "--pad-cond-uncond", "scheduler": "--scheduler", "prompt_syntax": "--prompt-syntax", "use_graphs": "--no-cuda-graphs",
-         "model": "--checkpoint"}
+         "model": "--checkpoint", "mask_blur": "--mask-blur", "inpaint_full_res": "--inpaint-area",
+         "inpaint_full_res_padding": "--inpaint-padding", "inpainting_fill": "--masked-content",
+         "inpainting_mask_invert": "--invert-mask", "resize_mode": "--resize-mode"}
+MASKED_CONTENT = ("fill", "original", "latent-noise", "latent-nothing")  # inpainting_fill 0..3
 
 
 class GenerateError(ValueError):
@@ -131,9 +134,19 @@ def add_parser(subparsers) -> None:
                      help="textual-inversion embeddings, used where their file name appears in a prompt")
     gen.add_argument("--init-image", type=Path, default=None, metavar="IMAGE", help="PNG/JPEG to start from (img2img, inpainting)")
     gen.add_argument("--strength", type=float, default=None, metavar="F",
-                     help="how much of the init image to repaint, 0..1 (img2img; default 0.75)")
+                     help="how much of the init image to repaint, 0..1 (img2img and inpainting with a 4-channel "
+                          "model; default 0.75)")
     gen.add_argument("--mask", type=Path, default=None, metavar="IMAGE",
-                     help="grey image the size of --init-image, white = repaint (needs an inpainting model)")
+                     help="grey image (or alpha) the size of --init-image, white = repaint; the rest of the image "
+                          "is kept, as AUTOMATIC1111 inpaints")
+    gen.add_argument("--mask-blur", type=int, default=None, metavar="PX", help="mask blur, pixels (default 4)")
+    gen.add_argument("--inpaint-area", choices=("whole", "masked"), default=None,
+                     help="whole picture (default) or only masked: the masked area, padded, at --width x --height")
+    gen.add_argument("--inpaint-padding", type=int, default=None, metavar="PX",
+                     help="only masked padding, pixels (default 32)")
+    gen.add_argument("--masked-content", choices=MASKED_CONTENT, default=None,
+                     help="what the masked area starts from (default: original)")
+    gen.add_argument("--invert-mask", action="store_true", default=None, help="inpaint what is NOT masked")
 
     run_ = p.add_argument_group("runtime")
     run_.add_argument("--device", default=None, metavar="DEVICE",
@@ -157,11 +170,12 @@ def check_usage(args: argparse.Namespace) -> None:
         raise UsageError(f"--text-heads must be at least 1, got {args.text_heads}")
     if args.mask is not None and args.init_image is None:
         raise UsageError("--mask needs --init-image (the image to inpaint)")
-    if args.strength is not None:
-        if args.init_image is None:
-            raise UsageError("--strength applies to img2img only: give --init-image")
-        if args.mask is not None:
-            raise UsageError("--strength does not apply to inpainting (the masked area is repainted from noise)")
+    if args.strength is not None and args.init_image is None:
+        raise UsageError("--strength applies to img2img and inpainting only: give --init-image")
+    inpainting = ("mask_blur", "inpaint_area", "inpaint_padding", "masked_content", "invert_mask")
+    given = [f"--{name.replace('_', '-')}" for name in inpainting if getattr(args, name) is not None]
+    if given and args.mask is None:
+        raise UsageError(f"{', '.join(given)} need --mask (inpainting)")
 
 
 def settings_from_args(args: argparse.Namespace, init_image=None, mask=None):
@@ -183,7 +197,10 @@ def settings_from_args(args: argparse.Namespace, init_image=None, mask=None):
                  height=args.height, batch_size=args.batch, strength=args.strength, clip_skip=args.clip_skip,
                  rng=args.rng, subseed=args.subseed, subseed_strength=args.subseed_strength,
                  pad_cond_uncond=args.pad_cond_uncond, prompt_syntax=args.prompt_syntax,
-                 init_image=init_image, mask=mask)
+                 init_image=init_image, mask=mask, mask_blur=args.mask_blur,
+                 inpaint_full_res=None if args.inpaint_area is None else args.inpaint_area == "masked",
+                 inpaint_full_res_padding=args.inpaint_padding, inpainting_mask_invert=args.invert_mask,
+                 inpainting_fill=None if args.masked_content is None else MASKED_CONTENT.index(args.masked_content))
     fields.update({k: v for k, v in given.items() if v is not None})
     if fields.get("seed") == -1:
         fields["seed"] = None
