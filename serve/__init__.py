@@ -8,7 +8,7 @@ field names, defaults and response shapes) and a small web page, on FastAPI + uv
 
 Modules: ``app`` (routes, errors, body limit, auth), ``schema`` (A1111's request fields), ``jobs`` (request ->
 GenerationSettings plan -> images), ``worker`` (the device's single worker and A1111's progress state), ``host``
-(the resident Pipeline and model switches), ``catalog`` (checkpoints, VAEs, LoRAs, embeddings), ``inpaint``
+(the resident Pipeline and model switches), ``catalog`` (checkpoints, VAEs, LoRAs, embeddings),
 ``images`` (base64 / PNG), ``limits``.
 """
 
