@@ -349,7 +349,8 @@ BAD = [  # (model, settings overrides, message fragment)
     ("sd1-tiny", dict(sampler="euler_a", eta=0.5), "eta"),
     ("sd1-tiny", dict(sampler="ddim", eta=-1.0), "eta"),
     ("sd1-tiny", dict(mask=torch.ones(1, 1, 64, 64)), "needs an init_image"),
-    ("sd1-tiny", dict(init_image=torch.zeros(1, 3, 64, 64), mask=torch.ones(1, 1, 64, 64)), "9-channel"),
+    ("sd1-tiny", dict(init_image=torch.zeros(1, 3, 64, 64), mask=torch.ones(1, 1, 64, 64), inpainting_fill=7),
+     "inpainting_fill must be 0..3"),  # a mask on a 4-channel model inpaints as A1111 does (test_inpaint_a1111)
     ("sd1-inpaint-tiny", dict(init_image=torch.zeros(1, 3, 64, 64), mask=torch.ones(1, 1, 64, 128)), "mask is 128x64"),
     ("sd1-tiny", dict(init_image=torch.zeros(1, 3, 64, 128)), "the init image, which is 128x64"),
     ("sd1-tiny", dict(init_image=torch.zeros(3, 64, 64), width=None, height=None), "[1, 3, H, W]"),
