@@ -14,6 +14,20 @@ The stages, public so a caller can stop at conditioning or at latents:
     x        = pipe.denoise(latents, cond, settings, callback)   the sampler loop (CUDA graph where it can)
     images   = pipe.decode(x)                       [B, 3, H, W] float32 in [0, 1]
 
+Hires fix (``enable_hr``, AUTOMATIC1111 v1.10's txt2img second pass) adds stages between ``denoise`` and
+``decode``, each made of the ones above:
+
+    x2       = pipe.upscale(x, settings, noise2)    the first pass's latents upscaled (a latent mode, or decoded,
+                                                    resized by an image upscaler and encoded again) and cropped
+    latents2 = pipe.prepare_hires_latents(x2, settings, noise2)   noised by webui's fixed-steps rule
+    x        = pipe.denoise(latents2, pipe.encode_hires(settings, cond), settings.hires_pass())
+
+(``hires`` runs the three.) ``noise2`` is a fresh ``ImageNoise`` of the same seeds at the second pass's latent
+shape (webui's new ``ImageRNG``); an image upscaler's VAE encode samples its posterior with that source's
+per-image VAE stream (``derived_seed(seed + i, "vae")``), where webui draws from its global generator, so the
+same settings give the same bytes through every door. On CUDA the second pass is its own captured loop: the
+graph runner keeps both loops.
+
 Modes follow the settings: no init image is txt2img (``scripts/txt2img.py``; SDXL as sgm's
 ``SamplingPipeline.text_to_image``), an init image img2img (``scripts/img2img.py``; see ``sampler/wiring.py``),
 an init image and a mask inpainting (runwayml ``scripts/inpaint_st.py``, 9-channel UNet). A 9-channel model
@@ -39,6 +53,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 from tritonsd.formats.hashes import model_hash
@@ -55,10 +70,12 @@ from tritonsd.sampler.noise import ImageNoise, NoiseSource
 from tritonsd.sampler.memory import memory_shortfall
 from tritonsd.sampler.settings import (GenerationSettings, SettingsError, check_rng_device, fields_from_infotext,
     vae_factor)
+from tritonsd.sampler.upscale import crop_latent, hires_steps, is_latent_mode, upscale_latent
 from tritonsd.sampler.vae_io import (InpaintConditioning, NonFiniteError, check_finite, decode_clamped, encode_image,
     inpaint_conditioning)
 from tritonsd.sampler.wiring import (build_denoiser, img2img_start, make_schedule, num_steps, sigma_denoiser,
-    txt2img_start)
+    start_at, txt2img_start)
+from tritonsd.upscalers import UnknownUpscalerError, Upscalers
 
 StepCallback = Callable[[dict], None]
 
@@ -98,7 +115,7 @@ class Pipeline:
 
     def __init__(self, model, *, name: str = "model", model_hash: str | Callable[[], str] | None = None,
                  kernels: str = "auto", lora_dir: str | os.PathLike | None = None,
-                 embeddings_dir: str | os.PathLike | None = None):
+                 embeddings_dir: str | os.PathLike | None = None, upscaler_dir: str | os.PathLike | None = None):
         if kernels not in dispatch.BACKENDS:
             raise ValueError(f"unknown kernels {kernels!r}; expected one of {', '.join(dispatch.BACKENDS)}")
         self.model = model
@@ -118,6 +135,7 @@ class Pipeline:
         if embeddings_dir is not None:
             self.load_embeddings(embeddings_dir)
         self._ti_hashes: str | None = None  # of the last encode, for the infotext
+        self.upscalers = Upscalers(upscaler_dir, self.device)  # hires fix's image upscalers (built-in and files)
         self.auto_warmup = True  # on CUDA with the Triton kernels: compile and tune new shapes before their run
         self._warmed: set[tuple] = set()
 
@@ -174,7 +192,24 @@ class Pipeline:
                                  self.config.vae.ch)
         if short is not None:
             raise SettingsError("width", f"x height: {short}")
+        if resolved.enable_hr:
+            self._check_hires(resolved)
         return resolved
+
+    def _check_hires(self, s: GenerationSettings) -> None:
+        """What the hires pass needs of this pipeline: a known upscaler (its file readable comes at the run) and
+        the memory for the second pass's size."""
+        if not is_latent_mode(s.hr_upscaler):
+            try:
+                self.upscalers.check(s.hr_upscaler)
+            except UnknownUpscalerError as e:
+                raise SettingsError("hr_upscaler", f"{e}; or a latent mode (Latent, Latent (antialiased), ...)") \
+                    from None
+        target = s.hires_target()
+        short = memory_shortfall(s.batch_size, target.upscale_to_x, target.upscale_to_y, self.device, self.dtype,
+                                 self.config.vae.ch)
+        if short is not None:
+            raise SettingsError("hr_scale", f"makes the second pass too large: {short}")
 
     def from_infotext(self, text: str, **fields) -> GenerationSettings:
         """Settings from an AUTOMATIC1111 ``parameters`` text (a PNG's infotext), ``fields`` overriding it:
@@ -276,13 +311,15 @@ class Pipeline:
         self.embeddings, self.embedding_messages = load_model_embeddings(self.model, directory)
         return self.embedding_messages
 
-    def encode(self, settings: GenerationSettings, **size_conditions) -> Conditioning:
+    def encode(self, settings: GenerationSettings, hires_of: GenerationSettings | None = None,
+               **size_conditions) -> Conditioning:
         """The prompt (and, with CFG, the negative prompt) for every image of the batch, as AUTOMATIC1111 reads
         them (``prompt_syntax="a1111"``: weights, BREAK, prompts beyond 75 tokens, ``[from:to:when]`` editing,
         textual inversion, clip skip; cond and uncond encoded apart) or as the original scripts do
         (``"original"``: one 77-token window, text taken literally; SDXL's size conditions ``original_size``,
         ``crop_coords_top_left``, ``target_size`` may be given). The LoRAs of ``set_loras`` and of the prompt's
-        ``<lora:...>`` tags are applied first."""
+        ``<lora:...>`` tags are applied first. ``hires_of``: ``settings`` is the hires pass of these first-pass
+        settings (``hires_pass()``): prompt editing counts its steps after the first pass's, as webui's."""
         s = settings
         prompt = self._activate_prompt_loras(s.prompt)
         if s.prompt_syntax == "original":
@@ -290,20 +327,22 @@ class Pipeline:
         if size_conditions:
             raise ValueError("size conditions are taken from the settings with prompt_syntax='a1111'")
         with self._kernels():
-            cond = self._encode_side(prompt, s, is_negative=False)
-            uncond = None if s.cfg_scale == 1.0 else self._encode_side(s.negative_prompt, s, is_negative=True)
+            cond = self._encode_side(prompt, s, False, hires_of)
+            uncond = None if s.cfg_scale == 1.0 else self._encode_side(s.negative_prompt, s, True, hires_of)
         used = cond.cond.used_embeddings + (uncond.cond.used_embeddings if uncond is not None else [])
         from tritonsd.formats.embeddings import ti_hashes
 
         self._ti_hashes = ti_hashes(used) or None
         return self._conditioning(s, cond, uncond)
 
-    def _encode_side(self, prompt: str, s: GenerationSettings, is_negative: bool):
+    def _encode_side(self, prompt: str, s: GenerationSettings, is_negative: bool,
+                     hires_of: GenerationSettings | None = None):
         """One prompt's editing schedule, encoded in one batch (``ScheduledConditioning``)."""
         from tritonsd.prompt.encode import encode_schedule
 
-        return encode_schedule(self.model, prompt, s.steps, clip_skip=s.clip_skip, embeddings=self.embeddings,
-                               width=s.width, height=s.height, is_negative=is_negative)
+        steps, hires = (s.steps, None) if hires_of is None else (hires_of.steps, s.steps)
+        return encode_schedule(self.model, prompt, steps, hires_steps=hires, clip_skip=s.clip_skip,
+                               embeddings=self.embeddings, width=s.width, height=s.height, is_negative=is_negative)
 
     def _conditioning(self, s: GenerationSettings, cond, uncond) -> Conditioning:
         """The UNet keywords of both sides: one row per image, or per-call tables when a prompt schedules."""
@@ -456,6 +495,83 @@ class Pipeline:
         if self._runner is not None:
             self._runner.clear()
 
+    # ------------------------------------------------------------ stage 3b: hires fix's second pass
+
+    def hires_noise(self, settings: GenerationSettings) -> ImageNoise:
+        """webui's second ``ImageRNG``: the same seeds (and variation seeds), fresh, at the second pass's latent
+        shape."""
+        s = settings
+        target = s.hires_target()
+        shape = (self.config.vae.embed_dim, target.height // vae_factor(self.config),
+                 target.width // vae_factor(self.config))
+        return ImageNoise(shape, s.seed, s.batch_size, s.rng, s.subseed, s.subseed_strength, self.device)
+
+    def upscale(self, latents: torch.Tensor, settings: GenerationSettings, noise: NoiseSource) -> torch.Tensor:
+        """The first pass's latents [B, C, h, w] as the second pass's start [B, C, H/8, W/8] (``sample_hr_pass``):
+        a latent mode interpolates them; an image upscaler gets each image decoded to 8 bits, resizes it to
+        ``hr_upscale_to`` and the VAE encodes it again (its posterior sampled with ``noise.vae``); then the
+        truncate crop."""
+        s = settings
+        target = s.hires_target()
+        if is_latent_mode(s.hr_upscaler):
+            return upscale_latent(latents, target, s.hr_upscaler)
+        from tritonsd.sampler.infotext import to_pil
+
+        images = [self.upscalers.resize(to_pil(image), target.upscale_to_x, target.upscale_to_y, s.hr_upscaler)
+                  for image in self.decode(latents).cpu()]
+        # [H, W, 3] uint8 -> [B, 3, H, W] in [0, 1], as webui's np.array(image) / 255
+        pixels = torch.stack([torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1)
+                              for im in images])
+        f = vae_factor(self.config)
+        shape = (self.config.vae.embed_dim, target.upscale_to_y // f, target.upscale_to_x // f)
+        with self._kernels():
+            encoded = encode_image(self.model, pixels * 2.0 - 1.0, noise.vae(shape).to(self.device))
+        return crop_latent(encoded, target)
+
+    def prepare_hires_latents(self, upscaled: torch.Tensor, settings: GenerationSettings,
+                              noise: NoiseSource) -> Latents:
+        """The second pass's first latent and schedule by webui's fixed-steps rule: ``hr_steps`` steps of a
+        ``int(hr_steps / min(strength, 0.999))``-step schedule (``sampler/upscale.py``); at strength 0 none."""
+        s, hr = settings, settings.hires_pass()
+        spec = registry.get(hr.sampler)
+        device = self.device
+        shape = tuple(upscaled.shape[1:])
+        x_noise = noise.start(shape).to(device)
+        shared, inpaint = {}, None
+        with self._kernels():
+            if self.config.unet.in_channels == 9:  # the first pass's image conditioning, at the new size
+                h, w = shape[1] * vae_factor(self.config), shape[2] * vae_factor(self.config)
+                inpaint = inpaint_conditioning(self.model, torch.zeros(1, 3, h, w), torch.ones(1, 1, h, w),
+                                               noise.vae(shape).to(device))
+                shared["c_concat"] = inpaint.c_concat
+        length, t_enc = hires_steps(hr.steps, s.strength)
+        if length == 0:
+            return Latents(x=upscaled, schedule=None, spec=spec, shared=shared, noise=noise, inpaint=inpaint)
+        schedule = make_schedule(self.config, spec, length, hr.karras, hr.eta)
+        x, schedule = start_at(schedule, upscaled.to(device), x_noise, t_enc)
+        return Latents(x=x, schedule=schedule, spec=spec, shared=shared, noise=noise, inpaint=inpaint)
+
+    def encode_hires(self, settings: GenerationSettings, first: Conditioning | None = None) -> Conditioning:
+        """The second pass's conditioning: ``first`` (the first pass's) where webui's would be the same tensors
+        (the same prompts, no editing, not SDXL, whose size conditioning is the second pass's size), else the
+        hires prompts encoded at ``hr_upscale_to``."""
+        hr = settings.hires_pass()
+        same = hr.prompt == settings.prompt and hr.negative_prompt == settings.negative_prompt
+        if first is not None and same and not first.per_step and self.config.family != "sdxl":
+            return first
+        return self.encode(hr, hires_of=settings)
+
+    def hires(self, latents: torch.Tensor, settings: GenerationSettings, cond: Conditioning | None = None,
+              callback: StepCallback | None = None, noise: NoiseSource | None = None) -> torch.Tensor:
+        """The second pass over the first pass's ``latents``: its latents, float32 (see the module docstring)."""
+        hr = settings.hires_pass()
+        target = settings.hires_target()
+        self._warm(dataclasses.replace(hr, width=target.width, height=target.height))
+        noise = self.hires_noise(settings) if noise is None else noise
+        upscaled = self.upscale(latents, settings, noise)
+        hr_latents = self.prepare_hires_latents(upscaled, settings, noise)
+        return self.denoise(hr_latents, self.encode_hires(settings, cond), hr, callback)
+
     # ------------------------------------------------------------ stage 4: pixels
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -473,12 +589,15 @@ class Pipeline:
         cond = self.encode(settings)
         latents = self.prepare_latents(settings, noise)
         x = self.denoise(latents, cond, settings, callback)
+        if settings.enable_hr:
+            x = self.hires(x, settings, cond, callback)
         return self.decode(x).cpu()
 
     def __call__(self, prompt: str = "", negative_prompt: str = "", *, callback: StepCallback | None = None,
                  **fields) -> list:
         """PIL images for ``prompt``; ``fields`` are ``GenerationSettings``'s (seed, steps, cfg_scale, sampler,
-        karras, width, height, batch_size, init_image, mask, strength, eta, use_graphs). Each image's
+        karras, width, height, batch_size, init_image, mask, strength, eta, use_graphs, enable_hr and the hr_*
+        fields). Each image's
         ``info["parameters"]`` is its AUTOMATIC1111 infotext and ``info["seed"]`` its seed."""
         settings = self.settings(prompt=prompt, negative_prompt=negative_prompt, **fields)
         return self.to_pil(self.generate(settings, callback), settings)
@@ -493,14 +612,15 @@ class Pipeline:
         source = getattr(self.model, "source", None)
         vae = source.vae if source is not None else None
         variation = s.subseed_strength > 0
-        extra = {"VAE hash": self.vae_hash if vae is not None else None,
+        extra = {"Schedule type": spec.a1111_schedule(s.karras),
+                 "VAE hash": self.vae_hash if vae is not None else None,
                  "VAE": source.vae_name if vae is not None else None,
                  "Variation seed": (s.subseed or 0) + index if variation else None,
                  "Variation seed strength": float(s.subseed_strength) if variation else None,
-                 "Denoising strength": float(s.strength) if s.mode == "img2img" else None,
+                 "Denoising strength": float(s.strength) if s.mode == "img2img" or s.enable_hr else None,
                  "Clip skip": s.clip_skip if s.clip_skip > 1 else None,
                  "RNG": infotext_rng(s.rng),
-                 "Schedule type": spec.a1111_schedule(s.karras),
+                 **(hires_infotext(s) if s.enable_hr else {}),
                  "TI hashes": (conditioning.ti_hashes if conditioning is not None else self._ti_hashes)
                  if s.prompt_syntax == "a1111" else None,
                  "Lora hashes": self.lora_report.lora_hashes or None if self.lora_report is not None else None}
@@ -531,13 +651,31 @@ class Pipeline:
                 for image in images]
 
 
+def hires_infotext(s: GenerationSettings) -> dict[str, object]:
+    """The hires fields of the infotext, in the order webui's ``StableDiffusionProcessingTxt2Img.init`` sets them
+    (None: not written): the sampler and prompts where they differ from the first pass's, the second pass's
+    schedule where it names one the first pass's "Schedule type" does not, the size, the steps when given, the
+    upscaler."""
+    spec, hr = registry.get(s.sampler), s.hires_pass()
+    hr_spec = registry.get(hr.sampler)
+    hr_label = hr_spec.schedule_label(hr.karras)
+    return {"Hires sampler": hr_spec.a1111_name if s.hr_sampler is not None and hr.sampler != s.sampler else None,
+            "Hires prompt": hr.prompt if hr.prompt != s.prompt else None,
+            "Hires negative prompt": hr.negative_prompt if hr.negative_prompt != s.negative_prompt else None,
+            "Hires schedule type": hr_label if hr_label != spec.schedule_label(s.karras) else None,
+            "Hires upscale": float(s.hr_scale) if s.hr_resize_x == 0 and s.hr_resize_y == 0 else None,
+            "Hires resize": f"{s.hr_resize_x}x{s.hr_resize_y}" if s.hr_resize_x or s.hr_resize_y else None,
+            "Hires steps": s.hr_second_pass_steps or None,
+            "Hires upscaler": s.hr_upscaler}
+
+
 # ---------------------------------------------------------------- loading
 
 
 def load(path: str | os.PathLike, config: str | os.PathLike | None = None, *, device=None, dtype=None,
          kernels: str = "auto", vae: str | os.PathLike | None = None, text_heads: int | None = None,
          parameterization: str | None = None, lora_dir: str | os.PathLike | None = None,
-         embeddings_dir: str | os.PathLike | None = None) -> Pipeline:
+         embeddings_dir: str | os.PathLike | None = None, upscaler_dir: str | os.PathLike | None = None) -> Pipeline:
     """A Pipeline for an original single-file checkpoint (``.safetensors`` or ``.ckpt``), or the built-in demo
     model ``"demo:sd1"`` (tiny, random weights: its images are noise; no file needed).
 
@@ -546,13 +684,14 @@ def load(path: str | os.PathLike, config: str | os.PathLike | None = None, *, de
     torch dtype (default: fp16 on CUDA, fp32 on the CPU); ``kernels``: "auto", "torch" or "triton"; ``vae``: an
     external VAE file (``.safetensors`` / ``.pt``); ``text_heads`` / ``parameterization``: what the weights cannot
     tell, when no YAML does; ``lora_dir``: where ``<lora:name:w>`` in a prompt is looked up;
-    ``embeddings_dir``: textual-inversion embeddings, used where their file name appears in a prompt. The model
+    ``embeddings_dir``: textual-inversion embeddings, used where their file name appears in a prompt;
+    ``upscaler_dir``: upscaler model files (ESRGAN, ...) for hires fix's ``hr_upscaler``. The model
     hash for the infotext is computed in the background while the weights load.
 
     The same as ``load_spec(LoadSpec(path, config, ...))``: the keywords are ``LoadSpec``'s fields."""
     return load_spec(LoadSpec(path, config, device=device, dtype=dtype, kernels=kernels, vae=vae,
                               text_heads=text_heads, parameterization=parameterization, lora_dir=lora_dir,
-                              embeddings_dir=embeddings_dir))
+                              embeddings_dir=embeddings_dir, upscaler_dir=upscaler_dir))
 
 
 def load_spec(spec: LoadSpec | CheckedSpec) -> Pipeline:
@@ -570,7 +709,7 @@ def load_spec(spec: LoadSpec | CheckedSpec) -> Pipeline:
                            text_heads=spec.text_heads, vae=spec.vae, dtype=checked.dtype, device=checked.device)
     source = model.source
     return Pipeline(model, name=source.model_name, kernels=spec.kernels, lora_dir=spec.lora_dir,
-                    embeddings_dir=spec.embeddings_dir,
+                    embeddings_dir=spec.embeddings_dir, upscaler_dir=spec.upscaler_dir,
                     model_hash=hashing.result if hashing is not None else source.model_hash)
 
 

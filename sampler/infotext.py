@@ -14,11 +14,19 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 
+# the keys ``processing.create_infotext`` (v1.10) writes first, in its order; the others (``extra_generation_params``:
+# the hires fields, TI and Lora hashes, ...) follow in the order they were set
+A1111_ORDER = ("Steps", "Sampler", "Schedule type", "CFG scale", "Image CFG scale", "Seed", "Face restoration", "Size",
+               "Model hash", "Model", "FP8 weight", "Cache FP16 weight for LoRA", "VAE hash", "VAE", "Variation seed",
+               "Variation seed strength", "Seed resize from", "Denoising strength", "Conditional mask weight",
+               "Clip skip", "ENSD", "Token merging ratio", "Token merging ratio hr", "Init image hash", "RNG", "Tiling")
+
+
 @dataclass
 class Infotext:
     """AUTOMATIC1111's ``parameters`` text: the prompt, ``Negative prompt: ...`` (when not empty), then one line
-    of ``Key: value`` pairs in the order ``processing.create_infotext`` (v1.10) writes them; None values are
-    left out, as there."""
+    of ``Key: value`` pairs in the order ``processing.create_infotext`` (v1.10) writes them (``A1111_ORDER``, then
+    the other ``extra`` keys in their order); None values are left out, as there."""
 
     prompt: str
     negative_prompt: str
@@ -30,13 +38,13 @@ class Infotext:
     height: int
     model_hash: str | None
     model: str | None
-    extra: dict[str, object] | None = None  # VAE hash, Denoising strength, Schedule type, ... (in that order)
+    extra: dict[str, object] | None = None  # Schedule type, VAE hash, Denoising strength, Hires upscale, ...
 
     def render(self) -> str:
         lines = [self.prompt]
         if self.negative_prompt:
             lines.append(f"Negative prompt: {self.negative_prompt}")
-        fields = {
+        given = {
             "Steps": self.steps,
             "Sampler": self.sampler,
             "CFG scale": _number(self.cfg_scale),
@@ -46,7 +54,9 @@ class Infotext:
             "Model": self.model,
         }
         for key, value in (self.extra or {}).items():
-            fields[key] = _number(value) if isinstance(value, float) else value
+            given[key] = _number(value) if isinstance(value, float) else value
+        fields = {k: given[k] for k in A1111_ORDER if k in given}
+        fields.update({k: v for k, v in given.items() if k not in fields})
         lines.append(", ".join(f"{k}: {quote(v)}" for k, v in fields.items() if v is not None))
         return "\n".join(lines)
 

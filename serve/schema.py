@@ -118,6 +118,12 @@ _FROM_INFOTEXT = {"prompt": "prompt", "negative_prompt": "negative_prompt", "ste
                   "width": "width", "height": "height", "subseed": "subseed", "subseed_strength": "subseed_strength"}
 
 
+_HIRES_FROM_INFOTEXT = {"hr_scale": "hr_scale", "hr_resize_x": "hr_resize_x", "hr_resize_y": "hr_resize_y",
+                        "hr_second_pass_steps": "hr_second_pass_steps", "hr_upscaler": "hr_upscaler",
+                        "hr_sampler": "hr_sampler_name", "hr_scheduler": "hr_scheduler", "hr_prompt": "hr_prompt",
+                        "hr_negative_prompt": "hr_negative_prompt"}
+
+
 def apply_infotext(req: BaseModel) -> tuple[BaseModel, list[str]]:
     """The request with the fields it did not send taken from its ``infotext`` (as A1111's
     ``apply_infotext``; values that do not parse are left out, one note each); (request, notes)."""
@@ -130,12 +136,12 @@ def apply_infotext(req: BaseModel) -> tuple[BaseModel, list[str]]:
     update = {field: parsed[name] for name, field in _FROM_INFOTEXT.items() if name in parsed and field not in sent}
     if "clip_skip" in parsed and "CLIP_stop_at_last_layers" not in (req.override_settings or {}):
         update["override_settings"] = {**(req.override_settings or {}), "CLIP_stop_at_last_layers": parsed["clip_skip"]}
-    if "Denoising strength" in parsed["extra"] and "denoising_strength" in type(req).model_fields \
-            and "denoising_strength" not in sent:
-        try:
-            update["denoising_strength"] = float(parsed["extra"]["Denoising strength"])
-        except ValueError:
-            parsed["notes"].append("infotext field Denoising strength ignored (not a number)")
+    if "strength" in parsed and "denoising_strength" not in sent:
+        update["denoising_strength"] = parsed["strength"]
+    if parsed["enable_hr"] and "enable_hr" in type(req).model_fields and "enable_hr" not in sent:
+        update["enable_hr"] = True
+        update.update({field: parsed[name] for name, field in _HIRES_FROM_INFOTEXT.items()
+                       if name in parsed and field not in sent})
     return req.model_copy(update=update), list(parsed["notes"])
 
 
