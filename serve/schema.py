@@ -2,7 +2,7 @@
 defaults (``StableDiffusionProcessing``'s: 50 steps, CFG 7, 512x512, sampler "Euler", seed -1), not the CLI's.
 
 Every field is accepted. Each is marked as one the server implements, one that does nothing here by nature
-(``do_not_save_samples``: the server saves nothing), or one it ignores (``restore_faces``, ``enable_hr``,
+(``do_not_save_samples``: the server saves nothing), or one it ignores (``restore_faces``, ``tiling``,
 ``alwayson_scripts``, ...). Ignored fields and unknown keys are named in the response's info (``ignored_fields``)
 when their value would change what A1111 does.
 """
@@ -62,21 +62,24 @@ COMMON: dict[str, tuple[Any, Any, str]] = {
 }
 
 TXT2IMG_ONLY = {
-    "enable_hr": (Optional[bool], False, IGNORED),
-    "denoising_strength": (Optional[float], None, NOOP),  # the hires pass's; no hires pass here
-    "firstphase_width": (Optional[int], 0, NOOP),
-    "firstphase_height": (Optional[int], 0, NOOP),
-    "hr_scale": (Optional[float], 2.0, NOOP),
-    "hr_upscaler": (Optional[str], None, NOOP),
-    "hr_second_pass_steps": (Optional[int], 0, NOOP),
-    "hr_resize_x": (Optional[int], 0, NOOP),
-    "hr_resize_y": (Optional[int], 0, NOOP),
-    "hr_checkpoint_name": (Optional[str], None, NOOP),
-    "hr_sampler_name": (Optional[str], None, NOOP),
-    "hr_scheduler": (Optional[str], None, NOOP),
-    "hr_prompt": (Optional[str], "", NOOP),
-    "hr_negative_prompt": (Optional[str], "", NOOP),
+    "enable_hr": (Optional[bool], False, IMPLEMENTED),
+    "denoising_strength": (Optional[float], None, IMPLEMENTED),  # the hires pass's; None: A1111's API 0.75
+    "firstphase_width": (Optional[int], 0, IGNORED),  # the pre-1.0 hires fix's first-pass size
+    "firstphase_height": (Optional[int], 0, IGNORED),
+    "hr_scale": (Optional[float], 2.0, IMPLEMENTED),
+    "hr_upscaler": (Optional[str], None, IMPLEMENTED),  # None: "Latent" (A1111's latent_upscale_default_mode)
+    "hr_second_pass_steps": (Optional[int], 0, IMPLEMENTED),
+    "hr_resize_x": (Optional[int], 0, IMPLEMENTED),
+    "hr_resize_y": (Optional[int], 0, IMPLEMENTED),
+    "hr_checkpoint_name": (Optional[str], None, IGNORED),  # the second pass on the same checkpoint
+    "hr_sampler_name": (Optional[str], None, IMPLEMENTED),
+    "hr_scheduler": (Optional[str], None, IMPLEMENTED),
+    "hr_prompt": (Optional[str], "", IMPLEMENTED),
+    "hr_negative_prompt": (Optional[str], "", IMPLEMENTED),
 }
+API_DENOISING_STRENGTH = 0.75  # A1111's API default for an omitted denoising_strength (its UI's hires default: 0.7)
+SAME = {"hr_checkpoint_name": "Use same checkpoint", "hr_sampler_name": "Use same sampler",
+        "hr_scheduler": "Use same scheduler"}  # what A1111's UI sends for "the first pass's"
 
 IMG2IMG_ONLY = {
     "init_images": (Optional[list[str]], None, IMPLEMENTED),
@@ -98,7 +101,8 @@ IMG2IMG_ONLY = {
 }
 
 # values that leave A1111's behaviour as with the default: naming them as ignored would only be noise
-NEUTRAL = {"s_noise": (1, 1.0), "s_tmax": (math.inf,), "initial_noise_multiplier": (1, 1.0)}
+NEUTRAL = {"s_noise": (1, 1.0), "s_tmax": (math.inf,), "initial_noise_multiplier": (1, 1.0),
+           "hr_checkpoint_name": (SAME["hr_checkpoint_name"],)}
 
 
 def _model(name: str, table: dict) -> type[BaseModel]:
