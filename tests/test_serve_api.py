@@ -101,12 +101,12 @@ def test_txt2img_png_equals_pipeline(api, pipe, tmp_path):
 
 def test_ignored_fields_named_in_info_and_once_in_log(api, server):
     for _ in range(2):
-        r = api.txt2img(prompt="x", seed=3, restore_faces=True, enable_hr=True, **SMALL)
-        assert r.info["ignored_fields"] == ["enable_hr", "restore_faces"]
+        r = api.txt2img(prompt="x", seed=3, restore_faces=True, tiling=True, **SMALL)
+        assert r.info["ignored_fields"] == ["restore_faces", "tiling"]
         assert len(r.images) == 1
     log = server.log()
     assert log.count("restore_faces is accepted and ignored") == 1
-    assert log.count("enable_hr is accepted and ignored") == 1
+    assert log.count("tiling is accepted and ignored") == 1
 
 
 def test_batch_and_iterations_count_seeds_on(api, pipe, tmp_path):

@@ -22,7 +22,8 @@ from tritonsd.tools.cli import UsageError
 # GenerationSettings field -> the flag that sets it, so errors name what the user typed
 FLAGS = {"prompt": "--prompt", "negative_prompt": "--negative-prompt", "sampler": "--sampler", "karras": "--karras",
          "steps": "--steps", "cfg_scale": "--cfg", "seed": "--seed", "width": "--width", "height": "--height",
-         "batch_size": "--batch", "init_image": "--init-image", "mask": "--mask", "strength": "--denoising-strength",
+         "batch_size": "--batch", "init_image": "--init-image", "mask": "--mask",
+         "strength": "--denoising-strength / --strength",
          "clip_skip": "--clip-skip", "rng": "--rng", "subseed": "--subseed", "subseed_strength": "--subseed-strength",
          "pad_cond_uncond": "--pad-cond-uncond", "prompt_syntax": "--prompt-syntax", "use_graphs": "--no-cuda-graphs",
          "model": "--checkpoint", "enable_hr": "--hires", "hr_scale": "--hires-scale", "hr_resize_x": "--hires-size",
