@@ -112,6 +112,10 @@ STAGES = (
           (f"{E2E} --model sd21 --model sdxl --batch 1 --impl tritonsd-graph --impl diffusers-eager "
            "--json {json}",), compiles=("sd21-fp16", "sdxl-fp16"), tunes=("sd21-fp16", "sdxl-fp16"),
           run_s="e2e_sd21_sdxl"),
+    Stage(8, "e2e-sd15-hires", "SD 1.5 hires fix 512x512 -> 1024x1024 batch 1 (latent upscale, 20 + 20 steps at "
+                               "strength 0.7): both loops CUDA-graphed, the second pass's time as hires_ms",
+          (f"{E2E} --model sd15 --batch 1 --impl tritonsd-graph --hires-scale 2 --repeat 3 --json {{json}}",),
+          compiles=("sd15-1024-fp16",), tunes=("sd15-fp16", "sd15-1024-fp16"), run_s="e2e_sd15_hires"),
 )
 PRECOMPILED = ("sd15-fp16", "tiny-fp32", "tiny-half")  # what stage 0 compiles
 UNTUNED_GROUPS = ("tiny-fp32", "tiny-half")  # compiled and run with TRITONSD_AUTOTUNE=0
@@ -282,6 +286,7 @@ def count_groups(only: list[str] | None = None) -> dict:
         "sd15-fp16": lambda: variants.model_launches(variants.released("sd15"), [(512, 512)], (1, 2), fp16),
         "sd21-fp16": lambda: variants.model_launches(variants.released("sd21"), [(768, 768)], (2,), fp16),
         "sdxl-fp16": lambda: variants.model_launches(variants.released("sdxl"), [(1024, 1024)], (2,), fp16),
+        "sd15-1024-fp16": lambda: variants.model_launches(variants.released("sd15"), [(1024, 1024)], (2,), fp16),
         "bench-sd21-fp16": lambda: variants.model_launches(variants.released("sd21"), [(768, 768)], (2,), fp16),
         # untuned (TRITONSD_AUTOTUNE=0): the fp32 parity set (sd1-tiny's text and UNet at 128 px, batch 2: fp32
         # convolutions compile slowly); the CUDA tests in fp16 (64 px) and the half-precision model test (fp16 /

@@ -9,7 +9,10 @@ output from the stored inputs (see ``testing/groups.py``: groups by name prefix,
 AUTOMATIC1111 references (``testing/a1111_groups.py``; told apart by their JSON) are recomputed too: prompt
 conditionings (groups = the JSON's cases), textual inversion (the ``embeddings/`` folder beside the reference, or
 ``--embeddings-dir``), the UNet at odd latent sizes, LoRA merged weights (the LoRA files beside the reference;
-bound 1e-5) and NV noise (bound 1e-6; no model: the CHECKPOINT argument is left out).
+bound 1e-5), NV noise (bound 1e-6; no model: the CHECKPOINT argument is left out), and webui's hires fix and
+img2img (``testing/a1111_hires.py``: one group per case, run from the JSON's inputs through the Pipeline's stages;
+the noises exactly, the sigma schedules to one unit in the last place, 8-bit images within one level, the rest
+within 5e-4; each infotext a row of its own, compared with webui's but for ``Version``).
 
 Every key of the file gets a row: inputs are shown as such (or, for conditioning stored as "rows [i, j] of
 text.context", compared with the recomputed rows), and a tensor that cannot be recomputed is a FAILURE that
