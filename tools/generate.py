@@ -185,10 +185,11 @@ def check_usage(args: argparse.Namespace) -> None:
         raise UsageError("--mask needs --init-image (the image to inpaint)")
     if args.strength is not None:
         if args.init_image is None and not hires_on(args):
-            raise UsageError("--denoising-strength applies to img2img (--init-image) and hires fix (--hires) only")
+            raise UsageError("--denoising-strength / --strength applies to img2img (--init-image) and hires fix "
+                             "(--hires) only")
         if args.mask is not None:
-            raise UsageError("--denoising-strength does not apply to inpainting (the masked area is repainted from "
-                             "noise)")
+            raise UsageError("--denoising-strength / --strength does not apply to inpainting (the masked area is "
+                             "repainted from noise)")
     if hires_on(args) and args.init_image is not None:
         raise UsageError("--hires is txt2img's hires fix: it takes no --init-image")
 
