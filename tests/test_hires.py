@@ -199,3 +199,17 @@ def test_image_upscaler_encodes_with_the_images_own_vae_stream(pipe):
     for i in range(2):  # image i's own stream: a CPU generator seeded from seed + i
         g = torch.Generator("cpu").manual_seed(derived_seed(7 + i, "vae"))
         assert torch.equal(drawn[i], torch.randn((4, 16, 16), generator=g))
+
+
+def test_sdxl_second_pass_is_conditioned_on_its_own_size(pipes):
+    """webui's ``calculate_hr_conds``: the hires prompts at ``hr_upscale_to`` (SDXL's original and target size);
+    SD1's conditioning has no size, so the first pass's is reused there."""
+    pipe = pipes("sdxl-tiny")
+    s = pipe.settings(prompt="a lighthouse", seed=2, width=64, height=64, steps=2, sampler="euler", enable_hr=True,
+                      hr_resize_x=128, hr_resize_y=96)
+    cond = pipe.encode(s)
+    hr = pipe.encode_hires(s, cond)
+    at_size = pipe.encode(dataclasses.replace(s, width=128, height=128, enable_hr=False))
+    assert torch.equal(hr.cond["y"], at_size.cond["y"]) and not torch.equal(hr.cond["y"], cond.cond["y"])
+    image = pipe.generate(s)
+    assert image.shape == (1, 3, 96, 128) and torch.isfinite(image).all()
