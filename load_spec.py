@@ -25,6 +25,8 @@ import torch
 
 from tritonsd.devices import default_dtype, dtype_name, resolve_device, resolve_dtype
 from tritonsd.escape import escape
+from tritonsd.model.demo import is_demo
+from tritonsd.kernels.dispatch import BACKENDS
 
 PATH_FIELDS = ("path", "config", "vae", "lora_dir", "embeddings_dir", "upscaler_dir")
 
@@ -72,14 +74,12 @@ class LoadSpec:
     @property
     def is_demo(self) -> bool:
         """Whether ``path`` names a built-in model (``demo:sd1``) rather than a file."""
-        from tritonsd.model.demo import is_demo
 
         return is_demo(self.path)
 
     def absolute(self) -> LoadSpec:
         """This spec with its paths made absolute here (``demo:`` names pass through): what a worker on another
         node or in another directory is given."""
-        from tritonsd.model.demo import is_demo
 
         def absolute(p: str | None) -> str | None:
             return p if p is None or is_demo(p) else str(Path(p).resolve())
@@ -96,8 +96,6 @@ class LoadSpec:
         return CheckedSpec(self, device, dtype)
 
     def _check_kernels(self) -> None:
-        from tritonsd.kernels.dispatch import BACKENDS
-
         if self.kernels not in BACKENDS:
             raise LoadSpecError(f"unknown kernels {escape(repr(self.kernels), 60)}; expected one of "
                                 f"{', '.join(BACKENDS)}")

@@ -61,20 +61,23 @@ from tritonsd.kernels import dispatch
 from tritonsd.load_spec import CheckedSpec, LoadSpec
 from tritonsd.model.load import load_model
 from tritonsd.model.vae_guard import VAEDecodeGuard
-from tritonsd.sampler import denoise as D
-from tritonsd.sampler import registry
+from tritonsd.sampler import denoise as D, registry
 from tritonsd.sampler.graph import GraphCaptureError, GraphRunner, tables_on_device
-from tritonsd.sampler.infotext import Infotext
-from tritonsd.sampler.rng import infotext_rng
+from tritonsd.sampler.infotext import generation_infotext, save_numbered, to_pil
 from tritonsd.sampler.noise import ImageNoise, NoiseSource
 from tritonsd.sampler.memory import memory_shortfall
-from tritonsd.sampler.settings import (GenerationSettings, SettingsError, check_rng_device, fields_from_infotext,
-    vae_factor)
+from tritonsd.sampler.settings import (check_rng_device, default_size, fields_from_infotext, GenerationSettings,
+    SettingsError, vae_factor)
 from tritonsd.sampler.upscale import crop_latent, hires_steps, is_latent_mode, upscale_latent
 from tritonsd.sampler.vae_io import (InpaintConditioning, NonFiniteError, check_finite, decode_clamped, encode_image,
     inpaint_conditioning)
 from tritonsd.sampler.wiring import (build_denoiser, img2img_start, make_schedule, num_steps, sigma_denoiser,
     start_at, txt2img_start)
+from tritonsd.lora.apply import find_lora, LoraError, LoraSpec, LoraState, parse_lora_tags
+from tritonsd.compile.warmup import warmup
+from tritonsd.prompt.encode import (encode_schedule, load_model_embeddings, pad_to_same_length,
+                                     unet_keywords)
+from tritonsd.formats.embeddings import ti_hashes
 from tritonsd.upscalers import UnknownUpscalerError, Upscalers
 
 StepCallback = Callable[[dict], None]
@@ -173,9 +176,9 @@ class Pipeline:
         ``dispatch.force`` block says."""
         return contextlib.nullcontext() if self.kernels == "auto" else dispatch.force(self.kernels)
 
-    def _model_unet(self, x, t, context, y=None):
+    def _model_unet(self, x, t, context, y=None, t_emb=None):
         """``apply_model`` returning float32: the sampler state stays float32 whatever the weights' dtype."""
-        return self.model.apply_model(x, t, context, y).float()
+        return self.model.apply_model(x, t, context, y, t_emb=t_emb).float()
 
     # ------------------------------------------------------------ settings
 
@@ -228,7 +231,6 @@ class Pipeline:
         replacing the previous set; ``[]`` restores the checkpoint's weights. The weights keep their storage, so
         captured CUDA graphs stay valid. A failed switch (``LoraError``) leaves the weights as they were.
         Returns the ``ApplyReport`` (matched modules, warnings, bytes of pristine copies held)."""
-        from tritonsd.lora.apply import LoraSpec
 
         specs = [s if isinstance(s, LoraSpec) else LoraSpec(*s) for s in loras]
         report = self._apply_loras(specs)
@@ -239,7 +241,6 @@ class Pipeline:
         if self._lora_state is None:
             if not specs:
                 return None
-            from tritonsd.lora.apply import LoraState
 
             self._lora_state = LoraState(self.model)
         self.lora_report = self._lora_state.apply(specs)
@@ -250,7 +251,6 @@ class Pipeline:
         AUTOMATIC1111 does per generation; returns the prompt without its tags."""
         if "<" not in prompt and self._lora_state is None:
             return prompt
-        from tritonsd.lora.apply import LoraError, LoraSpec, find_lora, parse_lora_tags
 
         text, tags = parse_lora_tags(prompt)
         if tags and self.lora_dir is None:
@@ -270,8 +270,6 @@ class Pipeline:
         ``generate`` does this by itself for each new shape (``auto_warmup``)."""
         if self.device.type != "cuda" or self.kernels == "torch" or dispatch.current_backend() == "torch":
             return None
-        from tritonsd.compile.warmup import warmup
-        from tritonsd.sampler.settings import default_size
 
         size = default_size(self.config)
         return warmup(self.config, sizes=sizes or [(size, size)], batches=batches, dtype=self.dtype,
@@ -306,7 +304,6 @@ class Pipeline:
         """Textual-inversion embeddings from ``directory`` (triggered by their file names in prompts, as
         AUTOMATIC1111); returns one line per file skipped (wrong width, unreadable), also kept in
         ``embedding_messages``."""
-        from tritonsd.prompt.encode import load_model_embeddings
 
         self.embeddings, self.embedding_messages = load_model_embeddings(self.model, directory)
         return self.embedding_messages
@@ -330,7 +327,6 @@ class Pipeline:
             cond = self._encode_side(prompt, s, False, hires_of)
             uncond = None if s.cfg_scale == 1.0 else self._encode_side(s.negative_prompt, s, True, hires_of)
         used = cond.cond.used_embeddings + (uncond.cond.used_embeddings if uncond is not None else [])
-        from tritonsd.formats.embeddings import ti_hashes
 
         self._ti_hashes = ti_hashes(used) or None
         return self._conditioning(s, cond, uncond)
@@ -338,57 +334,20 @@ class Pipeline:
     def _encode_side(self, prompt: str, s: GenerationSettings, is_negative: bool,
                      hires_of: GenerationSettings | None = None):
         """One prompt's editing schedule, encoded in one batch (``ScheduledConditioning``)."""
-        from tritonsd.prompt.encode import encode_schedule
 
         steps, hires = (s.steps, None) if hires_of is None else (hires_of.steps, s.steps)
         return encode_schedule(self.model, prompt, steps, hires_steps=hires, clip_skip=s.clip_skip,
                                embeddings=self.embeddings, width=s.width, height=s.height, is_negative=is_negative)
 
     def _conditioning(self, s: GenerationSettings, cond, uncond) -> Conditioning:
-        """The UNet keywords of both sides: one row per image, or per-call tables when a prompt schedules."""
-        per_step = len(cond.texts) > 1 or (uncond is not None and len(uncond.texts) > 1)
-        calls = s.steps + 1  # PLMS evaluates its first step twice
-        sides = []
-        for side in (cond, uncond):
-            if side is None:
-                sides.append(None)
-                continue
-            entries = {"context": side.cond.context.float()}
-            if side.cond.vector is not None:
-                entries["y"] = side.cond.vector.float()
-            if per_step:
-                rows = torch.tensor([side.index_at(k) for k in range(calls)], device=entries["context"].device)
-                # [entries, ...] -> [calls, B, ...]: row k is the entry model call k uses
-                sides.append({n: t[rows][:, None].expand(-1, s.batch_size, *t.shape[1:]) for n, t in entries.items()})
-            else:
-                sides.append({n: t[:1].expand(s.batch_size, *t.shape[1:]) for n, t in entries.items()})
-        c, u = sides
+        """The UNet keywords of both sides (``prompt.encode.unet_keywords``), padded to one length when the
+        settings ask for AUTOMATIC1111's ``pad_cond_uncond``."""
+        c, u, per_step = unet_keywords(cond, uncond, calls=s.steps + 1, batch=s.batch_size)  # PLMS: steps + 1 calls
         if u is not None and s.pad_cond_uncond:
-            c, u = self._pad_to_same_length(c, u, s, per_step)
+            with self._kernels():
+                c, u = pad_to_same_length(self.model, c, u, per_step, clip_skip=s.clip_skip, width=s.width,
+                                          height=s.height)
         return Conditioning(c, u, per_step=per_step, ti_hashes=self._ti_hashes)
-
-    def _pad_to_same_length(self, c: dict, u: dict, s: GenerationSettings, per_step: bool):
-        """AUTOMATIC1111's ``pad_cond_uncond``: the shorter side gets empty-prompt chunks appended, so guidance
-        stays one batched call (it changes the image)."""
-        from tritonsd.prompt.encode import encode_prompts
-
-        axis = 2 if per_step else 1
-        if c["context"].shape[axis] == u["context"].shape[axis]:
-            return c, u
-        with self._kernels():
-            empty = encode_prompts(self.model, [""], clip_skip=s.clip_skip, width=s.width,
-                                   height=s.height).context.float()  # [1, 77, C]
-
-        def pad(side, to):
-            missing = (to - side["context"].shape[axis]) // empty.shape[1]
-            shape = list(side["context"].shape)
-            shape[axis] = empty.shape[1] * missing
-            extra = empty.repeat(1, missing, 1).expand(*shape) if not per_step else \
-                empty.repeat(1, missing, 1)[None].expand(*shape)
-            return {**side, "context": torch.cat([side["context"], extra], dim=axis)}
-
-        longest = max(c["context"].shape[axis], u["context"].shape[axis])
-        return pad(c, longest), pad(u, longest)
 
     def _encode_original(self, s: GenerationSettings, prompt: str, **size_conditions) -> Conditioning:
         rows, size = s.batch_size, (s.height, s.width)
@@ -446,12 +405,10 @@ class Pipeline:
             if runner is not None:
                 out = self._denoise_graphed(runner, spec, latents, cond, s, callback)
             else:
-                den = build_denoiser(self.unet, self.config, spec, s.cfg_scale)
+                schedule = latents.schedule  # sigmas stay on the host: the prepared denoiser reads its tables by them
+                den = build_denoiser(self.unet, self.config, spec, s.cfg_scale, schedule, x.device)
                 if cond.per_step:
                     den = D.PerCallConditioning(den)
-                schedule = latents.schedule
-                if isinstance(schedule, torch.Tensor):
-                    schedule = schedule.to(x.device)  # the samplers broadcast sigmas against x
                 kwargs = {}
                 if spec.takes_noise:
                     kwargs["noise_sampler"] = lambda _a, _b: latents.noise.ancestral(x.shape[1:]).to(x.device)
@@ -515,8 +472,6 @@ class Pipeline:
         target = s.hires_target()
         if is_latent_mode(s.hr_upscaler):
             return upscale_latent(latents, target, s.hr_upscaler)
-        from tritonsd.sampler.infotext import to_pil
-
         images = [self.upscalers.resize(to_pil(image), target.upscale_to_x, target.upscale_to_y, s.hr_upscaler)
                   for image in self.decode(latents).cpu()]
         # [H, W, 3] uint8 -> [B, 3, H, W] in [0, 1], as webui's np.array(image) / 255
@@ -607,31 +562,17 @@ class Pipeline:
     def infotext(self, settings: GenerationSettings, index: int = 0, conditioning: Conditioning | None = None) -> str:
         """AUTOMATIC1111's ``parameters`` text of image ``index`` (its TI hashes from ``conditioning``, else from
         this pipeline's last ``encode``)."""
-        s = settings
-        spec = registry.get(s.sampler)
         source = getattr(self.model, "source", None)
         vae = source.vae if source is not None else None
-        variation = s.subseed_strength > 0
-        extra = {"Schedule type": spec.a1111_schedule(s.karras),
-                 "VAE hash": self.vae_hash if vae is not None else None,
-                 "VAE": source.vae_name if vae is not None else None,
-                 "Variation seed": (s.subseed or 0) + index if variation else None,
-                 "Variation seed strength": float(s.subseed_strength) if variation else None,
-                 "Denoising strength": float(s.strength) if s.mode == "img2img" or s.enable_hr else None,
-                 "Clip skip": s.clip_skip if s.clip_skip > 1 else None,
-                 "RNG": infotext_rng(s.rng),
-                 **(hires_infotext(s) if s.enable_hr else {}),
-                 "TI hashes": (conditioning.ti_hashes if conditioning is not None else self._ti_hashes)
-                 if s.prompt_syntax == "a1111" else None,
-                 "Lora hashes": self.lora_report.lora_hashes or None if self.lora_report is not None else None}
-        return Infotext(prompt=s.prompt, negative_prompt=s.negative_prompt, steps=s.steps,
-                        sampler=spec.a1111_name, cfg_scale=s.cfg_scale, seed=s.seed + index, width=s.width,
-                        height=s.height, model_hash=self.model_hash, model=self.name, extra=extra).render()
+        ti = conditioning.ti_hashes if conditioning is not None else self._ti_hashes
+        return generation_infotext(settings, index, model=self.name, model_hash=self.model_hash,
+                                   vae=source.vae_name if vae is not None else None,
+                                   vae_hash=self.vae_hash if vae is not None else None, ti_hashes=ti,
+                                   lora_hashes=self.lora_report.lora_hashes if self.lora_report is not None else None)
 
     def to_pil(self, images: torch.Tensor, settings: GenerationSettings,
                conditioning: Conditioning | None = None) -> list:
         """PIL images with ``info["parameters"]`` (the infotext) and ``info["seed"]``."""
-        from tritonsd.sampler.infotext import to_pil
 
         out = []
         for i, image in enumerate(images):
@@ -645,28 +586,9 @@ class Pipeline:
     def save(images: list, out_dir: str | os.PathLike) -> list[Path]:
         """``out_dir/NNNNN-<seed>.png`` for each image, numbered after the files already there (as
         AUTOMATIC1111 numbers them); never overwrites, nothing half-written."""
-        from tritonsd.sampler.infotext import save_numbered
 
         return [save_numbered(Path(out_dir), image, image.info.get("parameters", ""), image.info.get("seed"))
                 for image in images]
-
-
-def hires_infotext(s: GenerationSettings) -> dict[str, object]:
-    """The hires fields of the infotext, in the order webui's ``StableDiffusionProcessingTxt2Img.init`` sets them
-    (None: not written): the sampler and prompts where they differ from the first pass's, the second pass's
-    schedule where it names one the first pass's "Schedule type" does not, the size, the steps when given, the
-    upscaler."""
-    spec, hr = registry.get(s.sampler), s.hires_pass()
-    hr_spec = registry.get(hr.sampler)
-    hr_label = hr_spec.schedule_label(hr.karras)
-    return {"Hires sampler": hr_spec.a1111_name if s.hr_sampler is not None and hr.sampler != s.sampler else None,
-            "Hires prompt": hr.prompt if hr.prompt != s.prompt else None,
-            "Hires negative prompt": hr.negative_prompt if hr.negative_prompt != s.negative_prompt else None,
-            "Hires schedule type": hr_label if hr_label != spec.schedule_label(s.karras) else None,
-            "Hires upscale": float(s.hr_scale) if s.hr_resize_x == 0 and s.hr_resize_y == 0 else None,
-            "Hires resize": f"{s.hr_resize_x}x{s.hr_resize_y}" if s.hr_resize_x or s.hr_resize_y else None,
-            "Hires steps": s.hr_second_pass_steps or None,
-            "Hires upscaler": s.hr_upscaler}
 
 
 # ---------------------------------------------------------------- loading

@@ -26,7 +26,9 @@ from pathlib import Path
 from typing import Iterable
 
 from tritonsd.escape import escape  # the batch modules print untrusted ids and text through it
-from tritonsd.sampler.settings import RANDOM_SEEDS
+from tritonsd.sampler.seeds import RANDOM_SEEDS
+from tritonsd.sampler.settings import GenerationSettings, SettingsError
+from tritonsd.sampler.registry import DEFAULT_SAMPLER, UnknownSamplerError, from_a1111_name
 
 HIRES_FIELDS = ("enable_hr", "denoising_strength", "hr_scale", "hr_resize_x", "hr_resize_y", "hr_upscaler",
                 "hr_second_pass_steps", "hr_sampler_name", "hr_scheduler", "hr_prompt", "hr_negative_prompt")
@@ -82,8 +84,6 @@ class Job:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Job":
-        from tritonsd.sampler.settings import GenerationSettings
-
         return cls(line=d["line"], id=d["id"], settings=GenerationSettings(**d["settings"]),
                    loras=tuple(tuple(x) for x in d["loras"]))
 
@@ -131,8 +131,6 @@ def seed_from_id(job_id: str) -> int:
 
 
 def parse_sampler(fields: dict) -> tuple[str | None, bool | None]:
-    from tritonsd.sampler.registry import DEFAULT_SAMPLER, UnknownSamplerError, from_a1111_name
-
     name, schedule = fields.get("sampler_name"), fields.get("scheduler")
     if schedule is not None and not isinstance(schedule, str):
         raise JobError(f"scheduler must be a string, got {escape(json.dumps(schedule), 40)}")
@@ -201,7 +199,6 @@ def find_lora_file(path: str, lora_dir: Path | None, base: Path) -> Path:
 
 def parse_job(fields, line: int, *, lora_dir: Path | None = None, base: Path | None = None) -> Job:
     """One job from a decoded JSON line, checked without a model; raises ``JobError`` (one line)."""
-    from tritonsd.sampler.settings import GenerationSettings, SettingsError
 
     if not isinstance(fields, dict):
         raise JobError(f"a job line must be a JSON object, got {type(fields).__name__}")

@@ -21,6 +21,7 @@ import numpy as np
 from tritonsd.batch.jobs import Job, escape
 from tritonsd.batch.worker import BatchWorker, Result, one_line
 from tritonsd.load_spec import LoadSpec
+from tritonsd.pipeline import load_spec
 
 SPARE_CPUS = 2  # logical CPUs a local cluster declares beyond one per actor, for Ray Data's own tasks
 
@@ -34,8 +35,6 @@ class PipelineActor:
     actor's node), then turns units into result rows."""
 
     def __init__(self, spec: dict, group_size: int):
-        from tritonsd.pipeline import load_spec  # the actor's import: the driver needs no model code
-
         self.worker = BatchWorker(load_spec(LoadSpec(**spec)), group_size)
 
     def __call__(self, batch: dict) -> dict:

@@ -16,6 +16,8 @@ from tritonsd.batch.jobs import Job, Rejected, read_jobs, read_jobs_file
 from tritonsd.batch.output import OutputDir
 from tritonsd.batch.worker import BatchWorker, Result
 from tritonsd.load_spec import CheckedSpec, LoadSpec
+from tritonsd.pipeline import load_spec
+from tritonsd.batch.ray_run import run_on_ray
 
 
 class BatchError(RuntimeError):
@@ -49,8 +51,6 @@ def make_units(jobs: list[Job], group_size: int) -> list[list[Job]]:
 
 def local_results(units: list[list[Job]], spec: LoadSpec | CheckedSpec | None, group_size: int,
                   pipe=None) -> Iterator[Result]:
-    from tritonsd.pipeline import load_spec
-
     worker = BatchWorker(pipe if pipe is not None else load_spec(spec), group_size)
     for unit in units:
         yield from worker.run(unit)
@@ -112,8 +112,6 @@ def batch(jobs, out, checkpoint: str | os.PathLike | None = None, *, config=None
         elif ray is None:
             results = local_results(units, spec, group_size, pipe)
         else:
-            from tritonsd.batch.ray_run import run_on_ray
-
             results = run_on_ray(units, _unchecked(spec), group_size, ray, workers)
         bar = tqdm(total=sum(map(len, units)), desc="batch", unit="image", file=sys.stderr, disable=not progress,
                    dynamic_ncols=True)

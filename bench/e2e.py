@@ -57,6 +57,7 @@ from tritonsd.pipeline import Pipeline
 from tritonsd.bench import environment as bench_environment
 from tritonsd.bench.random_weights import MANIFESTS, build_meta_model, build_random_model, fill_random_
 from tritonsd.sampler import registry
+from tritonsd.compile.warmup import warmup
 
 IMPLS = ("tritonsd-graph", "tritonsd-eager", "diffusers-eager", "diffusers-compile")
 BENCH_MODELS = ("sd15", "sd21", "sdxl")
@@ -332,7 +333,6 @@ def warmup_row(impl, device, batch: int, size: int, args) -> dict:
     peer, and runs off CUDA, have none (``warmup_s`` null: the peer's compile is in its first image)."""
     if not isinstance(impl, TritonsdImpl) or device.type != "cuda":
         return {"warmup_s": None}
-    from tritonsd.compile.warmup import warmup
 
     pipe = impl.pipe
     start = time.perf_counter()
@@ -462,14 +462,18 @@ def run(args: argparse.Namespace) -> int:
             raise BenchE2EError("TRITON_INTERPRET=1 is set: unset it to benchmark the compiled kernels")
     dtype = resolve_dtype(args.dtype)
     impls = list(dict.fromkeys(args.impl or IMPLS))
+    unavailable: dict[str, str] = {}  # impls asked for by name whose package does not import: impl -> why
     if any(i.startswith("diffusers") for i in impls):
         try:
             _import_diffusers()
         except BenchE2EError as e:
-            if args.impl:  # asked for by name: fail
-                raise
-            print(f"note: {e}; running tritonsd rows only", file=sys.stderr)
+            peers = [i for i in impls if i.startswith("diffusers")]
             impls = [i for i in impls if not i.startswith("diffusers")]
+            if args.impl and not impls:  # only diffusers rows asked for: nothing to measure
+                raise
+            print(f"note: {e}; running {', '.join(impls)} only", file=sys.stderr)
+            if args.impl:  # asked for by name: an error row each (and exit 1), the other rows still measured
+                unavailable = {i: f"{type(e).__name__}: {e}" for i in peers}
     env = environment(args, device)
     path = results_path(args, env)
     rows: list[dict] = []
@@ -480,6 +484,10 @@ def run(args: argparse.Namespace) -> int:
         meta_model = build_meta_model(bench_model, text_heads=args.text_heads)
         work = {b: work_tflop(meta_model, size, b) for b in args.batch or [1, 4]}
         del meta_model
+        for impl_name, why in unavailable.items():
+            rows.append({"model": bench_model, "size": size, "impl": impl_name, "batch": None, "sampler": None,
+                         "error": why[:300]})
+            print(f"{bench_model:<6} {size:>4} {impl_name:<18} -- {why}", flush=True)
         for impl_name in impls:
             impl = None
             try:

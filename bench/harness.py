@@ -1,10 +1,10 @@
 """What the kernel benchmarks share: timing, the correctness gate, throughput, the environment record.
 
-Each ``bench_<op>.py`` lists its cases (the real shapes of SD 1.5 at 512x512 and SD 2.1 at 768x768, batch 2 for
-classifier-free guidance) and its implementations (ours and the peers); :func:`run_case` checks every
-implementation against the float32 reference before timing it with ``triton.testing.do_bench`` (medians after
-warm-up). Run a script as a module (``python -m tritonsd.bench.bench_attention``) or all of them through
-``tritonsd bench kernels``.
+Each ``bench_<op>.py`` lists its cases (the real shapes of SD 1.5 at 512x512, SD 2.1 at 768x768 and SDXL at
+1024x1024 from ``compile/shapes.py``, batch 2 for classifier-free guidance, and the text towers) and its
+implementations (ours and the peers); :func:`run_case` checks every implementation against the float32
+reference before timing it with ``triton.testing.do_bench`` (medians after warm-up). Run a script as a module
+(``python -m tritonsd.bench.bench_attention``) or all of them through ``tritonsd bench kernels``.
 """
 
 from __future__ import annotations

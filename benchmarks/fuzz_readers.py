@@ -42,7 +42,7 @@ import fuzz_mutations as fm  # noqa: E402  (lives with the tests; shared by the 
 def _fixtures(arg: str | None) -> Path:
     if arg:
         return Path(arg)
-    from tritonsd.tools.reference import fixtures_dir
+    from tritonsd.testing.reference import fixtures_dir
 
     return fixtures_dir()
 

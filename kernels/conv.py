@@ -24,7 +24,7 @@ import triton.language as tl
 
 from tritonsd.kernels._triton import FLOAT_DTYPES, check_device, configs, dot_dtype, dot_precision, launch
 
-# at most 3 per key (each key is timed once per GPU; see kernels/tuning.py); all use wgmma on sm_90 in fp16/bf16
+# at most 3 per key (each key is timed once per GPU; see compile/tuning.py); all use wgmma on sm_90 in fp16/bf16
 CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
     for bm, bn, bk, w, s in [(128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4)]

@@ -10,10 +10,13 @@ and replays the graph; a prompt change with the same shapes only copies new cond
 code that is captured on the GPU.
 
 Capturability: the sampler gets ``sigmas`` as a CPU tensor, so its Python control flow (``sigmas[i + 1] > 0``,
-the ancestral step sizes) reads host values and never syncs the device, and the scalars multiply the device
-tensors as CPU scalars. The denoiser must hold its tables on the device (build ``EpsDenoiser`` /
-``VDenoiser`` / ``SGMEpsDenoiser`` from ``alphas_cumprod.to(device)``): a host-to-device copy inside the
-captured region fails the capture, reported as ``GraphCaptureError``.
+the ancestral step sizes) reads host values and never syncs the device, and the scalars reach the device as
+kernel arguments. Per-step tables: each captured loop prepares the denoiser for its sigmas before the loop
+(``denoise.prepare``: ``c_in`` / ``c_out`` / ``c_skip`` on the host, the timesteps and the timestep embeddings
+on the device), so a captured step reads its row and launches no scalar work: the input scaling, the UNet,
+the denoiser output, the CFG combine and the sampler update (one fused launch each, ``kernels/sampler_step``).
+The denoiser's training-sigma table must be on the device too (``tables_on_device``) for calls the tables do not
+cover: a host-to-device copy inside the captured region fails the capture, reported as ``GraphCaptureError``.
 
 Timestep samplers (DDIM, PLMS) take integer timesteps and a different model protocol; run them through
 ``samplers`` directly.
@@ -32,7 +35,7 @@ try:
 except ImportError:  # no triton here: nothing more to catch
     TritonError = RuntimeError
 
-from tritonsd.sampler.denoise import CFGDenoiser, PerCallConditioning
+from tritonsd.sampler.denoise import CFGDenoiser, PerCallConditioning, prepare
 from tritonsd.sampler import registry
 from tritonsd.sampler.registry import SamplerSpec
 
@@ -66,11 +69,13 @@ class LoopKey:
 
 
 def tables_on_device(denoiser, device: str | torch.device):
-    """Move a sigma-space denoiser's ``sigmas`` table (``EpsDenoiser``, ``VDenoiser``, ``SGMEpsDenoiser``) to
-    ``device`` in place and return it, so that no host-to-device copy happens inside the captured loop."""
+    """Move a sigma-space denoiser's ``sigmas`` (and ``log_sigmas``) tables (``EpsDenoiser``, ``VDenoiser``,
+    ``SGMEpsDenoiser``) to ``device`` in place and return it, so that no host-to-device copy happens inside the
+    captured loop."""
     inner = getattr(denoiser, "inner", denoiser)
-    if isinstance(getattr(inner, "sigmas", None), torch.Tensor):
-        inner.sigmas = inner.sigmas.to(device)
+    for name in ("sigmas", "log_sigmas"):
+        if isinstance(getattr(inner, name, None), torch.Tensor):
+            setattr(inner, name, getattr(inner, name).to(device))
     return denoiser
 
 
@@ -98,6 +103,13 @@ def predraw_noise(shape, count: int, seed: int) -> torch.Tensor:
     for i in range(count):
         out[i] = torch.randn(tuple(shape), generator=generator, dtype=torch.float32)
     return out
+
+
+def warmup_sigmas(sigmas: torch.Tensor) -> torch.Tensor:
+    """The loop's first (up to) three sigmas, then 0: a short loop that launches every kernel variant the whole
+    loop launches (dpmpp_2m's first- and second-order updates and its last step, euler_a's noisy steps and its
+    last one), so that nothing is compiled inside the capture. It draws no more noise tensors than the loop."""
+    return torch.cat([sigmas[:-1][:3], sigmas.new_zeros(1)])
 
 
 class StaticNoise:
@@ -141,16 +153,17 @@ def _signature(groups: dict[str, dict[str, torch.Tensor]]) -> tuple:
 
 
 class CapturedLoop:
-    """The static buffers of one ``LoopKey`` and, on CUDA, the graph that replays the loop over them."""
+    """The static buffers of one ``LoopKey``, the denoiser's per-step tables for its sigmas and, on CUDA, the
+    graph that replays the loop over them."""
 
     def __init__(self, key: LoopKey, spec: SamplerSpec, denoiser, sigmas: torch.Tensor, x_like: torch.Tensor,
                  groups: dict[str, dict[str, torch.Tensor]], eta: float):
         device = torch.device(key.device)
         self.key = key
         self.spec = spec  # the sampler the loop runs (key.sampler is its name)
-        self.sigmas = sigmas  # CPU: host-side control flow in the sampler
+        self.sigmas = sigmas  # CPU: host-side control flow in the sampler, and the keys of the tables
         self.eta = eta
-        self.cfg = CFGDenoiser(denoiser, key.cfg_scale)
+        self.cfg = CFGDenoiser(prepare(denoiser, sigmas, device), key.cfg_scale)
         self.static_x = torch.empty(x_like.shape, dtype=x_like.dtype, device=device)
         self.static = {g: {n: torch.empty(t.shape, dtype=t.dtype, device=device) for n, t in d.items()}
                        for g, d in groups.items()}
@@ -183,13 +196,14 @@ class CapturedLoop:
         return spec.fn(model, self.static_x, sigmas, extra_args=extra, callback=callback)
 
     def capture(self) -> None:
-        """Warm up (one step, on a side stream: Triton autotuning, cuBLAS handles) then capture the whole loop."""
+        """Warm up (up to three steps, on a side stream: Triton compiles and autotuning, cuBLAS handles) then
+        capture the whole loop."""
         stream = torch.cuda.Stream(device=self.static_x.device)
         stream.wait_stream(torch.cuda.current_stream(self.static_x.device))
         graph = torch.cuda.CUDAGraph()
         try:  # the warm-up compiles and tunes: Triton's errors surface there
             with torch.cuda.stream(stream):
-                self.body(self.sigmas[:2])
+                self.body(warmup_sigmas(self.sigmas))
             torch.cuda.current_stream(self.static_x.device).wait_stream(stream)
             torch.cuda.synchronize(self.static_x.device)
             with torch.cuda.graph(graph):

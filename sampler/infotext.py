@@ -13,6 +13,10 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from tritonsd.outputs import atomic_write, write_numbered
+from tritonsd.sampler import registry
+from tritonsd.sampler.rng import infotext_rng
+
 
 # the keys ``processing.create_infotext`` (v1.10) writes first, in its order; the others (``extra_generation_params``:
 # the hires fields, TI and Lora hashes, ...) follow in the order they were set
@@ -61,6 +65,49 @@ class Infotext:
         return "\n".join(lines)
 
 
+def generation_infotext(s, index: int = 0, *, model: str | None, model_hash: str | None, vae: str | None = None,
+                        vae_hash: str | None = None, ti_hashes: str | None = None,
+                        lora_hashes: str | None = None) -> str:
+    """The infotext of image ``index`` of a generation with settings ``s`` (resolved ``GenerationSettings``), as
+    AUTOMATIC1111 writes it: the sampler and schedule by their A1111 names, the image's own seed, variation seed,
+    img2img or hires strength, clip skip, noise source, hires fix's fields, and the files that shaped the image
+    (VAE, embeddings, LoRAs)."""
+    spec = registry.get(s.sampler)
+    variation = s.subseed_strength > 0
+    extra = {"VAE hash": vae_hash,
+             "VAE": vae,
+             "Variation seed": (s.subseed or 0) + index if variation else None,
+             "Variation seed strength": float(s.subseed_strength) if variation else None,
+             "Denoising strength": float(s.strength) if s.mode == "img2img" or s.enable_hr else None,
+             "Clip skip": s.clip_skip if s.clip_skip > 1 else None,
+             "RNG": infotext_rng(s.rng),
+             "Schedule type": spec.a1111_schedule(s.karras),
+             **(hires_infotext(s) if s.enable_hr else {}),
+             "TI hashes": ti_hashes if s.prompt_syntax == "a1111" else None,
+             "Lora hashes": lora_hashes or None}
+    return Infotext(prompt=s.prompt, negative_prompt=s.negative_prompt, steps=s.steps, sampler=spec.a1111_name,
+                    cfg_scale=s.cfg_scale, seed=s.seed + index, width=s.width, height=s.height,
+                    model_hash=model_hash, model=model, extra=extra).render()
+
+
+def hires_infotext(s) -> dict[str, object]:
+    """The hires fields of the infotext, in the order webui's ``StableDiffusionProcessingTxt2Img.init`` sets them
+    (None: not written): the sampler and prompts where they differ from the first pass's, the second pass's
+    schedule where it names one the first pass's "Schedule type" does not, the size, the steps when given, the
+    upscaler."""
+    spec, hr = registry.get(s.sampler), s.hires_pass()
+    hr_spec = registry.get(hr.sampler)
+    hr_label = hr_spec.schedule_label(hr.karras)
+    return {"Hires sampler": hr_spec.a1111_name if s.hr_sampler is not None and hr.sampler != s.sampler else None,
+            "Hires prompt": hr.prompt if hr.prompt != s.prompt else None,
+            "Hires negative prompt": hr.negative_prompt if hr.negative_prompt != s.negative_prompt else None,
+            "Hires schedule type": hr_label if hr_label != spec.schedule_label(s.karras) else None,
+            "Hires upscale": float(s.hr_scale) if s.hr_resize_x == 0 and s.hr_resize_y == 0 else None,
+            "Hires resize": f"{s.hr_resize_x}x{s.hr_resize_y}" if s.hr_resize_x or s.hr_resize_y else None,
+            "Hires steps": s.hr_second_pass_steps or None,
+            "Hires upscaler": s.hr_upscaler}
+
+
 def quote(value) -> str:
     """AUTOMATIC1111's ``infotext_utils.quote``: a value holding ',', ':' or a newline is written as a JSON
     string, so the line of ``Key: value`` pairs splits back unambiguously."""
@@ -83,7 +130,6 @@ def to_pil(image: torch.Tensor) -> Image.Image:
 def write_png(path: str | os.PathLike, image: Image.Image, parameters: str) -> Path:
     """Write ``image`` with a ``parameters`` tEXt chunk, atomically (``tritonsd.outputs``: a temporary file in the
     target's directory, renamed into place; nothing is left on failure)."""
-    from tritonsd.outputs import atomic_write
 
     return atomic_write(Path(path), lambda f: image.save(f, format="PNG", pnginfo=png_info(parameters)))
 
@@ -103,7 +149,6 @@ def save_numbered(out: Path, image: Image.Image, parameters: str, seed: int | No
     """``out/NNNNN-<seed>.png`` (``NNNNN.png`` without a seed), numbered after the files already there as
     AUTOMATIC1111 numbers them; written whole before the name appears, never overwriting, and concurrent runs
     writing into one directory never share a number (``tritonsd.outputs.write_numbered``)."""
-    from tritonsd.outputs import write_numbered
 
     suffix = "" if seed is None else f"-{seed}"
     return write_numbered(out, lambda n: f"{n:05d}{suffix}.png",

@@ -16,7 +16,7 @@ import re
 from typing import Any
 
 from tritonsd.sampler.rng import RNGError, source_from_infotext
-from tritonsd.sampler.settings import SEED_RANGE
+from tritonsd.sampler.seeds import SEED_RANGE
 
 RE_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 RE_IMAGESIZE = re.compile(r"^(\d+)x(\d+)$")

@@ -17,7 +17,7 @@ from typing import Protocol, Sequence
 import torch
 
 from tritonsd.sampler.rng import ImageRNG, create_generator
-from tritonsd.sampler.settings import SEED_RANGE
+from tritonsd.sampler.seeds import SEED_RANGE
 
 _STREAMS = {"start": 0, "vae": 1}
 

@@ -21,7 +21,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from tritonsd.sampler.settings import SEED_RANGE
+from tritonsd.sampler.seeds import SEED_RANGE
 
 SOURCES = ("nv", "gpu", "cpu")
 DEFAULT_SOURCE = "nv"

@@ -19,16 +19,20 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import secrets
 import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from tritonsd.sampler import registry
-from tritonsd.sampler import schedule as S
+from tritonsd.sampler import registry, schedule as S
+from tritonsd.sampler.seeds import SEED_RANGE, random_seed
 from tritonsd.sampler.upscale import DEFAULT_UPSCALER, HiresTarget, hires_steps, hires_target
+from tritonsd.prompt.chunks import MAX_PROMPT_TOKENS, PromptTooLongError, tokenize_prompt
+from tritonsd.prompt.parser import PromptSyntaxError, prompt_schedule
+from tritonsd.prompt.tokenizer import get_tokenizer
+from tritonsd.escape import escape
+from tritonsd.sampler.infotext_parse import generation_settings
 
 MAX_STEPS = 1000
 DEFAULT_IMG2IMG_STRENGTH = 0.75  # webui's img2img default (its UI's and API's)
@@ -39,8 +43,6 @@ MAX_HR_SCALE = 8.0
 MAX_CLIP_SKIP = 12  # AUTOMATIC1111's slider; the model's own layer count is checked when the prompt is encoded
 RNG_SOURCES = ("nv", "gpu", "cpu")
 PROMPT_SYNTAXES = ("a1111", "original")
-SEED_RANGE = 2 ** 64  # torch.Generator.manual_seed takes [0, 2**64); image i uses seed + i
-RANDOM_SEEDS = 2 ** 32  # a random seed is drawn from AUTOMATIC1111's range
 VAE_FACTOR_MULTIPLE = 8  # every released VAE: pixels per latent cell
 
 
@@ -271,9 +273,6 @@ def check_prompt(name: str, text: str, steps: int, syntax: str) -> None:
     """A prompt the encoders can take, checked without a model: UTF-8 text without NUL, at most the prompt limit
     (``MAX_PROMPT_TOKENS`` after parsing, for every text of its editing schedule; embedding names count as the
     tokens they spell) and valid syntax. Errors give the count and a short excerpt, never the prompt itself."""
-    from tritonsd.prompt.chunks import MAX_PROMPT_TOKENS, PromptTooLongError, tokenize_prompt
-    from tritonsd.prompt.parser import PromptSyntaxError, prompt_schedule
-    from tritonsd.prompt.tokenizer import get_tokenizer
 
     if "\x00" in text:
         raise SettingsError(name, f"holds a NUL character ({_excerpt(text)})")
@@ -296,7 +295,6 @@ def check_prompt(name: str, text: str, steps: int, syntax: str) -> None:
 
 def _excerpt(text: str, limit: int = 40) -> str:
     """The first characters of untrusted text, control characters escaped."""
-    from tritonsd.escape import escape
 
     return f'"{escape(text, limit)}"'
 
@@ -314,7 +312,6 @@ def fields_from_infotext(text: str) -> tuple[dict, list[str]]:
     """(GenerationSettings fields, notes) from an AUTOMATIC1111 ``parameters`` text: prompt, negative prompt,
     steps, sampler and schedule type, CFG scale, seed, size, clip skip, RNG and variation seed. Unknown keys are
     ignored; each malformed value is left out with one note line; an unknown sampler is a ``SettingsError``."""
-    from tritonsd.sampler.infotext_parse import generation_settings
 
     parsed = generation_settings(text)
     fields = {k: parsed[k] for k in INFOTEXT_FIELDS if k in parsed}
@@ -423,11 +420,6 @@ def _flag(name: str, value, allow_none: bool = False) -> None:
 def _choice(name: str, value, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise SettingsError(name, f"must be one of {', '.join(choices)}, got {value!r}")
-
-
-def random_seed() -> int:
-    """A seed for a generation that names none, drawn from AUTOMATIC1111's range (``RANDOM_SEEDS``)."""
-    return secrets.randbelow(RANDOM_SEEDS)
 
 
 def check_rng_device(rng: str, device) -> None:

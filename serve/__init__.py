@@ -14,16 +14,17 @@ GenerationSettings plan -> images), ``worker`` (the device's single worker and A
 
 from __future__ import annotations
 
+from tritonsd.load_spec import LoadSpec
+from tritonsd.serve.catalog import Catalog
+from tritonsd.serve.host import ModelHost
+from tritonsd.serve.worker import Worker
+
 
 def build_state(spec, *, models_dir=None, vae_dir=None, credentials: dict | None = None, pipe=None):
     """Load ``spec`` (a ``tritonsd.LoadSpec``, or a checkpoint path loaded with the defaults) unless ``pipe`` is
     given ready, and start the device's worker. ``models_dir`` / ``vae_dir``: more checkpoints and VAEs that jobs
     switch to (loaded as ``spec`` says for the rest; ``spec.vae`` is not used: the VAE is the job's)."""
-    from tritonsd.load_spec import LoadSpec
-    from tritonsd.serve.catalog import Catalog
-    from tritonsd.serve.host import ModelHost
-    from tritonsd.serve.app import ServerState
-    from tritonsd.serve.worker import Worker
+    from tritonsd.serve.app import ServerState  # lazy: fastapi (the serve extra), only when a server is built
 
     if not isinstance(spec, LoadSpec):
         spec = LoadSpec(spec)
@@ -36,7 +37,7 @@ def build_state(spec, *, models_dir=None, vae_dir=None, credentials: dict | None
 
 
 def create_app(state):
-    from tritonsd.serve.app import create_app as _create_app
+    from tritonsd.serve.app import create_app as _create_app  # lazy: fastapi, as above
 
     return _create_app(state)
 

@@ -26,12 +26,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from tritonsd.serve import jobs, limits
 from tritonsd.serve.catalog import Catalog
 from tritonsd.serve.errors import ApiError, BadRequest, error_body, printable
+from tritonsd.sampler.upscale import LATENT_UPSCALE_MODES
 from tritonsd.serve.extras import ExtrasSingleImageRequest, extras_job
-from tritonsd.serve.host import ModelHost
+from tritonsd.upscalers import Upscalers
+from tritonsd.serve.host import ModelHost, ModelKey
 from tritonsd.serve.images import decode_image, text_items
 from tritonsd.serve.jobs import Options
 from tritonsd.serve.schema import Img2ImgRequest, PNGInfoRequest, Txt2ImgRequest
 from tritonsd.serve.worker import Worker
+from tritonsd.sampler.infotext_parse import parse_infotext
+from tritonsd.sampler.registry import SAMPLERS
 
 log = logging.getLogger("tritonsd.serve")
 STATIC = Path(__file__).parent / "static"
@@ -205,8 +209,6 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.post("/sdapi/v1/png-info")
     def png_info(req: PNGInfoRequest):
-        from tritonsd.sampler.infotext_parse import parse_infotext
-
         image = decode_image("image", req.image)
         geninfo = image.info.get("parameters")
         geninfo = geninfo if isinstance(geninfo, str) else ""
@@ -228,8 +230,6 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.get("/sdapi/v1/samplers")
     def samplers():
-        from tritonsd.sampler.registry import SAMPLERS
-
         return [{"name": s.a1111_name, "aliases": list(s.a1111_aliases),
                  "options": {"scheduler": "karras"} if s.karras else {}} for s in SAMPLERS.values()]
 
@@ -244,8 +244,6 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.get("/sdapi/v1/upscalers")
     def upscalers():
-        from tritonsd.upscalers import Upscalers
-
         ups = Upscalers(state.host.spec.upscaler_dir)
         files = ups.files()
         return [{"name": name, "model_name": None, "model_path": str(files[name]) if name in files else None,
@@ -253,8 +251,6 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.get("/sdapi/v1/latent-upscale-modes")
     def latent_upscale_modes():
-        from tritonsd.sampler.upscale import LATENT_UPSCALE_MODES
-
         return [{"name": name} for name in LATENT_UPSCALE_MODES]
 
     @app.post("/sdapi/v1/extra-single-image")
@@ -354,7 +350,6 @@ async def _maybe_switch(state: ServerState, req: dict, run_job) -> None:
     """Queue a switch when the checkpoint or the VAE changes; answers once the new model is loaded."""
     if "sd_model_checkpoint" not in req and "sd_vae" not in req:
         return None
-    from tritonsd.serve.host import ModelKey
 
     ckpt = (state.catalog.find_checkpoint(req["sd_model_checkpoint"]).path if "sd_model_checkpoint" in req
             else state.host.default.checkpoint)

@@ -22,8 +22,14 @@ import threading
 import time
 from pathlib import Path
 
-from tritonsd.bench import environment
+import torch
 
+from tritonsd.bench import environment
+from tritonsd.bench.random_weights import build_random_model
+from tritonsd.devices import default_dtype, dtype_name, resolve_device, resolve_dtype
+from tritonsd.load_spec import LoadSpec
+from tritonsd.pipeline import Pipeline, load_spec
+from tritonsd.serve import build_state, create_app
 
 
 def _free_port() -> int:
@@ -33,11 +39,6 @@ def _free_port() -> int:
 
 
 def _pipeline(name: str, dtype: str, device: str):
-    from tritonsd.devices import resolve_dtype
-    from tritonsd.load_spec import LoadSpec
-    from tritonsd.bench.random_weights import build_random_model
-    from tritonsd.pipeline import Pipeline, load_spec
-
     if name.startswith("demo:"):
         return load_spec(LoadSpec(name, device=device, dtype=dtype))
     model = build_random_model(name, dtype=resolve_dtype(dtype), device=device, seed=0)
@@ -46,8 +47,6 @@ def _pipeline(name: str, dtype: str, device: str):
 
 def _serve(state):
     import uvicorn
-
-    from tritonsd.serve import create_app
 
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(state), host="127.0.0.1", port=port, log_level="warning"))
@@ -99,11 +98,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default=None, help="default: fp16 on cuda, fp32 on cpu")
     p.add_argument("--json", type=Path, default=None, help="output file (default: benchmarks/results/serve-...json)")
     args = p.parse_args(argv)
-
-    import torch
-
-    from tritonsd.devices import default_dtype, dtype_name, resolve_device
-    from tritonsd.serve import build_state
 
     device = str(resolve_device(args.device))
     dtype = dtype_name(args.dtype) if args.dtype else default_dtype(device)

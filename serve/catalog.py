@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tritonsd.serve.errors import NotFound, printable
+from tritonsd.formats.hashes import sha256_file
+from tritonsd.formats.embeddings import EmbeddingError, embedding_files, load_embedding_file
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 VAE_SUFFIXES = (".safetensors", ".pt", ".ckpt")
@@ -47,8 +49,6 @@ class Checkpoint:
     def hash_now(self) -> None:
         """Compute the sha256 (seconds for a multi-GB file; done in the background at start)."""
         if self._sha256 is None and not self.is_demo:
-            from tritonsd.formats.hashes import sha256_file
-
             self._sha256 = sha256_file(self.path)
 
     def aliases(self) -> set[str]:
@@ -155,7 +155,6 @@ class Catalog:
     def embeddings(self) -> dict:
         """A1111's ``/sdapi/v1/embeddings``: every readable file under ``loaded``, unreadable ones under
         ``skipped`` (whether a width fits the model is checked when a prompt uses it)."""
-        from tritonsd.formats.embeddings import EmbeddingError, embedding_files, load_embedding_file
 
         loaded, skipped = {}, {}
         if self.embeddings_dir is None or not Path(self.embeddings_dir).is_dir():

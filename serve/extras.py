@@ -15,7 +15,9 @@ from pydantic import BaseModel, ConfigDict
 
 from tritonsd.serve.errors import BadRequest, NotFound, printable
 from tritonsd.serve.images import decode_image, png_b64
+from tritonsd.serve.limits import MAX_SIDE
 from tritonsd.serve.worker import Job
+from tritonsd.upscalers import Upscalers
 
 MAX_SCALE = 8.0  # A1111's slider
 
@@ -51,8 +53,6 @@ def _upscaler(upscalers, name: Optional[str], field: str) -> Optional[str]:
 
 def _target(req: ExtrasSingleImageRequest, image: Image.Image) -> tuple[float, dict[str, Any]]:
     """(scale, infotext fields) of the request for ``image``."""
-    from tritonsd.serve.limits import MAX_SIDE
-
     if req.resize_mode == 1:
         w, h = req.upscaling_resize_w, req.upscaling_resize_h
         if not (1 <= w <= MAX_SIDE and 1 <= h <= MAX_SIDE):
@@ -94,8 +94,6 @@ def upscale_request(req: ExtrasSingleImageRequest, upscalers) -> dict:
 
 def extras_job(req: ExtrasSingleImageRequest) -> Job:
     def run(worker):
-        from tritonsd.upscalers import Upscalers
-
         pipe = worker.host.pipe
         upscalers = pipe.upscalers if pipe is not None else Upscalers(worker.host.spec.upscaler_dir)
         return upscale_request(req, upscalers)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from tritonsd.load_spec import LoadSpec
 from tritonsd.pipeline import load_spec
 from tritonsd.serve.catalog import Catalog, Checkpoint
+from tritonsd.serve.errors import NotFound
 
 log = logging.getLogger("tritonsd.serve")
 
@@ -44,8 +45,6 @@ class ModelHost:
             return self.pipe
         ckpt = next((c for c in self.catalog.checkpoints if c.path == key.checkpoint), None)
         if ckpt is None:
-            from tritonsd.serve.errors import NotFound
-
             raise NotFound("the requested model is no longer in the models folder")
         self.pipe, self.key = None, None
         gc.collect()

@@ -22,7 +22,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 
-from tritonsd.sampler.settings import random_seed
+from tritonsd.sampler.seeds import random_seed
 from tritonsd.serve import inpaint, limits
 from tritonsd.serve.errors import ApiError, BadRequest, NotFound, printable
 from tritonsd.serve.host import ModelKey
@@ -30,6 +30,10 @@ from tritonsd.serve.images import decode_image, png_b64
 from tritonsd.serve.schema import (API_DENOISING_STRENGTH, IMG2IMG_FIELDS, SAME, TXT2IMG_FIELDS, apply_infotext,
     ignored_fields, parameters, value)
 from tritonsd.serve.worker import Interrupted, Job
+from tritonsd.sampler.registry import UnknownSamplerError, from_a1111_alias, from_a1111_name
+from tritonsd.sampler import registry
+from tritonsd.sampler.settings import GenerationSettings
+from tritonsd.sampler.upscale import DEFAULT_UPSCALER, hires_target
 
 log = logging.getLogger("tritonsd.serve")
 
@@ -78,8 +82,6 @@ def _fixed_seed(name: str, v) -> int:
 
 
 def _sampler(name, schedule) -> tuple[str, bool | None]:
-    from tritonsd.sampler.registry import UnknownSamplerError, from_a1111_alias, from_a1111_name
-
     name = (from_a1111_alias(name) or name) if isinstance(name, str) else name
     if not isinstance(name, str):
         raise BadRequest(f"sampler_name must be a string, got {printable(name)}")
@@ -120,8 +122,6 @@ def _overrides(req, options: Options, catalog, host) -> tuple[ModelKey, int, str
 
 def build_plan(req, mode: str, *, options: Options, catalog, host) -> Plan:
     """Everything checked that can be checked without the device; raises ApiError / SettingsError."""
-    from tritonsd.sampler import registry
-    from tritonsd.sampler.settings import GenerationSettings
 
     table = TXT2IMG_FIELDS if mode == "txt2img" else IMG2IMG_FIELDS
     req, infotext_notes = apply_infotext(req)
@@ -160,8 +160,6 @@ def build_plan(req, mode: str, *, options: Options, catalog, host) -> Plan:
     dtype_bytes = pipe.dtype.itemsize if pipe is not None else 2
     limits.check_memory(settings.batch_size, settings.width or 512, settings.height or 512, device, dtype_bytes)
     if settings.enable_hr:
-        from tritonsd.sampler.upscale import hires_target
-
         target = hires_target(settings.width or 512, settings.height or 512, settings.hr_scale, settings.hr_resize_x,
                               settings.hr_resize_y)
         limits.check_memory(settings.batch_size, target.upscale_to_x, target.upscale_to_y, device, dtype_bytes)
@@ -176,8 +174,6 @@ def build_plan(req, mode: str, *, options: Options, catalog, host) -> Plan:
 def _hires_fields(req, v) -> dict:
     """GenerationSettings' hires fields of a txt2img request with ``enable_hr`` (A1111's "Use same ..." and None
     are the first pass's; an omitted denoising strength is the API's 0.75)."""
-    from tritonsd.sampler.upscale import DEFAULT_UPSCALER
-
     strength = req.denoising_strength
     fields = dict(enable_hr=True, strength=API_DENOISING_STRENGTH if strength is None else strength,
                   hr_scale=v("hr_scale"), hr_resize_x=v("hr_resize_x"), hr_resize_y=v("hr_resize_y"),
@@ -298,7 +294,6 @@ def _generate(pipe, s, worker) -> list:
 
 def respond(plan: Plan, pipe, s, images: list, infotexts: list[str], notes: list[str]) -> dict:
     """A1111's ``TextToImageResponse`` / ``ImageToImageResponse``."""
-    from tritonsd.sampler import registry
 
     spec = registry.get(s.sampler)
     n = len(images)

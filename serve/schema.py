@@ -13,6 +13,7 @@ import math
 from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
+from tritonsd.sampler.infotext_parse import generation_settings
 
 IMPLEMENTED, NOOP, IGNORED = "implemented", "noop", "ignored"
 
@@ -133,7 +134,6 @@ def apply_infotext(req: BaseModel) -> tuple[BaseModel, list[str]]:
     ``apply_infotext``; values that do not parse are left out, one note each); (request, notes)."""
     if not req.infotext:
         return req, []
-    from tritonsd.sampler.infotext_parse import generation_settings
 
     parsed = generation_settings(req.infotext)
     sent = req.model_fields_set

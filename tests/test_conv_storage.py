@@ -154,6 +154,7 @@ def test_conv_launches_read_the_parameters_storage_across_a_lora_switch(pipe, fi
     assert all(torch.equal(w, old) for w, old in zip(before, values_before)), "restored in the same storage"
 
 
+@pytest.mark.slow  # whole-model runs with the conv kernel on Triton's interpreter, 40 s
 def test_lora_switches_give_a_fresh_models_output(fixtures, only_convs_on_triton):
     """none -> A -> B -> none on one pipeline, against a freshly loaded model with the same LoRAs at each point
     (the switched pipeline's first output is a fresh model's with none)."""

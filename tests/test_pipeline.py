@@ -23,6 +23,7 @@ from tritonsd.testing.groups import StoredNoise
 from tritonsd.testing.reference import relative_error
 
 from conftest import FP32_BOUND
+from float_bounds import Reductions, reorder_bound
 
 SMALL = dict(width=64, height=64)  # latent 8x8: the smallest size the tiny SD1 UNet takes
 
@@ -248,10 +249,10 @@ def test_cfg_is_one_batched_unet_call(pipes, monkeypatch, sampler, cfg, calls):
     seen = []
     apply_model = model.apply_model
 
-    def counting(x, t, context, y=None):
+    def counting(x, t, context, y=None, t_emb=None):
         seen.append(x.shape[0])
         assert context.shape[0] == x.shape[0]
-        return apply_model(x, t, context, y)
+        return apply_model(x, t, context, y, t_emb=t_emb)
 
     monkeypatch.setattr(model, "apply_model", counting)
     run(pipe, sampler=sampler, cfg_scale=cfg, batch_size=2)
@@ -259,11 +260,14 @@ def test_cfg_is_one_batched_unet_call(pipes, monkeypatch, sampler, cfg, calls):
 
 
 def test_batch_image_i_is_seed_plus_i(pipes):
-    """Start noise and ancestral noise are per image: image 1 of seed 7 is image 0 of seed 8."""
-    model = pipes("sd1-tiny")
-    pair = run(model, sampler="euler_a", seed=7, batch_size=2)
-    single = run(model, sampler="euler_a", seed=8, batch_size=1)
-    check(pair[1:], single, "batch image 1 vs seed + 1", bound=1e-5)
+    """Start noise and ancestral noise are per image: image 1 of seed 7 is image 0 of seed 8, within the float32
+    reordering bound of the whole run (text towers, UNet steps, VAE decode) since the batches differ."""
+    pipe = pipes("sd1-tiny")
+    pair = run(pipe, sampler="euler_a", seed=7, batch_size=2)
+    with Reductions(pipe.model).record() as reductions:
+        single = run(pipe, sampler="euler_a", seed=8, batch_size=1)
+    cfg = pipe.settings(prompt="x").cfg_scale  # run()'s: the default
+    check(pair[1:], single, "batch image 1 vs seed + 1", bound=reorder_bound(reductions.lengths, cfg))
     assert (pair[0] - pair[1]).abs().max() > 1e-3
 
 

@@ -27,6 +27,8 @@ except ModuleNotFoundError as e:  # a skipped server test proves nothing: instal
 
 from _serve_server import Server  # noqa: E402
 
+pytestmark = pytest.mark.slow  # a server process started for the module
+
 A1111_INFO_KEYS = {"prompt", "all_prompts", "negative_prompt", "all_negative_prompts", "seed", "all_seeds", "subseed",
                    "all_subseeds", "subseed_strength", "width", "height", "sampler_name", "cfg_scale", "steps",
                    "batch_size", "restore_faces", "face_restoration_model", "sd_model_name", "sd_model_hash",

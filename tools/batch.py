@@ -14,6 +14,9 @@ from pathlib import Path
 from tritonsd.devices import DTYPE_NAMES
 from tritonsd.tools.cli import UsageError
 from tritonsd.tools.generate import check_cpu_dtype, load_spec_of
+from tritonsd.batch import BatchError, run_batch as batch
+from tritonsd.batch.jobs import escape
+from tritonsd.tools.progress import progress_enabled
 
 
 def add_parser(subparsers) -> None:
@@ -67,10 +70,6 @@ def check_usage(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tritonsd.batch import BatchError, run_batch as batch
-    from tritonsd.batch.jobs import escape
-    from tritonsd.tools.progress import progress_enabled
-
     check_usage(args)
     if not args.jobs.is_file():
         raise BatchError(f"jobs file not found: {args.jobs}")

@@ -14,6 +14,7 @@ from pathlib import Path
 from types import ModuleType
 
 from tritonsd.devices import DTYPE_NAMES
+from tritonsd.bench import e2e as bench_e2e
 
 KERNEL_OPS = ("attention", "group_norm", "layer_norm", "geglu", "conv")
 
@@ -66,16 +67,12 @@ def run_kernels(args: argparse.Namespace) -> int:
 
 
 def add_e2e_parser(sub) -> None:
-    from tritonsd.bench import e2e as bench_e2e
-
     p = sub.add_parser("e2e", help="whole-image speed of full-size random-weight models vs diffusers",
                        description=bench_e2e.__doc__.splitlines()[0])
     bench_e2e.add_arguments(p)
 
 
 def run_e2e(args: argparse.Namespace) -> int:
-    from tritonsd.bench import e2e as bench_e2e
-
     return bench_e2e.run(args)
 
 

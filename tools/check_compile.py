@@ -14,6 +14,8 @@ from pathlib import Path
 
 from tritonsd.devices import DTYPE_NAMES
 from tritonsd.tools.cli import UsageError
+from tritonsd.compile import aot, check_compile, shapes
+from tritonsd.compile.warmup import WarmupError
 
 
 def _csv(text: str) -> list[str]:
@@ -34,9 +36,6 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tritonsd.compile import aot, check_compile, variants
-    from tritonsd.compile.warmup import WarmupError
-
     archs = _csv(args.arch)
     try:
         archs = [f"sm_{aot.parse_arch(a)}" for a in archs]
@@ -44,8 +43,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(str(e)) from None
     models, dtypes = _csv(args.models), _csv(args.dtypes)
     for m in models:
-        if m not in variants.RELEASED:
-            raise UsageError(f"unknown model {m!r} (expected {', '.join(variants.RELEASED)})")
+        if m not in shapes.RELEASED:
+            raise UsageError(f"unknown model {m!r} (expected {', '.join(shapes.RELEASED)})")
     for d in dtypes:
         if d not in DTYPE_NAMES:
             raise UsageError(f"unknown dtype {d!r} (expected {', '.join(DTYPE_NAMES)})")

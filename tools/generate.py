@@ -18,6 +18,15 @@ from pathlib import Path
 
 from tritonsd.devices import DTYPE_NAMES
 from tritonsd.tools.cli import UsageError
+from tritonsd.sampler import registry
+from tritonsd.sampler.settings import (check_rng_device, fields_from_infotext, GenerationSettings, SettingsError,
+    SIDE_RULE)
+from tritonsd.lora.apply import parse_lora_arg
+from tritonsd.load_spec import LoadSpec
+from tritonsd.sampler.memory import memory_shortfall
+from tritonsd.escape import escape
+from tritonsd.pipeline import load_spec, NonFiniteError
+from tritonsd.tools.progress import bar, progress_enabled
 
 # GenerationSettings field -> the flag that sets it, so errors name what the user typed
 FLAGS = {"prompt": "--prompt", "negative_prompt": "--negative-prompt", "sampler": "--sampler", "karras": "--karras",
@@ -46,7 +55,6 @@ def _listing(names) -> str:
 
 def sampler_help() -> dict[str, str]:
     """The help of --sampler, --karras and --no-cuda-graphs, from the registry as it is now."""
-    from tritonsd.sampler import registry
 
     sigma = [s for s in registry.SAMPLERS.values() if s.space == "sigmas"]
     fixed = [s.a1111_name for s in registry.SAMPLERS.values() if s.space != "sigmas"]
@@ -60,9 +68,6 @@ def sampler_help() -> dict[str, str]:
 
 
 def add_parser(subparsers) -> None:
-    from tritonsd.sampler import registry
-    from tritonsd.sampler.settings import SIDE_RULE
-
     p = subparsers.add_parser("generate", help="generate images (txt2img, img2img, inpainting) from a checkpoint",
                               description="Generate images from an original checkpoint: txt2img, img2img "
                                           "(--init-image) or inpainting (--init-image and --mask, 9-channel "
@@ -215,7 +220,6 @@ def hires_fields(args: argparse.Namespace) -> dict:
 def settings_from_args(args: argparse.Namespace, init_image=None, mask=None):
     """The run's ``GenerationSettings``: the infotext's (``--from-png`` / ``--infotext``), then the flags given,
     checked without the model (``SettingsError`` names the flag)."""
-    from tritonsd.sampler.settings import GenerationSettings, fields_from_infotext
 
     fields = {}
     text = infotext_of(args)
@@ -258,7 +262,6 @@ def infotext_of(args: argparse.Namespace) -> str | None:
 
 def usage_errors(step):
     """Run ``step()``; a ``SettingsError`` becomes a ``UsageError`` naming the flag (exit code 2)."""
-    from tritonsd.sampler.settings import SettingsError
 
     try:
         return step()
@@ -268,7 +271,6 @@ def usage_errors(step):
 
 def lora_specs(values: list[str]) -> list:
     """``--lora FILE:W`` values as LoraSpecs, each file checked before the model loads."""
-    from tritonsd.lora.apply import parse_lora_arg
 
     specs = [parse_lora_arg(v) for v in values]
     for spec in specs:
@@ -281,7 +283,6 @@ def load_spec_of(args: argparse.Namespace):
     """The ``LoadSpec`` of the model flags, which ``generate``, ``batch`` and ``serve`` share (``--checkpoint``,
     ``--config``, ``--device``, ``--dtype``, ``--kernels``, ``--text-heads``, ``--parameterization``,
     ``--lora-dir``, ``--embeddings-dir``; ``--vae`` and ``--upscaler-dir`` where the subcommand has them)."""
-    from tritonsd.load_spec import LoadSpec
 
     return LoadSpec(args.checkpoint, args.config, device=args.device, dtype=args.dtype, kernels=args.kernels,
                     vae=getattr(args, "vae", None), text_heads=args.text_heads,
@@ -298,7 +299,6 @@ def check_cpu_dtype(device: str, dtype: str | None) -> None:
 def check_memory(settings, checked) -> None:
     """Sizes given on the command line that cannot fit the device's free memory: one line before loading (the
     family's default size is checked by the Pipeline once the model is known)."""
-    from tritonsd.sampler.memory import memory_shortfall
 
     if settings.width is None or settings.height is None:
         return
@@ -338,7 +338,6 @@ def open_image(path: Path, what: str):
 
     from PIL import Image, UnidentifiedImageError
 
-    from tritonsd.escape import escape
 
     if not path.exists():
         raise GenerateError(f"{what} not found: {escape(path)}")
@@ -364,8 +363,6 @@ def open_image(path: Path, what: str):
 
 
 def run(args: argparse.Namespace) -> int:
-    from tritonsd.sampler.settings import check_rng_device
-
     check_usage(args)
     checked = load_spec_of(args).check()  # files, device and dtype: before anything is read
     init = open_image(args.init_image, "init image") if args.init_image is not None else None
@@ -394,8 +391,6 @@ def run(args: argparse.Namespace) -> int:
 
 def load(args: argparse.Namespace, checked):
     """The Pipeline of the checked ``LoadSpec`` (its model hash computed alongside the load)."""
-    from tritonsd.pipeline import load_spec
-    from tritonsd.tools.progress import bar, progress_enabled
 
     with bar(1, f"loading {args.checkpoint.name}", progress_enabled(args.quiet), unit="model") as progress:
         pipe = load_spec(checked)
@@ -430,8 +425,6 @@ def warn_truncated(model, prompt: str, what: str) -> None:
 
 def sample(pipe, settings, quiet: bool, dtype: str):
     """Images [B, 3, H, W] in [0, 1] with a progress bar; a non-finite result is refused."""
-    from tritonsd.pipeline import NonFiniteError
-    from tritonsd.tools.progress import bar, progress_enabled
 
     with bar(settings.steps, "sampling", progress_enabled(quiet), unit="step") as progress:
         def on_step(step: dict) -> None:

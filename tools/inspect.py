@@ -22,6 +22,7 @@ from tritonsd.formats.keys import SCHEDULE_BUFFERS, TEXT_PREFIXES, UNET, VAE, No
 from tritonsd.escape import escape
 from tritonsd.model.text_config import TextConfigError
 from tritonsd.formats.vae_file import check_vae_fits, vae_weights
+from tritonsd.model.sd import build_model
 
 FAMILY_NAMES = {"sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x", "sdxl": "Stable Diffusion XL (base)"}
 PARAM_SOURCES = {"yaml": "from the YAML", "option": "given with --parameterization", "builtin": "built-in model",
@@ -102,7 +103,6 @@ def inspect_checkpoint(path: str | Path, yaml_path: Path | None = None, paramete
 
 def _demo(name: str) -> dict[str, torch.Tensor]:
     """A built-in model's tensors as meta tensors (its modules' state dict on the meta device)."""
-    from tritonsd.model.sd import build_model
 
     with torch.device("meta"):
         return build_model(demo_config(name)).state_dict()

@@ -48,7 +48,7 @@ def add_parser(subparsers) -> None:
 
 
 def check_usage(args: argparse.Namespace) -> dict:
-    from tritonsd.serve.app import parse_auth
+    from tritonsd.serve.app import parse_auth  # lazy: fastapi (the serve extra), for this subcommand only
 
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port must be between 0 and 65535, got {args.port}")
@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     import logging
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    from tritonsd.serve import build_state, create_app
+    from tritonsd.serve import build_state, create_app  # lazy: fastapi (the serve extra), for this subcommand only
 
     state = build_state(load_spec_of(args), models_dir=args.models_dir, vae_dir=args.vae_dir,
                         credentials=credentials)

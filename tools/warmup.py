@@ -12,6 +12,10 @@ from pathlib import Path
 
 from tritonsd.devices import DTYPE_NAMES
 from tritonsd.tools.cli import UsageError
+from tritonsd.compile import aot, shapes
+from tritonsd.formats.checkpoint import read_checkpoint_shapes
+from tritonsd.model.config import detect_config
+from tritonsd.compile.warmup import WarmupError, warmup
 
 
 
@@ -41,22 +45,15 @@ def add_parser(subparsers) -> None:
 
 
 def _config(args: argparse.Namespace):
-    from tritonsd.compile import variants
-
     if (args.checkpoint is None) == (args.model is None):
         raise UsageError("give a checkpoint or --model, not both")
     if args.model:
-        return variants.released(args.model)
-    from tritonsd.formats.checkpoint import read_checkpoint_shapes
-    from tritonsd.model.config import detect_config
+        return shapes.released(args.model)
 
     return detect_config(read_checkpoint_shapes(args.checkpoint))
 
 
 def run(args: argparse.Namespace) -> int:
-    from tritonsd.compile import aot
-    from tritonsd.compile.warmup import WarmupError, warmup
-
     try:
         batches = [int(b) for b in args.batch.split(",") if b.strip()]
     except ValueError:
