@@ -28,4 +28,9 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'tritonsd' has no attribute {name!r}")
 
 
-__all__ = list(_API)
+__all__ = [*_API, "__version__"]
+
+
+def __dir__() -> list[str]:
+    """The public API (``__all__``), which ``__getattr__`` imports on first use."""
+    return sorted(__all__)

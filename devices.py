@@ -67,3 +67,11 @@ def dtype_name(dtype: str | torch.dtype) -> str:
 def default_dtype(device: str | torch.device) -> str:
     """What a load computes in when no dtype is given: fp16 on CUDA, fp32 elsewhere."""
     return "fp16" if torch.device(device).type == "cuda" else "fp32"
+
+
+def device_type(name: str | None) -> str | None:
+    """The type of a device name ("cuda:1" -> "cuda"; None and "auto" -> None), read without asking torch what
+    this machine has (a Ray cluster's workers may have what this one lacks)."""
+    if name is None or name.strip().lower() == "auto":
+        return None
+    return name.split(":", 1)[0].strip().lower()

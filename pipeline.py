@@ -45,7 +45,6 @@ redone in float32). Nothing is hung on the ``nn.Module``.
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import dataclasses
 import os
@@ -56,7 +55,6 @@ from typing import Callable
 import numpy as np
 import torch
 
-from tritonsd.formats.hashes import model_hash
 from tritonsd.kernels import dispatch
 from tritonsd.load_spec import CheckedSpec, LoadSpec
 from tritonsd.model.load import load_model
@@ -64,7 +62,9 @@ from tritonsd.model.vae_guard import VAEDecodeGuard
 from tritonsd.sampler import denoise as D, registry
 from tritonsd.sampler.graph import GraphCaptureError, GraphRunner, tables_on_device
 from tritonsd.sampler.infotext import generation_infotext, save_numbered, to_pil
+from tritonsd.sampler.infotext_parse import parse_infotext
 from tritonsd.sampler.noise import ImageNoise, NoiseSource
+from tritonsd.sampler.reproduce import check_networks, with_lora_tags
 from tritonsd.sampler.memory import memory_shortfall
 from tritonsd.sampler.settings import (check_rng_device, default_size, fields_from_infotext, GenerationSettings,
     SettingsError, vae_factor)
@@ -112,6 +112,30 @@ class Latents:
         return 0 if self.schedule is None else num_steps(self.schedule)
 
 
+DIFFUSERS_ALIASES = {"num_inference_steps": "steps", "guidance_scale": "cfg_scale",
+                     "num_images_per_prompt": "batch_size", "image": "init_image", "mask_image": "mask"}
+
+
+def from_diffusers_names(fields: dict) -> dict:
+    """``fields`` with diffusers' keyword names (``DIFFUSERS_ALIASES``) turned into ``GenerationSettings``' own;
+    a setting given under both names is a ``SettingsError``."""
+    out = {k: v for k, v in fields.items() if k not in DIFFUSERS_ALIASES}
+    for alias, name in DIFFUSERS_ALIASES.items():
+        if alias in fields:
+            if name in fields:
+                raise SettingsError(name, f"is given twice: as {name} and as diffusers' {alias}")
+            out[name] = fields[alias]
+    return out
+
+
+class Images(list):
+    """A list of PIL images that also answers diffusers' ``.images``."""
+
+    @property
+    def images(self) -> list:
+        return self
+
+
 class Pipeline:
     """A loaded model made into an image generator; see the module docstring. ``kernels``: "auto" (Triton on
     CUDA, the torch references on the CPU), "torch" or "triton" for every stage this pipeline runs."""
@@ -135,6 +159,7 @@ class Pipeline:
         self._lora_state = None  # model.lora.LoraState, made on first use: the pristine copies of touched weights
         self.lora_report = None  # the last apply's ApplyReport (its Lora hashes go into the infotext)
         self.embeddings, self.embedding_messages = None, []  # textual inversion, found by file name in prompts
+        self._embeddings_dir = embeddings_dir
         if embeddings_dir is not None:
             self.load_embeddings(embeddings_dir)
         self._ti_hashes: str | None = None  # of the last encode, for the infotext
@@ -185,6 +210,10 @@ class Pipeline:
     def settings(self, settings: GenerationSettings | None = None, **fields) -> GenerationSettings:
         """``settings`` (or ``GenerationSettings(**fields)``, or the first with ``fields`` replaced) checked and
         resolved for this model; raises ``SettingsError`` naming the field."""
+        unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(GenerationSettings)})
+        if unknown:
+            raise SettingsError(unknown[0], "is not a setting (GenerationSettings' fields, or diffusers' "
+                                            f"{', '.join(DIFFUSERS_ALIASES)} in pipe(...))")
         if settings is None:
             settings = GenerationSettings(**fields)
         elif fields:
@@ -218,6 +247,7 @@ class Pipeline:
         """Settings from an AUTOMATIC1111 ``parameters`` text (a PNG's infotext), ``fields`` overriding it:
         a round trip gives the same image. Malformed values are left out (see ``settings.fields_from_infotext``)."""
         parsed, _notes = fields_from_infotext(text)
+        check_networks(parse_infotext(text), self.lora_dir, self._embeddings_dir)
         return self.settings(**{**parsed, **fields})
 
     def latent_shape(self, settings: GenerationSettings) -> tuple[int, int, int]:
@@ -306,6 +336,7 @@ class Pipeline:
         ``embedding_messages``."""
 
         self.embeddings, self.embedding_messages = load_model_embeddings(self.model, directory)
+        self._embeddings_dir = directory
         return self.embedding_messages
 
     def encode(self, settings: GenerationSettings, hires_of: GenerationSettings | None = None,
@@ -549,13 +580,15 @@ class Pipeline:
         return self.decode(x).cpu()
 
     def __call__(self, prompt: str = "", negative_prompt: str = "", *, callback: StepCallback | None = None,
-                 **fields) -> list:
+                 **fields) -> "Images":
         """PIL images for ``prompt``; ``fields`` are ``GenerationSettings``'s (seed, steps, cfg_scale, sampler,
         karras, width, height, batch_size, init_image, mask, strength, eta, use_graphs, enable_hr and the hr_*
-        fields). Each image's
+        fields), or diffusers' names for them (``DIFFUSERS_ALIASES``: num_inference_steps, guidance_scale,
+        num_images_per_prompt, image, mask_image). The result is a list that also has ``.images`` (diffusers'
+        output). Each image's
         ``info["parameters"]`` is its AUTOMATIC1111 infotext and ``info["seed"]`` its seed."""
-        settings = self.settings(prompt=prompt, negative_prompt=negative_prompt, **fields)
-        return self.to_pil(self.generate(settings, callback), settings)
+        settings = self.settings(prompt=prompt, negative_prompt=negative_prompt, **from_diffusers_names(fields))
+        return Images(self.to_pil(self.generate(settings, callback), settings))
 
     # ------------------------------------------------------------ images out
 
@@ -565,6 +598,8 @@ class Pipeline:
         source = getattr(self.model, "source", None)
         vae = source.vae if source is not None else None
         ti = conditioning.ti_hashes if conditioning is not None else self._ti_hashes
+        if self._loras:  # set_loras' LoRAs are recorded as A1111 records every LoRA: a tag in the prompt
+            settings = dataclasses.replace(settings, prompt=with_lora_tags(settings.prompt, self._loras))
         return generation_infotext(settings, index, model=self.name, model_hash=self.model_hash,
                                    vae=source.vae_name if vae is not None else None,
                                    vae_hash=self.vae_hash if vae is not None else None, ti_hashes=ti,
@@ -608,7 +643,8 @@ def load(path: str | os.PathLike, config: str | os.PathLike | None = None, *, de
     tell, when no YAML does; ``lora_dir``: where ``<lora:name:w>`` in a prompt is looked up;
     ``embeddings_dir``: textual-inversion embeddings, used where their file name appears in a prompt;
     ``upscaler_dir``: upscaler model files (ESRGAN, ...) for hires fix's ``hr_upscaler``. The model
-    hash for the infotext is computed in the background while the weights load.
+    hash for the infotext is computed when the first infotext needs it, and cached on disk
+    (``formats.hashes.cached_sha256``).
 
     The same as ``load_spec(LoadSpec(path, config, ...))``: the keywords are ``LoadSpec``'s fields."""
     return load_spec(LoadSpec(path, config, device=device, dtype=dtype, kernels=kernels, vae=vae,
@@ -621,19 +657,14 @@ def load_spec(spec: LoadSpec | CheckedSpec) -> Pipeline:
     the weights, the model hash computed alongside them."""
     checked = spec.check()
     spec = checked.spec
-    hashing = None
-    if not spec.is_demo:
-        pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
-        hashing = pool.submit(model_hash, spec.path)  # sha256 releases the GIL: overlaps the load
-        pool.shutdown(wait=False)
     with dispatch.force(spec.kernels):
         model = load_model(spec.path, config=spec.config, parameterization=spec.parameterization,
                            text_heads=spec.text_heads, vae=spec.vae, dtype=checked.dtype, device=checked.device)
     source = model.source
     return Pipeline(model, name=source.model_name, kernels=spec.kernels, lora_dir=spec.lora_dir,
                     embeddings_dir=spec.embeddings_dir, upscaler_dir=spec.upscaler_dir,
-                    model_hash=hashing.result if hashing is not None else source.model_hash)
+                    model_hash=source.model_hash)  # computed (or read from the disk cache) when a PNG needs it
 
 
-__all__ = ["CheckedSpec", "Conditioning", "GenerationSettings", "Latents", "LoadSpec", "NonFiniteError", "Pipeline",
+__all__ = ["CheckedSpec", "Conditioning", "GenerationSettings", "Images", "Latents", "LoadSpec", "NonFiniteError", "Pipeline",
            "load", "load_spec"]

@@ -28,7 +28,7 @@ from typing import Iterable
 from tritonsd.escape import escape  # the batch modules print untrusted ids and text through it
 from tritonsd.sampler.seeds import RANDOM_SEEDS
 from tritonsd.sampler.settings import GenerationSettings, SettingsError
-from tritonsd.sampler.registry import DEFAULT_SAMPLER, UnknownSamplerError, from_a1111_name
+from tritonsd.sampler.registry import DEFAULT_SAMPLER, UnknownSamplerError, resolve_name
 
 HIRES_FIELDS = ("enable_hr", "denoising_strength", "hr_scale", "hr_resize_x", "hr_resize_y", "hr_upscaler",
                 "hr_second_pass_steps", "hr_sampler_name", "hr_scheduler", "hr_prompt", "hr_negative_prompt")
@@ -141,7 +141,7 @@ def parse_sampler(fields: dict) -> tuple[str | None, bool | None]:
     if not isinstance(name, str):
         raise JobError(f"sampler_name must be a string, got {escape(json.dumps(name), 40)}")
     try:
-        return from_a1111_name(name, schedule)
+        return resolve_name(name, schedule)
     except UnknownSamplerError as e:
         raise JobError(escape(str(e), 300)) from None
 

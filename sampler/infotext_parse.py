@@ -170,4 +170,15 @@ def generation_settings(infotext: str | dict[str, str]) -> dict[str, Any]:
     return out
 
 
-__all__ = ["InfotextError", "generation_settings", "parse_infotext"]
+# Infotext keys whose presence asks A1111 for something tritonsd does not implement (the image would differ);
+# ``--infotext`` / ``--from-png`` / the server's ``infotext`` refuse them unless told to ignore them
+UNSUPPORTED_KEYS = ("Face restoration", "Tiling", "Seed resize from", "Refiner", "Refiner switch at", "Script",
+                    "ADetailer model", "ControlNet 0", "Hires checkpoint")
+
+
+def unsupported_keys(parsed: dict) -> list[str]:
+    """The ``UNSUPPORTED_KEYS`` a ``generation_settings`` result holds among its ``extra`` keys."""
+    return [k for k in UNSUPPORTED_KEYS if k in parsed.get("extra", {})]
+
+
+__all__ = ["InfotextError", "UNSUPPORTED_KEYS", "generation_settings", "parse_infotext", "unsupported_keys"]

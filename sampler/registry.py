@@ -160,3 +160,25 @@ def from_a1111_name(text: str, schedule: str | None = None) -> tuple[str, bool |
 
 
 _SCHEDULES = {"automatic": None, "uniform": False, "karras": True}
+SCHEDULE_NAMES = ("Automatic", "Uniform", "Karras")  # AUTOMATIC1111's "Schedule type" values we run
+
+
+def schedule_karras(schedule: str) -> bool | None:
+    """``karras`` for one of AUTOMATIC1111's schedule types: "Automatic" (the sampler's default) -> None,
+    "Uniform" -> False, "Karras" -> True, in any case; anything else raises ``UnknownSamplerError``."""
+    key = schedule.strip().lower() if isinstance(schedule, str) else schedule
+    if key not in _SCHEDULES:
+        raise UnknownSamplerError(f"unknown schedule type {schedule!r}; choose one of {', '.join(SCHEDULE_NAMES)}")
+    return _SCHEDULES[key]
+
+
+def resolve_name(text: str, schedule: str | None = None) -> tuple[str, bool | None]:
+    """(our name, karras or None) from any name a user may type, the one place every door reads a sampler name:
+    ours ("dpmpp_2m"), AUTOMATIC1111's ("DPM++ 2M", the older combined "DPM++ 2M Karras") or one of its aliases
+    ("k_euler_a"), with an optional schedule type. An old combined name keeps its schedule under "Automatic", as
+    A1111's ``get_sampler_and_scheduler`` does. Unknown names raise ``UnknownSamplerError``."""
+    name = from_a1111_alias(text) or text
+    if name.strip().endswith(" Karras") and (schedule is None or schedule.strip().lower() in ("", "automatic")):
+        schedule = None
+    return from_a1111_name(name, schedule)
+

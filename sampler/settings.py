@@ -6,8 +6,13 @@ model: the family's default size, the image-side rule, DDIM's step counts, the i
 a new object and raise ``SettingsError`` naming the field; the CLI turns the field into the flag the user typed
 (``cfg_scale`` -> ``--cfg``).
 
-Defaults are the same for Python and the CLI: DPM++ 2M with Karras sigmas, Euler and Euler a with the uniform
-ones (AUTOMATIC1111's sampler defaults), 20 steps, CFG 7.5, the family's default size, a random seed.
+Defaults are AUTOMATIC1111's UI defaults, the same for Python, the CLI, the page and batch: DPM++ 2M with the
+"Automatic" schedule (Karras sigmas for DPM++ 2M, the uniform ones for Euler and Euler a: A1111's sampler
+defaults), 20 steps, CFG 7, the family's default size, a random seed (``None`` or -1). The HTTP API keeps A1111's
+API defaults for the fields a client omits (``serve/schema.py``).
+
+Names: ``sampler`` takes ours ("dpmpp_2m"), A1111's ("DPM++ 2M", "DPM++ 2M Karras", "Euler a") or its aliases
+("k_euler_a"); ``karras`` takes True / False / None or A1111's schedule type ("Automatic", "Uniform", "Karras").
 
 Hires fix (``enable_hr``, AUTOMATIC1111's txt2img switch; ``sampler/upscale.py`` has its arithmetic): a second
 pass at ``hr_scale`` times the size (or ``hr_resize_x`` x ``hr_resize_y``), from the first pass's latents upscaled
@@ -44,6 +49,8 @@ MAX_CLIP_SKIP = 12  # AUTOMATIC1111's slider; the model's own layer count is che
 RNG_SOURCES = ("nv", "gpu", "cpu")
 PROMPT_SYNTAXES = ("a1111", "original")
 VAE_FACTOR_MULTIPLE = 8  # every released VAE: pixels per latent cell
+DEFAULT_CFG = 7.0  # AUTOMATIC1111's UI default (and its API's)
+DEFAULT_STEPS = 20  # AUTOMATIC1111's UI default (its API's is 50: serve/schema.py)
 
 
 class SettingsError(ValueError):
@@ -61,9 +68,9 @@ class GenerationSettings:
     negative_prompt: str = ""
     sampler: str = registry.DEFAULT_SAMPLER
     karras: bool | None = None  # None: the sampler's default schedule (its registry spec's ``karras``)
-    steps: int = 20
-    cfg_scale: float = 7.5
-    seed: int | None = None  # None: random, drawn once by check()
+    steps: int = DEFAULT_STEPS
+    cfg_scale: float = DEFAULT_CFG
+    seed: int | None = None  # None or -1: random, drawn once by check()
     eta: float = 0.0  # for the samplers that take it (``takes_eta``: DDIM); 0 for the others
     width: int | None = None  # None: the init image's, else the other side, else the family's default
     height: int | None = None
@@ -99,12 +106,7 @@ class GenerationSettings:
             raise SettingsError("prompt", f"must be a string, got {type(self.prompt).__name__}")
         if not isinstance(self.negative_prompt, str):
             raise SettingsError("negative_prompt", f"must be a string, got {type(self.negative_prompt).__name__}")
-        try:
-            spec = registry.get(self.sampler)
-        except registry.UnknownSamplerError:
-            raise SettingsError("sampler", f"{self.sampler!r} is unknown; choose one of "
-                                           f"{', '.join(registry.SAMPLERS)}") from None
-        _flag("karras", self.karras, allow_none=True)
+        spec, karras = _sampler(self.sampler, self.karras)
         _flag("use_graphs", self.use_graphs)
         _flag("pad_cond_uncond", self.pad_cond_uncond)
         _choice("rng", self.rng, RNG_SOURCES)
@@ -114,7 +116,7 @@ class GenerationSettings:
         subseed_strength = _real("subseed_strength", self.subseed_strength, 0.0, 1.0)
         steps = _integer("steps", self.steps, 1, MAX_STEPS)
         batch = _integer("batch_size", self.batch_size, 1, MAX_BATCH)
-        seed = random_seed() if self.seed is None else _integer("seed", self.seed, 0, SEED_RANGE - batch)
+        seed = random_seed() if _is_random(self.seed) else _integer("seed", self.seed, 0, SEED_RANGE - batch)
         cfg_scale = _real("cfg_scale", self.cfg_scale, 0.0)
         eta = _real("eta", self.eta, 0.0)
         if eta != 0 and not spec.takes_eta:
@@ -152,7 +154,7 @@ class GenerationSettings:
             width, height = int(w), int(h)
         elif (width is None) != (height is None):
             width = height = width or height  # one side given: a square image
-        return dataclasses.replace(self, karras=self.karras, steps=steps, batch_size=batch, seed=seed,
+        return dataclasses.replace(self, karras=karras, steps=steps, batch_size=batch, seed=seed,
                                    cfg_scale=cfg_scale, eta=eta, strength=strength, init_image=init_image,
                                    mask=mask, width=width, height=height, clip_skip=clip_skip, subseed=subseed,
                                    subseed_strength=subseed_strength, sampler=spec.name, **hires)
@@ -162,7 +164,8 @@ class GenerationSettings:
         hr_sampler = self.hr_sampler
         if hr_sampler is not None:
             try:
-                hr_sampler = registry.get(hr_sampler).name
+                hr_sampler = registry.resolve_name(hr_sampler)[0] if isinstance(hr_sampler, str) else \
+                    registry.get(hr_sampler).name
             except registry.UnknownSamplerError:
                 raise SettingsError("hr_sampler", f"{hr_sampler!r} is unknown; choose one of "
                                                   f"{', '.join(registry.SAMPLERS)}") from None
@@ -255,6 +258,30 @@ def _resolve_hires(s: GenerationSettings, width: int, height: int, config) -> di
     if hr_spec.space == "timesteps":
         check_ddim_steps(hr_spec.name, hires_steps(hr_steps, s.strength)[0] or 1, config.timesteps)
     return {"hr_scheduler": hr_scheduler}
+
+
+def _is_random(seed) -> bool:
+    """None or -1 (AUTOMATIC1111's "random"), as every door reads a seed."""
+    return seed is None or (isinstance(seed, (int, np.integer)) and not isinstance(seed, bool) and seed == -1)
+
+
+def _sampler(name, karras) -> tuple[registry.SamplerSpec, bool | None]:
+    """(spec, karras) from any sampler name (``registry.resolve_name``) and ``karras`` as a bool, None or an
+    A1111 schedule type; a combined name's " Karras" applies unless ``karras`` says otherwise."""
+    if not isinstance(name, str):
+        raise SettingsError("sampler", f"must be a string, got {name!r}")
+    if isinstance(karras, str):
+        try:
+            karras = registry.schedule_karras(karras)
+        except registry.UnknownSamplerError as e:
+            raise SettingsError("karras", str(e)) from None
+    _flag("karras", karras, allow_none=True)
+    try:
+        ours, named_karras = registry.resolve_name(name)
+    except registry.UnknownSamplerError:
+        choices = ", ".join(f"{s.name} ({s.a1111_name})" for s in registry.SAMPLERS.values())
+        raise SettingsError("sampler", f"{name!r} is unknown; choose one of {choices}") from None
+    return registry.get(ours), named_karras if karras is None else karras
 
 
 def _names(has) -> str:

@@ -20,7 +20,8 @@ from tritonsd.serve.host import ModelHost
 from tritonsd.serve.worker import Worker
 
 
-def build_state(spec, *, models_dir=None, vae_dir=None, credentials: dict | None = None, pipe=None):
+def build_state(spec, *, models_dir=None, vae_dir=None, credentials: dict | None = None, pipe=None,
+                ignore_unsupported: bool = False):
     """Load ``spec`` (a ``tritonsd.LoadSpec``, or a checkpoint path loaded with the defaults) unless ``pipe`` is
     given ready, and start the device's worker. ``models_dir`` / ``vae_dir``: more checkpoints and VAEs that jobs
     switch to (loaded as ``spec`` says for the rest; ``spec.vae`` is not used: the VAE is the job's)."""
@@ -33,7 +34,8 @@ def build_state(spec, *, models_dir=None, vae_dir=None, credentials: dict | None
     host = ModelHost(catalog, spec, pipe=pipe)
     if pipe is None:
         host.ensure(host.default)
-    return ServerState(catalog=catalog, host=host, worker=Worker(host), credentials=dict(credentials or {}))
+    return ServerState(catalog=catalog, host=host, worker=Worker(host), credentials=dict(credentials or {}),
+                       ignore_unsupported=ignore_unsupported)
 
 
 def create_app(state):

@@ -49,6 +49,7 @@ class ServerState:
     worker: Worker
     options: Options = field(default_factory=Options)
     credentials: dict[str, str] = field(default_factory=dict)  # --api-auth user -> password
+    ignore_unsupported: bool = False  # --ignore-unsupported: unimplemented fields listed, not refused
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -196,7 +197,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     async def generate(req, mode: str):
         plan = await run_in_threadpool(jobs.build_plan, req, mode, options=state.options, catalog=state.catalog,
-                                       host=state.host)
+                                       host=state.host, ignore_unsupported=state.ignore_unsupported)
         return await run_job(jobs.generation_job(plan))
 
     @app.post("/sdapi/v1/txt2img")

@@ -28,9 +28,9 @@ from tritonsd.serve.errors import ApiError, BadRequest, NotFound, printable
 from tritonsd.serve.host import ModelKey
 from tritonsd.serve.images import decode_image, png_b64
 from tritonsd.serve.schema import (API_DENOISING_STRENGTH, IMG2IMG_FIELDS, SAME, TXT2IMG_FIELDS, apply_infotext,
-    ignored_fields, parameters, value)
+    ignored_fields, infotext_unsupported, parameters, unsupported_fields, value)
 from tritonsd.serve.worker import Interrupted, Job
-from tritonsd.sampler.registry import UnknownSamplerError, from_a1111_alias, from_a1111_name
+from tritonsd.sampler.registry import UnknownSamplerError, resolve_name
 from tritonsd.sampler import registry
 from tritonsd.sampler.settings import GenerationSettings
 from tritonsd.sampler.upscale import DEFAULT_UPSCALER, hires_target
@@ -82,15 +82,12 @@ def _fixed_seed(name: str, v) -> int:
 
 
 def _sampler(name, schedule) -> tuple[str, bool | None]:
-    name = (from_a1111_alias(name) or name) if isinstance(name, str) else name
     if not isinstance(name, str):
         raise BadRequest(f"sampler_name must be a string, got {printable(name)}")
     if schedule is not None and not isinstance(schedule, str):
         raise BadRequest(f"scheduler must be a string, got {printable(schedule)}")
-    if name.strip().endswith(" Karras") and (schedule is None or schedule.strip().lower() in ("", "automatic")):
-        schedule = None  # an old combined name keeps its schedule under "Automatic" (A1111's get_sampler_and_scheduler)
     try:
-        return from_a1111_name(name, schedule)
+        return resolve_name(name, schedule)  # the one reading of a sampler name, every door's
     except UnknownSamplerError as e:
         raise NotFound(f"Sampler not found: {printable(e)}", "SamplerNotFound") from None
 
@@ -120,23 +117,30 @@ def _overrides(req, options: Options, catalog, host) -> tuple[ModelKey, int, str
     return key, clip_skip, RNG_SOURCES[rng_name], eta, unused
 
 
-def build_plan(req, mode: str, *, options: Options, catalog, host) -> Plan:
-    """Everything checked that can be checked without the device; raises ApiError / SettingsError."""
+def build_plan(req, mode: str, *, options: Options, catalog, host, ignore_unsupported: bool = False) -> Plan:
+    """Everything checked that can be checked without the device; raises ApiError / SettingsError. Fields that ask
+    for what is not implemented are a 422 naming them, unless ``ignore_unsupported`` (then they are listed in the
+    response's ``ignored_fields`` and the log)."""
 
     table = TXT2IMG_FIELDS if mode == "txt2img" else IMG2IMG_FIELDS
+    unsupported = unsupported_fields(req, table) + infotext_unsupported(req)
     req, infotext_notes = apply_infotext(req)
     v = lambda name: value(req, name, table)  # noqa: E731
     sampler, karras = _sampler(req.sampler_name or v("sampler_index"), req.scheduler)
     key, clip_skip, rng, eta_ddim, unused = _overrides(req, options, catalog, host)
-    ignored = ignored_fields(req, table) + unused
     notes: list[str] = list(infotext_notes)
     eta, spec = req.eta, registry.get(sampler)
     if spec.takes_eta:
         eta = eta_ddim if eta is None else eta
     else:
         if spec.stochastic and eta not in (None, 1, 1.0):  # its ancestral eta is A1111's fixed 1
-            ignored.append("eta")
+            unsupported.append("eta")
         eta = 0.0
+    if unsupported and not ignore_unsupported:
+        raise BadRequest(f"not implemented by tritonsd, and the image would differ from A1111's: "
+                         f"{', '.join(printable(n) for n in unsupported)} (leave them out, or start the server "
+                         "with --ignore-unsupported)", "UnsupportedFields")
+    ignored = ignored_fields(req, table) + unused + unsupported
     seed = _fixed_seed("seed", req.seed)
     subseed = _fixed_seed("subseed", req.subseed)
     strength = v("subseed_strength")

@@ -105,18 +105,22 @@ def test_cli_offers_it(euler_copy):
     from tritonsd.tools.cli import build_parser
 
     parser = build_parser()
-    assert COPY in generate_action(parser).choices
+    assert COPY in generate_action(parser).help
     args = parser.parse_args(["generate", "--checkpoint", "demo:sd1", "--prompt", "x", "--sampler", COPY])
     assert args.sampler == COPY
 
 
-def test_cli_choices_are_the_registry_names():
-    from tritonsd.tools.cli import build_parser
+def test_cli_names_are_the_registry_names(tmp_path, capsys):
+    """--sampler takes ours and AUTOMATIC1111's names (the settings check them): its help lists the registry's,
+    and a name the registry does not have is bad usage (exit 2) before any model loads."""
+    from tritonsd.tools.cli import build_parser, main
 
-    parser = build_parser()
-    assert tuple(generate_action(parser).choices) == registry.names()
-    with pytest.raises(SystemExit):
-        parser.parse_args(["generate", "--checkpoint", "demo:sd1", "--prompt", "x", "--sampler", COPY])
+    help_text = generate_action(build_parser()).help
+    for spec in registry.SAMPLERS.values():
+        assert spec.name in help_text and spec.a1111_name in help_text
+    assert main(["generate", "--checkpoint", "demo:sd1", "--prompt", "x", "--sampler", COPY, "--device", "cpu",
+                 "--out", str(tmp_path)]) == 2
+    assert f"--sampler '{COPY}' is unknown" in capsys.readouterr().err
 
 
 def test_generate_writes_its_name_and_runs_its_function(euler_copy, tmp_path, capsys):

@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from tritonsd.devices import DTYPE_NAMES
+from tritonsd.devices import DTYPE_NAMES, device_type
 from tritonsd.tools.cli import UsageError
 from tritonsd.tools.generate import check_cpu_dtype, load_spec_of
 from tritonsd.batch import BatchError, run_batch as batch
@@ -50,7 +50,8 @@ def add_parser(subparsers) -> None:
                            "flag has no value), local (start one here) or a cluster address")
     run_.add_argument("--workers", type=int, default=None, metavar="N",
                       help="Ray actors (default: the cluster's GPU count, 1 without GPUs)")
-    run_.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
+    run_.add_argument("--device", default=None, metavar="DEVICE",
+                      help="cpu, cuda or cuda:N (default: cuda when available)")
     run_.add_argument("--dtype", choices=tuple(DTYPE_NAMES), default=None)
     run_.add_argument("--kernels", choices=("auto", "torch", "triton"), default="auto")
     run_.add_argument("--quiet", action="store_true", help="no progress bar, no per-line error messages")
@@ -66,7 +67,7 @@ def check_usage(args: argparse.Namespace) -> None:
         raise UsageError("--workers applies to --ray runs")
     if args.text_heads is not None and args.text_heads < 1:
         raise UsageError(f"--text-heads must be at least 1, got {args.text_heads}")
-    check_cpu_dtype(args.device, args.dtype)
+    check_cpu_dtype(device_type(args.device), args.dtype)
 
 
 def run(args: argparse.Namespace) -> int:

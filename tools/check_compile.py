@@ -13,7 +13,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from tritonsd.devices import DTYPE_NAMES
-from tritonsd.tools.cli import UsageError
+from tritonsd.tools.cli import UsageError, plain_help
 from tritonsd.compile import aot, check_compile, shapes
 from tritonsd.compile.warmup import WarmupError
 
@@ -24,7 +24,7 @@ def _csv(text: str) -> list[str]:
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("check-compile", help="compile every kernel variant for GPU targets, without a GPU",
-                              description=__doc__.splitlines()[0])
+                              description=plain_help(__doc__))
     p.add_argument("--arch", default="sm_90", help="comma-separated targets (default sm_90)")
     p.add_argument("--models", default="sd15,sd21,sdxl", help="released shapes to use (default all three)")
     p.add_argument("--dtypes", default="fp16,bf16", help="comma-separated: fp16, bf16, fp32 (default fp16,bf16)")

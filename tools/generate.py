@@ -22,6 +22,8 @@ from tritonsd.sampler import registry
 from tritonsd.sampler.settings import (check_rng_device, fields_from_infotext, GenerationSettings, SettingsError,
     SIDE_RULE)
 from tritonsd.lora.apply import parse_lora_arg
+from tritonsd.sampler.infotext_parse import generation_settings, parse_infotext, unsupported_keys
+from tritonsd.sampler.reproduce import check_networks
 from tritonsd.load_spec import LoadSpec
 from tritonsd.sampler.memory import memory_shortfall
 from tritonsd.escape import escape
@@ -34,11 +36,11 @@ FLAGS = {"prompt": "--prompt", "negative_prompt": "--negative-prompt", "sampler"
          "batch_size": "--batch", "init_image": "--init-image", "mask": "--mask",
          "strength": "--denoising-strength / --strength",
          "clip_skip": "--clip-skip", "rng": "--rng", "subseed": "--subseed", "subseed_strength": "--subseed-strength",
-         "pad_cond_uncond": "--pad-cond-uncond", "prompt_syntax": "--prompt-syntax", "use_graphs": "--no-cuda-graphs",
-         "model": "--checkpoint", "enable_hr": "--hires", "hr_scale": "--hires-scale", "hr_resize_x": "--hires-size",
-         "hr_resize_y": "--hires-size", "hr_upscaler": "--hires-upscaler", "hr_second_pass_steps": "--hires-steps",
-         "hr_sampler": "--hires-sampler", "hr_scheduler": "--hires-scheduler", "hr_prompt": "--hires-prompt",
-         "hr_negative_prompt": "--hires-negative-prompt"}
+         "pad_cond_uncond": "--pad-cond-uncond", "scheduler": "--scheduler", "prompt_syntax": "--prompt-syntax",
+         "use_graphs": "--no-cuda-graphs", "model": "--checkpoint", "enable_hr": "--hires", "hr_scale": "--hires-scale",
+         "hr_resize_x": "--hires-size", "hr_resize_y": "--hires-size", "hr_upscaler": "--hires-upscaler",
+         "hr_second_pass_steps": "--hires-steps", "hr_sampler": "--hires-sampler", "hr_scheduler": "--hires-scheduler",
+         "hr_prompt": "--hires-prompt", "hr_negative_prompt": "--hires-negative-prompt"}
 HIRES_FLAGS = ("hires_scale", "hires_size", "hires_upscaler", "hires_steps", "hires_sampler", "hires_scheduler",
                "hires_prompt", "hires_negative_prompt")
 
@@ -58,7 +60,9 @@ def sampler_help() -> dict[str, str]:
 
     sigma = [s for s in registry.SAMPLERS.values() if s.space == "sigmas"]
     fixed = [s.a1111_name for s in registry.SAMPLERS.values() if s.space != "sigmas"]
-    return {"sampler": f"default: {registry.DEFAULT_SAMPLER}",
+    names = ", ".join(f"{s.name} ({s.a1111_name})" for s in registry.SAMPLERS.values())
+    return {"sampler": f"ours or AUTOMATIC1111's name (or its old combined 'DPM++ 2M Karras'): {names} "
+                       f"(default: {registry.DEFAULT_SAMPLER})",
             "karras": f"Karras sigmas for the k-diffusion samplers (default: on for "
                       f"{_listing(s.name for s in sigma if s.karras)}, off for "
                       f"{_listing(s.name for s in sigma if not s.karras)}, as AUTOMATIC1111's sampler names"
@@ -97,11 +101,16 @@ def add_parser(subparsers) -> None:
     gen.add_argument("--from-png", type=Path, default=None, metavar="PNG",
                      help="take the settings from an AUTOMATIC1111 PNG's infotext (flags given override them)")
     gen.add_argument("--infotext", default=None, metavar="TEXT", help="the same from the infotext's text")
+    gen.add_argument("--ignore-unsupported", action="store_true",
+                     help="generate even when the infotext asks for what tritonsd does not implement (Face "
+                          "restoration, ...): those are named on stderr (default: exit 2)")
     gen.add_argument("--negative-prompt", default=None, metavar="TEXT", help="what to steer away from (default: nothing)")
-    gen.add_argument("--sampler", choices=registry.names(), default=None, help=helps["sampler"])
+    gen.add_argument("--sampler", default=None, metavar="NAME", help=helps["sampler"])
+    gen.add_argument("--scheduler", default=None, metavar="TYPE",
+                     help="AUTOMATIC1111's schedule type: Automatic (default: the sampler's own), Uniform or Karras")
     gen.add_argument("--karras", action=argparse.BooleanOptionalAction, default=None, help=helps["karras"])
     gen.add_argument("--steps", type=int, default=None, metavar="N", help="sampling steps (default: 20)")
-    gen.add_argument("--cfg", type=float, default=None, metavar="SCALE", help="classifier-free guidance scale (default: 7.5)")
+    gen.add_argument("--cfg", type=float, default=None, metavar="SCALE", help="classifier-free guidance scale (default: 7, AUTOMATIC1111's)")
     gen.add_argument("--seed", type=int, default=None, metavar="N",
                      help="seed of image 0; image i uses seed + i (default or -1: random, printed on stderr)")
     gen.add_argument("--width", type=int, default=None, metavar="PX",
@@ -148,8 +157,8 @@ def add_parser(subparsers) -> None:
                             "model file in --upscaler-dir (its name without .pth / .safetensors)")
     hires.add_argument("--hires-steps", type=int, default=None, metavar="N",
                        help="steps of the second pass (default 0: --steps)")
-    hires.add_argument("--hires-sampler", choices=registry.names(), default=None,
-                       help="the second pass's sampler (default: --sampler's)")
+    hires.add_argument("--hires-sampler", default=None, metavar="NAME",
+                       help="the second pass's sampler, a name --sampler takes (default: --sampler's)")
     hires.add_argument("--hires-scheduler", choices=("Automatic", "Uniform", "Karras"), default=None,
                        help="the second pass's schedule (default: the first pass's)")
     hires.add_argument("--hires-prompt", default=None, metavar="TEXT", help="the second pass's prompt (default: --prompt)")
@@ -160,7 +169,8 @@ def add_parser(subparsers) -> None:
                             "needs spandrel: pip install 'tritonsd[upscale]')")
 
     run_ = p.add_argument_group("runtime")
-    run_.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
+    run_.add_argument("--device", default=None, metavar="DEVICE",
+                      help="cpu, cuda or cuda:N (default: cuda when available)")
     run_.add_argument("--dtype", choices=tuple(DTYPE_NAMES), default=None,
                       help="weights and activations (default: fp16 on cuda, fp32 on cpu; cpu runs fp32 only)")
     run_.add_argument("--kernels", choices=("auto", "torch", "triton"), default="auto",
@@ -227,6 +237,8 @@ def settings_from_args(args: argparse.Namespace, init_image=None, mask=None):
         fields, notes = usage_errors(lambda: fields_from_infotext(text))
         for note in notes:
             print(f"tritonsd generate: warning: {note}", file=sys.stderr)
+        check_unsupported(text, args.ignore_unsupported)
+        check_networks(parse_infotext(text), args.lora_dir, args.embeddings_dir, "--lora-dir", "--embeddings-dir")
     elif args.prompt is None:
         raise UsageError("--prompt is required (or --from-png / --infotext)")
     given = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, sampler=args.sampler,
@@ -240,9 +252,25 @@ def settings_from_args(args: argparse.Namespace, init_image=None, mask=None):
         fields["seed"] = None
     if args.sampler is not None and args.karras is None:
         fields.pop("karras", None)  # a sampler named on the command line gets its own default schedule
+    if args.scheduler is not None:
+        if args.karras is not None:
+            raise UsageError("--scheduler and --karras both set the schedule: choose one")
+        fields["karras"] = args.scheduler  # an A1111 schedule type: the settings read it
     if init_image is not None and args.width is None and args.height is None:
         fields.pop("width", None), fields.pop("height", None)  # the init image's size
     return usage_errors(lambda: GenerationSettings(**fields, use_graphs=args.cuda_graphs).check())
+
+
+def check_unsupported(text: str, ignore: bool) -> None:
+    """An infotext whose keys ask for what is not implemented (``Face restoration``, ...): bad usage (exit 2), or,
+    with ``--ignore-unsupported``, one warning line naming them."""
+    keys = unsupported_keys(generation_settings(text))
+    if not keys:
+        return
+    if not ignore:
+        raise UsageError(f"the infotext asks for what tritonsd does not implement, so the image would differ: "
+                         f"{', '.join(keys)} (give --ignore-unsupported to generate without them)")
+    print(f"tritonsd generate: warning: ignored (not implemented): {', '.join(keys)}", file=sys.stderr)
 
 
 def infotext_of(args: argparse.Namespace) -> str | None:

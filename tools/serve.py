@@ -4,6 +4,9 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import signal
+import socket
 import sys
 from pathlib import Path
 
@@ -35,15 +38,21 @@ def add_parser(subparsers) -> None:
     m.add_argument("--parameterization", choices=("eps", "v"), default=None,
                    help="prediction type, when no YAML says it")
     r = p.add_argument_group("runtime")
-    r.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
+    r.add_argument("--device", default=None, metavar="DEVICE",
+                      help="cpu, cuda or cuda:N (default: cuda when available)")
     r.add_argument("--dtype", choices=tuple(DTYPE_NAMES), default=None,
                    help="default: fp16 on cuda, fp32 on cpu")
     r.add_argument("--kernels", choices=("auto", "torch", "triton"), default="auto")
     n = p.add_argument_group("network")
     n.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
-    n.add_argument("--port", type=int, default=7860, help="default: 7860")
+    n.add_argument("--port", type=int, default=7860,
+                   help="default: 7860; checked before the model loads (exit 1 when taken)")
     n.add_argument("--api-auth", default=None, metavar="USER:PASS",
                    help="HTTP basic auth for every route (comma-separated for several users)")
+    r.add_argument("--ignore-unsupported", action="store_true",
+                   help="serve requests whose fields ask for what tritonsd does not implement (restore_faces, "
+                        "script_name, alwayson_scripts entries, ...), naming them in the response's info, instead "
+                        "of refusing them with a 422")
     p.set_defaults(run=run)
 
 
@@ -64,6 +73,44 @@ def check_usage(args: argparse.Namespace) -> dict:
         raise UsageError(str(e)) from None
 
 
+class ServeError(RuntimeError):
+    """The server cannot start (its port is taken, ...): one line, exit code 1."""
+
+
+class Stopped(Exception):
+    """SIGTERM or SIGINT arrived: the server stops with a line saying so (exit code 128 + the signal)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _stop(signum, _frame):
+    raise Stopped(signum)
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """The server's listening socket, bound before the model loads: a taken port costs no load. uvicorn serves
+    on this very socket, so nothing can take the port in between."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        infos = socket.getaddrinfo(host, port, family, socket.SOCK_STREAM)
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is not "in use"
+        try:
+            sock.bind(infos[0][4])
+            sock.listen(2048)
+        except OSError:
+            sock.close()
+            raise
+    except OSError as e:
+        reason = e.strerror or str(e)
+        hint = "; another server holds it: stop that one or give another --port" if \
+            e.errno == errno.EADDRINUSE else ""
+        raise ServeError(f"cannot listen on {host}:{port}: {reason}{hint}") from None
+    return sock
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         import fastapi  # noqa: F401
@@ -72,6 +119,25 @@ def run(args: argparse.Namespace) -> int:
         raise RuntimeError(f"{e.name} is not installed; install the serve extra: pip install 'tritonsd[serve]'") \
             from None
     credentials = check_usage(args)
+    sock = listen(args.host, args.port)
+    previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        serve(args, credentials, sock, uvicorn)
+    except Stopped as e:
+        name = signal.Signals(e.signum).name
+        print(f"tritonsd serve: stopped by {name}{' (Ctrl-C)' if e.signum == signal.SIGINT else ''}",
+              file=sys.stderr, flush=True)
+        return 128 + e.signum
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        sock.close()
+    return 0
+
+
+def serve(args: argparse.Namespace, credentials: dict, sock: socket.socket, uvicorn) -> None:
+    """Load the model and serve on ``sock`` until a signal: uvicorn shuts down gracefully, then raises the signal
+    again, which ``_stop`` turns into ``Stopped``."""
     if args.host not in ("127.0.0.1", "localhost", "::1") and not credentials:
         print(f"tritonsd serve: warning: listening on {args.host} without --api-auth: anyone who can reach this "
               "address can use the server", file=sys.stderr)
@@ -81,11 +147,11 @@ def run(args: argparse.Namespace) -> int:
     from tritonsd.serve import build_state, create_app  # lazy: fastapi (the serve extra), for this subcommand only
 
     state = build_state(load_spec_of(args), models_dir=args.models_dir, vae_dir=args.vae_dir,
-                        credentials=credentials)
+                        credentials=credentials, ignore_unsupported=args.ignore_unsupported)
     import threading
 
     threading.Thread(target=state.catalog.hash_all, name="tritonsd-hash", daemon=True).start()
     print(f"tritonsd serve: {state.catalog.main.name} loaded on {state.host.pipe.device}; "
           f"http://{args.host}:{args.port}/", file=sys.stderr, flush=True)
-    uvicorn.run(create_app(state), host=args.host, port=args.port, log_level="warning", access_log=False)
-    return 0
+    config = uvicorn.Config(create_app(state), log_level="warning", access_log=False)
+    uvicorn.Server(config).run(sockets=[sock])

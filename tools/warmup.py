@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from tritonsd.devices import DTYPE_NAMES
-from tritonsd.tools.cli import UsageError
+from tritonsd.tools.cli import UsageError, plain_help
 from tritonsd.compile import aot, shapes
 from tritonsd.formats.checkpoint import read_checkpoint_shapes
 from tritonsd.model.config import detect_config
@@ -30,7 +30,7 @@ def parse_size(text: str) -> tuple[int, int]:
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("warmup", help="pre-compile (and on a GPU, tune) the kernels for given shapes",
-                              description=__doc__.splitlines()[0])
+                              description=plain_help(__doc__))
     p.add_argument("checkpoint", nargs="?", type=Path, help="a checkpoint (.safetensors / .ckpt); only its header "
                                                             "is read unless tuning on a GPU")
     p.add_argument("--model", choices=("sd15", "sd21", "sdxl"), help="a released model's shapes instead")
