@@ -14,6 +14,20 @@ The stages, public so a caller can stop at conditioning or at latents:
     x        = pipe.denoise(latents, cond, settings, callback)   the sampler loop (CUDA graph where it can)
     images   = pipe.decode(x)                       [B, 3, H, W] float32 in [0, 1]
 
+Hires fix (``enable_hr``, AUTOMATIC1111 v1.10's txt2img second pass) adds stages between ``denoise`` and
+``decode``, each made of the ones above:
+
+    x2       = pipe.upscale(x, settings, noise2)    the first pass's latents upscaled (a latent mode, or decoded,
+                                                    resized by an image upscaler and encoded again) and cropped
+    latents2 = pipe.prepare_hires_latents(x2, settings, noise2)   noised by webui's fixed-steps rule
+    x        = pipe.denoise(latents2, pipe.encode_hires(settings, cond), settings.hires_pass())
+
+(``hires`` runs the three.) ``noise2`` is a fresh ``ImageNoise`` of the same seeds at the second pass's latent
+shape (webui's new ``ImageRNG``); an image upscaler's VAE encode samples its posterior with that source's
+per-image VAE stream (``derived_seed(seed + i, "vae")``), where webui draws from its global generator, so the
+same settings give the same bytes through every door. On CUDA the second pass is its own captured loop: the
+graph runner keeps both loops.
+
 Modes follow the settings: no init image is txt2img (``scripts/txt2img.py``; SDXL as sgm's
 ``SamplingPipeline.text_to_image``), an init image img2img (``scripts/img2img.py``; see ``sampler/wiring.py``),
 an init image and a mask inpainting as AUTOMATIC1111 does it (``sampler/inpaint.py``: mask blur, only masked,
@@ -41,6 +55,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 from tritonsd.kernels import dispatch
@@ -56,15 +71,17 @@ from tritonsd.sampler.reproduce import check_networks, with_lora_tags
 from tritonsd.sampler.memory import memory_shortfall
 from tritonsd.sampler.settings import (check_rng_device, default_size, fields_from_infotext, GenerationSettings,
     SettingsError, vae_factor)
+from tritonsd.sampler.upscale import crop_latent, hires_steps, is_latent_mode, upscale_latent
 from tritonsd.sampler.vae_io import (InpaintConditioning, NonFiniteError, check_finite, decode_clamped, encode_image,
     inpaint_conditioning)
 from tritonsd.sampler.wiring import (build_denoiser, img2img_start, make_schedule, num_steps, sigma_denoiser,
-    txt2img_start)
+    start_at, txt2img_start)
 from tritonsd.lora.apply import find_lora, LoraError, LoraSpec, LoraState, parse_lora_tags
 from tritonsd.compile.warmup import warmup
 from tritonsd.prompt.encode import (encode_schedule, load_model_embeddings, pad_to_same_length,
                                      unet_keywords)
 from tritonsd.formats.embeddings import ti_hashes
+from tritonsd.upscalers import UnknownUpscalerError, Upscalers
 
 StepCallback = Callable[[dict], None]
 
@@ -129,7 +146,7 @@ class Pipeline:
 
     def __init__(self, model, *, name: str = "model", model_hash: str | Callable[[], str] | None = None,
                  kernels: str = "auto", lora_dir: str | os.PathLike | None = None,
-                 embeddings_dir: str | os.PathLike | None = None):
+                 embeddings_dir: str | os.PathLike | None = None, upscaler_dir: str | os.PathLike | None = None):
         if kernels not in dispatch.BACKENDS:
             raise ValueError(f"unknown kernels {kernels!r}; expected one of {', '.join(dispatch.BACKENDS)}")
         self.model = model
@@ -150,6 +167,7 @@ class Pipeline:
         if embeddings_dir is not None:
             self.load_embeddings(embeddings_dir)
         self._ti_hashes: str | None = None  # of the last encode, for the infotext
+        self.upscalers = Upscalers(upscaler_dir, self.device)  # hires fix's image upscalers (built-in and files)
         self.auto_warmup = True  # on CUDA with the Triton kernels: compile and tune new shapes before their run
         self._warmed: set[tuple] = set()
 
@@ -210,7 +228,24 @@ class Pipeline:
                                  self.config.vae.ch)
         if short is not None:
             raise SettingsError("width", f"x height: {short}")
+        if resolved.enable_hr:
+            self._check_hires(resolved)
         return resolved
+
+    def _check_hires(self, s: GenerationSettings) -> None:
+        """What the hires pass needs of this pipeline: a known upscaler (its file readable comes at the run) and
+        the memory for the second pass's size."""
+        if not is_latent_mode(s.hr_upscaler):
+            try:
+                self.upscalers.check(s.hr_upscaler)
+            except UnknownUpscalerError as e:
+                raise SettingsError("hr_upscaler", f"{e}; or a latent mode (Latent, Latent (antialiased), ...)") \
+                    from None
+        target = s.hires_target()
+        short = memory_shortfall(s.batch_size, target.upscale_to_x, target.upscale_to_y, self.device, self.dtype,
+                                 self.config.vae.ch)
+        if short is not None:
+            raise SettingsError("hr_scale", f"makes the second pass too large: {short}")
 
     def from_infotext(self, text: str, **fields) -> GenerationSettings:
         """Settings from an AUTOMATIC1111 ``parameters`` text (a PNG's infotext), ``fields`` overriding it:
@@ -308,13 +343,15 @@ class Pipeline:
         self._embeddings_dir = directory
         return self.embedding_messages
 
-    def encode(self, settings: GenerationSettings, **size_conditions) -> Conditioning:
+    def encode(self, settings: GenerationSettings, hires_of: GenerationSettings | None = None,
+               **size_conditions) -> Conditioning:
         """The prompt (and, with CFG, the negative prompt) for every image of the batch, as AUTOMATIC1111 reads
         them (``prompt_syntax="a1111"``: weights, BREAK, prompts beyond 75 tokens, ``[from:to:when]`` editing,
         textual inversion, clip skip; cond and uncond encoded apart) or as the original scripts do
         (``"original"``: one 77-token window, text taken literally; SDXL's size conditions ``original_size``,
         ``crop_coords_top_left``, ``target_size`` may be given). The LoRAs of ``set_loras`` and of the prompt's
-        ``<lora:...>`` tags are applied first."""
+        ``<lora:...>`` tags are applied first. ``hires_of``: ``settings`` is the hires pass of these first-pass
+        settings (``hires_pass()``): prompt editing counts its steps after the first pass's, as webui's."""
         s = settings
         prompt = self._activate_prompt_loras(s.prompt)
         if s.prompt_syntax == "original":
@@ -322,18 +359,20 @@ class Pipeline:
         if size_conditions:
             raise ValueError("size conditions are taken from the settings with prompt_syntax='a1111'")
         with self._kernels():
-            cond = self._encode_side(prompt, s, is_negative=False)
-            uncond = None if s.cfg_scale == 1.0 else self._encode_side(s.negative_prompt, s, is_negative=True)
+            cond = self._encode_side(prompt, s, False, hires_of)
+            uncond = None if s.cfg_scale == 1.0 else self._encode_side(s.negative_prompt, s, True, hires_of)
         used = cond.cond.used_embeddings + (uncond.cond.used_embeddings if uncond is not None else [])
 
         self._ti_hashes = ti_hashes(used) or None
         return self._conditioning(s, cond, uncond)
 
-    def _encode_side(self, prompt: str, s: GenerationSettings, is_negative: bool):
+    def _encode_side(self, prompt: str, s: GenerationSettings, is_negative: bool,
+                     hires_of: GenerationSettings | None = None):
         """One prompt's editing schedule, encoded in one batch (``ScheduledConditioning``)."""
 
-        return encode_schedule(self.model, prompt, s.steps, clip_skip=s.clip_skip, embeddings=self.embeddings,
-                               width=s.width, height=s.height, is_negative=is_negative)
+        steps, hires = (s.steps, None) if hires_of is None else (hires_of.steps, s.steps)
+        return encode_schedule(self.model, prompt, steps, hires_steps=hires, clip_skip=s.clip_skip,
+                               embeddings=self.embeddings, width=s.width, height=s.height, is_negative=is_negative)
 
     def _conditioning(self, s: GenerationSettings, cond, uncond) -> Conditioning:
         """The UNet keywords of both sides (``prompt.encode.unet_keywords``), padded to one length when the
@@ -467,6 +506,81 @@ class Pipeline:
         if self._runner is not None:
             self._runner.clear()
 
+    # ------------------------------------------------------------ stage 3b: hires fix's second pass
+
+    def hires_noise(self, settings: GenerationSettings) -> ImageNoise:
+        """webui's second ``ImageRNG``: the same seeds (and variation seeds), fresh, at the second pass's latent
+        shape."""
+        s = settings
+        target = s.hires_target()
+        shape = (self.config.vae.embed_dim, target.height // vae_factor(self.config),
+                 target.width // vae_factor(self.config))
+        return ImageNoise(shape, s.seed, s.batch_size, s.rng, s.subseed, s.subseed_strength, self.device)
+
+    def upscale(self, latents: torch.Tensor, settings: GenerationSettings, noise: NoiseSource) -> torch.Tensor:
+        """The first pass's latents [B, C, h, w] as the second pass's start [B, C, H/8, W/8] (``sample_hr_pass``):
+        a latent mode interpolates them; an image upscaler gets each image decoded to 8 bits, resizes it to
+        ``hr_upscale_to`` and the VAE encodes it again (its posterior sampled with ``noise.vae``); then the
+        truncate crop."""
+        s = settings
+        target = s.hires_target()
+        if is_latent_mode(s.hr_upscaler):
+            return upscale_latent(latents, target, s.hr_upscaler)
+        images = [self.upscalers.resize(to_pil(image), target.upscale_to_x, target.upscale_to_y, s.hr_upscaler)
+                  for image in self.decode(latents).cpu()]
+        # [H, W, 3] uint8 -> [B, 3, H, W] in [0, 1], as webui's np.array(image) / 255
+        pixels = torch.stack([torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1)
+                              for im in images])
+        f = vae_factor(self.config)
+        shape = (self.config.vae.embed_dim, target.upscale_to_y // f, target.upscale_to_x // f)
+        with self._kernels():
+            encoded = encode_image(self.model, pixels * 2.0 - 1.0, noise.vae(shape).to(self.device))
+        return crop_latent(encoded, target)
+
+    def prepare_hires_latents(self, upscaled: torch.Tensor, settings: GenerationSettings,
+                              noise: NoiseSource) -> Latents:
+        """The second pass's first latent and schedule by webui's fixed-steps rule: ``hr_steps`` steps of a
+        ``int(hr_steps / min(strength, 0.999))``-step schedule (``sampler/upscale.py``); at strength 0 none."""
+        s, hr = settings, settings.hires_pass()
+        spec = registry.get(hr.sampler)
+        device = self.device
+        shape = tuple(upscaled.shape[1:])
+        x_noise = noise.start(shape).to(device)
+        shared, inpaint = {}, None
+        with self._kernels():
+            if self.config.unet.in_channels == 9:  # the first pass's image conditioning, at the new size
+                h, w = shape[1] * vae_factor(self.config), shape[2] * vae_factor(self.config)
+                inpaint = inpaint_conditioning(self.model, torch.zeros(1, 3, h, w), torch.ones(1, 1, h, w),
+                                               noise.vae(shape).to(device))
+                shared["c_concat"] = inpaint.c_concat
+        length, t_enc = hires_steps(hr.steps, s.strength)
+        if length == 0:
+            return Latents(x=upscaled, schedule=None, spec=spec, shared=shared, noise=noise, inpaint=inpaint)
+        schedule = make_schedule(self.config, spec, length, hr.karras, hr.eta)
+        x, schedule = start_at(schedule, upscaled.to(device), x_noise, t_enc)
+        return Latents(x=x, schedule=schedule, spec=spec, shared=shared, noise=noise, inpaint=inpaint)
+
+    def encode_hires(self, settings: GenerationSettings, first: Conditioning | None = None) -> Conditioning:
+        """The second pass's conditioning: ``first`` (the first pass's) where webui's would be the same tensors
+        (the same prompts, no editing, not SDXL, whose size conditioning is the second pass's size), else the
+        hires prompts encoded at ``hr_upscale_to``."""
+        hr = settings.hires_pass()
+        same = hr.prompt == settings.prompt and hr.negative_prompt == settings.negative_prompt
+        if first is not None and same and not first.per_step and self.config.family != "sdxl":
+            return first
+        return self.encode(hr, hires_of=settings)
+
+    def hires(self, latents: torch.Tensor, settings: GenerationSettings, cond: Conditioning | None = None,
+              callback: StepCallback | None = None, noise: NoiseSource | None = None) -> torch.Tensor:
+        """The second pass over the first pass's ``latents``: its latents, float32 (see the module docstring)."""
+        hr = settings.hires_pass()
+        target = settings.hires_target()
+        self._warm(dataclasses.replace(hr, width=target.width, height=target.height))
+        noise = self.hires_noise(settings) if noise is None else noise
+        upscaled = self.upscale(latents, settings, noise)
+        hr_latents = self.prepare_hires_latents(upscaled, settings, noise)
+        return self.denoise(hr_latents, self.encode_hires(settings, cond), hr, callback)
+
     # ------------------------------------------------------------ stage 4: pixels
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -484,14 +598,17 @@ class Pipeline:
         cond = self.encode(settings)
         latents = self.prepare_latents(settings, noise)
         x = self.denoise(latents, cond, settings, callback)
+        if settings.enable_hr:
+            x = self.hires(x, settings, cond, callback)
         return self.decode(x).cpu()
 
     def __call__(self, prompt: str = "", negative_prompt: str = "", *, callback: StepCallback | None = None,
                  **fields) -> "Images":
         """PIL images for ``prompt``; ``fields`` are ``GenerationSettings``'s (seed, steps, cfg_scale, sampler,
-        karras, width, height, batch_size, init_image, mask, strength, eta, use_graphs), or diffusers' names for
-        them (``DIFFUSERS_ALIASES``: num_inference_steps, guidance_scale, num_images_per_prompt, image,
-        mask_image). The result is a list that also has ``.images`` (diffusers' output). Each image's
+        karras, width, height, batch_size, init_image, mask, strength, eta, use_graphs, enable_hr and the hr_*
+        fields), or diffusers' names for them (``DIFFUSERS_ALIASES``: num_inference_steps, guidance_scale,
+        num_images_per_prompt, image, mask_image). The result is a list that also has ``.images`` (diffusers'
+        output). Each image's
         ``info["parameters"]`` is its AUTOMATIC1111 infotext and ``info["seed"]`` its seed."""
         settings = self.settings(prompt=prompt, negative_prompt=negative_prompt, **from_diffusers_names(fields))
         return Images(self.to_pil(self.generate(settings, callback), settings))
@@ -541,7 +658,7 @@ class Pipeline:
 def load(path: str | os.PathLike, config: str | os.PathLike | None = None, *, device=None, dtype=None,
          kernels: str = "auto", vae: str | os.PathLike | None = None, text_heads: int | None = None,
          parameterization: str | None = None, lora_dir: str | os.PathLike | None = None,
-         embeddings_dir: str | os.PathLike | None = None) -> Pipeline:
+         embeddings_dir: str | os.PathLike | None = None, upscaler_dir: str | os.PathLike | None = None) -> Pipeline:
     """A Pipeline for an original single-file checkpoint (``.safetensors`` or ``.ckpt``), or the built-in demo
     model ``"demo:sd1"`` (tiny, random weights: its images are noise; no file needed).
 
@@ -550,14 +667,15 @@ def load(path: str | os.PathLike, config: str | os.PathLike | None = None, *, de
     torch dtype (default: fp16 on CUDA, fp32 on the CPU); ``kernels``: "auto", "torch" or "triton"; ``vae``: an
     external VAE file (``.safetensors`` / ``.pt``); ``text_heads`` / ``parameterization``: what the weights cannot
     tell, when no YAML does; ``lora_dir``: where ``<lora:name:w>`` in a prompt is looked up;
-    ``embeddings_dir``: textual-inversion embeddings, used where their file name appears in a prompt. The model
+    ``embeddings_dir``: textual-inversion embeddings, used where their file name appears in a prompt;
+    ``upscaler_dir``: upscaler model files (ESRGAN, ...) for hires fix's ``hr_upscaler``. The model
     hash for the infotext is computed when the first infotext needs it, and cached on disk
     (``formats.hashes.cached_sha256``).
 
     The same as ``load_spec(LoadSpec(path, config, ...))``: the keywords are ``LoadSpec``'s fields."""
     return load_spec(LoadSpec(path, config, device=device, dtype=dtype, kernels=kernels, vae=vae,
                               text_heads=text_heads, parameterization=parameterization, lora_dir=lora_dir,
-                              embeddings_dir=embeddings_dir))
+                              embeddings_dir=embeddings_dir, upscaler_dir=upscaler_dir))
 
 
 def load_spec(spec: LoadSpec | CheckedSpec) -> Pipeline:
@@ -570,7 +688,7 @@ def load_spec(spec: LoadSpec | CheckedSpec) -> Pipeline:
                            text_heads=spec.text_heads, vae=spec.vae, dtype=checked.dtype, device=checked.device)
     source = model.source
     return Pipeline(model, name=source.model_name, kernels=spec.kernels, lora_dir=spec.lora_dir,
-                    embeddings_dir=spec.embeddings_dir,
+                    embeddings_dir=spec.embeddings_dir, upscaler_dir=spec.upscaler_dir,
                     model_hash=source.model_hash)  # computed (or read from the disk cache) when a PNG needs it
 
 

@@ -13,6 +13,11 @@ API defaults for the fields a client omits (``serve/schema.py``).
 
 Names: ``sampler`` takes ours ("dpmpp_2m"), A1111's ("DPM++ 2M", "DPM++ 2M Karras", "Euler a") or its aliases
 ("k_euler_a"); ``karras`` takes True / False / None or A1111's schedule type ("Automatic", "Uniform", "Karras").
+
+Hires fix (``enable_hr``, AUTOMATIC1111's txt2img switch; ``sampler/upscale.py`` has its arithmetic): a second
+pass at ``hr_scale`` times the size (or ``hr_resize_x`` x ``hr_resize_y``), from the first pass's latents upscaled
+by ``hr_upscaler`` and noised to ``strength`` (the denoising strength). Defaults as webui's UI: scale 2, "Latent",
+strength 0.7 (img2img's is 0.75), the first pass's steps, sampler, schedule and prompts.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import torch
 
 from tritonsd.sampler import inpaint as I, registry, schedule as S
 from tritonsd.sampler.seeds import SEED_RANGE, random_seed
+from tritonsd.sampler.upscale import DEFAULT_UPSCALER, HiresTarget, hires_steps, hires_target
 from tritonsd.prompt.chunks import MAX_PROMPT_TOKENS, PromptTooLongError, tokenize_prompt
 from tritonsd.prompt.parser import PromptSyntaxError, prompt_schedule
 from tritonsd.prompt.tokenizer import get_tokenizer
@@ -34,7 +40,11 @@ from tritonsd.escape import escape
 from tritonsd.sampler.infotext_parse import generation_settings
 
 MAX_STEPS = 1000
+DEFAULT_IMG2IMG_STRENGTH = 0.75  # webui's img2img default (its UI's and API's)
+DEFAULT_HR_STRENGTH = 0.7  # webui's UI default for the hires pass (its API's is 0.75)
 MAX_BATCH = 64
+MAX_SIDE = 8192  # pixels per side of any image a generation makes (the hires pass's too)
+MAX_HR_SCALE = 8.0
 MAX_CLIP_SKIP = 12  # AUTOMATIC1111's slider; the model's own layer count is checked when the prompt is encoded
 RNG_SOURCES = ("nv", "gpu", "cpu")
 PROMPT_SYNTAXES = ("a1111", "original")
@@ -67,7 +77,8 @@ class GenerationSettings:
     batch_size: int = 1
     init_image: object = None  # PIL image or [1, 3, H, W] tensor in [-1, 1] (img2img, inpainting)
     mask: object = None  # PIL image or [1, 1, H, W] tensor in [0, 1], 1 = repaint (inpainting)
-    strength: float = 0.75  # img2img: how much of the schedule runs
+    strength: float | None = None  # denoising strength, img2img's or the hires pass's (None: 0.75 img2img,
+    # 0.7 hires: webui's UI defaults)
     clip_skip: int = 1  # CLIP-L: final_layer_norm(hidden_states[-clip_skip]) (AUTOMATIC1111's; OpenCLIP ignores it)
     rng: str = "nv"  # noise source: "nv" (CUDA's torch.randn on any device), "gpu" (CUDA), "cpu"
     subseed: int | None = None  # variation seed (AUTOMATIC1111's); image i uses subseed + i
@@ -84,6 +95,16 @@ class GenerationSettings:
     inpainting_mask_invert: bool = False  # "Mask mode": True inpaints what is NOT masked
     resize_mode: int = 0  # init image to width x height: 0 just resize, 1 crop and resize, 2 resize and fill
     inpaint: object = None  # set by check() from a PIL init image and a mask: the prepared ``inpaint.Prepared``
+    enable_hr: bool = False  # hires fix: a second pass at a larger size (txt2img only)
+    hr_scale: float = 2.0  # the second pass's size: the first's times this (unless hr_resize_x / _y)
+    hr_resize_x: int = 0  # the second pass's width (0: from the height and the aspect ratio, or hr_scale)
+    hr_resize_y: int = 0
+    hr_upscaler: str = DEFAULT_UPSCALER  # a latent mode ("Latent", ...), "Lanczos", "Nearest", "None" or a model
+    hr_second_pass_steps: int = 0  # 0: ``steps``
+    hr_sampler: str | None = None  # None: the first pass's
+    hr_scheduler: str | None = None  # "Automatic", "Uniform", "Karras"; None: the first pass's
+    hr_prompt: str = ""  # "": the prompt
+    hr_negative_prompt: str = ""  # "": the negative prompt
 
     # ------------------------------------------------------------ without a model
 
@@ -109,13 +130,20 @@ class GenerationSettings:
         if eta != 0 and not spec.takes_eta:
             raise SettingsError("eta", f"applies to {_names(lambda s: s.takes_eta)} only ({spec.name} needs 0; "
                                        f"{_names(lambda s: s.stochastic)} always uses ancestral eta 1), got {eta:g}")
-        strength = _real("strength", self.strength, 0.0, 1.0)
+        _flag("enable_hr", self.enable_hr)
+        if self.strength is None:
+            strength = DEFAULT_HR_STRENGTH if self.enable_hr else DEFAULT_IMG2IMG_STRENGTH
+        else:
+            strength = _real("strength", self.strength, 0.0, 1.0)
+        hires = self._check_hires(steps) if self.enable_hr else {}
         for name in ("prompt", "negative_prompt"):
             check_prompt(name, getattr(self, name), steps, self.prompt_syntax)
         fill = _inpaint_fields(self)
         prepared, width, height = self._prepare_inpaint(fill)
         init_image = mask = None
         if self.init_image is not None:
+            if self.enable_hr:
+                raise SettingsError("enable_hr", "is txt2img's hires fix: it takes no init_image")
             init_image = image_tensor("init_image", self.init_image if prepared is None else prepared.image,
                                       3, -1.0, 1.0)
         if self.mask is not None:
@@ -143,7 +171,7 @@ class GenerationSettings:
                                    cfg_scale=cfg_scale, eta=eta, strength=strength, init_image=init_image,
                                    mask=mask, width=width, height=height, clip_skip=clip_skip, subseed=subseed,
                                    subseed_strength=subseed_strength, sampler=spec.name, inpainting_fill=fill,
-                                   inpaint=prepared)
+                                   inpaint=prepared, **hires)
 
     def _prepare_inpaint(self, fill: int) -> tuple:
         """(prepared, width, height): A1111's pixel-side inpainting (``inpaint.prepare``) of a PIL init image and
@@ -180,6 +208,49 @@ class GenerationSettings:
             raise SettingsError("mask", str(e)) from None
         return prepared, width, height
 
+    def _check_hires(self, steps: int) -> dict:
+        """The hires fields checked (without the model): a dict of their checked values."""
+        hr_sampler = self.hr_sampler
+        if hr_sampler is not None:
+            try:
+                hr_sampler = registry.resolve_name(hr_sampler)[0] if isinstance(hr_sampler, str) else \
+                    registry.get(hr_sampler).name
+            except registry.UnknownSamplerError:
+                raise SettingsError("hr_sampler", f"{hr_sampler!r} is unknown; choose one of "
+                                                  f"{', '.join(registry.SAMPLERS)}") from None
+        if self.hr_scheduler is not None:
+            _choice("hr_scheduler", self.hr_scheduler, HR_SCHEDULERS)
+        if not isinstance(self.hr_upscaler, str) or not self.hr_upscaler:
+            raise SettingsError("hr_upscaler", f"must be an upscaler's name, got {self.hr_upscaler!r}")
+        for name in ("hr_prompt", "hr_negative_prompt"):
+            value = getattr(self, name)
+            if not isinstance(value, str):
+                raise SettingsError(name, f"must be a string, got {type(value).__name__}")
+            check_prompt(name, value, steps, self.prompt_syntax)
+        hr_scale = _real("hr_scale", self.hr_scale, 0.0, MAX_HR_SCALE)
+        if hr_scale == 0:
+            raise SettingsError("hr_scale", "must be above 0")
+        resize = [_integer(n, getattr(self, n), 0, MAX_SIDE) for n in ("hr_resize_x", "hr_resize_y")]
+        return dict(hr_scale=hr_scale, hr_resize_x=resize[0], hr_resize_y=resize[1], hr_sampler=hr_sampler,
+                    hr_second_pass_steps=_integer("hr_second_pass_steps", self.hr_second_pass_steps, 0, MAX_STEPS))
+
+    def hires_target(self) -> HiresTarget:
+        """The second pass's size (resolved settings with ``enable_hr``)."""
+        return hires_target(self.width, self.height, self.hr_scale, self.hr_resize_x, self.hr_resize_y)
+
+    def hires_pass(self) -> "GenerationSettings":
+        """The second pass as settings of its own (resolved settings with ``enable_hr``): its prompts, sampler,
+        schedule and steps, at the size it is encoded for (webui's ``hr_upscale_to``, before the crop: SDXL's
+        size conditioning takes it)."""
+        target = self.hires_target()
+        hr_spec = registry.get(self.hr_sampler or self.sampler)
+        karras = _SCHEDULE_KARRAS[self.hr_scheduler or "Automatic"]
+        return dataclasses.replace(
+            self, prompt=self.hr_prompt or self.prompt, negative_prompt=self.hr_negative_prompt or self.negative_prompt,
+            sampler=hr_spec.name, karras=hr_spec.karras if karras is None else karras,
+            steps=self.hr_second_pass_steps or self.steps, width=target.upscale_to_x, height=target.upscale_to_y,
+            enable_hr=False)
+
     # ------------------------------------------------------------ against the model
 
     def resolve(self, config) -> "GenerationSettings":
@@ -197,7 +268,10 @@ class GenerationSettings:
         width = _side("width", s.width if s.width is not None else size, multiple, config)
         height = _side("height", s.height if s.height is not None else size, multiple, config)
         karras = spec.karras if s.karras is None else s.karras
-        return dataclasses.replace(s, width=width, height=height, karras=karras)
+        hires = {}
+        if s.enable_hr:
+            hires = _resolve_hires(s, width, height, config)
+        return dataclasses.replace(s, width=width, height=height, karras=karras, **hires)
 
     @property
     def mode(self) -> str:
@@ -227,6 +301,31 @@ def _inpaint_fields(s: GenerationSettings) -> int:
         return I.fill_mode(s.inpainting_fill)
     except I.InpaintError as e:
         raise SettingsError("inpainting_fill", str(e)) from None
+
+
+HR_SCHEDULERS = ("Automatic", "Uniform", "Karras")  # AUTOMATIC1111's labels of the schedules we have
+_SCHEDULE_KARRAS = {"Automatic": None, "Uniform": False, "Karras": True}
+
+
+def _resolve_hires(s: GenerationSettings, width: int, height: int, config) -> dict:
+    """The hires fields resolved for the model: the second pass's schedule named ("use same" is the first pass's
+    schedule: its label, so that "Automatic" stays the hires sampler's own default) and its size checked."""
+    if s.hr_scheduler is None:
+        hr_scheduler = "Automatic" if s.karras is None else ("Karras" if s.karras else "Uniform")
+    else:
+        hr_scheduler = s.hr_scheduler
+    target = hires_target(width, height, s.hr_scale, s.hr_resize_x, s.hr_resize_y)
+    field = "hr_scale" if s.hr_resize_x == 0 and s.hr_resize_y == 0 else "hr_resize_x"
+    if target.width < VAE_FACTOR_MULTIPLE or target.height < VAE_FACTOR_MULTIPLE:
+        raise SettingsError(field, f"gives a {target.width}x{target.height} image: below one latent cell")
+    if max(target.upscale_to_x, target.upscale_to_y) > MAX_SIDE:
+        raise SettingsError(field, f"makes the second pass {target.upscale_to_x}x{target.upscale_to_y}, larger than "
+                                   f"the limit of {MAX_SIDE} pixels per side")
+    hr_spec = registry.get(s.hr_sampler or s.sampler)
+    hr_steps = s.hr_second_pass_steps or s.steps
+    if hr_spec.space == "timesteps":
+        check_ddim_steps(hr_spec.name, hires_steps(hr_steps, s.strength)[0] or 1, config.timesteps)
+    return {"hr_scheduler": hr_scheduler}
 
 
 def _is_random(seed) -> bool:
@@ -300,6 +399,8 @@ def _excerpt(text: str, limit: int = 40) -> str:
 
 INFOTEXT_FIELDS = ("prompt", "negative_prompt", "steps", "cfg_scale", "seed", "width", "height", "clip_skip", "rng",
                    "subseed", "subseed_strength")
+HIRES_INFOTEXT_FIELDS = ("strength", "hr_scale", "hr_resize_x", "hr_resize_y", "hr_upscaler",
+                         "hr_second_pass_steps", "hr_scheduler", "hr_prompt", "hr_negative_prompt")
 
 
 def fields_from_infotext(text: str) -> tuple[dict, list[str]]:
@@ -317,6 +418,14 @@ def fields_from_infotext(text: str) -> tuple[dict, list[str]]:
             raise SettingsError("sampler", f"from the infotext: {e}") from None
     if fields.get("subseed_strength", 0.0) == 0.0:
         fields.pop("subseed", None)
+    if parsed.get("enable_hr"):  # webui's paste: "Denoising strength" and a "Hires ..." size or upscaler
+        fields["enable_hr"] = True
+        fields.update({k: parsed[k] for k in HIRES_INFOTEXT_FIELDS if k in parsed})
+        if "hr_sampler" in parsed:
+            try:
+                fields["hr_sampler"] = registry.from_a1111_name(parsed["hr_sampler"])[0]
+            except registry.UnknownSamplerError as e:
+                raise SettingsError("hr_sampler", f"from the infotext: {e}") from None
     return fields, parsed["notes"]
 
 

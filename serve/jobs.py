@@ -5,7 +5,10 @@ Mapping (A1111 field -> GenerationSettings): sampler_name / sampler_index + sche
 (``registry.from_a1111_name``: v1.10's names with "Automatic" / "Uniform" / "Karras" schedules, the older
 combined "DPM++ 2M Karras", and A1111's ``k_`` aliases, ``registry.from_a1111_alias``); seed / subseed -1 ->
 random; subseed_strength; steps, cfg_scale, width, height, batch_size; n_iter -> one generation per iteration
-with the seeds counting on; denoising_strength -> strength; eta -> the eta of a sampler that takes one (DDIM;
+with the seeds counting on; denoising_strength -> strength (img2img's, or with enable_hr the hires pass's: A1111's
+API default 0.75 when omitted); enable_hr, hr_scale, hr_resize_x / _y, hr_upscaler (None: "Latent"),
+hr_second_pass_steps, hr_sampler_name, hr_scheduler ("Use same ..." and None: the first pass's), hr_prompt,
+hr_negative_prompt -> the settings' hires fields; eta -> the eta of a sampler that takes one (DDIM;
 an ancestral sampler, Euler a, always runs A1111's ancestral eta 1);
 ``infotext`` fills the fields the request did not send (A1111 v1.10's ``apply_infotext``);
 override_settings / options: CLIP_stop_at_last_layers -> clip_skip, randn_source -> rng ("GPU" and "NV" -> nv,
@@ -25,12 +28,13 @@ from tritonsd.serve import limits
 from tritonsd.serve.errors import ApiError, BadRequest, NotFound, printable
 from tritonsd.serve.host import ModelKey
 from tritonsd.serve.images import decode_image, png_b64
-from tritonsd.serve.schema import (IMG2IMG_FIELDS, TXT2IMG_FIELDS, apply_infotext, ignored_fields, infotext_unsupported,
-    parameters, unsupported_fields, value)
+from tritonsd.serve.schema import (API_DENOISING_STRENGTH, IMG2IMG_FIELDS, SAME, TXT2IMG_FIELDS, apply_infotext,
+    ignored_fields, infotext_unsupported, parameters, unsupported_fields, value)
 from tritonsd.serve.worker import Interrupted, Job
 from tritonsd.sampler.registry import UnknownSamplerError, resolve_name
 from tritonsd.sampler import registry
 from tritonsd.sampler.settings import GenerationSettings
+from tritonsd.sampler.upscale import DEFAULT_UPSCALER, hires_target
 
 log = logging.getLogger("tritonsd.serve")
 
@@ -149,6 +153,8 @@ def build_plan(req, mode: str, *, options: Options, catalog, host, ignore_unsupp
                   eta=eta, width=v("width"), height=v("height"), batch_size=v("batch_size"), clip_skip=clip_skip,
                   rng=rng, subseed=subseed if strength else None, subseed_strength=strength)
     prepared = None
+    if mode == "txt2img" and v("enable_hr"):
+        fields.update(_hires_fields(req, v))
     if mode == "img2img":
         prepared, inpainting = _prepare_images(req, v, fields["width"], fields["height"], notes)
         fields.update(init_image=prepared.image, strength=v("denoising_strength"), **inpainting)
@@ -159,12 +165,40 @@ def build_plan(req, mode: str, *, options: Options, catalog, host, ignore_unsupp
     device = pipe.device if pipe is not None else (host.spec.device or "cpu")
     dtype_bytes = pipe.dtype.itemsize if pipe is not None else 2
     limits.check_memory(settings.batch_size, settings.width or 512, settings.height or 512, device, dtype_bytes)
+    if settings.enable_hr:
+        target = hires_target(settings.width or 512, settings.height or 512, settings.hr_scale, settings.hr_resize_x,
+                              settings.hr_resize_y)
+        limits.check_memory(settings.batch_size, target.upscale_to_x, target.upscale_to_y, device, dtype_bytes)
     for name in ignored:
         if name not in _logged_ignored:
             _logged_ignored.add(name)
             log.warning("request field %s is accepted and ignored (not implemented by tritonsd)", printable(name))
     return Plan(mode, settings, n_iter, key, bool(v("override_settings_restore_afterwards")), subseed, prepared,
                 bool(v("send_images")), sorted(set(ignored)), notes, parameters(req, mode == "img2img"))
+
+
+def _hires_fields(req, v) -> dict:
+    """GenerationSettings' hires fields of a txt2img request with ``enable_hr`` (A1111's "Use same ..." and None
+    are the first pass's; an omitted denoising strength is the API's 0.75)."""
+    strength = req.denoising_strength
+    fields = dict(enable_hr=True, strength=API_DENOISING_STRENGTH if strength is None else strength,
+                  hr_scale=v("hr_scale"), hr_resize_x=v("hr_resize_x"), hr_resize_y=v("hr_resize_y"),
+                  hr_upscaler=req.hr_upscaler or DEFAULT_UPSCALER, hr_second_pass_steps=v("hr_second_pass_steps"),
+                  hr_prompt=_prompt("hr_prompt", req.hr_prompt), hr_negative_prompt=_prompt("hr_negative_prompt",
+                                                                                            req.hr_negative_prompt))
+    name = req.hr_sampler_name
+    if name not in (None, "", SAME["hr_sampler_name"]):
+        fields["hr_sampler"] = _sampler(name, None)[0]
+    schedule = req.hr_scheduler
+    if schedule not in (None, "", SAME["hr_scheduler"]):
+        if not isinstance(schedule, str) or schedule.strip().lower() not in _SCHEDULE_LABELS:
+            raise BadRequest(f"hr_scheduler must be one of {', '.join(_SCHEDULE_LABELS.values())} or "
+                             f"{SAME['hr_scheduler']!r}, got {printable(schedule)}")
+        fields["hr_scheduler"] = _SCHEDULE_LABELS[schedule.strip().lower()]
+    return fields
+
+
+_SCHEDULE_LABELS = {"automatic": "Automatic", "uniform": "Uniform", "karras": "Karras"}
 
 
 def _prepare_images(req, v, width, height, notes: list[str]) -> tuple[inpaint.Prepared, dict]:
@@ -279,7 +313,7 @@ def respond(plan: Plan, pipe, s, images: list, infotexts: list[str], notes: list
         "sd_model_name": pipe.name, "sd_model_hash": pipe.model_hash,
         "sd_vae_name": source.vae_name if source is not None else None, "sd_vae_hash": pipe.vae_hash,
         "seed_resize_from_w": -1, "seed_resize_from_h": -1,
-        "denoising_strength": s.strength if plan.mode == "img2img" else None,
+        "denoising_strength": s.strength if plan.mode == "img2img" or s.enable_hr else None,
         "extra_generation_params": {}, "index_of_first_image": 0, "infotexts": infotexts, "styles": [],
         "job_timestamp": "", "clip_skip": s.clip_skip,
         "is_using_inpainting_conditioning": pipe.config.unet.in_channels == 9,

@@ -30,6 +30,9 @@ def add_parser(subparsers) -> None:
     m.add_argument("--vae-dir", type=Path, default=None, metavar="DIR", help="VAE files for sd_vae")
     m.add_argument("--lora-dir", type=Path, default=None, metavar="DIR", help="LoRAs for <lora:name:w> in prompts")
     m.add_argument("--embeddings-dir", type=Path, default=None, metavar="DIR", help="textual-inversion embeddings")
+    m.add_argument("--upscaler-dir", type=Path, default=None, metavar="DIR",
+                   help="upscaler model files for hires fix and /sdapi/v1/extra-single-image (ESRGAN, ...; needs "
+                        "spandrel)")
     m.add_argument("--text-heads", type=int, default=None, metavar="N",
                    help="attention heads of the text towers (not in the weights; default width / 64)")
     m.add_argument("--parameterization", choices=("eps", "v"), default=None,
@@ -60,7 +63,7 @@ def check_usage(args: argparse.Namespace) -> dict:
         raise UsageError(f"--port must be between 0 and 65535, got {args.port}")
     if args.text_heads is not None and args.text_heads < 1:
         raise UsageError(f"--text-heads must be at least 1, got {args.text_heads}")
-    for flag in ("models_dir", "vae_dir", "lora_dir", "embeddings_dir"):
+    for flag in ("models_dir", "vae_dir", "lora_dir", "embeddings_dir", "upscaler_dir"):
         d = getattr(args, flag)
         if d is not None and not d.is_dir():
             raise UsageError(f"--{flag.replace('_', '-')} {d} is not a directory")
