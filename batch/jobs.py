@@ -4,10 +4,10 @@ driver without a model so that a bad line costs nothing and is reported by its l
 Fields: ``id`` (required: the output's file name), ``prompt``, ``negative_prompt``, ``seed``, ``subseed``,
 ``subseed_strength`` (A1111's variation seed), ``steps``,
 ``sampler_name`` (A1111's "DPM++ 2M", the old "DPM++ 2M Karras", or ours "dpmpp_2m"), ``scheduler``
-("Automatic", "Uniform", "Karras"), ``cfg_scale``, ``width``, ``height``, ``loras`` (a list of ``"FILE"``,
-``"FILE:W"``, ``"FILE:TE_W:UNET_W"`` or ``{"path": FILE, "weight": W}``; FILE relative to the current directory,
-else to the LoRA folder, with or without ``.safetensors``). A missing field takes ``tritonsd
-generate``'s default; a missing seed (or A1111's -1) is derived from the id, so a rerun gives the same image.
+("Automatic", "Uniform", "Karras"), ``cfg_scale``, ``width``, ``height``, ``tiling`` (true: seamless textures),
+``loras`` (a list of ``"FILE"``, ``"FILE:W"``, ``"FILE:TE_W:UNET_W"`` or ``{"path": FILE, "weight": W}``; FILE
+relative to the current directory, else to the LoRA folder, with or without ``.safetensors``). A missing field
+takes ``tritonsd generate``'s default; a missing seed (or A1111's -1) is derived from the id, so a rerun gives the same image.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from tritonsd.sampler.settings import GenerationSettings, SettingsError
 from tritonsd.sampler.registry import DEFAULT_SAMPLER, UnknownSamplerError, resolve_name
 
 FIELDS = ("id", "prompt", "negative_prompt", "seed", "subseed", "subseed_strength", "steps", "sampler_name",
-          "scheduler", "cfg_scale", "width", "height", "loras")
+          "scheduler", "cfg_scale", "width", "height", "tiling", "loras")
 # GenerationSettings field -> the job field a SettingsError names
 JOB_FIELD = {"sampler": "sampler_name", "karras": "scheduler"}
 MAX_ID_BYTES = 200  # "<id>.png" and its temporary name stay under the usual 255-byte file-name limit
@@ -58,10 +58,11 @@ class Job:
         return f"{self.id}.png"
 
     def group_key(self) -> tuple:
-        """What jobs must share to run in one UNet batch: the sampler loop, the size, and the LoRA weights
-        (``loras`` and the prompt's ``<lora:...>`` tags, which the Pipeline applies per generation)."""
+        """What jobs must share to run in one UNet batch: the sampler loop, the size, the convolutions' padding
+        (tiling) and the LoRA weights (``loras`` and the prompt's ``<lora:...>`` tags, which the Pipeline applies
+        per generation)."""
         s = self.settings
-        return (s.sampler, s.karras, s.steps, s.cfg_scale, s.width, s.height, self.loras,
+        return (s.sampler, s.karras, s.steps, s.cfg_scale, s.width, s.height, s.tiling, self.loras,
                 tuple(_LORA_TAG.findall(s.prompt)))
 
     def to_dict(self) -> dict:
@@ -70,7 +71,7 @@ class Job:
         return {"line": self.line, "id": self.id, "loras": [list(x) for x in self.loras],
                 "settings": {f: getattr(s, f) for f in ("prompt", "negative_prompt", "sampler", "karras", "steps",
                                                          "cfg_scale", "seed", "subseed", "subseed_strength", "width",
-                                                         "height")}}
+                                                         "height", "tiling")}}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Job":
@@ -203,7 +204,7 @@ def parse_job(fields, line: int, *, lora_dir: Path | None = None, base: Path | N
     if seed is None or (seed == -1 and not isinstance(seed, bool)):
         seed = seed_from_id(job_id)
     given = {k: fields[k] for k in ("prompt", "negative_prompt", "steps", "cfg_scale", "width", "height", "subseed",
-                                    "subseed_strength") if fields.get(k) is not None}
+                                    "subseed_strength", "tiling") if fields.get(k) is not None}
     if given.get("subseed") == -1 and not isinstance(given["subseed"], bool):
         given["subseed"] = seed_from_id(job_id + "\0subseed")  # A1111's "random": derived, as the seed
     if sampler is not None:

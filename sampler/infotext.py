@@ -60,7 +60,7 @@ def generation_infotext(s, index: int = 0, *, model: str | None, model_hash: str
                         lora_hashes: str | None = None) -> str:
     """The infotext of image ``index`` of a generation with settings ``s`` (resolved ``GenerationSettings``), as
     AUTOMATIC1111 writes it: the sampler and schedule by their A1111 names, the image's own seed, variation seed,
-    img2img strength, clip skip, noise source, and the files that shaped the image (VAE, embeddings, LoRAs)."""
+    img2img strength, clip skip, noise source, tiling, and the files that shaped the image (VAE, embeddings, LoRAs)."""
     spec = registry.get(s.sampler)
     variation = s.subseed_strength > 0
     extra = {"VAE hash": vae_hash,
@@ -70,6 +70,7 @@ def generation_infotext(s, index: int = 0, *, model: str | None, model_hash: str
              "Denoising strength": float(s.strength) if s.mode == "img2img" else None,
              "Clip skip": s.clip_skip if s.clip_skip > 1 else None,
              "RNG": infotext_rng(s.rng),
+             "Tiling": "True" if s.tiling else None,
              "Schedule type": spec.a1111_schedule(s.karras),
              "TI hashes": ti_hashes if s.prompt_syntax == "a1111" else None,
              "Lora hashes": lora_hashes or None}

@@ -91,6 +91,13 @@ def _strength(v: str) -> float:
     return x
 
 
+def _bool(v: str) -> bool:
+    """A1111's checkbox values: "True" / "False"."""
+    if v not in ("True", "False"):
+        raise ValueError("not True or False")
+    return v == "True"
+
+
 def _finite(v: str) -> float:
     x = float(v)
     if x != x or x in (float("inf"), float("-inf")):
@@ -111,6 +118,7 @@ _TYPED = {
     "Variation seed": ("subseed", _seed),
     "Variation seed strength": ("subseed_strength", _strength),
     "Emphasis": ("emphasis", str),
+    "Tiling": ("tiling", _bool),
 }
 
 
@@ -121,7 +129,7 @@ def _printable(text: str, limit: int = 60) -> str:
 
 def generation_settings(infotext: str | dict[str, str]) -> dict[str, Any]:
     """Typed settings: prompt, negative_prompt, steps, sampler, schedule_type, cfg_scale, seed, width, height,
-    clip_skip, rng ("nv" / "cpu"), subseed, subseed_strength, emphasis, where present; ``extra``: every other
+    clip_skip, rng ("nv" / "cpu"), subseed, subseed_strength, emphasis, tiling, where present; ``extra``: every other
     key (raw strings); ``notes``: one line per value that did not parse (that field is left out)."""
     raw = parse_infotext(infotext) if isinstance(infotext, str) else dict(infotext)
     out: dict[str, Any] = {"prompt": raw.get("Prompt", ""), "negative_prompt": raw.get("Negative prompt", ""),
@@ -143,7 +151,7 @@ def generation_settings(infotext: str | dict[str, str]) -> dict[str, Any]:
 
 # Infotext keys whose presence asks A1111 for something tritonsd does not implement (the image would differ);
 # ``--infotext`` / ``--from-png`` / the server's ``infotext`` refuse them unless told to ignore them
-UNSUPPORTED_KEYS = ("Face restoration", "Tiling", "Seed resize from", "Refiner", "Refiner switch at", "Script",
+UNSUPPORTED_KEYS = ("Face restoration", "Seed resize from", "Refiner", "Refiner switch at", "Script",
                     "ADetailer model", "ControlNet 0")
 
 

@@ -36,7 +36,7 @@ FLAGS = {"prompt": "--prompt", "negative_prompt": "--negative-prompt", "sampler"
          "batch_size": "--batch", "init_image": "--init-image", "mask": "--mask", "strength": "--strength",
          "clip_skip": "--clip-skip", "rng": "--rng", "subseed": "--subseed", "subseed_strength": "--subseed-strength",
          "pad_cond_uncond": "--pad-cond-uncond", "scheduler": "--scheduler", "prompt_syntax": "--prompt-syntax", "use_graphs": "--no-cuda-graphs",
-         "model": "--checkpoint"}
+         "tiling": "--tiling", "model": "--checkpoint"}
 
 
 class GenerateError(ValueError):
@@ -127,6 +127,9 @@ def add_parser(subparsers) -> None:
     gen.add_argument("--prompt-syntax", choices=("a1111", "original"), default=None,
                      help="a1111 (default): weights, BREAK, long prompts, editing; original: one 77-token window "
                           "read literally, as the original scripts")
+    gen.add_argument("--tiling", action=argparse.BooleanOptionalAction, default=None,
+                     help="seamless textures: every UNet and VAE convolution pads circularly, as AUTOMATIC1111's "
+                          "Tiling (default: off; --no-tiling overrides an infotext's Tiling: True)")
     gen.add_argument("--embeddings-dir", type=Path, default=None, metavar="DIR",
                      help="textual-inversion embeddings, used where their file name appears in a prompt")
     gen.add_argument("--init-image", type=Path, default=None, metavar="IMAGE", help="PNG/JPEG to start from (img2img, inpainting)")
@@ -182,7 +185,7 @@ def settings_from_args(args: argparse.Namespace, init_image=None, mask=None):
                  karras=args.karras, steps=args.steps, cfg_scale=args.cfg, seed=args.seed, width=args.width,
                  height=args.height, batch_size=args.batch, strength=args.strength, clip_skip=args.clip_skip,
                  rng=args.rng, subseed=args.subseed, subseed_strength=args.subseed_strength,
-                 pad_cond_uncond=args.pad_cond_uncond, prompt_syntax=args.prompt_syntax,
+                 pad_cond_uncond=args.pad_cond_uncond, prompt_syntax=args.prompt_syntax, tiling=args.tiling,
                  init_image=init_image, mask=mask)
     fields.update({k: v for k, v in given.items() if v is not None})
     if fields.get("seed") == -1:
