@@ -12,7 +12,7 @@ The stages, public so a caller can stop at conditioning or at latents:
     latents  = pipe.prepare_latents(settings)       Latents: the first latent, the schedule left to run,
                                                     inpainting's c_concat, the noise source
     x        = pipe.denoise(latents, cond, settings, callback)   the sampler loop (CUDA graph where it can)
-    images   = pipe.decode(x)                       [B, 3, H, W] float32 in [0, 1]
+    images   = pipe.decode(x, tiling=settings.tiling)   [B, 3, H, W] float32 in [0, 1]
 
 Hires fix (``enable_hr``, AUTOMATIC1111 v1.10's txt2img second pass) adds stages between ``denoise`` and
 ``decode``, each made of the ones above:
@@ -41,6 +41,11 @@ SDXL: the unconditional side is the original's zeroed text features (``force_uc_
 negative prompt is empty, else the encoded negative prompt; size conditioning: original size = target size =
 (height, width), crop (0, 0).
 
+Tiling (``settings.tiling``, seamless textures): every convolution of the UNet and the VAE pads circularly, as
+AUTOMATIC1111's ``apply_circular`` sets it for a generation: the VAE encode of an init image, the sampler loop
+and the decode. Each stage switches it on for its own length (``model.layers.circular_padding``) and leaves the
+model as it found it; a captured CUDA graph of the loop is keyed by it.
+
 The Pipeline owns the model, its CUDA-graph runner (``sampler/graph.py``: the sigma samplers' loop captured
 once per loop shape and replayed, on CUDA) and its VAE decode guard (a non-finite half-precision decode is
 redone in float32). Nothing is hung on the ``nn.Module``.
@@ -60,6 +65,7 @@ import torch
 
 from tritonsd.kernels import dispatch
 from tritonsd.load_spec import CheckedSpec, LoadSpec
+from tritonsd.model.layers import circular_padding
 from tritonsd.model.load import load_model
 from tritonsd.model.vae_guard import VAEDecodeGuard
 from tritonsd.sampler import denoise as D, inpaint as I, registry
@@ -204,6 +210,10 @@ class Pipeline:
         """The kernel choice for a stage: this pipeline's, or (for "auto") whatever the caller's
         ``dispatch.force`` block says."""
         return contextlib.nullcontext() if self.kernels == "auto" else dispatch.force(self.kernels)
+
+    def _padding(self, tiling: bool):
+        """A stage's convolution padding: circular for a tiling run, zeros otherwise (restored after it)."""
+        return circular_padding(self.model, tiling)
 
     def _model_unet(self, x, t, context, y=None, t_emb=None):
         """``apply_model`` returning float32: the sampler state stays float32 whatever the weights' dtype."""
@@ -408,7 +418,7 @@ class Pipeline:
         spec = registry.get(s.sampler)
         x_T = noise.start(shape).to(device)
         shared, inpaint, blend = {}, None, None
-        with self._kernels():
+        with self._kernels(), self._padding(s.tiling):
             if self.config.unet.in_channels == 9:
                 image = s.init_image if s.init_image is not None else torch.zeros(1, 3, s.height, s.width)
                 mask = s.mask if s.mask is not None else torch.ones(1, 1, s.height, s.width)
@@ -450,7 +460,7 @@ class Pipeline:
         spec = latents.spec
         total = latents.steps
         x = latents.x
-        with self._kernels():
+        with self._kernels(), self._padding(s.tiling):
             runner = self._graph_runner(spec, s) if latents.blend is None else None
             if runner is not None:
                 out = self._denoise_graphed(runner, spec, latents, cond, s, callback)
@@ -496,7 +506,8 @@ class Pipeline:
         progress = None if callback is None else (lambda i, n: callback({"i": i, "total": n}))
         try:
             return runner.run(x, cond.cond, cond.uncond, noise, sigmas=sigmas, cfg_scale=s.cfg_scale,
-                              sampler=spec, shared=latents.shared, progress=progress, per_step=cond.per_step)
+                              sampler=spec, shared=latents.shared, progress=progress, per_step=cond.per_step,
+                              tiling=s.tiling)
         except GraphCaptureError as e:
             raise GraphCaptureError(f"{e}; run without CUDA graphs (use_graphs=False, tritonsd generate "
                                     "--no-cuda-graphs)") from e
@@ -583,9 +594,10 @@ class Pipeline:
 
     # ------------------------------------------------------------ stage 4: pixels
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """``clamp((decode_first_stage(latents) + 1) / 2, 0, 1)`` [B, 3, H, W] float32 on the model's device."""
-        with self._kernels():
+    def decode(self, latents: torch.Tensor, *, tiling: bool = False) -> torch.Tensor:
+        """``clamp((decode_first_stage(latents) + 1) / 2, 0, 1)`` [B, 3, H, W] float32 on the model's device;
+        ``tiling``: the VAE's convolutions pad circularly (pass the settings' ``tiling``)."""
+        with self._kernels(), self._padding(tiling):
             return decode_clamped(self.vae_guard, self.config.scale_factor, latents)
 
     # ------------------------------------------------------------ all of it
@@ -600,12 +612,12 @@ class Pipeline:
         x = self.denoise(latents, cond, settings, callback)
         if settings.enable_hr:
             x = self.hires(x, settings, cond, callback)
-        return self.decode(x).cpu()
+        return self.decode(x, tiling=settings.tiling).cpu()
 
     def __call__(self, prompt: str = "", negative_prompt: str = "", *, callback: StepCallback | None = None,
                  **fields) -> "Images":
         """PIL images for ``prompt``; ``fields`` are ``GenerationSettings``'s (seed, steps, cfg_scale, sampler,
-        karras, width, height, batch_size, init_image, mask, strength, eta, use_graphs, enable_hr and the hr_*
+        karras, width, height, batch_size, init_image, mask, strength, eta, tiling, use_graphs, enable_hr and the hr_*
         fields), or diffusers' names for them (``DIFFUSERS_ALIASES``: num_inference_steps, guidance_scale,
         num_images_per_prompt, image, mask_image). The result is a list that also has ``.images`` (diffusers'
         output). Each image's

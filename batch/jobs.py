@@ -4,7 +4,7 @@ driver without a model so that a bad line costs nothing and is reported by its l
 Fields: ``id`` (required: the output's file name), ``prompt``, ``negative_prompt``, ``seed``, ``subseed``,
 ``subseed_strength`` (A1111's variation seed), ``steps``,
 ``sampler_name`` (A1111's "DPM++ 2M", the old "DPM++ 2M Karras", or ours "dpmpp_2m"), ``scheduler``
-("Automatic", "Uniform", "Karras"), ``cfg_scale``, ``width``, ``height``, ``loras`` (a list of ``"FILE"``,
+("Automatic", "Uniform", "Karras"), ``cfg_scale``, ``width``, ``height``, ``tiling`` (true: seamless textures), ``loras`` (a list of ``"FILE"``,
 ``"FILE:W"``, ``"FILE:TE_W:UNET_W"`` or ``{"path": FILE, "weight": W}``; FILE relative to the current directory,
 else to the LoRA folder, with or without ``.safetensors``); hires fix with A1111's txt2img names: ``enable_hr``,
 ``denoising_strength``, ``hr_scale``, ``hr_resize_x``, ``hr_resize_y``, ``hr_upscaler``, ``hr_second_pass_steps``,
@@ -33,7 +33,7 @@ from tritonsd.sampler.registry import DEFAULT_SAMPLER, UnknownSamplerError, reso
 HIRES_FIELDS = ("enable_hr", "denoising_strength", "hr_scale", "hr_resize_x", "hr_resize_y", "hr_upscaler",
                 "hr_second_pass_steps", "hr_sampler_name", "hr_scheduler", "hr_prompt", "hr_negative_prompt")
 FIELDS = ("id", "prompt", "negative_prompt", "seed", "subseed", "subseed_strength", "steps", "sampler_name",
-          "scheduler", "cfg_scale", "width", "height", "loras", *HIRES_FIELDS)
+          "scheduler", "cfg_scale", "width", "height", "tiling", "loras", *HIRES_FIELDS)
 # GenerationSettings field -> the job field a SettingsError names
 JOB_FIELD = {"sampler": "sampler_name", "karras": "scheduler", "strength": "denoising_strength",
              "hr_sampler": "hr_sampler_name"}
@@ -68,12 +68,13 @@ class Job:
         return f"{self.id}.png"
 
     def group_key(self) -> tuple:
-        """What jobs must share to run in one UNet batch: the sampler loop, the size, and the LoRA weights
-        (``loras`` and the prompt's ``<lora:...>`` tags, which the Pipeline applies per generation)."""
+        """What jobs must share to run in one UNet batch: the sampler loop, the size, the convolutions' padding
+        (tiling) and the LoRA weights (``loras`` and the prompt's ``<lora:...>`` tags, which the Pipeline applies
+        per generation)."""
         s = self.settings
         hires = (s.enable_hr, s.strength, s.hr_scale, s.hr_resize_x, s.hr_resize_y, s.hr_upscaler,
                  s.hr_second_pass_steps, s.hr_sampler, s.hr_scheduler) if s.enable_hr else ()
-        return (s.sampler, s.karras, s.steps, s.cfg_scale, s.width, s.height, self.loras,
+        return (s.sampler, s.karras, s.steps, s.cfg_scale, s.width, s.height, s.tiling, self.loras,
                 tuple(_LORA_TAG.findall(s.prompt)), hires)
 
     def to_dict(self) -> dict:
@@ -213,7 +214,7 @@ def parse_job(fields, line: int, *, lora_dir: Path | None = None, base: Path | N
     if seed is None or (seed == -1 and not isinstance(seed, bool)):
         seed = seed_from_id(job_id)
     given = {k: fields[k] for k in ("prompt", "negative_prompt", "steps", "cfg_scale", "width", "height", "subseed",
-                                    "subseed_strength") if fields.get(k) is not None}
+                                    "subseed_strength", "tiling") if fields.get(k) is not None}
     if given.get("subseed") == -1 and not isinstance(given["subseed"], bool):
         given["subseed"] = seed_from_id(job_id + "\0subseed")  # A1111's "random": derived, as the seed
     if sampler is not None:

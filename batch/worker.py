@@ -152,7 +152,8 @@ class BatchWorker:
     def images(self, sampled: _Sampled) -> list:
         """PIL images of the real rows, each with its own job's infotext and seed."""
         pipe = self.pipe
-        pixels = pipe.decode(sampled.latents).cpu()  # [group_size, 3, H, W]
+        tiling = sampled.rows[0].settings.tiling  # one group, one padding mode (Job.group_key)
+        pixels = pipe.decode(sampled.latents, tiling=tiling).cpu()  # [group_size, 3, H, W]
         images = []
         for i, row in enumerate(sampled.rows):  # each row has its own encode (and so its own TI hashes)
             images.append(pipe.to_pil(pixels[i: i + 1], row.settings, row.cond)[0])

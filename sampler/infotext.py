@@ -70,7 +70,7 @@ def generation_infotext(s, index: int = 0, *, model: str | None, model_hash: str
                         lora_hashes: str | None = None) -> str:
     """The infotext of image ``index`` of a generation with settings ``s`` (resolved ``GenerationSettings``), as
     AUTOMATIC1111 writes it: the sampler and schedule by their A1111 names, the image's own seed, variation seed,
-    img2img or hires strength, clip skip, noise source, hires fix's fields, and the files that shaped the image
+    img2img or hires strength, clip skip, noise source, tiling, hires fix's fields, and the files that shaped the image
     (VAE, embeddings, LoRAs)."""
     spec = registry.get(s.sampler)
     variation = s.subseed_strength > 0
@@ -81,6 +81,7 @@ def generation_infotext(s, index: int = 0, *, model: str | None, model_hash: str
              "Denoising strength": float(s.strength) if s.mode != "txt2img" or s.enable_hr else None,
              "Clip skip": s.clip_skip if s.clip_skip > 1 else None,
              "RNG": infotext_rng(s.rng),
+             "Tiling": "True" if s.tiling else None,
              **inpaint_infotext(s),
              "Schedule type": spec.a1111_schedule(s.karras),
              **(hires_infotext(s) if s.enable_hr else {}),

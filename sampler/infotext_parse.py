@@ -105,6 +105,13 @@ def _positive_real(v: str) -> float:
     return x
 
 
+def _bool(v: str) -> bool:
+    """A1111's checkbox values: "True" / "False"."""
+    if v not in ("True", "False"):
+        raise ValueError("not True or False")
+    return v == "True"
+
+
 def _finite(v: str) -> float:
     x = float(v)
     if x != x or x in (float("inf"), float("-inf")):
@@ -135,6 +142,7 @@ _TYPED = {
     "Hires schedule type": ("hr_scheduler", str),
     "Hires prompt": ("hr_prompt", str),
     "Hires negative prompt": ("hr_negative_prompt", str),
+    "Tiling": ("tiling", _bool),
 }
 HIRES_KEYS = ("Hires upscale", "Hires upscaler", "Hires resize-1")  # with "Denoising strength": hires fix was on
 
@@ -146,7 +154,7 @@ def _printable(text: str, limit: int = 60) -> str:
 
 def generation_settings(infotext: str | dict[str, str]) -> dict[str, Any]:
     """Typed settings: prompt, negative_prompt, steps, sampler, schedule_type, cfg_scale, seed, width, height,
-    clip_skip, rng ("nv" / "cpu"), subseed, subseed_strength, emphasis, strength (``Denoising strength``) and the
+    clip_skip, rng ("nv" / "cpu"), subseed, subseed_strength, emphasis, tiling, strength (``Denoising strength``) and the
     hires fields (hr_scale, hr_resize_x / _y, hr_second_pass_steps, hr_upscaler, hr_sampler, hr_scheduler,
     hr_prompt, hr_negative_prompt), where present; ``enable_hr``: whether the text says hires fix was on (webui's
     rule: a denoising strength and a hires size or upscaler); ``extra``: every other key (raw strings); ``notes``:
@@ -172,7 +180,7 @@ def generation_settings(infotext: str | dict[str, str]) -> dict[str, Any]:
 
 # Infotext keys whose presence asks A1111 for something tritonsd does not implement (the image would differ);
 # ``--infotext`` / ``--from-png`` / the server's ``infotext`` refuse them unless told to ignore them
-UNSUPPORTED_KEYS = ("Face restoration", "Tiling", "Seed resize from", "Refiner", "Refiner switch at", "Script",
+UNSUPPORTED_KEYS = ("Face restoration", "Seed resize from", "Refiner", "Refiner switch at", "Script",
                     "ADetailer model", "ControlNet 0", "Hires checkpoint")
 
 

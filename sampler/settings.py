@@ -105,6 +105,7 @@ class GenerationSettings:
     hr_scheduler: str | None = None  # "Automatic", "Uniform", "Karras"; None: the first pass's
     hr_prompt: str = ""  # "": the prompt
     hr_negative_prompt: str = ""  # "": the negative prompt
+    tiling: bool = False  # seamless textures: every UNet and VAE convolution pads circularly (AUTOMATIC1111's)
 
     # ------------------------------------------------------------ without a model
 
@@ -116,6 +117,7 @@ class GenerationSettings:
             raise SettingsError("negative_prompt", f"must be a string, got {type(self.negative_prompt).__name__}")
         spec, karras = _sampler(self.sampler, self.karras)
         _flag("use_graphs", self.use_graphs)
+        _flag("tiling", self.tiling)
         _flag("pad_cond_uncond", self.pad_cond_uncond)
         _choice("rng", self.rng, RNG_SOURCES)
         _choice("prompt_syntax", self.prompt_syntax, PROMPT_SYNTAXES)
@@ -398,14 +400,14 @@ def _excerpt(text: str, limit: int = 40) -> str:
 
 
 INFOTEXT_FIELDS = ("prompt", "negative_prompt", "steps", "cfg_scale", "seed", "width", "height", "clip_skip", "rng",
-                   "subseed", "subseed_strength")
+                   "subseed", "subseed_strength", "tiling")
 HIRES_INFOTEXT_FIELDS = ("strength", "hr_scale", "hr_resize_x", "hr_resize_y", "hr_upscaler",
                          "hr_second_pass_steps", "hr_scheduler", "hr_prompt", "hr_negative_prompt")
 
 
 def fields_from_infotext(text: str) -> tuple[dict, list[str]]:
     """(GenerationSettings fields, notes) from an AUTOMATIC1111 ``parameters`` text: prompt, negative prompt,
-    steps, sampler and schedule type, CFG scale, seed, size, clip skip, RNG and variation seed. Unknown keys are
+    steps, sampler and schedule type, CFG scale, seed, size, clip skip, RNG, variation seed and tiling. Unknown keys are
     ignored; each malformed value is left out with one note line; an unknown sampler is a ``SettingsError``."""
 
     parsed = generation_settings(text)

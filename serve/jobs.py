@@ -151,7 +151,8 @@ def build_plan(req, mode: str, *, options: Options, catalog, host, ignore_unsupp
     fields = dict(prompt=_prompt("prompt", req.prompt), negative_prompt=_prompt("negative_prompt", req.negative_prompt),
                   sampler=sampler, karras=karras, steps=v("steps"), cfg_scale=v("cfg_scale"), seed=seed,
                   eta=eta, width=v("width"), height=v("height"), batch_size=v("batch_size"), clip_skip=clip_skip,
-                  rng=rng, subseed=subseed if strength else None, subseed_strength=strength)
+                  rng=rng, subseed=subseed if strength else None, subseed_strength=strength,
+                  tiling=bool(req.tiling))  # null: A1111's opts.tiling, off
     prepared = None
     if mode == "txt2img" and v("enable_hr"):
         fields.update(_hires_fields(req, v))
@@ -290,7 +291,7 @@ def _generate(pipe, s, worker) -> list:
     try:
         out = pipe.generate(s, callback=step)
     except Interrupted:
-        out = pipe.decode(last["latent"]).cpu()
+        out = pipe.decode(last["latent"], tiling=s.tiling).cpu()
     return pipe.to_pil(out, s)
 
 

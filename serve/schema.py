@@ -39,7 +39,7 @@ COMMON: dict[str, tuple[Any, Any, str]] = {
     "width": (Optional[int], 512, IMPLEMENTED),
     "height": (Optional[int], 512, IMPLEMENTED),
     "restore_faces": (Optional[bool], None, IGNORED),
-    "tiling": (Optional[bool], None, IGNORED),
+    "tiling": (Optional[bool], None, IMPLEMENTED),  # None: A1111's ``opts.tiling``, off
     "do_not_save_samples": (Optional[bool], False, NOOP),
     "do_not_save_grid": (Optional[bool], False, NOOP),
     "eta": (Optional[float], None, IMPLEMENTED),
@@ -124,7 +124,8 @@ Img2ImgRequest = _model("StableDiffusionProcessingImg2Img", IMG2IMG_FIELDS)
 # generation_settings' name -> the request field it fills (A1111 v1.10's ``infotext`` request field)
 _FROM_INFOTEXT = {"prompt": "prompt", "negative_prompt": "negative_prompt", "steps": "steps",
                   "sampler": "sampler_name", "schedule_type": "scheduler", "cfg_scale": "cfg_scale", "seed": "seed",
-                  "width": "width", "height": "height", "subseed": "subseed", "subseed_strength": "subseed_strength"}
+                  "width": "width", "height": "height", "subseed": "subseed", "subseed_strength": "subseed_strength",
+                  "tiling": "tiling"}
 
 
 _HIRES_FROM_INFOTEXT = {"hr_scale": "hr_scale", "hr_resize_x": "hr_resize_x", "hr_resize_y": "hr_resize_y",

@@ -37,7 +37,7 @@ FLAGS = {"prompt": "--prompt", "negative_prompt": "--negative-prompt", "sampler"
          "strength": "--denoising-strength / --strength",
          "clip_skip": "--clip-skip", "rng": "--rng", "subseed": "--subseed", "subseed_strength": "--subseed-strength",
          "pad_cond_uncond": "--pad-cond-uncond", "scheduler": "--scheduler", "prompt_syntax": "--prompt-syntax",
-         "use_graphs": "--no-cuda-graphs", "model": "--checkpoint", "mask_blur": "--mask-blur",
+         "use_graphs": "--no-cuda-graphs", "tiling": "--tiling", "model": "--checkpoint", "mask_blur": "--mask-blur",
          "inpaint_full_res": "--inpaint-area", "inpaint_full_res_padding": "--inpaint-padding",
          "inpainting_fill": "--masked-content", "inpainting_mask_invert": "--invert-mask", "resize_mode": "--resize-mode",
          "enable_hr": "--hires", "hr_scale": "--hires-scale", "hr_resize_x": "--hires-size", "hr_resize_y": "--hires-size",
@@ -136,6 +136,9 @@ def add_parser(subparsers) -> None:
     gen.add_argument("--prompt-syntax", choices=("a1111", "original"), default=None,
                      help="a1111 (default): weights, BREAK, long prompts, editing; original: one 77-token window "
                           "read literally, as the original scripts")
+    gen.add_argument("--tiling", action=argparse.BooleanOptionalAction, default=None,
+                     help="seamless textures: every UNet and VAE convolution pads circularly, as AUTOMATIC1111's "
+                          "Tiling (default: off; --no-tiling overrides an infotext's Tiling: True)")
     gen.add_argument("--embeddings-dir", type=Path, default=None, metavar="DIR",
                      help="textual-inversion embeddings, used where their file name appears in a prompt")
     gen.add_argument("--init-image", type=Path, default=None, metavar="IMAGE", help="PNG/JPEG to start from (img2img, inpainting)")
@@ -258,7 +261,7 @@ def settings_from_args(args: argparse.Namespace, init_image=None, mask=None):
                  karras=args.karras, steps=args.steps, cfg_scale=args.cfg, seed=args.seed, width=args.width,
                  height=args.height, batch_size=args.batch, strength=args.strength, clip_skip=args.clip_skip,
                  rng=args.rng, subseed=args.subseed, subseed_strength=args.subseed_strength,
-                 pad_cond_uncond=args.pad_cond_uncond, prompt_syntax=args.prompt_syntax,
+                 pad_cond_uncond=args.pad_cond_uncond, prompt_syntax=args.prompt_syntax, tiling=args.tiling,
                  init_image=init_image, mask=mask, mask_blur=args.mask_blur,
                  inpaint_full_res=None if args.inpaint_area is None else args.inpaint_area == "masked",
                  inpaint_full_res_padding=args.inpaint_padding, inpainting_mask_invert=args.invert_mask,
