@@ -38,7 +38,7 @@ FIELDS = ("id", "prompt", "negative_prompt", "seed", "subseed", "subseed_strengt
 JOB_FIELD = {"sampler": "sampler_name", "karras": "scheduler", "strength": "denoising_strength",
              "hr_sampler": "hr_sampler_name"}
 SETTINGS_FIELDS = ("prompt", "negative_prompt", "sampler", "karras", "steps", "cfg_scale", "seed", "subseed",
-                   "subseed_strength", "width", "height", "enable_hr", "strength", "hr_scale", "hr_resize_x",
+                   "subseed_strength", "width", "height", "tiling", "enable_hr", "strength", "hr_scale", "hr_resize_x",
                    "hr_resize_y", "hr_upscaler", "hr_second_pass_steps", "hr_sampler", "hr_scheduler", "hr_prompt",
                    "hr_negative_prompt")  # what travels to a Ray worker
 MAX_ID_BYTES = 200  # "<id>.png" and its temporary name stay under the usual 255-byte file-name limit
