@@ -19,7 +19,8 @@ from pathlib import Path
 # Third-party modules of the optional extras (serve, ray, peers) and of the test extra: importing the package or
 # its Pipeline must not need them.
 OPTIONAL_EXTRAS = frozenset({"fastapi", "starlette", "pydantic", "uvicorn", "ray", "pyarrow", "pandas", "matplotlib",
-                             "selenium", "diffusers", "transformers", "cv2", "requests", "webuiapi"})
+                             "selenium", "diffusers", "transformers", "cv2", "requests", "webuiapi",
+                             "spandrel", "torchvision"})  # the upscale extra: spandrel (it needs torchvision)
 
 # Folders of the repository root that are not the package.
 NOT_PACKAGE = frozenset({"tests", "benchmarks", "build", "dist"})

@@ -82,7 +82,8 @@ def test_runner_wiring_img2img_euler_a_bitwise(tiny, monkeypatch):
     runner = GraphRunner(tables_on_device(sigma_denoiser(tiny.unet, tiny.config), "cpu"), "cpu")
     monkeypatch.setattr(tiny, "_graph_runner", lambda spec, s: runner)
     through, steps = generate(tiny, s)
-    assert torch.equal(through, eager) and steps == eager_steps == [(0, 2), (1, 2)]
+    # webui's img2img rule: t_enc = int(0.5 * 4) = 2, then t_enc + 1 = 3 steps from sigmas[4 - 2 - 1]
+    assert torch.equal(through, eager) and steps == eager_steps == [(0, 3), (1, 3), (2, 3)]
 
 
 def test_pipeline_decodes_through_the_guard(tiny):
