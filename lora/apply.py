@@ -312,13 +312,32 @@ def _number(value, tag: str) -> float:
     return x
 
 
+def lora_files(lora_dir: str | Path) -> dict[str, list[Path]]:
+    """Every ``.safetensors`` regular file under ``lora_dir`` (subfolders and linked folders included), by file
+    stem: what ``<lora:stem>`` can name. The one walk that both lookups (``find_lora``) and the server's listing
+    (``lora_names``) use, so they agree."""
+    import os
+
+    out: dict[str, list[Path]] = {}
+    for root, _dirs, files in os.walk(lora_dir, followlinks=True):
+        for fn in files:
+            p = Path(root) / fn
+            if p.suffix.lower() == ".safetensors" and p.is_file():
+                out.setdefault(p.stem, []).append(p)
+    return {name: sorted(paths) for name, paths in sorted(out.items())}
+
+
+def lora_names(lora_dir: str | Path) -> dict[str, Path]:
+    """The names ``<lora:name>`` resolves to exactly one file (an ambiguous name is an error there)."""
+    return {name: paths[0] for name, paths in lora_files(lora_dir).items() if len(paths) == 1}
+
+
 def find_lora(name: str, lora_dir: str | Path) -> Path:
     """The ``.safetensors`` file under ``lora_dir`` (subfolders included) whose stem is ``name``."""
     lora_dir = Path(lora_dir)
     if not lora_dir.is_dir():
         raise LoraError(f"LoRA folder {safe_text(str(lora_dir))} does not exist")
-    hits = sorted(p for p in lora_dir.rglob("*") if p.suffix.lower() == ".safetensors" and p.stem == name
-                  and p.is_file())
+    hits = lora_files(lora_dir).get(name, [])
     if not hits:
         raise LoraError(f"unknown LoRA <lora:{safe_text(name, 60)}>: no {safe_text(name, 60)}.safetensors in "
                         f"{safe_text(str(lora_dir))}")

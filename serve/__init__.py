@@ -16,8 +16,12 @@ from __future__ import annotations
 
 def build_state(checkpoint: str, *, config=None, models_dir=None, vae_dir=None, lora_dir=None,
                 embeddings_dir=None, device=None, dtype=None, kernels: str = "auto", text_heads=None,
-                parameterization=None, credentials: dict | None = None, pipe=None):
-    """Load the checkpoint (unless ``pipe`` is given ready) and start the device's worker."""
+                parameterization=None, credentials: dict | None = None, pipe=None,
+                allowed_hosts="loopback", max_queue: int | None = None):
+    """Load the checkpoint (unless ``pipe`` is given ready) and start the device's worker. ``allowed_hosts``:
+    the Host names answered without auth (``serve.guard``; "loopback": 127.0.0.1, localhost, ::1; None: any);
+    ``max_queue``: jobs that may wait (``limits.MAX_QUEUE``)."""
+    from tritonsd.serve import guard, limits
     from tritonsd.serve.catalog import Catalog
     from tritonsd.serve.host import LoadOptions, ModelHost
     from tritonsd.serve.app import ServerState
@@ -31,7 +35,10 @@ def build_state(checkpoint: str, *, config=None, models_dir=None, vae_dir=None, 
     host = ModelHost(catalog, options, pipe=pipe)
     if pipe is None:
         host.ensure(host.default)
-    return ServerState(catalog=catalog, host=host, worker=Worker(host), credentials=dict(credentials or {}))
+    hosts = guard.allowed_hosts(None) if allowed_hosts == "loopback" else allowed_hosts
+    worker = Worker(host, max_queue=max_queue or limits.MAX_QUEUE)
+    return ServerState(catalog=catalog, host=host, worker=worker, credentials=dict(credentials or {}),
+                       allowed_hosts=hosts)
 
 
 def create_app(state):

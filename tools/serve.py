@@ -7,6 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from tritonsd.serve import limits
 from tritonsd.tools.cli import UsageError
 
 
@@ -39,6 +40,15 @@ def add_parser(subparsers) -> None:
     n.add_argument("--port", type=int, default=7860, help="default: 7860")
     n.add_argument("--api-auth", default=None, metavar="USER:PASS",
                    help="HTTP basic auth for every route (comma-separated for several users)")
+    n.add_argument("--allowed-hosts", default=None, metavar="NAMES",
+                   help="without --api-auth the server answers only requests naming it 127.0.0.1, localhost, ::1 "
+                        "or --host; add comma-separated host names here ('*': any, which lets any web page "
+                        "reach the server through DNS rebinding)")
+    n.add_argument("--max-queue", type=int, default=None, metavar="N",
+                   help=f"jobs that may wait for the device (default {limits.MAX_QUEUE}); more get 503 with "
+                        "Retry-After")
+    n.add_argument("--header-timeout", type=float, default=limits.HEADER_TIMEOUT_S, metavar="SECONDS",
+                   help="a connection must send a request's headers within this (default: %(default)s)")
     p.set_defaults(run=run)
 
 
@@ -49,6 +59,10 @@ def check_usage(args: argparse.Namespace) -> dict:
         raise UsageError(f"--port must be between 0 and 65535, got {args.port}")
     if args.text_heads is not None and args.text_heads < 1:
         raise UsageError(f"--text-heads must be at least 1, got {args.text_heads}")
+    if args.max_queue is not None and args.max_queue < 1:
+        raise UsageError(f"--max-queue must be at least 1, got {args.max_queue}")
+    if not 0 < args.header_timeout <= 3600:
+        raise UsageError(f"--header-timeout must be between 0 and 3600 seconds, got {args.header_timeout:g}")
     for flag in ("models_dir", "vae_dir", "lora_dir", "embeddings_dir"):
         d = getattr(args, flag)
         if d is not None and not d.is_dir():
@@ -75,14 +89,18 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from tritonsd.serve import build_state, create_app
 
+    from tritonsd.serve.guard import allowed_hosts
+    from tritonsd.serve.protocol import protocol_class
+
     state = build_state(args.checkpoint, config=args.config, models_dir=args.models_dir, vae_dir=args.vae_dir,
                         lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir, device=args.device,
                         dtype=args.dtype, kernels=args.kernels, text_heads=args.text_heads,
-                        parameterization=args.parameterization, credentials=credentials)
-    import threading
-
-    threading.Thread(target=state.catalog.hash_all, name="tritonsd-hash", daemon=True).start()
+                        parameterization=args.parameterization, credentials=credentials,
+                        allowed_hosts=allowed_hosts(args.host, args.allowed_hosts), max_queue=args.max_queue)
+    state.catalog.start_hashing()
     print(f"tritonsd serve: {state.catalog.main.name} loaded on {state.host.pipe.device}; "
           f"http://{args.host}:{args.port}/", file=sys.stderr, flush=True)
-    uvicorn.run(create_app(state), host=args.host, port=args.port, log_level="warning", access_log=False)
+    uvicorn.run(create_app(state), host=args.host, port=args.port, log_level="warning", access_log=False,
+                http=protocol_class(args.header_timeout), timeout_keep_alive=limits.KEEP_ALIVE_S,
+                limit_concurrency=limits.MAX_CONNECTIONS)
     return 0
