@@ -27,6 +27,8 @@ from tritonsd.sampler import schedule as S
 MAX_STEPS = 1000
 MAX_BATCH = 64
 MAX_CLIP_SKIP = 12  # AUTOMATIC1111's slider; the model's own layer count is checked when the prompt is encoded
+MAX_CFG_SCALE = 100.0  # AUTOMATIC1111's slider stops at 30; far past it the latents overflow (1e30: NaN images)
+MAX_ETA = 1.0  # DDIM's eta: past 1 the step's noise term takes the square root of a negative number
 RNG_SOURCES = ("nv", "gpu", "cpu")
 PROMPT_SYNTAXES = ("a1111", "original")
 SEED_RANGE = 2 ** 64  # torch.Generator.manual_seed takes [0, 2**64); image i uses seed + i
@@ -93,8 +95,8 @@ class GenerationSettings:
         batch = _integer("batch_size", self.batch_size, 1, MAX_BATCH)
         seed = secrets.randbelow(RANDOM_SEEDS) if self.seed is None else _integer("seed", self.seed, 0,
                                                                                       SEED_RANGE - batch)
-        cfg_scale = _real("cfg_scale", self.cfg_scale, 0.0)
-        eta = _real("eta", self.eta, 0.0)
+        cfg_scale = _real("cfg_scale", self.cfg_scale, 0.0, MAX_CFG_SCALE)
+        eta = _real("eta", self.eta, 0.0, MAX_ETA)
         if eta != 0 and self.sampler != "ddim":
             raise SettingsError("eta", f"applies to ddim only ({self.sampler} needs 0; euler_a always uses "
                                        f"ancestral eta 1), got {eta:g}")
