@@ -347,6 +347,5 @@ def schedule_index(schedule: list[tuple[int, str]], step: int) -> int:
     return 0
 
 
-__all__ = ["MAX_EMPHASIS", "MAX_NESTING", "PromptSyntaxError", "check_nesting", "parse_prompt_attention",
- "is_break", "prompt_schedule", "prompt_schedules",
-           "schedule_index"]
+__all__ = ["MAX_EMPHASIS", "MAX_NESTING", "PromptSyntaxError", "check_nesting", "is_break", "parse_prompt_attention",
+           "prompt_schedule", "prompt_schedules", "schedule_index"]
