@@ -38,6 +38,11 @@ class LoraWarning(UserWarning):
     """LoRA modules that matched no weight of the model (they are skipped, and counted)."""
 
 
+MAX_MULTIPLIER = 100.0  # |multiplier| of a LoRA (webui's sliders stop at 2; 1e38 overflowed every weight)
+MAX_WEIGHT = 65504.0  # a changed weight past half precision's largest number is refused (alpha or multiplier
+# far too large): it would only turn the image into NaN after the whole sampling loop
+
+
 @dataclass(frozen=True)
 class LoraSpec:
     """One LoRA to apply: its file and the text-encoder / U-Net multipliers."""
@@ -54,6 +59,9 @@ class LoraSpec:
             value = getattr(self, what)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise LoraError(f"{safe_text(self.path.name)}: {what} must be a finite number, got {value!r}")
+            if abs(value) > MAX_MULTIPLIER:
+                raise LoraError(f"{safe_text(self.path.name)}: {what} {value:g} is outside -{MAX_MULTIPLIER:g}.."
+                                f"{MAX_MULTIPLIER:g}")
 
 
 @dataclass
@@ -154,7 +162,16 @@ def merge_all(grouped: dict[str, list[Delta]], pristine_of) -> dict[str, torch.T
         out[name] = merged_weight(pristine_of(name), deltas)
         for d in deltas:
             d.value = None
+        _check_merged(name, out[name])
     return out
+
+
+def _check_merged(name: str, weight: torch.Tensor) -> None:
+    """LoraError when a changed weight is not finite or past MAX_WEIGHT (checked before anything is changed)."""
+    peak = weight.detach().abs().amax().item() if weight.numel() else 0.0
+    if not peak <= MAX_WEIGHT:
+        raise LoraError(f"the LoRAs change weight {name} to {peak:.3g}, beyond {MAX_WEIGHT:g}: a multiplier, alpha "
+                        "or scale far too large")
 
 
 def deltas_by_weight(all_deltas: Iterable[LoraDeltas]) -> dict[str, list[Delta]]:
@@ -309,6 +326,8 @@ def _number(value, tag: str) -> float:
         raise LoraError(f"{safe_text(tag)}: {safe_text(str(value), 40)!r} is not a number") from None
     if not math.isfinite(x):
         raise LoraError(f"{safe_text(tag)}: the multiplier must be finite")
+    if abs(x) > MAX_MULTIPLIER:
+        raise LoraError(f"{safe_text(tag)}: the multiplier {x:g} is outside -{MAX_MULTIPLIER:g}..{MAX_MULTIPLIER:g}")
     return x
 
 

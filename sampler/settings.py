@@ -185,12 +185,26 @@ def check_prompt(name: str, text: str, steps: int, syntax: str) -> None:
                                   f"{MAX_PROMPT_TOKENS:,} tokens")
     if syntax != "a1111" or not text:
         return
+    _check_lora_tags(name, text)
     try:
         tokenizer = get_tokenizer("transformers")
         for _end, scheduled in prompt_schedule(text, steps):
             tokenize_prompt(scheduled, tokenizer)
     except (PromptTooLongError, PromptSyntaxError) as e:
         raise SettingsError(name, f"is not usable: {e} ({_excerpt(text)})") from None
+
+
+def _check_lora_tags(name: str, text: str) -> None:
+    """The prompt's ``<lora:name:w>`` tags well formed, their multipliers in range (the files are looked up when
+    the model applies them)."""
+    from tritonsd.lora.apply import LoraError, parse_lora_tags
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # unknown extra-network types: the pipeline warns when it runs
+            parse_lora_tags(text)
+    except LoraError as e:
+        raise SettingsError(name, f"is not usable: {e}") from None
 
 
 def _excerpt(text: str, limit: int = 40) -> str:
