@@ -35,16 +35,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def one_line(e: BaseException) -> str:
+    """An error's message on one line whatever it holds: newlines, escape sequences and other control
+    characters from names read out of files are shown escaped (``tritonsd.escape``), never acted on."""
+    from tritonsd.escape import escape
+
+    return escape(str(e), limit=2000)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args.run(args) or 0)
     except UsageError as e:
-        print(f"tritonsd {args.command}: error: {e}", file=sys.stderr)
+        print(f"tritonsd {args.command}: error: {one_line(e)}", file=sys.stderr)
         return 2
     except (ValueError, RuntimeError, OSError) as e:
-        print(f"tritonsd {args.command}: error: {e}", file=sys.stderr)
+        print(f"tritonsd {args.command}: error: {one_line(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
