@@ -397,11 +397,17 @@ def _load_yaml(path: str | Path) -> dict:
 
     path = Path(path)
     try:
-        doc = yaml.safe_load(path.read_text())
+        if path.stat().st_size > MAX_YAML_BYTES or not path.is_file():
+            raise ModelConfigError(f"{escape(path.name)}: not a config (not a regular file of at most "
+                                   f"{MAX_YAML_BYTES:,} bytes)")
+        doc = yaml.safe_load(path.read_text(encoding="utf-8", errors="replace"))
     except OSError as e:
-        raise ModelConfigError(f"{path}: cannot read the config ({e.strerror})") from None
+        raise ModelConfigError(f"{escape(path)}: cannot read the config ({e.strerror})") from None
     except yaml.YAMLError as e:
-        raise ModelConfigError(f"{path.name}: not valid YAML ({' '.join(str(e).split())[:160]})") from None
+        raise ModelConfigError(f"{escape(path.name)}: not valid YAML ({escape(' '.join(str(e).split()), 160)})") \
+            from None
+    except RecursionError:
+        raise ModelConfigError(f"{escape(path.name)}: not a config (nested too deeply)") from None
     model = doc.get("model") if isinstance(doc, dict) else None
     params = model.get("params") if isinstance(model, dict) else None
     if not isinstance(params, dict):
@@ -410,6 +416,7 @@ def _load_yaml(path: str | Path) -> dict:
     return params
 
 
+MAX_YAML_BYTES = 1 << 20  # the released configs are 2-4 KB
 MAX_TIMESTEPS = 10_000  # the released models train on 1,000; the schedule is allocated from this number
 MAX_WIDTH = 1 << 16  # channels, widths, heads: far above any released model, far below an allocation's worth
 # YAML keys the config reads -> (smallest, largest, integer?) ; -1 is also allowed for the head settings
