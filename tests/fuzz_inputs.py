@@ -174,8 +174,8 @@ def mutate_lora(s: InputSeeds, draw: Draw) -> Case:
     elif how == 3:  # alpha / scale of odd shape or value
         key = draw.choice(("alpha", "scale"))
         value = draw.choice(NASTY_NUMBERS)
-        tensors[f"{module}.{key}"] = torch.tensor(value, dtype=torch.float32) if draw.integer(0, 1) else \
-            torch.full((draw.choice((0, 2, 3)),), float(value) if value == value else 1.0)
+        number = torch.tensor(float(value), dtype=torch.float64).to(torch.float32)  # 1e308 -> inf, as stored
+        tensors[f"{module}.{key}"] = number if draw.integer(0, 1) else number.repeat(draw.choice((0, 2, 3)))
         what = f"{key} {value}"
     elif how == 4:  # a whole LoHa or LoKr module of drawn shapes
         for k in parts:
