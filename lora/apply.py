@@ -70,6 +70,7 @@ class Delta:
 
     target: Target
     value: torch.Tensor | None  # None once summed into its weight (memory released)
+    source: str = ""  # the LoRA file's name, for messages
 
 
 @dataclass
@@ -130,7 +131,7 @@ def lora_deltas(lora: LoraFile, shapes: Mapping[str, Sequence[int]], te_multipli
                             "a LoRA for another model?") from None
         except LoraError as e:
             raise LoraError(f"{safe_text(lora.path.name)}: module {safe_text(module)}: {e}") from None
-        out.deltas.append(Delta(target, value))
+        out.deltas.append(Delta(target, value, lora.path.name))
     if not out.deltas:
         raise LoraError(f"{safe_text(lora.path.name)}: none of its {len(lora.modules)} modules matches a weight of "
                         f"this {family.upper()} model (a LoRA for another model family?)")
@@ -162,15 +163,16 @@ def merge_all(grouped: dict[str, list[Delta]], pristine_of) -> dict[str, torch.T
         out[name] = merged_weight(pristine_of(name), deltas)
         for d in deltas:
             d.value = None
-        _check_merged(name, out[name])
+        _check_merged(name, out[name], [d.source for d in deltas])
     return out
 
 
-def _check_merged(name: str, weight: torch.Tensor) -> None:
+def _check_merged(name: str, weight: torch.Tensor, sources: list[str]) -> None:
     """LoraError when a changed weight is not finite or past MAX_WEIGHT (checked before anything is changed)."""
     peak = weight.detach().abs().amax().item() if weight.numel() else 0.0
     if not peak <= MAX_WEIGHT:
-        raise LoraError(f"the LoRAs change weight {name} to {peak:.3g}, beyond {MAX_WEIGHT:g}: a multiplier, alpha "
+        files = ", ".join(safe_text(s) for s in dict.fromkeys(sources) if s) or "the LoRAs"
+        raise LoraError(f"{files}: changes weight {name} to {peak:.3g}, beyond {MAX_WEIGHT:g}: a multiplier, alpha "
                         "or scale far too large")
 
 
