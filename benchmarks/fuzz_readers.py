@@ -222,6 +222,7 @@ def run(args: argparse.Namespace) -> int:
     failures: list[dict] = []
     worst = {"seconds": 0.0, "rss_rise_mb": 0.0}
     memory_over = slow_wall = 0
+    slowest: list[dict] = []  # the ten slowest cases (wall time in the readers)
     start = time.monotonic()
     pending: dict[int, int] = {}  # worker index -> case in flight
     next_case, done, end = args.start, 0, args.start + args.cases
@@ -255,6 +256,9 @@ def run(args: argparse.Namespace) -> int:
                     failures.append(report)
                     print(f"case {i}: escaped: {report.get('error')}", file=sys.stderr, flush=True)
                 worst["seconds"] = max(worst["seconds"], report.get("seconds", 0.0))
+                slowest.append({k: report.get(k) for k in ("case", "cls", "what", "bytes", "seconds")})
+                slowest.sort(key=lambda r: -(r["seconds"] or 0.0))
+                del slowest[10:]
                 slow_wall += report.get("seconds", 0.0) > 10
                 worst["rss_rise_mb"] = max(worst["rss_rise_mb"], round(rise_mb, 1))
             del pending[w]
@@ -279,6 +283,7 @@ def run(args: argparse.Namespace) -> int:
         "escaped": counts["escaped"], "hangs_over_limit": counts["hang"], "crashes": counts["crash"],
         "hang_limit_cpu_s": args.hang, "hang_limit_wall_s": args.wall_cap,
         "slowest_case_wall_s": round(worst["seconds"], 3), "cases_over_10s_wall": slow_wall,
+        "slowest_cases": slowest,
         "peak_rss_rise_mb": worst["rss_rise_mb"], "peak_rss_rise_over_1gb_plus_file": memory_over,
         "largest_seed_bytes": suite.largest_seed(),
         "failures": failures[:50],

@@ -17,10 +17,11 @@ from __future__ import annotations
 def build_state(checkpoint: str, *, config=None, models_dir=None, vae_dir=None, lora_dir=None,
                 embeddings_dir=None, device=None, dtype=None, kernels: str = "auto", text_heads=None,
                 parameterization=None, credentials: dict | None = None, pipe=None,
-                allowed_hosts="loopback", max_queue: int | None = None):
+                allowed_hosts="loopback", max_queue: int | None = None, body_timeout: float | None = None):
     """Load the checkpoint (unless ``pipe`` is given ready) and start the device's worker. ``allowed_hosts``:
     the Host names answered without auth (``serve.guard``; "loopback": 127.0.0.1, localhost, ::1; None: any);
-    ``max_queue``: jobs that may wait (``limits.MAX_QUEUE``)."""
+    ``max_queue``: jobs that may wait (``limits.MAX_QUEUE``); ``body_timeout``: the longest pause inside a request
+    body, in seconds (``limits.BODY_IDLE_TIMEOUT_S``)."""
     from tritonsd.serve import guard, limits
     from tritonsd.serve.catalog import Catalog
     from tritonsd.serve.host import LoadOptions, ModelHost
@@ -38,7 +39,7 @@ def build_state(checkpoint: str, *, config=None, models_dir=None, vae_dir=None, 
     hosts = guard.allowed_hosts(None) if allowed_hosts == "loopback" else allowed_hosts
     worker = Worker(host, max_queue=max_queue or limits.MAX_QUEUE)
     return ServerState(catalog=catalog, host=host, worker=worker, credentials=dict(credentials or {}),
-                       allowed_hosts=hosts)
+                       allowed_hosts=hosts, body_timeout_s=body_timeout or limits.BODY_IDLE_TIMEOUT_S)
 
 
 def create_app(state):

@@ -48,6 +48,7 @@ class ServerState:
     options: Options = field(default_factory=Options)
     credentials: dict[str, str] = field(default_factory=dict)  # --api-auth user -> password
     allowed_hosts: set[str] | None = field(default_factory=lambda: allowed_hosts(None))  # None: any Host
+    body_timeout_s: float = limits.BODY_IDLE_TIMEOUT_S  # the longest pause inside a request body
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -278,7 +279,9 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.get("/sdapi/v1/progress")
     def progress(skip_current_image: bool = False):
-        return state.worker.progress.snapshot()
+        snapshot = state.worker.progress.snapshot()
+        snapshot["queued"] = state.worker.waiting()  # beside A1111's fields: jobs waiting behind the running one
+        return snapshot
 
     @app.post("/sdapi/v1/interrupt")
     def interrupt():
@@ -361,7 +364,7 @@ def create_app(state: ServerState) -> FastAPI:
             raise StarletteHTTPException(404, "Not Found")
         return Response((STATIC / name).read_bytes(), media_type=STATIC_FILES[name])
 
-    inner = BodyLimit(app)
+    inner = BodyLimit(app, idle_s=state.body_timeout_s)
     if state.credentials:
         inner = BasicAuth(inner, state.credentials)
     return HostGuard(inner, None if state.credentials else state.allowed_hosts)

@@ -112,6 +112,11 @@ class Worker:
             self._queue.put(job)
         return job.future
 
+    def waiting(self) -> int:
+        """Jobs waiting for the device (not counting the running one)."""
+        with self._submit_lock:
+            return self._waiting()
+
     def _waiting(self) -> int:
         """Jobs waiting; those whose request went away (cancelled) are dropped from the queue here, so they
         neither count nor hold their decoded images until the worker reaches them."""
@@ -149,11 +154,16 @@ class Worker:
                 continue  # its request went away while it waited
             self._interrupt.clear()
             self.progress.begin(job.name, job.job_count)
+            result = error = None
             try:
-                job.future.set_result(job.run(self))
+                result = job.run(self)
             except BaseException as e:  # noqa: BLE001 - every failure goes to its request; the worker lives on
                 if not isinstance(e, (ValueError, Interrupted)):
                     log.error("job %s failed: %s: %s", job.name, type(e).__name__, e)
-                job.future.set_exception(e)
+                error = e
             finally:
-                self.progress.end()
+                self.progress.end()  # before the answer: a client that has its answer sees the job over
+            if error is not None:
+                job.future.set_exception(error)
+            else:
+                job.future.set_result(result)

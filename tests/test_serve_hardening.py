@@ -67,7 +67,7 @@ def server(fixtures, tmp_path_factory):
         (loras / sub / "twice.safetensors").symlink_to(fixtures / "lora-sd1-tiny.safetensors")
     s = Server(["--checkpoint", str(fixtures / "sd1-tiny.safetensors"), "--text-heads", "2", "--lora-dir",
                 str(loras), "--models-dir", str(models), "--embeddings-dir", str(fixtures / "embeddings"),
-                "--max-queue", "2", "--header-timeout", "2"], root / "server.log")
+                "--max-queue", "2", "--header-timeout", "2", "--body-timeout", "2"], root / "server.log")
     s.models = models
     yield s
     s.stop()
@@ -201,47 +201,55 @@ def test_a_connection_that_never_finishes_its_headers_is_closed(server):
     assert requests.get(server.url + "/sdapi/v1/progress", timeout=HANG_S).status_code == 200
 
 
-def _wait_running(server, steps: int) -> None:
+def test_a_body_that_stalls_gets_408(server):
+    """A client that sends its headers and part of a body, then nothing, held a request open forever; after
+    --body-timeout (2 s here) it gets 408 and the connection is closed."""
+    head = (b"POST /sdapi/v1/txt2img HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 1000\r\n\r\n{\"prompt\": ")
+    data = _raw(server, head)  # reads until the server closes
+    assert data.split(b" ")[1] == b"408", data[:200]
+    assert requests.get(server.url + "/sdapi/v1/progress", timeout=HANG_S).status_code == 200
+
+
+def _wait_progress(server, ok, what: str) -> dict:
     deadline = time.monotonic() + HANG_S
     while time.monotonic() < deadline:
-        state = requests.get(server.url + "/sdapi/v1/progress", timeout=HANG_S).json()["state"]
-        if state["sampling_steps"] == steps and state["sampling_step"] >= 1:
-            return
+        p = requests.get(server.url + "/sdapi/v1/progress", timeout=HANG_S).json()
+        if ok(p):
+            return p
         time.sleep(0.05)
-    raise AssertionError("the long job never started")
+    raise AssertionError(f"never: {what}")
 
 
 def test_bounded_queue_503_and_jobs_of_gone_clients_are_dropped(server):
     """--max-queue 2: past two waiting jobs a request gets 503 with Retry-After; jobs whose client went away
-    while they waited never run (the server log names each one dropped)."""
-    long_body = {"prompt": "slow", "seed": 1, "width": 64, "height": 64, "steps": 1000, "sampler_name": "Euler"}
+    while they waited never run (the server log names each one dropped). The queue's length is read from
+    /progress ("queued", beside A1111's fields)."""
+    long_body = {"prompt": "slow", "seed": 1, "width": 128, "height": 128, "steps": 1000, "n_iter": 100,
+                 "sampler_name": "Euler"}  # hours: it is interrupted
     long_job = concurrent.futures.ThreadPoolExecutor(1).submit(post, server, "/sdapi/v1/txt2img", long_body)
     try:
-        _wait_running(server, 1000)
+        _wait_progress(server, lambda p: p["state"]["sampling_steps"] == 1000, "the long job runs")
         body = json.dumps({"prompt": "gone", **SMALL}).encode()
         head = (b"POST /sdapi/v1/txt2img HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                 b"Content-Length: %d\r\n\r\n" % len(body))
-        for _ in range(3):  # queued, then the client hangs up
+        for _ in range(3):  # queued, then the client hangs up: dropped
             with socket.create_connection(("127.0.0.1", server.port), timeout=HANG_S) as c:
                 c.sendall(head + body)
-                time.sleep(2)  # time to be parsed and queued behind the long job (the log below decides)
+                _wait_progress(server, lambda p: p["queued"] == 1, "the job is queued")
+            _wait_progress(server, lambda p: p["queued"] == 0, "the job of a gone client is dropped")
         waiting = concurrent.futures.ThreadPoolExecutor(2)
         queued = [waiting.submit(post, server, "/sdapi/v1/txt2img", {"prompt": f"q{i}", **SMALL}) for i in range(2)]
-        deadline = time.monotonic() + HANG_S
-        refused = None
-        while time.monotonic() < deadline:
-            r = post(server, "/sdapi/v1/txt2img", {"prompt": "one too many", **SMALL})
-            if r.status_code == 503:
-                refused = r
-                break
-            time.sleep(0.1)  # the two queued requests may still be on their way in
-        assert refused is not None, "no 503 past the queue's limit"
+        _wait_progress(server, lambda p: p["queued"] == 2, "two jobs wait")
+        refused = post(server, "/sdapi/v1/txt2img", {"prompt": "one too many", **SMALL})
+        assert refused.status_code == 503, refused.text[:200]
         assert int(refused.headers["Retry-After"]) > 0 and one_line_error(refused)["error"] == "ServiceUnavailable"
     finally:
         requests.post(server.url + "/sdapi/v1/interrupt", timeout=HANG_S)
     assert long_job.result().status_code == 200
     assert [f.result().status_code for f in queued] == [200, 200]
-    assert server.log().count("dropped before it ran: its client went away") >= 3
+    assert server.log().count("dropped before it ran: its client went away") == 3
+    _wait_progress(server, lambda p: p["state"]["job_count"] == 0, "idle")
 
 
 def test_options_keep_unknown_keys_within_bounds_and_override_settings_are_checked(server):

@@ -49,6 +49,8 @@ def add_parser(subparsers) -> None:
                         "Retry-After")
     n.add_argument("--header-timeout", type=float, default=limits.HEADER_TIMEOUT_S, metavar="SECONDS",
                    help="a connection must send a request's headers within this (default: %(default)s)")
+    n.add_argument("--body-timeout", type=float, default=limits.BODY_IDLE_TIMEOUT_S, metavar="SECONDS",
+                   help="the longest pause allowed inside a request body; 408 after it (default: %(default)s)")
     p.set_defaults(run=run)
 
 
@@ -61,8 +63,10 @@ def check_usage(args: argparse.Namespace) -> dict:
         raise UsageError(f"--text-heads must be at least 1, got {args.text_heads}")
     if args.max_queue is not None and args.max_queue < 1:
         raise UsageError(f"--max-queue must be at least 1, got {args.max_queue}")
-    if not 0 < args.header_timeout <= 3600:
-        raise UsageError(f"--header-timeout must be between 0 and 3600 seconds, got {args.header_timeout:g}")
+    for flag in ("header_timeout", "body_timeout"):
+        value = getattr(args, flag)
+        if not 0 < value <= 3600:
+            raise UsageError(f"--{flag.replace('_', '-')} must be between 0 and 3600 seconds, got {value:g}")
     for flag in ("models_dir", "vae_dir", "lora_dir", "embeddings_dir"):
         d = getattr(args, flag)
         if d is not None and not d.is_dir():
@@ -96,7 +100,8 @@ def run(args: argparse.Namespace) -> int:
                         lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir, device=args.device,
                         dtype=args.dtype, kernels=args.kernels, text_heads=args.text_heads,
                         parameterization=args.parameterization, credentials=credentials,
-                        allowed_hosts=allowed_hosts(args.host, args.allowed_hosts), max_queue=args.max_queue)
+                        allowed_hosts=allowed_hosts(args.host, args.allowed_hosts), max_queue=args.max_queue,
+                        body_timeout=args.body_timeout)
     state.catalog.start_hashing()
     print(f"tritonsd serve: {state.catalog.main.name} loaded on {state.host.pipe.device}; "
           f"http://{args.host}:{args.port}/", file=sys.stderr, flush=True)
