@@ -49,12 +49,40 @@ def malformed_loras() -> dict[str, dict]:
     }
 
 
+def zip_bomb_embedding(path: Path, gib: int = 1) -> Path:
+    """A 1 MB ``.pt`` embedding whose tensor data member is declared (and deflates) to ``gib`` GiB of zeros:
+    torch's reader allocates a member's whole declared size (1 GiB for this file before issue 26)."""
+    import io
+    import zipfile
+
+    import torch
+
+    buf = io.BytesIO()
+    torch.save({"string_to_param": {"*": torch.zeros(1, 4)}}, buf)
+    src = zipfile.ZipFile(io.BytesIO(buf.getvalue()))
+    with zipfile.ZipFile(path, "w") as out:
+        for info in src.infolist():
+            if not info.filename.endswith("/data/0"):
+                out.writestr(info, src.read(info.filename))
+                continue
+            member = zipfile.ZipInfo(info.filename)
+            member.compress_type = zipfile.ZIP_DEFLATED
+            with out.open(member, "w", force_zip64=True) as w:
+                for _ in range(1024 * gib):
+                    w.write(bytes(1 << 20))
+    return path
+
+
 @pytest.fixture(scope="module")
 def server(fixtures, tmp_path_factory):
     root = tmp_path_factory.mktemp("serve-hardening")
-    loras, models = root / "loras", root / "models"
+    loras, models, embeddings = root / "loras", root / "models", root / "embeddings"
     loras.mkdir()
     models.mkdir()
+    embeddings.mkdir()
+    for p in (fixtures / "embeddings").iterdir():
+        (embeddings / p.name).symlink_to(p)
+    zip_bomb_embedding(embeddings / "bomb.pt")
     (loras / "good.safetensors").symlink_to(fixtures / "lora-sd1-tiny.safetensors")
     for name, parts in malformed_loras().items():
         (loras / f"{name}.safetensors").write_bytes(safetensors_bytes({f"{LORA_MODULE}.{k}": v
@@ -66,9 +94,9 @@ def server(fixtures, tmp_path_factory):
         (loras / sub).mkdir()
         (loras / sub / "twice.safetensors").symlink_to(fixtures / "lora-sd1-tiny.safetensors")
     s = Server(["--checkpoint", str(fixtures / "sd1-tiny.safetensors"), "--text-heads", "2", "--lora-dir",
-                str(loras), "--models-dir", str(models), "--embeddings-dir", str(fixtures / "embeddings"),
+                str(loras), "--models-dir", str(models), "--embeddings-dir", str(embeddings),
                 "--max-queue", "2", "--header-timeout", "2", "--body-timeout", "2"], root / "server.log")
-    s.models = models
+    s.models, s.embeddings = models, embeddings
     yield s
     s.stop()
 
@@ -136,15 +164,23 @@ def test_img2img_memory_check_comes_before_the_resize(server):
     assert proc_status(server, "VmHWM") - peak_before < 200 << 20
 
 
-def test_embeddings_listing_reads_each_file_once(server, fixtures):
+def test_embeddings_listing_reads_each_file_once(server):
     """/sdapi/v1/embeddings re-read every file on every call; now once per file version."""
     first = requests.get(server.url + "/sdapi/v1/embeddings", timeout=HANG_S).json()
     assert first["loaded"]
-    size = sum(p.stat().st_size for p in (fixtures / "embeddings").iterdir())
+    size = sum(p.stat().st_size for p in server.embeddings.iterdir())
     before = proc_read_bytes(server)
     for _ in range(20):
         assert requests.get(server.url + "/sdapi/v1/embeddings", timeout=HANG_S).json() == first
     assert proc_read_bytes(server) - before < size  # 20 calls read less than the files once
+
+
+def test_a_zip_bomb_embedding_is_skipped_before_it_inflates(server):
+    """``.pt`` embeddings skipped the zip bounds checkpoints get: this 1 MB file cost the server 1 GB (at
+    start, when the Pipeline loads its embeddings, and on every listing). Its peak RSS stays near its RSS."""
+    listing = requests.get(server.url + "/sdapi/v1/embeddings", timeout=HANG_S).json()
+    assert "bomb" in listing["skipped"] and "bomb" not in listing["loaded"]
+    assert proc_status(server, "VmHWM") - proc_status(server, "VmRSS") < 600 << 20
 
 
 # ---------------------------------------------------------------- request framing and limits
