@@ -12,7 +12,8 @@ guidance, the Pipeline) and ``tritonsd.tools`` (the command line).
 
 __version__ = "0.1.0"
 
-_API = {"load": "tritonsd.pipeline", "Pipeline": "tritonsd.pipeline",
+# (``tritonsd.pipeline.load_spec`` is not listed: ``tritonsd.load_spec`` is the module that defines LoadSpec)
+_API = {"load": "tritonsd.pipeline", "LoadSpec": "tritonsd.load_spec", "Pipeline": "tritonsd.pipeline",
         "GenerationSettings": "tritonsd.sampler.settings", "SettingsError": "tritonsd.sampler.settings",
         "batch": "tritonsd.batch"}
 
@@ -27,4 +28,9 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'tritonsd' has no attribute {name!r}")
 
 
-__all__ = list(_API)
+__all__ = [*_API, "__version__"]
+
+
+def __dir__() -> list[str]:
+    """The public API (``__all__``), which ``__getattr__`` imports on first use."""
+    return sorted(__all__)

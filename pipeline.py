@@ -31,7 +31,6 @@ redone in float32). Nothing is hung on the ``nn.Module``.
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import dataclasses
 import os
@@ -42,20 +41,27 @@ from typing import Callable
 import torch
 
 from tritonsd.kernels import dispatch
+from tritonsd.load_spec import CheckedSpec, LoadSpec
+from tritonsd.model.load import load_model
 from tritonsd.model.vae_guard import VAEDecodeGuard
-from tritonsd.sampler import denoise as D
-from tritonsd.sampler import registry
-from tritonsd.sampler.graph import GraphCaptureError, GraphRunner, noise_draws, tables_on_device
-from tritonsd.sampler.infotext import Infotext
-from tritonsd.sampler.rng import infotext_rng
+from tritonsd.sampler import denoise as D, registry
+from tritonsd.sampler.graph import GraphCaptureError, GraphRunner, tables_on_device
+from tritonsd.sampler.infotext import generation_infotext, save_numbered, to_pil
+from tritonsd.sampler.infotext_parse import parse_infotext
 from tritonsd.sampler.noise import ImageNoise, NoiseSource
+from tritonsd.sampler.reproduce import check_networks, with_lora_tags
 from tritonsd.sampler.memory import memory_shortfall
-from tritonsd.sampler.settings import (GenerationSettings, SettingsError, check_rng_device, fields_from_infotext,
-    vae_factor)
+from tritonsd.sampler.settings import (check_rng_device, default_size, fields_from_infotext, GenerationSettings,
+    SettingsError, vae_factor)
 from tritonsd.sampler.vae_io import (InpaintConditioning, NonFiniteError, check_finite, decode_clamped, encode_image,
     inpaint_conditioning)
 from tritonsd.sampler.wiring import (build_denoiser, img2img_start, make_schedule, num_steps, sigma_denoiser,
     txt2img_start)
+from tritonsd.lora.apply import find_lora, LoraError, LoraSpec, LoraState, parse_lora_tags
+from tritonsd.compile.warmup import warmup
+from tritonsd.prompt.encode import (encode_schedule, load_model_embeddings, pad_to_same_length,
+                                     unet_keywords)
+from tritonsd.formats.embeddings import ti_hashes
 
 StepCallback = Callable[[dict], None]
 
@@ -79,6 +85,7 @@ class Latents:
 
     x: torch.Tensor  # [B, C, h, w] float32 on the model's device: the first latent, scaled for the schedule
     schedule: object  # sigmas (descending, ending in 0) or a DDIMSchedule left to run; None: no step
+    spec: registry.SamplerSpec  # the sampler the schedule was made for (the settings' sampler, resolved once)
     shared: dict[str, torch.Tensor]  # conditioning both guidance halves share (inpainting's c_concat)
     noise: NoiseSource  # the ancestral / eta noise of the loop comes from here
     inpaint: InpaintConditioning | None = None
@@ -86,6 +93,30 @@ class Latents:
     @property
     def steps(self) -> int:
         return 0 if self.schedule is None else num_steps(self.schedule)
+
+
+DIFFUSERS_ALIASES = {"num_inference_steps": "steps", "guidance_scale": "cfg_scale",
+                     "num_images_per_prompt": "batch_size", "image": "init_image", "mask_image": "mask"}
+
+
+def from_diffusers_names(fields: dict) -> dict:
+    """``fields`` with diffusers' keyword names (``DIFFUSERS_ALIASES``) turned into ``GenerationSettings``' own;
+    a setting given under both names is a ``SettingsError``."""
+    out = {k: v for k, v in fields.items() if k not in DIFFUSERS_ALIASES}
+    for alias, name in DIFFUSERS_ALIASES.items():
+        if alias in fields:
+            if name in fields:
+                raise SettingsError(name, f"is given twice: as {name} and as diffusers' {alias}")
+            out[name] = fields[alias]
+    return out
+
+
+class Images(list):
+    """A list of PIL images that also answers diffusers' ``.images``."""
+
+    @property
+    def images(self) -> list:
+        return self
 
 
 class Pipeline:
@@ -111,6 +142,7 @@ class Pipeline:
         self._lora_state = None  # model.lora.LoraState, made on first use: the pristine copies of touched weights
         self.lora_report = None  # the last apply's ApplyReport (its Lora hashes go into the infotext)
         self.embeddings, self.embedding_messages = None, []  # textual inversion, found by file name in prompts
+        self._embeddings_dir = embeddings_dir
         if embeddings_dir is not None:
             self.load_embeddings(embeddings_dir)
         self._ti_hashes: str | None = None  # of the last encode, for the infotext
@@ -151,15 +183,19 @@ class Pipeline:
         ``dispatch.force`` block says."""
         return contextlib.nullcontext() if self.kernels == "auto" else dispatch.force(self.kernels)
 
-    def _model_unet(self, x, t, context, y=None):
+    def _model_unet(self, x, t, context, y=None, t_emb=None):
         """``apply_model`` returning float32: the sampler state stays float32 whatever the weights' dtype."""
-        return self.model.apply_model(x, t, context, y).float()
+        return self.model.apply_model(x, t, context, y, t_emb=t_emb).float()
 
     # ------------------------------------------------------------ settings
 
     def settings(self, settings: GenerationSettings | None = None, **fields) -> GenerationSettings:
         """``settings`` (or ``GenerationSettings(**fields)``, or the first with ``fields`` replaced) checked and
         resolved for this model; raises ``SettingsError`` naming the field."""
+        unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(GenerationSettings)})
+        if unknown:
+            raise SettingsError(unknown[0], "is not a setting (GenerationSettings' fields, or diffusers' "
+                                            f"{', '.join(DIFFUSERS_ALIASES)} in pipe(...))")
         if settings is None:
             settings = GenerationSettings(**fields)
         elif fields:
@@ -176,6 +212,7 @@ class Pipeline:
         """Settings from an AUTOMATIC1111 ``parameters`` text (a PNG's infotext), ``fields`` overriding it:
         a round trip gives the same image. Malformed values are left out (see ``settings.fields_from_infotext``)."""
         parsed, _notes = fields_from_infotext(text)
+        check_networks(parse_infotext(text), self.lora_dir, self._embeddings_dir)
         return self.settings(**{**parsed, **fields})
 
     def latent_shape(self, settings: GenerationSettings) -> tuple[int, int, int]:
@@ -189,7 +226,6 @@ class Pipeline:
         replacing the previous set; ``[]`` restores the checkpoint's weights. The weights keep their storage, so
         captured CUDA graphs stay valid. A failed switch (``LoraError``) leaves the weights as they were.
         Returns the ``ApplyReport`` (matched modules, warnings, bytes of pristine copies held)."""
-        from tritonsd.lora.apply import LoraSpec
 
         specs = [s if isinstance(s, LoraSpec) else LoraSpec(*s) for s in loras]
         report = self._apply_loras(specs)
@@ -200,7 +236,6 @@ class Pipeline:
         if self._lora_state is None:
             if not specs:
                 return None
-            from tritonsd.lora.apply import LoraState
 
             self._lora_state = LoraState(self.model)
         self.lora_report = self._lora_state.apply(specs)
@@ -211,7 +246,6 @@ class Pipeline:
         AUTOMATIC1111 does per generation; returns the prompt without its tags."""
         if "<" not in prompt and self._lora_state is None:
             return prompt
-        from tritonsd.lora.apply import LoraError, LoraSpec, find_lora, parse_lora_tags
 
         text, tags = parse_lora_tags(prompt)
         if tags and self.lora_dir is None:
@@ -231,8 +265,6 @@ class Pipeline:
         ``generate`` does this by itself for each new shape (``auto_warmup``)."""
         if self.device.type != "cuda" or self.kernels == "torch" or dispatch.current_backend() == "torch":
             return None
-        from tritonsd.compile.warmup import warmup
-        from tritonsd.sampler.settings import default_size
 
         size = default_size(self.config)
         return warmup(self.config, sizes=sizes or [(size, size)], batches=batches, dtype=self.dtype,
@@ -267,9 +299,9 @@ class Pipeline:
         """Textual-inversion embeddings from ``directory`` (triggered by their file names in prompts, as
         AUTOMATIC1111); returns one line per file skipped (wrong width, unreadable), also kept in
         ``embedding_messages``."""
-        from tritonsd.prompt.encode import load_model_embeddings
 
         self.embeddings, self.embedding_messages = load_model_embeddings(self.model, directory)
+        self._embeddings_dir = directory
         return self.embedding_messages
 
     def encode(self, settings: GenerationSettings, **size_conditions) -> Conditioning:
@@ -289,63 +321,25 @@ class Pipeline:
             cond = self._encode_side(prompt, s, is_negative=False)
             uncond = None if s.cfg_scale == 1.0 else self._encode_side(s.negative_prompt, s, is_negative=True)
         used = cond.cond.used_embeddings + (uncond.cond.used_embeddings if uncond is not None else [])
-        from tritonsd.formats.embeddings import ti_hashes
 
         self._ti_hashes = ti_hashes(used) or None
         return self._conditioning(s, cond, uncond)
 
     def _encode_side(self, prompt: str, s: GenerationSettings, is_negative: bool):
         """One prompt's editing schedule, encoded in one batch (``ScheduledConditioning``)."""
-        from tritonsd.prompt.encode import encode_schedule
 
         return encode_schedule(self.model, prompt, s.steps, clip_skip=s.clip_skip, embeddings=self.embeddings,
                                width=s.width, height=s.height, is_negative=is_negative)
 
     def _conditioning(self, s: GenerationSettings, cond, uncond) -> Conditioning:
-        """The UNet keywords of both sides: one row per image, or per-call tables when a prompt schedules."""
-        per_step = len(cond.texts) > 1 or (uncond is not None and len(uncond.texts) > 1)
-        calls = s.steps + 1  # PLMS evaluates its first step twice
-        sides = []
-        for side in (cond, uncond):
-            if side is None:
-                sides.append(None)
-                continue
-            entries = {"context": side.cond.context.float()}
-            if side.cond.vector is not None:
-                entries["y"] = side.cond.vector.float()
-            if per_step:
-                rows = torch.tensor([side.index_at(k) for k in range(calls)], device=entries["context"].device)
-                # [entries, ...] -> [calls, B, ...]: row k is the entry model call k uses
-                sides.append({n: t[rows][:, None].expand(-1, s.batch_size, *t.shape[1:]) for n, t in entries.items()})
-            else:
-                sides.append({n: t[:1].expand(s.batch_size, *t.shape[1:]) for n, t in entries.items()})
-        c, u = sides
+        """The UNet keywords of both sides (``prompt.encode.unet_keywords``), padded to one length when the
+        settings ask for AUTOMATIC1111's ``pad_cond_uncond``."""
+        c, u, per_step = unet_keywords(cond, uncond, calls=s.steps + 1, batch=s.batch_size)  # PLMS: steps + 1 calls
         if u is not None and s.pad_cond_uncond:
-            c, u = self._pad_to_same_length(c, u, s, per_step)
+            with self._kernels():
+                c, u = pad_to_same_length(self.model, c, u, per_step, clip_skip=s.clip_skip, width=s.width,
+                                          height=s.height)
         return Conditioning(c, u, per_step=per_step, ti_hashes=self._ti_hashes)
-
-    def _pad_to_same_length(self, c: dict, u: dict, s: GenerationSettings, per_step: bool):
-        """AUTOMATIC1111's ``pad_cond_uncond``: the shorter side gets empty-prompt chunks appended, so guidance
-        stays one batched call (it changes the image)."""
-        from tritonsd.prompt.encode import encode_prompts
-
-        axis = 2 if per_step else 1
-        if c["context"].shape[axis] == u["context"].shape[axis]:
-            return c, u
-        with self._kernels():
-            empty = encode_prompts(self.model, [""], clip_skip=s.clip_skip, width=s.width,
-                                   height=s.height).context.float()  # [1, 77, C]
-
-        def pad(side, to):
-            missing = (to - side["context"].shape[axis]) // empty.shape[1]
-            shape = list(side["context"].shape)
-            shape[axis] = empty.shape[1] * missing
-            extra = empty.repeat(1, missing, 1).expand(*shape) if not per_step else \
-                empty.repeat(1, missing, 1)[None].expand(*shape)
-            return {**side, "context": torch.cat([side["context"], extra], dim=axis)}
-
-        longest = max(c["context"].shape[axis], u["context"].shape[axis])
-        return pad(c, longest), pad(u, longest)
 
     def _encode_original(self, s: GenerationSettings, prompt: str, **size_conditions) -> Conditioning:
         rows, size = s.batch_size, (s.height, s.width)
@@ -361,7 +355,8 @@ class Pipeline:
     def prepare_latents(self, settings: GenerationSettings, noise: NoiseSource | None = None) -> Latents:
         """The first latent and the schedule left to run, from ``noise`` (default: AUTOMATIC1111's per-image
         ``ImageNoise`` of the settings' seed, source and variation seed):
-        txt2img from x_T, img2img from the encoded init image, inpainting with its image conditioning."""
+        txt2img from x_T, img2img from the encoded init image, inpainting with its image conditioning. The
+        settings' sampler is resolved to its registry spec here, once: ``denoise`` runs ``latents.spec``."""
         s = settings
         device = self.device
         shape = self.latent_shape(s)
@@ -382,19 +377,19 @@ class Pipeline:
                 x, schedule = img2img_start(schedule, init_latent, x_T, s.strength)
             else:
                 x = txt2img_start(self.config, schedule, x_T)
-        return Latents(x=x, schedule=schedule, shared=shared, noise=noise, inpaint=inpaint)
+        return Latents(x=x, schedule=schedule, spec=spec, shared=shared, noise=noise, inpaint=inpaint)
 
     # ------------------------------------------------------------ stage 3: the sampler loop
 
     def denoise(self, latents: Latents, cond: Conditioning, settings: GenerationSettings,
                 callback: StepCallback | None = None) -> torch.Tensor:
-        """Latents after the sampler loop, float32. ``callback(step)`` after each step with the sampler's dict
-        (``i``, ``x``, ``denoised``, ...) plus ``total``; after a CUDA-graph replay it gets ``i`` and ``total``
-        only, for every step at once."""
+        """Latents after the sampler loop of ``latents.spec``, float32. ``callback(step)`` after each step with
+        the sampler's dict (``i``, ``x``, ``denoised``, ...) plus ``total``; after a CUDA-graph replay it gets
+        ``i`` and ``total`` only, for every step at once."""
         s = settings
         if latents.schedule is None:  # img2img at strength 0
             return latents.x
-        spec = registry.get(s.sampler)
+        spec = latents.spec
         total = latents.steps
         x = latents.x
         with self._kernels():
@@ -402,14 +397,12 @@ class Pipeline:
             if runner is not None:
                 out = self._denoise_graphed(runner, spec, latents, cond, s, callback)
             else:
-                den = build_denoiser(self.unet, self.config, spec, s.cfg_scale)
+                schedule = latents.schedule  # sigmas stay on the host: the prepared denoiser reads its tables by them
+                den = build_denoiser(self.unet, self.config, spec, s.cfg_scale, schedule, x.device)
                 if cond.per_step:
                     den = D.PerCallConditioning(den)
-                schedule = latents.schedule
-                if isinstance(schedule, torch.Tensor):
-                    schedule = schedule.to(x.device)  # the samplers broadcast sigmas against x
                 kwargs = {}
-                if spec.name in ("euler_a", "ddim"):
+                if spec.takes_noise:
                     kwargs["noise_sampler"] = lambda _a, _b: latents.noise.ancestral(x.shape[1:]).to(x.device)
                 step = None if callback is None else (lambda d: callback({**d, "total": total}))
                 extra = {"cond": cond.cond, "uncond": cond.uncond, **latents.shared}
@@ -433,15 +426,15 @@ class Pipeline:
 
     @staticmethod
     def _denoise_graphed(runner, spec, latents, cond, s, callback) -> torch.Tensor:
-        """The loop through the runner; euler_a's noise is pre-drawn from the same per-image stream, in the order
-        the eager loop draws it."""
+        """The loop through the runner, which gets the spec; an ancestral sampler's noise is pre-drawn from the
+        same per-image stream, in the order the eager loop draws it."""
         sigmas, x = latents.schedule, latents.x
-        count = noise_draws(spec.name, sigmas)
+        count = spec.noise_draws(sigmas)
         noise = torch.stack([latents.noise.ancestral(x.shape[1:]) for _ in range(count)]) if count else None
         progress = None if callback is None else (lambda i, n: callback({"i": i, "total": n}))
         try:
             return runner.run(x, cond.cond, cond.uncond, noise, sigmas=sigmas, cfg_scale=s.cfg_scale,
-                              sampler=spec.name, shared=latents.shared, progress=progress, per_step=cond.per_step)
+                              sampler=spec, shared=latents.shared, progress=progress, per_step=cond.per_step)
         except GraphCaptureError as e:
             raise GraphCaptureError(f"{e}; run without CUDA graphs (use_graphs=False, tritonsd generate "
                                     "--no-cuda-graphs)") from e
@@ -471,42 +464,33 @@ class Pipeline:
         return self.decode(x).cpu()
 
     def __call__(self, prompt: str = "", negative_prompt: str = "", *, callback: StepCallback | None = None,
-                 **fields) -> list:
+                 **fields) -> "Images":
         """PIL images for ``prompt``; ``fields`` are ``GenerationSettings``'s (seed, steps, cfg_scale, sampler,
-        karras, width, height, batch_size, init_image, mask, strength, eta, use_graphs). Each image's
+        karras, width, height, batch_size, init_image, mask, strength, eta, use_graphs), or diffusers' names for
+        them (``DIFFUSERS_ALIASES``: num_inference_steps, guidance_scale, num_images_per_prompt, image,
+        mask_image). The result is a list that also has ``.images`` (diffusers' output). Each image's
         ``info["parameters"]`` is its AUTOMATIC1111 infotext and ``info["seed"]`` its seed."""
-        settings = self.settings(prompt=prompt, negative_prompt=negative_prompt, **fields)
-        return self.to_pil(self.generate(settings, callback), settings)
+        settings = self.settings(prompt=prompt, negative_prompt=negative_prompt, **from_diffusers_names(fields))
+        return Images(self.to_pil(self.generate(settings, callback), settings))
 
     # ------------------------------------------------------------ images out
 
     def infotext(self, settings: GenerationSettings, index: int = 0, conditioning: Conditioning | None = None) -> str:
         """AUTOMATIC1111's ``parameters`` text of image ``index`` (its TI hashes from ``conditioning``, else from
         this pipeline's last ``encode``)."""
-        s = settings
-        spec = registry.get(s.sampler)
         source = getattr(self.model, "source", None)
         vae = source.vae if source is not None else None
-        variation = s.subseed_strength > 0
-        extra = {"VAE hash": self.vae_hash if vae is not None else None,
-                 "VAE": source.vae_name if vae is not None else None,
-                 "Variation seed": (s.subseed or 0) + index if variation else None,
-                 "Variation seed strength": float(s.subseed_strength) if variation else None,
-                 "Denoising strength": float(s.strength) if s.mode == "img2img" else None,
-                 "Clip skip": s.clip_skip if s.clip_skip > 1 else None,
-                 "RNG": infotext_rng(s.rng),
-                 "Schedule type": spec.a1111_schedule(s.karras),
-                 "TI hashes": (conditioning.ti_hashes if conditioning is not None else self._ti_hashes)
-                 if s.prompt_syntax == "a1111" else None,
-                 "Lora hashes": self.lora_report.lora_hashes or None if self.lora_report is not None else None}
-        return Infotext(prompt=s.prompt, negative_prompt=s.negative_prompt, steps=s.steps,
-                        sampler=spec.a1111_name, cfg_scale=s.cfg_scale, seed=s.seed + index, width=s.width,
-                        height=s.height, model_hash=self.model_hash, model=self.name, extra=extra).render()
+        ti = conditioning.ti_hashes if conditioning is not None else self._ti_hashes
+        if self._loras:  # set_loras' LoRAs are recorded as A1111 records every LoRA: a tag in the prompt
+            settings = dataclasses.replace(settings, prompt=with_lora_tags(settings.prompt, self._loras))
+        return generation_infotext(settings, index, model=self.name, model_hash=self.model_hash,
+                                   vae=source.vae_name if vae is not None else None,
+                                   vae_hash=self.vae_hash if vae is not None else None, ti_hashes=ti,
+                                   lora_hashes=self.lora_report.lora_hashes if self.lora_report is not None else None)
 
     def to_pil(self, images: torch.Tensor, settings: GenerationSettings,
                conditioning: Conditioning | None = None) -> list:
         """PIL images with ``info["parameters"]`` (the infotext) and ``info["seed"]``."""
-        from tritonsd.sampler.infotext import to_pil
 
         out = []
         for i, image in enumerate(images):
@@ -520,7 +504,6 @@ class Pipeline:
     def save(images: list, out_dir: str | os.PathLike) -> list[Path]:
         """``out_dir/NNNNN-<seed>.png`` for each image, numbered after the files already there (as
         AUTOMATIC1111 numbers them); never overwrites, nothing half-written."""
-        from tritonsd.sampler.infotext import save_numbered
 
         return [save_numbered(Path(out_dir), image, image.info.get("parameters", ""), image.info.get("seed"))
                 for image in images]
@@ -542,25 +525,28 @@ def load(path: str | os.PathLike, config: str | os.PathLike | None = None, *, de
     external VAE file (``.safetensors`` / ``.pt``); ``text_heads`` / ``parameterization``: what the weights cannot
     tell, when no YAML does; ``lora_dir``: where ``<lora:name:w>`` in a prompt is looked up;
     ``embeddings_dir``: textual-inversion embeddings, used where their file name appears in a prompt. The model
-    hash for the infotext is computed in the background while the weights load."""
-    from tritonsd.model.demo import is_demo
-    from tritonsd.devices import resolve_device, resolve_dtype
-    from tritonsd.formats.hashes import model_hash
-    from tritonsd.model.load import load_model
+    hash for the infotext is computed when the first infotext needs it, and cached on disk
+    (``formats.hashes.cached_sha256``).
 
-    device = resolve_device(device)
-    dtype = resolve_dtype(dtype if dtype is not None else ("fp16" if device.type == "cuda" else "fp32"))
-    hashing = None
-    if not is_demo(path):
-        pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
-        hashing = pool.submit(model_hash, path)  # sha256 releases the GIL: overlaps the load
-        pool.shutdown(wait=False)
-    with dispatch.force(kernels):
-        model = load_model(path, config=config, parameterization=parameterization, text_heads=text_heads, vae=vae,
-                           dtype=dtype, device=device)
+    The same as ``load_spec(LoadSpec(path, config, ...))``: the keywords are ``LoadSpec``'s fields."""
+    return load_spec(LoadSpec(path, config, device=device, dtype=dtype, kernels=kernels, vae=vae,
+                              text_heads=text_heads, parameterization=parameterization, lora_dir=lora_dir,
+                              embeddings_dir=embeddings_dir))
+
+
+def load_spec(spec: LoadSpec | CheckedSpec) -> Pipeline:
+    """The Pipeline ``spec`` describes: its prechecks (``LoadSpec.check``, skipped for a ``CheckedSpec``), then
+    the weights, the model hash computed alongside them."""
+    checked = spec.check()
+    spec = checked.spec
+    with dispatch.force(spec.kernels):
+        model = load_model(spec.path, config=spec.config, parameterization=spec.parameterization,
+                           text_heads=spec.text_heads, vae=spec.vae, dtype=checked.dtype, device=checked.device)
     source = model.source
-    return Pipeline(model, name=source.model_name, kernels=kernels, lora_dir=lora_dir, embeddings_dir=embeddings_dir,
-                    model_hash=hashing.result if hashing is not None else source.model_hash)
+    return Pipeline(model, name=source.model_name, kernels=spec.kernels, lora_dir=spec.lora_dir,
+                    embeddings_dir=spec.embeddings_dir,
+                    model_hash=source.model_hash)  # computed (or read from the disk cache) when a PNG needs it
 
 
-__all__ = ["Conditioning", "GenerationSettings", "Latents", "NonFiniteError", "Pipeline", "load"]
+__all__ = ["CheckedSpec", "Conditioning", "GenerationSettings", "Images", "Latents", "LoadSpec", "NonFiniteError", "Pipeline",
+           "load", "load_spec"]

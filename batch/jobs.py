@@ -23,13 +23,16 @@ from pathlib import Path
 from typing import Iterable
 
 from tritonsd.escape import escape  # the batch modules print untrusted ids and text through it
+from tritonsd.formats.checkpoint import CheckpointError, validate_safetensors_header
+from tritonsd.sampler.seeds import RANDOM_SEEDS
+from tritonsd.sampler.settings import GenerationSettings, SettingsError
+from tritonsd.sampler.registry import DEFAULT_SAMPLER, UnknownSamplerError, resolve_name
 
 FIELDS = ("id", "prompt", "negative_prompt", "seed", "subseed", "subseed_strength", "steps", "sampler_name",
           "scheduler", "cfg_scale", "width", "height", "loras")
 # GenerationSettings field -> the job field a SettingsError names
 JOB_FIELD = {"sampler": "sampler_name", "karras": "scheduler"}
 MAX_ID_BYTES = 200  # "<id>.png" and its temporary name stay under the usual 255-byte file-name limit
-ID_SEEDS = 2 ** 32  # a derived seed is in AUTOMATIC1111's range
 MAX_LINE_BYTES = 1 << 20
 _LORA_TAG = re.compile(r"<(?:lora|lyco):[^>]+>")  # the prompt's own LoRAs (webui's extra-network tags)
 
@@ -72,8 +75,6 @@ class Job:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Job":
-        from tritonsd.sampler.settings import GenerationSettings
-
         return cls(line=d["line"], id=d["id"], settings=GenerationSettings(**d["settings"]),
                    loras=tuple(tuple(x) for x in d["loras"]))
 
@@ -115,24 +116,23 @@ def check_id(value) -> str:
 
 
 def seed_from_id(job_id: str) -> int:
-    """The seed of a job that names none: the first 4 bytes of sha256(id), so it never changes."""
-    return int.from_bytes(hashlib.sha256(job_id.encode("utf-8")).digest()[:4], "big") % ID_SEEDS
+    """The seed of a job that names none: the first 4 bytes of sha256(id), so it never changes; in the range
+    random seeds are drawn from (AUTOMATIC1111's)."""
+    return int.from_bytes(hashlib.sha256(job_id.encode("utf-8")).digest()[:4], "big") % RANDOM_SEEDS
 
 
 def parse_sampler(fields: dict) -> tuple[str | None, bool | None]:
-    from tritonsd.sampler.registry import UnknownSamplerError, from_a1111_name
-
     name, schedule = fields.get("sampler_name"), fields.get("scheduler")
     if schedule is not None and not isinstance(schedule, str):
         raise JobError(f"scheduler must be a string, got {escape(json.dumps(schedule), 40)}")
     if name is None:
         if schedule is None:
             return None, None
-        name = "dpmpp_2m"  # the default sampler, with the schedule asked for
+        name = DEFAULT_SAMPLER  # with the schedule asked for
     if not isinstance(name, str):
         raise JobError(f"sampler_name must be a string, got {escape(json.dumps(name), 40)}")
     try:
-        return from_a1111_name(name, schedule)
+        return resolve_name(name, schedule)
     except UnknownSamplerError as e:
         raise JobError(escape(str(e), 300)) from None
 
@@ -194,8 +194,6 @@ def find_lora_file(path: str, lora_dir: Path | None, base: Path) -> Path:
 
 
 def _check_lora_header(file: Path, named: str) -> None:
-    from tritonsd.formats.checkpoint import CheckpointError, validate_safetensors_header
-
     try:
         validate_safetensors_header(file)
     except (CheckpointError, OSError):
@@ -204,7 +202,6 @@ def _check_lora_header(file: Path, named: str) -> None:
 
 def parse_job(fields, line: int, *, lora_dir: Path | None = None, base: Path | None = None) -> Job:
     """One job from a decoded JSON line, checked without a model; raises ``JobError`` (one line)."""
-    from tritonsd.sampler.settings import GenerationSettings, SettingsError
 
     if not isinstance(fields, dict):
         raise JobError(f"a job line must be a JSON object, got {type(fields).__name__}")

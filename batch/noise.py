@@ -10,12 +10,12 @@ that default from the Pipeline itself; if the Pipeline's default source changes,
 from __future__ import annotations
 
 import torch
+from tritonsd.sampler.noise import ImageNoise
 
 
 def job_noise(settings, shape, device) -> object:
     """The noise source ``Pipeline.prepare_latents`` uses by default for a batch of one of ``settings``
     (``shape``: the latent's [C, h, w])."""
-    from tritonsd.sampler.noise import ImageNoise
 
     s = settings
     return ImageNoise(shape, s.seed, 1, s.rng, s.subseed, s.subseed_strength, device)

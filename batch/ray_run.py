@@ -14,12 +14,15 @@ import contextlib
 import dataclasses
 import json
 import logging
+import warnings
 from typing import Iterator
 
 import numpy as np
 
 from tritonsd.batch.jobs import Job, escape
-from tritonsd.batch.worker import BatchWorker, LoadSpec, Result, one_line
+from tritonsd.batch.worker import BatchWorker, Result, one_line
+from tritonsd.load_spec import LoadSpec
+from tritonsd.pipeline import load_spec
 
 SPARE_CPUS = 2  # logical CPUs a local cluster declares beyond one per actor, for Ray Data's own tasks
 
@@ -29,10 +32,11 @@ class RayError(RuntimeError):
 
 
 class PipelineActor:
-    """The ``map_batches`` class: loads the Pipeline once per actor, then turns units into result rows."""
+    """The ``map_batches`` class: loads the Pipeline once per actor (its ``LoadSpec`` checked there, on the
+    actor's node), then turns units into result rows."""
 
     def __init__(self, spec: dict, group_size: int):
-        self.worker = BatchWorker(LoadSpec(**spec).load(), group_size)
+        self.worker = BatchWorker(load_spec(LoadSpec(**spec)), group_size)
 
     def __call__(self, batch: dict) -> dict:
         rows, pngs = [], []
@@ -58,7 +62,8 @@ def connect(ray, address: str, workers: int | None) -> bool:
     """Connect to (or start) the cluster; True when this call started a local one (to shut down after)."""
     if ray.is_initialized():
         return False  # the caller's own connection (e.g. a notebook, or a test's shared local cluster)
-    kw = dict(logging_level=logging.WARNING, configure_logging=True)
+    kw = dict(logging_level=logging.ERROR, configure_logging=True, log_to_driver=False)  # no Ray chatter on a
+    # good run: a worker's failure comes back as its result row's error or as the exception below
     try:
         if address == "local":
             import torch
@@ -69,7 +74,11 @@ def connect(ray, address: str, workers: int | None) -> bool:
             return True
         ray.init(address=address, **kw)  # "auto": the cluster this machine belongs to
     except (ConnectionError, RuntimeError, ValueError) as e:
-        raise RayError(f"cannot connect to the Ray cluster at {address}: {one_line(e)}") from None
+        if address == "auto":  # Ray's own message names its CLI's --address flag, which tritonsd does not have
+            raise RayError("no running Ray cluster was found from this machine; start one (ray start --head), "
+                           "give its address (--ray=ADDRESS) or run one here (--ray=local)") from None
+        raise RayError(f"cannot connect to the Ray cluster at {escape(address, 200)} (--ray={escape(address, 200)}): "
+                       f"{_without_ray_flags(one_line(e))}") from None
     return False
 
 
@@ -82,16 +91,16 @@ def run_on_ray(units: list[list[Job]], spec: LoadSpec, group_size: int, address:
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False  # the driver shows its own bar (jobs, with an ETA)
         ctx.print_on_execution_start = False
-        gpus = int(ray.cluster_resources().get("GPU", 0)) if spec.device != "cpu" else 0
+        gpus = int(ray.cluster_resources().get("GPU", 0)) if str(spec.device) != "cpu" else 0
         concurrency = workers or max(gpus, 1)
         if not units:
             return
         items = [{"unit": json.dumps([j.to_dict() for j in unit])} for unit in units]
         ds = ray.data.from_items(items, override_num_blocks=len(items))  # a block per unit: actors share them
-        ds = ds.map_batches(PipelineActor, fn_constructor_kwargs={"spec": dataclasses.asdict(spec),
-                                                                   "group_size": group_size},
-                            batch_size=1, compute=ray.data.ActorPoolStrategy(size=concurrency), num_cpus=1,
-                            num_gpus=1 if gpus else 0)
+        with warnings.catch_warnings():  # Ray 2.60 names max_restarts a deprecated "ray_remote_args"; no
+            # named parameter takes it yet
+            warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
+            ds = _map(ray, ds, spec, group_size, concurrency, gpus)
         try:
             with _quiet("ray.data"):  # no per-dataset chatter on the driver
                 for row in ds.iter_rows():
@@ -105,6 +114,16 @@ def run_on_ray(units: list[list[Job]], spec: LoadSpec, group_size: int, address:
             ray.shutdown()
 
 
+def _map(ray, ds, spec: LoadSpec, group_size: int, concurrency: int, gpus: int):
+    """The actor pool over ``ds``: one Pipeline per actor, a failed actor reported, not restarted (with
+    restarts, Ray's core logs an error line on every good run: the constructor's arguments live in the object
+    store)."""
+    return ds.map_batches(PipelineActor, fn_constructor_kwargs={"spec": dataclasses.asdict(spec),
+                                                               "group_size": group_size},
+                          batch_size=1, compute=ray.data.ActorPoolStrategy(size=concurrency), num_cpus=1,
+                          num_gpus=1 if gpus else 0, max_restarts=0)
+
+
 @contextlib.contextmanager
 def _quiet(logger_name: str):
     log = logging.getLogger(logger_name)
@@ -114,6 +133,11 @@ def _quiet(logger_name: str):
         yield
     finally:
         log.setLevel(level)
+
+
+def _without_ray_flags(text: str) -> str:
+    """Ray's message with its hints about Ray's own CLI flags (``--address``) cut: tritonsd has ``--ray=``."""
+    return text.split(" Please specify", 1)[0].replace("`--address` flag", "--ray=ADDRESS")
 
 
 def _last_line(e: BaseException) -> str:

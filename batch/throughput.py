@@ -19,26 +19,25 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
+from tritonsd.batch.jobs import read_jobs
+from tritonsd.batch.run import make_units
+from tritonsd.batch.worker import BatchWorker
+from tritonsd.bench.random_weights import build_random_model
+from tritonsd.devices import DTYPE_NAMES, resolve_dtype
+from tritonsd.load_spec import LoadSpec
+from tritonsd.pipeline import Pipeline, load_spec
+
 
 def make_pipe(args):
-    import torch
-
-    from tritonsd.pipeline import Pipeline, load
-
     if args.checkpoint:
-        return load(args.checkpoint, device=args.device, dtype=args.dtype)
-    try:
-        from tritonsd.bench.random_weights import build_random_model
-    except ImportError:
-        from tritonsd.model.random_weights import build_random_model
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or "fp16"]
-    model = build_random_model(args.random, dtype=dtype, device=args.device or "cuda")
+        return load_spec(LoadSpec(args.checkpoint, device=args.device, dtype=args.dtype))
+    model = build_random_model(args.random, dtype=resolve_dtype(args.dtype or "fp16"), device=args.device or "cuda")
     return Pipeline(model, name=f"random-{args.random}", model_hash="0000000000")
 
 
 def jobs_for(count: int, size: int, steps: int, offset: int) -> list:
-    from tritonsd.batch.jobs import read_jobs
-
     lines = [json.dumps({"id": f"j{offset + i}", "prompt": f"a photograph of object number {offset + i}",
                          "negative_prompt": "blurry", "seed": offset + i, "steps": steps, "width": size,
                          "height": size}) for i in range(count)]
@@ -48,11 +47,6 @@ def jobs_for(count: int, size: int, steps: int, offset: int) -> list:
 
 
 def measure(pipe, group_size: int, images: int, size: int, steps: int) -> dict:
-    import torch
-
-    from tritonsd.batch.run import make_units
-    from tritonsd.batch.worker import BatchWorker
-
     worker = BatchWorker(pipe, group_size)
     sync = torch.cuda.synchronize if pipe.device.type == "cuda" else (lambda: None)
     t0 = time.perf_counter()
@@ -82,11 +76,9 @@ def main(argv=None) -> int:
     p.add_argument("--images", type=int, default=32, help="timed images per group size (default 32)")
     p.add_argument("--group-sizes", type=int, nargs="+", default=[1, 4])
     p.add_argument("--device", default=None)
-    p.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default=None)
+    p.add_argument("--dtype", choices=tuple(DTYPE_NAMES), default=None)
     p.add_argument("--out", type=Path, default=None, metavar="JSON", help="write the results here")
     args = p.parse_args(argv)
-
-    import torch
 
     pipe = make_pipe(args)
     rows = [measure(pipe, n, args.images, args.size, args.steps) for n in args.group_sizes]

@@ -21,30 +21,6 @@ from tritonsd.batch.noise import StackedNoise, job_noise
 
 
 @dataclass
-class LoadSpec:
-    """How a worker loads its Pipeline (``tritonsd.load``'s arguments; paths as strings, resolved on the
-    driver so they mean the same on every node)."""
-
-    checkpoint: str
-    config: str | None = None
-    vae: str | None = None
-    text_heads: int | None = None
-    parameterization: str | None = None
-    lora_dir: str | None = None
-    embeddings_dir: str | None = None
-    device: str | None = None
-    dtype: str | None = None
-    kernels: str = "auto"
-
-    def load(self):
-        from tritonsd.pipeline import load
-
-        return load(self.checkpoint, self.config, device=self.device, dtype=self.dtype, kernels=self.kernels,
-                    vae=self.vae, text_heads=self.text_heads, parameterization=self.parameterization,
-                    lora_dir=self.lora_dir, embeddings_dir=self.embeddings_dir)
-
-
-@dataclass
 class Result:
     """One job's outcome: ``png`` bytes, or ``error`` (one line)."""
 

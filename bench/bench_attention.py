@@ -8,8 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from tritonsd.bench.harness import Case, case_generator, run_cases, script_main
-from tritonsd.bench.sd_shapes import BATCH, CONTEXT, MODELS, TEXT
-
+from tritonsd.compile.shapes import BATCH, MODELS, TEXT_TOKENS, text_towers
 from tritonsd.kernels.attention import attention_reference, attention_triton
 
 
@@ -37,15 +36,16 @@ def cases() -> list[Case]:
         out.append(Case("attention", model, name, {"B": b, "N": n, "M": m, "heads": heads, "head_dim": d,
                                                    "causal": causal}, make, flops, "TFLOP/s"))
 
-    for model, spec in MODELS.items():
-        for c, side in spec["levels"]:
-            h = spec["heads"](c)
-            add(model, f"self-{side}x{side}-c{c}", BATCH, side * side, side * side, h, c // h)
-            add(model, f"cross-{side}x{side}-c{c}", BATCH, side * side, CONTEXT, h, c // h)
-        lat = spec["latent"]
-        add(model, f"vae-mid-{lat}x{lat}-c512", 1, lat * lat, lat * lat, 1, 512)
-    for name, width, heads in TEXT:
-        add("text", f"{name}-causal", BATCH, CONTEXT, CONTEXT, heads, width // heads, causal=True)
+    for spec in MODELS.values():
+        for c, side in spec.attention_levels():
+            h = spec.heads(c)
+            add(spec.label, f"self-{side}x{side}-c{c}", BATCH, side * side, side * side, h, c // h)
+            add(spec.label, f"cross-{side}x{side}-c{c}", BATCH, side * side, TEXT_TOKENS, h, c // h)
+        lat = spec.latent
+        add(spec.label, f"vae-mid-{lat}x{lat}-c512", 1, lat * lat, lat * lat, 1, 512)
+    for tower in text_towers():
+        add("text", f"{tower.name}-causal", BATCH, TEXT_TOKENS, TEXT_TOKENS, tower.heads, tower.width // tower.heads,
+            causal=True)
     return out
 
 

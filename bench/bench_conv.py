@@ -8,8 +8,7 @@ import sys
 import torch
 
 from tritonsd.bench.harness import Case, case_generator, run_cases, script_main
-from tritonsd.bench.sd_shapes import BATCH, MODELS, VAE_LEVELS
-
+from tritonsd.compile.shapes import BATCH, MODELS, VAE_DECODER_LEVELS
 from tritonsd.kernels.conv import conv2d_reference, conv2d_triton
 
 
@@ -35,16 +34,18 @@ def cases() -> list[Case]:
                                                 "kernel": k, "stride": stride, "padding": pad, "emb": emb,
                                                 "residual": residual}, make, flops, "TFLOP/s"))
 
-    for model, spec in MODELS.items():
-        for i, (c, side) in enumerate(spec["levels"]):
+    vae = VAE_DECODER_LEVELS
+    for spec in MODELS.values():
+        model, levels = spec.label, spec.levels()
+        for i, (c, side) in enumerate(levels):
             add(model, f"res-conv1+emb-{side}x{side}-c{c}", BATCH, c, c, side, 3, 1, 1, emb=True)
             add(model, f"res-conv2+res-{side}x{side}-c{c}", BATCH, c, c, side, 3, 1, 1, residual=True)
-            if i < 3:
+            if i < len(levels) - 1:  # every level but the innermost downsamples
                 add(model, f"down-s2-{side}x{side}-c{c}", BATCH, c, c, side, 3, 2, 1)
-        c0, s0 = spec["levels"][0]
+        c0, s0 = levels[0]
         add(model, f"skip-1x1-{s0}x{s0}-{3 * c0}to{c0}", BATCH, 3 * c0, c0, s0, 1, 1, 0)
-        lat = spec["latent"]
-        for (c, scale), (c_next, _) in zip(VAE_LEVELS, VAE_LEVELS[1:] + VAE_LEVELS[-1:]):
+        lat = spec.latent
+        for (c, scale), (c_next, _) in zip(vae, vae[1:] + vae[-1:]):
             side = lat * scale
             add(model, f"vae-dec-{side}x{side}-c{c}to{c_next}", 1, c, c_next, side, 3, 1, 1)
         add(model, f"vae-enc-down-prepadded-{8 * lat + 1}-c128", 1, 128, 128, 8 * lat + 1, 3, 2, 0)

@@ -7,8 +7,7 @@ import sys
 import torch
 
 from tritonsd.bench.harness import Case, case_generator, run_cases, script_main
-from tritonsd.bench.sd_shapes import BATCH, MODELS
-
+from tritonsd.compile.shapes import BATCH, MODELS
 from tritonsd.kernels.geglu import geglu_reference, geglu_triton
 
 
@@ -17,14 +16,14 @@ REFERENCE = geglu_reference  # what it must equal (on float32 inputs)
 
 def cases() -> list[Case]:
     out = []
-    for model, spec in MODELS.items():
-        for c, side in spec["levels"]:
+    for spec in MODELS.values():
+        for c, side in spec.attention_levels():
             n, f = side * side, 4 * c
 
             def make(dtype, n=n, f=f):
                 g = case_generator()
                 return (torch.randn(BATCH, n, 2 * f, device="cuda", dtype=dtype, generator=g),)
-            out.append(Case("geglu", model, f"ff-{side}x{side}-F{f}", {"B": BATCH, "N": n, "F": f}, make,
+            out.append(Case("geglu", spec.label, f"ff-{side}x{side}-F{f}", {"B": BATCH, "N": n, "F": f}, make,
                             3.0 * BATCH * n * f * 2, "GB/s", {"bytes_per_element_assumed": 2}))
     return out
 

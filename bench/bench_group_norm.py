@@ -8,8 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from tritonsd.bench.harness import Case, case_generator, run_cases, script_main
-from tritonsd.bench.sd_shapes import BATCH, MODELS, VAE_LEVELS
-
+from tritonsd.compile.shapes import BATCH, MODELS, VAE_DECODER_LEVELS
 from tritonsd.kernels.group_norm import group_norm_reference, group_norm_triton
 
 
@@ -37,14 +36,15 @@ def cases() -> list[Case]:
                                                     "silu": True, "channels_last": channels_last},
                         make, 2.0 * numel * 2, "GB/s", {"bytes_per_element_assumed": 2}))
 
-    for model, spec in MODELS.items():
-        for c, side in spec["levels"]:
+    for spec in MODELS.values():
+        model, levels = spec.label, spec.levels()
+        for c, side in levels:
             add(model, f"unet-{side}x{side}-c{c}", BATCH, c, side)
-        c0, s0 = spec["levels"][0]
+        c0, s0 = levels[0]
         add(model, f"unet-up-concat-{s0}x{s0}-c{3 * c0}", BATCH, 3 * c0, s0)
         add(model, f"unet-{s0}x{s0}-c{c0}-channels-last", BATCH, c0, s0, channels_last=True)
-        for c, scale in VAE_LEVELS:
-            side = spec["latent"] * scale
+        for c, scale in VAE_DECODER_LEVELS:
+            side = spec.latent * scale
             add(model, f"vae-{side}x{side}-c{c}", 1, c, side)
     return out
 

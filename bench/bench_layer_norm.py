@@ -8,8 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from tritonsd.bench.harness import Case, case_generator, run_cases, script_main
-from tritonsd.bench.sd_shapes import BATCH, CONTEXT, MODELS, TEXT
-
+from tritonsd.compile.shapes import BATCH, MODELS, TEXT_TOKENS, text_towers
 from tritonsd.kernels.layer_norm import layer_norm_reference, layer_norm_triton
 
 
@@ -28,11 +27,11 @@ def cases() -> list[Case]:
         out.append(Case("layer_norm", model, name, {"B": BATCH, "N": rows, "C": width}, make,
                         2.0 * BATCH * rows * width * 2, "GB/s", {"bytes_per_element_assumed": 2}))
 
-    for model, spec in MODELS.items():
-        for c, side in spec["levels"]:
-            add(model, f"unet-{side}x{side}-c{c}", side * side, c)
-    for name, width, _ in TEXT:
-        add("text", name, CONTEXT, width)
+    for spec in MODELS.values():
+        for c, side in spec.attention_levels():
+            add(spec.label, f"unet-{side}x{side}-c{c}", side * side, c)
+    for tower in text_towers():
+        add("text", tower.name, TEXT_TOKENS, tower.width)
     return out
 
 

@@ -52,14 +52,15 @@ from pathlib import Path
 import torch
 
 from tritonsd.kernels import dispatch
-from tritonsd.devices import resolve_device, resolve_dtype
+from tritonsd.devices import DTYPE_NAMES, resolve_device, resolve_dtype
 from tritonsd.pipeline import Pipeline
 from tritonsd.bench import environment as bench_environment
 from tritonsd.bench.random_weights import MANIFESTS, build_meta_model, build_random_model, fill_random_
+from tritonsd.sampler import registry
+from tritonsd.compile.warmup import warmup
 
 IMPLS = ("tritonsd-graph", "tritonsd-eager", "diffusers-eager", "diffusers-compile")
 BENCH_MODELS = ("sd15", "sd21", "sdxl")
-BENCH_SAMPLERS = ("dpmpp_2m", "euler", "euler_a")
 DEFAULT_SIZE = {"sd15": 512, "sd21": 768, "sdxl": 1024}
 PROMPT = "a photograph of an astronaut riding a horse on the moon, detailed, 8k"
 UNET_TIMINGS = 10
@@ -69,17 +70,27 @@ class BenchE2EError(RuntimeError):
     """The end-to-end benchmark cannot run as asked (no GPU, diffusers missing, ...)."""
 
 
+def bench_samplers() -> tuple[str, ...]:
+    """The samplers a row may time: those whose loop tritonsd-graph captures (the registry's ``graphable``)."""
+    return tuple(registry.graph_samplers())
+
+
+def default_samplers() -> list[str]:
+    """The rows' samplers when none is asked for: the captured ones that draw no noise."""
+    return [name for name, spec in registry.graph_samplers().items() if not spec.stochastic]
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", action="append", default=None, metavar="NAME",
                    help=f"{', '.join(BENCH_MODELS)} or a key-manifest JSON path (repeatable; default sd15, sd21)")
     p.add_argument("--size", type=int, default=None, help="image side (default: sd15 512, sd21 768, sdxl 1024)")
     p.add_argument("--batch", type=int, action="append", default=None, help="images per run (repeatable; "
                                                                              "default 1 and 4)")
-    p.add_argument("--sampler", choices=BENCH_SAMPLERS, action="append", default=None,
-                   help="repeatable; default dpmpp_2m and euler")
+    p.add_argument("--sampler", choices=bench_samplers(), action="append", default=None,
+                   help=f"repeatable; default {' and '.join(default_samplers())}")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--cfg", type=float, default=7.5)
-    p.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default="fp16")
+    p.add_argument("--dtype", choices=tuple(DTYPE_NAMES), default="fp16")
     p.add_argument("--impl", choices=IMPLS, action="append", default=None,
                    help="repeatable; default all (the diffusers ones only when diffusers imports)")
     p.add_argument("--repeat", type=int, default=10, help="timed images per row after the first (default 10)")
@@ -314,7 +325,6 @@ def warmup_row(impl, device, batch: int, size: int) -> dict:
     peer, and runs off CUDA, have none (``warmup_s`` null: the peer's compile is in its first image)."""
     if not isinstance(impl, TritonsdImpl) or device.type != "cuda":
         return {"warmup_s": None}
-    from tritonsd.compile.warmup import warmup
 
     pipe = impl.pipe
     start = time.perf_counter()
@@ -441,14 +451,18 @@ def run(args: argparse.Namespace) -> int:
             raise BenchE2EError("TRITON_INTERPRET=1 is set: unset it to benchmark the compiled kernels")
     dtype = resolve_dtype(args.dtype)
     impls = list(dict.fromkeys(args.impl or IMPLS))
+    unavailable: dict[str, str] = {}  # impls asked for by name whose package does not import: impl -> why
     if any(i.startswith("diffusers") for i in impls):
         try:
             _import_diffusers()
         except BenchE2EError as e:
-            if args.impl:  # asked for by name: fail
-                raise
-            print(f"note: {e}; running tritonsd rows only", file=sys.stderr)
+            peers = [i for i in impls if i.startswith("diffusers")]
             impls = [i for i in impls if not i.startswith("diffusers")]
+            if args.impl and not impls:  # only diffusers rows asked for: nothing to measure
+                raise
+            print(f"note: {e}; running {', '.join(impls)} only", file=sys.stderr)
+            if args.impl:  # asked for by name: an error row each (and exit 1), the other rows still measured
+                unavailable = {i: f"{type(e).__name__}: {e}" for i in peers}
     env = environment(args, device)
     path = results_path(args, env)
     rows: list[dict] = []
@@ -459,12 +473,16 @@ def run(args: argparse.Namespace) -> int:
         meta_model = build_meta_model(bench_model, text_heads=args.text_heads)
         work = {b: work_tflop(meta_model, size, b) for b in args.batch or [1, 4]}
         del meta_model
+        for impl_name, why in unavailable.items():
+            rows.append({"model": bench_model, "size": size, "impl": impl_name, "batch": None, "sampler": None,
+                         "error": why[:300]})
+            print(f"{bench_model:<6} {size:>4} {impl_name:<18} -- {why}", flush=True)
         for impl_name in impls:
             impl = None
             try:
                 impl = _make_impl(impl_name, bench_model, model, size, dtype, device, args)
                 for batch in args.batch or [1, 4]:
-                    for sampler in args.sampler or ["dpmpp_2m", "euler"]:
+                    for sampler in args.sampler or default_samplers():
                         row = {"model": bench_model if bench_model in MANIFESTS else Path(bench_model).stem,
                                "family": model.config.family, "size": size, "batch": batch, "sampler": sampler,
                                "steps": args.steps, "cfg": args.cfg, "dtype": args.dtype, "impl": impl_name}

@@ -1,10 +1,10 @@
 """What the kernel benchmarks share: timing, the correctness gate, throughput, the environment record.
 
-Each ``bench_<op>.py`` lists its cases (the real shapes of SD 1.5 at 512x512 and SD 2.1 at 768x768, batch 2 for
-classifier-free guidance) and its implementations (ours and the peers); :func:`run_case` checks every
-implementation against the float32 reference before timing it with ``triton.testing.do_bench`` (medians after
-warm-up). Run a script as a module (``python -m tritonsd.bench.bench_attention``) or all of them through
-``tritonsd bench kernels``.
+Each ``bench_<op>.py`` lists its cases (the real shapes of SD 1.5 at 512x512, SD 2.1 at 768x768 and SDXL at
+1024x1024 from ``compile/shapes.py``, batch 2 for classifier-free guidance, and the text towers) and its
+implementations (ours and the peers); :func:`run_case` checks every implementation against the float32
+reference before timing it with ``triton.testing.do_bench`` (medians after warm-up). Run a script as a module
+(``python -m tritonsd.bench.bench_attention``) or all of them through ``tritonsd bench kernels``.
 """
 
 from __future__ import annotations
@@ -19,10 +19,11 @@ from typing import Callable, Iterable
 
 import torch
 
+from tritonsd.devices import DTYPE_NAMES
 from tritonsd.testing.reference import relative_error, strict_float32
 from tritonsd.bench import environment
 
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+DTYPES = DTYPE_NAMES  # the benchmarks' --dtype names (devices' table)
 TOLERANCE = {torch.float16: 1e-2, torch.bfloat16: 1e-2, torch.float32: 1e-4}
 
 

@@ -50,15 +50,14 @@ def speedup(argv: list[str]) -> dict:
 def sample(checkpoint: str, size: int, dtype: str, kernel: str, n: int) -> dict:
     """Compile ``n`` tasks of one kernel (evenly over its variants and configs) in this process, one by one:
     seconds of each, wall and CPU (this process's and its children's: ptxas runs as a child)."""
-    import torch
-
-    from tritonsd.compile import precompile, variants
+    from tritonsd.compile import precompile, shapes, variants
+    from tritonsd.devices import resolve_dtype
     from tritonsd.formats.checkpoint import read_checkpoint_shapes
     from tritonsd.model.config import detect_config
 
-    config = (variants.released(checkpoint) if checkpoint in variants.RELEASED else
+    config = (shapes.released(checkpoint) if checkpoint in shapes.RELEASED else
               detect_config(read_checkpoint_shapes(checkpoint), text_heads=2))
-    dt = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    dt = resolve_dtype(dtype)
     launches = [la for la in variants.unique(variants.model_launches(config, [(size, size)], (2,), dt))
                 if la.module.endswith("." + kernel)]
     tasks = precompile.tasks_for(launches, ["sm_90"])

@@ -1,6 +1,6 @@
 """Stage 1 of the GPU run: every Triton kernel at the SD shapes against torch, on fresh random inputs.
 
-For each case of the kernel benchmarks (``bench_<op>.cases()``: the real SD 1.5 / SD 2.1 / text shapes), the
+For each case of the kernel benchmarks (``bench_<op>.cases()``: the real SD 1.5 / SD 2.1 / SDXL / text shapes), the
 inputs are drawn from a seed picked for this run (recorded), the reference is computed from float32 copies,
 the allocator's free memory is filled with NaN just before the kernel runs (so an output element the kernel
 never writes shows up as NaN instead of a stale value) and the result must be finite with

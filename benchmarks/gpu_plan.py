@@ -15,11 +15,16 @@ archive (``--cache-archive``, written after every stage) makes it nearly free. `
 stages (``--only``) in order, skips (and names) a stage whose estimate does not fit the budget left, stops a
 stage that runs past the budget, and rewrites ``gpu-run.json`` (every stage's status and its results) after
 each stage; each stage's own JSON also goes to ``benchmarks/results/``.
+
+Nothing one stage does may cost the stages after it: a stage whose packages (diffusers, pytest) or fixture files
+are missing is skipped before the budget is shared out, with its reason; a stage that fails, times out or raises
+prints one line saying why and the next stage runs; a failed archive write is one line too.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -58,6 +63,8 @@ class Stage:
     tunes: tuple[str, ...] = ()  # the count groups whose autotune keys this stage tunes first
     run_s: str = ""  # the key of its assumed run time (``assumed.run_s``)
     processes: int = 1  # python processes it starts (each pays ``assumed.process_start_s``)
+    modules: tuple[str, ...] = ()  # packages every command needs (the stage is skipped without them)
+    fixtures: tuple[str, ...] = ()  # files under the fixtures directory it reads (likewise)
 
     @property
     def slug(self) -> str:
@@ -94,24 +101,25 @@ STAGES = (
            "{fix}/sd1-tiny.reference.safetensors --device cuda --only tokens,text,unet --json {json}",
            f"{UNTUNED} python3 -m pytest -q -p no:cacheprovider tests/test_precision.py -k "
            "half_model_close_to_float32_cuda --junitxml {xml}"),
-          run_s="parity", processes=2),
+          run_s="parity", processes=2, fixtures=("sd1-tiny.safetensors", "sd1-tiny.reference.safetensors")),
     Stage(3, "cuda-tests", "pytest: CUDA-graph replay == eager, LoRA switching under graphs captures once",
           (f"{UNTUNED} python3 -m pytest -q -p no:cacheprovider {TESTS_CUDA} --junitxml {{xml}}",),
-          run_s="cuda_tests"),
+          run_s="cuda_tests", modules=("pytest",), fixtures=("sd1-tiny.safetensors", "lora-sd1-tiny.safetensors")),
     Stage(4, "e2e-sd15", "SD 1.5 512x512 batch 1: tritonsd (graph) vs diffusers eager; warm-up (compile + tuning) "
                          "recorded apart from the first image",
           (f"{E2E} --model sd15 --batch 1 --impl tritonsd-graph --impl diffusers-eager --json {{json}}",),
-          tunes=("sd15-fp16",), run_s="e2e_sd15"),
+          tunes=("sd15-fp16",), run_s="e2e_sd15", fixtures=("manifests/sd15.json",)),
     Stage(5, "diffusers-compile", "SD 1.5 512x512 batch 1: diffusers compiled with diffusion-fast's recipe "
                                   "(its compile time is not known without a GPU: assumed)",
-          (f"{E2E} --model sd15 --batch 1 --impl diffusers-compile --json {{json}}",), run_s="diffusers_compile"),
+          (f"{E2E} --model sd15 --batch 1 --impl diffusers-compile --json {{json}}",), run_s="diffusers_compile",
+          modules=("diffusers",), fixtures=("manifests/sd15.json",)),
     Stage(6, "bench-kernels", "tritonsd bench kernels (fp16): every kernel against its peers",
           ("python3 -m tritonsd.tools.cli bench kernels --dtype fp16 --git-commit {commit} --json {json}",),
-          compiles=("bench-sd21-fp16",), tunes=("bench-sd21-fp16",), run_s="bench_kernels"),
+          compiles=("bench-fp16",), tunes=("bench-fp16",), run_s="bench_kernels"),
     Stage(7, "e2e-sd21-sdxl", "SD 2.1 768x768 and SDXL 1024x1024 batch 1: tritonsd vs diffusers eager",
           (f"{E2E} --model sd21 --model sdxl --batch 1 --impl tritonsd-graph --impl diffusers-eager "
            "--json {json}",), compiles=("sd21-fp16", "sdxl-fp16"), tunes=("sd21-fp16", "sdxl-fp16"),
-          run_s="e2e_sd21_sdxl"),
+          run_s="e2e_sd21_sdxl", fixtures=("manifests/sd21-v.json", "manifests/sdxl-base.json")),
 )
 PRECOMPILED = ("sd15-fp16", "tiny-fp32", "tiny-half")  # what stage 0 compiles
 UNTUNED_GROUPS = ("tiny-fp32", "tiny-half")  # compiled and run with TRITONSD_AUTOTUNE=0
@@ -144,6 +152,37 @@ def parse_only(text: str | None) -> list[int]:
     if out & {1, 2, 3, 4}:
         out.add(0)
     return sorted(out)
+
+
+def _importable(module: str, wheels: Path | None) -> bool:
+    """Whether ``module`` imports here, or (a dry run, before the wheels are installed) is carried in ``wheels``."""
+    if importlib.util.find_spec(module) is not None:
+        return True
+    name = module.replace("-", "_").lower()
+    return wheels is not None and any(w.name.lower().startswith(name + "-") for w in wheels.glob("*.whl"))
+
+
+def missing(stage: Stage, fixtures: Path | None, wheels: Path | None = None) -> str | None:
+    """Why ``stage`` cannot run here (one line), or None: a package that does not import, a fixture file that
+    is not there. ``fixtures`` None: files are not checked."""
+    gone = [m for m in stage.modules if not _importable(m, wheels)]
+    if gone:
+        return f"needs {', '.join(gone)}, which does not import (carry its wheel: benchmarks/gpu_prepare.sh)"
+    if fixtures is not None:
+        absent = [f for f in stage.fixtures if not (fixtures / f).is_file()]
+        if absent:
+            return f"fixture files missing from {fixtures}: {', '.join(absent)}"
+    return None
+
+
+def unrunnable(numbers: list[int], fixtures: Path | None, wheels: Path | None = None) -> dict[int, str]:
+    """The selected stages that cannot run here, with why."""
+    out = {}
+    for n in numbers:
+        why = missing(stage_by_number(n), fixtures, wheels)
+        if why:
+            out[n] = why
+    return out
 
 
 # ---------------------------------------------------------------- costs
@@ -230,7 +269,8 @@ def fit(estimates: list[Estimate], budget: float, setup_s: float) -> tuple[list[
     return run, skipped
 
 
-def format_plan(estimates: list[Estimate], skipped: list[Estimate], costs: dict, warm: bool, budget: float) -> str:
+def format_plan(estimates: list[Estimate], skipped: list[Estimate], costs: dict, warm: bool, budget: float,
+                cannot: dict[int, str] | None = None) -> str:
     setup = costs["assumed"]["setup_s"]
     lines = [f"GPU run plan ({'warm: cache archive restored' if warm else 'cold start'}), budget {budget:.0f} s, "
              f"setup {setup:.0f} s (wheels, cache restore)"]
@@ -256,6 +296,8 @@ def format_plan(estimates: list[Estimate], skipped: list[Estimate], costs: dict,
     if skipped:
         lines.append("  skipped (would not finish in the budget): " + ", ".join(
             f"{e.stage} {e.name} ({e.seconds:.0f} s)" for e in skipped))
+    for n, why in sorted((cannot or {}).items()):
+        lines.append(f"  skipped (cannot run here): {n} {stage_by_number(n).name}: {why}")
     return "\n".join(lines)
 
 
@@ -275,14 +317,17 @@ def count_groups(only: list[str] | None = None) -> dict:
     Run it without ``TRITON_INTERPRET`` (the interpreter ships one config per kernel, not the GPU's)."""
     import torch
 
-    from tritonsd.compile import precompile, variants
+    from tritonsd.compile import precompile, shapes, variants
 
     fp16, bf16, fp32 = torch.float16, torch.bfloat16, torch.float32
+    sd15, sd21, sdxl = (shapes.released(n) for n in ("sd15", "sd21", "sdxl"))
     groups = {
-        "sd15-fp16": lambda: variants.model_launches(variants.released("sd15"), [(512, 512)], (1, 2), fp16),
-        "sd21-fp16": lambda: variants.model_launches(variants.released("sd21"), [(768, 768)], (2,), fp16),
-        "sdxl-fp16": lambda: variants.model_launches(variants.released("sdxl"), [(1024, 1024)], (2,), fp16),
-        "bench-sd21-fp16": lambda: variants.model_launches(variants.released("sd21"), [(768, 768)], (2,), fp16),
+        "sd15-fp16": lambda: variants.model_launches(sd15, [sd15.size], (1, 2), fp16),
+        "sd21-fp16": lambda: variants.model_launches(sd21, [sd21.size], (2,), fp16),
+        "sdxl-fp16": lambda: variants.model_launches(sdxl, [sdxl.size], (2,), fp16),
+        # the kernel benchmarks' SD 2.1 and SDXL cases (stage 0 compiled SD 1.5's): their models at batch 2
+        "bench-fp16": lambda: (variants.model_launches(sd21, [sd21.size], (2,), fp16)
+                               + variants.model_launches(sdxl, [sdxl.size], (2,), fp16)),
         # untuned (TRITONSD_AUTOTUNE=0): the fp32 parity set (sd1-tiny's text and UNet at 128 px, batch 2: fp32
         # convolutions compile slowly); the CUDA tests in fp16 (64 px) and the half-precision model test (fp16 /
         # bf16 at 128 px)
@@ -336,11 +381,12 @@ def run_stage(stage: Stage, work: Path, fix: Path, commit: str, timeout: float) 
     ``benchmarks/results/``."""
     json_path, xml_path = work / f"{stage.slug}.json", work / f"{stage.slug}.xml"
     start = time.perf_counter()
-    status, rcs = "ok", []
-    for command in stage.commands:
+    status, rcs, why = "ok", [], []
+    for i, command in enumerate(stage.commands, 1):
         left = timeout - (time.perf_counter() - start)
         if left <= 0:
             status = "timeout"
+            why.append(f"no time left for command {i} of {len(stage.commands)}")
             break
         cmd = _fill(command, json=str(json_path), xml=str(xml_path), fix=str(fix), commit=commit)
         print(f"[stage {stage.number}] $ {cmd}", flush=True)
@@ -351,21 +397,33 @@ def run_stage(stage: Stage, work: Path, fix: Path, commit: str, timeout: float) 
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             status = "timeout"
+            why.append(f"command {i} of {len(stage.commands)} stopped at the budget ({timeout:.0f} s)")
             break
-        if rcs[-1] != 0:
+        if rcs[-1] != 0:  # the next command still runs: each one measures something of its own
             status = "failed"
+            why.append(f"command {i} of {len(stage.commands)} exited {rcs[-1]}")
     result = {"stage": stage.number, "name": stage.name, "status": status, "returncodes": rcs,
               "seconds": round(time.perf_counter() - start, 1)}
+    if why:
+        result["why"] = "; ".join(why)
     if json_path.is_file():
         try:
             result["result"] = json.loads(json_path.read_text())
         except ValueError:
             result["result"] = None
-        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-        (RESULTS_DIR / f"gpu-{stage.slug}.json").write_text(json_path.read_text())
+        try:
+            RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+            (RESULTS_DIR / f"gpu-{stage.slug}.json").write_text(json_path.read_text())
+        except OSError as e:  # the copy is a convenience: gpu-run.json holds the result
+            print(f"[stage {stage.number}] note: not copied to {RESULTS_DIR}: {_one_line(e)}", flush=True)
     if xml_path.is_file():
-        result["pytest_junit_xml"] = xml_path.read_text()[:200_000]
+        result["pytest_junit_xml"] = xml_path.read_text(errors="replace")[:200_000]
     return result
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
 
 
 def write_archive(cache_root: Path, out: Path) -> list[str]:
@@ -415,13 +473,18 @@ def execute(numbers: list[int], costs: dict, args) -> int:
     work = cache_root.parent / "stages"  # not $OUT: at most 8 files come back, so $OUT holds gpu-run.json + archive
     work.mkdir(parents=True, exist_ok=True)
     warm = bool(args.warm)
-    estimates = plan(numbers, costs, warm)
+    cannot = unrunnable(numbers, fix)  # before the budget is shared out: their time goes to the others
+    estimates = plan([n for n in numbers if n not in cannot], costs, warm)
     todo, skipped = fit(estimates, args.budget, costs["assumed"]["setup_s"])
-    print(format_plan(todo, skipped, costs, warm, args.budget), flush=True)
+    print(format_plan(todo, skipped, costs, warm, args.budget, cannot), flush=True)
     summary = {"command": " ".join(sys.argv), "git_commit": args.git_commit, "budget_s": args.budget, "warm": warm,
-               "plan": [asdict(e) for e in estimates], "skipped": [{"stage": e.stage, "name": e.name,
-               "estimate_s": e.seconds, "why": "would not finish in the budget"} for e in skipped], "stages": []}
-    failed = False
+               "plan": [asdict(e) for e in estimates],
+               "skipped": [{"stage": n, "name": stage_by_number(n).name, "estimate_s": None, "why": why}
+                           for n, why in sorted(cannot.items())]
+               + [{"stage": e.stage, "name": e.name, "estimate_s": e.seconds,
+                   "why": "would not finish in the budget"} for e in skipped],
+               "stages": []}
+    failed = bool(cannot)
     for e in todo:
         stage = stage_by_number(e.stage)
         left = args.budget - (time.perf_counter() - started) - ARCHIVE_RESERVE_S
@@ -430,21 +493,62 @@ def execute(numbers: list[int], costs: dict, args) -> int:
                                        "why": f"only {left:.0f} s left when its turn came"})
             print(f"[stage {e.stage}] skipped: {left:.0f} s left, estimate {e.seconds:.0f} s", flush=True)
             continue
-        result = run_stage(stage, work, fix, args.git_commit or "unknown", left)
+        result = _run_guarded(stage, work, fix, args.git_commit or "unknown", left)
         result["estimate_s"] = e.seconds
         failed |= result["status"] != "ok"
         summary["stages"].append(result)
-        print(f"[stage {e.stage}] {result['status']} in {result['seconds']:.0f} s (estimate {e.seconds:.0f} s)",
+        why = f": {result['why']}" if result.get("why") else ""
+        print(f"[stage {e.stage}] {result['status']} in {result['seconds']:.0f} s (estimate {e.seconds:.0f} s){why}",
               flush=True)
-        summary["archive"] = write_archive(cache_root, out) if cache_root.is_dir() else []
+        summary["archive"] = _archive_guarded(cache_root, out, summary)
         summary["elapsed_s"] = round(time.perf_counter() - started, 1)
-        (out / "gpu-run.json").write_text(json.dumps(summary, indent=1))
-    (out / "gpu-run.json").write_text(json.dumps(summary, indent=1))
+        _write_summary(out, summary)
+    _write_summary(out, summary)
     again = sorted({r["stage"] for r in summary["stages"] if r["status"] != "ok"} | {s["stage"] for s in
                                                                                         summary["skipped"]})
     if again:
         print(f"rerun what failed or was skipped: benchmarks/gpu_run.sh --only {','.join(map(str, again))}", flush=True)
     return 1 if failed else 0
+
+
+def _run_guarded(stage: Stage, work: Path, fix: Path, commit: str, timeout: float) -> dict:
+    """``run_stage``, with anything it raises (a command that cannot start, a full disk, ...) turned into the
+    stage's status: the next stage still runs."""
+    start = time.perf_counter()
+    try:
+        return run_stage(stage, work, fix, commit, timeout)
+    except Exception as e:  # noqa: BLE001 - one stage's failure must not end the window
+        return {"stage": stage.number, "name": stage.name, "status": "error", "returncodes": [],
+                "seconds": round(time.perf_counter() - start, 1), "why": _one_line(e)}
+
+
+def _archive_guarded(cache_root: Path, out: Path, summary: dict) -> list[str]:
+    """The cache archive's parts, or the previous ones (and a note) when writing it fails."""
+    if not cache_root.is_dir():
+        return []
+    try:
+        return write_archive(cache_root, out)
+    except Exception as e:  # noqa: BLE001 - the next window just starts colder
+        print(f"note: cache archive not written: {_one_line(e)}", flush=True)
+        summary["archive_error"] = _one_line(e)
+        return summary.get("archive", [])
+
+
+def _write_summary(out: Path, summary: dict) -> None:
+    try:
+        (out / "gpu-run.json").write_text(json.dumps(summary, indent=1))
+    except (OSError, TypeError, ValueError) as e:
+        print(f"note: {out / 'gpu-run.json'} not written: {_one_line(e)}", flush=True)
+
+
+def restore_command(parts_dir: Path, cache_root: Path) -> int:
+    """``restore``: 0 when the archive was unpacked, 1 when there is none, 2 (one line why) when it is unusable;
+    in every case the run goes on (cold without it)."""
+    try:
+        return 0 if restore_archive(parts_dir, cache_root) else 1
+    except (PlanError, OSError, tarfile.TarError, EOFError) as e:
+        print(f"gpu_plan: cache archive not restored, starting cold: {_one_line(e)}", file=sys.stderr)
+        return 2
 
 
 # ---------------------------------------------------------------- command line
@@ -459,11 +563,18 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--only", default=None, metavar="STAGES", help="e.g. 1,3-4 (default all)")
         q.add_argument("--warm", action="store_true", help="the cache archive was restored")
         q.add_argument("--costs", type=Path, default=DATA)
+        if name == "plan":
+            q.add_argument("--fixtures", type=Path, default=None,
+                           help="also name the stages that could not run for want of these fixture files")
+            q.add_argument("--wheels", type=Path, default=None, help="the carried wheels (.whl/), not yet installed")
         if name == "run":
             q.add_argument("--out", required=True, help="where the JSON and the cache archive go ($OUT)")
             q.add_argument("--fixtures", required=True, help="the carried fixtures directory")
             q.add_argument("--cache-root", required=True, help="the directory holding the Triton and tuning caches")
             q.add_argument("--git-commit", default=None)
+    r = sub.add_parser("restore", help="unpack an earlier run's cache archive (exit 1: none, 2: unusable)")
+    r.add_argument("--from", dest="parts", type=Path, required=True, help="where gpu-cache.tar.gz.NN are")
+    r.add_argument("--to", dest="cache_root", type=Path, required=True, help="the cache root to unpack into")
     c = sub.add_parser("count", help="count the compile tasks and tuning configs per group (no GPU)")
     c.add_argument("--write", action="store_true", help=f"store them in {DATA.name}")
     c.add_argument("--group", action="append", default=None, help="only this group (repeatable)")
@@ -472,6 +583,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "restore":
+        return restore_command(args.parts, args.cache_root)
     try:
         if args.command == "count":
             if os.environ.get("TRITON_INTERPRET") == "1":
@@ -488,9 +601,10 @@ def main(argv: list[str] | None = None) -> int:
         costs = load_costs(args.costs)
         numbers = parse_only(args.only)
         if args.command == "plan":
-            estimates = plan(numbers, costs, args.warm)
+            cannot = unrunnable(numbers, args.fixtures, args.wheels)
+            estimates = plan([n for n in numbers if n not in cannot], costs, args.warm)
             todo, skipped = fit(estimates, args.budget, costs["assumed"]["setup_s"])
-            print(format_plan(todo, skipped, costs, args.warm, args.budget))
+            print(format_plan(todo, skipped, costs, args.warm, args.budget, cannot))
             return 0
         return execute(numbers, costs, args)
     except PlanError as e:

@@ -5,8 +5,9 @@ with the newest one's setup (device, dtype, steps, CFG), merged (a run split ove
 table; newer rows win); prints the markdown table, or with ``--update`` replaces the text between ``<!-- speed-table:start -->``
 and ``<!-- speed-table:end -->`` in that file. With no results it says so and prints no table.
 
-One row per (model, size, batch) for one sampler (``--sampler``, default DPM++ 2M): it/s of each
-implementation, then our whole-image and first-image latency and peak memory (tritonsd-graph).
+One row per (model, size, batch) for one sampler (``--sampler``, default the registry's default, DPM++ 2M; the
+caption gives its AUTOMATIC1111 name with its default schedule): it/s of each implementation, then our
+whole-image and first-image latency and peak memory (tritonsd-graph).
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ import json
 import sys
 from pathlib import Path
 
+from tritonsd.sampler import registry
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 IMPL_ORDER = ("tritonsd-graph", "tritonsd-eager", "diffusers-eager", "diffusers-compile")
 START, END = "<!-- speed-table:start -->", "<!-- speed-table:end -->"
-SAMPLER_NAMES = {"dpmpp_2m": "DPM++ 2M Karras", "euler": "Euler", "euler_a": "Euler a"}
 
 
 class ResultsError(ValueError):
@@ -82,11 +84,18 @@ def newest_setup(paths: list[Path]) -> list[dict]:
     return [d for d in datas if _setup(d) == _setup(latest)]
 
 
+def sampler_caption(sampler: str) -> str:
+    """A results row's sampler as the caption names it: AUTOMATIC1111's combined name of its default schedule
+    ("DPM++ 2M Karras", "Euler"); a name the registry does not know, as it is."""
+    spec = registry.SAMPLERS.get(sampler)
+    return sampler if spec is None else registry.a1111_name(sampler, spec.karras, combined=True)
+
+
 def _fmt(value, spec: str) -> str:
     return "–" if value is None else format(value, spec)
 
 
-def speed_table(data: dict, sampler: str = "dpmpp_2m", source: str | None = None) -> str:
+def speed_table(data: dict, sampler: str = registry.DEFAULT_SAMPLER, source: str | None = None) -> str:
     """Markdown: a caption line with the device, versions and settings, then the table. Empty when the file
     has no successful row for ``sampler``."""
     rows = [r for r in data["rows"] if r.get("sampler") == sampler and "error" not in r]
@@ -98,7 +107,7 @@ def speed_table(data: dict, sampler: str = "dpmpp_2m", source: str | None = None
     for r in rows:
         groups.setdefault((r["model"], r["size"], r["batch"]), {})[r["impl"]] = r
     s = data.get("settings", {})
-    caption = (f"{data.get('device')}, {s.get('dtype')}, {s.get('steps')} steps {SAMPLER_NAMES.get(sampler, sampler)},"
+    caption = (f"{data.get('device')}, {s.get('dtype')}, {s.get('steps')} steps {sampler_caption(sampler)},"
                f" CFG {s.get('cfg')}; torch {data.get('torch')}, triton {data.get('triton')}"
                + (f", diffusers {data['diffusers']}" if data.get("diffusers") else "")
                + f"; commit {data.get('git_commit')}, {str(data.get('date'))[:10]}"
@@ -131,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python benchmarks/readme_table.py", description=__doc__.splitlines()[0])
     p.add_argument("files", nargs="*", type=Path,
                    help="e2e results JSON, merged (default: those of the newest setup in benchmarks/results)")
-    p.add_argument("--sampler", default="dpmpp_2m", choices=sorted(SAMPLER_NAMES))
+    p.add_argument("--sampler", default=registry.DEFAULT_SAMPLER, choices=sorted(registry.graph_samplers()),
+                   help="the benchmarked (CUDA-graphed) sampler whose rows make the table")
     p.add_argument("--update", type=Path, default=None, metavar="README", help="rewrite the table in this file")
     args = p.parse_args(argv)
     try:

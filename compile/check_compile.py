@@ -1,10 +1,10 @@
 """Compile every kernel x shipped config x representative SD shape for GPU targets, without a GPU, and judge it.
 
 Shapes: one UNet step (batch 1 and 2), the VAE decode and one text layer of SD 1.5 (512), SD 2.1 (768) and
-SDXL (1024), as :mod:`.variants` records them, in fp16 and bf16 (``dtypes``). For each distinct compiled
-variant and config: shared memory, registers, spills (ptxas -v) and whether the PTX uses ``wgmma`` or
-``mma.sync``. A row fails on a compile error, on a register spill (fp16/bf16), or, for sm_90 and up, on a
-tensor-core kernel (attention, conv) that falls back to ``mma.sync``.
+SDXL (1024) from the shapes table (:mod:`.shapes`), as :mod:`.variants` records them, in fp16 and bf16
+(``dtypes``). For each distinct compiled variant and config: shared memory, registers, spills (ptxas -v) and
+whether the PTX uses ``wgmma`` or ``mma.sync``. A row fails on a compile error, on a register spill
+(fp16/bf16), or, for sm_90 and up, on a tensor-core kernel (attention, conv) that falls back to ``mma.sync``.
 """
 
 from __future__ import annotations
@@ -12,12 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
-import torch
-
-from tritonsd.compile import precompile, variants
+from tritonsd.compile import precompile, shapes, variants
+from tritonsd.compile.warmup import select
+from tritonsd.devices import DTYPE_NAMES, DTYPES, dtype_name
 
 MATMUL_KERNELS = ("attention", "conv")  # the kernels whose inner loop is tl.dot
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 @dataclass
@@ -41,24 +40,22 @@ class Row:
         return not self.problems
 
 
-def representative_launches(models: Iterable[str] = variants.RELEASED, dtypes: Iterable[str] = ("fp16", "bf16"),
+def representative_launches(models: Iterable[str] = shapes.RELEASED, dtypes: Iterable[str] = ("fp16", "bf16"),
                             kernels: Sequence[str] | None = None, sizes: dict | None = None) -> list[variants.Launch]:
     """Unique variants over the released models at their native sizes (or ``sizes[name]``), batch 1 and 2."""
-    from tritonsd.compile.warmup import select
-
     out = []
     for name in models:
-        shapes = variants.released(name)
-        size = (sizes or {}).get(name, shapes.size)
+        model = shapes.released(name)
+        size = (sizes or {}).get(name, model.size)
         for dt in dtypes:
-            out += variants.model_launches(shapes, [size], (1, 2), DTYPES[dt])
+            out += variants.model_launches(model, [size], (1, 2), DTYPE_NAMES[dt])
     return variants.unique(select(out, kernels))
 
 
 def _dtype_of(launch: variants.Launch) -> str:
     for a in launch.args:
         if isinstance(a, variants.TensorArg):
-            return {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}.get(a.dtype, a.dtype)
+            return dtype_name(a.dtype) if a.dtype in DTYPES else a.dtype  # variants record torch's names
     return "?"
 
 

@@ -17,7 +17,9 @@ from typing import Iterable, Iterator
 
 import triton
 
+from tritonsd.compile import aot
 from tritonsd.compile.variants import Launch
+from tritonsd.kernels._triton import INTERPRET
 
 
 @dataclass(frozen=True)
@@ -90,8 +92,6 @@ def run_task(task: Task) -> Result:
 
     from triton import knobs
 
-    from tritonsd.compile import aot
-
     config = config_of(task.launch, task.config)
     args, kwargs = task.launch.call_args()
     knobs.compilation.listener = _listener
@@ -139,8 +139,6 @@ def compile_all(tasks: list[Task], jobs: int | None = None, progress=None) -> Co
 
 
 def _run(tasks: list[Task], jobs: int) -> Iterator[Result]:
-    from tritonsd.kernels._triton import INTERPRET
-
     if (jobs == 1 or len(tasks) <= 1) and not INTERPRET:  # this process's kernels are interpreted: use a worker
         for t in tasks:
             yield run_task(t)

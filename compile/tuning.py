@@ -1,14 +1,10 @@
-"""The persistent tuning cache: each autotune key is timed once per GPU, triton version and kernel source.
+"""The tuner: each autotune key is timed once per GPU, triton version and kernel source, and the winner stored
+in the user's tuning file, which ``kernels/_triton.py`` reads (it also documents the files' layout and holds the
+lookup: a launch never imports this module).
 
-Entries live in ``$TRITONSD_CACHE`` (else ``$XDG_CACHE_HOME/tritonsd``, else ``~/.cache/tritonsd``), one JSON
-file per (GPU name, triton version) under ``tuning/``; inside it, per kernel, per source hash (the JIT's
-``cache_key``: a changed kernel is a new entry), per autotune key, the winning config and the timings. Tables
-measured on known GPUs are committed under ``kernels/data/tuned/`` and consulted after the user's cache. A
-stored config that is no longer shipped is a miss (so pruning the config list invalidates it).
-
-:func:`tuned_launch` is what ``_triton.launch`` calls on a GPU: it fills the Triton autotuner's in-memory cache
-from here before the launch (so the autotuner never benchmarks a known key), or tunes the key itself, once,
-and stores the winner.
+:class:`Tuner` is what ``compile/warmup.py``'s ``tune_model`` plugs into the launch path with
+``_triton.tuning(tuner)`` while it runs the model eagerly: a key found in no table is timed there, once, and
+stored; the Triton autotuner's in-memory cache is filled with the winner, so it never benchmarks that key itself.
 """
 
 from __future__ import annotations
@@ -16,75 +12,24 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import tempfile
 from pathlib import Path
 from typing import Callable, Sequence
 
+import torch
 import triton
+import triton.testing
 
-TABLES_DIR = Path(__file__).resolve().parent / "data" / "tuned"
-
-
-def cache_dir() -> Path:
-    if os.environ.get("TRITONSD_CACHE"):
-        return Path(os.environ["TRITONSD_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "tritonsd"
+from tritonsd.kernels._triton import (TuningTables, config_to_dict, kernel_name, key_repr, match_config, read_entries,
+                                      source_hash)
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9.]+", "_", text).strip("_") or "unknown"
-
-
-def config_to_dict(config: triton.Config) -> dict:
-    return {"kwargs": dict(config.kwargs), "num_warps": config.num_warps, "num_stages": config.num_stages}
-
-
-def match_config(configs: Sequence[triton.Config], stored: dict) -> triton.Config | None:
-    """The shipped config equal to a stored one, or None (no longer shipped)."""
-    for c in configs:
-        if config_to_dict(c) == stored:
-            return c
-    return None
-
-
-def key_repr(key: tuple) -> str:
-    return json.dumps([str(k) if not isinstance(k, (int, float, bool)) or k is None else k for k in key])
-
-
-class TuningCache:
-    """Winners per (kernel, source hash, key) for one GPU name and triton version."""
-
-    def __init__(self, gpu: str, triton_version: str | None = None, root: Path | None = None,
-                 tables_dir: Path | None = TABLES_DIR):
-        self.gpu = gpu
-        self.triton_version = triton_version or triton.__version__
-        name = f"{_slug(gpu)}-triton{_slug(self.triton_version)}.json"
-        self.path = (root or cache_dir()) / "tuning" / name
-        self.table = tables_dir / name if tables_dir is not None else None
-        self._data = self._read(self.path)
-        self._committed = self._read(self.table) if self.table is not None else {}
-
-    @staticmethod
-    def _read(path: Path | None) -> dict:
-        try:
-            data = json.loads(path.read_text())
-            return data.get("entries", {}) if isinstance(data, dict) else {}
-        except (OSError, ValueError, AttributeError):
-            return {}  # absent or unreadable: an empty cache (it is only ever a speed-up)
-
-    def lookup(self, kernel: str, source: str, key: tuple) -> dict | None:
-        k = key_repr(key)
-        for entries in (self._data, self._committed):
-            hit = entries.get(kernel, {}).get(source, {}).get(k)
-            if hit is not None:
-                return hit
-        return None
+class TuningCache(TuningTables):
+    """The tables of one GPU name and triton version, plus storing winners into the user's file."""
 
     def store(self, kernel: str, source: str, key: tuple, config: dict, timings_ms: dict[str, float]) -> None:
         """Record a winner (merged into the file as it is now on disk, written atomically)."""
-        self._data = self._read(self.path)
+        self._data = read_entries(self.path)
         self._data.setdefault(kernel, {}).setdefault(source, {})[key_repr(key)] = {"config": config,
                                                                                     "ms": timings_ms}
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -117,62 +62,44 @@ def choose(cache: TuningCache, kernel: str, source: str, key: tuple, configs: Se
     return best, True
 
 
-# ---- the launch path ---------------------------------------------------------------------------------------------
-
-def source_hash(kernel) -> str:
-    """The JIT's hash of the kernel's source and what it calls: a changed kernel is a new entry."""
-    from tritonsd.compile.variants import innermost
-
-    return innermost(kernel).cache_key
-
-
-def kernel_name(kernel) -> str:
-    from tritonsd.compile.variants import innermost
-
-    fn = innermost(kernel)
-    return f"{fn.module}.{fn.__name__}"
-
-
-def autotune_key(autotuner, args: tuple, kwargs: dict) -> tuple:
-    """The key ``triton.runtime.Autotuner.run`` computes (key arguments' values, then tensors' dtypes)."""
-    named = {**dict(zip(autotuner.arg_names, args)), **kwargs}
-    named = {k: v for k, v in named.items() if k in autotuner.arg_names}
-    key = [named[k] for k in autotuner.keys if k in named]
-    key += [str(v.dtype) for v in named.values() if hasattr(v, "dtype")]
-    return tuple(key)
-
-
-_caches: dict[str, TuningCache] = {}
-STATS = {"hits": 0, "tuned": 0}  # keys found in the persistent cache / timed, in this process
-
-
-def _cache_for_current_gpu() -> TuningCache:
-    import torch
-
-    gpu = torch.cuda.get_device_name()
-    if gpu not in _caches:
-        _caches[gpu] = TuningCache(gpu)
-    return _caches[gpu]
-
-
-def _time_config(autotuner, grid, args, kwargs, config: triton.Config) -> float:
-    import triton.testing
-
+def time_on_gpu(autotuner, grid, args: tuple, kwargs: dict, config: triton.Config) -> float:
+    """Milliseconds of one launch with ``config`` (median of Triton's ``do_bench``)."""
     def call():
         autotuner.fn.run(*args, grid=grid, warmup=False, **kwargs, **config.all_kwargs())
     return triton.testing.do_bench(call, warmup=5, rep=20, return_mode="median")
 
 
-def tuned_launch(autotuner, grid, args: tuple, kwargs: dict) -> None:
-    """Launch an autotuned kernel, its key's config taken from (or tuned into) the persistent cache."""
-    key = autotune_key(autotuner, args, kwargs)
-    if len(autotuner.configs) > 1 and key not in autotuner.cache:
-        import torch
+class Tuner:
+    """The ``_triton.tuning`` hook: a key missing from the tables is timed (``time_config``, default: on the
+    current GPU) and its winner stored in ``cache_for(gpu)`` (default: the user's file for this GPU).
 
-        if not torch.cuda.is_current_stream_capturing():
-            config, tuned = choose(_cache_for_current_gpu(), kernel_name(autotuner), source_hash(autotuner), key,
-                                   autotuner.configs,
-                                   lambda c: _time_config(autotuner, grid, args, kwargs, c))
-            autotuner.cache[key] = config
-            STATS["tuned" if tuned else "hits"] += 1
-    autotuner[grid](*args, **kwargs)
+    ``tuned`` counts the keys timed; ``found`` the keys already in this tuner's cache (stored by another process
+    after the launch path read the tables, or earlier by this tuner for a kernel whose in-memory cache was reset)."""
+
+    def __init__(self, time_config: Callable[..., float] = time_on_gpu, root: Path | None = None,
+                 gpu: Callable[[], str] | None = None):
+        self.time_config = time_config
+        self.root = root
+        self.gpu = gpu or _current_gpu
+        self.tuned = 0
+        self.found = 0
+        self._caches: dict[str, TuningCache] = {}
+
+    def cache(self) -> TuningCache:
+        gpu = self.gpu()
+        if gpu not in self._caches:
+            self._caches[gpu] = TuningCache(gpu, root=self.root)
+        return self._caches[gpu]
+
+    def __call__(self, autotuner, grid, args: tuple, kwargs: dict, key: tuple) -> triton.Config:
+        config, tuned = choose(self.cache(), kernel_name(autotuner), source_hash(autotuner), key, autotuner.configs,
+                               lambda c: self.time_config(autotuner, grid, args, kwargs, c))
+        if tuned:
+            self.tuned += 1
+        else:
+            self.found += 1
+        return config
+
+
+def _current_gpu() -> str:
+    return torch.cuda.get_device_name()

@@ -18,9 +18,12 @@ from typing import Callable, Iterable
 import torch
 import triton
 
+from tritonsd.compile.shapes import TEXT_TOKENS
 from tritonsd.kernels import _triton, dispatch
+from tritonsd.kernels._triton import innermost
+from tritonsd.model.unet import UNetModel
+from tritonsd.model.vae import AutoencoderKL
 
-TEXT_TOKENS = 77
 
 
 @dataclass(frozen=True)
@@ -100,14 +103,6 @@ def _mock(a):
     return a
 
 
-def innermost(kernel):
-    """The JIT (or interpreted) function under an autotuner / heuristics wrapper."""
-    fn = kernel
-    while isinstance(fn, (triton.runtime.Autotuner, triton.runtime.Heuristics)):
-        fn = fn.fn
-    return fn
-
-
 def _kernel_name(kernel) -> tuple[str, str]:
     fn = innermost(kernel)
     module_name = getattr(fn, "module", None) or fn.fn.__module__
@@ -184,9 +179,6 @@ def text_launches(width: int, heads: int, batch: int, dtype: torch.dtype) -> lis
 
 def meta_modules(config, dtype: torch.dtype):
     """The UNet and VAE of a ``ModelConfig`` on the meta device, in ``dtype`` (nothing allocated)."""
-    from tritonsd.model.unet import UNetModel
-    from tritonsd.model.vae import AutoencoderKL
-
     with torch.device("meta"):
         unet = UNetModel(config.unet).to(dtype).eval()
         vae = AutoencoderKL(config.vae).to(dtype).eval()
@@ -196,7 +188,8 @@ def meta_modules(config, dtype: torch.dtype):
 def model_launches(config, sizes: Iterable[tuple[int, int]], batches: Iterable[int], dtype: torch.dtype,
                    vae: bool = True, text: bool = True) -> list[Launch]:
     """Every launch of one UNet step per (image size, batch), the VAE decode (batch 1) per size and one text
-    layer per tower, for a ``ModelConfig`` (sizes in pixels, (height, width))."""
+    layer per tower, for a ``ModelConfig`` or a released model's ``shapes.ModelShapes`` (sizes in pixels,
+    (height, width))."""
     unet, decoder = meta_modules(config, dtype)
     factor = 8
     out: list[Launch] = []
@@ -213,50 +206,3 @@ def model_launches(config, sizes: Iterable[tuple[int, int]], batches: Iterable[i
                 for b in sorted(set(batches) | {1}):
                     out += text_launches(width, heads, b, dtype)
     return out
-
-
-# ---- the released models' shapes (for check-compile and the planner: no checkpoint or fixture needed) ------------
-
-@dataclass(frozen=True)
-class TextTower:
-    width: int
-    heads: int
-
-
-@dataclass(frozen=True)
-class ReleasedShapes:
-    """What ``model_launches`` reads of a ``ModelConfig``, for a released model."""
-
-    name: str
-    unet: object
-    vae: object
-    text: dict
-    size: tuple[int, int]  # its native image size
-
-
-def released(name: str) -> ReleasedShapes:
-    """``sd15``, ``sd21`` or ``sdxl`` as released (SD 2.1: the 768 v-model; SDXL: base)."""
-    from tritonsd.model.config import UNetConfig, VAEConfig
-
-    vae = VAEConfig(in_channels=3, out_ch=3, ch=128, ch_mult=(1, 2, 4, 4), num_res_blocks=2, z_channels=4,
-                    embed_dim=4, double_z=True)
-    common = dict(in_channels=4, out_channels=4, model_channels=320, num_res_blocks=2, time_embed_dim=1280)
-    if name == "sd15":
-        unet = UNetConfig(**common, channel_mult=(1, 2, 4, 4), transformer_depth=(1, 1, 1, 0),
-                          transformer_depth_middle=1, context_dim=768, use_linear_in_transformer=False, num_heads=8)
-        return ReleasedShapes(name, unet, vae, {"clip-l": TextTower(768, 12)}, (512, 512))
-    if name == "sd21":
-        unet = UNetConfig(**common, channel_mult=(1, 2, 4, 4), transformer_depth=(1, 1, 1, 0),
-                          transformer_depth_middle=1, context_dim=1024, use_linear_in_transformer=True,
-                          num_head_channels=64)
-        return ReleasedShapes(name, unet, vae, {"openclip-h": TextTower(1024, 16)}, (768, 768))
-    if name == "sdxl":
-        unet = UNetConfig(**common, channel_mult=(1, 2, 4), transformer_depth=(0, 2, 10),
-                          transformer_depth_middle=10, context_dim=2048, use_linear_in_transformer=True,
-                          adm_in_channels=2816, num_head_channels=64)
-        return ReleasedShapes(name, unet, vae, {"clip-l": TextTower(768, 12), "openclip-g": TextTower(1280, 20)},
-                              (1024, 1024))
-    raise KeyError(f"unknown released model {name!r} (sd15, sd21, sdxl)")
-
-
-RELEASED = ("sd15", "sd21", "sdxl")

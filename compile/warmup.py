@@ -7,12 +7,14 @@ use both call. The second process finds every variant in the cache (no compile) 
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
 import torch
 
-from tritonsd.compile import precompile, variants
+from tritonsd.compile import precompile, shapes, tuning, variants
+from tritonsd.kernels import _triton
 
 KERNEL_NAMES = ("attention", "conv", "group_norm", "layer_norm", "geglu")
 
@@ -79,7 +81,7 @@ def warmup(config, sizes: Sequence[tuple[int, int]] | None = None, batches: Sequ
            progress: Callable[[int, int], None] | None = None, vae: bool = True) -> WarmupReport:
     """Compile, then (with ``model`` on a CUDA ``device`` of the same ``arch``) tune.
 
-    config: a ``ModelConfig`` (or ``variants.released(name)``); sizes: (height, width) in pixels (default: the
+    config: a ``ModelConfig`` (or ``shapes.released(name)``); sizes: (height, width) in pixels (default: the
     config's native size, else 512x512); arch: ``sm_90``... (default: the current GPU's; required without one);
     vae: the VAE decode's kernels too.
     """
@@ -102,27 +104,25 @@ def warmup(config, sizes: Sequence[tuple[int, int]] | None = None, batches: Sequ
 
 
 def tune_model(model: torch.nn.Module, sizes: Sequence[tuple[int, int]], batches: Sequence[int],
-               dtype: torch.dtype, device: torch.device) -> tuple[int, float]:
-    """One UNet step per (size, batch) and one VAE decode per size on random inputs: every autotuned launch
-    looks its key up in the persistent cache and tunes it once when absent. Returns (keys tuned, seconds)."""
-    import time
-
-    from tritonsd.compile import tuning
-
-    before = tuning.STATS["tuned"]
+               dtype: torch.dtype, device: torch.device, tuner: tuning.Tuner | None = None) -> tuple[int, float]:
+    """One UNet step per (size, batch) and one VAE decode per size on random inputs, inside
+    ``_triton.tuning(tuner)``: every autotuned launch looks its key up in the tuning tables and has it timed
+    once, and stored, when absent. Returns (keys tuned, seconds)."""
+    tuner = tuner or tuning.Tuner()
+    before = tuner.tuned
     start = time.perf_counter()
     unet = model.model.diffusion_model
     cfg = unet.cfg
     g = torch.Generator(device=device).manual_seed(0)
-    with torch.no_grad():
+    with torch.no_grad(), _triton.tuning(tuner):
         for h, w in sizes:
             for b in batches:
                 x = torch.randn(b, cfg.in_channels, h // 8, w // 8, generator=g, device=device, dtype=dtype)
-                ctx = torch.randn(b, variants.TEXT_TOKENS, cfg.context_dim, generator=g, device=device, dtype=dtype)
+                ctx = torch.randn(b, shapes.TEXT_TOKENS, cfg.context_dim, generator=g, device=device, dtype=dtype)
                 y = (torch.randn(b, cfg.adm_in_channels, generator=g, device=device, dtype=dtype)
                      if cfg.adm_in_channels is not None else None)
                 unet(x, torch.full((b,), 500.0, device=device), ctx, y)
             z = torch.randn(1, 4, h // 8, w // 8, generator=g, device=device, dtype=dtype)
             model.first_stage_model.decode(z)
     torch.cuda.synchronize(device)
-    return tuning.STATS["tuned"] - before, time.perf_counter() - start
+    return tuner.tuned - before, time.perf_counter() - start

@@ -1,4 +1,6 @@
-"""What the Triton launchers share: interpreter detection, config choice, argument checks.
+"""What the Triton launchers share: interpreter detection, config choice, argument checks, and :func:`launch`
+(recording launches, and the lookup of autotune keys in the persistent tuning tables; the tuner that fills
+them lives in ``compile/tuning.py`` and plugs in through :func:`tuning`).
 
 ``TRITON_INTERPRET=1`` is read by ``triton.jit`` when a kernel is decorated, i.e. when a kernel module is
 imported; the launchers read it at the same moment so that the interpreter (CPU tensors, numpy semantics) and
@@ -9,8 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import json
 import os
-from typing import Any, Iterator
+import re
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import triton
@@ -61,6 +66,22 @@ def check_device(*tensors: torch.Tensor | None) -> None:
                                     "TRITON_INTERPRET=1 before importing tritonsd to run them on the CPU")
 
 
+def _version(text: str) -> tuple[int, ...]:
+    """``3.6.0`` / ``3.9.0+git1234`` -> (3, 6, 0)."""
+    return tuple(int(part) for part in re.findall(r"\d+", text.split("+")[0])[:3])
+
+
+TRITON_VERSION = _version(triton.__version__)
+
+
+def shipped(rows: list[tuple], since: dict[tuple, tuple[int, ...]],
+            version: tuple[int, ...] = TRITON_VERSION) -> list[tuple]:
+    """The config rows to ship with triton ``version`` (default: the installed one): a row listed in ``since``
+    only from that (major, minor) on. For configs whose compiled code (registers, spills) differs between
+    releases; order is kept (the first row is the untuned default)."""
+    return [r for r in rows if version >= since.get(r, ())]
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """tl.dot input precision: full IEEE float32 for float32 inputs (TF32 would cost ~1e-3 relative error)."""
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -83,7 +104,7 @@ def next_power_of_2(n: int) -> int:
 
 
 # ---- launching: every launcher goes through launch(), so that launches can be recorded (to know which kernel
-# variants a model needs, without a GPU) and autotuned keys looked up in the persistent tuning cache.
+# variants a model needs, without a GPU) and autotuned keys looked up in the persistent tuning tables.
 
 _recorder: contextvars.ContextVar[list | None] = contextvars.ContextVar("tritonsd_launch_recorder", default=None)
 
@@ -100,16 +121,161 @@ def recording() -> Iterator[list[tuple[Any, tuple, dict]]]:
         _recorder.reset(token)
 
 
+# A tuner: (autotuner, grid, args, kwargs, key) -> the config to use for that key (compile/tuning.py's Tuner
+# times every config and stores the winner). Plugged in by tuning(), as the recorder is by recording().
+Tuner = Callable[[Any, Any, tuple, dict, tuple], triton.Config]
+
+_tuner: contextvars.ContextVar[Tuner | None] = contextvars.ContextVar("tritonsd_tuner", default=None)
+
+
+@contextlib.contextmanager
+def tuning(tuner: Tuner) -> Iterator[Tuner]:
+    """Inside the block, an autotune key found in no tuning table is handed to ``tuner`` (outside a CUDA-graph
+    capture); outside it, such a key is left to Triton's own autotuner."""
+    token = _tuner.set(tuner)
+    try:
+        yield tuner
+    finally:
+        _tuner.reset(token)
+
+
 def launch(kernel, grid, *args, **kwargs) -> None:
-    """``kernel[grid](*args, **kwargs)``, or record it (see :func:`recording`). Autotuned kernels first look
-    their key up in the persistent tuning cache (kernels/tuning.py), and store the winner after tuning."""
+    """``kernel[grid](*args, **kwargs)``, or record it (see :func:`recording`). An autotuned kernel's key is first
+    looked up in the persistent tuning tables (:func:`tuned_config`), then given to the tuner of :func:`tuning`."""
     launches = _recorder.get()
     if launches is not None:
         launches.append((kernel, args, kwargs))
         return
-    if INTERPRET or not isinstance(kernel, triton.runtime.Autotuner):
-        kernel[grid](*args, **kwargs)
-        return
-    from tritonsd.compile import tuning
+    if not INTERPRET and isinstance(kernel, triton.runtime.Autotuner):
+        choose_config(kernel, grid, args, kwargs)
+    kernel[grid](*args, **kwargs)
 
-    tuning.tuned_launch(kernel, grid, args, kwargs)
+
+def choose_config(autotuner, grid, args: tuple, kwargs: dict) -> None:
+    """Fill the autotuner's in-memory cache for this launch's key, so that Triton never benchmarks a key the
+    tables (or the tuner) know. During a CUDA-graph capture nothing may synchronise or time: a key that no
+    table holds then takes the first config (the graph's warm-up step normally tuned every key already)."""
+    key = autotune_key(autotuner, args, kwargs)
+    if len(autotuner.configs) < 2 or key in autotuner.cache:
+        return
+    config = tuned_config(autotuner, key)
+    if config is None:
+        if torch.cuda.is_current_stream_capturing():
+            config = autotuner.configs[0]
+        elif (tuner := _tuner.get()) is not None:
+            config = tuner(autotuner, grid, args, kwargs, key)
+    if config is not None:
+        autotuner.cache[key] = config
+
+
+# ---- the persistent tuning tables (read here; compile/tuning.py times configs and writes the user's file) ---------
+#
+# Entries live in ``$TRITONSD_CACHE`` (else ``$XDG_CACHE_HOME/tritonsd``, else ``~/.cache/tritonsd``), one JSON
+# file per (GPU name, triton version) under ``tuning/``; inside it, per kernel, per source hash (the JIT's
+# ``cache_key``: a changed kernel is a new entry), per autotune key, the winning config and the timings. Tables
+# measured on known GPUs are committed under ``kernels/data/tuned/`` and consulted after the user's cache. A
+# stored config that is no longer shipped is a miss (so pruning the config list invalidates it).
+
+TABLES_DIR = Path(__file__).resolve().parent / "data" / "tuned"
+
+
+def cache_dir() -> Path:
+    if os.environ.get("TRITONSD_CACHE"):
+        return Path(os.environ["TRITONSD_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "tritonsd"
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.]+", "_", text).strip("_") or "unknown"
+
+
+def config_to_dict(config: triton.Config) -> dict:
+    return {"kwargs": dict(config.kwargs), "num_warps": config.num_warps, "num_stages": config.num_stages}
+
+
+def match_config(configs: Sequence[triton.Config], stored: dict) -> triton.Config | None:
+    """The shipped config equal to a stored one, or None (no longer shipped)."""
+    for c in configs:
+        if config_to_dict(c) == stored:
+            return c
+    return None
+
+
+def key_repr(key: tuple) -> str:
+    return json.dumps([str(k) if not isinstance(k, (int, float, bool)) or k is None else k for k in key])
+
+
+def read_entries(path: Path | None) -> dict:
+    """A tuning file's entries; an absent or unreadable file is empty (the tables are only ever a speed-up)."""
+    try:
+        data = json.loads(path.read_text())
+        return data.get("entries", {}) if isinstance(data, dict) else {}
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
+class TuningTables:
+    """Winners per (kernel, source hash, key) for one GPU name and triton version: the user's file, then the
+    committed table."""
+
+    def __init__(self, gpu: str, triton_version: str | None = None, root: Path | None = None,
+                 tables_dir: Path | None = TABLES_DIR):
+        self.gpu = gpu
+        self.triton_version = triton_version or triton.__version__
+        name = f"{_slug(gpu)}-triton{_slug(self.triton_version)}.json"
+        self.path = (root or cache_dir()) / "tuning" / name
+        self.table = tables_dir / name if tables_dir is not None else None
+        self._data = read_entries(self.path)
+        self._committed = read_entries(self.table)
+
+    def lookup(self, kernel: str, source: str, key: tuple) -> dict | None:
+        k = key_repr(key)
+        for entries in (self._data, self._committed):
+            hit = entries.get(kernel, {}).get(source, {}).get(k)
+            if hit is not None:
+                return hit
+        return None
+
+
+def innermost(kernel):
+    """The JIT (or interpreted) function under an autotuner / heuristics wrapper."""
+    fn = kernel
+    while isinstance(fn, (triton.runtime.Autotuner, triton.runtime.Heuristics)):
+        fn = fn.fn
+    return fn
+
+
+def source_hash(kernel) -> str:
+    """The JIT's hash of the kernel's source and what it calls: a changed kernel is a new entry."""
+    return innermost(kernel).cache_key
+
+
+def kernel_name(kernel) -> str:
+    fn = innermost(kernel)
+    return f"{fn.module}.{fn.__name__}"
+
+
+def autotune_key(autotuner, args: tuple, kwargs: dict) -> tuple:
+    """The key ``triton.runtime.Autotuner.run`` computes (key arguments' values, then tensors' dtypes)."""
+    named = {**dict(zip(autotuner.arg_names, args)), **kwargs}
+    named = {k: v for k, v in named.items() if k in autotuner.arg_names}
+    key = [named[k] for k in autotuner.keys if k in named]
+    key += [str(v.dtype) for v in named.values() if hasattr(v, "dtype")]
+    return tuple(key)
+
+
+_tables: dict[str, TuningTables] = {}  # per GPU name, read once per process
+
+
+def tables_for_current_gpu() -> TuningTables:
+    gpu = torch.cuda.get_device_name()
+    if gpu not in _tables:
+        _tables[gpu] = TuningTables(gpu)
+    return _tables[gpu]
+
+
+def tuned_config(autotuner, key: tuple) -> triton.Config | None:
+    """The config the tuning tables hold for this key on the current GPU, if still shipped; else None."""
+    hit = tables_for_current_gpu().lookup(kernel_name(autotuner), source_hash(autotuner), key)
+    return match_config(autotuner.configs, hit["config"]) if hit is not None else None

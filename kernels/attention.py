@@ -20,15 +20,15 @@ import triton
 import triton.language as tl
 
 from tritonsd.kernels._triton import (FLOAT_DTYPES, KernelArgumentError, check_device, configs, dot_dtype,
-    dot_precision, launch, next_power_of_2)
+    dot_precision, launch, next_power_of_2, shipped)
 
 MAX_HEAD_DIM = 512  # larger head dims fall back to the reference (the accumulators would not fit in registers)
 LOG2E = 1.4426950408889634
 
 # Autotune candidates per class of padded head dim (the accumulators' register footprint grows with D), at most
-# 3 per key, pruned with ``tritonsd check-compile --arch sm_90`` (kernels/data/check-compile-sm_90.json): every
-# fp16/bf16 config uses wgmma and spills nothing. BLOCK_M=32 fell back to mma.sync; at D=512, (64, 16, 4 warps, 2)
-# spilled 4.6 KB and (64, 32, 8 warps, 2) 40 bytes.
+# 3 per key, pruned with ``tritonsd check-compile --arch sm_90`` (benchmarks/results/check-compile-sm_90*.json):
+# every fp16/bf16 config uses wgmma and spills nothing. BLOCK_M=32 fell back to mma.sync; at D=512, (64, 16, 4 warps,
+# 2) spilled 4.6 KB and (64, 32, 8 warps, 2) 40 bytes.
 CONFIGS_SMALL_D = [  # D0 + D1 <= 64
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
     for bm, bn, w, s in [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3)]
@@ -37,9 +37,15 @@ CONFIGS_MEDIUM_D = [  # D0 + D1 <= 160
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
     for bm, bn, w, s in [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3)]  # (128, 32, 4 warps, 3): 16 B spill
 ]
+LARGE_D = [(64, 32, 8, 1), (64, 16, 8, 2), (64, 16, 8, 1)]  # (BLOCK_M, BLOCK_N, warps, stages)
+# Register allocation differs between Triton releases: a row listed here is shipped only from the Triton version
+# where check-compile found it spill-free. (64, 32, 8 warps, 1 stage) at D=512 spills 880 bytes on sm_90 under
+# triton 3.6 (the GPU image's; 255 registers) and nothing under 3.9 (benchmarks/results/check-compile-sm_90*.json;
+# 3.7 and 3.8 not checked, so not shipped there).
+LARGE_D_SINCE_TRITON = {(64, 32, 8, 1): (3, 9)}
 CONFIGS_LARGE_D = [  # up to 512 (VAE mid-block, one head), half precision
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-    for bm, bn, w, s in [(64, 32, 8, 1), (64, 16, 8, 2), (64, 16, 8, 1)]
+    for bm, bn, w, s in shipped(LARGE_D, LARGE_D_SINCE_TRITON)
 ]
 CONFIGS_LARGE_D_FP32 = [  # float32 tiles of D up to 512 fit shared memory only in small blocks (no wgmma in fp32)
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)

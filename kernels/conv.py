@@ -5,16 +5,17 @@ tile; it loops over the KH*KW taps (unrolled) and, per tap, over C_in in BLOCK_K
 pixels the tap reads ([BLOCK_M, BLOCK_K], zero outside the image: that is the padding) and the tap's weights
 ([BLOCK_K, BLOCK_N]). No im2col buffer. Input, weight, residual and output are all read through their strides,
 so NCHW and channels_last work alike; channels_last activations are the fast path (the K loads are then
-contiguous). The weights are read from a [KH, KW, C_in, C_out] copy (C_out contiguous, so the [BLOCK_K, BLOCK_N]
-weight tiles load coalesced), packed once per weight tensor and version and kept while that tensor lives
-(the cache never changes results, it only saves the repacking). Accumulation is float32
+contiguous). The weights are read in the "kernel layout": logical shape [C_out, C_in, KH, KW], memory order
+[KH, KW, C_in, C_out] (C_out contiguous, so the [BLOCK_K, BLOCK_N] weight tiles load coalesced). The model holds
+its convolution weights that way from load on (``model/layers.py`` ``Conv2d``), so the kernel reads the
+parameter's own storage: what a LoRA switch writes into it (``copy_``) is what the next launch, or a captured
+CUDA graph's replay, reads. A weight in any other layout is repacked for that one call (nothing is kept: a
+kept copy would go stale when the weight changes in place). Accumulation is float32
 (full IEEE float32 products for float32 inputs). The epilogue adds bias, the per-(batch, channel) ``emb`` and
 the ``residual``, multiplies by ``scale``, and stores once.
 """
 
 from __future__ import annotations
-
-import weakref
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +24,7 @@ import triton.language as tl
 
 from tritonsd.kernels._triton import FLOAT_DTYPES, check_device, configs, dot_dtype, dot_precision, launch
 
-# at most 3 per key (each key is timed once per GPU; see kernels/tuning.py); all use wgmma on sm_90 in fp16/bf16
+# at most 3 per key (each key is timed once per GPU; see compile/tuning.py); all use wgmma on sm_90 in fp16/bf16
 CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
     for bm, bn, bk, w, s in [(128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4)]
@@ -108,23 +109,26 @@ def _conv2d_kernel(
     tl.store(y_ptr, acc.to(Y.dtype.element_ty), mask=tile_ok)
 
 
-# id(weight) -> (weakref to it, its version, packed copy); an entry leaves when its weight is freed
-_PACKED: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}
+def kernel_layout_strides(shape: torch.Size | tuple[int, ...]) -> tuple[int, int, int, int]:
+    """The strides of a [C_out, C_in, KH, KW] weight stored in [KH, KW, C_in, C_out] memory order."""
+    c_out, c_in, _, kw = shape
+    return 1, c_out, kw * c_in * c_out, c_in * c_out
 
 
-def packed_weight(weight: torch.Tensor) -> torch.Tensor:
-    """weight [C_out, C_in, KH, KW] as a view of a [KH, KW, C_in, C_out]-contiguous copy (same shape, new
-    strides), cached per tensor until it is modified in place (its version counter moves)."""
-    if weight.stride(0) == 1 and weight.stride(1) == weight.shape[0]:
-        return weight  # already C_out-contiguous
-    hit = _PACKED.get(id(weight))
-    if hit is not None and hit[0]() is weight and hit[1] == weight._version:
-        return hit[2]
-    packed = weight.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)  # [KH, KW, Cin, Cout] memory order
-    if not (weight.is_cuda and torch.cuda.is_current_stream_capturing()):  # graph-owned memory: not cached
-        key = id(weight)
-        _PACKED[key] = (weakref.ref(weight, lambda _, key=key: _PACKED.pop(key, None)), weight._version, packed)
-    return packed
+def has_kernel_layout(weight: torch.Tensor) -> bool:
+    """Whether ``weight`` [C_out, C_in, KH, KW] lies in memory as [KH, KW, C_in, C_out], dense (the strides of
+    size-1 dimensions do not matter: 1x1 convolutions)."""
+    if weight.dim() != 4:
+        return False
+    want = kernel_layout_strides(weight.shape)
+    return all(size == 1 or st == w for size, st, w in zip(weight.shape, weight.stride(), want))
+
+
+def to_kernel_layout(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` itself when it has the kernel layout; else a copy in it (same shape and values, new strides)."""
+    if has_kernel_layout(weight):
+        return weight
+    return weight.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)  # [KH, KW, C_in, C_out] memory order
 
 
 def _as_int(v) -> int | None:
@@ -184,7 +188,7 @@ def conv2d_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         x = x.contiguous(memory_format=torch.channels_last)
     if residual is not None and not residual.is_contiguous(memory_format=torch.channels_last):
         residual = residual.contiguous(memory_format=torch.channels_last)
-    weight = packed_weight(weight)
+    weight = to_kernel_layout(weight)  # the model's own weights already are: no copy (see the module docstring)
     e = emb if emb is not None else out
     r = residual if residual is not None else out
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(c_out, meta["BLOCK_N"]),)  # noqa: E731

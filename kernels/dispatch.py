@@ -27,6 +27,7 @@ from tritonsd.kernels import conv as _conv
 from tritonsd.kernels import geglu as _geglu
 from tritonsd.kernels import group_norm as _group_norm
 from tritonsd.kernels import layer_norm as _layer_norm
+from tritonsd.kernels import sampler_step as _step
 
 BACKENDS = ("auto", "torch", "triton")
 _forced: contextvars.ContextVar[str] = contextvars.ContextVar("tritonsd_kernels", default="auto")
@@ -102,3 +103,33 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     narrow = x.dim() == 4 and x.shape[1] < _conv.MIN_TRITON_C_IN and _forced.get() == "auto"
     impl = _conv.conv2d_triton if use_triton(x) and not narrow else _conv.conv2d_reference
     return impl(x, weight, bias, stride, padding, emb=emb, residual=residual, scale=scale)
+
+
+# ---- the sampler loop's elementwise arithmetic (kernels/sampler_step.py): scalars are host numbers
+
+
+def denoiser_output(x: torch.Tensor, raw: torch.Tensor, c_out, c_skip=None) -> torch.Tensor:
+    """A sigma-space denoiser's result from the UNet's raw output: ``x + raw * c_out`` (``c_skip`` None) or
+    ``raw * c_out + x * c_skip``."""
+    impl = _step.denoiser_output_triton if use_triton(x) else _step.denoiser_output_reference
+    return impl(x, raw, c_out, c_skip)
+
+
+def cfg_combine(uncond: torch.Tensor, cond: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance: ``uncond + (cond - uncond) * scale``."""
+    impl = _step.cfg_combine_triton if use_triton(uncond) else _step.cfg_combine_reference
+    return impl(uncond, cond, scale)
+
+
+def euler_step(x: torch.Tensor, denoised: torch.Tensor, sigma, dt, noise: torch.Tensor | None = None,
+               noise_scale=1.0, noise_sigma=0.0) -> torch.Tensor:
+    """``x + ((x - denoised) / sigma) * dt``, then ``+ noise * noise_scale * noise_sigma`` when ``noise`` is given."""
+    impl = _step.euler_step_triton if use_triton(x) else _step.euler_step_reference
+    return impl(x, denoised, sigma, dt, noise, noise_scale, noise_sigma)
+
+
+def dpmpp_2m_step(x: torch.Tensor, ratio, decay, denoised: torch.Tensor, old: torch.Tensor | None = None,
+                  w=None, w_old=None) -> torch.Tensor:
+    """``ratio * x - decay * denoised``; with ``old``, ``denoised`` is first ``w * denoised - w_old * old``."""
+    impl = _step.dpmpp_2m_step_triton if use_triton(x) else _step.dpmpp_2m_step_reference
+    return impl(x, ratio, decay, denoised, old, w, w_old)

@@ -21,6 +21,7 @@ Also here: ``<lora:name:w>`` prompt tags (webui's ``extra_networks.parse_prompt`
 from __future__ import annotations
 
 import math
+import os
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -240,7 +241,9 @@ class LoraState:
                 self.params[name].copy_(self.pristine.pop(name))
             for name, value in new_values.items():
                 if name not in self.pristine:
-                    self.pristine[name] = self.params[name].detach().to(self.pristine_device, copy=True)
+                    # same strides as the parameter (the convolutions' kernel layout): restoring is a plain copy
+                    self.pristine[name] = self.params[name].detach().to(self.pristine_device, copy=True,
+                                                                        memory_format=torch.preserve_format)
                 self.params[name].copy_(value)
         self.applied = specs
         report = self._report(files, specs, all_deltas, hashes, len(new_values))
@@ -337,8 +340,6 @@ def lora_files(lora_dir: str | Path) -> dict[str, list[Path]]:
     """Every ``.safetensors`` regular file under ``lora_dir`` (subfolders and linked folders included), by file
     stem: what ``<lora:stem>`` can name. The one walk that both lookups (``find_lora``) and the server's listing
     (``lora_names``) use, so they agree."""
-    import os
-
     out: dict[str, list[Path]] = {}
     for root, _dirs, files in os.walk(lora_dir, followlinks=True):
         for fn in files:

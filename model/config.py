@@ -21,7 +21,7 @@ import torch
 from tritonsd.escape import escape
 from tritonsd.formats.keys import (SD1_TEXT, SD2_TEXT, SDXL_CLIP, SDXL_EMBEDDERS, SDXL_OPEN_CLIP, UNET, VAE,
     NormalizedKeys, normalize_keys)
-from tritonsd.model.text_config import CondStageConfig, TextConfig, cond_stage_config
+from tritonsd.model.text_config import UNKNOWN_HEADS, CondStageConfig, TextConfig, cond_stage_config
 
 DEFAULT_SCALE_FACTOR = {"sd1": 0.18215, "sd2": 0.18215, "sdxl": 0.13025}
 DEFAULT_SCHEDULE = {"linear_start": 0.00085, "linear_end": 0.012, "timesteps": 1000}
@@ -118,7 +118,7 @@ def detect_config(weights: NormalizedKeys | Mapping[str, torch.Tensor], yaml_pat
     sets every text tower's head count (not in the weights)."""
     if parameterization not in (None, "eps", "v"):
         raise ModelConfigError(f"parameterization must be 'eps' or 'v', not {parameterization!r}")
-    if text_heads is not None and text_heads < 1:
+    if text_heads is not None and text_heads != UNKNOWN_HEADS and text_heads < 1:
         raise ModelConfigError(f"text_heads must be at least 1, got {text_heads}")
     norm = weights if isinstance(weights, NormalizedKeys) else normalize_keys(weights)
     shapes = norm.weights

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tritonsd.kernels import dispatch
+from tritonsd.kernels.conv import has_kernel_layout, to_kernel_layout
 
 
 class GroupNorm(nn.GroupNorm):
@@ -25,7 +26,34 @@ class LayerNorm(nn.LayerNorm):
 
 
 class Conv2d(nn.Conv2d):
-    """Conv2d with the fused epilogue of ``dispatch.conv2d`` (time-embedding add, residual add, scale)."""
+    """Conv2d with the fused epilogue of ``dispatch.conv2d`` (time-embedding add, residual add, scale).
+
+    The rule: a ``Conv2d`` always holds its weight in the conv kernel's layout (``kernels/conv.py``): shape
+    [C_out, C_in, KH, KW] as usual, memory order [KH, KW, C_in, C_out]. It is set when the module is built and
+    again after a load that assigns a tensor of another layout (``load_state_dict(..., assign=True)``; a load
+    that copies keeps the parameter's strides). So the Triton kernel reads the parameter's own storage, the one
+    a LoRA switch writes into and a captured CUDA graph reads: no second, packed copy can go stale. Every conv
+    follows the rule, also those the dispatch sends to the reference (``F.conv2d`` takes any strides, with the
+    same results). ``state_dict()`` gives the weight contiguous in the original layout (a copy), as checkpoint
+    files hold it; ``state_dict(keep_vars=True)`` gives the parameter itself.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._weight_to_kernel_layout()
+
+    def _weight_to_kernel_layout(self) -> None:
+        if not has_kernel_layout(self.weight):
+            self.weight = nn.Parameter(to_kernel_layout(self.weight.detach()), self.weight.requires_grad)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._weight_to_kernel_layout()  # assign=True takes the given tensor with its own strides
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if not keep_vars:
+            destination[prefix + "weight"] = destination[prefix + "weight"].contiguous()
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None, residual: torch.Tensor | None = None,
                 scale: float | None = None) -> torch.Tensor:

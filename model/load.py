@@ -3,6 +3,8 @@ normalise its keys once, detect its config, build on the meta device and load st
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from pathlib import Path
 
 import torch
@@ -42,7 +44,7 @@ def load_model(path: str | Path, config: str | Path | ModelConfig | bool | None 
     try:
         cfg = config if isinstance(config, ModelConfig) else \
             detect_config(norm, yaml_path, parameterization=parameterization, text_heads=text_heads)
-        with torch.device("meta"):
+        with torch.device("meta"), no_parameter_init():
             model = build_model(cfg)
     except (ModelConfigError, TextConfigError) as e:
         raise type(e)(f"{path.name}: {e}") from None
@@ -52,6 +54,29 @@ def load_model(path: str | Path, config: str | Path | ModelConfig | bool | None 
     load_weights_(model, path, weights, dtype, device)
     model.source = LoadedFrom(checkpoint=path, config=yaml_path, vae=Path(vae) if vae is not None else None)
     return model
+
+
+# the classes that define reset_parameters among those the networks use (Conv2d inherits _ConvNd's)
+_INIT_CLASSES = (torch.nn.Linear, torch.nn.modules.conv._ConvNd, torch.nn.Embedding, torch.nn.LayerNorm,
+                 torch.nn.GroupNorm)
+_init_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def no_parameter_init():
+    """Build modules without initialising their parameters: every weight is overwritten by the checkpoint's.
+    On the meta device the values are thrown away anyway, but ``reset_parameters`` still runs, and the text
+    tower's embedding init alone pulled in torch's decomposition machinery for seconds (issue 28). Only for
+    modules that ``load_weights_`` fills strictly: a parameter left unloaded is an error there, never random."""
+    with _init_lock:
+        saved = {cls: cls.__dict__["reset_parameters"] for cls in _INIT_CLASSES}
+        for cls in _INIT_CLASSES:
+            cls.reset_parameters = lambda self: None
+        try:
+            yield
+        finally:
+            for cls, fn in saved.items():
+                cls.reset_parameters = fn
 
 
 def _yaml_for(path: Path, config) -> Path | None:

@@ -57,10 +57,11 @@ class StableDiffusion(nn.Module):
         return self.cond_stage_model(list(prompts))
 
     def apply_model(self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor,
-                    y: torch.Tensor | None = None) -> torch.Tensor:
+                    y: torch.Tensor | None = None, t_emb: torch.Tensor | None = None) -> torch.Tensor:
         """The UNet's raw output (eps or v, see ``config.parameterization``). For inpainting models ``x`` is
-        already ``cat([latents, mask, masked-image latents], 1)``."""
-        return self.model.diffusion_model(x, t, context, y)
+        already ``cat([latents, mask, masked-image latents], 1)``; ``t_emb``: the precomputed sinusoid of ``t``
+        (``UNetModel.forward``)."""
+        return self.model.diffusion_model(x, t, context, y, t_emb=t_emb)
 
     def decode_first_stage(self, z: torch.Tensor) -> torch.Tensor:
         """Scaled latents -> image in about [-1, 1] (divides by ``scale_factor`` first; no clamp)."""
@@ -87,13 +88,28 @@ def replace_vae(model: StableDiffusion, weights: Mapping[str, torch.Tensor], vae
 
 def load_weights_(model: StableDiffusion, path: Path, weights: Mapping[str, torch.Tensor], dtype: torch.dtype,
                   device: torch.device) -> None:
-    """Assign ``weights`` (normalised keys) to a meta-built model, strictly, cast to ``dtype`` on ``device``."""
+    """Assign ``weights`` (normalised keys) to a meta-built model, strictly, cast to ``dtype`` on ``device``.
+
+    Each tensor arrives in the memory layout of the parameter it replaces (the convolutions' kernel layout,
+    ``model/layers.py`` ``Conv2d``): rearranged where the file's tensor is (usually the CPU), so the device
+    receives the final layout and nothing is repacked there."""
     _check_keys(path, model, weights)
-    model.load_state_dict({k: _cast(v, dtype, device) for k, v in weights.items()}, strict=True, assign=True)
+    params = dict(model.named_parameters())
+    model.load_state_dict({k: _cast(_laid_out_like(v, params.get(k)), dtype, device) for k, v in weights.items()},
+                          strict=True, assign=True)
     model.eval().requires_grad_(False)
 
 
+def _laid_out_like(t: torch.Tensor, param: torch.Tensor | None) -> torch.Tensor:
+    """``t`` with ``param``'s strides (a copy on ``t``'s device), or ``t`` itself when they already agree."""
+    if param is None or param.is_contiguous() or t.stride() == param.stride():
+        return t
+    return torch.empty_strided(t.shape, param.stride(), dtype=t.dtype, device=t.device).copy_(t)
+
+
 def _cast(t: torch.Tensor, dtype: torch.dtype, device) -> torch.Tensor:
+    """To ``device`` and (floating point only) ``dtype``; the strides are kept (``Tensor.to`` preserves the
+    layout of a dense tensor)."""
     return t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device=device)
 
 

@@ -210,9 +210,17 @@ def _yaml_embedders(family: str, node: Mapping[str, Any]) -> list[tuple[str, str
     return out
 
 
+UNKNOWN_HEADS = "unknown"  # as ``heads``: where nothing says the count, report "unknown" instead of refusing
+# (``tritonsd inspect``: the command meant to explain a file must not stop at what it cannot know)
+
+
 def _resolve_heads(prefix: str, target: str, width: int, arch: str | None,
-                   option: int | None) -> tuple[int, str]:
+                   option: int | str | None) -> tuple[int, str]:
     stated = KNOWN_TOWERS.get(arch) if arch is not None else None
+    if option == UNKNOWN_HEADS:
+        if stated is not None and stated[0] == width:
+            return stated[1], "yaml"
+        return assumed_heads(width), ("unknown" if stated is not None else "assumed")
     if option is not None:
         if stated is not None and stated[0] == width and stated[1] != option:
             raise TextConfigError(f"{prefix}: text_heads {option} contradicts the YAML's {target} ({arch}: "

@@ -194,16 +194,22 @@ class UNetModel(nn.Module):
         self.out = nn.Sequential(GroupNorm(32, ch), nn.Identity(), Conv2d(ch, cfg.out_channels, 3, padding=1))
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor | float, context: torch.Tensor,
-                y: torch.Tensor | None = None) -> torch.Tensor:
+                y: torch.Tensor | None = None, t_emb: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, in_channels, H, W], timesteps [B] or scalar (may be fractional), context [B, N, context_dim],
-        y [B, adm_in_channels] (SDXL only) -> [B, out_channels, H, W]."""
+        y [B, adm_in_channels] (SDXL only) -> [B, out_channels, H, W]. ``t_emb`` [B, model_channels] float32, any
+        strides: ``timestep_embedding(timesteps, model_channels)`` computed by the caller (the sampler's per-step
+        tables), which the step then skips."""
         self._check_inputs(x, context, y)
         dtype = self.time_embed[0].weight.dtype
         t = torch.as_tensor(timesteps, device=x.device).reshape(-1)
         if t.numel() not in (1, x.shape[0]):
             raise UNetShapeError(f"got {t.numel()} timesteps for a batch of {x.shape[0]}")
         t = t.expand(x.shape[0])  # one timestep for every row, or one per row
-        emb = self.time_embed(timestep_embedding(t, self.cfg.model_channels).to(dtype))
+        if t_emb is None:
+            t_emb = timestep_embedding(t, self.cfg.model_channels)
+        elif tuple(t_emb.shape) != (x.shape[0], self.cfg.model_channels):
+            raise UNetShapeError(f"t_emb must be [{x.shape[0]}, {self.cfg.model_channels}], got {list(t_emb.shape)}")
+        emb = self.time_embed(t_emb.to(dtype).contiguous())  # a table row expanded over the batch: made dense
         if y is not None:
             emb = emb + self.label_emb(y.to(dtype))
         emb_silu = F.silu(emb)

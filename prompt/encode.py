@@ -308,3 +308,52 @@ def load_model_embeddings(model, directory: str | Path) -> tuple[EmbeddingDataba
 __all__ = ["Conditioning", "PromptEncodeError", "ScheduledConditioning", "encode_prompts", "encode_schedule",
            "load_model_embeddings",
            "model_embedding_widths", "text_towers"]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The UNet's conditioning keywords
+
+
+def unet_keywords(cond: ScheduledConditioning, uncond: ScheduledConditioning | None, calls: int,
+                  batch: int) -> tuple[dict, dict | None, bool]:
+    """(cond, uncond, per_step): each side's UNet keywords (``context``, and SDXL's ``y``), float32, one row per
+    image; with prompt editing (either side schedules more than one text) per-call tables whose row k is the
+    entry the k-th model call uses."""
+    per_step = len(cond.texts) > 1 or (uncond is not None and len(uncond.texts) > 1)
+    sides = []
+    for side in (cond, uncond):
+        if side is None:
+            sides.append(None)
+            continue
+        entries = {"context": side.cond.context.float()}
+        if side.cond.vector is not None:
+            entries["y"] = side.cond.vector.float()
+        if per_step:
+            rows = torch.tensor([side.index_at(k) for k in range(calls)], device=entries["context"].device)
+            # [entries, ...] -> [calls, B, ...]: row k is the entry model call k uses
+            sides.append({n: t[rows][:, None].expand(-1, batch, *t.shape[1:]) for n, t in entries.items()})
+        else:
+            # [1, ...] -> [B, ...]: every image of the batch shares its side's prompt
+            sides.append({n: t[:1].expand(batch, *t.shape[1:]) for n, t in entries.items()})
+    return sides[0], sides[1], per_step
+
+
+def pad_to_same_length(model, c: dict, u: dict, per_step: bool, *, clip_skip: int, width: int,
+                       height: int) -> tuple[dict, dict]:
+    """AUTOMATIC1111's ``pad_cond_uncond``: the shorter side gets empty-prompt chunks appended, so guidance
+    stays one batched call (it changes the image)."""
+    axis = 2 if per_step else 1
+    if c["context"].shape[axis] == u["context"].shape[axis]:
+        return c, u
+    empty = encode_prompts(model, [""], clip_skip=clip_skip, width=width, height=height).context.float()  # [1, 77, C]
+
+    def pad(side, to):
+        missing = (to - side["context"].shape[axis]) // empty.shape[1]
+        shape = list(side["context"].shape)
+        shape[axis] = empty.shape[1] * missing
+        extra = empty.repeat(1, missing, 1).expand(*shape) if not per_step else \
+            empty.repeat(1, missing, 1)[None].expand(*shape)
+        return {**side, "context": torch.cat([side["context"], extra], dim=axis)}
+
+    longest = max(c["context"].shape[axis], u["context"].shape[axis])
+    return pad(c, longest), pad(u, longest)

@@ -1,6 +1,6 @@
 """CUDA-graph capture of the whole denoising loop, one graph per loop shape.
 
-A ``GraphRunner`` runs a sigma-space sampler (``euler``, ``euler_a``, ``dpmpp_2m``) over a CFG denoiser. On
+A ``GraphRunner`` runs a sigma-space sampler (the registry's ``graphable`` ones) over a CFG denoiser. On
 CUDA the loop (every UNet call, the CFG combine and every sampler update, unrolled over the steps) is captured
 ONCE per ``LoopKey`` into a graph that reads static buffers: the start latents, the conditioning (cond and
 uncond, plus shared inputs such as inpainting's ``c_concat``) and, for ancestral samplers, the noise of every
@@ -10,12 +10,16 @@ and replays the graph; a prompt change with the same shapes only copies new cond
 code that is captured on the GPU.
 
 Capturability: the sampler gets ``sigmas`` as a CPU tensor, so its Python control flow (``sigmas[i + 1] > 0``,
-the ancestral step sizes) reads host values and never syncs the device, and the scalars multiply the device
-tensors as CPU scalars. The denoiser must hold its tables on the device (build ``EpsDenoiser`` /
-``VDenoiser`` / ``SGMEpsDenoiser`` from ``alphas_cumprod.to(device)``): a host-to-device copy inside the
-captured region fails the capture, reported as ``GraphCaptureError``.
+the ancestral step sizes) reads host values and never syncs the device, and the scalars reach the device as
+kernel arguments. Per-step tables: each captured loop prepares the denoiser for its sigmas before the loop
+(``denoise.prepare``: ``c_in`` / ``c_out`` / ``c_skip`` on the host, the timesteps and the timestep embeddings
+on the device), so a captured step reads its row and launches no scalar work: the input scaling, the UNet,
+the denoiser output, the CFG combine and the sampler update (one fused launch each, ``kernels/sampler_step``).
+The denoiser's training-sigma table must be on the device too (``tables_on_device``) for calls the tables do not
+cover: a host-to-device copy inside the captured region fails the capture, reported as ``GraphCaptureError``.
 
-DDIM and PLMS take integer timesteps and a different model protocol; run them through ``samplers`` directly.
+Timestep samplers (DDIM, PLMS) take integer timesteps and a different model protocol; run them through
+``samplers`` directly.
 """
 
 from __future__ import annotations
@@ -31,11 +35,9 @@ try:
 except ImportError:  # no triton here: nothing more to catch
     TritonError = RuntimeError
 
-from tritonsd.sampler.denoise import CFGDenoiser, PerCallConditioning
-from tritonsd.sampler.registry import SAMPLERS
-
-# the sigma-space samplers whose loop can be captured (the registry's ``graphable``)
-GRAPH_SAMPLERS: dict[str, Callable] = {name: spec.fn for name, spec in SAMPLERS.items() if spec.graphable}
+from tritonsd.sampler.denoise import CFGDenoiser, PerCallConditioning, prepare
+from tritonsd.sampler import registry
+from tritonsd.sampler.registry import SamplerSpec
 
 
 class GraphRunnerError(ValueError):
@@ -56,7 +58,7 @@ class LoopKey:
     width: int
     dtype: torch.dtype
     device: str
-    sampler: str
+    sampler: str  # the registry name of the spec the loop runs
     steps: int
     sigmas: tuple[float, ...]
     cfg_scale: float
@@ -67,19 +69,31 @@ class LoopKey:
 
 
 def tables_on_device(denoiser, device: str | torch.device):
-    """Move a sigma-space denoiser's ``sigmas`` table (``EpsDenoiser``, ``VDenoiser``, ``SGMEpsDenoiser``) to
-    ``device`` in place and return it, so that no host-to-device copy happens inside the captured loop."""
+    """Move a sigma-space denoiser's ``sigmas`` (and ``log_sigmas``) tables (``EpsDenoiser``, ``VDenoiser``,
+    ``SGMEpsDenoiser``) to ``device`` in place and return it, so that no host-to-device copy happens inside the
+    captured loop."""
     inner = getattr(denoiser, "inner", denoiser)
-    if isinstance(getattr(inner, "sigmas", None), torch.Tensor):
-        inner.sigmas = inner.sigmas.to(device)
+    for name in ("sigmas", "log_sigmas"):
+        if isinstance(getattr(inner, name, None), torch.Tensor):
+            setattr(inner, name, getattr(inner, name).to(device))
     return denoiser
 
 
-def noise_draws(sampler: str, sigmas: torch.Tensor, eta: float = 1.0) -> int:
-    """How many noise tensors ``sampler`` draws over ``sigmas`` (``euler_a``: one per step whose next sigma > 0)."""
-    if sampler == "euler_a" and eta:
-        return int((sigmas[1:] > 0).sum())
-    return 0
+def graph_spec(sampler: SamplerSpec | str) -> SamplerSpec:
+    """The registry spec of a sampler the runner serves (a spec, or a registry name); ``GraphRunnerError``
+    for any other."""
+    spec = sampler if isinstance(sampler, SamplerSpec) else registry.SAMPLERS.get(sampler)
+    if spec is None or not spec.graphable:
+        name = spec.name if spec is not None else sampler
+        raise GraphRunnerError(f"the graph runner serves {', '.join(GraphRunner.serves())}, not {name!r}")
+    return spec
+
+
+def noise_draws(sampler: SamplerSpec | str, sigmas: torch.Tensor, eta: float = 1.0) -> int:
+    """How many noise tensors ``sampler`` (a spec or a registry name) draws over ``sigmas``: the spec's
+    ``noise_draws`` (an ancestral sampler: one per step whose next sigma > 0)."""
+    spec = sampler if isinstance(sampler, SamplerSpec) else registry.get(sampler)
+    return spec.noise_draws(sigmas, eta)
 
 
 def predraw_noise(shape, count: int, seed: int) -> torch.Tensor:
@@ -89,6 +103,13 @@ def predraw_noise(shape, count: int, seed: int) -> torch.Tensor:
     for i in range(count):
         out[i] = torch.randn(tuple(shape), generator=generator, dtype=torch.float32)
     return out
+
+
+def warmup_sigmas(sigmas: torch.Tensor) -> torch.Tensor:
+    """The loop's first (up to) three sigmas, then 0: a short loop that launches every kernel variant the whole
+    loop launches (dpmpp_2m's first- and second-order updates and its last step, euler_a's noisy steps and its
+    last one), so that nothing is compiled inside the capture. It draws no more noise tensors than the loop."""
+    return torch.cat([sigmas[:-1][:3], sigmas.new_zeros(1)])
 
 
 class StaticNoise:
@@ -132,15 +153,17 @@ def _signature(groups: dict[str, dict[str, torch.Tensor]]) -> tuple:
 
 
 class CapturedLoop:
-    """The static buffers of one ``LoopKey`` and, on CUDA, the graph that replays the loop over them."""
+    """The static buffers of one ``LoopKey``, the denoiser's per-step tables for its sigmas and, on CUDA, the
+    graph that replays the loop over them."""
 
-    def __init__(self, key: LoopKey, denoiser, sigmas: torch.Tensor, x_like: torch.Tensor,
+    def __init__(self, key: LoopKey, spec: SamplerSpec, denoiser, sigmas: torch.Tensor, x_like: torch.Tensor,
                  groups: dict[str, dict[str, torch.Tensor]], eta: float):
         device = torch.device(key.device)
         self.key = key
-        self.sigmas = sigmas  # CPU: host-side control flow in the sampler
+        self.spec = spec  # the sampler the loop runs (key.sampler is its name)
+        self.sigmas = sigmas  # CPU: host-side control flow in the sampler, and the keys of the tables
         self.eta = eta
-        self.cfg = CFGDenoiser(denoiser, key.cfg_scale)
+        self.cfg = CFGDenoiser(prepare(denoiser, sigmas, device), key.cfg_scale)
         self.static_x = torch.empty(x_like.shape, dtype=x_like.dtype, device=device)
         self.static = {g: {n: torch.empty(t.shape, dtype=t.dtype, device=device) for n, t in d.items()}
                        for g, d in groups.items()}
@@ -165,21 +188,22 @@ class CapturedLoop:
         self.noise.reset()
         extra = {"cond": self.static["cond"], "uncond": self.static.get("uncond") or None,
                  **self.static.get("shared", {})}
-        fn = GRAPH_SAMPLERS[self.key.sampler]
+        spec = self.spec
         model = PerCallConditioning(self.cfg) if self.key.per_step else self.cfg
-        if self.key.sampler == "euler_a":
-            return fn(model, self.static_x, sigmas, extra_args=extra, callback=callback, eta=self.eta,
-                      noise_sampler=self.noise)
-        return fn(model, self.static_x, sigmas, extra_args=extra, callback=callback)
+        if spec.stochastic:  # ancestral: its noise from the static buffer, at the runner's eta
+            return spec.fn(model, self.static_x, sigmas, extra_args=extra, callback=callback, eta=self.eta,
+                           noise_sampler=self.noise)
+        return spec.fn(model, self.static_x, sigmas, extra_args=extra, callback=callback)
 
     def capture(self) -> None:
-        """Warm up (one step, on a side stream: Triton autotuning, cuBLAS handles) then capture the whole loop."""
+        """Warm up (up to three steps, on a side stream: Triton compiles and autotuning, cuBLAS handles) then
+        capture the whole loop."""
         stream = torch.cuda.Stream(device=self.static_x.device)
         stream.wait_stream(torch.cuda.current_stream(self.static_x.device))
         graph = torch.cuda.CUDAGraph()
         try:  # the warm-up compiles and tunes: Triton's errors surface there
             with torch.cuda.stream(stream):
-                self.body(self.sigmas[:2])
+                self.body(warmup_sigmas(self.sigmas))
             torch.cuda.current_stream(self.static_x.device).wait_stream(stream)
             torch.cuda.synchronize(self.static_x.device)
             with torch.cuda.graph(graph):
@@ -222,25 +246,31 @@ class GraphRunner:
         self.entries: OrderedDict[LoopKey, CapturedLoop] = OrderedDict()
         self.captures = 0
 
-    def key(self, x_T, sigmas, cfg_scale, sampler, eta, groups, per_step: bool = False) -> LoopKey:
+    @staticmethod
+    def serves() -> tuple[str, ...]:
+        """The names of the samplers this runner can run: the registry's ``graphable`` ones, read now."""
+        return tuple(registry.graph_samplers())
+
+    def key(self, x_T, sigmas, cfg_scale, sampler: SamplerSpec, eta, groups, per_step: bool = False) -> LoopKey:
         b, c, h, w = x_T.shape
         return LoopKey(batch=b, channels=c, height=h, width=w, dtype=x_T.dtype, device=str(self.device),
-                       sampler=sampler, steps=len(sigmas) - 1, sigmas=tuple(float(s) for s in sigmas),
-                       cfg_scale=float(cfg_scale), eta=float(eta) if sampler == "euler_a" else 0.0,
-                       noise_draws=noise_draws(sampler, sigmas, eta), inputs=_signature(groups),
+                       sampler=sampler.name, steps=len(sigmas) - 1, sigmas=tuple(float(s) for s in sigmas),
+                       cfg_scale=float(cfg_scale), eta=float(eta) if sampler.stochastic else 0.0,
+                       noise_draws=sampler.noise_draws(sigmas, eta), inputs=_signature(groups),
                        per_step=per_step)
 
     def run(self, x_T: torch.Tensor, cond, uncond=None, noise: torch.Tensor | None = None, *,
-            sigmas: torch.Tensor, cfg_scale: float, sampler: str = "dpmpp_2m", eta: float = 1.0,
+            sigmas: torch.Tensor, cfg_scale: float, sampler: SamplerSpec | str = registry.DEFAULT_SAMPLER,
+            eta: float = 1.0,
             shared: Mapping[str, torch.Tensor] | None = None,
             progress: Callable[[int, int], None] | None = None, per_step: bool = False) -> torch.Tensor:
         """Latents after the loop. ``x_T``: start latents already scaled (``x * sigmas[0]``); ``cond`` /
-        ``uncond``: context tensors or dicts (``context``, ``y``); ``noise``: [N, *x_T.shape] pre-drawn noise for
-        ``euler_a`` (``predraw_noise(x_T.shape, noise_draws(...), seed)``); ``progress(i, n)`` after each step
+        ``uncond``: context tensors or dicts (``context``, ``y``); ``sampler``: its registry spec (what the
+        Pipeline passes) or name; ``eta``: an ancestral sampler's; ``noise``: [N, *x_T.shape] pre-drawn noise for
+        an ancestral sampler (``predraw_noise(x_T.shape, noise_draws(...), seed)``); ``progress(i, n)`` after each step
         (all at once after the replay, when captured); ``per_step``: cond / uncond are per-step tables
         [calls, B, ...] (prompt editing), copied into static tables that the captured steps read row by row."""
-        if sampler not in GRAPH_SAMPLERS:
-            raise GraphRunnerError(f"the graph runner serves {', '.join(GRAPH_SAMPLERS)}, not {sampler!r}")
+        sampler = graph_spec(sampler)
         if x_T.ndim != 4:
             raise GraphRunnerError(f"x_T must be [B, C, H, W], got {list(x_T.shape)}")
         sigmas = sigmas.detach().to("cpu")
@@ -263,8 +293,8 @@ class GraphRunner:
             want = (key.noise_draws, *x_T.shape)
             if noise is None or noise.ndim != len(want) or noise.shape[0] < want[0] or noise.shape[1:] != want[1:]:
                 got = None if noise is None else list(noise.shape)
-                raise GraphRunnerError(f"{sampler} needs pre-drawn noise of shape {list(want)}, got {got}")
-        entry = self._entry(key, sigmas, x_T, groups, eta)
+                raise GraphRunnerError(f"{sampler.name} needs pre-drawn noise of shape {list(want)}, got {got}")
+        entry = self._entry(key, sampler, sigmas, x_T, groups, eta)
         entry.load(x_T, groups, noise)
         if entry.graph is None and self.use_graphs:
             try:
@@ -274,14 +304,14 @@ class GraphRunner:
                 raise
         return entry.run(progress)
 
-    def _entry(self, key, sigmas, x_T, groups, eta) -> CapturedLoop:
+    def _entry(self, key, spec, sigmas, x_T, groups, eta) -> CapturedLoop:
         entry = self.entries.get(key)
         if entry is not None:
             self.entries.move_to_end(key)
             return entry
         while len(self.entries) >= self.max_entries:
             self.entries.popitem(last=False)
-        entry = CapturedLoop(key, self.denoiser, sigmas, x_T, groups, eta)
+        entry = CapturedLoop(key, spec, self.denoiser, sigmas, x_T, groups, eta)
         self.entries[key] = entry
         self.captures += 1
         return entry

@@ -13,6 +13,10 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from tritonsd.outputs import atomic_write, write_numbered
+from tritonsd.sampler import registry
+from tritonsd.sampler.rng import infotext_rng
+
 
 @dataclass
 class Infotext:
@@ -51,6 +55,29 @@ class Infotext:
         return "\n".join(lines)
 
 
+def generation_infotext(s, index: int = 0, *, model: str | None, model_hash: str | None, vae: str | None = None,
+                        vae_hash: str | None = None, ti_hashes: str | None = None,
+                        lora_hashes: str | None = None) -> str:
+    """The infotext of image ``index`` of a generation with settings ``s`` (resolved ``GenerationSettings``), as
+    AUTOMATIC1111 writes it: the sampler and schedule by their A1111 names, the image's own seed, variation seed,
+    img2img strength, clip skip, noise source, and the files that shaped the image (VAE, embeddings, LoRAs)."""
+    spec = registry.get(s.sampler)
+    variation = s.subseed_strength > 0
+    extra = {"VAE hash": vae_hash,
+             "VAE": vae,
+             "Variation seed": (s.subseed or 0) + index if variation else None,
+             "Variation seed strength": float(s.subseed_strength) if variation else None,
+             "Denoising strength": float(s.strength) if s.mode == "img2img" else None,
+             "Clip skip": s.clip_skip if s.clip_skip > 1 else None,
+             "RNG": infotext_rng(s.rng),
+             "Schedule type": spec.a1111_schedule(s.karras),
+             "TI hashes": ti_hashes if s.prompt_syntax == "a1111" else None,
+             "Lora hashes": lora_hashes or None}
+    return Infotext(prompt=s.prompt, negative_prompt=s.negative_prompt, steps=s.steps, sampler=spec.a1111_name,
+                    cfg_scale=s.cfg_scale, seed=s.seed + index, width=s.width, height=s.height,
+                    model_hash=model_hash, model=model, extra=extra).render()
+
+
 def quote(value) -> str:
     """AUTOMATIC1111's ``infotext_utils.quote``: a value holding ',', ':' or a newline is written as a JSON
     string, so the line of ``Key: value`` pairs splits back unambiguously."""
@@ -73,7 +100,6 @@ def to_pil(image: torch.Tensor) -> Image.Image:
 def write_png(path: str | os.PathLike, image: Image.Image, parameters: str) -> Path:
     """Write ``image`` with a ``parameters`` tEXt chunk, atomically (``tritonsd.outputs``: a temporary file in the
     target's directory, renamed into place; nothing is left on failure)."""
-    from tritonsd.outputs import atomic_write
 
     return atomic_write(Path(path), lambda f: image.save(f, format="PNG", pnginfo=png_info(parameters)))
 
@@ -93,7 +119,6 @@ def save_numbered(out: Path, image: Image.Image, parameters: str, seed: int | No
     """``out/NNNNN-<seed>.png`` (``NNNNN.png`` without a seed), numbered after the files already there as
     AUTOMATIC1111 numbers them; written whole before the name appears, never overwriting, and concurrent runs
     writing into one directory never share a number (``tritonsd.outputs.write_numbered``)."""
-    from tritonsd.outputs import write_numbered
 
     suffix = "" if seed is None else f"-{seed}"
     return write_numbered(out, lambda n: f"{n:05d}{suffix}.png",

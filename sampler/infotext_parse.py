@@ -16,6 +16,7 @@ import re
 from typing import Any
 
 from tritonsd.sampler.rng import RNGError, source_from_infotext
+from tritonsd.sampler.seeds import SEED_RANGE
 
 # A1111's pattern for the pairs of the last line. ``re`` runs it in quadratic time on a long line that holds no
 # pair (every start position rescans the run after it, holding the GIL): ``param_pairs`` gives its findall()
@@ -145,7 +146,7 @@ def _positive_int(v: str) -> int:
 
 def _seed(v: str) -> int:
     n = int(v)
-    if n < 0 or n >= 2 ** 64:
+    if n < 0 or n >= SEED_RANGE:
         raise ValueError("outside 0..2**64-1")
     return n
 
@@ -207,4 +208,16 @@ def generation_settings(infotext: str | dict[str, str]) -> dict[str, Any]:
     return out
 
 
-__all__ = ["InfotextError", "generation_settings", "param_pairs", "parse_infotext"]
+# Infotext keys whose presence asks A1111 for something tritonsd does not implement (the image would differ);
+# ``--infotext`` / ``--from-png`` / the server's ``infotext`` refuse them unless told to ignore them
+UNSUPPORTED_KEYS = ("Face restoration", "Tiling", "Seed resize from", "Refiner", "Refiner switch at", "Script",
+                    "ADetailer model", "ControlNet 0")
+
+
+def unsupported_keys(parsed: dict) -> list[str]:
+    """The ``UNSUPPORTED_KEYS`` a ``generation_settings`` result holds among its ``extra`` keys."""
+    return [k for k in UNSUPPORTED_KEYS if k in parsed.get("extra", {})]
+
+
+__all__ = ["InfotextError", "UNSUPPORTED_KEYS", "generation_settings", "param_pairs", "parse_infotext",
+           "unsupported_keys"]

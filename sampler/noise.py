@@ -17,8 +17,8 @@ from typing import Protocol, Sequence
 import torch
 
 from tritonsd.sampler.rng import ImageRNG, create_generator
+from tritonsd.sampler.seeds import SEED_RANGE
 
-SEED_RANGE = 2 ** 64
 _STREAMS = {"start": 0, "vae": 1}
 
 

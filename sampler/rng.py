@@ -21,9 +21,11 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from tritonsd.sampler.seeds import SEED_RANGE
+
 SOURCES = ("nv", "gpu", "cpu")
 DEFAULT_SOURCE = "nv"
-MAX_SEED = 2 ** 64 - 1
+MAX_SEED = SEED_RANGE - 1
 
 _PHILOX_M = (0xD2511F53, 0xCD9E8D57)
 _PHILOX_W = (0x9E3779B9, 0xBB67AE85)

@@ -2,11 +2,15 @@
 
 Sigma-space samplers (k-diffusion 0.1.1's, same signature and arithmetic):
     ``sample_*(model, x, sigmas, extra_args=None, callback=None, ...) -> x``
-    ``model(x, sigma, **extra_args)`` returns the denoised x0; ``sigma`` is a [B] tensor; ``sigmas`` descend
+    ``model(x, sigma, **extra_args)`` returns the denoised x0; ``sigma`` is a [B] tensor on the device of
+    ``sigmas`` (not of ``x``: with CPU sigmas, as the pipeline and the CUDA-graph runner keep them, the
+    denoiser reads host values and looks its per-step tables up by them, see ``denoise``); ``sigmas`` descend
     to 0; ``x`` starts as unit noise times the start scale (``sigmas[0]`` for k-diffusion,
     ``schedule.sgm_start_scale`` for sgm). The callback gets ``{x, i, sigma, sigma_hat, denoised}``.
     sgm's ``EulerEDMSampler`` (s_churn 0) and ``DPMPP2MSampler`` are ``sample_euler`` and ``sample_dpmpp_2m``
     over the sgm sigmas with a quantising denoiser: their update formulas are the same operations.
+    Each update is one fused launch on CUDA (``dispatch.euler_step`` / ``dpmpp_2m_step``: k-diffusion's
+    operations in its order, exact to the torch reference that runs elsewhere).
 
 Timestep-space samplers (CompVis ``DDIMSampler.ddim_sampling`` / ``PLMSSampler.plms_sampling``):
     ``sample_ddim(model, x, schedule, ...) -> (x, {"x_inter": [...], "pred_x0": [...]})``
@@ -25,6 +29,7 @@ from typing import Callable
 
 import torch
 
+from tritonsd.kernels import dispatch
 from tritonsd.sampler.schedule import DDIMSchedule
 
 NoiseSampler = Callable[[object, object], torch.Tensor]
@@ -71,6 +76,12 @@ def _check_sigmas(x: torch.Tensor, sigmas: torch.Tensor) -> None:
         raise SamplerError(f"sigmas must be a 1-D tensor of at least 2 values, got shape {tuple(sigmas.shape)}")
 
 
+def _sigma_ones(x: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    """[B] ones that turn ``sigmas[i]`` into the model's sigma batch: x's dtype (as k-diffusion's
+    ``x.new_ones``), the device of ``sigmas``, so that CPU sigmas give a host batch the denoiser can read."""
+    return torch.ones(x.shape[0], dtype=x.dtype, device=sigmas.device)
+
+
 # ---------------------------------------------------------------- sigma space (k-diffusion)
 
 
@@ -80,7 +91,7 @@ def sample_euler(model, x, sigmas, extra_args=None, callback=None, s_churn=0.0, 
     """Euler steps (Karras et al. 2022, Algorithm 2); deterministic unless ``s_churn`` > 0."""
     _check_sigmas(x, sigmas)
     extra_args = {} if extra_args is None else extra_args
-    s_in = x.new_ones([x.shape[0]])
+    s_in = _sigma_ones(x, sigmas)
     n = len(sigmas) - 1
     for i in range(n):
         gamma = min(s_churn / n, 2 ** 0.5 - 1) if s_tmin <= sigmas[i] <= s_tmax else 0.0
@@ -91,11 +102,9 @@ def sample_euler(model, x, sigmas, extra_args=None, callback=None, s_churn=0.0, 
             eps = noise_sampler(sigmas[i], sigma_hat) * s_noise
             x = x + eps * (sigma_hat ** 2 - sigmas[i] ** 2) ** 0.5
         denoised = model(x, sigma_hat * s_in, **extra_args)
-        d = to_d(x, sigma_hat, denoised)
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigma_hat, "denoised": denoised})
-        dt = sigmas[i + 1] - sigma_hat
-        x = x + d * dt
+        x = dispatch.euler_step(x, denoised, sigma_hat, sigmas[i + 1] - sigma_hat)  # x + to_d(...) * dt
     return x
 
 
@@ -109,17 +118,18 @@ def sample_euler_ancestral(model, x, sigmas, extra_args=None, callback=None, eta
     _check_sigmas(x, sigmas)
     extra_args = {} if extra_args is None else extra_args
     noise_sampler = seeded_noise_sampler(x, seed) if noise_sampler is None else noise_sampler
-    s_in = x.new_ones([x.shape[0]])
+    s_in = _sigma_ones(x, sigmas)
     for i in range(len(sigmas) - 1):
         denoised = model(x, sigmas[i] * s_in, **extra_args)
         sigma_down, sigma_up = get_ancestral_step(sigmas[i], sigmas[i + 1], eta=eta)
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
-        d = to_d(x, sigmas[i], denoised)
         dt = sigma_down - sigmas[i]
-        x = x + d * dt
-        if sigmas[i + 1] > 0:
-            x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise * sigma_up
+        if sigmas[i + 1] > 0:  # x + to_d(...) * dt + noise * s_noise * sigma_up
+            x = dispatch.euler_step(x, denoised, sigmas[i], dt, noise_sampler(sigmas[i], sigmas[i + 1]), s_noise,
+                                    sigma_up)
+        else:
+            x = dispatch.euler_step(x, denoised, sigmas[i], dt)
     return x
 
 
@@ -128,7 +138,7 @@ def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None):
     """DPM-Solver++(2M): first step and the step to sigma 0 are first order (the last returns denoised)."""
     _check_sigmas(x, sigmas)
     extra_args = {} if extra_args is None else extra_args
-    s_in = x.new_ones([x.shape[0]])
+    s_in = _sigma_ones(x, sigmas)
 
     def sigma_fn(t):
         return t.neg().exp()
@@ -143,13 +153,14 @@ def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None):
             callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
         t, t_next = t_fn(sigmas[i]), t_fn(sigmas[i + 1])
         h = t_next - t
+        ratio, decay = sigma_fn(t_next) / sigma_fn(t), (-h).expm1()
         if old_denoised is None or sigmas[i + 1] == 0:
-            x = (sigma_fn(t_next) / sigma_fn(t)) * x - (-h).expm1() * denoised
+            x = dispatch.dpmpp_2m_step(x, ratio, decay, denoised)  # ratio * x - decay * denoised
         else:
             h_last = t - t_fn(sigmas[i - 1])
             r = h_last / h
-            denoised_d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
-            x = (sigma_fn(t_next) / sigma_fn(t)) * x - (-h).expm1() * denoised_d
+            # ratio * x - decay * denoised_d, denoised_d = (1 + 1 / (2 r)) * denoised - (1 / (2 r)) * old_denoised
+            x = dispatch.dpmpp_2m_step(x, ratio, decay, denoised, old_denoised, 1 + 1 / (2 * r), 1 / (2 * r))
         old_denoised = denoised
     return x
 
@@ -158,7 +169,10 @@ def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None):
 
 
 class _DDIMCoefficients:
-    """The schedule's per-step scalars in the latent dtype, as the original's ``torch.full`` buffers hold them."""
+    """The schedule's per-step scalars in the latent dtype, as the original's ``torch.full`` buffers hold them,
+    and everything ``step`` derives from them, computed for all steps before the loop (square roots, squares and
+    differences are correctly rounded, so each entry is bit for bit the value an in-loop 0-d computation gives);
+    ``batch_t[index]`` is the [B] int64 timestep batch of step ``index``."""
 
     def __init__(self, schedule: DDIMSchedule, x: torch.Tensor):
         if schedule.timesteps.ndim != 1 or len(schedule.timesteps) < 1:
@@ -169,22 +183,21 @@ class _DDIMCoefficients:
         self.sigmas = schedule.sigmas.to(x.device, x.dtype)
         self.sqrt_one_minus_alphas = (1.0 - schedule.alphas.to(torch.float32)).sqrt().to(x.device, x.dtype)
         self.stochastic = bool((schedule.sigmas != 0).any())
+        self.sqrt_alphas = self.alphas.sqrt()
+        self.sqrt_alphas_prev = self.alphas_prev.sqrt()
+        self.dir_coef = (1.0 - self.alphas_prev - self.sigmas ** 2).sqrt()
+        steps = torch.tensor(self.timesteps, dtype=torch.long, device=x.device)
+        self.batch_t = steps[:, None].expand(len(self.timesteps), x.shape[0]).contiguous()  # [n] -> [n, B]
 
     def step(self, x, e_t, pred_x0, index, noise=None):
         """One DDIM update from x at step ``index``; ``pred_x0`` None derives it from ``e_t``."""
-        a_t, a_prev = self.alphas[index], self.alphas_prev[index]
-        sigma_t = self.sigmas[index]
         if pred_x0 is None:
-            pred_x0 = (x - self.sqrt_one_minus_alphas[index] * e_t) / a_t.sqrt()
-        dir_xt = (1.0 - a_prev - sigma_t ** 2).sqrt() * e_t
-        x_prev = a_prev.sqrt() * pred_x0 + dir_xt
+            pred_x0 = (x - self.sqrt_one_minus_alphas[index] * e_t) / self.sqrt_alphas[index]
+        dir_xt = self.dir_coef[index] * e_t  # (1 - a_prev - sigma_t ** 2).sqrt() * e_t
+        x_prev = self.sqrt_alphas_prev[index] * pred_x0 + dir_xt
         if noise is not None:
-            x_prev = x_prev + sigma_t * noise
+            x_prev = x_prev + self.sigmas[index] * noise
         return x_prev, pred_x0
-
-
-def _timestep_batch(x: torch.Tensor, t: int) -> torch.Tensor:
-    return torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
 
 
 @torch.no_grad()
@@ -200,7 +213,7 @@ def sample_ddim(model, x, schedule: DDIMSchedule, extra_args=None, callback=None
     for i in range(n):
         index = n - i - 1
         t = coef.timesteps[index]
-        e_t, pred_x0 = model(x, _timestep_batch(x, t), **extra_args)
+        e_t, pred_x0 = model(x, coef.batch_t[index], **extra_args)
         noise = None
         if coef.stochastic:
             noise = noise_sampler(t, coef.timesteps[index - 1] if index > 0 else 0)
@@ -229,11 +242,11 @@ def sample_plms(model, x, schedule: DDIMSchedule, extra_args=None, callback=None
     old_eps: list[torch.Tensor] = []
     for i in range(n):
         index = n - i - 1
-        t, t_next = coef.timesteps[index], coef.timesteps[max(index - 1, 0)]
-        e_t, _ = model(x, _timestep_batch(x, t), **extra_args)
+        t = coef.timesteps[index]
+        e_t, _ = model(x, coef.batch_t[index], **extra_args)
         if len(old_eps) == 0:
             x_prev, _ = coef.step(x, e_t, None, index)
-            e_t_next, _ = model(x_prev, _timestep_batch(x, t_next), **extra_args)
+            e_t_next, _ = model(x_prev, coef.batch_t[max(index - 1, 0)], **extra_args)
             e_t_prime = (e_t + e_t_next) / 2
         elif len(old_eps) == 1:
             e_t_prime = (3 * e_t - old_eps[-1]) / 2

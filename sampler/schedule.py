@@ -12,6 +12,15 @@ order matter at the 1e-7 level, and the DDIM / sgm step selections differ in whi
   quantisation of ``DiscreteDenoiser``.
 
 All sigma tensors are 1-D; sampling sigmas are descending and end with 0, training sigmas ascending.
+
+Same schedule on every machine: the originals' float32 ``sqrt`` / ``log`` / ``exp`` differ in the last bit
+between MKL's code paths for different processors, and ``torch.linspace`` between torch's vectorized and scalar
+CPU kernels. So the training sigmas and their logs of the released models' linear schedule are read from
+``pinned.py`` (the values the parity fixtures were made with), ``exp`` in ``t_to_sigma`` is taken in float64 and
+rounded (correctly rounded whatever the machine's float64 ``exp``, except in cases rarer than 1 in 10^8), and
+k-diffusion's timesteps and the Karras ramp come from ``linspace32`` (the vectorized kernel's arithmetic). The
+Karras schedule's ``** rho`` is still torch's (vectorized SLEEF ``pow`` on AVX2 / AVX-512, as the fixtures; the
+scalar ``pow`` of CPUs without AVX2 may differ in the last bit).
 """
 
 from __future__ import annotations
@@ -20,6 +29,8 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+
+from tritonsd.sampler import pinned
 
 NUM_TRAIN_TIMESTEPS = 1000
 
@@ -111,26 +122,41 @@ def ddim_schedule(alphas_cumprod: torch.Tensor, steps: int, eta: float = 0.0) ->
 
 
 def discrete_sigmas(alphas_cumprod: torch.Tensor) -> torch.Tensor:
-    """The 1000 training sigmas ``((1 - ac) / ac) ** 0.5``, ascending, from the float32 buffer."""
+    """The 1000 training sigmas ``((1 - ac) / ac) ** 0.5``, ascending, from the float32 buffer (pinned for
+    the linear schedule)."""
     acp = alphas_cumprod.to(torch.float32)
-    return ((1 - acp) / acp) ** 0.5
+    table = pinned.kdiff_sigmas(acp)
+    return table.to(acp.device) if table is not None else ((1 - acp) / acp) ** 0.5
 
 
-def t_to_sigma(t: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
-    """Fractional timestep -> sigma, linear in log-sigma between the neighbouring training sigmas."""
-    log_sigmas = sigmas.log()
+def discrete_log_sigmas(sigmas: torch.Tensor) -> torch.Tensor:
+    """k-diffusion's ``log_sigmas`` buffer: ``sigmas.log()`` (pinned for the linear schedule's sigmas)."""
+    table = pinned.kdiff_log_sigmas(sigmas)
+    return table.to(sigmas.device) if table is not None else sigmas.log()
+
+
+def t_to_sigma(t: torch.Tensor, sigmas: torch.Tensor, log_sigmas: torch.Tensor | None = None) -> torch.Tensor:
+    """Fractional timestep -> sigma, linear in log-sigma between the neighbouring training sigmas.
+
+    The float32 interpolation is k-diffusion's; its ``exp`` is taken in float64 and rounded to float32, the same
+    on every machine (float32 ``exp`` differs in the last bit between MKL's code paths).
+    """
+    if log_sigmas is None:
+        log_sigmas = discrete_log_sigmas(sigmas)
     t = t.float()
     low_idx, high_idx, w = t.floor().long(), t.ceil().long(), t.frac()
     log_sigma = (1 - w) * log_sigmas[low_idx] + w * log_sigmas[high_idx]
-    return log_sigma.exp()
+    return log_sigma.double().exp().float()
 
 
-def sigma_to_t(sigma: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+def sigma_to_t(sigma: torch.Tensor, sigmas: torch.Tensor, log_sigmas: torch.Tensor | None = None) -> torch.Tensor:
     """Sigma -> fractional timestep, inverting ``t_to_sigma`` (k-diffusion's quantize=False path).
 
-    Below the smallest training sigma t is 0, above the largest t is 999 (the weight is clamped).
+    Below the smallest training sigma t is 0, above the largest t is 999 (the weight is clamped). Pass
+    ``log_sigmas`` (``discrete_log_sigmas``) on the device when calling per step.
     """
-    log_sigmas = sigmas.log()
+    if log_sigmas is None:
+        log_sigmas = discrete_log_sigmas(sigmas)
     log_sigma = sigma.log()
     # index of the last training sigma <= sigma (sigmas ascend), kept inside [0, n - 2]
     count_le = (log_sigma - log_sigmas[:, None]).ge(0).sum(dim=0)
@@ -142,12 +168,27 @@ def sigma_to_t(sigma: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
     return t.view(sigma.shape)
 
 
-def get_sigmas(sigmas: torch.Tensor, n: int) -> torch.Tensor:
+def get_sigmas(sigmas: torch.Tensor, n: int, log_sigmas: torch.Tensor | None = None) -> torch.Tensor:
     """``DiscreteSchedule.get_sigmas(n)``: n sigmas at t = linspace(999, 0, n), then 0."""
     if n < 1:
         raise ScheduleError(f"the number of sampling steps must be at least 1, got {n}")
-    t = torch.linspace(sigmas.shape[0] - 1, 0, n, device=sigmas.device)
-    return append_zero(t_to_sigma(t, sigmas))
+    t = linspace32(sigmas.shape[0] - 1, 0, n).to(sigmas.device)
+    return append_zero(t_to_sigma(t, sigmas, log_sigmas))
+
+
+def linspace32(start: float, end: float, n: int) -> torch.Tensor:
+    """float32 ``torch.linspace(start, end, n)`` as torch's vectorized CPU kernel (AVX2 / AVX-512) gives it, on
+    any machine: step = (end - start) / (n - 1) in float32, then ``start + step * i`` for the first n // 2 values
+    and ``end - step * (n - 1 - i)`` for the rest, each one fused multiply-add (exact in float64, rounded once).
+    torch's scalar kernel (CPUs without AVX2) rounds twice and differs in the last bit for many n (12, 16, ...).
+    """
+    if n == 1:
+        return torch.tensor([start], dtype=torch.float32)
+    start32, end32 = np.float32(start), np.float32(end)
+    step = np.float64((end32 - start32) / np.float32(n - 1))
+    i = np.arange(n, dtype=np.float64)
+    t = np.where(i < n // 2, np.float64(start32) + step * i, np.float64(end32) - step * (n - 1 - i))
+    return torch.from_numpy(t.astype(np.float32))
 
 
 def get_sigmas_karras(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0,
@@ -157,7 +198,7 @@ def get_sigmas_karras(n: int, sigma_min: float, sigma_max: float, rho: float = 7
         raise ScheduleError(f"the number of sampling steps must be at least 1, got {n}")
     if not 0 < sigma_min <= sigma_max:
         raise ScheduleError(f"Karras sigmas need 0 < sigma_min <= sigma_max, got {sigma_min}, {sigma_max}")
-    ramp = torch.linspace(0, 1, n)
+    ramp = linspace32(0, 1, n)
     min_inv_rho = sigma_min ** (1 / rho)
     max_inv_rho = sigma_max ** (1 / rho)
     sigmas = (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
@@ -171,6 +212,12 @@ def _sgm_sigmas_at(alphas_cumprod: torch.Tensor) -> torch.Tensor:
     """``to_torch((1 - ac) / ac) ** 0.5``: the ratio in the schedule's own (float64) dtype, sqrt in float32."""
     acp = alphas_cumprod.detach().cpu()
     return ((1 - acp) / acp).to(torch.float32) ** 0.5
+
+
+def _sgm_training_sigmas(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """All 1000 sgm sigmas, ascending: pinned for the linear schedule, else computed."""
+    table = pinned.sgm_sigmas(alphas_cumprod)
+    return table if table is not None else _sgm_sigmas_at(alphas_cumprod)
 
 
 def sgm_timesteps(n: int, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> torch.Tensor:
@@ -190,12 +237,12 @@ def sgm_sigmas(alphas_cumprod: torch.Tensor, n: int) -> torch.Tensor:
     the float32 buffer.
     """
     t = sgm_timesteps(n, alphas_cumprod.shape[0])
-    return append_zero(_sgm_sigmas_at(alphas_cumprod[t]))
+    return append_zero(_sgm_training_sigmas(alphas_cumprod)[t])  # element-wise: the same as sgm's subset
 
 
 def sgm_training_sigmas(alphas_cumprod: torch.Tensor) -> torch.Tensor:
     """``DiscreteDenoiser.sigmas``: the 1000 training sigmas, ascending, float32."""
-    return _sgm_sigmas_at(alphas_cumprod)
+    return _sgm_training_sigmas(alphas_cumprod)
 
 
 def sigma_to_idx(sigma: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:

@@ -6,23 +6,33 @@ model: the family's default size, the image-side rule, DDIM's step counts, the i
 a new object and raise ``SettingsError`` naming the field; the CLI turns the field into the flag the user typed
 (``cfg_scale`` -> ``--cfg``).
 
-Defaults are the same for Python and the CLI: DPM++ 2M with Karras sigmas, Euler and Euler a with the uniform
-ones (AUTOMATIC1111's sampler defaults), 20 steps, CFG 7.5, the family's default size, a random seed.
+Defaults are AUTOMATIC1111's UI defaults, the same for Python, the CLI, the page and batch: DPM++ 2M with the
+"Automatic" schedule (Karras sigmas for DPM++ 2M, the uniform ones for Euler and Euler a: A1111's sampler
+defaults), 20 steps, CFG 7, the family's default size, a random seed (``None`` or -1). The HTTP API keeps A1111's
+API defaults for the fields a client omits (``serve/schema.py``).
+
+Names: ``sampler`` takes ours ("dpmpp_2m"), A1111's ("DPM++ 2M", "DPM++ 2M Karras", "Euler a") or its aliases
+("k_euler_a"); ``karras`` takes True / False / None or A1111's schedule type ("Automatic", "Uniform", "Karras").
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import secrets
 import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from tritonsd.sampler import registry
-from tritonsd.sampler import schedule as S
+from tritonsd.sampler import registry, schedule as S
+from tritonsd.sampler.seeds import SEED_RANGE, random_seed
+from tritonsd.prompt.chunks import MAX_PROMPT_TOKENS, PromptTooLongError, tokenize_prompt
+from tritonsd.prompt.parser import PromptSyntaxError, prompt_schedule
+from tritonsd.prompt.tokenizer import get_tokenizer
+from tritonsd.escape import escape
+from tritonsd.lora.apply import LoraError, parse_lora_tags
+from tritonsd.sampler.infotext_parse import generation_settings
 
 MAX_STEPS = 1000
 MAX_BATCH = 64
@@ -31,9 +41,9 @@ MAX_CFG_SCALE = 100.0  # AUTOMATIC1111's slider stops at 30; far past it the lat
 MAX_ETA = 1.0  # DDIM's eta: past 1 the step's noise term takes the square root of a negative number
 RNG_SOURCES = ("nv", "gpu", "cpu")
 PROMPT_SYNTAXES = ("a1111", "original")
-SEED_RANGE = 2 ** 64  # torch.Generator.manual_seed takes [0, 2**64); image i uses seed + i
-RANDOM_SEEDS = 2 ** 32  # a random seed is drawn from AUTOMATIC1111's range
 VAE_FACTOR_MULTIPLE = 8  # every released VAE: pixels per latent cell
+DEFAULT_CFG = 7.0  # AUTOMATIC1111's UI default (and its API's)
+DEFAULT_STEPS = 20  # AUTOMATIC1111's UI default (its API's is 50: serve/schema.py)
 
 
 class SettingsError(ValueError):
@@ -50,11 +60,11 @@ class GenerationSettings:
     prompt: str = ""
     negative_prompt: str = ""
     sampler: str = registry.DEFAULT_SAMPLER
-    karras: bool | None = None  # None: the sampler's default schedule (Karras for dpmpp_2m only)
-    steps: int = 20
-    cfg_scale: float = 7.5
-    seed: int | None = None  # None: random, drawn once by check()
-    eta: float = 0.0  # DDIM's
+    karras: bool | None = None  # None: the sampler's default schedule (its registry spec's ``karras``)
+    steps: int = DEFAULT_STEPS
+    cfg_scale: float = DEFAULT_CFG
+    seed: int | None = None  # None or -1: random, drawn once by check()
+    eta: float = 0.0  # for the samplers that take it (``takes_eta``: DDIM); 0 for the others
     width: int | None = None  # None: the init image's, else the other side, else the family's default
     height: int | None = None
     batch_size: int = 1
@@ -78,12 +88,7 @@ class GenerationSettings:
             raise SettingsError("prompt", f"must be a string, got {type(self.prompt).__name__}")
         if not isinstance(self.negative_prompt, str):
             raise SettingsError("negative_prompt", f"must be a string, got {type(self.negative_prompt).__name__}")
-        try:
-            spec = registry.get(self.sampler)
-        except registry.UnknownSamplerError:
-            raise SettingsError("sampler", f"{self.sampler!r} is unknown; choose one of "
-                                           f"{', '.join(registry.SAMPLERS)}") from None
-        _flag("karras", self.karras, allow_none=True)
+        spec, karras = _sampler(self.sampler, self.karras)
         _flag("use_graphs", self.use_graphs)
         _flag("pad_cond_uncond", self.pad_cond_uncond)
         _choice("rng", self.rng, RNG_SOURCES)
@@ -93,13 +98,12 @@ class GenerationSettings:
         subseed_strength = _real("subseed_strength", self.subseed_strength, 0.0, 1.0)
         steps = _integer("steps", self.steps, 1, MAX_STEPS)
         batch = _integer("batch_size", self.batch_size, 1, MAX_BATCH)
-        seed = secrets.randbelow(RANDOM_SEEDS) if self.seed is None else _integer("seed", self.seed, 0,
-                                                                                      SEED_RANGE - batch)
+        seed = random_seed() if _is_random(self.seed) else _integer("seed", self.seed, 0, SEED_RANGE - batch)
         cfg_scale = _real("cfg_scale", self.cfg_scale, 0.0, MAX_CFG_SCALE)
         eta = _real("eta", self.eta, 0.0, MAX_ETA)
-        if eta != 0 and self.sampler != "ddim":
-            raise SettingsError("eta", f"applies to ddim only ({self.sampler} needs 0; euler_a always uses "
-                                       f"ancestral eta 1), got {eta:g}")
+        if eta != 0 and not spec.takes_eta:
+            raise SettingsError("eta", f"applies to {_names(lambda s: s.takes_eta)} only ({spec.name} needs 0; "
+                                       f"{_names(lambda s: s.stochastic)} always uses ancestral eta 1), got {eta:g}")
         strength = _real("strength", self.strength, 0.0, 1.0)
         for name in ("prompt", "negative_prompt"):
             check_prompt(name, getattr(self, name), steps, self.prompt_syntax)
@@ -125,7 +129,7 @@ class GenerationSettings:
             width, height = int(w), int(h)
         elif (width is None) != (height is None):
             width = height = width or height  # one side given: a square image
-        return dataclasses.replace(self, karras=self.karras, steps=steps, batch_size=batch, seed=seed,
+        return dataclasses.replace(self, karras=karras, steps=steps, batch_size=batch, seed=seed,
                                    cfg_scale=cfg_scale, eta=eta, strength=strength, init_image=init_image,
                                    mask=mask, width=width, height=height, clip_skip=clip_skip, subseed=subseed,
                                    subseed_strength=subseed_strength, sampler=spec.name)
@@ -160,6 +164,36 @@ class GenerationSettings:
         return "img2img" if self.mask is None else "inpaint"
 
 
+def _is_random(seed) -> bool:
+    """None or -1 (AUTOMATIC1111's "random"), as every door reads a seed."""
+    return seed is None or (isinstance(seed, (int, np.integer)) and not isinstance(seed, bool) and seed == -1)
+
+
+def _sampler(name, karras) -> tuple[registry.SamplerSpec, bool | None]:
+    """(spec, karras) from any sampler name (``registry.resolve_name``) and ``karras`` as a bool, None or an
+    A1111 schedule type; a combined name's " Karras" applies unless ``karras`` says otherwise."""
+    if not isinstance(name, str):
+        raise SettingsError("sampler", f"must be a string, got {name!r}")
+    if isinstance(karras, str):
+        try:
+            karras = registry.schedule_karras(karras)
+        except registry.UnknownSamplerError as e:
+            raise SettingsError("karras", str(e)) from None
+    _flag("karras", karras, allow_none=True)
+    try:
+        ours, named_karras = registry.resolve_name(name)
+    except registry.UnknownSamplerError:
+        choices = ", ".join(f"{s.name} ({s.a1111_name})" for s in registry.SAMPLERS.values())
+        raise SettingsError("sampler", f"{name!r} is unknown; choose one of {choices}") from None
+    return registry.get(ours), named_karras if karras is None else karras
+
+
+def _names(has) -> str:
+    """The registry's samplers with a property, for messages: "a", "a and b"."""
+    names = [spec.name for spec in registry.SAMPLERS.values() if has(spec)]
+    return " and ".join(names)
+
+
 # ---------------------------------------------------------------- prompts
 
 
@@ -170,9 +204,6 @@ def check_prompt(name: str, text: str, steps: int, syntax: str) -> None:
     """A prompt the encoders can take, checked without a model: UTF-8 text without NUL, at most the prompt limit
     (``MAX_PROMPT_TOKENS`` after parsing, for every text of its editing schedule; embedding names count as the
     tokens they spell) and valid syntax. Errors give the count and a short excerpt, never the prompt itself."""
-    from tritonsd.prompt.chunks import MAX_PROMPT_TOKENS, PromptTooLongError, tokenize_prompt
-    from tritonsd.prompt.parser import PromptSyntaxError, prompt_schedule
-    from tritonsd.prompt.tokenizer import get_tokenizer
 
     if "\x00" in text:
         raise SettingsError(name, f"holds a NUL character ({_excerpt(text)})")
@@ -197,8 +228,6 @@ def check_prompt(name: str, text: str, steps: int, syntax: str) -> None:
 def _check_lora_tags(name: str, text: str) -> None:
     """The prompt's ``<lora:name:w>`` tags well formed, their multipliers in range (the files are looked up when
     the model applies them)."""
-    from tritonsd.lora.apply import LoraError, parse_lora_tags
-
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # unknown extra-network types: the pipeline warns when it runs
@@ -209,7 +238,6 @@ def _check_lora_tags(name: str, text: str) -> None:
 
 def _excerpt(text: str, limit: int = 40) -> str:
     """The first characters of untrusted text, control characters escaped."""
-    from tritonsd.escape import escape
 
     return f'"{escape(text, limit)}"'
 
@@ -225,7 +253,6 @@ def fields_from_infotext(text: str) -> tuple[dict, list[str]]:
     """(GenerationSettings fields, notes) from an AUTOMATIC1111 ``parameters`` text: prompt, negative prompt,
     steps, sampler and schedule type, CFG scale, seed, size, clip skip, RNG and variation seed. Unknown keys are
     ignored; each malformed value is left out with one note line; an unknown sampler is a ``SettingsError``."""
-    from tritonsd.sampler.infotext_parse import generation_settings
 
     parsed = generation_settings(text)
     fields = {k: parsed[k] for k in INFOTEXT_FIELDS if k in parsed}

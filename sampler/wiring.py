@@ -8,10 +8,10 @@ One function each, so the Pipeline, the parity checks and the benchmarks build t
 * ``make_schedule``: a ``DDIMSchedule`` (DDIM, PLMS) or descending sigmas ending in 0: k-diffusion's
   ``get_sigmas`` / Karras for SD1/2, sgm's ``LegacyDDPMDiscretization`` / Karras (between the training sigma
   extremes) for SDXL.
-* ``build_denoiser(unet, config, spec, cfg_scale)``: ``CFGDenoiser`` around the sigma-space wrapper
-  (k-diffusion combines denoised x0), or ``EpsFromV`` / ``EpsPrediction`` around ``CFGDenoiser(UNetOutput)``
-  for DDIM / PLMS (the original combines the raw output). PLMS on v models converts v too: the original
-  PLMSSampler would misread v as eps.
+* ``build_denoiser(unet, config, spec, cfg_scale, schedule, device)``: ``CFGDenoiser`` around the sigma-space
+  wrapper (k-diffusion combines denoised x0), prepared with the schedule's per-step tables, or ``EpsFromV`` /
+  ``EpsPrediction`` around ``CFGDenoiser(UNetOutput)`` for DDIM / PLMS (the original combines the raw output).
+  PLMS on v models converts v too: the original PLMSSampler would misread v as eps.
 * ``txt2img_start`` / ``img2img_start``: the first latent from unit noise (and the init latent).
 
 img2img (``strength`` s, n steps, ``t_enc = int(s * n)``):
@@ -45,13 +45,16 @@ def alphas_cumprod64(config) -> torch.Tensor:
 
 
 def sigma_denoiser(unet: Callable, config):
-    """The sigma-space wrapper: sgm's quantising eps denoiser (SDXL) or k-diffusion's CompVis(V)Denoiser."""
+    """The sigma-space wrapper: sgm's quantising eps denoiser (SDXL) or k-diffusion's CompVis(V)Denoiser; it
+    knows the UNet's embedding width, so that ``prepare`` tabulates the timestep sinusoid (for a UNet callable
+    that takes ``t_emb``)."""
+    dim = config.unet.model_channels
     if config.family == "sdxl":
         if config.parameterization != "eps":
             raise WiringError("SDXL v-prediction models are not supported")
-        return D.SGMEpsDenoiser(unet, alphas_cumprod64(config))
+        return D.SGMEpsDenoiser(unet, alphas_cumprod64(config), embedding_dim=dim)
     wrapper = D.VDenoiser if config.parameterization == "v" else D.EpsDenoiser
-    return wrapper(unet, config.alphas_cumprod)
+    return wrapper(unet, config.alphas_cumprod, embedding_dim=dim)
 
 
 def timestep_model(unet: Callable, config, cfg_scale: float):
@@ -62,11 +65,14 @@ def timestep_model(unet: Callable, config, cfg_scale: float):
     return D.EpsPrediction(raw)
 
 
-def build_denoiser(unet: Callable, config, spec: SamplerSpec, cfg_scale: float):
-    """What ``spec.fn`` calls: the guided denoiser of its space."""
+def build_denoiser(unet: Callable, config, spec: SamplerSpec, cfg_scale: float, schedule=None,
+                   device: str | torch.device | None = None):
+    """What ``spec.fn`` calls: the guided denoiser of its space; given the sigma ``schedule`` the loop will run
+    (and the latents' ``device``), prepared with its per-step tables (``denoise.prepare``)."""
     if spec.space == "timesteps":  # SDXL too (as AUTOMATIC1111 offers it; sgm itself has no DDIM)
         return timestep_model(unet, config, cfg_scale)
-    return D.CFGDenoiser(sigma_denoiser(unet, config), cfg_scale)
+    den = D.CFGDenoiser(sigma_denoiser(unet, config), cfg_scale)
+    return den if schedule is None else D.prepare(den, schedule, device)
 
 
 def make_schedule(config, spec: SamplerSpec, steps: int, karras: bool = False, eta: float = 0.0):

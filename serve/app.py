@@ -29,11 +29,13 @@ from tritonsd.serve import jobs, limits
 from tritonsd.serve.catalog import Catalog
 from tritonsd.serve.errors import ApiError, BadRequest, TooLarge, error_body, printable
 from tritonsd.serve.guard import HostGuard, allowed_hosts
-from tritonsd.serve.host import ModelHost
+from tritonsd.serve.host import ModelHost, ModelKey
 from tritonsd.serve.images import decode_image, text_items
 from tritonsd.serve.jobs import Options
 from tritonsd.serve.schema import Img2ImgRequest, PNGInfoRequest, Txt2ImgRequest
 from tritonsd.serve.worker import Worker
+from tritonsd.sampler.infotext_parse import parse_infotext
+from tritonsd.sampler.registry import SAMPLERS
 
 log = logging.getLogger("tritonsd.serve")
 STATIC = Path(__file__).parent / "static"
@@ -47,6 +49,7 @@ class ServerState:
     worker: Worker
     options: Options = field(default_factory=Options)
     credentials: dict[str, str] = field(default_factory=dict)  # --api-auth user -> password
+    ignore_unsupported: bool = False  # --ignore-unsupported: unimplemented fields listed, not refused
     allowed_hosts: set[str] | None = field(default_factory=lambda: allowed_hosts(None))  # None: any Host
     body_timeout_s: float = limits.BODY_IDLE_TIMEOUT_S  # the longest pause inside a request body
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -261,7 +264,7 @@ def create_app(state: ServerState) -> FastAPI:
     async def generate(request: Request, model, mode: str):
         req = await read_model(request, model)
         plan = await run_in_threadpool(jobs.build_plan, req, mode, options=state.options, catalog=state.catalog,
-                                       host=state.host)
+                                       host=state.host, ignore_unsupported=state.ignore_unsupported)
         return await run_job(jobs.generation_job(plan), request)
 
     @app.post("/sdapi/v1/txt2img", openapi_extra=body_schema(Txt2ImgRequest))
@@ -294,12 +297,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.get("/sdapi/v1/samplers")
     def samplers():
-        from tritonsd.sampler.registry import SAMPLERS
-
-        aliases = {}
-        for alias, name in jobs.SAMPLER_ALIASES.items():
-            aliases.setdefault(name, []).append(alias)
-        return [{"name": s.a1111_name, "aliases": aliases.get(s.a1111_name, []),
+        return [{"name": s.a1111_name, "aliases": list(s.a1111_aliases),
                  "options": {"scheduler": "karras"} if s.karras else {}} for s in SAMPLERS.values()]
 
     @app.get("/sdapi/v1/schedulers")
@@ -373,8 +371,6 @@ def create_app(state: ServerState) -> FastAPI:
 def png_info_sync(req: PNGInfoRequest) -> dict:
     """A1111's png-info: the ``parameters`` text, the other text chunks, and the text parsed (in one pass, capped:
     ``infotext_parse``)."""
-    from tritonsd.sampler.infotext_parse import parse_infotext
-
     image = decode_image("image", req.image)
     geninfo = image.info.get("parameters")
     geninfo = geninfo if isinstance(geninfo, str) else ""
@@ -422,7 +418,6 @@ async def _maybe_switch(state: ServerState, req: dict, run_job) -> None:
     """Queue a switch when the checkpoint or the VAE changes; answers once the new model is loaded."""
     if "sd_model_checkpoint" not in req and "sd_vae" not in req:
         return None
-    from tritonsd.serve.host import ModelKey
 
     ckpt = (state.catalog.find_checkpoint(req["sd_model_checkpoint"]).path if "sd_model_checkpoint" in req
             else state.host.default.checkpoint)

@@ -22,8 +22,14 @@ import threading
 import time
 from pathlib import Path
 
-from tritonsd.bench import environment
+import torch
 
+from tritonsd.bench import environment
+from tritonsd.bench.random_weights import build_random_model
+from tritonsd.devices import default_dtype, dtype_name, resolve_device, resolve_dtype
+from tritonsd.load_spec import LoadSpec
+from tritonsd.pipeline import Pipeline, load_spec
+from tritonsd.serve import build_state, create_app
 
 
 def _free_port() -> int:
@@ -33,21 +39,14 @@ def _free_port() -> int:
 
 
 def _pipeline(name: str, dtype: str, device: str):
-    import tritonsd
-    from tritonsd.devices import resolve_dtype
-    from tritonsd.model.random_weights import build_random_model
-    from tritonsd.pipeline import Pipeline
-
     if name.startswith("demo:"):
-        return tritonsd.load(name, device=device, dtype=dtype)
+        return load_spec(LoadSpec(name, device=device, dtype=dtype))
     model = build_random_model(name, dtype=resolve_dtype(dtype), device=device, seed=0)
     return Pipeline(model, name=f"{name}-random", model_hash="0000000000")
 
 
 def _serve(state):
     import uvicorn
-
-    from tritonsd.serve import create_app
 
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(state), host="127.0.0.1", port=port, log_level="warning"))
@@ -100,12 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, default=None, help="output file (default: benchmarks/results/serve-...json)")
     args = p.parse_args(argv)
 
-    import torch
-
-    from tritonsd.serve import build_state
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = args.dtype or ("fp16" if device.startswith("cuda") else "fp32")
+    device = str(resolve_device(args.device))
+    dtype = dtype_name(args.dtype) if args.dtype else default_dtype(device)
     pipe = _pipeline(args.model, dtype, device)
     label = args.model if args.model.startswith("demo:") else f"demo:{args.model}-random"
     state = build_state(label, pipe=pipe)

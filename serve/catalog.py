@@ -10,6 +10,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tritonsd.serve.errors import NotFound, printable
+from tritonsd.formats.hashes import sha256_file
+from tritonsd.formats.checkpoint import CheckpointError, validate_safetensors_header
+from tritonsd.formats.embeddings import EmbeddingError, embedding_files, load_embedding_file
+from tritonsd.lora.apply import lora_names
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 VAE_SUFFIXES = (".safetensors", ".pt", ".ckpt")
@@ -46,8 +50,6 @@ class Checkpoint:
     def hash_now(self) -> None:
         """Compute the sha256 (seconds for a multi-GB file; done in the background at start)."""
         if self._sha256 is None and not self.is_demo:
-            from tritonsd.formats.hashes import sha256_file
-
             self._sha256 = sha256_file(self.path)
 
     def aliases(self) -> set[str]:
@@ -170,8 +172,6 @@ class Catalog:
         """A1111's ``/sdapi/v1/loras`` rows (the built-in Lora extension's): exactly the names ``<lora:name>``
         resolves (``lora.apply.lora_names``: one ``.safetensors`` file per name), whose header reads as a
         safetensors header; checked once per file version."""
-        from tritonsd.lora.apply import lora_names
-
         if self.lora_dir is None or not Path(self.lora_dir).is_dir():
             return []
         out = []
@@ -183,8 +183,6 @@ class Catalog:
 
     @staticmethod
     def _lora_row(name: str, p: Path) -> dict | None:
-        from tritonsd.formats.checkpoint import CheckpointError, validate_safetensors_header
-
         try:
             validate_safetensors_header(p)
         except (CheckpointError, OSError):
@@ -211,7 +209,6 @@ class Catalog:
         """A1111's ``/sdapi/v1/embeddings``: every readable file under ``loaded``, unreadable ones under
         ``skipped`` (whether a width fits the model is checked when a prompt uses it). A file is read once per
         version (size, mtime), not on every call."""
-        from tritonsd.formats.embeddings import embedding_files
 
         loaded, skipped = {}, {}
         if self.embeddings_dir is None or not Path(self.embeddings_dir).is_dir():
@@ -226,8 +223,6 @@ class Catalog:
 
     @staticmethod
     def _embedding_row(p: Path) -> tuple[str, dict, bool]:
-        from tritonsd.formats.embeddings import EmbeddingError, load_embedding_file
-
         try:
             e = load_embedding_file(p)
         except (EmbeddingError, OSError, ValueError, RuntimeError):

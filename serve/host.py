@@ -3,26 +3,17 @@ switched to another checkpoint or VAE only when a job asks for one. Used only fr
 
 from __future__ import annotations
 
+import dataclasses
 import gc
-import inspect
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from tritonsd.load_spec import LoadSpec
+from tritonsd.pipeline import load_spec
 from tritonsd.serve.catalog import Catalog, Checkpoint
+from tritonsd.serve.errors import NotFound
 
 log = logging.getLogger("tritonsd.serve")
-
-
-@dataclass
-class LoadOptions:
-    """What ``tritonsd.load`` gets for every checkpoint the server loads."""
-
-    device: str | None = None
-    dtype: str | None = None
-    kernels: str = "auto"
-    text_heads: int | None = None
-    parameterization: str | None = None
-    extra: dict = field(default_factory=dict)  # lora_dir, embeddings_dir (when the Pipeline takes them)
 
 
 @dataclass(frozen=True)
@@ -32,9 +23,13 @@ class ModelKey:
 
 
 class ModelHost:
-    def __init__(self, catalog: Catalog, options: LoadOptions, pipe=None):
+    """The loaded Pipeline. ``spec``: the server's ``LoadSpec`` (the main checkpoint's); every checkpoint it
+    switches to is loaded with the same device, dtype, kernels, text heads, parameterization, LoRA and embeddings
+    folders, its own YAML and the job's VAE."""
+
+    def __init__(self, catalog: Catalog, spec: LoadSpec, pipe=None):
         self.catalog = catalog
-        self.options = options
+        self.spec = spec
         self.pipe = pipe  # a Pipeline given ready (tests, benchmarks) stands for the main checkpoint
         self.key: ModelKey | None = ModelKey(catalog.main.path) if pipe is not None else None
         self.default = ModelKey(catalog.main.path)  # what jobs without an override run on (POST /options)
@@ -50,26 +45,19 @@ class ModelHost:
             return self.pipe
         ckpt = next((c for c in self.catalog.checkpoints if c.path == key.checkpoint), None)
         if ckpt is None:
-            from tritonsd.serve.errors import NotFound
-
             raise NotFound("the requested model is no longer in the models folder")
         self.pipe, self.key = None, None
         gc.collect()
         _empty_cuda_cache()
         log.info("loading %s%s", ckpt.name, f" with VAE {key.vae}" if key.vae else "")
-        self.pipe = load_pipeline(ckpt, key.vae, self.options)
+        self.pipe = load_pipeline(ckpt, key.vae, self.spec)
         self.key = key
         return self.pipe
 
 
-def load_pipeline(ckpt: Checkpoint, vae: str | None, options: LoadOptions):
-    import tritonsd
-
-    kwargs = dict(config=ckpt.config, device=options.device, dtype=options.dtype, kernels=options.kernels,
-                  vae=vae, text_heads=options.text_heads, parameterization=options.parameterization)
-    accepted = inspect.signature(tritonsd.load).parameters
-    kwargs.update({k: v for k, v in options.extra.items() if k in accepted and v is not None})
-    return tritonsd.load(ckpt.path, **kwargs)
+def load_pipeline(ckpt: Checkpoint, vae: str | None, spec: LoadSpec):
+    """``ckpt`` (with its YAML) and ``vae`` loaded as ``spec`` says for the rest."""
+    return load_spec(dataclasses.replace(spec, path=ckpt.path, config=ckpt.config, vae=vae))
 
 
 def _empty_cuda_cache() -> None:

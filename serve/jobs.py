@@ -3,9 +3,10 @@ worker (on the device): the same GenerationSettings ``pipe(...)`` would get, so 
 
 Mapping (A1111 field -> GenerationSettings): sampler_name / sampler_index + scheduler -> sampler, karras
 (``registry.from_a1111_name``: v1.10's names with "Automatic" / "Uniform" / "Karras" schedules, the older
-combined "DPM++ 2M Karras", and A1111's ``k_`` aliases); seed / subseed -1 -> random; subseed_strength; steps,
-cfg_scale, width, height, batch_size; n_iter -> one generation per iteration with the seeds counting on;
-denoising_strength -> strength; eta -> DDIM's eta (Euler a always runs A1111's ancestral eta 1);
+combined "DPM++ 2M Karras", and A1111's ``k_`` aliases, ``registry.from_a1111_alias``); seed / subseed -1 ->
+random; subseed_strength; steps, cfg_scale, width, height, batch_size; n_iter -> one generation per iteration
+with the seeds counting on; denoising_strength -> strength; eta -> the eta of a sampler that takes one (DDIM;
+an ancestral sampler, Euler a, always runs A1111's ancestral eta 1);
 ``infotext`` fills the fields the request did not send (A1111 v1.10's ``apply_infotext``);
 override_settings / options: CLIP_stop_at_last_layers -> clip_skip, randn_source -> rng ("GPU" and "NV" -> nv,
 the same numbers on any device; "CPU" -> cpu), sd_model_checkpoint and sd_vae -> the model the job runs on.
@@ -16,20 +17,22 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import random
 from dataclasses import dataclass, field
 
+from tritonsd.sampler.seeds import random_seed
 from tritonsd.serve import inpaint, limits
 from tritonsd.serve.errors import ApiError, BadRequest, NotFound, printable
 from tritonsd.serve.host import ModelKey
 from tritonsd.serve.images import decode_image, png_b64
-from tritonsd.serve.schema import IMG2IMG_FIELDS, TXT2IMG_FIELDS, apply_infotext, ignored_fields, parameters, value
+from tritonsd.serve.schema import (IMG2IMG_FIELDS, TXT2IMG_FIELDS, apply_infotext, ignored_fields, infotext_unsupported,
+    parameters, unsupported_fields, value)
 from tritonsd.serve.worker import Interrupted, Job
+from tritonsd.sampler.registry import UnknownSamplerError, resolve_name
+from tritonsd.sampler import registry
+from tritonsd.sampler.settings import MAX_BATCH, GenerationSettings
 
 log = logging.getLogger("tritonsd.serve")
 
-SAMPLER_ALIASES = {"k_dpmpp_2m": "DPM++ 2M", "k_euler_a": "Euler a", "k_euler_ancestral": "Euler a",
-                   "k_euler": "Euler", "ddim": "DDIM", "plms": "PLMS"}
 RNG_SOURCES = {"GPU": "nv", "NV": "nv", "CPU": "cpu"}
 OVERRIDES_USED = ("sd_model_checkpoint", "sd_vae", "CLIP_stop_at_last_layers", "randn_source", "eta_ddim")
 MAX_MASK_BLUR = 64  # A1111's slider maximum
@@ -66,26 +69,21 @@ class Plan:
 
 
 def _fixed_seed(name: str, v) -> int:
-    """A1111's ``get_fixed_seed``: -1 (or null) draws one in [0, 4294967294)."""
+    """A1111's ``get_fixed_seed``: -1 (or null) draws one (``random_seed``: A1111's range)."""
     if v is None or v == -1:
-        return random.randrange(4294967294)
+        return random_seed()
     if isinstance(v, bool) or not isinstance(v, int) or v < 0:
         raise BadRequest(f"{name} must be -1 (random) or a non-negative integer, got {printable(v)}")
     return v
 
 
 def _sampler(name, schedule) -> tuple[str, bool | None]:
-    from tritonsd.sampler.registry import UnknownSamplerError, from_a1111_name
-
-    name = SAMPLER_ALIASES.get(name.strip().lower(), name) if isinstance(name, str) else name
     if not isinstance(name, str):
         raise BadRequest(f"sampler_name must be a string, got {printable(name)}")
     if schedule is not None and not isinstance(schedule, str):
         raise BadRequest(f"scheduler must be a string, got {printable(schedule)}")
-    if name.strip().endswith(" Karras") and (schedule is None or schedule.strip().lower() in ("", "automatic")):
-        schedule = None  # an old combined name keeps its schedule under "Automatic" (A1111's get_sampler_and_scheduler)
     try:
-        return from_a1111_name(name, schedule)
+        return resolve_name(name, schedule)  # the one reading of a sampler name, every door's
     except UnknownSamplerError as e:
         raise NotFound(f"Sampler not found: {printable(e)}", "SamplerNotFound") from None
 
@@ -134,8 +132,6 @@ def _overrides(req, options: Options, catalog, host) -> tuple[ModelKey, int, str
 def _check_size_first(v, host) -> None:
     """Sides and batch checked, and the memory they need, before any image is decoded or resized (img2img
     resizes the init image to the requested size: a 69-byte PNG asked to become 8192x8192 must cost nothing)."""
-    from tritonsd.sampler.settings import MAX_BATCH
-
     sides = {"width": v("width"), "height": v("height")}
     for name, side in sides.items():
         if isinstance(side, bool) or not isinstance(side, int) or not 8 <= side <= limits.MAX_SIDE:
@@ -148,7 +144,7 @@ def _check_size_first(v, host) -> None:
 
 def _check_memory(batch: int, width: int, height: int, host) -> None:
     pipe = host.pipe
-    device = pipe.device if pipe is not None else (host.options.device or "cpu")
+    device = pipe.device if pipe is not None else (host.spec.device or "cpu")
     dtype_bytes = pipe.dtype.itemsize if pipe is not None else 2
     limits.check_memory(batch, width, height, device, dtype_bytes)
 
@@ -167,24 +163,30 @@ def _log_ignored(names: list[str], table: dict) -> None:
         log.info("a request sent %d keys that are not A1111 fields (ignored)", unknown)
 
 
-def build_plan(req, mode: str, *, options: Options, catalog, host) -> Plan:
-    """Everything checked that can be checked without the device; raises ApiError / SettingsError."""
-    from tritonsd.sampler.settings import GenerationSettings
+def build_plan(req, mode: str, *, options: Options, catalog, host, ignore_unsupported: bool = False) -> Plan:
+    """Everything checked that can be checked without the device; raises ApiError / SettingsError. Fields that ask
+    for what is not implemented are a 422 naming them, unless ``ignore_unsupported`` (then they are listed in the
+    response's ``ignored_fields`` and the log)."""
 
     table = TXT2IMG_FIELDS if mode == "txt2img" else IMG2IMG_FIELDS
+    unsupported = unsupported_fields(req, table) + infotext_unsupported(req)
     req, infotext_notes = apply_infotext(req)
     v = lambda name: value(req, name, table)  # noqa: E731
     sampler, karras = _sampler(req.sampler_name or v("sampler_index"), req.scheduler)
     key, clip_skip, rng, eta_ddim, unused = _overrides(req, options, catalog, host)
-    ignored = ignored_fields(req, table) + unused
     notes: list[str] = list(infotext_notes)
-    eta = req.eta
-    if sampler == "ddim":
+    eta, spec = req.eta, registry.get(sampler)
+    if spec.takes_eta:
         eta = eta_ddim if eta is None else eta
     else:
-        if sampler == "euler_a" and eta not in (None, 1, 1.0):
-            ignored.append("eta")
+        if spec.stochastic and eta not in (None, 1, 1.0):  # its ancestral eta is A1111's fixed 1
+            unsupported.append("eta")
         eta = 0.0
+    if unsupported and not ignore_unsupported:
+        raise BadRequest(f"not implemented by tritonsd, and the image would differ from A1111's: "
+                         f"{', '.join(printable(n) for n in unsupported)} (leave them out, or start the server "
+                         "with --ignore-unsupported)", "UnsupportedFields")
+    ignored = ignored_fields(req, table) + unused + unsupported
     seed = _fixed_seed("seed", req.seed)
     subseed = _fixed_seed("subseed", req.subseed)
     strength = v("subseed_strength")
@@ -307,8 +309,8 @@ def _generate(pipe, s, worker) -> list:
 
 def respond(plan: Plan, pipe, s, images: list, infotexts: list[str], notes: list[str]) -> dict:
     """A1111's ``TextToImageResponse`` / ``ImageToImageResponse``."""
-    from tritonsd.sampler import registry
 
+    spec = registry.get(s.sampler)
     n = len(images)
     all_seeds = [s.seed + i for i in range(n)] or [s.seed]
     all_subseeds = [plan.subseed + i for i in range(n)] or [plan.subseed]
@@ -318,8 +320,7 @@ def respond(plan: Plan, pipe, s, images: list, infotexts: list[str], notes: list
         "negative_prompt": s.negative_prompt, "all_negative_prompts": [s.negative_prompt] * max(n, 1),
         "seed": s.seed, "all_seeds": all_seeds, "subseed": plan.subseed, "all_subseeds": all_subseeds,
         "subseed_strength": s.subseed_strength, "width": s.width, "height": s.height,
-        "sampler_name": registry.get(s.sampler).a1111_name,
-        "scheduler": registry.get(s.sampler).a1111_schedule(bool(s.karras)) or "Automatic",
+        "sampler_name": spec.a1111_name, "scheduler": spec.a1111_schedule(bool(s.karras)) or "Automatic",
         "cfg_scale": s.cfg_scale, "steps": s.steps, "batch_size": s.batch_size,
         "restore_faces": None, "face_restoration_model": None,
         "sd_model_name": pipe.name, "sd_model_hash": pipe.model_hash,

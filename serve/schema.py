@@ -1,10 +1,13 @@
 """A1111's request and response bodies (v1.10 ``modules/api/models.py``): the same field names and the same API
 defaults (``StableDiffusionProcessing``'s: 50 steps, CFG 7, 512x512, sampler "Euler", seed -1), not the CLI's.
 
-Every field is accepted. Each is marked as one the server implements, one that does nothing here by nature
-(``do_not_save_samples``: the server saves nothing), or one it ignores (``restore_faces``, ``enable_hr``,
-``alwayson_scripts``, ...). Ignored fields and unknown keys are named in the response's info (``ignored_fields``)
-when their value would change what A1111 does.
+Each field is marked as one the server implements, one that does nothing here by nature
+(``do_not_save_samples``: the server saves nothing) or one it does not implement (``restore_faces``,
+``script_name``, an ``alwayson_scripts`` entry, ...). A request whose unimplemented fields ask for something (a
+value that would change A1111's image: not a default, ``false``, an empty list, nor what real clients send on
+every call, ``NEUTRAL``) is refused with a 422 naming them (``unsupported_fields``), unless the server runs with
+``--ignore-unsupported``: then they are named in the response's info (``ignored_fields``) and the log. Unknown
+keys ask A1111 for nothing (it drops them): they are named in ``ignored_fields`` only.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import math
 from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
+from tritonsd.sampler.infotext_parse import generation_settings, unsupported_keys
 
 IMPLEMENTED, NOOP, IGNORED = "implemented", "noop", "ignored"
 
@@ -50,12 +54,12 @@ COMMON: dict[str, tuple[Any, Any, str]] = {
     "refiner_switch_at": (Optional[float], None, IGNORED),
     "disable_extra_networks": (Optional[bool], False, IGNORED),
     "firstpass_image": (Optional[str], None, IGNORED),
-    "comments": (Optional[dict[str, Any]], None, IGNORED),
+    "comments": (Optional[dict[str, Any]], None, NOOP),
     "sampler_index": (Optional[str], "Euler", IMPLEMENTED),
     "script_name": (Optional[str], None, IGNORED),
-    "script_args": (Optional[list], [], IGNORED),
+    "script_args": (Optional[list], [], NOOP),
     "send_images": (Optional[bool], True, IMPLEMENTED),
-    "save_images": (Optional[bool], False, IGNORED),
+    "save_images": (Optional[bool], False, NOOP),
     "alwayson_scripts": (Optional[dict[str, Any]], {}, IGNORED),
     "force_task_id": (Optional[str], None, NOOP),
     "infotext": (Optional[str], None, IMPLEMENTED),
@@ -98,7 +102,8 @@ IMG2IMG_ONLY = {
 }
 
 # values that leave A1111's behaviour as with the default: naming them as ignored would only be noise
-NEUTRAL = {"s_noise": (1, 1.0), "s_tmax": (math.inf,), "initial_noise_multiplier": (1, 1.0)}
+# (s_tmax 0 is A1111's "no limit": ``s_tmax or inf``; webuiapi sends it, and eta 1.0, on every call)
+NEUTRAL = {"s_noise": (1, 1.0), "s_tmax": (math.inf, 0), "initial_noise_multiplier": (1, 1.0)}
 
 
 def _model(name: str, table: dict) -> type[BaseModel]:
@@ -123,7 +128,6 @@ def apply_infotext(req: BaseModel) -> tuple[BaseModel, list[str]]:
     ``apply_infotext``; values that do not parse are left out, one note each); (request, notes)."""
     if not req.infotext:
         return req, []
-    from tritonsd.sampler.infotext_parse import generation_settings
 
     parsed = generation_settings(req.infotext)
     sent = req.model_fields_set
@@ -136,7 +140,15 @@ def apply_infotext(req: BaseModel) -> tuple[BaseModel, list[str]]:
             update["denoising_strength"] = float(parsed["extra"]["Denoising strength"])
         except ValueError:
             parsed["notes"].append("infotext field Denoising strength ignored (not a number)")
-    return req.model_copy(update=update), list(parsed["notes"])
+    notes = list(parsed["notes"])
+    return req.model_copy(update=update), notes
+
+
+def infotext_unsupported(req: BaseModel) -> list[str]:
+    """The request's ``infotext`` keys that ask for what is not implemented (``infotext.<key>``)."""
+    if not req.infotext:
+        return []
+    return [f"infotext.{k}" for k in unsupported_keys(generation_settings(req.infotext))]
 
 
 def value(req: BaseModel, name: str, table: dict):
@@ -151,12 +163,22 @@ def _neutral(name: str, v, default) -> bool:
     return isinstance(v, (str, list, dict, int, float)) and not isinstance(v, bool) and not v
 
 
-def ignored_fields(req: BaseModel, table: dict) -> list[str]:
-    """Fields the server ignores that were sent with a value that would change A1111's result, and unknown keys
-    (sorted)."""
-    out = [k for k, (_, d, how) in table.items() if how == IGNORED and not _neutral(k, getattr(req, k), d)]
-    out += [k for k, v in (req.model_extra or {}).items() if not _neutral(k, v, None)]
+def unsupported_fields(req: BaseModel, table: dict) -> list[str]:
+    """Unimplemented fields sent with a value that would change A1111's image (``alwayson_scripts`` entries by
+    name: ``alwayson_scripts.<name>``), sorted."""
+    out = [k for k, (_, d, how) in table.items()
+           if how == IGNORED and k != "alwayson_scripts" and not _neutral(k, getattr(req, k), d)]
+    scripts = getattr(req, "alwayson_scripts", None)
+    if isinstance(scripts, dict):
+        out += [f"alwayson_scripts.{name}" for name, args in scripts.items() if not _neutral(name, args, None)]
+    elif not _neutral("alwayson_scripts", scripts, {}):
+        out.append("alwayson_scripts")
     return sorted(out)
+
+
+def ignored_fields(req: BaseModel, table: dict) -> list[str]:
+    """Unknown keys sent with a value (sorted): A1111 drops them too, so they change nothing."""
+    return sorted(k for k, v in (req.model_extra or {}).items() if not _neutral(k, v, None))
 
 
 def parameters(req: BaseModel, img2img: bool) -> dict:

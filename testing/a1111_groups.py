@@ -25,6 +25,10 @@ from typing import Callable
 import torch
 
 from tritonsd.testing.reference import GroupError
+from tritonsd.prompt.encode import encode_prompts, load_model_embeddings
+from tritonsd.formats.embeddings import embedding_files, EmbeddingError, load_embedding_file, printable
+from tritonsd.lora.apply import recompute_lora_reference
+from tritonsd.sampler.rng import create_generator, ImageRNG, PhiloxGenerator
 
 NV_BOUND = 1e-6  # issue 13: every NV noise tensor within 1e-6
 LORA_BOUND = 1e-5  # issue 14: every merged weight within 1e-5
@@ -235,7 +239,6 @@ def prompts_group(ctx, group: str, keys: list[str]) -> dict[str, torch.Tensor]:
 def _encode_case(ctx, group: str, keys: list[str], embeddings=None):
     """One case: its prompts encoded together, as one forward of A1111's conditioning module; ({name: tensor},
     the ``encode_prompts`` result)."""
-    from tritonsd.prompt.encode import encode_prompts
 
     case = _case(ctx, group)
     kwargs = {"clip_skip": _clip_skip(ctx, case), "embeddings": embeddings, "emphasis": _emphasis(ctx)}
@@ -279,8 +282,6 @@ def embedding_database(ctx):
     """The textual inversions for this model, loaded once per run; files that do not fit are reported once."""
     if "embeddings" in ctx.cache:
         return ctx.cache["embeddings"]
-    from tritonsd.formats.embeddings import EmbeddingError, load_embedding_file, embedding_files
-    from tritonsd.prompt.encode import load_model_embeddings
 
     dirs = embedding_dirs(ctx)
     missing = [d for d in dirs if not d.is_dir()]
@@ -321,7 +322,6 @@ def unet_sizes_group(ctx, group: str, keys: list[str]) -> dict[str, torch.Tensor
 def lora_group(ctx, group: str, keys: list[str]) -> dict[str, torch.Tensor]:
     """The ``merged.<key>`` weights: the checkpoint's weights plus the deltas of the JSON's ``lora_files`` (found
     beside the reference) at their multipliers."""
-    from tritonsd.lora.apply import recompute_lora_reference
 
     base = Path(ctx.reference).parent if ctx.reference is not None else Path(".")
     for entry in ctx.meta.get("lora_files", []):
@@ -366,7 +366,6 @@ def _draws(name: str) -> int:
 
 def philox_group(ctx, group: str, keys: list[str]) -> dict[str, torch.Tensor]:
     """``rng_philox.Generator(seed)``: the k-th ``randn(shape)`` of a fresh generator (shape as stored)."""
-    from tritonsd.sampler.rng import PhiloxGenerator
 
     out = {}
     for name in keys:
@@ -380,7 +379,6 @@ def philox_group(ctx, group: str, keys: list[str]) -> dict[str, torch.Tensor]:
 
 def rng_group(ctx, group: str, keys: list[str]) -> dict[str, torch.Tensor]:
     """``modules.rng.randn(seed, shape)`` and ``randn_without_seed`` (the same generator's next draw)."""
-    from tritonsd.sampler.rng import create_generator
 
     out = {}
     for name in keys:
@@ -400,7 +398,6 @@ def rng_group(ctx, group: str, keys: list[str]) -> dict[str, torch.Tensor]:
 def image_rng_group(ctx, group: str, keys: list[str]) -> dict[str, torch.Tensor]:
     """``ImageRNG(shape, seeds, subseeds, subseed_strength, ...)``: ``.first`` its first ``next()``, ``.next``
     the second (each image's own generator's next draw); arguments from the tensor's JSON entry."""
-    from tritonsd.sampler.rng import ImageRNG
 
     out = {}
     for name in keys:
@@ -440,8 +437,6 @@ def _lora(ctx, group: str, keys: list[str]) -> dict[str, torch.Tensor]:
 
 
 def _safe(text) -> str:
-    from tritonsd.formats.embeddings import printable
-
     return printable(str(text))
 
 

@@ -294,13 +294,13 @@ def _sigma_steps(ctx: Recompute, group: str) -> int:
 
 
 def ddim_group(ctx: Recompute, keys: list[str]) -> dict[str, torch.Tensor]:
-    sched = W.make_schedule(ctx.config, registry.get("ddim"), _ddim_steps(ctx, None))
+    sched = W.make_schedule(ctx.config, registry.get(registry.ORIGINAL_SAMPLER), _ddim_steps(ctx, None))
     return {"ddim.timesteps": sched.timesteps, "ddim.alphas": sched.alphas, "ddim.alphas_prev": sched.alphas_prev}
 
 
 def kdiff_group(ctx: Recompute, keys: list[str]) -> dict[str, torch.Tensor]:
     steps = ctx.steps(ctx.ref["kdiff.sigmas"].shape[0] - 1 if "kdiff.sigmas" in ctx.ref else None, "kdiff.sigmas")
-    spec = registry.get("euler")
+    spec = registry.get(registry.REFERENCE_SIGMA_SAMPLER)
     return {"kdiff.sigmas": W.make_schedule(ctx.config, spec, steps, karras=False),
             "kdiff.sigmas_karras": W.make_schedule(ctx.config, spec, steps, karras=True)}
 
@@ -310,7 +310,8 @@ def sample_group(ctx: Recompute, keys: list[str]) -> dict[str, torch.Tensor]:
     sigmas / timesteps through the wiring)."""
     x_T = ctx.get("sample.x_T")
     settings = ctx.settings(x_T, prompt=str(ctx.meta_value("sample_prompt")),
-                            negative_prompt=str(ctx.meta.get("sample_negative_prompt", "")), sampler="euler",
+                            negative_prompt=str(ctx.meta.get("sample_negative_prompt", "")),
+                            sampler=registry.REFERENCE_SIGMA_SAMPLER,
                             steps=_sigma_steps(ctx, "sample") if ctx.config.family == "sdxl" else 1)
     if ctx.config.family != "sdxl":
         cond = ctx.pipe.encode(settings)
@@ -323,7 +324,7 @@ def sample_group(ctx: Recompute, keys: list[str]) -> dict[str, torch.Tensor]:
         out["sample.crossattn"], out["sample.vector"] = cond.cond["context"], cond.cond["y"]
         out["sample.uc_crossattn"], out["sample.uc_vector"] = cond.uncond["context"], cond.uncond["y"]
     if _wanted(keys, "sample.sigmas", "sample.timesteps"):
-        sigmas = W.make_schedule(ctx.config, registry.get("euler"), settings.steps)
+        sigmas = W.make_schedule(ctx.config, registry.get(settings.sampler), settings.steps)
         out["sample.sigmas"] = sigmas
         out["sample.timesteps"] = W.sigma_denoiser(None, ctx.config).sigma_to_idx(sigmas[:-1])
     return out
@@ -358,24 +359,22 @@ class SamplerGroup:
 
 
 _SAMPLER_GROUP = re.compile(r"(?P<sampler>[a-z0-9_]+?)_cfg(?P<whole>\d+)(?:p(?P<frac>\d+))?")
-_SAMPLER_ALIASES = {"dpmpp2m": "dpmpp_2m", "euler_ancestral": "euler_a", "k_euler": "euler",
-                    "k_euler_a": "euler_a"}
 
 
 def parse_sampler_group(group: str) -> SamplerGroup | None:
     """``ddim_cfg7p5`` -> DDIM at CFG 7.5; ``dpmpp_2m_karras_cfg7p5`` -> DPM++ 2M, Karras sigmas; None if the
-    name is not of that form or names a sampler we do not know."""
+    name is not of that form or names a sampler the registry does not know (by our name or one of its
+    ``reference_names``)."""
     m = _SAMPLER_GROUP.fullmatch(group)
     if m is None:
         return None
     name = m.group("sampler")
     karras = name.endswith("_karras")
-    name = name.removesuffix("_karras")
-    name = _SAMPLER_ALIASES.get(name, name)
-    if name not in registry.SAMPLERS:
+    spec = registry.from_reference_name(name.removesuffix("_karras"))
+    if spec is None:
         return None
     scale = float(f"{m.group('whole')}.{m.group('frac') or 0}")
-    return SamplerGroup(name, karras, scale)
+    return SamplerGroup(spec.name, karras, scale)
 
 
 def run_stages(ctx: Recompute, settings, cond: Conditioning, noise: StoredNoise) -> tuple:
@@ -405,14 +404,16 @@ def _stepped_outputs(ctx: Recompute, group: str, keys, x, steps, start, image_na
 def sampler_group(ctx: Recompute, group: str, spec: SamplerGroup, keys: list[str]) -> dict[str, torch.Tensor]:
     """A sampling run from the stored x_T (and noise) and the stored conditioning (``sample.*``), so a failure in
     the text tower shows in the text / sample rows only."""
-    space = registry.get(spec.sampler).space
+    sampler = registry.get(spec.sampler)
+    space = sampler.space
     sdxl = ctx.config.family == "sdxl"
+    sgm = [s.a1111_name for s in registry.SAMPLERS.values() if s.sgm]
     if sdxl and space == "timesteps":
-        raise GroupError(f"{spec.sampler.upper()} is not an sgm sampler; SDXL references use Euler / DPM++ 2M")
+        raise GroupError(f"{spec.sampler.upper()} is not an sgm sampler; SDXL references use {' / '.join(sgm)}")
     if sdxl and spec.karras:
         raise GroupError("sgm sampling with Karras sigmas is not supported")
-    if sdxl and spec.sampler not in ("euler", "dpmpp_2m"):
-        raise GroupError(f"sgm sampler {spec.sampler!r} is not supported (Euler and DPM++ 2M are)")
+    if sdxl and not sampler.sgm:
+        raise GroupError(f"sgm sampler {spec.sampler!r} is not supported ({' and '.join(sgm)} are)")
     x_T = ctx.get("sample.x_T")
     steps = _ddim_steps(ctx, f"{group}.x_inter") if space == "timesteps" else _sigma_steps(ctx, group)
     settings = ctx.settings(x_T, sampler=spec.sampler, karras=spec.karras, steps=steps, cfg_scale=spec.scale)
@@ -424,7 +425,7 @@ def sampler_group(ctx: Recompute, group: str, spec: SamplerGroup, keys: list[str
     if spec.scale == 1.0:
         cond.uncond = None
     ancestral = None
-    if registry.get(spec.sampler).name == "euler_a":
+    if sampler.stochastic:
         if f"{group}.noise" not in ctx.ref:
             raise GroupError(f"{group} is stochastic but the file stores no {group}.noise to replay")
         ancestral = ctx.get(f"{group}.noise")
@@ -457,7 +458,8 @@ def inpaint_group(ctx: Recompute, keys: list[str]) -> dict[str, torch.Tensor]:
     x_T = ctx.get("inpaint.x_T")
     image, mask = ctx.get("inpaint.image"), ctx.get("inpaint.mask")
     settings = ctx.settings(x_T, prompt=str(ctx.meta_value("inpaint_prompt")),
-                            negative_prompt=str(ctx.meta.get("inpaint_negative_prompt", "")), sampler="ddim",
+                            negative_prompt=str(ctx.meta.get("inpaint_negative_prompt", "")),
+                            sampler=registry.ORIGINAL_SAMPLER,
                             steps=_ddim_steps(ctx, "inpaint.x_inter"), cfg_scale=scale, init_image=image,
                             mask=mask)
     cond = ctx.pipe.encode(settings)
@@ -482,6 +484,7 @@ def inpaint_group(ctx: Recompute, keys: list[str]) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------- dispatch
 
 
+# the reference files' group names (``ddim``: the original's DDIM schedule tensors, a file group, not a sampler)
 FIXED_GROUPS: dict[str, Callable[[Recompute, list[str]], dict[str, torch.Tensor]]] = {
     "tokens": tokens_group, "text": text_group, "unet": unet_group, "vae": vae_group, "sample": sample_group,
     "ddim": ddim_group, "kdiff": kdiff_group, "inpaint": inpaint_group,

@@ -22,11 +22,13 @@ from PIL import Image
 try:
     import ray
     import ray.data  # noqa: F401
-except ImportError:  # the test extra installs Ray: a missing Ray fails these tests rather than skip them
-    pytest.fail("the Ray tests need Ray Data: pip install -e '.[test]'", pytrace=False)
+except ImportError:  # the test extra installs Ray: a missing Ray fails these tests (in cluster) rather than skip
+    ray = None  # them, and -m "not ray" still collects this module without it
 
 import tritonsd  # noqa: E402
 from tritonsd.tools.cli import main as cli_main  # noqa: E402
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]  # a local Ray cluster and Pipeline actors
 
 ACTORS = 2
 SMALL = {"steps": 2, "width": 64, "height": 64}
@@ -70,6 +72,8 @@ def generate_flags(job: dict, seed: int) -> list[str]:
 @pytest.fixture(scope="module")
 def cluster():
     """One local Ray cluster for the module: a logical CPU per actor plus two for Ray Data's own tasks."""
+    if ray is None:
+        pytest.fail("the Ray tests need Ray Data: pip install -e '.[test]'", pytrace=False)
     ray.init(num_cpus=ACTORS + 2, include_dashboard=False, object_store_memory=200 * 2 ** 20,
              logging_level="WARNING")
     yield ray.get_runtime_context().gcs_address

@@ -14,7 +14,7 @@ def test_bench_cases_are_well_formed(op):
     cases = module.cases()
     assert cases and all(c.work > 0 and c.unit in ("TFLOP/s", "GB/s") for c in cases)
     assert len({(c.model, c.name) for c in cases}) == len(cases), "case names must be unique per model"
-    assert {"sd15-512", "sd21-768"} <= {c.model for c in cases}
+    assert {"sd15-512", "sd21-768", "sdxl-1024"} <= {c.model for c in cases}  # compile/shapes.py's models
     assert callable(module.bench)
 
 

@@ -98,6 +98,23 @@ def test_e2e_names_missing_diffusers():
         bench_e2e.main(["--device", "cpu", "--impl", "diffusers-eager"])
 
 
+@pytest.mark.skipif(HAS_DIFFUSERS, reason="diffusers is installed here")
+def test_e2e_missing_diffusers_beside_tritonsd_rows(fixtures, tmp_path, capsys):
+    """The GPU run's e2e stage asks for tritonsd and diffusers rows: without diffusers the tritonsd rows are still
+    measured, the diffusers row is an error row, and the exit status is 1."""
+    out = tmp_path / "e2e.json"
+    rc = bench_e2e.main(["--device", "cpu", "--model", str(tiny_manifest(fixtures, tmp_path)), "--text-heads", "2",
+                         "--size", "64", "--batch", "1", "--steps", "1", "--repeat", "1", "--dtype", "fp32",
+                         "--impl", "tritonsd-eager", "--impl", "diffusers-eager", "--sampler", "euler",
+                         "--json", str(out)])
+    assert rc == 1
+    rows = {r["impl"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"tritonsd-eager", "diffusers-eager"}
+    assert "error" not in rows["tritonsd-eager"] and rows["tritonsd-eager"]["finite"]
+    assert "diffusers is not installed" in rows["diffusers-eager"]["error"]
+    assert "running tritonsd-eager only" in capsys.readouterr().err
+
+
 @pytest.mark.skipif(not HAS_DIFFUSERS, reason="diffusers is optional")
 @pytest.mark.parametrize("name,size", [("sd15", 512), ("sd21", 768), ("sdxl", 1024)])
 def test_peer_configs_have_our_parameter_counts(name, size):

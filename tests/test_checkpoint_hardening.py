@@ -77,6 +77,7 @@ def test_each_class_through_inspect(case, tmp_path, capfd):
     assert _digest(path) == before
 
 
+@pytest.mark.slow  # a `tritonsd inspect` subprocess per case
 @pytest.mark.parametrize("name", ["ckpt_torchscript", "control_characters_in_name", "ckpt_deflate_bomb",
                                   "json_deep"])
 def test_the_installed_command_prints_one_line(name, tmp_path):

@@ -22,6 +22,8 @@ from safetensors.torch import load_file, save_file
 
 from a1111 import parse_infotext
 
+pytestmark = pytest.mark.slow  # every test is a `tritonsd` subprocess
+
 CLI = [sys.executable, "-m", "tritonsd.tools.cli"]
 # Tiny tensors: one thread per process is as fast and lets the runs overlap without oversubscribing the cores.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tritonsd.kernels import _triton
 from tritonsd.kernels import conv as conv_mod
 from tritonsd.kernels.conv import conv2d_reference, conv2d_triton
 
@@ -81,13 +82,42 @@ def test_grouped_convolution_falls_back_to_reference():
         conv2d_triton(x, w, None, 1, 1)
 
 
-def test_packed_weights_follow_in_place_updates(no_fallback):
-    """The [KH, KW, C_in, C_out] weight copy is reused while the weight is unchanged and redone after copy_()."""
+def _launched_weight(tensors, params):
+    """The weight tensor the launcher hands to the kernel (recorded, not run)."""
+    with _triton.recording() as launches:
+        conv2d_triton(**tensors, **params)
+    (kernel, args, _), = launches
+    assert kernel is conv_mod._conv2d_kernel
+    return args[1]
+
+
+def test_kernel_layout_weights_are_read_in_place(no_fallback):
+    """A weight in the kernel layout ([KH, KW, C_in, C_out] memory order) is launched as it is, its own storage:
+    what copy_() writes into it is what the next launch reads. Nothing is cached between calls."""
     tensors, params = case(1, 8, 16, (6, 6), 3, 1, 1, torch.float32, seed=8, epilogue=False)
-    w = tensors["weight"]
-    packed = conv_mod.packed_weight(w)
-    assert torch.equal(packed, w) and packed.stride()[0] == 1 and conv_mod.packed_weight(w) is packed
+    w = conv_mod.to_kernel_layout(tensors["weight"])
+    assert w.stride() == (1, 16, 3 * 8 * 16, 8 * 16) and conv_mod.has_kernel_layout(w)
+    assert torch.equal(w, tensors["weight"]) and conv_mod.to_kernel_layout(w) is w
+    tensors["weight"] = w
+    assert _launched_weight(tensors, params) is w
     check(tensors, params, torch.float32)
-    w.copy_(torch.randn(w.shape, generator=torch.Generator().manual_seed(9)).to(w))
-    assert conv_mod.packed_weight(w) is not packed
+    w.copy_(torch.randn(w.shape, generator=torch.Generator().manual_seed(9)).to(w))  # as a LoRA switch does
+    assert w.stride() == (1, 16, 3 * 8 * 16, 8 * 16) and _launched_weight(tensors, params) is w
+    check(tensors, params, torch.float32)
+    assert not hasattr(conv_mod, "_PACKED")
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_other_weight_layouts_are_repacked_per_call(no_fallback, k):
+    """A contiguous (or any other) weight gives the same results through a one-off repacked copy, made anew at
+    every call: an in-place change is seen at once."""
+    tensors, params = case(1, 16, 24, (7, 7), k, 1, k // 2, torch.float32, seed=10 + k, epilogue=False)
+    w = tensors["weight"]
+    assert w.is_contiguous() and not conv_mod.has_kernel_layout(w)
+    first = _launched_weight(tensors, params)
+    assert conv_mod.has_kernel_layout(first) and torch.equal(first, w)
+    assert first.untyped_storage().data_ptr() != w.untyped_storage().data_ptr()
+    check(tensors, params, torch.float32)
+    w.mul_(-0.5)
+    assert torch.equal(_launched_weight(tensors, params), w)
     check(tensors, params, torch.float32)

@@ -185,6 +185,7 @@ def compile_results() -> dict[str, str]:
     return json.loads(lines[-1])
 
 
+@pytest.mark.slow  # compiles every kernel for sm_90 in a subprocess
 @pytest.mark.skipif(CUDA, reason="with a GPU the other tests compile and run the kernels for real")
 @pytest.mark.parametrize("case", list(COMPILE_CASES))
 def test_kernels_compile_for_sm90(compile_results, case):

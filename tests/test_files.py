@@ -21,7 +21,7 @@ from tritonsd import outputs as files
 _CHILD = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from tritonsd import files
+    from tritonsd import outputs as files
     out, ready, mode = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 
     def write(f):
@@ -55,7 +55,7 @@ def _temps(directory: Path) -> list[str]:
 
 def _next_run(out: Path) -> Path:
     """Another process writing into the same directory (the 'next run')."""
-    code = ("import sys; from tritonsd import files; "
+    code = ("import sys; from tritonsd import outputs as files; "
             "print(files.write_numbered(sys.argv[1], lambda n: f'{n:05d}-1.png', lambda f: f.write(b'ok')))")
     proc = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
@@ -250,7 +250,7 @@ def test_concurrent_processes_number_without_collisions(tmp_path):
     code = textwrap.dedent("""
         import sys, time
         from pathlib import Path
-        from tritonsd import files
+        from tritonsd import outputs as files
         out, go, w = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
         while not go.exists():
             time.sleep(0.005)

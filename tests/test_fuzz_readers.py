@@ -24,6 +24,7 @@ def seeds(fixtures) -> Seeds:
     return Seeds.load(fixtures)
 
 
+@pytest.mark.slow  # fuzzing
 def test_mutated_checkpoints_give_one_line_or_load(seeds, tmp_path):
     hits: Counter[str] = Counter()
     outcomes: Counter[str] = Counter()

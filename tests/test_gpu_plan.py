@@ -1,6 +1,7 @@
 """The prepared GPU run's planner: the committed cost data plans stages 0-4 within 360 s from a cold start, a
 stage that does not fit the budget is skipped and named, --only selects what to rerun; the cache archive
-round-trips and refuses paths outside its root."""
+round-trips and refuses paths outside its root; the runner survives a failing, raising or unrunnable stage (one
+line why, the next stage runs); the shell script's dry run."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import os
 import subprocess
 import sys
 import tarfile
+from types import SimpleNamespace
 
 import pytest
 
@@ -25,7 +27,7 @@ def costs():
 def fake_costs(run_s: float = 10.0) -> dict:
     """Round numbers: every stage runs ``run_s``, 1 s per process start, no compile or tuning to speak of."""
     groups = {g: {"variants": 1, "tasks": {"fp16": {"conv": 1}}, "tuning_keys": 0, "tuning_configs": 0}
-              for g in ("sd15-fp16", "sd21-fp16", "sdxl-fp16", "bench-sd21-fp16", "tiny-fp32", "tiny-half")}
+              for g in ("sd15-fp16", "sd21-fp16", "sdxl-fp16", "bench-fp16", "tiny-fp32", "tiny-half")}
     return {"measured": {"compile_s_per_task": {"fp16": {"conv": 0.0}}, "compile_s_default": 0.0,
                          "speedup_2_workers": 2.0},
             "counts": groups,
@@ -51,6 +53,7 @@ def test_plan_is_built_from_the_compile_data_and_a_warm_start_plans_less(costs):
     assert sum(e.seconds for e in warm) < sum(e.seconds for e in estimates)
 
 
+@pytest.mark.slow  # benchmarks/gpu_plan.py in a subprocess
 def test_committed_counts_are_what_the_models_need(costs):
     """The counts the estimate uses match a fresh count of the same group (the sd15 fp16 UNet step, VAE decode
     and text layer), made in a process without the interpreter (which ships one config per kernel)."""
@@ -165,3 +168,99 @@ def test_stage_commands_name_their_outputs():
     assert any("--git-commit abc" in c for s in G.STAGES for c in
                (G._fill(x, json="j", xml="x", fix="f", commit="abc") for x in s.commands))
     assert set(G.PRECOMPILED) <= set(fake_costs()["counts"])
+
+
+# ---- the runner: one stage's failure never costs the next ----------------------------------------------------------
+
+def two_stages(monkeypatch, tmp_path, first: str, first_modules=()):
+    """Stages 1 and 2 replaced by shell one-liners (stage 2 writes its JSON); results under tmp_path."""
+    monkeypatch.setattr(G, "STAGES", (
+        G.Stage(1, "first", "the one that goes wrong", (first,), run_s="correctness", modules=first_modules),
+        G.Stage(2, "second", "the one after it", ("echo '{{\"ok\": true}}' > {json}",), run_s="parity"),
+    ))
+    monkeypatch.setattr(G, "RESULTS_DIR", tmp_path / "results")
+    return SimpleNamespace(out=str(tmp_path / "out"), fixtures=str(tmp_path / "fix"),
+                           cache_root=str(tmp_path / "c" / "cache"), warm=False, budget=500.0, git_commit="abc")
+
+
+def ran(tmp_path) -> dict:
+    summary = json.loads((tmp_path / "out" / "gpu-run.json").read_text())
+    return {r["stage"]: r for r in summary["stages"]}, summary
+
+
+def test_a_failing_stage_is_named_and_the_next_one_runs(monkeypatch, tmp_path, capsys):
+    args = two_stages(monkeypatch, tmp_path, "exit 3")
+    assert G.execute([1, 2], fake_costs(run_s=10.0), args) == 1
+    stages, _ = ran(tmp_path)
+    assert stages[1]["status"] == "failed" and stages[1]["why"] == "command 1 of 1 exited 3"
+    assert stages[2]["status"] == "ok" and stages[2]["result"] == {"ok": True}
+    assert json.loads((tmp_path / "results" / "gpu-stage2-second.json").read_text()) == {"ok": True}
+    out = capsys.readouterr().out
+    assert "[stage 1] failed in" in out and "command 1 of 1 exited 3" in out and "[stage 2] ok in" in out
+    assert "--only 1\n" in out  # what to rerun
+
+
+def test_a_stage_that_raises_is_an_error_and_the_next_one_runs(monkeypatch, tmp_path, capsys):
+    args = two_stages(monkeypatch, tmp_path, "true")
+    real = G.run_stage
+
+    def run_stage(stage, *a):
+        if stage.number == 1:
+            raise OSError(28, "No space left on device")
+        return real(stage, *a)
+    monkeypatch.setattr(G, "run_stage", run_stage)
+    monkeypatch.setattr(G, "write_archive", lambda *a: (_ for _ in ()).throw(OSError("archive: disk full")))
+    (tmp_path / "c" / "cache").mkdir(parents=True)
+    assert G.execute([1, 2], fake_costs(run_s=10.0), args) == 1
+    stages, summary = ran(tmp_path)
+    assert stages[1]["status"] == "error" and "No space left on device" in stages[1]["why"]
+    assert stages[2]["status"] == "ok"
+    assert "disk full" in summary["archive_error"]  # the archive failing is a note, not the end of the run
+    out = capsys.readouterr().out
+    assert "[stage 1] error in" in out and "note: cache archive not written: OSError: archive: disk full" in out
+
+
+def test_a_stage_missing_a_package_is_skipped_before_planning(monkeypatch, tmp_path, capsys):
+    args = two_stages(monkeypatch, tmp_path, "true", first_modules=("tritonsd_no_such_package",))
+    assert G.execute([1, 2], fake_costs(run_s=10.0), args) == 1
+    stages, summary = ran(tmp_path)
+    assert list(stages) == [2] and stages[2]["status"] == "ok"
+    (skip,) = summary["skipped"]
+    assert skip["stage"] == 1 and "needs tritonsd_no_such_package" in skip["why"]
+    assert "skipped (cannot run here): 1 first: needs tritonsd_no_such_package" in capsys.readouterr().out
+
+
+def test_stage_requirements_name_what_is_missing(tmp_path):
+    e2e = G.stage_by_number(4)
+    assert G.missing(e2e, tmp_path) == f"fixture files missing from {tmp_path}: manifests/sd15.json"
+    (tmp_path / "manifests").mkdir()
+    (tmp_path / "manifests" / "sd15.json").write_text("{}")
+    assert G.missing(e2e, tmp_path) is None
+    peer = G.Stage(9, "peer", "", ("true",), modules=("tritonsd_no_such_package",))
+    assert "needs tritonsd_no_such_package" in G.missing(peer, None)
+    wheels = tmp_path / "whl"
+    wheels.mkdir()
+    (wheels / "tritonsd_no_such_package-1.0-py3-none-any.whl").write_bytes(b"")
+    assert G.missing(peer, None, wheels) is None  # a dry run: carried, not yet installed
+
+
+def test_restore_of_an_unusable_archive_is_one_line_and_a_cold_start(tmp_path, capsys):
+    src = tmp_path / "in"
+    src.mkdir()
+    assert G.main(["restore", "--from", str(src), "--to", str(tmp_path / "c" / "cache")]) == 1  # none carried
+    (src / "gpu-cache.tar.gz.00").write_bytes(b"not a tar file")
+    assert G.main(["restore", "--from", str(src), "--to", str(tmp_path / "c" / "cache")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("gpu_plan: cache archive not restored, starting cold:") and "\n" not in err
+
+
+def test_gpu_run_dry_run_plans_and_names_what_is_missing(tmp_path):
+    env = {**os.environ, "TRITONSD_FIXTURES": str(tmp_path / "nofixtures")}
+    proc = subprocess.run(["bash", str(G.ROOT / "benchmarks" / "gpu_run.sh"), "--dry-run", "--only", "2,6"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "GPU run plan (cold start)" in proc.stdout and "bench-kernels" in proc.stdout
+    assert "skipped (cannot run here): 2 parity: fixture files missing" in proc.stdout
+    bad = subprocess.run(["bash", str(G.ROOT / "benchmarks" / "gpu_run.sh"), "--budget"], capture_output=True,
+                         text=True, env=env, timeout=60)
+    assert bad.returncode == 2 and "--budget needs a value" in bad.stderr

@@ -236,7 +236,9 @@ def test_loop_never_reads_device_values(fixtures, sampler):
 # ---------------------------------------------------------------- CUDA only: graph replay == eager loop
 
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def cuda(test):
+    """Marked ``cuda`` (``-m "not cuda"`` leaves it out) and skipped without a GPU: CUDA graphs need one."""
+    return pytest.mark.cuda(pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")(test))
 
 
 @cuda

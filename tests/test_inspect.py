@@ -100,12 +100,15 @@ def test_settings_not_in_the_weights_and_their_sources(fixtures, tmp_path, capsy
     assert "settings not in the weights" in out and "found beside the checkpoint" in out
 
 
-def test_yaml_contradicting_the_assumed_heads_is_a_one_line_error(fixtures, capsys):
-    """sd1-tiny.yaml's FrozenCLIPEmbedder is ViT-L (12 heads, 768 wide): the 32-wide tower's heads are unknown."""
-    assert main(["inspect", str(fixtures / "sd1-tiny.safetensors")]) == 1
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("tritonsd inspect: error: sd1-tiny.safetensors: cond_stage_model.: ") and "\n" not in err
-    assert "assumed 1 (width 32 / 64)" in err and "openai/clip-vit-large-patch14 (12 heads at width 768)" in err
+def test_yaml_contradicting_the_assumed_heads_is_reported_unknown(fixtures, capsys):
+    """sd1-tiny.yaml's FrozenCLIPEmbedder is ViT-L (12 heads, 768 wide): the 32-wide tower's heads are unknown,
+    which inspect reports in a row (exit 0) instead of refusing the file (issue 28, point 3)."""
+    r = _inspect_json(capsys, fixtures / "sd1-tiny.safetensors")
+    assert r["text"]["cond_stage_model."]["heads"] == "unknown"
+    problem = r["text_heads_problem"]
+    assert problem.startswith("cond_stage_model.: ") and "\n" not in problem
+    assert "assumed 1 (width 32 / 64)" in problem and "openai/clip-vit-large-patch14 (12 heads at width 768)" in problem
+    assert _settings(r)["text heads cond_stage_model."] == ("unknown", "unknown")
 
 
 def test_demo_and_external_vae(fixtures, tmp_path, capsys):

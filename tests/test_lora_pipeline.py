@@ -66,6 +66,7 @@ def test_switching_equals_fresh_runs(fixtures, second_lora):
     assert not torch.equal(fresh["first"], fresh["second"])
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_switching_under_cuda_graphs_captures_once(fixtures, second_lora):
     first = fixtures / "lora-sd1-tiny.safetensors"

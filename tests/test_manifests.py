@@ -104,6 +104,7 @@ def _random_weights(model: torch.nn.Module, seed: int = 0) -> dict[str, torch.Te
     return weights
 
 
+@pytest.mark.slow  # a full-width SD 1.5 UNet forward on the CPU
 def test_sd15_forward_at_full_width(fixtures):
     """UNet, VAE and text tower of SD 1.5's full size, random weights, 8x8 latents on the CPU."""
     sd = _meta_state_dict(_manifest(fixtures, "sd15"))

@@ -17,6 +17,8 @@ from tritonsd.formats.checkpoint import read_checkpoint
 from tritonsd.model.load import load_model
 from tritonsd.testing.reference import relative_error
 
+pytestmark = pytest.mark.slow  # every test is a `tritonsd merge` subprocess
+
 CLI = [sys.executable, "-m", "tritonsd.tools.cli", "merge"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 

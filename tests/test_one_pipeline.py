@@ -98,6 +98,7 @@ def write_picture(path: Path, size: int, mask: bool = False) -> Path:
     return path
 
 
+@pytest.mark.slow  # a `tritonsd generate` subprocess per mode
 @pytest.mark.parametrize("mode", ["txt2img", "img2img", "inpaint"])
 def test_cli_png_equals_python_png(fixtures, tmp_path, mode):
     name = "sd1-inpaint-tiny" if mode == "inpaint" else "sd1-tiny"
@@ -137,6 +138,7 @@ def readme_python_example() -> str:
     return blocks[0]
 
 
+@pytest.mark.slow  # the README's example in a subprocess
 def test_readme_python_example_runs_as_written(fixtures, tmp_path):
     """In a checkout beside ``shared/fixtures``, as the README assumes."""
     checkout = tmp_path / "checkout"

@@ -13,6 +13,8 @@ from safetensors.torch import save_file
 
 from test_parity_cli import parity, rows_of
 
+pytestmark = pytest.mark.slow  # every test runs `tritonsd parity` on a whole reference file in a subprocess
+
 NV_BOUND, LORA_BOUND, FP32_BOUND = 1e-6, 1e-5, 1e-4  # issue 13 (NV noise), issue 14 (merged weights), the rest
 
 # reference -> (checkpoint or None, extra arguments, bound of its float tensors)

@@ -24,6 +24,8 @@ from tritonsd.testing.reference import relative_error
 
 from conftest import FP32_BOUND
 
+pytestmark = pytest.mark.slow  # every test runs `tritonsd parity` in a subprocess, the full runs for minutes
+
 FIXTURES = ["sd1-tiny", "sd2v-tiny", "sd1-inpaint-tiny", "sdxl-tiny"]
 
 # What the READMEs call inputs of the reference runs (every other tensor must be recomputed and compared).

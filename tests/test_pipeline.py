@@ -23,6 +23,7 @@ from tritonsd.testing.groups import StoredNoise
 from tritonsd.testing.reference import relative_error
 
 from conftest import FP32_BOUND
+from float_bounds import Reductions, reorder_bound
 
 SMALL = dict(width=64, height=64)  # latent 8x8: the smallest size the tiny SD1 UNet takes
 
@@ -238,10 +239,10 @@ def test_cfg_is_one_batched_unet_call(pipes, monkeypatch, sampler, cfg, calls):
     seen = []
     apply_model = model.apply_model
 
-    def counting(x, t, context, y=None):
+    def counting(x, t, context, y=None, t_emb=None):
         seen.append(x.shape[0])
         assert context.shape[0] == x.shape[0]
-        return apply_model(x, t, context, y)
+        return apply_model(x, t, context, y, t_emb=t_emb)
 
     monkeypatch.setattr(model, "apply_model", counting)
     run(pipe, sampler=sampler, cfg_scale=cfg, batch_size=2)
@@ -249,11 +250,14 @@ def test_cfg_is_one_batched_unet_call(pipes, monkeypatch, sampler, cfg, calls):
 
 
 def test_batch_image_i_is_seed_plus_i(pipes):
-    """Start noise and ancestral noise are per image: image 1 of seed 7 is image 0 of seed 8."""
-    model = pipes("sd1-tiny")
-    pair = run(model, sampler="euler_a", seed=7, batch_size=2)
-    single = run(model, sampler="euler_a", seed=8, batch_size=1)
-    check(pair[1:], single, "batch image 1 vs seed + 1", bound=1e-5)
+    """Start noise and ancestral noise are per image: image 1 of seed 7 is image 0 of seed 8, within the float32
+    reordering bound of the whole run (text towers, UNet steps, VAE decode) since the batches differ."""
+    pipe = pipes("sd1-tiny")
+    pair = run(pipe, sampler="euler_a", seed=7, batch_size=2)
+    with Reductions(pipe.model).record() as reductions:
+        single = run(pipe, sampler="euler_a", seed=8, batch_size=1)
+    cfg = pipe.settings(prompt="x").cfg_scale  # run()'s: the default
+    check(pair[1:], single, "batch image 1 vs seed + 1", bound=reorder_bound(reductions.lengths, cfg))
     assert (pair[0] - pair[1]).abs().max() > 1e-3
 
 
@@ -311,7 +315,7 @@ def test_nonfinite_latents_and_image(pipes):
 
 def test_defaults(pipes):
     s = pipes("sd1-tiny").settings()
-    assert (s.width, s.height, s.steps, s.cfg_scale, s.sampler, s.karras) == (512, 512, 20, 7.5, "dpmpp_2m", True)
+    assert (s.width, s.height, s.steps, s.cfg_scale, s.sampler, s.karras) == (512, 512, 20, 7.0, "dpmpp_2m", True)
     assert 0 <= s.seed < 2 ** 32
     s = pipes("sd2v-tiny").settings()
     assert (s.width, s.height) == (768, 768)
@@ -339,7 +343,7 @@ BAD = [  # (model, settings overrides, message fragment)
     ("sd1-tiny", dict(cfg_scale=-1.0), "cfg_scale"),
     ("sd1-tiny", dict(cfg_scale=math.nan), "cfg_scale"),
     ("sd1-tiny", dict(batch_size=0), "batch"),
-    ("sd1-tiny", dict(seed=-1), "seed"),
+    ("sd1-tiny", dict(seed=-2), "seed"),  # -1 is random, as in every door
     ("sd1-tiny", dict(sampler="heun"), "sampler 'heun' is unknown"),
     ("sd1-tiny", dict(sampler="plms", eta=0.5), "eta"),
     ("sd1-tiny", dict(sampler="euler_a", eta=0.5), "eta"),

@@ -126,7 +126,9 @@ def test_use_graphs_setting_and_flag(tiny):
 # ---------------------------------------------------------------- CUDA only: graph replay == eager loop
 
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def cuda(test):
+    """Marked ``cuda`` (``-m "not cuda"`` leaves it out) and skipped without a GPU: CUDA graphs need one."""
+    return pytest.mark.cuda(pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")(test))
 
 
 @cuda

@@ -191,6 +191,7 @@ def test_attention_scores_do_not_overflow(backend, dtype):
 # ---------------------------------------------------------------- CUDA only: whole model in half precision
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="half-precision model runs need a GPU")
 @pytest.mark.parametrize("dtype,bound", [(torch.float16, 1e-2), (torch.bfloat16, 5e-2)])
 def test_half_model_close_to_float32_cuda(fixtures, dtype, bound):

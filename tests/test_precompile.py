@@ -11,9 +11,11 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # compile-worker processes, killed
+
 PARENT = """
 import os, sys, time
-from tritonsd.kernels import precompile
+from tritonsd.compile import precompile
 pool = precompile.worker_pool(1)
 print(pool.submit(os.getpid).result(), flush=True)
 pool.submit(time.sleep, 600)  # the worker is busy, as in a long compile

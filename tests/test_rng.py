@@ -104,6 +104,7 @@ def test_gpu_source_is_refused_without_cuda():
     assert "\n" not in str(e.value) and "nv" in str(e.value)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_nv_equals_cuda_randn():
     torch.manual_seed(42)

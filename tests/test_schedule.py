@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import platform
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 
+from tritonsd.sampler import pinned
 from tritonsd.sampler import schedule as S
 from tritonsd.testing.reference import relative_error
 
@@ -135,3 +142,109 @@ def test_sigma_to_idx_nearest():
     expect = (probe[None, :] - train[:, None]).abs().argmin(0)
     assert torch.equal(idx, expect)
     assert int(idx[0]) == 0 and int(idx[-1]) == 999
+
+
+# ---------------------------------------------------------------- the same schedule on every machine
+# On the CPU, float32 sqrt / log / exp go through MKL's VML, whose last bit depends on the code path MKL picks for
+# the processor (MKL_CBWR forces one), and torch.linspace through a vectorized or a scalar kernel
+# (ATEN_CPU_CAPABILITY). The fixtures were made on MKL's compatible path.
+
+
+def _run_in_fresh_process(code: str, env: dict, out) -> dict:
+    """Run ``code`` (which saves tensors to sys.argv[1]) in a new Python with ``env`` added; its tensors."""
+    subprocess.run([sys.executable, "-c", code, str(out)], env={**os.environ, **env}, check=True, timeout=300)
+    return load_file(str(out))
+
+
+ORIGINALS = """
+import sys, numpy as np, torch
+from safetensors.torch import save_file
+# CompVis make_beta_schedule('linear') + register_schedule; sgm LegacyDDPMDiscretization.__init__
+betas = (torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2).numpy()
+acp = np.cumprod(1.0 - betas, axis=0)
+acp32 = torch.tensor(acp, dtype=torch.float32)  # register_schedule's to_torch
+sigmas = ((1 - acp32) / acp32) ** 0.5  # k-diffusion DiscreteEpsDDPMDenoiser
+sgm = torch.tensor((1 - acp) / acp, dtype=torch.float32) ** 0.5  # LegacyDDPMDiscretization.get_sigmas
+save_file({"acp": torch.from_numpy(acp), "sigmas": sigmas, "log_sigmas": sigmas.log(), "sgm": sgm}, sys.argv[1])
+"""
+
+
+@pytest.mark.skipif(not torch.backends.mkl.is_available() or platform.machine().lower() not in ("x86_64", "amd64"),
+                    reason="MKL_CBWR=COMPATIBLE selects a code path of MKL on x86-64")
+def test_pinned_tables_are_the_originals_on_mkl_compatible_path(tmp_path):
+    """The pinned tables are what the original formulas give on MKL's compatible path (the fixtures' path)."""
+    orig = _run_in_fresh_process(ORIGINALS, {"MKL_CBWR": "COMPATIBLE"}, tmp_path / "orig.safetensors")
+    table = pinned.pinned()
+    assert torch.equal(table.alphas_cumprod64, orig["acp"])
+    assert torch.equal(table.kdiff_sigmas, orig["sigmas"])
+    assert torch.equal(table.kdiff_log_sigmas, orig["log_sigmas"])
+    assert torch.equal(table.sgm_sigmas, orig["sgm"])
+
+
+RUNTIME = """
+import sys, torch
+from safetensors.torch import save_file
+from tritonsd.sampler import schedule as S
+acp64 = S.linear_alphas_cumprod()
+sig = S.discrete_sigmas(acp64.float())
+out = {}
+for n in (1, 5, 7, 10, 12, 20, 37, 50):
+    out[f"kdiff{n}"] = S.get_sigmas(sig, n)
+    out[f"sgm{n}"] = S.sgm_sigmas(acp64, n)
+for n in KARRAS_STEPS:
+    out[f"karras{n}"] = S.get_sigmas_karras(n, sig[0].item(), sig[-1].item())
+save_file(out, sys.argv[1])
+"""
+# Karras's ``** rho`` is torch's pow: SLEEF's on AVX2 / AVX-512, the C library's without; they part from n = 34
+KARRAS_STEPS = (1, 5, 7, 10, 12, 20, 33)
+
+CPU_PATHS = [{"MKL_CBWR": "AUTO"}, {"MKL_CBWR": "COMPATIBLE"}, {"MKL_CBWR": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"},
+             {"ATEN_CPU_CAPABILITY": "default"}]
+
+
+@pytest.mark.parametrize("env", CPU_PATHS, ids=lambda e: ",".join(f"{k}={v}" for k, v in e.items()))
+def test_schedules_are_the_same_on_every_cpu_path(tmp_path, reference, env):
+    """k-diffusion, Karras and sgm sigmas are bit-identical whichever MKL code path and torch kernel the CPU gets,
+    and equal to the fixtures (which a plain float32 computation on an AVX2 / AVX-512 MKL path misses by 1 ulp)."""
+    got = _run_in_fresh_process(f"KARRAS_STEPS = {KARRAS_STEPS}\n" + RUNTIME, env, tmp_path / "sigmas.safetensors")
+    assert torch.equal(got["kdiff10"], reference("sd1-tiny")[0]["kdiff.sigmas"])
+    assert torch.equal(got["karras10"], reference("sd1-tiny")[0]["kdiff.sigmas_karras"])
+    assert torch.equal(got["sgm10"], reference("sdxl-tiny")[0]["sample.sigmas"])
+    acp64 = S.linear_alphas_cumprod()
+    sig = S.discrete_sigmas(acp64.float())
+    for n in (1, 5, 7, 10, 12, 20, 37, 50):
+        assert torch.equal(got[f"kdiff{n}"], S.get_sigmas(sig, n)), n
+        assert torch.equal(got[f"sgm{n}"], S.sgm_sigmas(acp64, n)), n
+    for n in KARRAS_STEPS:
+        assert torch.equal(got[f"karras{n}"], S.get_sigmas_karras(n, sig[0].item(), sig[-1].item())), n
+
+
+def test_other_schedules_are_computed():
+    """The pinned tables apply to the linear 0.00085 -> 0.012 schedule only; any other is computed."""
+    acp64 = S.linear_alphas_cumprod(0.0001, 0.02, 1000)
+    acp = acp64.float()
+    assert pinned.kdiff_sigmas(acp) is None and pinned.sgm_sigmas(acp64) is None
+    sigmas = S.discrete_sigmas(acp)
+    assert torch.equal(sigmas, ((1 - acp) / acp) ** 0.5)
+    assert torch.equal(S.discrete_log_sigmas(sigmas), sigmas.log())
+    assert torch.equal(S.sgm_training_sigmas(acp64), ((1 - acp64) / acp64).float() ** 0.5)
+    # the float64 key, not just its float32 rounding, picks the sgm table
+    assert pinned.sgm_sigmas(S.linear_alphas_cumprod().float().double()) is None
+
+
+def test_pinned_tables_are_the_checkpoints_schedule(fixtures):
+    """The key is the schedule the config derives and the buffer every fixture checkpoint holds."""
+    table = pinned.pinned()
+    assert torch.equal(table.alphas_cumprod64, S.linear_alphas_cumprod(0.00085, 0.012, 1000))
+    for name in SD_MODELS + ["sd1-inpaint-tiny"]:
+        acp = checkpoint_alphas_cumprod(fixtures, name)
+        assert torch.equal(S.discrete_sigmas(acp), table.kdiff_sigmas)
+        assert torch.equal(S.discrete_log_sigmas(S.discrete_sigmas(acp)), table.kdiff_log_sigmas)
+
+
+@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"),
+                    reason="torch's scalar linspace kernel rounds twice")
+def test_linspace32_is_torchs_vectorized_linspace():
+    for n in range(1, 300):
+        assert torch.equal(S.linspace32(999, 0, n), torch.linspace(999, 0, n)), n
+        assert torch.equal(S.linspace32(0, 1, n), torch.linspace(0, 1, n)), n

@@ -13,6 +13,8 @@ except ModuleNotFoundError as e:
 
 from _serve_server import Server  # noqa: E402
 
+pytestmark = pytest.mark.slow  # a server process started for the module
+
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):

@@ -13,6 +13,8 @@ import pytest
 
 from _serve_server import Server
 
+pytestmark = [pytest.mark.browser, pytest.mark.slow]  # headless Chromium against a server started for the module
+
 CHROMIUM = ("/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome")
 CHROMEDRIVER = ("/usr/bin/chromedriver", "/usr/lib/chromium/chromedriver")
 

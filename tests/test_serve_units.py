@@ -17,7 +17,7 @@ except ModuleNotFoundError:  # the server's parts need the serve extra (in the t
 
 from tritonsd.serve import images, inpaint, limits  # noqa: E402
 from tritonsd.serve.errors import ApiError, TooLarge  # noqa: E402
-from tritonsd.serve.schema import Txt2ImgRequest, TXT2IMG_FIELDS, ignored_fields  # noqa: E402
+from tritonsd.serve.schema import Txt2ImgRequest, TXT2IMG_FIELDS, ignored_fields, unsupported_fields  # noqa: E402
 from tritonsd.tools.cli import main  # noqa: E402
 
 
@@ -104,12 +104,15 @@ def test_paste_back_keeps_pixels_outside_the_mask():
     assert out.getpixel((2, 2)) == (10, 20, 30) and out.getpixel((16, 16)) == (250, 250, 250)
 
 
-def test_ignored_fields_are_the_ones_that_would_change_a1111s_result():
+def test_unsupported_fields_are_the_ones_that_would_change_a1111s_result():
     neutral = Txt2ImgRequest(restore_faces=False, s_noise=1.0, styles=[], alwayson_scripts={}, tiling=None,
-                             hr_scale=4)
-    assert ignored_fields(neutral, TXT2IMG_FIELDS) == []
-    req = Txt2ImgRequest(restore_faces=True, styles=["x"], s_churn=0.5, my_own_field=3)
-    assert ignored_fields(req, TXT2IMG_FIELDS) == ["my_own_field", "restore_faces", "s_churn", "styles"]
+                             hr_scale=4, s_tmax=0, seed_resize_from_h=0, comments={"a": 1}, script_args=[1])
+    assert unsupported_fields(neutral, TXT2IMG_FIELDS) == [] and ignored_fields(neutral, TXT2IMG_FIELDS) == []
+    req = Txt2ImgRequest(restore_faces=True, styles=["x"], s_churn=0.5, my_own_field=3, script_name="xyz",
+                         alwayson_scripts={"ADetailer": {"args": [True]}, "empty": {}})
+    assert unsupported_fields(req, TXT2IMG_FIELDS) == ["alwayson_scripts.ADetailer", "restore_faces", "s_churn",
+                                                       "script_name", "styles"]
+    assert ignored_fields(req, TXT2IMG_FIELDS) == ["my_own_field"]  # unknown keys: A1111 drops them too
 
 
 def test_memory_check_refuses_what_cannot_fit():

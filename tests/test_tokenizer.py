@@ -20,7 +20,7 @@ FLAVORS = ("transformers", "open_clip")
 def merge_ids() -> dict[str, int]:
     """Vocabulary id of every merged token, read straight from the gz file: 512 + the merge's rank (the 256 byte
     characters and their 256 ``</w>`` forms come first)."""
-    path = resources.files("tritonsd.model").joinpath("data", "bpe_simple_vocab_16e6.txt.gz")
+    path = resources.files("tritonsd.prompt").joinpath("data", "bpe_simple_vocab_16e6.txt.gz")
     lines = gzip.decompress(path.read_bytes()).decode("utf-8").split("\n")[1:NUM_MERGES + 1]
     return {"".join(line.split()): 512 + rank for rank, line in enumerate(lines)}
 

@@ -12,6 +12,8 @@ import textwrap
 
 import pytest
 
+pytestmark = pytest.mark.slow  # every test compiles kernels in subprocesses
+
 WARMUP = ["-m", "tritonsd.tools.cli", "warmup", "--model", "sd15", "--size", "64x64", "--batch", "1",
           "--arch", "sm_90", "--kernels", "layer_norm,geglu", "--jobs", "1"]
 
@@ -64,7 +66,7 @@ def add_one(X, N, BLOCK: tl.constexpr):
 
 COUNT = textwrap.dedent('''
     import sys
-    from tritonsd.kernels import precompile, variants
+    from tritonsd.compile import precompile, variants
     n, block = int(sys.argv[1]), int(sys.argv[2])
     launch = variants.Launch("toy_kernel", "add_one", (variants.TensorArg("float32", True), n), (("BLOCK", block),))
     report = precompile.compile_all(precompile.tasks_for([launch], ["sm_90"]), jobs=1)

@@ -11,7 +11,12 @@ import argparse
 import sys
 from pathlib import Path
 
+from tritonsd.devices import DTYPE_NAMES, device_type
 from tritonsd.tools.cli import UsageError
+from tritonsd.tools.generate import check_cpu_dtype, load_spec_of
+from tritonsd.batch import BatchError, run_batch as batch
+from tritonsd.batch.jobs import escape
+from tritonsd.tools.progress import progress_enabled
 
 
 def add_parser(subparsers) -> None:
@@ -43,8 +48,9 @@ def add_parser(subparsers) -> None:
                            "flag has no value), local (start one here) or a cluster address")
     run_.add_argument("--workers", type=int, default=None, metavar="N",
                       help="Ray actors (default: the cluster's GPU count, 1 without GPUs)")
-    run_.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
-    run_.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None)
+    run_.add_argument("--device", default=None, metavar="DEVICE",
+                      help="cpu, cuda or cuda:N (default: cuda when available)")
+    run_.add_argument("--dtype", choices=tuple(DTYPE_NAMES), default=None)
     run_.add_argument("--kernels", choices=("auto", "torch", "triton"), default="auto")
     run_.add_argument("--quiet", action="store_true", help="no progress bar, no per-line error messages")
     p.set_defaults(run=run)
@@ -59,35 +65,24 @@ def check_usage(args: argparse.Namespace) -> None:
         raise UsageError("--workers applies to --ray runs")
     if args.text_heads is not None and args.text_heads < 1:
         raise UsageError(f"--text-heads must be at least 1, got {args.text_heads}")
-    if args.device == "cpu" and args.dtype not in (None, "fp32"):
-        raise UsageError(f"--dtype {args.dtype} needs --device cuda; on the CPU tritonsd computes in fp32")
+    check_cpu_dtype(device_type(args.device), args.dtype)
 
 
 def run(args: argparse.Namespace) -> int:
-    from tritonsd.batch import BatchError, run_batch as batch
-    from tritonsd.batch.jobs import escape
-    from tritonsd.tools.generate import check_checkpoint
-    from tritonsd.tools.progress import progress_enabled
-
     check_usage(args)
     if not args.jobs.is_file():
         raise BatchError(f"jobs file not found: {args.jobs}")
-    if args.ray in (None, "local"):  # a remote cluster's workers may see other files than this machine
-        check_checkpoint(Path(args.checkpoint), args.config, args.vae)
-        if args.embeddings_dir is not None and not args.embeddings_dir.is_dir():
-            raise BatchError(f"embeddings folder not found: {args.embeddings_dir}")
+    spec = load_spec_of(args)
+    if args.ray in (None, "local"):  # a remote cluster's workers may see other files and devices: they check
+        spec = spec.check()
 
     def report_line(result) -> None:
         if result.error is not None and not args.quiet:
             what = f" ({escape(result.id, 60)})" if result.id else ""
             print(f"tritonsd batch: line {result.line}{what}: {result.error}", file=sys.stderr, flush=True)
 
-    report = batch(args.jobs, args.out, args.checkpoint, config=args.config, vae=args.vae,
-                   text_heads=args.text_heads, parameterization=args.parameterization, lora_dir=args.lora_dir,
-                   embeddings_dir=args.embeddings_dir,
-                   device=args.device, dtype=args.dtype, kernels=args.kernels, group_size=args.group_size,
-                   ray=args.ray, workers=args.workers, progress=progress_enabled(args.quiet),
-                   on_result=report_line)
+    report = batch(args.jobs, args.out, spec=spec, group_size=args.group_size, ray=args.ray,
+                   workers=args.workers, progress=progress_enabled(args.quiet), on_result=report_line)
     print(f"{len(report.written)} written, {len(report.skipped)} already done, {len(report.errors)} failed "
           f"in {report.seconds:.1f} s; see {report.results}", file=sys.stderr)
     return 1 if report.errors else 0

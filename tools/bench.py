@@ -13,6 +13,9 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+from tritonsd.devices import DTYPE_NAMES
+from tritonsd.bench import e2e as bench_e2e
+
 KERNEL_OPS = ("attention", "group_norm", "layer_norm", "geglu", "conv")
 
 
@@ -31,7 +34,7 @@ def add_kernels_parser(sub) -> None:
                                    "(768x768) shapes, batch 2, after checking each against the float32 reference.")
     p.add_argument("--op", choices=KERNEL_OPS, action="append", help="only this op (repeatable; default: all)")
     p.add_argument("--model", default=None, help="only cases of this model: sd15-512, sd21-768, text")
-    p.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default="fp16")
+    p.add_argument("--dtype", choices=tuple(DTYPE_NAMES), default="fp16")
     p.add_argument("--json", type=Path, default=None, metavar="PATH",
                    help="write the results here (default: benchmarks/results/kernels-DEVICE-DTYPE-TIME.json)")
     p.add_argument("--git-commit", default=None, help="record this commit (when the tree has no .git; else "
@@ -64,16 +67,12 @@ def run_kernels(args: argparse.Namespace) -> int:
 
 
 def add_e2e_parser(sub) -> None:
-    from tritonsd.bench import e2e as bench_e2e
-
     p = sub.add_parser("e2e", help="whole-image speed of full-size random-weight models vs diffusers",
                        description=bench_e2e.__doc__.splitlines()[0])
     bench_e2e.add_arguments(p)
 
 
 def run_e2e(args: argparse.Namespace) -> int:
-    from tritonsd.bench import e2e as bench_e2e
-
     return bench_e2e.run(args)
 
 

@@ -12,7 +12,10 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from tritonsd.tools.cli import UsageError
+from tritonsd.devices import DTYPE_NAMES
+from tritonsd.tools.cli import UsageError, plain_help
+from tritonsd.compile import aot, check_compile, shapes
+from tritonsd.compile.warmup import WarmupError
 
 
 def _csv(text: str) -> list[str]:
@@ -21,7 +24,7 @@ def _csv(text: str) -> list[str]:
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("check-compile", help="compile every kernel variant for GPU targets, without a GPU",
-                              description=__doc__.splitlines()[0])
+                              description=plain_help(__doc__))
     p.add_argument("--arch", default="sm_90", help="comma-separated targets (default sm_90)")
     p.add_argument("--models", default="sd15,sd21,sdxl", help="released shapes to use (default all three)")
     p.add_argument("--dtypes", default="fp16,bf16", help="comma-separated: fp16, bf16, fp32 (default fp16,bf16)")
@@ -33,9 +36,6 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tritonsd.compile import aot, check_compile, variants
-    from tritonsd.compile.warmup import WarmupError
-
     archs = _csv(args.arch)
     try:
         archs = [f"sm_{aot.parse_arch(a)}" for a in archs]
@@ -43,11 +43,11 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(str(e)) from None
     models, dtypes = _csv(args.models), _csv(args.dtypes)
     for m in models:
-        if m not in variants.RELEASED:
-            raise UsageError(f"unknown model {m!r} (expected {', '.join(variants.RELEASED)})")
+        if m not in shapes.RELEASED:
+            raise UsageError(f"unknown model {m!r} (expected {', '.join(shapes.RELEASED)})")
     for d in dtypes:
-        if d not in check_compile.DTYPES:
-            raise UsageError(f"unknown dtype {d!r} (expected fp16, bf16, fp32)")
+        if d not in DTYPE_NAMES:
+            raise UsageError(f"unknown dtype {d!r} (expected {', '.join(DTYPE_NAMES)})")
     start = time.perf_counter()
     try:
         launches = check_compile.representative_launches(models, dtypes, _csv(args.kernels) if args.kernels else None)

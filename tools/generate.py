@@ -2,7 +2,8 @@
 9-channel model) from an original checkpoint, written as PNGs with AUTOMATIC1111 ``parameters`` infotext.
 
 A thin shell over the Pipeline: flags -> ``GenerationSettings`` (checked before the model loads, so a mistake
-costs seconds, not a model load) -> ``tritonsd.load`` -> ``Pipeline.generate`` -> ``Pipeline.save`` (files
+costs seconds, not a model load) -> a ``LoadSpec`` (its prechecks before anything is read) ->
+``tritonsd.pipeline.load_spec`` -> ``Pipeline.generate`` -> ``Pipeline.save`` (files
 numbered like AUTOMATIC1111's ``00000-<seed>.png``, never overwritten, written only once every image of the
 batch is finite). Exit codes: 0 success, 1 a problem with the inputs or the run, 2 bad usage.
 """
@@ -15,16 +16,26 @@ import sys
 import tempfile
 from pathlib import Path
 
+from tritonsd.devices import DTYPE_NAMES
 from tritonsd.tools.cli import UsageError
+from tritonsd.sampler import registry
+from tritonsd.sampler.settings import (check_rng_device, fields_from_infotext, GenerationSettings, SettingsError,
+    SIDE_RULE)
+from tritonsd.lora.apply import parse_lora_arg
+from tritonsd.sampler.infotext_parse import generation_settings, parse_infotext, unsupported_keys
+from tritonsd.sampler.reproduce import check_networks
+from tritonsd.load_spec import LoadSpec
+from tritonsd.sampler.memory import memory_shortfall
+from tritonsd.escape import escape
+from tritonsd.pipeline import load_spec, NonFiniteError
+from tritonsd.tools.progress import bar, progress_enabled
 
-DTYPES = ("fp32", "fp16", "bf16")
-SAMPLER_NAMES = ("dpmpp_2m", "euler", "euler_a", "ddim", "plms")  # the registry's (checked in tests)
 # GenerationSettings field -> the flag that sets it, so errors name what the user typed
 FLAGS = {"prompt": "--prompt", "negative_prompt": "--negative-prompt", "sampler": "--sampler", "karras": "--karras",
          "steps": "--steps", "cfg_scale": "--cfg", "seed": "--seed", "width": "--width", "height": "--height",
          "batch_size": "--batch", "init_image": "--init-image", "mask": "--mask", "strength": "--strength",
          "clip_skip": "--clip-skip", "rng": "--rng", "subseed": "--subseed", "subseed_strength": "--subseed-strength",
-         "pad_cond_uncond": "--pad-cond-uncond", "prompt_syntax": "--prompt-syntax", "use_graphs": "--no-cuda-graphs",
+         "pad_cond_uncond": "--pad-cond-uncond", "scheduler": "--scheduler", "prompt_syntax": "--prompt-syntax", "use_graphs": "--no-cuda-graphs",
          "model": "--checkpoint"}
 
 
@@ -32,14 +43,35 @@ class GenerateError(ValueError):
     """An input file, the device or the output directory is not usable (exit code 1)."""
 
 
-def add_parser(subparsers) -> None:
-    from tritonsd.sampler.settings import SIDE_RULE
+def _listing(names) -> str:
+    """"a", "a and b", "a, b and c"."""
+    names = list(names)
+    return " and ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
 
+
+def sampler_help() -> dict[str, str]:
+    """The help of --sampler, --karras and --no-cuda-graphs, from the registry as it is now."""
+
+    sigma = [s for s in registry.SAMPLERS.values() if s.space == "sigmas"]
+    fixed = [s.a1111_name for s in registry.SAMPLERS.values() if s.space != "sigmas"]
+    names = ", ".join(f"{s.name} ({s.a1111_name})" for s in registry.SAMPLERS.values())
+    return {"sampler": f"ours or AUTOMATIC1111's name (or its old combined 'DPM++ 2M Karras'): {names} "
+                       f"(default: {registry.DEFAULT_SAMPLER})",
+            "karras": f"Karras sigmas for the k-diffusion samplers (default: on for "
+                      f"{_listing(s.name for s in sigma if s.karras)}, off for "
+                      f"{_listing(s.name for s in sigma if not s.karras)}, as AUTOMATIC1111's sampler names"
+                      + (f"; {' / '.join(fixed)} ignore it)" if fixed else ")"),
+            "graphs": f"run the sampling loop eagerly (default on cuda: the {' / '.join(registry.graph_samplers())} "
+                      "loop is captured once as a CUDA graph and replayed)"}
+
+
+def add_parser(subparsers) -> None:
     p = subparsers.add_parser("generate", help="generate images (txt2img, img2img, inpainting) from a checkpoint",
                               description="Generate images from an original checkpoint: txt2img, img2img "
                                           "(--init-image) or inpainting (--init-image and --mask, 9-channel "
                                           "model). Writes OUT/NNNNN-SEED.png with AUTOMATIC1111 infotext and "
                                           "prints each path.")
+    helps = sampler_help()
     model = p.add_argument_group("model")
     model.add_argument("--checkpoint", type=Path, required=True, metavar="PATH",
                        help=".safetensors or .ckpt file, or demo:sd1 (a built-in tiny model with random weights)")
@@ -63,13 +95,16 @@ def add_parser(subparsers) -> None:
     gen.add_argument("--from-png", type=Path, default=None, metavar="PNG",
                      help="take the settings from an AUTOMATIC1111 PNG's infotext (flags given override them)")
     gen.add_argument("--infotext", default=None, metavar="TEXT", help="the same from the infotext's text")
+    gen.add_argument("--ignore-unsupported", action="store_true",
+                     help="generate even when the infotext asks for what tritonsd does not implement (Face "
+                          "restoration, ...): those are named on stderr (default: exit 2)")
     gen.add_argument("--negative-prompt", default=None, metavar="TEXT", help="what to steer away from (default: nothing)")
-    gen.add_argument("--sampler", choices=SAMPLER_NAMES, default=None, help="default: dpmpp_2m")
-    gen.add_argument("--karras", action=argparse.BooleanOptionalAction, default=None,
-                     help="Karras sigmas for the k-diffusion samplers (default: on for dpmpp_2m, off for euler "
-                          "and euler_a, as AUTOMATIC1111's sampler names; DDIM / PLMS ignore it)")
+    gen.add_argument("--sampler", default=None, metavar="NAME", help=helps["sampler"])
+    gen.add_argument("--scheduler", default=None, metavar="TYPE",
+                     help="AUTOMATIC1111's schedule type: Automatic (default: the sampler's own), Uniform or Karras")
+    gen.add_argument("--karras", action=argparse.BooleanOptionalAction, default=None, help=helps["karras"])
     gen.add_argument("--steps", type=int, default=None, metavar="N", help="sampling steps (default: 20)")
-    gen.add_argument("--cfg", type=float, default=None, metavar="SCALE", help="classifier-free guidance scale (default: 7.5)")
+    gen.add_argument("--cfg", type=float, default=None, metavar="SCALE", help="classifier-free guidance scale (default: 7, AUTOMATIC1111's)")
     gen.add_argument("--seed", type=int, default=None, metavar="N",
                      help="seed of image 0; image i uses seed + i (default or -1: random, printed on stderr)")
     gen.add_argument("--width", type=int, default=None, metavar="PX",
@@ -101,14 +136,13 @@ def add_parser(subparsers) -> None:
                      help="grey image the size of --init-image, white = repaint (needs an inpainting model)")
 
     run_ = p.add_argument_group("runtime")
-    run_.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
-    run_.add_argument("--dtype", choices=DTYPES, default=None,
+    run_.add_argument("--device", default=None, metavar="DEVICE",
+                      help="cpu, cuda or cuda:N (default: cuda when available)")
+    run_.add_argument("--dtype", choices=tuple(DTYPE_NAMES), default=None,
                       help="weights and activations (default: fp16 on cuda, fp32 on cpu; cpu runs fp32 only)")
     run_.add_argument("--kernels", choices=("auto", "torch", "triton"), default="auto",
                       help="auto: Triton on cuda, torch on cpu")
-    run_.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
-                      help="run the sampling loop eagerly (default on cuda: the euler / euler_a / dpmpp_2m loop is "
-                           "captured once as a CUDA graph and replayed)")
+    run_.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false", help=helps["graphs"])
     run_.add_argument("--out", type=Path, default=Path("outputs"), metavar="DIR", help="output directory (default: outputs)")
     run_.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=run)
@@ -133,7 +167,6 @@ def check_usage(args: argparse.Namespace) -> None:
 def settings_from_args(args: argparse.Namespace, init_image=None, mask=None):
     """The run's ``GenerationSettings``: the infotext's (``--from-png`` / ``--infotext``), then the flags given,
     checked without the model (``SettingsError`` names the flag)."""
-    from tritonsd.sampler.settings import GenerationSettings, fields_from_infotext
 
     fields = {}
     text = infotext_of(args)
@@ -141,6 +174,8 @@ def settings_from_args(args: argparse.Namespace, init_image=None, mask=None):
         fields, notes = usage_errors(lambda: fields_from_infotext(text))
         for note in notes:
             print(f"tritonsd generate: warning: {note}", file=sys.stderr)
+        check_unsupported(text, args.ignore_unsupported)
+        check_networks(parse_infotext(text), args.lora_dir, args.embeddings_dir, "--lora-dir", "--embeddings-dir")
     elif args.prompt is None:
         raise UsageError("--prompt is required (or --from-png / --infotext)")
     given = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, sampler=args.sampler,
@@ -154,9 +189,25 @@ def settings_from_args(args: argparse.Namespace, init_image=None, mask=None):
         fields["seed"] = None
     if args.sampler is not None and args.karras is None:
         fields.pop("karras", None)  # a sampler named on the command line gets its own default schedule
+    if args.scheduler is not None:
+        if args.karras is not None:
+            raise UsageError("--scheduler and --karras both set the schedule: choose one")
+        fields["karras"] = args.scheduler  # an A1111 schedule type: the settings read it
     if init_image is not None and args.width is None and args.height is None:
         fields.pop("width", None), fields.pop("height", None)  # the init image's size
     return usage_errors(lambda: GenerationSettings(**fields, use_graphs=args.cuda_graphs).check())
+
+
+def check_unsupported(text: str, ignore: bool) -> None:
+    """An infotext whose keys ask for what is not implemented (``Face restoration``, ...): bad usage (exit 2), or,
+    with ``--ignore-unsupported``, one warning line naming them."""
+    keys = unsupported_keys(generation_settings(text))
+    if not keys:
+        return
+    if not ignore:
+        raise UsageError(f"the infotext asks for what tritonsd does not implement, so the image would differ: "
+                         f"{', '.join(keys)} (give --ignore-unsupported to generate without them)")
+    print(f"tritonsd generate: warning: ignored (not implemented): {', '.join(keys)}", file=sys.stderr)
 
 
 def infotext_of(args: argparse.Namespace) -> str | None:
@@ -176,7 +227,6 @@ def infotext_of(args: argparse.Namespace) -> str | None:
 
 def usage_errors(step):
     """Run ``step()``; a ``SettingsError`` becomes a ``UsageError`` naming the flag (exit code 2)."""
-    from tritonsd.sampler.settings import SettingsError
 
     try:
         return step()
@@ -186,7 +236,6 @@ def usage_errors(step):
 
 def lora_specs(values: list[str]) -> list:
     """``--lora FILE:W`` values as LoraSpecs, each file checked before the model loads."""
-    from tritonsd.lora.apply import parse_lora_arg
 
     specs = [parse_lora_arg(v) for v in values]
     for spec in specs:
@@ -195,55 +244,36 @@ def lora_specs(values: list[str]) -> list:
     return specs
 
 
-def check_checkpoint(path: Path, config: Path | None, vae: Path | None = None) -> None:
-    from tritonsd.model.demo import is_demo
+def load_spec_of(args: argparse.Namespace):
+    """The ``LoadSpec`` of the model flags, which ``generate``, ``batch`` and ``serve`` share (``--checkpoint``,
+    ``--config``, ``--device``, ``--dtype``, ``--kernels``, ``--text-heads``, ``--parameterization``,
+    ``--lora-dir``, ``--embeddings-dir``; ``--vae`` where the subcommand has it)."""
 
-    if vae is not None and not vae.is_file():
-        raise GenerateError(f"VAE file not found: {vae}")
-    if config is not None and not config.is_file():
-        raise GenerateError(f"config not found: {config}")
-    if is_demo(str(path)):
-        return
-    if not path.exists():
-        raise GenerateError(f"checkpoint not found: {path}")
-    if not path.is_file():
-        raise GenerateError(f"checkpoint is not a file: {path}")
-    if not os.access(path, os.R_OK):
-        raise GenerateError(f"checkpoint is not readable: {path}")
+    return LoadSpec(args.checkpoint, args.config, device=args.device, dtype=args.dtype, kernels=args.kernels,
+                    vae=getattr(args, "vae", None), text_heads=args.text_heads,
+                    parameterization=args.parameterization, lora_dir=args.lora_dir,
+                    embeddings_dir=args.embeddings_dir)
 
 
-def resolve_device(device: str | None, dtype: str | None) -> tuple[str, str]:
-    """(device, dtype): the defaults filled in, CUDA checked before anything is loaded."""
-    import torch
-
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif device == "cuda" and not torch.cuda.is_available():
-        raise GenerateError("--device cuda was asked for, but CUDA is not available (use --device cpu)")
-    if dtype is None:
-        dtype = "fp16" if device == "cuda" else "fp32"
-    if device == "cpu" and dtype != "fp32":
+def check_cpu_dtype(device: str, dtype: str | None) -> None:
+    """The command line computes in fp32 on the CPU: ``--dtype fp16`` / ``bf16`` there is bad usage."""
+    if device == "cpu" and dtype not in (None, "fp32"):
         raise UsageError(f"--dtype {dtype} needs --device cuda; on the CPU tritonsd computes in fp32")
-    return device, dtype
 
 
-def check_memory(settings, device: str, dtype: str) -> None:
+def check_memory(settings, checked) -> None:
     """Sizes given on the command line that cannot fit the device's free memory: one line before loading (the
     family's default size is checked by the Pipeline once the model is known)."""
-    import torch
-
-    from tritonsd.sampler.memory import memory_shortfall
 
     if settings.width is None or settings.height is None:
         return
-    torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
-    short = memory_shortfall(settings.batch_size, settings.width, settings.height, device, torch_dtype)
+    short = memory_shortfall(settings.batch_size, settings.width, settings.height, checked.device, checked.dtype)
     if short is not None:
         raise UsageError(f"--width / --height / --batch: {short}")
 
 
-def check_kernels(kernels: str, device: str) -> None:
-    if kernels == "triton" and device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+def check_kernels(kernels: str, device) -> None:
+    if kernels == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         raise UsageError("--kernels triton on the CPU needs TRITON_INTERPRET=1 (Triton's slow interpreter)")
 
 
@@ -273,7 +303,6 @@ def open_image(path: Path, what: str):
 
     from PIL import Image, UnidentifiedImageError
 
-    from tritonsd.escape import escape
 
     if not path.exists():
         raise GenerateError(f"{what} not found: {escape(path)}")
@@ -299,45 +328,37 @@ def open_image(path: Path, what: str):
 
 
 def run(args: argparse.Namespace) -> int:
-    from tritonsd.sampler.settings import check_rng_device
-
     check_usage(args)
-    check_checkpoint(args.checkpoint, args.config, args.vae)
+    checked = load_spec_of(args).check()  # files, device and dtype: before anything is read
     init = open_image(args.init_image, "init image") if args.init_image is not None else None
     mask = open_image(args.mask, "mask") if args.mask is not None else None
     settings = settings_from_args(args, init, mask)
     loras = lora_specs(args.lora)
-    device, dtype = resolve_device(args.device, args.dtype)
-    usage_errors(lambda: check_rng_device(settings.rng, device))
-    check_memory(settings, device, dtype)
-    check_kernels(args.kernels, device)
-    if args.embeddings_dir is not None and not args.embeddings_dir.is_dir():
-        raise GenerateError(f"embeddings folder not found: {args.embeddings_dir}")
+    check_cpu_dtype(checked.device.type, checked.dtype_name)
+    usage_errors(lambda: check_rng_device(settings.rng, checked.device))
+    check_memory(settings, checked)
+    check_kernels(args.kernels, checked.device)
     check_output_dir(args.out)
 
-    pipe = load(args, device, dtype)
+    pipe = load(args, checked)
     if loras:
         pipe.set_loras(loras)
     if settings.prompt_syntax == "original":
         warn_truncated(pipe.model, settings.prompt, "prompt")
         warn_truncated(pipe.model, settings.negative_prompt, "negative prompt")
     settings = usage_errors(lambda: pipe.settings(settings))
-    images = sample(pipe, settings, args.quiet, dtype)
+    images = sample(pipe, settings, args.quiet, checked.dtype_name)
     print(f"seed {settings.seed}", file=sys.stderr, flush=True)  # also in each file's name and infotext
     for path in pipe.save(pipe.to_pil(images, settings), args.out):
         print(path, flush=True)
     return 0
 
 
-def load(args: argparse.Namespace, device: str, dtype: str):
-    """The Pipeline for ``--checkpoint`` (its model hash computed alongside the load)."""
-    from tritonsd.pipeline import load as load_pipeline
-    from tritonsd.tools.progress import bar, progress_enabled
+def load(args: argparse.Namespace, checked):
+    """The Pipeline of the checked ``LoadSpec`` (its model hash computed alongside the load)."""
 
     with bar(1, f"loading {args.checkpoint.name}", progress_enabled(args.quiet), unit="model") as progress:
-        pipe = load_pipeline(str(args.checkpoint), args.config, device=device, dtype=dtype, kernels=args.kernels,
-                             vae=args.vae, text_heads=args.text_heads, parameterization=args.parameterization,
-                             lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir)
+        pipe = load_spec(checked)
     for line in pipe.embedding_messages:
         print(f"tritonsd generate: warning: {line}", file=sys.stderr)
         progress.update()
@@ -369,8 +390,6 @@ def warn_truncated(model, prompt: str, what: str) -> None:
 
 def sample(pipe, settings, quiet: bool, dtype: str):
     """Images [B, 3, H, W] in [0, 1] with a progress bar; a non-finite result is refused."""
-    from tritonsd.pipeline import NonFiniteError
-    from tritonsd.tools.progress import bar, progress_enabled
 
     with bar(settings.steps, "sampling", progress_enabled(quiet), unit="step") as progress:
         def on_step(step: dict) -> None:

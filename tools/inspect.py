@@ -20,19 +20,23 @@ from tritonsd.model.config import ModelConfig, ModelConfigError, detect_config, 
 from tritonsd.model.demo import demo_config, demo_config_path, is_demo
 from tritonsd.formats.keys import SCHEDULE_BUFFERS, TEXT_PREFIXES, UNET, VAE, NormalizedKeys, normalize_keys
 from tritonsd.escape import escape
-from tritonsd.model.text_config import TextConfigError
+from tritonsd.tools.cli import plain_help
+from tritonsd.model.text_config import UNKNOWN_HEADS, TextConfigError
 from tritonsd.formats.vae_file import check_vae_fits, vae_weights
+from tritonsd.model.sd import build_model
 
 FAMILY_NAMES = {"sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x", "sdxl": "Stable Diffusion XL (base)"}
 PARAM_SOURCES = {"yaml": "from the YAML", "option": "given with --parameterization", "builtin": "built-in model",
                  "assumed": "assumed: the weights cannot tell eps from v (give --config or --parameterization)"}
 SOURCES = {"yaml": "from the YAML", "option": "given as an option", "assumed": "assumed (released models' value)",
-           "file": "in the checkpoint", "builtin": "built-in model's config"}
+           "file": "in the checkpoint", "builtin": "built-in model's config",
+           "unknown": "unknown: not in the weights, and the YAML's tower has another width (give --text-heads)",
+           "problem": "the load needs --text-heads"}
 
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("inspect", help="describe a checkpoint (family, eps/v, dtypes, parameters, keys)",
-                              description=__doc__.splitlines()[0])
+                              description=plain_help(__doc__))
     p.add_argument("checkpoint", help=".safetensors or .ckpt file, or demo:sd1 (the built-in model)")
     p.add_argument("--config", type=Path, default=None,
                    help="the original inference YAML (decides eps/v, heads; default: CHECKPOINT's stem + .yaml "
@@ -57,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
 def inspect_checkpoint(path: str | Path, yaml_path: Path | None = None, parameterization: str | None = None,
                        text_heads: int | None = None, vae: Path | None = None) -> dict:
     """The report as a JSON-able dict (from the shapes alone: a .safetensors file's data is never read)."""
+    heads_problem = None
     if is_demo(path):
         raw, cfg, file, config_source = _demo(str(path)), demo_config(str(path)), demo_config_path(str(path)), None
         norm = normalize_keys(raw)
@@ -67,7 +72,7 @@ def inspect_checkpoint(path: str | Path, yaml_path: Path | None = None, paramete
         raw = read_checkpoint_shapes(file)
         norm = normalize_keys(raw)
         try:
-            cfg = detect_config(norm, yaml_path, parameterization=parameterization, text_heads=text_heads)
+            cfg, heads_problem = _detect(norm, yaml_path, parameterization, text_heads)
         except (ModelConfigError, TextConfigError) as e:
             raise type(e)(f"{file.name}: {e}") from None
     if vae is not None:
@@ -84,7 +89,8 @@ def inspect_checkpoint(path: str | Path, yaml_path: Path | None = None, paramete
         "parameterization_source": cfg.parameterization_source,
         "scale_factor": cfg.scale_factor,
         "alphas_cumprod": cfg.alphas_cumprod_source,
-        "settings": settings(cfg, vae),
+        "settings": settings(cfg, vae, heads_problem),
+        "text_heads_problem": heads_problem,
         "weight_dtypes": dict(Counter(str(t.dtype).removeprefix("torch.") for t in norm.weights.values())),
         "parameters": _parameters(cfg, norm.weights),
         "keys": len(raw),
@@ -95,14 +101,30 @@ def inspect_checkpoint(path: str | Path, yaml_path: Path | None = None, paramete
         "vae": {"ch": cfg.vae.ch, "ch_mult": list(cfg.vae.ch_mult), "z_channels": cfg.vae.z_channels,
                 "file": str(vae) if vae is not None else None},
         "text": {e.prefix: {"kind": e.tower.kind, "width": e.tower.width, "layers": e.tower.layers,
-                            "heads": e.tower.heads, "heads_source": e.heads_source, "layer": _layer(e)}
+                            "heads": _heads(e), "heads_source": e.heads_source, "layer": _layer(e)}
                  for e in cfg.cond_stage.text_encoders},
     }
 
 
+def _detect(norm, yaml_path, parameterization, text_heads):
+    """(config, None), or, where the text towers' head count is unknown (not in the weights, and the YAML names a
+    tower of another width) or ``text_heads`` contradicts the YAML, (config with those heads reported "unknown",
+    the reason): the command that explains a file says what it cannot know instead of refusing it."""
+    try:
+        return detect_config(norm, yaml_path, parameterization=parameterization, text_heads=text_heads), None
+    except TextConfigError as e:
+        if "heads" not in str(e):
+            raise
+        cfg = detect_config(norm, yaml_path, parameterization=parameterization, text_heads=UNKNOWN_HEADS)
+        return cfg, str(e)
+
+
+def _heads(encoder) -> int | str:
+    return "unknown" if encoder.heads_source == "unknown" else encoder.tower.heads
+
+
 def _demo(name: str) -> dict[str, torch.Tensor]:
     """A built-in model's tensors as meta tensors (its modules' state dict on the meta device)."""
-    from tritonsd.model.sd import build_model
 
     with torch.device("meta"):
         return build_model(demo_config(name)).state_dict()
@@ -113,8 +135,9 @@ def _check_vae(path: Path, norm: NormalizedKeys) -> None:
     check_vae_fits(path, vae_weights(read_checkpoint_shapes(path), path), expected)
 
 
-def settings(cfg: ModelConfig, vae: Path | None = None) -> list[dict]:
-    """Every setting the weights do not hold: name, value and where it came from."""
+def settings(cfg: ModelConfig, vae: Path | None = None, heads_problem: str | None = None) -> list[dict]:
+    """Every setting the weights do not hold: name, value and where it came from (a text tower's heads that
+    nothing states: "unknown", with the reason in ``heads_problem``)."""
     u = cfg.unet
     if cfg.alphas_cumprod_source == "file":
         schedule, schedule_source = "alphas_cumprod stored in the checkpoint", "file"
@@ -130,8 +153,10 @@ def settings(cfg: ModelConfig, vae: Path | None = None) -> list[dict]:
     ]
     for e in cfg.cond_stage.text_encoders:
         named = f" ({e.arch})" if e.arch is not None and e.heads_source == "yaml" else ""
-        rows.append((f"text heads {e.prefix}", f"{e.tower.heads}{named}", e.heads_source))
+        rows.append((f"text heads {e.prefix}", f"{_heads(e)}{named}", e.heads_source))
         rows.append((f"text layer {e.prefix}", _layer(e), e.layer_source))
+    if heads_problem is not None:
+        rows.append(("text heads (problem)", heads_problem, "problem"))
     rows.append(("vae", vae.name if vae is not None else f"the checkpoint's ({VAE}*)",
                  "option" if vae is not None else "file"))
     return [{"setting": name, "value": value, "source": source} for name, value, source in rows]

@@ -109,8 +109,10 @@ def write_safetensors_atomic(tensors: dict[str, torch.Tensor], out: Path, metada
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; a plain new file's mode instead
         save_file(tensors, tmp, metadata=metadata)
+        # mkstemp makes it 0600, and save_file keeps (or recreates) that: after the write, a plain new file's mode,
+        # the one PNGs get (0666 less the umask)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -41,6 +41,8 @@ from pathlib import Path
 
 import torch
 
+from tritonsd.devices import DeviceError, resolve_device
+from tritonsd.sampler import registry
 from tritonsd.tools.cli import UsageError
 from tritonsd.testing.reference import relative_error, strict_float32
 
@@ -59,7 +61,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--config", type=Path, default=None,
                    help="the original inference YAML (default: CHECKPOINT.yaml beside the checkpoint, if any)")
     p.add_argument("--only", default=None, metavar="GROUP,...",
-                   help="check only these groups (name prefixes: tokens, text, unet, vae, sample, ddim_cfg7p5, ...)")
+                   help="check only these groups (name prefixes: tokens, text, unet, vae, sample, "
+                        f"<sampler>_cfg<scale> with a sampler of {', '.join(registry.names())}, ...)")
     p.add_argument("--kernels", choices=KERNELS, default="auto",
                    help="auto: Triton on CUDA, torch on the CPU; triton without a GPU uses Triton's interpreter")
     p.add_argument("--text-heads", type=int, default=None,
@@ -98,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
         for note in _notes(model, meta, config_path):
             print(note, file=sys.stderr)
 
-    from tritonsd.kernels import dispatch
+    from tritonsd.kernels import dispatch  # lazy: imports the kernels, after TRITON_INTERPRET is chosen
 
     with dispatch.force(args.kernels), torch.no_grad(), strict_float32():
         computed, errors, timings = recompute(model, ref, meta, device, {g: groups[g] for g in selected},
@@ -117,26 +120,21 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise UsageError(f"--device {name!r}: {e}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: no CUDA device is available")
-    return device
+        return resolve_device(name)
+    except DeviceError as e:
+        raise UsageError(f"--device: {e}") from None
 
 
 def _kind(meta: dict) -> str | None:
-    from tritonsd.testing.groups import reference_kind
+    from tritonsd.testing.groups import reference_kind  # lazy: imports the kernels, after TRITON_INTERPRET is chosen
 
     return reference_kind(meta)
 
 
 def _needs_model(args, kind: str | None) -> bool:
     """Whether the reference is recomputed with the checkpoint; one that needs none ignores a given one."""
-    from tritonsd.testing.a1111_groups import needs_model
+    from tritonsd.testing.a1111_groups import needs_model  # lazy: imports the kernels, after TRITON_INTERPRET is chosen
 
     if needs_model(kind):
         if args.checkpoint is None:
@@ -192,7 +190,7 @@ def _check_paths(args) -> None:
 
 
 def _read_reference(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    from tritonsd.testing.reference import load_reference
+    from tritonsd.testing.reference import load_reference  # lazy: imports the kernels, after TRITON_INTERPRET is chosen
 
     try:
         ref, meta = load_reference(path)
@@ -209,7 +207,7 @@ def _read_reference(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def _sibling_yaml(checkpoint: Path) -> Path | None:
-    from tritonsd.model.config import find_config
+    from tritonsd.model.config import find_config  # lazy: imports the kernels, after TRITON_INTERPRET is chosen
 
     return find_config(checkpoint)
 
@@ -237,8 +235,10 @@ def heads_from_meta(meta: dict) -> int | None:
 
 
 def _load(args, config_path: Path | None, meta: dict, device: torch.device, kind: str | None = None):
-    from tritonsd.model.load import load_model
+    from tritonsd.model.load import load_model  # lazy: imports the kernels, after TRITON_INTERPRET is chosen
+    # lazy: imports the kernels, after TRITON_INTERPRET is chosen
     from tritonsd.model.text_config import TextConfigError
+    # lazy: imports the kernels, after TRITON_INTERPRET is chosen
     from tritonsd.testing.a1111_groups import uses_text_towers
 
     heads = args.text_heads if args.text_heads is not None else heads_from_meta(meta)
@@ -281,7 +281,7 @@ FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
 
 def check_fits(model, ref: dict[str, torch.Tensor], meta: dict, checkpoint: Path, reference: Path) -> None:
     """Refuse (exit 2) a reference whose tensors cannot belong to this checkpoint, naming the first misfit."""
-    from tritonsd.testing import a1111_groups
+    from tritonsd.testing import a1111_groups  # lazy: imports the kernels, after TRITON_INTERPRET is chosen
 
     kind = a1111_groups.reference_kind(meta)
     if kind is not None:
@@ -320,7 +320,7 @@ def check_fits(model, ref: dict[str, torch.Tensor], meta: dict, checkpoint: Path
 
 def _groups(ref: dict[str, torch.Tensor], meta: dict) -> dict[str, list[str]]:
     """{group: names}, in the JSON's order (then any names it does not list, sorted)."""
-    from tritonsd.testing.groups import group_names
+    from tritonsd.testing.groups import group_names  # lazy: imports the kernels, after TRITON_INTERPRET is chosen
 
     return group_names(ref, meta)
 
@@ -340,8 +340,8 @@ def recompute(model, ref, meta, device, groups: dict[str, list[str]], reference:
               embeddings_dir: Path | None = None):
     """({name: tensor on the CPU}, {group: error message}, {group: seconds}) over ``groups``; ``model`` None for
     a reference that needs none."""
-    from tritonsd.pipeline import Pipeline
-    from tritonsd.testing import groups as G
+    from tritonsd.pipeline import Pipeline  # lazy: imports the kernels, after TRITON_INTERPRET is chosen
+    from tritonsd.testing import groups as G  # lazy: imports the kernels, after TRITON_INTERPRET is chosen
 
     ctx = G.Recompute(Pipeline(model) if model is not None else None, ref, meta, device, reference=reference,
                       embeddings_dir=embeddings_dir)
@@ -367,7 +367,7 @@ def recompute(model, ref, meta, device, groups: dict[str, list[str]], reference:
 
 
 def _one_line(e: BaseException) -> str:
-    from tritonsd.testing import groups as G
+    from tritonsd.testing import groups as G  # lazy: imports the kernels, after TRITON_INTERPRET is chosen
 
     text = str(e).strip().splitlines()[0] if str(e).strip() else ""
     if isinstance(e, G.GroupError):
@@ -379,8 +379,8 @@ def _one_line(e: BaseException) -> str:
 
 
 def build_rows(ref, meta, groups: dict[str, list[str]], computed, errors) -> list[dict]:
-    from tritonsd.testing import groups as G
-    from tritonsd.testing.a1111_groups import bound_for
+    from tritonsd.testing import groups as G  # lazy: imports the kernels, after TRITON_INTERPRET is chosen
+    from tritonsd.testing.a1111_groups import bound_for  # lazy: imports the kernels, after TRITON_INTERPRET is chosen
 
     bound = bound_for(G.reference_kind(meta), FP32_BOUND)
     rows = []

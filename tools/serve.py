@@ -4,11 +4,17 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import signal
+import socket
 import sys
 from pathlib import Path
 
+from tritonsd.devices import DTYPE_NAMES
 from tritonsd.serve import limits
+from tritonsd.serve.guard import allowed_hosts
 from tritonsd.tools.cli import UsageError
+from tritonsd.tools.generate import load_spec_of
 
 
 def add_parser(subparsers) -> None:
@@ -31,15 +37,21 @@ def add_parser(subparsers) -> None:
     m.add_argument("--parameterization", choices=("eps", "v"), default=None,
                    help="prediction type, when no YAML says it")
     r = p.add_argument_group("runtime")
-    r.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
-    r.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None,
+    r.add_argument("--device", default=None, metavar="DEVICE",
+                      help="cpu, cuda or cuda:N (default: cuda when available)")
+    r.add_argument("--dtype", choices=tuple(DTYPE_NAMES), default=None,
                    help="default: fp16 on cuda, fp32 on cpu")
     r.add_argument("--kernels", choices=("auto", "torch", "triton"), default="auto")
     n = p.add_argument_group("network")
     n.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
-    n.add_argument("--port", type=int, default=7860, help="default: 7860")
+    n.add_argument("--port", type=int, default=7860,
+                   help="default: 7860; checked before the model loads (exit 1 when taken)")
     n.add_argument("--api-auth", default=None, metavar="USER:PASS",
                    help="HTTP basic auth for every route (comma-separated for several users)")
+    r.add_argument("--ignore-unsupported", action="store_true",
+                   help="serve requests whose fields ask for what tritonsd does not implement (restore_faces, "
+                        "script_name, alwayson_scripts entries, ...), naming them in the response's info, instead "
+                        "of refusing them with a 422")
     n.add_argument("--allowed-hosts", default=None, metavar="NAMES",
                    help="without --api-auth the server answers only requests naming it 127.0.0.1, localhost, ::1 "
                         "or --host; add comma-separated host names here ('*': any, which lets any web page "
@@ -55,7 +67,7 @@ def add_parser(subparsers) -> None:
 
 
 def check_usage(args: argparse.Namespace) -> dict:
-    from tritonsd.serve.app import parse_auth
+    from tritonsd.serve.app import parse_auth  # lazy: fastapi (the serve extra), for this subcommand only
 
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port must be between 0 and 65535, got {args.port}")
@@ -77,6 +89,44 @@ def check_usage(args: argparse.Namespace) -> dict:
         raise UsageError(str(e)) from None
 
 
+class ServeError(RuntimeError):
+    """The server cannot start (its port is taken, ...): one line, exit code 1."""
+
+
+class Stopped(Exception):
+    """SIGTERM or SIGINT arrived: the server stops with a line saying so (exit code 128 + the signal)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _stop(signum, _frame):
+    raise Stopped(signum)
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """The server's listening socket, bound before the model loads: a taken port costs no load. uvicorn serves
+    on this very socket, so nothing can take the port in between."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        infos = socket.getaddrinfo(host, port, family, socket.SOCK_STREAM)
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is not "in use"
+        try:
+            sock.bind(infos[0][4])
+            sock.listen(2048)
+        except OSError:
+            sock.close()
+            raise
+    except OSError as e:
+        reason = e.strerror or str(e)
+        hint = "; another server holds it: stop that one or give another --port" if \
+            e.errno == errno.EADDRINUSE else ""
+        raise ServeError(f"cannot listen on {host}:{port}: {reason}{hint}") from None
+    return sock
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         import fastapi  # noqa: F401
@@ -85,27 +135,43 @@ def run(args: argparse.Namespace) -> int:
         raise RuntimeError(f"{e.name} is not installed; install the serve extra: pip install 'tritonsd[serve]'") \
             from None
     credentials = check_usage(args)
+    sock = listen(args.host, args.port)
+    previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        serve(args, credentials, sock, uvicorn)
+    except Stopped as e:
+        name = signal.Signals(e.signum).name
+        print(f"tritonsd serve: stopped by {name}{' (Ctrl-C)' if e.signum == signal.SIGINT else ''}",
+              file=sys.stderr, flush=True)
+        return 128 + e.signum
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        sock.close()
+    return 0
+
+
+def serve(args: argparse.Namespace, credentials: dict, sock: socket.socket, uvicorn) -> None:
+    """Load the model and serve on ``sock`` until a signal: uvicorn shuts down gracefully, then raises the signal
+    again, which ``_stop`` turns into ``Stopped``."""
     if args.host not in ("127.0.0.1", "localhost", "::1") and not credentials:
         print(f"tritonsd serve: warning: listening on {args.host} without --api-auth: anyone who can reach this "
               "address can use the server", file=sys.stderr)
     import logging
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    from tritonsd.serve import build_state, create_app
+    from tritonsd.serve import build_state, create_app  # lazy: fastapi (the serve extra), for this subcommand only
 
-    from tritonsd.serve.guard import allowed_hosts
-    from tritonsd.serve.protocol import protocol_class
+    from tritonsd.serve.protocol import protocol_class  # lazy: uvicorn (the serve extra), as above
 
-    state = build_state(args.checkpoint, config=args.config, models_dir=args.models_dir, vae_dir=args.vae_dir,
-                        lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir, device=args.device,
-                        dtype=args.dtype, kernels=args.kernels, text_heads=args.text_heads,
-                        parameterization=args.parameterization, credentials=credentials,
+    state = build_state(load_spec_of(args), models_dir=args.models_dir, vae_dir=args.vae_dir,
+                        credentials=credentials, ignore_unsupported=args.ignore_unsupported,
                         allowed_hosts=allowed_hosts(args.host, args.allowed_hosts), max_queue=args.max_queue,
                         body_timeout=args.body_timeout)
     state.catalog.start_hashing()
     print(f"tritonsd serve: {state.catalog.main.name} loaded on {state.host.pipe.device}; "
           f"http://{args.host}:{args.port}/", file=sys.stderr, flush=True)
-    uvicorn.run(create_app(state), host=args.host, port=args.port, log_level="warning", access_log=False,
-                http=protocol_class(args.header_timeout), timeout_keep_alive=limits.KEEP_ALIVE_S,
-                limit_concurrency=limits.MAX_CONNECTIONS)
-    return 0
+    config = uvicorn.Config(create_app(state), log_level="warning", access_log=False,
+                            http=protocol_class(args.header_timeout), timeout_keep_alive=limits.KEEP_ALIVE_S,
+                            limit_concurrency=limits.MAX_CONNECTIONS)
+    uvicorn.Server(config).run(sockets=[sock])

@@ -10,9 +10,13 @@ import re
 import sys
 from pathlib import Path
 
-from tritonsd.tools.cli import UsageError
+from tritonsd.devices import DTYPE_NAMES
+from tritonsd.tools.cli import UsageError, plain_help
+from tritonsd.compile import aot, shapes
+from tritonsd.formats.checkpoint import read_checkpoint_shapes
+from tritonsd.model.config import detect_config
+from tritonsd.compile.warmup import WarmupError, warmup
 
-DTYPES = ("fp16", "bf16", "fp32")
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -26,13 +30,13 @@ def parse_size(text: str) -> tuple[int, int]:
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("warmup", help="pre-compile (and on a GPU, tune) the kernels for given shapes",
-                              description=__doc__.splitlines()[0])
+                              description=plain_help(__doc__))
     p.add_argument("checkpoint", nargs="?", type=Path, help="a checkpoint (.safetensors / .ckpt); only its header "
                                                             "is read unless tuning on a GPU")
     p.add_argument("--model", choices=("sd15", "sd21", "sdxl"), help="a released model's shapes instead")
     p.add_argument("--size", action="append", default=None, help="WIDTHxHEIGHT, repeatable (default: native)")
     p.add_argument("--batch", default="1,2", help="comma-separated UNet batches (default 1,2: CFG)")
-    p.add_argument("--dtype", choices=DTYPES, default="fp16")
+    p.add_argument("--dtype", choices=tuple(DTYPE_NAMES), default="fp16")
     p.add_argument("--arch", default=None, help="target, e.g. sm_90 (default: this GPU's)")
     p.add_argument("--jobs", type=int, default=None, help="compile workers (default: the CPUs)")
     p.add_argument("--kernels", default=None, help="only these kernels (comma-separated)")
@@ -41,24 +45,15 @@ def add_parser(subparsers) -> None:
 
 
 def _config(args: argparse.Namespace):
-    from tritonsd.compile import variants
-
     if (args.checkpoint is None) == (args.model is None):
         raise UsageError("give a checkpoint or --model, not both")
     if args.model:
-        return variants.released(args.model)
-    from tritonsd.formats.checkpoint import read_checkpoint_shapes
-    from tritonsd.model.config import detect_config
+        return shapes.released(args.model)
 
     return detect_config(read_checkpoint_shapes(args.checkpoint))
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from tritonsd.compile import aot
-    from tritonsd.compile.warmup import WarmupError, warmup
-
     try:
         batches = [int(b) for b in args.batch.split(",") if b.strip()]
     except ValueError:
@@ -76,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     if sizes is None and not hasattr(config, "size"):
         sizes = [{"sdxl": (1024, 1024), "sd2": (768, 768)}.get(config.family, (512, 512))]
     kernels = [k.strip() for k in args.kernels.split(",")] if args.kernels else None
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    dtype = DTYPE_NAMES[args.dtype]
     try:
         report = warmup(config, sizes=sizes, batches=batches, dtype=dtype, arch=arch, jobs=args.jobs,
                         kernels=kernels, vae=args.vae)
