@@ -12,17 +12,39 @@ The stages, public so a caller can stop at conditioning or at latents:
     latents  = pipe.prepare_latents(settings)       Latents: the first latent, the schedule left to run,
                                                     inpainting's c_concat, the noise source
     x        = pipe.denoise(latents, cond, settings, callback)   the sampler loop (CUDA graph where it can)
-    images   = pipe.decode(x)                       [B, 3, H, W] float32 in [0, 1]
+    images   = pipe.decode(x, tiling=settings.tiling)   [B, 3, H, W] float32 in [0, 1]
+
+Hires fix (``enable_hr``, AUTOMATIC1111 v1.10's txt2img second pass) adds stages between ``denoise`` and
+``decode``, each made of the ones above:
+
+    x2       = pipe.upscale(x, settings, noise2)    the first pass's latents upscaled (a latent mode, or decoded,
+                                                    resized by an image upscaler and encoded again) and cropped
+    latents2 = pipe.prepare_hires_latents(x2, settings, noise2)   noised by webui's fixed-steps rule
+    x        = pipe.denoise(latents2, pipe.encode_hires(settings, cond), settings.hires_pass())
+
+(``hires`` runs the three.) ``noise2`` is a fresh ``ImageNoise`` of the same seeds at the second pass's latent
+shape (webui's new ``ImageRNG``); an image upscaler's VAE encode samples its posterior with that source's
+per-image VAE stream (``derived_seed(seed + i, "vae")``), where webui draws from its global generator, so the
+same settings give the same bytes through every door. On CUDA the second pass is its own captured loop: the
+graph runner keeps both loops.
 
 Modes follow the settings: no init image is txt2img (``scripts/txt2img.py``; SDXL as sgm's
 ``SamplingPipeline.text_to_image``), an init image img2img (``scripts/img2img.py``; see ``sampler/wiring.py``),
-an init image and a mask inpainting (runwayml ``scripts/inpaint_st.py``, 9-channel UNet). A 9-channel model
-always gets the image conditioning ``c_concat``: without a mask it repaints everything (mask all ones, masked
-image all zeros), which is what ``inpaint_st.py`` computes for a full mask. Inpainting ignores ``strength``.
+an init image and a mask inpainting as AUTOMATIC1111 does it (``sampler/inpaint.py``: mask blur, only masked,
+masked content, paste-back outside the mask; for a PIL init image, prepared by ``GenerationSettings.check``).
+A 4-channel model inpaints by img2img of the init latent (``strength``) with A1111's per-step latent masking; a
+9-channel model (runwayml ``scripts/inpaint_st.py``) repaints from noise with the image conditioning
+``c_concat`` and ignores ``strength``. A 9-channel model always gets ``c_concat``: without a mask it repaints
+everything (mask all ones, masked image all zeros), which is what ``inpaint_st.py`` computes for a full mask.
 
 SDXL: the unconditional side is the original's zeroed text features (``force_uc_zero_embeddings``) when the
 negative prompt is empty, else the encoded negative prompt; size conditioning: original size = target size =
 (height, width), crop (0, 0).
+
+Tiling (``settings.tiling``, seamless textures): every convolution of the UNet and the VAE pads circularly, as
+AUTOMATIC1111's ``apply_circular`` sets it for a generation: the VAE encode of an init image, the sampler loop
+and the decode. Each stage switches it on for its own length (``model.layers.circular_padding``) and leaves the
+model as it found it; a captured CUDA graph of the loop is keyed by it.
 
 The Pipeline owns the model, its CUDA-graph runner (``sampler/graph.py``: the sigma samplers' loop captured
 once per loop shape and replayed, on CUDA) and its VAE decode guard (a non-finite half-precision decode is
@@ -38,13 +60,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 from tritonsd.kernels import dispatch
 from tritonsd.load_spec import CheckedSpec, LoadSpec
+from tritonsd.model.layers import circular_padding
 from tritonsd.model.load import load_model
 from tritonsd.model.vae_guard import VAEDecodeGuard
-from tritonsd.sampler import denoise as D, registry
+from tritonsd.sampler import denoise as D, inpaint as I, registry
 from tritonsd.sampler.graph import GraphCaptureError, GraphRunner, tables_on_device
 from tritonsd.sampler.infotext import generation_infotext, save_numbered, to_pil
 from tritonsd.sampler.infotext_parse import parse_infotext
@@ -53,15 +77,17 @@ from tritonsd.sampler.reproduce import check_networks, with_lora_tags
 from tritonsd.sampler.memory import memory_shortfall
 from tritonsd.sampler.settings import (check_rng_device, default_size, fields_from_infotext, GenerationSettings,
     SettingsError, vae_factor)
+from tritonsd.sampler.upscale import crop_latent, hires_steps, is_latent_mode, upscale_latent
 from tritonsd.sampler.vae_io import (InpaintConditioning, NonFiniteError, check_finite, decode_clamped, encode_image,
     inpaint_conditioning)
 from tritonsd.sampler.wiring import (build_denoiser, img2img_start, make_schedule, num_steps, sigma_denoiser,
-    txt2img_start)
+    start_at, txt2img_start)
 from tritonsd.lora.apply import find_lora, LoraError, LoraSpec, LoraState, parse_lora_tags
 from tritonsd.compile.warmup import warmup
 from tritonsd.prompt.encode import (encode_schedule, load_model_embeddings, pad_to_same_length,
                                      unet_keywords)
 from tritonsd.formats.embeddings import ti_hashes
+from tritonsd.upscalers import UnknownUpscalerError, Upscalers
 
 StepCallback = Callable[[dict], None]
 
@@ -89,6 +115,7 @@ class Latents:
     shared: dict[str, torch.Tensor]  # conditioning both guidance halves share (inpainting's c_concat)
     noise: NoiseSource  # the ancestral / eta noise of the loop comes from here
     inpaint: InpaintConditioning | None = None
+    blend: I.LatentBlend | None = None  # a 4-channel model's inpainting: the latents kept outside the mask
 
     @property
     def steps(self) -> int:
@@ -125,7 +152,7 @@ class Pipeline:
 
     def __init__(self, model, *, name: str = "model", model_hash: str | Callable[[], str] | None = None,
                  kernels: str = "auto", lora_dir: str | os.PathLike | None = None,
-                 embeddings_dir: str | os.PathLike | None = None):
+                 embeddings_dir: str | os.PathLike | None = None, upscaler_dir: str | os.PathLike | None = None):
         if kernels not in dispatch.BACKENDS:
             raise ValueError(f"unknown kernels {kernels!r}; expected one of {', '.join(dispatch.BACKENDS)}")
         self.model = model
@@ -146,6 +173,7 @@ class Pipeline:
         if embeddings_dir is not None:
             self.load_embeddings(embeddings_dir)
         self._ti_hashes: str | None = None  # of the last encode, for the infotext
+        self.upscalers = Upscalers(upscaler_dir, self.device)  # hires fix's image upscalers (built-in and files)
         self.auto_warmup = True  # on CUDA with the Triton kernels: compile and tune new shapes before their run
         self._warmed: set[tuple] = set()
 
@@ -183,6 +211,10 @@ class Pipeline:
         ``dispatch.force`` block says."""
         return contextlib.nullcontext() if self.kernels == "auto" else dispatch.force(self.kernels)
 
+    def _padding(self, tiling: bool):
+        """A stage's convolution padding: circular for a tiling run, zeros otherwise (restored after it)."""
+        return circular_padding(self.model, tiling)
+
     def _model_unet(self, x, t, context, y=None, t_emb=None):
         """``apply_model`` returning float32: the sampler state stays float32 whatever the weights' dtype."""
         return self.model.apply_model(x, t, context, y, t_emb=t_emb).float()
@@ -206,7 +238,24 @@ class Pipeline:
                                  self.config.vae.ch)
         if short is not None:
             raise SettingsError("width", f"x height: {short}")
+        if resolved.enable_hr:
+            self._check_hires(resolved)
         return resolved
+
+    def _check_hires(self, s: GenerationSettings) -> None:
+        """What the hires pass needs of this pipeline: a known upscaler (its file readable comes at the run) and
+        the memory for the second pass's size."""
+        if not is_latent_mode(s.hr_upscaler):
+            try:
+                self.upscalers.check(s.hr_upscaler)
+            except UnknownUpscalerError as e:
+                raise SettingsError("hr_upscaler", f"{e}; or a latent mode (Latent, Latent (antialiased), ...)") \
+                    from None
+        target = s.hires_target()
+        short = memory_shortfall(s.batch_size, target.upscale_to_x, target.upscale_to_y, self.device, self.dtype,
+                                 self.config.vae.ch)
+        if short is not None:
+            raise SettingsError("hr_scale", f"makes the second pass too large: {short}")
 
     def from_infotext(self, text: str, **fields) -> GenerationSettings:
         """Settings from an AUTOMATIC1111 ``parameters`` text (a PNG's infotext), ``fields`` overriding it:
@@ -304,13 +353,15 @@ class Pipeline:
         self._embeddings_dir = directory
         return self.embedding_messages
 
-    def encode(self, settings: GenerationSettings, **size_conditions) -> Conditioning:
+    def encode(self, settings: GenerationSettings, hires_of: GenerationSettings | None = None,
+               **size_conditions) -> Conditioning:
         """The prompt (and, with CFG, the negative prompt) for every image of the batch, as AUTOMATIC1111 reads
         them (``prompt_syntax="a1111"``: weights, BREAK, prompts beyond 75 tokens, ``[from:to:when]`` editing,
         textual inversion, clip skip; cond and uncond encoded apart) or as the original scripts do
         (``"original"``: one 77-token window, text taken literally; SDXL's size conditions ``original_size``,
         ``crop_coords_top_left``, ``target_size`` may be given). The LoRAs of ``set_loras`` and of the prompt's
-        ``<lora:...>`` tags are applied first."""
+        ``<lora:...>`` tags are applied first. ``hires_of``: ``settings`` is the hires pass of these first-pass
+        settings (``hires_pass()``): prompt editing counts its steps after the first pass's, as webui's."""
         s = settings
         prompt = self._activate_prompt_loras(s.prompt)
         if s.prompt_syntax == "original":
@@ -318,18 +369,20 @@ class Pipeline:
         if size_conditions:
             raise ValueError("size conditions are taken from the settings with prompt_syntax='a1111'")
         with self._kernels():
-            cond = self._encode_side(prompt, s, is_negative=False)
-            uncond = None if s.cfg_scale == 1.0 else self._encode_side(s.negative_prompt, s, is_negative=True)
+            cond = self._encode_side(prompt, s, False, hires_of)
+            uncond = None if s.cfg_scale == 1.0 else self._encode_side(s.negative_prompt, s, True, hires_of)
         used = cond.cond.used_embeddings + (uncond.cond.used_embeddings if uncond is not None else [])
 
         self._ti_hashes = ti_hashes(used) or None
         return self._conditioning(s, cond, uncond)
 
-    def _encode_side(self, prompt: str, s: GenerationSettings, is_negative: bool):
+    def _encode_side(self, prompt: str, s: GenerationSettings, is_negative: bool,
+                     hires_of: GenerationSettings | None = None):
         """One prompt's editing schedule, encoded in one batch (``ScheduledConditioning``)."""
 
-        return encode_schedule(self.model, prompt, s.steps, clip_skip=s.clip_skip, embeddings=self.embeddings,
-                               width=s.width, height=s.height, is_negative=is_negative)
+        steps, hires = (s.steps, None) if hires_of is None else (hires_of.steps, s.steps)
+        return encode_schedule(self.model, prompt, steps, hires_steps=hires, clip_skip=s.clip_skip,
+                               embeddings=self.embeddings, width=s.width, height=s.height, is_negative=is_negative)
 
     def _conditioning(self, s: GenerationSettings, cond, uncond) -> Conditioning:
         """The UNet keywords of both sides (``prompt.encode.unet_keywords``), padded to one length when the
@@ -364,8 +417,8 @@ class Pipeline:
             noise = ImageNoise(shape, s.seed, s.batch_size, s.rng, s.subseed, s.subseed_strength, device)
         spec = registry.get(s.sampler)
         x_T = noise.start(shape).to(device)
-        shared, inpaint = {}, None
-        with self._kernels():
+        shared, inpaint, blend = {}, None, None
+        with self._kernels(), self._padding(s.tiling):
             if self.config.unet.in_channels == 9:
                 image = s.init_image if s.init_image is not None else torch.zeros(1, 3, s.height, s.width)
                 mask = s.mask if s.mask is not None else torch.ones(1, 1, s.height, s.width)
@@ -375,9 +428,24 @@ class Pipeline:
             if s.mode == "img2img":
                 init_latent = encode_image(self.model, s.init_image, noise.vae(shape))
                 x, schedule = img2img_start(schedule, init_latent, x_T, s.strength)
+            elif s.mode == "inpaint" and inpaint is None:  # a 4-channel model
+                blend = self._latent_blend(s, encode_image(self.model, s.init_image, noise.vae(shape)), shape)
+                x, schedule = img2img_start(schedule, blend.init_latent, x_T, s.strength)
             else:
                 x = txt2img_start(self.config, schedule, x_T)
-        return Latents(x=x, schedule=schedule, spec=spec, shared=shared, noise=noise, inpaint=inpaint)
+        return Latents(x=x, schedule=schedule, spec=spec, shared=shared, noise=noise, inpaint=inpaint, blend=blend)
+
+    def _latent_blend(self, s: GenerationSettings, init_latent: torch.Tensor, shape) -> I.LatentBlend:
+        """A1111's latent masks of the settings' processed mask, and the init latent after ``inpainting_fill``
+        2 / 3 (latent noise: the seeds' own unit noise, without variation, as A1111's ``create_random_tensors``
+        of the seeds)."""
+        device = init_latent.device
+        source = s.inpaint.latent_mask if s.inpaint is not None else I.mask_image(s.mask)
+        mask, nmask = (m.to(device) for m in I.latent_masks(source, *shape))
+        noise = None
+        if s.inpainting_fill == 2:
+            noise = ImageNoise(shape, s.seed, s.batch_size, s.rng, None, 0.0, device).start(shape).to(device)
+        return I.LatentBlend(I.fill_latent(init_latent, s.inpainting_fill, mask, nmask, noise), mask, nmask)
 
     # ------------------------------------------------------------ stage 3: the sampler loop
 
@@ -392,8 +460,8 @@ class Pipeline:
         spec = latents.spec
         total = latents.steps
         x = latents.x
-        with self._kernels():
-            runner = self._graph_runner(spec, s)
+        with self._kernels(), self._padding(s.tiling):
+            runner = self._graph_runner(spec, s) if latents.blend is None else None
             if runner is not None:
                 out = self._denoise_graphed(runner, spec, latents, cond, s, callback)
             else:
@@ -401,6 +469,8 @@ class Pipeline:
                 den = build_denoiser(self.unet, self.config, spec, s.cfg_scale, schedule, x.device)
                 if cond.per_step:
                     den = D.PerCallConditioning(den)
+                if latents.blend is not None and spec.space != "timesteps":
+                    den = I.BlendedDenoiser(den, latents.blend)  # A1111's per-step latent masking
                 kwargs = {}
                 if spec.takes_noise:
                     kwargs["noise_sampler"] = lambda _a, _b: latents.noise.ancestral(x.shape[1:]).to(x.device)
@@ -409,6 +479,8 @@ class Pipeline:
                 out = spec.fn(den, x, schedule, extra_args=extra, callback=step, **kwargs)
                 if spec.space == "timesteps":
                     out = out[0]  # (x, intermediates)
+            if latents.blend is not None:
+                out = latents.blend(out)  # A1111's sample(): the kept latents once more after the loop
         return check_finite(out, f"{s.sampler} sampling")
 
     def _graph_runner(self, spec: registry.SamplerSpec, s: GenerationSettings) -> GraphRunner | None:
@@ -434,7 +506,8 @@ class Pipeline:
         progress = None if callback is None else (lambda i, n: callback({"i": i, "total": n}))
         try:
             return runner.run(x, cond.cond, cond.uncond, noise, sigmas=sigmas, cfg_scale=s.cfg_scale,
-                              sampler=spec, shared=latents.shared, progress=progress, per_step=cond.per_step)
+                              sampler=spec, shared=latents.shared, progress=progress, per_step=cond.per_step,
+                              tiling=s.tiling)
         except GraphCaptureError as e:
             raise GraphCaptureError(f"{e}; run without CUDA graphs (use_graphs=False, tritonsd generate "
                                     "--no-cuda-graphs)") from e
@@ -444,11 +517,87 @@ class Pipeline:
         if self._runner is not None:
             self._runner.clear()
 
+    # ------------------------------------------------------------ stage 3b: hires fix's second pass
+
+    def hires_noise(self, settings: GenerationSettings) -> ImageNoise:
+        """webui's second ``ImageRNG``: the same seeds (and variation seeds), fresh, at the second pass's latent
+        shape."""
+        s = settings
+        target = s.hires_target()
+        shape = (self.config.vae.embed_dim, target.height // vae_factor(self.config),
+                 target.width // vae_factor(self.config))
+        return ImageNoise(shape, s.seed, s.batch_size, s.rng, s.subseed, s.subseed_strength, self.device)
+
+    def upscale(self, latents: torch.Tensor, settings: GenerationSettings, noise: NoiseSource) -> torch.Tensor:
+        """The first pass's latents [B, C, h, w] as the second pass's start [B, C, H/8, W/8] (``sample_hr_pass``):
+        a latent mode interpolates them; an image upscaler gets each image decoded to 8 bits, resizes it to
+        ``hr_upscale_to`` and the VAE encodes it again (its posterior sampled with ``noise.vae``); then the
+        truncate crop."""
+        s = settings
+        target = s.hires_target()
+        if is_latent_mode(s.hr_upscaler):
+            return upscale_latent(latents, target, s.hr_upscaler)
+        images = [self.upscalers.resize(to_pil(image), target.upscale_to_x, target.upscale_to_y, s.hr_upscaler)
+                  for image in self.decode(latents).cpu()]
+        # [H, W, 3] uint8 -> [B, 3, H, W] in [0, 1], as webui's np.array(image) / 255
+        pixels = torch.stack([torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1)
+                              for im in images])
+        f = vae_factor(self.config)
+        shape = (self.config.vae.embed_dim, target.upscale_to_y // f, target.upscale_to_x // f)
+        with self._kernels():
+            encoded = encode_image(self.model, pixels * 2.0 - 1.0, noise.vae(shape).to(self.device))
+        return crop_latent(encoded, target)
+
+    def prepare_hires_latents(self, upscaled: torch.Tensor, settings: GenerationSettings,
+                              noise: NoiseSource) -> Latents:
+        """The second pass's first latent and schedule by webui's fixed-steps rule: ``hr_steps`` steps of a
+        ``int(hr_steps / min(strength, 0.999))``-step schedule (``sampler/upscale.py``); at strength 0 none."""
+        s, hr = settings, settings.hires_pass()
+        spec = registry.get(hr.sampler)
+        device = self.device
+        shape = tuple(upscaled.shape[1:])
+        x_noise = noise.start(shape).to(device)
+        shared, inpaint = {}, None
+        with self._kernels():
+            if self.config.unet.in_channels == 9:  # the first pass's image conditioning, at the new size
+                h, w = shape[1] * vae_factor(self.config), shape[2] * vae_factor(self.config)
+                inpaint = inpaint_conditioning(self.model, torch.zeros(1, 3, h, w), torch.ones(1, 1, h, w),
+                                               noise.vae(shape).to(device))
+                shared["c_concat"] = inpaint.c_concat
+        length, t_enc = hires_steps(hr.steps, s.strength)
+        if length == 0:
+            return Latents(x=upscaled, schedule=None, spec=spec, shared=shared, noise=noise, inpaint=inpaint)
+        schedule = make_schedule(self.config, spec, length, hr.karras, hr.eta)
+        x, schedule = start_at(schedule, upscaled.to(device), x_noise, t_enc)
+        return Latents(x=x, schedule=schedule, spec=spec, shared=shared, noise=noise, inpaint=inpaint)
+
+    def encode_hires(self, settings: GenerationSettings, first: Conditioning | None = None) -> Conditioning:
+        """The second pass's conditioning: ``first`` (the first pass's) where webui's would be the same tensors
+        (the same prompts, no editing, not SDXL, whose size conditioning is the second pass's size), else the
+        hires prompts encoded at ``hr_upscale_to``."""
+        hr = settings.hires_pass()
+        same = hr.prompt == settings.prompt and hr.negative_prompt == settings.negative_prompt
+        if first is not None and same and not first.per_step and self.config.family != "sdxl":
+            return first
+        return self.encode(hr, hires_of=settings)
+
+    def hires(self, latents: torch.Tensor, settings: GenerationSettings, cond: Conditioning | None = None,
+              callback: StepCallback | None = None, noise: NoiseSource | None = None) -> torch.Tensor:
+        """The second pass over the first pass's ``latents``: its latents, float32 (see the module docstring)."""
+        hr = settings.hires_pass()
+        target = settings.hires_target()
+        self._warm(dataclasses.replace(hr, width=target.width, height=target.height))
+        noise = self.hires_noise(settings) if noise is None else noise
+        upscaled = self.upscale(latents, settings, noise)
+        hr_latents = self.prepare_hires_latents(upscaled, settings, noise)
+        return self.denoise(hr_latents, self.encode_hires(settings, cond), hr, callback)
+
     # ------------------------------------------------------------ stage 4: pixels
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """``clamp((decode_first_stage(latents) + 1) / 2, 0, 1)`` [B, 3, H, W] float32 on the model's device."""
-        with self._kernels():
+    def decode(self, latents: torch.Tensor, *, tiling: bool = False) -> torch.Tensor:
+        """``clamp((decode_first_stage(latents) + 1) / 2, 0, 1)`` [B, 3, H, W] float32 on the model's device;
+        ``tiling``: the VAE's convolutions pad circularly (pass the settings' ``tiling``)."""
+        with self._kernels(), self._padding(tiling):
             return decode_clamped(self.vae_guard, self.config.scale_factor, latents)
 
     # ------------------------------------------------------------ all of it
@@ -461,14 +610,17 @@ class Pipeline:
         cond = self.encode(settings)
         latents = self.prepare_latents(settings, noise)
         x = self.denoise(latents, cond, settings, callback)
-        return self.decode(x).cpu()
+        if settings.enable_hr:
+            x = self.hires(x, settings, cond, callback)
+        return self.decode(x, tiling=settings.tiling).cpu()
 
     def __call__(self, prompt: str = "", negative_prompt: str = "", *, callback: StepCallback | None = None,
                  **fields) -> "Images":
         """PIL images for ``prompt``; ``fields`` are ``GenerationSettings``'s (seed, steps, cfg_scale, sampler,
-        karras, width, height, batch_size, init_image, mask, strength, eta, use_graphs), or diffusers' names for
-        them (``DIFFUSERS_ALIASES``: num_inference_steps, guidance_scale, num_images_per_prompt, image,
-        mask_image). The result is a list that also has ``.images`` (diffusers' output). Each image's
+        karras, width, height, batch_size, init_image, mask, strength, eta, tiling, use_graphs, enable_hr and the hr_*
+        fields), or diffusers' names for them (``DIFFUSERS_ALIASES``: num_inference_steps, guidance_scale,
+        num_images_per_prompt, image, mask_image). The result is a list that also has ``.images`` (diffusers'
+        output). Each image's
         ``info["parameters"]`` is its AUTOMATIC1111 infotext and ``info["seed"]`` its seed."""
         settings = self.settings(prompt=prompt, negative_prompt=negative_prompt, **from_diffusers_names(fields))
         return Images(self.to_pil(self.generate(settings, callback), settings))
@@ -490,11 +642,14 @@ class Pipeline:
 
     def to_pil(self, images: torch.Tensor, settings: GenerationSettings,
                conditioning: Conditioning | None = None) -> list:
-        """PIL images with ``info["parameters"]`` (the infotext) and ``info["seed"]``."""
+        """PIL images with ``info["parameters"]`` (the infotext) and ``info["seed"]``; an inpainting's are pasted
+        back into the original (``inpaint.paste_back``: A1111's ``apply_overlay``)."""
 
         out = []
         for i, image in enumerate(images):
             pil = to_pil(image)
+            if settings.inpaint is not None:  # the original outside the mask, in the original's frame
+                pil = I.paste_back(pil, settings.inpaint)
             pil.info["parameters"] = self.infotext(settings, i, conditioning)
             pil.info["seed"] = settings.seed + i
             out.append(pil)
@@ -515,7 +670,7 @@ class Pipeline:
 def load(path: str | os.PathLike, config: str | os.PathLike | None = None, *, device=None, dtype=None,
          kernels: str = "auto", vae: str | os.PathLike | None = None, text_heads: int | None = None,
          parameterization: str | None = None, lora_dir: str | os.PathLike | None = None,
-         embeddings_dir: str | os.PathLike | None = None) -> Pipeline:
+         embeddings_dir: str | os.PathLike | None = None, upscaler_dir: str | os.PathLike | None = None) -> Pipeline:
     """A Pipeline for an original single-file checkpoint (``.safetensors`` or ``.ckpt``), or the built-in demo
     model ``"demo:sd1"`` (tiny, random weights: its images are noise; no file needed).
 
@@ -524,14 +679,15 @@ def load(path: str | os.PathLike, config: str | os.PathLike | None = None, *, de
     torch dtype (default: fp16 on CUDA, fp32 on the CPU); ``kernels``: "auto", "torch" or "triton"; ``vae``: an
     external VAE file (``.safetensors`` / ``.pt``); ``text_heads`` / ``parameterization``: what the weights cannot
     tell, when no YAML does; ``lora_dir``: where ``<lora:name:w>`` in a prompt is looked up;
-    ``embeddings_dir``: textual-inversion embeddings, used where their file name appears in a prompt. The model
+    ``embeddings_dir``: textual-inversion embeddings, used where their file name appears in a prompt;
+    ``upscaler_dir``: upscaler model files (ESRGAN, ...) for hires fix's ``hr_upscaler``. The model
     hash for the infotext is computed when the first infotext needs it, and cached on disk
     (``formats.hashes.cached_sha256``).
 
     The same as ``load_spec(LoadSpec(path, config, ...))``: the keywords are ``LoadSpec``'s fields."""
     return load_spec(LoadSpec(path, config, device=device, dtype=dtype, kernels=kernels, vae=vae,
                               text_heads=text_heads, parameterization=parameterization, lora_dir=lora_dir,
-                              embeddings_dir=embeddings_dir))
+                              embeddings_dir=embeddings_dir, upscaler_dir=upscaler_dir))
 
 
 def load_spec(spec: LoadSpec | CheckedSpec) -> Pipeline:
@@ -544,7 +700,7 @@ def load_spec(spec: LoadSpec | CheckedSpec) -> Pipeline:
                            text_heads=spec.text_heads, vae=spec.vae, dtype=checked.dtype, device=checked.device)
     source = model.source
     return Pipeline(model, name=source.model_name, kernels=spec.kernels, lora_dir=spec.lora_dir,
-                    embeddings_dir=spec.embeddings_dir,
+                    embeddings_dir=spec.embeddings_dir, upscaler_dir=spec.upscaler_dir,
                     model_hash=source.model_hash)  # computed (or read from the disk cache) when a PNG needs it
 
 

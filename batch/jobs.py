@@ -4,10 +4,13 @@ driver without a model so that a bad line costs nothing and is reported by its l
 Fields: ``id`` (required: the output's file name), ``prompt``, ``negative_prompt``, ``seed``, ``subseed``,
 ``subseed_strength`` (A1111's variation seed), ``steps``,
 ``sampler_name`` (A1111's "DPM++ 2M", the old "DPM++ 2M Karras", or ours "dpmpp_2m"), ``scheduler``
-("Automatic", "Uniform", "Karras"), ``cfg_scale``, ``width``, ``height``, ``loras`` (a list of ``"FILE"``,
+("Automatic", "Uniform", "Karras"), ``cfg_scale``, ``width``, ``height``, ``tiling`` (true: seamless textures), ``loras`` (a list of ``"FILE"``,
 ``"FILE:W"``, ``"FILE:TE_W:UNET_W"`` or ``{"path": FILE, "weight": W}``; FILE relative to the current directory,
-else to the LoRA folder, with or without ``.safetensors``). A missing field takes ``tritonsd
-generate``'s default; a missing seed (or A1111's -1) is derived from the id, so a rerun gives the same image.
+else to the LoRA folder, with or without ``.safetensors``); hires fix with A1111's txt2img names: ``enable_hr``,
+``denoising_strength``, ``hr_scale``, ``hr_resize_x``, ``hr_resize_y``, ``hr_upscaler``, ``hr_second_pass_steps``,
+``hr_sampler_name``, ``hr_scheduler``, ``hr_prompt``, ``hr_negative_prompt`` (model files from
+``--upscaler-dir``). A missing field takes ``tritonsd generate``'s default; a missing seed (or A1111's -1) is
+derived from the id, so a rerun gives the same image.
 """
 
 from __future__ import annotations
@@ -28,10 +31,17 @@ from tritonsd.sampler.seeds import RANDOM_SEEDS
 from tritonsd.sampler.settings import GenerationSettings, SettingsError
 from tritonsd.sampler.registry import DEFAULT_SAMPLER, UnknownSamplerError, resolve_name
 
+HIRES_FIELDS = ("enable_hr", "denoising_strength", "hr_scale", "hr_resize_x", "hr_resize_y", "hr_upscaler",
+                "hr_second_pass_steps", "hr_sampler_name", "hr_scheduler", "hr_prompt", "hr_negative_prompt")
 FIELDS = ("id", "prompt", "negative_prompt", "seed", "subseed", "subseed_strength", "steps", "sampler_name",
-          "scheduler", "cfg_scale", "width", "height", "loras")
+          "scheduler", "cfg_scale", "width", "height", "tiling", "loras", *HIRES_FIELDS)
 # GenerationSettings field -> the job field a SettingsError names
-JOB_FIELD = {"sampler": "sampler_name", "karras": "scheduler"}
+JOB_FIELD = {"sampler": "sampler_name", "karras": "scheduler", "strength": "denoising_strength",
+             "hr_sampler": "hr_sampler_name"}
+SETTINGS_FIELDS = ("prompt", "negative_prompt", "sampler", "karras", "steps", "cfg_scale", "seed", "subseed",
+                   "subseed_strength", "width", "height", "tiling", "enable_hr", "strength", "hr_scale", "hr_resize_x",
+                   "hr_resize_y", "hr_upscaler", "hr_second_pass_steps", "hr_sampler", "hr_scheduler", "hr_prompt",
+                   "hr_negative_prompt")  # what travels to a Ray worker
 MAX_ID_BYTES = 200  # "<id>.png" and its temporary name stay under the usual 255-byte file-name limit
 MAX_LINE_BYTES = 1 << 20
 _LORA_TAG = re.compile(r"<(?:lora|lyco):[^>]+>")  # the prompt's own LoRAs (webui's extra-network tags)
@@ -59,19 +69,20 @@ class Job:
         return f"{self.id}.png"
 
     def group_key(self) -> tuple:
-        """What jobs must share to run in one UNet batch: the sampler loop, the size, and the LoRA weights
-        (``loras`` and the prompt's ``<lora:...>`` tags, which the Pipeline applies per generation)."""
+        """What jobs must share to run in one UNet batch: the sampler loop, the size, the convolutions' padding
+        (tiling) and the LoRA weights (``loras`` and the prompt's ``<lora:...>`` tags, which the Pipeline applies
+        per generation)."""
         s = self.settings
-        return (s.sampler, s.karras, s.steps, s.cfg_scale, s.width, s.height, self.loras,
-                tuple(_LORA_TAG.findall(s.prompt)))
+        hires = (s.enable_hr, s.strength, s.hr_scale, s.hr_resize_x, s.hr_resize_y, s.hr_upscaler,
+                 s.hr_second_pass_steps, s.hr_sampler, s.hr_scheduler) if s.enable_hr else ()
+        return (s.sampler, s.karras, s.steps, s.cfg_scale, s.width, s.height, s.tiling, self.loras,
+                tuple(_LORA_TAG.findall(s.prompt)), hires)
 
     def to_dict(self) -> dict:
         """A plain, JSON-able form (what travels to a Ray worker)."""
         s = self.settings
         return {"line": self.line, "id": self.id, "loras": [list(x) for x in self.loras],
-                "settings": {f: getattr(s, f) for f in ("prompt", "negative_prompt", "sampler", "karras", "steps",
-                                                         "cfg_scale", "seed", "subseed", "subseed_strength", "width",
-                                                         "height")}}
+                "settings": {f: getattr(s, f) for f in SETTINGS_FIELDS}}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Job":
@@ -216,17 +227,37 @@ def parse_job(fields, line: int, *, lora_dir: Path | None = None, base: Path | N
     if seed is None or (seed == -1 and not isinstance(seed, bool)):
         seed = seed_from_id(job_id)
     given = {k: fields[k] for k in ("prompt", "negative_prompt", "steps", "cfg_scale", "width", "height", "subseed",
-                                    "subseed_strength") if fields.get(k) is not None}
+                                    "subseed_strength", "tiling") if fields.get(k) is not None}
     if given.get("subseed") == -1 and not isinstance(given["subseed"], bool):
         given["subseed"] = seed_from_id(job_id + "\0subseed")  # A1111's "random": derived, as the seed
     if sampler is not None:
         given["sampler"] = sampler
+    given.update(_hires(fields))
     try:
         settings = GenerationSettings(seed=seed, karras=karras, **given).check()
     except SettingsError as e:
         raise JobError(f"{JOB_FIELD.get(e.field, e.field)} {escape(e.detail, 300)}") from None
     loras = parse_loras(fields.get("loras"), lora_dir, base if base is not None else Path.cwd())
     return Job(line=line, id=job_id, settings=settings, loras=loras)
+
+
+def _hires(fields: dict) -> dict:
+    """The hires fields of a line as GenerationSettings fields (A1111's "Use same ..." as not given)."""
+    out = {k: fields[k] for k in ("enable_hr", "hr_scale", "hr_resize_x", "hr_resize_y", "hr_upscaler",
+                                  "hr_second_pass_steps", "hr_scheduler", "hr_prompt", "hr_negative_prompt")
+           if fields.get(k) is not None}
+    if fields.get("denoising_strength") is not None:
+        out["strength"] = fields["denoising_strength"]
+    if out.get("hr_scheduler") == "Use same scheduler":
+        del out["hr_scheduler"]
+    name = fields.get("hr_sampler_name")
+    if name is not None and name != "Use same sampler":
+        sampler, _karras = parse_sampler({"sampler_name": name})
+        out["hr_sampler"] = sampler
+    others = [k for k in fields if k in HIRES_FIELDS and k != "enable_hr" and fields[k] is not None]
+    if others and not out.get("enable_hr"):
+        raise JobError(f"{others[0]} needs enable_hr: true (hires fix)")
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ a file

@@ -5,6 +5,7 @@ loop shape. Per job: its text encoding (alone, a batch of one, as ``tritonsd gen
 share of the UNet batch, its PNG. A UNet batch always holds ``group_size`` rows: a short group is padded with
 copies of its last job, whose images are dropped, so an image's numbers never depend on how the jobs happened
 to be grouped (the kernels and A1111's emphasis are batch-dependent; a fixed batch makes them byte-stable).
+A hires fix job (``enable_hr``) runs alone, unpadded, exactly as ``Pipeline.generate`` runs it.
 """
 
 from __future__ import annotations
@@ -124,7 +125,7 @@ class BatchWorker:
         by_shape: dict[tuple, list[_Row]] = {}
         for row in rows:
             by_shape.setdefault(_cond_shape(row.cond), []).append(row)
-        n = self.group_size
+        n = 1 if rows and rows[0].settings.enable_hr else self.group_size  # hires jobs run alone (see sample)
         return [same[i: i + n] for same in by_shape.values() for i in range(0, len(same), n)]
 
     # ------------------------------------------------------------ one UNet batch
@@ -132,8 +133,12 @@ class BatchWorker:
     def sample(self, batch: list[_Row]) -> _Sampled:
         """Latents after the sampler loop for ``batch`` padded to ``group_size`` rows."""
         pipe = self.pipe
+        first = batch[0].settings
+        if first.enable_hr:  # a hires job alone, exactly Pipeline.generate's calls: its second pass is its own loop
+            row = batch[0]
+            x = pipe.denoise(pipe.prepare_latents(first), row.cond, first)
+            return _Sampled(batch, pipe.hires(x, first, row.cond))
         padded = batch + [batch[-1]] * (self.group_size - len(batch))
-        first = padded[0].settings
         if len(padded) == 1:
             settings, noise, cond = first, None, padded[0].cond  # exactly Pipeline.generate's calls
         else:
@@ -147,7 +152,8 @@ class BatchWorker:
     def images(self, sampled: _Sampled) -> list:
         """PIL images of the real rows, each with its own job's infotext and seed."""
         pipe = self.pipe
-        pixels = pipe.decode(sampled.latents).cpu()  # [group_size, 3, H, W]
+        tiling = sampled.rows[0].settings.tiling  # one group, one padding mode (Job.group_key)
+        pixels = pipe.decode(sampled.latents, tiling=tiling).cpu()  # [group_size, 3, H, W]
         images = []
         for i, row in enumerate(sampled.rows):  # each row has its own encode (and so its own TI hashes)
             images.append(pipe.to_pil(pixels[i: i + 1], row.settings, row.cond)[0])

@@ -98,6 +98,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kernels", choices=dispatch.BACKENDS, default="auto", help="our kernels' backend")
     p.add_argument("--device", default="cuda", help="cuda (default) or cpu (smoke runs only)")
     p.add_argument("--text-heads", type=int, default=None, help="text heads for a manifest path's model")
+    p.add_argument("--hires-scale", type=float, default=0.0, metavar="S",
+                   help="hires fix: a second pass at S times the size (latent upscale, webui's defaults: strength "
+                        "0.7, --steps steps; 0: off); its time is hires_ms, part of image_ms")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--git-commit", default=None, help="record this commit (when the tree has no .git; else "
                                                       "$TRITONSD_GIT_COMMIT, else git)")
@@ -270,8 +273,10 @@ class DiffusersImpl:
 
 def bench_settings(impl, batch: int, size: int, sampler: str, args):
     """What ``pipe(PROMPT, ...)`` would run: the sampler's default schedule, as a user gets it."""
+    hires = dict(enable_hr=True, hr_scale=args.hires_scale) if args.hires_scale else {}
     return impl.pipe.settings(prompt=PROMPT, sampler=sampler, steps=args.steps, cfg_scale=args.cfg,
-                              width=size, height=size, batch_size=batch, seed=args.seed, use_graphs=impl.graphs)
+                              width=size, height=size, batch_size=batch, seed=args.seed, use_graphs=impl.graphs,
+                              **hires)
 
 
 @torch.no_grad()
@@ -287,12 +292,15 @@ def one_image(impl, device, settings) -> dict:
     clock.mark()
     x = pipe.denoise(latents, cond, settings)
     clock.mark()
+    if settings.enable_hr:  # upscale, noise and the second loop at the large size
+        x = pipe.hires(x, settings, cond)
+    clock.mark()
     image = pipe.decode(x)
     clock.mark()
     image = image.cpu()
     wall = (time.perf_counter() - t0) * 1e3
-    text_ms, prep_ms, loop_ms, decode_ms = clock.spans_ms()
-    return {"image_ms": wall, "text_ms": text_ms, "loop_ms": loop_ms, "decode_ms": decode_ms,
+    text_ms, prep_ms, loop_ms, hires_ms, decode_ms = clock.spans_ms()
+    return {"image_ms": wall, "text_ms": text_ms, "loop_ms": loop_ms, "hires_ms": hires_ms, "decode_ms": decode_ms,
             "finite": bool(torch.isfinite(image).all())}
 
 
@@ -318,7 +326,7 @@ def unet_forward_ms(impl, device, settings) -> float:
     return statistics.median(times)
 
 
-def warmup_row(impl, device, batch: int, size: int) -> dict:
+def warmup_row(impl, device, batch: int, size: int, args) -> dict:
     """Our compile and tuning time for the row's shapes, apart from the first image: the library warm-up
     (``tritonsd.compile.warmup.warmup``: every kernel variant compiled in parallel, then every autotune key
     tuned once into the persistent cache) for one UNet step at the CFG batch and the VAE decode. Rows of the
@@ -328,7 +336,8 @@ def warmup_row(impl, device, batch: int, size: int) -> dict:
 
     pipe = impl.pipe
     start = time.perf_counter()
-    report = warmup(pipe.config, sizes=[(size, size)], batches=(2 * batch,), dtype=pipe.dtype, device=device,
+    sizes = [(size, size)] + ([(int(size * args.hires_scale),) * 2] if args.hires_scale else [])
+    report = warmup(pipe.config, sizes=sizes, batches=(2 * batch,), dtype=pipe.dtype, device=device,
                     model=pipe.model)
     return {"warmup_s": time.perf_counter() - start, "warmup_compiles": report.tasks,
             "warmup_compile_misses": report.misses, "warmup_compile_s": report.compile.wall_seconds,
@@ -343,14 +352,16 @@ def measure(impl, device, batch, size, sampler, args) -> dict:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     settings = bench_settings(impl, batch, size, sampler, args)
-    warm = warmup_row(impl, device, batch, size)
+    warm = warmup_row(impl, device, batch, size, args)
     first = one_image(impl, device, settings)
     runs = [one_image(impl, device, settings) for _ in range(args.repeat)]
-    med = {k: statistics.median(r[k] for r in runs) for k in ("image_ms", "text_ms", "loop_ms", "decode_ms")}
+    med = {k: statistics.median(r[k] for r in runs) for k in ("image_ms", "text_ms", "loop_ms", "hires_ms",
+                                                               "decode_ms")}
     row = {**warm, "first_image_ms": first["image_ms"], **med, "step_ms": med["loop_ms"] / args.steps,
            "it_per_s": args.steps / (med["loop_ms"] / 1e3), "karras": settings.karras,
            "finite": first["finite"] and all(r["finite"] for r in runs),
-           "raw": {k: [r[k] for r in runs] for k in ("image_ms", "text_ms", "loop_ms", "decode_ms")}}
+           "hires_scale": args.hires_scale or None,
+           "raw": {k: [r[k] for r in runs] for k in ("image_ms", "text_ms", "loop_ms", "hires_ms", "decode_ms")}}
     if not impl.graphs:
         row["unet_forward_ms"] = unet_forward_ms(impl, device, settings)
     if device.type == "cuda":

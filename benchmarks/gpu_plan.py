@@ -120,6 +120,11 @@ STAGES = (
           (f"{E2E} --model sd21 --model sdxl --batch 1 --impl tritonsd-graph --impl diffusers-eager "
            "--json {json}",), compiles=("sd21-fp16", "sdxl-fp16"), tunes=("sd21-fp16", "sdxl-fp16"),
           run_s="e2e_sd21_sdxl", fixtures=("manifests/sd21-v.json", "manifests/sdxl-base.json")),
+    Stage(8, "e2e-sd15-hires", "SD 1.5 hires fix 512x512 -> 1024x1024 batch 1 (latent upscale, 20 + 20 steps at "
+                               "strength 0.7): both loops CUDA-graphed, the second pass's time as hires_ms",
+          (f"{E2E} --model sd15 --batch 1 --impl tritonsd-graph --hires-scale 2 --repeat 3 --json {{json}}",),
+          compiles=("sd15-1024-fp16",), tunes=("sd15-fp16", "sd15-1024-fp16"), run_s="e2e_sd15_hires",
+          fixtures=("manifests/sd15.json",)),
 )
 PRECOMPILED = ("sd15-fp16", "tiny-fp32", "tiny-half")  # what stage 0 compiles
 UNTUNED_GROUPS = ("tiny-fp32", "tiny-half")  # compiled and run with TRITONSD_AUTOTUNE=0
@@ -325,6 +330,7 @@ def count_groups(only: list[str] | None = None) -> dict:
         "sd15-fp16": lambda: variants.model_launches(sd15, [sd15.size], (1, 2), fp16),
         "sd21-fp16": lambda: variants.model_launches(sd21, [sd21.size], (2,), fp16),
         "sdxl-fp16": lambda: variants.model_launches(sdxl, [sdxl.size], (2,), fp16),
+        "sd15-1024-fp16": lambda: variants.model_launches(sd15, [(1024, 1024)], (2,), fp16),  # hires fix's 2x
         # the kernel benchmarks' SD 2.1 and SDXL cases (stage 0 compiled SD 1.5's): their models at batch 2
         "bench-fp16": lambda: (variants.model_launches(sd21, [sd21.size], (2,), fp16)
                                + variants.model_launches(sdxl, [sdxl.size], (2,), fp16)),

@@ -100,10 +100,11 @@ ALLOWED_PICKLE_GLOBALS: tuple[tuple[type, str], ...] = (
 # Reading
 
 
-def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+def read_checkpoint(path: str | Path, wrappers: tuple[str, ...] = ("state_dict",)) -> dict[str, torch.Tensor]:
     """Read a ``.safetensors`` or pickled ``.ckpt`` checkpoint into a flat ``{name: tensor}`` dict on the CPU.
 
-    Tensors keep their stored dtype. ``.ckpt``: the ``"state_dict"`` wrapper is optional; other top-level entries
+    Tensors keep their stored dtype. ``.ckpt``: the weights may sit under the first of ``wrappers`` the pickle's
+    dict has (``"state_dict"``; upscaler files use ``"params_ema"``, ``"params"``, ...); other top-level entries
     (lightning's epoch, global_step, callbacks) and a nested ``"state_dict"`` are dropped.
     """
     path = Path(path)
@@ -112,10 +113,10 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     if path.suffix.lower() == SAFETENSORS_SUFFIX:
         return _read_safetensors(path)
     if path.suffix.lower() in PICKLE_SUFFIXES:
-        return _read_pickle(path)
+        return _read_pickle(path, wrappers)
     # unknown suffix: decide from the content (torch's zip container starts with "PK")
     if head.startswith(b"PK") or head[:1] == b"\x80":
-        return _read_pickle(path)
+        return _read_pickle(path, wrappers)
     try:
         return _read_safetensors(path)
     except CheckpointError:
@@ -339,7 +340,7 @@ def check_pickle_container(path: str | Path) -> None:
         raise CheckpointError(f"{_name(path)}: not a torch checkpoint (neither a zip archive nor a pickle)")
 
 
-def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
+def _read_pickle(path: Path, wrappers: tuple[str, ...] = ("state_dict",)) -> dict[str, torch.Tensor]:
     check_pickle_container(path)
     try:
         with warnings.catch_warnings():  # the checks above decide; torch's warnings would be a second line
@@ -352,7 +353,7 @@ def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{_name(path)}: bad checkpoint (too large to load into memory)") from None
     except Exception as e:  # noqa: BLE001 - torch's readers raise any type on malformed input; each is one line
         raise CheckpointError(f"{_name(path)}: {_load_failure(e)}") from None
-    return _unwrap_state_dict(path, obj)
+    return _unwrap_state_dict(path, obj, wrappers)
 
 
 def _load_failure(e: Exception) -> str:
@@ -490,16 +491,18 @@ def _check_legacy_pickles(path: Path) -> None:
             f.seek(begin + window.tell())
 
 
-def _unwrap_state_dict(path: Path, obj) -> dict[str, torch.Tensor]:
-    """``{"state_dict": {...}, ...}`` or a bare dict -> the flat tensor dict (a nested "state_dict" dropped).
+def _unwrap_state_dict(path: Path, obj, wrappers: tuple[str, ...] = ("state_dict",)) -> dict[str, torch.Tensor]:
+    """``{"state_dict": {...}, ...}`` (or another of ``wrappers``) or a bare dict -> the flat tensor dict (a
+    nested "state_dict" dropped).
     Each tensor must be a plain dense CPU tensor whose elements its storage holds (a stride-0 view could
     otherwise claim terabytes backed by a few bytes)."""
     if not isinstance(obj, dict):
         raise CheckpointError(f"{_name(path)}: not a checkpoint (the pickle holds a {type(obj).__name__}, not a "
                               f"dict)")
-    sd = obj.get("state_dict", obj)
+    wrapper = next((w for w in wrappers if w in obj), None)
+    sd = obj if wrapper is None else obj[wrapper]
     if not isinstance(sd, dict):
-        raise CheckpointError(f"{_name(path)}: not a checkpoint ('state_dict' is a {type(sd).__name__})")
+        raise CheckpointError(f"{_name(path)}: not a checkpoint ({wrapper!r} is a {type(sd).__name__})")
     tensors = {k: v for k, v in sd.items() if k != "state_dict" and isinstance(v, torch.Tensor)}
     if not tensors:
         raise CheckpointError(f"{_name(path)}: not a checkpoint (no tensors found)")

@@ -3,7 +3,9 @@
 GEMM view: M = B*H'*W' output pixels, N = C_out, K = C_in*KH*KW. A program owns a [BLOCK_M, BLOCK_N] output
 tile; it loops over the KH*KW taps (unrolled) and, per tap, over C_in in BLOCK_K chunks, gathering the input
 pixels the tap reads ([BLOCK_M, BLOCK_K], zero outside the image: that is the padding) and the tap's weights
-([BLOCK_K, BLOCK_N]). No im2col buffer. Input, weight, residual and output are all read through their strides,
+([BLOCK_K, BLOCK_N]). With ``circular`` (AUTOMATIC1111's "tiling": ``padding_mode="circular"`` on every conv)
+the rows and columns outside the image wrap around instead (row -1 is row H-1), as ``F.pad(..., mode="circular")``
+then an unpadded convolution. No im2col buffer. Input, weight, residual and output are all read through their strides,
 so NCHW and channels_last work alike; channels_last activations are the fast path (the K loads are then
 contiguous). The weights are read in the "kernel layout": logical shape [C_out, C_in, KH, KW], memory order
 [KH, KW, C_in, C_out] (C_out contiguous, so the [BLOCK_K, BLOCK_N] weight tiles load coalesced). The model holds
@@ -48,7 +50,7 @@ def _conv2d_kernel(
     stride_rb, stride_rc, stride_rh, stride_rw,
     stride_yb, stride_yc, stride_yh, stride_yw,
     scale,
-    KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
+    KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr, CIRCULAR: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_EMB: tl.constexpr, HAS_RES: tl.constexpr, HAS_SCALE: tl.constexpr,
     PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -77,10 +79,18 @@ def _conv2d_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for kh in tl.static_range(KH):
         hi = ho * STRIDE - PAD + kh
-        h_ok = m_ok & (hi >= 0) & (hi < H)
+        if CIRCULAR:  # wrap around once (the launcher guarantees PAD <= H, W): every tap reads a real pixel
+            hi = tl.where(hi < 0, hi + H, tl.where(hi >= H, hi - H, hi))
+            h_ok = m_ok
+        else:
+            h_ok = m_ok & (hi >= 0) & (hi < H)
         for kw in tl.static_range(KW):
             wi = wo * STRIDE - PAD + kw
-            pix_ok = h_ok & (wi >= 0) & (wi < W)
+            if CIRCULAR:
+                wi = tl.where(wi < 0, wi + W, tl.where(wi >= W, wi - W, wi))
+                pix_ok = h_ok
+            else:
+                pix_ok = h_ok & (wi >= 0) & (wi < W)
             x_pix = x_batch + hi * stride_xh + wi * stride_xw  # [BLOCK_M] pointers to channel 0
             w_tap = Wt + kh * stride_wh + kw * stride_ww
             for c0 in range(0, C_IN, BLOCK_K):
@@ -154,18 +164,23 @@ def _output_shape(x: torch.Tensor, weight: torch.Tensor, stride, padding) -> tup
 
 def conv2d_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride: int = 1,
                   padding: int = 0, emb: torch.Tensor | None = None, residual: torch.Tensor | None = None,
-                  scale: float | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+                  scale: float | None = None, out: torch.Tensor | None = None,
+                  circular: bool = False) -> torch.Tensor:
     """Same contract as :func:`conv2d_reference`; ``out`` (optional, [B, C_out, H', W']) receives the result.
 
     Falls back to the reference (which also raises the errors for bad shapes) for grouped convolutions,
     unequal or string stride/padding, dtypes other than float16/bfloat16/float32, x and weight of different
-    dtypes, or emb/residual shapes that only broadcast. Its output is channels-last.
+    dtypes, emb/residual shapes that only broadcast, or circular padding wider than the image (torch refuses
+    it; the kernel wraps once). Its output is channels-last. ``circular`` is not part of the autotune key: the
+    wrap-around changes only the load addresses, so both modes share the tuned tile.
     """
     out_shape = _output_shape(x, weight, stride, padding)
     if (out_shape is None or x.dtype not in FLOAT_DTYPES or weight.dtype != x.dtype
             or (emb is not None and tuple(emb.shape) != out_shape[:2])
-            or (residual is not None and tuple(residual.shape) != out_shape)):
-        result = conv2d_reference(x, weight, bias, stride, padding, emb=emb, residual=residual, scale=scale)
+            or (residual is not None and tuple(residual.shape) != out_shape)
+            or (circular and _as_int(padding) > min(x.shape[2], x.shape[3]))):
+        result = conv2d_reference(x, weight, bias, stride, padding, emb=emb, residual=residual, scale=scale,
+                                  circular=circular)
         return result if out is None else out.copy_(result)
     check_device(x, weight, bias, emb, residual, out)
     bsz, c_in, h, w = x.shape
@@ -199,7 +214,7 @@ def conv2d_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         e.stride(0), e.stride(1),
         *r.stride(), *out.stride(),
         1.0 if scale is None else float(scale),
-        KH=kh, KW=kw, STRIDE=st, PAD=pad,
+        KH=kh, KW=kw, STRIDE=st, PAD=pad, CIRCULAR=bool(circular) and pad > 0,
         HAS_BIAS=bias is not None, HAS_EMB=emb is not None, HAS_RES=residual is not None,
         HAS_SCALE=scale is not None, PRECISION=dot_precision(x.dtype), DOT_DTYPE=dot_dtype(x.dtype), GROUP=GROUP_M,
     )
@@ -208,8 +223,13 @@ def conv2d_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 def conv2d_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride: int = 1,
                      padding: int = 0, emb: torch.Tensor | None = None, residual: torch.Tensor | None = None,
-                     scale: float | None = None) -> torch.Tensor:
-    """``(conv2d(x) + bias + emb[:, :, None, None] + residual) * scale``, each term optional."""
+                     scale: float | None = None, circular: bool = False) -> torch.Tensor:
+    """``(conv2d(x) + bias + emb[:, :, None, None] + residual) * scale``, each term optional. ``circular``:
+    the padding wraps around (``nn.Conv2d``'s ``padding_mode="circular"``: ``F.pad`` circular, then no padding)."""
+    if circular:
+        ph, pw = (padding, padding) if isinstance(padding, int) else padding
+        x = F.pad(x, (pw, pw, ph, ph), mode="circular")  # [B, C, H + 2ph, W + 2pw]
+        padding = 0
     y = F.conv2d(x, weight, bias, stride, padding)
     if emb is not None:
         y = y + emb[:, :, None, None]

@@ -94,15 +94,16 @@ def geglu(x: torch.Tensor) -> torch.Tensor:
 
 def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride: int = 1,
            padding: int = 0, emb: torch.Tensor | None = None, residual: torch.Tensor | None = None,
-           scale: float | None = None) -> torch.Tensor:
+           scale: float | None = None, circular: bool = False) -> torch.Tensor:
     """2-D convolution with a fused epilogue: ``(conv(x) + bias + emb[:, :, None, None] + residual) * scale``.
 
-    emb: [B, C_out] per-channel add (the ResBlock's time embedding); residual: [B, C_out, H', W']. With "auto",
-    convolutions of fewer than ``conv.MIN_TRITON_C_IN`` input channels run the reference (cuDNN on CUDA).
+    emb: [B, C_out] per-channel add (the ResBlock's time embedding); residual: [B, C_out, H', W']; ``circular``:
+    the padding wraps around (tiling). With "auto", convolutions of fewer than ``conv.MIN_TRITON_C_IN`` input
+    channels run the reference (cuDNN on CUDA).
     """
     narrow = x.dim() == 4 and x.shape[1] < _conv.MIN_TRITON_C_IN and _forced.get() == "auto"
     impl = _conv.conv2d_triton if use_triton(x) and not narrow else _conv.conv2d_reference
-    return impl(x, weight, bias, stride, padding, emb=emb, residual=residual, scale=scale)
+    return impl(x, weight, bias, stride, padding, emb=emb, residual=residual, scale=scale, circular=circular)
 
 
 # ---- the sampler loop's elementwise arithmetic (kernels/sampler_step.py): scalars are host numbers

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +38,9 @@ class Conv2d(nn.Conv2d):
     follows the rule, also those the dispatch sends to the reference (``F.conv2d`` takes any strides, with the
     same results). ``state_dict()`` gives the weight contiguous in the original layout (a copy), as checkpoint
     files hold it; ``state_dict(keep_vars=True)`` gives the parameter itself.
+
+    ``padding_mode`` is read at every call: "circular" wraps the padding around (tiling); ``circular_padding``
+    sets it for the length of a run.
     """
 
     def __init__(self, *args, **kwargs):
@@ -58,7 +63,23 @@ class Conv2d(nn.Conv2d):
     def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None, residual: torch.Tensor | None = None,
                 scale: float | None = None) -> torch.Tensor:
         return dispatch.conv2d(x, self.weight, self.bias, self.stride[0], self.padding[0],
-                               emb=emb, residual=residual, scale=scale)
+                               emb=emb, residual=residual, scale=scale, circular=self.padding_mode == "circular")
+
+
+@contextlib.contextmanager
+def circular_padding(module: nn.Module, enabled: bool = True) -> Iterator[None]:
+    """Every ``Conv2d`` in ``module`` pads circularly (``enabled``) or with zeros inside the block, and gets its
+    own mode back after it: AUTOMATIC1111's tiling (``sd_hijack.apply_circular`` sets ``padding_mode`` on every
+    conv of the model for a generation), scoped to one run. Nesting restores the outer block's modes."""
+    convs = [m for m in module.modules() if isinstance(m, Conv2d)]
+    before = [c.padding_mode for c in convs]
+    for conv in convs:
+        conv.padding_mode = "circular" if enabled else "zeros"
+    try:
+        yield
+    finally:
+        for conv, mode in zip(convs, before):
+            conv.padding_mode = mode
 
 
 class Upsample(nn.Module):

@@ -50,7 +50,8 @@ class GraphCaptureError(RuntimeError):
 
 @dataclass(frozen=True)
 class LoopKey:
-    """Everything a captured loop bakes in: shapes, dtypes, device, sampler, the sigma values and CFG scale."""
+    """Everything a captured loop bakes in: shapes, dtypes, device, sampler, the sigma values, CFG scale, the
+    conditioning's shapes and the convolutions' padding mode."""
 
     batch: int
     channels: int
@@ -66,6 +67,7 @@ class LoopKey:
     noise_draws: int
     inputs: tuple  # ((group, name, shape, dtype), ...) of the conditioning buffers (their token length too)
     per_step: bool = False  # cond / uncond are per-step tables [calls, B, ...] (prompt editing)
+    tiling: bool = False  # the convolutions pad circularly (the captured kernels bake the padding in)
 
 
 def tables_on_device(denoiser, device: str | torch.device):
@@ -251,25 +253,29 @@ class GraphRunner:
         """The names of the samplers this runner can run: the registry's ``graphable`` ones, read now."""
         return tuple(registry.graph_samplers())
 
-    def key(self, x_T, sigmas, cfg_scale, sampler: SamplerSpec, eta, groups, per_step: bool = False) -> LoopKey:
+    def key(self, x_T, sigmas, cfg_scale, sampler: SamplerSpec, eta, groups, per_step: bool = False,
+            tiling: bool = False) -> LoopKey:
         b, c, h, w = x_T.shape
         return LoopKey(batch=b, channels=c, height=h, width=w, dtype=x_T.dtype, device=str(self.device),
                        sampler=sampler.name, steps=len(sigmas) - 1, sigmas=tuple(float(s) for s in sigmas),
                        cfg_scale=float(cfg_scale), eta=float(eta) if sampler.stochastic else 0.0,
                        noise_draws=sampler.noise_draws(sigmas, eta), inputs=_signature(groups),
-                       per_step=per_step)
+                       per_step=per_step, tiling=bool(tiling))
 
     def run(self, x_T: torch.Tensor, cond, uncond=None, noise: torch.Tensor | None = None, *,
             sigmas: torch.Tensor, cfg_scale: float, sampler: SamplerSpec | str = registry.DEFAULT_SAMPLER,
             eta: float = 1.0,
             shared: Mapping[str, torch.Tensor] | None = None,
-            progress: Callable[[int, int], None] | None = None, per_step: bool = False) -> torch.Tensor:
+            progress: Callable[[int, int], None] | None = None, per_step: bool = False,
+            tiling: bool = False) -> torch.Tensor:
         """Latents after the loop. ``x_T``: start latents already scaled (``x * sigmas[0]``); ``cond`` /
         ``uncond``: context tensors or dicts (``context``, ``y``); ``sampler``: its registry spec (what the
         Pipeline passes) or name; ``eta``: an ancestral sampler's; ``noise``: [N, *x_T.shape] pre-drawn noise for
         an ancestral sampler (``predraw_noise(x_T.shape, noise_draws(...), seed)``); ``progress(i, n)`` after each step
         (all at once after the replay, when captured); ``per_step``: cond / uncond are per-step tables
-        [calls, B, ...] (prompt editing), copied into static tables that the captured steps read row by row."""
+        [calls, B, ...] (prompt editing), copied into static tables that the captured steps read row by row;
+        ``tiling``: the model's convolutions pad circularly during this run (the caller sets that; a captured loop
+        bakes the padding in, so it is part of the key)."""
         sampler = graph_spec(sampler)
         if x_T.ndim != 4:
             raise GraphRunnerError(f"x_T must be [B, C, H, W], got {list(x_T.shape)}")
@@ -288,7 +294,7 @@ class GraphRunner:
             for n, t in d.items():
                 if t.shape[axis] != x_T.shape[0]:
                     raise GraphRunnerError(f"{g} {n!r} has batch {t.shape[axis]}, x_T has {x_T.shape[0]}")
-        key = self.key(x_T, sigmas, cfg_scale, sampler, eta, groups, per_step)
+        key = self.key(x_T, sigmas, cfg_scale, sampler, eta, groups, per_step, tiling)
         if key.noise_draws:
             want = (key.noise_draws, *x_T.shape)
             if noise is None or noise.ndim != len(want) or noise.shape[0] < want[0] or noise.shape[1:] != want[1:]:

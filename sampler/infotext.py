@@ -18,11 +18,19 @@ from tritonsd.sampler import registry
 from tritonsd.sampler.rng import infotext_rng
 
 
+# the keys ``processing.create_infotext`` (v1.10) writes first, in its order; the others (``extra_generation_params``:
+# the hires fields, TI and Lora hashes, ...) follow in the order they were set
+A1111_ORDER = ("Steps", "Sampler", "Schedule type", "CFG scale", "Image CFG scale", "Seed", "Face restoration", "Size",
+               "Model hash", "Model", "FP8 weight", "Cache FP16 weight for LoRA", "VAE hash", "VAE", "Variation seed",
+               "Variation seed strength", "Seed resize from", "Denoising strength", "Conditional mask weight",
+               "Clip skip", "ENSD", "Token merging ratio", "Token merging ratio hr", "Init image hash", "RNG", "Tiling")
+
+
 @dataclass
 class Infotext:
     """AUTOMATIC1111's ``parameters`` text: the prompt, ``Negative prompt: ...`` (when not empty), then one line
-    of ``Key: value`` pairs in the order ``processing.create_infotext`` (v1.10) writes them; None values are
-    left out, as there."""
+    of ``Key: value`` pairs in the order ``processing.create_infotext`` (v1.10) writes them (``A1111_ORDER``, then
+    the other ``extra`` keys in their order); None values are left out, as there."""
 
     prompt: str
     negative_prompt: str
@@ -34,13 +42,13 @@ class Infotext:
     height: int
     model_hash: str | None
     model: str | None
-    extra: dict[str, object] | None = None  # VAE hash, Denoising strength, Schedule type, ... (in that order)
+    extra: dict[str, object] | None = None  # Schedule type, VAE hash, Denoising strength, Hires upscale, ...
 
     def render(self) -> str:
         lines = [self.prompt]
         if self.negative_prompt:
             lines.append(f"Negative prompt: {self.negative_prompt}")
-        fields = {
+        given = {
             "Steps": self.steps,
             "Sampler": self.sampler,
             "CFG scale": _number(self.cfg_scale),
@@ -50,7 +58,9 @@ class Infotext:
             "Model": self.model,
         }
         for key, value in (self.extra or {}).items():
-            fields[key] = _number(value) if isinstance(value, float) else value
+            given[key] = _number(value) if isinstance(value, float) else value
+        fields = {k: given[k] for k in A1111_ORDER if k in given}
+        fields.update({k: v for k, v in given.items() if k not in fields})
         lines.append(", ".join(f"{k}: {quote(v)}" for k, v in fields.items() if v is not None))
         return "\n".join(lines)
 
@@ -60,22 +70,58 @@ def generation_infotext(s, index: int = 0, *, model: str | None, model_hash: str
                         lora_hashes: str | None = None) -> str:
     """The infotext of image ``index`` of a generation with settings ``s`` (resolved ``GenerationSettings``), as
     AUTOMATIC1111 writes it: the sampler and schedule by their A1111 names, the image's own seed, variation seed,
-    img2img strength, clip skip, noise source, and the files that shaped the image (VAE, embeddings, LoRAs)."""
+    img2img or hires strength, clip skip, noise source, tiling, hires fix's fields, and the files that shaped the image
+    (VAE, embeddings, LoRAs)."""
     spec = registry.get(s.sampler)
     variation = s.subseed_strength > 0
     extra = {"VAE hash": vae_hash,
              "VAE": vae,
              "Variation seed": (s.subseed or 0) + index if variation else None,
              "Variation seed strength": float(s.subseed_strength) if variation else None,
-             "Denoising strength": float(s.strength) if s.mode == "img2img" else None,
+             "Denoising strength": float(s.strength) if s.mode != "txt2img" or s.enable_hr else None,
              "Clip skip": s.clip_skip if s.clip_skip > 1 else None,
              "RNG": infotext_rng(s.rng),
+             "Tiling": "True" if s.tiling else None,
+             **inpaint_infotext(s),
              "Schedule type": spec.a1111_schedule(s.karras),
+             **(hires_infotext(s) if s.enable_hr else {}),
              "TI hashes": ti_hashes if s.prompt_syntax == "a1111" else None,
              "Lora hashes": lora_hashes or None}
     return Infotext(prompt=s.prompt, negative_prompt=s.negative_prompt, steps=s.steps, sampler=spec.a1111_name,
                     cfg_scale=s.cfg_scale, seed=s.seed + index, width=s.width, height=s.height,
                     model_hash=model_hash, model=model, extra=extra).render()
+
+
+def inpaint_infotext(s) -> dict:
+    """The keys A1111's img2img ``init`` adds for a mask, in its order (Mask mode, Mask blur, Inpaint area,
+    Masked area padding, Masked content); they come after RNG and before the sampler's Schedule type, as
+    ``init`` runs before the sampler. Empty unless the settings were prepared from a mask
+    (``GenerationSettings.inpaint``)."""
+    prepared = getattr(s, "inpaint", None)
+    if prepared is None or not prepared.extra:
+        return {}
+    extra = dict(prepared.extra)
+    if s.inpainting_fill in (2, 3):  # set by init after the pixels, with the init latent
+        extra["Masked content"] = ("latent noise", "latent nothing")[s.inpainting_fill - 2]
+    return extra
+
+
+def hires_infotext(s) -> dict[str, object]:
+    """The hires fields of the infotext, in the order webui's ``StableDiffusionProcessingTxt2Img.init`` sets them
+    (None: not written): the sampler and prompts where they differ from the first pass's, the second pass's
+    schedule where it names one the first pass's "Schedule type" does not, the size, the steps when given, the
+    upscaler."""
+    spec, hr = registry.get(s.sampler), s.hires_pass()
+    hr_spec = registry.get(hr.sampler)
+    hr_label = hr_spec.schedule_label(hr.karras)
+    return {"Hires sampler": hr_spec.a1111_name if s.hr_sampler is not None and hr.sampler != s.sampler else None,
+            "Hires prompt": hr.prompt if hr.prompt != s.prompt else None,
+            "Hires negative prompt": hr.negative_prompt if hr.negative_prompt != s.negative_prompt else None,
+            "Hires schedule type": hr_label if hr_label != spec.schedule_label(s.karras) else None,
+            "Hires upscale": float(s.hr_scale) if s.hr_resize_x == 0 and s.hr_resize_y == 0 else None,
+            "Hires resize": f"{s.hr_resize_x}x{s.hr_resize_y}" if s.hr_resize_x or s.hr_resize_y else None,
+            "Hires steps": s.hr_second_pass_steps or None,
+            "Hires upscaler": s.hr_upscaler}
 
 
 def quote(value) -> str:

@@ -158,6 +158,27 @@ def _strength(v: str) -> float:
     return x
 
 
+def _count(v: str) -> int:
+    n = int(v)
+    if n < 0:
+        raise ValueError("must not be negative")
+    return n
+
+
+def _positive_real(v: str) -> float:
+    x = _finite(v)
+    if x <= 0:
+        raise ValueError("must be above 0")
+    return x
+
+
+def _bool(v: str) -> bool:
+    """A1111's checkbox values: "True" / "False"."""
+    if v not in ("True", "False"):
+        raise ValueError("not True or False")
+    return v == "True"
+
+
 def _finite(v: str) -> float:
     x = float(v)
     if x != x or x in (float("inf"), float("-inf")):
@@ -178,7 +199,19 @@ _TYPED = {
     "Variation seed": ("subseed", _seed),
     "Variation seed strength": ("subseed_strength", _strength),
     "Emphasis": ("emphasis", str),
+    "Denoising strength": ("strength", _strength),
+    "Hires upscale": ("hr_scale", _positive_real),
+    "Hires resize-1": ("hr_resize_x", _count),
+    "Hires resize-2": ("hr_resize_y", _count),
+    "Hires steps": ("hr_second_pass_steps", _count),
+    "Hires upscaler": ("hr_upscaler", str),
+    "Hires sampler": ("hr_sampler", str),
+    "Hires schedule type": ("hr_scheduler", str),
+    "Hires prompt": ("hr_prompt", str),
+    "Hires negative prompt": ("hr_negative_prompt", str),
+    "Tiling": ("tiling", _bool),
 }
+HIRES_KEYS = ("Hires upscale", "Hires upscaler", "Hires resize-1")  # with "Denoising strength": hires fix was on
 
 
 def _printable(text: str, limit: int = 60) -> str:
@@ -188,8 +221,11 @@ def _printable(text: str, limit: int = 60) -> str:
 
 def generation_settings(infotext: str | dict[str, str]) -> dict[str, Any]:
     """Typed settings: prompt, negative_prompt, steps, sampler, schedule_type, cfg_scale, seed, width, height,
-    clip_skip, rng ("nv" / "cpu"), subseed, subseed_strength, emphasis, where present; ``extra``: every other
-    key (raw strings); ``notes``: one line per value that did not parse (that field is left out)."""
+    clip_skip, rng ("nv" / "cpu"), subseed, subseed_strength, emphasis, tiling, strength (``Denoising strength``) and the
+    hires fields (hr_scale, hr_resize_x / _y, hr_second_pass_steps, hr_upscaler, hr_sampler, hr_scheduler,
+    hr_prompt, hr_negative_prompt), where present; ``enable_hr``: whether the text says hires fix was on (webui's
+    rule: a denoising strength and a hires size or upscaler); ``extra``: every other key (raw strings); ``notes``:
+    one line per value that did not parse (that field is left out)."""
     raw = parse_infotext(infotext) if isinstance(infotext, str) else dict(infotext)
     out: dict[str, Any] = {"prompt": raw.get("Prompt", ""), "negative_prompt": raw.get("Negative prompt", ""),
                            "extra": {}, "notes": []}
@@ -205,13 +241,14 @@ def generation_settings(infotext: str | dict[str, str]) -> dict[str, Any]:
         except (ValueError, RNGError) as e:
             reason = str(e).splitlines()[0] if str(e) else "malformed"
             out["notes"].append(f"infotext field {_printable(key)!s}: {_printable(value)!r} ignored ({reason})")
+    out["enable_hr"] = "Denoising strength" in raw and any(k in raw for k in HIRES_KEYS)
     return out
 
 
 # Infotext keys whose presence asks A1111 for something tritonsd does not implement (the image would differ);
 # ``--infotext`` / ``--from-png`` / the server's ``infotext`` refuse them unless told to ignore them
-UNSUPPORTED_KEYS = ("Face restoration", "Tiling", "Seed resize from", "Refiner", "Refiner switch at", "Script",
-                    "ADetailer model", "ControlNet 0")
+UNSUPPORTED_KEYS = ("Face restoration", "Seed resize from", "Refiner", "Refiner switch at", "Script",
+                    "ADetailer model", "ControlNet 0", "Hires checkpoint")
 
 
 def unsupported_keys(parsed: dict) -> list[str]:

@@ -42,10 +42,16 @@ class SamplerSpec:
     reference_names: tuple[str, ...] = ()  # other spellings in reference files' <sampler>_cfg<scale> groups
     sgm: bool = False  # sgm (SDXL's reference code) has it: SDXL parity references may use it
 
-    def a1111_schedule(self, karras: bool) -> str | None:
-        """AUTOMATIC1111's "Schedule type" field for this run, None where it writes none: its "Automatic"
-        schedule is the sampler's default (Karras for DPM++ 2M, the uniform sigmas for Euler), recorded only when
-        it names a schedule; DDIM / PLMS have none."""
+    def a1111_schedule(self, karras: bool) -> str:
+        """AUTOMATIC1111's "Schedule type" field for this run: the schedule the sampler's sigmas come from
+        (``schedule_label``), else "Automatic" (v1.10 always writes the field: ``process_images`` turns an unset
+        scheduler into "Automatic"; DDIM / PLMS have no sigma schedule and keep it)."""
+        return self.schedule_label(karras) or "Automatic"
+
+    def schedule_label(self, karras: bool) -> str | None:
+        """The label of the schedule function webui's ``get_sigmas`` runs for this sampler, None when it runs
+        none (the model's own sigmas under "Automatic", or a timestep sampler): "Karras" for Karras sigmas,
+        "Uniform" for the uniform ones on a sampler whose default is Karras."""
         if self.space != "sigmas":
             return None
         if karras:

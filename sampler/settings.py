@@ -13,6 +13,11 @@ API defaults for the fields a client omits (``serve/schema.py``).
 
 Names: ``sampler`` takes ours ("dpmpp_2m"), A1111's ("DPM++ 2M", "DPM++ 2M Karras", "Euler a") or its aliases
 ("k_euler_a"); ``karras`` takes True / False / None or A1111's schedule type ("Automatic", "Uniform", "Karras").
+
+Hires fix (``enable_hr``, AUTOMATIC1111's txt2img switch; ``sampler/upscale.py`` has its arithmetic): a second
+pass at ``hr_scale`` times the size (or ``hr_resize_x`` x ``hr_resize_y``), from the first pass's latents upscaled
+by ``hr_upscaler`` and noised to ``strength`` (the denoising strength). Defaults as webui's UI: scale 2, "Latent",
+strength 0.7 (img2img's is 0.75), the first pass's steps, sampler, schedule and prompts.
 """
 
 from __future__ import annotations
@@ -25,8 +30,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tritonsd.sampler import registry, schedule as S
+from tritonsd.sampler import inpaint as I, registry, schedule as S
 from tritonsd.sampler.seeds import SEED_RANGE, random_seed
+from tritonsd.sampler.upscale import DEFAULT_UPSCALER, HiresTarget, hires_steps, hires_target
 from tritonsd.prompt.chunks import MAX_PROMPT_TOKENS, PromptTooLongError, tokenize_prompt
 from tritonsd.prompt.parser import PromptSyntaxError, prompt_schedule
 from tritonsd.prompt.tokenizer import get_tokenizer
@@ -35,7 +41,11 @@ from tritonsd.lora.apply import LoraError, parse_lora_tags
 from tritonsd.sampler.infotext_parse import generation_settings
 
 MAX_STEPS = 1000
+DEFAULT_IMG2IMG_STRENGTH = 0.75  # webui's img2img default (its UI's and API's)
+DEFAULT_HR_STRENGTH = 0.7  # webui's UI default for the hires pass (its API's is 0.75)
 MAX_BATCH = 64
+MAX_SIDE = 8192  # pixels per side of any image a generation makes (the hires pass's too)
+MAX_HR_SCALE = 8.0
 MAX_CLIP_SKIP = 12  # AUTOMATIC1111's slider; the model's own layer count is checked when the prompt is encoded
 MAX_CFG_SCALE = 100.0  # AUTOMATIC1111's slider stops at 30; far past it the latents overflow (1e30: NaN images)
 MAX_ETA = 1.0  # DDIM's eta: past 1 the step's noise term takes the square root of a negative number
@@ -69,8 +79,9 @@ class GenerationSettings:
     height: int | None = None
     batch_size: int = 1
     init_image: object = None  # PIL image or [1, 3, H, W] tensor in [-1, 1] (img2img, inpainting)
-    mask: object = None  # PIL image or [1, 1, H, W] tensor in [0, 1], 1 = repaint (9-channel models)
-    strength: float = 0.75  # img2img: how much of the schedule runs
+    mask: object = None  # PIL image or [1, 1, H, W] tensor in [0, 1], 1 = repaint (inpainting)
+    strength: float | None = None  # denoising strength, img2img's or the hires pass's (None: 0.75 img2img,
+    # 0.7 hires: webui's UI defaults)
     clip_skip: int = 1  # CLIP-L: final_layer_norm(hidden_states[-clip_skip]) (AUTOMATIC1111's; OpenCLIP ignores it)
     rng: str = "nv"  # noise source: "nv" (CUDA's torch.randn on any device), "gpu" (CUDA), "cpu"
     subseed: int | None = None  # variation seed (AUTOMATIC1111's); image i uses subseed + i
@@ -79,6 +90,25 @@ class GenerationSettings:
     prompt_syntax: str = "a1111"  # "a1111": weights, BREAK, long prompts, editing; "original": the original
     # scripts' encoding (one 77-token window, text taken literally)
     use_graphs: bool = True  # CUDA-graph the sigma samplers' loop (CUDA models only)
+    # inpainting (an init image and a mask), AUTOMATIC1111's fields with its UI's defaults (sampler/inpaint.py):
+    mask_blur: int | tuple = 4  # Gaussian sigma in pixels; (x, y) for A1111's mask_blur_x / mask_blur_y
+    inpaint_full_res: bool = False  # "Inpaint area": False whole picture, True only masked
+    inpaint_full_res_padding: int = 32  # "Only masked padding, pixels"
+    inpainting_fill: int | str = 1  # "Masked content": 0 fill, 1 original, 2 latent noise, 3 latent nothing
+    inpainting_mask_invert: bool = False  # "Mask mode": True inpaints what is NOT masked
+    resize_mode: int = 0  # init image to width x height: 0 just resize, 1 crop and resize, 2 resize and fill
+    inpaint: object = None  # set by check() from a PIL init image and a mask: the prepared ``inpaint.Prepared``
+    enable_hr: bool = False  # hires fix: a second pass at a larger size (txt2img only)
+    hr_scale: float = 2.0  # the second pass's size: the first's times this (unless hr_resize_x / _y)
+    hr_resize_x: int = 0  # the second pass's width (0: from the height and the aspect ratio, or hr_scale)
+    hr_resize_y: int = 0
+    hr_upscaler: str = DEFAULT_UPSCALER  # a latent mode ("Latent", ...), "Lanczos", "Nearest", "None" or a model
+    hr_second_pass_steps: int = 0  # 0: ``steps``
+    hr_sampler: str | None = None  # None: the first pass's
+    hr_scheduler: str | None = None  # "Automatic", "Uniform", "Karras"; None: the first pass's
+    hr_prompt: str = ""  # "": the prompt
+    hr_negative_prompt: str = ""  # "": the negative prompt
+    tiling: bool = False  # seamless textures: every UNet and VAE convolution pads circularly (AUTOMATIC1111's)
 
     # ------------------------------------------------------------ without a model
 
@@ -90,6 +120,7 @@ class GenerationSettings:
             raise SettingsError("negative_prompt", f"must be a string, got {type(self.negative_prompt).__name__}")
         spec, karras = _sampler(self.sampler, self.karras)
         _flag("use_graphs", self.use_graphs)
+        _flag("tiling", self.tiling)
         _flag("pad_cond_uncond", self.pad_cond_uncond)
         _choice("rng", self.rng, RNG_SOURCES)
         _choice("prompt_syntax", self.prompt_syntax, PROMPT_SYNTAXES)
@@ -104,19 +135,31 @@ class GenerationSettings:
         if eta != 0 and not spec.takes_eta:
             raise SettingsError("eta", f"applies to {_names(lambda s: s.takes_eta)} only ({spec.name} needs 0; "
                                        f"{_names(lambda s: s.stochastic)} always uses ancestral eta 1), got {eta:g}")
-        strength = _real("strength", self.strength, 0.0, 1.0)
+        _flag("enable_hr", self.enable_hr)
+        if self.strength is None:
+            strength = DEFAULT_HR_STRENGTH if self.enable_hr else DEFAULT_IMG2IMG_STRENGTH
+        else:
+            strength = _real("strength", self.strength, 0.0, 1.0)
+        hires = self._check_hires(steps) if self.enable_hr else {}
         for name in ("prompt", "negative_prompt"):
             check_prompt(name, getattr(self, name), steps, self.prompt_syntax)
+        fill = _inpaint_fields(self)
+        prepared, width, height = self._prepare_inpaint(fill)
         init_image = mask = None
         if self.init_image is not None:
-            init_image = image_tensor("init_image", self.init_image, 3, -1.0, 1.0)
+            if self.enable_hr:
+                raise SettingsError("enable_hr", "is txt2img's hires fix: it takes no init_image")
+            init_image = image_tensor("init_image", self.init_image if prepared is None else prepared.image,
+                                      3, -1.0, 1.0)
         if self.mask is not None:
             if init_image is None:
                 raise SettingsError("mask", "needs an init_image to inpaint")
-            mask = image_tensor("mask", self.mask, 1, 0.0, 1.0)
+            if prepared is not None:
+                mask = image_tensor("mask", prepared.mask, 1, 0.0, 1.0)
+            else:
+                mask = image_tensor("mask", self.mask, 1, 0.0, 1.0)
             if mask.shape[-2:] != init_image.shape[-2:]:
                 raise SettingsError("mask", f"is {_size(mask)} but the init image is {_size(init_image)}")
-        width, height = self.width, self.height
         for name, value in (("width", width), ("height", height)):
             if value is not None and _integer(name, value, VAE_FACTOR_MULTIPLE, None) % VAE_FACTOR_MULTIPLE:
                 raise SettingsError(name, f"{value} is not a multiple of {VAE_FACTOR_MULTIPLE} (the VAE's factor)")
@@ -132,7 +175,86 @@ class GenerationSettings:
         return dataclasses.replace(self, karras=karras, steps=steps, batch_size=batch, seed=seed,
                                    cfg_scale=cfg_scale, eta=eta, strength=strength, init_image=init_image,
                                    mask=mask, width=width, height=height, clip_skip=clip_skip, subseed=subseed,
-                                   subseed_strength=subseed_strength, sampler=spec.name)
+                                   subseed_strength=subseed_strength, sampler=spec.name, inpainting_fill=fill,
+                                   inpaint=prepared, **hires)
+
+    def _prepare_inpaint(self, fill: int) -> tuple:
+        """(prepared, width, height): A1111's pixel-side inpainting (``inpaint.prepare``) of a PIL init image and
+        a mask, at width x height (default: the init image's size); (None, width, height) for anything else
+        (already prepared; a tensor init image is the model's input as is: no blur, no paste-back)."""
+        from PIL import Image
+
+        if self.inpaint is not None:
+            return self.inpaint, self.width, self.height
+        if self.mask is None or not isinstance(self.init_image, Image.Image):
+            return None, self.width, self.height
+        init = to_mode(self.init_image, "RGBA" if self.init_image.mode in ("RGBA", "LA", "P") else "RGB")
+        mask = self.mask
+        if isinstance(mask, torch.Tensor):
+            mask = I.mask_image(image_tensor("mask", mask, 1, 0.0, 1.0))
+        elif not isinstance(mask, Image.Image):
+            raise SettingsError("mask", f"must be a PIL image or a [1, 1, H, W] tensor, got {type(mask).__name__}")
+        elif mask.mode != "RGBA":
+            mask = to_mode(mask, "L")
+        if mask.size != init.size:
+            raise SettingsError("mask", f"is {mask.width}x{mask.height} but the init image is "
+                                        f"{init.width}x{init.height}")
+        width = self.width if self.width is not None else (self.height or init.width)
+        height = self.height if self.height is not None else (self.width or init.height)
+        for name, value in (("width", width), ("height", height)):
+            if _integer(name, value, VAE_FACTOR_MULTIPLE, None) % VAE_FACTOR_MULTIPLE:
+                raise SettingsError(name, f"{value} is not a multiple of {VAE_FACTOR_MULTIPLE} (the VAE's factor)")
+        blur_x, blur_y = self.mask_blur if isinstance(self.mask_blur, tuple) else (self.mask_blur, self.mask_blur)
+        try:
+            prepared = I.prepare(init, mask, width, height, resize_mode=self.resize_mode, blur_x=blur_x,
+                                 blur_y=blur_y, invert=self.inpainting_mask_invert, full_res=self.inpaint_full_res,
+                                 full_res_padding=self.inpaint_full_res_padding, inpainting_fill=fill)
+        except I.InpaintError as e:
+            raise SettingsError("mask", str(e)) from None
+        return prepared, width, height
+
+    def _check_hires(self, steps: int) -> dict:
+        """The hires fields checked (without the model): a dict of their checked values."""
+        hr_sampler = self.hr_sampler
+        if hr_sampler is not None:
+            try:
+                hr_sampler = registry.resolve_name(hr_sampler)[0] if isinstance(hr_sampler, str) else \
+                    registry.get(hr_sampler).name
+            except registry.UnknownSamplerError:
+                raise SettingsError("hr_sampler", f"{hr_sampler!r} is unknown; choose one of "
+                                                  f"{', '.join(registry.SAMPLERS)}") from None
+        if self.hr_scheduler is not None:
+            _choice("hr_scheduler", self.hr_scheduler, HR_SCHEDULERS)
+        if not isinstance(self.hr_upscaler, str) or not self.hr_upscaler:
+            raise SettingsError("hr_upscaler", f"must be an upscaler's name, got {self.hr_upscaler!r}")
+        for name in ("hr_prompt", "hr_negative_prompt"):
+            value = getattr(self, name)
+            if not isinstance(value, str):
+                raise SettingsError(name, f"must be a string, got {type(value).__name__}")
+            check_prompt(name, value, steps, self.prompt_syntax)
+        hr_scale = _real("hr_scale", self.hr_scale, 0.0, MAX_HR_SCALE)
+        if hr_scale == 0:
+            raise SettingsError("hr_scale", "must be above 0")
+        resize = [_integer(n, getattr(self, n), 0, MAX_SIDE) for n in ("hr_resize_x", "hr_resize_y")]
+        return dict(hr_scale=hr_scale, hr_resize_x=resize[0], hr_resize_y=resize[1], hr_sampler=hr_sampler,
+                    hr_second_pass_steps=_integer("hr_second_pass_steps", self.hr_second_pass_steps, 0, MAX_STEPS))
+
+    def hires_target(self) -> HiresTarget:
+        """The second pass's size (resolved settings with ``enable_hr``)."""
+        return hires_target(self.width, self.height, self.hr_scale, self.hr_resize_x, self.hr_resize_y)
+
+    def hires_pass(self) -> "GenerationSettings":
+        """The second pass as settings of its own (resolved settings with ``enable_hr``): its prompts, sampler,
+        schedule and steps, at the size it is encoded for (webui's ``hr_upscale_to``, before the crop: SDXL's
+        size conditioning takes it)."""
+        target = self.hires_target()
+        hr_spec = registry.get(self.hr_sampler or self.sampler)
+        karras = _SCHEDULE_KARRAS[self.hr_scheduler or "Automatic"]
+        return dataclasses.replace(
+            self, prompt=self.hr_prompt or self.prompt, negative_prompt=self.hr_negative_prompt or self.negative_prompt,
+            sampler=hr_spec.name, karras=hr_spec.karras if karras is None else karras,
+            steps=self.hr_second_pass_steps or self.steps, width=target.upscale_to_x, height=target.upscale_to_y,
+            enable_hr=False)
 
     # ------------------------------------------------------------ against the model
 
@@ -144,9 +266,6 @@ class GenerationSettings:
         if in_channels not in (4, 9):
             raise SettingsError("model", f"UNets with {in_channels} input channels are not supported (4, or 9 "
                                          "for inpainting)")
-        if s.mask is not None and in_channels != 9:
-            raise SettingsError("mask", "needs an inpainting model (9-channel UNet); this model's UNet takes "
-                                        f"{in_channels} channels")
         if spec.space == "timesteps":
             check_ddim_steps(s.sampler, s.steps, config.timesteps)
         multiple = side_multiple(config)
@@ -154,7 +273,10 @@ class GenerationSettings:
         width = _side("width", s.width if s.width is not None else size, multiple, config)
         height = _side("height", s.height if s.height is not None else size, multiple, config)
         karras = spec.karras if s.karras is None else s.karras
-        return dataclasses.replace(s, width=width, height=height, karras=karras)
+        hires = {}
+        if s.enable_hr:
+            hires = _resolve_hires(s, width, height, config)
+        return dataclasses.replace(s, width=width, height=height, karras=karras, **hires)
 
     @property
     def mode(self) -> str:
@@ -162,6 +284,53 @@ class GenerationSettings:
         if self.init_image is None:
             return "txt2img"
         return "img2img" if self.mask is None else "inpaint"
+
+
+MAX_MASK_BLUR = 64  # A1111's slider maximum
+RESIZE_MODES = 4  # 0 just resize, 1 crop and resize, 2 resize and fill, 3 latent upscale (resized as 0)
+
+
+def _inpaint_fields(s: GenerationSettings) -> int:
+    """The inpainting fields checked; returns ``inpainting_fill`` as 0..3."""
+    blur = s.mask_blur if isinstance(s.mask_blur, tuple) else (s.mask_blur,)
+    if len(blur) not in (1, 2):
+        raise SettingsError("mask_blur", f"must be an integer or an (x, y) pair, got {s.mask_blur!r}")
+    for value in blur:
+        _integer("mask_blur", value, 0, MAX_MASK_BLUR)
+    _flag("inpaint_full_res", s.inpaint_full_res)
+    if s.inpainting_mask_invert not in (0, 1):  # True / False, or A1111's 0 / 1
+        raise SettingsError("inpainting_mask_invert", f"must be True or False, got {s.inpainting_mask_invert!r}")
+    _integer("inpaint_full_res_padding", s.inpaint_full_res_padding, 0, 256)
+    _integer("resize_mode", s.resize_mode, 0, RESIZE_MODES - 1)
+    try:
+        return I.fill_mode(s.inpainting_fill)
+    except I.InpaintError as e:
+        raise SettingsError("inpainting_fill", str(e)) from None
+
+
+HR_SCHEDULERS = ("Automatic", "Uniform", "Karras")  # AUTOMATIC1111's labels of the schedules we have
+_SCHEDULE_KARRAS = {"Automatic": None, "Uniform": False, "Karras": True}
+
+
+def _resolve_hires(s: GenerationSettings, width: int, height: int, config) -> dict:
+    """The hires fields resolved for the model: the second pass's schedule named ("use same" is the first pass's
+    schedule: its label, so that "Automatic" stays the hires sampler's own default) and its size checked."""
+    if s.hr_scheduler is None:
+        hr_scheduler = "Automatic" if s.karras is None else ("Karras" if s.karras else "Uniform")
+    else:
+        hr_scheduler = s.hr_scheduler
+    target = hires_target(width, height, s.hr_scale, s.hr_resize_x, s.hr_resize_y)
+    field = "hr_scale" if s.hr_resize_x == 0 and s.hr_resize_y == 0 else "hr_resize_x"
+    if target.width < VAE_FACTOR_MULTIPLE or target.height < VAE_FACTOR_MULTIPLE:
+        raise SettingsError(field, f"gives a {target.width}x{target.height} image: below one latent cell")
+    if max(target.upscale_to_x, target.upscale_to_y) > MAX_SIDE:
+        raise SettingsError(field, f"makes the second pass {target.upscale_to_x}x{target.upscale_to_y}, larger than "
+                                   f"the limit of {MAX_SIDE} pixels per side")
+    hr_spec = registry.get(s.hr_sampler or s.sampler)
+    hr_steps = s.hr_second_pass_steps or s.steps
+    if hr_spec.space == "timesteps":
+        check_ddim_steps(hr_spec.name, hires_steps(hr_steps, s.strength)[0] or 1, config.timesteps)
+    return {"hr_scheduler": hr_scheduler}
 
 
 def _is_random(seed) -> bool:
@@ -246,12 +415,14 @@ def _excerpt(text: str, limit: int = 40) -> str:
 
 
 INFOTEXT_FIELDS = ("prompt", "negative_prompt", "steps", "cfg_scale", "seed", "width", "height", "clip_skip", "rng",
-                   "subseed", "subseed_strength")
+                   "subseed", "subseed_strength", "tiling")
+HIRES_INFOTEXT_FIELDS = ("strength", "hr_scale", "hr_resize_x", "hr_resize_y", "hr_upscaler",
+                         "hr_second_pass_steps", "hr_scheduler", "hr_prompt", "hr_negative_prompt")
 
 
 def fields_from_infotext(text: str) -> tuple[dict, list[str]]:
     """(GenerationSettings fields, notes) from an AUTOMATIC1111 ``parameters`` text: prompt, negative prompt,
-    steps, sampler and schedule type, CFG scale, seed, size, clip skip, RNG and variation seed. Unknown keys are
+    steps, sampler and schedule type, CFG scale, seed, size, clip skip, RNG, variation seed and tiling. Unknown keys are
     ignored; each malformed value is left out with one note line; an unknown sampler is a ``SettingsError``."""
 
     parsed = generation_settings(text)
@@ -264,6 +435,14 @@ def fields_from_infotext(text: str) -> tuple[dict, list[str]]:
             raise SettingsError("sampler", f"from the infotext: {e}") from None
     if fields.get("subseed_strength", 0.0) == 0.0:
         fields.pop("subseed", None)
+    if parsed.get("enable_hr"):  # webui's paste: "Denoising strength" and a "Hires ..." size or upscaler
+        fields["enable_hr"] = True
+        fields.update({k: parsed[k] for k in HIRES_INFOTEXT_FIELDS if k in parsed})
+        if "hr_sampler" in parsed:
+            try:
+                fields["hr_sampler"] = registry.from_a1111_name(parsed["hr_sampler"])[0]
+            except registry.UnknownSamplerError as e:
+                raise SettingsError("hr_sampler", f"from the infotext: {e}") from None
     return fields, parsed["notes"]
 
 

@@ -14,11 +14,16 @@ One function each, so the Pipeline, the parity checks and the benchmarks build t
   PLMS on v models converts v too: the original PLMSSampler would misread v as eps.
 * ``txt2img_start`` / ``img2img_start``: the first latent from unit noise (and the init latent).
 
-img2img (``strength`` s, n steps, ``t_enc = int(s * n)``):
-* DDIM / PLMS as the original: ``x = sqrt(a[t_enc]) x0 + sqrt(1 - a[t_enc]) x_T``, then the steps of indices
-  ``t_enc - 1 .. 0``; ``a[n]`` (which the original lacks: it fails at strength 1) is 0, so strength 1 is pure
-  noise, exactly txt2img; strength 0 runs no step and returns the init latent itself.
-* the sigma samplers as AUTOMATIC1111: ``sigmas[n - t_enc:]`` and ``x = x0 + x_T * sigmas[n - t_enc]``.
+img2img (``strength`` s, n steps):
+* DDIM / PLMS as the original scripts (``t_enc = int(s * n)``): ``x = sqrt(a[t_enc]) x0 + sqrt(1 - a[t_enc]) x_T``,
+  then the steps of indices ``t_enc - 1 .. 0``; ``a[n]`` (which the original lacks: it fails at strength 1) is 0,
+  so strength 1 is pure noise, exactly txt2img; strength 0 runs no step and returns the init latent itself.
+* the sigma samplers as AUTOMATIC1111 v1.10 (``sd_samplers_kdiffusion.sample_img2img``): ``t_enc =
+  int(min(s, 0.999) * n)``, then ``t_enc + 1`` steps from ``sigmas[n - t_enc - 1]``, ``x = x0 + x_T * sigmas[n -
+  t_enc - 1]`` (``rule="webui"``). The original scripts' ``t_enc = int(s * n)`` steps from ``sigmas[n - t_enc]``
+  stay available as ``rule="original"``.
+* hires fix's second pass (``start_at``): webui's fixed-steps ``t_enc`` on a longer schedule
+  (``sampler/upscale.py``).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import torch
 
 from tritonsd.sampler import denoise as D
 from tritonsd.sampler import schedule as S
+from tritonsd.sampler import upscale as U
 from tritonsd.sampler.registry import SamplerSpec
 
 
@@ -108,17 +114,36 @@ def txt2img_start(config, schedule, x_T: torch.Tensor) -> torch.Tensor:
     return x_T * schedule[0]
 
 
-def img2img_start(schedule, init_latent: torch.Tensor, noise: torch.Tensor, strength: float):
+IMG2IMG_RULES = ("webui", "original")
+
+
+def img2img_start(schedule, init_latent: torch.Tensor, noise: torch.Tensor, strength: float, rule: str = "webui"):
     """(first latent, remaining schedule or None) for img2img; see the module docstring."""
+    if rule not in IMG2IMG_RULES:
+        raise WiringError(f"unknown img2img rule {rule!r}; expected one of {', '.join(IMG2IMG_RULES)}")
     n = num_steps(schedule)
-    t_enc = int(strength * n)
-    if t_enc == 0:
-        return init_latent, None
+    if isinstance(schedule, S.DDIMSchedule) or rule == "original":
+        t_enc = int(strength * n)
+        if not isinstance(schedule, S.DDIMSchedule):
+            if t_enc == 0:
+                return init_latent, None
+            t_enc -= 1  # the original scripts run t_enc steps from sigmas[n - t_enc]
+        return start_at(schedule, init_latent, noise, t_enc)
+    return start_at(schedule, init_latent, noise, U.img2img_t_enc(n, strength))
+
+
+def start_at(schedule, init_latent: torch.Tensor, noise: torch.Tensor, t_enc: int):
+    """(first latent, remaining schedule or None) noising ``init_latent`` to step ``t_enc`` of ``schedule``:
+    sigma samplers run ``t_enc + 1`` steps from ``sigmas[n - t_enc - 1]`` (webui's ``sample_img2img``); DDIM /
+    PLMS run ``t_enc`` steps from ``stochastic_encode`` at ``t_enc`` (none at 0; pure noise at ``n``)."""
+    n = num_steps(schedule)
     if isinstance(schedule, S.DDIMSchedule):
+        if t_enc == 0:
+            return init_latent, None
         if t_enc == n:  # a[n] = 0: pure noise
             return noise, schedule
         a = schedule.alphas[t_enc].to(torch.float32)
         x = a.sqrt() * init_latent + (1.0 - a).sqrt() * noise  # stochastic_encode
         return x, S.DDIMSchedule(*(field[:t_enc] for field in schedule))
-    sigmas = schedule[n - t_enc:]
+    sigmas = schedule[n - t_enc - 1:]
     return init_latent + noise * sigmas[0], sigmas

@@ -8,8 +8,8 @@ field names, defaults and response shapes) and a small web page, on FastAPI + uv
 
 Modules: ``app`` (routes, errors, body limit, auth), ``schema`` (A1111's request fields), ``jobs`` (request ->
 GenerationSettings plan -> images), ``worker`` (the device's single worker and A1111's progress state), ``host``
-(the resident Pipeline and model switches), ``catalog`` (checkpoints, VAEs, LoRAs, embeddings), ``inpaint``
-(A1111's img2img resize, mask and paste-back), ``images`` (base64 / PNG), ``limits``.
+(the resident Pipeline and model switches), ``catalog`` (checkpoints, VAEs, LoRAs, embeddings),
+``images`` (base64 / PNG), ``limits``.
 """
 
 from __future__ import annotations

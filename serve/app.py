@@ -28,7 +28,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from tritonsd.serve import jobs, limits
 from tritonsd.serve.catalog import Catalog
 from tritonsd.serve.errors import ApiError, BadRequest, TooLarge, error_body, printable
+from tritonsd.sampler.upscale import LATENT_UPSCALE_MODES
+from tritonsd.serve.extras import ExtrasSingleImageRequest, extras_job
 from tritonsd.serve.guard import HostGuard, allowed_hosts
+from tritonsd.upscalers import Upscalers
 from tritonsd.serve.host import ModelHost, ModelKey
 from tritonsd.serve.images import decode_image, text_items
 from tritonsd.serve.jobs import Options
@@ -308,6 +311,22 @@ def create_app(state: ServerState) -> FastAPI:
                  "need_inner_model": True},
                 {"name": "karras", "label": "Karras", "aliases": None, "default_rho": 7.0,
                  "need_inner_model": False}]
+
+    @app.get("/sdapi/v1/upscalers")
+    def upscalers():
+        ups = Upscalers(state.host.spec.upscaler_dir)
+        files = ups.files()
+        return [{"name": name, "model_name": None, "model_path": str(files[name]) if name in files else None,
+                 "model_url": None, "scale": None} for name in ups.names()]
+
+    @app.get("/sdapi/v1/latent-upscale-modes")
+    def latent_upscale_modes():
+        return [{"name": name} for name in LATENT_UPSCALE_MODES]
+
+    @app.post("/sdapi/v1/extra-single-image", openapi_extra=body_schema(ExtrasSingleImageRequest))
+    async def extra_single_image(request: Request):
+        req = await read_model(request, ExtrasSingleImageRequest)
+        return await run_job(extras_job(req), request)
 
     @app.get("/sdapi/v1/sd-models")
     def sd_models():

@@ -5,7 +5,10 @@ Mapping (A1111 field -> GenerationSettings): sampler_name / sampler_index + sche
 (``registry.from_a1111_name``: v1.10's names with "Automatic" / "Uniform" / "Karras" schedules, the older
 combined "DPM++ 2M Karras", and A1111's ``k_`` aliases, ``registry.from_a1111_alias``); seed / subseed -1 ->
 random; subseed_strength; steps, cfg_scale, width, height, batch_size; n_iter -> one generation per iteration
-with the seeds counting on; denoising_strength -> strength; eta -> the eta of a sampler that takes one (DDIM;
+with the seeds counting on; denoising_strength -> strength (img2img's, or with enable_hr the hires pass's: A1111's
+API default 0.75 when omitted); enable_hr, hr_scale, hr_resize_x / _y, hr_upscaler (None: "Latent"),
+hr_second_pass_steps, hr_sampler_name, hr_scheduler ("Use same ..." and None: the first pass's), hr_prompt,
+hr_negative_prompt -> the settings' hires fields; eta -> the eta of a sampler that takes one (DDIM;
 an ancestral sampler, Euler a, always runs A1111's ancestral eta 1);
 ``infotext`` fills the fields the request did not send (A1111 v1.10's ``apply_infotext``);
 override_settings / options: CLIP_stop_at_last_layers -> clip_skip, randn_source -> rng ("GPU" and "NV" -> nv,
@@ -20,22 +23,24 @@ import logging
 from dataclasses import dataclass, field
 
 from tritonsd.sampler.seeds import random_seed
-from tritonsd.serve import inpaint, limits
+from tritonsd.sampler import inpaint
+from tritonsd.serve import limits
 from tritonsd.serve.errors import ApiError, BadRequest, NotFound, printable
 from tritonsd.serve.host import ModelKey
 from tritonsd.serve.images import decode_image, png_b64
-from tritonsd.serve.schema import (IMG2IMG_FIELDS, TXT2IMG_FIELDS, apply_infotext, ignored_fields, infotext_unsupported,
-    parameters, unsupported_fields, value)
+from tritonsd.serve.schema import (API_DENOISING_STRENGTH, IMG2IMG_FIELDS, SAME, TXT2IMG_FIELDS, apply_infotext,
+    ignored_fields, infotext_unsupported, parameters, unsupported_fields, value)
 from tritonsd.serve.worker import Interrupted, Job
 from tritonsd.sampler.registry import UnknownSamplerError, resolve_name
 from tritonsd.sampler import registry
 from tritonsd.sampler.settings import MAX_BATCH, GenerationSettings
+from tritonsd.sampler.upscale import DEFAULT_UPSCALER, hires_target
 
 log = logging.getLogger("tritonsd.serve")
 
 RNG_SOURCES = {"GPU": "nv", "NV": "nv", "CPU": "cpu"}
 OVERRIDES_USED = ("sd_model_checkpoint", "sd_vae", "CLIP_stop_at_last_layers", "randn_source", "eta_ddim")
-MAX_MASK_BLUR = 64  # A1111's slider maximum
+MAX_MASK_BLUR = 64  # A1111's slider maximum (GenerationSettings checks it too)
 _logged_ignored: set[str] = set()
 
 
@@ -58,7 +63,7 @@ class Plan:
     key: ModelKey
     restore: bool  # override_settings_restore_afterwards
     subseed: int  # drawn even when unused, as A1111 reports it
-    prepared: inpaint.Prepared | None
+    prepared: inpaint.Prepared | None  # plain img2img's resized init image (a mask: settings.inpaint)
     send_images: bool
     ignored: list[str]
     notes: list[str]
@@ -196,21 +201,55 @@ def build_plan(req, mode: str, *, options: Options, catalog, host, ignore_unsupp
     fields = dict(prompt=_prompt("prompt", req.prompt), negative_prompt=_prompt("negative_prompt", req.negative_prompt),
                   sampler=sampler, karras=karras, steps=v("steps"), cfg_scale=v("cfg_scale"), seed=seed,
                   eta=eta, width=v("width"), height=v("height"), batch_size=v("batch_size"), clip_skip=clip_skip,
-                  rng=rng, subseed=subseed if strength else None, subseed_strength=strength)
+                  rng=rng, subseed=subseed if strength else None, subseed_strength=strength,
+                  tiling=bool(req.tiling))  # null: A1111's opts.tiling, off
     prepared = None
+    if mode == "txt2img" and v("enable_hr"):
+        fields.update(_hires_fields(req, v))
     if mode == "img2img":
         _check_size_first(v, host)
-        prepared = _prepare_images(req, v, fields["width"], fields["height"], notes)
-        # the mask goes in as given; the worker drops it for a 4-channel model (_for_model)
-        fields.update(init_image=prepared.image, mask=prepared.mask, strength=v("denoising_strength"))
-    settings = GenerationSettings(**fields).check()
+        prepared, inpainting = _prepare_images(req, v, fields["width"], fields["height"], notes)
+        fields.update(init_image=prepared.image, strength=v("denoising_strength"), **inpainting)
+    settings = GenerationSettings(**fields).check()  # a mask: A1111's inpainting prepared here (sampler/inpaint)
+    if settings.inpaint is not None:
+        notes.extend(settings.inpaint.notes)
     _check_memory(settings.batch_size, settings.width or 512, settings.height or 512, host)
+    if settings.enable_hr:
+        target = hires_target(settings.width or 512, settings.height or 512, settings.hr_scale, settings.hr_resize_x,
+                              settings.hr_resize_y)
+        _check_memory(settings.batch_size, target.upscale_to_x, target.upscale_to_y, host)
     _log_ignored(ignored, table)
     return Plan(mode, settings, n_iter, key, bool(v("override_settings_restore_afterwards")), subseed, prepared,
                 bool(v("send_images")), sorted(set(ignored)), notes, parameters(req, mode == "img2img"))
 
 
-def _prepare_images(req, v, width, height, notes: list[str]) -> inpaint.Prepared:
+def _hires_fields(req, v) -> dict:
+    """GenerationSettings' hires fields of a txt2img request with ``enable_hr`` (A1111's "Use same ..." and None
+    are the first pass's; an omitted denoising strength is the API's 0.75)."""
+    strength = req.denoising_strength
+    fields = dict(enable_hr=True, strength=API_DENOISING_STRENGTH if strength is None else strength,
+                  hr_scale=v("hr_scale"), hr_resize_x=v("hr_resize_x"), hr_resize_y=v("hr_resize_y"),
+                  hr_upscaler=req.hr_upscaler or DEFAULT_UPSCALER, hr_second_pass_steps=v("hr_second_pass_steps"),
+                  hr_prompt=_prompt("hr_prompt", req.hr_prompt), hr_negative_prompt=_prompt("hr_negative_prompt",
+                                                                                            req.hr_negative_prompt))
+    name = req.hr_sampler_name
+    if name not in (None, "", SAME["hr_sampler_name"]):
+        fields["hr_sampler"] = _sampler(name, None)[0]
+    schedule = req.hr_scheduler
+    if schedule not in (None, "", SAME["hr_scheduler"]):
+        if not isinstance(schedule, str) or schedule.strip().lower() not in _SCHEDULE_LABELS:
+            raise BadRequest(f"hr_scheduler must be one of {', '.join(_SCHEDULE_LABELS.values())} or "
+                             f"{SAME['hr_scheduler']!r}, got {printable(schedule)}")
+        fields["hr_scheduler"] = _SCHEDULE_LABELS[schedule.strip().lower()]
+    return fields
+
+
+_SCHEDULE_LABELS = {"automatic": "Automatic", "uniform": "Uniform", "karras": "Karras"}
+
+
+def _prepare_images(req, v, width, height, notes: list[str]) -> tuple[inpaint.Prepared, dict]:
+    """(the init image, flattened and resized as A1111 does for img2img; the GenerationSettings fields of the
+    inpainting). With a mask the init image stays as sent: the settings prepare it (``sampler/inpaint.py``)."""
     images = req.init_images
     if not images:
         raise NotFound("Init image not found", "InitImageNotFound")
@@ -234,12 +273,13 @@ def _prepare_images(req, v, width, height, notes: list[str]) -> inpaint.Prepared
     for name, side in (("width", width), ("height", height)):
         if isinstance(side, bool) or not isinstance(side, int) or not 8 <= side <= limits.MAX_SIDE:
             raise BadRequest(f"{name} must be an integer between 8 and {limits.MAX_SIDE}, got {printable(side)}")
-    prepared = inpaint.prepare(init, mask, width, height, resize_mode=ints["resize_mode"], blur_x=blur_x,
-                               blur_y=blur_y, invert=bool(ints["inpainting_mask_invert"]),
-                               full_res=bool(v("inpaint_full_res")),
-                               full_res_padding=ints["inpaint_full_res_padding"])
-    notes.extend(prepared.notes)
-    return prepared
+    if mask is None:
+        return inpaint.prepare(init, None, width, height, resize_mode=ints["resize_mode"]), {}
+    fields = dict(mask=mask, mask_blur=(blur_x, blur_y), inpaint_full_res=bool(v("inpaint_full_res")),
+                  inpaint_full_res_padding=ints["inpaint_full_res_padding"],
+                  inpainting_fill=ints["inpainting_fill"], inpainting_mask_invert=bool(ints["inpainting_mask_invert"]),
+                  resize_mode=ints["resize_mode"], width=width, height=height)
+    return inpaint.Prepared(init, None, None, None, []), fields
 
 
 # ---------------------------------------------------------------- plan -> images (on the worker)
@@ -264,9 +304,7 @@ def run_plan(plan: Plan, worker) -> dict:
         s = pipe.settings(s)
         worker.progress.update(job_no=it, sampling_step=0, sampling_steps=0, textinfo=None)
         pils = _generate(pipe, s, worker)
-        for pil in pils:
-            if plan.prepared is not None:
-                pil = inpaint.paste_back(pil, plan.prepared)
+        for pil in pils:  # an inpainting's are pasted back by the Pipeline (to_pil)
             images.append(pil)
             infotexts.append(pil.info.get("parameters", ""))
         if worker.interrupted:
@@ -275,15 +313,10 @@ def run_plan(plan: Plan, worker) -> dict:
 
 
 def _for_model(plan: Plan, pipe):
-    """The plan's settings for the loaded model: a mask on a 4-channel model becomes img2img of the area with
-    the paste-back (A1111 would also blend the latents under the mask at every step)."""
+    """The plan's settings for the loaded model, and the notes on what differs from A1111 there."""
     s, notes = plan.settings, list(plan.notes)
     inpainting_model = pipe.config.unet.in_channels == 9
-    if s.mask is not None and not inpainting_model:
-        s = dataclasses.replace(s, mask=None)
-        notes.append("this is not an inpainting model: the masked area is repainted by img2img and the original "
-                     "pasted back outside the mask (no per-step latent masking)")
-    if s.mask is not None and s.strength != 1.0:
+    if s.mask is not None and inpainting_model and s.strength != 1.0:
         notes.append("inpainting models repaint the masked area from noise here: denoising_strength is not used")
     return s, notes
 
@@ -303,7 +336,7 @@ def _generate(pipe, s, worker) -> list:
     try:
         out = pipe.generate(s, callback=step)
     except Interrupted:
-        out = pipe.decode(last["latent"]).cpu()
+        out = pipe.decode(last["latent"], tiling=s.tiling).cpu()
     return pipe.to_pil(out, s)
 
 
@@ -326,7 +359,7 @@ def respond(plan: Plan, pipe, s, images: list, infotexts: list[str], notes: list
         "sd_model_name": pipe.name, "sd_model_hash": pipe.model_hash,
         "sd_vae_name": source.vae_name if source is not None else None, "sd_vae_hash": pipe.vae_hash,
         "seed_resize_from_w": -1, "seed_resize_from_h": -1,
-        "denoising_strength": s.strength if plan.mode == "img2img" else None,
+        "denoising_strength": s.strength if plan.mode == "img2img" or s.enable_hr else None,
         "extra_generation_params": {}, "index_of_first_image": 0, "infotexts": infotexts, "styles": [],
         "job_timestamp": "", "clip_skip": s.clip_skip,
         "is_using_inpainting_conditioning": pipe.config.unet.in_channels == 9,

@@ -39,7 +39,7 @@ COMMON: dict[str, tuple[Any, Any, str]] = {
     "width": (Optional[int], 512, IMPLEMENTED),
     "height": (Optional[int], 512, IMPLEMENTED),
     "restore_faces": (Optional[bool], None, IGNORED),
-    "tiling": (Optional[bool], None, IGNORED),
+    "tiling": (Optional[bool], None, IMPLEMENTED),  # None: A1111's ``opts.tiling``, off
     "do_not_save_samples": (Optional[bool], False, NOOP),
     "do_not_save_grid": (Optional[bool], False, NOOP),
     "eta": (Optional[float], None, IMPLEMENTED),
@@ -66,21 +66,24 @@ COMMON: dict[str, tuple[Any, Any, str]] = {
 }
 
 TXT2IMG_ONLY = {
-    "enable_hr": (Optional[bool], False, IGNORED),
-    "denoising_strength": (Optional[float], None, NOOP),  # the hires pass's; no hires pass here
-    "firstphase_width": (Optional[int], 0, NOOP),
-    "firstphase_height": (Optional[int], 0, NOOP),
-    "hr_scale": (Optional[float], 2.0, NOOP),
-    "hr_upscaler": (Optional[str], None, NOOP),
-    "hr_second_pass_steps": (Optional[int], 0, NOOP),
-    "hr_resize_x": (Optional[int], 0, NOOP),
-    "hr_resize_y": (Optional[int], 0, NOOP),
-    "hr_checkpoint_name": (Optional[str], None, NOOP),
-    "hr_sampler_name": (Optional[str], None, NOOP),
-    "hr_scheduler": (Optional[str], None, NOOP),
-    "hr_prompt": (Optional[str], "", NOOP),
-    "hr_negative_prompt": (Optional[str], "", NOOP),
+    "enable_hr": (Optional[bool], False, IMPLEMENTED),
+    "denoising_strength": (Optional[float], None, IMPLEMENTED),  # the hires pass's; None: A1111's API 0.75
+    "firstphase_width": (Optional[int], 0, IGNORED),  # the pre-1.0 hires fix's first-pass size
+    "firstphase_height": (Optional[int], 0, IGNORED),
+    "hr_scale": (Optional[float], 2.0, IMPLEMENTED),
+    "hr_upscaler": (Optional[str], None, IMPLEMENTED),  # None: "Latent" (A1111's latent_upscale_default_mode)
+    "hr_second_pass_steps": (Optional[int], 0, IMPLEMENTED),
+    "hr_resize_x": (Optional[int], 0, IMPLEMENTED),
+    "hr_resize_y": (Optional[int], 0, IMPLEMENTED),
+    "hr_checkpoint_name": (Optional[str], None, IGNORED),  # the second pass on the same checkpoint
+    "hr_sampler_name": (Optional[str], None, IMPLEMENTED),
+    "hr_scheduler": (Optional[str], None, IMPLEMENTED),
+    "hr_prompt": (Optional[str], "", IMPLEMENTED),
+    "hr_negative_prompt": (Optional[str], "", IMPLEMENTED),
 }
+API_DENOISING_STRENGTH = 0.75  # A1111's API default for an omitted denoising_strength (its UI's hires default: 0.7)
+SAME = {"hr_checkpoint_name": "Use same checkpoint", "hr_sampler_name": "Use same sampler",
+        "hr_scheduler": "Use same scheduler"}  # what A1111's UI sends for "the first pass's"
 
 IMG2IMG_ONLY = {
     "init_images": (Optional[list[str]], None, IMPLEMENTED),
@@ -103,7 +106,8 @@ IMG2IMG_ONLY = {
 
 # values that leave A1111's behaviour as with the default: naming them as ignored would only be noise
 # (s_tmax 0 is A1111's "no limit": ``s_tmax or inf``; webuiapi sends it, and eta 1.0, on every call)
-NEUTRAL = {"s_noise": (1, 1.0), "s_tmax": (math.inf, 0), "initial_noise_multiplier": (1, 1.0)}
+NEUTRAL = {"s_noise": (1, 1.0), "s_tmax": (math.inf, 0), "initial_noise_multiplier": (1, 1.0),
+           "hr_checkpoint_name": (SAME["hr_checkpoint_name"],)}
 
 
 def _model(name: str, table: dict) -> type[BaseModel]:
@@ -120,7 +124,14 @@ Img2ImgRequest = _model("StableDiffusionProcessingImg2Img", IMG2IMG_FIELDS)
 # generation_settings' name -> the request field it fills (A1111 v1.10's ``infotext`` request field)
 _FROM_INFOTEXT = {"prompt": "prompt", "negative_prompt": "negative_prompt", "steps": "steps",
                   "sampler": "sampler_name", "schedule_type": "scheduler", "cfg_scale": "cfg_scale", "seed": "seed",
-                  "width": "width", "height": "height", "subseed": "subseed", "subseed_strength": "subseed_strength"}
+                  "width": "width", "height": "height", "subseed": "subseed", "subseed_strength": "subseed_strength",
+                  "tiling": "tiling"}
+
+
+_HIRES_FROM_INFOTEXT = {"hr_scale": "hr_scale", "hr_resize_x": "hr_resize_x", "hr_resize_y": "hr_resize_y",
+                        "hr_second_pass_steps": "hr_second_pass_steps", "hr_upscaler": "hr_upscaler",
+                        "hr_sampler": "hr_sampler_name", "hr_scheduler": "hr_scheduler", "hr_prompt": "hr_prompt",
+                        "hr_negative_prompt": "hr_negative_prompt"}
 
 
 def apply_infotext(req: BaseModel) -> tuple[BaseModel, list[str]]:
@@ -134,14 +145,13 @@ def apply_infotext(req: BaseModel) -> tuple[BaseModel, list[str]]:
     update = {field: parsed[name] for name, field in _FROM_INFOTEXT.items() if name in parsed and field not in sent}
     if "clip_skip" in parsed and "CLIP_stop_at_last_layers" not in (req.override_settings or {}):
         update["override_settings"] = {**(req.override_settings or {}), "CLIP_stop_at_last_layers": parsed["clip_skip"]}
-    if "Denoising strength" in parsed["extra"] and "denoising_strength" in type(req).model_fields \
-            and "denoising_strength" not in sent:
-        try:
-            update["denoising_strength"] = float(parsed["extra"]["Denoising strength"])
-        except ValueError:
-            parsed["notes"].append("infotext field Denoising strength ignored (not a number)")
-    notes = list(parsed["notes"])
-    return req.model_copy(update=update), notes
+    if "strength" in parsed and "denoising_strength" not in sent:
+        update["denoising_strength"] = parsed["strength"]
+    if parsed["enable_hr"] and "enable_hr" in type(req).model_fields and "enable_hr" not in sent:
+        update["enable_hr"] = True
+        update.update({field: parsed[name] for name, field in _HIRES_FROM_INFOTEXT.items()
+                       if name in parsed and field not in sent})
+    return req.model_copy(update=update), list(parsed["notes"])
 
 
 def infotext_unsupported(req: BaseModel) -> list[str]:

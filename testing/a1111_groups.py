@@ -9,7 +9,9 @@ Five kinds, told apart by what the reference JSON holds (never by the file's nam
 * ``rng``: A1111's NV noise (``opts.randn_source``; ``rng-philox``), no model needed;
 * ``unet_sizes``: UNet calls whose ``cases`` give latent sizes (``latent_hw``; ``unet-odd-sizes-*``): the inputs
   ``CASE.{x,t,context[,y]}`` are stored, ``CASE.out`` is recomputed;
-* ``lora``: merged weights (``lora_files``; ``lora-*``) from the LoRA files beside the reference.
+* ``lora``: merged weights (``lora_files``; ``lora-*``) from the LoRA files beside the reference;
+* ``hires`` / ``img2img``: webui's txt2img with hires fix and its img2img (``cases`` of that ``kind``; ``hires-*``,
+  ``img2img-*``), each case run through the Pipeline's stages (``testing/a1111_hires.py``).
 
 Case-based kinds group tensors by case name (the JSON's per-tensor ``case``); the others by name prefix. The
 Pipeline does not yet take clip skip or embeddings, so prompts are encoded with the model-level
@@ -24,6 +26,7 @@ from typing import Callable
 
 import torch
 
+from tritonsd.testing import a1111_hires as H
 from tritonsd.testing.reference import GroupError
 from tritonsd.prompt.encode import encode_prompts, load_model_embeddings
 from tritonsd.formats.embeddings import embedding_files, EmbeddingError, load_embedding_file, printable
@@ -32,7 +35,7 @@ from tritonsd.sampler.rng import create_generator, ImageRNG, PhiloxGenerator
 
 NV_BOUND = 1e-6  # issue 13: every NV noise tensor within 1e-6
 LORA_BOUND = 1e-5  # issue 14: every merged weight within 1e-5
-CASE_KINDS = ("prompts", "ti", "unet_sizes")
+CASE_KINDS = ("prompts", "ti", "unet_sizes", "hires", "img2img")
 UNET_INPUTS = ("x", "t", "context", "y")
 
 
@@ -50,6 +53,11 @@ def reference_kind(meta: dict) -> str | None:
         return None
     if meta.get("lora_files"):
         return "lora"
+    cases = meta.get("cases")
+    if isinstance(cases, list) and cases and all(isinstance(c, dict) for c in cases):
+        hires_kind = H.kind_of(cases)  # their opts name a randn_source too: before the NV noise references
+        if hires_kind is not None:
+            return hires_kind
     opts = meta.get("opts")
     if isinstance(opts, dict) and "randn_source" in opts:
         return "rng"
@@ -70,7 +78,7 @@ def needs_model(kind: str | None) -> bool:
 
 
 def uses_text_towers(kind: str | None) -> bool:
-    return kind in ("prompts", "ti")
+    return kind in ("prompts", "ti", "hires", "img2img")
 
 
 def _case_names(meta: dict) -> list[str]:
@@ -100,15 +108,26 @@ def group_of(name: str, meta: dict, kind: str) -> str:
 
 
 def is_input(name: str, meta: dict, kind: str) -> bool:
-    """Only the UNet references store inputs (``CASE.x`` / ``.t`` / ``.context`` / ``.y``)."""
+    """The UNet references store inputs (``CASE.x`` / ``.t`` / ``.context`` / ``.y``), img2img its init image and
+    the posterior noise webui drew from its global generator."""
+    if kind in ("hires", "img2img"):
+        return H.is_input(name)
     if kind != "unet_sizes":
         return False
     case = case_of(name, meta)
     return case is not None and name[len(case) + 1:] in UNET_INPUTS and name.startswith(case + ".")
 
 
-def bound_for(kind: str | None, default: float) -> float:
+def bound_for(kind: str | None, default: float, name: str = "") -> float:
+    """The bound of tensor ``name``: relative error for float tensors (0: exactly), levels for 8-bit ones."""
+    if kind in ("hires", "img2img"):
+        return H.bound_for(name)
     return {"rng": NV_BOUND, "lora": LORA_BOUND}.get(kind, default)
+
+
+def ulps_for(kind: str | None, name: str) -> int:
+    """Elementwise units in the last place tensor ``name`` may differ by (0: compared by ``bound_for``)."""
+    return H.ulps_for(name) if kind in ("hires", "img2img") else 0
 
 
 # ---------------------------------------------------------------- does it fit the checkpoint
@@ -138,6 +157,8 @@ def misfit(kind: str, model, ref: dict[str, torch.Tensor], meta: dict) -> str | 
             if suffix == "y" and (cfg.unet.adm_in_channels is None or t.shape[-1] != cfg.unet.adm_in_channels):
                 return (f"{_safe(name)} is a vector condition of width {t.shape[-1]}, the UNet takes "
                         f"{cfg.unet.adm_in_channels or 'none'}")
+    if kind in ("hires", "img2img"):
+        return H.misfit(model, ref)
     if kind == "lora":
         shapes = {k: tuple(v.shape) for k, v in model.named_parameters()}
         merged = [k for k in ref if k.startswith("merged.")]
@@ -441,4 +462,4 @@ def _safe(text) -> str:
 
 
 _HANDLERS: dict[str, Callable] = {"prompts": prompts_group, "ti": ti_group, "unet_sizes": unet_sizes_group,
-                                  "rng": nv_group, "lora": _lora}
+                                  "rng": nv_group, "lora": _lora, **H.HANDLERS}

@@ -103,6 +103,8 @@ class Recompute:
     embeddings_dir: Path | None = None
     notes: list[str] = field(default_factory=list)
     cache: dict = field(default_factory=dict)
+    checks: list[dict] = field(default_factory=list)  # checks of what is not a tensor (an infotext): name, group,
+    # pass, note
 
     @property
     def model(self):

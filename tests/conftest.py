@@ -54,6 +54,21 @@ def reference(fixtures):
 
 
 @pytest.fixture(scope="module")
+def models(fixtures):
+    """models(name) -> the fixture checkpoint NAME loaded bare (its YAML, 2 text heads), one per test module."""
+    from tritonsd.model.load import load_model  # lazy: the kernels load after TRITON_INTERPRET is set above
+
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            cache[name] = load_model(fixtures / f"{name}.safetensors", fixtures / f"{name}.yaml", text_heads=2)
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture(scope="module")
 def pipes(fixtures):
     """pipes(name) -> a Pipeline of the fixture checkpoint NAME (its YAML, 2 text heads), one per test module."""
     from tritonsd.model.load import load_model

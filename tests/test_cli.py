@@ -128,8 +128,9 @@ def plan_runs(fixtures: Path, tmp: Path) -> dict[str, tuple[list[str], Path]]:
         "width_not_8": [*sd1, "--prompt", "x", "--width", "100", "--height", "64"],
         "steps_0": [*sd1, "--prompt", "x", "--steps", "0"],
         "odd_size": [*sd1, "--prompt", "x", "--width", "72", "--height", "56", "--steps", "2", "--seed", "5"],
-        "mask_plain_model": [*base, "--init-image", str(init64), "--mask", str(mask)],
-        "strength_with_mask": [*base, "--init-image", str(init64), "--mask", str(mask), "--strength", "0.5"],
+        # a mask on a 4-channel model inpaints as A1111 does, --strength included (test_inpaint_a1111.py)
+        "mask_blur_without_mask": [*base, "--init-image", str(init64), "--mask-blur", "4"],
+        "mask_blur_range": [*base, "--init-image", str(init64), "--mask", str(mask), "--mask-blur", "100"],
         "strength_range": [*base, "--init-image", str(init64), "--strength", "1.5"],
         "mask_without_init": [*base, "--mask", str(mask)],
         "init_not_image": [*base, "--init-image", str(not_image)],
@@ -290,7 +291,7 @@ def test_inpainting_with_mask_and_empty_prompt_random_seed(runs):
         info = parse_infotext(im.info["parameters"])
     assert (info["Prompt"], info["Seed"], info["Model"]) == ("", str(seed), "sd1-inpaint-tiny")
     assert info["Sampler"] == "Euler a"  # Karras sigmas are the default for dpmpp_2m only
-    assert "Denoising strength" not in info  # inpainting repaints the masked area from noise: no strength
+    assert (info["Denoising strength"], info["Mask blur"]) == ("0.75", "4")  # as A1111 writes every inpainting
 
 
 @pytest.mark.parametrize("name, code, words", [
@@ -298,8 +299,8 @@ def test_inpainting_with_mask_and_empty_prompt_random_seed(runs):
     ("junk_checkpoint", 1, ("junk.safetensors",)),
     ("width_not_8", 2, ("--width", "multiple of 8", "100")),
     ("steps_0", 2, ("--steps",)),
-    ("mask_plain_model", 2, ("--mask", "inpainting model",)),
-    ("strength_with_mask", 2, ("--strength", "inpainting")),
+    ("mask_blur_without_mask", 2, ("--mask-blur", "need --mask")),
+    ("mask_blur_range", 2, ("--mask-blur", "between 0 and 64")),
     ("strength_range", 2, ("--strength",)),
     ("mask_without_init", 2, ("--mask", "--init-image")),
     ("init_not_image", 1, ("init image", "not-an-image.png")),

@@ -121,3 +121,61 @@ def test_other_weight_layouts_are_repacked_per_call(no_fallback, k):
     w.mul_(-0.5)
     assert torch.equal(_launched_weight(tensors, params), w)
     check(tensors, params, torch.float32)
+
+
+# ---- circular padding (AUTOMATIC1111's "tiling"): the rows and columns outside the image wrap around
+
+CIRCULAR_SHAPES = [
+    pytest.param(2, 32, 48, (11, 13), 3, 1, 1, True, id="odd-3x3-emb-res-scale"),
+    pytest.param(1, 16, 24, (7, 9), 3, 2, 1, False, id="odd-downsample-s2-p1"),
+    pytest.param(1, 24, 16, (5, 6), 5, 1, 2, False, id="5x5-p2"),
+    pytest.param(1, 16, 16, (3, 4), 3, 1, 3, False, id="pad-as-wide-as-the-image"),
+    pytest.param(1, 16, 8, (6, 5), 1, 1, 0, True, id="1x1-no-padding"),
+]
+
+
+@pytest.mark.parametrize("b,c_in,c_out,hw,k,stride,pad,epilogue", CIRCULAR_SHAPES)
+def test_circular_float32_matches_reference(no_fallback, b, c_in, c_out, hw, k, stride, pad, epilogue):
+    tensors, params = case(b, c_in, c_out, hw, k, stride, pad, torch.float32, seed=c_in + hw[0], epilogue=epilogue)
+    check(tensors, {**params, "circular": True}, torch.float32)
+
+
+def test_circular_half_precision_channels_last_matches_reference(no_fallback):
+    tensors, params = case(2, 32, 40, (9, 7), 3, 1, 1, torch.float16, seed=21, channels_last=True)
+    check(tensors, {**params, "circular": True}, torch.float16)
+
+
+def test_circular_differs_from_zero_padding_only_at_the_border(no_fallback):
+    """The check above could pass with the wrap-around ignored if the reference ignored it too: the two modes
+    must differ, and only in the outermost output rows and columns."""
+    tensors, params = case(1, 16, 16, (8, 10), 3, 1, 1, torch.float32, seed=4, epilogue=False)
+    zeros = conv2d_triton(**tensors, **params)
+    wrapped = conv2d_triton(**tensors, **params, circular=True)
+    assert torch.equal(zeros[..., 1:-1, 1:-1], wrapped[..., 1:-1, 1:-1])
+    for border in (zeros[..., 0, :] - wrapped[..., 0, :], zeros[..., :, -1] - wrapped[..., :, -1]):
+        assert border.abs().min() > 0  # every border pixel read at least one wrapped-around tap
+
+
+def _circular_by_indexing(x, weight, bias, pad, stride):
+    """Circular padding written out independently: padded row i is image row (i - pad) mod H."""
+    h, w = x.shape[-2:]
+    rows = (torch.arange(h + 2 * pad) - pad) % h
+    cols = (torch.arange(w + 2 * pad) - pad) % w
+    return torch.nn.functional.conv2d(x[..., rows, :][..., cols], weight, bias, stride)
+
+
+@pytest.mark.parametrize("hw,k,stride,pad", [((7, 9), 3, 1, 1), ((6, 5), 3, 2, 1), ((5, 7), 5, 1, 2), ((3, 3), 3, 1, 3)])
+def test_circular_reference_matches_torch(hw, k, stride, pad):
+    """The reference against torch's own circular mode (``nn.Conv2d(padding_mode="circular")``, i.e.
+    ``F.pad(..., mode="circular")`` then no padding, which A1111 switches on) and against explicit modulo indexing."""
+    tensors, _ = case(2, 6, 5, hw, k, stride, pad, torch.float64, seed=k + pad, epilogue=False)
+    x, weight, bias = tensors["x"], tensors["weight"], tensors["bias"]
+    got = conv2d_reference(x, weight, bias, stride, pad, circular=True)
+    layer = torch.nn.Conv2d(6, 5, k, stride, pad, padding_mode="circular").to(x)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        layer.bias.copy_(bias)
+        torch.testing.assert_close(got, layer(x), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got, _circular_by_indexing(x, weight, bias, pad, stride), rtol=1e-12, atol=1e-12)
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad), mode="circular")
+    torch.testing.assert_close(got, torch.nn.functional.conv2d(padded, weight, bias, stride), rtol=1e-12, atol=1e-12)

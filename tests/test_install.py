@@ -26,7 +26,8 @@ ROOT = Path(__file__).resolve().parent.parent
 DISTRIBUTIONS = {"PIL": "pillow", "yaml": "pyyaml", "cv2": "opencv-python", "sklearn": "scikit-learn"}
 
 # Package data (pyproject's package-data): the only non-Python files an install holds.
-DATA = {"model/data/demo-sd1.json", "prompt/data/bpe_simple_vocab_16e6.txt.gz", "prompt/data/LICENSE-CLIP-BPE.txt"}
+DATA = {"model/data/demo-sd1.json", "prompt/data/bpe_simple_vocab_16e6.txt.gz", "prompt/data/LICENSE-CLIP-BPE.txt",
+        "sampler/data/linear_schedule_sigmas.json"}
 
 
 def normalise(name: str) -> str:

@@ -22,18 +22,6 @@ from tritonsd.testing.reference import relative_error
 BOUND = 1e-5  # the bound for merged weights
 
 
-@pytest.fixture(scope="module")
-def models(fixtures):
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            cache[name] = load_model(fixtures / f"{name}.safetensors", fixtures / f"{name}.yaml", text_heads=2)
-        return cache[name]
-
-    return get
-
-
 def snapshot(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.named_parameters()}
 

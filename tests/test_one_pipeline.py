@@ -123,9 +123,9 @@ def test_cli_png_equals_python_png(fixtures, tmp_path, mode):
     [py_png] = [Path(p) for p in proc.stdout.split()]
     assert cli_png.name == py_png.name == "00000-5.png"
     assert cli_png.read_bytes() == py_png.read_bytes()
-    if mode == "txt2img":  # euler: the uniform schedule from both (A1111's "Euler", no "Schedule type")
+    if mode == "txt2img":  # euler: its own schedule from both (A1111 v1.10 writes "Schedule type: Automatic")
         with Image.open(cli_png) as im:
-            assert "Sampler: Euler," in im.info["parameters"] and "Schedule type" not in im.info["parameters"]
+            assert "Sampler: Euler, Schedule type: Automatic," in im.info["parameters"]
 
 
 # ---------------------------------------------------------------- the README

@@ -157,7 +157,7 @@ def vae_noise(seed, shape):
     return torch.randn(list(shape), generator=torch.Generator("cpu").manual_seed(derived_seed(seed, "vae")))[None]
 
 
-@pytest.mark.parametrize("sampler", ["ddim", "euler"])
+@pytest.mark.parametrize("sampler", ["ddim"])
 def test_img2img_strength0_is_vae_round_trip(pipes, sampler):
     model = pipes("sd1-tiny").model
     image = smooth_image()
@@ -195,20 +195,30 @@ def test_img2img_start_ddim_matches_stochastic_encode(models):
 
 
 def test_img2img_start_k_samplers(models):
+    """webui v1.10's rule: t_enc = int(min(s, 0.999) * n) = 7 of 10, then t_enc + 1 = 8 steps from sigmas[2]; the
+    original scripts' rule: t_enc = 7 steps from sigmas[3]."""
     model = models("sd1-tiny")
     sigmas = W.make_schedule(model.config, spec("euler"), 10)
     init, noise = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
-    x, rest = W.img2img_start(sigmas, init, noise, 0.75)  # t_enc 7: the last 7 steps
+    x, rest = W.img2img_start(sigmas, init, noise, 0.75)
+    assert torch.equal(rest, sigmas[2:])
+    check(x, init + noise * sigmas[2], "k img2img start", bound=1e-7)
+    x, rest = W.img2img_start(sigmas, init, noise, 0.75, rule="original")
     assert torch.equal(rest, sigmas[3:])
-    check(x, init + noise * sigmas[3], "k img2img start", bound=1e-7)
+    check(x, init + noise * sigmas[3], "k img2img start (original)", bound=1e-7)
+    x, rest = W.img2img_start(sigmas, init, noise, 1.0)  # min(1, 0.999): t_enc 9, the whole schedule
+    assert torch.equal(rest, sigmas)
+    x, rest = W.img2img_start(sigmas, init, noise, 0.0)  # webui still runs one step, from the smallest sigma
+    assert torch.equal(rest, sigmas[9:])
 
 
 def test_img2img_callback_counts_strength_steps(pipes):
+    """4 steps at 0.5: t_enc = 2, webui's t_enc + 1 = 3 steps."""
     pipe = pipes("sd1-tiny")
     seen = []
     pipe.generate(pipe.settings(prompt="a", sampler="dpmpp_2m", steps=4, strength=0.5, init_image=smooth_image(),
                                 **SMALL), callback=lambda d: seen.append((d["i"], d["total"])))
-    assert seen == [(0, 2), (1, 2)]
+    assert seen == [(0, 3), (1, 3), (2, 3)]
 
 
 # ---------------------------------------------------------------- generate end to end
@@ -349,7 +359,8 @@ BAD = [  # (model, settings overrides, message fragment)
     ("sd1-tiny", dict(sampler="euler_a", eta=0.5), "eta"),
     ("sd1-tiny", dict(sampler="ddim", eta=-1.0), "eta"),
     ("sd1-tiny", dict(mask=torch.ones(1, 1, 64, 64)), "needs an init_image"),
-    ("sd1-tiny", dict(init_image=torch.zeros(1, 3, 64, 64), mask=torch.ones(1, 1, 64, 64)), "9-channel"),
+    ("sd1-tiny", dict(init_image=torch.zeros(1, 3, 64, 64), mask=torch.ones(1, 1, 64, 64), inpainting_fill=7),
+     "inpainting_fill must be 0..3"),  # a mask on a 4-channel model inpaints as A1111 does (test_inpaint_a1111)
     ("sd1-inpaint-tiny", dict(init_image=torch.zeros(1, 3, 64, 64), mask=torch.ones(1, 1, 64, 128)), "mask is 128x64"),
     ("sd1-tiny", dict(init_image=torch.zeros(1, 3, 64, 128)), "the init image, which is 128x64"),
     ("sd1-tiny", dict(init_image=torch.zeros(3, 64, 64), width=None, height=None), "[1, 3, H, W]"),

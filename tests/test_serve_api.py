@@ -127,6 +127,19 @@ def test_unsupported_fields_are_refused_by_name(server):
     assert status == 422 and "infotext.Face restoration" in body["detail"]
 
 
+def test_tiling_png_equals_pipeline(server, api, pipe, tmp_path):
+    """``tiling: true`` is implemented (issue 28): the Pipeline's tiling PNG, byte for byte, and its infotext's
+    ``Tiling: True`` brings it back through the ``infotext`` field."""
+    r = api.txt2img(prompt="a brick wall", seed=31, cfg_scale=A1111_CFG, sampler_name="Euler a", tiling=True,
+                    **SMALL)
+    want = pipe("a brick wall", seed=31, cfg_scale=A1111_CFG, sampler="Euler a", tiling=True, **SMALL)
+    assert server_pngs(r) == saved_png(pipe, want, tmp_path)
+    assert "Tiling: True" in r.info["infotexts"][0] and r.info["ignored_fields"] == []
+    status, body = post(server, "/sdapi/v1/txt2img", {"infotext": want[0].info["parameters"], "sampler_name":
+                                                      "Euler a"})
+    assert status == 200 and base64.b64decode(body["images"][0]) == server_pngs(r)[0]
+
+
 def test_batch_and_iterations_count_seeds_on(api, pipe, tmp_path):
     r = api.txt2img(prompt="seeds", seed=40, batch_size=2, n_iter=2, sampler_name="Euler", **SMALL)
     assert r.info["all_seeds"] == [40, 41, 42, 43]

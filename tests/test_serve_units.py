@@ -15,7 +15,8 @@ try:
 except ModuleNotFoundError:  # the server's parts need the serve extra (in the test extra)
     pytest.fail("fastapi is not installed: pip install -e '.[test]'", pytrace=False)
 
-from tritonsd.serve import images, inpaint, limits  # noqa: E402
+from tritonsd.sampler import inpaint  # noqa: E402
+from tritonsd.serve import images, limits  # noqa: E402
 from tritonsd.serve.errors import ApiError, TooLarge  # noqa: E402
 from tritonsd.serve.schema import Txt2ImgRequest, TXT2IMG_FIELDS, ignored_fields, unsupported_fields  # noqa: E402
 from tritonsd.tools.cli import main  # noqa: E402

@@ -11,7 +11,6 @@ from torch.utils._pytree import tree_flatten
 
 from tritonsd.kernels import _triton
 from tritonsd.model.layers import timestep_embedding
-from tritonsd.model.load import load_model
 from tritonsd.sampler import denoise as D
 from tritonsd.sampler import samplers as K
 from tritonsd.sampler import schedule as S
@@ -119,18 +118,6 @@ def test_ddim_tables_are_the_in_loop_values(eta, steps):
         assert torch.equal(coef.dir_coef[index], (1.0 - a_prev - sigma_t ** 2).sqrt())
         full = torch.full((3,), int(sched.timesteps[index]), dtype=torch.long)
         assert torch.equal(coef.batch_t[index], full)
-
-
-@pytest.fixture(scope="module")
-def models(fixtures):
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            cache[name] = load_model(fixtures / f"{name}.safetensors", fixtures / f"{name}.yaml", text_heads=2)
-        return cache[name]
-
-    return get
 
 
 @pytest.mark.parametrize("name", ["sd1-tiny", "sd2v-tiny", "sdxl-tiny"])

@@ -40,6 +40,8 @@ def add_parser(subparsers) -> None:
                        help="where <lora:name:w> in prompts and bare names in \"loras\" are looked up")
     model.add_argument("--embeddings-dir", type=Path, default=None, metavar="DIR",
                        help="textual-inversion embeddings, used where a prompt names their file")
+    model.add_argument("--upscaler-dir", type=Path, default=None, metavar="DIR",
+                       help="upscaler model files for hr_upscaler (ESRGAN, ...; needs spandrel)")
     run_ = p.add_argument_group("runtime")
     run_.add_argument("--group-size", type=int, default=1, metavar="N",
                       help="up to N jobs of one size and sampler settings share a UNet batch (default: 1)")

@@ -1,5 +1,5 @@
-"""``tritonsd generate``: txt2img, img2img (``--init-image``) and inpainting (``--init-image`` + ``--mask`` with a
-9-channel model) from an original checkpoint, written as PNGs with AUTOMATIC1111 ``parameters`` infotext.
+"""``tritonsd generate``: txt2img, img2img (``--init-image``) and inpainting (``--init-image`` + ``--mask``, as
+AUTOMATIC1111 inpaints: ``sampler/inpaint.py``) from an original checkpoint, written as PNGs with AUTOMATIC1111 ``parameters`` infotext.
 
 A thin shell over the Pipeline: flags -> ``GenerationSettings`` (checked before the model loads, so a mistake
 costs seconds, not a model load) -> a ``LoadSpec`` (its prechecks before anything is read) ->
@@ -33,10 +33,19 @@ from tritonsd.tools.progress import bar, progress_enabled
 # GenerationSettings field -> the flag that sets it, so errors name what the user typed
 FLAGS = {"prompt": "--prompt", "negative_prompt": "--negative-prompt", "sampler": "--sampler", "karras": "--karras",
          "steps": "--steps", "cfg_scale": "--cfg", "seed": "--seed", "width": "--width", "height": "--height",
-         "batch_size": "--batch", "init_image": "--init-image", "mask": "--mask", "strength": "--strength",
+         "batch_size": "--batch", "init_image": "--init-image", "mask": "--mask",
+         "strength": "--denoising-strength / --strength",
          "clip_skip": "--clip-skip", "rng": "--rng", "subseed": "--subseed", "subseed_strength": "--subseed-strength",
-         "pad_cond_uncond": "--pad-cond-uncond", "scheduler": "--scheduler", "prompt_syntax": "--prompt-syntax", "use_graphs": "--no-cuda-graphs",
-         "model": "--checkpoint"}
+         "pad_cond_uncond": "--pad-cond-uncond", "scheduler": "--scheduler", "prompt_syntax": "--prompt-syntax",
+         "use_graphs": "--no-cuda-graphs", "tiling": "--tiling", "model": "--checkpoint", "mask_blur": "--mask-blur",
+         "inpaint_full_res": "--inpaint-area", "inpaint_full_res_padding": "--inpaint-padding",
+         "inpainting_fill": "--masked-content", "inpainting_mask_invert": "--invert-mask", "resize_mode": "--resize-mode",
+         "enable_hr": "--hires", "hr_scale": "--hires-scale", "hr_resize_x": "--hires-size", "hr_resize_y": "--hires-size",
+         "hr_upscaler": "--hires-upscaler", "hr_second_pass_steps": "--hires-steps", "hr_sampler": "--hires-sampler",
+         "hr_scheduler": "--hires-scheduler", "hr_prompt": "--hires-prompt", "hr_negative_prompt": "--hires-negative-prompt"}
+MASKED_CONTENT = ("fill", "original", "latent-noise", "latent-nothing")  # inpainting_fill 0..3
+HIRES_FLAGS = ("hires_scale", "hires_size", "hires_upscaler", "hires_steps", "hires_sampler", "hires_scheduler",
+               "hires_prompt", "hires_negative_prompt")
 
 
 class GenerateError(ValueError):
@@ -127,13 +136,52 @@ def add_parser(subparsers) -> None:
     gen.add_argument("--prompt-syntax", choices=("a1111", "original"), default=None,
                      help="a1111 (default): weights, BREAK, long prompts, editing; original: one 77-token window "
                           "read literally, as the original scripts")
+    gen.add_argument("--tiling", action=argparse.BooleanOptionalAction, default=None,
+                     help="seamless textures: every UNet and VAE convolution pads circularly, as AUTOMATIC1111's "
+                          "Tiling (default: off; --no-tiling overrides an infotext's Tiling: True)")
     gen.add_argument("--embeddings-dir", type=Path, default=None, metavar="DIR",
                      help="textual-inversion embeddings, used where their file name appears in a prompt")
     gen.add_argument("--init-image", type=Path, default=None, metavar="IMAGE", help="PNG/JPEG to start from (img2img, inpainting)")
-    gen.add_argument("--strength", type=float, default=None, metavar="F",
-                     help="how much of the init image to repaint, 0..1 (img2img; default 0.75)")
+    gen.add_argument("--denoising-strength", "--strength", dest="strength", type=float, default=None, metavar="F",
+                     help="how much to repaint, 0..1: of the init image (img2img and inpainting; default 0.75) or of "
+                          "the upscaled first pass (--hires; default 0.7)")
     gen.add_argument("--mask", type=Path, default=None, metavar="IMAGE",
-                     help="grey image the size of --init-image, white = repaint (needs an inpainting model)")
+                     help="grey image (or alpha) the size of --init-image, white = repaint; the rest of the image "
+                          "is kept, as AUTOMATIC1111 inpaints")
+    gen.add_argument("--mask-blur", type=int, default=None, metavar="PX", help="mask blur, pixels (default 4)")
+    gen.add_argument("--inpaint-area", choices=("whole", "masked"), default=None,
+                     help="whole picture (default) or only masked: the masked area, padded, at --width x --height")
+    gen.add_argument("--inpaint-padding", type=int, default=None, metavar="PX",
+                     help="only masked padding, pixels (default 32)")
+    gen.add_argument("--masked-content", choices=MASKED_CONTENT, default=None,
+                     help="what the masked area starts from (default: original)")
+    gen.add_argument("--invert-mask", action="store_true", default=None, help="inpaint what is NOT masked")
+
+    hires = p.add_argument_group("hires fix (AUTOMATIC1111's: a second pass at a larger size)")
+    hires.add_argument("--hires", action="store_true", default=None,
+                       help="upscale the image and denoise it again (any --hires-* flag turns it on too)")
+    size = hires.add_mutually_exclusive_group()
+    size.add_argument("--hires-scale", type=float, default=None, metavar="S",
+                      help="the second pass's size: the first's times S (default 2)")
+    size.add_argument("--hires-size", type=_hires_size, default=None, metavar="WxH",
+                      help="the second pass's size (0 for a side: from the other and the aspect ratio; both with "
+                           "another aspect ratio: the upscale covers it and the rest is cropped)")
+    hires.add_argument("--hires-upscaler", default=None, metavar="NAME",
+                       help="Latent (default), Latent (antialiased), Latent (bicubic), Latent (bicubic antialiased), "
+                            "Latent (nearest), Latent (nearest-exact), Lanczos, Nearest, None, or the name of a "
+                            "model file in --upscaler-dir (its name without .pth / .safetensors)")
+    hires.add_argument("--hires-steps", type=int, default=None, metavar="N",
+                       help="steps of the second pass (default 0: --steps)")
+    hires.add_argument("--hires-sampler", default=None, metavar="NAME",
+                       help="the second pass's sampler, a name --sampler takes (default: --sampler's)")
+    hires.add_argument("--hires-scheduler", choices=("Automatic", "Uniform", "Karras"), default=None,
+                       help="the second pass's schedule (default: the first pass's)")
+    hires.add_argument("--hires-prompt", default=None, metavar="TEXT", help="the second pass's prompt (default: --prompt)")
+    hires.add_argument("--hires-negative-prompt", default=None, metavar="TEXT",
+                       help="the second pass's negative prompt (default: --negative-prompt)")
+    hires.add_argument("--upscaler-dir", type=Path, default=None, metavar="DIR",
+                       help="upscaler model files (ESRGAN, Real-ESRGAN, SwinIR, DAT, ...: .pth / .safetensors; "
+                            "needs spandrel: pip install 'tritonsd[upscale]')")
 
     run_ = p.add_argument_group("runtime")
     run_.add_argument("--device", default=None, metavar="DEVICE",
@@ -148,6 +196,14 @@ def add_parser(subparsers) -> None:
     p.set_defaults(run=run)
 
 
+def _hires_size(text: str) -> tuple[int, int]:
+    """``--hires-size WxH``: two whole numbers, 0 for a side taken from the other."""
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts) or parts == ["0", "0"]:
+        raise argparse.ArgumentTypeError(f"expected WxH (e.g. 1024x768, or 1024x0), got {text!r}")
+    return int(parts[0]), int(parts[1])
+
+
 # ------------------------------------------------------------------------------------------------ checks
 
 
@@ -157,11 +213,34 @@ def check_usage(args: argparse.Namespace) -> None:
         raise UsageError(f"--text-heads must be at least 1, got {args.text_heads}")
     if args.mask is not None and args.init_image is None:
         raise UsageError("--mask needs --init-image (the image to inpaint)")
+    inpainting = ("mask_blur", "inpaint_area", "inpaint_padding", "masked_content", "invert_mask")
+    given = [f"--{name.replace('_', '-')}" for name in inpainting if getattr(args, name) is not None]
+    if given and args.mask is None:
+        raise UsageError(f"{', '.join(given)} need --mask (inpainting)")
     if args.strength is not None:
-        if args.init_image is None:
-            raise UsageError("--strength applies to img2img only: give --init-image")
-        if args.mask is not None:
-            raise UsageError("--strength does not apply to inpainting (the masked area is repainted from noise)")
+        if args.init_image is None and not hires_on(args):
+            raise UsageError("--denoising-strength / --strength applies to img2img (--init-image) and hires fix "
+                             "(--hires) only")
+    if hires_on(args) and args.init_image is not None:
+        raise UsageError("--hires is txt2img's hires fix: it takes no --init-image")
+
+
+def hires_on(args: argparse.Namespace) -> bool:
+    """``--hires``, or any ``--hires-*`` flag."""
+    return bool(args.hires) or any(getattr(args, name) is not None for name in HIRES_FLAGS)
+
+
+def hires_fields(args: argparse.Namespace) -> dict:
+    """The hires fields the flags give (None: not given)."""
+    if not hires_on(args):
+        return {}
+    resize_x, resize_y = args.hires_size if args.hires_size is not None else (None, None)
+    if args.hires_scale is not None:
+        resize_x = resize_y = 0  # a scale on the command line wins over an infotext's size
+    return dict(enable_hr=True, hr_scale=args.hires_scale, hr_resize_x=resize_x, hr_resize_y=resize_y,
+                hr_upscaler=args.hires_upscaler, hr_second_pass_steps=args.hires_steps, hr_sampler=args.hires_sampler,
+                hr_scheduler=args.hires_scheduler, hr_prompt=args.hires_prompt,
+                hr_negative_prompt=args.hires_negative_prompt)
 
 
 def settings_from_args(args: argparse.Namespace, init_image=None, mask=None):
@@ -182,8 +261,12 @@ def settings_from_args(args: argparse.Namespace, init_image=None, mask=None):
                  karras=args.karras, steps=args.steps, cfg_scale=args.cfg, seed=args.seed, width=args.width,
                  height=args.height, batch_size=args.batch, strength=args.strength, clip_skip=args.clip_skip,
                  rng=args.rng, subseed=args.subseed, subseed_strength=args.subseed_strength,
-                 pad_cond_uncond=args.pad_cond_uncond, prompt_syntax=args.prompt_syntax,
-                 init_image=init_image, mask=mask)
+                 pad_cond_uncond=args.pad_cond_uncond, prompt_syntax=args.prompt_syntax, tiling=args.tiling,
+                 init_image=init_image, mask=mask, mask_blur=args.mask_blur,
+                 inpaint_full_res=None if args.inpaint_area is None else args.inpaint_area == "masked",
+                 inpaint_full_res_padding=args.inpaint_padding, inpainting_mask_invert=args.invert_mask,
+                 inpainting_fill=None if args.masked_content is None else MASKED_CONTENT.index(args.masked_content),
+                 **hires_fields(args))
     fields.update({k: v for k, v in given.items() if v is not None})
     if fields.get("seed") == -1:
         fields["seed"] = None
@@ -247,12 +330,12 @@ def lora_specs(values: list[str]) -> list:
 def load_spec_of(args: argparse.Namespace):
     """The ``LoadSpec`` of the model flags, which ``generate``, ``batch`` and ``serve`` share (``--checkpoint``,
     ``--config``, ``--device``, ``--dtype``, ``--kernels``, ``--text-heads``, ``--parameterization``,
-    ``--lora-dir``, ``--embeddings-dir``; ``--vae`` where the subcommand has it)."""
+    ``--lora-dir``, ``--embeddings-dir``; ``--vae`` and ``--upscaler-dir`` where the subcommand has them)."""
 
     return LoadSpec(args.checkpoint, args.config, device=args.device, dtype=args.dtype, kernels=args.kernels,
                     vae=getattr(args, "vae", None), text_heads=args.text_heads,
                     parameterization=args.parameterization, lora_dir=args.lora_dir,
-                    embeddings_dir=args.embeddings_dir)
+                    embeddings_dir=args.embeddings_dir, upscaler_dir=getattr(args, "upscaler_dir", None))
 
 
 def check_cpu_dtype(device: str, dtype: str | None) -> None:

@@ -9,7 +9,10 @@ output from the stored inputs (see ``testing/groups.py``: groups by name prefix,
 AUTOMATIC1111 references (``testing/a1111_groups.py``; told apart by their JSON) are recomputed too: prompt
 conditionings (groups = the JSON's cases), textual inversion (the ``embeddings/`` folder beside the reference, or
 ``--embeddings-dir``), the UNet at odd latent sizes, LoRA merged weights (the LoRA files beside the reference;
-bound 1e-5) and NV noise (bound 1e-6; no model: the CHECKPOINT argument is left out).
+bound 1e-5), NV noise (bound 1e-6; no model: the CHECKPOINT argument is left out), and webui's hires fix and
+img2img (``testing/a1111_hires.py``: one group per case, run from the JSON's inputs through the Pipeline's stages;
+the noises exactly, the sigma schedules to one unit in the last place, 8-bit images within one level, the rest
+within 5e-4; each infotext a row of its own, compared with webui's but for ``Version``).
 
 Every key of the file gets a row: inputs are shown as such (or, for conditioning stored as "rows [i, j] of
 text.context", compared with the recomputed rows), and a tensor that cannot be recomputed is a FAILURE that
@@ -104,9 +107,9 @@ def run(args: argparse.Namespace) -> int:
     from tritonsd.kernels import dispatch  # lazy: imports the kernels, after TRITON_INTERPRET is chosen
 
     with dispatch.force(args.kernels), torch.no_grad(), strict_float32():
-        computed, errors, timings = recompute(model, ref, meta, device, {g: groups[g] for g in selected},
-                                              reference=args.reference, embeddings_dir=args.embeddings_dir)
-    rows = build_rows(ref, meta, {g: groups[g] for g in selected}, computed, errors)
+        computed, errors, timings, checks = recompute(model, ref, meta, device, {g: groups[g] for g in selected},
+                                                      reference=args.reference, embeddings_dir=args.embeddings_dir)
+    rows = build_rows(ref, meta, {g: groups[g] for g in selected}, computed, errors) + check_rows(checks)
     seconds = time.perf_counter() - started
 
     print(format_header(args, device, config_path, model is not None))
@@ -338,13 +341,17 @@ def _select(groups: dict[str, list[str]], only: str | None) -> list[str]:
 
 def recompute(model, ref, meta, device, groups: dict[str, list[str]], reference: Path | None = None,
               embeddings_dir: Path | None = None):
-    """({name: tensor on the CPU}, {group: error message}, {group: seconds}) over ``groups``; ``model`` None for
-    a reference that needs none."""
+    """({name: tensor on the CPU}, {group: error message}, {group: seconds}, [checks of what is not a tensor])
+    over ``groups``; ``model`` None for a reference that needs none."""
     from tritonsd.pipeline import Pipeline  # lazy: imports the kernels, after TRITON_INTERPRET is chosen
     from tritonsd.testing import groups as G  # lazy: imports the kernels, after TRITON_INTERPRET is chosen
 
-    ctx = G.Recompute(Pipeline(model) if model is not None else None, ref, meta, device, reference=reference,
-                      embeddings_dir=embeddings_dir)
+    pipe = None
+    if model is not None:  # the model's name and hash as a load names them (the A1111 references' infotexts)
+        source = getattr(model, "source", None)
+        pipe = Pipeline(model) if source is None else Pipeline(model, name=source.model_name,
+                                                               model_hash=source.model_hash)
+    ctx = G.Recompute(pipe, ref, meta, device, reference=reference, embeddings_dir=embeddings_dir)
     computed: dict[str, torch.Tensor] = {}
     errors: dict[str, str] = {}
     timings: dict[str, float] = {}
@@ -363,7 +370,7 @@ def recompute(model, ref, meta, device, groups: dict[str, list[str]], reference:
         for note in ctx.notes:
             print(note, file=sys.stderr)
         ctx.notes.clear()
-    return computed, errors, timings
+    return computed, errors, timings, ctx.checks
 
 
 def _one_line(e: BaseException) -> str:
@@ -380,13 +387,14 @@ def _one_line(e: BaseException) -> str:
 
 def build_rows(ref, meta, groups: dict[str, list[str]], computed, errors) -> list[dict]:
     from tritonsd.testing import groups as G  # lazy: imports the kernels, after TRITON_INTERPRET is chosen
-    from tritonsd.testing.a1111_groups import bound_for  # lazy: imports the kernels, after TRITON_INTERPRET is chosen
+    from tritonsd.testing.a1111_groups import bound_for, ulps_for  # lazy: imports the kernels, after TRITON_INTERPRET
 
-    bound = bound_for(G.reference_kind(meta), FP32_BOUND)
+    kind = G.reference_kind(meta)
     rows = []
     for group, names in groups.items():
         for name in names:
             stored = ref[name]
+            bound = bound_for(kind, FP32_BOUND, name)
             row = {"name": name, "group": group, "shape": list(stored.shape),
                    "dtype": str(stored.dtype).removeprefix("torch."), "kind": "input", "error": None,
                    "bound": None, "pass": True, "note": None}
@@ -396,7 +404,7 @@ def build_rows(ref, meta, groups: dict[str, list[str]], computed, errors) -> lis
                     row.update(compare(stored, _rows_of(computed[source[0]], source[1]), bound), kind="derived",
                                note=f"rows {source[1]} of the recomputed {source[0]}")
             elif name in computed:
-                row.update(compare(stored, computed[name], bound))
+                row.update(compare(stored, computed[name], bound, ulps_for(kind, name)))
             else:
                 row.update(kind="missing", **{"pass": False},
                            note=errors.get(group) or f"cannot recompute {name}: this runtime does not produce it")
@@ -404,14 +412,38 @@ def build_rows(ref, meta, groups: dict[str, list[str]], computed, errors) -> lis
     return rows
 
 
+def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> int:
+    """The largest elementwise distance of two float32 tensors in units in the last place (their bit patterns
+    mapped to ordered integers)."""
+    def ordered(t):
+        bits = t.contiguous().view(torch.int32).to(torch.int64)
+        return torch.where(bits < 0, -(bits & 0x7FFFFFFF), bits)
+
+    return int((ordered(a) - ordered(b)).abs().max()) if a.numel() else 0
+
+
+def check_rows(checks: list[dict]) -> list[dict]:
+    """Rows for the checks of what is not a tensor (an infotext against the reference run's)."""
+    return [{"name": c["name"], "group": c["group"], "shape": "text", "dtype": "str", "kind": "text",
+             "error": None, "bound": None, "pass": c["pass"], "note": c["note"]} for c in checks]
+
+
 def _rows_of(t: torch.Tensor, rows: list[int]) -> torch.Tensor | None:
     return t[rows] if rows and max(rows) < t.shape[0] else None
 
 
-def compare(stored: torch.Tensor, actual: torch.Tensor | None, bound: float = FP32_BOUND) -> dict:
-    """Relative error and verdict: float tensors against ``bound``, integer tensors exactly."""
+def compare(stored: torch.Tensor, actual: torch.Tensor | None, bound: float = FP32_BOUND, ulps: int = 0) -> dict:
+    """Relative error and verdict: float tensors against ``bound`` (0: exactly), or elementwise within ``ulps``
+    units in the last place of float32 when given; integer tensors exactly, or 8-bit images within ``bound``
+    levels where the reference kind gives one (``bound_for``)."""
+    if ulps and stored.dtype == torch.float32 and actual is not None and actual.shape == stored.shape:
+        apart = ulp_distance(actual.to(torch.float32), stored)
+        ok = apart <= ulps
+        return {"kind": "compared", "bound": f"{ulps}ulp", "error": relative_error(actual, stored), "pass": ok,
+                "note": None if ok else f"{apart} units in the last place apart"}
     exact = not stored.is_floating_point()
-    out = {"kind": "exact" if exact else "compared", "bound": 0.0 if exact else bound}
+    levels = bound if exact and stored.dtype == torch.uint8 and bound >= 1 else 0.0
+    out = {"kind": "exact" if exact and not levels else "compared", "bound": levels if exact else bound}
     if actual is None:
         return {**out, "pass": False, "note": "no recomputed tensor to compare"}
     if tuple(actual.shape) != tuple(stored.shape):
@@ -419,7 +451,7 @@ def compare(stored: torch.Tensor, actual: torch.Tensor | None, bound: float = FP
     if exact:
         diff = (actual.to(torch.float64) - stored.to(torch.float64)).abs()
         err = diff.max().item() if diff.numel() else 0.0
-        return {**out, "error": err, "pass": err == 0.0,
+        return {**out, "error": err, "pass": err <= levels,
                 "note": None if err == 0.0 else f"{int((diff != 0).sum())} of {diff.numel()} values differ"}
 
     err = relative_error(actual, stored)
@@ -445,6 +477,8 @@ def _fmt_error(row: dict) -> str:
 def _fmt_bound(row: dict) -> str:
     if row["bound"] is None:
         return "-"
+    if isinstance(row["bound"], str):
+        return row["bound"]
     return "exact" if row["bound"] == 0 else f"{row['bound']:.0e}"
 
 
@@ -492,7 +526,8 @@ def _write_json(args, device, config_path, rows, timings, seconds) -> None:
     report = {
         "checkpoint": str(args.checkpoint) if args.checkpoint is not None else None, "reference": str(args.reference),
         "config": str(config_path) if config_path else None, "kernels": args.kernels, "device": str(device),
-        "dtype": "float32", "bound": max((r["bound"] for r in rows if r["bound"]), default=FP32_BOUND),
+        "dtype": "float32", "bound": max((r["bound"] for r in rows if isinstance(r["bound"], float) and r["bound"]
+                       and r["dtype"].startswith("float")), default=FP32_BOUND),
         "passed": all(r["pass"] for r in rows),
         "failed": [r["name"] for r in rows if not r["pass"]], "max_error": err, "max_error_name": name,
         "seconds": seconds, "group_seconds": timings, "rows": rows,

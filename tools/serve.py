@@ -32,6 +32,9 @@ def add_parser(subparsers) -> None:
     m.add_argument("--vae-dir", type=Path, default=None, metavar="DIR", help="VAE files for sd_vae")
     m.add_argument("--lora-dir", type=Path, default=None, metavar="DIR", help="LoRAs for <lora:name:w> in prompts")
     m.add_argument("--embeddings-dir", type=Path, default=None, metavar="DIR", help="textual-inversion embeddings")
+    m.add_argument("--upscaler-dir", type=Path, default=None, metavar="DIR",
+                   help="upscaler model files for hires fix and /sdapi/v1/extra-single-image (ESRGAN, ...; needs "
+                        "spandrel)")
     m.add_argument("--text-heads", type=int, default=None, metavar="N",
                    help="attention heads of the text towers (not in the weights; default width / 64)")
     m.add_argument("--parameterization", choices=("eps", "v"), default=None,
@@ -79,7 +82,7 @@ def check_usage(args: argparse.Namespace) -> dict:
         value = getattr(args, flag)
         if not 0 < value <= 3600:
             raise UsageError(f"--{flag.replace('_', '-')} must be between 0 and 3600 seconds, got {value:g}")
-    for flag in ("models_dir", "vae_dir", "lora_dir", "embeddings_dir"):
+    for flag in ("models_dir", "vae_dir", "lora_dir", "embeddings_dir", "upscaler_dir"):
         d = getattr(args, flag)
         if d is not None and not d.is_dir():
             raise UsageError(f"--{flag.replace('_', '-')} {d} is not a directory")

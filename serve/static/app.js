@@ -6,7 +6,10 @@ const $ = (id) => document.getElementById(id);
 const API = "/sdapi/v1";
 const FIELDS = ["prompt", "negative_prompt", "width", "height", "steps", "sampler_name", "scheduler", "cfg_scale",
                 "seed", "batch_size"];
-const NUMBERS = new Set(["width", "height", "steps", "cfg_scale", "seed", "batch_size"]);
+const NUMBERS = new Set(["width", "height", "steps", "cfg_scale", "seed", "batch_size", "hr_scale",
+                         "hr_second_pass_steps", "denoising_strength"]);
+// hires fix (webui's UI defaults: Latent, 2x, the first pass's steps, strength 0.7), sent when its box is ticked
+const HIRES = ["hr_upscaler", "hr_scale", "hr_second_pass_steps", "denoising_strength"];
 let polling = null;
 
 async function getJSON(path, options) {
@@ -24,10 +27,12 @@ function fill(select, items, value) {
 }
 
 async function loadChoices() {
-  const [samplers, schedulers, options] = await Promise.all([
-    getJSON("/samplers"), getJSON("/schedulers"), getJSON("/options")]);
+  const [samplers, schedulers, options, modes, upscalers] = await Promise.all([
+    getJSON("/samplers"), getJSON("/schedulers"), getJSON("/options"), getJSON("/latent-upscale-modes"),
+    getJSON("/upscalers")]);
   fill($("sampler_name"), samplers.map((s) => [s.name, s.name]), "DPM++ 2M");
   fill($("scheduler"), schedulers.map((s) => [s.label, s.label]), "Automatic");
+  fill($("hr_upscaler"), [...modes, ...upscalers].map((u) => [u.name, u.name]), "Latent");
   $("model").textContent = options.sd_model_checkpoint || "";
 }
 
@@ -36,6 +41,10 @@ function request() {
   for (const name of FIELDS) {
     const raw = $(name).value;
     body[name] = NUMBERS.has(name) ? Number(raw) : raw;
+  }
+  if ($("enable_hr").checked) {
+    body.enable_hr = true;
+    for (const name of HIRES) body[name] = NUMBERS.has(name) ? Number($(name).value) : $(name).value;
   }
   return body;
 }

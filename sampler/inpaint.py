@@ -1,14 +1,30 @@
-"""A1111's img2img image handling (v1.10 ``processing.StableDiffusionProcessingImg2Img.init`` and
-``apply_overlay``, ``images.resize_image``, ``masking``), in PIL and numpy:
+"""AUTOMATIC1111's inpainting (v1.10 ``processing.StableDiffusionProcessingImg2Img.init`` / ``sample``,
+``apply_overlay``, ``create_binary_mask``, ``images.resize_image``, ``masking``), the one implementation every
+door uses (``GenerationSettings.check`` prepares, ``Pipeline.prepare_latents`` / ``denoise`` / ``to_pil`` run it).
+
+Pixels (PIL and numpy):
 
 * the init image is flattened onto white and resized to width x height (``resize_mode`` 0 just resize, 1 crop
   and resize, 2 resize and fill; 3, latent upscale, is resized as 0);
-* the mask is made binary (an RGBA mask's alpha, else its grey), inverted on request and blurred (a Gaussian of
-  ``mask_blur_x`` / ``mask_blur_y`` with OpenCV's kernel size); the model gets it rounded to 0 / 1;
-* "only masked" (``inpaint_full_res``): the mask's bounding box, padded and widened to the output's aspect, is
-  cut out of the original and resized to width x height; the result is pasted back into the original's frame;
-* the original pixels outside the mask are composited over the result (the blurred mask as alpha), so the
-  unmasked area comes back unchanged.
+* the mask is made binary (an RGBA mask's alpha, else its grey), inverted on request (``inpainting_mask_invert``)
+  and blurred (a Gaussian of ``mask_blur_x`` / ``mask_blur_y`` with OpenCV's kernel size, one axis after the
+  other);
+* "only masked" (``inpaint_full_res``): the mask's bounding box, padded by ``inpaint_full_res_padding`` and
+  widened to the output's aspect, is cut out of the original and resized to width x height; the result is
+  pasted back into the original's frame;
+* ``inpainting_fill`` 0 ("fill") repaints the masked area with blurred colours of its surroundings
+  (``masking.fill``) before the VAE encode; 1 ("original") keeps it;
+* the original pixels outside the mask are composited over the result (the blurred mask as alpha,
+  ``apply_overlay``), so the unmasked area comes back unchanged.
+
+Latents (torch), for the init latent ``z0`` of a 4-channel model:
+
+* the latent mask is the processed mask resized to the latent size (Pillow's default filter), divided by 255 and
+  rounded: ``nmask`` (1 = repaint) and ``mask = 1 - nmask``;
+* ``inpainting_fill`` 2 ("latent noise"): ``z0 = z0 * mask + noise(seed) * nmask``; 3 ("latent nothing"):
+  ``z0 = z0 * mask``;
+* every denoiser output is blended ``denoised * nmask + z0 * mask`` (``sd_samplers_cfg_denoiser.CFGDenoiser``
+  ``apply_blend``, after denoising), and so is the sampler's result (``sample``).
 """
 
 from __future__ import annotations
@@ -16,9 +32,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps
+import torch
+from PIL import Image, ImageFilter, ImageOps
 
-from tritonsd.serve.errors import BadRequest
+
+class InpaintError(ValueError):
+    """Images or inpainting settings that cannot be honoured (one line for the user)."""
+
 
 LANCZOS = Image.Resampling.LANCZOS
 MAX_WORK_PIXELS = 1 << 26  # an intermediate image of resize_image may be at most this large
@@ -48,7 +68,7 @@ def resize_image(mode: int, im: Image.Image, width: int, height: int) -> Image.I
         src_h = height if ratio >= src_ratio else im.height * width // im.width
     src_w, src_h = max(1, src_w), max(1, src_h)
     if src_w * src_h > MAX_WORK_PIXELS:  # an extreme aspect ratio scaled to cover the output
-        raise BadRequest(f"an image of {im.width}x{im.height} cannot be fitted to {width}x{height} with "
+        raise InpaintError(f"an image of {im.width}x{im.height} cannot be fitted to {width}x{height} with "
                          f"resize_mode {mode}: its aspect ratio is too extreme")
     resized = im.resize((src_w, src_h), resample=LANCZOS)
     res = Image.new(im.mode if im.mode in ("RGB", "L") else "RGB", (width, height))
@@ -135,55 +155,89 @@ def expand_crop_region(region, width: int, height: int, image_w: int, image_h: i
     return x1, y1, x2, y2
 
 
+FILL_MODES = ("fill", "original", "latent noise", "latent nothing")  # inpainting_fill 0..3, A1111's labels
+
+
+def fill_mode(value) -> int:
+    """``inpainting_fill`` as 0..3 from the number or A1111's label ("fill", "original", "latent noise",
+    "latent nothing")."""
+    if isinstance(value, str) and value.lower() in FILL_MODES:
+        return FILL_MODES.index(value.lower())
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and 0 <= value <= 3:
+        return int(value)
+    raise InpaintError(f"must be 0..3 or one of {', '.join(FILL_MODES)}, got {value!r}")
+
+
+def fill(image: Image.Image, mask: Image.Image) -> Image.Image:
+    """``masking.fill``: the masked area painted with ever less blurred copies of the unmasked pixels."""
+    image_mod = Image.new("RGBA", image.size)
+    image_masked = Image.new("RGBa", image.size)
+    image_masked.paste(image.convert("RGBA").convert("RGBa"), mask=ImageOps.invert(mask.convert("L")))
+    image_masked = image_masked.convert("RGBa")
+    for radius, repeats in [(256, 1), (64, 1), (16, 2), (4, 4), (2, 2), (0, 1)]:
+        blurred = image_masked.filter(ImageFilter.GaussianBlur(radius)).convert("RGBA")
+        for _ in range(repeats):
+            image_mod.alpha_composite(blurred)
+    return image_mod.convert("RGB")
+
+
 @dataclass
 class Prepared:
     """What the model gets and what the paste-back needs."""
 
-    image: Image.Image  # RGB, width x height
-    mask: Image.Image | None  # L, width x height, 0 / 255 (None: plain img2img)
+    image: Image.Image  # RGB, width x height (filled when inpainting_fill is 0)
+    mask: Image.Image | None  # L, width x height, 0 / 255 (None: plain img2img): the 9-channel model's mask
     overlay: Image.Image | None  # RGBA: the original where it is kept (alpha = 255 - mask)
     paste_to: tuple[int, int, int, int] | None  # x, y, w, h in the overlay's frame ("only masked")
     notes: list[str]
+    latent_mask: Image.Image | None = None  # L, width x height: the processed (blurred) mask, 0..255
+    extra: dict | None = None  # A1111's infotext keys of the inpainting (Mask blur, Inpaint area, ...)
 
 
 def prepare(init: Image.Image, mask: Image.Image | None, width: int, height: int, *, resize_mode: int = 0,
             blur_x: int = 4, blur_y: int = 4, invert: bool = False, full_res: bool = True,
-            full_res_padding: int = 0) -> Prepared:
+            full_res_padding: int = 0, inpainting_fill: int = 1) -> Prepared:
+    """A1111's ``StableDiffusionProcessingImg2Img.init`` on the pixels (see the module docstring)."""
     notes: list[str] = []
     image = flatten(init)
     if mask is None:
         return Prepared(resize_image(resize_mode, image, width, height), None, None, None, notes)
+    extra: dict = {}
     m = binary_mask(mask)
     if invert:
         m = ImageOps.invert(m)
+        extra["Mask mode"] = "Inpaint not masked"
     m = blur_mask(m, blur_x, blur_y)
-    region = None
-    if full_res:
-        region = crop_region(m, full_res_padding)
-        if region is None:
-            notes.append("the mask is empty: inpaint area 'only masked' fell back to the whole image")
-            full_res = False
-    if full_res and region is not None:
+    if blur_x > 0 or blur_y > 0:
+        extra["Mask blur"] = blur_x if blur_x == blur_y else None  # A1111's mask_blur property
+    region = crop_region(m, full_res_padding) if full_res else None
+    if full_res and region is None:
+        notes.append("the mask is empty: inpaint area 'only masked' fell back to the whole image")
+    if region is not None:
         if m.size != image.size:
-            m = m.resize(image.size, resample=LANCZOS)
-            region = crop_region(m, full_res_padding) or (0, 0, m.width, m.height)
-        mask_for_overlay = m
+            raise InpaintError(f"the mask is {m.width}x{m.height} but the init image is "
+                               f"{image.width}x{image.height}")
         region = expand_crop_region(region, width, height, m.width, m.height)
         x1, y1, x2, y2 = region
         model_mask = resize_image(2, m.crop(region), width, height)
         paste_to = (x1, y1, x2 - x1, y2 - y1)
-        overlay_base = image
+        mask_for_overlay, overlay_base = m, image
         model_image = resize_image(2, image.crop(region), width, height)
+        extra.update({"Inpaint area": "Only masked", "Masked area padding": full_res_padding})
     else:
         model_mask = resize_image(resize_mode, m, width, height)
-        mask_for_overlay = model_mask.point(lambda v: min(255, v * 2))
+        mask_for_overlay = model_mask.point(lambda v: min(255, v * 2))  # np.clip(mask * 2, 0, 255)
         paste_to = None
         overlay_base = resize_image(resize_mode, image, width, height)
         model_image = overlay_base
     overlay = Image.new("RGBa", overlay_base.size)
     overlay.paste(overlay_base.convert("RGBA").convert("RGBa"), mask=ImageOps.invert(mask_for_overlay.convert("L")))
+    if inpainting_fill != 1:
+        model_image = fill(model_image, model_mask)
+        if inpainting_fill == 0:
+            extra["Masked content"] = "fill"
     rounded = model_mask.convert("L").point(lambda v: 255 if v >= 128 else 0)  # torch.round(v / 255)
-    return Prepared(model_image, rounded, overlay.convert("RGBA"), paste_to, notes)
+    return Prepared(model_image, rounded, overlay.convert("RGBA"), paste_to, notes, model_mask, extra)
 
 
 def paste_back(result: Image.Image, prepared: Prepared) -> Image.Image:
@@ -202,3 +256,55 @@ def paste_back(result: Image.Image, prepared: Prepared) -> Image.Image:
     out = image.convert("RGB")
     out.info.update(result.info)
     return out
+
+
+# ---------------------------------------------------------------- latents
+
+
+def mask_image(mask: torch.Tensor) -> Image.Image:
+    """A [1, 1, H, W] mask tensor in [0, 1] as the 8-bit L image A1111 works on."""
+    return Image.fromarray((mask[0, 0].detach().float().cpu().numpy() * 255.0).round().astype(np.uint8), mode="L")
+
+
+def latent_masks(mask: Image.Image, channels: int, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask, nmask) [channels, height, width] float32: ``latmask`` of ``init`` -- the processed mask resized to
+    the latent size with Pillow's default filter, /255, rounded (``mask_round``); nmask = latmask (1 = repaint),
+    mask = 1 - latmask (1 = keep)."""
+    latmask = np.asarray(mask.convert("RGB").resize((width, height)), dtype=np.float32)[..., 0] / 255  # [h, w]
+    latmask = np.around(latmask)
+    nmask = torch.from_numpy(np.tile(latmask[None], (channels, 1, 1)))  # [C, h, w]
+    return 1.0 - nmask, nmask
+
+
+def fill_latent(init_latent: torch.Tensor, fill: int, mask: torch.Tensor, nmask: torch.Tensor,
+                noise: torch.Tensor) -> torch.Tensor:
+    """``inpainting_fill`` on the init latent: 2 (latent noise) ``z0 * mask + noise * nmask``, 3 (latent nothing)
+    ``z0 * mask``; 0 and 1 act on the pixels (``prepare``)."""
+    if fill == 2:
+        return init_latent * mask + noise * nmask
+    if fill == 3:
+        return init_latent * mask
+    return init_latent
+
+
+@dataclass
+class LatentBlend:
+    """The per-step latent masking of a 4-channel model: ``x * nmask + init_latent * mask``."""
+
+    init_latent: torch.Tensor  # [B, C, h, w]
+    mask: torch.Tensor  # [C, h, w], 1 = keep
+    nmask: torch.Tensor  # [C, h, w], 1 = repaint
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.nmask + self.init_latent * self.mask
+
+
+class BlendedDenoiser:
+    """A sigma-space denoiser whose output is blended with the init latent (``CFGDenoiser.forward``'s
+    ``apply_blend``, after denoising, as A1111 v1.10 does by default)."""
+
+    def __init__(self, inner, blend: LatentBlend):
+        self.inner, self.blend = inner, blend
+
+    def __call__(self, x, sigma, **kwargs):
+        return self.blend(self.inner(x, sigma, **kwargs))

@@ -1,0 +1,318 @@
+"""Inpainting as AUTOMATIC1111 v1.10 does it, one implementation for every door (issue 28 point 4).
+
+Expected values are computed here from A1111's formulas (``modules/processing.py`` ``init`` / ``sample`` /
+``apply_overlay``, ``modules/masking.py``, ``modules/sd_samplers_cfg_denoiser.py``), not by the code under test:
+the OpenCV Gaussian of the mask blur (kernel 2*int(2.5*sigma+0.5)+1, reflect-101 borders, x then y, 8-bit after
+each), ``get_crop_region_v2`` / ``expand_crop_region``, the overlay's alpha, ``masking.fill`` (transcribed), the
+latent mask (Pillow's default resize, /255, rounded) and the blend ``x * nmask + init_latent * mask``. Then the
+CLI, Python and the server get the same request and must give the same bytes, the original kept outside the mask.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageFilter, ImageOps
+
+from tritonsd.sampler.settings import GenerationSettings
+
+ROOT = Path(__file__).resolve().parent.parent
+SEED, STEPS = 5, 3
+
+
+def picture(size=(64, 64)) -> Image.Image:
+    rng = np.random.default_rng(3)
+    base = np.linspace(0, 255, size[0] * size[1] * 3).reshape(size[1], size[0], 3)
+    return Image.fromarray(np.clip(base + rng.integers(-40, 40, base.shape), 0, 255).astype(np.uint8))
+
+
+def box_mask(size=(64, 64), box=(20, 24, 36, 40)) -> Image.Image:
+    mask = Image.new("L", size, 0)
+    mask.paste(255, box)
+    return mask
+
+
+# ---------------------------------------------------------------- A1111's formulas, written out here
+
+
+def opencv_blur_axis(a: np.ndarray, sigma: float, axis: int) -> np.ndarray:
+    """cv2.GaussianBlur along one axis of an 8-bit image, pixel by pixel: taps exp(-d^2 / 2 sigma^2) over
+    2*int(2.5 sigma + 0.5) + 1 positions, normalised; BORDER_REFLECT_101; rounded back to 8 bits."""
+    k = 2 * int(2.5 * sigma + 0.5) + 1
+    r = k // 2
+    taps = [math.exp(-(d * d) / (2 * sigma * sigma)) for d in range(-r, r + 1)]
+    total = sum(taps)
+    n = a.shape[axis]
+    out = np.zeros(a.shape, dtype=np.float64)
+    for i in range(n):
+        acc = 0.0
+        for j, t in zip(range(i - r, i + r + 1), taps):
+            jj = -j if j < 0 else (2 * (n - 1) - j if j >= n else j)  # reflect-101
+            acc = acc + t * (a[jj] if axis == 0 else a[:, jj])
+        if axis == 0:
+            out[i] = acc / total
+        else:
+            out[:, i] = acc / total
+    return np.clip(np.rint(out), 0, 255)
+
+
+def a1111_blur(mask: Image.Image, bx: int, by: int) -> np.ndarray:
+    a = np.asarray(mask, dtype=np.float64)
+    if bx > 0:
+        a = opencv_blur_axis(a, bx, axis=1)
+    if by > 0:
+        a = opencv_blur_axis(a, by, axis=0)
+    return a.astype(np.uint8)
+
+
+def get_crop_region_v2(mask: np.ndarray, pad: int):
+    ys, xs = np.nonzero(mask)
+    h, w = mask.shape
+    x1, y1, x2, y2 = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
+    return max(x1 - pad, 0), max(y1 - pad, 0), min(x2 + pad, w), min(y2 + pad, h)
+
+
+def expand_crop_region(crop_region, processing_width, processing_height, image_width, image_height):
+    x1, y1, x2, y2 = crop_region
+    ratio_crop_region = (x2 - x1) / (y2 - y1)
+    ratio_processing = processing_width / processing_height
+    if ratio_crop_region > ratio_processing:
+        desired_height_diff = int((x2 - x1) / ratio_processing - (y2 - y1))
+        y1 -= desired_height_diff // 2
+        y2 += desired_height_diff - desired_height_diff // 2
+        if y2 >= image_height:
+            diff = y2 - image_height
+            y2 -= diff
+            y1 -= diff
+        if y1 < 0:
+            y2 -= y1
+            y1 -= y1
+        if y2 >= image_height:
+            y2 = image_height
+    else:
+        desired_width_diff = int((y2 - y1) * ratio_processing - (x2 - x1))
+        x1 -= desired_width_diff // 2
+        x2 += desired_width_diff - desired_width_diff // 2
+        if x2 >= image_width:
+            diff = x2 - image_width
+            x2 -= diff
+            x1 -= diff
+        if x1 < 0:
+            x2 -= x1
+            x1 -= x1
+        if x2 >= image_width:
+            x2 = image_width
+    return x1, y1, x2, y2
+
+
+def masking_fill(image, mask):
+    """``masking.fill`` as A1111 v1.10 writes it."""
+    image_mod = Image.new('RGBA', (image.width, image.height))
+    image_masked = Image.new('RGBa', (image.width, image.height))
+    image_masked.paste(image.convert("RGBA").convert("RGBa"), mask=ImageOps.invert(mask.convert('L')))
+    image_masked = image_masked.convert('RGBa')
+    for radius, repeats in [(256, 1), (64, 1), (16, 2), (4, 4), (2, 2), (0, 1)]:
+        blurred = image_masked.filter(ImageFilter.GaussianBlur(radius)).convert('RGBA')
+        for _ in range(repeats):
+            image_mod.alpha_composite(blurred)
+    return image_mod.convert("RGB")
+
+
+def prepared(**kw) -> GenerationSettings:
+    fields = dict(prompt="a duck", init_image=picture(), mask=box_mask(), seed=SEED, steps=STEPS)
+    return GenerationSettings(**{**fields, **kw}).check()
+
+
+# ---------------------------------------------------------------- pixels
+
+
+@pytest.mark.parametrize("blur", [(4, 4), (3, 0), (0, 2), (2, 5)])
+def test_mask_blur_is_a1111s_opencv_gaussian_on_both_axes(blur):
+    s = prepared(mask_blur=blur, inpainting_fill=1)
+    want = a1111_blur(box_mask(), *blur)
+    assert np.array_equal(np.asarray(s.inpaint.latent_mask), want)
+    # the 9-channel model's mask: torch.round(mask / 255)
+    assert torch.equal(s.mask[0, 0], torch.from_numpy((want >= 128).astype(np.float32)))
+
+
+@pytest.mark.parametrize("size,pad,box", [((32, 32), 4, (20, 24, 36, 40)), ((48, 32), 0, (2, 50, 12, 62)),
+                                          ((32, 48), 8, (40, 3, 60, 10))])
+def test_only_masked_crops_a1111s_region(size, pad, box):
+    s = prepared(mask=box_mask(box=box), inpaint_full_res=True, inpaint_full_res_padding=pad, width=size[0],
+                 height=size[1], mask_blur=4)
+    blurred = a1111_blur(box_mask(box=box), 4, 4)
+    x1, y1, x2, y2 = expand_crop_region(get_crop_region_v2(blurred, pad), size[0], size[1], 64, 64)
+    assert s.inpaint.paste_to == (x1, y1, x2 - x1, y2 - y1)
+    assert (s.width, s.height) == size and s.init_image.shape[-2:] == (size[1], size[0])
+    assert s.inpaint.extra == {"Mask blur": 4, "Inpaint area": "Only masked", "Masked area padding": pad}
+
+
+def test_fill_is_masking_fill_of_the_processed_mask():
+    s = prepared(inpainting_fill=0)
+    want = masking_fill(picture(), Image.fromarray(a1111_blur(box_mask(), 4, 4)))
+    got = ((s.init_image[0].permute(1, 2, 0) + 1) * 127.5).round().to(torch.uint8).numpy()
+    assert np.array_equal(got, np.asarray(want))
+    assert s.inpaint.extra["Masked content"] == "fill"
+
+
+def test_paste_back_is_apply_overlay():
+    """Whole picture: the overlay's alpha is 255 - clip(2 * blurred mask): where it is 255 the original comes
+    back exactly, where it is 0 the generated pixel does; between, their alpha blend."""
+    from tritonsd.sampler.inpaint import paste_back
+
+    s = prepared(mask_blur=2)
+    result = Image.new("RGB", (64, 64), (250, 0, 250))
+    out = np.asarray(paste_back(result, s.inpaint), dtype=np.int32)
+    alpha = 255 - np.clip(a1111_blur(box_mask(), 2, 2).astype(np.int32) * 2, 0, 255)  # [H, W]
+    src, gen = np.asarray(picture(), dtype=np.int32), np.asarray(result, dtype=np.int32)
+    assert np.array_equal(out[alpha == 255], src[alpha == 255])
+    assert np.array_equal(out[alpha == 0], gen[alpha == 0])
+    mid = (alpha > 0) & (alpha < 255)
+    blend = (src * alpha[..., None] + gen * (255 - alpha[..., None])) / 255
+    assert mid.any() and np.abs(out[mid] - blend[mid]).max() <= 2  # Pillow's 8-bit premultiplied arithmetic
+
+
+def test_invert_inpaints_what_is_not_masked():
+    s = prepared(inpainting_mask_invert=True, mask_blur=0)
+    assert np.array_equal(np.asarray(s.inpaint.latent_mask), 255 - np.asarray(box_mask()))
+    assert s.inpaint.extra == {"Mask mode": "Inpaint not masked"}
+
+
+# ---------------------------------------------------------------- latents
+
+
+def a1111_latmask(mask: Image.Image, h: int, w: int) -> torch.Tensor:
+    latmask = np.moveaxis(np.array(mask.convert('RGB').resize((w, h)), dtype=np.float32), 2, 0) / 255
+    return torch.from_numpy(np.around(latmask[0]))
+
+
+@pytest.mark.parametrize("fill", [1, 2, 3])
+def test_latent_masking_every_step(pipes, fill):
+    pipe = pipes("sd1-tiny")
+    s = pipe.settings(prepared(inpainting_fill=fill, sampler="euler", cfg_scale=7.0))
+    latents = pipe.prepare_latents(s)
+    nmask = a1111_latmask(s.inpaint.latent_mask, 8, 8)
+    assert torch.equal(latents.blend.nmask, nmask.expand(4, -1, -1))
+    assert torch.equal(latents.blend.mask, 1 - nmask.expand(4, -1, -1))
+    keep, repaint = nmask == 0, nmask == 1
+    z0 = latents.blend.init_latent
+    if fill == 3:  # latent nothing: z0 * mask
+        assert torch.all(z0[0][:, repaint] == 0)
+    seen = []
+    out = pipe.denoise(latents, pipe.encode(s), s, callback=lambda d: seen.append(d["denoised"].clone()))
+    assert len(seen) == latents.steps
+    for denoised in seen:  # CFGDenoiser's apply_blend: the kept latents are z0's at every step
+        assert torch.equal(denoised[0][:, keep], z0[0][:, keep])
+    assert torch.equal(out[0][:, keep], z0[0][:, keep])
+    assert not torch.equal(out[0][:, repaint], z0[0][:, repaint])
+
+
+def test_latent_noise_is_the_seeds_unit_noise(pipes):
+    from tritonsd.sampler.noise import ImageNoise
+
+    pipe = pipes("sd1-tiny")
+    s = pipe.settings(prepared(inpainting_fill=2, sampler="euler"))
+    latents = pipe.prepare_latents(s)
+    nmask = latents.blend.nmask
+    noise = ImageNoise((4, 8, 8), SEED, 1, "nv", None, 0.0, "cpu").start((4, 8, 8))
+    assert torch.equal((latents.blend.init_latent * nmask)[0][nmask == 1], (noise * nmask)[0][nmask == 1])
+
+
+# ---------------------------------------------------------------- infotext
+
+
+def test_infotext_writes_a1111s_img2img_keys(pipes):
+    pipe = pipes("sd1-tiny")
+    s = pipe.settings(prepared(inpainting_fill=0, inpaint_full_res=True, inpaint_full_res_padding=8,
+                               inpainting_mask_invert=True, strength=0.5, width=32, height=32, sampler="euler"))
+    line = pipe.infotext(s).splitlines()[-1]
+    # create_infotext: Denoising strength in its own place, then init's keys in the order init adds them
+    assert ("Denoising strength: 0.5, Mask mode: Inpaint not masked, Mask blur: 4, Inpaint area: Only masked, "
+            "Masked area padding: 8, Masked content: fill") in line
+    assert "Size: 32x32" in line
+    uneven = pipe.settings(prepared(mask_blur=(2, 3), sampler="euler"))
+    assert "Mask blur" not in pipe.infotext(uneven)  # A1111's mask_blur property is None when x != y
+
+
+# ---------------------------------------------------------------- every door: the same bytes
+
+
+REQUEST = dict(prompt="a yellow duck", seed=SEED, steps=STEPS, cfg=7, strength=0.75, blur=4)
+
+
+def python_door(fixtures, tmp_path):
+    import tritonsd
+
+    pipe = tritonsd.load(fixtures / "sd1-tiny.safetensors", text_heads=2)
+    images = pipe(REQUEST["prompt"], image=picture(), mask_image=box_mask(), seed=SEED, steps=STEPS, cfg_scale=7,
+                  sampler="Euler", strength=0.75, mask_blur=4, inpaint_full_res=False, inpainting_fill=1)
+    return pipe.save(images, tmp_path / "py")[0]
+
+
+def cli_door(fixtures, tmp_path, init, mask):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "tritonsd.tools.cli", "generate", "--checkpoint",
+                           str(fixtures / "sd1-tiny.safetensors"), "--text-heads", "2", "--device", "cpu",
+                           "--prompt", REQUEST["prompt"], "--seed", str(SEED), "--steps", str(STEPS), "--cfg", "7",
+                           "--sampler", "Euler", "--init-image", str(init), "--mask", str(mask), "--strength",
+                           "0.75", "--mask-blur", "4", "--inpaint-area", "whole", "--masked-content", "original",
+                           "--out", str(tmp_path / "cli"), "--quiet"],
+                          capture_output=True, text=True, env=env, timeout=600, cwd=str(ROOT))
+    assert proc.returncode == 0, proc.stderr
+    return Path(proc.stdout.strip().splitlines()[-1])
+
+
+def server_door(fixtures, tmp_path):
+    from _serve_server import Server
+
+    def b64(im):
+        buf = io.BytesIO()
+        im.save(buf, format="PNG")
+        return base64.b64encode(buf.getvalue()).decode()
+
+    server = Server(["--checkpoint", str(fixtures / "sd1-tiny.safetensors"), "--text-heads", "2",
+                     "--device", "cpu"], tmp_path / "server.log")
+    try:
+        body = dict(prompt=REQUEST["prompt"], seed=SEED, steps=STEPS, cfg_scale=7, sampler_name="Euler",
+                    denoising_strength=0.75, init_images=[b64(picture())], mask=b64(box_mask()), mask_blur=4,
+                    inpaint_full_res=False, inpainting_fill=1, inpainting_mask_invert=0, width=64, height=64)
+        req = urllib.request.Request(server.url + "/sdapi/v1/img2img", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=600) as r:
+            answer = json.load(r)
+    finally:
+        server.stop()
+    return Image.open(io.BytesIO(base64.b64decode(answer["images"][0])))
+
+
+@pytest.mark.slow
+def test_cli_python_and_server_inpaint_alike(fixtures, tmp_path):
+    init, mask = tmp_path / "init.png", tmp_path / "mask.png"
+    picture().save(init)
+    box_mask().save(mask)
+    images = {"python": Image.open(python_door(fixtures, tmp_path)), "cli": Image.open(cli_door(fixtures, tmp_path,
+                                                                                              init, mask)),
+              "server": server_door(fixtures, tmp_path)}
+    pixels = {door: np.asarray(im.convert("RGB")) for door, im in images.items()}
+    assert np.array_equal(pixels["python"], pixels["cli"]) and np.array_equal(pixels["python"], pixels["server"])
+    texts = {door: im.info["parameters"] for door, im in images.items()}
+    assert texts["python"] == texts["cli"] == texts["server"], texts
+    assert "Denoising strength: 0.75" in texts["python"] and "Mask blur: 4" in texts["python"]
+    # outside the blurred mask's reach (2 * blur) the original comes back: mean change well under 1/255
+    far = np.ones((64, 64), bool)
+    far[24 - 10:40 + 10, 20 - 10:36 + 10] = False
+    change = np.abs(pixels["python"].astype(np.int32) - np.asarray(picture(), dtype=np.int32))[far]
+    assert change.mean() < 0.5, change.mean()
+    inside = np.abs(pixels["python"].astype(np.int32) - np.asarray(picture(), dtype=np.int32))[26:38, 22:34]
+    assert inside.mean() > 1, "the masked area was not repainted"
