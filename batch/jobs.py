@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Iterable
 
 from tritonsd.escape import escape  # the batch modules print untrusted ids and text through it
+from tritonsd.formats.checkpoint import CheckpointError, validate_safetensors_header
 from tritonsd.sampler.seeds import RANDOM_SEEDS
 from tritonsd.sampler.settings import GenerationSettings, SettingsError
 from tritonsd.sampler.registry import DEFAULT_SAMPLER, UnknownSamplerError, resolve_name
@@ -187,15 +188,27 @@ def _split_lora_text(text: str) -> tuple[str, list[float]]:
 
 
 def find_lora_file(path: str, lora_dir: Path | None, base: Path) -> Path:
-    """``path`` (relative to ``base``), else ``lora_dir/path`` or ``lora_dir/path.safetensors``."""
+    """``path`` (relative to ``base``), else ``lora_dir/path`` or ``lora_dir/path.safetensors``: a regular
+    ``.safetensors`` file whose header reads as one. Nothing else is opened, and a file that is not a LoRA is
+    refused by its name alone: no byte of it (nor a number made of its bytes) reaches a message."""
     candidates = [base / path]
     if lora_dir is not None:
         candidates += [lora_dir / path, lora_dir / f"{path}.safetensors"]
     for c in candidates:
-        if c.is_file():
+        if c.suffix.lower() == ".safetensors" and c.is_file():
+            _check_lora_header(c, path)
             return c.resolve()
+    if any(c.exists() for c in candidates):
+        raise JobError(f"loras: {escape(path)} is not a .safetensors LoRA file")
     where = f" (nor in {escape(str(lora_dir))})" if lora_dir is not None else ""
     raise JobError(f"LoRA file not found: {escape(path)}{where}")
+
+
+def _check_lora_header(file: Path, named: str) -> None:
+    try:
+        validate_safetensors_header(file)
+    except (CheckpointError, OSError):
+        raise JobError(f"loras: {escape(named)} is not a readable safetensors LoRA file") from None
 
 
 def parse_job(fields, line: int, *, lora_dir: Path | None = None, base: Path | None = None) -> Job:
@@ -290,19 +303,36 @@ def read_jobs_file(path: str | os.PathLike, **kw) -> tuple[list[Job], list[Rejec
     lines: list[str] = []
     pre: list[Rejected] = []
     with open(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                text, bad = "", "not UTF-8 text"
-            else:
-                bad = "line is longer than 1 MiB" if len(raw) > MAX_LINE_BYTES else None
-                text = "" if bad else text
+        for number, (raw, whole) in enumerate(bounded_lines(f, MAX_LINE_BYTES), start=1):
+            bad = None if whole else "line is longer than 1 MiB"
+            text = ""
+            if whole:
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    bad = "not UTF-8 text"
             if bad:
                 pre.append(Rejected(number, bad))
             lines.append(text)
     jobs, rejected = read_jobs(lines, **kw)
     return jobs, sorted(pre + rejected, key=lambda r: r.line)
+
+
+def bounded_lines(f, limit: int, block: int = 1 << 16):
+    """(line bytes, True) for each line of binary file ``f``, or (b"", False) for a line over ``limit`` bytes,
+    which is skipped in blocks without being held: a 400 MB line costs ``block`` bytes of memory, not 400 MB."""
+    while True:
+        raw = f.readline(limit + 1)
+        if not raw:
+            return
+        if len(raw) <= limit:
+            yield raw, True
+            continue
+        while not raw.endswith(b"\n"):  # the rest of the long line
+            raw = f.readline(block)
+            if not raw:
+                break
+        yield b"", False
 
 
 __all__ = ["Job", "JobError", "Rejected", "escape", "parse_job", "read_jobs", "read_jobs_file", "seed_from_id"]

@@ -13,8 +13,11 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import stat
 import tempfile
 from pathlib import Path
+
+from tritonsd.escape import escape
 
 RESULTS = "results.jsonl"
 LOCK = ".tritonsd-batch.lock"
@@ -47,6 +50,7 @@ class OutputDir:
             raise OutputError(f"another tritonsd batch run is writing to {self.path}") from None
         self._remove_stale_temporaries()
         self._results = None
+        self.results_error = _not_regular(self.path / RESULTS)  # one line, or None: results.jsonl is usable
 
     def close(self) -> None:
         if self._results is not None:
@@ -63,15 +67,19 @@ class OutputDir:
     # ------------------------------------------------------------ resume
 
     def done_ids(self, ids) -> set[str]:
-        """Those of ``ids`` whose PNG is already there."""
+        """Those of ``ids`` whose PNG is already there (a regular file; ``is_file`` follows links)."""
         return {i for i in ids if (self.path / f"{i}.png").is_file()}
 
     def previous_rows(self) -> dict[str, dict]:
-        """id -> the last successful row an earlier run wrote (unreadable lines are ignored)."""
+        """id -> the last successful row an earlier run wrote (unreadable lines are ignored). Only a regular
+        file is read: a FIFO in its place would block the run forever."""
         rows: dict[str, dict] = {}
+        path = self.path / RESULTS
         try:
-            text = (self.path / RESULTS).read_text(encoding="utf-8", errors="replace")
-        except FileNotFoundError:
+            if self.results_error is not None or not stat.S_ISREG(path.stat().st_mode):  # links followed
+                return rows
+            text = path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
             return rows
         for line in text.splitlines():
             try:
@@ -83,20 +91,37 @@ class OutputDir:
         return rows
 
     def start_results(self, kept_rows: list[dict]) -> None:
-        """Rewrite ``results.jsonl`` (atomically) with ``kept_rows``, then keep it open for appending."""
+        """Rewrite ``results.jsonl`` (atomically) with ``kept_rows``, then keep it open for appending. When
+        something other than a regular file holds its name (``results_error``), or it cannot be written, the
+        run goes on without it (``results_error`` says why; the driver reports it as one error row)."""
+        if self.results_error is not None:
+            return
         body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept_rows).encode("utf-8")
-        self._write_atomic(self.path / RESULTS, body)
-        self._results = open(self.path / RESULTS, "a", encoding="utf-8")
+        try:
+            self._write_atomic(self.path / RESULTS, body)
+            self._results = open(self.path / RESULTS, "a", encoding="utf-8")
+        except OSError as e:
+            self.results_error = f"{RESULTS} cannot be written ({e.strerror or e}); no results file this run"
 
     def add_row(self, row: dict) -> None:
+        if self._results is None:
+            return
         self._results.write(json.dumps(row, ensure_ascii=False) + "\n")
         self._results.flush()
 
     # ------------------------------------------------------------ images
 
     def write_png(self, job_id: str, data: bytes) -> Path:
+        """``DIR/<id>.png``, atomically; OutputError (one line) when something other than a regular file (a
+        directory, a FIFO, a socket) holds the name, or the file cannot be written: that job's error."""
         path = self.path / f"{job_id}.png"
-        self._write_atomic(path, data)
+        blocked = _not_regular(path)
+        if blocked is not None:
+            raise OutputError(blocked)
+        try:
+            self._write_atomic(path, data)
+        except OSError as e:
+            raise OutputError(f"{escape(path.name)} cannot be written ({e.strerror or e})") from None
         return path
 
     def _write_atomic(self, path: Path, data: bytes) -> None:
@@ -116,6 +141,21 @@ class OutputDir:
         """Temporaries of runs that died (we hold the lock, so no live run owns one)."""
         for p in self.path.glob(f"{TEMP_PREFIX}*.tmp"):
             p.unlink(missing_ok=True)
+
+
+def _not_regular(path: Path) -> str | None:
+    """None when ``path`` is absent, a regular file or a link (replaced, not followed, by a rename); else one
+    line naming what is there."""
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        return f"{escape(path.name)} cannot be read ({e.strerror or e})"
+    if stat.S_ISREG(mode) or stat.S_ISLNK(mode):
+        return None
+    kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "not a regular file"
+    return f"{escape(path.name)} is {kind}; it is left alone"
 
 
 def _umask() -> int:

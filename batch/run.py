@@ -13,11 +13,16 @@ from typing import Callable, Iterator
 from tqdm import tqdm
 
 from tritonsd.batch.jobs import Job, Rejected, read_jobs, read_jobs_file
-from tritonsd.batch.output import OutputDir
+from tritonsd.batch.output import OutputDir, OutputError
 from tritonsd.batch.worker import BatchWorker, Result
+from tritonsd.devices import default_dtype, resolve_device, resolve_dtype
 from tritonsd.load_spec import CheckedSpec, LoadSpec
 from tritonsd.pipeline import load_spec
 from tritonsd.batch.ray_run import run_on_ray
+from tritonsd.sampler.memory import memory_shortfall
+
+
+DEFAULT_SIDE = 512  # a job without a size gets the model's default: 512 for SD 1.x (the estimate's floor)
 
 
 class BatchError(RuntimeError):
@@ -100,6 +105,8 @@ def batch(jobs, out, checkpoint: str | os.PathLike | None = None, *, config=None
         kept = [{"line": j.line, "id": j.id, "file": j.file, "seed": j.seed,
                  "seconds": previous.get(j.id, {}).get("seconds")} for j in job_list if j.id in done]
         output.start_results(kept)
+        if output.results_error is not None:  # the run goes on; the missing results file is one error row
+            rejected = [Rejected(0, output.results_error)] + list(rejected)
         report.skipped = [j.id for j in job_list if j.id in done]
         for bad in rejected:
             output.add_row(bad.row())
@@ -107,6 +114,8 @@ def batch(jobs, out, checkpoint: str | os.PathLike | None = None, *, config=None
             if on_result:
                 on_result(bad)
         units = make_units([j for j in job_list if j.id not in done], group_size)
+        if units and ray is None:
+            check_group_memory(units, group_size, pipe, spec)
         if not units:
             results = iter(())  # nothing left: no model load, no cluster
         elif ray is None:
@@ -118,7 +127,11 @@ def batch(jobs, out, checkpoint: str | os.PathLike | None = None, *, config=None
         for result in results:
             bar.update()
             if result.png is not None:
-                output.write_png(result.id, result.png)  # the image first: a row always has its file
+                try:
+                    output.write_png(result.id, result.png)  # the image first: a row always has its file
+                except OutputError as e:
+                    result = dataclasses.replace(result, png=None, error=str(e))
+            if result.png is not None:
                 report.written.append(result.id)
             else:
                 report.errors.append(result.row())
@@ -128,6 +141,24 @@ def batch(jobs, out, checkpoint: str | os.PathLike | None = None, *, config=None
         bar.close()
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def check_group_memory(units: list[list[Job]], group_size: int, pipe, spec) -> None:
+    """BatchError (one line, before the model loads) when a UNet batch of ``group_size`` rows (short groups are
+    padded to it) at the largest job's size cannot fit in the device's free memory (``sampler.memory``)."""
+    if pipe is not None:
+        device, dtype = pipe.device, pipe.dtype
+    elif isinstance(spec, CheckedSpec):
+        device, dtype = spec.device, spec.dtype
+    else:
+        device = resolve_device(spec.device)
+        dtype = resolve_dtype(spec.dtype if spec.dtype is not None else default_dtype(device))
+    jobs = [j for unit in units for j in unit]
+    width = max(j.settings.width or DEFAULT_SIDE for j in jobs)
+    height = max(j.settings.height or DEFAULT_SIDE for j in jobs)
+    short = memory_shortfall(group_size, width, height, device, dtype)
+    if short is not None:
+        raise BatchError(f"--group-size {group_size}: {short}; use a smaller group size")
 
 
 def _for_workers(spec: LoadSpec | CheckedSpec) -> LoadSpec | CheckedSpec:

@@ -1,4 +1,6 @@
-"""The checkpoint readers' long fuzz run (issue 16), and an atheris entry point.
+"""The readers' long fuzz run: the checkpoint readers (issue 16, ``--suite checkpoints``, the default) or the
+readers issue 26 hardened (``--suite inputs``: LoRA files, embeddings, YAML beside a checkpoint, PNG infotext;
+tests/fuzz_inputs.py), and an atheris entry point for the checkpoint readers.
 
 ``run``: N generated inputs (structure-aware mutations of the fixtures, tests/fuzz_mutations.py; case i is
 drawn from ``random.Random(i)``, so any case is reproducible alone) go through long-lived worker processes
@@ -10,6 +12,8 @@ after every case; the record keeps the largest rise over the worker's warmed-up 
 size. The counts go to a JSON file with the command that reproduces them::
 
     nice -n 19 python benchmarks/fuzz_readers.py run --cases 20000 --workers 1 --out benchmarks/results/fuzz-readers.json
+    nice -n 19 python benchmarks/fuzz_readers.py --suite inputs run --cases 20000 --workers 1 \
+        --out benchmarks/results/fuzz-inputs.json
 
 ``case I``: rebuild case I, print what it is and check it in this process (for a failure from the record).
 
@@ -47,29 +51,89 @@ def _fixtures(arg: str | None) -> Path:
     return fixtures_dir()
 
 
+class CheckpointSuite:
+    """Issue 16's: mutated checkpoints through read_checkpoint and read_checkpoint_shapes."""
+
+    name = "checkpoints"
+    classes = fm.CLASSES
+    seed_names = ["sd1-tiny.safetensors", "sd1-tiny.ckpt", "sd1-tiny.ckpt re-saved in torch's legacy format"]
+
+    def __init__(self, fixtures: Path) -> None:
+        self.seeds = fm.Seeds.load(fixtures)
+
+    def warm(self, tmp: Path) -> None:
+        for name, blob in (("w.safetensors", fm.safetensors_file(self.seeds.safetensors.header,
+                                                                  self.seeds.safetensors.data)),
+                           ("w.ckpt", fm.zip_file(self.seeds.zip.members)), ("l.ckpt", self.seeds.legacy.blob)):
+            (tmp / name).write_bytes(blob)
+            fm.check_outcome(tmp / name, time_limit=600)
+            (tmp / name).unlink()
+
+    def case(self, i: int):
+        return fm.make_case(self.seeds, fm.RandomDraw(i))
+
+    def check(self, case, path: Path):
+        return fm.check_outcome(path, time_limit=1e9)  # the parent's watchdog times it
+
+    def largest_seed(self) -> int:
+        return max(len(b) for b in self.seeds.blobs.values())
+
+
+class InputSuite:
+    """Issue 26's: mutated LoRA files, embeddings, YAML configs and PNG infotexts (tests/fuzz_inputs.py)."""
+
+    name = "inputs"
+    seed_names = ["lora-sd1-tiny.safetensors", "embeddings/*", "sd1-tiny.yaml", "a PNG with an infotext chunk"]
+
+    def __init__(self, fixtures: Path) -> None:
+        import fuzz_inputs as fi
+
+        self.fi = fi
+        self.classes = fi.CLASSES
+        self.seeds = fi.InputSeeds.load(fixtures)
+
+    def warm(self, tmp: Path) -> None:
+        for i in range(8):  # one of each class at least, so the baseline holds the imports and the first loads
+            case = self.case(10_000_000 + i)
+            path = tmp / f"w{case.suffix}"
+            path.write_bytes(case.data)
+            try:
+                self.check(case, path)
+            except Exception:  # noqa: BLE001 - warming only
+                pass
+            path.unlink()
+
+    def case(self, i: int):
+        return self.fi.make_case(self.seeds, fm.RandomDraw(i))
+
+    def check(self, case, path: Path):
+        return self.fi.check_case(case, path, self.seeds)
+
+    def largest_seed(self) -> int:
+        return max([len(b) for b in self.seeds.embeddings.values()] + [110220, len(self.seeds.png)])
+
+
+SUITES = {"checkpoints": CheckpointSuite, "inputs": InputSuite}
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Worker: reads case numbers on stdin, answers one JSON line per case
 
 
-def worker(fixtures: Path) -> None:
-    seeds = fm.Seeds.load(fixtures)
+def worker(fixtures: Path, suite_name: str = "checkpoints") -> None:
+    suite = SUITES[suite_name](fixtures)
     tmp = Path(tempfile.mkdtemp(prefix="tritonsd-fuzz-"))
-    # warm up on the unmutated seeds, so the baseline holds torch's own one-time allocations
-    for name, blob in (("w.safetensors", fm.safetensors_file(seeds.safetensors.header, seeds.safetensors.data)),
-                       ("w.ckpt", fm.zip_file(seeds.zip.members)), ("l.ckpt", seeds.legacy.blob)):
-        (tmp / name).write_bytes(blob)
-        fm.check_outcome(tmp / name, time_limit=600)
-        (tmp / name).unlink()
+    suite.warm(tmp)  # so the baseline holds torch's own one-time allocations
     _answer({"ready": True, "maxrss_kb": _maxrss_kb()})
     for line in sys.stdin:
         i = int(line)
-        case = fm.make_case(seeds, fm.RandomDraw(i))
+        case = suite.case(i)
         path = tmp / f"case{case.suffix}"
         path.write_bytes(case.data)
         _answer({"started": i})  # the watchdog times the readers from here, not the building of the case
         report = {"case": i, "cls": case.cls, "what": case.what[:120], "bytes": len(case.data)}
         try:
-            outcome = fm.check_outcome(path, time_limit=1e9)  # the parent's watchdog times it
+            outcome = suite.check(case, path)
             report.update(result=outcome.result, seconds=round(outcome.seconds, 4))
         except AssertionError as e:
             report.update(result="escaped", error=f"property: {str(e)[:300]}")
@@ -95,8 +159,9 @@ def _maxrss_kb() -> int:
 
 
 class Worker:
-    def __init__(self, fixtures: Path) -> None:
-        self.proc = subprocess.Popen([sys.executable, __file__, "worker", "--fixtures", str(fixtures)],
+    def __init__(self, fixtures: Path, suite: str = "checkpoints") -> None:
+        self.proc = subprocess.Popen([sys.executable, __file__, "--suite", suite, "worker", "--fixtures",
+                                      str(fixtures)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
         self.fd, self.pending = self.proc.stdout.fileno(), b""
         ready = self.read(600)
@@ -150,12 +215,14 @@ class Worker:
 
 def run(args: argparse.Namespace) -> int:
     fixtures = _fixtures(args.fixtures)
-    workers = [Worker(fixtures) for _ in range(args.workers)]
+    suite = SUITES[args.suite](fixtures)
+    workers = [Worker(fixtures, args.suite) for _ in range(args.workers)]
     counts: Counter[str] = Counter()
-    by_class: dict[str, Counter[str]] = {c: Counter() for c in fm.CLASSES}
+    by_class: dict[str, Counter[str]] = {c: Counter() for c in suite.classes}
     failures: list[dict] = []
     worst = {"seconds": 0.0, "rss_rise_mb": 0.0}
     memory_over = slow_wall = 0
+    slowest: list[dict] = []  # the ten slowest cases (wall time in the readers)
     start = time.monotonic()
     pending: dict[int, int] = {}  # worker index -> case in flight
     next_case, done, end = args.start, 0, args.start + args.cases
@@ -176,7 +243,7 @@ def run(args: argparse.Namespace) -> int:
                 counts[kind] += 1
                 failures.append({"case": i, "result": kind})
                 print(f"case {i}: {kind}", file=sys.stderr, flush=True)
-                workers[w] = Worker(fixtures)
+                workers[w] = Worker(fixtures, args.suite)
             else:
                 result = report["result"]
                 counts[result] += 1
@@ -189,6 +256,9 @@ def run(args: argparse.Namespace) -> int:
                     failures.append(report)
                     print(f"case {i}: escaped: {report.get('error')}", file=sys.stderr, flush=True)
                 worst["seconds"] = max(worst["seconds"], report.get("seconds", 0.0))
+                slowest.append({k: report.get(k) for k in ("case", "cls", "what", "bytes", "seconds")})
+                slowest.sort(key=lambda r: -(r["seconds"] or 0.0))
+                del slowest[10:]
                 slow_wall += report.get("seconds", 0.0) > 10
                 worst["rss_rise_mb"] = max(worst["rss_rise_mb"], round(rise_mb, 1))
             del pending[w]
@@ -198,22 +268,24 @@ def run(args: argparse.Namespace) -> int:
     for wk in workers:
         wk.kill()
     record = {
-        "command": " ".join(["python", "benchmarks/fuzz_readers.py", "run", "--cases", str(args.cases), "--start",
+        "command": " ".join(["python", "benchmarks/fuzz_readers.py", "--suite", args.suite, "run", "--cases",
+                             str(args.cases), "--start",
                              str(args.start), "--workers", str(args.workers), "--hang", str(args.hang),
                              "--wall-cap", str(args.wall_cap)]),
         "run_as": "PYTHONPATH=<checkout>/.pp OMP_NUM_THREADS=1 nice -n 19 <command> --out <this file>",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "git_commit": _git_commit(),
         "python": platform.python_version(), "torch": _torch_version(), "machine": platform.machine(),
-        "seeds": ["sd1-tiny.safetensors", "sd1-tiny.ckpt", "sd1-tiny.ckpt re-saved in torch's legacy format"],
+        "suite": args.suite, "seeds": suite.seed_names,
         "cases": args.cases, "first_case": args.start,
         "outcomes": dict(counts),
         "by_class": {c: dict(v) for c, v in by_class.items()},
         "escaped": counts["escaped"], "hangs_over_limit": counts["hang"], "crashes": counts["crash"],
         "hang_limit_cpu_s": args.hang, "hang_limit_wall_s": args.wall_cap,
         "slowest_case_wall_s": round(worst["seconds"], 3), "cases_over_10s_wall": slow_wall,
+        "slowest_cases": slowest,
         "peak_rss_rise_mb": worst["rss_rise_mb"], "peak_rss_rise_over_1gb_plus_file": memory_over,
-        "largest_input_bytes": max(len(b) for b in fm.Seeds.load(fixtures).blobs.values()),
+        "largest_seed_bytes": suite.largest_seed(),
         "failures": failures[:50],
         "elapsed_s": round(time.monotonic() - start, 1),
     }
@@ -240,15 +312,15 @@ def _torch_version() -> str:
 
 
 def one_case(args: argparse.Namespace) -> int:
-    seeds = fm.Seeds.load(_fixtures(args.fixtures))
-    case = fm.make_case(seeds, fm.RandomDraw(args.number))
+    suite = SUITES[args.suite](_fixtures(args.fixtures))
+    case = suite.case(args.number)
     print(f"case {args.number}: {case.cls}: {case.what} ({len(case.data)} bytes)")
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / f"case{case.suffix}"
         path.write_bytes(case.data)
         if args.keep:
             Path(args.keep).write_bytes(case.data)
-        outcome = fm.check_outcome(path)
+        outcome = suite.check(case, path)
     print(f"{outcome.result} in {outcome.seconds:.3f} s {outcome.message}")
     return 0
 
@@ -275,6 +347,8 @@ def atheris_main(argv: list[str], fixtures: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fixtures", default=None, help="the fixtures directory (default: the project's)")
+    parser.add_argument("--suite", choices=sorted(SUITES), default="checkpoints",
+                        help="which readers: checkpoints (issue 16) or inputs (issue 26)")
     sub = parser.add_subparsers(dest="mode", required=True)
     r = sub.add_parser("run", help="the long run")
     r.add_argument("--cases", type=int, default=20_000)
@@ -293,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("atheris", help="coverage-guided fuzzing (needs atheris); libFuzzer flags follow")
     args, rest = parser.parse_known_args(argv)
     if args.mode == "worker":
-        worker(_fixtures(args.worker_fixtures or args.fixtures))
+        worker(_fixtures(args.worker_fixtures or args.fixtures), args.suite)
         return 0
     if args.mode == "atheris":
         atheris_main(rest, _fixtures(args.fixtures))

@@ -325,7 +325,12 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 # Pickles
 
 
-def _read_pickle(path: Path, wrappers: tuple[str, ...] = ("state_dict",)) -> dict[str, torch.Tensor]:
+def check_pickle_container(path: str | Path) -> None:
+    """The bounds every pickled file gets before ``torch.load`` reads a byte of it (a regular, non-empty file; a
+    zip container checked from its central directory, or legacy pickles walked without running them): also what
+    the embedding reader uses. CheckpointError (one line) otherwise."""
+    path = Path(path)
+    _regular_file_size(path)
     head = _read_head(path, 4)
     if head.startswith(b"PK\x03\x04"):
         _check_zip_checkpoint(path)
@@ -333,6 +338,10 @@ def _read_pickle(path: Path, wrappers: tuple[str, ...] = ("state_dict",)) -> dic
         _check_legacy_pickles(path)
     else:
         raise CheckpointError(f"{_name(path)}: not a torch checkpoint (neither a zip archive nor a pickle)")
+
+
+def _read_pickle(path: Path, wrappers: tuple[str, ...] = ("state_dict",)) -> dict[str, torch.Tensor]:
+    check_pickle_container(path)
     try:
         with warnings.catch_warnings():  # the checks above decide; torch's warnings would be a second line
             warnings.simplefilter("ignore")

@@ -27,10 +27,13 @@ from typing import Sequence
 
 import torch
 
-from tritonsd.formats.checkpoint import ALLOWED_PICKLE_GLOBALS, CheckpointError, read_checkpoint
+from tritonsd.escape import escape
+from tritonsd.formats.checkpoint import ALLOWED_PICKLE_GLOBALS, CheckpointError, check_pickle_container, read_checkpoint
 
 EMBEDDING_SUFFIXES = (".pt", ".bin", ".safetensors")
 SDXL_KEYS = ("clip_l", "clip_g")
+MAX_EMBEDDING_BYTES = 64 << 20  # released embeddings are kilobytes; a larger file is refused before it is read
+MAX_VECTORS = 1000  # A1111's own training tab stops at 75
 
 
 class EmbeddingError(ValueError):
@@ -53,8 +56,8 @@ _EMBEDDING_PICKLE_GLOBALS = (*ALLOWED_PICKLE_GLOBALS,
 
 
 def printable(text: str) -> str:
-    """A file-derived name with control characters escaped, safe to print on one line."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    """A file-derived name with control characters escaped, safe to print on one line (``tritonsd.escape``)."""
+    return escape(text)
 
 
 @dataclass
@@ -88,6 +91,10 @@ def _sha256(path: Path) -> str:
 
 def _read_pickle(path: Path):
     try:
+        check_pickle_container(path)  # the checkpoint reader's zip / pickle bounds, before torch.load
+    except CheckpointError as e:
+        raise EmbeddingError(str(e)) from None
+    try:
         with torch.serialization.safe_globals(list(_EMBEDDING_PICKLE_GLOBALS)), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch's multi-line protocol warnings on odd files
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -101,6 +108,10 @@ def _read_pickle(path: Path):
 def _as_rows(t, path: Path) -> torch.Tensor:
     if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dim() not in (1, 2) or t.numel() == 0:
         raise EmbeddingError(f"{printable(path.name)}: the embedding is not a [vectors, width] float tensor")
+    if t.dim() == 2 and t.shape[0] > MAX_VECTORS:
+        raise EmbeddingError(f"{printable(path.name)}: {t.shape[0]} vectors; the limit is {MAX_VECTORS}")
+    if not torch.isfinite(t).all():
+        raise EmbeddingError(f"{printable(path.name)}: the embedding holds NaN or Inf")
     return (t.unsqueeze(0) if t.dim() == 1 else t).detach().to(torch.float32)
 
 
@@ -134,6 +145,15 @@ def embedding_from_data(data, name: str, path: Path) -> Embedding:
 def load_embedding_file(path: str | Path) -> Embedding:
     path = Path(path)
     suffix = path.suffix.lower()
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise EmbeddingError(f"{printable(path.name)}: cannot read ({e.strerror or e})") from None
+    if not path.is_file():
+        raise EmbeddingError(f"{printable(path.name)}: not a regular file")
+    if size > MAX_EMBEDDING_BYTES:
+        raise EmbeddingError(f"{printable(path.name)}: {size:,} bytes is not an embedding (the limit is "
+                             f"{MAX_EMBEDDING_BYTES:,})")
     if suffix == ".safetensors":
         try:
             data = read_checkpoint(path)

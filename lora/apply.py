@@ -21,6 +21,7 @@ Also here: ``<lora:name:w>`` prompt tags (webui's ``extra_networks.parse_prompt`
 from __future__ import annotations
 
 import math
+import os
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -36,6 +37,11 @@ from tritonsd.lora.deltas import LoraShapeError, module_delta
 
 class LoraWarning(UserWarning):
     """LoRA modules that matched no weight of the model (they are skipped, and counted)."""
+
+
+MAX_MULTIPLIER = 100.0  # |multiplier| of a LoRA (webui's sliders stop at 2; 1e38 overflowed every weight)
+MAX_WEIGHT = 65504.0  # a changed weight past half precision's largest number is refused (alpha or multiplier
+# far too large): it would only turn the image into NaN after the whole sampling loop
 
 
 @dataclass(frozen=True)
@@ -54,6 +60,9 @@ class LoraSpec:
             value = getattr(self, what)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise LoraError(f"{safe_text(self.path.name)}: {what} must be a finite number, got {value!r}")
+            if abs(value) > MAX_MULTIPLIER:
+                raise LoraError(f"{safe_text(self.path.name)}: {what} {value:g} is outside -{MAX_MULTIPLIER:g}.."
+                                f"{MAX_MULTIPLIER:g}")
 
 
 @dataclass
@@ -62,6 +71,7 @@ class Delta:
 
     target: Target
     value: torch.Tensor | None  # None once summed into its weight (memory released)
+    source: str = ""  # the LoRA file's name, for messages
 
 
 @dataclass
@@ -122,7 +132,7 @@ def lora_deltas(lora: LoraFile, shapes: Mapping[str, Sequence[int]], te_multipli
                             "a LoRA for another model?") from None
         except LoraError as e:
             raise LoraError(f"{safe_text(lora.path.name)}: module {safe_text(module)}: {e}") from None
-        out.deltas.append(Delta(target, value))
+        out.deltas.append(Delta(target, value, lora.path.name))
     if not out.deltas:
         raise LoraError(f"{safe_text(lora.path.name)}: none of its {len(lora.modules)} modules matches a weight of "
                         f"this {family.upper()} model (a LoRA for another model family?)")
@@ -154,7 +164,17 @@ def merge_all(grouped: dict[str, list[Delta]], pristine_of) -> dict[str, torch.T
         out[name] = merged_weight(pristine_of(name), deltas)
         for d in deltas:
             d.value = None
+        _check_merged(name, out[name], [d.source for d in deltas])
     return out
+
+
+def _check_merged(name: str, weight: torch.Tensor, sources: list[str]) -> None:
+    """LoraError when a changed weight is not finite or past MAX_WEIGHT (checked before anything is changed)."""
+    peak = weight.detach().abs().amax().item() if weight.numel() else 0.0
+    if not peak <= MAX_WEIGHT:
+        files = ", ".join(safe_text(s) for s in dict.fromkeys(sources) if s) or "the LoRAs"
+        raise LoraError(f"{files}: changes weight {name} to {peak:.3g}, beyond {MAX_WEIGHT:g}: a multiplier, alpha "
+                        "or scale far too large")
 
 
 def deltas_by_weight(all_deltas: Iterable[LoraDeltas]) -> dict[str, list[Delta]]:
@@ -311,7 +331,27 @@ def _number(value, tag: str) -> float:
         raise LoraError(f"{safe_text(tag)}: {safe_text(str(value), 40)!r} is not a number") from None
     if not math.isfinite(x):
         raise LoraError(f"{safe_text(tag)}: the multiplier must be finite")
+    if abs(x) > MAX_MULTIPLIER:
+        raise LoraError(f"{safe_text(tag)}: the multiplier {x:g} is outside -{MAX_MULTIPLIER:g}..{MAX_MULTIPLIER:g}")
     return x
+
+
+def lora_files(lora_dir: str | Path) -> dict[str, list[Path]]:
+    """Every ``.safetensors`` regular file under ``lora_dir`` (subfolders and linked folders included), by file
+    stem: what ``<lora:stem>`` can name. The one walk that both lookups (``find_lora``) and the server's listing
+    (``lora_names``) use, so they agree."""
+    out: dict[str, list[Path]] = {}
+    for root, _dirs, files in os.walk(lora_dir, followlinks=True):
+        for fn in files:
+            p = Path(root) / fn
+            if p.suffix.lower() == ".safetensors" and p.is_file():
+                out.setdefault(p.stem, []).append(p)
+    return {name: sorted(paths) for name, paths in sorted(out.items())}
+
+
+def lora_names(lora_dir: str | Path) -> dict[str, Path]:
+    """The names ``<lora:name>`` resolves to exactly one file (an ambiguous name is an error there)."""
+    return {name: paths[0] for name, paths in lora_files(lora_dir).items() if len(paths) == 1}
 
 
 def find_lora(name: str, lora_dir: str | Path) -> Path:
@@ -319,8 +359,7 @@ def find_lora(name: str, lora_dir: str | Path) -> Path:
     lora_dir = Path(lora_dir)
     if not lora_dir.is_dir():
         raise LoraError(f"LoRA folder {safe_text(str(lora_dir))} does not exist")
-    hits = sorted(p for p in lora_dir.rglob("*") if p.suffix.lower() == ".safetensors" and p.stem == name
-                  and p.is_file())
+    hits = lora_files(lora_dir).get(name, [])
     if not hits:
         raise LoraError(f"unknown LoRA <lora:{safe_text(name, 60)}>: no {safe_text(name, 60)}.safetensors in "
                         f"{safe_text(str(lora_dir))}")

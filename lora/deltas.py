@@ -54,17 +54,44 @@ def module_kind(parts: dict) -> str:
 
 def module_delta(parts: dict[str, torch.Tensor], target_shape: torch.Size | tuple, multiplier: float,
                  device: torch.device | str | None = None) -> torch.Tensor:
-    """The float32 change of a weight of ``target_shape`` (``LoraError`` when it cannot have that shape)."""
+    """The float32 change of a weight of ``target_shape`` (``LoraError`` when it cannot have that shape).
+
+    The shapes are checked first, by running the same computation on meta tensors (shapes only, no memory):
+    factors that do not fit together, or whose product would not be the weight's shape, are refused before a
+    byte is allocated (an ``up`` of [16384, 1] and a ``down`` of [1, 16384] in a 131 KB file would otherwise
+    cost 1 GiB, growing with the square)."""
+    kind = module_kind(parts)
+    _check_scalars(parts)
+    _updown(kind, {k: torch.empty(v.shape, dtype=torch.float32, device="meta") for k, v in parts.items()},
+            tuple(target_shape), check=True)
     p = {k: v.to(device=device, dtype=torch.float32) for k, v in parts.items()}
-    kind = module_kind(p)
-    if kind == "lora":
-        updown, dim = _lora(p)
-    elif kind == "hada":
-        updown, dim = _hada(p)
-    else:
-        updown, dim = _lokr(p, target_shape)
-    updown = _fit(updown, tuple(target_shape))
+    updown, dim = _updown(kind, p, tuple(target_shape))
     return updown * _scale(p, dim) * multiplier
+
+
+def _updown(kind: str, p: dict, target: tuple, check: bool = False) -> tuple[torch.Tensor, int | None]:
+    """The module's delta fitted to ``target`` and its rank; ``check``: on meta tensors, where any failure of the
+    factors' shapes is a ``LoraError`` (one line)."""
+    compute = {"lora": _lora, "hada": _hada}.get(kind)
+    try:
+        updown, dim = compute(p) if compute is not None else _lokr(p, target)
+    except (RuntimeError, IndexError, ValueError, TypeError) as e:
+        if not check:
+            raise
+        shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in sorted(p.items()))
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise LoraError(f"its {kind} factors do not fit together ({shapes}: {first[:120]})") from None
+    return _fit(updown, target), dim
+
+
+def _check_scalars(parts: dict) -> None:
+    """``alpha`` and ``scale`` are single numbers; every factor has at least one dimension and no empty one."""
+    for name, t in parts.items():
+        if name in COMMON_PARTS:
+            if t.numel() != 1:
+                raise LoraError(f"{name} must hold one number, got shape {list(t.shape)}")
+        elif t.dim() == 0 or 0 in t.shape:
+            raise LoraError(f"{name} has shape {list(t.shape)}; a factor needs at least one non-empty dimension")
 
 
 def _scale(p: dict, dim: int | None) -> float:
@@ -132,6 +159,8 @@ def _hada(p: dict) -> tuple[torch.Tensor, int]:
         updown2 = make_weight_cp(p["hada_t2"], w2a, w2b)
     else:
         updown2 = _conventional(w2a, w2b, shape)
+    if updown1.shape != updown2.shape:  # a product that broadcasts could be far larger than either side
+        raise ValueError(f"the two Hadamard factors have shapes {list(updown1.shape)} and {list(updown2.shape)}")
     return updown1 * updown2, w1b.shape[0]
 
 

@@ -10,6 +10,7 @@ records which (``*_source``: "yaml" | "option" | "assumed"; the schedule also "f
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Iterable, Mapping
 
 import torch
 
+from tritonsd.escape import escape
 from tritonsd.formats.keys import (SD1_TEXT, SD2_TEXT, SDXL_CLIP, SDXL_EMBEDDERS, SDXL_OPEN_CLIP, UNET, VAE,
     NormalizedKeys, normalize_keys)
 from tritonsd.model.text_config import UNKNOWN_HEADS, CondStageConfig, TextConfig, cond_stage_config
@@ -122,7 +124,19 @@ def detect_config(weights: NormalizedKeys | Mapping[str, torch.Tensor], yaml_pat
     shapes = norm.weights
     family = detect_family(shapes, other_keys=norm.ignored_keys)
     yaml_params = _load_yaml(yaml_path) if yaml_path is not None else None
+    try:
+        return _config(norm, family, yaml_params, yaml_path, parameterization, text_heads)
+    except (TypeError, AttributeError, KeyError, IndexError, ArithmeticError, ValueError) as e:
+        if yaml_params is None or isinstance(e, ModelConfigError) or type(e).__name__ == "TextConfigError":
+            raise
+        # a YAML value of a type or size the checks of _check_yaml_values do not cover: one line, not a traceback
+        raise ModelConfigError(f"{escape(Path(yaml_path).name)}: a value the config cannot use "
+                               f"({type(e).__name__}: {escape(' '.join(str(e).split()), 120)})") from None
 
+
+def _config(norm: NormalizedKeys, family: str, yaml_params: dict | None, yaml_path, parameterization: str | None,
+            text_heads: int | None) -> ModelConfig:
+    shapes = norm.weights
     unet = unet_config_from_weights(shapes, family)
     unet, heads_source = _apply_heads(unet, family, yaml_params)
     vae = vae_config_from_weights(shapes)
@@ -177,7 +191,7 @@ def detect_family(weights: dict[str, torch.Tensor], other_keys: Iterable[str] = 
                                         "a full model checkpoint is needed")
         found = sorted({k.split(".")[0] for k in all_keys})[:6]
         raise UnsupportedModelError(f"unknown model family: no UNet ({UNET}input_blocks.0.0.weight missing); "
-                                    f"top-level prefixes found: {', '.join(found) or 'none'}")
+                                    f"top-level prefixes found: {', '.join(escape(f, 60) for f in found) or 'none'}")
     label_emb = has(UNET + "label_emb.")
     if has(SDXL_EMBEDDERS):
         clip_l, bigg = has(SDXL_CLIP + "transformer."), has(SDXL_OPEN_CLIP + "model.")
@@ -188,7 +202,8 @@ def detect_family(weights: dict[str, torch.Tensor], other_keys: Iterable[str] = 
             raise UnsupportedModelError(f"SDXL refiner is not supported yet: found {SDXL_CLIP}model.* "
                                         f"(OpenCLIP bigG only) and label_emb (adm_in_channels {adm})")
         embedders = sorted({".".join(k.split(".")[:4]) for k in weights if k.startswith(SDXL_EMBEDDERS)})
-        raise UnsupportedModelError(f"this SGM layout is not supported yet: found {', '.join(embedders[:4])}"
+        raise UnsupportedModelError(f"this SGM layout is not supported yet: found "
+                                    f"{', '.join(escape(e, 60) for e in embedders[:4])}"
                                     f"{' and label_emb' if label_emb else ', no label_emb'}")
     if label_emb:
         raise UnsupportedModelError("not supported yet: found a class-conditional UNet (label_emb) without an SDXL "
@@ -200,7 +215,7 @@ def detect_family(weights: dict[str, torch.Tensor], other_keys: Iterable[str] = 
     found = sorted({".".join(k.split(".")[:2]) for k in weights if not k.startswith((UNET, VAE))})[:6]
     raise UnsupportedModelError(f"unknown model family: a UNet but no text encoder under {SD1_TEXT}text_model. "
                                 f"(SD1), {SD2_TEXT} (SD2) or {SDXL_EMBEDDERS} (SDXL); other keys: "
-                                f"{', '.join(found) or 'none'}")
+                                f"{', '.join(escape(f, 60) for f in found) or 'none'}")
 
 
 def _inpainting(unet: UNetConfig) -> bool:
@@ -382,15 +397,89 @@ def _load_yaml(path: str | Path) -> dict:
 
     path = Path(path)
     try:
-        doc = yaml.safe_load(path.read_text())
+        if path.stat().st_size > MAX_YAML_BYTES or not path.is_file():
+            raise ModelConfigError(f"{escape(path.name)}: not a config (not a regular file of at most "
+                                   f"{MAX_YAML_BYTES:,} bytes)")
+        doc = yaml.safe_load(path.read_text(encoding="utf-8", errors="replace"))
     except OSError as e:
-        raise ModelConfigError(f"{path}: cannot read the config ({e.strerror})") from None
+        raise ModelConfigError(f"{escape(path)}: cannot read the config ({e.strerror})") from None
     except yaml.YAMLError as e:
-        raise ModelConfigError(f"{path.name}: not valid YAML ({' '.join(str(e).split())[:160]})") from None
-    params = doc.get("model", {}).get("params") if isinstance(doc, dict) else None
+        raise ModelConfigError(f"{escape(path.name)}: not valid YAML ({escape(' '.join(str(e).split()), 160)})") \
+            from None
+    except RecursionError:
+        raise ModelConfigError(f"{escape(path.name)}: not a config (nested too deeply)") from None
+    model = doc.get("model") if isinstance(doc, dict) else None
+    params = model.get("params") if isinstance(model, dict) else None
     if not isinstance(params, dict):
-        raise ModelConfigError(f"{path.name}: not a Stable Diffusion config (no model.params)")
+        raise ModelConfigError(f"{escape(path.name)}: not a Stable Diffusion config (no model.params)")
+    _check_yaml_values(path, params)
     return params
+
+
+MAX_YAML_BYTES = 1 << 20  # the released configs are 2-4 KB
+MAX_TIMESTEPS = 10_000  # the released models train on 1,000; the schedule is allocated from this number
+MAX_WIDTH = 1 << 16  # channels, widths, heads: far above any released model, far below an allocation's worth
+# YAML keys the config reads -> (smallest, largest, integer?) ; -1 is also allowed for the head settings
+_SCHEDULE_VALUES = {"timesteps": (1, MAX_TIMESTEPS, True), "num_timesteps": (1, MAX_TIMESTEPS, True),
+                    "linear_start": (0.0, 1.0, False), "linear_end": (0.0, 1.0, False)}
+_UNET_VALUES = {**{k: (0, MAX_WIDTH, True) for k in ("in_channels", "out_channels", "model_channels", "num_res_blocks",
+                                                     "context_dim", "adm_in_channels", "transformer_depth_middle")},
+                "num_heads": (1, MAX_WIDTH, True), "num_head_channels": (1, MAX_WIDTH, True)}
+_VAE_VALUES = {k: (0, MAX_WIDTH, True) for k in ("embed_dim", "z_channels", "in_channels", "out_ch", "ch",
+                                                  "num_res_blocks")}
+_LISTS = ("channel_mult", "attention_resolutions", "ch_mult")
+
+
+def _check_yaml_values(path: Path, params: dict) -> None:
+    """Every YAML value the config reads has the type and range it needs, before any is used: one line naming
+    the key otherwise (``timesteps: 1.0e11`` would allocate 800 GB; ``timesteps: 0`` or a list where a number
+    belongs would end in a traceback)."""
+    disc = "denoiser_config.params.discretization_config.params"
+    checks = [(params, "", _SCHEDULE_VALUES), (_node(params, *disc.split(".")), disc + ".", _SCHEDULE_VALUES)]
+    for name in ("unet_config", "network_config"):
+        checks.append((_node(params, name, "params"), f"{name}.params.", _UNET_VALUES))
+    vae = _node(params, "first_stage_config", "params")
+    checks += [(vae, "first_stage_config.params.", _VAE_VALUES),
+               (_node(vae, "ddconfig"), "first_stage_config.params.ddconfig.", _VAE_VALUES)]
+    for node, where, table in checks:
+        for key, (low, high, integer) in table.items():
+            if node.get(key) is not None:
+                _yaml_number(path, where + key, node[key], low, high, integer, allow_minus_one="head" in key)
+        for key in _LISTS:
+            if node.get(key) is not None:
+                _yaml_int_list(path, where + key, node[key])
+        depth = node.get("transformer_depth")
+        if depth is not None and not isinstance(depth, list):
+            _yaml_number(path, where + "transformer_depth", depth, 0, MAX_WIDTH, True)
+        elif depth is not None:
+            _yaml_int_list(path, where + "transformer_depth", depth, low=0)
+    for key in ("linear_start", "linear_end"):
+        if params.get(key) is not None and not 0 < float(params[key]) < 1:
+            raise ModelConfigError(f"{escape(path.name)}: {key} must be between 0 and 1 (exclusive), got "
+                                   f"{params[key]!r}")
+    if params.get("scale_factor") is not None:
+        _yaml_number(path, "scale_factor", params["scale_factor"], 1e-6, 100.0, False)
+    if params.get("parameterization") is not None and not isinstance(params["parameterization"], str):
+        raise ModelConfigError(f"{escape(path.name)}: parameterization must be text (eps or v)")
+
+
+def _yaml_number(path: Path, key: str, value, low, high, integer: bool, allow_minus_one: bool = False) -> None:
+    kind = "an integer" if integer else "a number"
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    if ok and integer and value != int(value):
+        ok = False
+    if ok and allow_minus_one and value == -1:
+        return
+    if not ok or not low <= value <= high:
+        raise ModelConfigError(f"{escape(path.name)}: {key} must be {kind} from {low:g} to {high:g}, got "
+                               f"{escape(repr(value), 60)}")
+
+
+def _yaml_int_list(path: Path, key: str, value, low: int = 1) -> None:
+    if not isinstance(value, (list, tuple)) or not 0 < len(value) <= 64 or not all(
+            not isinstance(v, bool) and isinstance(v, int) and low <= v <= MAX_WIDTH for v in value):
+        raise ModelConfigError(f"{escape(path.name)}: {key} must be a list of at most 64 integers from {low} to "
+                               f"{MAX_WIDTH}, got {escape(repr(value), 60)}")
 
 
 def _unet_yaml(params: dict) -> dict:

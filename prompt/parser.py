@@ -24,9 +24,34 @@ import math
 import re
 from dataclasses import dataclass
 
+from tritonsd.escape import quote
+
 
 class PromptSyntaxError(ValueError):
-    """A prompt A1111 itself would fail on (e.g. an emphasis weight that is not a number: ``(x:1.2.3)``)."""
+    """A prompt A1111 itself would fail on (e.g. an emphasis weight that is not a number: ``(x:1.2.3)``), or one
+    past this runtime's bounds (brackets nested deeper than MAX_NESTING, a weight past MAX_EMPHASIS)."""
+
+
+MAX_NESTING = 256  # brackets open at once: the editing parser recurses twice per level (3,000 overflowed the stack)
+MAX_EMPHASIS = 1000.0  # |weight| of any text after nesting: 1.1 ** 72; larger ones overflow half precision
+
+
+def check_nesting(text: str) -> None:
+    """PromptSyntaxError when more than MAX_NESTING brackets are open at once (escaped ones are text)."""
+    depth = deepest = 0
+    escaped = False
+    for c in text:
+        if escaped:
+            escaped = False
+        elif c == "\\":
+            escaped = True
+        elif c in "([":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif c in ")]" and depth:
+            depth -= 1
+    if deepest > MAX_NESTING:
+        raise PromptSyntaxError(f"brackets nested {deepest} deep; the limit is {MAX_NESTING}")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -57,9 +82,12 @@ BREAK_MARKER = ("BREAK", -1)  # a parse entry with this text and weight closes t
 
 def _weight(text: str) -> float:
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
         raise PromptSyntaxError(f"emphasis weight {text!r} is not a number") from None
+    if not abs(value) <= MAX_EMPHASIS:
+        raise PromptSyntaxError(f"emphasis weight {quote(text, 40)} is outside -{MAX_EMPHASIS:g}..{MAX_EMPHASIS:g}")
+    return value
 
 
 def parse_prompt_attention(text: str) -> list[list]:
@@ -68,6 +96,7 @@ def parse_prompt_attention(text: str) -> list[list]:
     ``BREAK`` in unweighted text gives ``["BREAK", -1]``; inside brackets that marker's -1 gets multiplied, so it
     ends up as the literal word with a negative weight (A1111's quirk, kept). An empty prompt is ``[["", 1.0]]``.
     """
+    check_nesting(text)
     res: list[list] = []
     round_brackets: list[int] = []
     square_brackets: list[int] = []
@@ -103,6 +132,10 @@ def parse_prompt_attention(text: str) -> list[list]:
 
     if not res:
         res = [["", 1.0]]
+    for piece, weight in res:
+        if not abs(weight) <= MAX_EMPHASIS:
+            raise PromptSyntaxError(f"the emphasis of {quote(piece, 20)} multiplies to {weight:.4g}, outside "
+                                    f"-{MAX_EMPHASIS:g}..{MAX_EMPHASIS:g}")
 
     i = 0  # merge runs of identical weights
     while i + 1 < len(res):
@@ -279,6 +312,7 @@ def prompt_schedule(prompt: str, base_steps: int, hires_steps: int | None = None
         int_offset, flt_offset, steps = 0, 0.0, base_steps
     else:
         int_offset, flt_offset, steps = base_steps, 1.0, hires_steps
+    check_nesting(prompt)
     tree = _Parser(prompt).start()
     if tree is None:
         return [(steps, prompt)]
@@ -313,5 +347,5 @@ def schedule_index(schedule: list[tuple[int, str]], step: int) -> int:
     return 0
 
 
-__all__ = ["PromptSyntaxError", "parse_prompt_attention", "is_break", "prompt_schedule", "prompt_schedules",
-           "schedule_index"]
+__all__ = ["MAX_EMPHASIS", "MAX_NESTING", "PromptSyntaxError", "check_nesting", "is_break", "parse_prompt_attention",
+           "prompt_schedule", "prompt_schedules", "schedule_index"]

@@ -18,9 +18,14 @@ from typing import Any
 from tritonsd.sampler.rng import RNGError, source_from_infotext
 from tritonsd.sampler.seeds import SEED_RANGE
 
+# A1111's pattern for the pairs of the last line. ``re`` runs it in quadratic time on a long line that holds no
+# pair (every start position rescans the run after it, holding the GIL): ``param_pairs`` gives its findall()
+# result in one pass; this stays as the definition it is tested against.
 RE_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 RE_IMAGESIZE = re.compile(r"^(\d+)x(\d+)$")
-MAX_INFOTEXT_CHARS = 1 << 20
+MAX_INFOTEXT_CHARS = 64 * 1024  # A1111 writes a few KiB; the project's prompts are at most 10,000 characters
+_KEY_CHARS = re.compile(r"[\w \-/]+")  # the key's character class (\w, space, '-', '/')
+_WORD = re.compile(r"\w")
 
 
 class InfotextError(ValueError):
@@ -37,6 +42,67 @@ def _unquote(text: str) -> str:
     return value if isinstance(value, str) else text
 
 
+def param_pairs(line: str) -> list[tuple[str, str]]:
+    """``RE_PARAM.findall(line)`` in linear time: the same (key, raw value) pairs.
+
+    A match at position p: optional whitespace, a key (a word character, then at least one of ``[\\w -/]``) that
+    runs to the end of its run of key characters, which must be followed by ':' (a shorter key would be followed by
+    a key character, never ':'), optional whitespace, then a JSON-like quoted value (at least one character or
+    escape pair, closed by '"' and followed by ',' or the end) or else everything up to the next ','. Where no
+    match starts, findall tries the next position; the tables below answer each try in constant time.
+    """
+    n = len(line)
+    if n == 0:
+        return []
+    key_end = [0] * (n + 1)  # key_end[i]: the end of the run of key characters starting at i (i when none)
+    for m in _KEY_CHARS.finditer(line):
+        for i in range(m.start(), m.end()):
+            key_end[i] = m.end()
+    for i in range(n + 1):
+        key_end[i] = max(key_end[i], i)
+    space_end = list(range(n + 1))  # space_end[i]: the first non-whitespace index from i
+    for i in range(n - 1, -1, -1):
+        if line[i].isspace():
+            space_end[i] = space_end[i + 1]
+    close = [-1] * (n + 2)  # close[i]: the closing '"' a quoted value's characters starting at i reach, or -1
+    for i in range(n - 1, -1, -1):
+        c = line[i]
+        if c == '"':
+            close[i] = i
+        elif c == "\\":
+            close[i] = close[i + 2] if i + 1 < n and line[i + 1] != "\n" else -1
+        else:
+            close[i] = close[i + 1]
+    next_comma = [n] * (n + 1)
+    for i in range(n - 1, -1, -1):
+        next_comma[i] = i if line[i] == "," else next_comma[i + 1]
+
+    def at_end(i: int) -> bool:  # the pattern's '$'
+        return i == n or (i == n - 1 and line[i] == "\n")
+
+    out, p = [], 0
+    while p < n:
+        q = space_end[p]
+        r = key_end[q + 1] if q + 1 <= n else q + 1
+        if q >= n or not _WORD.match(line, q) or r < q + 2 or r >= n or line[r] != ":":
+            p += 1
+            continue
+        v = space_end[r + 1]
+        end = None
+        if v + 1 < n and line[v] == '"' and line[v + 1] != '"' and close[v + 1] != -1:
+            c = close[v + 1]
+            if c + 1 < n and line[c + 1] == ",":
+                value, end = line[v:c + 1], c + 2
+            elif at_end(c + 1):
+                value, end = line[v:c + 1], c + 1
+        if end is None:
+            comma = next_comma[v]
+            value, end = line[v:comma], min(comma + 1, n)
+        out.append((line[q:r], value))
+        p = end
+    return out
+
+
 def parse_infotext(text: str) -> dict[str, str]:
     """A1111's ``parse_generation_parameters`` (without styles / hypernetwork / hires back-compat)."""
     if not isinstance(text, str):
@@ -44,9 +110,10 @@ def parse_infotext(text: str) -> dict[str, str]:
     if len(text) > MAX_INFOTEXT_CHARS:
         raise InfotextError(f"the infotext is {len(text)} characters long; the limit is {MAX_INFOTEXT_CHARS}")
     *lines, last = text.strip().split("\n")
-    if len(RE_PARAM.findall(last)) < 3:
+    pairs = param_pairs(last)
+    if len(pairs) < 3:
         lines.append(last)
-        last = ""
+        pairs = []
     prompt, negative, in_negative = [], [], False
     for line in lines:
         line = line.strip()
@@ -55,7 +122,7 @@ def parse_infotext(text: str) -> dict[str, str]:
             line = line[len("Negative prompt:"):].strip()
         (negative if in_negative else prompt).append(line)
     res: dict[str, str] = {"Prompt": "\n".join(prompt), "Negative prompt": "\n".join(negative)}
-    for key, value in RE_PARAM.findall(last):
+    for key, value in pairs:
         value = _unquote(value)
         m = RE_IMAGESIZE.match(value)
         if m is not None:
@@ -189,4 +256,5 @@ def unsupported_keys(parsed: dict) -> list[str]:
     return [k for k in UNSUPPORTED_KEYS if k in parsed.get("extra", {})]
 
 
-__all__ = ["InfotextError", "UNSUPPORTED_KEYS", "generation_settings", "parse_infotext", "unsupported_keys"]
+__all__ = ["InfotextError", "UNSUPPORTED_KEYS", "generation_settings", "param_pairs", "parse_infotext",
+           "unsupported_keys"]

@@ -37,6 +37,7 @@ from tritonsd.prompt.chunks import MAX_PROMPT_TOKENS, PromptTooLongError, tokeni
 from tritonsd.prompt.parser import PromptSyntaxError, prompt_schedule
 from tritonsd.prompt.tokenizer import get_tokenizer
 from tritonsd.escape import escape
+from tritonsd.lora.apply import LoraError, parse_lora_tags
 from tritonsd.sampler.infotext_parse import generation_settings
 
 MAX_STEPS = 1000
@@ -46,6 +47,8 @@ MAX_BATCH = 64
 MAX_SIDE = 8192  # pixels per side of any image a generation makes (the hires pass's too)
 MAX_HR_SCALE = 8.0
 MAX_CLIP_SKIP = 12  # AUTOMATIC1111's slider; the model's own layer count is checked when the prompt is encoded
+MAX_CFG_SCALE = 100.0  # AUTOMATIC1111's slider stops at 30; far past it the latents overflow (1e30: NaN images)
+MAX_ETA = 1.0  # DDIM's eta: past 1 the step's noise term takes the square root of a negative number
 RNG_SOURCES = ("nv", "gpu", "cpu")
 PROMPT_SYNTAXES = ("a1111", "original")
 VAE_FACTOR_MULTIPLE = 8  # every released VAE: pixels per latent cell
@@ -127,8 +130,8 @@ class GenerationSettings:
         steps = _integer("steps", self.steps, 1, MAX_STEPS)
         batch = _integer("batch_size", self.batch_size, 1, MAX_BATCH)
         seed = random_seed() if _is_random(self.seed) else _integer("seed", self.seed, 0, SEED_RANGE - batch)
-        cfg_scale = _real("cfg_scale", self.cfg_scale, 0.0)
-        eta = _real("eta", self.eta, 0.0)
+        cfg_scale = _real("cfg_scale", self.cfg_scale, 0.0, MAX_CFG_SCALE)
+        eta = _real("eta", self.eta, 0.0, MAX_ETA)
         if eta != 0 and not spec.takes_eta:
             raise SettingsError("eta", f"applies to {_names(lambda s: s.takes_eta)} only ({spec.name} needs 0; "
                                        f"{_names(lambda s: s.stochastic)} always uses ancestral eta 1), got {eta:g}")
@@ -382,12 +385,24 @@ def check_prompt(name: str, text: str, steps: int, syntax: str) -> None:
                                   f"{MAX_PROMPT_TOKENS:,} tokens")
     if syntax != "a1111" or not text:
         return
+    _check_lora_tags(name, text)
     try:
         tokenizer = get_tokenizer("transformers")
         for _end, scheduled in prompt_schedule(text, steps):
             tokenize_prompt(scheduled, tokenizer)
     except (PromptTooLongError, PromptSyntaxError) as e:
         raise SettingsError(name, f"is not usable: {e} ({_excerpt(text)})") from None
+
+
+def _check_lora_tags(name: str, text: str) -> None:
+    """The prompt's ``<lora:name:w>`` tags well formed, their multipliers in range (the files are looked up when
+    the model applies them)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # unknown extra-network types: the pipeline warns when it runs
+            parse_lora_tags(text)
+    except LoraError as e:
+        raise SettingsError(name, f"is not usable: {e}") from None
 
 
 def _excerpt(text: str, limit: int = 40) -> str:

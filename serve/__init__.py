@@ -15,16 +15,21 @@ GenerationSettings plan -> images), ``worker`` (the device's single worker and A
 from __future__ import annotations
 
 from tritonsd.load_spec import LoadSpec
+from tritonsd.serve import guard, limits
 from tritonsd.serve.catalog import Catalog
 from tritonsd.serve.host import ModelHost
 from tritonsd.serve.worker import Worker
 
 
 def build_state(spec, *, models_dir=None, vae_dir=None, credentials: dict | None = None, pipe=None,
-                ignore_unsupported: bool = False):
+                ignore_unsupported: bool = False, allowed_hosts="loopback", max_queue: int | None = None,
+                body_timeout: float | None = None):
     """Load ``spec`` (a ``tritonsd.LoadSpec``, or a checkpoint path loaded with the defaults) unless ``pipe`` is
     given ready, and start the device's worker. ``models_dir`` / ``vae_dir``: more checkpoints and VAEs that jobs
-    switch to (loaded as ``spec`` says for the rest; ``spec.vae`` is not used: the VAE is the job's)."""
+    switch to (loaded as ``spec`` says for the rest; ``spec.vae`` is not used: the VAE is the job's).
+    ``allowed_hosts``: the Host names answered without auth (``serve.guard``; "loopback": 127.0.0.1, localhost,
+    ::1; None: any); ``max_queue``: jobs that may wait (``limits.MAX_QUEUE``); ``body_timeout``: the longest pause
+    inside a request body, in seconds (``limits.BODY_IDLE_TIMEOUT_S``)."""
     from tritonsd.serve.app import ServerState  # lazy: fastapi (the serve extra), only when a server is built
 
     if not isinstance(spec, LoadSpec):
@@ -34,8 +39,11 @@ def build_state(spec, *, models_dir=None, vae_dir=None, credentials: dict | None
     host = ModelHost(catalog, spec, pipe=pipe)
     if pipe is None:
         host.ensure(host.default)
-    return ServerState(catalog=catalog, host=host, worker=Worker(host), credentials=dict(credentials or {}),
-                       ignore_unsupported=ignore_unsupported)
+    hosts = guard.allowed_hosts(None) if allowed_hosts == "loopback" else allowed_hosts
+    worker = Worker(host, max_queue=max_queue or limits.MAX_QUEUE)
+    return ServerState(catalog=catalog, host=host, worker=worker, credentials=dict(credentials or {}),
+                       ignore_unsupported=ignore_unsupported, allowed_hosts=hosts,
+                       body_timeout_s=body_timeout or limits.BODY_IDLE_TIMEOUT_S)
 
 
 def create_app(state):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import json
 import logging
 import secrets
 import threading
@@ -21,13 +22,15 @@ from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tritonsd.serve import jobs, limits
 from tritonsd.serve.catalog import Catalog
-from tritonsd.serve.errors import ApiError, BadRequest, error_body, printable
+from tritonsd.serve.errors import ApiError, BadRequest, TooLarge, error_body, printable
 from tritonsd.sampler.upscale import LATENT_UPSCALE_MODES
 from tritonsd.serve.extras import ExtrasSingleImageRequest, extras_job
+from tritonsd.serve.guard import HostGuard, allowed_hosts
 from tritonsd.upscalers import Upscalers
 from tritonsd.serve.host import ModelHost, ModelKey
 from tritonsd.serve.images import decode_image, text_items
@@ -50,6 +53,8 @@ class ServerState:
     options: Options = field(default_factory=Options)
     credentials: dict[str, str] = field(default_factory=dict)  # --api-auth user -> password
     ignore_unsupported: bool = False  # --ignore-unsupported: unimplemented fields listed, not refused
+    allowed_hosts: set[str] | None = field(default_factory=lambda: allowed_hosts(None))  # None: any Host
+    body_timeout_s: float = limits.BODY_IDLE_TIMEOUT_S  # the longest pause inside a request body
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -70,23 +75,32 @@ def parse_auth(text: str | None) -> dict[str, str]:
 
 
 class BodyLimit:
-    """413 for a body over ``limit`` bytes: by its Content-Length at once; a body without one (chunked) is read
-    here up to the limit, then handed on."""
+    """Every request body is read here, whole, before the app sees it: 413 past ``limit`` bytes, however it is
+    framed (by its Content-Length at once; chunked, counted as it arrives), 400 for a request that gives both
+    Content-Length and Transfer-Encoding (which framing counts is ambiguous: request smuggling's opening), and
+    408 when the client pauses longer than ``idle_s`` between two parts of its body."""
 
-    def __init__(self, app, limit: int = limits.MAX_BODY_BYTES):
-        self.app, self.limit = app, limit
+    def __init__(self, app, limit: int = limits.MAX_BODY_BYTES, idle_s: float = limits.BODY_IDLE_TIMEOUT_S):
+        self.app, self.limit, self.idle_s = app, limit, idle_s
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        length = dict(scope.get("headers") or []).get(b"content-length")
-        if length is not None:
-            if not length.isdigit() or int(length) > self.limit:
-                return await self._refuse(send)
-            return await self.app(scope, receive, send)  # the server holds the body to its Content-Length
+        names = [k.lower() for k, _ in scope.get("headers") or []]
+        headers = dict((k.lower(), v) for k, v in scope.get("headers") or [])
+        length = headers.get(b"content-length")
+        if length is not None and (b"transfer-encoding" in names or names.count(b"content-length") > 1):
+            return await _send_json(send, 400, error_body("BadRequest", "a request must not give both "
+                                    "Content-Length and Transfer-Encoding (or two Content-Lengths)"), _CLOSE)
+        if length is not None and (not length.strip().isdigit() or int(length) > self.limit):
+            return await self._refuse(send)
         chunks, size = [], 0
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.idle_s)
+            except asyncio.TimeoutError:
+                return await _send_json(send, 408, error_body("RequestTimeout", f"the request body stalled for "
+                                        f"{self.idle_s:g} s"), _CLOSE)
             if message["type"] != "http.request":
                 return  # the client went away
             chunks.append(message.get("body", b""))
@@ -100,7 +114,7 @@ class BodyLimit:
         async def replay():
             nonlocal replayed
             if replayed:
-                return await receive()
+                return await receive()  # after the body: http.disconnect when the client goes
             replayed = True
             return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
 
@@ -108,7 +122,10 @@ class BodyLimit:
 
     async def _refuse(self, send) -> None:
         await _send_json(send, 413, error_body("PayloadTooLarge",
-                                               f"the request body is over the limit of {self.limit} bytes"))
+                                               f"the request body is over the limit of {self.limit} bytes"), _CLOSE)
+
+
+_CLOSE = [(b"connection", b"close")]
 
 
 class BasicAuth:
@@ -136,8 +153,6 @@ class BasicAuth:
 
 
 async def _send_json(send, status: int, body: dict, headers=()) -> None:
-    import json
-
     data = json.dumps(body).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
@@ -165,7 +180,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ApiError)
     async def api_error(_request, exc: ApiError):
-        return JSONResponse(status_code=exc.status, content=error_body(exc.error, exc.detail))
+        return JSONResponse(status_code=exc.status, content=error_body(exc.error, exc.detail),
+                            headers=exc.headers or None)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request, exc: StarletteHTTPException):
@@ -187,38 +203,91 @@ def install_error_handlers(app: FastAPI) -> None:
 # ---------------------------------------------------------------- the app
 
 
+def body_schema(model) -> dict:
+    """The OpenAPI request body of a route that reads its JSON itself (``read_model``)."""
+    return {"requestBody": {"required": True,
+                            "content": {"application/json": {"schema": model.model_json_schema()}}}}
+
+
+def _validate(model, body: bytes):
+    """The body parsed and checked by pydantic (its JSON parser bounds nesting); pydantic's errors become
+    FastAPI's 422."""
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as e:
+        raise RequestValidationError(e.errors(include_url=False, include_context=False)) from None
+
+
+async def read_model(request: Request, model):
+    """The request's JSON as ``model``, parsed on a worker thread: a 64 MiB body never holds the event loop."""
+    return await run_in_threadpool(_validate, model, await request.body())
+
+
+def _json_object(body: bytes) -> dict:
+    try:
+        value = json.loads(body)
+    except (ValueError, RecursionError) as e:
+        raise BadRequest(f"the body is not valid JSON ({printable(e, 120)})") from None
+    if not isinstance(value, dict):
+        raise BadRequest(f"the body must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+async def wait_disconnect(request: Request) -> None:
+    """Returns once the client has gone (its body was read whole by BodyLimit; what comes next is the end)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
 def create_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="tritonsd", docs_url="/docs", redoc_url=None)
     app.state.server = state
     install_error_handlers(app)
 
-    async def run_job(job):
-        return await asyncio.wrap_future(state.worker.submit(job))
+    async def run_job(job, request: Request | None = None):
+        """The job's result; a job whose client goes away while it waits is cancelled (never run)."""
+        future = state.worker.submit(job)
+        if request is None:
+            return await asyncio.wrap_future(future)
+        result = asyncio.ensure_future(asyncio.wrap_future(future))
+        gone = asyncio.ensure_future(wait_disconnect(request))
+        try:
+            await asyncio.wait({result, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if not result.done():
+            if future.cancel():
+                log.info("job %s dropped before it ran: its client went away", job.name)
+            result.cancel()
+            return Response(status_code=499)
+        return result.result()
 
-    async def generate(req, mode: str):
+    async def generate(request: Request, model, mode: str):
+        req = await read_model(request, model)
         plan = await run_in_threadpool(jobs.build_plan, req, mode, options=state.options, catalog=state.catalog,
                                        host=state.host, ignore_unsupported=state.ignore_unsupported)
-        return await run_job(jobs.generation_job(plan))
+        return await run_job(jobs.generation_job(plan), request)
 
-    @app.post("/sdapi/v1/txt2img")
-    async def txt2img(req: Txt2ImgRequest):
-        return await generate(req, "txt2img")
+    @app.post("/sdapi/v1/txt2img", openapi_extra=body_schema(Txt2ImgRequest))
+    async def txt2img(request: Request):
+        return await generate(request, Txt2ImgRequest, "txt2img")
 
-    @app.post("/sdapi/v1/img2img")
-    async def img2img(req: Img2ImgRequest):
-        return await generate(req, "img2img")
+    @app.post("/sdapi/v1/img2img", openapi_extra=body_schema(Img2ImgRequest))
+    async def img2img(request: Request):
+        return await generate(request, Img2ImgRequest, "img2img")
 
-    @app.post("/sdapi/v1/png-info")
-    def png_info(req: PNGInfoRequest):
-        image = decode_image("image", req.image)
-        geninfo = image.info.get("parameters")
-        geninfo = geninfo if isinstance(geninfo, str) else ""
-        return {"info": geninfo, "items": text_items(image),
-                "parameters": parse_infotext(geninfo) if geninfo.strip() else {}}
+    @app.post("/sdapi/v1/png-info", openapi_extra=body_schema(PNGInfoRequest))
+    async def png_info(request: Request):
+        req = await read_model(request, PNGInfoRequest)
+        return await run_in_threadpool(png_info_sync, req)
 
     @app.get("/sdapi/v1/progress")
     def progress(skip_current_image: bool = False):
-        return state.worker.progress.snapshot()
+        snapshot = state.worker.progress.snapshot()
+        snapshot["queued"] = state.worker.waiting()  # beside A1111's fields: jobs waiting behind the running one
+        return snapshot
 
     @app.post("/sdapi/v1/interrupt")
     def interrupt():
@@ -254,9 +323,10 @@ def create_app(state: ServerState) -> FastAPI:
     def latent_upscale_modes():
         return [{"name": name} for name in LATENT_UPSCALE_MODES]
 
-    @app.post("/sdapi/v1/extra-single-image")
-    async def extra_single_image(req: ExtrasSingleImageRequest):
-        return await run_job(extras_job(req))
+    @app.post("/sdapi/v1/extra-single-image", openapi_extra=body_schema(ExtrasSingleImageRequest))
+    async def extra_single_image(request: Request):
+        req = await read_model(request, ExtrasSingleImageRequest)
+        return await run_job(extras_job(req), request)
 
     @app.get("/sdapi/v1/sd-models")
     def sd_models():
@@ -266,7 +336,7 @@ def create_app(state: ServerState) -> FastAPI:
     @app.post("/sdapi/v1/refresh-checkpoints")
     def refresh_checkpoints():
         state.catalog.refresh()
-        threading.Thread(target=state.catalog.hash_all, daemon=True).start()
+        state.catalog.start_hashing()  # one pass at a time: a call during a pass asks it for one more round
         return {}
 
     @app.get("/sdapi/v1/sd-vae")
@@ -293,8 +363,10 @@ def create_app(state: ServerState) -> FastAPI:
     def get_options():
         return options_dict(state)
 
-    @app.post("/sdapi/v1/options")
-    async def set_options(req: dict):
+    @app.post("/sdapi/v1/options", openapi_extra={"requestBody": {"required": True, "content": {
+        "application/json": {"schema": {"type": "object", "additionalProperties": True}}}}})
+    async def set_options(request: Request):
+        req = await run_in_threadpool(_json_object, await request.body())
         await run_in_threadpool(set_options_sync, state, req)
         await _maybe_switch(state, req, run_job)
         return None
@@ -309,7 +381,20 @@ def create_app(state: ServerState) -> FastAPI:
             raise StarletteHTTPException(404, "Not Found")
         return Response((STATIC / name).read_bytes(), media_type=STATIC_FILES[name])
 
-    return BasicAuth(BodyLimit(app), state.credentials) if state.credentials else BodyLimit(app)
+    inner = BodyLimit(app, idle_s=state.body_timeout_s)
+    if state.credentials:
+        inner = BasicAuth(inner, state.credentials)
+    return HostGuard(inner, None if state.credentials else state.allowed_hosts)
+
+
+def png_info_sync(req: PNGInfoRequest) -> dict:
+    """A1111's png-info: the ``parameters`` text, the other text chunks, and the text parsed (in one pass, capped:
+    ``infotext_parse``)."""
+    image = decode_image("image", req.image)
+    geninfo = image.info.get("parameters")
+    geninfo = geninfo if isinstance(geninfo, str) else ""
+    return {"info": geninfo, "items": text_items(image),
+            "parameters": parse_infotext(geninfo) if geninfo.strip() else {}}
 
 
 def options_dict(state: ServerState) -> dict:
@@ -323,28 +408,29 @@ def options_dict(state: ServerState) -> dict:
 
 def set_options_sync(state: ServerState, req: dict) -> None:
     """Checks every value first, then sets them (nothing is set when one is bad); the model switch itself is
-    queued (``_maybe_switch``)."""
+    queued (``_maybe_switch``). Keys the server does not use are kept and echoed, within MAX_OPTION_KEYS keys and
+    MAX_OPTION_BYTES of JSON together (413 past them)."""
     o = state.options
-    if "sd_model_checkpoint" in req:
-        state.catalog.find_checkpoint(req["sd_model_checkpoint"])
-    if "sd_vae" in req:
-        state.catalog.find_vae(req["sd_vae"])
-    clip_skip = req.get("CLIP_stop_at_last_layers", o.clip_skip)
-    if isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or not 1 <= clip_skip <= 12:
-        raise BadRequest(f"CLIP_stop_at_last_layers must be an integer from 1 to 12, got {printable(clip_skip)}")
-    randn = req.get("randn_source", o.randn_source)
-    if not isinstance(randn, str) or randn not in jobs.RNG_SOURCES:
-        raise BadRequest(f"randn_source must be one of {', '.join(jobs.RNG_SOURCES)}, got {printable(randn)}")
-    eta = req.get("eta_ddim", o.eta_ddim)
-    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0 <= eta <= 1:
-        raise BadRequest(f"eta_ddim must be a number from 0 to 1, got {printable(eta)}")
+    checked = jobs.check_options(req, o, state.catalog)
+    handled = set(jobs.OVERRIDES_USED)
+    other = {**o.other, **{k: v for k, v in req.items() if k not in handled}}
+    _check_stored_options(other)
     with state.lock:
-        o.clip_skip, o.randn_source, o.eta_ddim = clip_skip, randn, float(eta)
+        o.clip_skip, o.randn_source, o.eta_ddim = checked["clip_skip"], checked["randn_source"], checked["eta_ddim"]
         if "sd_vae" in req:
             o.sd_vae = req["sd_vae"] or "Automatic"
-        handled = {"sd_model_checkpoint", "sd_vae", "CLIP_stop_at_last_layers", "randn_source", "eta_ddim"}
-        o.other.update({k: v for k, v in req.items() if k not in handled})
+        o.other = other
     return None
+
+
+def _check_stored_options(other: dict) -> None:
+    if len(other) > limits.MAX_OPTION_KEYS:
+        raise TooLarge(f"options: {len(other)} keys the server does not use would be stored; the limit is "
+                       f"{limits.MAX_OPTION_KEYS}")
+    size = len(json.dumps(other, ensure_ascii=False, allow_nan=True).encode("utf-8", "surrogatepass"))
+    if size > limits.MAX_OPTION_BYTES:
+        raise TooLarge(f"options: the values the server does not use would take {size:,} bytes of JSON; the "
+                       f"limit is {limits.MAX_OPTION_BYTES:,}")
 
 
 async def _maybe_switch(state: ServerState, req: dict, run_job) -> None:

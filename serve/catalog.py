@@ -11,11 +11,12 @@ from pathlib import Path
 
 from tritonsd.serve.errors import NotFound, printable
 from tritonsd.formats.hashes import sha256_file
+from tritonsd.formats.checkpoint import CheckpointError, validate_safetensors_header
 from tritonsd.formats.embeddings import EmbeddingError, embedding_files, load_embedding_file
+from tritonsd.lora.apply import lora_names
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 VAE_SUFFIXES = (".safetensors", ".pt", ".ckpt")
-LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt")
 DEMO_PREFIX = "demo:"
 
 
@@ -94,6 +95,9 @@ class Catalog:
             p = Path(checkpoint).resolve()
             self.main = Checkpoint(str(p), p.name, config or _yaml_beside(p))
         self.checkpoints: list[Checkpoint] = [self.main]
+        self._hashing = threading.Lock()  # held by the one hashing pass
+        self._hash_again = threading.Event()  # a refresh during a pass: one more round for what it found
+        self._listed: dict[str, tuple] = {}  # path -> (file signature, listing row or None): LoRA / embedding rows
         self.refresh()
 
     def refresh(self) -> None:
@@ -114,6 +118,25 @@ class Catalog:
                 c.hash_now()
             except OSError:
                 pass
+
+    def start_hashing(self) -> bool:
+        """Hash the checkpoints not hashed yet on a background thread, one pass at a time: called while a pass
+        runs, it asks that pass for one more round (which hashes only what is new) instead of starting a second
+        reader of the same files. True when it started a pass."""
+        self._hash_again.set()
+        if not self._hashing.acquire(blocking=False):
+            return False
+
+        def run():
+            try:
+                while self._hash_again.is_set():
+                    self._hash_again.clear()
+                    self.hash_all()
+            finally:
+                self._hashing.release()
+
+        threading.Thread(target=run, name="tritonsd-hash", daemon=True).start()
+        return True
 
     def find_checkpoint(self, name) -> Checkpoint:
         """By A1111's aliases: title, name, model_name, short or full hash; NotFound otherwise."""
@@ -146,26 +169,64 @@ class Catalog:
     # ------------------------------------------------------------ LoRAs and embeddings
 
     def loras(self) -> list[dict]:
-        """A1111's ``/sdapi/v1/loras`` rows (the built-in Lora extension's)."""
+        """A1111's ``/sdapi/v1/loras`` rows (the built-in Lora extension's): exactly the names ``<lora:name>``
+        resolves (``lora.apply.lora_names``: one ``.safetensors`` file per name), whose header reads as a
+        safetensors header; checked once per file version."""
+        if self.lora_dir is None or not Path(self.lora_dir).is_dir():
+            return []
         out = []
-        for p in _files(self.lora_dir, LORA_SUFFIXES):
-            out.append({"name": p.stem, "alias": p.stem, "path": str(p), "metadata": {}})
+        for name, p in lora_names(self.lora_dir).items():
+            row = self._cached_row(p, lambda p=p, name=name: self._lora_row(name, p))
+            if row is not None:
+                out.append(row)
         return out
+
+    @staticmethod
+    def _lora_row(name: str, p: Path) -> dict | None:
+        try:
+            validate_safetensors_header(p)
+        except (CheckpointError, OSError):
+            return None
+        return {"name": name, "alias": name, "path": str(p), "metadata": {}}
+
+    def _cached_row(self, p: Path, make):
+        """``make()``'s row for file ``p``, made again only when the file changed (size, mtime, inode)."""
+        try:
+            st = p.stat()
+        except OSError:
+            return None
+        signature = (st.st_size, st.st_mtime_ns, st.st_ino)
+        key = str(p)
+        cached = self._listed.get(key)
+        if cached is not None and cached[0] == signature:
+            return cached[1]
+        row = make()
+        with self._lock:
+            self._listed[key] = (signature, row)
+        return row
 
     def embeddings(self) -> dict:
         """A1111's ``/sdapi/v1/embeddings``: every readable file under ``loaded``, unreadable ones under
-        ``skipped`` (whether a width fits the model is checked when a prompt uses it)."""
+        ``skipped`` (whether a width fits the model is checked when a prompt uses it). A file is read once per
+        version (size, mtime), not on every call."""
 
         loaded, skipped = {}, {}
         if self.embeddings_dir is None or not Path(self.embeddings_dir).is_dir():
             return {"loaded": loaded, "skipped": skipped}
         for p in embedding_files(self.embeddings_dir):
-            try:
-                e = load_embedding_file(p)
-            except (EmbeddingError, OSError, ValueError, RuntimeError):
-                skipped[p.stem] = {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": 0,
-                                   "vectors": 0}
+            row = self._cached_row(p, lambda p=p: self._embedding_row(p))
+            if row is None:
                 continue
-            loaded[e.name] = {"step": e.step, "sd_checkpoint": e.sd_checkpoint,
-                              "sd_checkpoint_name": e.sd_checkpoint_name, "shape": e.shape, "vectors": e.vectors}
+            name, info, ok = row
+            (loaded if ok else skipped)[name] = info
         return {"loaded": loaded, "skipped": skipped}
+
+    @staticmethod
+    def _embedding_row(p: Path) -> tuple[str, dict, bool]:
+        try:
+            e = load_embedding_file(p)
+        except (EmbeddingError, OSError, ValueError, RuntimeError):
+            return p.stem, {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": 0,
+                            "vectors": 0}, False
+        return e.name, {"step": e.step, "sd_checkpoint": e.sd_checkpoint, "sd_checkpoint_name": e.sd_checkpoint_name,
+                        "shape": e.shape, "vectors": e.vectors}, True

@@ -7,11 +7,12 @@ from __future__ import annotations
 class ApiError(ValueError):
     """A request the server refuses: ``status`` (4xx), ``error`` (a short type name) and a one-line ``detail``."""
 
-    def __init__(self, status: int, detail: str, error: str | None = None):
+    def __init__(self, status: int, detail: str, error: str | None = None, headers: dict | None = None):
         super().__init__(detail)
         self.status = status
         self.detail = detail
         self.error = error or type(self).__name__
+        self.headers = dict(headers or {})  # e.g. Retry-After on a 503
 
 
 class BadRequest(ApiError):
@@ -27,6 +28,13 @@ class NotFound(ApiError):
 class TooLarge(ApiError):
     def __init__(self, detail: str, error: str = "PayloadTooLarge"):
         super().__init__(413, detail, error)
+
+
+class Busy(ApiError):
+    """503: the job queue is full; ``Retry-After`` says when to try again."""
+
+    def __init__(self, detail: str, retry_after_s: int):
+        super().__init__(503, detail, "ServiceUnavailable", {"Retry-After": str(retry_after_s)})
 
 
 def printable(text: str, limit: int = 200) -> str:

@@ -33,7 +33,7 @@ from tritonsd.serve.schema import (API_DENOISING_STRENGTH, IMG2IMG_FIELDS, SAME,
 from tritonsd.serve.worker import Interrupted, Job
 from tritonsd.sampler.registry import UnknownSamplerError, resolve_name
 from tritonsd.sampler import registry
-from tritonsd.sampler.settings import GenerationSettings
+from tritonsd.sampler.settings import MAX_BATCH, GenerationSettings
 from tritonsd.sampler.upscale import DEFAULT_UPSCALER, hires_target
 
 log = logging.getLogger("tritonsd.serve")
@@ -101,21 +101,71 @@ def _prompt(name: str, v) -> str:
     return v  # its length and tokens: GenerationSettings.check (the project's prompt limits)
 
 
+def check_options(values: dict, options: Options, catalog) -> dict:
+    """The options the server uses, from ``values`` (``/sdapi/v1/options``' body or a request's
+    ``override_settings``) over ``options``, each checked: ``{"clip_skip", "randn_source", "eta_ddim"}``; the
+    checkpoint and VAE names must be in the catalog. BadRequest / NotFound (one line) otherwise."""
+    if "sd_model_checkpoint" in values:
+        catalog.find_checkpoint(values["sd_model_checkpoint"])
+    if "sd_vae" in values:
+        catalog.find_vae(values["sd_vae"])
+    clip_skip = values.get("CLIP_stop_at_last_layers", options.clip_skip)
+    if isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or not 1 <= clip_skip <= 12:
+        raise BadRequest(f"CLIP_stop_at_last_layers must be an integer from 1 to 12, got {printable(clip_skip)}")
+    randn = values.get("randn_source", options.randn_source)
+    if not isinstance(randn, str) or randn not in RNG_SOURCES:
+        raise BadRequest(f"randn_source must be one of {', '.join(RNG_SOURCES)}, got {printable(randn)}")
+    eta = values.get("eta_ddim", options.eta_ddim)
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0 <= eta <= 1:
+        raise BadRequest(f"eta_ddim must be a number from 0 to 1, got {printable(eta)}")
+    return {"clip_skip": clip_skip, "randn_source": randn, "eta_ddim": float(eta)}
+
+
 def _overrides(req, options: Options, catalog, host) -> tuple[ModelKey, int, str, float, list[str]]:
     """(model key, clip_skip, rng, ddim eta, override keys not used) from ``override_settings`` over the
-    server's options."""
+    server's options, checked as ``/sdapi/v1/options`` checks them."""
     over = req.override_settings or {}
+    checked = check_options(over, options, catalog)
     ckpt_name = over.get("sd_model_checkpoint")
     ckpt = catalog.find_checkpoint(ckpt_name) if ckpt_name is not None else None
     vae = catalog.find_vae(over["sd_vae"]) if "sd_vae" in over else host.default.vae
     key = ModelKey(ckpt.path if ckpt is not None else host.default.checkpoint, vae)
-    clip_skip = over.get("CLIP_stop_at_last_layers", options.clip_skip)
-    rng_name = over.get("randn_source", options.randn_source)
-    if not isinstance(rng_name, str) or rng_name not in RNG_SOURCES:
-        raise BadRequest(f"randn_source must be one of {', '.join(RNG_SOURCES)}, got {printable(rng_name)}")
-    eta = over.get("eta_ddim", options.eta_ddim)
     unused = [f"override_settings.{k}" for k in over if k not in OVERRIDES_USED]
-    return key, clip_skip, RNG_SOURCES[rng_name], eta, unused
+    return key, checked["clip_skip"], RNG_SOURCES[checked["randn_source"]], checked["eta_ddim"], unused
+
+
+def _check_size_first(v, host) -> None:
+    """Sides and batch checked, and the memory they need, before any image is decoded or resized (img2img
+    resizes the init image to the requested size: a 69-byte PNG asked to become 8192x8192 must cost nothing)."""
+    sides = {"width": v("width"), "height": v("height")}
+    for name, side in sides.items():
+        if isinstance(side, bool) or not isinstance(side, int) or not 8 <= side <= limits.MAX_SIDE:
+            raise BadRequest(f"{name} must be an integer between 8 and {limits.MAX_SIDE}, got {printable(side)}")
+    batch = v("batch_size")
+    if isinstance(batch, bool) or not isinstance(batch, int) or not 1 <= batch <= MAX_BATCH:
+        raise BadRequest(f"batch_size must be an integer between 1 and {MAX_BATCH}, got {printable(batch)}")
+    _check_memory(batch, sides["width"], sides["height"], host)
+
+
+def _check_memory(batch: int, width: int, height: int, host) -> None:
+    pipe = host.pipe
+    device = pipe.device if pipe is not None else (host.spec.device or "cpu")
+    dtype_bytes = pipe.dtype.itemsize if pipe is not None else 2
+    limits.check_memory(batch, width, height, device, dtype_bytes)
+
+
+def _log_ignored(names: list[str], table: dict) -> None:
+    """Each ignored A1111 field is logged once; unknown keys (any text a client makes up) are not remembered,
+    so the set stays as small as the field table."""
+    unknown = 0
+    for name in names:
+        known = name in table
+        if known and name not in _logged_ignored:
+            _logged_ignored.add(name)
+            log.warning("request field %s is accepted and ignored (not implemented by tritonsd)", printable(name))
+        unknown += not known
+    if unknown:
+        log.info("a request sent %d keys that are not A1111 fields (ignored)", unknown)
 
 
 def build_plan(req, mode: str, *, options: Options, catalog, host, ignore_unsupported: bool = False) -> Plan:
@@ -157,23 +207,18 @@ def build_plan(req, mode: str, *, options: Options, catalog, host, ignore_unsupp
     if mode == "txt2img" and v("enable_hr"):
         fields.update(_hires_fields(req, v))
     if mode == "img2img":
+        _check_size_first(v, host)
         prepared, inpainting = _prepare_images(req, v, fields["width"], fields["height"], notes)
         fields.update(init_image=prepared.image, strength=v("denoising_strength"), **inpainting)
     settings = GenerationSettings(**fields).check()  # a mask: A1111's inpainting prepared here (sampler/inpaint)
     if settings.inpaint is not None:
         notes.extend(settings.inpaint.notes)
-    pipe = host.pipe
-    device = pipe.device if pipe is not None else (host.spec.device or "cpu")
-    dtype_bytes = pipe.dtype.itemsize if pipe is not None else 2
-    limits.check_memory(settings.batch_size, settings.width or 512, settings.height or 512, device, dtype_bytes)
+    _check_memory(settings.batch_size, settings.width or 512, settings.height or 512, host)
     if settings.enable_hr:
         target = hires_target(settings.width or 512, settings.height or 512, settings.hr_scale, settings.hr_resize_x,
                               settings.hr_resize_y)
-        limits.check_memory(settings.batch_size, target.upscale_to_x, target.upscale_to_y, device, dtype_bytes)
-    for name in ignored:
-        if name not in _logged_ignored:
-            _logged_ignored.add(name)
-            log.warning("request field %s is accepted and ignored (not implemented by tritonsd)", printable(name))
+        _check_memory(settings.batch_size, target.upscale_to_x, target.upscale_to_y, host)
+    _log_ignored(ignored, table)
     return Plan(mode, settings, n_iter, key, bool(v("override_settings_restore_afterwards")), subseed, prepared,
                 bool(v("send_images")), sorted(set(ignored)), notes, parameters(req, mode == "img2img"))
 
@@ -337,4 +382,4 @@ def switch_job(key: ModelKey) -> Job:
     return Job("switch_model", run)
 
 
-__all__ = ["ApiError", "Options", "Plan", "build_plan", "generation_job", "switch_job"]
+__all__ = ["ApiError", "Options", "Plan", "build_plan", "check_options", "generation_job", "switch_job"]

@@ -10,6 +10,14 @@ from tritonsd.serve.errors import TooLarge
 MAX_BODY_BYTES = 64 << 20  # 64 MiB; larger bodies get 413
 MAX_N_ITER = 100
 MAX_SIDE = 8192  # pixels per side (the settings also ask for a multiple of 8)
+MAX_QUEUE = 64  # jobs waiting for the device; one more gets 503 with Retry-After
+RETRY_AFTER_S = 10
+MAX_CONNECTIONS = 256  # open connections and running requests together (uvicorn answers 503 past it)
+HEADER_TIMEOUT_S = 10.0  # a request's headers must arrive within this of the connection (or the last answer)
+BODY_IDLE_TIMEOUT_S = 30.0  # the longest pause between two parts of a body (408 after it)
+KEEP_ALIVE_S = 5  # an idle keep-alive connection is closed after this
+MAX_OPTION_KEYS = 256  # /sdapi/v1/options: keys the server does not use, kept and echoed, at most this many ...
+MAX_OPTION_BYTES = 64 * 1024  # ... and this many bytes of JSON together
 
 
 def check_memory(batch: int, width: int, height: int, device, dtype_bytes: int) -> None:

@@ -13,6 +13,9 @@ import threading
 import time
 from typing import Callable
 
+from tritonsd.serve import limits
+from tritonsd.serve.errors import Busy
+
 log = logging.getLogger("tritonsd.serve")
 
 
@@ -88,17 +91,42 @@ class Job:
 
 
 class Worker:
-    def __init__(self, host, name: str = "device"):
+    """``max_queue``: jobs that may wait (the running one not counted); ``submit`` raises ``Busy`` (503 with
+    Retry-After) past it, so a flood of requests costs a bounded queue, not unbounded memory and latency."""
+
+    def __init__(self, host, name: str = "device", max_queue: int = limits.MAX_QUEUE):
         self.host = host
+        self.max_queue = max_queue
         self.progress = Progress()
         self._queue: queue.Queue[Job | None] = queue.Queue()
+        self._submit_lock = threading.Lock()
         self._interrupt = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"tritonsd-worker-{name}", daemon=True)
         self._thread.start()
 
     def submit(self, job: Job) -> concurrent.futures.Future:
-        self._queue.put(job)
+        with self._submit_lock:
+            if self._waiting() >= self.max_queue:
+                raise Busy(f"the server has {self.max_queue} jobs waiting, its limit; try again later",
+                           limits.RETRY_AFTER_S)
+            self._queue.put(job)
         return job.future
+
+    def waiting(self) -> int:
+        """Jobs waiting for the device (not counting the running one)."""
+        with self._submit_lock:
+            return self._waiting()
+
+    def _waiting(self) -> int:
+        """Jobs waiting; those whose request went away (cancelled) are dropped from the queue here, so they
+        neither count nor hold their decoded images until the worker reaches them."""
+        with self._queue.mutex:
+            waiting = self._queue.queue
+            live = [j for j in waiting if j is None or not j.future.cancelled()]
+            if len(live) != len(waiting):
+                waiting.clear()
+                waiting.extend(live)
+            return sum(j is not None for j in live)
 
     def interrupt(self) -> None:
         """Stop the running job at its next step (A1111's ``state.interrupt``); queued jobs still run."""
@@ -126,11 +154,16 @@ class Worker:
                 continue  # its request went away while it waited
             self._interrupt.clear()
             self.progress.begin(job.name, job.job_count)
+            result = error = None
             try:
-                job.future.set_result(job.run(self))
+                result = job.run(self)
             except BaseException as e:  # noqa: BLE001 - every failure goes to its request; the worker lives on
                 if not isinstance(e, (ValueError, Interrupted)):
                     log.error("job %s failed: %s: %s", job.name, type(e).__name__, e)
-                job.future.set_exception(e)
+                error = e
             finally:
-                self.progress.end()
+                self.progress.end()  # before the answer: a client that has its answer sees the job over
+            if error is not None:
+                job.future.set_exception(error)
+            else:
+                job.future.set_result(result)

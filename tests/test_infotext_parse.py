@@ -78,3 +78,57 @@ def test_unknown_and_odd_text_never_crashes():
             assert "\n" not in note and "\x1b" not in note
     with pytest.raises(InfotextError):
         parse_infotext(b"bytes")  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- issue 26: linear time, A1111's results
+
+
+def test_param_pairs_is_a1111s_findall():
+    """``param_pairs`` against A1111's own regex (RE_PARAM, kept as the definition) on generated lines built from
+    the characters that matter to it: key characters, whitespace, ':', ',', quotes, escapes."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from tritonsd.sampler.infotext_parse import RE_PARAM, param_pairs
+
+    chars = st.sampled_from(list("ab_Z9 \t-/:,\"\\\n\u00a0é.x"))
+
+    @settings(max_examples=3000, deadline=None, derandomize=True, database=None)
+    @given(st.lists(chars, max_size=40).map("".join))
+    def same(line):
+        assert param_pairs(line) == RE_PARAM.findall(line)
+
+    same()
+    for line in ['Steps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 512x512',
+                 'A: "x, y", B: "q\\"r", C: "unterminated, D: 4', 'ab:"x' * 50, '  key - a/b :  v ,k2:"",k3:1']:
+        assert param_pairs(line) == RE_PARAM.findall(line)
+
+
+def test_a_long_line_without_pairs_is_one_pass():
+    """32,000 key characters froze the server for 8 s under A1111's regex (quadratic: every start position
+    rescans the run). Counted, not timed: the scanner visits each start position once."""
+    from tritonsd.sampler import infotext_parse
+
+    calls = []
+    real = infotext_parse._WORD.match
+
+    class Counting:
+        def match(self, text, pos):
+            calls.append(pos)
+            return real(text, pos)
+
+    line = "a" * 32_000
+    old, infotext_parse._WORD = infotext_parse._WORD, Counting()
+    try:
+        assert infotext_parse.param_pairs(line) == []
+    finally:
+        infotext_parse._WORD = old
+    assert len(calls) <= len(line)
+
+
+def test_infotext_over_the_cap_is_one_line():
+    from tritonsd.sampler.infotext_parse import MAX_INFOTEXT_CHARS
+
+    with pytest.raises(InfotextError, match="limit") as e:
+        parse_infotext("a" * (MAX_INFOTEXT_CHARS + 1))
+    assert "\n" not in str(e.value)

@@ -13,6 +13,7 @@ import re
 import sys
 
 from tritonsd import __version__
+from tritonsd.escape import escape
 
 SUBCOMMANDS = ("generate", "inspect", "parity", "bench", "merge", "warmup", "check_compile", "batch", "serve")
 
@@ -61,16 +62,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def one_line(e: BaseException) -> str:
+    """An error's message on one line whatever it holds: newlines, escape sequences and other control
+    characters from names read out of files are shown escaped (``tritonsd.escape``), never acted on."""
+    return escape(str(e), limit=2000)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(bare_flags(sys.argv[1:] if argv is None else argv))
     try:
         return int(args.run(args) or 0)
     except UsageError as e:
-        print(f"tritonsd {args.command}: error: {e}", file=sys.stderr)
+        print(f"tritonsd {args.command}: error: {one_line(e)}", file=sys.stderr)
         return 2
     except (ValueError, RuntimeError, OSError) as e:
-        print(f"tritonsd {args.command}: error: {e}", file=sys.stderr)
+        print(f"tritonsd {args.command}: error: {one_line(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 
 from tritonsd.devices import DTYPE_NAMES
+from tritonsd.serve import limits
+from tritonsd.serve.guard import allowed_hosts
 from tritonsd.tools.cli import UsageError
 from tritonsd.tools.generate import load_spec_of
 
@@ -53,6 +55,17 @@ def add_parser(subparsers) -> None:
                    help="serve requests whose fields ask for what tritonsd does not implement (restore_faces, "
                         "script_name, alwayson_scripts entries, ...), naming them in the response's info, instead "
                         "of refusing them with a 422")
+    n.add_argument("--allowed-hosts", default=None, metavar="NAMES",
+                   help="without --api-auth the server answers only requests naming it 127.0.0.1, localhost, ::1 "
+                        "or --host; add comma-separated host names here ('*': any, which lets any web page "
+                        "reach the server through DNS rebinding)")
+    n.add_argument("--max-queue", type=int, default=None, metavar="N",
+                   help=f"jobs that may wait for the device (default {limits.MAX_QUEUE}); more get 503 with "
+                        "Retry-After")
+    n.add_argument("--header-timeout", type=float, default=limits.HEADER_TIMEOUT_S, metavar="SECONDS",
+                   help="a connection must send a request's headers within this (default: %(default)s)")
+    n.add_argument("--body-timeout", type=float, default=limits.BODY_IDLE_TIMEOUT_S, metavar="SECONDS",
+                   help="the longest pause allowed inside a request body; 408 after it (default: %(default)s)")
     p.set_defaults(run=run)
 
 
@@ -63,6 +76,12 @@ def check_usage(args: argparse.Namespace) -> dict:
         raise UsageError(f"--port must be between 0 and 65535, got {args.port}")
     if args.text_heads is not None and args.text_heads < 1:
         raise UsageError(f"--text-heads must be at least 1, got {args.text_heads}")
+    if args.max_queue is not None and args.max_queue < 1:
+        raise UsageError(f"--max-queue must be at least 1, got {args.max_queue}")
+    for flag in ("header_timeout", "body_timeout"):
+        value = getattr(args, flag)
+        if not 0 < value <= 3600:
+            raise UsageError(f"--{flag.replace('_', '-')} must be between 0 and 3600 seconds, got {value:g}")
     for flag in ("models_dir", "vae_dir", "lora_dir", "embeddings_dir", "upscaler_dir"):
         d = getattr(args, flag)
         if d is not None and not d.is_dir():
@@ -146,12 +165,16 @@ def serve(args: argparse.Namespace, credentials: dict, sock: socket.socket, uvic
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from tritonsd.serve import build_state, create_app  # lazy: fastapi (the serve extra), for this subcommand only
 
-    state = build_state(load_spec_of(args), models_dir=args.models_dir, vae_dir=args.vae_dir,
-                        credentials=credentials, ignore_unsupported=args.ignore_unsupported)
-    import threading
+    from tritonsd.serve.protocol import protocol_class  # lazy: uvicorn (the serve extra), as above
 
-    threading.Thread(target=state.catalog.hash_all, name="tritonsd-hash", daemon=True).start()
+    state = build_state(load_spec_of(args), models_dir=args.models_dir, vae_dir=args.vae_dir,
+                        credentials=credentials, ignore_unsupported=args.ignore_unsupported,
+                        allowed_hosts=allowed_hosts(args.host, args.allowed_hosts), max_queue=args.max_queue,
+                        body_timeout=args.body_timeout)
+    state.catalog.start_hashing()
     print(f"tritonsd serve: {state.catalog.main.name} loaded on {state.host.pipe.device}; "
           f"http://{args.host}:{args.port}/", file=sys.stderr, flush=True)
-    config = uvicorn.Config(create_app(state), log_level="warning", access_log=False)
+    config = uvicorn.Config(create_app(state), log_level="warning", access_log=False,
+                            http=protocol_class(args.header_timeout), timeout_keep_alive=limits.KEEP_ALIVE_S,
+                            limit_concurrency=limits.MAX_CONNECTIONS)
     uvicorn.Server(config).run(sockets=[sock])
