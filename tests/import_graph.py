@@ -20,7 +20,7 @@ from pathlib import Path
 # its Pipeline must not need them.
 OPTIONAL_EXTRAS = frozenset({"fastapi", "starlette", "pydantic", "uvicorn", "ray", "pyarrow", "pandas", "matplotlib",
                              "selenium", "diffusers", "transformers", "cv2", "requests", "webuiapi",
-                             "spandrel", "torchvision"})  # the upscale extra: spandrel (it needs torchvision)
+                             "spandrel", "torchvision", "h11"})  # upscale: spandrel (it needs torchvision); serve: h11
 
 # Folders of the repository root that are not the package.
 NOT_PACKAGE = frozenset({"tests", "benchmarks", "build", "dist"})
