@@ -190,8 +190,7 @@ def compile_results() -> dict[str, str]:
 @pytest.mark.parametrize("case", list(COMPILE_CASES))
 def test_kernels_compile_for_sm90(compile_results, case):
     result = compile_results[case]
-    if result.startswith("skip:"):
-        pytest.skip(result)
+    # a triton without its CUDA backend fails here: a skipped compile check proves nothing
     assert result == "ok", result
 
 
@@ -200,7 +199,8 @@ def _run_compile_cases() -> dict[str, str]:
     try:
         from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
     except ImportError as e:  # a triton build without the CUDA backend cannot cross-compile
-        return {case: f"skip: triton has no CUDA backend here: {e}" for case in COMPILE_CASES}
+        reason = f"triton has no CUDA backend here, so nothing can be compiled for sm_90: {e}"
+        return {case: reason for case in COMPILE_CASES}
     results = {}
     for case, build in COMPILE_CASES.items():
         try:
