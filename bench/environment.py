@@ -50,8 +50,10 @@ def git_commit(override: str | None = None, root: Path = ROOT) -> tuple[str | No
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
                                 timeout=10, check=True).stdout.strip() or None
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", "kernels", "model", "sampler", "bench"],
-                                    cwd=root, capture_output=True, text=True, timeout=10).stdout.strip())
+        # the package's code: every folder and module of the checkout but the tests and benchmarks/ (results)
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", ".", ":(exclude)tests",
+                                     ":(exclude)benchmarks"], cwd=root, capture_output=True, text=True,
+                                    timeout=10).stdout.strip())
         return commit, dirty
     except (OSError, subprocess.SubprocessError):
         return None, None

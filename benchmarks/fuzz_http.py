@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 import fuzz_inputs as fi  # noqa: E402
+from tritonsd.bench import environment  # noqa: E402
 
 ROUTES = ("/sdapi/v1/txt2img", "/sdapi/v1/img2img", "/sdapi/v1/png-info", "/sdapi/v1/options")
 
@@ -214,7 +215,8 @@ def run(args: argparse.Namespace) -> dict:
         "command": f"python benchmarks/fuzz_http.py --requests {args.requests} --timeout {args.timeout:g}",
         "run_as": "PYTHONPATH=<checkout>/.pp OMP_NUM_THREADS=1 nice -n 19 <command> --out <this file>",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": _git_commit(), "python": platform.python_version(), "machine": platform.machine(),
+        "git_commit": environment.git_commit()[0] or "unknown", "python": platform.python_version(),
+        "machine": platform.machine(),
         "generator": "Hypothesis strategies built from the server's /openapi.json request schemas "
                      "(tests/fuzz_inputs.py body_strategy), plus hostile prompts, images, infotexts and overrides",
         "server": "tritonsd serve --checkpoint sd1-tiny.safetensors --text-heads 2 --lora-dir <the fixture LoRA "
@@ -233,15 +235,6 @@ def run(args: argparse.Namespace) -> dict:
         "server_log_tail": log[-1500:] if failures else "",
     }
 
-
-def _git_commit() -> str:
-    import subprocess
-
-    try:
-        return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -41,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 import fuzz_mutations as fm  # noqa: E402  (lives with the tests; shared by the Hypothesis test)
+from tritonsd.bench import environment  # noqa: E402
 
 
 def _fixtures(arg: str | None) -> Path:
@@ -274,7 +275,7 @@ def run(args: argparse.Namespace) -> int:
                              "--wall-cap", str(args.wall_cap)]),
         "run_as": "PYTHONPATH=<checkout>/.pp OMP_NUM_THREADS=1 nice -n 19 <command> --out <this file>",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": _git_commit(),
+        "git_commit": environment.git_commit()[0] or "unknown",
         "python": platform.python_version(), "torch": _torch_version(), "machine": platform.machine(),
         "suite": args.suite, "seeds": suite.seed_names,
         "cases": args.cases, "first_case": args.start,
@@ -296,13 +297,6 @@ def run(args: argparse.Namespace) -> int:
     print(text)
     return 0 if not failures else 1
 
-
-def _git_commit() -> str:
-    try:
-        return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def _torch_version() -> str:
