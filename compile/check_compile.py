@@ -42,13 +42,14 @@ class Row:
 
 def representative_launches(models: Iterable[str] = shapes.RELEASED, dtypes: Iterable[str] = ("fp16", "bf16"),
                             kernels: Sequence[str] | None = None, sizes: dict | None = None) -> list[variants.Launch]:
-    """Unique variants over the released models at their native sizes (or ``sizes[name]``), batch 1 and 2."""
+    """Unique variants over the released models at their native sizes (or ``sizes[name]``), batch 1 and 2, with
+    zero and circular (tiling) padding."""
     out = []
     for name in models:
         model = shapes.released(name)
         size = (sizes or {}).get(name, model.size)
         for dt in dtypes:
-            out += variants.model_launches(model, [size], (1, 2), DTYPE_NAMES[dt])
+            out += variants.model_launches(model, [size], (1, 2), DTYPE_NAMES[dt], tiling=True)
     return variants.unique(select(out, kernels))
 
 

@@ -21,6 +21,7 @@ import triton
 from tritonsd.compile.shapes import TEXT_TOKENS
 from tritonsd.kernels import _triton, dispatch
 from tritonsd.kernels._triton import innermost
+from tritonsd.model.layers import circular_padding
 from tritonsd.model.unet import UNetModel
 from tritonsd.model.vae import AutoencoderKL
 
@@ -186,19 +187,22 @@ def meta_modules(config, dtype: torch.dtype):
 
 
 def model_launches(config, sizes: Iterable[tuple[int, int]], batches: Iterable[int], dtype: torch.dtype,
-                   vae: bool = True, text: bool = True) -> list[Launch]:
+                   vae: bool = True, text: bool = True, tiling: bool = False) -> list[Launch]:
     """Every launch of one UNet step per (image size, batch), the VAE decode (batch 1) per size and one text
     layer per tower, for a ``ModelConfig`` or a released model's ``shapes.ModelShapes`` (sizes in pixels,
-    (height, width))."""
+    (height, width)); ``tiling``: the UNet and VAE launches with circular padding too (the conv kernel's
+    ``CIRCULAR`` variants)."""
     unet, decoder = meta_modules(config, dtype)
     factor = 8
     out: list[Launch] = []
-    for h, w in sizes:
-        latent = (h // factor, w // factor)
-        for b in batches:
-            out += unet_launches(unet, latent, b, dtype)
-        if vae:
-            out += vae_decode_launches(decoder, latent, 1, dtype)
+    for circular in (False, True) if tiling else (False,):
+        with circular_padding(unet, circular), circular_padding(decoder, circular):
+            for h, w in sizes:
+                latent = (h // factor, w // factor)
+                for b in batches:
+                    out += unet_launches(unet, latent, b, dtype)
+                if vae:
+                    out += vae_decode_launches(decoder, latent, 1, dtype)
     if text:
         for tower in getattr(config, "text", {}).values():
             width, heads = getattr(tower, "width", None), getattr(tower, "heads", None)
