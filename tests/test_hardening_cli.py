@@ -1,6 +1,6 @@
 """Issue 26 through the command line's doors: ``tritonsd generate`` / ``inspect`` / ``batch`` as subprocesses,
 fed the files and flags the red team used. Each refusal is exit 1 (or 2) with one stderr line naming the file or
-field; memory bounds are the child's own peak RSS (``os.wait4``'s rusage of that one process)."""
+field; memory bounds are the child's own peak RSS (``VmHWM``, read inside the child: ``run_measured``)."""
 
 from __future__ import annotations
 
@@ -22,26 +22,34 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 HANG_S = 600
 
 
+# The command line run as ``python -m tritonsd.tools.cli``, which then writes its own peak RSS (``VmHWM`` of
+# /proc/self/status: the high-water mark of this process's memory since its exec) to the file $HWM_FILE names.
+# ``ru_maxrss`` from wait4 would not do: Linux carries the parent's peak across fork and exec, so a child
+# started from a large pytest process reports at least the parent's size.
+MEASURED_CLI = """
+import atexit, os, runpy, sys
+
+def _write_hwm():
+    with open("/proc/self/status") as f:
+        kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    with open(os.environ["HWM_FILE"], "w") as f:
+        f.write(str(kib * 1024))
+
+atexit.register(_write_hwm)
+sys.argv[0] = "tritonsd"
+runpy.run_module("tritonsd.tools.cli", run_name="__main__")
+"""
+
+
 def run_measured(*args: str) -> tuple[subprocess.CompletedProcess, int]:
-    """As ``run``, with the child reaped by wait4 (so its own peak RSS is known)."""
-    import threading
+    """As ``run``, with the child's own peak RSS (bytes) measured inside it (``MEASURED_CLI``)."""
+    import tempfile
 
-    proc = subprocess.Popen([*CLI, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
-    chunks = {"out": b"", "err": b""}
-
-    def drain(name, stream):
-        chunks[name] = stream.read()
-
-    readers = [threading.Thread(target=drain, args=(n, s)) for n, s in (("out", proc.stdout), ("err", proc.stderr))]
-    for t in readers:
-        t.start()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    for t in readers:
-        t.join(HANG_S)
-    done = subprocess.CompletedProcess(proc.args, proc.returncode, chunks["out"].decode(errors="replace"),
-                                       chunks["err"].decode(errors="replace"))
-    return done, usage.ru_maxrss * 1024
+    with tempfile.TemporaryDirectory() as tmp:
+        hwm = Path(tmp) / "hwm"
+        proc = subprocess.run([sys.executable, "-c", MEASURED_CLI, *map(str, args)], capture_output=True, text=True,
+                              errors="replace", env={**ENV, "HWM_FILE": str(hwm)}, timeout=HANG_S)
+        return proc, int(hwm.read_text())
 
 
 def one_error_line(proc: subprocess.CompletedProcess, command: str, *words: str) -> str:
