@@ -14,7 +14,8 @@ Who does what:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 
 # The extension's ``ControlMode`` values, and the short names the command line takes.
 CONTROL_MODES = ("Balanced", "My prompt is more important", "ControlNet is more important")
@@ -40,3 +41,37 @@ class ControlUnit:
     guidance_end: float = 1.0
     pixel_perfect: bool = False
     control_mode: str = "Balanced"
+
+
+class ControlUnitError(ValueError):
+    """A unit the pipeline cannot honour (one line, for every door)."""
+
+
+def check_units(units) -> tuple:
+    """The units as a tuple of checked ``ControlUnit``s (names of modes normalised to the extension's)."""
+    if isinstance(units, ControlUnit):
+        units = (units,)
+    if not isinstance(units, (list, tuple)):
+        raise ControlUnitError(f"must be a list of ControlUnit, got {type(units).__name__}")
+    return tuple(_check_unit(i, u) for i, u in enumerate(units))
+
+
+def _check_unit(index: int, unit) -> ControlUnit:
+    if not isinstance(unit, ControlUnit):
+        raise ControlUnitError(f"unit {index} must be a ControlUnit, got {type(unit).__name__}")
+    mode = CONTROL_MODE_NAMES.get(unit.control_mode, unit.control_mode)
+    if mode not in CONTROL_MODES:
+        raise ControlUnitError(f"unit {index}: control_mode must be one of {', '.join(CONTROL_MODES)} (or "
+                               f"{', '.join(CONTROL_MODE_NAMES)}), got {unit.control_mode!r}")
+    if unit.resize_mode not in RESIZE_MODES:
+        raise ControlUnitError(f"unit {index}: resize_mode must be one of {', '.join(RESIZE_MODES)}, "
+                               f"got {unit.resize_mode!r}")
+    for name in ("weight", "guidance_start", "guidance_end"):
+        value = getattr(unit, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ControlUnitError(f"unit {index}: {name} must be a finite number, got {value!r}")
+    if not 0.0 <= unit.guidance_start <= unit.guidance_end <= 1.0:
+        raise ControlUnitError(f"unit {index}: needs 0 <= guidance_start <= guidance_end <= 1, got "
+                               f"{unit.guidance_start:g} and {unit.guidance_end:g}")
+    return replace(unit, control_mode=mode, weight=float(unit.weight),
+                   guidance_start=float(unit.guidance_start), guidance_end=float(unit.guidance_end))

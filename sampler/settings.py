@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tritonsd.sampler import inpaint as I, registry, schedule as S
+from tritonsd.sampler import control, inpaint as I, registry, schedule as S
 from tritonsd.sampler.seeds import SEED_RANGE, random_seed
 from tritonsd.sampler.upscale import DEFAULT_UPSCALER, HiresTarget, hires_steps, hires_target
 from tritonsd.prompt.chunks import MAX_PROMPT_TOKENS, PromptTooLongError, tokenize_prompt
@@ -109,6 +109,7 @@ class GenerationSettings:
     hr_prompt: str = ""  # "": the prompt
     hr_negative_prompt: str = ""  # "": the negative prompt
     tiling: bool = False  # seamless textures: every UNet and VAE convolution pads circularly (AUTOMATIC1111's)
+    controls: tuple = ()  # ControlNet units (``sampler/control.py`` ControlUnit), applied together (residuals summed)
 
     # ------------------------------------------------------------ without a model
 
@@ -141,6 +142,10 @@ class GenerationSettings:
         else:
             strength = _real("strength", self.strength, 0.0, 1.0)
         hires = self._check_hires(steps) if self.enable_hr else {}
+        try:
+            controls = control.check_units(self.controls)
+        except control.ControlUnitError as e:
+            raise SettingsError("controls", str(e)) from None
         for name in ("prompt", "negative_prompt"):
             check_prompt(name, getattr(self, name), steps, self.prompt_syntax)
         fill = _inpaint_fields(self)
@@ -176,7 +181,7 @@ class GenerationSettings:
                                    cfg_scale=cfg_scale, eta=eta, strength=strength, init_image=init_image,
                                    mask=mask, width=width, height=height, clip_skip=clip_skip, subseed=subseed,
                                    subseed_strength=subseed_strength, sampler=spec.name, inpainting_fill=fill,
-                                   inpaint=prepared, **hires)
+                                   inpaint=prepared, controls=controls, **hires)
 
     def _prepare_inpaint(self, fill: int) -> tuple:
         """(prepared, width, height): A1111's pixel-side inpainting (``inpaint.prepare``) of a PIL init image and
