@@ -72,7 +72,7 @@ def find_model(name: str, directory: str | os.PathLike | None) -> Path:
     if close:
         return by_name[close[0]]
     where = "no --controlnet-dir was given" if directory is None else f"{len(models)} in {escape(str(directory))}"
-    raise ControlUnitError(f"unknown ControlNet model {escape(name, 80)!r} ({where}; see /controlnet/model_list)")
+    raise ControlUnitError(f"unknown ControlNet model {escape(name, 80)!r} ({where})")
 
 
 def resolve_units(units, directory: str | os.PathLike | None, allow_paths: bool = True) -> tuple:

@@ -180,7 +180,8 @@ def unsupported_fields(req: BaseModel, table: dict) -> list[str]:
            if how == IGNORED and k != "alwayson_scripts" and not _neutral(k, getattr(req, k), d)]
     scripts = getattr(req, "alwayson_scripts", None)
     if isinstance(scripts, dict):
-        out += [f"alwayson_scripts.{name}" for name, args in scripts.items() if not _neutral(name, args, None)]
+        out += [f"alwayson_scripts.{name}" for name, args in scripts.items()
+                if not _neutral(name, args, None) and not (isinstance(name, str) and name.lower() == "controlnet")]
     elif not _neutral("alwayson_scripts", scripts, {}):
         out.append("alwayson_scripts")
     return sorted(out)
