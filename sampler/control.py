@@ -23,7 +23,7 @@ import base64
 import binascii
 import io
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 import torch
@@ -98,9 +98,10 @@ def sorted_modules() -> list[Module]:
     return [MODULES["none"], *rest]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ControlUnit:
-    """One ControlNet unit; defaults are the extension's ``ControlNetUnit``'s."""
+    """One ControlNet unit; defaults are the extension's ``ControlNetUnit``'s. Equal units have equal fields and
+    equal image pixels (an array or tensor image compares by value)."""
 
     model: object  # a ControlNet file path, a name listed by /controlnet/model_list, or a loaded ControlNet
     image: object = None  # PIL image, HxW(x1/3/4) uint8 array, [1, 3, H, W] tensor in [0, 1] or base64 text;
@@ -116,6 +117,24 @@ class ControlUnit:
     pixel_perfect: bool = False
     control_mode: str = "Balanced"  # or 0 / 1 / 2, or "balanced" / "prompt" / "control"
     hr_option: str = "Both"  # hires fix: "Both", "Low res only", "High res only"
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, ControlUnit):
+            return NotImplemented
+        names = [f.name for f in fields(self) if f.name != "image"]
+        return all(getattr(self, n) == getattr(other, n) for n in names) and _same_image(self.image, other.image)
+
+    __hash__ = None  # images are not hashable
+
+
+def _same_image(a, b) -> bool:
+    if a is b:
+        return True
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a.shape == b.shape and bool(torch.equal(a, b))
+    if isinstance(a, np.ndarray) and isinstance(b, np.ndarray):
+        return bool(np.array_equal(a, b)) and a.dtype == b.dtype
+    return type(a) is type(b) and not isinstance(a, (torch.Tensor, np.ndarray)) and a == b
 
 
 class ControlUnitError(ValueError):
