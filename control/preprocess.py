@@ -22,7 +22,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from tritonsd.sampler.control import ControlUnit, ControlUnitError, RESIZE_MODES, check_units, hwc3, module_of
+from tritonsd.sampler.control import (ControlUnit, ControlUnitError, RESIZE_MODES, check_units, hwc3, module_of,
+                                      resize_mode_of)
 
 JUST_RESIZE, CROP_AND_RESIZE, RESIZE_AND_FILL = RESIZE_MODES
 
@@ -32,8 +33,10 @@ def detect(unit: ControlUnit, width: int, height: int, init_image=None, *, init_
     """The unit's control map for an image of width x height: [1, 3, height, width] float32 in [0, 1].
 
     ``init_image``: the img2img init image (PIL, uint8 HxWx3, or [1, 3, H, W] in [-1, 1] as the settings hold
-    it), used when the unit has no image; ``init_resize_mode``: img2img's resize mode (0, 1, 2), which the
-    extension uses for the init image instead of the unit's. ``preprocess_size``: (width, height) pixel perfect
+    it), used when the unit has no image; ``init_resize_mode``: img2img's resize mode (0..3, 3 being Just Resize
+    as the extension's ``resize_mode_from_value`` reads it), which the extension uses for the init image instead
+    of the unit's. The extension preprocesses webui's init image as sent (before img2img resizes it): give that
+    image where the sizes differ. ``preprocess_size``: (width, height) pixel perfect
     computes with (the extension takes the first pass's size for the hires pass too); default: width x height.
 
     A unit image given as a tensor with module "none" at exactly width x height is returned as it is (a control
@@ -46,7 +49,7 @@ def detect(unit: ControlUnit, width: int, height: int, init_image=None, *, init_
             raise ControlUnitError("the unit has no image and there is no init image to use instead")
         image = _init_image(init_image)
         if init_resize_mode is not None:
-            resize_mode = RESIZE_MODES[min(int(init_resize_mode), 2)]
+            resize_mode = resize_mode_of(int(init_resize_mode))
     if isinstance(image, torch.Tensor):
         if unit.module == "none" and tuple(image.shape[-2:]) == (height, width):
             return image

@@ -160,6 +160,16 @@ def test_detect_uses_the_init_image_when_the_unit_has_none():
         detect(ControlUnit(model="m"), 24, 16)
 
 
+def test_the_init_image_takes_img2img_resize_mode():
+    """The extension uses A1111's img2img resize mode for the init image (3, latent upscale, is Just Resize)."""
+    image = smooth_image(64, 128, seed=5)
+    unit = ControlUnit(model="m", resize_mode="Crop and Resize")
+    for mode, name in ((0, "Just Resize"), (2, "Resize and Fill"), (3, "Just Resize"), (None, "Crop and Resize")):
+        got = detect(unit, 32, 32, init_image=image, init_resize_mode=mode)
+        want = torch.from_numpy(fit(image, name, 32, 32)).permute(2, 0, 1)[None].float() / 255.0
+        assert torch.equal(got, want), mode
+
+
 # ---------------------------------------------------------------- the unit's spellings
 
 
