@@ -237,3 +237,23 @@ def test_base64_and_pil_images_decode_alike():
         assert np.array_equal(unit(image=value).image, image)
     rgba = np.dstack([image, np.full((12, 20), 0, np.uint8)])
     assert (unit(image=rgba).image == 255).all(), "alpha 0 is white, as the extension's HWC3"
+
+
+def test_the_original_demos_detected_map(cref):
+    """``testing/controlnet_canny.demo_detected_map`` (gradio_canny.py's process) gives both demo runs' maps."""
+    from tritonsd.testing.controlnet_canny import demo_detected_map, original_resize_image
+
+    image = cref["canny.image"].numpy()
+    for run in ("demo", "demo_guess"):
+        got = demo_detected_map(image, 64, 64, 100, 200)
+        assert np.array_equal(got, cref[f"{run}.detected_map"].numpy()), run
+    # resize_image: short side 100 -> 64 (k = 0.64), 150 * 0.64 = 96 -> 128 (96 / 64 = 1.5 rounds to 2)
+    assert original_resize_image(smooth_image(100, 150), 64).shape == (64, 128, 3)
+
+
+def test_parity_canny_group_needs_no_checkpoint(fixtures, capsys):
+    from tritonsd.tools.cli import main
+
+    rc = main(["parity", "--reference", str(fixtures / "controlnet-sd1-tiny.reference.safetensors"), "--only", "canny"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "canny.gray_edges" in out and "0 failed" in out
