@@ -165,3 +165,17 @@ def test_a_unit_controls_and_weight_zero_does_not(pipe, cndir, canny_image):
     unit = ControlUnit(model=cndir / f"{CN}.safetensors", image=canny_image, module="canny", processor_res=64)
     assert not np.array_equal(pixels(unit), plain)
     assert np.array_equal(pixels(dataclasses.replace(unit, weight=0.0)), plain)
+
+
+@requires_network
+def test_from_png_with_its_control_image_gives_the_same_png(pipe, fixtures, cndir, canny_image, tmp_path):
+    image_path = tmp_path / "canny.png"
+    canny_image.save(image_path)
+    (first,) = pngs_of(pipe("a red circle", sampler="euler_a", controls=[ControlUnit(
+        model=cndir / f"{CN}.safetensors", image=canny_image, module="canny", processor_res=64, weight=0.9,
+        control_mode="prompt")], **SIZE), tmp_path / "first")
+    (tmp_path / "first.png").write_bytes(first)
+    rc = main(["generate", "--checkpoint", str(fixtures / "sd1-tiny.safetensors"), "--text-heads", "2", "--quiet",
+               "--from-png", str(tmp_path / "first.png"), "--control-image", str(image_path),
+               "--controlnet-dir", str(cndir), "--out", str(tmp_path / "again")])
+    assert rc == 0 and [p.read_bytes() for p in (tmp_path / "again").glob("*.png")] == [first]

@@ -296,3 +296,22 @@ def test_cli_batch_flag_is_wired(cndir):
     args = p.parse_args(["batch", "jobs.jsonl", "--checkpoint", "m.safetensors", "--out", "o",
                          "--controlnet-dir", str(cndir)])
     assert args.controlnet_dir == cndir
+
+
+def test_pipe_from_infotext_rebuilds_the_units(fixtures, cndir, canny_png):
+    import tritonsd
+
+    pipe = tritonsd.load(fixtures / "sd1-tiny.safetensors", text_heads=2)
+    text = (f'a cat\nSteps: 2, Sampler: Euler, Seed: 5, Size: 128x64, ControlNet 0: "Module: canny, Model: {CN} '
+            '[00000000], Weight: 0.6, Resize Mode: Just Resize, Processor Res: 64, Threshold A: 100, Threshold B: '
+            '200, Guidance Start: 0.0, Guidance End: 0.8, Pixel Perfect: False, Control Mode: Balanced"')
+    with pytest.raises(SettingsError, match="give one per unit"):
+        pipe.from_infotext(text, controlnet_dir=cndir)
+    with pytest.raises(SettingsError, match="unknown ControlNet model"):
+        pipe.from_infotext(text, control_images=[Image.open(canny_png)])
+    s = pipe.from_infotext(text, controlnet_dir=cndir, control_images=[Image.open(canny_png)])
+    (unit,) = s.controls
+    assert unit.model.name == f"{CN}.safetensors" and (unit.weight, unit.guidance_end, unit.resize_mode) == (
+        0.6, 0.8, "Just Resize")
+    assert np.array_equal(unit.image, np.array(Image.open(canny_png)))
+    assert pipe.from_infotext(text, controls=()).controls == (), "fields given override the infotext's units"
