@@ -8,7 +8,8 @@ field names, defaults and response shapes) and a small web page, on FastAPI + uv
 
 Modules: ``app`` (routes, errors, body limit, auth), ``schema`` (A1111's request fields), ``jobs`` (request ->
 GenerationSettings plan -> images), ``worker`` (the device's single worker and A1111's progress state), ``host``
-(the resident Pipeline and model switches), ``catalog`` (checkpoints, VAEs, LoRAs, embeddings),
+(the resident Pipeline and model switches), ``catalog`` (checkpoints, VAEs, LoRAs, embeddings), ``controlnet`` +
+``controlnet_routes`` (the A1111 extension's units and ``/controlnet/*`` routes),
 ``images`` (base64 / PNG), ``limits``.
 """
 

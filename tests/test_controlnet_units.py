@@ -315,3 +315,12 @@ def test_pipe_from_infotext_rebuilds_the_units(fixtures, cndir, canny_png):
         0.6, 0.8, "Just Resize")
     assert np.array_equal(unit.image, np.array(Image.open(canny_png)))
     assert pipe.from_infotext(text, controls=()).controls == (), "fields given override the infotext's units"
+
+
+def test_server_infotext_units_without_units_sent_are_named():
+    from tritonsd.serve.schema import infotext_unsupported
+
+    text = f'a cat\nSteps: 20, Seed: 1, Size: 64x64, ControlNet 0: "{EXTENSION_TEXT}"'
+    assert infotext_unsupported(Txt2ImgRequest(prompt="", infotext=text)) == ["infotext.ControlNet 0"]
+    sent = Txt2ImgRequest(prompt="", infotext=text, alwayson_scripts={"controlnet": {"args": [{"enabled": True}]}})
+    assert infotext_unsupported(sent) == []
