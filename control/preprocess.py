@@ -40,7 +40,8 @@ def detect(unit: ControlUnit, width: int, height: int, init_image=None, *, init_
     computes with (the extension takes the first pass's size for the hires pass too); default: width x height.
 
     A unit image given as a tensor with module "none" at exactly width x height is returned as it is (a control
-    map made elsewhere keeps its float values); every other image goes through the extension's 8-bit path.
+    map made elsewhere keeps its float values; [B, 3, H, W]: one map per image of the batch); every other image
+    goes through the extension's 8-bit path.
     """
     (unit,) = check_units([unit])
     image, resize_mode = unit.image, unit.resize_mode
@@ -53,6 +54,9 @@ def detect(unit: ControlUnit, width: int, height: int, init_image=None, *, init_
     if isinstance(image, torch.Tensor):
         if unit.module == "none" and tuple(image.shape[-2:]) == (height, width):
             return image
+        if image.shape[0] != 1:
+            raise ControlUnitError(f"a batch of {image.shape[0]} control maps must be at the generation's size "
+                                   f"({width}x{height}) with module none")
         image = tensor_to_uint8(image)
     return to_tensor(detect_map(unit, image, width, height, resize_mode, preprocess_size))
 

@@ -235,7 +235,8 @@ def _number(name: str, value) -> float:
 def control_image(value):
     """A control image as the preprocessors take it: an HxWx3 uint8 array (the extension's ``HWC3``: gray
     repeated, alpha blended onto white), or a [1, 3, H, W] float32 tensor in [0, 1] kept as given (a control map
-    made elsewhere); None stays None (the init image is used). Base64 text (with or without a ``data:`` prefix)
+    made elsewhere; [B, 3, H, W] gives each image of a batch its own map, with module "none" at the generation's
+    size); None stays None (the init image is used). Base64 text (with or without a ``data:`` prefix)
     is decoded; a file name is not opened (the doors read files themselves)."""
     if value is None:
         return None
@@ -277,9 +278,9 @@ def _check_side(w: int, h: int) -> None:
 def _tensor_image(t: torch.Tensor) -> torch.Tensor:
     if t.dim() == 3:
         t = t[None]
-    if t.dim() != 4 or t.shape[:2] != (1, 3) or not t.is_floating_point():
-        raise ControlUnitError(f"an image tensor must be float [1, 3, H, W] in 0..1, got {str(t.dtype)[6:]} "
-                               f"{list(t.shape)}")
+    if t.dim() != 4 or t.shape[0] < 1 or t.shape[1] != 3 or not t.is_floating_point():
+        raise ControlUnitError(f"an image tensor must be float [1, 3, H, W] in 0..1 (or [B, 3, H, W]: one map per "
+                               f"image, module none), got {str(t.dtype)[6:]} {list(t.shape)}")
     _check_side(t.shape[3], t.shape[2])
     t = t.detach().float()
     if not bool(torch.isfinite(t).all()) or float(t.min()) < 0.0 or float(t.max()) > 1.0:

@@ -257,3 +257,10 @@ def test_parity_canny_group_needs_no_checkpoint(fixtures, capsys):
     rc = main(["parity", "--reference", str(fixtures / "controlnet-sd1-tiny.reference.safetensors"), "--only", "canny"])
     out = capsys.readouterr().out
     assert rc == 0 and "canny.gray_edges" in out and "0 failed" in out
+
+
+def test_a_batch_of_maps_passes_through_at_size():
+    maps = torch.rand(2, 3, 16, 24)
+    assert torch.equal(detect(ControlUnit(model="m", image=maps), 24, 16), maps)
+    with pytest.raises(ControlUnitError, match="batch of 2 control maps"):
+        detect(ControlUnit(model="m", image=maps), 32, 16)
