@@ -27,6 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tritonsd.serve import jobs, limits
 from tritonsd.serve.catalog import Catalog
+from tritonsd.serve.controlnet_routes import install_routes as install_controlnet_routes
 from tritonsd.serve.errors import ApiError, BadRequest, TooLarge, error_body, printable
 from tritonsd.sampler.upscale import LATENT_UPSCALE_MODES
 from tritonsd.serve.extras import ExtrasSingleImageRequest, extras_job
@@ -370,6 +371,8 @@ def create_app(state: ServerState) -> FastAPI:
         await run_in_threadpool(set_options_sync, state, req)
         await _maybe_switch(state, req, run_job)
         return None
+
+    install_controlnet_routes(app, state)
 
     @app.get("/", response_class=HTMLResponse)
     def index():

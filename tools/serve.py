@@ -35,6 +35,9 @@ def add_parser(subparsers) -> None:
     m.add_argument("--upscaler-dir", type=Path, default=None, metavar="DIR",
                    help="upscaler model files for hires fix and /sdapi/v1/extra-single-image (ESRGAN, ...; needs "
                         "spandrel)")
+    m.add_argument("--controlnet-dir", type=Path, default=None, metavar="DIR",
+                   help="ControlNet files, listed by /controlnet/model_list as 'name [hash]' and named by the units "
+                        "of alwayson_scripts.controlnet")
     m.add_argument("--text-heads", type=int, default=None, metavar="N",
                    help="attention heads of the text towers (not in the weights; default width / 64)")
     m.add_argument("--parameterization", choices=("eps", "v"), default=None,
@@ -82,7 +85,7 @@ def check_usage(args: argparse.Namespace) -> dict:
         value = getattr(args, flag)
         if not 0 < value <= 3600:
             raise UsageError(f"--{flag.replace('_', '-')} must be between 0 and 3600 seconds, got {value:g}")
-    for flag in ("models_dir", "vae_dir", "lora_dir", "embeddings_dir", "upscaler_dir"):
+    for flag in ("models_dir", "vae_dir", "lora_dir", "embeddings_dir", "upscaler_dir", "controlnet_dir"):
         d = getattr(args, flag)
         if d is not None and not d.is_dir():
             raise UsageError(f"--{flag.replace('_', '-')} {d} is not a directory")
@@ -170,7 +173,7 @@ def serve(args: argparse.Namespace, credentials: dict, sock: socket.socket, uvic
     state = build_state(load_spec_of(args), models_dir=args.models_dir, vae_dir=args.vae_dir,
                         credentials=credentials, ignore_unsupported=args.ignore_unsupported,
                         allowed_hosts=allowed_hosts(args.host, args.allowed_hosts), max_queue=args.max_queue,
-                        body_timeout=args.body_timeout)
+                        body_timeout=args.body_timeout, controlnet_dir=args.controlnet_dir)
     state.catalog.start_hashing()
     print(f"tritonsd serve: {state.catalog.main.name} loaded on {state.host.pipe.device}; "
           f"http://{args.host}:{args.port}/", file=sys.stderr, flush=True)
