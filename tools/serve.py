@@ -45,6 +45,9 @@ def add_parser(subparsers) -> None:
     r.add_argument("--dtype", choices=tuple(DTYPE_NAMES), default=None,
                    help="default: fp16 on cuda, fp32 on cpu")
     r.add_argument("--kernels", choices=("auto", "torch", "triton"), default="auto")
+    r.add_argument("--preview-every", type=int, default=10, metavar="N",
+                   help="a live preview every N sampling steps, A1111's 'Approx cheap' (show_progress_every_n_steps; "
+                        "default: %(default)s; 0: none)")
     n = p.add_argument_group("network")
     n.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     n.add_argument("--port", type=int, default=7860,
@@ -76,6 +79,8 @@ def check_usage(args: argparse.Namespace) -> dict:
         raise UsageError(f"--port must be between 0 and 65535, got {args.port}")
     if args.text_heads is not None and args.text_heads < 1:
         raise UsageError(f"--text-heads must be at least 1, got {args.text_heads}")
+    if not 0 <= args.preview_every <= 1000:
+        raise UsageError(f"--preview-every must be between 0 and 1000, got {args.preview_every}")
     if args.max_queue is not None and args.max_queue < 1:
         raise UsageError(f"--max-queue must be at least 1, got {args.max_queue}")
     for flag in ("header_timeout", "body_timeout"):
@@ -171,6 +176,7 @@ def serve(args: argparse.Namespace, credentials: dict, sock: socket.socket, uvic
                         credentials=credentials, ignore_unsupported=args.ignore_unsupported,
                         allowed_hosts=allowed_hosts(args.host, args.allowed_hosts), max_queue=args.max_queue,
                         body_timeout=args.body_timeout)
+    state.worker.previews.every = args.preview_every
     state.catalog.start_hashing()
     print(f"tritonsd serve: {state.catalog.main.name} loaded on {state.host.pipe.device}; "
           f"http://{args.host}:{args.port}/", file=sys.stderr, flush=True)
