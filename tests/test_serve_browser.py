@@ -152,6 +152,20 @@ def generate(driver, how: str = "click") -> str:
     return driver.execute_script("return window.tritonsd.gallery.items[0].b64")
 
 
+def drop_file(driver, zone_id: str, path: Path, mime: str = "image/png") -> None:
+    """A file dropped on an element, as the browser delivers a drag from the desktop: a ``drop`` event whose
+    DataTransfer holds the file (selenium cannot drag from outside the page)."""
+    driver.execute_script("""
+        const [id, b64, name, type] = arguments;
+        const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+        const data = new DataTransfer();
+        data.items.add(new File([bytes], name, { type }));
+        const zone = document.getElementById(id);
+        zone.dispatchEvent(new DragEvent("dragover", { dataTransfer: data, bubbles: true, cancelable: true }));
+        zone.dispatchEvent(new DragEvent("drop", { dataTransfer: data, bubbles: true, cancelable: true }));
+    """, zone_id, base64.b64encode(path.read_bytes()).decode(), path.name, mime)
+
+
 def api_png(result) -> bytes:
     return base64.b64decode(result.json["images"][0])
 
@@ -207,7 +221,7 @@ def test_img2img_and_inpainting_through_the_page_equal_webuiapi(page, api, tmp_p
     init_path = _write_png(tmp_path / "init.png")
     init = Image.open(init_path)
     page.find_element("id", "tab-img2img").click()
-    page.find_element("id", "init-file").send_keys(str(init_path))
+    drop_file(page, "drop-zone", init_path)
     wait(page, 30).until(lambda d: d.execute_script("return document.getElementById('mask-canvas').width") == 64)
     fill_form(page, "a castle", "", seed=77, cfg_scale=7, batch_size=1, sampler_name="Euler a",
               scheduler="Automatic", clip_skip=1, i2i_denoising_strength=0.6, resize_mode="Crop and resize",
@@ -248,6 +262,15 @@ def test_img2img_and_inpainting_through_the_page_equal_webuiapi(page, api, tmp_p
     assert inv.getpixel((32, 32)) == 0 and inv.getpixel((32, 4)) == 255
     page.find_element("id", "mask-clear").click()
     assert page.execute_script("return window.tritonsd.mask.isEmpty()")
+
+    # an uploaded mask is the mask sent
+    uploaded = Image.new("L", (64, 64))
+    uploaded.paste(255, (8, 40, 30, 60))
+    uploaded.save(tmp_path / "mask.png")
+    page.find_element("id", "mask-file").send_keys(str(tmp_path / "mask.png"))
+    wait(page, 30).until(lambda d: not d.execute_script("return window.tritonsd.mask.isEmpty()"))
+    sent = page.execute_script("return window.tritonsd.mask.toDataURL()")
+    assert Image.open(io.BytesIO(base64.b64decode(sent.split(",", 1)[1]))).convert("L").tobytes() == uploaded.tobytes()
     screenshot(page, "page-img2img", tmp_path)
 
 
@@ -261,7 +284,7 @@ def test_png_info_fills_the_form_so_generate_reproduces_the_png(page, fixtures, 
                    check=True, env=env, cwd=str(ROOT), timeout=300)
     (png,) = out.glob("*.png")
     page.find_element("id", "tab-pnginfo").click()
-    page.find_element("id", "png-file").send_keys(str(png))
+    drop_file(page, "png-drop", png)
     wait(page, 30).until(lambda d: "Seed: 4242" in d.find_element("id", "png-text").text)
     screenshot(page, "page-png-info", tmp_path)
     page.find_element("id", "png-to-txt2img").click()
@@ -324,6 +347,10 @@ def test_narrow_window_has_no_horizontal_overflow(page, api, tmp_path):
             scroll, inner = page.execute_script(widths)
             assert inner == 360 and scroll == inner, f"{tab}: the document is {scroll} px wide in a 360 px window"
         screenshot(page, "page-360px", tmp_path)
+        unlabelled = page.execute_script("""
+            return [...document.querySelectorAll('input, select, textarea, canvas, progress')]
+              .filter((e) => !(e.labels && e.labels.length) && !e.getAttribute('aria-label')).map((e) => e.id)""")
+        assert unlabelled == [], f"controls without a label for screen readers: {unlabelled}"
         page.find_elements("css selector", "#gallery .result img")[0].click()
         scroll, inner = page.execute_script(widths)
         assert scroll == inner
