@@ -4,7 +4,8 @@ from the latent's channels to RGB, no weights and no VAE, at the latent's resolu
 The coefficients are webui v1.10's ``sd_vae_approx.cheap_approximation`` (SD 1.x / 2.x: the map from
 https://discuss.huggingface.co/t/decoding-latents-to-rgb-without-upscaling/23204/2; SDXL its own), and the pixels
 are ``sd_samplers_common.single_sample_to_image``'s: ``clamp(rgb * 0.5 + 0.5, 0, 1) * 255`` truncated to uint8.
-A1111 previews the loop's ``denoised`` (its prediction of the final latent), every ``show_progress_every_n_steps``
+With a TAESD decoder (``model/taesd.py``; A1111's "TAESD" preview type) the preview is its decode instead, at the
+image's size. A1111 previews the loop's ``denoised`` (its prediction of the final latent), every ``show_progress_every_n_steps``
 steps (default 10)."""
 
 from __future__ import annotations
@@ -39,3 +40,14 @@ def preview_pixels(latent: torch.Tensor, family: str) -> np.ndarray:
 def due(step: int, every: int) -> bool:
     """Whether step ``step`` (0-based, as the sampler's callback counts) gets a preview; ``every`` <= 0: none."""
     return every > 0 and step % every == 0
+
+
+def taesd_pixels(decoder, latent: torch.Tensor) -> np.ndarray:
+    """The TAESD preview of one latent [C, H, W]: uint8 [8H, 8W, 3] as webui makes it
+    (``samples_to_images_tensor``: ``decoder(x) * 2 - 1``, then ``single_sample_to_image``'s ``* 0.5 + 0.5``,
+    clamp, * 255, truncated), decoded in float32 on the decoder's device."""
+    device = next(decoder.parameters()).device
+    with torch.no_grad():
+        x = decoder(latent[None].to(device=device, dtype=torch.float32))[0] * 2 - 1
+    x = torch.clamp(x * 0.5 + 0.5, min=0.0, max=1.0)
+    return (255.0 * np.moveaxis(x.cpu().numpy(), 0, 2)).astype(np.uint8)

@@ -6,6 +6,9 @@ On CUDA the latent is copied with ``non_blocking=True`` into pinned host memory 
 copy; the preview thread waits on that event, never the sampling thread, so the loop does not stop for a preview.
 A preview still being made when the next one is due is replaced, not queued. A CUDA-graph replay reports its
 steps after the whole loop without latents: such a job has no previews (nothing to copy, nothing synchronised).
+
+With a TAESD decoder (``serve --taesd FILE``) the preview thread decodes instead of mapping channels to RGB; on
+CUDA on a stream of its own, so the loop's stream never waits for it.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import threading
 import torch
 from PIL import Image
 
-from tritonsd.sampler.preview import CHEAP_RGB, DEFAULT_EVERY, due, preview_pixels
+from tritonsd.sampler.preview import CHEAP_RGB, DEFAULT_EVERY, due, preview_pixels, taesd_pixels
 from tritonsd.serve.errors import BadRequest, printable
 
 log = logging.getLogger("tritonsd.serve")
@@ -36,8 +39,10 @@ def check_every(value) -> int:
 class Previews:
     """The latest preview of the running job as base64 PNG (``image()``), or None."""
 
-    def __init__(self, every: int = DEFAULT_EVERY):
+    def __init__(self, every: int = DEFAULT_EVERY, decoder=None):
         self.every = every
+        self.decoder = decoder  # a TAESDDecoder (on the model's device) or None: "Approx cheap"
+        self._stream = None  # the decoder's CUDA stream, made on first use
         self._cond = threading.Condition()
         self._pending: tuple | None = None  # (job generation, host latent [C, H, W], CUDA event or None, family)
         self._image: str | None = None
@@ -88,13 +93,25 @@ class Previews:
             try:
                 if ready is not None:
                     ready.synchronize()  # this thread waits for the copy; the sampling thread never does
-                b64 = png_b64(preview_pixels(host, family))
+                b64 = png_b64(self._pixels(host, family))
             except Exception as e:  # noqa: BLE001 - a preview that fails must not touch the job
                 log.warning("live preview failed: %s: %s", type(e).__name__, e)
                 continue
             with self._cond:
                 if generation == self._generation:
                     self._image = b64
+
+
+    def _pixels(self, host: torch.Tensor, family: str):
+        if self.decoder is None:
+            return preview_pixels(host, family)
+        device = next(self.decoder.parameters()).device
+        if device.type != "cuda":
+            return taesd_pixels(self.decoder, host)
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(device=device)
+        with torch.cuda.stream(self._stream):
+            return taesd_pixels(self.decoder, host)
 
 
 def png_b64(pixels) -> str:
