@@ -6,9 +6,11 @@ https://discuss.huggingface.co/t/decoding-latents-to-rgb-without-upscaling/23204
 are ``sd_samplers_common.single_sample_to_image``'s: ``clamp(rgb * 0.5 + 0.5, 0, 1) * 255`` truncated to uint8.
 With a TAESD decoder (``model/taesd.py``; A1111's "TAESD" preview type) the preview is its decode instead, at the
 image's size. A1111 previews the loop's ``denoised`` (its prediction of the final latent), every ``show_progress_every_n_steps``
-steps (default 10)."""
+steps (default 10), the batch's images in one grid (``show_progress_grid``, on by default)."""
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
@@ -51,3 +53,17 @@ def taesd_pixels(decoder, latent: torch.Tensor) -> np.ndarray:
         x = decoder(latent[None].to(device=device, dtype=torch.float32))[0] * 2 - 1
     x = torch.clamp(x * 0.5 + 0.5, min=0.0, max=1.0)
     return (255.0 * np.moveaxis(x.cpu().numpy(), 0, 2)).astype(np.uint8)
+
+
+def grid(images: list[np.ndarray]) -> np.ndarray:
+    """webui's ``images.image_grid`` with its defaults (``n_rows`` -1, ``grid_prevent_empty_spots`` off):
+    ``round(sqrt(n))`` rows, filled row by row, black where the last row is short. uint8 [H, W, 3] each."""
+    n = len(images)
+    rows = min(max(round(math.sqrt(n)), 1), n)
+    cols = math.ceil(n / rows)
+    h, w, _ = images[0].shape
+    out = np.zeros((rows * h, cols * w, 3), dtype=np.uint8)
+    for i, image in enumerate(images):
+        r, c = divmod(i, cols)
+        out[r * h:(r + 1) * h, c * w:(c + 1) * w] = image
+    return out

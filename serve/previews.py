@@ -21,7 +21,7 @@ import threading
 import torch
 from PIL import Image
 
-from tritonsd.sampler.preview import CHEAP_RGB, DEFAULT_EVERY, due, preview_pixels, taesd_pixels
+from tritonsd.sampler.preview import CHEAP_RGB, DEFAULT_EVERY, due, grid, preview_pixels, taesd_pixels
 from tritonsd.serve.errors import BadRequest, printable
 
 log = logging.getLogger("tritonsd.serve")
@@ -44,7 +44,7 @@ class Previews:
         self.decoder = decoder  # a TAESDDecoder (on the model's device) or None: "Approx cheap"
         self._stream = None  # the decoder's CUDA stream, made on first use
         self._cond = threading.Condition()
-        self._pending: tuple | None = None  # (job generation, host latent [C, H, W], CUDA event or None, family)
+        self._pending: tuple | None = None  # (job generation, host latents [B, C, H, W], CUDA event or None, family)
         self._image: str | None = None
         self._generation = 0  # bumped by reset(): a preview of an earlier job is dropped
         self._thread: threading.Thread | None = None
@@ -60,11 +60,11 @@ class Previews:
             return self._image
 
     def offer(self, step: int, latent: torch.Tensor | None, family: str) -> bool:
-        """From the step callback: start copying image 0 of ``latent`` [B, C, H, W] when step ``step`` is due;
-        True when a preview was started."""
+        """From the step callback: start copying ``latent`` [B, C, H, W] when step ``step`` is due (the preview is
+        a grid of the batch, as A1111's ``show_progress_grid``); True when a preview was started."""
         if latent is None or not due(step, self.every) or family not in CHEAP_RGB:
             return False
-        sample = latent.detach()[0]
+        sample = latent.detach()
         if sample.is_cuda:
             host = torch.empty(sample.shape, dtype=sample.dtype, pin_memory=True)
             host.copy_(sample, non_blocking=True)  # queued on the loop's stream, after the step that made it
@@ -103,15 +103,16 @@ class Previews:
 
 
     def _pixels(self, host: torch.Tensor, family: str):
+        """The batch's previews [B, C, H, W] -> one uint8 grid [H', W', 3]."""
         if self.decoder is None:
-            return preview_pixels(host, family)
+            return grid([preview_pixels(x, family) for x in host])
         device = next(self.decoder.parameters()).device
         if device.type != "cuda":
-            return taesd_pixels(self.decoder, host)
+            return grid([taesd_pixels(self.decoder, x) for x in host])
         if self._stream is None:
             self._stream = torch.cuda.Stream(device=device)
         with torch.cuda.stream(self._stream):
-            return taesd_pixels(self.decoder, host)
+            return grid([taesd_pixels(self.decoder, x) for x in host])
 
 
 def png_b64(pixels) -> str:

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tritonsd.sampler.preview import cheap_rgb, due, preview_pixels
+from tritonsd.sampler.preview import cheap_rgb, due, grid, preview_pixels
 
 # webui v1.10 sd_vae_approx.cheap_approximation: coeffs[latent channel] = [r, g, b]
 WEBUI_SD = [[0.298, 0.207, 0.208], [0.187, 0.286, 0.173], [-0.158, 0.189, 0.264], [-0.184, -0.271, -0.473]]
@@ -70,6 +70,14 @@ def test_half_precision_latents_and_wrong_shapes():
         preview_pixels(torch.zeros(9, 2, 2), "sd1")  # an inpainting UNet's input, not its latent
 
 
+def test_grid_is_webuis_image_grid_with_its_defaults():
+    tiles = [np.full((2, 3, 3), 10 * (i + 1), dtype=np.uint8) for i in range(5)]
+    g = grid(tiles)  # 5 images: round(sqrt(5)) = 2 rows, 3 columns, the last spot black
+    assert g.shape == (4, 9, 3)
+    assert [g[r * 2, c * 3, 0] for r in range(2) for c in range(3)] == [10, 20, 30, 40, 50, 0]
+    assert grid(tiles[:1]).shape == (2, 3, 3) and grid(tiles[:3]).shape == (4, 6, 3)
+
+
 def test_due_every_n_steps_from_step_zero():
     assert [i for i in range(25) if due(i, 10)] == [0, 10, 20]
     assert not any(due(i, 0) for i in range(5)) and not any(due(i, -1) for i in range(5))
@@ -81,7 +89,8 @@ def test_previews_copy_the_latent_and_encode_on_their_own_thread():
     p = Previews(every=2)
     latent = torch.randn(2, 4, 3, 3)
     assert not p.offer(1, latent, "sd1") and p.image() is None  # not due
-    want = preview_pixels(latent[0].clone(), "sd1")
+    want = np.concatenate([preview_pixels(latent[0].clone(), "sd1"), preview_pixels(latent[1].clone(), "sd1")],
+                          axis=1)  # two images: one row (A1111's round(sqrt(2)) rows)
     assert p.offer(2, latent, "sd1")
     latent.zero_()  # the loop updates its latent in place: the preview was taken from a copy
     deadline = time.monotonic() + 10

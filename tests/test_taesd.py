@@ -89,15 +89,15 @@ def test_the_preview_is_webuis_taesd_preview(reference, tmp_path):
     save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, tmp_path / "d.safetensors")
     previews = Previews(every=1, decoder=load_taesd_decoder(tmp_path / "d.safetensors"))
     latent = torch.randn(2, 4, 4, 4)
-    with torch.no_grad():  # webui: decoder(x) * 2 - 1, then * 0.5 + 0.5, clamp, * 255, truncated
-        x = torch.clamp((reference(latent[:1])[0] * 2 - 1) * 0.5 + 0.5, 0, 1)
-    want = (255.0 * np.moveaxis(x.numpy(), 0, 2)).astype(np.uint8)
+    with torch.no_grad():  # webui: decoder(x) * 2 - 1, then * 0.5 + 0.5, clamp, * 255, truncated; a row of two
+        x = torch.clamp((torch.cat([reference(latent[i:i + 1]) for i in range(2)]) * 2 - 1) * 0.5 + 0.5, 0, 1)
+    want = np.concatenate([(255.0 * np.moveaxis(x[i].numpy(), 0, 2)).astype(np.uint8) for i in range(2)], axis=1)
     assert previews.offer(0, latent, "sd1")
     deadline = time.monotonic() + 30
     while previews.image() is None and time.monotonic() < deadline:
         time.sleep(0.01)
     got = np.asarray(Image.open(io.BytesIO(base64.b64decode(previews.image()))))
-    assert got.shape == (32, 32, 3) and np.array_equal(got, want)
+    assert got.shape == (32, 64, 3) and np.array_equal(got, want)
 
 
 def test_serve_refuses_a_missing_taesd_file(tmp_path, capsys):
