@@ -243,7 +243,10 @@ const loadImage = (src) => new Promise((resolve, reject) => {
   img.src = src;
 });
 
-// The init image is sent as the file's own bytes (no canvas re-encoding), its size put into the form.
+const MAX_AUTO_SIDE = 1024;  // an image's size goes into the form, scaled down to this longest side
+
+// The init image is sent as the file's own bytes (no canvas re-encoding); its size (multiples of 8, at most
+// MAX_AUTO_SIDE on the longer side) goes into the form.
 async function setInitImage(src) {
   const img = await loadImage(src);
   page.init = src;
@@ -251,8 +254,9 @@ async function setInitImage(src) {
   mask.resize(img.naturalWidth, img.naturalHeight);
   $("use_mask").checked = false;
   $("drop-zone").classList.add("has-image");
-  $("width").value = Math.round(img.naturalWidth / 8) * 8 || 8;
-  $("height").value = Math.round(img.naturalHeight / 8) * 8 || 8;
+  const scale = Math.min(1, MAX_AUTO_SIDE / Math.max(img.naturalWidth, img.naturalHeight));
+  $("width").value = Math.max(8, Math.round(img.naturalWidth * scale / 8) * 8);
+  $("height").value = Math.max(8, Math.round(img.naturalHeight * scale / 8) * 8);
 }
 
 async function fileChosen(file, use) {
@@ -326,7 +330,7 @@ function wire() {
     if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) {
       e.preventDefault();
       generate();
-    } else if (e.key === "Escape" && page.running) {
+    } else if (e.key === "Escape" && page.running && !$("viewer").open) {  // Escape in the viewer closes it
       interrupt();
     }
   });
