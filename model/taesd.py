@@ -83,7 +83,8 @@ def load_taesd_decoder(path: str | Path) -> TAESDDecoder:
     wrong = sorted(k for k in set(expected) & set(weights) if weights[k].shape != expected[k].shape)
     if missing or extra or wrong:
         what = (f"{len(missing)} missing (first {quote(missing[0])})" if missing else
-                f"{len(extra)} unexpected (first {quote(extra[0])})" if extra else f"{quote(wrong[0])} has another shape")
+                f"{len(extra)} unexpected (first {quote(extra[0])})" if extra else
+                f"{quote(wrong[0])} has another shape")
         raise TAESDFileError(f"{escape(path.name)}: not a TAESD decoder's keys: {what}")
     decoder.load_state_dict({k: v.float() for k, v in weights.items()})
     return decoder.eval()

@@ -5,8 +5,9 @@ The coefficients are webui v1.10's ``sd_vae_approx.cheap_approximation`` (SD 1.x
 https://discuss.huggingface.co/t/decoding-latents-to-rgb-without-upscaling/23204/2; SDXL its own), and the pixels
 are ``sd_samplers_common.single_sample_to_image``'s: ``clamp(rgb * 0.5 + 0.5, 0, 1) * 255`` truncated to uint8.
 With a TAESD decoder (``model/taesd.py``; A1111's "TAESD" preview type) the preview is its decode instead, at the
-image's size. A1111 previews the loop's ``denoised`` (its prediction of the final latent), every ``show_progress_every_n_steps``
-steps (default 10), the batch's images in one grid (``show_progress_grid``, on by default)."""
+image's size. A1111 previews the loop's ``denoised`` (its prediction of the final latent), every
+``show_progress_every_n_steps`` steps (default 10), the batch's images in one grid (``show_progress_grid``, on by
+default)."""
 
 from __future__ import annotations
 

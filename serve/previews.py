@@ -101,7 +101,6 @@ class Previews:
                 if generation == self._generation:
                     self._image = b64
 
-
     def _pixels(self, host: torch.Tensor, family: str):
         """The batch's previews [B, C, H, W] -> one uint8 grid [H', W', 3]."""
         if self.decoder is None:

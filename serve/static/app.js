@@ -312,8 +312,8 @@ function infotextToForm(p) {
   const hires = p["Hires upscale"] !== undefined || p["Hires resize-1"] !== undefined;
   $("enable_hr").checked = hires;
   if (hires) {
-    setForm({ hr_scale: p["Hires upscale"], hr_upscaler: p["Hires upscaler"], hr_second_pass_steps: p["Hires steps"] ?? 0,
-              denoising_strength: p["Denoising strength"] });
+    setForm({ hr_scale: p["Hires upscale"], hr_upscaler: p["Hires upscaler"],
+              hr_second_pass_steps: p["Hires steps"] ?? 0, denoising_strength: p["Denoising strength"] });
   } else if (p["Denoising strength"] !== undefined) {
     $("i2i_denoising_strength").value = p["Denoising strength"];
   }
