@@ -29,6 +29,8 @@ CHROMIUM = ("/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-c
 CHROMEDRIVER = ("/usr/lib/chromium/chromedriver", "/usr/bin/chromedriver")
 SMALL = dict(width=64, height=64, steps=3)
 LORA = "lora-sd1-tiny"
+VAE = "shifted-vae.safetensors"  # /sdapi/v1/sd-vae names a VAE by its file name
+EMBEDDING = "tiny-style"  # the fixtures' webui-written SD1 embedding
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -66,11 +68,25 @@ def server(fixtures, tmp_path_factory):
     for suffix in (".safetensors", ".yaml"):
         (models / f"sd1-inpaint-tiny{suffix}").symlink_to(fixtures / f"sd1-inpaint-tiny{suffix}")
     (loras / f"{LORA}.safetensors").symlink_to(fixtures / f"{LORA}.safetensors")
+    vaes = root / "vae"
+    vaes.mkdir()
+    write_shifted_vae(fixtures / "sd1-tiny.safetensors", vaes / VAE)
     s = Server(["--checkpoint", str(fixtures / "sd1-tiny.safetensors"), "--text-heads", "2",
-                "--models-dir", str(models), "--lora-dir", str(loras),
+                "--models-dir", str(models), "--lora-dir", str(loras), "--vae-dir", str(vaes),
                 "--embeddings-dir", str(fixtures / "embeddings")], root / "server.log")
     yield s
     s.stop()
+
+
+def write_shifted_vae(checkpoint: Path, out: Path) -> None:
+    """The checkpoint's own VAE as an external file (bare keys), its output bias shifted: another VAE whose images
+    differ visibly."""
+    from safetensors.torch import load_file, save_file
+
+    prefix = "first_stage_model."
+    vae = {k[len(prefix):]: v.contiguous() for k, v in load_file(checkpoint).items() if k.startswith(prefix)}
+    vae["decoder.conv_out.bias"] = vae["decoder.conv_out.bias"] + 0.25
+    save_file(vae, out)
 
 
 @pytest.fixture(scope="module")
@@ -373,7 +389,7 @@ def test_oversize_request_shows_the_servers_message_in_words(page, server, tmp_p
     screenshot(page, "page-error", tmp_path)
 
 
-def test_lora_and_checkpoint_pickers_change_the_image_as_webuiapi_does(page, api, server, tmp_path):
+def test_pickers_change_the_image_as_webuiapi_does(page, api, server, tmp_path):
     settings = dict(seed=9, cfg_scale=7, batch_size=1, sampler_name="Euler", scheduler="Automatic", clip_skip=1,
                     **SMALL)
     fill_form(page, "a tree", **settings)
@@ -384,6 +400,27 @@ def test_lora_and_checkpoint_pickers_change_the_image_as_webuiapi_does(page, api
     want = api_png(api.txt2img(prompt=f"a tree <lora:{LORA}:1>", seed=9, sampler_name="Euler",
                                scheduler="Automatic", **SMALL))
     assert with_lora == want and with_lora != plain
+
+    _set(page, "prompt", "a tree")
+    _choose(page, "embedding-picker", EMBEDDING)
+    assert page.find_element("id", "prompt").get_attribute("value") == f"a tree {EMBEDDING}"
+    with_embedding = base64.b64decode(generate(page))
+    want = api_png(api.txt2img(prompt=f"a tree {EMBEDDING}", seed=9, sampler_name="Euler", scheduler="Automatic",
+                               **SMALL))
+    assert with_embedding == want and with_embedding != plain
+
+    _set(page, "prompt", "a tree")
+    try:
+        _choose(page, "sd_vae", VAE)
+        wait(page).until(lambda d: d.find_element("id", "model-status").text == f"Loaded VAE {VAE}")
+        with_vae = base64.b64decode(generate(page))
+        want = api_png(api.txt2img(prompt="a tree", seed=9, sampler_name="Euler", scheduler="Automatic",
+                                   override_settings={"sd_vae": VAE}, **SMALL))
+        assert with_vae == want and with_vae != plain
+    finally:
+        if page.execute_script("return document.getElementById('sd_vae').value") != "Automatic":
+            _choose(page, "sd_vae", "Automatic")
+            wait(page).until(lambda d: d.find_element("id", "model-status").text == "Loaded VAE Automatic")
 
     inpaint = next(o.text for o in page.find_elements("css selector", "#sd_model_checkpoint option")
                    if o.text.startswith("sd1-inpaint-tiny"))
@@ -398,5 +435,6 @@ def test_lora_and_checkpoint_pickers_change_the_image_as_webuiapi_does(page, api
                                    override_settings={"sd_model_checkpoint": inpaint}, **SMALL))
         assert other == want and other != plain
     finally:
-        _choose(page, "sd_model_checkpoint", main)
-        wait(page).until(lambda d: d.find_element("id", "model-status").text == f"Loaded {main}")
+        if page.execute_script("return document.getElementById('sd_model_checkpoint').value") != main:
+            _choose(page, "sd_model_checkpoint", main)
+            wait(page).until(lambda d: d.find_element("id", "model-status").text == f"Loaded {main}")
