@@ -288,8 +288,9 @@ def create_app(state: ServerState) -> FastAPI:
     @app.get("/sdapi/v1/progress")
     def progress(skip_current_image: bool = False):
         snapshot = state.worker.progress.snapshot()
-        if snapshot["state"]["job_count"] and not skip_current_image:
-            snapshot["current_image"] = state.worker.previews.image()  # base64 PNG, as A1111's
+        previews = getattr(state.worker, "previews", None)  # a worker without previews (another door's) has none
+        if previews is not None and snapshot["state"]["job_count"] and not skip_current_image:
+            snapshot["current_image"] = previews.image()  # base64 PNG, as A1111's
         snapshot["queued"] = state.worker.waiting()  # beside A1111's fields: jobs waiting behind the running one
         return snapshot
 
@@ -405,7 +406,8 @@ def options_dict(state: ServerState) -> dict:
     """A1111's options as far as they mean something here, plus whatever clients stored."""
     host, o = state.host, state.options
     ckpt = next((c for c in state.catalog.checkpoints if c.path == host.default.checkpoint), state.catalog.main)
-    return {**o.other, "show_progress_every_n_steps": state.worker.previews.every,
+    previews = getattr(state.worker, "previews", None)
+    return {**o.other, "show_progress_every_n_steps": previews.every if previews is not None else 0,
             "sd_model_checkpoint": ckpt.title, "sd_checkpoint_hash": ckpt.sha256,
             "sd_vae": o.sd_vae, "CLIP_stop_at_last_layers": o.clip_skip, "randn_source": o.randn_source,
             "eta_ddim": o.eta_ddim, "samples_format": "png"}
@@ -426,7 +428,7 @@ def set_options_sync(state: ServerState, req: dict) -> None:
         if "sd_vae" in req:
             o.sd_vae = req["sd_vae"] or "Automatic"
         o.other = other
-        if every is not None:
+        if every is not None and getattr(state.worker, "previews", None) is not None:
             state.worker.previews.every = every
     return None
 

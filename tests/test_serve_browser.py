@@ -290,15 +290,19 @@ def test_img2img_and_inpainting_through_the_page_equal_webuiapi(page, api, tmp_p
     screenshot(page, "page-img2img", tmp_path)
 
 
-def test_png_info_fills_the_form_so_generate_reproduces_the_png(page, fixtures, tmp_path):
-    out = tmp_path / "out"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+def tritonsd_generate(fixtures, out: Path, *flags: str) -> Path:
+    """A PNG made by ``tritonsd generate`` (the command line, in a subprocess) with the fixtures' sd1-tiny."""
     subprocess.run([sys.executable, "-m", "tritonsd.tools.cli", "generate", "--checkpoint",
-                    str(fixtures / "sd1-tiny.safetensors"), "--text-heads", "2", "--prompt", "a (tiny:1.2) house",
-                    "--negative-prompt", "fog", "--steps", "4", "--width", "64", "--height", "48", "--seed", "4242",
-                    "--sampler", "euler", "--cfg", "5.5", "--clip-skip", "2", "--out", str(out), "--quiet"],
-                   check=True, env=env, cwd=str(ROOT), timeout=300)
+                    str(fixtures / "sd1-tiny.safetensors"), "--text-heads", "2", *flags, "--out", str(out), "--quiet"],
+                   check=True, env=dict(os.environ, OMP_NUM_THREADS="1"), cwd=str(ROOT), timeout=300)
     (png,) = out.glob("*.png")
+    return png
+
+
+def test_png_info_fills_the_form_so_generate_reproduces_the_png(page, fixtures, tmp_path):
+    png = tritonsd_generate(fixtures, tmp_path / "out", "--prompt", "a (tiny:1.2) house", "--negative-prompt", "fog",
+                            "--steps", "4", "--width", "64", "--height", "48", "--seed", "4242", "--sampler", "euler",
+                            "--cfg", "5.5", "--clip-skip", "2")
     page.find_element("id", "tab-pnginfo").click()
     drop_file(page, "png-drop", png)
     wait(page, 30).until(lambda d: "Seed: 4242" in d.find_element("id", "png-text").text)
@@ -308,6 +312,27 @@ def test_png_info_fills_the_form_so_generate_reproduces_the_png(page, fixtures, 
     assert page.find_element("id", "height").get_attribute("value") == "48"
     got = base64.b64decode(generate(page))
     assert got == png.read_bytes()
+
+    # sent to img2img: the PNG becomes the init image, its settings the form's
+    page.find_element("id", "tab-pnginfo").click()
+    page.find_element("id", "png-to-img2img").click()
+    wait(page, 30).until(lambda d: d.execute_script("return document.getElementById('mask-canvas').width") == 64)
+    assert page.find_element("id", "tab-img2img").get_attribute("aria-selected") == "true"
+    assert page.find_element("id", "seed").get_attribute("value") == "4242"
+    assert page.find_element("id", "height").get_attribute("value") == "48"
+    assert page.execute_script("return window.tritonsd.request().init_images[0]") == \
+        "data:image/png;base64," + base64.b64encode(png.read_bytes()).decode()
+
+    # a hires-fix PNG: the hires fields come back too
+    png = tritonsd_generate(fixtures, tmp_path / "hires", "--prompt", "a hut", "--steps", "3", "--width", "64",
+                            "--height", "64", "--seed", "5", "--hires", "--hires-scale", "1.5", "--hires-steps", "2",
+                            "--denoising-strength", "0.6")
+    page.find_element("id", "tab-pnginfo").click()
+    drop_file(page, "png-drop", png)
+    wait(page, 30).until(lambda d: "Hires upscale: 1.5" in d.find_element("id", "png-text").text)
+    page.find_element("id", "png-to-txt2img").click()
+    assert page.find_element("id", "enable_hr").is_selected()
+    assert base64.b64decode(generate(page)) == png.read_bytes()
 
 
 def _previews_while_running(page, server, seen: list[str], currents: list[bytes], until: int) -> None:

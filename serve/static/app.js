@@ -8,9 +8,9 @@ const API = "/sdapi/v1";
 const COMMON = ["prompt", "negative_prompt", "width", "height", "steps", "sampler_name", "scheduler", "cfg_scale",
                 "seed", "batch_size"];
 const NUMBERS = new Set(["width", "height", "steps", "cfg_scale", "seed", "batch_size", "hr_scale",
-                         "hr_second_pass_steps", "denoising_strength"]);
+                         "hr_second_pass_steps", "denoising_strength", "hr_resize_x", "hr_resize_y"]);
 // hires fix (webui's UI defaults: Latent, 2x, the first pass's steps, strength 0.7), sent when its box is ticked
-const HIRES = ["hr_upscaler", "hr_scale", "hr_second_pass_steps", "denoising_strength"];
+const HIRES = ["hr_upscaler", "hr_scale", "hr_second_pass_steps", "denoising_strength", "hr_resize_x", "hr_resize_y"];
 const STATUS_WORDS = { 400: "The request was not valid", 401: "Not signed in", 404: "Not found",
   408: "The request took too long", 413: "Too large for this server", 422: "The server cannot do this",
   429: "Too many requests", 499: "Cancelled", 500: "The server failed", 503: "The server is busy" };
@@ -312,8 +312,9 @@ function infotextToForm(p) {
   const hires = p["Hires upscale"] !== undefined || p["Hires resize-1"] !== undefined;
   $("enable_hr").checked = hires;
   if (hires) {
-    setForm({ hr_scale: p["Hires upscale"], hr_upscaler: p["Hires upscaler"],
-              hr_second_pass_steps: p["Hires steps"] ?? 0, denoising_strength: p["Denoising strength"] });
+    setForm({ hr_scale: p["Hires upscale"] ?? 2, hr_upscaler: p["Hires upscaler"],
+              hr_second_pass_steps: p["Hires steps"] ?? 0, denoising_strength: p["Denoising strength"],
+              hr_resize_x: p["Hires resize-1"] ?? 0, hr_resize_y: p["Hires resize-2"] ?? 0 });
   } else if (p["Denoising strength"] !== undefined) {
     $("i2i_denoising_strength").value = p["Denoising strength"];
   }
