@@ -387,6 +387,13 @@ def test_narrow_window_has_no_horizontal_overflow(page, api, tmp_path):
             page.find_element("id", tab).click()
             scroll, inner = page.execute_script(widths)
             assert inner == 360 and scroll == inner, f"{tab}: the document is {scroll} px wide in a 360 px window"
+        page.find_element("id", "tab-img2img").click()  # a wide image and its mask canvas fit too
+        drop_file(page, "drop-zone", _write_png(tmp_path / "wide.png", size=(640, 200)))
+        wait(page, 30).until(lambda d: d.execute_script("return document.getElementById('mask-canvas').width") == 640)
+        scroll, inner = page.execute_script(widths)
+        assert scroll == inner, f"img2img with a 640 px image: the document is {scroll} px wide"
+        screenshot(page, "page-360px-img2img", tmp_path)
+        page.find_element("id", "tab-txt2img").click()
         screenshot(page, "page-360px", tmp_path)
         unlabelled = page.execute_script("""
             return [...document.querySelectorAll('input, select, textarea, canvas, progress')]

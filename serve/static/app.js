@@ -34,7 +34,12 @@ function errorText(status, body) {
 }
 
 async function getJSON(path, options) {
-  const response = await fetch(API + path, options);
+  let response;
+  try {
+    response = await fetch(API + path, options);
+  } catch (e) {
+    throw new ServerError("The server did not answer: is it still running?");
+  }
   const body = await response.json().catch(() => null);
   if (!response.ok) throw new ServerError(errorText(response.status, body));
   return body;
