@@ -250,7 +250,7 @@ def test_img2img_and_inpainting_through_the_page_equal_webuiapi(page, api, tmp_p
     # paint a stroke across the middle of the image with the pointer: the mask the page sends is white there
     canvas = page.find_element("id", "mask-canvas")
     page.execute_script(  # a range input: set as a person drags it
-        "const b = document.getElementById('brush-size'); b.value = 12; b.dispatchEvent(new Event('input'))")
+        "const b = document.getElementById('brush-size'); b.value = 40; b.dispatchEvent(new Event('input'))")
     rect = page.execute_script("const r = arguments[0].getBoundingClientRect(); return [r.width, r.height]", canvas)
     w, h = rect
     (ActionChains(page).move_to_element_with_offset(canvas, int(-w * 0.3), 0).click_and_hold()
@@ -262,6 +262,7 @@ def test_img2img_and_inpainting_through_the_page_equal_webuiapi(page, api, tmp_p
     assert mask.getpixel((32, 32)) == 255 and mask.getpixel((32, 4)) == 0 and mask.getpixel((2, 60)) == 0
     fill_form(page, "a castle", "", mask_blur=2, inpainting_fill="original", inpaint_full_res="Whole picture",
               inpaint_full_res_padding=0, inpainting_mask_invert="Inpaint masked")
+    page.execute_script("arguments[0].scrollIntoView()", canvas)
     screenshot(page, "page-inpaint-mask", tmp_path)
     got = base64.b64decode(generate(page))
     want = api_png(api.img2img(images=[init], mask_image=mask, prompt="a castle", seed=77, denoising_strength=0.6,

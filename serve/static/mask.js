@@ -8,7 +8,8 @@ class MaskEditor {
     this.canvas = canvas;
     this.ctx = canvas.getContext("2d");
     this.onPaint = onPaint;  // called once a stroke starts (the page ticks "Inpaint")
-    this.brush = 16;  // in image pixels
+    this.brush = 24;  // in screen (CSS) pixels: the same size on screen whatever the image's size
+    this.scale = 1;  // image pixels per CSS pixel, measured when a stroke starts
     this.erasing = false;
     this.last = null;  // the previous point of the stroke being drawn
     canvas.addEventListener("pointerdown", (e) => this.down(e));
@@ -85,6 +86,7 @@ class MaskEditor {
   down(e) {
     if (!this.canvas.width) return;
     e.preventDefault();
+    this.scale = this.canvas.width / this.canvas.getBoundingClientRect().width;
     this.canvas.setPointerCapture?.(e.pointerId);
     this.last = this.point(e);
     this.stroke(this.last, this.last);
@@ -103,14 +105,15 @@ class MaskEditor {
     const c = this.ctx;
     c.globalCompositeOperation = this.erasing ? "destination-out" : "source-over";
     c.strokeStyle = c.fillStyle = "#fff";
-    c.lineWidth = this.brush;
+    const width = this.brush * this.scale;
+    c.lineWidth = width;
     c.lineCap = c.lineJoin = "round";
     c.beginPath();
     c.moveTo(...from);
     c.lineTo(...to);
     c.stroke();
     c.beginPath();
-    c.arc(...to, this.brush / 2, 0, 2 * Math.PI);
+    c.arc(...to, width / 2, 0, 2 * Math.PI);
     c.fill();
     c.globalCompositeOperation = "source-over";
   }
