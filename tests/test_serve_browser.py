@@ -217,6 +217,13 @@ def test_txt2img_through_the_page_equals_webuiapi(page, api, tmp_path):
     assert page.find_element("id", "seed").get_attribute("value") == "1234"
     page.find_element("id", "random-seed").click()
     assert page.find_element("id", "seed").get_attribute("value") == "-1"
+    page.execute_cdp_cmd("Browser.grantPermissions", {"origin": page.execute_script("return location.origin"),
+                                                      "permissions": ["clipboardReadWrite", "clipboardSanitizedWrite"]})
+    page.find_element("css selector", "#gallery .result button[title^='copy the seed']").click()
+    wait(page, 10).until(lambda d: d.find_element("css selector", "#gallery .result button[title^='copy the seed']")
+                         .text in ("Copied", "Copy failed"))
+    assert page.execute_async_script(
+        "const done = arguments[0]; navigator.clipboard.readText().then(done, (e) => done(String(e)))") == "1234"
     screenshot(page, "page-txt2img", tmp_path)
 
 
