@@ -332,6 +332,7 @@ def _generate(pipe, s, worker) -> list:
         latent = d.get("denoised", d.get("x"))
         if latent is not None:
             last["latent"] = latent
+            worker.previews.offer(d["i"], latent, pipe.config.family)  # a copy started; made on its own thread
             worker.check_interrupt()  # a CUDA-graph replay reports after the loop: nothing left to stop there
 
     try:
