@@ -63,8 +63,11 @@ from typing import Callable
 import numpy as np
 import torch
 
+from tritonsd.control import apply as C
+from tritonsd.control.preprocess import detect
 from tritonsd.kernels import dispatch
 from tritonsd.load_spec import CheckedSpec, LoadSpec
+from tritonsd.model.controlnet import ControlNet, load_controlnet
 from tritonsd.model.layers import circular_padding
 from tritonsd.model.load import load_model
 from tritonsd.model.vae_guard import VAEDecodeGuard
@@ -116,6 +119,7 @@ class Latents:
     noise: NoiseSource  # the ancestral / eta noise of the loop comes from here
     inpaint: InpaintConditioning | None = None
     blend: I.LatentBlend | None = None  # a 4-channel model's inpainting: the latents kept outside the mask
+    hires: bool = False  # hires fix's second pass (a canny ControlNet unit is soft-injected there, as webui's)
 
     @property
     def steps(self) -> int:
@@ -176,6 +180,7 @@ class Pipeline:
         self.upscalers = Upscalers(upscaler_dir, self.device)  # hires fix's image upscalers (built-in and files)
         self.auto_warmup = True  # on CUDA with the Triton kernels: compile and tune new shapes before their run
         self._warmed: set[tuple] = set()
+        self._controlnets: dict[str, ControlNet] = {}  # ControlNet files loaded once, by resolved path
 
     # ------------------------------------------------------------ facts
 
@@ -215,9 +220,11 @@ class Pipeline:
         """A stage's convolution padding: circular for a tiling run, zeros otherwise (restored after it)."""
         return circular_padding(self.model, tiling)
 
-    def _model_unet(self, x, t, context, y=None, t_emb=None):
-        """``apply_model`` returning float32: the sampler state stays float32 whatever the weights' dtype."""
-        return self.model.apply_model(x, t, context, y, t_emb=t_emb).float()
+    def _model_unet(self, x, t, context, y=None, t_emb=None, control=None, only_mid_control=False):
+        """``apply_model`` returning float32: the sampler state stays float32 whatever the weights' dtype;
+        ``control``: scaled ControlNet residuals (``control/apply.py``)."""
+        return self.model.apply_model(x, t, context, y, t_emb=t_emb, control=control,
+                                      only_mid_control=only_mid_control).float()
 
     # ------------------------------------------------------------ settings
 
@@ -461,12 +468,16 @@ class Pipeline:
         total = latents.steps
         x = latents.x
         with self._kernels(), self._padding(s.tiling):
-            runner = self._graph_runner(spec, s) if latents.blend is None else None
+            run = self.control_run(s, latents) if s.controls else None
+            runner = self._graph_runner(spec, s) if latents.blend is None and run is None else None
             if runner is not None:
                 out = self._denoise_graphed(runner, spec, latents, cond, s, callback)
             else:
                 schedule = latents.schedule  # sigmas stay on the host: the prepared denoiser reads its tables by them
-                den = build_denoiser(self.unet, self.config, spec, s.cfg_scale, schedule, x.device)
+                unet = self.unet if run is None else C.ControlledUNet(self.unet, run)
+                if run is not None:
+                    cond = C.with_cond_mark(cond)
+                den = build_denoiser(unet, self.config, spec, s.cfg_scale, schedule, x.device)
                 if cond.per_step:
                     den = D.PerCallConditioning(den)
                 if latents.blend is not None and spec.space != "timesteps":
@@ -475,6 +486,7 @@ class Pipeline:
                 if spec.takes_noise:
                     kwargs["noise_sampler"] = lambda _a, _b: latents.noise.ancestral(x.shape[1:]).to(x.device)
                 step = None if callback is None else (lambda d: callback({**d, "total": total}))
+                step = C.with_step_callback(run, step)
                 extra = {"cond": cond.cond, "uncond": cond.uncond, **latents.shared}
                 out = spec.fn(den, x, schedule, extra_args=extra, callback=step, **kwargs)
                 if spec.space == "timesteps":
@@ -482,6 +494,45 @@ class Pipeline:
             if latents.blend is not None:
                 out = latents.blend(out)  # A1111's sample(): the kept latents once more after the loop
         return check_finite(out, f"{s.sampler} sampling")
+
+    # ------------------------------------------------------------ ControlNet
+
+    def controlnet(self, source) -> ControlNet:
+        """The ControlNet of ``source`` (a file or diffusers folder, loaded once per pipeline on the model's device
+        and dtype, checked against its UNet; or a loaded ``ControlNet``)."""
+        unet = self.model.model.diffusion_model
+        if isinstance(source, ControlNet):
+            return load_controlnet(source, unet)
+        key = str(Path(source).resolve())
+        if key not in self._controlnets:
+            self._controlnets[key] = load_controlnet(source, unet, dtype=self.dtype, device=self.device)
+        return self._controlnets[key]
+
+    def control_run(self, settings: GenerationSettings, latents: Latents, static: bool = False) -> C.ControlRun | None:
+        """The ControlNet side of one loop: each unit of ``settings.controls`` with a non-zero weight (a zero
+        weight adds nothing: the unit is left out), its control map at the loop's size (``control/preprocess``)
+        and hint features, and the per-step scales over the loop's steps; None when no unit is left."""
+        s = settings
+        f = vae_factor(self.config)
+        height, width = latents.x.shape[-2] * f, latents.x.shape[-1] * f
+        init = None if s.init_image is None or not isinstance(s.init_image, torch.Tensor) else \
+            ((s.init_image + 1.0) / 2.0).clamp(0.0, 1.0)  # the init image in [0, 1], as a control image is
+        prepared = []
+        for unit in s.controls:
+            if unit.weight == 0.0:
+                continue
+            net = self.controlnet(unit.model)
+            hint = detect(unit, width, height, init).to(self.device)
+            with torch.no_grad():
+                guided = net.hint_features(hint)
+            soft = None
+            if latents.hires and "canny" in str(unit.module):
+                soft = True  # the extension's high_res_fix_forced_soft_injection
+            prepared.append(C.PreparedUnit(net, guided, unit, cfg_injection=unit.control_mode == C.CONTROL_MODES[2],
+                                           soft=soft))
+        if not prepared:
+            return None
+        return C.ControlRun(prepared, latents.steps, self.device, static=static)
 
     def _graph_runner(self, spec: registry.SamplerSpec, s: GenerationSettings) -> GraphRunner | None:
         """The pipeline's runner when this loop is CUDA-graphed (CUDA model, ``use_graphs``, a capturable
@@ -569,7 +620,7 @@ class Pipeline:
             return Latents(x=upscaled, schedule=None, spec=spec, shared=shared, noise=noise, inpaint=inpaint)
         schedule = make_schedule(self.config, spec, length, hr.karras, hr.eta)
         x, schedule = start_at(schedule, upscaled.to(device), x_noise, t_enc)
-        return Latents(x=x, schedule=schedule, spec=spec, shared=shared, noise=noise, inpaint=inpaint)
+        return Latents(x=x, schedule=schedule, spec=spec, shared=shared, noise=noise, inpaint=inpaint, hires=True)
 
     def encode_hires(self, settings: GenerationSettings, first: Conditioning | None = None) -> Conditioning:
         """The second pass's conditioning: ``first`` (the first pass's) where webui's would be the same tensors

@@ -24,6 +24,7 @@ a captured loop reads both, so another weight, start / end or control image only
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -66,7 +67,7 @@ class PreparedUnit:
     guided_hint: torch.Tensor  # [1 or B, model_channels, h, w] on the model's device
     unit: ControlUnit
     cfg_injection: bool
-    soft: bool
+    soft: bool | None = None  # None: soft injection from the mode; True: forced (hires fix's canny)
 
 
 class ControlRun:
@@ -163,3 +164,17 @@ def with_step_callback(run: ControlRun | None, callback):
             callback(d)
 
     return step
+
+
+def with_cond_mark(conditioning):
+    """A pipeline ``Conditioning`` with ``cond_mark`` added to both sides (1 for every conditional row, 0 for
+    every unconditional one; [calls, B] for per-step tables): what the extension's ``mark_prompt_context`` /
+    ``unmark_prompt_context`` tell the hook, carried as a keyword so that it follows the rows through CFG's
+    batching (``[uncond, cond]``) or its two separate calls."""
+    def marked(side: dict, value: float) -> dict:
+        ref = side["context"]
+        shape = ref.shape[:2] if conditioning.per_step else ref.shape[:1]
+        return {**side, "cond_mark": torch.full(shape, value, dtype=torch.float32, device=ref.device)}
+
+    uncond = None if conditioning.uncond is None else marked(conditioning.uncond, 0.0)
+    return dataclasses.replace(conditioning, cond=marked(conditioning.cond, 1.0), uncond=uncond)

@@ -245,6 +245,10 @@ def _load(args, config_path: Path | None, meta: dict, device: torch.device, kind
     from tritonsd.testing.a1111_groups import uses_text_towers
 
     heads = args.text_heads if args.text_heads is not None else heads_from_meta(meta)
+    if heads is None and kind == "controlnet":  # its JSON leaves the text towers to the base model's reference
+        from tritonsd.testing.controlnet import base_reference_meta  # lazy: imports the kernels
+
+        heads = heads_from_meta(base_reference_meta(meta, args.reference))
     try:
         model = load_model(args.checkpoint, config_path, text_heads=heads, dtype=torch.float32, device=device)
     except TextConfigError:
