@@ -195,12 +195,14 @@ def demo_group(ctx, group: str, keys: list[str]) -> dict[str, torch.Tensor]:
     control = ctx.get(f"{group}.control")
     unit = ControlUnit(model=net, image=control[:1], weight=float(run["strength"]),
                        control_mode=CONTROL_MODES[2] if guess else CONTROL_MODES[0])
-    from tritonsd.testing.groups import StoredNoise, run_stages  # lazy: testing.groups imports this module
-
+    if float(run.get("eta", 0.0)) != 0.0:
+        raise GroupError(f"{group} was sampled with eta {run['eta']}, whose noise the file does not store")
     settings = ctx.settings(x_T, sampler=registry.ORIGINAL_SAMPLER, steps=steps, cfg_scale=float(run["scale"]),
-                            eta=float(run.get("eta", 0.0)), controls=(unit,))
+                            eta=0.0, controls=(unit,))
     cond = Conditioning({"context": ctx.get(f"{group}.cond")}, {"context": ctx.get(f"{group}.uncond")})
-    x, latents, step_dicts = run_stages(ctx, settings, cond, StoredNoise(x_T, group=group))
+    latents = ctx.pipe.prepare_latents(settings, _StartNoise(x_T))
+    step_dicts: list[dict] = []
+    x = ctx.pipe.denoise(latents, cond, settings, callback=step_dicts.append)
     xs = [latents.x, *(d["x"] for d in step_dicts[1:]), x]
     out[f"{group}.x"] = torch.stack(xs)
     out[f"{group}.pred_x0"] = torch.stack([d["denoised"] for d in step_dicts])
@@ -210,6 +212,24 @@ def demo_group(ctx, group: str, keys: list[str]) -> dict[str, torch.Tensor]:
     out[f"{group}.decoded"] = decoded
     out[f"{group}.image"] = (decoded.permute(0, 2, 3, 1) * 127.5 + 127.5).clamp(0, 255).to(torch.uint8)
     return out
+
+
+class _StartNoise:
+    """A ``NoiseSource`` of the stored start noise alone (DDIM at eta 0 draws nothing else)."""
+
+    def __init__(self, x_T: torch.Tensor):
+        self.x_T = x_T
+
+    def start(self, shape) -> torch.Tensor:
+        if tuple(self.x_T.shape[1:]) != tuple(shape):
+            raise GroupError(f"the stored x_T is {list(self.x_T.shape)}, the run needs [B, {', '.join(map(str, shape))}]")
+        return self.x_T
+
+    def vae(self, shape) -> torch.Tensor:
+        raise GroupError("the demo run needs no VAE noise")
+
+    def ancestral(self, shape) -> torch.Tensor:
+        raise GroupError("the demo run (eta 0) draws no noise")
 
 
 def _demo_eps(ctx, group, net, run, xs, step_t, control) -> dict[str, torch.Tensor]:
