@@ -1,0 +1,200 @@
+"""ControlNet against the fixtures (README-controlnet.md): the original lllyasviel/ControlNet code's residuals,
+controlled UNet outputs and whole demo runs, and sd-webui-controlnet's hooked UNet call per control mode and
+guidance step, recomputed from both file forms (.pth, .safetensors) as ``tritonsd parity`` does; at odd latent
+sizes the ControlNet and the controlled UNet against a literal transcription of ``cldm.py`` / ``hook.py``'s
+loops; and a control that controls, through ``pipe(...)``."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from tritonsd.control import apply as C
+from tritonsd.model.controlnet import ControlNet, load_controlnet
+from tritonsd.model.layers import timestep_embedding
+from tritonsd.sampler.control import ControlUnit
+from tritonsd.testing import groups as G
+from tritonsd.testing.reference import load_reference, relative_error
+
+FP32_BOUND = 1e-4
+FORMS = ("controlnet-sd1-tiny.pth", "controlnet-sd1-tiny.safetensors")
+CANNY_NAMES = ("canny.", ".detected_map", ".control")  # control/preprocess's canny (the doors of issue 23)
+
+
+def _recompute(pipe, fixtures, name: str, form: str | None = None, only=None):
+    path = fixtures / f"{name}.reference.safetensors"
+    ref, meta = load_reference(path)
+    if form is not None:
+        meta = {**meta, "controlnet_file": form}
+    ctx = G.Recompute(pipe, ref, meta, torch.device("cpu"), reference=path)
+    out = {}
+    with torch.no_grad():
+        for group, names in G.group_names(ref, meta).items():
+            if group == "canny" or (only is not None and group not in only):
+                continue
+            out.update(G.recompute_group(ctx, group, names))
+    return ref, meta, out, ctx
+
+
+def _check_all(ref, meta, out, groups) -> int:
+    checked = 0
+    for name, stored in ref.items():
+        if name.split(".", 1)[0] not in groups or G.is_input(name, meta):
+            continue
+        if name not in out:
+            assert name.endswith(CANNY_NAMES), f"{name} was not recomputed"
+            continue
+        got = out[name]
+        assert tuple(got.shape) == tuple(stored.shape), name
+        if stored.dtype == torch.uint8:
+            assert (got.to(torch.int16) - stored.to(torch.int16)).abs().max() <= 1, name
+        elif stored.is_floating_point():
+            assert relative_error(got, stored) <= FP32_BOUND, (name, relative_error(got, stored))
+        else:
+            assert torch.equal(got, stored), name
+        checked += 1
+    return checked
+
+
+def test_original_code_references_from_both_file_forms(pipes, fixtures):
+    pipe = pipes("sd1-tiny")
+    for form in FORMS:
+        ref, meta, out, _ = _recompute(pipe, fixtures, "controlnet-sd1-tiny", form)
+        assert _check_all(ref, meta, out, {"direct", "demo", "demo_guess"}) >= 40
+
+
+def test_webui_references_from_both_file_forms(pipes, fixtures):
+    pipe = pipes("sd1-tiny")
+    for form in FORMS:
+        ref, meta, out, ctx = _recompute(pipe, fixtures, "webui-controlnet-sd1-tiny", form)
+        assert _check_all(ref, meta, out, {"webui"}) == 12
+        # the stopped steps are the plain UNet, the active ones Balanced, exactly as the reference says
+        assert torch.equal(out["webui.eps.guidance_step1"], out["webui.eps.plain"])
+        assert torch.equal(out["webui.eps.guidance_step8"], out["webui.eps.plain"])
+        assert torch.equal(out["webui.eps.guidance_step7"], out["webui.eps.balanced"])
+        assert all(c["pass"] for c in ctx.checks)
+
+
+def test_the_two_forms_hold_the_same_weights(pipes, fixtures):
+    _, _, _, ctx = _recompute(pipes("sd1-tiny"), fixtures, "controlnet-sd1-tiny", only={"direct"})
+    assert [c["name"] for c in ctx.checks] == ["controlnet_file.safetensors"] and ctx.checks[0]["pass"]
+
+
+# ---------------------------------------------------------------- odd latent sizes, against literal loops
+
+
+def _cldm_forward(net: ControlNet, x, hint, t, context):
+    """lllyasviel ``cldm.ControlNet.forward``, line by line, over the network's own modules."""
+    emb = net.time_embed(timestep_embedding(t, net.config.unet.model_channels))
+    guided_hint = net.hint_features(hint)
+    outs, h = [], x
+    for module, zero_conv in zip(net.input_blocks, net.zero_convs):
+        if guided_hint is not None:
+            h = module(h, F.silu(emb), context)
+            h = h + guided_hint
+            guided_hint = None
+        else:
+            h = module(h, F.silu(emb), context)
+        outs.append(zero_conv[0](h))
+    h = net.middle_block(h, F.silu(emb), context)
+    outs.append(net.middle_block_out[0](h))
+    return outs
+
+
+def _aligned_adding(base, x):
+    """hook.py ``aligned_adding`` (no channel alignment)."""
+    if x.shape[-2] > 1 or x.shape[-1] > 1:
+        if base.shape[-2:] != x.shape[-2:]:
+            x = F.interpolate(x, size=base.shape[-2:], mode="nearest")
+    return base + x
+
+
+def _hooked_unet(unet, x, t, context, control):
+    """hook.py's hooked ``forward`` (U-Net encoder, middle, decoder with ``th.cat``), over the UNet's modules."""
+    emb = F.silu(unet.time_embed(timestep_embedding(t, unet.cfg.model_channels)))
+    control = list(control)
+    hs, h = [], x
+    for module in unet.input_blocks:
+        h = module(h, emb, context)
+        hs.append(h)
+    h = unet.middle_block(h, emb, context)
+    h = _aligned_adding(h, control.pop())
+    for module in unet.output_blocks:
+        skip = _aligned_adding(hs.pop(), control.pop())
+        if h.shape[-2:] != skip.shape[-2:]:  # TorchHijackForUnet.cat
+            h = F.interpolate(h, skip.shape[-2:], mode="nearest")
+        h = module(torch.cat([h, skip], dim=1), emb, context)
+    return unet.out[2](unet.out[0](h, silu=True))
+
+
+def _odd_inputs(seed: int, h: int = 10, w: int = 6, batch: int = 2):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(batch, 4, h, w, generator=g), torch.rand(1, 3, 8 * h, 8 * w, generator=g),
+            torch.tensor([617.375] * batch), torch.randn(batch, 77, 32, generator=g))
+
+
+def test_odd_latent_sizes_against_the_original_loops(models, fixtures):
+    model = models("sd1-tiny")
+    unet = model.model.diffusion_model
+    net = load_controlnet(fixtures / FORMS[0], unet)
+    with torch.no_grad():
+        for h, w in ((10, 6), (5, 7), (9, 9)):
+            x, hint, t, context = _odd_inputs(h * 31 + w, h, w)
+            residuals = net(x, t, context, hint=hint)
+            expected = _cldm_forward(net, x, hint, t, context)
+            assert [r.shape for r in residuals] == [e.shape for e in expected]
+            assert all(torch.equal(r, e) for r, e in zip(residuals, expected))
+            scales = C.control_scales(0.7, "My prompt is more important", len(residuals))
+            control = [r * s for r, s in zip(residuals, scales)]
+            got = unet(x, t, context, control=control)
+            want = _hooked_unet(unet, x, t, context, control)
+            assert relative_error(got, want) <= 1e-6
+            assert relative_error(got, unet(x, t, context)) > 1e-3  # the control changed it
+
+
+def test_residuals_of_another_size_are_resized_as_aligned_adding_does(models):
+    unet = models("sd1-tiny").model.diffusion_model
+    x, _, t, context = _odd_inputs(5, 8, 8)
+    g = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        skips_shapes = []
+        h = x
+        emb = F.silu(unet.time_embed(timestep_embedding(t, unet.cfg.model_channels)))
+        for module in unet.input_blocks:
+            h = module(h, emb, context)
+            skips_shapes.append(h.shape)
+        mid = unet.middle_block(h, emb, context).shape
+        # residuals at twice the size of their skips (a 1x1 one is broadcast, never resized)
+        control = [torch.randn(s[0], s[1], 2 * s[2], 2 * s[3], generator=g) for s in skips_shapes]
+        control.append(torch.randn(mid[0], mid[1], 1, 1, generator=g))
+        got = unet(x, t, context, control=control)
+        want = _hooked_unet(unet, x, t, context, control)
+    assert relative_error(got, want) <= 1e-6
+
+
+# ---------------------------------------------------------------- a control that controls
+
+
+def test_a_control_changes_the_pixels_and_a_zero_weight_changes_nothing(pipes, fixtures, reference):
+    pipe = pipes("sd1-tiny")
+    ref, _ = reference("controlnet-sd1-tiny")
+    hint = ref["canny.control"]
+    fields = dict(prompt="a red circle", seed=7, steps=3, width=128, height=64, sampler="euler")
+    plain = pipe.generate(pipe.settings(**fields))
+    unit = ControlUnit(fixtures / FORMS[1], image=hint)
+    controlled = pipe.generate(pipe.settings(controls=(unit,), **fields))
+    zero = pipe.generate(pipe.settings(controls=(ControlUnit(fixtures / FORMS[1], image=hint, weight=0.0),), **fields))
+    assert (controlled - plain).abs().max() > 0.05
+    assert torch.equal(zero, plain)
+
+
+def test_pipe_call_takes_units_and_loads_each_file_once(pipes, fixtures, reference):
+    pipe = pipes("sd1-tiny")
+    ref, _ = reference("controlnet-sd1-tiny")
+    hint = ref["canny.control"]
+    net = pipe.controlnet(fixtures / FORMS[0])
+    units = [ControlUnit(fixtures / FORMS[0], image=hint, weight=0.5),
+             ControlUnit(fixtures / FORMS[0], image=hint.flip(-1), control_mode="control")]
+    images = pipe("a red circle", controls=units, seed=1, steps=2, width=128, height=64, sampler="dpmpp_2m")
+    assert len(images) == 1 and images[0].size == (128, 64)
+    assert pipe.controlnet(fixtures / FORMS[0]) is net and pipe.controlnet(str(fixtures / FORMS[0])) is net
