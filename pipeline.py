@@ -468,15 +468,15 @@ class Pipeline:
         total = latents.steps
         x = latents.x
         with self._kernels(), self._padding(s.tiling):
-            run = self.control_run(s, latents) if s.controls else None
-            runner = self._graph_runner(spec, s) if latents.blend is None and run is None else None
+            runner = self._graph_runner(spec, s) if latents.blend is None else None
+            run = self.control_run(s, latents, static=runner is not None) if s.controls else None
+            if run is not None:
+                cond = C.with_cond_mark(cond)
             if runner is not None:
-                out = self._denoise_graphed(runner, spec, latents, cond, s, callback)
+                out = self._denoise_graphed(runner, spec, latents, cond, s, callback, run)
             else:
                 schedule = latents.schedule  # sigmas stay on the host: the prepared denoiser reads its tables by them
                 unet = self.unet if run is None else C.ControlledUNet(self.unet, run)
-                if run is not None:
-                    cond = C.with_cond_mark(cond)
                 den = build_denoiser(unet, self.config, spec, s.cfg_scale, schedule, x.device)
                 if cond.per_step:
                     den = D.PerCallConditioning(den)
@@ -548,7 +548,7 @@ class Pipeline:
         return self._runner
 
     @staticmethod
-    def _denoise_graphed(runner, spec, latents, cond, s, callback) -> torch.Tensor:
+    def _denoise_graphed(runner, spec, latents, cond, s, callback, control=None) -> torch.Tensor:
         """The loop through the runner, which gets the spec; an ancestral sampler's noise is pre-drawn from the
         same per-image stream, in the order the eager loop draws it."""
         sigmas, x = latents.schedule, latents.x
@@ -558,7 +558,7 @@ class Pipeline:
         try:
             return runner.run(x, cond.cond, cond.uncond, noise, sigmas=sigmas, cfg_scale=s.cfg_scale,
                               sampler=spec, shared=latents.shared, progress=progress, per_step=cond.per_step,
-                              tiling=s.tiling)
+                              tiling=s.tiling, control=control)
         except GraphCaptureError as e:
             raise GraphCaptureError(f"{e}; run without CUDA graphs (use_graphs=False, tritonsd generate "
                                     "--no-cuda-graphs)") from e

@@ -19,11 +19,13 @@ steps the loop runs. A unit with ``percent < start or percent > end`` is stopped
 The per-step scales live in one float32 table [total + 1, units, n] on the model's device, filled before the loop
 and indexed by the step (a view: no host-to-device copy in the step), and each unit's hint features
 (``input_hint_block`` of the control map, which depends on nothing else) are computed once per run into a buffer:
-a captured loop reads both, so another weight, start / end or control image only refills them.
+a captured loop reads both, so another weight, start / end, control image or soft / balanced mode only refills
+them ("ControlNet is more important" multiplies by the conditional rows' mark: a loop structure of its own).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass
 
@@ -104,6 +106,41 @@ class ControlRun:
 
     def reset(self) -> None:
         self.step = 0
+
+    # ---- for a captured loop (``sampler/graph.py``): its own buffers, refilled by every run of the same shape
+
+    def signature(self) -> tuple:
+        """What a captured loop bakes in: the steps, the networks, the hint features' shapes, the injections."""
+        return (self.total, self.only_mid_control, self.residual_count,
+                tuple((id(p.net), tuple(p.guided_hint.shape), p.guided_hint.dtype, p.cfg_injection)
+                      for p in self.units))
+
+    def static_copy(self, device) -> ControlRun:
+        """A run with the same networks over buffers of its own on ``device`` (``static``: every unit always runs,
+        so the captured kernels never depend on the table's values); ``load`` fills them."""
+        clone = copy.copy(self)
+        clone.units = [dataclasses.replace(p, guided_hint=torch.empty_like(p.guided_hint, device=device))
+                       for p in self.units]
+        clone.scales = torch.empty_like(self.scales, device=device)
+        clone.host_scales = self.host_scales.clone()
+        clone.static, clone.step = True, 0
+        return clone
+
+    def load(self, other: ControlRun) -> None:
+        """Copy ``other``'s hint features and scale table (another image, weight, start / end) into these
+        buffers, in place."""
+        for mine, theirs in zip(self.units, other.units):
+            mine.guided_hint.copy_(theirs.guided_hint)
+        self.units = [dataclasses.replace(mine, unit=theirs.unit) for mine, theirs in zip(self.units, other.units)]
+        self.scales.copy_(other.scales)
+        self.host_scales.copy_(other.host_scales)
+        self.step = 0
+
+    def wrap(self, unet) -> ControlledUNet:
+        return ControlledUNet(unet, self)
+
+    def step_callback(self, callback):
+        return with_step_callback(self, callback)
 
     def on_step(self, d: dict) -> None:
         """The sampler's callback: webui's ``callback_state`` sets ``state.sampling_step = d['i']``."""
