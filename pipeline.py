@@ -223,6 +223,8 @@ class Pipeline:
     def _model_unet(self, x, t, context, y=None, t_emb=None, control=None, only_mid_control=False):
         """``apply_model`` returning float32: the sampler state stays float32 whatever the weights' dtype;
         ``control``: scaled ControlNet residuals (``control/apply.py``)."""
+        if control is None:  # the plain call, as before ControlNet
+            return self.model.apply_model(x, t, context, y, t_emb=t_emb).float()
         return self.model.apply_model(x, t, context, y, t_emb=t_emb, control=control,
                                       only_mid_control=only_mid_control).float()
 

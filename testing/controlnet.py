@@ -52,13 +52,16 @@ def _entry(meta: dict, name: str) -> dict:
 
 def is_input(name: str, meta: dict) -> bool:
     """Stored inputs: the hints, timesteps, start noise and images given to the runs, random draws and rows
-    copied from another tensor; a context without prompts to encode."""
+    copied from another tensor; conditioning without prompts to encode."""
     suffix = name.rsplit(".", 1)[-1]
     entry = _entry(meta, name)
     source = str(entry.get("produced_by", ""))
     if suffix in _INPUT_SUFFIXES or source.startswith(_INPUT_SOURCES) or name == "canny.image":
         return True
-    return suffix == "context" and not _prompts_of(meta, name)
+    if suffix in ("context", "cond", "uncond"):  # conditioning: recomputed where its prompts are known
+        group = name.split(".", 1)[0]
+        return not (_prompts_of(meta, name) or entry.get("text") or group in meta.get("demo_runs", {}))
+    return False
 
 
 def bound_for(name: str, default: float) -> float:

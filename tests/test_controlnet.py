@@ -103,6 +103,8 @@ def _cldm_forward(net: ControlNet, x, hint, t, context):
 
 def _aligned_adding(base, x):
     """hook.py ``aligned_adding`` (no channel alignment)."""
+    if isinstance(x, float):
+        return base if x == 0.0 else base + x
     if x.shape[-2] > 1 or x.shape[-1] > 1:
         if base.shape[-2:] != x.shape[-2:]:
             x = F.interpolate(x, size=base.shape[-2:], mode="nearest")
@@ -198,3 +200,85 @@ def test_pipe_call_takes_units_and_loads_each_file_once(pipes, fixtures, referen
     images = pipe("a red circle", controls=units, seed=1, steps=2, width=128, height=64, sampler="dpmpp_2m")
     assert len(images) == 1 and images[0].size == (128, 64)
     assert pipe.controlnet(fixtures / FORMS[0]) is net and pipe.controlnet(str(fixtures / FORMS[0])) is net
+
+
+# ---------------------------------------------------------------- groups as a reference JSON would describe them
+
+
+def _odd_reference(tmp_path, fixtures, tensors: dict, meta: dict):
+    """A reference of ``tensors`` with ``meta`` in ``tmp_path``, the ControlNet file beside it."""
+    (tmp_path / FORMS[1]).symlink_to(fixtures / FORMS[1])
+    path = tmp_path / "odd.reference.safetensors"
+    return path, {"controlnet_file": FORMS[1], **meta}
+
+
+def _recompute_groups(pipe, ref, meta, path):
+    ctx = G.Recompute(pipe, ref, meta, torch.device("cpu"), reference=path)
+    out = {}
+    with torch.no_grad():
+        for group, names in G.group_names(ref, meta).items():
+            out.update(G.recompute_group(ctx, group, names))
+    return out, ctx
+
+
+def test_an_odd_group_is_recomputed_from_what_it_holds(pipes, fixtures, tmp_path):
+    """``odd``: x 10x6 latent, hint 80x48, the residuals and a mid-only / scaled eps of the original's
+    ControlledUnetModel loop, expected from the literal loops above."""
+    pipe = pipes("sd1-tiny")
+    unet = pipe.model.model.diffusion_model
+    net = load_controlnet(fixtures / FORMS[1], unet)
+    x, hint, t, context = _odd_inputs(17)
+    hint = torch.cat([hint, hint.flip(-1)])
+    t = torch.tensor([980, 250])
+    with torch.no_grad():
+        residuals = _cldm_forward(net, x, hint, t, context)
+        scales = [0.5 * (0.825 ** float(12 - i)) for i in range(13)]
+        eps = _hooked_unet(unet, x, t, context, [r * s for r, s in zip(residuals, scales)])
+    tensors = {"odd.x": x, "odd.hint": hint, "odd.t": t, "odd.context": context, "odd.eps.guess0p5": eps,
+               **{f"odd.control.{i:02d}": r for i, r in enumerate(residuals)}}
+    meta = {"tensors": {"odd.x": {"produced_by": "torch.randn(...)"},
+                        "odd.eps.guess0p5": {"control_scales": scales, "only_mid_control": False}}}
+    path, meta = _odd_reference(tmp_path, fixtures, tensors, meta)
+    out, _ = _recompute_groups(pipe, tensors, meta, path)
+    assert {n for n in tensors if not G.is_input(n, meta)} <= set(out)
+    for name in tensors:
+        if not G.is_input(name, meta):
+            assert relative_error(out[name], tensors[name]) <= 1e-6, name
+
+
+def test_a_webui_odd_group_is_recomputed_from_what_it_holds(pipes, fixtures, tmp_path):
+    """``webui_odd``: the hooked UNet call of each mode at a 10x6 latent, expected from hook.py's formulas and
+    the literal loops: marked prompts, cond_mark, soft scales, the uncond rows without control."""
+    pipe = pipes("sd1-tiny")
+    unet = pipe.model.model.diffusion_model
+    net = load_controlnet(fixtures / FORMS[1], unet)
+    g = torch.Generator().manual_seed(23)
+    x, hint = torch.randn(2, 4, 10, 6, generator=g), torch.rand(1, 3, 80, 48, generator=g)
+    cond, uncond = torch.randn(2, 77, 32, generator=g), torch.randn(2, 77, 32, generator=g)
+    x_in, t_in = torch.cat([x, x]), torch.full((4,), 421.5)
+    context = torch.cat([cond, uncond])
+    cond_mark = torch.tensor([1.0, 1.0, 0.0, 0.0])[:, None, None, None]
+    weight = 0.65
+    tensors = {"webui_odd.x": x, "webui_odd.hint": hint, "webui_odd.cond": cond, "webui_odd.uncond": uncond}
+    entries = {}
+    with torch.no_grad():
+        control = _cldm_forward(net, x_in, hint, t_in, context)
+        for mode, soft, cfg in (("Balanced", False, False), ("My prompt is more important", True, False),
+                                ("ControlNet is more important", True, True)):
+            c = [r * cond_mark for r in control] if cfg else control
+            scales = [weight * (0.825 ** float(12 - i)) for i in range(13)] if soft else [weight] * 13
+            name = f"webui_odd.eps.{mode.split()[0].lower()}"
+            tensors[name] = _hooked_unet(unet, x_in, t_in, context, [r * s for r, s in zip(c, scales)])
+            entries[name] = {"control_mode": mode, "weight": weight}
+        tensors["webui_odd.eps.plain"] = _hooked_unet(unet, x_in, t_in, context, [0.0] * 13)  # total_controlnet_embedding unset
+    meta = {"t": 421.5, "weight": weight, "tensors": {"webui_odd.x": {"produced_by": "torch.randn(...)"},
+                                                      **entries}}
+    path, meta = _odd_reference(tmp_path, fixtures, tensors, meta)
+    out, _ = _recompute_groups(pipe, tensors, meta, path)
+    assert torch.equal(out["webui_odd.cond_mark"], cond_mark.flatten())
+    assert out["webui_odd.context_in"].shape == (4, 78, 32)
+    for name in tensors:
+        if not G.is_input(name, meta):
+            assert relative_error(out[name], tensors[name]) <= 1e-6, name
+    plain = tensors["webui_odd.eps.plain"]
+    assert torch.allclose(out["webui_odd.eps.controlnet"][2:], plain[2:], rtol=0, atol=1e-6)
