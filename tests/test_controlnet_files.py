@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 
 from tritonsd.formats.controlnet_file import ControlNetFileError, read_controlnet
 from tritonsd.model.controlnet import ControlNetError, load_controlnet
+from tritonsd.sampler.control import ControlUnit
 from tritonsd.testing.reference import relative_error
 
 FILE = "controlnet-sd1-tiny.pth"
@@ -220,10 +221,13 @@ def test_bad_files_get_one_line(models, fixtures, released, tmp_path):
     (tmp_path / "cut.pth").write_bytes((fixtures / FILE).read_bytes()[:100_000])
     with open(tmp_path / "payload.pth", "wb") as f:
         pickle.dump({"control_model.input_hint_block.0.weight": _Payload()}, f, protocol=2)
-    for name in ("cut.safetensors", "cut.pth", "payload.pth"):
+    torch.save({"control_model.input_hint_block.0.weight": _Payload()}, tmp_path / "payload-zip.pth")
+    for name in ("cut.safetensors", "cut.pth", "payload.pth", "payload-zip.pth"):
         with pytest.raises(ControlNetFileError) as e:
             load_controlnet(tmp_path / name, unet)
         assert name in _one_line(e.value)
+        if name == "payload-zip.pth":
+            assert "refused" in str(e.value) and "system" in str(e.value)
     with pytest.raises(ControlNetFileError) as e:
         read_controlnet(fixtures / "sd1-tiny.safetensors")
     assert "not a ControlNet" in _one_line(e.value)
@@ -237,3 +241,18 @@ def test_bad_files_get_one_line(models, fixtures, released, tmp_path):
     with pytest.raises(ControlNetError) as e:
         load_controlnet(tmp_path / "wide.safetensors", unet)
     assert "context_dim 48 vs 32" in _one_line(e.value)
+
+
+def test_sdxl_controlnet_in_the_pipeline(pipes, tmp_path):
+    """An SDXL ControlNet (diffusers single file) through ``pipe(...)``: the vector conditioning reaches it, and
+    it changes the image."""
+    pytest.importorskip("diffusers")
+    pipe = pipes("sdxl-tiny")
+    ref = _diffusers_sdxl_controlnet(pipe.model.model.diffusion_model.cfg, seed=2)
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(tmp_path / "xl.safetensors"))
+    fields = dict(prompt="a cat", seed=4, steps=2, width=64, height=64, sampler="euler")
+    plain = pipe.generate(pipe.settings(**fields))
+    unit = ControlUnit(tmp_path / "xl.safetensors", image=torch.rand(1, 3, 64, 64, generator=torch.Generator()
+                                                                     .manual_seed(3)), control_mode="prompt")
+    controlled = pipe.generate(pipe.settings(controls=(unit,), **fields))
+    assert torch.isfinite(controlled).all() and (controlled - plain).abs().max() > 1e-3
