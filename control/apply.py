@@ -70,6 +70,7 @@ class PreparedUnit:
     unit: ControlUnit
     cfg_injection: bool
     soft: bool | None = None  # None: soft injection from the mode; True: forced (hires fix's canny)
+    source: object = None  # a captured loop's copy of the network: the network whose weights it holds now
 
 
 class ControlRun:
@@ -110,17 +111,19 @@ class ControlRun:
     # ---- for a captured loop (``sampler/graph.py``): its own buffers, refilled by every run of the same shape
 
     def signature(self) -> tuple:
-        """What a captured loop bakes in: the steps, the networks, the hint features' shapes, the injections."""
+        """What a captured loop bakes in: the steps, the networks' shapes (not which file: another file of the same
+        shape is copied into the loop's own copy), the hint features' shapes, the injections."""
         return (self.total, self.only_mid_control, self.residual_count,
-                tuple((id(p.net), tuple(p.guided_hint.shape), p.guided_hint.dtype, p.cfg_injection)
+                tuple((p.net.config, p.net.dtype, tuple(p.guided_hint.shape), p.guided_hint.dtype, p.cfg_injection)
                       for p in self.units))
 
     def static_copy(self, device) -> ControlRun:
-        """A run with the same networks over buffers of its own on ``device`` (``static``: every unit always runs,
-        so the captured kernels never depend on the table's values); ``load`` fills them."""
+        """A run over buffers of its own on ``device``: the hint features, the scale table and a copy of each
+        network (whose parameters the captured kernels read; ``load`` copies another file's weights into them).
+        ``static``: every unit always runs, so the captured kernels never depend on the table's values."""
         clone = copy.copy(self)
-        clone.units = [dataclasses.replace(p, guided_hint=torch.empty_like(p.guided_hint, device=device))
-                       for p in self.units]
+        clone.units = [dataclasses.replace(p, guided_hint=torch.empty_like(p.guided_hint, device=device),
+                                           net=copy.deepcopy(p.net), source=p.net) for p in self.units]
         clone.scales = torch.empty_like(self.scales, device=device)
         clone.host_scales = self.host_scales.clone()
         clone.static, clone.step = True, 0
@@ -131,7 +134,14 @@ class ControlRun:
         buffers, in place."""
         for mine, theirs in zip(self.units, other.units):
             mine.guided_hint.copy_(theirs.guided_hint)
-        self.units = [dataclasses.replace(mine, unit=theirs.unit) for mine, theirs in zip(self.units, other.units)]
+            if mine.source is not theirs.net:  # another ControlNet file of the same shape
+                with torch.no_grad():
+                    for a, b in zip((*mine.net.parameters(), *mine.net.buffers()),
+                                    (*theirs.net.parameters(), *theirs.net.buffers())):
+                        a.copy_(b)
+                mine.source = theirs.net
+        self.units = [dataclasses.replace(mine, unit=theirs.unit, source=theirs.net)
+                      for mine, theirs in zip(self.units, other.units)]
         self.scales.copy_(other.scales)
         self.host_scales.copy_(other.host_scales)
         self.step = 0

@@ -61,6 +61,29 @@ def test_runner_with_control_equals_the_eager_pipeline_and_captures_once(pipes, 
     assert (plain - eager).abs().max() > 0.01
 
 
+def test_another_file_of_the_same_shape_replays_the_same_loop(pipes, fixtures, monkeypatch, tmp_path):
+    """A second ControlNet file (other weights, same shape) is copied into the loop's own network copy."""
+    from safetensors.torch import save_file
+
+    from tritonsd.formats.controlnet_file import read_controlnet
+
+    weights = {k: v.float() * 0.9 for k, v in read_controlnet(fixtures / FILE).weights.items()}
+    save_file({f"control_model.{k}": v for k, v in weights.items()}, str(tmp_path / "other.safetensors"))
+    pipe = pipes("sd1-tiny")
+    runner = GraphRunner(tables_on_device(sigma_denoiser(pipe.unet, pipe.config), "cpu"), "cpu")
+    image = torch.rand(1, 3, 64, 128, generator=torch.Generator().manual_seed(9))
+    results = []
+    for path in (fixtures / FILE, tmp_path / "other.safetensors", fixtures / FILE):
+        unit = ControlUnit(path, image=image, weight=0.9)
+        eager = pipe.generate(_settings(pipe, unit, "dpmpp_2m"))
+        with monkeypatch.context() as m:
+            m.setattr(pipe, "_graph_runner", lambda spec, s: runner)
+            through = pipe.generate(_settings(pipe, unit, "dpmpp_2m"))
+        assert torch.equal(through, eager)
+        results.append(through)
+    assert runner.captures == 1 and not torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_graph_replay_with_control_equals_eager_cuda(pipes, fixtures):
