@@ -140,3 +140,23 @@ def test_the_sampling_step_each_model_call_sees(pipes, fixtures, monkeypatch, sa
     total = seen[0][1]
     assert [s for s, _ in seen] == calls(total)
     assert {t for _, t in seen} == {total}
+
+
+def test_hires_pass_soft_injects_canny_units(pipes, fixtures, monkeypatch):
+    """hook.py's ``high_res_fix_forced_soft_injection``: in hires fix's second pass a canny unit takes the soft
+    scales even when Balanced; other modules keep theirs, and the first pass is unchanged."""
+    import dataclasses
+
+    from tritonsd import pipeline as P
+
+    pipe = pipes("sd1-tiny")
+    monkeypatch.setattr(P, "detect", lambda unit, w, h, init=None: torch.rand(1, 3, h, w))
+    s = pipe.settings(prompt="x", steps=4, width=128, height=64, sampler="euler",
+                      controls=(ControlUnit(fixtures / FILE, module="canny", weight=0.5),
+                                ControlUnit(fixtures / FILE, module="none", weight=0.5)))
+    latents = pipe.prepare_latents(s)
+    soft = [0.5 * (0.825 ** float(12 - i)) for i in range(13)]
+    for hires, canny_scales in ((False, [0.5] * 13), (True, soft)):
+        run = pipe.control_run(s, dataclasses.replace(latents, hires=hires))
+        assert run.host_scales[0, 0].tolist() == canny_scales
+        assert run.host_scales[0, 1].tolist() == [0.5] * 13
