@@ -41,6 +41,12 @@ SDXL: the unconditional side is the original's zeroed text features (``force_uc_
 negative prompt is empty, else the encoded negative prompt; size conditioning: original size = target size =
 (height, width), crop (0, 0).
 
+ControlNet (``settings.controls``, ``ControlUnit``s as sd-webui-controlnet defines them): ``denoise`` makes each
+unit's control map at the loop's size (``control/preprocess.detect``; an img2img init image serves a unit without
+an image), loads each ControlNet file once (``controlnet``), and runs the UNet with the units' residuals added,
+step by step as the extension's hook does (``control/apply.py``); a unit of weight 0 is left out. Hires fix's
+second pass gets its own control maps at its size.
+
 Tiling (``settings.tiling``, seamless textures): every convolution of the UNet and the VAE pads circularly, as
 AUTOMATIC1111's ``apply_circular`` sets it for a generation: the VAE encode of an init image, the sampler loop
 and the decode. Each stage switches it on for its own length (``model.layers.circular_padding``) and leaves the
