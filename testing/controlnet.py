@@ -19,6 +19,7 @@ to hold the same weights). Groups are name prefixes and are recognised by what t
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -296,8 +297,11 @@ def webui_group(ctx, group: str, keys: list[str]) -> dict[str, torch.Tensor]:
     x, hint = ctx.get(f"{group}.x"), ctx.get(f"{group}.hint")
     cond, uncond = ctx.get(f"{group}.cond"), ctx.get(f"{group}.uncond")
     x_in = torch.cat([x, x])
-    t = float(_param(ctx, group, f"{group}.t_in", "t"))
-    t_in = torch.full((x_in.shape[0],), t, dtype=torch.float32, device=x.device)
+    t = _param(ctx, group, f"{group}.t_in", "t")
+    if t is None and f"{group}.t_in" not in ctx.ref:
+        raise GroupError(f"the JSON gives no 't' for {group} and the file stores no {group}.t_in")
+    t_in = ctx.get(f"{group}.t_in").float() if t is None else \
+        torch.full((x_in.shape[0],), float(t), dtype=torch.float32, device=x.device)
     context_in = torch.cat([mark_context(cond, True), mark_context(uncond, False)])
     cond_mark, context = unmark_context(context_in)
     out = {f"{group}.x_in": x_in, f"{group}.t_in": t_in, f"{group}.context_in": context_in,
@@ -326,10 +330,16 @@ def _webui_unit(ctx, group, name, entry, guidance, net) -> tuple[ControlUnit, in
     if mode is None:
         mode = CONTROL_MODES[2] if entry.get("cfg_injection") else CONTROL_MODES[1] if entry.get(
             "soft_injection") else CONTROL_MODES[0]
-    weight = float(_param(ctx, group, name, "weight"))
+    weight = _param(ctx, group, name, "weight")
+    if weight is None:
+        found = re.search(r"weight ([0-9.]+)", str(entry.get("produced_by", "")))
+        if found is None:
+            raise GroupError(f"{name}: the JSON gives no control weight")
+        weight = found.group(1)
+    weight = float(weight)
     suffix = name.rsplit(".", 1)[-1]
     if suffix.startswith("guidance_step"):
-        step = int(suffix[len("guidance_step"):])
+        step = int(entry.get("sampling_step", suffix[len("guidance_step"):]))
         unit = ControlUnit(model=net, weight=weight, control_mode=mode,
                            guidance_start=float(guidance["start"]), guidance_end=float(guidance["end"]))
         return unit, step, int(guidance["total"])

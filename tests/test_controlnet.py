@@ -282,3 +282,10 @@ def test_a_webui_odd_group_is_recomputed_from_what_it_holds(pipes, fixtures, tmp
             assert relative_error(out[name], tensors[name]) <= 1e-6, name
     plain = tensors["webui_odd.eps.plain"]
     assert torch.allclose(out["webui_odd.eps.controlnet"][2:], plain[2:], rtol=0, atol=1e-6)
+    # a JSON that states t and the weight only through the stored t_in and the produced_by text
+    sparse = {"controlnet_file": FORMS[1], "tensors": {
+        "webui_odd.x": {"produced_by": "torch.randn(...)"},
+        **{n: {"control_mode": e["control_mode"], "produced_by": f"hooked UNet, weight {weight}"}
+           for n, e in entries.items()}}}
+    again, _ = _recompute_groups(pipe, {**tensors, "webui_odd.t_in": t_in}, sparse, path)
+    assert all(torch.equal(again[n], out[n]) for n in entries)
