@@ -513,7 +513,11 @@ class Pipeline:
             return load_controlnet(source, unet)
         key = str(Path(source).resolve())
         if key not in self._controlnets:
-            self._controlnets[key] = load_controlnet(source, unet, dtype=self.dtype, device=self.device)
+            prefix = "model.diffusion_model."  # a difference file adds the checkpoint's weights, not a LoRA's
+            pristine = {} if self._lora_state is None else {
+                k[len(prefix):]: v for k, v in self._lora_state.pristine.items() if k.startswith(prefix)}
+            self._controlnets[key] = load_controlnet(source, unet, dtype=self.dtype, device=self.device,
+                                                     pristine=pristine)
         return self._controlnets[key]
 
     def control_run(self, settings: GenerationSettings, latents: Latents, static: bool = False) -> C.ControlRun | None:

@@ -210,11 +210,12 @@ def _zero_conv(channels: int) -> nn.Sequential:
 
 
 def load_controlnet(source, base_unet, *, dtype: torch.dtype | None = None,
-                    device: str | torch.device | None = None) -> ControlNet:
+                    device: str | torch.device | None = None, pristine: dict | None = None) -> ControlNet:
     """A loaded ``ControlNet`` for ``base_unet`` (the checkpoint's ``UNetModel``: its widths must match, its
     heads are used, and a "difference" file adds its weights back), cast to ``dtype`` on ``device`` (default: the
     UNet's). ``source``: a path (file or diffusers folder), a ``ControlNetFile``, or a ``ControlNet`` (returned,
-    after the same fit check)."""
+    after the same fit check). ``pristine``: the UNet's own weights where a LoRA changed them in place (by the
+    UNet's key), which a "difference" file is relative to."""
     base: UNetConfig = base_unet.cfg
     param = next(base_unet.parameters())
     dtype = param.dtype if dtype is None else dtype
@@ -228,7 +229,7 @@ def load_controlnet(source, base_unet, *, dtype: torch.dtype | None = None,
     config = controlnet_config(file, base)
     weights = file.weights
     if file.difference:
-        weights = add_base_weights(weights, base_unet)
+        weights = add_base_weights(weights, base_unet, pristine)
     with torch.device("meta"), no_parameter_init():
         net = ControlNet(config)
     try:
@@ -239,10 +240,11 @@ def load_controlnet(source, base_unet, *, dtype: torch.dtype | None = None,
     return net
 
 
-def add_base_weights(weights: dict[str, torch.Tensor], base_unet) -> dict[str, torch.Tensor]:
+def add_base_weights(weights: dict[str, torch.Tensor], base_unet, pristine: dict | None = None) -> dict[str, torch.Tensor]:
     """A "difference" ControlNet's weights plus the base UNet's where the UNet has the same key, as
-    sd-webui-controlnet's ``build_model_by_guess`` does (``p + unet_state_dict[key]``, torch's type promotion)."""
-    base = base_unet.state_dict()
+    sd-webui-controlnet's ``build_model_by_guess`` does (``p + unet_state_dict[key]``, torch's type promotion);
+    ``pristine`` replaces weights a LoRA changed in place."""
+    base = {**base_unet.state_dict(), **(pristine or {})}
     out = {}
     for key, value in weights.items():
         other = base.get(key)

@@ -256,3 +256,22 @@ def test_sdxl_controlnet_in_the_pipeline(pipes, tmp_path):
                                                                      .manual_seed(3)), control_mode="prompt")
     controlled = pipe.generate(pipe.settings(controls=(unit,), **fields))
     assert torch.isfinite(controlled).all() and (controlled - plain).abs().max() > 1e-3
+
+
+def test_difference_file_is_relative_to_the_checkpoint_not_to_a_lora(models, fixtures, released, tmp_path):
+    from tritonsd.pipeline import Pipeline
+
+    model = models("sd1-tiny")
+    unet = model.model.diffusion_model
+    base = unet.state_dict()
+    diff = {k: (v.double() - base[k].double()).float() if k in base else v for k, v in released.items()}
+    save_file({**{f"control_model.{k}": v for k, v in diff.items()}, "difference": torch.zeros(1)},
+              str(tmp_path / "diff.safetensors"))
+    expected = _residuals(load_controlnet(tmp_path / "diff.safetensors", unet))
+    pipe = Pipeline(model)
+    pipe.set_loras([(fixtures / "lora-sd1-tiny.safetensors", 1.0)])
+    try:
+        assert any(not torch.equal(unet.state_dict()[k], base[k]) for k in diff if k in base)  # the LoRA acts
+        assert _same(_residuals(pipe.controlnet(tmp_path / "diff.safetensors")), expected)
+    finally:
+        pipe.set_loras([])
