@@ -289,3 +289,25 @@ def test_a_webui_odd_group_is_recomputed_from_what_it_holds(pipes, fixtures, tmp
            for n, e in entries.items()}}}
     again, _ = _recompute_groups(pipe, {**tensors, "webui_odd.t_in": t_in}, sparse, path)
     assert all(torch.equal(again[n], out[n]) for n in entries)
+
+
+def test_a_second_file_form_with_other_weights_is_recomputed_too(pipes, fixtures, tmp_path):
+    """Where the .safetensors does not hold the .pth's float32 values, its outputs are checked as well: a form
+    made 1 % off fails rows that the .pth alone passes."""
+    from safetensors.torch import save_file
+
+    from tritonsd.formats.controlnet_file import read_controlnet
+
+    weights = read_controlnet(fixtures / FORMS[0]).weights
+    save_file({f"control_model.{k}": (v * 1.01).contiguous() for k, v in weights.items()},
+              str(tmp_path / "off.safetensors"))
+    (tmp_path / FORMS[0]).symlink_to(fixtures / FORMS[0])
+    name = "webui-controlnet-sd1-tiny"
+    ref, meta = load_reference(fixtures / f"{name}.reference.safetensors")
+    path = tmp_path / f"{name}.reference.safetensors"
+    for forms, passes in (({"pth": FORMS[0]}, True), ({"pth": FORMS[0], "safetensors": "off.safetensors"}, False)):
+        out, ctx = _recompute_groups(pipes("sd1-tiny"), ref, {**meta, "controlnet_file": forms}, path)
+        err = relative_error(out["webui.eps.balanced"], ref["webui.eps.balanced"])
+        assert (err <= FP32_BOUND) == passes, err
+    notes = {c["name"]: c["note"] for c in ctx.checks}
+    assert "recomputed too" in notes["controlnet_file.safetensors"]
