@@ -234,8 +234,8 @@ def load_controlnet(source, base_unet, *, dtype: torch.dtype | None = None,
         net = ControlNet(config)
     try:
         load_weights_(net, file.path, weights, dtype, device)
-    except CheckpointError as e:
-        raise ControlNetError(f"ControlNet {e}") from None
+    except CheckpointError as e:  # key names come from the file: escaped
+        raise ControlNetError(f"ControlNet {escape(str(e), None)}") from None
     net.source = file.path
     return net
 

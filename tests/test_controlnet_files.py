@@ -275,3 +275,11 @@ def test_difference_file_is_relative_to_the_checkpoint_not_to_a_lora(models, fix
         assert _same(_residuals(pipe.controlnet(tmp_path / "diff.safetensors")), expected)
     finally:
         pipe.set_loras([])
+
+
+def test_unknown_keys_are_named_escaped(models, released, tmp_path):
+    bad = {**released, "input_blocks.1.0.\x1b[31mevil.weight": torch.zeros(1)}
+    save_file(bad, str(tmp_path / "extra.safetensors"))
+    with pytest.raises(ControlNetError) as e:
+        load_controlnet(tmp_path / "extra.safetensors", models("sd1-tiny").model.diffusion_model)
+    assert "\x1b" not in _one_line(e.value) and "unexpected" in str(e.value)
