@@ -544,7 +544,10 @@ class Pipeline:
                                            soft=soft))
         if not prepared:
             return None
-        return C.ControlRun(prepared, latents.steps, self.device, static=static)
+        # webui's state.sampling_steps: the steps the loop runs, but the settings' steps for a DDIM / PLMS txt2img
+        # loop (launch_sampling(steps), where the original spacing may run one timestep more)
+        full = latents.spec.space == "timesteps" and s.mode == "txt2img" and not latents.hires
+        return C.ControlRun(prepared, s.steps if full else latents.steps, self.device, static=static)
 
     def _graph_runner(self, spec: registry.SamplerSpec, s: GenerationSettings) -> GraphRunner | None:
         """The pipeline's runner when this loop is CUDA-graphed (CUDA model, ``use_graphs``, a capturable

@@ -138,8 +138,20 @@ def test_the_sampling_step_each_model_call_sees(pipes, fixtures, monkeypatch, sa
                              controls=(unit,))
     pipe.generate(settings)
     total = seen[0][1]
-    assert [s for s, _ in seen] == calls(total)
-    assert {t for _, t in seen} == {total}
+    assert {t for _, t in seen} == {total} == {steps}  # webui's state.sampling_steps: the steps asked for
+    assert [s for s, _ in seen] == calls(len(seen) - (sampler == "plms"))
+
+
+def test_ddim_with_one_timestep_more_than_its_steps_counts_the_steps(pipes, fixtures, monkeypatch):
+    """6 DDIM steps run 7 timesteps (the original spacing); webui's sampling_steps stays 6 (launch_sampling)."""
+    pipe = pipes("sd1-tiny")
+    seen = []
+    original = C.ControlRun.residuals
+    monkeypatch.setattr(C.ControlRun, "residuals",
+                        lambda self, *a, **k: seen.append((self.step, self.total)) or original(self, *a, **k))
+    unit = ControlUnit(fixtures / FILE, image=torch.rand(1, 3, 64, 128))
+    pipe.generate(pipe.settings(prompt="x", seed=1, steps=6, width=128, height=64, sampler="ddim", controls=(unit,)))
+    assert [s for s, _ in seen] == [0, 0, 1, 2, 3, 4, 5] and {t for _, t in seen} == {6}
 
 
 def test_hires_pass_soft_injects_canny_units(pipes, fixtures, monkeypatch):
