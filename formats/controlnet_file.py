@@ -78,6 +78,9 @@ def controlnet_from_state_dict(path: Path, raw: dict[str, torch.Tensor]) -> Cont
     """The recognition step of ``read_controlnet`` on a state dict already read."""
     name = escape(path.name)
     layout = "v1.1"
+    other = _other_kind(raw)
+    if other is not None:
+        raise ControlNetFileError(f"{name}: {other}, not a ControlNet; not supported")
     if any(k.startswith("controlnet_cond_embedding.") for k in raw):
         weights, layout = convert_diffusers_keys(raw), "diffusers"
     elif any(k.startswith(CONTROL_PREFIX) for k in raw):
@@ -97,6 +100,17 @@ def controlnet_from_state_dict(path: Path, raw: dict[str, torch.Tensor]) -> Cont
         raise ControlNetFileError(f"{name}: tensor {escape(bad, 80)} is {str(weights[bad].dtype)[6:]}, not a "
                                   "floating-point weight")
     return ControlNetFile(path, weights, difference=difference, layout=layout)
+
+
+def _other_kind(raw) -> str | None:
+    """The control models sd-webui-controlnet also loads that are not ControlNets (by its own key tests)."""
+    if "lora_controlnet" in raw:
+        return "a ControlNet-LoRA (lora_controlnet)"
+    if any(k.startswith(("adapter.", "body.")) for k in raw) and not any("input_hint_block" in k for k in raw):
+        return "a T2I-Adapter (adapter.* / body.*)"
+    if "ip_adapter" in raw or any(k.startswith("ip_adapter.") for k in raw):
+        return "an IP-Adapter (ip_adapter)"
+    return None
 
 
 def _top_level(raw) -> str:

@@ -97,8 +97,10 @@ def _hint_widths(file: ControlNetFile, model_channels: int) -> tuple[int, ...]:
 
 
 def _check_fits(file: ControlNetFile, own: UNetConfig, base: UNetConfig) -> None:
-    fields = ("context_dim", "adm_in_channels", "model_channels", "channel_mult", "num_res_blocks",
-              "transformer_depth", "time_embed_dim")
+    """The residuals must fit the UNet's skips (widths, levels, blocks per level), and the ControlNet must read
+    the same conditioning (context width, SDXL's vector). Its own transformer depths may be fewer than the
+    UNet's (the SDXL "mid" ControlNets)."""
+    fields = ("context_dim", "adm_in_channels", "model_channels", "channel_mult", "num_res_blocks")
     differ = [f for f in fields if getattr(own, f) != getattr(base, f)]
     if own.in_channels not in (base.in_channels, 4):
         differ.append("in_channels")

@@ -149,7 +149,7 @@ def test_sd2_controlnet_with_linear_projections(models, fixtures, released, tmp_
     assert all(relative_error(a, b) <= 1e-6 for a, b in zip(got, captured))
 
 
-def _diffusers_sdxl_controlnet(cfg, seed=0):
+def _diffusers_sdxl_controlnet(cfg, seed=0, depths=None):
     from diffusers import ControlNetModel
 
     torch.manual_seed(seed)
@@ -159,7 +159,7 @@ def _diffusers_sdxl_controlnet(cfg, seed=0):
         down_block_types=tuple("CrossAttnDownBlock2D" if d else "DownBlock2D" for d in cfg.transformer_depth),
         block_out_channels=tuple(cfg.model_channels * m for m in cfg.channel_mult), layers_per_block=cfg.num_res_blocks,
         cross_attention_dim=cfg.context_dim,
-        transformer_layers_per_block=tuple(max(d, 1) for d in cfg.transformer_depth),
+        transformer_layers_per_block=tuple(max(d, 1) for d in (depths or cfg.transformer_depth)),
         attention_head_dim=tuple(cfg.model_channels * m // cfg.num_head_channels for m in cfg.channel_mult),
         use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
         projection_class_embeddings_input_dim=cfg.adm_in_channels,
@@ -172,13 +172,14 @@ def _diffusers_sdxl_controlnet(cfg, seed=0):
     return model.eval()
 
 
-def test_sdxl_controlnet_against_diffusers(models, tmp_path):
+@pytest.mark.parametrize("depths", [None, (0, 1, 1)])  # sdxl-tiny's own depths, and a "mid" ControlNet's fewer
+def test_sdxl_controlnet_against_diffusers(models, tmp_path, depths):
     """SDXL (whose original code has no ControlNet): diffusers' ControlNetModel at sdxl-tiny's widths is the
     reference, saved as a diffusers single file and converted to the original layout (``label_emb.0.0.bias``)."""
     pytest.importorskip("diffusers")
     unet = models("sdxl-tiny").model.diffusion_model
     cfg = unet.cfg
-    ref = _diffusers_sdxl_controlnet(cfg)
+    ref = _diffusers_sdxl_controlnet(cfg, depths=depths)
     save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(tmp_path / "xl-diffusers.safetensors"))
     converted = read_controlnet(tmp_path / "xl-diffusers.safetensors")
     assert converted.sdxl and converted.layout == "diffusers"
@@ -231,6 +232,10 @@ def test_bad_files_get_one_line(models, fixtures, released, tmp_path):
     with pytest.raises(ControlNetFileError) as e:
         read_controlnet(fixtures / "sd1-tiny.safetensors")
     assert "not a ControlNet" in _one_line(e.value)
+    save_file({"lora_controlnet": torch.zeros(1), **released}, str(tmp_path / "control-lora.safetensors"))
+    with pytest.raises(ControlNetFileError) as e:
+        read_controlnet(tmp_path / "control-lora.safetensors")
+    assert "ControlNet-LoRA" in _one_line(e.value)
     with pytest.raises(ControlNetError) as e:  # SD1 ControlNet, SDXL checkpoint
         load_controlnet(fixtures / FILE, models("sdxl-tiny").model.diffusion_model)
     assert "is for SD" in _one_line(e.value) and "the checkpoint is SDXL" in str(e.value)
