@@ -171,8 +171,8 @@ class ControlRun:
             if p.cfg_injection:
                 mark = _cond_mark(cond_mark, x).to(outs[0].dtype)
                 outs = [c * mark for c in outs]
-            row = self.scales[step, u]
-            outs = [c * row[i].to(c.dtype) for i, c in enumerate(outs)]
+            row = self.scales[step, u]  # float32: a half residual times it rounds once, as times a Python float
+            outs = [c * row[i] for i, c in enumerate(outs)]
             total = outs if total is None else [item + prev for item, prev in zip(outs, total)]
         return total
 

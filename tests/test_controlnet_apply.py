@@ -172,3 +172,18 @@ def test_hires_pass_soft_injects_canny_units(pipes, fixtures, monkeypatch):
         run = pipe.control_run(s, dataclasses.replace(latents, hires=hires))
         assert run.host_scales[0, 0].tolist() == canny_scales
         assert run.host_scales[0, 1].tolist() == [0.5] * 13
+
+
+def test_half_residuals_are_scaled_as_by_a_python_float(models, fixtures):
+    """hook.py multiplies each residual by a Python float (one rounding, in float opmath); the table's float32
+    scale does the same for half residuals."""
+    unet = models("sd1-tiny").model.diffusion_model
+    net = load_controlnet(fixtures / FILE, unet, dtype=torch.float16)
+    x, t, context, hint = _inputs(6)
+    unit = ControlUnit(net, weight=0.7, control_mode=PROMPT)
+    with torch.no_grad():
+        run = _unit_run(net, net.hint_features(hint), [unit], 1)
+        got = run.residuals(x.half(), t, context.half())
+        raw = net(x.half(), t, context.half(), hint=hint)
+    scales = [0.7 * (0.825 ** float(12 - i)) for i in range(13)]
+    assert all(g.dtype == torch.float16 and torch.equal(g, r * s) for g, r, s in zip(got, raw, scales))
