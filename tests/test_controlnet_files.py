@@ -288,3 +288,34 @@ def test_unknown_keys_are_named_escaped(models, released, tmp_path):
     with pytest.raises(ControlNetError) as e:
         load_controlnet(tmp_path / "extra.safetensors", models("sd1-tiny").model.diffusion_model)
     assert "\x1b" not in _one_line(e.value) and "unexpected" in str(e.value)
+
+
+def test_mangled_files_load_or_give_one_escaped_line(models, fixtures, tmp_path):
+    """Truncations and flipped bytes of both released forms (header and data alike): each either loads or is
+    refused with one printable line of a ValueError subclass, never a traceback of another type."""
+    import random
+
+    unet = models("sd1-tiny").model.diffusion_model
+    rng = random.Random(23)
+    outcomes = set()
+    for source in ("controlnet-sd1-tiny.safetensors", FILE):
+        data = (fixtures / source).read_bytes()
+        for case in range(12):
+            mangled = bytearray(data)
+            if case % 3 == 0:
+                mangled = mangled[: rng.randrange(1, len(data))]
+            else:
+                region = 4096 if case % 3 == 1 else len(data)  # the header / the first members, or anywhere
+                for _ in range(rng.randint(1, 8)):
+                    mangled[rng.randrange(0, min(region, len(data)))] ^= 1 << rng.randrange(8)
+            path = tmp_path / f"{case}{source}"
+            path.write_bytes(bytes(mangled))
+            try:
+                load_controlnet(path, unet)
+                outcomes.add("loaded")
+            except ValueError as e:
+                assert type(e) is not ValueError
+                text = str(e)
+                assert text and "\n" not in text and all(c == " " or c.isprintable() for c in text), text[:200]
+                outcomes.add("refused")
+    assert "refused" in outcomes
