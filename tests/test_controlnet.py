@@ -311,3 +311,29 @@ def test_a_second_file_form_with_other_weights_is_recomputed_too(pipes, fixtures
         assert (err <= FP32_BOUND) == passes, err
     notes = {c["name"]: c["note"] for c in ctx.checks}
     assert "recomputed too" in notes["controlnet_file.safetensors"]
+
+
+def test_img2img_unit_without_image_takes_the_init_image(pipes, fixtures):
+    pipe = pipes("sd1-tiny")
+    init = torch.linspace(-1, 1, 3 * 64 * 128).reshape(1, 3, 64, 128)
+    fields = dict(prompt="a red circle", seed=5, steps=3, width=128, height=64, sampler="euler", init_image=init,
+                  strength=0.75)
+    implicit = pipe.generate(pipe.settings(controls=(ControlUnit(fixtures / FORMS[1]),), **fields))
+    explicit = pipe.generate(pipe.settings(controls=(ControlUnit(fixtures / FORMS[1], image=(init + 1) / 2),),
+                                           **fields))
+    plain = pipe.generate(pipe.settings(**fields))
+    assert torch.equal(implicit, explicit) and (implicit - plain).abs().max() > 1e-3
+
+
+def test_an_inpainting_model_feeds_the_controlnet_its_latent_channels(pipes, fixtures):
+    """A 9-channel UNet with a 4-channel ControlNet: the ControlNet sees x[:, :4] (the extension's inpaint-model
+    workaround)."""
+    pipe = pipes("sd1-inpaint-tiny")
+    g = torch.Generator().manual_seed(2)
+    init, mask = torch.rand(1, 3, 64, 64, generator=g) * 2 - 1, (torch.rand(1, 1, 64, 64, generator=g) > 0.5).float()
+    fields = dict(prompt="a red circle", seed=5, steps=2, width=64, height=64, sampler="euler", init_image=init,
+                  mask=mask)
+    unit = ControlUnit(fixtures / FORMS[1], image=torch.rand(1, 3, 64, 64, generator=g))
+    controlled = pipe.generate(pipe.settings(controls=(unit,), **fields))
+    plain = pipe.generate(pipe.settings(**fields))
+    assert torch.isfinite(controlled).all() and (controlled - plain).abs().max() > 1e-3
