@@ -95,10 +95,10 @@ class ControlRun:
         self.fill()
         self.scales = self.host_scales.to(torch.float32).to(device)
 
-    def fill(self, units: list[PreparedUnit] | None = None) -> None:
-        """(Re)compute the host table from the units (their weight, mode, start / end)."""
-        units = self.units if units is None else units
-        for u, p in enumerate(units):
+    def fill(self) -> None:
+        """The host table from the units (their weight, mode, start / end): row k holds the scales of a model
+        call at webui's sampling step k, zeros where the unit is stopped."""
+        for u, p in enumerate(self.units):
             scales = torch.tensor(control_scales(p.unit.weight, p.unit.control_mode, self.residual_count, p.soft),
                                   dtype=torch.float64)
             for step in range(self.total + 1):
