@@ -65,8 +65,12 @@ def controlnet_config(file: ControlNetFile, base: UNetConfig) -> ControlNetConfi
     """The ControlNet's widths from its weights, checked against the base UNet's (``ControlNetError`` naming the
     first difference); heads from ``base``."""
     shapes = {UNET + k: v for k, v in file.weights.items()}
+    first = file.weights["input_blocks.0.0.weight"]
+    if first.dim() != 4:
+        raise ControlNetError(f"{escape(file.path.name)}: input_blocks.0.0.weight has shape {list(first.shape)}, "
+                              "not a conv weight")
     # the config reader walks a whole UNet; a ControlNet has no output layer: its in_channels stand in for it
-    in_channels = file.weights["input_blocks.0.0.weight"].shape[1]
+    in_channels = first.shape[1]
     shapes[UNET + "out.2.weight"] = torch.empty((in_channels, 1, 3, 3), device="meta")
     try:
         own = unet_config_from_weights(shapes, "sdxl" if file.sdxl else "sd1")

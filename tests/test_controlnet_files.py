@@ -239,6 +239,11 @@ def test_bad_files_get_one_line(models, fixtures, released, tmp_path):
     with pytest.raises(ControlNetError) as e:  # SD1 ControlNet, SDXL checkpoint
         load_controlnet(fixtures / FILE, models("sdxl-tiny").model.diffusion_model)
     assert "is for SD" in _one_line(e.value) and "the checkpoint is SDXL" in str(e.value)
+    flat = {**released, "input_blocks.0.0.weight": torch.zeros(32)}
+    save_file(flat, str(tmp_path / "flat.safetensors"))
+    with pytest.raises(ControlNetError) as e:
+        load_controlnet(tmp_path / "flat.safetensors", unet)
+    assert "not a conv weight" in _one_line(e.value)
     wide = {k: v for k, v in released.items()}
     wide["input_blocks.5.1.transformer_blocks.0.attn2.to_k.weight"] = torch.zeros(64, 48)
     wide["middle_block.1.transformer_blocks.0.attn2.to_k.weight"] = torch.zeros(64, 48)
