@@ -7,8 +7,9 @@ to hold the same weights). Groups are name prefixes and are recognised by what t
 * ``G.x`` + ``G.hint`` + ``G.t`` (``direct``, ``odd``): one ControlNet call (``G.control.NN``, ``G.guided_hint``)
   and ControlledUnetModel calls ``G.eps.*`` with each entry's ``control_scales`` / ``only_mid_control`` (an entry
   made with ``control=None`` is the plain UNet); ``G.context`` from its prompts when the JSON gives them;
-* ``G.x_T`` with ``demo_runs[G]`` (``demo``, ``demo_guess``): ``gradio_canny.py``'s ``process()`` through the
-  Pipeline's stages: DDIM with one ControlNet unit ("Balanced" at ``strength``, or guess mode = the extension's
+* ``G.x_T`` with ``demo_runs[G]`` (``demo``, ``demo_guess``): ``gradio_canny.py``'s ``process()``: its own
+  preprocessing (``annotator/util.py``'s ``resize_image`` / ``HWC3`` and OpenCV's Canny) for ``detected_map``,
+  then the Pipeline's stages: DDIM with one ControlNet unit ("Balanced" at ``strength``, or guess mode = the extension's
   "ControlNet is more important": soft scales and no control on the unconditional half), then each step's
   ``apply_model`` on both halves, the decode and the demo's 8-bit image;
 * ``G.x`` + ``G.hint`` + ``G.cond`` / ``G.uncond`` (``webui``, ``webui_odd``): sd-webui-controlnet's hooked UNet
@@ -268,23 +269,52 @@ def _demo_eps(ctx, group, net, run, xs, step_t, control) -> dict[str, torch.Tens
 
 
 def _demo_maps(ctx, group: str, run: dict) -> dict[str, torch.Tensor]:
-    """``detected_map`` and ``control`` through ``control/preprocess.detect`` (canny at ``detect_resolution``, at
-    the image size); a note and no rows of them while that module has no canny."""
+    """``detected_map`` and ``control`` as ``gradio_canny.py``'s ``process()`` makes them: ``HWC3(Canny(
+    resize_image(HWC3(input_image), detect_resolution), low, high))``, then ``cv2.resize`` to the size
+    ``resize_image(input_image, image_resolution)`` gives, INTER_LINEAR; ``control`` = that / 255, one row per
+    sample. The demo's own preprocessing (``annotator/util.py``), replayed here with OpenCV; a note and no rows
+    of them without OpenCV."""
     image = ctx.ref.get(f"{group}.input_image")
     if image is None:
         return {}
-    height, width = int(run["H"]), int(run["W"])
-    unit = ControlUnit(model=None, image=image.numpy(), module="canny", processor_res=int(run["detect_resolution"]),
-                       threshold_a=float(run["low_threshold"]), threshold_b=float(run["high_threshold"]),
-                       resize_mode="Just Resize")
     try:
-        hint = detect(unit, width, height)
-    except ControlUnitError as e:
-        ctx.notes.append(f"note: {group}.detected_map / .control not recomputed: {e}")
+        import cv2  # lazy: OpenCV is an optional extra
+    except ImportError:
+        ctx.notes.append(f"note: {group}.detected_map / .control not recomputed: OpenCV is not installed")
         return {}
-    detected = (hint[0].permute(1, 2, 0) * 255.0).round().to(torch.uint8)
+    img = _hwc3(image.numpy())
+    detected = _hwc3(cv2.Canny(_resize_image(img, int(run["detect_resolution"])), int(run["low_threshold"]),
+                               int(run["high_threshold"])))
+    height, width = _resize_image(img, int(run["image_resolution"])).shape[:2]
+    detected = cv2.resize(detected, (width, height), interpolation=cv2.INTER_LINEAR)
+    control = torch.from_numpy(detected.copy()).float() / 255.0  # [H, W, 3]
     n = int(run.get("num_samples", 1))
-    return {f"{group}.detected_map": detected, f"{group}.control": hint.expand(n, -1, -1, -1).contiguous()}
+    control = control[None].expand(n, -1, -1, -1).permute(0, 3, 1, 2)  # b h w c -> b c h w
+    return {f"{group}.detected_map": torch.from_numpy(detected), f"{group}.control": control.contiguous()}
+
+
+def _hwc3(x: np.ndarray) -> np.ndarray:
+    """``annotator.util.HWC3``: uint8 [H, W] or [H, W, 1 | 3 | 4] -> [H, W, 3] (alpha blended over white)."""
+    if x.ndim == 2:
+        x = x[:, :, None]
+    if x.shape[2] == 3:
+        return x
+    if x.shape[2] == 1:
+        return np.concatenate([x, x, x], axis=2)
+    color = x[:, :, 0:3].astype(np.float32)
+    alpha = x[:, :, 3:4].astype(np.float32) / 255.0
+    return (color * alpha + 255.0 * (1.0 - alpha)).clip(0, 255).astype(np.uint8)
+
+
+def _resize_image(image: np.ndarray, resolution: int) -> np.ndarray:
+    """``annotator.util.resize_image``: the short side to ``resolution``, both sides rounded to multiples of 64;
+    LANCZOS4 when enlarging, AREA otherwise."""
+    import cv2  # lazy: OpenCV is an optional extra
+
+    h, w = float(image.shape[0]), float(image.shape[1])
+    k = float(resolution) / min(h, w)
+    h, w = int(np.round(h * k / 64.0)) * 64, int(np.round(w * k / 64.0)) * 64
+    return cv2.resize(image, (w, h), interpolation=cv2.INTER_LANCZOS4 if k > 1 else cv2.INTER_AREA)
 
 
 # ---------------------------------------------------------------- webui / webui_odd: the hooked UNet call
