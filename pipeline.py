@@ -73,7 +73,7 @@ from tritonsd.control import apply as C
 from tritonsd.control.preprocess import detect
 from tritonsd.kernels import dispatch
 from tritonsd.load_spec import CheckedSpec, LoadSpec
-from tritonsd.model.controlnet import ControlNet, load_controlnet
+from tritonsd.model.controlnet import ControlNet, ControlNetError, load_controlnet
 from tritonsd.model.layers import circular_padding
 from tritonsd.model.load import load_model
 from tritonsd.model.vae_guard import VAEDecodeGuard
@@ -510,6 +510,10 @@ class Pipeline:
         and dtype, checked against its UNet; or a loaded ``ControlNet``)."""
         unet = self.model.model.diffusion_model
         if isinstance(source, ControlNet):
+            where = next(source.parameters())
+            if where.device != self.device or where.dtype != self.dtype:
+                raise ControlNetError(f"the ControlNet given is on {where.device} in {where.dtype}, the model on "
+                                      f"{self.device} in {self.dtype}: move it (.to) or give its file")
             return load_controlnet(source, unet)
         key = str(Path(source).resolve())
         if key not in self._controlnets:

@@ -6,6 +6,7 @@ loops; and a control that controls, through ``pipe(...)``."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -337,3 +338,12 @@ def test_an_inpainting_model_feeds_the_controlnet_its_latent_channels(pipes, fix
     controlled = pipe.generate(pipe.settings(controls=(unit,), **fields))
     plain = pipe.generate(pipe.settings(**fields))
     assert torch.isfinite(controlled).all() and (controlled - plain).abs().max() > 1e-3
+
+
+def test_a_loaded_controlnet_elsewhere_is_refused_in_one_line(pipes, fixtures):
+    from tritonsd.model.controlnet import ControlNetError
+
+    pipe = pipes("sd1-tiny")
+    half = load_controlnet(fixtures / FORMS[1], pipe.model.model.diffusion_model, dtype=torch.float16)
+    with pytest.raises(ControlNetError, match="move it"):
+        pipe.controlnet(half)
