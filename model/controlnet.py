@@ -246,7 +246,8 @@ def load_controlnet(source, base_unet, *, dtype: torch.dtype | None = None,
     return net
 
 
-def add_base_weights(weights: dict[str, torch.Tensor], base_unet, pristine: dict | None = None) -> dict[str, torch.Tensor]:
+def add_base_weights(weights: dict[str, torch.Tensor], base_unet,
+                     pristine: dict | None = None) -> dict[str, torch.Tensor]:
     """A "difference" ControlNet's weights plus the base UNet's where the UNet has the same key, as
     sd-webui-controlnet's ``build_model_by_guess`` does (``p + unet_state_dict[key]``, torch's type promotion);
     ``pristine`` replaces weights a LoRA changed in place."""

@@ -237,7 +237,8 @@ class _StartNoise:
 
     def start(self, shape) -> torch.Tensor:
         if tuple(self.x_T.shape[1:]) != tuple(shape):
-            raise GroupError(f"the stored x_T is {list(self.x_T.shape)}, the run needs [B, {', '.join(map(str, shape))}]")
+            need = ", ".join(map(str, shape))
+            raise GroupError(f"the stored x_T is {list(self.x_T.shape)}, the run needs [B, {need}]")
         return self.x_T
 
     def vae(self, shape) -> torch.Tensor:

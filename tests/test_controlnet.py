@@ -271,7 +271,8 @@ def test_a_webui_odd_group_is_recomputed_from_what_it_holds(pipes, fixtures, tmp
             name = f"webui_odd.eps.{mode.split()[0].lower()}"
             tensors[name] = _hooked_unet(unet, x_in, t_in, context, [r * s for r, s in zip(c, scales)])
             entries[name] = {"control_mode": mode, "weight": weight}
-        tensors["webui_odd.eps.plain"] = _hooked_unet(unet, x_in, t_in, context, [0.0] * 13)  # total_controlnet_embedding unset
+        # no unit: total_controlnet_embedding stays [0.0] * 13
+        tensors["webui_odd.eps.plain"] = _hooked_unet(unet, x_in, t_in, context, [0.0] * 13)
     meta = {"t": 421.5, "weight": weight, "tensors": {"webui_odd.x": {"produced_by": "torch.randn(...)"},
                                                       **entries}}
     path, meta = _odd_reference(tmp_path, fixtures, tensors, meta)

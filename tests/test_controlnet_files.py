@@ -124,7 +124,8 @@ def test_sd2_controlnet_with_linear_projections(models, fixtures, released, tmp_
     hint encoder whose last conv is zero: its residuals are then the UNet's skips and middle output, which the
     UNet itself computes (forward hooks)."""
     unet = models("sd2v-tiny").model.diffusion_model
-    own = {k: v for k, v in unet.state_dict().items() if k.startswith(("time_embed.", "input_blocks.", "middle_block."))}
+    encoder = ("time_embed.", "input_blocks.", "middle_block.")
+    own = {k: v for k, v in unet.state_dict().items() if k.startswith(encoder)}
     assert own["input_blocks.1.1.proj_in.weight"].dim() == 2
     weights = dict(own)
     for k, v in released.items():
