@@ -13,6 +13,7 @@ from pathlib import Path
 from tritonsd.devices import DTYPE_NAMES
 from tritonsd.serve import limits
 from tritonsd.serve.guard import allowed_hosts
+from tritonsd.tools import serve_ray
 from tritonsd.tools.cli import UsageError
 from tritonsd.tools.generate import load_spec_of
 
@@ -66,6 +67,7 @@ def add_parser(subparsers) -> None:
                    help="a connection must send a request's headers within this (default: %(default)s)")
     n.add_argument("--body-timeout", type=float, default=limits.BODY_IDLE_TIMEOUT_S, metavar="SECONDS",
                    help="the longest pause allowed inside a request body; 408 after it (default: %(default)s)")
+    serve_ray.add_arguments(p)
     p.set_defaults(run=run)
 
 
@@ -138,6 +140,8 @@ def run(args: argparse.Namespace) -> int:
         raise RuntimeError(f"{e.name} is not installed; install the serve extra: pip install 'tritonsd[serve]'") \
             from None
     credentials = check_usage(args)
+    if args.ray is not None or args.write_config is not None:
+        return run_on_ray(args, credentials)
     sock = listen(args.host, args.port)
     previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
@@ -152,6 +156,23 @@ def run(args: argparse.Namespace) -> int:
             signal.signal(sig, handler)
         sock.close()
     return 0
+
+
+def run_on_ray(args: argparse.Namespace, credentials: dict) -> int:
+    """``--ray``: the application on Ray Serve until a signal (``tools/serve_ray.py``)."""
+    previous: dict = {}
+
+    def install():
+        previous.update({sig: signal.signal(sig, _stop) for sig in (signal.SIGTERM, signal.SIGINT)})
+
+    try:
+        return serve_ray.run_ray(args, credentials, install)
+    except Stopped as e:
+        print(f"tritonsd serve: stopped by {signal.Signals(e.signum).name}", file=sys.stderr, flush=True)
+        return 128 + e.signum
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def serve(args: argparse.Namespace, credentials: dict, sock: socket.socket, uvicorn) -> None:
