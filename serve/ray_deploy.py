@@ -19,6 +19,7 @@ import asyncio
 import dataclasses
 import gc
 import logging
+import os
 import threading
 from dataclasses import dataclass, field
 
@@ -87,12 +88,11 @@ def parse_replicas(text: str) -> tuple[int, int]:
 class Generator:
     """A replica: the default model loaded warm at start, more loaded on demand (``serve.multiplexed``)."""
 
-    async def __init__(self, app: dict, default: str, board):
-        a = RayApp(**app)
-        self.spec = LoadSpec(**a.spec)
-        self.catalog = Catalog(self.spec.path, config=self.spec.config, models_dir=a.models_dir,
-                               vae_dir=a.vae_dir, lora_dir=self.spec.lora_dir,
-                               embeddings_dir=self.spec.embeddings_dir)
+    async def __init__(self, spec: dict, models_dir: str | None, vae_dir: str | None, models_per_replica: int,
+                       default: str, board):
+        self.spec = LoadSpec(**spec)
+        self.catalog = Catalog(self.spec.path, config=self.spec.config, models_dir=models_dir, vae_dir=vae_dir,
+                               lora_dir=self.spec.lora_dir, embeddings_dir=self.spec.embeddings_dir)
         self.board = board
         self.name = serve.get_replica_context().replica_id.unique_id
         self.device_lock = threading.Lock()  # one job at a time on the device, a cancelled one's tail included
@@ -100,7 +100,7 @@ class Generator:
         async def load(mid: str):  # a function, not the bound method: the multiplexer keeps its cache on it
             return await self._load(mid)
 
-        self.get_model = serve.multiplexed(max_num_models_per_replica=a.models_per_replica)(load)
+        self.get_model = serve.multiplexed(max_num_models_per_replica=models_per_replica)(load)
         await self.get_model(default)  # warm before the replica takes requests
 
     async def _load(self, mid: str):
@@ -120,6 +120,8 @@ class Generator:
     async def run(self, payload: dict) -> dict:
         """One job on this replica, on the Pipeline of the request's model id."""
         slot = await self.get_model(serve.get_multiplexed_model_id())
+        replica_log.info("tritonsd replica %s: task %s on model %s (pid %d)", self.name,
+                         printable(payload["task_id"]), printable(os.path.basename(slot.key.checkpoint)), os.getpid())
         host = ReplicaHost(slot.pipe, slot.key, self.spec, model_key(payload["default"]))
         worker = ReplicaWorker(host, self.board, payload["task_id"])
         work = asyncio.get_running_loop().run_in_executor(None, self._locked, payload, worker)
@@ -171,11 +173,17 @@ class Ingress:
 # ---------------------------------------------------------------- the application
 
 
+def generator_args(a: RayApp) -> dict:
+    return {"spec": a.spec, "models_dir": a.models_dir, "vae_dir": a.vae_dir,
+            "models_per_replica": a.models_per_replica}
+
+
 def generator_options(a: RayApp) -> dict:
+    """The generator's deployment options."""
     lo, hi = parse_replicas(a.replicas)
-    opts = {"ray_actor_options": {"num_cpus": a.cpus_per_replica if not a.gpu else 1, "num_gpus": 1 if a.gpu else 0,
-                                  "runtime_env": {"env_vars": {k: str(v) for k, v in a.env.items()}}},
-            "max_ongoing_requests": 1, "max_queued_requests": a.max_queue}
+    actor = {"num_cpus": a.cpus_per_replica if not a.gpu else 1, "num_gpus": 1 if a.gpu else 0,
+             "runtime_env": {"env_vars": {k: str(v) for k, v in a.env.items()}}}
+    opts = {"ray_actor_options": actor, "max_ongoing_requests": 1, "max_queued_requests": a.max_queue}
     if lo == hi:
         opts["num_replicas"] = lo
     else:
@@ -194,7 +202,8 @@ def build(a: RayApp):
     board = serve.deployment(TaskBoard, name="TaskBoard", num_replicas=1, max_ongoing_requests=10_000,
                              ray_actor_options={"num_cpus": 0},
                              logging_config={"enable_access_log": False}).bind()  # a line per report: no
-    generator = serve.deployment(Generator, name="Generator", **generator_options(a)).bind(app, default, board)
+    generator = serve.deployment(Generator, name="Generator", **generator_options(a)).bind(
+        **generator_args(a), default=default, board=board)
     ingress = serve.deployment(serve.ingress()(Ingress), name="Ingress", num_replicas=1,
                                max_ongoing_requests=limits.MAX_CONNECTIONS, ray_actor_options={"num_cpus": 0})
     return ingress.bind(app, generator, board)
