@@ -320,12 +320,13 @@ def test_a_killed_replica_loses_no_request(cluster, single):
     assert post(cluster, "/sdapi/v1/txt2img", {"prompt": "healthy", "seed": 1, **SMALL}).status_code == 200
 
 
-def test_autoscaling_goes_1_2_1(cluster, fixtures, models):
-    """The same application with ``--replicas 1:2`` (applied to the running replicas) and short delays: idle,
-    it shrinks to 1; a burst grows it to 2; idle again, back to 1."""
+def test_autoscaling_goes_1_2_1_and_deadlines_answer_504(cluster, fixtures, models):
+    """The same application redeployed with ``--replicas 1:2``, short delays and ``--request-timeout 8``: idle,
+    it shrinks to 1; a burst grows it to 2; idle again, back to 1. A job past the deadline is answered 504 JSON
+    in time and stopped on its replica (the next request is served at once)."""
     from tritonsd.serve.ray_deploy import APP_NAME, build  # lazy: Ray Serve
 
-    app = ray_app(fixtures, models, replicas="1:2", upscale_delay=0.5, downscale_delay=3.0)
+    app = ray_app(fixtures, models, replicas="1:2", upscale_delay=0.5, downscale_delay=3.0, request_timeout=8.0)
     serve.run(build(app), name=APP_NAME, route_prefix="/")
     wait_replicas(1, 60)
     stop = threading.Event()
@@ -343,3 +344,10 @@ def test_autoscaling_goes_1_2_1(cluster, fixtures, models):
         for f in burst:
             f.result(HANG_S)
     wait_replicas(1, 60)
+    t0 = time.monotonic()
+    r = post(cluster, "/sdapi/v1/txt2img", {"prompt": "too long", "seed": 1, **{**SMALL, "steps": 1000}})
+    assert r.status_code == 504 and r.json()["error"] == "GatewayTimeout", r.text[:300]
+    assert time.monotonic() - t0 < 20
+    t0 = time.monotonic()
+    assert post(cluster, "/sdapi/v1/txt2img", {"prompt": "next", "seed": 2, **SMALL}).status_code == 200
+    assert time.monotonic() - t0 < 6  # the stopped job no longer holds the one replica
