@@ -243,6 +243,30 @@ def test_two_models_alternate_and_load_only_where_not_warm(cluster, single):
     assert 1 <= loads <= 2, loads  # the second model loaded once or twice (both replicas), never per request
 
 
+def test_img2img_extras_options_and_the_page_answer_as_the_single_process_server(cluster, single):
+    """The routes beside txt2img go through the same back-end: img2img (its init image travels to the replica),
+    extras (run on a replica), a model switch by /sdapi/v1/options (the default of later requests), the page."""
+    from test_serve_api import _b64, gradient, png
+
+    init = _b64(png(gradient(64, 64)))
+    body = {"prompt": "a painting", "seed": 11, **SMALL, "init_images": [init], "denoising_strength": 0.6}
+    r = post(cluster, "/sdapi/v1/img2img", body)
+    assert r.status_code == 200 and r.json()["images"] == twin_png(single, "/img2img", body)
+    extras = {"image": init, "upscaler_1": "Lanczos", "upscaling_resize": 2}
+    r = post(cluster, "/sdapi/v1/extra-single-image", extras)
+    assert r.status_code == 200 and r.json() == single.post("/sdapi/v1/extra-single-image", json=extras).json()
+    try:
+        assert post(cluster, "/sdapi/v1/options", {"sd_model_checkpoint": "sd1-inpaint-tiny"}).status_code == 200
+        options = requests.get(cluster + "/sdapi/v1/options", timeout=HANG_S).json()
+        assert options["sd_model_checkpoint"].startswith("sd1-inpaint-tiny")
+        r = post(cluster, "/sdapi/v1/txt2img", {"prompt": "after the switch", "seed": 1, **SMALL})
+        assert json.loads(r.json()["info"])["sd_model_name"] == "sd1-inpaint-tiny"
+    finally:
+        assert post(cluster, "/sdapi/v1/options", {"sd_model_checkpoint": "sd1-tiny"}).status_code == 200
+    page = requests.get(cluster + "/", timeout=HANG_S)
+    assert page.status_code == 200 and page.text == single.get("/").text
+
+
 def test_interrupt_by_task_id_stops_only_that_job(cluster, single):
     long_body = {"prompt": "slow", "seed": 3, "width": 64, "height": 64, "steps": 1000, "sampler_name": "Euler",
                  "force_task_id": "victim-of-interrupt"}
