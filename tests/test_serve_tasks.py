@@ -1,9 +1,11 @@
 """Task ids without a model: the single-process worker's ``/internal/progress`` states (A1111 v1.10's
 ``modules/progress.py``: queued, then active, then completed), interrupt by task id (only that job) and without
-one (the running job), the Ray task board's bookkeeping, and ``--ray``'s command line without a cluster."""
+one (the running job), the Ray task board's bookkeeping, and ``--ray``'s command line (its usage errors, the line saying what to
+install, ``--write-config``; one test starts a local cluster: marked ``ray`` and ``slow``)."""
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
@@ -165,3 +167,21 @@ def _deployments(app) -> list:
     from ray.serve._private.build_app import build_app
 
     return build_app(app, name="tritonsd").deployments
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_ray_local_without_a_gpu_asks_for_cpu_replicas_in_one_line(tmp_path):
+    """The command line's own cluster start (``--ray=local``) and its one-line refusal of GPU replicas where
+    there is no GPU (the replicas would never be placed: a server that never comes up)."""
+    pytest.importorskip("ray.serve")
+    import subprocess
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    r = subprocess.run([sys.executable, "-m", "tritonsd.tools.cli", "serve", "--checkpoint", "demo:sd1", "--ray=local",
+                        "--port", "0"], capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
+    assert r.returncode == 1, r.stderr[-2000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last == ("tritonsd serve: error: the Ray cluster has no GPU for the replicas (one each); for CPU "
+                    "replicas give --ray-cpus-per-replica N"), r.stderr[-2000:]
+    assert "Traceback" not in r.stderr

@@ -141,7 +141,8 @@ def run(args: argparse.Namespace) -> int:
             from None
     credentials = check_usage(args)
     if args.ray is not None or args.write_config is not None:
-        return run_on_ray(args, credentials)
+        warn_open_host(args, credentials)
+        return run_on_ray(args)
     sock = listen(args.host, args.port)
     previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
@@ -158,7 +159,13 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_on_ray(args: argparse.Namespace, credentials: dict) -> int:
+def warn_open_host(args: argparse.Namespace, credentials: dict) -> None:
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not credentials:
+        print(f"tritonsd serve: warning: listening on {args.host} without --api-auth: anyone who can reach this "
+              "address can use the server", file=sys.stderr)
+
+
+def run_on_ray(args: argparse.Namespace) -> int:
     """``--ray``: the application on Ray Serve until a signal (``tools/serve_ray.py``)."""
     previous: dict = {}
 
@@ -166,7 +173,7 @@ def run_on_ray(args: argparse.Namespace, credentials: dict) -> int:
         previous.update({sig: signal.signal(sig, _stop) for sig in (signal.SIGTERM, signal.SIGINT)})
 
     try:
-        return serve_ray.run_ray(args, credentials, install)
+        return serve_ray.run_ray(args, install)
     except Stopped as e:
         print(f"tritonsd serve: stopped by {signal.Signals(e.signum).name}", file=sys.stderr, flush=True)
         return 128 + e.signum
@@ -178,9 +185,7 @@ def run_on_ray(args: argparse.Namespace, credentials: dict) -> int:
 def serve(args: argparse.Namespace, credentials: dict, sock: socket.socket, uvicorn) -> None:
     """Load the model and serve on ``sock`` until a signal: uvicorn shuts down gracefully, then raises the signal
     again, which ``_stop`` turns into ``Stopped``."""
-    if args.host not in ("127.0.0.1", "localhost", "::1") and not credentials:
-        print(f"tritonsd serve: warning: listening on {args.host} without --api-auth: anyone who can reach this "
-              "address can use the server", file=sys.stderr)
+    warn_open_host(args, credentials)
     import logging
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")

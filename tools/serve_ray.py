@@ -107,8 +107,9 @@ def write_config(path: Path, config: dict) -> None:
     atomic_write(path, lambda f: f.write(text))
 
 
-def run_ray(args: argparse.Namespace, credentials: dict, stop_signals) -> int:
-    """``--ray`` / ``--write-config``: exit 2 with one line when Ray Serve is missing."""
+def run_ray(args: argparse.Namespace, stop_signals) -> int:
+    """``--ray`` / ``--write-config``: exit 2 with one line when Ray Serve is missing. ``stop_signals()``
+    installs the signal handlers once the application runs."""
     try:
         import ray
         from ray import serve
@@ -124,8 +125,12 @@ def run_ray(args: argparse.Namespace, credentials: dict, stop_signals) -> int:
         return 0
     started = connect(ray, args.ray or "auto", app)
     try:
+        from tritonsd.batch.ray_run import RayError  # lazy: the shared Ray error (one line, exit 1)
         from tritonsd.serve.ray_deploy import APP_NAME, build  # lazy: Ray Serve, as above
 
+        if app.gpu and not ray.cluster_resources().get("GPU"):
+            raise RayError("the Ray cluster has no GPU for the replicas (one each); for CPU replicas give "
+                           "--ray-cpus-per-replica N")
         serve.start(http_options={"host": args.host, "port": args.port})
         serve.run(build(app), name=APP_NAME, route_prefix="/", blocking=False)
         print(f"tritonsd serve: on Ray Serve ({app.replicas} replicas of {os.path.basename(app.spec['path'])}); "
