@@ -336,8 +336,10 @@ def test_a_killed_replica_loses_no_request(cluster, single):
         results = [f.result(HANG_S) for f in others]
     print(f"the killed replica's request: {r.status_code} after {answered:.1f} s")  # -rP shows which way
     assert answered < 120
-    if r.status_code == 200:  # the retry's image is the request's own
+    if r.status_code == 200:  # the retry's image is the request's own, from another replica
         assert r.json()["images"] == twin_png(single, "/txt2img", long_body)
+        ran = [e[3] for text in replica_logs().values() for e in events(text) if e[:2] == ("task", "killed-mid-run")]
+        assert len(ran) == 2 and ran[0] == pid and ran[1] != pid, ran
     else:
         assert r.status_code == 503 and "replica" in r.json()["detail"], r.text[:300]
     for body, res in zip(bodies, results):
