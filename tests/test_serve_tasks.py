@@ -5,10 +5,12 @@ install, ``--write-config``; one test starts a local cluster: marked ``ray`` and
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sys
 import threading
 import time
+import types
 
 import pytest
 
@@ -185,3 +187,91 @@ def test_ray_local_without_a_gpu_asks_for_cpu_replicas_in_one_line(tmp_path):
     assert last == ("tritonsd serve: error: the Ray cluster has no GPU for the replicas (one each); for CPU "
                     "replicas give --ray-cpus-per-replica N"), r.stderr[-2000:]
     assert "Traceback" not in r.stderr
+
+
+class FakeGenerator:
+    """A generator handle whose calls fail as listed (an exception, or a dict answered), in order."""
+
+    def __init__(self, *outcomes):
+        self.outcomes = list(outcomes)
+        self.calls = 0
+        self.run = self
+
+    def options(self, **_kw):
+        return self
+
+    def remote(self, payload):
+        self.calls += 1
+        outcome = self.outcomes.pop(0)
+
+        async def answer():
+            if isinstance(outcome, BaseException):
+                raise outcome
+            if outcome == "hang":
+                await asyncio.sleep(3600)
+            return outcome
+
+        return FakeResponse(answer())
+
+
+class FakeResponse:
+    def __init__(self, coro):
+        self.coro = coro
+        self.cancelled = False
+
+    def __await__(self):
+        return self.coro.__await__()
+
+    def cancel(self):
+        self.cancelled = True
+
+
+class FakeBoard:
+    def __getattr__(self, name):
+        return types.SimpleNamespace(remote=lambda *a: asyncio.sleep(0))
+
+
+def ray_job(outcomes, timeout_s: float = 30.0):
+    """The answer (or the error) a RayWorker gives a job when its generator calls go as ``outcomes``."""
+    from tritonsd.serve.host import ModelKey
+    from tritonsd.serve.ray_worker import RayWorker
+
+    gen = FakeGenerator(*outcomes)
+    worker = RayWorker(gen, FakeBoard(), types.SimpleNamespace(default=ModelKey("/m.safetensors")), timeout_s)
+
+    async def go():
+        return await asyncio.wrap_future(worker.submit(Job("scripts_txt2img", lambda w: None, task_id="t")))
+
+    try:
+        return asyncio.run(go()), gen.calls
+    except Exception as e:  # noqa: BLE001 - the error is the result here
+        return e, gen.calls
+
+
+def test_a_replica_death_costs_one_retry_and_a_second_is_a_503_naming_it():
+    pytest.importorskip("ray.serve")
+    import ray.exceptions
+
+    ok = {"result": {"images": ["x"]}, "default": '["/m.safetensors", null]'}
+    assert ray_job([ray.exceptions.ActorDiedError(), ok]) == ({"images": ["x"]}, 2)
+    err, calls = ray_job([ray.exceptions.ActorDiedError(), ray.exceptions.ActorDiedError()])
+    assert calls == 2 and err.status == 503 and err.error == "ServiceUnavailable"
+    assert err.detail == ("the job's replica failed twice, the last time: the replica's process died (killed or "
+                          "crashed)")
+
+
+def test_user_errors_pass_through_and_queue_and_deadline_errors_are_json_statuses():
+    pytest.importorskip("ray.serve")
+    import ray.exceptions
+    from ray.serve.exceptions import BackPressureError
+
+    from tritonsd.serve.errors import NotFound
+
+    cause = NotFound("no such model")
+    err, calls = ray_job([ray.exceptions.RayTaskError("run", "tb", cause)])
+    assert calls == 1 and isinstance(err, NotFound) and err.status == 404  # no retry: the job's own error
+    err, _ = ray_job([BackPressureError(num_queued_requests=3, max_queued_requests=2)])
+    assert err.status == 503 and err.headers["Retry-After"]
+    t0 = time.monotonic()
+    err, _ = ray_job(["hang"], timeout_s=0.5)
+    assert err.status == 504 and err.error == "GatewayTimeout" and time.monotonic() - t0 < 5
