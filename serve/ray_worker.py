@@ -25,7 +25,7 @@ import time
 import types
 
 import ray
-from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RequestCancelledError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
 from tritonsd.serve import limits
 from tritonsd.serve.errors import ApiError, Busy, printable
@@ -119,7 +119,7 @@ class RayWorker:
             except BackPressureError:
                 raise Busy("every replica is busy and the queue is full; try again later",
                            limits.RETRY_AFTER_S) from None
-            except (ray.exceptions.RayActorError, DeploymentUnavailableError, RequestCancelledError) as e:
+            except (ray.exceptions.RayActorError, DeploymentUnavailableError) as e:
                 cause = _cause(e)
                 if attempt == 1:
                     log.warning("job %s (%s): its replica failed (%s); retrying once on another replica",
@@ -246,6 +246,10 @@ class BoardProgress:
     def begin(self, name: str, job_count: int) -> None:
         self._ask(self.board.started, name, job_count)
 
+    def end(self) -> None:
+        """The job is over here (the ingress says so too: either one is enough, should the other die)."""
+        self._ask(self.board.finished)
+
     def update(self, **fields) -> None:
         self.fields.update(fields)
         now = time.monotonic()
@@ -285,7 +289,10 @@ class ReplicaWorker:
 def run_payload(payload: dict, worker: ReplicaWorker) -> dict:
     """A job on a replica (its thread): the job's result and the default model afterwards."""
     worker.progress.begin(payload["name"], payload["job_count"])
-    result = payload["run"](worker)
+    try:
+        result = payload["run"](worker)
+    finally:
+        worker.progress.end()
     return {"result": result, "default": model_id(worker.host.default)}
 
 
