@@ -220,7 +220,11 @@ def test_16_concurrent_requests_from_8_clients_equal_the_single_process_server(c
     assert sum(n > 0 for n in served.values()) == 2, served
 
 
-def test_two_models_alternate_and_load_only_where_not_warm(cluster, single):
+def test_two_models_alternate_and_load_only_where_not_warm(cluster, single, fixtures, tmp_path):
+    """Each request gets its own model's image (the second model's checked against the Pipeline's own PNG too),
+    and a replica logs a load exactly when the model was not the one it had warm."""
+    import tritonsd
+
     before = {rid: len(events(t)) for rid, t in replica_logs().items()}
     models = ["sd1-tiny.safetensors", "sd1-inpaint-tiny.safetensors"]
     for i in range(6):
@@ -230,6 +234,11 @@ def test_two_models_alternate_and_load_only_where_not_warm(cluster, single):
         assert r.status_code == 200, r.text[:300]
         assert json.loads(r.json()["info"])["sd_model_name"] == models[i % 2].split(".")[0]
         assert r.json()["images"] == twin_png(single, "/txt2img", body)
+        if i == 1:
+            inpaint = tritonsd.load(fixtures / "sd1-inpaint-tiny.safetensors", text_heads=2, device="cpu")
+            want = inpaint(f"a fox {i}", seed=7 + i, steps=4, width=64, height=64, sampler="euler", cfg_scale=7.0)
+            assert [base64.b64decode(b) for b in r.json()["images"]] == \
+                [p.read_bytes() for p in inpaint.save(want, tmp_path)]
     loads = 0
     for rid, text in replica_logs().items():
         warm = None  # --models-per-replica 1: a replica's warm model is the last it loaded
