@@ -23,6 +23,7 @@ import os
 import threading
 from dataclasses import dataclass, field
 
+import torch
 from ray import serve
 
 from tritonsd.devices import DTYPES
@@ -112,6 +113,8 @@ class Generator:
         if ckpt is None:
             raise NotFound("the requested model is not in this replica's models folder")
         gc.collect()  # what the multiplexer evicted goes before the new one loads
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
         replica_log.info("tritonsd replica %s: loading model %s%s (not warm here)", self.name,
                          printable(ckpt.name), f" with VAE {printable(key.vae)}" if key.vae else "")
         pipe = await asyncio.to_thread(load_pipeline, ckpt, key.vae, self.spec)
