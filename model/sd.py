@@ -57,11 +57,15 @@ class StableDiffusion(nn.Module):
         return self.cond_stage_model(list(prompts))
 
     def apply_model(self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor,
-                    y: torch.Tensor | None = None, t_emb: torch.Tensor | None = None) -> torch.Tensor:
+                    y: torch.Tensor | None = None, t_emb: torch.Tensor | None = None,
+                    control: list[torch.Tensor] | None = None, only_mid_control: bool = False) -> torch.Tensor:
         """The UNet's raw output (eps or v, see ``config.parameterization``). For inpainting models ``x`` is
-        already ``cat([latents, mask, masked-image latents], 1)``; ``t_emb``: the precomputed sinusoid of ``t``
-        (``UNetModel.forward``)."""
-        return self.model.diffusion_model(x, t, context, y, t_emb=t_emb)
+        already ``cat([latents, mask, masked-image latents], 1)``; ``t_emb``: the precomputed sinusoid of ``t``;
+        ``control``: scaled ControlNet residuals (``UNetModel.forward``)."""
+        if control is None:
+            return self.model.diffusion_model(x, t, context, y, t_emb=t_emb)
+        return self.model.diffusion_model(x, t, context, y, t_emb=t_emb, control=control,
+                                          only_mid_control=only_mid_control)
 
     def decode_first_stage(self, z: torch.Tensor) -> torch.Tensor:
         """Scaled latents -> image in about [-1, 1] (divides by ``scale_factor`` first; no clamp)."""

@@ -51,6 +51,7 @@ class RayApp:
     spec: dict
     models_dir: str | None = None
     vae_dir: str | None = None
+    controlnet_dir: str | None = None
     api_auth: str | None = None
     host: str = "127.0.0.1"
     allowed_hosts: str | None = None
@@ -155,6 +156,7 @@ class Ingress:
         spec = LoadSpec(**a.spec)
         catalog = Catalog(spec.path, config=spec.config, models_dir=a.models_dir, vae_dir=a.vae_dir,
                           lora_dir=spec.lora_dir, embeddings_dir=spec.embeddings_dir)
+        catalog.controlnet_dir = a.controlnet_dir  # units are resolved here, to paths every node has
         device = "cpu" if not a.gpu else "cuda"
         dtype = DTYPES[spec.dtype or ("fp16" if a.gpu else "fp32")]
         host = ModelHost(catalog, spec, pipe=shape_of(device, dtype))  # the memory check's device: the replicas'

@@ -265,12 +265,26 @@ class BoardProgress:
             log.warning("task board unreachable: %s", _last_line(e))
 
 
+class NoPreviews:
+    """``worker.previews`` on a replica: live previews are not carried over Ray (``current_image`` stays None)."""
+
+    def offer(self, *_args) -> None:
+        pass
+
+    def reset(self) -> None:
+        pass
+
+    def image(self) -> None:
+        return None
+
+
 class ReplicaWorker:
-    """The ``worker`` a job runs with on a replica (``host``, ``progress``, ``check_interrupt``,
+    """The ``worker`` a job runs with on a replica (``host``, ``progress``, ``previews``, ``check_interrupt``,
     ``interrupted``); ``stop()`` interrupts it (its request was cancelled: deadline or client gone)."""
 
     def __init__(self, host: ReplicaHost, board, task_id: str):
         self.host = host
+        self.previews = NoPreviews()
         self._interrupt = threading.Event()
         self.progress = BoardProgress(board, task_id, self._interrupt.set)
 

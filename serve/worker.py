@@ -16,6 +16,7 @@ from typing import Callable
 
 from tritonsd.serve import limits
 from tritonsd.serve.errors import Busy
+from tritonsd.serve.previews import Previews
 from tritonsd.serve.tasks import TaskLog, internal_progress, new_task_id
 
 log = logging.getLogger("tritonsd.serve")
@@ -109,6 +110,7 @@ class Worker:
         self.host = host
         self.max_queue = max_queue
         self.progress = Progress()
+        self.previews = Previews()  # the running job's live preview (progress' current_image)
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._submit_lock = threading.Lock()
         self._interrupt = threading.Event()
@@ -184,6 +186,7 @@ class Worker:
             self._interrupt.clear()
             self.tasks.start(job.task_id)
             self.progress.begin(job.name, job.job_count)
+            self.previews.reset()
             result = error = None
             try:
                 result = job.run(self)
@@ -194,6 +197,7 @@ class Worker:
             finally:
                 self.tasks.finish(job.task_id)
                 self.progress.end()  # before the answer: a client that has its answer sees the job over
+                self.previews.reset()
             if error is not None:
                 job.future.set_exception(error)
             else:

@@ -81,6 +81,7 @@ def ray_app_of(args: argparse.Namespace):
     absolute = lambda d: os.path.abspath(d) if d is not None else None  # noqa: E731
     env = {"OMP_NUM_THREADS": os.environ["OMP_NUM_THREADS"]} if "OMP_NUM_THREADS" in os.environ else {}
     return RayApp(spec=spec, models_dir=absolute(args.models_dir), vae_dir=absolute(args.vae_dir),
+                  controlnet_dir=absolute(getattr(args, "controlnet_dir", None)),
                   api_auth=args.api_auth, host=args.host, allowed_hosts=args.allowed_hosts,
                   ignore_unsupported=args.ignore_unsupported, max_queue=args.max_queue or limits.MAX_QUEUE,
                   body_timeout=args.body_timeout, request_timeout=args.request_timeout, replicas=args.replicas,
