@@ -1,7 +1,8 @@
 """Task ids without a model: the single-process worker's ``/internal/progress`` states (A1111 v1.10's
 ``modules/progress.py``: queued, then active, then completed), interrupt by task id (only that job) and without
-one (the running job), the Ray task board's bookkeeping, and ``--ray``'s command line (its usage errors, the line saying what to
-install, ``--write-config``; one test starts a local cluster: marked ``ray`` and ``slow``)."""
+one (the running job), the Ray task board's bookkeeping, the Ray back-end's retry and error statuses (with a fake
+handle), and ``--ray``'s command line (its usage errors, the line saying what to install, ``--write-config``; one
+test starts a local cluster: marked ``ray`` and ``slow``)."""
 
 from __future__ import annotations
 

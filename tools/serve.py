@@ -24,8 +24,8 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser("serve", help="serve a resident model over AUTOMATIC1111's HTTP API and a web page",
                               description="Load a checkpoint once and serve it over AUTOMATIC1111's /sdapi/v1 "
                                           "API (txt2img, img2img, progress, interrupt, options, ...) and a web "
-                                          "page at /. One worker per device runs the jobs in order; with --ray, replicas on "
-                                          "Ray Serve run them.")
+                                          "page at /. One worker per device runs the jobs in order; with --ray, "
+                                          "replicas on Ray Serve run them.")
     m = p.add_argument_group("models")
     m.add_argument("--checkpoint", required=True, metavar="FILE",
                    help=".safetensors or .ckpt file, or demo:sd1 (the built-in tiny random-weight model)")

@@ -9,7 +9,6 @@ import dataclasses
 import logging
 import math
 import os
-import signal
 import sys
 import time
 from pathlib import Path
