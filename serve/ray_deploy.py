@@ -33,6 +33,7 @@ from tritonsd.serve.catalog import Catalog
 from tritonsd.serve.errors import NotFound, printable
 from tritonsd.serve.guard import allowed_hosts
 from tritonsd.serve.host import ModelHost, ModelKey, load_pipeline
+from tritonsd.serve.previews import Previews
 from tritonsd.serve.ray_worker import (RayWorker, ReplicaHost, ReplicaWorker, TaskBoard, model_id, model_key,
                                        run_payload, shape_of)
 
@@ -98,6 +99,7 @@ class Generator:
         self.board = board
         self.name = serve.get_replica_context().replica_id.unique_id
         self.device_lock = threading.Lock()  # one job at a time on the device, a cancelled one's tail included
+        self.previews = Previews()  # the running job's live preview, made on its own thread, sent to the board
 
         async def load(mid: str):  # a function, not the bound method: the multiplexer keeps its cache on it
             return await self._load(mid)
@@ -127,7 +129,7 @@ class Generator:
         replica_log.info("tritonsd replica %s: task %s on model %s (pid %d)", self.name,
                          printable(payload["task_id"]), printable(os.path.basename(slot.key.checkpoint)), os.getpid())
         host = ReplicaHost(slot.pipe, slot.key, self.spec, model_key(payload["default"]))
-        worker = ReplicaWorker(host, self.board, payload["task_id"])
+        worker = ReplicaWorker(host, self.board, payload["task_id"], self.previews)
         work = asyncio.get_running_loop().run_in_executor(None, self._locked, payload, worker)
         try:
             return await asyncio.shield(work)
@@ -137,6 +139,7 @@ class Generator:
 
     def _locked(self, payload: dict, worker: ReplicaWorker) -> dict:
         with self.device_lock:
+            self.previews.every = payload.get("preview_every", self.previews.every)
             return run_payload(payload, worker)
 
 

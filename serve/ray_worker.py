@@ -29,6 +29,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
 from tritonsd.serve import limits
 from tritonsd.serve.errors import ApiError, Busy, printable
+from tritonsd.sampler.preview import DEFAULT_EVERY
 from tritonsd.serve.host import ModelKey
 from tritonsd.serve.tasks import TaskLog, internal_progress
 from tritonsd.serve.worker import Interrupted, Progress
@@ -70,6 +71,7 @@ class RayWorker:
     def __init__(self, generator, board, host, request_timeout_s: float):
         self.generator, self.board, self.host = generator, board, host
         self.request_timeout_s = request_timeout_s
+        self.previews = BoardPreviews(board)  # what the progress route and /options read and set
 
     def submit(self, job) -> concurrent.futures.Future:
         """Called on the ingress's event loop (``app.run_job``); the Future is cancelled when the client goes,
@@ -83,7 +85,7 @@ class RayWorker:
     async def _run(self, job, future: concurrent.futures.Future) -> None:
         key = job.key or self.host.default
         payload = {"name": job.name, "run": job.run, "job_count": job.job_count, "task_id": job.task_id,
-                   "default": model_id(self.host.default)}
+                   "default": model_id(self.host.default), "preview_every": self.previews.every}
         handle = self.generator.options(multiplexed_model_id=model_id(key))
         try:
             await self.board.queued.remote(job.task_id)
@@ -141,6 +143,17 @@ class RayWorker:
         self.board.interrupt.remote(task_id).result(timeout_s=BOARD_TIMEOUT_S)
 
 
+class BoardPreviews:
+    """The ingress's ``previews``: ``every`` (``show_progress_every_n_steps``, sent with each job) and the oldest
+    running job's latest preview, which its replica made and reported to the task board."""
+
+    def __init__(self, board, every: int = DEFAULT_EVERY):
+        self.board, self.every = board, every
+
+    def image(self) -> str | None:
+        return self.board.current_image.remote().result(timeout_s=BOARD_TIMEOUT_S)
+
+
 def _settle(future: concurrent.futures.Future, error: BaseException) -> None:
     if not future.done():
         future.set_exception(error)
@@ -172,6 +185,7 @@ class TaskBoard:
     def __init__(self):
         self.tasks = TaskLog()
         self.progress: dict[str, Progress] = {}
+        self.images: dict[str, str] = {}  # task id -> its latest live preview (base64 PNG)
         self.interrupted: set[str] = set()
 
     def queued(self, task_id: str) -> None:
@@ -183,16 +197,24 @@ class TaskBoard:
         p.begin(name, job_count)
         return task_id in self.interrupted
 
-    def update(self, task_id: str, fields: dict) -> bool:
-        """A replica's report; the answer: whether the job was interrupted."""
+    def update(self, task_id: str, fields: dict, image: str | None = None) -> bool:
+        """A replica's report (with a new live preview, or None); the answer: whether the job was interrupted."""
         p = self.progress.get(task_id)
         if p is not None:
             p.update(**fields)
+            if image is not None:
+                self.images[task_id] = image
         return task_id in self.interrupted
+
+    def current_image(self) -> str | None:
+        """The oldest running job's latest preview."""
+        oldest = self.tasks.oldest_running()
+        return self.images.get(oldest) if oldest is not None else None
 
     def finished(self, task_id: str) -> None:
         self.tasks.finish(task_id)
         self.progress.pop(task_id, None)
+        self.images.pop(task_id, None)
         self.interrupted.discard(task_id)
 
     def interrupt(self, task_id: str | None = None) -> None:
@@ -238,10 +260,12 @@ class BoardProgress:
     ``REPORT_EVERY_S``, and whenever an iteration starts); each report's answer says whether the job was
     interrupted. A board that does not answer never fails the job."""
 
-    def __init__(self, board, task_id: str, on_interrupt):
+    def __init__(self, board, task_id: str, on_interrupt, previews=None):
         self.board, self.task_id, self.on_interrupt = board, task_id, on_interrupt
+        self.previews = previews  # the replica's Previews: a new image goes with the next report
         self.fields: dict = {}
         self._sent = 0.0
+        self._image: str | None = None
 
     def begin(self, name: str, job_count: int) -> None:
         self._ask(self.board.started, name, job_count)
@@ -255,7 +279,9 @@ class BoardProgress:
         now = time.monotonic()
         if "job_no" in fields or now - self._sent >= REPORT_EVERY_S:
             self._sent = now
-            self._ask(self.board.update, dict(self.fields))
+            image = self.previews.image() if self.previews is not None else None
+            new, self._image = (image if image is not self._image else None), image
+            self._ask(self.board.update, dict(self.fields), new)
 
     def _ask(self, method, *args) -> None:
         try:
@@ -266,7 +292,7 @@ class BoardProgress:
 
 
 class NoPreviews:
-    """``worker.previews`` on a replica: live previews are not carried over Ray (``current_image`` stays None)."""
+    """``worker.previews`` for a job without live previews."""
 
     def offer(self, *_args) -> None:
         pass
@@ -282,11 +308,11 @@ class ReplicaWorker:
     """The ``worker`` a job runs with on a replica (``host``, ``progress``, ``previews``, ``check_interrupt``,
     ``interrupted``); ``stop()`` interrupts it (its request was cancelled: deadline or client gone)."""
 
-    def __init__(self, host: ReplicaHost, board, task_id: str):
+    def __init__(self, host: ReplicaHost, board, task_id: str, previews=None):
         self.host = host
-        self.previews = NoPreviews()
+        self.previews = previews if previews is not None else NoPreviews()
         self._interrupt = threading.Event()
-        self.progress = BoardProgress(board, task_id, self._interrupt.set)
+        self.progress = BoardProgress(board, task_id, self._interrupt.set, previews)
 
     def stop(self) -> None:
         self._interrupt.set()
@@ -302,10 +328,12 @@ class ReplicaWorker:
 
 def run_payload(payload: dict, worker: ReplicaWorker) -> dict:
     """A job on a replica (its thread): the job's result and the default model afterwards."""
+    worker.previews.reset()
     worker.progress.begin(payload["name"], payload["job_count"])
     try:
         result = payload["run"](worker)
     finally:
+        worker.previews.reset()
         worker.progress.end()
     return {"result": result, "default": model_id(worker.host.default)}
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
+import io
 import json
 import os
 import re
@@ -26,6 +27,7 @@ import time
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 try:
     import ray
@@ -288,6 +290,11 @@ def test_interrupt_by_task_id_stops_only_that_job(cluster, single):
         wait_active(cluster, "victim-of-interrupt")
         oldest = requests.get(cluster + "/sdapi/v1/progress", timeout=HANG_S).json()
         assert oldest["state"]["sampling_steps"] == 300  # the oldest running job's
+        deadline = time.monotonic() + 10
+        while oldest["current_image"] is None and time.monotonic() < deadline:  # its replica's live preview
+            time.sleep(0.2)
+            oldest = requests.get(cluster + "/sdapi/v1/progress", timeout=HANG_S).json()
+        assert Image.open(io.BytesIO(base64.b64decode(oldest["current_image"]))).format == "PNG"
         t0 = time.monotonic()
         assert post(cluster, "/sdapi/v1/interrupt", {"id_task": "victim-of-interrupt"}).status_code == 200
         r = victim.result(HANG_S)

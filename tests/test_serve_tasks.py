@@ -111,10 +111,15 @@ def test_the_task_board_reports_the_oldest_job_and_interrupts_by_id():
     board.interrupt("new")
     assert board.update("new", {"sampling_step": 2}) is True and board.update("old", {}) is False
     assert board.task_progress("old")["progress"] == pytest.approx(0.3)
+    board.update("new", {}, "NEW-PREVIEW")
+    assert board.current_image() is None  # the oldest job has none yet
+    board.update("old", {}, "OLD-PREVIEW")
+    assert board.current_image() == "OLD-PREVIEW"
     board.interrupt()
     assert board.update("old", {}) is True
     board.finished("old")
     assert board.snapshot()["state"]["sampling_steps"] == 1000 and board.task_progress("old")["completed"]
+    assert board.current_image() == "NEW-PREVIEW"
 
 
 def test_ray_flags_without_ray_serve_say_what_to_install(monkeypatch, capsys):
