@@ -28,6 +28,7 @@ from ray import serve
 
 from tritonsd.devices import DTYPES
 from tritonsd.load_spec import LoadSpec
+from tritonsd.sampler.preview import DEFAULT_EVERY
 from tritonsd.serve import limits
 from tritonsd.serve.catalog import Catalog
 from tritonsd.serve.errors import NotFound, printable
@@ -66,6 +67,7 @@ class RayApp:
     downscale_delay: float = 60.0
     cpus_per_replica: float | None = None
     models_per_replica: int = 2
+    preview_every: int = DEFAULT_EVERY
     env: dict = field(default_factory=dict)
 
     @property
@@ -165,6 +167,7 @@ class Ingress:
         host = ModelHost(catalog, spec, pipe=shape_of(device, dtype))  # the memory check's device: the replicas'
         host.key = None  # nothing is loaded here
         worker = RayWorker(generator, board, host, a.request_timeout)
+        worker.previews.every = a.preview_every
         self.state = http.ServerState(catalog=catalog, host=host, worker=worker,
                                       credentials=http.parse_auth(a.api_auth),
                                       ignore_unsupported=a.ignore_unsupported,

@@ -135,6 +135,7 @@ def test_ray_flags_without_ray_serve_say_what_to_install(monkeypatch, capsys):
     (["--ray", "--ray-cpus-per-replica", "0"], "--ray-cpus-per-replica must be above 0"),
     (["--ray", "--models-per-replica", "0"], "--models-per-replica must be at least 1"),
     (["--ray", "--request-timeout", "-1"], "--request-timeout must be between"),
+    (["--ray", "--taesd", __file__], "--taesd does not go with --ray"),
 ])
 def test_ray_usage_errors_exit_2(argv, message, capsys):
     pytest.importorskip("ray.serve")
@@ -153,7 +154,7 @@ def test_write_config_is_a_serve_run_config_whose_builder_builds_the_app(tmp_pat
     path = tmp_path / "serve.yaml"
     assert main(["serve", "--checkpoint", str(fixtures / "sd1-tiny.safetensors"), "--text-heads", "2", "--ray",
                  "--ray-cpus-per-replica", "0.5", "--replicas", "1:3", "--models-per-replica", "1",
-                 "--port", "8123", "--write-config", str(path)]) == 0
+                 "--port", "8123", "--preview-every", "0", "--write-config", str(path)]) == 0
     assert "serve run" in capsys.readouterr().err
     config = yaml.safe_load(path.read_text())
     schema = ServeDeploySchema.model_validate(config)  # what serve run / serve deploy read
@@ -161,6 +162,7 @@ def test_write_config_is_a_serve_run_config_whose_builder_builds_the_app(tmp_pat
     (app,) = config["applications"]
     assert app["import_path"] == "tritonsd.serve.ray_deploy:app_builder" and app["route_prefix"] == "/"
     assert app["args"]["spec"]["path"] == str(fixtures / "sd1-tiny.safetensors")
+    assert app["args"]["preview_every"] == 0 and app["args"]["models_per_replica"] == 1
     built = app_builder(app["args"])  # serve run calls the import path's builder with args
     deployments = {d.name: d for d in _deployments(built)}
     assert set(deployments) == {"Ingress", "Generator", "TaskBoard"}

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from tritonsd.escape import escape
+from tritonsd.sampler.preview import DEFAULT_EVERY
 from tritonsd.serve import limits
 from tritonsd.tools.cli import UsageError
 from tritonsd.tools.generate import load_spec_of
@@ -57,6 +58,8 @@ def check_ray_usage(args: argparse.Namespace) -> None:
     if cpus is not None and args.device not in (None, "cpu"):
         raise UsageError("--ray-cpus-per-replica makes CPU replicas; it cannot go with --device "
                          f"{escape(args.device, 40)}")
+    if getattr(args, "taesd", None) is not None:
+        raise UsageError("--taesd does not go with --ray yet: replicas make A1111's cheap previews")
     if args.models_per_replica < 1:
         raise UsageError(f"--models-per-replica must be at least 1, got {args.models_per_replica}")
     if not args.target_ongoing_requests > 0:
@@ -86,7 +89,8 @@ def ray_app_of(args: argparse.Namespace):
                   body_timeout=args.body_timeout, request_timeout=args.request_timeout, replicas=args.replicas,
                   target_ongoing_requests=args.target_ongoing_requests, upscale_delay=args.upscale_delay,
                   downscale_delay=args.downscale_delay, cpus_per_replica=args.ray_cpus_per_replica,
-                  models_per_replica=args.models_per_replica, env=env)
+                  models_per_replica=args.models_per_replica, env=env,
+                  preview_every=getattr(args, "preview_every", DEFAULT_EVERY))
 
 
 def config_of(app, host: str, port: int) -> dict:
