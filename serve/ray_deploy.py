@@ -162,9 +162,11 @@ class Ingress:
         catalog = Catalog(spec.path, config=spec.config, models_dir=a.models_dir, vae_dir=a.vae_dir,
                           lora_dir=spec.lora_dir, embeddings_dir=spec.embeddings_dir)
         catalog.controlnet_dir = a.controlnet_dir  # units are resolved here, to paths every node has
-        device = "cpu" if not a.gpu else "cuda"
+        # The memory check before a job is queued: against this node's RAM, with the replicas' dtype (CPU
+        # replicas: the single-process server's very check; GPU replicas: the ingress has no GPU to ask, so a
+        # request is refused here only when it would not fit this node's memory either).
         dtype = DTYPES[spec.dtype or ("fp16" if a.gpu else "fp32")]
-        host = ModelHost(catalog, spec, pipe=shape_of(device, dtype))  # the memory check's device: the replicas'
+        host = ModelHost(catalog, spec, pipe=shape_of("cpu", dtype))
         host.key = None  # nothing is loaded here
         worker = RayWorker(generator, board, host, a.request_timeout)
         worker.previews.every = a.preview_every
