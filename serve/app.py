@@ -38,6 +38,7 @@ from tritonsd.serve.images import decode_image, text_items
 from tritonsd.serve.jobs import Options
 from tritonsd.serve.previews import check_every
 from tritonsd.serve.schema import Img2ImgRequest, PNGInfoRequest, Txt2ImgRequest
+from tritonsd.serve.tasks import task_id_of
 from tritonsd.serve.worker import Worker
 from tritonsd.sampler.infotext_parse import parse_infotext
 from tritonsd.sampler.registry import SAMPLERS
@@ -271,7 +272,7 @@ def create_app(state: ServerState) -> FastAPI:
         req = await read_model(request, model)
         plan = await run_in_threadpool(jobs.build_plan, req, mode, options=state.options, catalog=state.catalog,
                                        host=state.host, ignore_unsupported=state.ignore_unsupported)
-        return await run_job(jobs.generation_job(plan), request)
+        return await run_job(jobs.generation_job(plan, task_id_of(req.force_task_id)), request)
 
     @app.post("/sdapi/v1/txt2img", openapi_extra=body_schema(Txt2ImgRequest))
     async def txt2img(request: Request):
@@ -288,7 +289,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.get("/sdapi/v1/progress")
     def progress(skip_current_image: bool = False):
-        snapshot = state.worker.progress.snapshot()
+        snapshot = state.worker.snapshot()  # the oldest running job's (A1111's, with one worker)
         previews = getattr(state.worker, "previews", None)  # a worker without previews (another door's) has none
         if previews is not None and snapshot["state"]["job_count"] and not skip_current_image:
             snapshot["current_image"] = previews.image()  # base64 PNG, as A1111's
@@ -296,9 +297,24 @@ def create_app(state: ServerState) -> FastAPI:
         return snapshot
 
     @app.post("/sdapi/v1/interrupt")
-    def interrupt():
-        state.worker.interrupt()
+    async def interrupt(request: Request, id_task: str | None = None):
+        """Every running job, or only task ``id_task`` (in the query or a JSON body: beside A1111's API)."""
+        body = await request.body()
+        if body.strip():
+            id_task = _json_object(body).get("id_task", id_task)
+        if id_task is not None and not isinstance(id_task, str):
+            raise BadRequest(f"id_task must be a string, got {printable(id_task)}")
+        await run_in_threadpool(state.worker.interrupt, id_task)
         return {}
+
+    @app.post("/internal/progress")
+    async def internal_progress(request: Request):
+        """A1111's progress of one task: ``{"id_task": ...}`` -> active / queued / completed, progress, eta."""
+        req = await run_in_threadpool(_json_object, await request.body())
+        task = req.get("id_task")
+        if not isinstance(task, str):
+            raise BadRequest(f"id_task must be a string, got {printable(task)}")
+        return await run_in_threadpool(state.worker.task_progress, task)
 
     @app.post("/sdapi/v1/skip")
     def skip():

@@ -286,8 +286,9 @@ def _prepare_images(req, v, width, height, notes: list[str]) -> tuple[inpaint.Pr
 # ---------------------------------------------------------------- plan -> images (on the worker)
 
 
-def generation_job(plan: Plan) -> Job:
-    return Job(f"scripts_{plan.mode}", lambda worker: run_plan(plan, worker), job_count=plan.n_iter)
+def generation_job(plan: Plan, task_id: str | None = None) -> Job:
+    return Job(f"scripts_{plan.mode}", lambda worker: run_plan(plan, worker), job_count=plan.n_iter,
+               task_id=task_id, key=plan.key)
 
 
 def run_plan(plan: Plan, worker) -> dict:
@@ -381,7 +382,7 @@ def switch_job(key: ModelKey) -> Job:
         worker.host.default = key
         return None
 
-    return Job("switch_model", run)
+    return Job("switch_model", run, key=key)
 
 
 __all__ = ["ApiError", "Options", "Plan", "build_plan", "check_options", "generation_job", "switch_job"]

@@ -62,7 +62,7 @@ COMMON: dict[str, tuple[Any, Any, str]] = {
     "send_images": (Optional[bool], True, IMPLEMENTED),
     "save_images": (Optional[bool], False, NOOP),
     "alwayson_scripts": (Optional[dict[str, Any]], {}, IGNORED),
-    "force_task_id": (Optional[str], None, NOOP),
+    "force_task_id": (Optional[str], None, IMPLEMENTED),  # the job's task id (/internal/progress, interrupt)
     "infotext": (Optional[str], None, IMPLEMENTED),
 }
 

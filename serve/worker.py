@@ -11,11 +11,13 @@ import logging
 import queue
 import threading
 import time
+import types
 from typing import Callable
 
 from tritonsd.serve import limits
 from tritonsd.serve.errors import Busy
 from tritonsd.serve.previews import Previews
+from tritonsd.serve.tasks import TaskLog, internal_progress, new_task_id
 
 log = logging.getLogger("tritonsd.serve")
 
@@ -56,6 +58,11 @@ class Progress:
             self.reset()
             self.interrupted = interrupted
 
+    def fields(self) -> types.SimpleNamespace:
+        """A consistent copy of the fields (for ``tasks.internal_progress``)."""
+        with self._lock:
+            return types.SimpleNamespace(**{k: v for k, v in vars(self).items() if k != "_lock"})
+
     def interrupt(self) -> None:
         with self._lock:
             if self.job_count:
@@ -82,12 +89,16 @@ class Progress:
 
 
 class Job:
-    """``run(worker)`` on the worker thread; its result or exception goes to ``future``."""
+    """``run(worker)`` on the worker thread; its result or exception goes to ``future``. ``task_id``: A1111's
+    task id (``/internal/progress``, interrupt by id); ``key``: the ``ModelKey`` it runs on when it names one (a
+    Ray Serve ingress routes by it)."""
 
-    def __init__(self, name: str, run: Callable, job_count: int = 1):
+    def __init__(self, name: str, run: Callable, job_count: int = 1, task_id: str | None = None, key=None):
         self.name = name
         self.run = run
         self.job_count = job_count
+        self.task_id = task_id or new_task_id()
+        self.key = key
         self.future: concurrent.futures.Future = concurrent.futures.Future()
 
 
@@ -103,6 +114,7 @@ class Worker:
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._submit_lock = threading.Lock()
         self._interrupt = threading.Event()
+        self.tasks = TaskLog()
         self._thread = threading.Thread(target=self._loop, name=f"tritonsd-worker-{name}", daemon=True)
         self._thread.start()
 
@@ -111,6 +123,7 @@ class Worker:
             if self._waiting() >= self.max_queue:
                 raise Busy(f"the server has {self.max_queue} jobs waiting, its limit; try again later",
                            limits.RETRY_AFTER_S)
+            self.tasks.queue(job.task_id)
             self._queue.put(job)
         return job.future
 
@@ -125,15 +138,30 @@ class Worker:
         with self._queue.mutex:
             waiting = self._queue.queue
             live = [j for j in waiting if j is None or not j.future.cancelled()]
+            for j in waiting:
+                if j is not None and j.future.cancelled():
+                    self.tasks.drop(j.task_id)
             if len(live) != len(waiting):
                 waiting.clear()
                 waiting.extend(live)
             return sum(j is not None for j in live)
 
-    def interrupt(self) -> None:
-        """Stop the running job at its next step (A1111's ``state.interrupt``); queued jobs still run."""
+    def interrupt(self, task_id: str | None = None) -> None:
+        """Stop the running job at its next step (A1111's ``state.interrupt``); queued jobs still run. With a
+        ``task_id``, only when that task is the running one."""
+        if task_id is not None and self.tasks.oldest_running() != task_id:
+            return
         self._interrupt.set()
         self.progress.interrupt()
+
+    def snapshot(self) -> dict:
+        """``/sdapi/v1/progress``: the running job's progress (A1111's, one worker)."""
+        return self.progress.snapshot()
+
+    def task_progress(self, task_id: str) -> dict:
+        """``/internal/progress`` for ``task_id``."""
+        active, queued, completed = self.tasks.state(task_id)
+        return internal_progress(active, queued, completed, self.progress.fields() if active else None)
 
     def check_interrupt(self) -> None:
         if self._interrupt.is_set():
@@ -153,8 +181,10 @@ class Worker:
             if job is None:
                 return
             if not job.future.set_running_or_notify_cancel():
+                self.tasks.drop(job.task_id)
                 continue  # its request went away while it waited
             self._interrupt.clear()
+            self.tasks.start(job.task_id)
             self.progress.begin(job.name, job.job_count)
             self.previews.reset()
             result = error = None
@@ -165,6 +195,7 @@ class Worker:
                     log.error("job %s failed: %s: %s", job.name, type(e).__name__, e)
                 error = e
             finally:
+                self.tasks.finish(job.task_id)
                 self.progress.end()  # before the answer: a client that has its answer sees the job over
                 self.previews.reset()
             if error is not None:

@@ -15,6 +15,7 @@ from tritonsd.escape import escape
 from tritonsd.model.taesd import load_taesd_decoder
 from tritonsd.serve import limits
 from tritonsd.serve.guard import allowed_hosts
+from tritonsd.tools import serve_ray
 from tritonsd.tools.cli import UsageError
 from tritonsd.tools.generate import load_spec_of
 
@@ -23,7 +24,8 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser("serve", help="serve a resident model over AUTOMATIC1111's HTTP API and a web page",
                               description="Load a checkpoint once and serve it over AUTOMATIC1111's /sdapi/v1 "
                                           "API (txt2img, img2img, progress, interrupt, options, ...) and a web "
-                                          "page at /. One worker per device runs the jobs in order.")
+                                          "page at /. One worker per device runs the jobs in order; with --ray, "
+                                          "replicas on Ray Serve run them.")
     m = p.add_argument_group("models")
     m.add_argument("--checkpoint", required=True, metavar="FILE",
                    help=".safetensors or .ckpt file, or demo:sd1 (the built-in tiny random-weight model)")
@@ -77,6 +79,7 @@ def add_parser(subparsers) -> None:
                    help="a connection must send a request's headers within this (default: %(default)s)")
     n.add_argument("--body-timeout", type=float, default=limits.BODY_IDLE_TIMEOUT_S, metavar="SECONDS",
                    help="the longest pause allowed inside a request body; 408 after it (default: %(default)s)")
+    serve_ray.add_arguments(p)
     p.set_defaults(run=run)
 
 
@@ -153,6 +156,9 @@ def run(args: argparse.Namespace) -> int:
         raise RuntimeError(f"{e.name} is not installed; install the serve extra: pip install 'tritonsd[serve]'") \
             from None
     credentials = check_usage(args)
+    if args.ray is not None or args.write_config is not None:
+        warn_open_host(args, credentials)
+        return run_on_ray(args)
     sock = listen(args.host, args.port)
     previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
@@ -169,12 +175,33 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def serve(args: argparse.Namespace, credentials: dict, sock: socket.socket, uvicorn) -> None:
-    """Load the model and serve on ``sock`` until a signal: uvicorn shuts down gracefully, then raises the signal
-    again, which ``_stop`` turns into ``Stopped``."""
+def warn_open_host(args: argparse.Namespace, credentials: dict) -> None:
     if args.host not in ("127.0.0.1", "localhost", "::1") and not credentials:
         print(f"tritonsd serve: warning: listening on {args.host} without --api-auth: anyone who can reach this "
               "address can use the server", file=sys.stderr)
+
+
+def run_on_ray(args: argparse.Namespace) -> int:
+    """``--ray``: the application on Ray Serve until a signal (``tools/serve_ray.py``)."""
+    previous: dict = {}
+
+    def install():
+        previous.update({sig: signal.signal(sig, _stop) for sig in (signal.SIGTERM, signal.SIGINT)})
+
+    try:
+        return serve_ray.run_ray(args, install)
+    except Stopped as e:
+        print(f"tritonsd serve: stopped by {signal.Signals(e.signum).name}", file=sys.stderr, flush=True)
+        return 128 + e.signum
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def serve(args: argparse.Namespace, credentials: dict, sock: socket.socket, uvicorn) -> None:
+    """Load the model and serve on ``sock`` until a signal: uvicorn shuts down gracefully, then raises the signal
+    again, which ``_stop`` turns into ``Stopped``."""
+    warn_open_host(args, credentials)
     import logging
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
