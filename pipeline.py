@@ -66,6 +66,7 @@ import torch
 from tritonsd.control.models import attach_images, resolve_units
 from tritonsd.kernels import dispatch
 from tritonsd.load_spec import CheckedSpec, LoadSpec
+from tritonsd.model import hoist
 from tritonsd.model.layers import circular_padding
 from tritonsd.model.load import load_model
 from tritonsd.model.vae_guard import VAEDecodeGuard
@@ -217,9 +218,13 @@ class Pipeline:
         """A stage's convolution padding: circular for a tiling run, zeros otherwise (restored after it)."""
         return circular_padding(self.model, tiling)
 
-    def _model_unet(self, x, t, context, y=None, t_emb=None):
+    def _model_unet(self, x, t, context, y=None, t_emb=None, step_emb=None):
         """``apply_model`` returning float32: the sampler state stays float32 whatever the weights' dtype."""
-        return self.model.apply_model(x, t, context, y, t_emb=t_emb).float()
+        return self.model.apply_model(x, t, context, y, t_emb=t_emb, step_emb=step_emb).float()
+
+    def _step_embedder(self):
+        """The model's step embedder for the per-step tables, when ``unet`` is the model's own."""
+        return self.model.step_embedder() if self.unet == self._model_unet else None
 
     # ------------------------------------------------------------ settings
 
@@ -475,7 +480,8 @@ class Pipeline:
                 out = self._denoise_graphed(runner, spec, latents, cond, s, callback)
             else:
                 schedule = latents.schedule  # sigmas stay on the host: the prepared denoiser reads its tables by them
-                den = build_denoiser(self.unet, self.config, spec, s.cfg_scale, schedule, x.device)
+                den = build_denoiser(self.unet, self.config, spec, s.cfg_scale, schedule, x.device,
+                                     self._step_embedder())
                 if cond.per_step:
                     den = D.PerCallConditioning(den)
                 if latents.blend is not None and spec.space != "timesteps":
@@ -485,7 +491,8 @@ class Pipeline:
                     kwargs["noise_sampler"] = lambda _a, _b: latents.noise.ancestral(x.shape[1:]).to(x.device)
                 step = None if callback is None else (lambda d: callback({**d, "total": total}))
                 extra = {"cond": cond.cond, "uncond": cond.uncond, **latents.shared}
-                out = spec.fn(den, x, schedule, extra_args=extra, callback=step, **kwargs)
+                with hoist.scope():  # the conditioning's per-run values once per loop (model/hoist.py)
+                    out = spec.fn(den, x, schedule, extra_args=extra, callback=step, **kwargs)
                 if spec.space == "timesteps":
                     out = out[0]  # (x, intermediates)
             if latents.blend is not None:
@@ -501,7 +508,8 @@ class Pipeline:
         unet = self.model.model.diffusion_model
         key = (id(self.unet), *(t.data_ptr() for t in (*unet.parameters(), *unet.buffers())))
         if self._runner is None or self._runner_key != key:
-            self._runner = GraphRunner(tables_on_device(sigma_denoiser(self.unet, self.config), device), device)
+            self._runner = GraphRunner(tables_on_device(sigma_denoiser(self.unet, self.config, self._step_embedder()),
+                                                        device), device)
             self._runner_key = key
         return self._runner
 

@@ -151,15 +151,15 @@ def make_plan(model: str, size: tuple[int, int] | None = None, batch: int = 1, c
               text_heads: int | None = None) -> Plan:
     if dtype not in PLAN_DTYPES:
         raise PlanError(f"dtype must be one of {', '.join(PLAN_DTYPES)}, got {dtype!r}")
-    if batch < 1 or steps < 1:
-        raise PlanError("batch and steps must be at least 1")
+    if not 1 <= batch <= 64 or not 1 <= steps <= 500:
+        raise PlanError("batch must be 1 to 64 and steps 1 to 500")
     spec = GPU.named(gpu, dtype)
     built = plan_model.build(model, DTYPE_NAMES[dtype], text_heads)
     size = size or plan_model.native_size(built)
-    walk = plan_model.walk_image(built, size, batch, cfg, DTYPE_NAMES[dtype])
-    step = _costs(walk.step)
-    by_event = {id(e): c for e, c in zip(walk.step, step)}
-    loop = [by_event.get(id(e)) or cost(e) for e in walk.loop(steps)]
+    walk = plan_model.walk_image(built, size, batch, cfg, DTYPE_NAMES[dtype], steps)
+    loop = _costs(walk.loop)
+    by_event = {id(e): c for e, c in zip(walk.loop, loop)}
+    step = [by_event[id(e)] for e in walk.step]
     return Plan(model, size, batch, cfg, dtype, steps, spec, step, _costs(walk.text), loop, _costs(walk.vae))
 
 

@@ -3,8 +3,9 @@
 ``MODEL`` is a released family (``sd15``, ``sd21``, ``sdxl``: built on the meta device from its key manifest,
 ``bench/random_weights.py``) or a checkpoint file (its tensors' shapes from the header, ``formats/checkpoint``):
 no weights are read and nothing is allocated. The loop is the one the Pipeline runs on CUDA (the graph runner's
-body, ``sampler/graph.py``, with its per-step tables), walked eagerly over a few steps; a UNet call opens a new
-span, so the middle span is one whole step in the steady state (its UNet, CFG combine and sampler update).
+body, ``sampler/graph.py``, with its per-step tables), walked eagerly over all its steps; a UNet call opens a
+new span, so the middle span is one whole step in the steady state (its UNet, CFG combine and sampler update;
+what the loop makes once, before or at its first step, is in the first spans).
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ from tritonsd.sampler.graph import GraphRunner, tables_on_device
 from tritonsd.sampler.wiring import make_schedule, sigma_denoiser
 
 FAMILIES = ("sd15", "sd21", "sdxl")
-WALK_STEPS = 3  # first, one steady-state, last
 
 
 class PlanModelError(ValueError):
@@ -84,13 +84,13 @@ class ImageWalk:
 
     @property
     def step(self) -> list[Event]:
-        """One steady-state step: the span of a UNet call that is neither the first nor the last."""
+        """One steady-state step: the span of the middle UNet call."""
         return self.spans[f"step{self.steps_walked // 2}"]
 
-    def loop(self, steps: int) -> list[Event]:
-        """A loop of ``steps`` steps: the walked first and last steps, the middle one repeated."""
-        first, last = self.spans["step0"], self.spans[f"step{self.steps_walked - 1}"]
-        return self.spans["pre"] + first + self.step * max(steps - 2, 0) + (last if steps > 1 else [])
+    @property
+    def loop(self) -> list[Event]:
+        """The whole loop: its set-up and every step."""
+        return [e for span in self.spans.values() for e in span]
 
 
 def _meta(shape, dtype) -> torch.Tensor:
@@ -112,43 +112,44 @@ def walk_text(model: StableDiffusion, batch: int, cfg: bool) -> list[Event]:
     return walk.events
 
 
-def _conditioning(model: StableDiffusion, batch: int, dtype) -> dict[str, torch.Tensor]:
+def _conditioning(model: StableDiffusion, batch: int) -> dict[str, torch.Tensor]:
+    """The UNet's keywords as the Pipeline passes them (``prompt/encode.unet_keywords``: float32)."""
     unet = model.config.unet
-    cond = {"context": _meta((batch, TEXT_TOKENS, unet.context_dim), dtype)}
+    cond = {"context": _meta((batch, TEXT_TOKENS, unet.context_dim), torch.float32)}
     if unet.adm_in_channels is not None:
-        cond["y"] = _meta((batch, unet.adm_in_channels), dtype)
+        cond["y"] = _meta((batch, unet.adm_in_channels), torch.float32)
     return cond
 
 
-def walk_loop(model: StableDiffusion, size: tuple[int, int], batch: int, cfg: bool, dtype,
-              sampler: str = registry.DEFAULT_SAMPLER, cfg_scale: float = 7.0) -> tuple[dict[str, list[Event]], int]:
-    """The graph runner's loop body over ``WALK_STEPS`` steps, spans split at each UNet call."""
+def walk_loop(model: StableDiffusion, size: tuple[int, int], batch: int, cfg: bool, dtype, steps: int,
+              sampler: str = registry.DEFAULT_SAMPLER, cfg_scale: float = 7.0) -> dict[str, list[Event]]:
+    """The graph runner's loop body over ``steps`` steps (Karras sigmas), spans split at each UNet call."""
     spec = registry.get(sampler)
     w, h = size
     # latents are float32 (the Pipeline's), the conditioning in the model's dtype (the text encoders')
     x = _meta((batch, model.config.unet.in_channels, h // LATENT_FACTOR, w // LATENT_FACTOR), torch.float32)
-    sigmas = make_schedule(model.config, spec, WALK_STEPS, karras=True)
-    cond = _conditioning(model, batch, dtype)
-    uncond = _conditioning(model, batch, dtype) if cfg else None
+    sigmas = make_schedule(model.config, spec, steps, karras=True)
+    cond = _conditioning(model, batch)
+    uncond = _conditioning(model, batch) if cfg else None
     spans: dict[str, list[Event]] = {}
     calls = []
 
     with walking() as walk:
         walk.span("pre")
 
-        def unet(x, t, context, y=None, t_emb=None):  # the model, opening a span per call
+        def unet(x, t, context, y=None, t_emb=None, step_emb=None):  # the model, opening a span per call
             walk.span(f"step{len(calls)}")
             calls.append(1)
-            return model.apply_model(x, t, context, y=y, t_emb=t_emb)
+            return model.apply_model(x, t, context, y=y, t_emb=t_emb, step_emb=step_emb)
 
-        runner = GraphRunner(tables_on_device(sigma_denoiser(unet, model.config), "meta"), device="meta",
-                             use_graphs=False)
+        den = sigma_denoiser(unet, model.config, model.step_embedder())  # as the Pipeline builds it
+        runner = GraphRunner(tables_on_device(den, "meta"), device="meta", use_graphs=False)
         runner.run(x, cond, uncond, None, sigmas=sigmas, cfg_scale=cfg_scale if cfg else 1.0, sampler=spec)
     for event in walk.events:
         spans.setdefault(event.mark, []).append(event)
-    if len(calls) != WALK_STEPS:
-        raise PlanModelError(f"the walked loop made {len(calls)} UNet calls for {WALK_STEPS} steps")
-    return spans, WALK_STEPS
+    if len(calls) != steps:
+        raise PlanModelError(f"the walked loop made {len(calls)} UNet calls for {steps} steps")
+    return spans
 
 
 def walk_unet(model: StableDiffusion, size: tuple[int, int], batch: int, dtype) -> list[Event]:
@@ -156,7 +157,7 @@ def walk_unet(model: StableDiffusion, size: tuple[int, int], batch: int, dtype) 
     w, h = size
     x = _meta((batch, model.config.unet.in_channels, h // LATENT_FACTOR, w // LATENT_FACTOR), torch.float32)
     t = torch.full((batch,), 500.0, device="meta")
-    cond = _conditioning(model, batch, dtype)
+    cond = _conditioning(model, batch)
     with walking() as walk:
         model.apply_model(x, t, cond["context"], y=cond.get("y"))
     return walk.events
@@ -170,8 +171,8 @@ def walk_vae(model: StableDiffusion, size: tuple[int, int], batch: int, dtype) -
     return walk.events
 
 
-def walk_image(model: StableDiffusion, size: tuple[int, int], batch: int, cfg: bool, dtype) -> ImageWalk:
-    spans, steps = walk_loop(model, size, batch, cfg, dtype)
+def walk_image(model: StableDiffusion, size: tuple[int, int], batch: int, cfg: bool, dtype, steps: int) -> ImageWalk:
+    spans = walk_loop(model, size, batch, cfg, dtype, steps)
     return ImageWalk(walk_text(model, batch, cfg), spans, walk_vae(model, size, batch, dtype), steps)
 
 

@@ -15,7 +15,7 @@ from tritonsd.formats.keys import VAE
 from tritonsd.formats.source import LoadedFrom
 from tritonsd.model.conditioner import build_cond_stage
 from tritonsd.model.config import ModelConfig
-from tritonsd.model.unet import UNetModel
+from tritonsd.model.unet import StepEmbedder, StepEmbedding, UNetModel
 from tritonsd.model.vae import AutoencoderKL
 from tritonsd.formats.vae_file import check_vae_fits
 
@@ -57,11 +57,18 @@ class StableDiffusion(nn.Module):
         return self.cond_stage_model(list(prompts))
 
     def apply_model(self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor,
-                    y: torch.Tensor | None = None, t_emb: torch.Tensor | None = None) -> torch.Tensor:
+                    y: torch.Tensor | None = None, t_emb: torch.Tensor | None = None,
+                    step_emb: StepEmbedding | None = None) -> torch.Tensor:
         """The UNet's raw output (eps or v, see ``config.parameterization``). For inpainting models ``x`` is
-        already ``cat([latents, mask, masked-image latents], 1)``; ``t_emb``: the precomputed sinusoid of ``t``
-        (``UNetModel.forward``)."""
-        return self.model.diffusion_model(x, t, context, y, t_emb=t_emb)
+        already ``cat([latents, mask, masked-image latents], 1)``; ``t_emb``: the precomputed sinusoid of ``t``,
+        ``step_emb``: its time MLP and projections (``UNetModel.forward``)."""
+        return self.model.diffusion_model(x, t, context, y, t_emb=t_emb, step_emb=step_emb)
+
+    def step_embedder(self) -> StepEmbedder | None:
+        """What the sampler's per-step tables embed each step with before the loop; None for SDXL (its time
+        embedding depends on the conditioning vector y)."""
+        unet = self.model.diffusion_model
+        return StepEmbedder(unet) if self.config.unet.adm_in_channels is None else None
 
     def decode_first_stage(self, z: torch.Tensor) -> torch.Tensor:
         """Scaled latents -> image in about [-1, 1] (divides by ``scale_factor`` first; no clamp)."""

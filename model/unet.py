@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tritonsd.kernels import dispatch
+from tritonsd.model import hoist
 from tritonsd.model.config import UNetConfig
 from tritonsd.model.layers import Conv2d, GroupNorm, LayerNorm, Upsample, timestep_embedding
 
@@ -35,11 +36,42 @@ class ResBlock(nn.Module):
                                         Conv2d(out_channels, out_channels, 3, padding=1))
         self.skip_connection = nn.Identity() if out_channels == channels else Conv2d(channels, out_channels, 1)
 
-    def forward(self, x: torch.Tensor, emb_silu: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, emb: StepEmbedding) -> torch.Tensor:
         h = self.in_layers[0](x, silu=True)
-        h = self.in_layers[2](h, emb=self.emb_layers[1](emb_silu))
+        h = self.in_layers[2](h, emb=emb.projection(self))
         h = self.out_layers[0](h, silu=True)
         return self.out_layers[3](h, residual=self.skip_connection(x))
+
+
+class StepEmbedding:
+    """What one step's time embedding gives the ResBlocks: ``silu`` = SiLU(time embedding) [B, time_embed_dim] and,
+    when made by ``UNetModel.step_embedding`` before the loop, every ResBlock's projection of it (its
+    ``emb_layers``, [B, C]), so that the step launches none of them. Without them a ResBlock projects ``silu``
+    itself, as the original does."""
+
+    def __init__(self, silu: torch.Tensor, projections: dict[nn.Module, torch.Tensor] | None = None):
+        self.silu = silu
+        self.projections = projections
+
+    def projection(self, block: ResBlock) -> torch.Tensor:
+        if self.projections is None:
+            return block.emb_layers[1](self.silu)
+        return self.projections[block]
+
+
+class StepEmbedder:
+    """``UNetModel.step_embedding`` for the sampler's per-step tables (``sampler/denoise.StepTables``), with the
+    weights' ``version``: the tables recompute their rows in place when it changes (a LoRA switch writes into
+    ``time_embed`` / ``emb_layers`` weights; a captured graph keeps reading the rows' storage)."""
+
+    def __init__(self, unet: UNetModel):
+        self.unet = unet
+
+    def __call__(self, t_emb: torch.Tensor, out: StepEmbedding | None = None) -> StepEmbedding:
+        return self.unet.step_embedding(t_emb, out)
+
+    def version(self) -> tuple:
+        return tuple((p.data_ptr(), p._version) for p in self.unet.step_embedding_parameters())
 
 
 class CrossAttention(nn.Module):
@@ -55,8 +87,12 @@ class CrossAttention(nn.Module):
         self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Identity())  # [1] was Dropout
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        context = x if context is None else context
-        out = dispatch.attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads)
+        if context is None:
+            k, v = self.to_k(x), self.to_v(x)
+        else:  # once per distinct context in a run (model/hoist.py): it is the same at every step
+            k, v = hoist.once(self, (context, self.to_k.weight, self.to_v.weight),
+                              lambda: (self.to_k(context), self.to_v(context)))
+        out = dispatch.attention(self.to_q(x), k, v, self.heads)
         return self.to_out[0](out)
 
 
@@ -137,10 +173,10 @@ class Downsample(nn.Module):
 class TimestepBlock(nn.Sequential):
     """One entry of input_blocks / output_blocks / middle_block: layers that each take what they need."""
 
-    def forward(self, x: torch.Tensor, emb_silu: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, emb: StepEmbedding, context: torch.Tensor) -> torch.Tensor:
         for layer in self:
             if isinstance(layer, ResBlock):
-                x = layer(x, emb_silu)
+                x = layer(x, emb)
             elif isinstance(layer, SpatialTransformer):
                 x = layer(x, context)
             else:
@@ -194,40 +230,77 @@ class UNetModel(nn.Module):
         self.out = nn.Sequential(GroupNorm(32, ch), nn.Identity(), Conv2d(ch, cfg.out_channels, 3, padding=1))
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor | float, context: torch.Tensor,
-                y: torch.Tensor | None = None, t_emb: torch.Tensor | None = None) -> torch.Tensor:
+                y: torch.Tensor | None = None, t_emb: torch.Tensor | None = None,
+                step_emb: StepEmbedding | None = None) -> torch.Tensor:
         """x [B, in_channels, H, W], timesteps [B] or scalar (may be fractional), context [B, N, context_dim],
         y [B, adm_in_channels] (SDXL only) -> [B, out_channels, H, W]. ``t_emb`` [B, model_channels] float32, any
         strides: ``timestep_embedding(timesteps, model_channels)`` computed by the caller (the sampler's per-step
-        tables), which the step then skips."""
+        tables), which the step then skips. ``step_emb``: ``step_embedding(t_emb)`` made by the caller before the
+        loop (no ``y``): the step then skips the time MLP and every ResBlock's projection too."""
         self._check_inputs(x, context, y)
         dtype = self.time_embed[0].weight.dtype
         t = torch.as_tensor(timesteps, device=x.device).reshape(-1)
         if t.numel() not in (1, x.shape[0]):
             raise UNetShapeError(f"got {t.numel()} timesteps for a batch of {x.shape[0]}")
         t = t.expand(x.shape[0])  # one timestep for every row, or one per row
-        if t_emb is None:
-            t_emb = timestep_embedding(t, self.cfg.model_channels)
-        elif tuple(t_emb.shape) != (x.shape[0], self.cfg.model_channels):
-            raise UNetShapeError(f"t_emb must be [{x.shape[0]}, {self.cfg.model_channels}], got {list(t_emb.shape)}")
-        emb = self.time_embed(t_emb.to(dtype).contiguous())  # a table row expanded over the batch: made dense
-        if y is not None:
-            emb = emb + self.label_emb(y.to(dtype))
-        emb_silu = F.silu(emb)
+        if step_emb is not None and y is None:
+            if step_emb.silu.shape[0] != x.shape[0]:
+                raise UNetShapeError(f"step_emb is for a batch of {step_emb.silu.shape[0]}, not {x.shape[0]}")
+            emb = step_emb
+        else:
+            if t_emb is None:
+                t_emb = timestep_embedding(t, self.cfg.model_channels)
+            emb = StepEmbedding(self._time_silu(t_emb, x.shape[0], y))
 
         h = x.to(dtype)
-        context = context.to(dtype)
+        context = hoist.once(("context", dtype), (context,), lambda: context.to(dtype))
         skips = []
         for block in self.input_blocks:
-            h = block(h, emb_silu, context)
+            h = block(h, emb, context)
             skips.append(h)
-        h = self.middle_block(h, emb_silu, context)
+        h = self.middle_block(h, emb, context)
         for block in self.output_blocks:
             skip = skips.pop()
             if h.shape[-2:] != skip.shape[-2:]:  # odd sizes (A1111's sd_hijack_unet): upsampled -> skip's size
                 h = F.interpolate(h, size=skip.shape[-2:], mode="nearest")
-            h = block(torch.cat([h, skip], dim=1), emb_silu, context)
+            h = block(torch.cat([h, skip], dim=1), emb, context)
         h = self.out[0](h, silu=True)
         return self.out[2](h)
+
+    def _time_silu(self, t_emb: torch.Tensor, batch: int, y: torch.Tensor | None = None) -> torch.Tensor:
+        """SiLU(time_embed(t_emb) [+ label_emb(y)]): what every ResBlock's ``emb_layers`` projects."""
+        if tuple(t_emb.shape) != (batch, self.cfg.model_channels):
+            raise UNetShapeError(f"t_emb must be [{batch}, {self.cfg.model_channels}], got {list(t_emb.shape)}")
+        dtype = self.time_embed[0].weight.dtype
+        emb = self.time_embed(t_emb.to(dtype).contiguous())  # a table row expanded over the batch: made dense
+        if y is not None:  # the conditioning's vector: the same at every step of a run (model/hoist.py)
+            label = hoist.once(("label_emb", dtype), (y, *self.label_emb.parameters()),
+                               lambda: self.label_emb(y.to(dtype)))
+            emb = emb + label
+        return F.silu(emb)
+
+    def res_blocks(self) -> list[ResBlock]:
+        return [m for m in self.modules() if isinstance(m, ResBlock)]
+
+    def step_embedding(self, t_emb: torch.Tensor, out: StepEmbedding | None = None) -> StepEmbedding:
+        """The time MLP and every ResBlock's projection for ``t_emb`` [B, model_channels] (the sinusoid, as
+        ``forward`` takes it), by the very operations ``forward`` runs on it, so a step given the result computes
+        what it would have: for a UNet without ``y`` (SD1 / SD2; SDXL's embedding depends on the conditioning).
+        ``out``: a previous result whose tensors receive the values in place (a captured graph reads them)."""
+        if self.cfg.adm_in_channels is not None:
+            raise UNetShapeError("a UNet with a label embedding (SDXL) embeds the step together with y")
+        silu = self._time_silu(t_emb, t_emb.shape[0])
+        projections = {block: block.emb_layers[1](silu) for block in self.res_blocks()}
+        if out is None:
+            return StepEmbedding(silu, projections)
+        out.silu.copy_(silu)
+        for block, value in projections.items():
+            out.projections[block].copy_(value)
+        return out
+
+    def step_embedding_parameters(self) -> list[torch.Tensor]:
+        """The weights ``step_embedding`` reads."""
+        return [*self.time_embed.parameters(), *(p for b in self.res_blocks() for p in b.emb_layers.parameters())]
 
     def _check_inputs(self, x: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None) -> None:
         cfg = self.cfg

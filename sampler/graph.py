@@ -35,7 +35,8 @@ try:
 except ImportError:  # no triton here: nothing more to catch
     TritonError = RuntimeError
 
-from tritonsd.sampler.denoise import CFGDenoiser, PerCallConditioning, prepare
+from tritonsd.model import hoist
+from tritonsd.sampler.denoise import CFGDenoiser, PerCallConditioning, prepare, refresh
 from tritonsd.sampler import registry
 from tritonsd.sampler.registry import SamplerSpec
 
@@ -192,10 +193,11 @@ class CapturedLoop:
                  **self.static.get("shared", {})}
         spec = self.spec
         model = PerCallConditioning(self.cfg) if self.key.per_step else self.cfg
-        if spec.stochastic:  # ancestral: its noise from the static buffer, at the runner's eta
-            return spec.fn(model, self.static_x, sigmas, extra_args=extra, callback=callback, eta=self.eta,
-                           noise_sampler=self.noise)
-        return spec.fn(model, self.static_x, sigmas, extra_args=extra, callback=callback)
+        with hoist.scope():  # per-run values (the conditioning's) once per loop; under capture, in the graph
+            if spec.stochastic:  # ancestral: its noise from the static buffer, at the runner's eta
+                return spec.fn(model, self.static_x, sigmas, extra_args=extra, callback=callback, eta=self.eta,
+                               noise_sampler=self.noise)
+            return spec.fn(model, self.static_x, sigmas, extra_args=extra, callback=callback)
 
     def capture(self) -> None:
         """Warm up (up to three steps, on a side stream: Triton compiles and autotuning, cuBLAS handles) then
@@ -223,6 +225,7 @@ class CapturedLoop:
         if self.graph is None:
             callback = None if progress is None else (lambda d: progress(d["i"], n))
             return self.body(callback=callback)
+        refresh(self.cfg)  # step embeddings made before the capture follow a LoRA switch
         self.graph.replay()
         if progress is not None:
             for i in range(n):

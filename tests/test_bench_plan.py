@@ -114,12 +114,12 @@ def _run(argv, capsys):
 
 def test_cli_json_schema_and_labels(tmp_path, capsys):
     path = tmp_path / "plan.json"
-    rc, out, err = _run(["bench", "plan", "sd15", "--json", str(path), "--summary"], capsys)
+    rc, out, err = _run(["bench", "plan", "sd15", "--steps", "4", "--json", str(path), "--summary"], capsys)
     assert rc == 0, err
     assert out.startswith("PREDICTION for sd15 512x512") and "no GPU was used" in out
     data = json.loads(path.read_text())
     assert data["label"].startswith("prediction")
-    assert data["command"] == ["tritonsd", "bench", "plan", "sd15", "--json", str(path)]
+    assert data["command"] == ["tritonsd", "bench", "plan", "sd15", "--steps", "4", "--json", str(path)]
     assert data["gpu"]["key"] == "h100" and data["gpu"]["source"].startswith("https://")
     step = data["per_step"]
     assert set(step) >= {"launches", "hbm_bytes", "flops", "floor_s", "ideal_s", "predicted_it_s"}
@@ -131,20 +131,21 @@ def test_cli_json_schema_and_labels(tmp_path, capsys):
     assert step["ideal_s"] == pytest.approx(step["flops"] / 989.4e12)
     assert step["predicted_it_s"] == pytest.approx(1 / step["floor_s"])
     image = data["image"]
-    assert image["steps"] == 20 and set(image["parts"]) == {"text", "loop", "vae_decode"}
+    assert image["steps"] == 4 and set(image["parts"]) == {"text", "loop", "vae_decode"}
     assert image["launches"] == sum(p["launches"] for p in image["parts"].values())
-    # the whole loop: the walked first and last steps and 18 steady ones, besides the loop's set-up
-    assert image["parts"]["loop"]["launches"] > 18 * step["launches"]
+    # the whole loop: four steps (the first makes what the run makes once) and the loop's set-up
+    assert image["parts"]["loop"]["launches"] > 4 * step["launches"]
 
 
 def test_measured_times_sit_beside_the_predictions(tmp_path, capsys):
-    plan = P.make_plan("sd15")
+    plan = P.make_plan("sd15", steps=3)
     row = plan.to_json({}, [])["launches"][11]
     key = f"{row['op']}|{row['impl']}|{row['shapes']}"
     measured = tmp_path / "measured.json"
     measured.write_text(json.dumps({"launches": [{"key": key, "measured_s": 1.5e-5}]}))
     out_json = tmp_path / "plan.json"
-    rc, out, err = _run(["bench", "plan", "sd15", "--measured", str(measured), "--json", str(out_json)], capsys)
+    rc, out, err = _run(["bench", "plan", "sd15", "--steps", "3", "--measured", str(measured), "--json", str(out_json)],
+                        capsys)
     assert rc == 0, err
     rows = json.loads(out_json.read_text())["launches"]
     hits = [r for r in rows if "measured_s" in r]
@@ -162,3 +163,21 @@ def test_bad_flags_are_one_line_and_exit_2(argv, message, capsys):
     rc, out, err = _run(argv, capsys)
     assert rc == 2 and out == ""
     assert err.count("\n") == 1 and message in err and "Traceback" not in err
+
+
+def test_the_steady_step_holds_no_per_run_work():
+    """With the hoists, a steady-state step of SD 1.5 projects no conditioning (no matrix product reads the 2 x 77
+    context rows) and runs no time MLP or ResBlock projection (none reads the [2, 320] sinusoid or the [2, 1280]
+    embedding); the first step does both, once for the run."""
+    meta = M.build("sd15", torch.float16)
+    walk = M.walk_image(meta, (512, 512), 1, True, torch.float16, steps=3)
+
+    def per_run(events):
+        rows = [cost(e) for e in events if cost(e).impl == "cuBLAS"]
+        return [r for r in rows if r.shapes.split(" ")[1 if r.op == "addmm" else 0].startswith(("[154,", "[2,"))]
+
+    first = per_run(walk.spans["pre"] + walk.spans["step0"])
+    assert per_run(walk.step) == []
+    # keys and values of 16 cross-attentions; per step index (3), the time MLP's 2 and the 22 ResBlocks' projections
+    assert len([r for r in first if r.shapes.startswith("[154,")]) == 2 * 16
+    assert len(first) == 2 * 16 + 3 * (2 + 22)
