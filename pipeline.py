@@ -87,7 +87,7 @@ from tritonsd.sampler.wiring import (build_denoiser, img2img_start, make_schedul
     start_at, txt2img_start)
 from tritonsd.lora.apply import find_lora, LoraError, LoraSpec, LoraState, parse_lora_tags
 from tritonsd.compile.warmup import warmup
-from tritonsd.prompt.encode import (encode_schedule, load_model_embeddings, pad_to_same_length,
+from tritonsd.prompt.encode import (call_rows, encode_schedule, load_model_embeddings, pad_to_same_length,
                                      unet_keywords)
 from tritonsd.formats.embeddings import ti_hashes
 from tritonsd.upscalers import UnknownUpscalerError, Upscalers
@@ -106,6 +106,7 @@ class Conditioning:
     uncond: dict[str, torch.Tensor] | None
     per_step: bool = False
     ti_hashes: str | None = None  # AUTOMATIC1111's "TI hashes" of the embeddings the prompts used
+    rows: tuple | None = None  # per_step: each side's row per call (prompt/encode.call_rows; equal entries share)
 
 
 @dataclass
@@ -220,11 +221,16 @@ class Pipeline:
 
     def _model_unet(self, x, t, context, y=None, t_emb=None, step_emb=None):
         """``apply_model`` returning float32: the sampler state stays float32 whatever the weights' dtype."""
+        if step_emb is None:
+            return self.model.apply_model(x, t, context, y, t_emb=t_emb).float()
         return self.model.apply_model(x, t, context, y, t_emb=t_emb, step_emb=step_emb).float()
 
     def _step_embedder(self):
-        """The model's step embedder for the per-step tables, when ``unet`` is the model's own."""
-        return self.model.step_embedder() if self.unet == self._model_unet else None
+        """The model's step embedder for the per-step tables, when ``unet`` is the model's own (and its
+        ``apply_model`` takes ``step_emb``)."""
+        if self.unet != self._model_unet or not D.takes_step_embedding(self.model.apply_model):
+            return None
+        return self.model.step_embedder()
 
     # ------------------------------------------------------------ settings
 
@@ -406,7 +412,8 @@ class Pipeline:
             with self._kernels():
                 c, u = pad_to_same_length(self.model, c, u, per_step, clip_skip=s.clip_skip, width=s.width,
                                           height=s.height)
-        return Conditioning(c, u, per_step=per_step, ti_hashes=self._ti_hashes)
+        rows = call_rows(cond, uncond, calls=s.steps + 1) if per_step else None
+        return Conditioning(c, u, per_step=per_step, ti_hashes=self._ti_hashes, rows=rows)
 
     def _encode_original(self, s: GenerationSettings, prompt: str, **size_conditions) -> Conditioning:
         rows, size = s.batch_size, (s.height, s.width)
@@ -483,7 +490,7 @@ class Pipeline:
                 den = build_denoiser(self.unet, self.config, spec, s.cfg_scale, schedule, x.device,
                                      self._step_embedder())
                 if cond.per_step:
-                    den = D.PerCallConditioning(den)
+                    den = D.PerCallConditioning(den, cond.rows)
                 if latents.blend is not None and spec.space != "timesteps":
                     den = I.BlendedDenoiser(den, latents.blend)  # A1111's per-step latent masking
                 kwargs = {}
@@ -524,7 +531,7 @@ class Pipeline:
         try:
             return runner.run(x, cond.cond, cond.uncond, noise, sigmas=sigmas, cfg_scale=s.cfg_scale,
                               sampler=spec, shared=latents.shared, progress=progress, per_step=cond.per_step,
-                              tiling=s.tiling)
+                              rows=cond.rows, tiling=s.tiling)
         except GraphCaptureError as e:
             raise GraphCaptureError(f"{e}; run without CUDA graphs (use_graphs=False, tritonsd generate "
                                     "--no-cuda-graphs)") from e

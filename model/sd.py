@@ -4,6 +4,7 @@ reads the files)."""
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -62,13 +63,17 @@ class StableDiffusion(nn.Module):
         """The UNet's raw output (eps or v, see ``config.parameterization``). For inpainting models ``x`` is
         already ``cat([latents, mask, masked-image latents], 1)``; ``t_emb``: the precomputed sinusoid of ``t``,
         ``step_emb``: its time MLP and projections (``UNetModel.forward``)."""
+        if step_emb is None:
+            return self.model.diffusion_model(x, t, context, y, t_emb=t_emb)
         return self.model.diffusion_model(x, t, context, y, t_emb=t_emb, step_emb=step_emb)
 
     def step_embedder(self) -> StepEmbedder | None:
         """What the sampler's per-step tables embed each step with before the loop; None for SDXL (its time
-        embedding depends on the conditioning vector y)."""
+        embedding depends on the conditioning vector y) and for a UNet whose ``forward`` was swapped for one that
+        takes no ``step_emb`` (a stand-in)."""
         unet = self.model.diffusion_model
-        return StepEmbedder(unet) if self.config.unet.adm_in_channels is None else None
+        takes = "step_emb" in inspect.signature(unet.forward).parameters
+        return StepEmbedder(unet) if self.config.unet.adm_in_channels is None and takes else None
 
     def decode_first_stage(self, z: torch.Tensor) -> torch.Tensor:
         """Scaled latents -> image in about [-1, 1] (divides by ``scale_factor`` first; no clamp)."""

@@ -406,24 +406,35 @@ class PerCallConditioning:
     """Prompt editing: the conditioning tensors are tables [calls, B, ...] and call k of the model gets row
     ``min(k, calls - 1)`` (AUTOMATIC1111's ``CFGDenoiser.step`` count). Wraps the outermost model (a CFG
     denoiser, or DDIM's eps wrapper around one); make one per sampler run. Under a CUDA graph the row choice
-    happens at capture: each captured step reads its own row of the static tables."""
+    happens at capture: each captured step reads its own row of the static tables.
 
-    def __init__(self, inner):
+    ``rows`` (``prompt/encode.call_rows``: per side, row k -> the first row of the same entry) makes the calls of
+    one entry read the same row, so that per-run values computed from it are computed once per entry."""
+
+    def __init__(self, inner, rows: tuple | None = None):
         self.inner = inner
+        self.rows = rows
         self.calls = 0
 
     def prepare(self, sigmas: torch.Tensor, device: str | torch.device | None = None) -> PerCallConditioning:
         """A fresh wrapper (call count 0) around the inner model prepared for ``sigmas``."""
-        return PerCallConditioning(prepare(self.inner, sigmas, device))
+        return PerCallConditioning(prepare(self.inner, sigmas, device), self.rows)
 
     def __call__(self, x, s, cond: dict, uncond: dict | None = None, **shared):
         k = self.calls
         self.calls += 1
+        cond_rows, uncond_rows = self.rows if self.rows is not None else (None, None)
 
-        def row(side):
-            return None if side is None else {n: t[min(k, t.shape[0] - 1)] for n, t in side.items()}
+        def row(side, rows):
+            if side is None:
+                return None
+            out = {}
+            for n, t in side.items():
+                j = min(k, t.shape[0] - 1)
+                out[n] = t[rows[j] if rows is not None and j < len(rows) else j]
+            return out
 
-        return self.inner(x, s, cond=row(cond), uncond=row(uncond), **shared)
+        return self.inner(x, s, cond=row(cond, cond_rows), uncond=row(uncond, uncond_rows), **shared)
 
 
 def _rows_shape(t) -> tuple:

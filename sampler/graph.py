@@ -69,6 +69,7 @@ class LoopKey:
     inputs: tuple  # ((group, name, shape, dtype), ...) of the conditioning buffers (their token length too)
     per_step: bool = False  # cond / uncond are per-step tables [calls, B, ...] (prompt editing)
     tiling: bool = False  # the convolutions pad circularly (the captured kernels bake the padding in)
+    rows: tuple | None = None  # per-step tables: each side's row per call (``PerCallConditioning``'s ``rows``)
 
 
 def tables_on_device(denoiser, device: str | torch.device):
@@ -192,7 +193,7 @@ class CapturedLoop:
         extra = {"cond": self.static["cond"], "uncond": self.static.get("uncond") or None,
                  **self.static.get("shared", {})}
         spec = self.spec
-        model = PerCallConditioning(self.cfg) if self.key.per_step else self.cfg
+        model = PerCallConditioning(self.cfg, self.key.rows) if self.key.per_step else self.cfg
         with hoist.scope():  # per-run values (the conditioning's) once per loop; under capture, in the graph
             if spec.stochastic:  # ancestral: its noise from the static buffer, at the runner's eta
                 return spec.fn(model, self.static_x, sigmas, extra_args=extra, callback=callback, eta=self.eta,
@@ -257,20 +258,20 @@ class GraphRunner:
         return tuple(registry.graph_samplers())
 
     def key(self, x_T, sigmas, cfg_scale, sampler: SamplerSpec, eta, groups, per_step: bool = False,
-            tiling: bool = False) -> LoopKey:
+            tiling: bool = False, rows: tuple | None = None) -> LoopKey:
         b, c, h, w = x_T.shape
         return LoopKey(batch=b, channels=c, height=h, width=w, dtype=x_T.dtype, device=str(self.device),
                        sampler=sampler.name, steps=len(sigmas) - 1, sigmas=tuple(float(s) for s in sigmas),
                        cfg_scale=float(cfg_scale), eta=float(eta) if sampler.stochastic else 0.0,
                        noise_draws=sampler.noise_draws(sigmas, eta), inputs=_signature(groups),
-                       per_step=per_step, tiling=bool(tiling))
+                       per_step=per_step, tiling=bool(tiling), rows=rows if per_step else None)
 
     def run(self, x_T: torch.Tensor, cond, uncond=None, noise: torch.Tensor | None = None, *,
             sigmas: torch.Tensor, cfg_scale: float, sampler: SamplerSpec | str = registry.DEFAULT_SAMPLER,
             eta: float = 1.0,
             shared: Mapping[str, torch.Tensor] | None = None,
             progress: Callable[[int, int], None] | None = None, per_step: bool = False,
-            tiling: bool = False) -> torch.Tensor:
+            tiling: bool = False, rows: tuple | None = None) -> torch.Tensor:
         """Latents after the loop. ``x_T``: start latents already scaled (``x * sigmas[0]``); ``cond`` /
         ``uncond``: context tensors or dicts (``context``, ``y``); ``sampler``: its registry spec (what the
         Pipeline passes) or name; ``eta``: an ancestral sampler's; ``noise``: [N, *x_T.shape] pre-drawn noise for
@@ -278,7 +279,8 @@ class GraphRunner:
         (all at once after the replay, when captured); ``per_step``: cond / uncond are per-step tables
         [calls, B, ...] (prompt editing), copied into static tables that the captured steps read row by row;
         ``tiling``: the model's convolutions pad circularly during this run (the caller sets that; a captured loop
-        bakes the padding in, so it is part of the key)."""
+        bakes the padding in, so it is part of the key); ``rows``: with ``per_step``, each side's row per call
+        (``prompt/encode.call_rows``; part of the key, since the graph bakes the rows it reads)."""
         sampler = graph_spec(sampler)
         if x_T.ndim != 4:
             raise GraphRunnerError(f"x_T must be [B, C, H, W], got {list(x_T.shape)}")
@@ -297,7 +299,7 @@ class GraphRunner:
             for n, t in d.items():
                 if t.shape[axis] != x_T.shape[0]:
                     raise GraphRunnerError(f"{g} {n!r} has batch {t.shape[axis]}, x_T has {x_T.shape[0]}")
-        key = self.key(x_T, sigmas, cfg_scale, sampler, eta, groups, per_step, tiling)
+        key = self.key(x_T, sigmas, cfg_scale, sampler, eta, groups, per_step, tiling, rows)
         if key.noise_draws:
             want = (key.noise_draws, *x_T.shape)
             if noise is None or noise.ndim != len(want) or noise.shape[0] < want[0] or noise.shape[1:] != want[1:]:

@@ -40,12 +40,12 @@ def _sigmas(model):
     return schedule.get_sigmas_karras(STEPS, den.sigma_min.item(), den.sigma_max.item())
 
 
-def _loop(model, x, cond, uncond, hoisted: bool, per_step: bool = False):
+def _loop(model, x, cond, uncond, hoisted: bool, per_step: bool = False, rows=None):
     """dpmpp_2m with CFG 7 over the prepared denoiser, with the hoists (a step embedder and a scope) or without."""
     sigmas = _sigmas(model)
     den = W.sigma_denoiser(model.apply_model, model.config, model.step_embedder() if hoisted else None)
     cfg = D.prepare(D.CFGDenoiser(tables_on_device(den, x.device), 7.0), sigmas, x.device)
-    outer = D.PerCallConditioning(cfg) if per_step else cfg
+    outer = D.PerCallConditioning(cfg, rows) if per_step else cfg
     with hoist.scope() if hoisted else contextlib.nullcontext():
         return S.sample_dpmpp_2m(outer, x * sigmas[0], sigmas, extra_args={"cond": cond, "uncond": uncond})
 
@@ -145,15 +145,39 @@ def test_a_weight_change_reaches_the_step_embeddings_and_the_keys(tiny):
     assert torch.equal(second, expected)
 
 
-def test_prompt_editing_tables_hoisted_equal_unhoisted(tiny):
-    """Per-call conditioning tables (prompt editing): each row's keys are computed at its first use, and the
-    loop equals the unhoisted one bit for bit."""
+def test_prompt_editing_computes_the_keys_once_per_distinct_entry(tiny):
+    """Per-call conditioning tables (prompt editing, ``unet_keywords``: one row per call, rows of one entry equal):
+    with ``call_rows``' map the calls of one entry read one row, so the keys are computed once per distinct
+    (uncond, cond) pair; the loop equals the unhoisted one bit for bit."""
     x, cond, uncond = _inputs(tiny, rows=STEPS)
-    cond["context"][2:] = cond["context"][1]  # an edit at step 2... written as distinct rows, as unet_keywords does
+    cond["context"][2:] = cond["context"][1]  # entry 0 at call 0, entry 1 from call 1 on
+    uncond["context"][:] = uncond["context"][0]  # one negative prompt
+    rows = ((0, 1, 1, 1), (0, 0, 0, 0))
     with torch.no_grad():
         plain = _loop(tiny, x, cond, uncond, hoisted=False, per_step=True)
-        hoisted = _loop(tiny, x, cond, uncond, hoisted=True, per_step=True)
-    assert torch.equal(hoisted, plain)
+        calls = Calls(tiny)
+        try:
+            hoisted = _loop(tiny, x, cond, uncond, hoisted=True, per_step=True, rows=rows)
+            unmapped = _loop(tiny, x, cond, uncond, hoisted=True, per_step=True)
+        finally:
+            calls.close()
+    assert torch.equal(hoisted, plain) and torch.equal(unmapped, plain)
+    layers = len(calls.cross) // 2
+    assert calls.kv == 2 * (layers * STEPS) + layers * 2 + layers * STEPS  # mapped: 2 pairs; unmapped: 4
+
+
+def test_call_rows_maps_each_call_to_the_first_call_of_its_entry():
+    from tritonsd.prompt.encode import call_rows
+
+    class Side:
+        def __init__(self, ends):
+            self.ends = ends
+
+        def index_at(self, k):
+            return next(i for i, end in enumerate(self.ends) if k < end or i == len(self.ends) - 1)
+
+    assert call_rows(Side([2, 5, 99]), Side([99]), 7) == ((0, 0, 2, 2, 2, 5, 5), (0,) * 7)
+    assert call_rows(Side([3, 99]), None, 4) == ((0, 0, 0, 3), None)
 
 
 def test_once_computes_again_when_an_input_is_written_and_never_outside_a_scope():
