@@ -31,12 +31,16 @@ from tritonsd.bench.plan_costs import Cost, cost
 from tritonsd.bench.plan_walk import Event
 from tritonsd.devices import DTYPE_NAMES
 from tritonsd.escape import escape
+from tritonsd.kernels._triton import TABLES_DIR, TuningTables
 from tritonsd.outputs import atomic_write
 
 LAUNCH_OVERHEAD_S = (1e-6, 2e-6)  # an assumed range of per-launch cost in a captured graph (not measured)
 LABEL = "prediction (roofline from counted FLOPs and bytes; nothing measured)"
 DEFAULT_STEPS = 20
 PLAN_DTYPES = ("fp16", "bf16")
+
+
+_tables: dict[str, TuningTables] = {}  # per GPU key, read once
 
 
 class PlanError(ValueError):
@@ -56,6 +60,7 @@ class GPU:
     vector_flops: float
     hbm_bytes_s: float
     source: str
+    device_name: str
 
     @classmethod
     def named(cls, key: str, dtype: str) -> GPU:
@@ -64,7 +69,16 @@ class GPU:
             raise PlanError(f"unknown GPU {key!r}: expected one of {', '.join(specs)}")
         s = specs[key]
         return cls(key, s["name"], float(s["tensor_flops"][dtype]), float(s["vector_flops"]),
-                   float(s["hbm_bytes_s"]), s["source"])
+                   float(s["hbm_bytes_s"]), s["source"], s["device_name"])
+
+    def tuned(self, autotune: tuple) -> dict:
+        """An autotuned launch's config in the tuning tables for this GPU (the user's cache, then the committed
+        ``kernels/data/tuned``), or None: the autotuner picks one of ``configs`` on the GPU."""
+        name, source, key, count = autotune
+        if self.key not in _tables:
+            _tables[self.key] = TuningTables(self.device_name, tables_dir=TABLES_DIR)
+        hit = _tables[self.key].lookup(name, source, key) if source else None
+        return {"configs": count, "tuned": None if hit is None else hit.get("config")}
 
     def time(self, c: Cost) -> float:
         """The roofline time of one launch: compute or memory, whichever is slower."""
@@ -77,6 +91,8 @@ def row(c: Cost, gpu: GPU, measured: dict[str, float]) -> dict:
            "hbm_bytes": c.hbm_bytes, "predicted_s": gpu.time(c)}
     if c.config:
         out["config"] = c.config
+    if c.autotune is not None:
+        out["autotune"] = gpu.tuned(c.autotune)
     if not c.flops_known:
         out["flops_unknown"] = True
     if c.key in measured:

@@ -19,11 +19,12 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+import triton
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry
 
 from tritonsd.bench.plan_walk import Event
-from tritonsd.kernels._triton import innermost
+from tritonsd.kernels._triton import autotune_key, innermost
 
 CUBLAS_OPS = frozenset({"mm", "addmm", "bmm", "baddbmm", "linear", "matmul", "addbmm"})
 CUDNN_OPS = frozenset({"convolution", "cudnn_convolution", "_convolution", "conv2d"})
@@ -76,6 +77,7 @@ class Cost:
     matmul: bool  # whether its FLOPs run on the tensor cores (else the vector units)
     config: dict = field(default_factory=dict)  # a Triton launch's constexprs as launched
     flops_known: bool = True
+    autotune: tuple | None = None  # an autotuned launch: (kernel name, source hash, autotune key, config count)
 
     @property
     def key(self) -> str:
@@ -122,12 +124,17 @@ def triton_cost(event: Event) -> Cost:
     known = name in TRITON_FLOPS or name in TRITON_NO_MATMUL
     flops = TRITON_FLOPS[name](named) if name in TRITON_FLOPS else 0
     config = {k: v for k, v in event.kwargs.items() if not isinstance(v, torch.Tensor)}
-    module = (getattr(fn, "module", None) or fn.fn.__module__).rsplit(".", 1)[-1]
+    full_module = getattr(fn, "module", None) or fn.fn.__module__  # a JITFunction's, or an interpreted one's
+    module = full_module.rsplit(".", 1)[-1]
+    autotune = None
+    if isinstance(event.kernel, triton.runtime.Autotuner):  # its name as the tuning tables key it
+        autotune = (f"{full_module}.{name}", getattr(fn, "cache_key", ""),
+                    autotune_key(event.kernel, event.args, event.kwargs), len(event.kernel.configs))
     return Cost(op=name.strip("_").removesuffix("_kernel"), impl="triton", kernel=f"{module}.{name}",
                 shapes=_named_shapes(tensors),
                 flops=flops, hbm_bytes=sum(unique_bytes(t) for t in _distinct(tensors.values())),
                 matmul=name in TRITON_FLOPS, config={k: _plain(v) for k, v in config.items()},
-                flops_known=known)
+                flops_known=known, autotune=autotune)
 
 
 def _named_shapes(tensors: dict[str, torch.Tensor]) -> str:

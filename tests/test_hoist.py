@@ -226,3 +226,21 @@ def test_captured_loop_with_hoists_follows_a_prompt_and_a_weight_change_cuda(tin
         assert runner.captures == 1
     finally:
         tiny.to("cpu")
+
+
+@pytest.mark.slow
+def test_hoisted_loop_is_bit_for_bit_the_unhoisted_one_with_the_triton_kernels(tiny):
+    """The same with every op on its Triton kernel (the interpreter on the CPU), two steps."""
+    from tritonsd.kernels import dispatch
+
+    x, cond, uncond = _inputs(tiny)
+    sigmas = schedule.get_sigmas_karras(2, 0.1, 10.0)
+    outs = []
+    with torch.no_grad(), dispatch.force("triton"):
+        for hoisted in (False, True):
+            den = W.sigma_denoiser(tiny.apply_model, tiny.config, tiny.step_embedder() if hoisted else None)
+            cfg = D.prepare(D.CFGDenoiser(den, 7.0), sigmas, "cpu")
+            with hoist.scope() if hoisted else contextlib.nullcontext():
+                outs.append(S.sample_dpmpp_2m(cfg, x * sigmas[0], sigmas,
+                                              extra_args={"cond": cond, "uncond": uncond}))
+    assert torch.equal(outs[1], outs[0])
