@@ -18,6 +18,12 @@ the denoiser output, the CFG combine and the sampler update (one fused launch ea
 The denoiser's training-sigma table must be on the device too (``tables_on_device``) for calls the tables do not
 cover: a host-to-device copy inside the captured region fails the capture, reported as ``GraphCaptureError``.
 
+What depends only on the run leaves the step: the loop body opens a ``model/hoist`` scope, so the conditioning's
+per-run values (the CFG pair, its dtype cast, the cross-attention keys and values) are computed at their first
+use, inside the graph, and read by the later steps of every replay; the step embeddings (the time MLP and the
+ResBlocks' projections, ``StepTables``) are made in the warm-up, before the capture, and ``run`` refreshes them in
+place before a replay when their weights changed (a LoRA switch).
+
 Timestep samplers (DDIM, PLMS) take integer timesteps and a different model protocol; run them through
 ``samplers`` directly.
 """
