@@ -134,6 +134,7 @@ class Plan:
     cfg: bool
     dtype: str
     steps: int
+    hoists: bool
     gpu: GPU
     step: list[Cost]
     text: list[Cost]
@@ -146,6 +147,7 @@ class Plan:
         return {
             "label": LABEL, "command": command, "model": self.model, "size": list(self.size), "batch": self.batch,
             "unet_batch": self.batch * (2 if self.cfg else 1), "cfg": self.cfg, "dtype": self.dtype,
+            "hoists": self.hoists,
             "gpu": {"key": gpu.key, "name": gpu.name, "tensor_flops": gpu.tensor_flops,
                     "vector_flops": gpu.vector_flops, "hbm_bytes_s": gpu.hbm_bytes_s, "source": gpu.source},
             "per_step": totals(self.step, gpu),
@@ -164,7 +166,7 @@ def _costs(events: list[Event]) -> list[Cost]:
 
 def make_plan(model: str, size: tuple[int, int] | None = None, batch: int = 1, cfg: bool = True,
               dtype: str = "fp16", gpu: str = "h100", steps: int = DEFAULT_STEPS,
-              text_heads: int | None = None) -> Plan:
+              text_heads: int | None = None, hoists: bool = True) -> Plan:
     if dtype not in PLAN_DTYPES:
         raise PlanError(f"dtype must be one of {', '.join(PLAN_DTYPES)}, got {dtype!r}")
     if not 1 <= batch <= 64 or not 1 <= steps <= 500:
@@ -172,11 +174,12 @@ def make_plan(model: str, size: tuple[int, int] | None = None, batch: int = 1, c
     spec = GPU.named(gpu, dtype)
     built = plan_model.build(model, DTYPE_NAMES[dtype], text_heads)
     size = size or plan_model.native_size(built)
-    walk = plan_model.walk_image(built, size, batch, cfg, DTYPE_NAMES[dtype], steps)
+    walk = plan_model.walk_image(built, size, batch, cfg, DTYPE_NAMES[dtype], steps, hoists)
     loop = _costs(walk.loop)
     by_event = {id(e): c for e, c in zip(walk.loop, loop)}
     step = [by_event[id(e)] for e in walk.step]
-    return Plan(model, size, batch, cfg, dtype, steps, spec, step, _costs(walk.text), loop, _costs(walk.vae))
+    return Plan(model, size, batch, cfg, dtype, steps, hoists, spec, step, _costs(walk.text), loop,
+                _costs(walk.vae))
 
 
 # ---- text output
@@ -260,6 +263,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "predictions")
     p.add_argument("--text-heads", type=int, default=None, help="a checkpoint's text encoder heads, when neither "
                                                                    "its weights nor its YAML say")
+    p.add_argument("--no-hoist", action="store_true", help="walk the loop without moving per-run and per-step-index "
+                                                           "work out of the step (to see what the hoists save)")
     p.add_argument("--summary", action="store_true", help="totals only, no row per launch")
 
 
@@ -273,6 +278,8 @@ def command(args: argparse.Namespace) -> list[str]:
             out += [flag, str(value)]
     if args.no_cfg:
         out.append("--no-cfg")
+    if args.no_hoist:
+        out.append("--no-hoist")
     for flag, value in (("--measured", args.measured), ("--json", args.json), ("--chart", args.chart)):
         if value is not None:
             out += [flag, str(value)]
@@ -284,7 +291,7 @@ def run(args: argparse.Namespace) -> int:
     size = plan_model.parse_size(args.size) if args.size else None
     measured = load_measured(args.measured)
     plan = make_plan(args.model, size, args.batch, not args.no_cfg, args.dtype, args.gpu, args.steps,
-                     args.text_heads)
+                     args.text_heads, not args.no_hoist)
     data = plan.to_json(measured, command(args))
     print_plan(data, rows=not args.summary)
     if args.json is not None:

@@ -10,6 +10,7 @@ what the loop makes once, before or at its first step, is in the first spans).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from tritonsd.compile.shapes import LATENT_FACTOR, TEXT_TOKENS
 from tritonsd.formats.checkpoint import read_checkpoint_shapes
 from tritonsd.formats.keys import normalize_keys
 from tritonsd.model.config import ModelConfig, detect_config, find_config
+from tritonsd.model import hoist
 from tritonsd.model.load import no_parameter_init
 from tritonsd.model.sd import StableDiffusion, build_model
 from tritonsd.sampler import registry
@@ -122,8 +124,10 @@ def _conditioning(model: StableDiffusion, batch: int) -> dict[str, torch.Tensor]
 
 
 def walk_loop(model: StableDiffusion, size: tuple[int, int], batch: int, cfg: bool, dtype, steps: int,
-              sampler: str = registry.DEFAULT_SAMPLER, cfg_scale: float = 7.0) -> dict[str, list[Event]]:
-    """The graph runner's loop body over ``steps`` steps (Karras sigmas), spans split at each UNet call."""
+              sampler: str = registry.DEFAULT_SAMPLER, cfg_scale: float = 7.0,
+              hoists: bool = True) -> dict[str, list[Event]]:
+    """The graph runner's loop body over ``steps`` steps (Karras sigmas), spans split at each UNet call;
+    ``hoists=False``: without the per-run and per-step-index hoists (``model/hoist``, the step embeddings)."""
     spec = registry.get(sampler)
     w, h = size
     # latents are float32 (the Pipeline's), the conditioning in the model's dtype (the text encoders')
@@ -134,7 +138,7 @@ def walk_loop(model: StableDiffusion, size: tuple[int, int], batch: int, cfg: bo
     spans: dict[str, list[Event]] = {}
     calls = []
 
-    with walking() as walk:
+    with walking() as walk, contextlib.nullcontext() if hoists else hoist.suspended():
         walk.span("pre")
 
         def unet(x, t, context, y=None, t_emb=None, step_emb=None):  # the model, opening a span per call
@@ -142,7 +146,7 @@ def walk_loop(model: StableDiffusion, size: tuple[int, int], batch: int, cfg: bo
             calls.append(1)
             return model.apply_model(x, t, context, y=y, t_emb=t_emb, step_emb=step_emb)
 
-        den = sigma_denoiser(unet, model.config, model.step_embedder())  # as the Pipeline builds it
+        den = sigma_denoiser(unet, model.config, model.step_embedder() if hoists else None)  # as the Pipeline
         runner = GraphRunner(tables_on_device(den, "meta"), device="meta", use_graphs=False)
         runner.run(x, cond, uncond, None, sigmas=sigmas, cfg_scale=cfg_scale if cfg else 1.0, sampler=spec)
     for event in walk.events:
@@ -171,8 +175,9 @@ def walk_vae(model: StableDiffusion, size: tuple[int, int], batch: int, dtype) -
     return walk.events
 
 
-def walk_image(model: StableDiffusion, size: tuple[int, int], batch: int, cfg: bool, dtype, steps: int) -> ImageWalk:
-    spans = walk_loop(model, size, batch, cfg, dtype, steps)
+def walk_image(model: StableDiffusion, size: tuple[int, int], batch: int, cfg: bool, dtype, steps: int,
+               hoists: bool = True) -> ImageWalk:
+    spans = walk_loop(model, size, batch, cfg, dtype, steps, hoists=hoists)
     return ImageWalk(walk_text(model, batch, cfg), spans, walk_vae(model, size, batch, dtype), steps)
 
 

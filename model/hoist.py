@@ -52,6 +52,7 @@ class Memo:
 
 
 _memo: contextvars.ContextVar[Memo | None] = contextvars.ContextVar("tritonsd_hoist", default=None)
+_suspended: contextvars.ContextVar[bool] = contextvars.ContextVar("tritonsd_hoist_suspended", default=False)
 
 
 def _place(t: torch.Tensor) -> tuple:
@@ -59,14 +60,29 @@ def _place(t: torch.Tensor) -> tuple:
 
 
 @contextlib.contextmanager
-def scope() -> Iterator[Memo]:
-    """A run: inside it, :func:`once` computes each value once; the values are dropped when it ends."""
+def scope() -> Iterator[Memo | None]:
+    """A run: inside it, :func:`once` computes each value once; the values are dropped when it ends (inside
+    :func:`suspended`, no scope opens: every value is computed at every call)."""
+    if _suspended.get():
+        yield None
+        return
     memo = Memo()
     token = _memo.set(memo)
     try:
         yield memo
     finally:
         _memo.reset(token)
+
+
+@contextlib.contextmanager
+def suspended() -> Iterator[None]:
+    """Scopes opened inside the block do nothing: the unhoisted loop, for comparisons (``bench plan --no-hoist``)."""
+    token, memo_token = _suspended.set(True), _memo.set(None)
+    try:
+        yield
+    finally:
+        _memo.reset(memo_token)
+        _suspended.reset(token)
 
 
 def once(owner: Any, inputs: tuple[torch.Tensor, ...], compute: Callable[[], T]) -> T:

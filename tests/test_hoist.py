@@ -58,7 +58,7 @@ class Calls:
         self.kv = self.time = 0
         self.handles = []
         for m in unet.modules():
-            if isinstance(m, CrossAttention) and m is not None:
+            if isinstance(m, CrossAttention):
                 self.handles.append(m.to_k.register_forward_hook(self._kv))
             if isinstance(m, ResBlock):
                 self.handles.append(m.emb_layers[1].register_forward_hook(self._time))
