@@ -41,6 +41,12 @@ SDXL: the unconditional side is the original's zeroed text features (``force_uc_
 negative prompt is empty, else the encoded negative prompt; size conditioning: original size = target size =
 (height, width), crop (0, 0).
 
+ControlNet (``settings.controls``, ``ControlUnit``s as sd-webui-controlnet defines them): ``denoise`` makes each
+unit's control map at the loop's size (``control/preprocess.detect``; an img2img init image serves a unit without
+an image), loads each ControlNet file once (``controlnet``), and runs the UNet with the units' residuals added,
+step by step as the extension's hook does (``control/apply.py``); a unit of weight 0 is left out. Hires fix's
+second pass gets its own control maps at its size.
+
 Tiling (``settings.tiling``, seamless textures): every convolution of the UNet and the VAE pads circularly, as
 AUTOMATIC1111's ``apply_circular`` sets it for a generation: the VAE encode of an init image, the sampler loop
 and the decode. Each stage switches it on for its own length (``model.layers.circular_padding``) and leaves the
@@ -63,10 +69,13 @@ from typing import Callable
 import numpy as np
 import torch
 
+from tritonsd.control import apply as C
 from tritonsd.control.models import attach_images, resolve_units
+from tritonsd.control.preprocess import detect
 from tritonsd.kernels import dispatch
 from tritonsd.load_spec import CheckedSpec, LoadSpec
 from tritonsd.model import hoist
+from tritonsd.model.controlnet import ControlNet, ControlNetError, load_controlnet
 from tritonsd.model.layers import circular_padding
 from tritonsd.model.load import load_model
 from tritonsd.model.vae_guard import VAEDecodeGuard
@@ -120,6 +129,7 @@ class Latents:
     noise: NoiseSource  # the ancestral / eta noise of the loop comes from here
     inpaint: InpaintConditioning | None = None
     blend: I.LatentBlend | None = None  # a 4-channel model's inpainting: the latents kept outside the mask
+    hires: bool = False  # hires fix's second pass (a canny ControlNet unit is soft-injected there, as webui's)
 
     @property
     def steps(self) -> int:
@@ -180,6 +190,7 @@ class Pipeline:
         self.upscalers = Upscalers(upscaler_dir, self.device)  # hires fix's image upscalers (built-in and files)
         self.auto_warmup = True  # on CUDA with the Triton kernels: compile and tune new shapes before their run
         self._warmed: set[tuple] = set()
+        self._controlnets: dict[str, ControlNet] = {}  # ControlNet files loaded once, by resolved path
 
     # ------------------------------------------------------------ facts
 
@@ -219,15 +230,19 @@ class Pipeline:
         """A stage's convolution padding: circular for a tiling run, zeros otherwise (restored after it)."""
         return circular_padding(self.model, tiling)
 
-    def _model_unet(self, x, t, context, y=None, t_emb=None, step_emb=None):
-        """``apply_model`` returning float32: the sampler state stays float32 whatever the weights' dtype."""
-        if step_emb is None:
-            return self.model.apply_model(x, t, context, y, t_emb=t_emb).float()
-        return self.model.apply_model(x, t, context, y, t_emb=t_emb, step_emb=step_emb).float()
+    def _model_unet(self, x, t, context, y=None, t_emb=None, step_emb=None, control=None, only_mid_control=False):
+        """``apply_model`` returning float32: the sampler state stays float32 whatever the weights' dtype;
+        ``step_emb``: the step's time MLP and projections (``StepTables``); ``control``: scaled ControlNet
+        residuals (``control/apply.py``)."""
+        extra = {} if step_emb is None else {"step_emb": step_emb}
+        if control is not None:
+            extra.update(control=control, only_mid_control=only_mid_control)
+        return self.model.apply_model(x, t, context, y, t_emb=t_emb, **extra).float()
 
     def _step_embedder(self):
         """The model's step embedder for the per-step tables, when ``unet`` is the model's own (and its
-        ``apply_model`` takes ``step_emb``)."""
+        ``apply_model`` takes ``step_emb``). A ControlNet run wraps the UNet in a callable that takes no
+        ``step_emb``: its tables then embed nothing (``denoise.takes_step_embedding``)."""
         if self.unet != self._model_unet or not D.takes_step_embedding(self.model.apply_model):
             return None
         return self.model.step_embedder()
@@ -483,11 +498,15 @@ class Pipeline:
         x = latents.x
         with self._kernels(), self._padding(s.tiling):
             runner = self._graph_runner(spec, s) if latents.blend is None else None
+            run = self.control_run(s, latents, static=runner is not None) if s.controls else None
+            if run is not None:
+                cond = C.with_cond_mark(cond)
             if runner is not None:
-                out = self._denoise_graphed(runner, spec, latents, cond, s, callback)
+                out = self._denoise_graphed(runner, spec, latents, cond, s, callback, run)
             else:
                 schedule = latents.schedule  # sigmas stay on the host: the prepared denoiser reads its tables by them
-                den = build_denoiser(self.unet, self.config, spec, s.cfg_scale, schedule, x.device,
+                unet = self.unet if run is None else C.ControlledUNet(self.unet, run)
+                den = build_denoiser(unet, self.config, spec, s.cfg_scale, schedule, x.device,
                                      self._step_embedder())
                 if cond.per_step:
                     den = D.PerCallConditioning(den, cond.rows)
@@ -497,6 +516,7 @@ class Pipeline:
                 if spec.takes_noise:
                     kwargs["noise_sampler"] = lambda _a, _b: latents.noise.ancestral(x.shape[1:]).to(x.device)
                 step = None if callback is None else (lambda d: callback({**d, "total": total}))
+                step = C.with_step_callback(run, step)
                 extra = {"cond": cond.cond, "uncond": cond.uncond, **latents.shared}
                 with hoist.scope():  # the conditioning's per-run values once per loop (model/hoist.py)
                     out = spec.fn(den, x, schedule, extra_args=extra, callback=step, **kwargs)
@@ -505,6 +525,56 @@ class Pipeline:
             if latents.blend is not None:
                 out = latents.blend(out)  # A1111's sample(): the kept latents once more after the loop
         return check_finite(out, f"{s.sampler} sampling")
+
+    # ------------------------------------------------------------ ControlNet
+
+    def controlnet(self, source) -> ControlNet:
+        """The ControlNet of ``source`` (a file or diffusers folder, loaded once per pipeline on the model's device
+        and dtype, checked against its UNet; or a loaded ``ControlNet``)."""
+        unet = self.model.model.diffusion_model
+        if isinstance(source, ControlNet):
+            where = next(source.parameters())
+            if where.device != self.device or where.dtype != self.dtype:
+                raise ControlNetError(f"the ControlNet given is on {where.device} in {where.dtype}, the model on "
+                                      f"{self.device} in {self.dtype}: move it (.to) or give its file")
+            return load_controlnet(source, unet)
+        key = str(Path(source).resolve())
+        if key not in self._controlnets:
+            prefix = "model.diffusion_model."  # a difference file adds the checkpoint's weights, not a LoRA's
+            pristine = {} if self._lora_state is None else {
+                k[len(prefix):]: v for k, v in self._lora_state.pristine.items() if k.startswith(prefix)}
+            self._controlnets[key] = load_controlnet(source, unet, dtype=self.dtype, device=self.device,
+                                                     pristine=pristine)
+        return self._controlnets[key]
+
+    def control_run(self, settings: GenerationSettings, latents: Latents, static: bool = False) -> C.ControlRun | None:
+        """The ControlNet side of one loop: each unit of ``settings.controls`` with a non-zero weight (a zero
+        weight adds nothing: the unit is left out), its control map at the loop's size (``control/preprocess``)
+        and hint features, and the per-step scales over the loop's steps; None when no unit is left."""
+        s = settings
+        f = vae_factor(self.config)
+        height, width = latents.x.shape[-2] * f, latents.x.shape[-1] * f
+        init = None if s.init_image is None or not isinstance(s.init_image, torch.Tensor) else \
+            ((s.init_image + 1.0) / 2.0).clamp(0.0, 1.0)  # the init image in [0, 1], as a control image is
+        prepared = []
+        for unit in s.controls:
+            if unit.weight == 0.0:
+                continue
+            net = self.controlnet(unit.model)
+            hint = detect(unit, width, height, init).to(self.device)
+            with torch.no_grad():
+                guided = net.hint_features(hint)
+            soft = None
+            if latents.hires and "canny" in str(unit.module):
+                soft = True  # the extension's high_res_fix_forced_soft_injection
+            prepared.append(C.PreparedUnit(net, guided, unit, cfg_injection=unit.control_mode == C.CONTROL_MODES[2],
+                                           soft=soft))
+        if not prepared:
+            return None
+        # webui's state.sampling_steps: the steps the loop runs, but the settings' steps for a DDIM / PLMS txt2img
+        # loop (launch_sampling(steps), where the original spacing may run one timestep more)
+        full = latents.spec.space == "timesteps" and s.mode == "txt2img" and not latents.hires
+        return C.ControlRun(prepared, s.steps if full else latents.steps, self.device, static=static)
 
     def _graph_runner(self, spec: registry.SamplerSpec, s: GenerationSettings) -> GraphRunner | None:
         """The pipeline's runner when this loop is CUDA-graphed (CUDA model, ``use_graphs``, a capturable
@@ -521,7 +591,7 @@ class Pipeline:
         return self._runner
 
     @staticmethod
-    def _denoise_graphed(runner, spec, latents, cond, s, callback) -> torch.Tensor:
+    def _denoise_graphed(runner, spec, latents, cond, s, callback, control=None) -> torch.Tensor:
         """The loop through the runner, which gets the spec; an ancestral sampler's noise is pre-drawn from the
         same per-image stream, in the order the eager loop draws it."""
         sigmas, x = latents.schedule, latents.x
@@ -531,7 +601,7 @@ class Pipeline:
         try:
             return runner.run(x, cond.cond, cond.uncond, noise, sigmas=sigmas, cfg_scale=s.cfg_scale,
                               sampler=spec, shared=latents.shared, progress=progress, per_step=cond.per_step,
-                              rows=cond.rows, tiling=s.tiling)
+                              rows=cond.rows, tiling=s.tiling, control=control)
         except GraphCaptureError as e:
             raise GraphCaptureError(f"{e}; run without CUDA graphs (use_graphs=False, tritonsd generate "
                                     "--no-cuda-graphs)") from e
@@ -593,7 +663,7 @@ class Pipeline:
             return Latents(x=upscaled, schedule=None, spec=spec, shared=shared, noise=noise, inpaint=inpaint)
         schedule = make_schedule(self.config, spec, length, hr.karras, hr.eta)
         x, schedule = start_at(schedule, upscaled.to(device), x_noise, t_enc)
-        return Latents(x=x, schedule=schedule, spec=spec, shared=shared, noise=noise, inpaint=inpaint)
+        return Latents(x=x, schedule=schedule, spec=spec, shared=shared, noise=noise, inpaint=inpaint, hires=True)
 
     def encode_hires(self, settings: GenerationSettings, first: Conditioning | None = None) -> Conditioning:
         """The second pass's conditioning: ``first`` (the first pass's) where webui's would be the same tensors

@@ -75,7 +75,8 @@ TESTS_CUDA = ("tests/test_graph.py::test_graph_replay_equals_eager_loop_cuda "
               "tests/test_pipeline_graph.py::test_graph_loop_equals_eager_cuda "
               "tests/test_pipeline_graph.py::test_moved_weights_get_a_new_runner_cuda "
               "tests/test_lora_pipeline.py::test_switching_under_cuda_graphs_captures_once "
-              "tests/test_hoist.py::test_captured_loop_with_hoists_follows_a_prompt_and_a_weight_change_cuda")
+              "tests/test_hoist.py::test_captured_loop_with_hoists_follows_a_prompt_and_a_weight_change_cuda "
+              "tests/test_controlnet_graph.py::test_graph_replay_with_control_equals_eager_cuda")
 UNTUNED = "TRITONSD_AUTOTUNE=0"  # correctness runs: one config per kernel variant (no tuning, a third of the compiles)
 E2E = "python3 -m tritonsd.tools.cli bench e2e --git-commit {commit} --steps 20 --repeat 10 --sampler dpmpp_2m"
 
@@ -103,9 +104,11 @@ STAGES = (
            f"{UNTUNED} python3 -m pytest -q -p no:cacheprovider tests/test_precision.py -k "
            "half_model_close_to_float32_cuda --junitxml {xml}"),
           run_s="parity", processes=2, fixtures=("sd1-tiny.safetensors", "sd1-tiny.reference.safetensors")),
-    Stage(3, "cuda-tests", "pytest: CUDA-graph replay == eager, LoRA switching under graphs captures once",
+    Stage(3, "cuda-tests", "pytest: CUDA-graph replay == eager, LoRA switching and ControlNet under graphs "
+                           "capture once",
           (f"{UNTUNED} python3 -m pytest -q -p no:cacheprovider {TESTS_CUDA} --junitxml {{xml}}",),
-          run_s="cuda_tests", modules=("pytest",), fixtures=("sd1-tiny.safetensors", "lora-sd1-tiny.safetensors")),
+          run_s="cuda_tests", modules=("pytest",), fixtures=("sd1-tiny.safetensors", "lora-sd1-tiny.safetensors",
+                                                             "controlnet-sd1-tiny.safetensors")),
     Stage(4, "e2e-sd15", "SD 1.5 512x512 batch 1: tritonsd (graph) vs diffusers eager; warm-up (compile + tuning) "
                          "recorded apart from the first image",
           (f"{E2E} --model sd15 --batch 1 --impl tritonsd-graph --impl diffusers-eager --json {{json}}",),

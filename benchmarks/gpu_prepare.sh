@@ -17,7 +17,7 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl $WHEELS
 
 FILES="sd1-tiny.safetensors sd1-tiny.yaml sd1-tiny.reference.safetensors sd1-tiny.reference.json
-lora-sd1-tiny.safetensors manifests/sd15.json manifests/sd21-v.json manifests/sdxl-base.json manifests/README.md"
+lora-sd1-tiny.safetensors controlnet-sd1-tiny.safetensors manifests/sd15.json manifests/sd21-v.json manifests/sdxl-base.json manifests/README.md"
 mkdir -p .fixtures/manifests
 for f in $FILES; do cp "$FIX/$f" ".fixtures/$f"; done
 size=$(du -sm .fixtures | cut -f1)

@@ -59,13 +59,16 @@ class StableDiffusion(nn.Module):
 
     def apply_model(self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor,
                     y: torch.Tensor | None = None, t_emb: torch.Tensor | None = None,
-                    step_emb: StepEmbedding | None = None) -> torch.Tensor:
+                    step_emb: StepEmbedding | None = None, control: list[torch.Tensor] | None = None,
+                    only_mid_control: bool = False) -> torch.Tensor:
         """The UNet's raw output (eps or v, see ``config.parameterization``). For inpainting models ``x`` is
         already ``cat([latents, mask, masked-image latents], 1)``; ``t_emb``: the precomputed sinusoid of ``t``,
-        ``step_emb``: its time MLP and projections (``UNetModel.forward``)."""
-        if step_emb is None:
-            return self.model.diffusion_model(x, t, context, y, t_emb=t_emb)
-        return self.model.diffusion_model(x, t, context, y, t_emb=t_emb, step_emb=step_emb)
+        ``step_emb``: its time MLP and projections; ``control``: scaled ControlNet residuals
+        (``UNetModel.forward``)."""
+        extra = {} if step_emb is None else {"step_emb": step_emb}
+        if control is not None:
+            extra.update(control=control, only_mid_control=only_mid_control)
+        return self.model.diffusion_model(x, t, context, y, t_emb=t_emb, **extra)
 
     def step_embedder(self) -> StepEmbedder | None:
         """What the sampler's per-step tables embed each step with before the loop; None for SDXL (its time

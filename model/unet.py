@@ -36,9 +36,11 @@ class ResBlock(nn.Module):
                                         Conv2d(out_channels, out_channels, 3, padding=1))
         self.skip_connection = nn.Identity() if out_channels == channels else Conv2d(channels, out_channels, 1)
 
-    def forward(self, x: torch.Tensor, emb: StepEmbedding) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, emb: StepEmbedding | torch.Tensor) -> torch.Tensor:
+        """``emb``: the step's ``StepEmbedding``, or SiLU(time embedding) itself (the ControlNet's blocks)."""
         h = self.in_layers[0](x, silu=True)
-        h = self.in_layers[2](h, emb=emb.projection(self))
+        proj = emb.projection(self) if isinstance(emb, StepEmbedding) else self.emb_layers[1](emb)
+        h = self.in_layers[2](h, emb=proj)
         h = self.out_layers[0](h, silu=True)
         return self.out_layers[3](h, residual=self.skip_connection(x))
 
@@ -173,7 +175,7 @@ class Downsample(nn.Module):
 class TimestepBlock(nn.Sequential):
     """One entry of input_blocks / output_blocks / middle_block: layers that each take what they need."""
 
-    def forward(self, x: torch.Tensor, emb: StepEmbedding, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, emb: StepEmbedding | torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         for layer in self:
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
@@ -231,12 +233,19 @@ class UNetModel(nn.Module):
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor | float, context: torch.Tensor,
                 y: torch.Tensor | None = None, t_emb: torch.Tensor | None = None,
-                step_emb: StepEmbedding | None = None) -> torch.Tensor:
+                step_emb: StepEmbedding | None = None, control: list[torch.Tensor] | None = None,
+                only_mid_control: bool = False) -> torch.Tensor:
         """x [B, in_channels, H, W], timesteps [B] or scalar (may be fractional), context [B, N, context_dim],
         y [B, adm_in_channels] (SDXL only) -> [B, out_channels, H, W]. ``t_emb`` [B, model_channels] float32, any
         strides: ``timestep_embedding(timesteps, model_channels)`` computed by the caller (the sampler's per-step
         tables), which the step then skips. ``step_emb``: ``step_embedding(t_emb)`` made by the caller before the
-        loop (no ``y``): the step then skips the time MLP and every ResBlock's projection too."""
+        loop (no ``y``): the step then skips the time MLP and every ResBlock's projection too.
+
+        ``control``: ControlNet residuals, already scaled (``control/apply.py``), one per input block plus the
+        middle block's, added as the original ``ControlledUnetModel`` adds them: the last to h after the middle
+        block, then output block j gets ``cat([h, skip + control[-2 - j]])`` (``only_mid_control``: the middle
+        one only). A residual of another size than its skip is first resized to it (nearest), as
+        sd-webui-controlnet's ``aligned_adding`` does. None: the plain UNet, unchanged."""
         self._check_inputs(x, context, y)
         dtype = self.time_embed[0].weight.dtype
         t = torch.as_tensor(timesteps, device=x.device).reshape(-1)
@@ -259,8 +268,15 @@ class UNetModel(nn.Module):
             h = block(h, emb, context)
             skips.append(h)
         h = self.middle_block(h, emb, context)
+        control = self._check_control(control, len(skips))
+        if control is not None:
+            h = _aligned_add(h, control.pop())
+            if only_mid_control:
+                control = None
         for block in self.output_blocks:
             skip = skips.pop()
+            if control is not None:
+                skip = _aligned_add(skip, control.pop())
             if h.shape[-2:] != skip.shape[-2:]:  # odd sizes (A1111's sd_hijack_unet): upsampled -> skip's size
                 h = F.interpolate(h, size=skip.shape[-2:], mode="nearest")
             h = block(torch.cat([h, skip], dim=1), emb, context)
@@ -302,6 +318,16 @@ class UNetModel(nn.Module):
         """The weights ``step_embedding`` reads."""
         return [*self.time_embed.parameters(), *(p for b in self.res_blocks() for p in b.emb_layers.parameters())]
 
+    @staticmethod
+    def _check_control(control, skips: int) -> list[torch.Tensor] | None:
+        """A copy of the residual list (popped from the end), or None; one line when it does not pair up."""
+        if control is None:
+            return None
+        if len(control) != skips + 1:
+            raise UNetShapeError(f"got {len(control)} control residuals; this UNet takes {skips + 1} (one per "
+                                 "input block and the middle block's)")
+        return list(control)
+
     def _check_inputs(self, x: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None) -> None:
         cfg = self.cfg
         if x.ndim != 4 or x.shape[1] != cfg.in_channels:
@@ -313,3 +339,11 @@ class UNetModel(nn.Module):
         if (y is None) != (cfg.adm_in_channels is None):
             need = f"a [B, {cfg.adm_in_channels}] vector y" if cfg.adm_in_channels else "no y"
             raise UNetShapeError(f"this UNet needs {need}")
+
+
+def _aligned_add(base: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """``base + residual``, the residual first resized to base's size (nearest) when its own differs and is more
+    than 1x1 (sd-webui-controlnet ``hook.aligned_adding``)."""
+    if residual.shape[-2:] != base.shape[-2:] and (residual.shape[-2] > 1 or residual.shape[-1] > 1):
+        residual = F.interpolate(residual, size=base.shape[-2:], mode="nearest")
+    return base + residual.to(base.dtype)

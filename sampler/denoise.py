@@ -51,19 +51,22 @@ def _append_dims(v: torch.Tensor, ndim: int) -> torch.Tensor:
     return v[(...,) + (None,) * (ndim - v.ndim)]
 
 
-def call_unet(unet, x, t, context=None, y=None, c_concat=None, t_emb=None, step_emb=None):
+def call_unet(unet, x, t, context=None, y=None, c_concat=None, t_emb=None, cond_mark=None, step_emb=None):
     """The one place that assembles the UNet input: ``cat([x, c_concat], 1)`` when inpainting; ``t_emb`` (the
-    precomputed ``timestep_embedding(t)``) and ``step_emb`` (its time MLP and projections) go along only when
-    given (see ``takes_embedding``, ``takes_step_embedding``)."""
+    precomputed ``timestep_embedding(t)``) goes along only when given (see ``takes_embedding``); ``cond_mark``
+    (1 for the rows of the conditional prompt, 0 for the unconditional ones: ControlNet's "ControlNet is more
+    important", ``control/apply.py``) likewise, and ``step_emb`` (its time MLP and projections, see
+    ``takes_step_embedding``)."""
     if c_concat is not None:
         if isinstance(c_concat, (list, tuple)):
             c_concat = torch.cat(list(c_concat), dim=1)
         x = torch.cat([x, c_concat], dim=1)
+    extra = {} if cond_mark is None else {"cond_mark": cond_mark}
     if t_emb is None:
-        return unet(x, t, context, y=y)
-    if step_emb is None:
-        return unet(x, t, context, y=y, t_emb=t_emb)
-    return unet(x, t, context, y=y, t_emb=t_emb, step_emb=step_emb)
+        return unet(x, t, context, y=y, **extra)
+    if step_emb is not None:
+        extra["step_emb"] = step_emb
+    return unet(x, t, context, y=y, t_emb=t_emb, **extra)
 
 
 def takes_embedding(unet) -> bool:

@@ -30,6 +30,7 @@ Timestep samplers (DDIM, PLMS) take integer timesteps and a different model prot
 
 from __future__ import annotations
 
+import copy
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Mapping
@@ -76,6 +77,7 @@ class LoopKey:
     per_step: bool = False  # cond / uncond are per-step tables [calls, B, ...] (prompt editing)
     tiling: bool = False  # the convolutions pad circularly (the captured kernels bake the padding in)
     rows: tuple | None = None  # per-step tables: each side's row per call (``PerCallConditioning``'s ``rows``)
+    control: tuple = ()  # a ControlNet run's signature (``control/apply.ControlRun``): its nets and buffer shapes
 
 
 def tables_on_device(denoiser, device: str | torch.device):
@@ -167,12 +169,17 @@ class CapturedLoop:
     graph that replays the loop over them."""
 
     def __init__(self, key: LoopKey, spec: SamplerSpec, denoiser, sigmas: torch.Tensor, x_like: torch.Tensor,
-                 groups: dict[str, dict[str, torch.Tensor]], eta: float):
+                 groups: dict[str, dict[str, torch.Tensor]], eta: float, control=None):
         device = torch.device(key.device)
         self.key = key
         self.spec = spec  # the sampler the loop runs (key.sampler is its name)
         self.sigmas = sigmas  # CPU: host-side control flow in the sampler, and the keys of the tables
         self.eta = eta
+        # a ControlNet run: its own buffers (hint features, per-step scales), read by the UNet calls of the loop
+        self.control = None if control is None else control.static_copy(device)
+        if self.control is not None:
+            denoiser = copy.copy(denoiser)
+            denoiser.unet = self.control.wrap(denoiser.unet)
         self.cfg = CFGDenoiser(prepare(denoiser, sigmas, device), key.cfg_scale)
         self.static_x = torch.empty(x_like.shape, dtype=x_like.dtype, device=device)
         self.static = {g: {n: torch.empty(t.shape, dtype=t.dtype, device=device) for n, t in d.items()}
@@ -183,9 +190,12 @@ class CapturedLoop:
         self.static_out: torch.Tensor | None = None
         self.replays = 0
 
-    def load(self, x_T: torch.Tensor, groups: dict[str, dict[str, torch.Tensor]], noise: torch.Tensor | None):
+    def load(self, x_T: torch.Tensor, groups: dict[str, dict[str, torch.Tensor]], noise: torch.Tensor | None,
+             control=None):
         """Copy this run's inputs into the static buffers (host-to-device when they come from the CPU)."""
         self.static_x.copy_(x_T)
+        if self.control is not None:
+            self.control.load(control)
         for g, d in groups.items():
             for n, t in d.items():
                 self.static[g][n].copy_(t)
@@ -196,6 +206,9 @@ class CapturedLoop:
         """The loop over the static buffers: exactly the sampler function called on them."""
         sigmas = self.sigmas if sigmas is None else sigmas
         self.noise.reset()
+        if self.control is not None:  # webui's sampling step: 0, then each callback's i (captured as table rows)
+            self.control.reset()
+            callback = self.control.step_callback(callback)
         extra = {"cond": self.static["cond"], "uncond": self.static.get("uncond") or None,
                  **self.static.get("shared", {})}
         spec = self.spec
@@ -264,20 +277,21 @@ class GraphRunner:
         return tuple(registry.graph_samplers())
 
     def key(self, x_T, sigmas, cfg_scale, sampler: SamplerSpec, eta, groups, per_step: bool = False,
-            tiling: bool = False, rows: tuple | None = None) -> LoopKey:
+            tiling: bool = False, rows: tuple | None = None, control=None) -> LoopKey:
         b, c, h, w = x_T.shape
         return LoopKey(batch=b, channels=c, height=h, width=w, dtype=x_T.dtype, device=str(self.device),
                        sampler=sampler.name, steps=len(sigmas) - 1, sigmas=tuple(float(s) for s in sigmas),
                        cfg_scale=float(cfg_scale), eta=float(eta) if sampler.stochastic else 0.0,
                        noise_draws=sampler.noise_draws(sigmas, eta), inputs=_signature(groups),
-                       per_step=per_step, tiling=bool(tiling), rows=rows if per_step else None)
+                       per_step=per_step, tiling=bool(tiling), rows=rows if per_step else None,
+                       control=() if control is None else control.signature())
 
     def run(self, x_T: torch.Tensor, cond, uncond=None, noise: torch.Tensor | None = None, *,
             sigmas: torch.Tensor, cfg_scale: float, sampler: SamplerSpec | str = registry.DEFAULT_SAMPLER,
             eta: float = 1.0,
             shared: Mapping[str, torch.Tensor] | None = None,
             progress: Callable[[int, int], None] | None = None, per_step: bool = False,
-            tiling: bool = False, rows: tuple | None = None) -> torch.Tensor:
+            tiling: bool = False, rows: tuple | None = None, control=None) -> torch.Tensor:
         """Latents after the loop. ``x_T``: start latents already scaled (``x * sigmas[0]``); ``cond`` /
         ``uncond``: context tensors or dicts (``context``, ``y``); ``sampler``: its registry spec (what the
         Pipeline passes) or name; ``eta``: an ancestral sampler's; ``noise``: [N, *x_T.shape] pre-drawn noise for
@@ -286,7 +300,9 @@ class GraphRunner:
         [calls, B, ...] (prompt editing), copied into static tables that the captured steps read row by row;
         ``tiling``: the model's convolutions pad circularly during this run (the caller sets that; a captured loop
         bakes the padding in, so it is part of the key); ``rows``: with ``per_step``, each side's row per call
-        (``prompt/encode.call_rows``; part of the key, since the graph bakes the rows it reads)."""
+        (``prompt/encode.call_rows``; part of the key, since the graph bakes the rows it reads); ``control``: a
+        ControlNet run (``control/apply.ControlRun``) whose hint features and per-step scales are copied into the
+        loop's own buffers, so another control image, weight or start / end replays the same graph."""
         sampler = graph_spec(sampler)
         if x_T.ndim != 4:
             raise GraphRunnerError(f"x_T must be [B, C, H, W], got {list(x_T.shape)}")
@@ -305,14 +321,14 @@ class GraphRunner:
             for n, t in d.items():
                 if t.shape[axis] != x_T.shape[0]:
                     raise GraphRunnerError(f"{g} {n!r} has batch {t.shape[axis]}, x_T has {x_T.shape[0]}")
-        key = self.key(x_T, sigmas, cfg_scale, sampler, eta, groups, per_step, tiling, rows)
+        key = self.key(x_T, sigmas, cfg_scale, sampler, eta, groups, per_step, tiling, rows, control)
         if key.noise_draws:
             want = (key.noise_draws, *x_T.shape)
             if noise is None or noise.ndim != len(want) or noise.shape[0] < want[0] or noise.shape[1:] != want[1:]:
                 got = None if noise is None else list(noise.shape)
                 raise GraphRunnerError(f"{sampler.name} needs pre-drawn noise of shape {list(want)}, got {got}")
-        entry = self._entry(key, sampler, sigmas, x_T, groups, eta)
-        entry.load(x_T, groups, noise)
+        entry = self._entry(key, sampler, sigmas, x_T, groups, eta, control)
+        entry.load(x_T, groups, noise, control)
         if entry.graph is None and self.use_graphs:
             try:
                 entry.capture()
@@ -321,14 +337,14 @@ class GraphRunner:
                 raise
         return entry.run(progress)
 
-    def _entry(self, key, spec, sigmas, x_T, groups, eta) -> CapturedLoop:
+    def _entry(self, key, spec, sigmas, x_T, groups, eta, control=None) -> CapturedLoop:
         entry = self.entries.get(key)
         if entry is not None:
             self.entries.move_to_end(key)
             return entry
         while len(self.entries) >= self.max_entries:
             self.entries.popitem(last=False)
-        entry = CapturedLoop(key, spec, self.denoiser, sigmas, x_T, groups, eta)
+        entry = CapturedLoop(key, spec, self.denoiser, sigmas, x_T, groups, eta, control)
         self.entries[key] = entry
         self.captures += 1
         return entry

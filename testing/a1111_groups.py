@@ -11,7 +11,9 @@ Five kinds, told apart by what the reference JSON holds (never by the file's nam
   ``CASE.{x,t,context[,y]}`` are stored, ``CASE.out`` is recomputed;
 * ``lora``: merged weights (``lora_files``; ``lora-*``) from the LoRA files beside the reference;
 * ``hires`` / ``img2img``: webui's txt2img with hires fix and its img2img (``cases`` of that ``kind``; ``hires-*``,
-  ``img2img-*``), each case run through the Pipeline's stages (``testing/a1111_hires.py``).
+  ``img2img-*``), each case run through the Pipeline's stages (``testing/a1111_hires.py``);
+* ``controlnet``: the ControlNet references (a ``controlnet_file``; ``controlnet-*``, ``webui-controlnet-*``),
+  recomputed by ``testing/controlnet.py``.
 
 Case-based kinds group tensors by case name (the JSON's per-tensor ``case``); the others by name prefix. The
 Pipeline does not yet take clip skip or embeddings, so prompts are encoded with the model-level
@@ -27,6 +29,7 @@ from typing import Callable
 import torch
 
 from tritonsd.testing import a1111_hires as H
+from tritonsd.testing import controlnet as CN
 from tritonsd.testing.reference import GroupError
 from tritonsd.prompt.encode import encode_prompts, load_model_embeddings
 from tritonsd.formats.embeddings import embedding_files, EmbeddingError, load_embedding_file, printable
@@ -51,6 +54,8 @@ def reference_kind(meta: dict) -> str | None:
     reference, handled by ``testing/groups.py``)."""
     if not isinstance(meta, dict):
         return None
+    if CN.is_reference(meta):  # the ControlNet references (testing/controlnet.py)
+        return CN.KIND
     if meta.get("lora_files"):
         return "lora"
     cases = meta.get("cases")
@@ -78,7 +83,7 @@ def needs_model(kind: str | None) -> bool:
 
 
 def uses_text_towers(kind: str | None) -> bool:
-    return kind in ("prompts", "ti", "hires", "img2img")
+    return kind in ("prompts", "ti", "hires", "img2img", CN.KIND)
 
 
 def _case_names(meta: dict) -> list[str]:
@@ -112,6 +117,8 @@ def is_input(name: str, meta: dict, kind: str) -> bool:
     the posterior noise webui drew from its global generator."""
     if kind in ("hires", "img2img"):
         return H.is_input(name)
+    if kind == CN.KIND:
+        return CN.is_input(name, meta)
     if kind != "unet_sizes":
         return False
     case = case_of(name, meta)
@@ -122,6 +129,8 @@ def bound_for(kind: str | None, default: float, name: str = "") -> float:
     """The bound of tensor ``name``: relative error for float tensors (0: exactly), levels for 8-bit ones."""
     if kind in ("hires", "img2img"):
         return H.bound_for(name)
+    if kind == CN.KIND:
+        return CN.bound_for(name, default)
     return {"rng": NV_BOUND, "lora": LORA_BOUND}.get(kind, default)
 
 
@@ -137,6 +146,8 @@ def misfit(kind: str, model, ref: dict[str, torch.Tensor], meta: dict) -> str | 
     """Why the reference cannot belong to ``model`` (one line), or None."""
     cfg = model.config
     sdxl = cfg.family == "sdxl"
+    if kind == CN.KIND:
+        return CN.misfit(model, ref, meta)
     if kind in ("prompts", "ti"):
         ref_sdxl = any(k.endswith((".crossattn", ".vector")) for k in ref)
         if ref_sdxl != sdxl:
@@ -462,4 +473,5 @@ def _safe(text) -> str:
 
 
 _HANDLERS: dict[str, Callable] = {"prompts": prompts_group, "ti": ti_group, "unet_sizes": unet_sizes_group,
-                                  "rng": nv_group, "lora": _lora, **H.HANDLERS}
+                                  "rng": nv_group, "lora": _lora, CN.KIND: CN.recompute,
+                                  **H.HANDLERS}

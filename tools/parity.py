@@ -12,7 +12,9 @@ conditionings (groups = the JSON's cases), textual inversion (the ``embeddings/`
 bound 1e-5), NV noise (bound 1e-6; no model: the CHECKPOINT argument is left out), and webui's hires fix and
 img2img (``testing/a1111_hires.py``: one group per case, run from the JSON's inputs through the Pipeline's stages;
 the noises exactly, the sigma schedules to one unit in the last place, 8-bit images within one level, the rest
-within 5e-4; each infotext a row of its own, compared with webui's but for ``Version``).
+within 5e-4; each infotext a row of its own, compared with webui's but for ``Version``). ControlNet references
+(``testing/controlnet.py``; a ``controlnet_file`` in the JSON, found beside the reference) are recomputed too:
+the original code's residuals, controlled UNet calls and demo runs, and sd-webui-controlnet's hooked UNet calls.
 
 Every key of the file gets a row: inputs are shown as such (or, for conditioning stored as "rows [i, j] of
 text.context", compared with the recomputed rows), and a tensor that cannot be recomputed is a FAILURE that
@@ -246,6 +248,10 @@ def _load(args, config_path: Path | None, meta: dict, device: torch.device, kind
     from tritonsd.testing.a1111_groups import uses_text_towers
 
     heads = args.text_heads if args.text_heads is not None else heads_from_meta(meta)
+    if heads is None and kind == "controlnet":  # its JSON leaves the text towers to the base model's reference
+        from tritonsd.testing.controlnet import base_reference_meta  # lazy: imports the kernels
+
+        heads = heads_from_meta(base_reference_meta(meta, args.reference))
     try:
         model = load_model(args.checkpoint, config_path, text_heads=heads, dtype=torch.float32, device=device)
     except TextConfigError:
