@@ -82,7 +82,7 @@ from tritonsd.model.vae_guard import VAEDecodeGuard
 from tritonsd.sampler import denoise as D, inpaint as I, registry
 from tritonsd.sampler.graph import GraphCaptureError, GraphRunner, tables_on_device
 from tritonsd.sampler.infotext import generation_infotext, save_numbered, to_pil
-from tritonsd.sampler.control import ControlUnitError
+from tritonsd.sampler.control import ControlUnitError, acts_in_pass, module_of
 from tritonsd.sampler.infotext_parse import parse_infotext
 from tritonsd.sampler.noise import ImageNoise, NoiseSource
 from tritonsd.sampler.reproduce import check_networks, with_lora_tags
@@ -554,18 +554,19 @@ class Pipeline:
         s = settings
         f = vae_factor(self.config)
         height, width = latents.x.shape[-2] * f, latents.x.shape[-1] * f
-        init = None if s.init_image is None or not isinstance(s.init_image, torch.Tensor) else \
-            ((s.init_image + 1.0) / 2.0).clamp(0.0, 1.0)  # the init image in [0, 1], as a control image is
+        # the hires pass fits the map made at the first pass's size (pixel perfect computes with that size)
+        first_size = (s.width, s.height) if latents.hires else None
         prepared = []
         for unit in s.controls:
-            if unit.weight == 0.0:
+            if unit.weight == 0.0 or not acts_in_pass(unit, s.enable_hr, latents.hires):
                 continue
             net = self.controlnet(unit.model)
-            hint = detect(unit, width, height, init).to(self.device)
+            hint = detect(unit, width, height, s.init_image, init_resize_mode=s.resize_mode,
+                          preprocess_size=first_size).to(self.device)
             with torch.no_grad():
                 guided = net.hint_features(hint)
             soft = None
-            if latents.hires and "canny" in str(unit.module):
+            if latents.hires and module_of(unit.module).soft_in_hr_fix:
                 soft = True  # the extension's high_res_fix_forced_soft_injection
             prepared.append(C.PreparedUnit(net, guided, unit, cfg_injection=unit.control_mode == C.CONTROL_MODES[2],
                                            soft=soft))

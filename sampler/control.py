@@ -318,3 +318,11 @@ def _decode_base64(text: str):
     except (binascii.Error, ValueError, OSError, UnidentifiedImageError, Image.DecompressionBombError):
         raise ControlUnitError("image is not an image (expected a PNG / JPEG / WebP, base64-encoded)") from None
     return image
+
+
+def acts_in_pass(unit: ControlUnit, enable_hr: bool, hires_pass: bool) -> bool:
+    """The extension's ``hr_option``: with hires fix on, "Low res only" units sit out the second pass and "High
+    res only" units the first; without hires fix every unit acts."""
+    if hires_pass:
+        return unit.hr_option != HR_OPTIONS[1]
+    return not enable_hr or unit.hr_option != HR_OPTIONS[2]

@@ -15,7 +15,7 @@ to hold the same weights). Groups are name prefixes and are recognised by what t
 * ``G.x`` + ``G.hint`` + ``G.cond`` / ``G.uncond`` (``webui``, ``webui_odd``): sd-webui-controlnet's hooked UNet
   call on AUTOMATIC1111's CFG batch (cond rows, then uncond rows; the prompts marked +-1024 and unmarked again),
   one per control mode and guidance step, through ``control/apply.py``;
-* ``canny``: the control maps through ``control/preprocess.detect``.
+* ``canny``: ``testing/controlnet_canny.py`` (the original annotator's maps, and the extension's module beside it).
 """
 
 from __future__ import annotations
@@ -23,17 +23,16 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from tritonsd.control import apply as C
-from tritonsd.control.preprocess import detect
 from tritonsd.formats.controlnet_file import read_controlnet
 from tritonsd.model.controlnet import load_controlnet
 from tritonsd.pipeline import Conditioning
 from tritonsd.sampler import registry
 from tritonsd.sampler import schedule as S
-from tritonsd.sampler.control import CONTROL_MODES, ControlUnit, ControlUnitError
+from tritonsd.sampler.control import CONTROL_MODES, ControlUnit
+from tritonsd.testing.controlnet_canny import canny_group, demo_detected_map
 from tritonsd.testing.reference import GroupError, fixtures_dir
 
 KIND = "controlnet"
@@ -270,55 +269,17 @@ def _demo_eps(ctx, group, net, run, xs, step_t, control) -> dict[str, torch.Tens
 
 
 def _demo_maps(ctx, group: str, run: dict) -> dict[str, torch.Tensor]:
-    """``detected_map`` and ``control`` as ``gradio_canny.py``'s ``process()`` makes them: ``HWC3(Canny(
-    resize_image(HWC3(input_image), detect_resolution), low, high))``, then ``cv2.resize`` to the size
-    ``resize_image(input_image, image_resolution)`` gives, INTER_LINEAR; ``control`` = that / 255, one row per
-    sample. The demo's own preprocessing (``annotator/util.py``), replayed here with OpenCV; a note and no rows
-    of them without OpenCV."""
+    """``detected_map`` and ``control`` as ``gradio_canny.py``'s ``process()`` makes them
+    (``testing/controlnet_canny.demo_detected_map``); ``control`` = the map / 255, one row per sample."""
     image = ctx.ref.get(f"{group}.input_image")
     if image is None:
         return {}
-    try:
-        import cv2  # lazy: OpenCV is an optional extra
-    except ImportError:
-        ctx.notes.append(f"note: {group}.detected_map / .control not recomputed: OpenCV is not installed")
-        return {}
-    img = _hwc3(image.numpy())
-    detected = _hwc3(cv2.Canny(_resize_image(img, int(run["detect_resolution"])), int(run["low_threshold"]),
-                               int(run["high_threshold"])))
-    height, width = _resize_image(img, int(run["image_resolution"])).shape[:2]
-    detected = cv2.resize(detected, (width, height), interpolation=cv2.INTER_LINEAR)
+    detected = demo_detected_map(image.numpy(), int(run["image_resolution"]), int(run["detect_resolution"]),
+                                 int(run["low_threshold"]), int(run["high_threshold"]))
     control = torch.from_numpy(detected.copy()).float() / 255.0  # [H, W, 3]
     n = int(run.get("num_samples", 1))
     control = control[None].expand(n, -1, -1, -1).permute(0, 3, 1, 2)  # b h w c -> b c h w
     return {f"{group}.detected_map": torch.from_numpy(detected), f"{group}.control": control.contiguous()}
-
-
-def _hwc3(x: np.ndarray) -> np.ndarray:
-    """``annotator.util.HWC3``: uint8 [H, W] or [H, W, 1 | 3 | 4] -> [H, W, 3] (alpha blended over white)."""
-    if x.ndim == 2:
-        x = x[:, :, None]
-    if x.shape[2] == 3:
-        return x
-    if x.shape[2] == 1:
-        return np.concatenate([x, x, x], axis=2)
-    color = x[:, :, 0:3].astype(np.float32)
-    alpha = x[:, :, 3:4].astype(np.float32) / 255.0
-    return (color * alpha + 255.0 * (1.0 - alpha)).clip(0, 255).astype(np.uint8)
-
-
-def _resize_image(image: np.ndarray, resolution: int) -> np.ndarray:
-    """``annotator.util.resize_image``: the short side to ``resolution``, both sides rounded to multiples of 64;
-    LANCZOS4 when enlarging, AREA otherwise."""
-    import cv2  # lazy: OpenCV is an optional extra
-
-    h, w = float(image.shape[0]), float(image.shape[1])
-    k = float(resolution) / min(h, w)
-    h, w = int(np.round(h * k / 64.0)) * 64, int(np.round(w * k / 64.0)) * 64
-    return cv2.resize(image, (w, h), interpolation=cv2.INTER_LANCZOS4 if k > 1 else cv2.INTER_AREA)
-
-
-# ---------------------------------------------------------------- webui / webui_odd: the hooked UNet call
 
 
 def mark_context(cond: torch.Tensor, positive: bool) -> torch.Tensor:
@@ -399,34 +360,6 @@ def _check_schedule(ctx, group: str, guidance: dict) -> None:
                        "note": None if not wrong else f"stopped differs at sampling steps {wrong}"})
 
 
-# ---------------------------------------------------------------- canny
-
-
-def canny_group(ctx, group: str, keys: list[str]) -> dict[str, torch.Tensor]:
-    """``CannyDetector()(HWC3(image), low, high)`` through ``control/preprocess.detect`` at the image's own size."""
-    canny = ctx.meta.get("canny", {})
-    low, high = (float(v) for v in canny.get("thresholds", (100, 200)))
-    out = {}
-    for source, prefix in (("canny.image", "canny."), ("canny.gray_image", "canny.gray_")):
-        image = ctx.ref.get(source)
-        if image is None:
-            continue
-        rgb = image.numpy() if image.dim() == 3 else np.repeat(image.numpy()[..., None], 3, axis=2)
-        h, w = rgb.shape[:2]
-        unit = ControlUnit(model=None, image=rgb, module="canny", processor_res=min(h, w), threshold_a=low,
-                           threshold_b=high, resize_mode="Just Resize")
-        try:
-            hint = detect(unit, w, h)
-        except ControlUnitError as e:
-            raise GroupError(f"control/preprocess: {e}") from None
-        detected = (hint[0].permute(1, 2, 0) * 255.0).round().to(torch.uint8)
-        out[prefix + "edges"] = detected[..., 0]
-        if prefix == "canny.":
-            out["canny.detected_map"] = detected
-            out["canny.control"] = hint
-    return out
-
-
 # ---------------------------------------------------------------- dispatch
 
 
@@ -459,7 +392,7 @@ def _farther(stored, a: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
 def _recompute(ctx, group: str, keys: list[str]) -> dict[str, torch.Tensor]:
     has = set(keys)
     if group == "canny":
-        return canny_group(ctx, group, keys)
+        return canny_group(ctx, keys)
     if f"{group}.x_T" in has and group in ctx.meta.get("demo_runs", {}):
         return demo_group(ctx, group, keys)
     if {f"{group}.x", f"{group}.hint", f"{group}.cond", f"{group}.uncond"} <= has:

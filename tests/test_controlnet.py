@@ -321,8 +321,9 @@ def test_img2img_unit_without_image_takes_the_init_image(pipes, fixtures):
     fields = dict(prompt="a red circle", seed=5, steps=3, width=128, height=64, sampler="euler", init_image=init,
                   strength=0.75)
     implicit = pipe.generate(pipe.settings(controls=(ControlUnit(fixtures / FORMS[1]),), **fields))
-    explicit = pipe.generate(pipe.settings(controls=(ControlUnit(fixtures / FORMS[1], image=(init + 1) / 2),),
-                                           **fields))
+    # the extension takes webui's init image as an 8-bit picture: the same picture given as the unit's image
+    picture = ((init[0].permute(1, 2, 0) + 1) / 2 * 255).round().to(torch.uint8).numpy()  # [H, W, 3]
+    explicit = pipe.generate(pipe.settings(controls=(ControlUnit(fixtures / FORMS[1], image=picture),), **fields))
     plain = pipe.generate(pipe.settings(**fields))
     assert torch.equal(implicit, explicit) and (implicit - plain).abs().max() > 1e-3
 

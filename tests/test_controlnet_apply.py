@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import pytest
+import numpy as np
 import torch
 
 from tritonsd.control import apply as C
@@ -162,10 +163,11 @@ def test_hires_pass_soft_injects_canny_units(pipes, fixtures, monkeypatch):
     from tritonsd import pipeline as P
 
     pipe = pipes("sd1-tiny")
-    monkeypatch.setattr(P, "detect", lambda unit, w, h, init=None: torch.rand(1, 3, h, w))
+    monkeypatch.setattr(P, "detect", lambda unit, w, h, init=None, **kw: torch.rand(1, 3, h, w))
+    image = np.zeros((64, 128, 3), np.uint8)
     s = pipe.settings(prompt="x", steps=4, width=128, height=64, sampler="euler",
-                      controls=(ControlUnit(fixtures / FILE, module="canny", weight=0.5),
-                                ControlUnit(fixtures / FILE, module="none", weight=0.5)))
+                      controls=(ControlUnit(fixtures / FILE, image=image, module="canny", weight=0.5),
+                                ControlUnit(fixtures / FILE, image=image, module="none", weight=0.5)))
     latents = pipe.prepare_latents(s)
     soft = [0.5 * (0.825 ** float(12 - i)) for i in range(13)]
     for hires, canny_scales in ((False, [0.5] * 13), (True, soft)):

@@ -1,15 +1,13 @@
 """ControlNet through the real doors: ``tritonsd serve`` on a free loopback port (``tests/_serve_server.py``) driven by
 the real ``webuiapi`` client with its ``ControlNetUnit``, the command line, ``pipe(...)`` and a batch line.
 
-The first group checks the doors themselves (routes, units accepted, infotext, 422s). The second needs the
-ControlNet network (``tritonsd.model.controlnet``, built on the ``cnet`` branch): the same settings give
-byte-identical PNGs through every door, a unit changes the pixels and a zero weight does not."""
+The first group checks the doors themselves (routes, units accepted, infotext, 422s). The second runs the
+ControlNet network (``tritonsd.model.controlnet``): the same settings give byte-identical PNGs through every door, a unit changes the pixels and a zero weight does not."""
 
 from __future__ import annotations
 
 import base64
 import dataclasses
-import importlib.util
 import json
 
 import numpy as np
@@ -26,8 +24,6 @@ pytestmark = pytest.mark.slow
 
 CN = "controlnet-sd1-tiny"
 SIZE = dict(width=128, height=64, steps=3, seed=7, cfg_scale=6.0)
-HAVE_NETWORK = importlib.util.find_spec("tritonsd.model.controlnet") is not None
-requires_network = pytest.mark.skipif(not HAVE_NETWORK, reason="requires the cnet branch")
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +118,6 @@ def pngs_of(images, out) -> list[bytes]:
     return [p.read_bytes() for p in Pipeline.save(images, out)]
 
 
-@requires_network
 def test_one_product_cli_pipe_webuiapi_batch(api, pipe, fixtures, cndir, canny_image, tmp_path):
     image_path = tmp_path / "canny.png"
     canny_image.save(image_path)
@@ -155,7 +150,6 @@ def test_one_product_cli_pipe_webuiapi_batch(api, pipe, fixtures, cndir, canny_i
     assert not report.errors and (tmp_path / "batch" / "one.png").read_bytes() == want[0]
 
 
-@requires_network
 def test_a_unit_controls_and_weight_zero_does_not(pipe, cndir, canny_image):
     def pixels(*units):
         (image,) = pipe("a red circle", sampler="euler_a", controls=list(units), **SIZE)
@@ -167,7 +161,6 @@ def test_a_unit_controls_and_weight_zero_does_not(pipe, cndir, canny_image):
     assert np.array_equal(pixels(dataclasses.replace(unit, weight=0.0)), plain)
 
 
-@requires_network
 def test_from_png_with_its_control_image_gives_the_same_png(pipe, fixtures, cndir, canny_image, tmp_path):
     image_path = tmp_path / "canny.png"
     canny_image.save(image_path)

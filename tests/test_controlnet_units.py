@@ -324,3 +324,15 @@ def test_server_infotext_units_without_units_sent_are_named():
     assert infotext_unsupported(Txt2ImgRequest(prompt="", infotext=text)) == ["infotext.ControlNet 0"]
     sent = Txt2ImgRequest(prompt="", infotext=text, alwayson_scripts={"controlnet": {"args": [{"enabled": True}]}})
     assert infotext_unsupported(sent) == []
+
+
+@pytest.mark.parametrize("option, first, second", [("Both", True, True), ("Low res only", True, False),
+                                                   ("High res only", False, True)])
+def test_hr_option_picks_the_passes_a_unit_acts_in(option, first, second):
+    """The extension's HiResFixOption with hires fix on; without hires fix every unit acts in its one pass."""
+    from tritonsd.sampler.control import acts_in_pass
+
+    unit = ControlUnit("m.safetensors", hr_option=option)
+    assert acts_in_pass(unit, True, False) is first
+    assert acts_in_pass(unit, True, True) is second
+    assert acts_in_pass(unit, False, False) is True
