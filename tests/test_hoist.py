@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tritonsd.model import hoist
-from tritonsd.model.unet import CrossAttention, ResBlock
+from tritonsd.model.unet import BasicTransformerBlock, CrossAttention, ResBlock
 from tritonsd.sampler import denoise as D
 from tritonsd.sampler import samplers as S
 from tritonsd.sampler import schedule
@@ -127,8 +127,7 @@ def test_a_weight_change_reaches_the_step_embeddings_and_the_keys(tiny):
                                           "cpu"), device="cpu")
     x, cond, uncond = _inputs(tiny)
     touched = [unet.res_blocks()[0].emb_layers[1].weight, unet.time_embed[2].bias,
-               next(m for m in unet.modules() if isinstance(m, CrossAttention) and m.to_k.in_features
-                    == tiny.config.unet.context_dim).to_k.weight]
+               next(m for m in unet.modules() if isinstance(m, BasicTransformerBlock)).attn2.to_k.weight]
     pristine = [t.detach().clone() for t in touched]
     try:
         with torch.no_grad():
@@ -244,3 +243,28 @@ def test_hoisted_loop_is_bit_for_bit_the_unhoisted_one_with_the_triton_kernels(t
                 outs.append(S.sample_dpmpp_2m(cfg, x * sigmas[0], sigmas,
                                               extra_args={"cond": cond, "uncond": uncond}))
     assert torch.equal(outs[1], outs[0])
+
+
+def test_a_controlnet_run_makes_its_cross_attention_keys_once(pipes, fixtures):
+    """The ControlNet's encoder reads the same conditioning as the UNet: its keys and values are made once per
+    run too (and the image is the one the unhoisted run makes)."""
+    from tritonsd.model.controlnet import ControlNet
+    from tritonsd.sampler.control import ControlUnit
+
+    pipe = pipes("sd1-tiny")
+    fields = dict(prompt="a red circle", seed=5, steps=3, width=64, height=64, sampler="euler",
+                  controls=(ControlUnit(fixtures / "controlnet-sd1-tiny.safetensors",
+                                        image=torch.full((1, 3, 64, 64), 0.5)),))
+    with hoist.suspended():
+        plain = pipe.generate(pipe.settings(**fields))
+    net = next(n for n in pipe._controlnets.values() if isinstance(n, ControlNet))
+    cross = [m.attn2 for m in net.modules() if isinstance(m, BasicTransformerBlock)]
+    calls = []
+    handles = [m.to_k.register_forward_hook(lambda *_: calls.append(1)) for m in cross]
+    try:
+        hoisted = pipe.generate(pipe.settings(**fields))
+    finally:
+        for h in handles:
+            h.remove()
+    assert cross and len(calls) == len(cross)  # once per run, not once per step
+    assert torch.equal(hoisted, plain)
