@@ -71,12 +71,11 @@ class StableDiffusion(nn.Module):
         return self.model.diffusion_model(x, t, context, y, t_emb=t_emb, **extra)
 
     def step_embedder(self) -> StepEmbedder | None:
-        """What the sampler's per-step tables embed each step with before the loop; None for SDXL (its time
-        embedding depends on the conditioning vector y) and for a UNet whose ``forward`` was swapped for one that
-        takes no ``step_emb`` (a stand-in)."""
+        """What the sampler's per-step tables embed each step with before the loop (for SDXL the time MLP only:
+        its embedding adds the conditioning's); None for a UNet whose ``forward`` was swapped for one that takes
+        no ``step_emb`` (a stand-in)."""
         unet = self.model.diffusion_model
-        takes = "step_emb" in inspect.signature(unet.forward).parameters
-        return StepEmbedder(unet) if self.config.unet.adm_in_channels is None and takes else None
+        return StepEmbedder(unet) if "step_emb" in inspect.signature(unet.forward).parameters else None
 
     def decode_first_stage(self, z: torch.Tensor) -> torch.Tensor:
         """Scaled latents -> image in about [-1, 1] (divides by ``scale_factor`` first; no clamp)."""

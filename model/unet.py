@@ -49,11 +49,18 @@ class StepEmbedding:
     """What one step's time embedding gives the ResBlocks: ``silu`` = SiLU(time embedding) [B, time_embed_dim] and,
     when made by ``UNetModel.step_embedding`` before the loop, every ResBlock's projection of it (its
     ``emb_layers``, [B, C]), so that the step launches none of them. Without them a ResBlock projects ``silu``
-    itself, as the original does."""
+    itself, as the original does. For SDXL, whose embedding adds the conditioning's ``label_emb(y)``, only
+    ``time`` (the time MLP's output before that add) is made before the loop, ``silu`` is None."""
 
-    def __init__(self, silu: torch.Tensor, projections: dict[nn.Module, torch.Tensor] | None = None):
+    def __init__(self, silu: torch.Tensor | None, projections: dict[nn.Module, torch.Tensor] | None = None,
+                 time: torch.Tensor | None = None):
         self.silu = silu
         self.projections = projections
+        self.time = time
+
+    @property
+    def batch(self) -> int:
+        return (self.silu if self.silu is not None else self.time).shape[0]
 
     def projection(self, block: ResBlock) -> torch.Tensor:
         if self.projections is None:
@@ -252,10 +259,12 @@ class UNetModel(nn.Module):
         if t.numel() not in (1, x.shape[0]):
             raise UNetShapeError(f"got {t.numel()} timesteps for a batch of {x.shape[0]}")
         t = t.expand(x.shape[0])  # one timestep for every row, or one per row
-        if step_emb is not None and y is None:
-            if step_emb.silu.shape[0] != x.shape[0]:
-                raise UNetShapeError(f"step_emb is for a batch of {step_emb.silu.shape[0]}, not {x.shape[0]}")
+        if step_emb is not None and step_emb.batch != x.shape[0]:
+            raise UNetShapeError(f"step_emb is for a batch of {step_emb.batch}, not {x.shape[0]}")
+        if step_emb is not None and y is None and step_emb.silu is not None:
             emb = step_emb
+        elif step_emb is not None and y is not None and step_emb.time is not None:  # SDXL: y joins per call
+            emb = StepEmbedding(self._label_silu(step_emb.time, y))
         else:
             if t_emb is None:
                 t_emb = timestep_embedding(t, self.cfg.model_channels)
@@ -285,10 +294,16 @@ class UNetModel(nn.Module):
 
     def _time_silu(self, t_emb: torch.Tensor, batch: int, y: torch.Tensor | None = None) -> torch.Tensor:
         """SiLU(time_embed(t_emb) [+ label_emb(y)]): what every ResBlock's ``emb_layers`` projects."""
+        return self._label_silu(self._time_mlp(t_emb, batch), y)
+
+    def _time_mlp(self, t_emb: torch.Tensor, batch: int) -> torch.Tensor:
         if tuple(t_emb.shape) != (batch, self.cfg.model_channels):
             raise UNetShapeError(f"t_emb must be [{batch}, {self.cfg.model_channels}], got {list(t_emb.shape)}")
         dtype = self.time_embed[0].weight.dtype
-        emb = self.time_embed(t_emb.to(dtype).contiguous())  # a table row expanded over the batch: made dense
+        return self.time_embed(t_emb.to(dtype).contiguous())  # a table row expanded over the batch: made dense
+
+    def _label_silu(self, emb: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        dtype = self.time_embed[0].weight.dtype
         if y is not None:  # the conditioning's vector: the same at every step of a run (model/hoist.py)
             label = hoist.once(("label_emb", dtype), (y, *self.label_emb.parameters()),
                                lambda: self.label_emb(y.to(dtype)))
@@ -301,11 +316,15 @@ class UNetModel(nn.Module):
     def step_embedding(self, t_emb: torch.Tensor, out: StepEmbedding | None = None) -> StepEmbedding:
         """The time MLP and every ResBlock's projection for ``t_emb`` [B, model_channels] (the sinusoid, as
         ``forward`` takes it), by the very operations ``forward`` runs on it, so a step given the result computes
-        what it would have: for a UNet without ``y`` (SD1 / SD2; SDXL's embedding depends on the conditioning).
-        ``out``: a previous result whose tensors receive the values in place (a captured graph reads them)."""
+        what it would have. For a UNet with ``y`` (SDXL), whose embedding adds the conditioning's, the time MLP
+        alone. ``out``: a previous result whose tensors receive the values in place (a captured graph reads them)."""
+        time = self._time_mlp(t_emb, t_emb.shape[0])
         if self.cfg.adm_in_channels is not None:
-            raise UNetShapeError("a UNet with a label embedding (SDXL) embeds the step together with y")
-        silu = self._time_silu(t_emb, t_emb.shape[0])
+            if out is None:
+                return StepEmbedding(None, time=time)
+            out.time.copy_(time)
+            return out
+        silu = self._label_silu(time, None)
         projections = {block: block.emb_layers[1](silu) for block in self.res_blocks()}
         if out is None:
             return StepEmbedding(silu, projections)

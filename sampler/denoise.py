@@ -114,7 +114,7 @@ class StepTables:
     None: 1, the eps form), ``timesteps`` [n] and ``embeddings`` [n, dim] (or None) on the device. The step finds
     its row by the host value of its sigma batch (a dict lookup, no device work).
 
-    With an ``embedder`` (``model/unet.StepEmbedder``: a UNet without SDXL's y), the first step of a UNet batch
+    With an ``embedder`` (``model/unet.StepEmbedder``; for SDXL the time MLP only), the first step of a UNet batch
     size embeds every row for that batch (the time MLP and every ResBlock's projection, by the operations the
     UNet would run in the step, on the same [batch, dim] input: the same values), so the later steps, and every
     replay of a captured loop, launch none of it. ``refresh`` recomputes them in place when the embedder's
@@ -298,11 +298,11 @@ class SGMEpsDenoiser(_SigmaDenoiser):
     sampling sigmas come from ``schedule.sgm_sigmas``.
     """
 
-    def __init__(self, unet, alphas_cumprod: torch.Tensor, embedding_dim: int | None = None):
+    def __init__(self, unet, alphas_cumprod: torch.Tensor, embedding_dim: int | None = None, step_embedder=None):
         self.unet = unet
         self.sigmas = self.host_sigmas = schedule.sgm_training_sigmas(alphas_cumprod)  # ascending, float32
         self.embedding_dim = embedding_dim
-        self.step_embedder = None  # SDXL: the step's embedding depends on y
+        self.step_embedder = step_embedder  # the time MLP only: SDXL's embedding adds y's
         self.tables = None
 
     def sigma_to_idx(self, sigma: torch.Tensor) -> torch.Tensor:

@@ -59,7 +59,7 @@ def sigma_denoiser(unet: Callable, config, step_embedder=None):
     if config.family == "sdxl":
         if config.parameterization != "eps":
             raise WiringError("SDXL v-prediction models are not supported")
-        return D.SGMEpsDenoiser(unet, alphas_cumprod64(config), embedding_dim=dim)
+        return D.SGMEpsDenoiser(unet, alphas_cumprod64(config), embedding_dim=dim, step_embedder=step_embedder)
     wrapper = D.VDenoiser if config.parameterization == "v" else D.EpsDenoiser
     return wrapper(unet, config.alphas_cumprod, embedding_dim=dim, step_embedder=step_embedder)
 

@@ -268,3 +268,34 @@ def test_a_controlnet_run_makes_its_cross_attention_keys_once(pipes, fixtures):
             h.remove()
     assert cross and len(calls) == len(cross)  # once per run, not once per step
     assert torch.equal(hoisted, plain)
+
+
+def test_sdxl_makes_its_time_mlp_before_the_loop_bit_for_bit(models):
+    """SDXL's embedding adds the conditioning's label embedding: the tables hold the time MLP per step index, the
+    label embedding is made once per run, and the loop equals the unhoisted one bit for bit."""
+    model = models("sdxl-tiny")
+    unet = model.model.diffusion_model
+    g = torch.Generator().manual_seed(0)
+    cfg_unet = model.config.unet
+    x = torch.randn(1, 4, 8, 8, generator=g)
+    cond = {"context": torch.randn(1, 77, cfg_unet.context_dim, generator=g),
+            "y": torch.randn(1, cfg_unet.adm_in_channels, generator=g)}
+    uncond = {k: torch.randn(v.shape, generator=g) for k, v in cond.items()}
+    den = W.sigma_denoiser(None, model.config)
+    sigmas = schedule.get_sigmas_karras(STEPS, float(den.sigmas[0]), float(den.sigmas[-1]))
+    outs, counts = [], []
+    for hoisted in (False, True):
+        calls = []
+        handles = [unet.time_embed[0].register_forward_hook(lambda *_: calls.append("time")),
+                   unet.label_emb[0][0].register_forward_hook(lambda *_: calls.append("label"))]
+        try:
+            d = W.sigma_denoiser(model.apply_model, model.config, model.step_embedder() if hoisted else None)
+            cfg = D.prepare(D.CFGDenoiser(d, 7.0), sigmas, "cpu")
+            with torch.no_grad(), hoist.scope() if hoisted else contextlib.nullcontext():
+                outs.append(S.sample_euler(cfg, x * sigmas[0], sigmas, extra_args={"cond": cond, "uncond": uncond}))
+        finally:
+            for h in handles:
+                h.remove()
+        counts.append((calls.count("time"), calls.count("label")))
+    assert torch.equal(outs[1], outs[0])
+    assert counts == [(STEPS, STEPS), (STEPS, 1)]
