@@ -100,7 +100,8 @@ BENCHES = {"kernels": (add_kernels_parser, run_kernels), "e2e": (add_e2e_parser,
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("bench", help="benchmarks (kernels, e2e, plan)", description="Benchmarks; see each subcommand.")
+    p = subparsers.add_parser("bench", help="benchmarks (kernels, e2e, plan)",
+                              description="Benchmarks; see each subcommand.")
     sub = p.add_subparsers(dest="bench_command", metavar="BENCH", required=True)
     for add, _ in BENCHES.values():
         add(sub)
