@@ -24,7 +24,8 @@ ALLOCATIONS = frozenset({"aten.empty.memory_format", "aten.empty_like.default", 
                          "aten.empty.SymInt", "aten.new_empty.default", "aten.new_empty_strided.default"})
 # ops that only describe a tensor, read metadata, or change nothing on the device
 NO_LAUNCH = frozenset({"aten.detach.default", "aten._unsafe_view.default", "aten.lift_fresh.default",
-                       "aten.is_same_size.default", "aten.sym_size.default", "aten.sym_stride.default", "aten.sym_numel.default"})
+                       "aten.is_same_size.default", "aten.sym_size.default", "aten.sym_stride.default",
+                       "aten.sym_numel.default"})
 
 
 @dataclass
