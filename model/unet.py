@@ -80,7 +80,11 @@ class StepEmbedder:
         return self.unet.step_embedding(t_emb, out)
 
     def version(self) -> tuple:
-        return tuple((p.data_ptr(), p._version) for p in self.unet.step_embedding_parameters())
+        params = self.unet.step_embedding_parameters()
+        try:
+            return tuple((p.data_ptr(), p._version) for p in params)
+        except RuntimeError:  # inference tensors keep no version counter (and cannot be written outside one)
+            return tuple(p.data_ptr() for p in params)
 
 
 class CrossAttention(nn.Module):
