@@ -74,6 +74,7 @@ from tritonsd.control.models import attach_images, resolve_units
 from tritonsd.control.preprocess import detect
 from tritonsd.kernels import dispatch
 from tritonsd.load_spec import CheckedSpec, LoadSpec
+from tritonsd.model import hoist
 from tritonsd.model.controlnet import ControlNet, ControlNetError, load_controlnet
 from tritonsd.model.layers import circular_padding
 from tritonsd.model.load import load_model
@@ -95,7 +96,7 @@ from tritonsd.sampler.wiring import (build_denoiser, img2img_start, make_schedul
     start_at, txt2img_start)
 from tritonsd.lora.apply import find_lora, LoraError, LoraSpec, LoraState, parse_lora_tags
 from tritonsd.compile.warmup import warmup
-from tritonsd.prompt.encode import (encode_schedule, load_model_embeddings, pad_to_same_length,
+from tritonsd.prompt.encode import (call_rows, encode_schedule, load_model_embeddings, pad_to_same_length,
                                      unet_keywords)
 from tritonsd.formats.embeddings import ti_hashes
 from tritonsd.upscalers import UnknownUpscalerError, Upscalers
@@ -114,6 +115,7 @@ class Conditioning:
     uncond: dict[str, torch.Tensor] | None
     per_step: bool = False
     ti_hashes: str | None = None  # AUTOMATIC1111's "TI hashes" of the embeddings the prompts used
+    rows: tuple | None = None  # per_step: each side's row per call (prompt/encode.call_rows; equal entries share)
 
 
 @dataclass
@@ -228,13 +230,22 @@ class Pipeline:
         """A stage's convolution padding: circular for a tiling run, zeros otherwise (restored after it)."""
         return circular_padding(self.model, tiling)
 
-    def _model_unet(self, x, t, context, y=None, t_emb=None, control=None, only_mid_control=False):
+    def _model_unet(self, x, t, context, y=None, t_emb=None, step_emb=None, control=None, only_mid_control=False):
         """``apply_model`` returning float32: the sampler state stays float32 whatever the weights' dtype;
-        ``control``: scaled ControlNet residuals (``control/apply.py``)."""
-        if control is None:  # the plain call, as before ControlNet
-            return self.model.apply_model(x, t, context, y, t_emb=t_emb).float()
-        return self.model.apply_model(x, t, context, y, t_emb=t_emb, control=control,
-                                      only_mid_control=only_mid_control).float()
+        ``step_emb``: the step's time MLP and projections (``StepTables``); ``control``: scaled ControlNet
+        residuals (``control/apply.py``)."""
+        extra = {} if step_emb is None else {"step_emb": step_emb}
+        if control is not None:
+            extra.update(control=control, only_mid_control=only_mid_control)
+        return self.model.apply_model(x, t, context, y, t_emb=t_emb, **extra).float()
+
+    def _step_embedder(self):
+        """The model's step embedder for the per-step tables, when ``unet`` is the model's own (and its
+        ``apply_model`` takes ``step_emb``). A ControlNet run wraps the UNet in a callable that takes no
+        ``step_emb``: its tables then embed nothing (``denoise.takes_step_embedding``)."""
+        if self.unet != self._model_unet or not D.takes_step_embedding(self.model.apply_model):
+            return None
+        return self.model.step_embedder()
 
     # ------------------------------------------------------------ settings
 
@@ -416,7 +427,8 @@ class Pipeline:
             with self._kernels():
                 c, u = pad_to_same_length(self.model, c, u, per_step, clip_skip=s.clip_skip, width=s.width,
                                           height=s.height)
-        return Conditioning(c, u, per_step=per_step, ti_hashes=self._ti_hashes)
+        rows = call_rows(cond, uncond, calls=s.steps + 1) if per_step else None
+        return Conditioning(c, u, per_step=per_step, ti_hashes=self._ti_hashes, rows=rows)
 
     def _encode_original(self, s: GenerationSettings, prompt: str, **size_conditions) -> Conditioning:
         rows, size = s.batch_size, (s.height, s.width)
@@ -494,9 +506,10 @@ class Pipeline:
             else:
                 schedule = latents.schedule  # sigmas stay on the host: the prepared denoiser reads its tables by them
                 unet = self.unet if run is None else C.ControlledUNet(self.unet, run)
-                den = build_denoiser(unet, self.config, spec, s.cfg_scale, schedule, x.device)
+                den = build_denoiser(unet, self.config, spec, s.cfg_scale, schedule, x.device,
+                                     self._step_embedder())
                 if cond.per_step:
-                    den = D.PerCallConditioning(den)
+                    den = D.PerCallConditioning(den, cond.rows)
                 if latents.blend is not None and spec.space != "timesteps":
                     den = I.BlendedDenoiser(den, latents.blend)  # A1111's per-step latent masking
                 kwargs = {}
@@ -505,7 +518,8 @@ class Pipeline:
                 step = None if callback is None else (lambda d: callback({**d, "total": total}))
                 step = C.with_step_callback(run, step)
                 extra = {"cond": cond.cond, "uncond": cond.uncond, **latents.shared}
-                out = spec.fn(den, x, schedule, extra_args=extra, callback=step, **kwargs)
+                with hoist.scope():  # the conditioning's per-run values once per loop (model/hoist.py)
+                    out = spec.fn(den, x, schedule, extra_args=extra, callback=step, **kwargs)
                 if spec.space == "timesteps":
                     out = out[0]  # (x, intermediates)
             if latents.blend is not None:
@@ -572,7 +586,8 @@ class Pipeline:
         unet = self.model.model.diffusion_model
         key = (id(self.unet), *(t.data_ptr() for t in (*unet.parameters(), *unet.buffers())))
         if self._runner is None or self._runner_key != key:
-            self._runner = GraphRunner(tables_on_device(sigma_denoiser(self.unet, self.config), device), device)
+            self._runner = GraphRunner(tables_on_device(sigma_denoiser(self.unet, self.config, self._step_embedder()),
+                                                        device), device)
             self._runner_key = key
         return self._runner
 
@@ -587,7 +602,7 @@ class Pipeline:
         try:
             return runner.run(x, cond.cond, cond.uncond, noise, sigmas=sigmas, cfg_scale=s.cfg_scale,
                               sampler=spec, shared=latents.shared, progress=progress, per_step=cond.per_step,
-                              tiling=s.tiling, control=control)
+                              rows=cond.rows, tiling=s.tiling, control=control)
         except GraphCaptureError as e:
             raise GraphCaptureError(f"{e}; run without CUDA graphs (use_graphs=False, tritonsd generate "
                                     "--no-cuda-graphs)") from e

@@ -165,7 +165,8 @@ def _cond_shape(cond) -> tuple:
     may differ in token length; each side must match across rows)."""
     sides = [cond.cond] + ([cond.uncond] if cond.uncond is not None else [])
     per_step = getattr(cond, "per_step", False)
-    return (per_step, *((k, tuple(v.shape)) for side in sides for k, v in sorted(side.items())))
+    rows = getattr(cond, "rows", None)  # which rows of the tables the calls read: the stacked rows share it
+    return (per_step, rows, *((k, tuple(v.shape)) for side in sides for k, v in sorted(side.items())))
 
 
 def _stack_conditioning(conds: list):

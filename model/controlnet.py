@@ -28,6 +28,7 @@ from tritonsd.model.config import ModelConfigError, UNetConfig, unet_config_from
 from tritonsd.model.layers import Conv2d, timestep_embedding
 from tritonsd.model.load import no_parameter_init
 from tritonsd.model.sd import load_weights_
+from tritonsd.model import hoist
 from tritonsd.model.unet import Downsample, ResBlock, SpatialTransformer, TimestepBlock, UNetShapeError
 
 HINT_STRIDES = (1, 1, 2, 1, 2, 1, 2, 1)  # of its eight convs (indices 0, 2, ..., 14)
@@ -193,7 +194,8 @@ class ControlNet(nn.Module):
                 raise UNetShapeError(f"this ControlNet needs a [B, {cfg.adm_in_channels}] vector y")
             emb = emb + self.label_emb(y.to(dtype))
         emb_silu = F.silu(emb)
-        context = context.to(dtype)
+        # the UNet's cast of the same context (model/hoist.py): its cross-attention keys are then made once a run
+        context = hoist.once(("context", dtype), (context,), lambda: context.to(dtype))
         h = self.input_blocks[0](x.to(dtype), emb_silu, context)
         if guided_hint.shape[-2:] != h.shape[-2:]:
             raise ControlNetError(f"the control map gives features of {guided_hint.shape[-1]}x{guided_hint.shape[-2]}"

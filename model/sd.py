@@ -4,6 +4,7 @@ reads the files)."""
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -15,7 +16,7 @@ from tritonsd.formats.keys import VAE
 from tritonsd.formats.source import LoadedFrom
 from tritonsd.model.conditioner import build_cond_stage
 from tritonsd.model.config import ModelConfig
-from tritonsd.model.unet import UNetModel
+from tritonsd.model.unet import StepEmbedder, StepEmbedding, UNetModel
 from tritonsd.model.vae import AutoencoderKL
 from tritonsd.formats.vae_file import check_vae_fits
 
@@ -58,14 +59,23 @@ class StableDiffusion(nn.Module):
 
     def apply_model(self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor,
                     y: torch.Tensor | None = None, t_emb: torch.Tensor | None = None,
-                    control: list[torch.Tensor] | None = None, only_mid_control: bool = False) -> torch.Tensor:
+                    step_emb: StepEmbedding | None = None, control: list[torch.Tensor] | None = None,
+                    only_mid_control: bool = False) -> torch.Tensor:
         """The UNet's raw output (eps or v, see ``config.parameterization``). For inpainting models ``x`` is
-        already ``cat([latents, mask, masked-image latents], 1)``; ``t_emb``: the precomputed sinusoid of ``t``;
-        ``control``: scaled ControlNet residuals (``UNetModel.forward``)."""
-        if control is None:
-            return self.model.diffusion_model(x, t, context, y, t_emb=t_emb)
-        return self.model.diffusion_model(x, t, context, y, t_emb=t_emb, control=control,
-                                          only_mid_control=only_mid_control)
+        already ``cat([latents, mask, masked-image latents], 1)``; ``t_emb``: the precomputed sinusoid of ``t``,
+        ``step_emb``: its time MLP and projections; ``control``: scaled ControlNet residuals
+        (``UNetModel.forward``)."""
+        extra = {} if step_emb is None else {"step_emb": step_emb}
+        if control is not None:
+            extra.update(control=control, only_mid_control=only_mid_control)
+        return self.model.diffusion_model(x, t, context, y, t_emb=t_emb, **extra)
+
+    def step_embedder(self) -> StepEmbedder | None:
+        """What the sampler's per-step tables embed each step with before the loop (for SDXL the time MLP only:
+        its embedding adds the conditioning's); None for a UNet whose ``forward`` was swapped for one that takes
+        no ``step_emb`` (a stand-in)."""
+        unet = self.model.diffusion_model
+        return StepEmbedder(unet) if "step_emb" in inspect.signature(unet.forward).parameters else None
 
     def decode_first_stage(self, z: torch.Tensor) -> torch.Tensor:
         """Scaled latents -> image in about [-1, 1] (divides by ``scale_factor`` first; no clamp)."""

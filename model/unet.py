@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tritonsd.kernels import dispatch
+from tritonsd.model import hoist
 from tritonsd.model.config import UNetConfig
 from tritonsd.model.layers import Conv2d, GroupNorm, LayerNorm, Upsample, timestep_embedding
 
@@ -35,11 +36,55 @@ class ResBlock(nn.Module):
                                         Conv2d(out_channels, out_channels, 3, padding=1))
         self.skip_connection = nn.Identity() if out_channels == channels else Conv2d(channels, out_channels, 1)
 
-    def forward(self, x: torch.Tensor, emb_silu: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, emb: StepEmbedding | torch.Tensor) -> torch.Tensor:
+        """``emb``: the step's ``StepEmbedding``, or SiLU(time embedding) itself (the ControlNet's blocks)."""
         h = self.in_layers[0](x, silu=True)
-        h = self.in_layers[2](h, emb=self.emb_layers[1](emb_silu))
+        proj = emb.projection(self) if isinstance(emb, StepEmbedding) else self.emb_layers[1](emb)
+        h = self.in_layers[2](h, emb=proj)
         h = self.out_layers[0](h, silu=True)
         return self.out_layers[3](h, residual=self.skip_connection(x))
+
+
+class StepEmbedding:
+    """What one step's time embedding gives the ResBlocks: ``silu`` = SiLU(time embedding) [B, time_embed_dim] and,
+    when made by ``UNetModel.step_embedding`` before the loop, every ResBlock's projection of it (its
+    ``emb_layers``, [B, C]), so that the step launches none of them. Without them a ResBlock projects ``silu``
+    itself, as the original does. For SDXL, whose embedding adds the conditioning's ``label_emb(y)``, only
+    ``time`` (the time MLP's output before that add) is made before the loop, ``silu`` is None."""
+
+    def __init__(self, silu: torch.Tensor | None, projections: dict[nn.Module, torch.Tensor] | None = None,
+                 time: torch.Tensor | None = None):
+        self.silu = silu
+        self.projections = projections
+        self.time = time
+
+    @property
+    def batch(self) -> int:
+        return (self.silu if self.silu is not None else self.time).shape[0]
+
+    def projection(self, block: ResBlock) -> torch.Tensor:
+        if self.projections is None:
+            return block.emb_layers[1](self.silu)
+        return self.projections[block]
+
+
+class StepEmbedder:
+    """``UNetModel.step_embedding`` for the sampler's per-step tables (``sampler/denoise.StepTables``), with the
+    weights' ``version``: the tables recompute their rows in place when it changes (a LoRA switch writes into
+    ``time_embed`` / ``emb_layers`` weights; a captured graph keeps reading the rows' storage)."""
+
+    def __init__(self, unet: UNetModel):
+        self.unet = unet
+
+    def __call__(self, t_emb: torch.Tensor, out: StepEmbedding | None = None) -> StepEmbedding:
+        return self.unet.step_embedding(t_emb, out)
+
+    def version(self) -> tuple:
+        params = self.unet.step_embedding_parameters()
+        try:
+            return tuple((p.data_ptr(), p._version) for p in params)
+        except RuntimeError:  # inference tensors keep no version counter (and cannot be written outside one)
+            return tuple(p.data_ptr() for p in params)
 
 
 class CrossAttention(nn.Module):
@@ -55,8 +100,12 @@ class CrossAttention(nn.Module):
         self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Identity())  # [1] was Dropout
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        context = x if context is None else context
-        out = dispatch.attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads)
+        if context is None:
+            k, v = self.to_k(x), self.to_v(x)
+        else:  # once per distinct context in a run (model/hoist.py): it is the same at every step
+            k, v = hoist.once(self, (context, self.to_k.weight, self.to_v.weight),
+                              lambda: (self.to_k(context), self.to_v(context)))
+        out = dispatch.attention(self.to_q(x), k, v, self.heads)
         return self.to_out[0](out)
 
 
@@ -137,10 +186,10 @@ class Downsample(nn.Module):
 class TimestepBlock(nn.Sequential):
     """One entry of input_blocks / output_blocks / middle_block: layers that each take what they need."""
 
-    def forward(self, x: torch.Tensor, emb_silu: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, emb: StepEmbedding | torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         for layer in self:
             if isinstance(layer, ResBlock):
-                x = layer(x, emb_silu)
+                x = layer(x, emb)
             elif isinstance(layer, SpatialTransformer):
                 x = layer(x, context)
             else:
@@ -195,11 +244,13 @@ class UNetModel(nn.Module):
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor | float, context: torch.Tensor,
                 y: torch.Tensor | None = None, t_emb: torch.Tensor | None = None,
-                control: list[torch.Tensor] | None = None, only_mid_control: bool = False) -> torch.Tensor:
+                step_emb: StepEmbedding | None = None, control: list[torch.Tensor] | None = None,
+                only_mid_control: bool = False) -> torch.Tensor:
         """x [B, in_channels, H, W], timesteps [B] or scalar (may be fractional), context [B, N, context_dim],
         y [B, adm_in_channels] (SDXL only) -> [B, out_channels, H, W]. ``t_emb`` [B, model_channels] float32, any
         strides: ``timestep_embedding(timesteps, model_channels)`` computed by the caller (the sampler's per-step
-        tables), which the step then skips.
+        tables), which the step then skips. ``step_emb``: ``step_embedding(t_emb)`` made by the caller before the
+        loop (no ``y``): the step then skips the time MLP and every ResBlock's projection too.
 
         ``control``: ControlNet residuals, already scaled (``control/apply.py``), one per input block plus the
         middle block's, added as the original ``ControlledUnetModel`` adds them: the last to h after the middle
@@ -212,22 +263,24 @@ class UNetModel(nn.Module):
         if t.numel() not in (1, x.shape[0]):
             raise UNetShapeError(f"got {t.numel()} timesteps for a batch of {x.shape[0]}")
         t = t.expand(x.shape[0])  # one timestep for every row, or one per row
-        if t_emb is None:
-            t_emb = timestep_embedding(t, self.cfg.model_channels)
-        elif tuple(t_emb.shape) != (x.shape[0], self.cfg.model_channels):
-            raise UNetShapeError(f"t_emb must be [{x.shape[0]}, {self.cfg.model_channels}], got {list(t_emb.shape)}")
-        emb = self.time_embed(t_emb.to(dtype).contiguous())  # a table row expanded over the batch: made dense
-        if y is not None:
-            emb = emb + self.label_emb(y.to(dtype))
-        emb_silu = F.silu(emb)
+        if step_emb is not None and step_emb.batch != x.shape[0]:
+            raise UNetShapeError(f"step_emb is for a batch of {step_emb.batch}, not {x.shape[0]}")
+        if step_emb is not None and y is None and step_emb.silu is not None:
+            emb = step_emb
+        elif step_emb is not None and y is not None and step_emb.time is not None:  # SDXL: y joins per call
+            emb = StepEmbedding(self._label_silu(step_emb.time, y))
+        else:
+            if t_emb is None:
+                t_emb = timestep_embedding(t, self.cfg.model_channels)
+            emb = StepEmbedding(self._time_silu(t_emb, x.shape[0], y))
 
         h = x.to(dtype)
-        context = context.to(dtype)
+        context = hoist.once(("context", dtype), (context,), lambda: context.to(dtype))
         skips = []
         for block in self.input_blocks:
-            h = block(h, emb_silu, context)
+            h = block(h, emb, context)
             skips.append(h)
-        h = self.middle_block(h, emb_silu, context)
+        h = self.middle_block(h, emb, context)
         control = self._check_control(control, len(skips))
         if control is not None:
             h = _aligned_add(h, control.pop())
@@ -239,9 +292,54 @@ class UNetModel(nn.Module):
                 skip = _aligned_add(skip, control.pop())
             if h.shape[-2:] != skip.shape[-2:]:  # odd sizes (A1111's sd_hijack_unet): upsampled -> skip's size
                 h = F.interpolate(h, size=skip.shape[-2:], mode="nearest")
-            h = block(torch.cat([h, skip], dim=1), emb_silu, context)
+            h = block(torch.cat([h, skip], dim=1), emb, context)
         h = self.out[0](h, silu=True)
         return self.out[2](h)
+
+    def _time_silu(self, t_emb: torch.Tensor, batch: int, y: torch.Tensor | None = None) -> torch.Tensor:
+        """SiLU(time_embed(t_emb) [+ label_emb(y)]): what every ResBlock's ``emb_layers`` projects."""
+        return self._label_silu(self._time_mlp(t_emb, batch), y)
+
+    def _time_mlp(self, t_emb: torch.Tensor, batch: int) -> torch.Tensor:
+        if tuple(t_emb.shape) != (batch, self.cfg.model_channels):
+            raise UNetShapeError(f"t_emb must be [{batch}, {self.cfg.model_channels}], got {list(t_emb.shape)}")
+        dtype = self.time_embed[0].weight.dtype
+        return self.time_embed(t_emb.to(dtype).contiguous())  # a table row expanded over the batch: made dense
+
+    def _label_silu(self, emb: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        dtype = self.time_embed[0].weight.dtype
+        if y is not None:  # the conditioning's vector: the same at every step of a run (model/hoist.py)
+            label = hoist.once(("label_emb", dtype), (y, *self.label_emb.parameters()),
+                               lambda: self.label_emb(y.to(dtype)))
+            emb = emb + label
+        return F.silu(emb)
+
+    def res_blocks(self) -> list[ResBlock]:
+        return [m for m in self.modules() if isinstance(m, ResBlock)]
+
+    def step_embedding(self, t_emb: torch.Tensor, out: StepEmbedding | None = None) -> StepEmbedding:
+        """The time MLP and every ResBlock's projection for ``t_emb`` [B, model_channels] (the sinusoid, as
+        ``forward`` takes it), by the very operations ``forward`` runs on it, so a step given the result computes
+        what it would have. For a UNet with ``y`` (SDXL), whose embedding adds the conditioning's, the time MLP
+        alone. ``out``: a previous result whose tensors receive the values in place (a captured graph reads them)."""
+        time = self._time_mlp(t_emb, t_emb.shape[0])
+        if self.cfg.adm_in_channels is not None:
+            if out is None:
+                return StepEmbedding(None, time=time)
+            out.time.copy_(time)
+            return out
+        silu = self._label_silu(time, None)
+        projections = {block: block.emb_layers[1](silu) for block in self.res_blocks()}
+        if out is None:
+            return StepEmbedding(silu, projections)
+        out.silu.copy_(silu)
+        for block, value in projections.items():
+            out.projections[block].copy_(value)
+        return out
+
+    def step_embedding_parameters(self) -> list[torch.Tensor]:
+        """The weights ``step_embedding`` reads."""
+        return [*self.time_embed.parameters(), *(p for b in self.res_blocks() for p in b.emb_layers.parameters())]
 
     @staticmethod
     def _check_control(control, skips: int) -> list[torch.Tensor] | None:

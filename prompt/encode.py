@@ -338,6 +338,19 @@ def unet_keywords(cond: ScheduledConditioning, uncond: ScheduledConditioning | N
     return sides[0], sides[1], per_step
 
 
+def call_rows(cond: ScheduledConditioning, uncond: ScheduledConditioning | None,
+              calls: int) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
+    """For ``unet_keywords``' per-call tables, per side: row k -> the first row holding the same entry. Rows of one
+    entry hold equal values; reading that one row for all of them lets what a run computes from its
+    conditioning (the cross-attention keys and values, ``model/hoist.py``) be computed once per entry."""
+    def side_rows(side):
+        if side is None:
+            return None
+        first: dict[int, int] = {}
+        return tuple(first.setdefault(side.index_at(k), k) for k in range(calls))
+    return side_rows(cond), side_rows(uncond)
+
+
 def pad_to_same_length(model, c: dict, u: dict, per_step: bool, *, clip_skip: int, width: int,
                        height: int) -> tuple[dict, dict]:
     """AUTOMATIC1111's ``pad_cond_uncond``: the shorter side gets empty-prompt chunks appended, so guidance

@@ -38,6 +38,7 @@ import inspect
 import torch
 
 from tritonsd.kernels import dispatch
+from tritonsd.model import hoist
 from tritonsd.model.layers import timestep_embedding
 from tritonsd.sampler import schedule
 
@@ -50,11 +51,12 @@ def _append_dims(v: torch.Tensor, ndim: int) -> torch.Tensor:
     return v[(...,) + (None,) * (ndim - v.ndim)]
 
 
-def call_unet(unet, x, t, context=None, y=None, c_concat=None, t_emb=None, cond_mark=None):
+def call_unet(unet, x, t, context=None, y=None, c_concat=None, t_emb=None, cond_mark=None, step_emb=None):
     """The one place that assembles the UNet input: ``cat([x, c_concat], 1)`` when inpainting; ``t_emb`` (the
     precomputed ``timestep_embedding(t)``) goes along only when given (see ``takes_embedding``); ``cond_mark``
     (1 for the rows of the conditional prompt, 0 for the unconditional ones: ControlNet's "ControlNet is more
-    important", ``control/apply.py``) likewise."""
+    important", ``control/apply.py``) likewise, and ``step_emb`` (its time MLP and projections, see
+    ``takes_step_embedding``)."""
     if c_concat is not None:
         if isinstance(c_concat, (list, tuple)):
             c_concat = torch.cat(list(c_concat), dim=1)
@@ -62,6 +64,8 @@ def call_unet(unet, x, t, context=None, y=None, c_concat=None, t_emb=None, cond_
     extra = {} if cond_mark is None else {"cond_mark": cond_mark}
     if t_emb is None:
         return unet(x, t, context, y=y, **extra)
+    if step_emb is not None:
+        extra["step_emb"] = step_emb
     return unet(x, t, context, y=y, t_emb=t_emb, **extra)
 
 
@@ -70,6 +74,14 @@ def takes_embedding(unet) -> bool:
     the same protocol, such as the benchmarks' diffusers UNet, need not, and then gets ``t`` alone)."""
     try:
         return "t_emb" in inspect.signature(unet).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def takes_step_embedding(unet) -> bool:
+    """Whether a UNet callable takes ``step_emb=`` (``model/unet.StepEmbedding``, made before the loop)."""
+    try:
+        return "step_emb" in inspect.signature(unet).parameters
     except (TypeError, ValueError):
         return False
 
@@ -101,14 +113,23 @@ class StepTables:
     Row k belongs to the k-th distinct schedule sigma: ``c_in`` / ``c_out`` / ``c_skip`` as host floats (``c_skip``
     None: 1, the eps form), ``timesteps`` [n] and ``embeddings`` [n, dim] (or None) on the device. The step finds
     its row by the host value of its sigma batch (a dict lookup, no device work).
+
+    With an ``embedder`` (``model/unet.StepEmbedder``; for SDXL the time MLP only), the first step of a UNet batch
+    size embeds every row for that batch (the time MLP and every ResBlock's projection, by the operations the
+    UNet would run in the step, on the same [batch, dim] input: the same values), so the later steps, and every
+    replay of a captured loop, launch none of it. ``refresh`` recomputes them in place when the embedder's
+    weights changed (a LoRA switch): a captured graph reads their storage.
     """
 
     def __init__(self, sigmas: torch.Tensor, c_in: list[float], c_out: list[float], c_skip: list[float] | None,
-                 timesteps: torch.Tensor, embeddings: torch.Tensor | None):
+                 timesteps: torch.Tensor, embeddings: torch.Tensor | None, embedder=None):
         self.dtype = sigmas.dtype
         self.rows = {v: k for k, v in enumerate(sigmas.tolist())}
         self.c_in, self.c_out, self.c_skip = c_in, c_out, c_skip
         self.timesteps, self.embeddings = timesteps, embeddings
+        self.embedder = embedder if embeddings is not None else None
+        self.step_embeddings: dict[int, list] = {}  # UNet batch -> one StepEmbedding per row
+        self._embedded_with = None  # the embedder's weights' version the rows hold
 
     def find(self, sigma) -> int | None:
         """The row of a sigma batch that is on the host, in the tables' dtype and one schedule sigma throughout;
@@ -125,6 +146,31 @@ class StepTables:
         t = self.timesteps[row].expand(n)
         emb = None if self.embeddings is None else self.embeddings[row].expand(n, self.embeddings.shape[1])
         return t, emb
+
+    def step_embedding(self, row: int, n: int):
+        """Row ``row``'s ``StepEmbedding`` for a UNet batch of n (every row made at the first ask for n), or None
+        without an embedder."""
+        if self.embedder is None:
+            return None
+        self.refresh()
+        rows = self.step_embeddings.get(n)
+        if rows is None:  # the last sigma, 0, is never a model input: its row is made only if asked for
+            rows = self.step_embeddings[n] = [None if sigma == 0 else self.embedder(self.unet_inputs(k, n)[1])
+                                              for sigma, k in self.rows.items()]
+            self._embedded_with = self.embedder.version()
+        if rows[row] is None:
+            rows[row] = self.embedder(self.unet_inputs(row, n)[1])
+        return rows[row]
+
+    def refresh(self) -> None:
+        """Recompute the made rows in place if the embedder's weights changed since they were made."""
+        if not self.step_embeddings or self.embedder.version() == self._embedded_with:
+            return
+        for n, rows in self.step_embeddings.items():
+            for k, emb in enumerate(rows):
+                if emb is not None:
+                    self.embedder(self.unet_inputs(k, n)[1], out=emb)
+        self._embedded_with = self.embedder.version()
 
 
 def _tabulate(den, sigmas: torch.Tensor, device) -> StepTables:
@@ -143,8 +189,9 @@ def _tabulate(den, sigmas: torch.Tensor, device) -> StepTables:
     embeddings = None
     if den.embedding_dim and takes_embedding(den.unet):
         embeddings = torch.cat([timestep_embedding(t, den.embedding_dim) for t in timesteps])
+    embedder = den.step_embedder if takes_step_embedding(den.unet) else None
     return StepTables(host, c_in.tolist(), c_out.tolist(), None if c_skip is None else c_skip.tolist(),
-                      torch.cat(timesteps), embeddings)
+                      torch.cat(timesteps), embeddings, embedder)
 
 
 class _SigmaDenoiser:
@@ -178,7 +225,8 @@ class _SigmaDenoiser:
             return self._call_unprepared(x, sigma, **cond)
         tables = self.tables
         t, t_emb = tables.unet_inputs(row, x.shape[0])
-        raw = call_unet(self.unet, x * tables.c_in[row], t, t_emb=t_emb, **cond)
+        step_emb = tables.step_embedding(row, x.shape[0])
+        raw = call_unet(self.unet, x * tables.c_in[row], t, t_emb=t_emb, step_emb=step_emb, **cond)
         c_skip = None if tables.c_skip is None else tables.c_skip[row]
         return dispatch.denoiser_output(x, raw, tables.c_out[row], c_skip)
 
@@ -192,11 +240,13 @@ class _SigmaDenoiser:
 class EpsDenoiser(_SigmaDenoiser):
     """eps-prediction UNet as a denoiser: ``x + eps(x * c_in, t(sigma)) * c_out`` with c_out = -sigma.
 
-    ``embedding_dim`` (the UNet's model channels) lets ``prepare`` tabulate the timestep embedding too.
+    ``embedding_dim`` (the UNet's model channels) lets ``prepare`` tabulate the timestep embedding too, and
+    ``step_embedder`` (``StableDiffusion.step_embedder()``) its time MLP and projections (see ``StepTables``).
     """
 
-    def __init__(self, unet, alphas_cumprod: torch.Tensor, embedding_dim: int | None = None):
+    def __init__(self, unet, alphas_cumprod: torch.Tensor, embedding_dim: int | None = None, step_embedder=None):
         self.unet = unet
+        self.step_embedder = step_embedder
         self.sigmas = schedule.discrete_sigmas(alphas_cumprod)  # ascending, float32
         self.log_sigmas = schedule.discrete_log_sigmas(self.sigmas)  # k-diffusion's buffer (pinned: schedule.py)
         self.host_sigmas, self.host_log_sigmas = self.sigmas.cpu(), self.log_sigmas.cpu()
@@ -248,10 +298,11 @@ class SGMEpsDenoiser(_SigmaDenoiser):
     sampling sigmas come from ``schedule.sgm_sigmas``.
     """
 
-    def __init__(self, unet, alphas_cumprod: torch.Tensor, embedding_dim: int | None = None):
+    def __init__(self, unet, alphas_cumprod: torch.Tensor, embedding_dim: int | None = None, step_embedder=None):
         self.unet = unet
         self.sigmas = self.host_sigmas = schedule.sgm_training_sigmas(alphas_cumprod)  # ascending, float32
         self.embedding_dim = embedding_dim
+        self.step_embedder = step_embedder  # the time MLP only: SDXL's embedding adds y's
         self.tables = None
 
     def sigma_to_idx(self, sigma: torch.Tensor) -> torch.Tensor:
@@ -347,8 +398,8 @@ class CFGDenoiser:
             out_cond = self.inner(x, s, **cond, **shared)
             out_uncond = self.inner(x, s, **uncond, **shared)
             return dispatch.cfg_combine(out_uncond, out_cond, self.cond_scale)
-        inputs = {k: _cat_pair(uncond[k], cond[k]) for k in cond}
-        inputs.update({k: _cat_pair(v, v) for k, v in shared.items()})
+        inputs = {k: _pair(uncond[k], cond[k]) for k in cond}
+        inputs.update({k: _pair(v, v) for k, v in shared.items()})
         s = _sigma_batch(s, x)
         out_uncond, out_cond = self.inner(torch.cat([x, x]), torch.cat([s, s]), **inputs).chunk(2)
         return dispatch.cfg_combine(out_uncond, out_cond, self.cond_scale)
@@ -358,28 +409,57 @@ class PerCallConditioning:
     """Prompt editing: the conditioning tensors are tables [calls, B, ...] and call k of the model gets row
     ``min(k, calls - 1)`` (AUTOMATIC1111's ``CFGDenoiser.step`` count). Wraps the outermost model (a CFG
     denoiser, or DDIM's eps wrapper around one); make one per sampler run. Under a CUDA graph the row choice
-    happens at capture: each captured step reads its own row of the static tables."""
+    happens at capture: each captured step reads its own row of the static tables.
 
-    def __init__(self, inner):
+    ``rows`` (``prompt/encode.call_rows``: per side, row k -> the first row of the same entry) makes the calls of
+    one entry read the same row, so that per-run values computed from it are computed once per entry."""
+
+    def __init__(self, inner, rows: tuple | None = None):
         self.inner = inner
+        self.rows = rows
         self.calls = 0
 
     def prepare(self, sigmas: torch.Tensor, device: str | torch.device | None = None) -> PerCallConditioning:
         """A fresh wrapper (call count 0) around the inner model prepared for ``sigmas``."""
-        return PerCallConditioning(prepare(self.inner, sigmas, device))
+        return PerCallConditioning(prepare(self.inner, sigmas, device), self.rows)
 
     def __call__(self, x, s, cond: dict, uncond: dict | None = None, **shared):
         k = self.calls
         self.calls += 1
+        cond_rows, uncond_rows = self.rows if self.rows is not None else (None, None)
 
-        def row(side):
-            return None if side is None else {n: t[min(k, t.shape[0] - 1)] for n, t in side.items()}
+        def row(side, rows):
+            if side is None:
+                return None
+            out = {}
+            for n, t in side.items():
+                j = min(k, t.shape[0] - 1)
+                out[n] = t[rows[j] if rows is not None and j < len(rows) else j]
+            return out
 
-        return self.inner(x, s, cond=row(cond), uncond=row(uncond), **shared)
+        return self.inner(x, s, cond=row(cond, cond_rows), uncond=row(uncond, uncond_rows), **shared)
 
 
 def _rows_shape(t) -> tuple:
     return tuple(t.shape[1:]) if isinstance(t, torch.Tensor) else ()
+
+
+def _pair(a, b):
+    """``_cat_pair``, once per run for the same two tensors (``model/hoist``: the conditioning is the same at every
+    step, so the UNet's per-run values computed from it are found again)."""
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return hoist.once("cfg-pair", (a, b), lambda: _cat_pair(a, b))
+    return _cat_pair(a, b)
+
+
+def refresh(model) -> None:
+    """Bring the per-step tables of ``model`` (a prepared denoiser, or a wrapper around one) up to date with the
+    weights (``StepTables.refresh``): before a captured loop replays."""
+    while model is not None:
+        tables = getattr(model, "tables", None)
+        if tables is not None:
+            tables.refresh()
+        model = getattr(model, "inner", None)
 
 
 def _cat_pair(a, b):

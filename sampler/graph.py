@@ -18,6 +18,12 @@ the denoiser output, the CFG combine and the sampler update (one fused launch ea
 The denoiser's training-sigma table must be on the device too (``tables_on_device``) for calls the tables do not
 cover: a host-to-device copy inside the captured region fails the capture, reported as ``GraphCaptureError``.
 
+What depends only on the run leaves the step: the loop body opens a ``model/hoist`` scope, so the conditioning's
+per-run values (the CFG pair, its dtype cast, the cross-attention keys and values) are computed at their first
+use, inside the graph, and read by the later steps of every replay; the step embeddings (the time MLP and the
+ResBlocks' projections, ``StepTables``) are made in the warm-up, before the capture, and ``run`` refreshes them in
+place before a replay when their weights changed (a LoRA switch).
+
 Timestep samplers (DDIM, PLMS) take integer timesteps and a different model protocol; run them through
 ``samplers`` directly.
 """
@@ -36,7 +42,8 @@ try:
 except ImportError:  # no triton here: nothing more to catch
     TritonError = RuntimeError
 
-from tritonsd.sampler.denoise import CFGDenoiser, PerCallConditioning, prepare
+from tritonsd.model import hoist
+from tritonsd.sampler.denoise import CFGDenoiser, PerCallConditioning, prepare, refresh
 from tritonsd.sampler import registry
 from tritonsd.sampler.registry import SamplerSpec
 
@@ -69,6 +76,7 @@ class LoopKey:
     inputs: tuple  # ((group, name, shape, dtype), ...) of the conditioning buffers (their token length too)
     per_step: bool = False  # cond / uncond are per-step tables [calls, B, ...] (prompt editing)
     tiling: bool = False  # the convolutions pad circularly (the captured kernels bake the padding in)
+    rows: tuple | None = None  # per-step tables: each side's row per call (``PerCallConditioning``'s ``rows``)
     control: tuple = ()  # a ControlNet run's signature (``control/apply.ControlRun``): its nets and buffer shapes
 
 
@@ -204,11 +212,12 @@ class CapturedLoop:
         extra = {"cond": self.static["cond"], "uncond": self.static.get("uncond") or None,
                  **self.static.get("shared", {})}
         spec = self.spec
-        model = PerCallConditioning(self.cfg) if self.key.per_step else self.cfg
-        if spec.stochastic:  # ancestral: its noise from the static buffer, at the runner's eta
-            return spec.fn(model, self.static_x, sigmas, extra_args=extra, callback=callback, eta=self.eta,
-                           noise_sampler=self.noise)
-        return spec.fn(model, self.static_x, sigmas, extra_args=extra, callback=callback)
+        model = PerCallConditioning(self.cfg, self.key.rows) if self.key.per_step else self.cfg
+        with hoist.scope():  # per-run values (the conditioning's) once per loop; under capture, in the graph
+            if spec.stochastic:  # ancestral: its noise from the static buffer, at the runner's eta
+                return spec.fn(model, self.static_x, sigmas, extra_args=extra, callback=callback, eta=self.eta,
+                               noise_sampler=self.noise)
+            return spec.fn(model, self.static_x, sigmas, extra_args=extra, callback=callback)
 
     def capture(self) -> None:
         """Warm up (up to three steps, on a side stream: Triton compiles and autotuning, cuBLAS handles) then
@@ -236,6 +245,7 @@ class CapturedLoop:
         if self.graph is None:
             callback = None if progress is None else (lambda d: progress(d["i"], n))
             return self.body(callback=callback)
+        refresh(self.cfg)  # step embeddings made before the capture follow a LoRA switch
         self.graph.replay()
         if progress is not None:
             for i in range(n):
@@ -267,13 +277,13 @@ class GraphRunner:
         return tuple(registry.graph_samplers())
 
     def key(self, x_T, sigmas, cfg_scale, sampler: SamplerSpec, eta, groups, per_step: bool = False,
-            tiling: bool = False, control=None) -> LoopKey:
+            tiling: bool = False, rows: tuple | None = None, control=None) -> LoopKey:
         b, c, h, w = x_T.shape
         return LoopKey(batch=b, channels=c, height=h, width=w, dtype=x_T.dtype, device=str(self.device),
                        sampler=sampler.name, steps=len(sigmas) - 1, sigmas=tuple(float(s) for s in sigmas),
                        cfg_scale=float(cfg_scale), eta=float(eta) if sampler.stochastic else 0.0,
                        noise_draws=sampler.noise_draws(sigmas, eta), inputs=_signature(groups),
-                       per_step=per_step, tiling=bool(tiling),
+                       per_step=per_step, tiling=bool(tiling), rows=rows if per_step else None,
                        control=() if control is None else control.signature())
 
     def run(self, x_T: torch.Tensor, cond, uncond=None, noise: torch.Tensor | None = None, *,
@@ -281,7 +291,7 @@ class GraphRunner:
             eta: float = 1.0,
             shared: Mapping[str, torch.Tensor] | None = None,
             progress: Callable[[int, int], None] | None = None, per_step: bool = False,
-            tiling: bool = False, control=None) -> torch.Tensor:
+            tiling: bool = False, rows: tuple | None = None, control=None) -> torch.Tensor:
         """Latents after the loop. ``x_T``: start latents already scaled (``x * sigmas[0]``); ``cond`` /
         ``uncond``: context tensors or dicts (``context``, ``y``); ``sampler``: its registry spec (what the
         Pipeline passes) or name; ``eta``: an ancestral sampler's; ``noise``: [N, *x_T.shape] pre-drawn noise for
@@ -289,9 +299,10 @@ class GraphRunner:
         (all at once after the replay, when captured); ``per_step``: cond / uncond are per-step tables
         [calls, B, ...] (prompt editing), copied into static tables that the captured steps read row by row;
         ``tiling``: the model's convolutions pad circularly during this run (the caller sets that; a captured loop
-        bakes the padding in, so it is part of the key); ``control``: a ControlNet run (``control/apply.ControlRun``)
-        whose hint features and per-step scales are copied into the loop's own buffers, so another control image,
-        weight or start / end replays the same graph."""
+        bakes the padding in, so it is part of the key); ``rows``: with ``per_step``, each side's row per call
+        (``prompt/encode.call_rows``; part of the key, since the graph bakes the rows it reads); ``control``: a
+        ControlNet run (``control/apply.ControlRun``) whose hint features and per-step scales are copied into the
+        loop's own buffers, so another control image, weight or start / end replays the same graph."""
         sampler = graph_spec(sampler)
         if x_T.ndim != 4:
             raise GraphRunnerError(f"x_T must be [B, C, H, W], got {list(x_T.shape)}")
@@ -310,7 +321,7 @@ class GraphRunner:
             for n, t in d.items():
                 if t.shape[axis] != x_T.shape[0]:
                     raise GraphRunnerError(f"{g} {n!r} has batch {t.shape[axis]}, x_T has {x_T.shape[0]}")
-        key = self.key(x_T, sigmas, cfg_scale, sampler, eta, groups, per_step, tiling, control)
+        key = self.key(x_T, sigmas, cfg_scale, sampler, eta, groups, per_step, tiling, rows, control)
         if key.noise_draws:
             want = (key.noise_draws, *x_T.shape)
             if noise is None or noise.ndim != len(want) or noise.shape[0] < want[0] or noise.shape[1:] != want[1:]:

@@ -50,17 +50,18 @@ def alphas_cumprod64(config) -> torch.Tensor:
     return acp64
 
 
-def sigma_denoiser(unet: Callable, config):
+def sigma_denoiser(unet: Callable, config, step_embedder=None):
     """The sigma-space wrapper: sgm's quantising eps denoiser (SDXL) or k-diffusion's CompVis(V)Denoiser; it
     knows the UNet's embedding width, so that ``prepare`` tabulates the timestep sinusoid (for a UNet callable
-    that takes ``t_emb``)."""
+    that takes ``t_emb``) and, given the model's ``step_embedder()``, its time MLP and projections (for one that
+    takes ``step_emb``)."""
     dim = config.unet.model_channels
     if config.family == "sdxl":
         if config.parameterization != "eps":
             raise WiringError("SDXL v-prediction models are not supported")
-        return D.SGMEpsDenoiser(unet, alphas_cumprod64(config), embedding_dim=dim)
+        return D.SGMEpsDenoiser(unet, alphas_cumprod64(config), embedding_dim=dim, step_embedder=step_embedder)
     wrapper = D.VDenoiser if config.parameterization == "v" else D.EpsDenoiser
-    return wrapper(unet, config.alphas_cumprod, embedding_dim=dim)
+    return wrapper(unet, config.alphas_cumprod, embedding_dim=dim, step_embedder=step_embedder)
 
 
 def timestep_model(unet: Callable, config, cfg_scale: float):
@@ -72,12 +73,12 @@ def timestep_model(unet: Callable, config, cfg_scale: float):
 
 
 def build_denoiser(unet: Callable, config, spec: SamplerSpec, cfg_scale: float, schedule=None,
-                   device: str | torch.device | None = None):
+                   device: str | torch.device | None = None, step_embedder=None):
     """What ``spec.fn`` calls: the guided denoiser of its space; given the sigma ``schedule`` the loop will run
     (and the latents' ``device``), prepared with its per-step tables (``denoise.prepare``)."""
     if spec.space == "timesteps":  # SDXL too (as AUTOMATIC1111 offers it; sgm itself has no DDIM)
         return timestep_model(unet, config, cfg_scale)
-    den = D.CFGDenoiser(sigma_denoiser(unet, config), cfg_scale)
+    den = D.CFGDenoiser(sigma_denoiser(unet, config, step_embedder), cfg_scale)
     return den if schedule is None else D.prepare(den, schedule, device)
 
 

@@ -27,7 +27,7 @@ DISTRIBUTIONS = {"PIL": "pillow", "yaml": "pyyaml", "cv2": "opencv-python", "skl
 
 # Package data (pyproject's package-data): the only non-Python files an install holds.
 DATA = {"model/data/demo-sd1.json", "prompt/data/bpe_simple_vocab_16e6.txt.gz", "prompt/data/LICENSE-CLIP-BPE.txt",
-        "sampler/data/linear_schedule_sigmas.json"}
+        "sampler/data/linear_schedule_sigmas.json", "bench/data/gpus.json"}
 
 
 def normalise(name: str) -> str:

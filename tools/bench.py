@@ -14,7 +14,9 @@ from pathlib import Path
 from types import ModuleType
 
 from tritonsd.devices import DTYPE_NAMES
+from tritonsd.tools.cli import UsageError
 from tritonsd.bench import e2e as bench_e2e
+from tritonsd.bench import plan as bench_plan
 
 KERNEL_OPS = ("attention", "group_norm", "layer_norm", "geglu", "conv")
 
@@ -76,12 +78,30 @@ def run_e2e(args: argparse.Namespace) -> int:
     return bench_e2e.run(args)
 
 
+# ---- plan: a roofline plan of every launch of a step, no GPU needed (tritonsd.bench.plan)
+
+
+def add_plan_parser(sub) -> None:
+    p = sub.add_parser("plan", help="predicted roofline of every launch of a step and an image (no GPU needed)",
+                       description=bench_plan.__doc__.splitlines()[0])
+    bench_plan.add_arguments(p)
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    try:
+        return bench_plan.run(args)
+    except (bench_plan.PlanError, bench_plan.plan_model.PlanModelError) as e:
+        raise UsageError(str(e)) from None
+
+
 # name -> (adds its parser to the bench sub-subparsers, runs it)
-BENCHES = {"kernels": (add_kernels_parser, run_kernels), "e2e": (add_e2e_parser, run_e2e)}
+BENCHES = {"kernels": (add_kernels_parser, run_kernels), "e2e": (add_e2e_parser, run_e2e),
+           "plan": (add_plan_parser, run_plan)}
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("bench", help="benchmarks (kernels, e2e)", description="Benchmarks; see each subcommand.")
+    p = subparsers.add_parser("bench", help="benchmarks (kernels, e2e, plan)",
+                              description="Benchmarks; see each subcommand.")
     sub = p.add_subparsers(dest="bench_command", metavar="BENCH", required=True)
     for add, _ in BENCHES.values():
         add(sub)
