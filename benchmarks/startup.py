@@ -12,6 +12,8 @@ The files are built from the key manifests (``fixtures/manifests``) under ``--tm
 one tensor in memory), read once so that every process finds them in the page cache (as the issue measured),
 and deleted after. The hash cache lives in a temporary ``TRITONSD_CACHE``; the user's is untouched. Each model is
 loaded in its file's dtype (SD 1.5 float32, SDXL float16) on the CPU: no cast, so the numbers are the load path's.
+The baseline and the second process run ``--repeat`` times each (default 3) and the best of each is compared: on a
+shared machine a single run measures the neighbours as much as the load.
 """
 
 from __future__ import annotations
@@ -162,7 +164,7 @@ def run_child(code: str, args: list[str], env: dict) -> dict:
     return {k: round(v, 1) if k.endswith("_mb") else v for k, v in marks.items()}
 
 
-def measure(name: str, tmp: Path) -> dict:
+def measure(name: str, tmp: Path, repeat: int = 3) -> dict:
     path = tmp / f"{name}-random.safetensors"
     t = time.time()
     size = write_random_file(name, path)
@@ -172,20 +174,24 @@ def measure(name: str, tmp: Path) -> dict:
     env = {**os.environ, "TRITONSD_CACHE": str(cache), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
     dtype = FILE_DTYPE[name]
     try:
-        baseline = [run_child(BASELINE, [str(path)], env) for _ in range(2)]
+        baseline = [run_child(BASELINE, [str(path)], env) for _ in range(repeat)]
         first = run_child(TRITONSD, [str(path), dtype, str(tmp / "out1")], env)
-        second = run_child(TRITONSD, [str(path), dtype, str(tmp / "out2")], env)
+        seconds = [run_child(TRITONSD, [str(path), dtype, str(tmp / f"out{2 + i}")], env) for i in range(repeat)]
+        second = min(seconds, key=lambda r: r["loaded_s"])
     finally:
         path.unlink(missing_ok=True)
         shutil.rmtree(cache, ignore_errors=True)
     base_load = min(b["loaded_s"] for b in baseline)
+    # a shared machine's load comes and goes: the baseline and the second process are each the best of ``repeat``
     return {
         "manifest": MANIFESTS[name][0], "file_bytes": size, "file_dtype": dtype, "build_s": round(built_s, 1),
         "baseline_import_torch_load_file": baseline, "first_process": first, "second_process": second,
+        "second_process_loaded_s_runs": [r["loaded_s"] for r in seconds],
+        "second_process_hashed_any": any(r["hashed"] for r in seconds),
         "second_load_over_baseline": round(second["loaded_s"] / base_load, 3),
         "first_load_over_baseline": round(first["loaded_s"] / base_load, 3),
-        "goal": "second process loaded within 1.3x the baseline (best of its runs), and it never hashes",
-        "goal_met": second["loaded_s"] <= 1.3 * base_load and not second["hashed"],
+        "goal": "second process loaded within 1.3x the baseline (each the best of its runs), and it never hashes",
+        "goal_met": second["loaded_s"] <= 1.3 * base_load and not any(r["hashed"] for r in seconds),
     }
 
 
@@ -194,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", default="sd15,sdxl", help="comma-separated: sd15, sdxl (default: both)")
     p.add_argument("--tmp", type=Path, default=None, help="where the files go (default: a new folder in /tmp)")
     p.add_argument("--json", type=Path, default=None, help="output (default: benchmarks/results/startup-cpu.json)")
+    p.add_argument("--repeat", type=int, default=3, help="runs of the baseline and of the second process (default 3)")
     args = p.parse_args(argv)
     names = [n.strip() for n in args.models.split(",") if n.strip()]
     unknown = [n for n in names if n not in FILE_DTYPE]
@@ -203,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         results = {}
         for name in names:
-            results[name] = measure(name, tmp)
+            results[name] = measure(name, tmp, args.repeat)
             print(json.dumps({name: results[name]}, indent=1), flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
