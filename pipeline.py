@@ -86,6 +86,7 @@ from tritonsd.lora.apply import find_lora, LoraError, LoraSpec, LoraState, parse
 from tritonsd.compile.warmup import warmup
 from tritonsd.prompt.encode import (encode_schedule, load_model_embeddings, pad_to_same_length,
                                      unet_keywords)
+from tritonsd.formats.checkpoint_names import CheckpointNotFound, find_checkpoint, short_title
 from tritonsd.formats.embeddings import ti_hashes
 from tritonsd.upscalers import UnknownUpscalerError, Upscalers
 
@@ -176,6 +177,8 @@ class Pipeline:
         self.upscalers = Upscalers(upscaler_dir, self.device)  # hires fix's image upscalers (built-in and files)
         self.auto_warmup = True  # on CUDA with the Triton kernels: compile and tune new shapes before their run
         self._warmed: set[tuple] = set()
+        self.spec: LoadSpec | None = None  # how it was loaded (``load_spec``): a hires checkpoint is loaded alike
+        self._hires_pipe: tuple[Path, "Pipeline"] | None = None  # the last hires checkpoint's pipeline, kept
 
     # ------------------------------------------------------------ facts
 
@@ -240,6 +243,10 @@ class Pipeline:
             raise SettingsError("width", f"x height: {short}")
         if resolved.enable_hr:
             self._check_hires(resolved)
+            try:
+                self.hires_checkpoint(resolved)
+            except CheckpointNotFound as e:
+                raise SettingsError("hr_checkpoint_name", str(e)) from None
         return resolved
 
     def _check_hires(self, s: GenerationSettings) -> None:
@@ -528,11 +535,13 @@ class Pipeline:
                  target.width // vae_factor(self.config))
         return ImageNoise(shape, s.seed, s.batch_size, s.rng, s.subseed, s.subseed_strength, self.device)
 
-    def upscale(self, latents: torch.Tensor, settings: GenerationSettings, noise: NoiseSource) -> torch.Tensor:
+    def upscale(self, latents: torch.Tensor, settings: GenerationSettings, noise: NoiseSource,
+                encoder: "Pipeline | None" = None) -> torch.Tensor:
         """The first pass's latents [B, C, h, w] as the second pass's start [B, C, H/8, W/8] (``sample_hr_pass``):
         a latent mode interpolates them; an image upscaler gets each image decoded to 8 bits, resizes it to
         ``hr_upscale_to`` and the VAE encodes it again (its posterior sampled with ``noise.vae``); then the
-        truncate crop."""
+        truncate crop. ``encoder``: the pipeline whose VAE encodes (the hires checkpoint's, as webui encodes after
+        switching to it; default this one)."""
         s = settings
         target = s.hires_target()
         if is_latent_mode(s.hr_upscaler):
@@ -544,8 +553,9 @@ class Pipeline:
                               for im in images])
         f = vae_factor(self.config)
         shape = (self.config.vae.embed_dim, target.upscale_to_y // f, target.upscale_to_x // f)
-        with self._kernels():
-            encoded = encode_image(self.model, pixels * 2.0 - 1.0, noise.vae(shape).to(self.device))
+        encoder = self if encoder is None else encoder
+        with encoder._kernels():
+            encoded = encode_image(encoder.model, pixels * 2.0 - 1.0, noise.vae(shape).to(encoder.device))
         return crop_latent(encoded, target)
 
     def prepare_hires_latents(self, upscaled: torch.Tensor, settings: GenerationSettings,
@@ -583,14 +593,53 @@ class Pipeline:
 
     def hires(self, latents: torch.Tensor, settings: GenerationSettings, cond: Conditioning | None = None,
               callback: StepCallback | None = None, noise: NoiseSource | None = None) -> torch.Tensor:
-        """The second pass over the first pass's ``latents``: its latents, float32 (see the module docstring)."""
+        """The second pass over the first pass's ``latents``: its latents, float32 (see the module docstring).
+        With ``hr_checkpoint_name`` it runs on that checkpoint's pipeline (``hires_pipeline``): decode this
+        pipeline's, encode, conditioning and UNet the other's; decode the result with ``hires_pipeline(s)``."""
         hr = settings.hires_pass()
         target = settings.hires_target()
-        self._warm(dataclasses.replace(hr, width=target.width, height=target.height))
+        second = self.hires_pipeline(settings)
+        second._warm(dataclasses.replace(hr, width=target.width, height=target.height))
         noise = self.hires_noise(settings) if noise is None else noise
-        upscaled = self.upscale(latents, settings, noise)
-        hr_latents = self.prepare_hires_latents(upscaled, settings, noise)
-        return self.denoise(hr_latents, self.encode_hires(settings, cond), hr, callback)
+        upscaled = self.upscale(latents, settings, noise, encoder=second)
+        hr_latents = second.prepare_hires_latents(upscaled, settings, noise)
+        return second.denoise(hr_latents, second.encode_hires(settings, cond if second is self else None), hr,
+                              callback)
+
+    def hires_checkpoint(self, settings: GenerationSettings) -> Path | None:
+        """The file of the settings' ``hr_checkpoint_name`` (webui's "Hires checkpoint"): a path, or a name looked
+        up in the models folder (``LoadSpec.models_dir``, default this checkpoint's folder) as webui looks it up;
+        None for this checkpoint. ``CheckpointNotFound`` (one line) when nothing answers to the name."""
+        name = settings.hr_checkpoint_name if settings.enable_hr else None
+        if name is None:
+            return None
+        source = getattr(self.model, "source", None)
+        own = source.checkpoint if source is not None and source.checkpoint is not None else None
+        folder = self.spec.models_dir if self.spec is not None and self.spec.models_dir is not None else \
+            (own.parent if own is not None and own.is_file() else None)
+        path = find_checkpoint(name, folder)
+        return None if own is not None and own.is_file() and path == own.resolve() else path
+
+    def hires_pipeline(self, settings: GenerationSettings) -> "Pipeline":
+        """The pipeline of the second pass: this one, or the hires checkpoint's, loaded as this one was (device,
+        dtype, kernels, VAE, LoRA / embeddings / upscaler folders; its own YAML) and kept for the next image;
+        this pipeline's ``set_loras`` LoRAs are applied to it too."""
+        path = self.hires_checkpoint(settings)
+        if path is None:
+            return self
+        if self._hires_pipe is None or self._hires_pipe[0] != path:
+            self._hires_pipe = None  # one extra model at a time: the old one goes before the new one loads
+            base = self.spec if self.spec is not None else LoadSpec(str(path))
+            spec = dataclasses.replace(base, path=str(path), config=None, parameterization=None,
+                                       device=self.device, dtype=self.dtype, kernels=self.kernels,
+                                       lora_dir=self.lora_dir, embeddings_dir=self._embeddings_dir,
+                                       upscaler_dir=self.upscalers.directory)
+            self._hires_pipe = (path, load_spec(spec))
+        second = self._hires_pipe[1]
+        second.lora_dir = self.lora_dir
+        if second._loras != self._loras:
+            second.set_loras(self._loras)
+        return second
 
     # ------------------------------------------------------------ stage 4: pixels
 
@@ -610,9 +659,11 @@ class Pipeline:
         cond = self.encode(settings)
         latents = self.prepare_latents(settings, noise)
         x = self.denoise(latents, cond, settings, callback)
+        decoder = self
         if settings.enable_hr:
             x = self.hires(x, settings, cond, callback)
-        return self.decode(x, tiling=settings.tiling).cpu()
+            decoder = self.hires_pipeline(settings)
+        return decoder.decode(x, tiling=settings.tiling).cpu()
 
     def __call__(self, prompt: str = "", negative_prompt: str = "", *, callback: StepCallback | None = None,
                  **fields) -> "Images":
@@ -635,7 +686,9 @@ class Pipeline:
         ti = conditioning.ti_hashes if conditioning is not None else self._ti_hashes
         if self._loras:  # set_loras' LoRAs are recorded as A1111 records every LoRA: a tag in the prompt
             settings = dataclasses.replace(settings, prompt=with_lora_tags(settings.prompt, self._loras))
+        hr_path = self.hires_checkpoint(settings)
         return generation_infotext(settings, index, model=self.name, model_hash=self.model_hash,
+                                   hr_checkpoint=short_title(hr_path) if hr_path is not None else None,
                                    vae=source.vae_name if vae is not None else None,
                                    vae_hash=self.vae_hash if vae is not None else None, ti_hashes=ti,
                                    lora_hashes=self.lora_report.lora_hashes if self.lora_report is not None else None)
@@ -670,7 +723,8 @@ class Pipeline:
 def load(path: str | os.PathLike, config: str | os.PathLike | None = None, *, device=None, dtype=None,
          kernels: str = "auto", vae: str | os.PathLike | None = None, text_heads: int | None = None,
          parameterization: str | None = None, lora_dir: str | os.PathLike | None = None,
-         embeddings_dir: str | os.PathLike | None = None, upscaler_dir: str | os.PathLike | None = None) -> Pipeline:
+         embeddings_dir: str | os.PathLike | None = None, upscaler_dir: str | os.PathLike | None = None,
+         models_dir: str | os.PathLike | None = None) -> Pipeline:
     """A Pipeline for an original single-file checkpoint (``.safetensors`` or ``.ckpt``), or the built-in demo
     model ``"demo:sd1"`` (tiny, random weights: its images are noise; no file needed).
 
@@ -680,14 +734,15 @@ def load(path: str | os.PathLike, config: str | os.PathLike | None = None, *, de
     external VAE file (``.safetensors`` / ``.pt``); ``text_heads`` / ``parameterization``: what the weights cannot
     tell, when no YAML does; ``lora_dir``: where ``<lora:name:w>`` in a prompt is looked up;
     ``embeddings_dir``: textual-inversion embeddings, used where their file name appears in a prompt;
-    ``upscaler_dir``: upscaler model files (ESRGAN, ...) for hires fix's ``hr_upscaler``. The model
+    ``upscaler_dir``: upscaler model files (ESRGAN, ...) for hires fix's ``hr_upscaler``; ``models_dir``: where
+    hires fix's ``hr_checkpoint_name`` is looked up (default: the checkpoint's folder). The model
     hash for the infotext is computed when the first infotext needs it, and cached on disk
     (``formats.hashes.cached_sha256``).
 
     The same as ``load_spec(LoadSpec(path, config, ...))``: the keywords are ``LoadSpec``'s fields."""
     return load_spec(LoadSpec(path, config, device=device, dtype=dtype, kernels=kernels, vae=vae,
                               text_heads=text_heads, parameterization=parameterization, lora_dir=lora_dir,
-                              embeddings_dir=embeddings_dir, upscaler_dir=upscaler_dir))
+                              embeddings_dir=embeddings_dir, upscaler_dir=upscaler_dir, models_dir=models_dir))
 
 
 def load_spec(spec: LoadSpec | CheckedSpec) -> Pipeline:
@@ -699,9 +754,11 @@ def load_spec(spec: LoadSpec | CheckedSpec) -> Pipeline:
         model = load_model(spec.path, config=spec.config, parameterization=spec.parameterization,
                            text_heads=spec.text_heads, vae=spec.vae, dtype=checked.dtype, device=checked.device)
     source = model.source
-    return Pipeline(model, name=source.model_name, kernels=spec.kernels, lora_dir=spec.lora_dir,
+    pipe = Pipeline(model, name=source.model_name, kernels=spec.kernels, lora_dir=spec.lora_dir,
                     embeddings_dir=spec.embeddings_dir, upscaler_dir=spec.upscaler_dir,
                     model_hash=source.model_hash)  # computed (or read from the disk cache) when a PNG needs it
+    pipe.spec = spec
+    return pipe
 
 
 __all__ = ["CheckedSpec", "Conditioning", "GenerationSettings", "Images", "Latents", "LoadSpec", "NonFiniteError", "Pipeline",

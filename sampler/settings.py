@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import warnings
 from dataclasses import dataclass
 
@@ -37,6 +38,7 @@ from tritonsd.prompt.chunks import MAX_PROMPT_TOKENS, PromptTooLongError, tokeni
 from tritonsd.prompt.parser import PromptSyntaxError, prompt_schedule
 from tritonsd.prompt.tokenizer import get_tokenizer
 from tritonsd.escape import escape
+from tritonsd.formats.checkpoint_names import USE_SAME as USE_SAME_CHECKPOINT
 from tritonsd.lora.apply import LoraError, parse_lora_tags
 from tritonsd.sampler.infotext_parse import generation_settings
 
@@ -108,6 +110,8 @@ class GenerationSettings:
     hr_scheduler: str | None = None  # "Automatic", "Uniform", "Karras"; None: the first pass's
     hr_prompt: str = ""  # "": the prompt
     hr_negative_prompt: str = ""  # "": the negative prompt
+    hr_checkpoint_name: str | None = None  # the second pass's checkpoint: a path, or a name in the models folder
+    # (webui's lookup, ``formats/checkpoint_names.py``); None or "Use same checkpoint": this one
     tiling: bool = False  # seamless textures: every UNet and VAE convolution pads circularly (AUTOMATIC1111's)
     controls: tuple = ()  # ControlNet units (``sampler/control.py`` ControlUnit), applied together (residuals summed)
 
@@ -241,7 +245,13 @@ class GenerationSettings:
         if hr_scale == 0:
             raise SettingsError("hr_scale", "must be above 0")
         resize = [_integer(n, getattr(self, n), 0, MAX_SIDE) for n in ("hr_resize_x", "hr_resize_y")]
+        checkpoint = self.hr_checkpoint_name
+        if checkpoint is not None and not isinstance(checkpoint, (str, os.PathLike)):
+            raise SettingsError("hr_checkpoint_name", f"must be a checkpoint's name or path, got "
+                                                      f"{type(checkpoint).__name__}")
+        checkpoint = None if checkpoint is None else os.fspath(checkpoint).strip()
         return dict(hr_scale=hr_scale, hr_resize_x=resize[0], hr_resize_y=resize[1], hr_sampler=hr_sampler,
+                    hr_checkpoint_name=None if checkpoint in (None, "", USE_SAME_CHECKPOINT) else checkpoint,
                     hr_second_pass_steps=_integer("hr_second_pass_steps", self.hr_second_pass_steps, 0, MAX_STEPS))
 
     def hires_target(self) -> HiresTarget:
@@ -422,12 +432,19 @@ def _excerpt(text: str, limit: int = 40) -> str:
 INFOTEXT_FIELDS = ("prompt", "negative_prompt", "steps", "cfg_scale", "seed", "width", "height", "clip_skip", "rng",
                    "subseed", "subseed_strength", "tiling")
 HIRES_INFOTEXT_FIELDS = ("strength", "hr_scale", "hr_resize_x", "hr_resize_y", "hr_upscaler",
-                         "hr_second_pass_steps", "hr_scheduler", "hr_prompt", "hr_negative_prompt")
+                         "hr_second_pass_steps", "hr_scheduler", "hr_prompt", "hr_negative_prompt",
+                         "hr_checkpoint_name")
+# img2img's and inpainting's keys (``Denoising strength``, ``Mask blur``, ...): what a run with an init image (and a
+# mask) takes from the text; absent keys are webui's paste defaults, which are ours
+IMG2IMG_INFOTEXT_FIELDS = ("strength", "mask_blur", "inpainting_mask_invert", "inpaint_full_res",
+                           "inpaint_full_res_padding", "inpainting_fill")
 
 
 def fields_from_infotext(text: str) -> tuple[dict, list[str]]:
     """(GenerationSettings fields, notes) from an AUTOMATIC1111 ``parameters`` text: prompt, negative prompt,
-    steps, sampler and schedule type, CFG scale, seed, size, clip skip, RNG, variation seed and tiling. Unknown keys are
+    steps, sampler and schedule type, CFG scale, seed, size, clip skip, RNG, variation seed and tiling; hires fix's
+    fields; img2img's denoising strength and the inpainting's mask blur, mask mode, inpaint area, masked area padding
+    and masked content (``IMG2IMG_INFOTEXT_FIELDS``). Unknown keys are
     ignored; each malformed value is left out with one note line; an unknown sampler is a ``SettingsError``."""
 
     parsed = generation_settings(text)
@@ -440,6 +457,8 @@ def fields_from_infotext(text: str) -> tuple[dict, list[str]]:
             raise SettingsError("sampler", f"from the infotext: {e}") from None
     if fields.get("subseed_strength", 0.0) == 0.0:
         fields.pop("subseed", None)
+    if not parsed.get("enable_hr"):  # img2img / inpainting (a txt2img run ignores them)
+        fields.update({k: parsed[k] for k in IMG2IMG_INFOTEXT_FIELDS if k in parsed})
     if parsed.get("enable_hr"):  # webui's paste: "Denoising strength" and a "Hires ..." size or upscaler
         fields["enable_hr"] = True
         fields.update({k: parsed[k] for k in HIRES_INFOTEXT_FIELDS if k in parsed})

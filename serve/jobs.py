@@ -205,7 +205,7 @@ def build_plan(req, mode: str, *, options: Options, catalog, host, ignore_unsupp
                   tiling=bool(req.tiling))  # null: A1111's opts.tiling, off
     prepared = None
     if mode == "txt2img" and v("enable_hr"):
-        fields.update(_hires_fields(req, v))
+        fields.update(_hires_fields(req, v, catalog))
     if mode == "img2img":
         _check_size_first(v, host)
         prepared, inpainting = _prepare_images(req, v, fields["width"], fields["height"], notes)
@@ -223,15 +223,19 @@ def build_plan(req, mode: str, *, options: Options, catalog, host, ignore_unsupp
                 bool(v("send_images")), sorted(set(ignored)), notes, parameters(req, mode == "img2img"))
 
 
-def _hires_fields(req, v) -> dict:
+def _hires_fields(req, v, catalog) -> dict:
     """GenerationSettings' hires fields of a txt2img request with ``enable_hr`` (A1111's "Use same ..." and None
-    are the first pass's; an omitted denoising strength is the API's 0.75)."""
+    are the first pass's; an omitted denoising strength is the API's 0.75; ``hr_checkpoint_name`` is found in the
+    catalog by A1111's names, and given to the settings as its file)."""
     strength = req.denoising_strength
     fields = dict(enable_hr=True, strength=API_DENOISING_STRENGTH if strength is None else strength,
                   hr_scale=v("hr_scale"), hr_resize_x=v("hr_resize_x"), hr_resize_y=v("hr_resize_y"),
                   hr_upscaler=req.hr_upscaler or DEFAULT_UPSCALER, hr_second_pass_steps=v("hr_second_pass_steps"),
                   hr_prompt=_prompt("hr_prompt", req.hr_prompt), hr_negative_prompt=_prompt("hr_negative_prompt",
                                                                                             req.hr_negative_prompt))
+    checkpoint = req.hr_checkpoint_name
+    if checkpoint not in (None, "", SAME["hr_checkpoint_name"]):
+        fields["hr_checkpoint_name"] = catalog.find_checkpoint(checkpoint).path
     name = req.hr_sampler_name
     if name not in (None, "", SAME["hr_sampler_name"]):
         fields["hr_sampler"] = _sampler(name, None)[0]

@@ -237,8 +237,9 @@ def test_infotext_writes_a1111s_img2img_keys(pipes):
     s = pipe.settings(prepared(inpainting_fill=0, inpaint_full_res=True, inpaint_full_res_padding=8,
                                inpainting_mask_invert=True, strength=0.5, width=32, height=32, sampler="euler"))
     line = pipe.infotext(s).splitlines()[-1]
-    # create_infotext: Denoising strength in its own place, then init's keys in the order init adds them
-    assert ("Denoising strength: 0.5, Mask mode: Inpaint not masked, Mask blur: 4, Inpaint area: Only masked, "
+    # create_infotext: Denoising strength and RNG (nv: webui's "NV") in their own places, then init's keys in the
+    # order init adds them
+    assert ("Denoising strength: 0.5, RNG: NV, Mask mode: Inpaint not masked, Mask blur: 4, Inpaint area: Only masked, "
             "Masked area padding: 8, Masked content: fill") in line
     assert "Size: 32x32" in line
     uneven = pipe.settings(prepared(mask_blur=(2, 3), sampler="euler"))
@@ -316,3 +317,48 @@ def test_cli_python_and_server_inpaint_alike(fixtures, tmp_path):
     assert change.mean() < 0.5, change.mean()
     inside = np.abs(pixels["python"].astype(np.int32) - np.asarray(picture(), dtype=np.int32))[26:38, 22:34]
     assert inside.mean() > 1, "the masked area was not repainted"
+
+
+# ---------------------------------------------------------------- the infotext reproduces the run (issue 28)
+
+REPRODUCE = dict(strength=0.45, mask_blur=6, inpaint_full_res=True, inpaint_full_res_padding=8, inpainting_fill=2,
+                 inpainting_mask_invert=True)  # every inpainting key away from its default
+
+
+def test_the_infotext_reproduces_an_inpainting_with_the_same_images(pipes):
+    """``from_infotext`` of an inpainting's PNG plus the same init image and mask: the same settings and bytes;
+    without the keys read back (the defaults) the image differs."""
+    pipe = pipes("sd1-tiny")
+    [first] = pipe("a yellow duck", image=picture(), mask_image=box_mask(), seed=SEED, steps=STEPS, sampler="Euler",
+                   **REPRODUCE)
+    text = first.info["parameters"]
+    assert ("Denoising strength: 0.45, RNG: NV, Mask mode: Inpaint not masked, Mask blur: 6, Inpaint area: Only "
+            "masked, Masked area padding: 8, Masked content: latent noise") in text
+    s = pipe.from_infotext(text, init_image=picture(), mask=box_mask())
+    assert {k: getattr(s, k) for k in REPRODUCE} == REPRODUCE
+    [again] = pipe.to_pil(pipe.generate(s), s)
+    assert again.tobytes() == first.tobytes() and again.info["parameters"] == text
+    [plain] = pipe("a yellow duck", image=picture(), mask_image=box_mask(), seed=SEED, steps=STEPS, sampler="Euler")
+    assert plain.tobytes() != first.tobytes()
+
+
+@pytest.mark.slow
+def test_cli_from_png_reproduces_an_inpainting(fixtures, tmp_path):
+    init, mask = tmp_path / "init.png", tmp_path / "mask.png"
+    picture().save(init)
+    box_mask().save(mask)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.environ.get("PYTHONPATH", ""))
+    model = ["--checkpoint", str(fixtures / "sd1-tiny.safetensors"), "--text-heads", "2", "--device", "cpu"]
+
+    def cli(*args):
+        proc = subprocess.run([sys.executable, "-m", "tritonsd.tools.cli", "generate", *model, *args, "--init-image",
+                               str(init), "--mask", str(mask), "--quiet"],
+                              capture_output=True, text=True, env=env, timeout=600, cwd=str(ROOT))
+        assert proc.returncode == 0, proc.stderr
+        return Path(proc.stdout.strip().splitlines()[-1])
+
+    first = cli("--prompt", "a yellow duck", "--seed", str(SEED), "--steps", str(STEPS), "--sampler", "Euler",
+                "--strength", "0.45", "--mask-blur", "6", "--inpaint-area", "masked", "--inpaint-padding", "8",
+                "--masked-content", "latent-noise", "--invert-mask", "--out", str(tmp_path / "a"))
+    again = cli("--from-png", str(first), "--out", str(tmp_path / "b"))
+    assert again.read_bytes() == first.read_bytes()

@@ -42,6 +42,8 @@ def add_parser(subparsers) -> None:
                        help="textual-inversion embeddings, used where a prompt names their file")
     model.add_argument("--upscaler-dir", type=Path, default=None, metavar="DIR",
                        help="upscaler model files for hr_upscaler (ESRGAN, ...; needs spandrel)")
+    model.add_argument("--models-dir", type=Path, default=None, metavar="DIR",
+                       help="where a job's hr_checkpoint_name is looked up (default: --checkpoint's folder)")
     run_ = p.add_argument_group("runtime")
     run_.add_argument("--group-size", type=int, default=1, metavar="N",
                       help="up to N jobs of one size and sampler settings share a UNet batch (default: 1)")

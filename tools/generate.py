@@ -42,10 +42,11 @@ FLAGS = {"prompt": "--prompt", "negative_prompt": "--negative-prompt", "sampler"
          "inpainting_fill": "--masked-content", "inpainting_mask_invert": "--invert-mask", "resize_mode": "--resize-mode",
          "enable_hr": "--hires", "hr_scale": "--hires-scale", "hr_resize_x": "--hires-size", "hr_resize_y": "--hires-size",
          "hr_upscaler": "--hires-upscaler", "hr_second_pass_steps": "--hires-steps", "hr_sampler": "--hires-sampler",
-         "hr_scheduler": "--hires-scheduler", "hr_prompt": "--hires-prompt", "hr_negative_prompt": "--hires-negative-prompt"}
+         "hr_scheduler": "--hires-scheduler", "hr_prompt": "--hires-prompt", "hr_negative_prompt": "--hires-negative-prompt",
+         "hr_checkpoint_name": "--hires-checkpoint"}
 MASKED_CONTENT = ("fill", "original", "latent-noise", "latent-nothing")  # inpainting_fill 0..3
 HIRES_FLAGS = ("hires_scale", "hires_size", "hires_upscaler", "hires_steps", "hires_sampler", "hires_scheduler",
-               "hires_prompt", "hires_negative_prompt")
+               "hires_prompt", "hires_negative_prompt", "hires_checkpoint")
 
 
 class GenerateError(ValueError):
@@ -179,6 +180,12 @@ def add_parser(subparsers) -> None:
     hires.add_argument("--hires-prompt", default=None, metavar="TEXT", help="the second pass's prompt (default: --prompt)")
     hires.add_argument("--hires-negative-prompt", default=None, metavar="TEXT",
                        help="the second pass's negative prompt (default: --negative-prompt)")
+    hires.add_argument("--hires-checkpoint", "--hr-checkpoint", default=None, metavar="NAME|PATH",
+                       help="the second pass's checkpoint: a file, or a name in --models-dir as AUTOMATIC1111 "
+                            "names it (file name, with or without its [hash]); default: --checkpoint's "
+                            "('Use same checkpoint')")
+    hires.add_argument("--models-dir", type=Path, default=None, metavar="DIR",
+                       help="where --hires-checkpoint names are looked up (default: --checkpoint's folder)")
     hires.add_argument("--upscaler-dir", type=Path, default=None, metavar="DIR",
                        help="upscaler model files (ESRGAN, Real-ESRGAN, SwinIR, DAT, ...: .pth / .safetensors; "
                             "needs spandrel: pip install 'tritonsd[upscale]')")
@@ -240,7 +247,7 @@ def hires_fields(args: argparse.Namespace) -> dict:
     return dict(enable_hr=True, hr_scale=args.hires_scale, hr_resize_x=resize_x, hr_resize_y=resize_y,
                 hr_upscaler=args.hires_upscaler, hr_second_pass_steps=args.hires_steps, hr_sampler=args.hires_sampler,
                 hr_scheduler=args.hires_scheduler, hr_prompt=args.hires_prompt,
-                hr_negative_prompt=args.hires_negative_prompt)
+                hr_negative_prompt=args.hires_negative_prompt, hr_checkpoint_name=args.hires_checkpoint)
 
 
 def settings_from_args(args: argparse.Namespace, init_image=None, mask=None):
@@ -335,7 +342,8 @@ def load_spec_of(args: argparse.Namespace):
     return LoadSpec(args.checkpoint, args.config, device=args.device, dtype=args.dtype, kernels=args.kernels,
                     vae=getattr(args, "vae", None), text_heads=args.text_heads,
                     parameterization=args.parameterization, lora_dir=args.lora_dir,
-                    embeddings_dir=args.embeddings_dir, upscaler_dir=getattr(args, "upscaler_dir", None))
+                    embeddings_dir=args.embeddings_dir, upscaler_dir=getattr(args, "upscaler_dir", None),
+                    models_dir=getattr(args, "models_dir", None))
 
 
 def check_cpu_dtype(device: str, dtype: str | None) -> None:
