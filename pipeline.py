@@ -258,6 +258,9 @@ class Pipeline:
             except UnknownUpscalerError as e:
                 raise SettingsError("hr_upscaler", f"{e}; or a latent mode (Latent, Latent (antialiased), ...)") \
                     from None
+        if self.config.unet.in_channels == 9 and s.inpainting_mask_weight != 1.0:
+            raise SettingsError("inpainting_mask_weight", "below 1 with hires fix (webui re-encodes the first pass "
+                                "for the second's conditioning then) is not implemented")
         target = s.hires_target()
         short = memory_shortfall(s.batch_size, target.upscale_to_x, target.upscale_to_y, self.device, self.dtype,
                                  self.config.vae.ch)
@@ -429,7 +432,8 @@ class Pipeline:
             if self.config.unet.in_channels == 9:
                 image = s.init_image if s.init_image is not None else torch.zeros(1, 3, s.height, s.width)
                 mask = s.mask if s.mask is not None else torch.ones(1, 1, s.height, s.width)
-                inpaint = inpaint_conditioning(self.model, image, mask, noise.vae(shape).to(device))
+                inpaint = inpaint_conditioning(self.model, image, mask, noise.vae(shape).to(device),
+                                               s.inpainting_mask_weight)
                 shared["c_concat"] = inpaint.c_concat
             schedule = make_schedule(self.config, spec, s.steps, s.karras, s.eta)
             if s.mode == "img2img":
@@ -689,6 +693,7 @@ class Pipeline:
         hr_path = self.hires_checkpoint(settings)
         return generation_infotext(settings, index, model=self.name, model_hash=self.model_hash,
                                    hr_checkpoint=short_title(hr_path) if hr_path is not None else None,
+                                   inpainting_model=self.config.unet.in_channels == 9,
                                    vae=source.vae_name if vae is not None else None,
                                    vae_hash=self.vae_hash if vae is not None else None, ti_hashes=ti,
                                    lora_hashes=self.lora_report.lora_hashes if self.lora_report is not None else None)

@@ -67,12 +67,15 @@ class Infotext:
 
 def generation_infotext(s, index: int = 0, *, model: str | None, model_hash: str | None, vae: str | None = None,
                         vae_hash: str | None = None, ti_hashes: str | None = None,
-                        lora_hashes: str | None = None, hr_checkpoint: str | None = None) -> str:
+                        lora_hashes: str | None = None, hr_checkpoint: str | None = None,
+                        inpainting_model: bool = False) -> str:
     """The infotext of image ``index`` of a generation with settings ``s`` (resolved ``GenerationSettings``), as
     AUTOMATIC1111 writes it: the sampler and schedule by their A1111 names, the image's own seed, variation seed,
     img2img or hires strength, clip skip, noise source, tiling, hires fix's fields, and the files that shaped the image
     (VAE, embeddings, LoRAs). ``hr_checkpoint``: the hires pass's other checkpoint as webui names it
-    (``name [hash]``, ``formats.checkpoint_names.short_title``), None for the same one."""
+    (``name [hash]``, ``formats.checkpoint_names.short_title``), None for the same one. ``inpainting_model``: a
+    9-channel model, for which webui writes ``Conditional mask weight`` in every mode (its option, a float:
+    ``1.0``)."""
     spec = registry.get(s.sampler)
     variation = s.subseed_strength > 0
     extra = {"VAE hash": vae_hash,
@@ -80,6 +83,7 @@ def generation_infotext(s, index: int = 0, *, model: str | None, model_hash: str
              "Variation seed": (s.subseed or 0) + index if variation else None,
              "Variation seed strength": float(s.subseed_strength) if variation else None,
              "Denoising strength": float(s.strength) if s.mode != "txt2img" or s.enable_hr else None,
+             "Conditional mask weight": str(float(s.inpainting_mask_weight)) if inpainting_model else None,
              "Clip skip": s.clip_skip if s.clip_skip > 1 else None,
              "RNG": infotext_rng(s.rng),
              "Tiling": "True" if s.tiling else None,

@@ -223,6 +223,7 @@ _TYPED = {
     "Tiling": ("tiling", _bool),
     # img2img's inpainting (webui's ``StableDiffusionProcessingImg2Img.init`` writes them; its UI's radios read
     # them back by label, ``type="index"``)
+    "Conditional mask weight": ("inpainting_mask_weight", _strength),  # 9-channel models, any mode
     "Mask blur": ("mask_blur", _count),
     "Mask mode": ("inpainting_mask_invert", _choice("Inpaint masked", "Inpaint not masked", flag=True)),
     "Inpaint area": ("inpaint_full_res", _choice("Whole picture", "Only masked", flag=True)),

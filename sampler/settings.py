@@ -99,6 +99,8 @@ class GenerationSettings:
     inpainting_fill: int | str = 1  # "Masked content": 0 fill, 1 original, 2 latent noise, 3 latent nothing
     inpainting_mask_invert: bool = False  # "Mask mode": True inpaints what is NOT masked
     resize_mode: int = 0  # init image to width x height: 0 just resize, 1 crop and resize, 2 resize and fill
+    inpainting_mask_weight: float = 1.0  # "Conditional mask weight" of 9-channel inpainting models: how much of
+    # the masked area the image conditioning keeps hidden (1: all, webui's default; 0: none)
     inpaint: object = None  # set by check() from a PIL init image and a mask: the prepared ``inpaint.Prepared``
     enable_hr: bool = False  # hires fix: a second pass at a larger size (txt2img only)
     hr_scale: float = 2.0  # the second pass's size: the first's times this (unless hr_resize_x / _y)
@@ -153,6 +155,7 @@ class GenerationSettings:
         for name in ("prompt", "negative_prompt"):
             check_prompt(name, getattr(self, name), steps, self.prompt_syntax)
         fill = _inpaint_fields(self)
+        mask_weight = _real("inpainting_mask_weight", self.inpainting_mask_weight, 0.0, 1.0)
         prepared, width, height = self._prepare_inpaint(fill)
         init_image = mask = None
         if self.init_image is not None:
@@ -185,7 +188,8 @@ class GenerationSettings:
                                    cfg_scale=cfg_scale, eta=eta, strength=strength, init_image=init_image,
                                    mask=mask, width=width, height=height, clip_skip=clip_skip, subseed=subseed,
                                    subseed_strength=subseed_strength, sampler=spec.name, inpainting_fill=fill,
-                                   inpaint=prepared, controls=controls, **hires)
+                                   inpaint=prepared, controls=controls, inpainting_mask_weight=mask_weight,
+                                   **hires)
 
     def _prepare_inpaint(self, fill: int) -> tuple:
         """(prepared, width, height): A1111's pixel-side inpainting (``inpaint.prepare``) of a PIL init image and
@@ -430,7 +434,7 @@ def _excerpt(text: str, limit: int = 40) -> str:
 
 
 INFOTEXT_FIELDS = ("prompt", "negative_prompt", "steps", "cfg_scale", "seed", "width", "height", "clip_skip", "rng",
-                   "subseed", "subseed_strength", "tiling")
+                   "subseed", "subseed_strength", "tiling", "inpainting_mask_weight")
 HIRES_INFOTEXT_FIELDS = ("strength", "hr_scale", "hr_resize_x", "hr_resize_y", "hr_upscaler",
                          "hr_second_pass_steps", "hr_scheduler", "hr_prompt", "hr_negative_prompt",
                          "hr_checkpoint_name")

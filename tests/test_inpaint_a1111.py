@@ -362,3 +362,46 @@ def test_cli_from_png_reproduces_an_inpainting(fixtures, tmp_path):
                 "--masked-content", "latent-noise", "--invert-mask", "--out", str(tmp_path / "a"))
     again = cli("--from-png", str(first), "--out", str(tmp_path / "b"))
     assert again.read_bytes() == first.read_bytes()
+
+
+# ---------------------------------------------------------------- 9-channel models: Conditional mask weight
+
+
+def test_conditional_mask_weight_is_webuis_lerp(pipes):
+    """``inpainting_image_conditioning``: ``lerp(image, image * (1 - mask), weight)`` of the rounded mask, then
+    encoded: at weight w the masked area keeps 1 - w of the image; at 1 it is blanked (runwayml's rule)."""
+    from tritonsd.sampler.vae_io import inpaint_conditioning
+
+    model = pipes("sd1-inpaint-tiny").model
+    g = torch.Generator().manual_seed(1)
+    image = torch.rand(1, 3, 32, 32, generator=g) * 2 - 1
+    mask = torch.zeros(1, 1, 32, 32)
+    mask[..., 8:20, 4:16] = 0.8  # rounds to 1
+    noise = torch.randn(1, 4, 4, 4, generator=g)
+    binary = (mask > 0.5).float()
+    for weight in (1.0, 0.3, 0.0):
+        c = inpaint_conditioning(model, image, mask, noise, weight)
+        want = image * (1 - weight * binary)  # webui's lerp written out
+        assert torch.allclose(c.masked_image, want, rtol=0, atol=1e-6), weight
+    assert torch.equal(inpaint_conditioning(model, image, mask, noise, 0.0).masked_image, image)
+
+
+def test_conditional_mask_weight_in_the_infotext_and_back(pipes):
+    """webui writes ``Conditional mask weight`` (its float option) for every generation of a 9-channel model and
+    none for a 4-channel one; read back, it gives the same image; below 1 the image changes."""
+    inpaint, plain = pipes("sd1-inpaint-tiny"), pipes("sd1-tiny")
+    run = dict(image=picture((32, 32)), mask_image=box_mask((32, 32), (8, 8, 20, 24)), seed=SEED, steps=STEPS,
+               sampler="Euler")
+    [full] = inpaint("a duck", **run)
+    [half] = inpaint("a duck", **run, inpainting_mask_weight=0.5)
+    assert "Conditional mask weight: 1.0," in full.info["parameters"]
+    assert "Denoising strength: 0.75, Conditional mask weight: 0.5, RNG: NV," in half.info["parameters"]
+    assert half.tobytes() != full.tobytes()
+    s = inpaint.from_infotext(half.info["parameters"], init_image=picture((32, 32)),
+                              mask=box_mask((32, 32), (8, 8, 20, 24)))
+    assert s.inpainting_mask_weight == 0.5
+    [again] = inpaint.to_pil(inpaint.generate(s), s)
+    assert again.tobytes() == half.tobytes()
+    [txt2img] = inpaint("a duck", seed=SEED, steps=STEPS, sampler="Euler", width=32, height=32)
+    assert "Conditional mask weight: 1.0," in txt2img.info["parameters"]  # txt2img_image_conditioning sets it too
+    assert "Conditional mask weight" not in plain("a duck", **run)[0].info["parameters"]

@@ -39,7 +39,8 @@ FLAGS = {"prompt": "--prompt", "negative_prompt": "--negative-prompt", "sampler"
          "pad_cond_uncond": "--pad-cond-uncond", "scheduler": "--scheduler", "prompt_syntax": "--prompt-syntax",
          "use_graphs": "--no-cuda-graphs", "tiling": "--tiling", "model": "--checkpoint", "mask_blur": "--mask-blur",
          "inpaint_full_res": "--inpaint-area", "inpaint_full_res_padding": "--inpaint-padding",
-         "inpainting_fill": "--masked-content", "inpainting_mask_invert": "--invert-mask", "resize_mode": "--resize-mode",
+         "inpainting_fill": "--masked-content", "inpainting_mask_invert": "--invert-mask",
+         "inpainting_mask_weight": "--mask-weight", "resize_mode": "--resize-mode",
          "enable_hr": "--hires", "hr_scale": "--hires-scale", "hr_resize_x": "--hires-size", "hr_resize_y": "--hires-size",
          "hr_upscaler": "--hires-upscaler", "hr_second_pass_steps": "--hires-steps", "hr_sampler": "--hires-sampler",
          "hr_scheduler": "--hires-scheduler", "hr_prompt": "--hires-prompt", "hr_negative_prompt": "--hires-negative-prompt",
@@ -157,6 +158,9 @@ def add_parser(subparsers) -> None:
     gen.add_argument("--masked-content", choices=MASKED_CONTENT, default=None,
                      help="what the masked area starts from (default: original)")
     gen.add_argument("--invert-mask", action="store_true", default=None, help="inpaint what is NOT masked")
+    gen.add_argument("--mask-weight", type=float, default=None, metavar="W",
+                     help="conditional mask weight of 9-channel inpainting models, 0-1 (default 1: the masked "
+                          "area hidden from the image conditioning; AUTOMATIC1111's option)")
 
     hires = p.add_argument_group("hires fix (AUTOMATIC1111's: a second pass at a larger size)")
     hires.add_argument("--hires", action="store_true", default=None,
@@ -273,6 +277,7 @@ def settings_from_args(args: argparse.Namespace, init_image=None, mask=None):
                  inpaint_full_res=None if args.inpaint_area is None else args.inpaint_area == "masked",
                  inpaint_full_res_padding=args.inpaint_padding, inpainting_mask_invert=args.invert_mask,
                  inpainting_fill=None if args.masked_content is None else MASKED_CONTENT.index(args.masked_content),
+                 inpainting_mask_weight=args.mask_weight,
                  **hires_fields(args))
     fields.update({k: v for k, v in given.items() if v is not None})
     if fields.get("seed") == -1:
