@@ -480,8 +480,10 @@ class Pipeline:
                 den = build_denoiser(self.unet, self.config, spec, s.cfg_scale, schedule, x.device)
                 if cond.per_step:
                     den = D.PerCallConditioning(den)
-                if latents.blend is not None and spec.space != "timesteps":
-                    den = I.BlendedDenoiser(den, latents.blend)  # A1111's per-step latent masking
+                if latents.blend is not None:  # A1111's per-step latent masking: of the output, or for DDIM / PLMS
+                    # of the model's input (``mask_before_denoising``)
+                    den = (I.BlendedTimestepDenoiser if spec.space == "timesteps" else I.BlendedDenoiser)(
+                        den, latents.blend)
                 kwargs = {}
                 if spec.takes_noise:
                     kwargs["noise_sampler"] = lambda _a, _b: latents.noise.ancestral(x.shape[1:]).to(x.device)

@@ -218,6 +218,53 @@ def test_latent_masking_every_step(pipes, fill):
     assert not torch.equal(out[0][:, repaint], z0[0][:, repaint])
 
 
+@pytest.mark.parametrize("sampler", ["ddim", "plms"])
+def test_latent_masking_of_the_model_input_for_timestep_samplers(pipes, sampler):
+    """DDIM / PLMS (webui's ``CFGDenoiserTimesteps``: ``mask_before_denoising``): every UNet call sees the kept
+    latents as the init latent itself (un-noised), the sampler's own latent elsewhere; after the loop the kept
+    latents are the init latent's (``sample``'s final blend)."""
+    pipe = pipes("sd1-tiny")
+    s = pipe.settings(prepared(sampler=sampler, cfg_scale=7.0, strength=0.8, steps=4))
+    latents = pipe.prepare_latents(s)
+    keep = latents.blend.mask[0] == 1
+    repaint = ~keep
+    z0 = latents.blend.init_latent
+    inputs, inner = [], pipe.unet
+    pipe.unet = lambda x, *a, **k: (inputs.append(x.clone()), inner(x, *a, **k))[1]
+    try:
+        out = pipe.denoise(latents, pipe.encode(s), s)
+    finally:
+        pipe.unet = inner
+    assert len(inputs) >= latents.steps
+    for x in inputs:  # [rows, C, h, w]: cond and uncond rows of image 0
+        for row in x:
+            assert torch.equal(row[:, keep], z0[0][:, keep])
+    assert not torch.equal(inputs[0][0][:, repaint], z0[0][:, repaint])  # the noised latent where it repaints
+    assert torch.equal(out[0][:, keep], z0[0][:, keep])
+
+
+def test_blended_timestep_denoiser_leaves_the_samplers_latent_alone():
+    """The wrapper blends the model's input only, and returns the eps with no pred_x0 (the sampler derives it
+    from its own latent, as webui's timesteps samplers do)."""
+    from tritonsd.sampler.inpaint import BlendedTimestepDenoiser, LatentBlend
+
+    mask = torch.zeros(4, 2, 2)
+    mask[:, 0] = 1
+    blend = LatentBlend(torch.full((1, 4, 2, 2), 5.0), mask, 1 - mask)
+    seen = []
+
+    def model(x, t, **kw):
+        seen.append(x.clone())
+        return x * 2, x * 3
+
+    x = torch.ones(1, 4, 2, 2)
+    e_t, pred_x0 = BlendedTimestepDenoiser(model, blend)(x, torch.tensor([10]))
+    want = torch.ones(1, 4, 2, 2)
+    want[:, :, 0] = 5.0
+    assert torch.equal(seen[0], want) and torch.equal(e_t, want * 2) and pred_x0 is None
+    assert torch.equal(x, torch.ones(1, 4, 2, 2))
+
+
 def test_latent_noise_is_the_seeds_unit_noise(pipes):
     from tritonsd.sampler.noise import ImageNoise
 
