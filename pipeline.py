@@ -76,7 +76,7 @@ from tritonsd.sampler.noise import ImageNoise, NoiseSource
 from tritonsd.sampler.reproduce import check_networks, with_lora_tags
 from tritonsd.sampler.memory import memory_shortfall
 from tritonsd.sampler.settings import (check_rng_device, default_size, fields_from_infotext, GenerationSettings,
-    SettingsError, vae_factor)
+    LATENT_RESIZE, SettingsError, vae_factor)
 from tritonsd.sampler.upscale import crop_latent, hires_steps, is_latent_mode, upscale_latent
 from tritonsd.sampler.vae_io import (InpaintConditioning, NonFiniteError, check_finite, decode_clamped, encode_image,
     inpaint_conditioning)
@@ -241,6 +241,11 @@ class Pipeline:
                                  self.config.vae.ch)
         if short is not None:
             raise SettingsError("width", f"x height: {short}")
+        if resolved.resize_mode == LATENT_RESIZE and resolved.mode == "img2img" and \
+                self.config.unet.in_channels == 9 and \
+                tuple(resolved.init_image.shape[-2:]) != (resolved.height, resolved.width):
+            raise SettingsError("resize_mode", "3 (latent upscale) needs the init image at the output size with a "
+                                               "9-channel model (webui's image conditioning would not fit)")
         if resolved.enable_hr:
             self._check_hires(resolved)
             try:
@@ -437,14 +442,25 @@ class Pipeline:
                 shared["c_concat"] = inpaint.c_concat
             schedule = make_schedule(self.config, spec, s.steps, s.karras, s.eta)
             if s.mode == "img2img":
-                init_latent = encode_image(self.model, s.init_image, noise.vae(shape))
-                x, schedule = img2img_start(schedule, init_latent, x_T, s.strength)
+                x, schedule = img2img_start(schedule, self._init_latent(s, noise, shape), x_T, s.strength)
             elif s.mode == "inpaint" and inpaint is None:  # a 4-channel model
                 blend = self._latent_blend(s, encode_image(self.model, s.init_image, noise.vae(shape)), shape)
                 x, schedule = img2img_start(schedule, blend.init_latent, x_T, s.strength)
             else:
                 x = txt2img_start(self.config, schedule, x_T)
         return Latents(x=x, schedule=schedule, spec=spec, shared=shared, noise=noise, inpaint=inpaint, blend=blend)
+
+    def _init_latent(self, s: GenerationSettings, noise: NoiseSource, shape) -> torch.Tensor:
+        """img2img's init latent: the init image encoded (its posterior sampled with ``noise.vae``); with
+        ``resize_mode`` 3 ("Just resize (latent upscale)") encoded at its own size and the latent resized
+        bilinearly to ``shape`` (webui's img2img ``init``: ``interpolate(init_latent, (h // 8, w // 8),
+        mode="bilinear")``)."""
+        f = vae_factor(self.config)
+        own = (shape[0], s.init_image.shape[-2] // f, s.init_image.shape[-1] // f)
+        if s.resize_mode != LATENT_RESIZE or own == tuple(shape):
+            return encode_image(self.model, s.init_image, noise.vae(shape))
+        latent = encode_image(self.model, s.init_image, noise.vae(own))
+        return torch.nn.functional.interpolate(latent, size=tuple(shape[1:]), mode="bilinear")
 
     def _latent_blend(self, s: GenerationSettings, init_latent: torch.Tensor, shape) -> I.LatentBlend:
         """A1111's latent masks of the settings' processed mask, and the init latent after ``inpainting_fill``

@@ -98,7 +98,8 @@ class GenerationSettings:
     inpaint_full_res_padding: int = 32  # "Only masked padding, pixels"
     inpainting_fill: int | str = 1  # "Masked content": 0 fill, 1 original, 2 latent noise, 3 latent nothing
     inpainting_mask_invert: bool = False  # "Mask mode": True inpaints what is NOT masked
-    resize_mode: int = 0  # init image to width x height: 0 just resize, 1 crop and resize, 2 resize and fill
+    resize_mode: int = 0  # init image to width x height: 0 just resize, 1 crop and resize, 2 resize and fill,
+    # 3 just resize (latent upscale): the image encoded at its own size, its latent resized (img2img without a mask)
     inpainting_mask_weight: float = 1.0  # "Conditional mask weight" of 9-channel inpainting models: how much of
     # the masked area the image conditioning keeps hidden (1: all, webui's default; 0: none)
     inpaint: object = None  # set by check() from a PIL init image and a mask: the prepared ``inpaint.Prepared``
@@ -166,6 +167,8 @@ class GenerationSettings:
         if self.mask is not None:
             if init_image is None:
                 raise SettingsError("mask", "needs an init_image to inpaint")
+            if self.resize_mode == LATENT_RESIZE:
+                raise SettingsError("resize_mode", "3 (latent upscale) with a mask is not implemented; use 0-2")
             if prepared is not None:
                 mask = image_tensor("mask", prepared.mask, 1, 0.0, 1.0)
             else:
@@ -175,7 +178,10 @@ class GenerationSettings:
         for name, value in (("width", width), ("height", height)):
             if value is not None and _integer(name, value, VAE_FACTOR_MULTIPLE, None) % VAE_FACTOR_MULTIPLE:
                 raise SettingsError(name, f"{value} is not a multiple of {VAE_FACTOR_MULTIPLE} (the VAE's factor)")
-        if init_image is not None:
+        if init_image is not None and self.resize_mode == LATENT_RESIZE and mask is None:
+            h, w = init_image.shape[-2:]  # any size: the latent is resized (Pipeline.prepare_latents)
+            width, height = (int(w) if width is None else width), (int(h) if height is None else height)
+        elif init_image is not None:
             h, w = init_image.shape[-2:]
             for name, value in (("width", width), ("height", height)):
                 if value is not None and value != (w if name == "width" else h):
@@ -306,7 +312,8 @@ class GenerationSettings:
 
 
 MAX_MASK_BLUR = 64  # A1111's slider maximum
-RESIZE_MODES = 4  # 0 just resize, 1 crop and resize, 2 resize and fill, 3 latent upscale (resized as 0)
+RESIZE_MODES = 4  # 0 just resize, 1 crop and resize, 2 resize and fill, 3 latent upscale (see LATENT_RESIZE)
+LATENT_RESIZE = 3  # webui's "Just resize (latent upscale)": img2img's init latent resized bilinearly, not the image
 
 
 def _inpaint_fields(s: GenerationSettings) -> int:

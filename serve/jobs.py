@@ -33,7 +33,7 @@ from tritonsd.serve.schema import (API_DENOISING_STRENGTH, IMG2IMG_FIELDS, SAME,
 from tritonsd.serve.worker import Interrupted, Job
 from tritonsd.sampler.registry import UnknownSamplerError, resolve_name
 from tritonsd.sampler import registry
-from tritonsd.sampler.settings import MAX_BATCH, GenerationSettings
+from tritonsd.sampler.settings import LATENT_RESIZE, MAX_BATCH, GenerationSettings
 from tritonsd.sampler.upscale import DEFAULT_UPSCALER, hires_target
 
 log = logging.getLogger("tritonsd.serve")
@@ -272,11 +272,11 @@ def _prepare_images(req, v, width, height, notes: list[str]) -> tuple[inpaint.Pr
             raise BadRequest(f"{name} must be an integer between 0 and {high}, got {printable(x)}")
     if ints["resize_mode"] > 3 or ints["inpainting_fill"] > 3 or ints["inpainting_mask_invert"] > 1:
         raise BadRequest("resize_mode and inpainting_fill must be 0..3, inpainting_mask_invert 0 or 1")
-    if ints["resize_mode"] == 3:
-        notes.append("resize_mode 3 (latent upscale) resizes the image as resize_mode 0")
     for name, side in (("width", width), ("height", height)):
         if isinstance(side, bool) or not isinstance(side, int) or not 8 <= side <= limits.MAX_SIDE:
             raise BadRequest(f"{name} must be an integer between 8 and {limits.MAX_SIDE}, got {printable(side)}")
+    if mask is None and ints["resize_mode"] == LATENT_RESIZE:  # the image as sent, its latent resized
+        return inpaint.Prepared(inpaint.flatten(init), None, None, None, []), dict(resize_mode=LATENT_RESIZE)
     if mask is None:
         return inpaint.prepare(init, None, width, height, resize_mode=ints["resize_mode"]), {}
     fields = dict(mask=mask, mask_blur=(blur_x, blur_y), inpaint_full_res=bool(v("inpaint_full_res")),

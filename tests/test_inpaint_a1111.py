@@ -15,6 +15,7 @@ import io
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import urllib.request
@@ -25,7 +26,8 @@ import pytest
 import torch
 from PIL import Image, ImageFilter, ImageOps
 
-from tritonsd.sampler.settings import GenerationSettings
+from tritonsd.sampler import registry
+from tritonsd.sampler.settings import GenerationSettings, SettingsError
 
 ROOT = Path(__file__).resolve().parent.parent
 SEED, STEPS = 5, 3
@@ -452,3 +454,44 @@ def test_conditional_mask_weight_in_the_infotext_and_back(pipes):
     [txt2img] = inpaint("a duck", seed=SEED, steps=STEPS, sampler="Euler", width=32, height=32)
     assert "Conditional mask weight: 1.0," in txt2img.info["parameters"]  # txt2img_image_conditioning sets it too
     assert "Conditional mask weight" not in plain("a duck", **run)[0].info["parameters"]
+
+
+# ---------------------------------------------------------------- resize_mode 3: "Just resize (latent upscale)"
+
+
+def test_latent_resize_encodes_at_the_images_size_and_resizes_the_latent(pipes):
+    """webui's img2img ``init`` with ``resize_mode == 3``: the image is not resized; its latent is, by
+    ``interpolate(init_latent, (h // 8, w // 8), mode="bilinear")``; then img2img as usual."""
+    import torch.nn.functional as F
+
+    from tritonsd.sampler.noise import ImageNoise
+    from tritonsd.sampler.vae_io import encode_image
+    from tritonsd.sampler.wiring import img2img_start, make_schedule
+
+    pipe = pipes("sd1-tiny")
+    s = pipe.settings(prompt="a duck", init_image=picture((32, 24)), resize_mode=3, width=64, height=48, seed=SEED,
+                      steps=STEPS, sampler="euler", strength=0.6)
+    assert (s.width, s.height, tuple(s.init_image.shape[-2:])) == (64, 48, (24, 32))
+    latents = pipe.prepare_latents(s)
+    noise = ImageNoise((4, 6, 8), SEED, 1, s.rng, None, 0.0, "cpu")
+    x_T = noise.start((4, 6, 8))
+    z = encode_image(pipe.model, s.init_image, noise.vae((4, 3, 4)))  # at the image's own size
+    z = F.interpolate(z, size=(6, 8), mode="bilinear")
+    schedule = make_schedule(pipe.config, registry.get("euler"), STEPS, s.karras, s.eta)
+    x, _ = img2img_start(schedule, z, x_T, 0.6)
+    assert torch.equal(latents.x, x)
+    [image] = pipe.to_pil(pipe.generate(s), s)
+    assert image.size == (64, 48)
+
+
+@pytest.mark.parametrize("fields, words", [
+    (dict(init_image=picture((36, 36))), "init_image is 36x36; its sides must be multiples of 8"),  # encoded so
+    (dict(init_image=picture((32, 32)), mask=box_mask((32, 32), (4, 4, 12, 12))), "3 (latent upscale) with a mask"),
+])
+def test_latent_resize_refusals_are_one_line(pipes, fields, words):
+    with pytest.raises(SettingsError, match=re.escape(words)) as e:
+        pipes("sd1-tiny").settings(prompt="a", resize_mode=3, width=64, height=64, seed=1, steps=2, **fields)
+    assert "\n" not in str(e.value)
+    with pytest.raises(SettingsError, match="9-channel model"):
+        pipes("sd1-inpaint-tiny").settings(prompt="a", resize_mode=3, width=64, height=64, seed=1, steps=2,
+                                           init_image=picture((32, 32)))

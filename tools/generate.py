@@ -158,6 +158,9 @@ def add_parser(subparsers) -> None:
     gen.add_argument("--masked-content", choices=MASKED_CONTENT, default=None,
                      help="what the masked area starts from (default: original)")
     gen.add_argument("--invert-mask", action="store_true", default=None, help="inpaint what is NOT masked")
+    gen.add_argument("--resize-mode", type=int, choices=range(4), default=None, metavar="0-3",
+                     help="the init image to --width x --height: 0 just resize, 1 crop and resize, 2 resize and fill "
+                          "(with --mask), 3 just resize in latent space (img2img: the image encoded at its own size)")
     gen.add_argument("--mask-weight", type=float, default=None, metavar="W",
                      help="conditional mask weight of 9-channel inpainting models, 0-1 (default 1: the masked "
                           "area hidden from the image conditioning; AUTOMATIC1111's option)")
@@ -277,7 +280,7 @@ def settings_from_args(args: argparse.Namespace, init_image=None, mask=None):
                  inpaint_full_res=None if args.inpaint_area is None else args.inpaint_area == "masked",
                  inpaint_full_res_padding=args.inpaint_padding, inpainting_mask_invert=args.invert_mask,
                  inpainting_fill=None if args.masked_content is None else MASKED_CONTENT.index(args.masked_content),
-                 inpainting_mask_weight=args.mask_weight,
+                 inpainting_mask_weight=args.mask_weight, resize_mode=args.resize_mode,
                  **hires_fields(args))
     fields.update({k: v for k, v in given.items() if v is not None})
     if fields.get("seed") == -1:
