@@ -63,6 +63,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from tritonsd.control.models import attach_images, resolve_units
 from tritonsd.kernels import dispatch
 from tritonsd.load_spec import CheckedSpec, LoadSpec
 from tritonsd.model.layers import circular_padding
@@ -71,6 +72,7 @@ from tritonsd.model.vae_guard import VAEDecodeGuard
 from tritonsd.sampler import denoise as D, inpaint as I, registry
 from tritonsd.sampler.graph import GraphCaptureError, GraphRunner, tables_on_device
 from tritonsd.sampler.infotext import generation_infotext, save_numbered, to_pil
+from tritonsd.sampler.control import ControlUnitError
 from tritonsd.sampler.infotext_parse import parse_infotext
 from tritonsd.sampler.noise import ImageNoise, NoiseSource
 from tritonsd.sampler.reproduce import check_networks, with_lora_tags
@@ -272,10 +274,17 @@ class Pipeline:
         if short is not None:
             raise SettingsError("hr_scale", f"makes the second pass too large: {short}")
 
-    def from_infotext(self, text: str, **fields) -> GenerationSettings:
+    def from_infotext(self, text: str, *, control_images=None, controlnet_dir=None, **fields) -> GenerationSettings:
         """Settings from an AUTOMATIC1111 ``parameters`` text (a PNG's infotext), ``fields`` overriding it:
-        a round trip gives the same image. Malformed values are left out (see ``settings.fields_from_infotext``)."""
+        a round trip gives the same image. Malformed values are left out (see ``settings.fields_from_infotext``).
+        ControlNet units (``ControlNet 0: ...``) need their images, which the PNG does not hold: ``control_images``,
+        one per unit; their models (``name [hash]``) are found in ``controlnet_dir``."""
         parsed, _notes = fields_from_infotext(text)
+        if parsed.get("controls") and "controls" not in fields:
+            try:
+                parsed["controls"] = resolve_units(attach_images(parsed["controls"], control_images), controlnet_dir)
+            except ControlUnitError as e:
+                raise SettingsError("controls", str(e)) from None
         check_networks(parse_infotext(text), self.lora_dir, self._embeddings_dir)
         return self.settings(**{**parsed, **fields})
 

@@ -10,24 +10,36 @@ else to the LoRA folder, with or without ``.safetensors``); hires fix with A1111
 ``denoising_strength``, ``hr_scale``, ``hr_resize_x``, ``hr_resize_y``, ``hr_upscaler``, ``hr_second_pass_steps``,
 ``hr_sampler_name``, ``hr_scheduler``, ``hr_prompt``, ``hr_negative_prompt`` (model files from
 ``--upscaler-dir``), ``hr_checkpoint_name`` (a checkpoint file, or its name in ``--models-dir``; "Use same
-checkpoint" as not given). A missing field takes ``tritonsd generate``'s default; a missing seed (or A1111's -1) is
+checkpoint" as not given); ``controlnet``: a list of ControlNet units with the A1111 extension's field names
+(``model``: a file relative to the current directory or a name in the ControlNet folder; ``image``: a file
+relative to the current directory; module, weight, resize_mode, processor_res, threshold_a, threshold_b,
+guidance_start, guidance_end, pixel_perfect, control_mode, hr_option; ``sampler/control.py``). A missing field takes ``tritonsd generate``'s default; a missing seed (or A1111's -1) is
 derived from the id, so a rerun gives the same image.
 """
 
 from __future__ import annotations
 
+import base64
+import dataclasses
 import hashlib
+import io
 import json
 import math
 import os
 import re
 import unicodedata
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
 from tritonsd.escape import escape  # the batch modules print untrusted ids and text through it
+from tritonsd.control.models import resolve_units
 from tritonsd.formats.checkpoint import CheckpointError, validate_safetensors_header
+from tritonsd.sampler.control import ControlUnit, ControlUnitError, check_units
 from tritonsd.sampler.seeds import RANDOM_SEEDS
 from tritonsd.sampler.settings import GenerationSettings, SettingsError
 from tritonsd.sampler.registry import DEFAULT_SAMPLER, UnknownSamplerError, resolve_name
@@ -36,14 +48,14 @@ HIRES_FIELDS = ("enable_hr", "denoising_strength", "hr_scale", "hr_resize_x", "h
                 "hr_second_pass_steps", "hr_sampler_name", "hr_scheduler", "hr_prompt", "hr_negative_prompt",
                 "hr_checkpoint_name")
 FIELDS = ("id", "prompt", "negative_prompt", "seed", "subseed", "subseed_strength", "steps", "sampler_name",
-          "scheduler", "cfg_scale", "width", "height", "tiling", "loras", *HIRES_FIELDS)
+          "scheduler", "cfg_scale", "width", "height", "tiling", "loras", *HIRES_FIELDS, "controlnet")
 # GenerationSettings field -> the job field a SettingsError names
 JOB_FIELD = {"sampler": "sampler_name", "karras": "scheduler", "strength": "denoising_strength",
-             "hr_sampler": "hr_sampler_name"}
+             "hr_sampler": "hr_sampler_name", "controls": "controlnet"}
 SETTINGS_FIELDS = ("prompt", "negative_prompt", "sampler", "karras", "steps", "cfg_scale", "seed", "subseed",
                    "subseed_strength", "width", "height", "tiling", "enable_hr", "strength", "hr_scale", "hr_resize_x",
                    "hr_resize_y", "hr_upscaler", "hr_second_pass_steps", "hr_sampler", "hr_scheduler", "hr_prompt",
-                   "hr_negative_prompt", "hr_checkpoint_name")  # what travels to a Ray worker
+                   "hr_negative_prompt", "hr_checkpoint_name", "controls")  # what travels to a Ray worker
 MAX_ID_BYTES = 200  # "<id>.png" and its temporary name stay under the usual 255-byte file-name limit
 MAX_LINE_BYTES = 1 << 20
 _LORA_TAG = re.compile(r"<(?:lora|lyco):[^>]+>")  # the prompt's own LoRAs (webui's extra-network tags)
@@ -78,17 +90,20 @@ class Job:
         hires = (s.enable_hr, s.strength, s.hr_scale, s.hr_resize_x, s.hr_resize_y, s.hr_upscaler,
                  s.hr_second_pass_steps, s.hr_sampler, s.hr_scheduler, s.hr_checkpoint_name) if s.enable_hr else ()
         return (s.sampler, s.karras, s.steps, s.cfg_scale, s.width, s.height, s.tiling, self.loras,
-                tuple(_LORA_TAG.findall(s.prompt)), hires)
+                tuple(_LORA_TAG.findall(s.prompt)), hires, control_key(s.controls))
 
     def to_dict(self) -> dict:
         """A plain, JSON-able form (what travels to a Ray worker)."""
         s = self.settings
-        return {"line": self.line, "id": self.id, "loras": [list(x) for x in self.loras],
-                "settings": {f: getattr(s, f) for f in SETTINGS_FIELDS}}
+        settings = {f: getattr(s, f) for f in SETTINGS_FIELDS}
+        settings["controls"] = [unit_json(u) for u in s.controls]
+        return {"line": self.line, "id": self.id, "loras": [list(x) for x in self.loras], "settings": settings}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Job":
-        return cls(line=d["line"], id=d["id"], settings=GenerationSettings(**d["settings"]),
+        settings = dict(d["settings"])
+        settings["controls"] = tuple(ControlUnit(**u) for u in settings.get("controls", ()))
+        return cls(line=d["line"], id=d["id"], settings=GenerationSettings(**settings),
                    loras=tuple(tuple(x) for x in d["loras"]))
 
 
@@ -213,7 +228,87 @@ def _check_lora_header(file: Path, named: str) -> None:
         raise JobError(f"loras: {escape(named)} is not a readable safetensors LoRA file") from None
 
 
-def parse_job(fields, line: int, *, lora_dir: Path | None = None, base: Path | None = None) -> Job:
+def control_key(units) -> tuple:
+    """What units must share for their jobs to run in one batch: every field, the image by its digest."""
+    return tuple((str(u.model), u.module, u.weight, u.resize_mode, u.processor_res, u.threshold_a, u.threshold_b,
+                  u.guidance_start, u.guidance_end, u.pixel_perfect, u.control_mode, u.hr_option,
+                  None if u.image is None else hashlib.sha256(np.ascontiguousarray(_pixels(u.image))).hexdigest())
+                 for u in units)
+
+
+def _pixels(image):
+    return image.numpy() if hasattr(image, "numpy") else image
+
+
+def unit_json(unit: ControlUnit) -> dict:
+    """A checked unit as JSON (the image as a base64 PNG, the model as its path), for a Ray worker."""
+    d = dataclasses.asdict(unit)
+    d["model"] = str(unit.model)
+    if isinstance(unit.image, np.ndarray):
+        buf = io.BytesIO()
+        Image.fromarray(unit.image).save(buf, format="PNG")
+        d["image"] = base64.b64encode(buf.getvalue()).decode("ascii")
+    elif unit.image is not None:
+        raise JobError("controlnet: a unit image given as a tensor cannot travel to a Ray worker")
+    return d
+
+
+CONTROL_FIELDS = ("model", "image", "module", "weight", "resize_mode", "processor_res", "threshold_a", "threshold_b",
+                  "guidance_start", "guidance_end", "pixel_perfect", "control_mode", "hr_option")
+
+
+def parse_controlnet(value, controlnet_dir: Path | None, base: Path) -> tuple:
+    """``controlnet``: a list of units (dicts of the extension's fields), images read from files relative to
+    ``base``, models found as files relative to ``base`` or by name in ``controlnet_dir``."""
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(u, dict) for u in value):
+        raise JobError("controlnet must be a list of units (objects with the A1111 extension's field names)")
+    units = []
+    for i, fields in enumerate(value):
+        unknown = [k for k in fields if k not in CONTROL_FIELDS]
+        if unknown:
+            raise JobError(f"controlnet[{i}]: unknown field {escape(unknown[0], 60)!r}; the fields are "
+                           f"{', '.join(CONTROL_FIELDS)}")
+        fields = dict(fields)
+        if isinstance(fields.get("model"), str) and (base / fields["model"]).is_file():
+            fields["model"] = str(base / fields["model"])
+        image = fields.get("image")
+        if image is not None:
+            if not isinstance(image, str):
+                raise JobError(f"controlnet[{i}]: image must be a file name")
+            fields["image"] = _read_image(base / image, f"controlnet[{i}].image")
+        try:
+            (unit,) = resolve_units(check_units([ControlUnit(**{"model": None, **fields})]), controlnet_dir)
+        except ControlUnitError as e:
+            raise JobError(f"controlnet[{i}]: {escape(str(e).removeprefix('unit 0: '), 300)}") from None
+        units.append(unit)
+    return tuple(units)
+
+
+MAX_IMAGE_PIXELS = 8192 * 8192
+
+
+def _read_image(path: Path, what: str):
+    if not path.is_file():
+        raise JobError(f"{what}: file not found: {escape(str(path))}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                if im.width * im.height > MAX_IMAGE_PIXELS:
+                    raise JobError(f"{what}: {escape(str(path))} is {im.width}x{im.height}, too large")
+                im.load()
+                return im.copy()
+    except JobError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning, UnidentifiedImageError, OSError,
+            ValueError, SyntaxError, EOFError):
+        raise JobError(f"{what}: {escape(str(path))} is not an image Pillow can read") from None
+
+
+def parse_job(fields, line: int, *, lora_dir: Path | None = None, base: Path | None = None,
+              controlnet_dir: Path | None = None) -> Job:
     """One job from a decoded JSON line, checked without a model; raises ``JobError`` (one line)."""
 
     if not isinstance(fields, dict):
@@ -235,8 +330,9 @@ def parse_job(fields, line: int, *, lora_dir: Path | None = None, base: Path | N
     if sampler is not None:
         given["sampler"] = sampler
     given.update(_hires(fields))
+    controls = parse_controlnet(fields.get("controlnet"), controlnet_dir, base if base is not None else Path.cwd())
     try:
-        settings = GenerationSettings(seed=seed, karras=karras, **given).check()
+        settings = GenerationSettings(seed=seed, karras=karras, controls=controls, **given).check()
     except SettingsError as e:
         raise JobError(f"{JOB_FIELD.get(e.field, e.field)} {escape(e.detail, 300)}") from None
     loras = parse_loras(fields.get("loras"), lora_dir, base if base is not None else Path.cwd())
@@ -269,7 +365,8 @@ def _hires(fields: dict) -> dict:
 # ------------------------------------------------------------------------------------------------ a file
 
 
-def read_jobs(lines: Iterable[str | dict], *, lora_dir=None, base=None) -> tuple[list[Job], list[Rejected]]:
+def read_jobs(lines: Iterable[str | dict], *, lora_dir=None, base=None,
+              controlnet_dir=None) -> tuple[list[Job], list[Rejected]]:
     """(jobs in line order, rejected lines). Items are JSON text lines or already-decoded dicts; blank lines
     are skipped (their numbers still count); a later line reusing an id is rejected."""
     lora_dir = Path(lora_dir) if lora_dir is not None else None
@@ -290,7 +387,8 @@ def read_jobs(lines: Iterable[str | dict], *, lora_dir=None, base=None) -> tuple
             fields = item
         raw_id = fields.get("id") if isinstance(fields, dict) and isinstance(fields.get("id"), str) else None
         try:
-            job = parse_job(fields, number, lora_dir=lora_dir, base=base)
+            job = parse_job(fields, number, lora_dir=lora_dir, base=base,
+                            controlnet_dir=Path(controlnet_dir) if controlnet_dir is not None else None)
         except JobError as e:
             rejected.append(Rejected(number, str(e), raw_id))
             continue

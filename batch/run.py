@@ -65,7 +65,8 @@ def batch(jobs, out, checkpoint: str | os.PathLike | None = None, *, config=None
           parameterization=None, lora_dir=None, embeddings_dir=None, device=None, dtype=None,
           kernels: str = "auto", spec: LoadSpec | CheckedSpec | None = None,
           group_size: int = 1, ray: str | None = None, workers: int | None = None, pipe=None,
-          progress: bool = False, on_result: Callable[[Result | Rejected], None] | None = None) -> BatchReport:
+          progress: bool = False, on_result: Callable[[Result | Rejected], None] | None = None,
+          controlnet_dir=None) -> BatchReport:
     """Run ``jobs`` (a JSONL file's path, or an iterable of JSON lines / dicts) into ``out``.
 
     The model: ``checkpoint`` and ``tritonsd.load``'s other arguments, or the same as one ``spec`` (a
@@ -73,7 +74,8 @@ def batch(jobs, out, checkpoint: str | os.PathLike | None = None, *, config=None
     (this process only); Ray actors check the spec again on their own node. ``group_size``: up to that many
     jobs of one size and sampler settings share a UNet batch. ``ray``: None runs here; "local", "auto" or a
     cluster address runs on Ray Data with ``workers`` actors (default: one per GPU). ``progress``: a bar of the
-    jobs on stderr, with an ETA. ``on_result`` is called with each finished job (and each bad line)."""
+    jobs on stderr, with an ETA. ``on_result`` is called with each finished job (and each bad line).
+    ``controlnet_dir``: where the lines' ``controlnet`` units find models named without a path."""
     t0 = time.perf_counter()
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
         raise BatchError(f"group size must be a positive integer, got {group_size!r}")
@@ -93,11 +95,11 @@ def batch(jobs, out, checkpoint: str | os.PathLike | None = None, *, config=None
     lora_dir_path = Path(lora_dir).resolve() if lora_dir is not None else None
     if isinstance(jobs, (str, os.PathLike)):
         try:
-            job_list, rejected = read_jobs_file(jobs, lora_dir=lora_dir_path)
+            job_list, rejected = read_jobs_file(jobs, lora_dir=lora_dir_path, controlnet_dir=controlnet_dir)
         except OSError as e:
             raise BatchError(f"cannot read jobs file {jobs}: {e.strerror or e}") from None
     else:
-        job_list, rejected = read_jobs(jobs, lora_dir=lora_dir_path)
+        job_list, rejected = read_jobs(jobs, lora_dir=lora_dir_path, controlnet_dir=controlnet_dir)
     report = BatchReport(Path(out))
     with OutputDir(out) as output:
         done = output.done_ids(j.id for j in job_list)

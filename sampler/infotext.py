@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from tritonsd.control.models import model_title
 from tritonsd.outputs import atomic_write, write_numbered
 from tritonsd.sampler import registry
 from tritonsd.sampler.rng import infotext_rng
@@ -87,6 +88,7 @@ def generation_infotext(s, index: int = 0, *, model: str | None, model_hash: str
              "Clip skip": s.clip_skip if s.clip_skip > 1 else None,
              "RNG": infotext_rng(s.rng),
              "Tiling": "True" if s.tiling else None,
+             **control_infotext(s),
              **inpaint_infotext(s),
              "Schedule type": spec.a1111_schedule(s.karras),
              **(hires_infotext(s, hr_checkpoint) if s.enable_hr else {}),
@@ -95,6 +97,27 @@ def generation_infotext(s, index: int = 0, *, model: str | None, model_hash: str
     return Infotext(prompt=s.prompt, negative_prompt=s.negative_prompt, steps=s.steps, sampler=spec.a1111_name,
                     cfg_scale=s.cfg_scale, seed=s.seed + index, width=s.width, height=s.height,
                     model_hash=model_hash, model=model, extra=extra).render()
+
+
+# (infotext label, ControlUnit field): the extension's ``ControlNetUnit.infotext_fields``, in its order
+CONTROL_FIELDS = (("Module", "module"), ("Model", "model"), ("Weight", "weight"), ("Resize Mode", "resize_mode"),
+                  ("Processor Res", "processor_res"), ("Threshold A", "threshold_a"), ("Threshold B", "threshold_b"),
+                  ("Guidance Start", "guidance_start"), ("Guidance End", "guidance_end"),
+                  ("Pixel Perfect", "pixel_perfect"), ("Control Mode", "control_mode"))
+
+
+def control_infotext(s) -> dict:
+    """``ControlNet 0``, ``ControlNet 1``, ...: each unit as the extension's ``ControlNetUnit.serialize`` writes
+    it (``Module: canny, Model: name [hash], Weight: 1.0, ...``, values as Python's ``str``); the extension sets
+    them before webui's init, so they come before the inpainting and hires keys. A unit with a ',' or ':' in a
+    value is left out, as the extension leaves it (it could not be read back)."""
+    out = {}
+    for i, unit in enumerate(getattr(s, "controls", None) or ()):
+        values = {label: model_title(unit.model) if name == "model" else str(getattr(unit, name))
+                  for label, name in CONTROL_FIELDS}
+        if all("," not in v and ":" not in v for v in values.values()):
+            out[f"ControlNet {i}"] = ", ".join(f"{k}: {v}" for k, v in values.items())
+    return out
 
 
 def inpaint_infotext(s) -> dict:

@@ -262,13 +262,57 @@ def generation_settings(infotext: str | dict[str, str]) -> dict[str, Any]:
             reason = str(e).splitlines()[0] if str(e) else "malformed"
             out["notes"].append(f"infotext field {_printable(key)!s}: {_printable(value)!r} ignored ({reason})")
     out["enable_hr"] = "Denoising strength" in raw and any(k in raw for k in HIRES_KEYS)
+    units = control_units(out["extra"], out["notes"])
+    if units:
+        out["controlnet"] = units
     return out
+
+
+RE_CONTROL_KEY = re.compile(r"^ControlNet (\d+)$")
+CONTROL_LABELS = {"Module": "module", "Model": "model", "Weight": "weight", "Resize Mode": "resize_mode",
+                  "Processor Res": "processor_res", "Threshold A": "threshold_a", "Threshold B": "threshold_b",
+                  "Guidance Start": "guidance_start", "Guidance End": "guidance_end", "Pixel Perfect": "pixel_perfect",
+                  "Control Mode": "control_mode"}
+
+
+def control_units(extra: dict, notes: list[str]) -> list[dict]:
+    """The ``ControlNet N`` keys (taken out of ``extra``) as ControlUnit fields, in N's order, read as the
+    extension's ``ControlNetUnit.parse``: ``Key: value`` items split at ',' and ': ', values "True" / "False",
+    ints, floats, else text; unknown keys ignored. A unit that does not parse is left out, with a note."""
+    units = []
+    for key in [k for k in extra if RE_CONTROL_KEY.match(k)]:
+        text = extra.pop(key)
+        try:
+            fields = {}
+            for item in text.split(","):
+                label, value = item.strip().split(": ")
+                if label in CONTROL_LABELS:
+                    fields[CONTROL_LABELS[label]] = _unit_value(value)
+            if "model" not in fields:
+                raise ValueError("no Model")
+        except ValueError as e:
+            notes.append(f"infotext field {_printable(key)}: {_printable(text)!r} ignored ({e})")
+            continue
+        units.append((int(RE_CONTROL_KEY.match(key).group(1)), fields))
+    return [fields for _, fields in sorted(units, key=lambda u: u[0])]
+
+
+def _unit_value(value: str):
+    """The extension's ``parse_value``."""
+    if value in ("True", "False"):
+        return value == "True"
+    for convert in (int, float):
+        try:
+            return convert(value)
+        except ValueError:
+            pass
+    return value
 
 
 # Infotext keys whose presence asks A1111 for something tritonsd does not implement (the image would differ);
 # ``--infotext`` / ``--from-png`` / the server's ``infotext`` refuse them unless told to ignore them
 UNSUPPORTED_KEYS = ("Face restoration", "Seed resize from", "Refiner", "Refiner switch at", "Script",
-                    "ADetailer model", "ControlNet 0")
+                    "ADetailer model")
 
 
 def unsupported_keys(parsed: dict) -> list[str]:

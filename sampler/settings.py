@@ -188,6 +188,9 @@ class GenerationSettings:
                     raise SettingsError(name, f"{value} does not match the init image, which is {w}x{h}; resize "
                                               "the image or leave width and height unset")
             width, height = int(w), int(h)
+        elif any(unit.image is None for unit in controls):
+            index = next(i for i, unit in enumerate(controls) if unit.image is None)
+            raise SettingsError("controls", f"unit {index} has no image, and there is no init image to use instead")
         elif (width is None) != (height is None):
             width = height = width or height  # one side given: a square image
         return dataclasses.replace(self, karras=karras, steps=steps, batch_size=batch, seed=seed,
@@ -470,6 +473,11 @@ def fields_from_infotext(text: str) -> tuple[dict, list[str]]:
         fields.pop("subseed", None)
     if not parsed.get("enable_hr"):  # img2img / inpainting (a txt2img run ignores them)
         fields.update({k: parsed[k] for k in IMG2IMG_INFOTEXT_FIELDS if k in parsed})
+    if parsed.get("controlnet"):  # no image: the PNG does not hold it (control.models.attach_images)
+        try:
+            fields["controls"] = tuple(control.ControlUnit(**unit) for unit in parsed["controlnet"])
+        except TypeError as e:
+            raise SettingsError("controls", f"from the infotext: {e}") from None
     if parsed.get("enable_hr"):  # webui's paste: "Denoising strength" and a "Hires ..." size or upscaler
         fields["enable_hr"] = True
         fields.update({k: parsed[k] for k in HIRES_INFOTEXT_FIELDS if k in parsed})

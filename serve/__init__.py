@@ -8,7 +8,8 @@ field names, defaults and response shapes) and a small web page, on FastAPI + uv
 
 Modules: ``app`` (routes, errors, body limit, auth), ``schema`` (A1111's request fields), ``jobs`` (request ->
 GenerationSettings plan -> images), ``worker`` (the device's single worker and A1111's progress state), ``host``
-(the resident Pipeline and model switches), ``catalog`` (checkpoints, VAEs, LoRAs, embeddings),
+(the resident Pipeline and model switches), ``catalog`` (checkpoints, VAEs, LoRAs, embeddings), ``controlnet`` +
+``controlnet_routes`` (the A1111 extension's units and ``/controlnet/*`` routes),
 ``images`` (base64 / PNG), ``limits``.
 """
 
@@ -23,19 +24,21 @@ from tritonsd.serve.worker import Worker
 
 def build_state(spec, *, models_dir=None, vae_dir=None, credentials: dict | None = None, pipe=None,
                 ignore_unsupported: bool = False, allowed_hosts="loopback", max_queue: int | None = None,
-                body_timeout: float | None = None):
+                body_timeout: float | None = None, controlnet_dir=None):
     """Load ``spec`` (a ``tritonsd.LoadSpec``, or a checkpoint path loaded with the defaults) unless ``pipe`` is
     given ready, and start the device's worker. ``models_dir`` / ``vae_dir``: more checkpoints and VAEs that jobs
     switch to (loaded as ``spec`` says for the rest; ``spec.vae`` is not used: the VAE is the job's).
     ``allowed_hosts``: the Host names answered without auth (``serve.guard``; "loopback": 127.0.0.1, localhost,
     ::1; None: any); ``max_queue``: jobs that may wait (``limits.MAX_QUEUE``); ``body_timeout``: the longest pause
-    inside a request body, in seconds (``limits.BODY_IDLE_TIMEOUT_S``)."""
+    inside a request body, in seconds (``limits.BODY_IDLE_TIMEOUT_S``); ``controlnet_dir``: the ControlNet files
+    units name (``serve/controlnet.py``)."""
     from tritonsd.serve.app import ServerState  # lazy: fastapi (the serve extra), only when a server is built
 
     if not isinstance(spec, LoadSpec):
         spec = LoadSpec(spec)
     catalog = Catalog(spec.path, config=spec.config, models_dir=models_dir, vae_dir=vae_dir,
                       lora_dir=spec.lora_dir, embeddings_dir=spec.embeddings_dir)
+    catalog.controlnet_dir = controlnet_dir
     host = ModelHost(catalog, spec, pipe=pipe)
     if pipe is None:
         host.ensure(host.default)

@@ -27,6 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tritonsd.serve import jobs, limits
 from tritonsd.serve.catalog import Catalog
+from tritonsd.serve.controlnet_routes import install_routes as install_controlnet_routes
 from tritonsd.serve.errors import ApiError, BadRequest, TooLarge, error_body, printable
 from tritonsd.sampler.upscale import LATENT_UPSCALE_MODES
 from tritonsd.serve.extras import ExtrasSingleImageRequest, extras_job
@@ -35,6 +36,7 @@ from tritonsd.upscalers import Upscalers
 from tritonsd.serve.host import ModelHost, ModelKey
 from tritonsd.serve.images import decode_image, text_items
 from tritonsd.serve.jobs import Options
+from tritonsd.serve.previews import check_every
 from tritonsd.serve.schema import Img2ImgRequest, PNGInfoRequest, Txt2ImgRequest
 from tritonsd.serve.worker import Worker
 from tritonsd.sampler.infotext_parse import parse_infotext
@@ -42,7 +44,8 @@ from tritonsd.sampler.registry import SAMPLERS
 
 log = logging.getLogger("tritonsd.serve")
 STATIC = Path(__file__).parent / "static"
-STATIC_FILES = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}
+STATIC_FILES = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8",
+                "mask.js": "text/javascript; charset=utf-8", "gallery.js": "text/javascript; charset=utf-8"}
 
 
 @dataclass
@@ -286,6 +289,9 @@ def create_app(state: ServerState) -> FastAPI:
     @app.get("/sdapi/v1/progress")
     def progress(skip_current_image: bool = False):
         snapshot = state.worker.progress.snapshot()
+        previews = getattr(state.worker, "previews", None)  # a worker without previews (another door's) has none
+        if previews is not None and snapshot["state"]["job_count"] and not skip_current_image:
+            snapshot["current_image"] = previews.image()  # base64 PNG, as A1111's
         snapshot["queued"] = state.worker.waiting()  # beside A1111's fields: jobs waiting behind the running one
         return snapshot
 
@@ -371,6 +377,8 @@ def create_app(state: ServerState) -> FastAPI:
         await _maybe_switch(state, req, run_job)
         return None
 
+    install_controlnet_routes(app, state)
+
     @app.get("/", response_class=HTMLResponse)
     def index():
         return HTMLResponse((STATIC / "index.html").read_text(encoding="utf-8"))
@@ -401,7 +409,9 @@ def options_dict(state: ServerState) -> dict:
     """A1111's options as far as they mean something here, plus whatever clients stored."""
     host, o = state.host, state.options
     ckpt = next((c for c in state.catalog.checkpoints if c.path == host.default.checkpoint), state.catalog.main)
-    return {**o.other, "sd_model_checkpoint": ckpt.title, "sd_checkpoint_hash": ckpt.sha256,
+    previews = getattr(state.worker, "previews", None)
+    return {**o.other, "show_progress_every_n_steps": previews.every if previews is not None else 0,
+            "sd_model_checkpoint": ckpt.title, "sd_checkpoint_hash": ckpt.sha256,
             "sd_vae": o.sd_vae, "CLIP_stop_at_last_layers": o.clip_skip, "randn_source": o.randn_source,
             "eta_ddim": o.eta_ddim, "samples_format": "png"}
 
@@ -412,7 +422,8 @@ def set_options_sync(state: ServerState, req: dict) -> None:
     MAX_OPTION_BYTES of JSON together (413 past them)."""
     o = state.options
     checked = jobs.check_options(req, o, state.catalog)
-    handled = set(jobs.OVERRIDES_USED)
+    every = check_every(req["show_progress_every_n_steps"]) if "show_progress_every_n_steps" in req else None
+    handled = {*jobs.OVERRIDES_USED, "show_progress_every_n_steps"}
     other = {**o.other, **{k: v for k, v in req.items() if k not in handled}}
     _check_stored_options(other)
     with state.lock:
@@ -420,6 +431,8 @@ def set_options_sync(state: ServerState, req: dict) -> None:
         if "sd_vae" in req:
             o.sd_vae = req["sd_vae"] or "Automatic"
         o.other = other
+        if every is not None and getattr(state.worker, "previews", None) is not None:
+            state.worker.previews.every = every
     return None
 
 

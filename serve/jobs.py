@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 from tritonsd.sampler.seeds import random_seed
 from tritonsd.sampler import inpaint
-from tritonsd.serve import limits
+from tritonsd.serve import controlnet, limits
 from tritonsd.serve.errors import ApiError, BadRequest, NotFound, printable
 from tritonsd.serve.host import ModelKey
 from tritonsd.serve.images import decode_image, png_b64
@@ -210,6 +210,7 @@ def build_plan(req, mode: str, *, options: Options, catalog, host, ignore_unsupp
         _check_size_first(v, host)
         prepared, inpainting = _prepare_images(req, v, fields["width"], fields["height"], notes)
         fields.update(init_image=prepared.image, strength=v("denoising_strength"), **inpainting)
+    fields["controls"] = controlnet.units_from_request(req.alwayson_scripts, getattr(catalog, "controlnet_dir", None))
     settings = GenerationSettings(**fields).check()  # a mask: A1111's inpainting prepared here (sampler/inpaint)
     if settings.inpaint is not None:
         notes.extend(settings.inpaint.notes)
@@ -335,6 +336,7 @@ def _generate(pipe, s, worker) -> list:
         latent = d.get("denoised", d.get("x"))
         if latent is not None:
             last["latent"] = latent
+            worker.previews.offer(d["i"], latent, pipe.config.family)  # a copy started; made on its own thread
             worker.check_interrupt()  # a CUDA-graph replay reports after the loop: nothing left to stop there
 
     try:

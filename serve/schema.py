@@ -17,6 +17,7 @@ from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 from tritonsd.sampler.infotext_parse import generation_settings, unsupported_keys
+from tritonsd.serve.controlnet import script_args
 
 IMPLEMENTED, NOOP, IGNORED = "implemented", "noop", "ignored"
 
@@ -158,7 +159,12 @@ def infotext_unsupported(req: BaseModel) -> list[str]:
     """The request's ``infotext`` keys that ask for what is not implemented (``infotext.<key>``)."""
     if not req.infotext:
         return []
-    return [f"infotext.{k}" for k in unsupported_keys(generation_settings(req.infotext))]
+    parsed = generation_settings(req.infotext)
+    out = [f"infotext.{k}" for k in unsupported_keys(parsed)]
+    if parsed.get("controlnet") and not script_args(getattr(req, "alwayson_scripts", None)):
+        # the units' images are not in an infotext: they come with alwayson_scripts.controlnet or not at all
+        out += [f"infotext.ControlNet {i}" for i in range(len(parsed["controlnet"]))]
+    return out
 
 
 def value(req: BaseModel, name: str, table: dict):
@@ -180,7 +186,8 @@ def unsupported_fields(req: BaseModel, table: dict) -> list[str]:
            if how == IGNORED and k != "alwayson_scripts" and not _neutral(k, getattr(req, k), d)]
     scripts = getattr(req, "alwayson_scripts", None)
     if isinstance(scripts, dict):
-        out += [f"alwayson_scripts.{name}" for name, args in scripts.items() if not _neutral(name, args, None)]
+        out += [f"alwayson_scripts.{name}" for name, args in scripts.items()
+                if not _neutral(name, args, None) and not (isinstance(name, str) and name.lower() == "controlnet")]
     elif not _neutral("alwayson_scripts", scripts, {}):
         out.append("alwayson_scripts")
     return sorted(out)

@@ -15,6 +15,7 @@ from typing import Callable
 
 from tritonsd.serve import limits
 from tritonsd.serve.errors import Busy
+from tritonsd.serve.previews import Previews
 
 log = logging.getLogger("tritonsd.serve")
 
@@ -98,6 +99,7 @@ class Worker:
         self.host = host
         self.max_queue = max_queue
         self.progress = Progress()
+        self.previews = Previews()  # the running job's live preview (progress' current_image)
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._submit_lock = threading.Lock()
         self._interrupt = threading.Event()
@@ -154,6 +156,7 @@ class Worker:
                 continue  # its request went away while it waited
             self._interrupt.clear()
             self.progress.begin(job.name, job.job_count)
+            self.previews.reset()
             result = error = None
             try:
                 result = job.run(self)
@@ -163,6 +166,7 @@ class Worker:
                 error = e
             finally:
                 self.progress.end()  # before the answer: a client that has its answer sees the job over
+                self.previews.reset()
             if error is not None:
                 job.future.set_exception(error)
             else:

@@ -30,6 +30,7 @@ from tritonsd.sampler import schedule as S
 from tritonsd.sampler import wiring as W
 from tritonsd.pipeline import Conditioning, Pipeline
 from tritonsd.testing import a1111_groups as A
+from tritonsd.testing.controlnet_canny import INPUTS as CANNY_INPUTS, canny_group
 from tritonsd.testing.reference import GroupError
 
 
@@ -37,7 +38,7 @@ from tritonsd.testing.reference import GroupError
 
 
 _INPUT_NAMES = {"unet.x", "vae.z", "vae.image", "sample.x_T",
-                "inpaint.image", "inpaint.mask", "inpaint.masked_image_noise", "inpaint.x_T"}
+                "inpaint.image", "inpaint.mask", "inpaint.masked_image_noise", "inpaint.x_T"} | CANNY_INPUTS
 _INPUT_PATTERNS = [re.compile(p) for p in (
     r"unet\.t\d+$",  # timesteps of a UNet call
     r"unet\.(context|y)$",  # conditioning fed to the UNet call (rows of text.*; checked as "derived" when possible)
@@ -489,7 +490,7 @@ def inpaint_group(ctx: Recompute, keys: list[str]) -> dict[str, torch.Tensor]:
 # the reference files' group names (``ddim``: the original's DDIM schedule tensors, a file group, not a sampler)
 FIXED_GROUPS: dict[str, Callable[[Recompute, list[str]], dict[str, torch.Tensor]]] = {
     "tokens": tokens_group, "text": text_group, "unet": unet_group, "vae": vae_group, "sample": sample_group,
-    "ddim": ddim_group, "kdiff": kdiff_group, "inpaint": inpaint_group,
+    "ddim": ddim_group, "kdiff": kdiff_group, "inpaint": inpaint_group, "canny": canny_group,
 }
 
 

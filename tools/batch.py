@@ -44,6 +44,8 @@ def add_parser(subparsers) -> None:
                        help="upscaler model files for hr_upscaler (ESRGAN, ...; needs spandrel)")
     model.add_argument("--models-dir", type=Path, default=None, metavar="DIR",
                        help="where a job's hr_checkpoint_name is looked up (default: --checkpoint's folder)")
+    model.add_argument("--controlnet-dir", type=Path, default=None, metavar="DIR",
+                       help="ControlNet files that the lines' \"controlnet\" units name without a path")
     run_ = p.add_argument_group("runtime")
     run_.add_argument("--group-size", type=int, default=1, metavar="N",
                       help="up to N jobs of one size and sampler settings share a UNet batch (default: 1)")
@@ -86,7 +88,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"tritonsd batch: line {result.line}{what}: {result.error}", file=sys.stderr, flush=True)
 
     report = batch(args.jobs, args.out, spec=spec, group_size=args.group_size, ray=args.ray,
-                   workers=args.workers, progress=progress_enabled(args.quiet), on_result=report_line)
+                   workers=args.workers, progress=progress_enabled(args.quiet), on_result=report_line,
+                   controlnet_dir=args.controlnet_dir)
     print(f"{len(report.written)} written, {len(report.skipped)} already done, {len(report.errors)} failed "
           f"in {report.seconds:.1f} s; see {report.results}", file=sys.stderr)
     return 1 if report.errors else 0

@@ -28,6 +28,7 @@ from tritonsd.load_spec import LoadSpec
 from tritonsd.sampler.memory import memory_shortfall
 from tritonsd.escape import escape
 from tritonsd.pipeline import load_spec, NonFiniteError
+from tritonsd.tools.control_flags import add_control_flags, control_units
 from tritonsd.tools.progress import bar, progress_enabled
 
 # GenerationSettings field -> the flag that sets it, so errors name what the user typed
@@ -44,7 +45,7 @@ FLAGS = {"prompt": "--prompt", "negative_prompt": "--negative-prompt", "sampler"
          "enable_hr": "--hires", "hr_scale": "--hires-scale", "hr_resize_x": "--hires-size", "hr_resize_y": "--hires-size",
          "hr_upscaler": "--hires-upscaler", "hr_second_pass_steps": "--hires-steps", "hr_sampler": "--hires-sampler",
          "hr_scheduler": "--hires-scheduler", "hr_prompt": "--hires-prompt", "hr_negative_prompt": "--hires-negative-prompt",
-         "hr_checkpoint_name": "--hires-checkpoint"}
+         "hr_checkpoint_name": "--hires-checkpoint", "controls": "--control"}
 MASKED_CONTENT = ("fill", "original", "latent-noise", "latent-nothing")  # inpainting_fill 0..3
 HIRES_FLAGS = ("hires_scale", "hires_size", "hires_upscaler", "hires_steps", "hires_sampler", "hires_scheduler",
                "hires_prompt", "hires_negative_prompt", "hires_checkpoint")
@@ -196,6 +197,7 @@ def add_parser(subparsers) -> None:
     hires.add_argument("--upscaler-dir", type=Path, default=None, metavar="DIR",
                        help="upscaler model files (ESRGAN, Real-ESRGAN, SwinIR, DAT, ...: .pth / .safetensors; "
                             "needs spandrel: pip install 'tritonsd[upscale]')")
+    add_control_flags(p)
 
     run_ = p.add_argument_group("runtime")
     run_.add_argument("--device", default=None, metavar="DEVICE",
@@ -283,6 +285,9 @@ def settings_from_args(args: argparse.Namespace, init_image=None, mask=None):
                  inpainting_mask_weight=args.mask_weight, resize_mode=args.resize_mode,
                  **hires_fields(args))
     fields.update({k: v for k, v in given.items() if v is not None})
+    controls = control_units(args, open_image, fields.get("controls", ()))
+    if controls is not None:
+        fields["controls"] = controls
     if fields.get("seed") == -1:
         fields["seed"] = None
     if args.sampler is not None and args.karras is None:

@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 
 from tritonsd.devices import DTYPE_NAMES
+from tritonsd.escape import escape
+from tritonsd.model.taesd import load_taesd_decoder
 from tritonsd.serve import limits
 from tritonsd.serve.guard import allowed_hosts
 from tritonsd.tools.cli import UsageError
@@ -35,6 +37,9 @@ def add_parser(subparsers) -> None:
     m.add_argument("--upscaler-dir", type=Path, default=None, metavar="DIR",
                    help="upscaler model files for hires fix and /sdapi/v1/extra-single-image (ESRGAN, ...; needs "
                         "spandrel)")
+    m.add_argument("--controlnet-dir", type=Path, default=None, metavar="DIR",
+                   help="ControlNet files, listed by /controlnet/model_list as 'name [hash]' and named by the units "
+                        "of alwayson_scripts.controlnet")
     m.add_argument("--text-heads", type=int, default=None, metavar="N",
                    help="attention heads of the text towers (not in the weights; default width / 64)")
     m.add_argument("--parameterization", choices=("eps", "v"), default=None,
@@ -45,6 +50,12 @@ def add_parser(subparsers) -> None:
     r.add_argument("--dtype", choices=tuple(DTYPE_NAMES), default=None,
                    help="default: fp16 on cuda, fp32 on cpu")
     r.add_argument("--kernels", choices=("auto", "torch", "triton"), default="auto")
+    r.add_argument("--preview-every", type=int, default=10, metavar="N",
+                   help="a live preview every N sampling steps, A1111's 'Approx cheap' (show_progress_every_n_steps; "
+                        "default: %(default)s; 0: none)")
+    r.add_argument("--taesd", type=Path, default=None, metavar="FILE",
+                   help="a TAESD decoder (taesd_decoder / taesdxl_decoder .safetensors or .pth) whose decode is the "
+                        "live preview instead of the cheap latent-to-RGB map (A1111's 'TAESD' preview)")
     n = p.add_argument_group("network")
     n.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     n.add_argument("--port", type=int, default=7860,
@@ -76,13 +87,17 @@ def check_usage(args: argparse.Namespace) -> dict:
         raise UsageError(f"--port must be between 0 and 65535, got {args.port}")
     if args.text_heads is not None and args.text_heads < 1:
         raise UsageError(f"--text-heads must be at least 1, got {args.text_heads}")
+    if not 0 <= args.preview_every <= 1000:
+        raise UsageError(f"--preview-every must be between 0 and 1000, got {args.preview_every}")
     if args.max_queue is not None and args.max_queue < 1:
         raise UsageError(f"--max-queue must be at least 1, got {args.max_queue}")
     for flag in ("header_timeout", "body_timeout"):
         value = getattr(args, flag)
         if not 0 < value <= 3600:
             raise UsageError(f"--{flag.replace('_', '-')} must be between 0 and 3600 seconds, got {value:g}")
-    for flag in ("models_dir", "vae_dir", "lora_dir", "embeddings_dir", "upscaler_dir"):
+    if args.taesd is not None and not args.taesd.is_file():
+        raise UsageError(f"--taesd {escape(args.taesd)} is not a file")
+    for flag in ("models_dir", "vae_dir", "lora_dir", "embeddings_dir", "upscaler_dir", "controlnet_dir"):
         d = getattr(args, flag)
         if d is not None and not d.is_dir():
             raise UsageError(f"--{flag.replace('_', '-')} {d} is not a directory")
@@ -167,10 +182,14 @@ def serve(args: argparse.Namespace, credentials: dict, sock: socket.socket, uvic
 
     from tritonsd.serve.protocol import protocol_class  # lazy: uvicorn (the serve extra), as above
 
+    taesd = load_taesd_decoder(args.taesd) if args.taesd is not None else None  # a bad file: before the model
     state = build_state(load_spec_of(args), models_dir=args.models_dir, vae_dir=args.vae_dir,
                         credentials=credentials, ignore_unsupported=args.ignore_unsupported,
                         allowed_hosts=allowed_hosts(args.host, args.allowed_hosts), max_queue=args.max_queue,
-                        body_timeout=args.body_timeout)
+                        body_timeout=args.body_timeout, controlnet_dir=args.controlnet_dir)
+    state.worker.previews.every = args.preview_every
+    if taesd is not None:
+        state.worker.previews.decoder = taesd.to(state.host.pipe.device)
     state.catalog.start_hashing()
     print(f"tritonsd serve: {state.catalog.main.name} loaded on {state.host.pipe.device}; "
           f"http://{args.host}:{args.port}/", file=sys.stderr, flush=True)
