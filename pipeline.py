@@ -88,7 +88,7 @@ from tritonsd.sampler.noise import ImageNoise, NoiseSource
 from tritonsd.sampler.reproduce import check_networks, with_lora_tags
 from tritonsd.sampler.memory import memory_shortfall
 from tritonsd.sampler.settings import (check_rng_device, default_size, fields_from_infotext, GenerationSettings,
-    SettingsError, vae_factor)
+    LATENT_RESIZE, SettingsError, vae_factor)
 from tritonsd.sampler.upscale import crop_latent, hires_steps, is_latent_mode, upscale_latent
 from tritonsd.sampler.vae_io import (InpaintConditioning, NonFiniteError, check_finite, decode_clamped, encode_image,
     inpaint_conditioning)
@@ -98,6 +98,7 @@ from tritonsd.lora.apply import find_lora, LoraError, LoraSpec, LoraState, parse
 from tritonsd.compile.warmup import warmup
 from tritonsd.prompt.encode import (call_rows, encode_schedule, load_model_embeddings, pad_to_same_length,
                                      unet_keywords)
+from tritonsd.formats.checkpoint_names import CheckpointNotFound, find_checkpoint, short_title
 from tritonsd.formats.embeddings import ti_hashes
 from tritonsd.upscalers import UnknownUpscalerError, Upscalers
 
@@ -191,6 +192,8 @@ class Pipeline:
         self.auto_warmup = True  # on CUDA with the Triton kernels: compile and tune new shapes before their run
         self._warmed: set[tuple] = set()
         self._controlnets: dict[str, ControlNet] = {}  # ControlNet files loaded once, by resolved path
+        self.spec: LoadSpec | None = None  # how it was loaded (``load_spec``): a hires checkpoint is loaded alike
+        self._hires_pipe: tuple[Path, "Pipeline"] | None = None  # the last hires checkpoint's pipeline, kept
 
     # ------------------------------------------------------------ facts
 
@@ -266,8 +269,17 @@ class Pipeline:
                                  self.config.vae.ch)
         if short is not None:
             raise SettingsError("width", f"x height: {short}")
+        if resolved.resize_mode == LATENT_RESIZE and resolved.mode == "img2img" and \
+                self.config.unet.in_channels == 9 and \
+                tuple(resolved.init_image.shape[-2:]) != (resolved.height, resolved.width):
+            raise SettingsError("resize_mode", "3 (latent upscale) needs the init image at the output size with a "
+                                               "9-channel model (webui's image conditioning would not fit)")
         if resolved.enable_hr:
             self._check_hires(resolved)
+            try:
+                self.hires_checkpoint(resolved)
+            except CheckpointNotFound as e:
+                raise SettingsError("hr_checkpoint_name", str(e)) from None
         return resolved
 
     def _check_hires(self, s: GenerationSettings) -> None:
@@ -279,6 +291,9 @@ class Pipeline:
             except UnknownUpscalerError as e:
                 raise SettingsError("hr_upscaler", f"{e}; or a latent mode (Latent, Latent (antialiased), ...)") \
                     from None
+        if self.config.unet.in_channels == 9 and s.inpainting_mask_weight != 1.0:
+            raise SettingsError("inpainting_mask_weight", "below 1 with hires fix (webui re-encodes the first pass "
+                                "for the second's conditioning then) is not implemented")
         target = s.hires_target()
         short = memory_shortfall(s.batch_size, target.upscale_to_x, target.upscale_to_y, self.device, self.dtype,
                                  self.config.vae.ch)
@@ -458,18 +473,30 @@ class Pipeline:
             if self.config.unet.in_channels == 9:
                 image = s.init_image if s.init_image is not None else torch.zeros(1, 3, s.height, s.width)
                 mask = s.mask if s.mask is not None else torch.ones(1, 1, s.height, s.width)
-                inpaint = inpaint_conditioning(self.model, image, mask, noise.vae(shape).to(device))
+                inpaint = inpaint_conditioning(self.model, image, mask, noise.vae(shape).to(device),
+                                               s.inpainting_mask_weight)
                 shared["c_concat"] = inpaint.c_concat
             schedule = make_schedule(self.config, spec, s.steps, s.karras, s.eta)
             if s.mode == "img2img":
-                init_latent = encode_image(self.model, s.init_image, noise.vae(shape))
-                x, schedule = img2img_start(schedule, init_latent, x_T, s.strength)
+                x, schedule = img2img_start(schedule, self._init_latent(s, noise, shape), x_T, s.strength)
             elif s.mode == "inpaint" and inpaint is None:  # a 4-channel model
                 blend = self._latent_blend(s, encode_image(self.model, s.init_image, noise.vae(shape)), shape)
                 x, schedule = img2img_start(schedule, blend.init_latent, x_T, s.strength)
             else:
                 x = txt2img_start(self.config, schedule, x_T)
         return Latents(x=x, schedule=schedule, spec=spec, shared=shared, noise=noise, inpaint=inpaint, blend=blend)
+
+    def _init_latent(self, s: GenerationSettings, noise: NoiseSource, shape) -> torch.Tensor:
+        """img2img's init latent: the init image encoded (its posterior sampled with ``noise.vae``); with
+        ``resize_mode`` 3 ("Just resize (latent upscale)") encoded at its own size and the latent resized
+        bilinearly to ``shape`` (webui's img2img ``init``: ``interpolate(init_latent, (h // 8, w // 8),
+        mode="bilinear")``)."""
+        f = vae_factor(self.config)
+        own = (shape[0], s.init_image.shape[-2] // f, s.init_image.shape[-1] // f)
+        if s.resize_mode != LATENT_RESIZE or own == tuple(shape):
+            return encode_image(self.model, s.init_image, noise.vae(shape))
+        latent = encode_image(self.model, s.init_image, noise.vae(own))
+        return torch.nn.functional.interpolate(latent, size=tuple(shape[1:]), mode="bilinear")
 
     def _latent_blend(self, s: GenerationSettings, init_latent: torch.Tensor, shape) -> I.LatentBlend:
         """A1111's latent masks of the settings' processed mask, and the init latent after ``inpainting_fill``
@@ -510,8 +537,10 @@ class Pipeline:
                                      self._step_embedder())
                 if cond.per_step:
                     den = D.PerCallConditioning(den, cond.rows)
-                if latents.blend is not None and spec.space != "timesteps":
-                    den = I.BlendedDenoiser(den, latents.blend)  # A1111's per-step latent masking
+                if latents.blend is not None:  # A1111's per-step latent masking: of the output, or for DDIM / PLMS
+                    # of the model's input (``mask_before_denoising``)
+                    den = (I.BlendedTimestepDenoiser if spec.space == "timesteps" else I.BlendedDenoiser)(
+                        den, latents.blend)
                 kwargs = {}
                 if spec.takes_noise:
                     kwargs["noise_sampler"] = lambda _a, _b: latents.noise.ancestral(x.shape[1:]).to(x.device)
@@ -623,11 +652,13 @@ class Pipeline:
                  target.width // vae_factor(self.config))
         return ImageNoise(shape, s.seed, s.batch_size, s.rng, s.subseed, s.subseed_strength, self.device)
 
-    def upscale(self, latents: torch.Tensor, settings: GenerationSettings, noise: NoiseSource) -> torch.Tensor:
+    def upscale(self, latents: torch.Tensor, settings: GenerationSettings, noise: NoiseSource,
+                encoder: "Pipeline | None" = None) -> torch.Tensor:
         """The first pass's latents [B, C, h, w] as the second pass's start [B, C, H/8, W/8] (``sample_hr_pass``):
         a latent mode interpolates them; an image upscaler gets each image decoded to 8 bits, resizes it to
         ``hr_upscale_to`` and the VAE encodes it again (its posterior sampled with ``noise.vae``); then the
-        truncate crop."""
+        truncate crop. ``encoder``: the pipeline whose VAE encodes (the hires checkpoint's, as webui encodes after
+        switching to it; default this one)."""
         s = settings
         target = s.hires_target()
         if is_latent_mode(s.hr_upscaler):
@@ -639,8 +670,9 @@ class Pipeline:
                               for im in images])
         f = vae_factor(self.config)
         shape = (self.config.vae.embed_dim, target.upscale_to_y // f, target.upscale_to_x // f)
-        with self._kernels():
-            encoded = encode_image(self.model, pixels * 2.0 - 1.0, noise.vae(shape).to(self.device))
+        encoder = self if encoder is None else encoder
+        with encoder._kernels():
+            encoded = encode_image(encoder.model, pixels * 2.0 - 1.0, noise.vae(shape).to(encoder.device))
         return crop_latent(encoded, target)
 
     def prepare_hires_latents(self, upscaled: torch.Tensor, settings: GenerationSettings,
@@ -678,14 +710,53 @@ class Pipeline:
 
     def hires(self, latents: torch.Tensor, settings: GenerationSettings, cond: Conditioning | None = None,
               callback: StepCallback | None = None, noise: NoiseSource | None = None) -> torch.Tensor:
-        """The second pass over the first pass's ``latents``: its latents, float32 (see the module docstring)."""
+        """The second pass over the first pass's ``latents``: its latents, float32 (see the module docstring).
+        With ``hr_checkpoint_name`` it runs on that checkpoint's pipeline (``hires_pipeline``): decode this
+        pipeline's, encode, conditioning and UNet the other's; decode the result with ``hires_pipeline(s)``."""
         hr = settings.hires_pass()
         target = settings.hires_target()
-        self._warm(dataclasses.replace(hr, width=target.width, height=target.height))
+        second = self.hires_pipeline(settings)
+        second._warm(dataclasses.replace(hr, width=target.width, height=target.height))
         noise = self.hires_noise(settings) if noise is None else noise
-        upscaled = self.upscale(latents, settings, noise)
-        hr_latents = self.prepare_hires_latents(upscaled, settings, noise)
-        return self.denoise(hr_latents, self.encode_hires(settings, cond), hr, callback)
+        upscaled = self.upscale(latents, settings, noise, encoder=second)
+        hr_latents = second.prepare_hires_latents(upscaled, settings, noise)
+        return second.denoise(hr_latents, second.encode_hires(settings, cond if second is self else None), hr,
+                              callback)
+
+    def hires_checkpoint(self, settings: GenerationSettings) -> Path | None:
+        """The file of the settings' ``hr_checkpoint_name`` (webui's "Hires checkpoint"): a path, or a name looked
+        up in the models folder (``LoadSpec.models_dir``, default this checkpoint's folder) as webui looks it up;
+        None for this checkpoint. ``CheckpointNotFound`` (one line) when nothing answers to the name."""
+        name = settings.hr_checkpoint_name if settings.enable_hr else None
+        if name is None:
+            return None
+        source = getattr(self.model, "source", None)
+        own = source.checkpoint if source is not None and source.checkpoint is not None else None
+        folder = self.spec.models_dir if self.spec is not None and self.spec.models_dir is not None else \
+            (own.parent if own is not None and own.is_file() else None)
+        path = find_checkpoint(name, folder)
+        return None if own is not None and own.is_file() and path == own.resolve() else path
+
+    def hires_pipeline(self, settings: GenerationSettings) -> "Pipeline":
+        """The pipeline of the second pass: this one, or the hires checkpoint's, loaded as this one was (device,
+        dtype, kernels, VAE, LoRA / embeddings / upscaler folders; its own YAML) and kept for the next image;
+        this pipeline's ``set_loras`` LoRAs are applied to it too."""
+        path = self.hires_checkpoint(settings)
+        if path is None:
+            return self
+        if self._hires_pipe is None or self._hires_pipe[0] != path:
+            self._hires_pipe = None  # one extra model at a time: the old one goes before the new one loads
+            base = self.spec if self.spec is not None else LoadSpec(str(path))
+            spec = dataclasses.replace(base, path=str(path), config=None, parameterization=None,
+                                       device=self.device, dtype=self.dtype, kernels=self.kernels,
+                                       lora_dir=self.lora_dir, embeddings_dir=self._embeddings_dir,
+                                       upscaler_dir=self.upscalers.directory)
+            self._hires_pipe = (path, load_spec(spec))
+        second = self._hires_pipe[1]
+        second.lora_dir = self.lora_dir
+        if second._loras != self._loras:
+            second.set_loras(self._loras)
+        return second
 
     # ------------------------------------------------------------ stage 4: pixels
 
@@ -705,9 +776,11 @@ class Pipeline:
         cond = self.encode(settings)
         latents = self.prepare_latents(settings, noise)
         x = self.denoise(latents, cond, settings, callback)
+        decoder = self
         if settings.enable_hr:
             x = self.hires(x, settings, cond, callback)
-        return self.decode(x, tiling=settings.tiling).cpu()
+            decoder = self.hires_pipeline(settings)
+        return decoder.decode(x, tiling=settings.tiling).cpu()
 
     def __call__(self, prompt: str = "", negative_prompt: str = "", *, callback: StepCallback | None = None,
                  **fields) -> "Images":
@@ -730,7 +803,10 @@ class Pipeline:
         ti = conditioning.ti_hashes if conditioning is not None else self._ti_hashes
         if self._loras:  # set_loras' LoRAs are recorded as A1111 records every LoRA: a tag in the prompt
             settings = dataclasses.replace(settings, prompt=with_lora_tags(settings.prompt, self._loras))
+        hr_path = self.hires_checkpoint(settings)
         return generation_infotext(settings, index, model=self.name, model_hash=self.model_hash,
+                                   hr_checkpoint=short_title(hr_path) if hr_path is not None else None,
+                                   inpainting_model=self.config.unet.in_channels == 9,
                                    vae=source.vae_name if vae is not None else None,
                                    vae_hash=self.vae_hash if vae is not None else None, ti_hashes=ti,
                                    lora_hashes=self.lora_report.lora_hashes if self.lora_report is not None else None)
@@ -765,7 +841,8 @@ class Pipeline:
 def load(path: str | os.PathLike, config: str | os.PathLike | None = None, *, device=None, dtype=None,
          kernels: str = "auto", vae: str | os.PathLike | None = None, text_heads: int | None = None,
          parameterization: str | None = None, lora_dir: str | os.PathLike | None = None,
-         embeddings_dir: str | os.PathLike | None = None, upscaler_dir: str | os.PathLike | None = None) -> Pipeline:
+         embeddings_dir: str | os.PathLike | None = None, upscaler_dir: str | os.PathLike | None = None,
+         models_dir: str | os.PathLike | None = None) -> Pipeline:
     """A Pipeline for an original single-file checkpoint (``.safetensors`` or ``.ckpt``), or the built-in demo
     model ``"demo:sd1"`` (tiny, random weights: its images are noise; no file needed).
 
@@ -775,14 +852,15 @@ def load(path: str | os.PathLike, config: str | os.PathLike | None = None, *, de
     external VAE file (``.safetensors`` / ``.pt``); ``text_heads`` / ``parameterization``: what the weights cannot
     tell, when no YAML does; ``lora_dir``: where ``<lora:name:w>`` in a prompt is looked up;
     ``embeddings_dir``: textual-inversion embeddings, used where their file name appears in a prompt;
-    ``upscaler_dir``: upscaler model files (ESRGAN, ...) for hires fix's ``hr_upscaler``. The model
+    ``upscaler_dir``: upscaler model files (ESRGAN, ...) for hires fix's ``hr_upscaler``; ``models_dir``: where
+    hires fix's ``hr_checkpoint_name`` is looked up (default: the checkpoint's folder). The model
     hash for the infotext is computed when the first infotext needs it, and cached on disk
     (``formats.hashes.cached_sha256``).
 
     The same as ``load_spec(LoadSpec(path, config, ...))``: the keywords are ``LoadSpec``'s fields."""
     return load_spec(LoadSpec(path, config, device=device, dtype=dtype, kernels=kernels, vae=vae,
                               text_heads=text_heads, parameterization=parameterization, lora_dir=lora_dir,
-                              embeddings_dir=embeddings_dir, upscaler_dir=upscaler_dir))
+                              embeddings_dir=embeddings_dir, upscaler_dir=upscaler_dir, models_dir=models_dir))
 
 
 def load_spec(spec: LoadSpec | CheckedSpec) -> Pipeline:
@@ -794,9 +872,11 @@ def load_spec(spec: LoadSpec | CheckedSpec) -> Pipeline:
         model = load_model(spec.path, config=spec.config, parameterization=spec.parameterization,
                            text_heads=spec.text_heads, vae=spec.vae, dtype=checked.dtype, device=checked.device)
     source = model.source
-    return Pipeline(model, name=source.model_name, kernels=spec.kernels, lora_dir=spec.lora_dir,
+    pipe = Pipeline(model, name=source.model_name, kernels=spec.kernels, lora_dir=spec.lora_dir,
                     embeddings_dir=spec.embeddings_dir, upscaler_dir=spec.upscaler_dir,
                     model_hash=source.model_hash)  # computed (or read from the disk cache) when a PNG needs it
+    pipe.spec = spec
+    return pipe
 
 
 __all__ = ["CheckedSpec", "Conditioning", "GenerationSettings", "Images", "Latents", "LoadSpec", "NonFiniteError", "Pipeline",

@@ -9,7 +9,8 @@ Fields: ``id`` (required: the output's file name), ``prompt``, ``negative_prompt
 else to the LoRA folder, with or without ``.safetensors``); hires fix with A1111's txt2img names: ``enable_hr``,
 ``denoising_strength``, ``hr_scale``, ``hr_resize_x``, ``hr_resize_y``, ``hr_upscaler``, ``hr_second_pass_steps``,
 ``hr_sampler_name``, ``hr_scheduler``, ``hr_prompt``, ``hr_negative_prompt`` (model files from
-``--upscaler-dir``); ``controlnet``: a list of ControlNet units with the A1111 extension's field names
+``--upscaler-dir``), ``hr_checkpoint_name`` (a checkpoint file, or its name in ``--models-dir``; "Use same
+checkpoint" as not given); ``controlnet``: a list of ControlNet units with the A1111 extension's field names
 (``model``: a file relative to the current directory or a name in the ControlNet folder; ``image``: a file
 relative to the current directory; module, weight, resize_mode, processor_res, threshold_a, threshold_b,
 guidance_start, guidance_end, pixel_perfect, control_mode, hr_option; ``sampler/control.py``). A missing field takes ``tritonsd generate``'s default; a missing seed (or A1111's -1) is
@@ -44,7 +45,8 @@ from tritonsd.sampler.settings import GenerationSettings, SettingsError
 from tritonsd.sampler.registry import DEFAULT_SAMPLER, UnknownSamplerError, resolve_name
 
 HIRES_FIELDS = ("enable_hr", "denoising_strength", "hr_scale", "hr_resize_x", "hr_resize_y", "hr_upscaler",
-                "hr_second_pass_steps", "hr_sampler_name", "hr_scheduler", "hr_prompt", "hr_negative_prompt")
+                "hr_second_pass_steps", "hr_sampler_name", "hr_scheduler", "hr_prompt", "hr_negative_prompt",
+                "hr_checkpoint_name")
 FIELDS = ("id", "prompt", "negative_prompt", "seed", "subseed", "subseed_strength", "steps", "sampler_name",
           "scheduler", "cfg_scale", "width", "height", "tiling", "loras", *HIRES_FIELDS, "controlnet")
 # GenerationSettings field -> the job field a SettingsError names
@@ -53,7 +55,7 @@ JOB_FIELD = {"sampler": "sampler_name", "karras": "scheduler", "strength": "deno
 SETTINGS_FIELDS = ("prompt", "negative_prompt", "sampler", "karras", "steps", "cfg_scale", "seed", "subseed",
                    "subseed_strength", "width", "height", "tiling", "enable_hr", "strength", "hr_scale", "hr_resize_x",
                    "hr_resize_y", "hr_upscaler", "hr_second_pass_steps", "hr_sampler", "hr_scheduler", "hr_prompt",
-                   "hr_negative_prompt", "controls")  # what travels to a Ray worker
+                   "hr_negative_prompt", "hr_checkpoint_name", "controls")  # what travels to a Ray worker
 MAX_ID_BYTES = 200  # "<id>.png" and its temporary name stay under the usual 255-byte file-name limit
 MAX_LINE_BYTES = 1 << 20
 _LORA_TAG = re.compile(r"<(?:lora|lyco):[^>]+>")  # the prompt's own LoRAs (webui's extra-network tags)
@@ -86,7 +88,7 @@ class Job:
         per generation)."""
         s = self.settings
         hires = (s.enable_hr, s.strength, s.hr_scale, s.hr_resize_x, s.hr_resize_y, s.hr_upscaler,
-                 s.hr_second_pass_steps, s.hr_sampler, s.hr_scheduler) if s.enable_hr else ()
+                 s.hr_second_pass_steps, s.hr_sampler, s.hr_scheduler, s.hr_checkpoint_name) if s.enable_hr else ()
         return (s.sampler, s.karras, s.steps, s.cfg_scale, s.width, s.height, s.tiling, self.loras,
                 tuple(_LORA_TAG.findall(s.prompt)), hires, control_key(s.controls))
 
@@ -340,8 +342,12 @@ def parse_job(fields, line: int, *, lora_dir: Path | None = None, base: Path | N
 def _hires(fields: dict) -> dict:
     """The hires fields of a line as GenerationSettings fields (A1111's "Use same ..." as not given)."""
     out = {k: fields[k] for k in ("enable_hr", "hr_scale", "hr_resize_x", "hr_resize_y", "hr_upscaler",
-                                  "hr_second_pass_steps", "hr_scheduler", "hr_prompt", "hr_negative_prompt")
+                                  "hr_second_pass_steps", "hr_scheduler", "hr_prompt", "hr_negative_prompt",
+                                  "hr_checkpoint_name")
            if fields.get(k) is not None}
+    checkpoint = out.get("hr_checkpoint_name")
+    if isinstance(checkpoint, str) and Path(checkpoint).is_file():  # a file relative to here: absolute for workers
+        out["hr_checkpoint_name"] = str(Path(checkpoint).resolve())
     if fields.get("denoising_strength") is not None:
         out["strength"] = fields["denoising_strength"]
     if out.get("hr_scheduler") == "Use same scheduler":

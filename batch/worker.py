@@ -152,8 +152,9 @@ class BatchWorker:
     def images(self, sampled: _Sampled) -> list:
         """PIL images of the real rows, each with its own job's infotext and seed."""
         pipe = self.pipe
-        tiling = sampled.rows[0].settings.tiling  # one group, one padding mode (Job.group_key)
-        pixels = pipe.decode(sampled.latents, tiling=tiling).cpu()  # [group_size, 3, H, W]
+        first = sampled.rows[0].settings
+        decoder = pipe.hires_pipeline(first) if first.enable_hr else pipe  # a hires checkpoint's VAE decodes
+        pixels = decoder.decode(sampled.latents, tiling=first.tiling).cpu()  # [group_size, 3, H, W]
         images = []
         for i, row in enumerate(sampled.rows):  # each row has its own encode (and so its own TI hashes)
             images.append(pipe.to_pil(pixels[i: i + 1], row.settings, row.cond)[0])

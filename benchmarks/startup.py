@@ -12,6 +12,8 @@ The files are built from the key manifests (``fixtures/manifests``) under ``--tm
 one tensor in memory), read once so that every process finds them in the page cache (as the issue measured),
 and deleted after. The hash cache lives in a temporary ``TRITONSD_CACHE``; the user's is untouched. Each model is
 loaded in its file's dtype (SD 1.5 float32, SDXL float16) on the CPU: no cast, so the numbers are the load path's.
+The baseline and the second process run ``--repeat`` times each (default 3) and the best of each is compared: on a
+shared machine a single run measures the neighbours as much as the load.
 """
 
 from __future__ import annotations
@@ -100,6 +102,10 @@ def read_through(path: Path) -> None:
 # Each child prints one JSON line of wall-clock marks (time.time(), the parent's clock too) and memory figures.
 _MEMORY = r'''
 import resource
+def cpu_seconds():
+    """This process's CPU time so far (user + system): what the load costs, whatever the neighbours take."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return round(r.ru_utime + r.ru_stime, 3)
 def memory():
     out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     with open("/proc/self/status") as f:
@@ -118,7 +124,9 @@ t_torch = time.time()
 from safetensors.torch import load_file
 weights = load_file(path)
 t_loaded = time.time()
-print(json.dumps({"torch_imported": t_torch, "loaded": t_loaded, "tensors": len(weights), **memory()}))
+cpu_loaded = cpu_seconds()
+print(json.dumps({"torch_imported": t_torch, "loaded": t_loaded, "cpu_loaded_s": cpu_loaded, "tensors": len(weights),
+                  **memory()}))
 '''
 
 TRITONSD = _MEMORY + r'''
@@ -137,11 +145,13 @@ def counting(p):
 hashes.sha256_file = counting
 pipe = tritonsd.load(path, device="cpu", dtype=dtype)
 t_loaded = time.time()
+cpu_loaded = cpu_seconds()
 loaded_memory = memory()
 images = pipe(PROMPT, seed=1, steps=1, width=64, height=64)
 files = pipe.save(images, out)
 t_png = time.time()
-print(json.dumps({"tritonsd_imported": t_import, "loaded": t_loaded, "png": t_png, "hashed": bool(hashed),
+print(json.dumps({"tritonsd_imported": t_import, "loaded": t_loaded, "cpu_loaded_s": cpu_loaded, "png": t_png,
+                  "hashed": bool(hashed),
                   "hash_s": round(sum(hashed), 3), "model_hash": pipe.model_hash, "file": str(files[0]),
                   "after_load": loaded_memory, **memory()}))
 '''.replace("PROMPT", repr(PROMPT))
@@ -162,7 +172,19 @@ def run_child(code: str, args: list[str], env: dict) -> dict:
     return {k: round(v, 1) if k.endswith("_mb") else v for k, v in marks.items()}
 
 
-def measure(name: str, tmp: Path) -> dict:
+def compiled_bytecode(env: dict) -> dict:
+    """``env`` for children that read the package's bytecode, compiled once here as ``pip install`` compiles it
+    (into the ignored ``__pycache__`` folders beside the sources). A sandbox's ``PYTHONDONTWRITEBYTECODE`` would
+    have every child compile tritonsd from source (0.2 s of an SDXL load), which no installed copy does; torch,
+    the baseline's import, reads its installed bytecode either way."""
+    env = {k: v for k, v in env.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    package = Path(__file__).resolve().parent.parent
+    subprocess.run([sys.executable, "-m", "compileall", "-q", "-x", r"/(tests|benchmarks|\.git)/", str(package)],
+                   env=env, check=True, capture_output=True, timeout=600)
+    return env
+
+
+def measure(name: str, tmp: Path, repeat: int = 3) -> dict:
     path = tmp / f"{name}-random.safetensors"
     t = time.time()
     size = write_random_file(name, path)
@@ -170,22 +192,30 @@ def measure(name: str, tmp: Path) -> dict:
     read_through(path)
     cache = tmp / "cache"  # a fresh hash cache: the first process hashes, the second must not
     env = {**os.environ, "TRITONSD_CACHE": str(cache), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+    env = compiled_bytecode(env)
     dtype = FILE_DTYPE[name]
     try:
-        baseline = [run_child(BASELINE, [str(path)], env) for _ in range(2)]
+        baseline = [run_child(BASELINE, [str(path)], env) for _ in range(repeat)]
         first = run_child(TRITONSD, [str(path), dtype, str(tmp / "out1")], env)
-        second = run_child(TRITONSD, [str(path), dtype, str(tmp / "out2")], env)
+        seconds = [run_child(TRITONSD, [str(path), dtype, str(tmp / f"out{2 + i}")], env) for i in range(repeat)]
+        second = min(seconds, key=lambda r: r["loaded_s"])
     finally:
         path.unlink(missing_ok=True)
         shutil.rmtree(cache, ignore_errors=True)
     base_load = min(b["loaded_s"] for b in baseline)
+    # a shared machine's load comes and goes: the baseline and the second process are each the best of ``repeat``
     return {
         "manifest": MANIFESTS[name][0], "file_bytes": size, "file_dtype": dtype, "build_s": round(built_s, 1),
         "baseline_import_torch_load_file": baseline, "first_process": first, "second_process": second,
+        "second_process_loaded_s_runs": [r["loaded_s"] for r in seconds],
+        # CPU seconds (user + system) up to the loaded mark, best of the runs: robust to a busy machine's waits
+        "second_load_cpu_over_baseline_cpu": round(min(r["cpu_loaded_s"] for r in seconds)
+                                                   / min(b["cpu_loaded_s"] for b in baseline), 3),
+        "second_process_hashed_any": any(r["hashed"] for r in seconds),
         "second_load_over_baseline": round(second["loaded_s"] / base_load, 3),
         "first_load_over_baseline": round(first["loaded_s"] / base_load, 3),
-        "goal": "second process loaded within 1.3x the baseline (best of its runs), and it never hashes",
-        "goal_met": second["loaded_s"] <= 1.3 * base_load and not second["hashed"],
+        "goal": "second process loaded within 1.3x the baseline (each the best of its runs), and it never hashes",
+        "goal_met": second["loaded_s"] <= 1.3 * base_load and not any(r["hashed"] for r in seconds),
     }
 
 
@@ -194,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", default="sd15,sdxl", help="comma-separated: sd15, sdxl (default: both)")
     p.add_argument("--tmp", type=Path, default=None, help="where the files go (default: a new folder in /tmp)")
     p.add_argument("--json", type=Path, default=None, help="output (default: benchmarks/results/startup-cpu.json)")
+    p.add_argument("--repeat", type=int, default=3, help="runs of the baseline and of the second process (default 3)")
     args = p.parse_args(argv)
     names = [n.strip() for n in args.models.split(",") if n.strip()]
     unknown = [n for n in names if n not in FILE_DTYPE]
@@ -203,14 +234,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         results = {}
         for name in names:
-            results[name] = measure(name, tmp)
+            results[name] = measure(name, tmp, args.repeat)
             print(json.dumps({name: results[name]}, indent=1), flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     out = args.json or results_dir() / "startup-cpu.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     doc = {**record(), "what": "seconds from process launch (the parent's clock before the child starts): "
-           "import, loaded Pipeline, first PNG (64x64, 1 step, CPU, torch reference kernels); memory in MiB",
+           "import, loaded Pipeline, first PNG (64x64, 1 step, CPU, torch reference kernels); cpu_loaded_s: the "
+           "child's own CPU seconds (user + system) at the loaded mark; memory in MiB",
+           "load_average_1m_at_end": round(os.getloadavg()[0], 2),
            "cpu_count": os.cpu_count(), "models": results}
     out.write_text(json.dumps(doc, indent=1) + "\n")
     print(out)

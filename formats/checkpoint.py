@@ -262,18 +262,18 @@ def _check_unicode(path: Path, text: str, what: str) -> None:
 def _check_tensor_entry(path: Path, name: str, info, data_len: int) -> tuple[int, int]:
     """One header entry: a known dtype string, a shape of non-negative ints whose element count times the dtype's
     size is the span of its data_offsets, which lie inside the data section. Returns (begin, end)."""
-    what = f"{_name(path)}: tensor {quote(name)}"
+    what = lambda: f"{_name(path)}: tensor {quote(name)}"  # noqa: E731 - escaped only for an error (2,500 keys)
     if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
-        raise CheckpointError(f"{what}: bad safetensors header entry (needs dtype, shape and data_offsets)")
+        raise CheckpointError(f"{what()}: bad safetensors header entry (needs dtype, shape and data_offsets)")
     dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
     if not isinstance(dtype, str) or dtype not in _SAFETENSORS_DTYPES:
-        raise CheckpointError(f"{what} has unsupported dtype {_excerpt(dtype)} (known: "
+        raise CheckpointError(f"{what()} has unsupported dtype {_excerpt(dtype)} (known: "
                               f"{', '.join(_SAFETENSORS_DTYPES)})")
     if not (isinstance(shape, list) and all(type(s) is int and 0 <= s < _INT64_LIMIT for s in shape)):
-        raise CheckpointError(f"{what} has a bad shape {_excerpt(shape)} (expected a list of non-negative "
+        raise CheckpointError(f"{what()} has a bad shape {_excerpt(shape)} (expected a list of non-negative "
                               f"integers)")
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
-        raise CheckpointError(f"{what} has bad data_offsets {_excerpt(offsets)} (expected [begin, end])")
+        raise CheckpointError(f"{what()} has bad data_offsets {_excerpt(offsets)} (expected [begin, end])")
     begin, end = offsets
     if not 0 <= begin <= end <= data_len:
         raise CheckpointError(f"{_name(path)}: truncated or corrupt: tensor {quote(name)} data_offsets "
@@ -285,7 +285,7 @@ def _check_tensor_entry(path: Path, name: str, info, data_len: int) -> tuple[int
     for s in shape:
         nonzero *= s or 1
     if nonzero >= _INT64_LIMIT:  # strides would overflow int64 even when a zero dimension makes it empty
-        raise CheckpointError(f"{what} has a bad shape {_excerpt(shape)} (too many elements)")
+        raise CheckpointError(f"{what()} has a bad shape {_excerpt(shape)} (too many elements)")
     itemsize = _SAFETENSORS_DTYPES[dtype].itemsize
     if end - begin != numel * itemsize:
         raise CheckpointError(f"{_name(path)}: corrupt header: tensor {quote(name)} ({dtype} {_excerpt(shape)}) needs "

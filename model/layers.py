@@ -39,16 +39,23 @@ class Conv2d(nn.Conv2d):
     same results). ``state_dict()`` gives the weight contiguous in the original layout (a copy), as checkpoint
     files hold it; ``state_dict(keep_vars=True)`` gives the parameter itself.
 
+    The one exception: ``kernel_layout`` False (set by ``model/sd.py`` ``load_weights_`` for a model loaded on
+    the CPU without forced Triton, where only ``F.conv2d`` runs) keeps an assigned weight in the file's layout,
+    mapped from the file rather than copied; were the Triton kernel forced on it later, it repacks the weight
+    for each call (``kernels/conv.py``), with the same results.
+
     ``padding_mode`` is read at every call: "circular" wraps the padding around (tiling); ``circular_padding``
     sets it for the length of a run.
     """
+
+    kernel_layout = True  # see the class docstring
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._weight_to_kernel_layout()
 
     def _weight_to_kernel_layout(self) -> None:
-        if not has_kernel_layout(self.weight):
+        if self.kernel_layout and not has_kernel_layout(self.weight):
             self.weight = nn.Parameter(to_kernel_layout(self.weight.detach()), self.weight.requires_grad)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):

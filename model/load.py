@@ -14,6 +14,7 @@ from tritonsd.formats.checkpoint import read_checkpoint, require_float_weights
 from tritonsd.formats.keys import MODULE_PREFIXES, normalize_keys
 from tritonsd.formats.source import LoadedFrom
 from tritonsd.formats.vae_file import load_vae_weights
+from tritonsd.kernels import dispatch
 from tritonsd.model.config import ModelConfig, ModelConfigError, detect_config, find_config
 from tritonsd.model.demo import build_demo_model, is_demo
 from tritonsd.model.sd import StableDiffusion, build_model, load_weights_, replace_vae
@@ -22,7 +23,8 @@ from tritonsd.model.text_config import TextConfigError
 
 def load_model(path: str | Path, config: str | Path | ModelConfig | bool | None = None, *,
                parameterization: str | None = None, text_heads: int | None = None, vae: str | Path | None = None,
-               dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> StableDiffusion:
+               dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+               kernel_layout: bool | None = None) -> StableDiffusion:
     """Read a checkpoint, detect its config, build the modules on the meta device and load the weights strictly,
     cast to ``dtype`` on ``device`` (``DeviceError`` at once when the device is not available).
 
@@ -30,6 +32,8 @@ def load_model(path: str | Path, config: str | Path | ModelConfig | bool | None 
     ``config``: the original YAML's path; None (default) uses the YAML beside the checkpoint when there is one
     (``find_config``); False uses none; a ``ModelConfig`` is taken as it is. ``vae``: an external VAE file
     replacing the checkpoint's (``model/vae_file.py``). ``model.source`` records the files used.
+    ``kernel_layout``: conv weights in the Triton conv kernel's layout (``load_weights_``); None (default) lays
+    them out where that kernel may run: on CUDA, or anywhere while Triton is forced (``dispatch.force``).
     """
     device = resolve_device(device)
     if is_demo(path):
@@ -51,7 +55,9 @@ def load_model(path: str | Path, config: str | Path | ModelConfig | bool | None 
     weights = norm.weights
     if vae_weights is not None:
         weights = replace_vae(model, weights, vae, vae_weights)
-    load_weights_(model, path, weights, dtype, device)
+    if kernel_layout is None:
+        kernel_layout = device.type == "cuda" or dispatch.current_backend() == "triton"
+    load_weights_(model, path, weights, dtype, device, kernel_layout)
     model.source = LoadedFrom(checkpoint=path, config=yaml_path, vae=Path(vae) if vae is not None else None)
     return model
 

@@ -16,6 +16,7 @@ from tritonsd.formats.keys import VAE
 from tritonsd.formats.source import LoadedFrom
 from tritonsd.model.conditioner import build_cond_stage
 from tritonsd.model.config import ModelConfig
+from tritonsd.model.layers import Conv2d
 from tritonsd.model.unet import StepEmbedder, StepEmbedding, UNetModel
 from tritonsd.model.vae import AutoencoderKL
 from tritonsd.formats.vae_file import check_vae_fits
@@ -101,22 +102,38 @@ def replace_vae(model: StableDiffusion, weights: Mapping[str, torch.Tensor], vae
 
 
 def load_weights_(model: StableDiffusion, path: Path, weights: Mapping[str, torch.Tensor], dtype: torch.dtype,
-                  device: torch.device) -> None:
+                  device: torch.device, kernel_layout: bool = True) -> None:
     """Assign ``weights`` (normalised keys) to a meta-built model, strictly, cast to ``dtype`` on ``device``.
 
-    Each tensor arrives in the memory layout of the parameter it replaces (the convolutions' kernel layout,
-    ``model/layers.py`` ``Conv2d``): rearranged where the file's tensor is (usually the CPU), so the device
-    receives the final layout and nothing is repacked there."""
+    ``kernel_layout``: each conv weight is laid out as the conv kernel reads it (``model/layers.py``
+    ``Conv2d``), where that is cheap: on a CUDA device after the copy (in the file's layout) to it; on the CPU
+    in the one copy that also casts. False keeps the file's layout: for a model only the torch reference will
+    run (the CPU without forced Triton), whose weights then stay mapped from the file, uncopied, unless a cast
+    copies them (issue 28: re-laying SD 1.5's 2.5 GB of conv weights on the CPU took 3-9 s of a load)."""
     _check_keys(path, model, weights)
-    params = dict(model.named_parameters())
-    model.load_state_dict({k: _cast(_laid_out_like(v, params.get(k)), dtype, device) for k, v in weights.items()},
+    for m in model.modules():
+        if isinstance(m, Conv2d):
+            m.kernel_layout = kernel_layout
+    params = dict(model.named_parameters()) if kernel_layout else {}
+    model.load_state_dict({k: _placed(v, params.get(k), dtype, device) for k, v in weights.items()},
                           strict=True, assign=True)
     model.eval().requires_grad_(False)
 
 
-def _laid_out_like(t: torch.Tensor, param: torch.Tensor | None) -> torch.Tensor:
-    """``t`` with ``param``'s strides (a copy on ``t``'s device), or ``t`` itself when they already agree."""
+def _placed(t: torch.Tensor, param: torch.Tensor | None, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``t`` cast (floating point only) to ``dtype`` on ``device``, with ``param``'s strides when it has others
+    than ``t``'s dense layout (None: ``t``'s layout is kept)."""
     if param is None or param.is_contiguous() or t.stride() == param.stride():
+        return _cast(t, dtype, device)
+    if device.type == "cuda":  # copied as the file holds it, re-laid on the device
+        return _laid_out_like(_cast(t, dtype, device), param)
+    target = dtype if t.is_floating_point() else t.dtype
+    return torch.empty_strided(t.shape, param.stride(), dtype=target, device=device).copy_(t)  # cast and re-lay
+
+
+def _laid_out_like(t: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """``t`` with ``param``'s strides (a copy on ``t``'s device), or ``t`` itself when they already agree."""
+    if t.stride() == param.stride():
         return t
     return torch.empty_strided(t.shape, param.stride(), dtype=t.dtype, device=t.device).copy_(t)
 

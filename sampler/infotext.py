@@ -68,11 +68,15 @@ class Infotext:
 
 def generation_infotext(s, index: int = 0, *, model: str | None, model_hash: str | None, vae: str | None = None,
                         vae_hash: str | None = None, ti_hashes: str | None = None,
-                        lora_hashes: str | None = None) -> str:
+                        lora_hashes: str | None = None, hr_checkpoint: str | None = None,
+                        inpainting_model: bool = False) -> str:
     """The infotext of image ``index`` of a generation with settings ``s`` (resolved ``GenerationSettings``), as
     AUTOMATIC1111 writes it: the sampler and schedule by their A1111 names, the image's own seed, variation seed,
     img2img or hires strength, clip skip, noise source, tiling, hires fix's fields, and the files that shaped the image
-    (VAE, embeddings, LoRAs)."""
+    (VAE, embeddings, LoRAs). ``hr_checkpoint``: the hires pass's other checkpoint as webui names it
+    (``name [hash]``, ``formats.checkpoint_names.short_title``), None for the same one. ``inpainting_model``: a
+    9-channel model, for which webui writes ``Conditional mask weight`` in every mode (its option, a float:
+    ``1.0``)."""
     spec = registry.get(s.sampler)
     variation = s.subseed_strength > 0
     extra = {"VAE hash": vae_hash,
@@ -80,13 +84,14 @@ def generation_infotext(s, index: int = 0, *, model: str | None, model_hash: str
              "Variation seed": (s.subseed or 0) + index if variation else None,
              "Variation seed strength": float(s.subseed_strength) if variation else None,
              "Denoising strength": float(s.strength) if s.mode != "txt2img" or s.enable_hr else None,
+             "Conditional mask weight": str(float(s.inpainting_mask_weight)) if inpainting_model else None,
              "Clip skip": s.clip_skip if s.clip_skip > 1 else None,
              "RNG": infotext_rng(s.rng),
              "Tiling": "True" if s.tiling else None,
              **control_infotext(s),
              **inpaint_infotext(s),
              "Schedule type": spec.a1111_schedule(s.karras),
-             **(hires_infotext(s) if s.enable_hr else {}),
+             **(hires_infotext(s, hr_checkpoint) if s.enable_hr else {}),
              "TI hashes": ti_hashes if s.prompt_syntax == "a1111" else None,
              "Lora hashes": lora_hashes or None}
     return Infotext(prompt=s.prompt, negative_prompt=s.negative_prompt, steps=s.steps, sampler=spec.a1111_name,
@@ -129,15 +134,17 @@ def inpaint_infotext(s) -> dict:
     return extra
 
 
-def hires_infotext(s) -> dict[str, object]:
+def hires_infotext(s, checkpoint: str | None = None) -> dict[str, object]:
     """The hires fields of the infotext, in the order webui's ``StableDiffusionProcessingTxt2Img.init`` sets them
-    (None: not written): the sampler and prompts where they differ from the first pass's, the second pass's
+    (None: not written): the other checkpoint's ``name [hash]`` (``checkpoint``, None for the same one), the
+    sampler and prompts where they differ from the first pass's, the second pass's
     schedule where it names one the first pass's "Schedule type" does not, the size, the steps when given, the
     upscaler."""
     spec, hr = registry.get(s.sampler), s.hires_pass()
     hr_spec = registry.get(hr.sampler)
     hr_label = hr_spec.schedule_label(hr.karras)
-    return {"Hires sampler": hr_spec.a1111_name if s.hr_sampler is not None and hr.sampler != s.sampler else None,
+    return {"Hires checkpoint": checkpoint,
+            "Hires sampler": hr_spec.a1111_name if s.hr_sampler is not None and hr.sampler != s.sampler else None,
             "Hires prompt": hr.prompt if hr.prompt != s.prompt else None,
             "Hires negative prompt": hr.negative_prompt if hr.negative_prompt != s.negative_prompt else None,
             "Hires schedule type": hr_label if hr_label != spec.schedule_label(s.karras) else None,

@@ -172,6 +172,16 @@ def _positive_real(v: str) -> float:
     return x
 
 
+def _choice(*labels: str, flag: bool = False):
+    """A converter of one of webui's radio labels to its index (``type="index"`` radios); ``flag``: of two labels,
+    as False / True (the settings' fields that are flags)."""
+    def convert(v: str) -> int | bool:
+        if v not in labels:
+            raise ValueError(f"not one of {', '.join(labels)}")
+        return bool(labels.index(v)) if flag else labels.index(v)
+    return convert
+
+
 def _bool(v: str) -> bool:
     """A1111's checkbox values: "True" / "False"."""
     if v not in ("True", "False"):
@@ -209,7 +219,16 @@ _TYPED = {
     "Hires schedule type": ("hr_scheduler", str),
     "Hires prompt": ("hr_prompt", str),
     "Hires negative prompt": ("hr_negative_prompt", str),
+    "Hires checkpoint": ("hr_checkpoint_name", str),  # "name [hash]"; webui's absent key: "Use same checkpoint"
     "Tiling": ("tiling", _bool),
+    # img2img's inpainting (webui's ``StableDiffusionProcessingImg2Img.init`` writes them; its UI's radios read
+    # them back by label, ``type="index"``)
+    "Conditional mask weight": ("inpainting_mask_weight", _strength),  # 9-channel models, any mode
+    "Mask blur": ("mask_blur", _count),
+    "Mask mode": ("inpainting_mask_invert", _choice("Inpaint masked", "Inpaint not masked", flag=True)),
+    "Inpaint area": ("inpaint_full_res", _choice("Whole picture", "Only masked", flag=True)),
+    "Masked area padding": ("inpaint_full_res_padding", _count),
+    "Masked content": ("inpainting_fill", _choice("fill", "original", "latent noise", "latent nothing")),
 }
 HIRES_KEYS = ("Hires upscale", "Hires upscaler", "Hires resize-1")  # with "Denoising strength": hires fix was on
 
@@ -223,7 +242,8 @@ def generation_settings(infotext: str | dict[str, str]) -> dict[str, Any]:
     """Typed settings: prompt, negative_prompt, steps, sampler, schedule_type, cfg_scale, seed, width, height,
     clip_skip, rng ("nv" / "cpu"), subseed, subseed_strength, emphasis, tiling, strength (``Denoising strength``) and the
     hires fields (hr_scale, hr_resize_x / _y, hr_second_pass_steps, hr_upscaler, hr_sampler, hr_scheduler,
-    hr_prompt, hr_negative_prompt), where present; ``enable_hr``: whether the text says hires fix was on (webui's
+    hr_prompt, hr_negative_prompt, hr_checkpoint_name), the inpainting's (mask_blur, inpainting_mask_invert,
+    inpaint_full_res, inpaint_full_res_padding, inpainting_fill), where present; ``enable_hr``: whether the text says hires fix was on (webui's
     rule: a denoising strength and a hires size or upscaler); ``extra``: every other key (raw strings); ``notes``:
     one line per value that did not parse (that field is left out)."""
     raw = parse_infotext(infotext) if isinstance(infotext, str) else dict(infotext)
@@ -292,7 +312,7 @@ def _unit_value(value: str):
 # Infotext keys whose presence asks A1111 for something tritonsd does not implement (the image would differ);
 # ``--infotext`` / ``--from-png`` / the server's ``infotext`` refuse them unless told to ignore them
 UNSUPPORTED_KEYS = ("Face restoration", "Seed resize from", "Refiner", "Refiner switch at", "Script",
-                    "ADetailer model", "Hires checkpoint")
+                    "ADetailer model")
 
 
 def unsupported_keys(parsed: dict) -> list[str]:

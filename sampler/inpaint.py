@@ -308,3 +308,19 @@ class BlendedDenoiser:
 
     def __call__(self, x, sigma, **kwargs):
         return self.blend(self.inner(x, sigma, **kwargs))
+
+
+class BlendedTimestepDenoiser:
+    """A timestep-space denoiser (DDIM, PLMS) that is given the blended latent: A1111 v1.10's
+    ``CFGDenoiserTimesteps`` sets ``mask_before_denoising``, so ``apply_blend`` runs on the model's input
+    (``x * nmask + init_latent * mask``, the init latent as it is, un-noised) while the sampler's own latent is
+    left alone; pred_x0 is left to the sampler, which derives it from its own latent and the eps, as webui's
+    ``sd_samplers_timesteps_impl`` does (for a v model the eps is the one of the blended input, as webui's
+    ``CompVisTimestepsVDenoiser`` computes it)."""
+
+    def __init__(self, inner, blend: LatentBlend):
+        self.inner, self.blend = inner, blend
+
+    def __call__(self, x, t, **kwargs):
+        e_t, _pred_x0 = self.inner(self.blend(x), t, **kwargs)
+        return e_t, None

@@ -228,14 +228,22 @@ def _paste_centred(x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     return x
 
 
+INFOTEXT_RNG = {"nv": "NV", "gpu": None, "cpu": "CPU"}  # webui's randn_source names; its default "GPU" unwritten
+
+
 def infotext_rng(source: str) -> str | None:
-    """The ``RNG`` infotext value: None for nv / gpu (A1111's default GPU noise, which nv reproduces), "CPU" for
-    cpu."""
-    return "CPU" if check_source(source) == "cpu" else None
+    """The ``RNG`` infotext value as webui v1.10.1's ``create_infotext`` writes it (``opts.randn_source`` unless it
+    is "GPU"): "NV" for nv, "CPU" for cpu, None for gpu. Needs no device: an infotext may name the gpu source on a
+    machine without one."""
+    s = str(source).lower()
+    if s not in INFOTEXT_RNG:
+        raise RNGError(f"unknown noise source {source!r}; expected one of {', '.join(SOURCES)}")
+    return INFOTEXT_RNG[s]
 
 
 def source_from_infotext(value: str | None) -> str:
-    """A1111's ``RNG`` field back to a source: absent / "GPU" / "NV" -> nv (the same numbers), "CPU" -> cpu."""
+    """A1111's ``RNG`` field back to a source: "NV" -> nv, "CPU" -> cpu; absent / "GPU" (webui's default GPU
+    source, whose CUDA numbers nv reproduces on any device) -> nv, which then writes ``RNG: NV``."""
     if value is None:
         return DEFAULT_SOURCE
     v = str(value).strip().upper()
@@ -247,4 +255,4 @@ def source_from_infotext(value: str | None) -> str:
 
 
 __all__ = ["DEFAULT_SOURCE", "ImageRNG", "PhiloxGenerator", "RNGError", "SOURCES", "check_seed",
-           "check_source", "create_generator", "infotext_rng", "randn", "slerp", "source_from_infotext"]
+           "check_source", "create_generator", "INFOTEXT_RNG", "infotext_rng", "randn", "slerp", "source_from_infotext"]

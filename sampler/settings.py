@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import warnings
 from dataclasses import dataclass
 
@@ -37,6 +38,7 @@ from tritonsd.prompt.chunks import MAX_PROMPT_TOKENS, PromptTooLongError, tokeni
 from tritonsd.prompt.parser import PromptSyntaxError, prompt_schedule
 from tritonsd.prompt.tokenizer import get_tokenizer
 from tritonsd.escape import escape
+from tritonsd.formats.checkpoint_names import USE_SAME as USE_SAME_CHECKPOINT
 from tritonsd.lora.apply import LoraError, parse_lora_tags
 from tritonsd.sampler.infotext_parse import generation_settings
 
@@ -96,7 +98,10 @@ class GenerationSettings:
     inpaint_full_res_padding: int = 32  # "Only masked padding, pixels"
     inpainting_fill: int | str = 1  # "Masked content": 0 fill, 1 original, 2 latent noise, 3 latent nothing
     inpainting_mask_invert: bool = False  # "Mask mode": True inpaints what is NOT masked
-    resize_mode: int = 0  # init image to width x height: 0 just resize, 1 crop and resize, 2 resize and fill
+    resize_mode: int = 0  # init image to width x height: 0 just resize, 1 crop and resize, 2 resize and fill,
+    # 3 just resize (latent upscale): the image encoded at its own size, its latent resized (img2img without a mask)
+    inpainting_mask_weight: float = 1.0  # "Conditional mask weight" of 9-channel inpainting models: how much of
+    # the masked area the image conditioning keeps hidden (1: all, webui's default; 0: none)
     inpaint: object = None  # set by check() from a PIL init image and a mask: the prepared ``inpaint.Prepared``
     enable_hr: bool = False  # hires fix: a second pass at a larger size (txt2img only)
     hr_scale: float = 2.0  # the second pass's size: the first's times this (unless hr_resize_x / _y)
@@ -108,6 +113,8 @@ class GenerationSettings:
     hr_scheduler: str | None = None  # "Automatic", "Uniform", "Karras"; None: the first pass's
     hr_prompt: str = ""  # "": the prompt
     hr_negative_prompt: str = ""  # "": the negative prompt
+    hr_checkpoint_name: str | None = None  # the second pass's checkpoint: a path, or a name in the models folder
+    # (webui's lookup, ``formats/checkpoint_names.py``); None or "Use same checkpoint": this one
     tiling: bool = False  # seamless textures: every UNet and VAE convolution pads circularly (AUTOMATIC1111's)
     controls: tuple = ()  # ControlNet units (``sampler/control.py`` ControlUnit), applied together (residuals summed)
 
@@ -149,6 +156,7 @@ class GenerationSettings:
         for name in ("prompt", "negative_prompt"):
             check_prompt(name, getattr(self, name), steps, self.prompt_syntax)
         fill = _inpaint_fields(self)
+        mask_weight = _real("inpainting_mask_weight", self.inpainting_mask_weight, 0.0, 1.0)
         prepared, width, height = self._prepare_inpaint(fill)
         init_image = mask = None
         if self.init_image is not None:
@@ -159,6 +167,8 @@ class GenerationSettings:
         if self.mask is not None:
             if init_image is None:
                 raise SettingsError("mask", "needs an init_image to inpaint")
+            if self.resize_mode == LATENT_RESIZE:
+                raise SettingsError("resize_mode", "3 (latent upscale) with a mask is not implemented; use 0-2")
             if prepared is not None:
                 mask = image_tensor("mask", prepared.mask, 1, 0.0, 1.0)
             else:
@@ -168,7 +178,10 @@ class GenerationSettings:
         for name, value in (("width", width), ("height", height)):
             if value is not None and _integer(name, value, VAE_FACTOR_MULTIPLE, None) % VAE_FACTOR_MULTIPLE:
                 raise SettingsError(name, f"{value} is not a multiple of {VAE_FACTOR_MULTIPLE} (the VAE's factor)")
-        if init_image is not None:
+        if init_image is not None and self.resize_mode == LATENT_RESIZE and mask is None:
+            h, w = init_image.shape[-2:]  # any size: the latent is resized (Pipeline.prepare_latents)
+            width, height = (int(w) if width is None else width), (int(h) if height is None else height)
+        elif init_image is not None:
             h, w = init_image.shape[-2:]
             for name, value in (("width", width), ("height", height)):
                 if value is not None and value != (w if name == "width" else h):
@@ -184,7 +197,8 @@ class GenerationSettings:
                                    cfg_scale=cfg_scale, eta=eta, strength=strength, init_image=init_image,
                                    mask=mask, width=width, height=height, clip_skip=clip_skip, subseed=subseed,
                                    subseed_strength=subseed_strength, sampler=spec.name, inpainting_fill=fill,
-                                   inpaint=prepared, controls=controls, **hires)
+                                   inpaint=prepared, controls=controls, inpainting_mask_weight=mask_weight,
+                                   **hires)
 
     def _prepare_inpaint(self, fill: int) -> tuple:
         """(prepared, width, height): A1111's pixel-side inpainting (``inpaint.prepare``) of a PIL init image and
@@ -244,7 +258,13 @@ class GenerationSettings:
         if hr_scale == 0:
             raise SettingsError("hr_scale", "must be above 0")
         resize = [_integer(n, getattr(self, n), 0, MAX_SIDE) for n in ("hr_resize_x", "hr_resize_y")]
+        checkpoint = self.hr_checkpoint_name
+        if checkpoint is not None and not isinstance(checkpoint, (str, os.PathLike)):
+            raise SettingsError("hr_checkpoint_name", f"must be a checkpoint's name or path, got "
+                                                      f"{type(checkpoint).__name__}")
+        checkpoint = None if checkpoint is None else os.fspath(checkpoint).strip()
         return dict(hr_scale=hr_scale, hr_resize_x=resize[0], hr_resize_y=resize[1], hr_sampler=hr_sampler,
+                    hr_checkpoint_name=None if checkpoint in (None, "", USE_SAME_CHECKPOINT) else checkpoint,
                     hr_second_pass_steps=_integer("hr_second_pass_steps", self.hr_second_pass_steps, 0, MAX_STEPS))
 
     def hires_target(self) -> HiresTarget:
@@ -295,7 +315,8 @@ class GenerationSettings:
 
 
 MAX_MASK_BLUR = 64  # A1111's slider maximum
-RESIZE_MODES = 4  # 0 just resize, 1 crop and resize, 2 resize and fill, 3 latent upscale (resized as 0)
+RESIZE_MODES = 4  # 0 just resize, 1 crop and resize, 2 resize and fill, 3 latent upscale (see LATENT_RESIZE)
+LATENT_RESIZE = 3  # webui's "Just resize (latent upscale)": img2img's init latent resized bilinearly, not the image
 
 
 def _inpaint_fields(s: GenerationSettings) -> int:
@@ -423,14 +444,21 @@ def _excerpt(text: str, limit: int = 40) -> str:
 
 
 INFOTEXT_FIELDS = ("prompt", "negative_prompt", "steps", "cfg_scale", "seed", "width", "height", "clip_skip", "rng",
-                   "subseed", "subseed_strength", "tiling")
+                   "subseed", "subseed_strength", "tiling", "inpainting_mask_weight")
 HIRES_INFOTEXT_FIELDS = ("strength", "hr_scale", "hr_resize_x", "hr_resize_y", "hr_upscaler",
-                         "hr_second_pass_steps", "hr_scheduler", "hr_prompt", "hr_negative_prompt")
+                         "hr_second_pass_steps", "hr_scheduler", "hr_prompt", "hr_negative_prompt",
+                         "hr_checkpoint_name")
+# img2img's and inpainting's keys (``Denoising strength``, ``Mask blur``, ...): what a run with an init image (and a
+# mask) takes from the text; absent keys are webui's paste defaults, which are ours
+IMG2IMG_INFOTEXT_FIELDS = ("strength", "mask_blur", "inpainting_mask_invert", "inpaint_full_res",
+                           "inpaint_full_res_padding", "inpainting_fill")
 
 
 def fields_from_infotext(text: str) -> tuple[dict, list[str]]:
     """(GenerationSettings fields, notes) from an AUTOMATIC1111 ``parameters`` text: prompt, negative prompt,
-    steps, sampler and schedule type, CFG scale, seed, size, clip skip, RNG, variation seed and tiling. Unknown keys are
+    steps, sampler and schedule type, CFG scale, seed, size, clip skip, RNG, variation seed and tiling; hires fix's
+    fields; img2img's denoising strength and the inpainting's mask blur, mask mode, inpaint area, masked area padding
+    and masked content (``IMG2IMG_INFOTEXT_FIELDS``). Unknown keys are
     ignored; each malformed value is left out with one note line; an unknown sampler is a ``SettingsError``."""
 
     parsed = generation_settings(text)
@@ -443,6 +471,8 @@ def fields_from_infotext(text: str) -> tuple[dict, list[str]]:
             raise SettingsError("sampler", f"from the infotext: {e}") from None
     if fields.get("subseed_strength", 0.0) == 0.0:
         fields.pop("subseed", None)
+    if not parsed.get("enable_hr"):  # img2img / inpainting (a txt2img run ignores them)
+        fields.update({k: parsed[k] for k in IMG2IMG_INFOTEXT_FIELDS if k in parsed})
     if parsed.get("controlnet"):  # no image: the PNG does not hold it (control.models.attach_images)
         try:
             fields["controls"] = tuple(control.ControlUnit(**unit) for unit in parsed["controlnet"])

@@ -55,14 +55,18 @@ class InpaintConditioning(NamedTuple):
     c_concat: torch.Tensor  # [B, 5, h, w] = cat([mask_latent, masked_image_latents], 1)
 
 
-def inpaint_conditioning(model, image: torch.Tensor, mask: torch.Tensor, noise: torch.Tensor) -> InpaintConditioning:
+def inpaint_conditioning(model, image: torch.Tensor, mask: torch.Tensor, noise: torch.Tensor,
+                         mask_weight: float = 1.0) -> InpaintConditioning:
     """runwayml ``inpaint_st.py``: the mask thresholded at 0.5 (``make_batch_sd``), ``masked_image = image *
     (mask < 0.5)``, the mask nearest-resized to the latent size, the masked image VAE-encoded with a SAMPLED
-    posterior (``noise`` [B, 4, h, w]); the UNet sees ``cat([x, mask_latent, masked_image_latents], 1)``."""
+    posterior (``noise`` [B, 4, h, w]); the UNet sees ``cat([x, mask_latent, masked_image_latents], 1)``.
+    ``mask_weight`` below 1: AUTOMATIC1111's "Conditional mask weight" (``inpainting_image_conditioning``:
+    ``lerp(image, image * (1 - mask), mask_weight)``: the masked area keeps some of the image)."""
     device = noise.device
     image, mask = image.to(device, torch.float32), mask.to(device, torch.float32)
     mask = (mask >= 0.5).to(torch.float32)
-    masked_image = image * (mask < 0.5)
+    masked_image = image * (mask < 0.5) if mask_weight == 1.0 else \
+        torch.lerp(image, image * (1.0 - mask), float(mask_weight))
     batch, latent_hw = noise.shape[0], tuple(noise.shape[-2:])
     mask_latent = F.interpolate(mask, size=latent_hw).expand(batch, -1, -1, -1)  # nearest
     masked_latents = encode_image(model, masked_image, noise)  # one encode, broadcast over the batch

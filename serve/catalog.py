@@ -5,6 +5,7 @@ VAEs (``--vae-dir``), LoRAs (``--lora-dir``) and embeddings (``--embeddings-dir`
 from __future__ import annotations
 
 import os
+import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ from tritonsd.lora.apply import lora_names
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 VAE_SUFFIXES = (".safetensors", ".pt", ".ckpt")
 DEMO_PREFIX = "demo:"
+_STRIP_CHECKSUM = re.compile(r"\s*\[[^]]+]\s*$")  # A1111's re_strip_checksum
 
 
 @dataclass
@@ -53,9 +55,10 @@ class Checkpoint:
             self._sha256 = sha256_file(self.path)
 
     def aliases(self) -> set[str]:
-        names = {self.title, self.name, self.model_name, os.path.splitext(self.name)[0], self.path}
+        name_for_extra = os.path.splitext(os.path.basename(self.name))[0]
+        names = {self.title, self.name, self.model_name, os.path.splitext(self.name)[0], self.path, name_for_extra}
         if self._sha256:
-            names |= {self._sha256, self.shorthash}
+            names |= {self._sha256, self.shorthash, f"{name_for_extra} [{self.shorthash}]"}  # + the short title
         return names
 
     def item(self) -> dict:
@@ -143,10 +146,12 @@ class Catalog:
         if not isinstance(name, str) or not name.strip():
             raise NotFound(f"model {printable(name)!r} not found")
         wanted = name.strip()
+        stripped = _STRIP_CHECKSUM.sub("", wanted)  # "name [hash]" of a file not hashed yet: by its name (A1111's)
         for pass_ in (0, 1):
-            for c in self.checkpoints:
-                if wanted in c.aliases():
-                    return c
+            for text in dict.fromkeys((wanted, stripped)):
+                for c in self.checkpoints:
+                    if text in c.aliases():
+                        return c
             if pass_ == 0:
                 self.refresh()
         raise NotFound(f"model {printable(wanted)!r} not found; GET /sdapi/v1/sd-models lists the models")

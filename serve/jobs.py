@@ -33,7 +33,7 @@ from tritonsd.serve.schema import (API_DENOISING_STRENGTH, IMG2IMG_FIELDS, SAME,
 from tritonsd.serve.worker import Interrupted, Job
 from tritonsd.sampler.registry import UnknownSamplerError, resolve_name
 from tritonsd.sampler import registry
-from tritonsd.sampler.settings import MAX_BATCH, GenerationSettings
+from tritonsd.sampler.settings import LATENT_RESIZE, MAX_BATCH, GenerationSettings
 from tritonsd.sampler.upscale import DEFAULT_UPSCALER, hires_target
 
 log = logging.getLogger("tritonsd.serve")
@@ -205,7 +205,7 @@ def build_plan(req, mode: str, *, options: Options, catalog, host, ignore_unsupp
                   tiling=bool(req.tiling))  # null: A1111's opts.tiling, off
     prepared = None
     if mode == "txt2img" and v("enable_hr"):
-        fields.update(_hires_fields(req, v))
+        fields.update(_hires_fields(req, v, catalog))
     if mode == "img2img":
         _check_size_first(v, host)
         prepared, inpainting = _prepare_images(req, v, fields["width"], fields["height"], notes)
@@ -224,15 +224,19 @@ def build_plan(req, mode: str, *, options: Options, catalog, host, ignore_unsupp
                 bool(v("send_images")), sorted(set(ignored)), notes, parameters(req, mode == "img2img"))
 
 
-def _hires_fields(req, v) -> dict:
+def _hires_fields(req, v, catalog) -> dict:
     """GenerationSettings' hires fields of a txt2img request with ``enable_hr`` (A1111's "Use same ..." and None
-    are the first pass's; an omitted denoising strength is the API's 0.75)."""
+    are the first pass's; an omitted denoising strength is the API's 0.75; ``hr_checkpoint_name`` is found in the
+    catalog by A1111's names, and given to the settings as its file)."""
     strength = req.denoising_strength
     fields = dict(enable_hr=True, strength=API_DENOISING_STRENGTH if strength is None else strength,
                   hr_scale=v("hr_scale"), hr_resize_x=v("hr_resize_x"), hr_resize_y=v("hr_resize_y"),
                   hr_upscaler=req.hr_upscaler or DEFAULT_UPSCALER, hr_second_pass_steps=v("hr_second_pass_steps"),
                   hr_prompt=_prompt("hr_prompt", req.hr_prompt), hr_negative_prompt=_prompt("hr_negative_prompt",
                                                                                             req.hr_negative_prompt))
+    checkpoint = req.hr_checkpoint_name
+    if checkpoint not in (None, "", SAME["hr_checkpoint_name"]):
+        fields["hr_checkpoint_name"] = catalog.find_checkpoint(checkpoint).path
     name = req.hr_sampler_name
     if name not in (None, "", SAME["hr_sampler_name"]):
         fields["hr_sampler"] = _sampler(name, None)[0]
@@ -269,11 +273,11 @@ def _prepare_images(req, v, width, height, notes: list[str]) -> tuple[inpaint.Pr
             raise BadRequest(f"{name} must be an integer between 0 and {high}, got {printable(x)}")
     if ints["resize_mode"] > 3 or ints["inpainting_fill"] > 3 or ints["inpainting_mask_invert"] > 1:
         raise BadRequest("resize_mode and inpainting_fill must be 0..3, inpainting_mask_invert 0 or 1")
-    if ints["resize_mode"] == 3:
-        notes.append("resize_mode 3 (latent upscale) resizes the image as resize_mode 0")
     for name, side in (("width", width), ("height", height)):
         if isinstance(side, bool) or not isinstance(side, int) or not 8 <= side <= limits.MAX_SIDE:
             raise BadRequest(f"{name} must be an integer between 8 and {limits.MAX_SIDE}, got {printable(side)}")
+    if mask is None and ints["resize_mode"] == LATENT_RESIZE:  # the image as sent, its latent resized
+        return inpaint.Prepared(inpaint.flatten(init), None, None, None, []), dict(resize_mode=LATENT_RESIZE)
     if mask is None:
         return inpaint.prepare(init, None, width, height, resize_mode=ints["resize_mode"]), {}
     fields = dict(mask=mask, mask_blur=(blur_x, blur_y), inpaint_full_res=bool(v("inpaint_full_res")),

@@ -76,7 +76,7 @@ TXT2IMG_ONLY = {
     "hr_second_pass_steps": (Optional[int], 0, IMPLEMENTED),
     "hr_resize_x": (Optional[int], 0, IMPLEMENTED),
     "hr_resize_y": (Optional[int], 0, IMPLEMENTED),
-    "hr_checkpoint_name": (Optional[str], None, IGNORED),  # the second pass on the same checkpoint
+    "hr_checkpoint_name": (Optional[str], None, IMPLEMENTED),  # a checkpoint of the catalog; None: the same
     "hr_sampler_name": (Optional[str], None, IMPLEMENTED),
     "hr_scheduler": (Optional[str], None, IMPLEMENTED),
     "hr_prompt": (Optional[str], "", IMPLEMENTED),
@@ -132,7 +132,7 @@ _FROM_INFOTEXT = {"prompt": "prompt", "negative_prompt": "negative_prompt", "ste
 _HIRES_FROM_INFOTEXT = {"hr_scale": "hr_scale", "hr_resize_x": "hr_resize_x", "hr_resize_y": "hr_resize_y",
                         "hr_second_pass_steps": "hr_second_pass_steps", "hr_upscaler": "hr_upscaler",
                         "hr_sampler": "hr_sampler_name", "hr_scheduler": "hr_scheduler", "hr_prompt": "hr_prompt",
-                        "hr_negative_prompt": "hr_negative_prompt"}
+                        "hr_negative_prompt": "hr_negative_prompt", "hr_checkpoint_name": "hr_checkpoint_name"}
 
 
 def apply_infotext(req: BaseModel) -> tuple[BaseModel, list[str]]:

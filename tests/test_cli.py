@@ -245,7 +245,7 @@ def test_txt2img_writes_pngs_with_infotext(runs, fixtures):
         assert info == {"Prompt": "a red circle above a blue square", "Negative prompt": "blurry", "Steps": "3",
                         "Sampler": "DPM++ 2M", "CFG scale": "5.5", "Seed": str(7 + i), "Size": "64x64",
                         "Model hash": sha256_10(fixtures / "sd1-tiny.safetensors"), "Model": "sd1-tiny",
-                        "Schedule type": "Karras"}
+                        "Schedule type": "Karras", "RNG": "NV"}  # the default source, webui's "NV"
     assert paths[0].read_bytes() != paths[1].read_bytes()
 
 

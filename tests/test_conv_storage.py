@@ -98,7 +98,7 @@ def test_loading_lays_out_on_the_files_side(fixtures, monkeypatch):
     """``load_weights_`` hands each conv weight over already in the kernel layout: the Conv2d's own repack after
     an assigning load (its fallback for other loaders) never runs."""
     raw = normalize_keys(read_checkpoint(fixtures / CHECKPOINT)).weights
-    reference = load_model(fixtures / CHECKPOINT, text_heads=2)
+    reference = load_model(fixtures / CHECKPOINT, text_heads=2, kernel_layout=True)
     with torch.device("meta"):
         model = build_model(reference.config)
 
@@ -106,15 +106,56 @@ def test_loading_lays_out_on_the_files_side(fixtures, monkeypatch):
         raise AssertionError("a conv weight was repacked after the load")
 
     monkeypatch.setattr(layers, "to_kernel_layout", refuse)
-    load_weights_(model, fixtures / CHECKPOINT, raw, torch.float32, torch.device("cpu"))
+    load_weights_(model, fixtures / CHECKPOINT, raw, torch.float32, torch.device("cpu"), kernel_layout=True)
     for (name, p), q in zip(model.named_parameters(), reference.parameters()):
         assert p.stride() == q.stride() and torch.equal(p, q), name
+
+
+def test_a_model_for_the_torch_reference_uses_the_files_tensors_uncopied(fixtures):
+    """Without the kernel layout (the CPU's default: only ``F.conv2d`` runs there), every parameter of a load in
+    the file's dtype IS the file's tensor (mapped, never copied: issue 28's start-up), conv weights included,
+    and the model's output equals the kernel-layout model's."""
+    raw = normalize_keys(read_checkpoint(fixtures / CHECKPOINT)).weights
+    laid_out = load_model(fixtures / CHECKPOINT, text_heads=2, kernel_layout=True)
+    with torch.device("meta"):
+        model = build_model(laid_out.config)
+    load_weights_(model, fixtures / CHECKPOINT, raw, torch.float32, torch.device("cpu"), kernel_layout=False)
+    convs = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, layers.Conv2d)}
+    params = dict(model.named_parameters())
+    assert len(convs) > 100 and all(params[k].is_contiguous() for k in convs)  # [C_out, C_in, KH, KW] as stored
+    assert all(p.data_ptr() == raw[name].data_ptr() for name, p in params.items())
+    x, t, context = (v.cpu() for v in unet_inputs(laid_out))
+    with torch.no_grad():
+        assert torch.equal(model.apply_model(x, t, context), laid_out.apply_model(x, t, context))
+
+
+def test_the_default_layout_follows_where_the_conv_kernel_runs(fixtures):
+    """``load_model`` lays conv weights out for the kernel on CUDA or while Triton is forced, not for the CPU's
+    torch reference."""
+    def laid_out(model) -> list[bool]:
+        return [conv.has_kernel_layout(m.weight) for m in model.modules()
+                if isinstance(m, layers.Conv2d) and m.weight.shape[0] > 1 and m.weight.shape[1] > 1]
+
+    assert not any(laid_out(load_model(fixtures / CHECKPOINT, text_heads=2, device="cpu")))
+    with dispatch.force("triton"):
+        assert all(laid_out(load_model(fixtures / CHECKPOINT, text_heads=2, device="cpu")))
+    with dispatch.force("torch"):
+        assert not any(laid_out(load_model(fixtures / CHECKPOINT, text_heads=2, device="cpu")))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_a_cuda_load_lays_out_on_the_device(fixtures):
+    model = load_model(fixtures / CHECKPOINT, text_heads=2, device="cuda")
+    reference = load_model(fixtures / CHECKPOINT, text_heads=2, kernel_layout=True)
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        assert p.is_cuda and p.stride() == q.stride() and torch.equal(p.cpu(), q), name
 
 
 def test_other_ways_of_building_keep_or_get_the_layout(fixtures):
     """Built on the CPU then loaded by copying (no assign), or loaded by assigning contiguous tensors: the same
     layout, the same weights."""
-    reference = load_model(fixtures / CHECKPOINT, text_heads=2)
+    reference = load_model(fixtures / CHECKPOINT, text_heads=2, kernel_layout=True)
     raw = normalize_keys(read_checkpoint(fixtures / CHECKPOINT)).weights
     copied = build_model(reference.config)
     copied.load_state_dict(raw, strict=True)

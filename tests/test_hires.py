@@ -127,7 +127,7 @@ def test_hires_pass_settings(pipe):
     assert (hr.prompt, hr.negative_prompt, hr.sampler, hr.karras, hr.steps, hr.width, hr.height) == \
         ("c", "b", "dpmpp_2m", True, 4, 96, 72)  # "Use same scheduler": Automatic, DPM++ 2M's Karras
     text = pipe.infotext(s)
-    assert text.endswith("Denoising strength: 0.7, Hires sampler: DPM++ 2M, Hires prompt: c, "
+    assert text.endswith("Denoising strength: 0.7, RNG: NV, Hires sampler: DPM++ 2M, Hires prompt: c, "
                          "Hires schedule type: Karras, Hires upscale: 1.5, Hires steps: 4, Hires upscaler: Latent")
 
 

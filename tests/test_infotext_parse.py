@@ -132,3 +132,39 @@ def test_infotext_over_the_cap_is_one_line():
     with pytest.raises(InfotextError, match="limit") as e:
         parse_infotext("a" * (MAX_INFOTEXT_CHARS + 1))
     assert "\n" not in str(e.value)
+
+
+def test_rng_field_is_written_as_webui_writes_randn_source():
+    """webui v1.10.1's ``create_infotext``: ``"RNG": opts.randn_source if opts.randn_source != "GPU" else None``;
+    our sources by webui's names (nv is its "NV", cpu its "CPU", gpu its "GPU"), read back by them."""
+    from tritonsd.sampler.rng import RNGError, infotext_rng, source_from_infotext
+
+    assert [infotext_rng(s) for s in ("nv", "cpu", "gpu", "NV")] == ["NV", "CPU", None, "NV"]  # gpu: no device needed
+    with pytest.raises(RNGError):
+        infotext_rng("mps")
+    assert [source_from_infotext(v) for v in ("NV", "CPU", "GPU", None)] == ["nv", "cpu", "nv", "nv"]
+    assert generation_settings("a\nSteps: 4, Seed: 2, RNG: NV")["rng"] == "nv"
+
+
+def test_inpainting_keys_read_back_as_webuis_radios():
+    """img2img's inpainting keys (``StableDiffusionProcessingImg2Img.init``) by the labels of webui's radios
+    (``type="index"``): Mask mode, Inpaint area, Masked content; Mask blur and padding as numbers."""
+    from tritonsd.sampler.settings import fields_from_infotext
+
+    text = ("a\nSteps: 4, Sampler: Euler, Seed: 2, Size: 64x64, Denoising strength: 0.45, Mask mode: Inpaint not "
+            "masked, Mask blur: 6, Inpaint area: Only masked, Masked area padding: 12, Masked content: latent noise")
+    fields, notes = fields_from_infotext(text)
+    assert not notes
+    assert {k: fields[k] for k in ("strength", "mask_blur", "inpainting_mask_invert", "inpaint_full_res",
+                                   "inpaint_full_res_padding", "inpainting_fill")} == \
+        {"strength": 0.45, "mask_blur": 6, "inpainting_mask_invert": True, "inpaint_full_res": True,
+         "inpaint_full_res_padding": 12, "inpainting_fill": 2}
+    fill = {label: fields_from_infotext(f"a\nSteps: 4, Seed: 2, Masked content: {label}")[0]["inpainting_fill"]
+            for label in ("fill", "original", "latent noise", "latent nothing")}
+    assert fill == {"fill": 0, "original": 1, "latent noise": 2, "latent nothing": 3}
+    whole = fields_from_infotext("a\nSteps: 4, Seed: 2, Inpaint area: Whole picture, Mask mode: Inpaint masked")[0]
+    assert (whole["inpaint_full_res"], whole["inpainting_mask_invert"]) == (False, False)
+    bad, notes = fields_from_infotext("a\nSteps: 4, Seed: 2, Masked content: lava")
+    assert "inpainting_fill" not in bad and len(notes) == 1
+    hires = fields_from_infotext("a\nSteps: 4, Seed: 2, Denoising strength: 0.5, Hires upscale: 2, Mask blur: 3")[0]
+    assert "mask_blur" not in hires  # a hires run's strength is the second pass's; no mask there

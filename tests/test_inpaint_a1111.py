@@ -15,6 +15,7 @@ import io
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import urllib.request
@@ -25,7 +26,8 @@ import pytest
 import torch
 from PIL import Image, ImageFilter, ImageOps
 
-from tritonsd.sampler.settings import GenerationSettings
+from tritonsd.sampler import registry
+from tritonsd.sampler.settings import GenerationSettings, SettingsError
 
 ROOT = Path(__file__).resolve().parent.parent
 SEED, STEPS = 5, 3
@@ -218,6 +220,53 @@ def test_latent_masking_every_step(pipes, fill):
     assert not torch.equal(out[0][:, repaint], z0[0][:, repaint])
 
 
+@pytest.mark.parametrize("sampler", ["ddim", "plms"])
+def test_latent_masking_of_the_model_input_for_timestep_samplers(pipes, sampler):
+    """DDIM / PLMS (webui's ``CFGDenoiserTimesteps``: ``mask_before_denoising``): every UNet call sees the kept
+    latents as the init latent itself (un-noised), the sampler's own latent elsewhere; after the loop the kept
+    latents are the init latent's (``sample``'s final blend)."""
+    pipe = pipes("sd1-tiny")
+    s = pipe.settings(prepared(sampler=sampler, cfg_scale=7.0, strength=0.8, steps=4))
+    latents = pipe.prepare_latents(s)
+    keep = latents.blend.mask[0] == 1
+    repaint = ~keep
+    z0 = latents.blend.init_latent
+    inputs, inner = [], pipe.unet
+    pipe.unet = lambda x, *a, **k: (inputs.append(x.clone()), inner(x, *a, **k))[1]
+    try:
+        out = pipe.denoise(latents, pipe.encode(s), s)
+    finally:
+        pipe.unet = inner
+    assert len(inputs) >= latents.steps
+    for x in inputs:  # [rows, C, h, w]: cond and uncond rows of image 0
+        for row in x:
+            assert torch.equal(row[:, keep], z0[0][:, keep])
+    assert not torch.equal(inputs[0][0][:, repaint], z0[0][:, repaint])  # the noised latent where it repaints
+    assert torch.equal(out[0][:, keep], z0[0][:, keep])
+
+
+def test_blended_timestep_denoiser_leaves_the_samplers_latent_alone():
+    """The wrapper blends the model's input only, and returns the eps with no pred_x0 (the sampler derives it
+    from its own latent, as webui's timesteps samplers do)."""
+    from tritonsd.sampler.inpaint import BlendedTimestepDenoiser, LatentBlend
+
+    mask = torch.zeros(4, 2, 2)
+    mask[:, 0] = 1
+    blend = LatentBlend(torch.full((1, 4, 2, 2), 5.0), mask, 1 - mask)
+    seen = []
+
+    def model(x, t, **kw):
+        seen.append(x.clone())
+        return x * 2, x * 3
+
+    x = torch.ones(1, 4, 2, 2)
+    e_t, pred_x0 = BlendedTimestepDenoiser(model, blend)(x, torch.tensor([10]))
+    want = torch.ones(1, 4, 2, 2)
+    want[:, :, 0] = 5.0
+    assert torch.equal(seen[0], want) and torch.equal(e_t, want * 2) and pred_x0 is None
+    assert torch.equal(x, torch.ones(1, 4, 2, 2))
+
+
 def test_latent_noise_is_the_seeds_unit_noise(pipes):
     from tritonsd.sampler.noise import ImageNoise
 
@@ -237,8 +286,9 @@ def test_infotext_writes_a1111s_img2img_keys(pipes):
     s = pipe.settings(prepared(inpainting_fill=0, inpaint_full_res=True, inpaint_full_res_padding=8,
                                inpainting_mask_invert=True, strength=0.5, width=32, height=32, sampler="euler"))
     line = pipe.infotext(s).splitlines()[-1]
-    # create_infotext: Denoising strength in its own place, then init's keys in the order init adds them
-    assert ("Denoising strength: 0.5, Mask mode: Inpaint not masked, Mask blur: 4, Inpaint area: Only masked, "
+    # create_infotext: Denoising strength and RNG (nv: webui's "NV") in their own places, then init's keys in the
+    # order init adds them
+    assert ("Denoising strength: 0.5, RNG: NV, Mask mode: Inpaint not masked, Mask blur: 4, Inpaint area: Only masked, "
             "Masked area padding: 8, Masked content: fill") in line
     assert "Size: 32x32" in line
     uneven = pipe.settings(prepared(mask_blur=(2, 3), sampler="euler"))
@@ -316,3 +366,132 @@ def test_cli_python_and_server_inpaint_alike(fixtures, tmp_path):
     assert change.mean() < 0.5, change.mean()
     inside = np.abs(pixels["python"].astype(np.int32) - np.asarray(picture(), dtype=np.int32))[26:38, 22:34]
     assert inside.mean() > 1, "the masked area was not repainted"
+
+
+# ---------------------------------------------------------------- the infotext reproduces the run (issue 28)
+
+REPRODUCE = dict(strength=0.45, mask_blur=6, inpaint_full_res=True, inpaint_full_res_padding=8, inpainting_fill=2,
+                 inpainting_mask_invert=True)  # every inpainting key away from its default
+
+
+def test_the_infotext_reproduces_an_inpainting_with_the_same_images(pipes):
+    """``from_infotext`` of an inpainting's PNG plus the same init image and mask: the same settings and bytes;
+    without the keys read back (the defaults) the image differs."""
+    pipe = pipes("sd1-tiny")
+    [first] = pipe("a yellow duck", image=picture(), mask_image=box_mask(), seed=SEED, steps=STEPS, sampler="Euler",
+                   **REPRODUCE)
+    text = first.info["parameters"]
+    assert ("Denoising strength: 0.45, RNG: NV, Mask mode: Inpaint not masked, Mask blur: 6, Inpaint area: Only "
+            "masked, Masked area padding: 8, Masked content: latent noise") in text
+    s = pipe.from_infotext(text, init_image=picture(), mask=box_mask())
+    assert {k: getattr(s, k) for k in REPRODUCE} == REPRODUCE
+    [again] = pipe.to_pil(pipe.generate(s), s)
+    assert again.tobytes() == first.tobytes() and again.info["parameters"] == text
+    [plain] = pipe("a yellow duck", image=picture(), mask_image=box_mask(), seed=SEED, steps=STEPS, sampler="Euler")
+    assert plain.tobytes() != first.tobytes()
+
+
+@pytest.mark.slow
+def test_cli_from_png_reproduces_an_inpainting(fixtures, tmp_path):
+    init, mask = tmp_path / "init.png", tmp_path / "mask.png"
+    picture().save(init)
+    box_mask().save(mask)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.environ.get("PYTHONPATH", ""))
+    model = ["--checkpoint", str(fixtures / "sd1-tiny.safetensors"), "--text-heads", "2", "--device", "cpu"]
+
+    def cli(*args):
+        proc = subprocess.run([sys.executable, "-m", "tritonsd.tools.cli", "generate", *model, *args, "--init-image",
+                               str(init), "--mask", str(mask), "--quiet"],
+                              capture_output=True, text=True, env=env, timeout=600, cwd=str(ROOT))
+        assert proc.returncode == 0, proc.stderr
+        return Path(proc.stdout.strip().splitlines()[-1])
+
+    first = cli("--prompt", "a yellow duck", "--seed", str(SEED), "--steps", str(STEPS), "--sampler", "Euler",
+                "--strength", "0.45", "--mask-blur", "6", "--inpaint-area", "masked", "--inpaint-padding", "8",
+                "--masked-content", "latent-noise", "--invert-mask", "--out", str(tmp_path / "a"))
+    again = cli("--from-png", str(first), "--out", str(tmp_path / "b"))
+    assert again.read_bytes() == first.read_bytes()
+
+
+# ---------------------------------------------------------------- 9-channel models: Conditional mask weight
+
+
+def test_conditional_mask_weight_is_webuis_lerp(pipes):
+    """``inpainting_image_conditioning``: ``lerp(image, image * (1 - mask), weight)`` of the rounded mask, then
+    encoded: at weight w the masked area keeps 1 - w of the image; at 1 it is blanked (runwayml's rule)."""
+    from tritonsd.sampler.vae_io import inpaint_conditioning
+
+    model = pipes("sd1-inpaint-tiny").model
+    g = torch.Generator().manual_seed(1)
+    image = torch.rand(1, 3, 32, 32, generator=g) * 2 - 1
+    mask = torch.zeros(1, 1, 32, 32)
+    mask[..., 8:20, 4:16] = 0.8  # rounds to 1
+    noise = torch.randn(1, 4, 4, 4, generator=g)
+    binary = (mask > 0.5).float()
+    for weight in (1.0, 0.3, 0.0):
+        c = inpaint_conditioning(model, image, mask, noise, weight)
+        want = image * (1 - weight * binary)  # webui's lerp written out
+        assert torch.allclose(c.masked_image, want, rtol=0, atol=1e-6), weight
+    assert torch.equal(inpaint_conditioning(model, image, mask, noise, 0.0).masked_image, image)
+
+
+def test_conditional_mask_weight_in_the_infotext_and_back(pipes):
+    """webui writes ``Conditional mask weight`` (its float option) for every generation of a 9-channel model and
+    none for a 4-channel one; read back, it gives the same image; below 1 the image changes."""
+    inpaint, plain = pipes("sd1-inpaint-tiny"), pipes("sd1-tiny")
+    run = dict(image=picture((32, 32)), mask_image=box_mask((32, 32), (8, 8, 20, 24)), seed=SEED, steps=STEPS,
+               sampler="Euler")
+    [full] = inpaint("a duck", **run)
+    [half] = inpaint("a duck", **run, inpainting_mask_weight=0.5)
+    assert "Conditional mask weight: 1.0," in full.info["parameters"]
+    assert "Denoising strength: 0.75, Conditional mask weight: 0.5, RNG: NV," in half.info["parameters"]
+    assert half.tobytes() != full.tobytes()
+    s = inpaint.from_infotext(half.info["parameters"], init_image=picture((32, 32)),
+                              mask=box_mask((32, 32), (8, 8, 20, 24)))
+    assert s.inpainting_mask_weight == 0.5
+    [again] = inpaint.to_pil(inpaint.generate(s), s)
+    assert again.tobytes() == half.tobytes()
+    [txt2img] = inpaint("a duck", seed=SEED, steps=STEPS, sampler="Euler", width=32, height=32)
+    assert "Conditional mask weight: 1.0," in txt2img.info["parameters"]  # txt2img_image_conditioning sets it too
+    assert "Conditional mask weight" not in plain("a duck", **run)[0].info["parameters"]
+
+
+# ---------------------------------------------------------------- resize_mode 3: "Just resize (latent upscale)"
+
+
+def test_latent_resize_encodes_at_the_images_size_and_resizes_the_latent(pipes):
+    """webui's img2img ``init`` with ``resize_mode == 3``: the image is not resized; its latent is, by
+    ``interpolate(init_latent, (h // 8, w // 8), mode="bilinear")``; then img2img as usual."""
+    import torch.nn.functional as F
+
+    from tritonsd.sampler.noise import ImageNoise
+    from tritonsd.sampler.vae_io import encode_image
+    from tritonsd.sampler.wiring import img2img_start, make_schedule
+
+    pipe = pipes("sd1-tiny")
+    s = pipe.settings(prompt="a duck", init_image=picture((32, 24)), resize_mode=3, width=64, height=48, seed=SEED,
+                      steps=STEPS, sampler="euler", strength=0.6)
+    assert (s.width, s.height, tuple(s.init_image.shape[-2:])) == (64, 48, (24, 32))
+    latents = pipe.prepare_latents(s)
+    noise = ImageNoise((4, 6, 8), SEED, 1, s.rng, None, 0.0, "cpu")
+    x_T = noise.start((4, 6, 8))
+    z = encode_image(pipe.model, s.init_image, noise.vae((4, 3, 4)))  # at the image's own size
+    z = F.interpolate(z, size=(6, 8), mode="bilinear")
+    schedule = make_schedule(pipe.config, registry.get("euler"), STEPS, s.karras, s.eta)
+    x, _ = img2img_start(schedule, z, x_T, 0.6)
+    assert torch.equal(latents.x, x)
+    [image] = pipe.to_pil(pipe.generate(s), s)
+    assert image.size == (64, 48)
+
+
+@pytest.mark.parametrize("fields, words", [
+    (dict(init_image=picture((36, 36))), "init_image is 36x36; its sides must be multiples of 8"),  # encoded so
+    (dict(init_image=picture((32, 32)), mask=box_mask((32, 32), (4, 4, 12, 12))), "3 (latent upscale) with a mask"),
+])
+def test_latent_resize_refusals_are_one_line(pipes, fields, words):
+    with pytest.raises(SettingsError, match=re.escape(words)) as e:
+        pipes("sd1-tiny").settings(prompt="a", resize_mode=3, width=64, height=64, seed=1, steps=2, **fields)
+    assert "\n" not in str(e.value)
+    with pytest.raises(SettingsError, match="9-channel model"):
+        pipes("sd1-inpaint-tiny").settings(prompt="a", resize_mode=3, width=64, height=64, seed=1, steps=2,
+                                           init_image=picture((32, 32)))

@@ -122,8 +122,8 @@ def test_triton_convolutions_have_no_border_either(pipe, monkeypatch):
 def test_infotext_writes_tiling_as_a1111_and_reads_it_back(pipe):
     [image] = pipe("a brick wall", seed=3, tiling=True, **SMALL)
     text = image.info["parameters"]
-    assert ", RNG" not in text  # (nv, A1111's default: not written) so Tiling follows the model, as A1111 orders it
-    assert text.endswith("Model: sd1-tiny, Tiling: True")  # webui v1.10: Schedule type follows Sampler
+    # webui v1.10: Schedule type follows Sampler; RNG (nv: webui's "NV") then Tiling after the model, in that order
+    assert text.endswith("Model: sd1-tiny, RNG: NV, Tiling: True")
     assert fields_from_infotext(text)[0]["tiling"] is True
     again = pipe.from_infotext(text)
     assert again.tiling is True

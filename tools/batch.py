@@ -42,6 +42,8 @@ def add_parser(subparsers) -> None:
                        help="textual-inversion embeddings, used where a prompt names their file")
     model.add_argument("--upscaler-dir", type=Path, default=None, metavar="DIR",
                        help="upscaler model files for hr_upscaler (ESRGAN, ...; needs spandrel)")
+    model.add_argument("--models-dir", type=Path, default=None, metavar="DIR",
+                       help="where a job's hr_checkpoint_name is looked up (default: --checkpoint's folder)")
     model.add_argument("--controlnet-dir", type=Path, default=None, metavar="DIR",
                        help="ControlNet files that the lines' \"controlnet\" units name without a path")
     run_ = p.add_argument_group("runtime")

@@ -40,14 +40,15 @@ FLAGS = {"prompt": "--prompt", "negative_prompt": "--negative-prompt", "sampler"
          "pad_cond_uncond": "--pad-cond-uncond", "scheduler": "--scheduler", "prompt_syntax": "--prompt-syntax",
          "use_graphs": "--no-cuda-graphs", "tiling": "--tiling", "model": "--checkpoint", "mask_blur": "--mask-blur",
          "inpaint_full_res": "--inpaint-area", "inpaint_full_res_padding": "--inpaint-padding",
-         "inpainting_fill": "--masked-content", "inpainting_mask_invert": "--invert-mask", "resize_mode": "--resize-mode",
+         "inpainting_fill": "--masked-content", "inpainting_mask_invert": "--invert-mask",
+         "inpainting_mask_weight": "--mask-weight", "resize_mode": "--resize-mode",
          "enable_hr": "--hires", "hr_scale": "--hires-scale", "hr_resize_x": "--hires-size", "hr_resize_y": "--hires-size",
          "hr_upscaler": "--hires-upscaler", "hr_second_pass_steps": "--hires-steps", "hr_sampler": "--hires-sampler",
          "hr_scheduler": "--hires-scheduler", "hr_prompt": "--hires-prompt", "hr_negative_prompt": "--hires-negative-prompt",
-         "controls": "--control"}
+         "hr_checkpoint_name": "--hires-checkpoint", "controls": "--control"}
 MASKED_CONTENT = ("fill", "original", "latent-noise", "latent-nothing")  # inpainting_fill 0..3
 HIRES_FLAGS = ("hires_scale", "hires_size", "hires_upscaler", "hires_steps", "hires_sampler", "hires_scheduler",
-               "hires_prompt", "hires_negative_prompt")
+               "hires_prompt", "hires_negative_prompt", "hires_checkpoint")
 
 
 class GenerateError(ValueError):
@@ -158,6 +159,12 @@ def add_parser(subparsers) -> None:
     gen.add_argument("--masked-content", choices=MASKED_CONTENT, default=None,
                      help="what the masked area starts from (default: original)")
     gen.add_argument("--invert-mask", action="store_true", default=None, help="inpaint what is NOT masked")
+    gen.add_argument("--resize-mode", type=int, choices=range(4), default=None, metavar="0-3",
+                     help="the init image to --width x --height: 0 just resize, 1 crop and resize, 2 resize and fill "
+                          "(with --mask), 3 just resize in latent space (img2img: the image encoded at its own size)")
+    gen.add_argument("--mask-weight", type=float, default=None, metavar="W",
+                     help="conditional mask weight of 9-channel inpainting models, 0-1 (default 1: the masked "
+                          "area hidden from the image conditioning; AUTOMATIC1111's option)")
 
     hires = p.add_argument_group("hires fix (AUTOMATIC1111's: a second pass at a larger size)")
     hires.add_argument("--hires", action="store_true", default=None,
@@ -181,6 +188,12 @@ def add_parser(subparsers) -> None:
     hires.add_argument("--hires-prompt", default=None, metavar="TEXT", help="the second pass's prompt (default: --prompt)")
     hires.add_argument("--hires-negative-prompt", default=None, metavar="TEXT",
                        help="the second pass's negative prompt (default: --negative-prompt)")
+    hires.add_argument("--hires-checkpoint", "--hr-checkpoint", default=None, metavar="NAME|PATH",
+                       help="the second pass's checkpoint: a file, or a name in --models-dir as AUTOMATIC1111 "
+                            "names it (file name, with or without its [hash]); default: --checkpoint's "
+                            "('Use same checkpoint')")
+    hires.add_argument("--models-dir", type=Path, default=None, metavar="DIR",
+                       help="where --hires-checkpoint names are looked up (default: --checkpoint's folder)")
     hires.add_argument("--upscaler-dir", type=Path, default=None, metavar="DIR",
                        help="upscaler model files (ESRGAN, Real-ESRGAN, SwinIR, DAT, ...: .pth / .safetensors; "
                             "needs spandrel: pip install 'tritonsd[upscale]')")
@@ -243,7 +256,7 @@ def hires_fields(args: argparse.Namespace) -> dict:
     return dict(enable_hr=True, hr_scale=args.hires_scale, hr_resize_x=resize_x, hr_resize_y=resize_y,
                 hr_upscaler=args.hires_upscaler, hr_second_pass_steps=args.hires_steps, hr_sampler=args.hires_sampler,
                 hr_scheduler=args.hires_scheduler, hr_prompt=args.hires_prompt,
-                hr_negative_prompt=args.hires_negative_prompt)
+                hr_negative_prompt=args.hires_negative_prompt, hr_checkpoint_name=args.hires_checkpoint)
 
 
 def settings_from_args(args: argparse.Namespace, init_image=None, mask=None):
@@ -269,6 +282,7 @@ def settings_from_args(args: argparse.Namespace, init_image=None, mask=None):
                  inpaint_full_res=None if args.inpaint_area is None else args.inpaint_area == "masked",
                  inpaint_full_res_padding=args.inpaint_padding, inpainting_mask_invert=args.invert_mask,
                  inpainting_fill=None if args.masked_content is None else MASKED_CONTENT.index(args.masked_content),
+                 inpainting_mask_weight=args.mask_weight, resize_mode=args.resize_mode,
                  **hires_fields(args))
     fields.update({k: v for k, v in given.items() if v is not None})
     controls = control_units(args, open_image, fields.get("controls", ()))
@@ -341,7 +355,8 @@ def load_spec_of(args: argparse.Namespace):
     return LoadSpec(args.checkpoint, args.config, device=args.device, dtype=args.dtype, kernels=args.kernels,
                     vae=getattr(args, "vae", None), text_heads=args.text_heads,
                     parameterization=args.parameterization, lora_dir=args.lora_dir,
-                    embeddings_dir=args.embeddings_dir, upscaler_dir=getattr(args, "upscaler_dir", None))
+                    embeddings_dir=args.embeddings_dir, upscaler_dir=getattr(args, "upscaler_dir", None),
+                    models_dir=getattr(args, "models_dir", None))
 
 
 def check_cpu_dtype(device: str, dtype: str | None) -> None:
