@@ -274,7 +274,7 @@ def test_difference_file_is_relative_to_the_checkpoint_not_to_a_lora(models, fix
 
     model = models("sd1-tiny")
     unet = model.model.diffusion_model
-    base = unet.state_dict()
+    base = {k: v.clone() for k, v in unet.state_dict().items()}  # copies: the LoRA below writes in place
     diff = {k: (v.double() - base[k].double()).float() if k in base else v for k, v in released.items()}
     save_file({**{f"control_model.{k}": v for k, v in diff.items()}, "difference": torch.zeros(1)},
               str(tmp_path / "diff.safetensors"))
