@@ -5,7 +5,8 @@ own, so the sampling thread only starts a copy.
 On CUDA the latent is copied with ``non_blocking=True`` into pinned host memory and an event is recorded after the
 copy; the preview thread waits on that event, never the sampling thread, so the loop does not stop for a preview.
 A preview still being made when the next one is due is replaced, not queued. A CUDA-graph replay reports its
-steps after the whole loop without latents: such a job has no previews (nothing to copy, nothing synchronised).
+steps after the whole loop without latents; its previews are copied inside the captured loop instead
+(``sampler/graph_preview.py``) and offered here as host tensors from the runner's reader thread.
 
 With a TAESD decoder (``serve --taesd FILE``) the preview thread decodes instead of mapping channels to RGB; on
 CUDA on a stream of its own, so the loop's stream never waits for it.
