@@ -7,7 +7,8 @@ uncond, plus shared inputs such as inpainting's ``c_concat``) and, for ancestral
 step (pre-drawn on the CPU from the seed, see ``predraw_noise``). A run copies its inputs into those buffers
 and replays the graph; a prompt change with the same shapes only copies new conditioning. On the CPU (or with
 ``use_graphs=False``) the same loop body runs eagerly from the same static buffers, so CPU tests exercise the
-code that is captured on the GPU.
+code that is captured on the GPU. Live previews (``preview_every``, part of the key) are copies taken inside the
+loop on its preview steps and read by a host thread while the replay runs (``graph_preview.py``).
 
 Capturability: the sampler gets ``sigmas`` as a CPU tensor, so its Python control flow (``sigmas[i + 1] > 0``,
 the ancestral step sizes) reads host values and never syncs the device, and the scalars reach the device as

@@ -37,11 +37,19 @@ def check_every(value) -> int:
     return value
 
 
+def check_enabled(value) -> bool:
+    """``live_previews_enable`` from a client: true or false (A1111's checkbox)."""
+    if not isinstance(value, bool):
+        raise BadRequest(f"live_previews_enable must be true or false, got {printable(value)}")
+    return value
+
+
 class Previews:
     """The latest preview of the running job as base64 PNG (``image()``), or None."""
 
     def __init__(self, every: int = DEFAULT_EVERY, decoder=None):
         self.every = every
+        self.enabled = True  # A1111's live_previews_enable: off, no previews whatever ``every`` is
         self.decoder = decoder  # a TAESDDecoder (on the model's device) or None: "Approx cheap"
         self._stream = None  # the decoder's CUDA stream, made on first use
         self._cond = threading.Condition()
@@ -63,7 +71,7 @@ class Previews:
     def offer(self, step: int, latent: torch.Tensor | None, family: str) -> bool:
         """From the step callback: start copying ``latent`` [B, C, H, W] when step ``step`` is due (the preview is
         a grid of the batch, as A1111's ``show_progress_grid``); True when a preview was started."""
-        if latent is None or not due(step, self.every) or family not in CHEAP_RGB:
+        if not self.enabled or latent is None or not due(step, self.every) or family not in CHEAP_RGB:
             return False
         sample = latent.detach()
         if sample.is_cuda:

@@ -140,6 +140,13 @@ def test_a_job_hands_its_preview_sink_to_a_captured_loop():
     data = base64.b64decode(worker.previews.image())
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(data))), preview_pixels(latent[0], "sd1"))
 
+    worker.previews.reset()
+    worker.previews.enabled = False  # live_previews_enable off: no period for the loop, nothing offered kept
+    jobs._generate(Pipe(), None, worker)
+    time.sleep(0.2)
+    assert seen["every"] == 0 and worker.previews.image() is None
+    assert not worker.previews.offer(0, latent, "sd1")
+
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -246,8 +253,12 @@ def test_progress_route_returns_the_preview_while_a_job_runs(fixtures, tmp_path)
             assert data.startswith(PNG_MAGIC) and Image.open(io.BytesIO(data)).size == (8, 8)
         assert requests.get(url + "/progress", timeout=10).json()["current_image"] is None  # no job: none
 
-        # previews off: a running job has none
-        assert requests.post(url + "/options", json={"show_progress_every_n_steps": 0}, timeout=10).ok
+        # previews off (A1111's live_previews_enable; a period of 0: the unit test above): none
+        bad = requests.post(url + "/options", json={"live_previews_enable": 1}, timeout=10)
+        assert bad.status_code == 422 and "live_previews_enable" in bad.json()["detail"]
+        assert requests.get(url + "/options", timeout=10).json()["live_previews_enable"] is True
+        assert requests.post(url + "/options", json={"live_previews_enable": False}, timeout=10).ok
+        assert requests.get(url + "/options", timeout=10).json()["live_previews_enable"] is False
         job = threading.Thread(target=lambda: requests.post(url + "/txt2img", json={
             "prompt": "slow", "seed": 3, "width": 64, "height": 64, "steps": 1000, "sampler_name": "Euler"},
             timeout=300))
