@@ -332,8 +332,9 @@ function infotextToForm(p) {
 }
 
 // The infotext's fields that are settings rather than form fields, as A1111's paste turns them into
-// override_settings (infotext_to_setting_name_mapping), limited to those the server takes: RNG, Eta DDIM; as
-// A1111's, only those that differ from the server's options (/png-info reads a missing RNG as "GPU").
+// override_settings (infotext_to_setting_name_mapping), limited to those the server takes: RNG, Eta DDIM and the
+// checkpoint by its Model hash (a listed title "name [hash]"); as A1111's, only those that differ from the server's
+// options and the checkpoint picked (/png-info reads a missing RNG as "GPU").
 const RNG_SOURCES = ["GPU", "NV", "CPU"];
 
 function infotextOverrides(p) {
@@ -343,12 +344,16 @@ function infotextOverrides(p) {
   const eta = Number(p["Eta DDIM"]);
   if (p["Eta DDIM"] !== undefined && Number.isFinite(eta) && eta >= 0 && eta <= 1
       && eta !== (current.eta_ddim ?? 0)) out.eta_ddim = eta;
+  const hash = p["Model hash"];
+  const title = hash && [...$("sd_model_checkpoint").options].map((o) => o.value)
+    .find((t) => t.endsWith(` [${hash}]`));
+  if (title && title !== $("sd_model_checkpoint").value) out.sd_model_checkpoint = title;
   return out;
 }
 
 function setOverrides(overrides) {
   page.overrides = overrides;
-  const names = { randn_source: "RNG", eta_ddim: "Eta DDIM" };
+  const names = { randn_source: "RNG", eta_ddim: "Eta DDIM", sd_model_checkpoint: "Checkpoint" };
   const parts = Object.entries(overrides).map(([k, v]) => `${names[k] || k}: ${v}`);
   $("overrides-text").textContent = `Override settings from the PNG: ${parts.join(", ")}`;
   $("overrides").hidden = parts.length === 0;
