@@ -516,7 +516,9 @@ class Pipeline:
                 callback: StepCallback | None = None) -> torch.Tensor:
         """Latents after the sampler loop of ``latents.spec``, float32. ``callback(step)`` after each step with
         the sampler's dict (``i``, ``x``, ``denoised``, ...) plus ``total``; after a CUDA-graph replay it gets
-        ``i`` and ``total`` only, for every step at once."""
+        ``i`` and ``total`` only, for every step at once, and a callback with ``preview_every`` (int) and
+        ``preview(i, latents)`` attributes gets host copies of the loop's ``denoised`` on those steps while it runs
+        (``sampler/graph_preview.py``)."""
         s = settings
         if latents.schedule is None:  # img2img at strength 0
             return latents.x
@@ -628,10 +630,13 @@ class Pipeline:
         count = spec.noise_draws(sigmas)
         noise = torch.stack([latents.noise.ancestral(x.shape[1:]) for _ in range(count)]) if count else None
         progress = None if callback is None else (lambda i, n: callback({"i": i, "total": n}))
+        # live previews of the captured loop: a callback may carry ``preview_every`` and ``preview(i, latents)``
+        preview = getattr(callback, "preview", None)
         try:
             return runner.run(x, cond.cond, cond.uncond, noise, sigmas=sigmas, cfg_scale=s.cfg_scale,
                               sampler=spec, shared=latents.shared, progress=progress, per_step=cond.per_step,
-                              rows=cond.rows, tiling=s.tiling, control=control)
+                              rows=cond.rows, tiling=s.tiling, control=control, preview=preview,
+                              preview_every=getattr(callback, "preview_every", 0))
         except GraphCaptureError as e:
             raise GraphCaptureError(f"{e}; run without CUDA graphs (use_graphs=False, tritonsd generate "
                                     "--no-cuda-graphs)") from e

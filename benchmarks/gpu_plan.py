@@ -77,6 +77,9 @@ TESTS_CUDA = ("tests/test_graph.py::test_graph_replay_equals_eager_loop_cuda "
               "tests/test_lora_pipeline.py::test_switching_under_cuda_graphs_captures_once "
               "tests/test_hoist.py::test_captured_loop_with_hoists_follows_a_prompt_and_a_weight_change_cuda "
               "tests/test_controlnet_graph.py::test_graph_replay_with_control_equals_eager_cuda")
+TESTS_PREVIEW = ("tests/test_preview.py::test_a_cuda_preview_does_not_synchronize_the_loop "
+                 "tests/test_preview.py::test_previews_of_a_replayed_graph_do_not_synchronize_the_loop "
+                 "tests/test_pipeline_graph.py::test_graph_previews_equal_eager_previews_cuda")
 UNTUNED = "TRITONSD_AUTOTUNE=0"  # correctness runs: one config per kernel variant (no tuning, a third of the compiles)
 E2E = "python3 -m tritonsd.tools.cli bench e2e --git-commit {commit} --steps 20 --repeat 10 --sampler dpmpp_2m"
 
@@ -129,6 +132,12 @@ STAGES = (
           (f"{E2E} --model sd15 --batch 1 --impl tritonsd-graph --hires-scale 2 --repeat 3 --json {{json}}",),
           compiles=("sd15-1024-fp16",), tunes=("sd15-fp16", "sd15-1024-fp16"), run_s="e2e_sd15_hires",
           fixtures=("manifests/sd15.json",)),
+    Stage(10, "previews", "live previews' cost: SD 1.5 512x512 time per step with previews off / every 10 / every "
+                          "step, graphed and eager (CUDA events); pytest: graph previews == eager, no sync",
+          ("python3 benchmarks/preview_cost.py --model sd15 --size 512 --steps 20 --repeat 5 --json {json}",
+           f"{UNTUNED} python3 -m pytest -q -p no:cacheprovider {TESTS_PREVIEW} --junitxml {{xml}}"),
+          tunes=("sd15-fp16",), run_s="previews", processes=2, modules=("pytest",),
+          fixtures=("manifests/sd15.json", "sd1-tiny.safetensors")),
 )
 PRECOMPILED = ("sd15-fp16", "tiny-fp32", "tiny-half")  # what stage 0 compiles
 UNTUNED_GROUPS = ("tiny-fp32", "tiny-half")  # compiled and run with TRITONSD_AUTOTUNE=0

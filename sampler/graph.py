@@ -7,7 +7,8 @@ uncond, plus shared inputs such as inpainting's ``c_concat``) and, for ancestral
 step (pre-drawn on the CPU from the seed, see ``predraw_noise``). A run copies its inputs into those buffers
 and replays the graph; a prompt change with the same shapes only copies new conditioning. On the CPU (or with
 ``use_graphs=False``) the same loop body runs eagerly from the same static buffers, so CPU tests exercise the
-code that is captured on the GPU.
+code that is captured on the GPU. Live previews (``preview_every``, part of the key) are copies taken inside the
+loop on its preview steps and read by a host thread while the replay runs (``graph_preview.py``).
 
 Capturability: the sampler gets ``sigmas`` as a CPU tensor, so its Python control flow (``sigmas[i + 1] > 0``,
 the ancestral step sizes) reads host values and never syncs the device, and the scalars reach the device as
@@ -44,6 +45,7 @@ except ImportError:  # no triton here: nothing more to catch
 
 from tritonsd.model import hoist
 from tritonsd.sampler.denoise import CFGDenoiser, PerCallConditioning, prepare, refresh
+from tritonsd.sampler.graph_preview import PreviewSink, PreviewTap
 from tritonsd.sampler import registry
 from tritonsd.sampler.registry import SamplerSpec
 
@@ -78,6 +80,7 @@ class LoopKey:
     tiling: bool = False  # the convolutions pad circularly (the captured kernels bake the padding in)
     rows: tuple | None = None  # per-step tables: each side's row per call (``PerCallConditioning``'s ``rows``)
     control: tuple = ()  # a ControlNet run's signature (``control/apply.ControlRun``): its nets and buffer shapes
+    preview_every: int = 0  # live previews every N steps (``graph_preview.PreviewTap``: copies inside the loop)
 
 
 def tables_on_device(denoiser, device: str | torch.device):
@@ -164,6 +167,17 @@ def _signature(groups: dict[str, dict[str, torch.Tensor]]) -> tuple:
     return tuple((g, n, tuple(t.shape), t.dtype) for g, d in groups.items() for n, t in sorted(d.items()))
 
 
+def _chain(first: Callable[[dict], None], then: Callable[[dict], None] | None) -> Callable[[dict], None]:
+    """A step callback calling ``first`` then ``then`` (when given)."""
+    if then is None:
+        return first
+
+    def both(d: dict) -> None:
+        first(d)
+        then(d)
+    return both
+
+
 class CapturedLoop:
     """The static buffers of one ``LoopKey``, the denoiser's per-step tables for its sigmas and, on CUDA, the
     graph that replays the loop over them."""
@@ -186,6 +200,7 @@ class CapturedLoop:
                        for g, d in groups.items()}
         self.static_noise = torch.empty((max(key.noise_draws, 1), *x_like.shape), dtype=x_like.dtype, device=device)
         self.noise = StaticNoise(self.static_noise)
+        self.tap = PreviewTap(key.preview_every, key.steps, device) if key.preview_every > 0 else None
         self.graph: torch.cuda.CUDAGraph | None = None
         self.static_out: torch.Tensor | None = None
         self.replays = 0
@@ -206,6 +221,8 @@ class CapturedLoop:
         """The loop over the static buffers: exactly the sampler function called on them."""
         sigmas = self.sigmas if sigmas is None else sigmas
         self.noise.reset()
+        if self.tap is not None:  # the preview copies are part of the loop (captured with it)
+            callback = _chain(self.tap.callback, callback)
         if self.control is not None:  # webui's sampling step: 0, then each callback's i (captured as table rows)
             self.control.reset()
             callback = self.control.step_callback(callback)
@@ -238,15 +255,26 @@ class CapturedLoop:
                 "denoiser built from alphas_cumprod on the device?") from e
         self.graph, self.static_out = graph, out
 
-    def run(self, progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
-        """Replay the graph (or run the loop eagerly without one); ``progress(i, n)`` after each step."""
+    def run(self, progress: Callable[[int, int], None] | None = None,
+            preview: PreviewSink | None = None) -> torch.Tensor:
+        """Replay the graph (or run the loop eagerly without one); ``progress(i, n)`` after each step;
+        ``preview(i, latents)`` with a host copy of each preview step's latents (a thread of the tap's on CUDA,
+        while the replay runs)."""
         self.replays += 1
         n = self.key.steps
+        if self.tap is not None:
+            self.tap.begin(preview)
         if self.graph is None:
             callback = None if progress is None else (lambda d: progress(d["i"], n))
-            return self.body(callback=callback)
+            try:
+                return self.body(callback=callback)
+            finally:
+                if self.tap is not None:
+                    self.tap.end()
         refresh(self.cfg)  # step embeddings made before the capture follow a LoRA switch
         self.graph.replay()
+        if self.tap is not None:
+            self.tap.replayed()
         if progress is not None:
             for i in range(n):
                 progress(i, n)
@@ -277,21 +305,23 @@ class GraphRunner:
         return tuple(registry.graph_samplers())
 
     def key(self, x_T, sigmas, cfg_scale, sampler: SamplerSpec, eta, groups, per_step: bool = False,
-            tiling: bool = False, rows: tuple | None = None, control=None) -> LoopKey:
+            tiling: bool = False, rows: tuple | None = None, control=None, preview_every: int = 0) -> LoopKey:
         b, c, h, w = x_T.shape
         return LoopKey(batch=b, channels=c, height=h, width=w, dtype=x_T.dtype, device=str(self.device),
                        sampler=sampler.name, steps=len(sigmas) - 1, sigmas=tuple(float(s) for s in sigmas),
                        cfg_scale=float(cfg_scale), eta=float(eta) if sampler.stochastic else 0.0,
                        noise_draws=sampler.noise_draws(sigmas, eta), inputs=_signature(groups),
                        per_step=per_step, tiling=bool(tiling), rows=rows if per_step else None,
-                       control=() if control is None else control.signature())
+                       control=() if control is None else control.signature(),
+                       preview_every=max(int(preview_every), 0))
 
     def run(self, x_T: torch.Tensor, cond, uncond=None, noise: torch.Tensor | None = None, *,
             sigmas: torch.Tensor, cfg_scale: float, sampler: SamplerSpec | str = registry.DEFAULT_SAMPLER,
             eta: float = 1.0,
             shared: Mapping[str, torch.Tensor] | None = None,
             progress: Callable[[int, int], None] | None = None, per_step: bool = False,
-            tiling: bool = False, rows: tuple | None = None, control=None) -> torch.Tensor:
+            tiling: bool = False, rows: tuple | None = None, control=None, preview_every: int = 0,
+            preview: PreviewSink | None = None) -> torch.Tensor:
         """Latents after the loop. ``x_T``: start latents already scaled (``x * sigmas[0]``); ``cond`` /
         ``uncond``: context tensors or dicts (``context``, ``y``); ``sampler``: its registry spec (what the
         Pipeline passes) or name; ``eta``: an ancestral sampler's; ``noise``: [N, *x_T.shape] pre-drawn noise for
@@ -302,7 +332,10 @@ class GraphRunner:
         bakes the padding in, so it is part of the key); ``rows``: with ``per_step``, each side's row per call
         (``prompt/encode.call_rows``; part of the key, since the graph bakes the rows it reads); ``control``: a
         ControlNet run (``control/apply.ControlRun``) whose hint features and per-step scales are copied into the
-        loop's own buffers, so another control image, weight or start / end replays the same graph."""
+        loop's own buffers, so another control image, weight or start / end replays the same graph;
+        ``preview(i, latents)``: live previews every ``preview_every`` steps (``preview.due``) of the loop's
+        ``denoised``, host copies made inside the loop without synchronising it (``graph_preview``; the period is
+        part of the key)."""
         sampler = graph_spec(sampler)
         if x_T.ndim != 4:
             raise GraphRunnerError(f"x_T must be [B, C, H, W], got {list(x_T.shape)}")
@@ -321,7 +354,8 @@ class GraphRunner:
             for n, t in d.items():
                 if t.shape[axis] != x_T.shape[0]:
                     raise GraphRunnerError(f"{g} {n!r} has batch {t.shape[axis]}, x_T has {x_T.shape[0]}")
-        key = self.key(x_T, sigmas, cfg_scale, sampler, eta, groups, per_step, tiling, rows, control)
+        key = self.key(x_T, sigmas, cfg_scale, sampler, eta, groups, per_step, tiling, rows, control,
+                       preview_every if preview is not None else 0)
         if key.noise_draws:
             want = (key.noise_draws, *x_T.shape)
             if noise is None or noise.ndim != len(want) or noise.shape[0] < want[0] or noise.shape[1:] != want[1:]:
@@ -330,12 +364,15 @@ class GraphRunner:
         entry = self._entry(key, sampler, sigmas, x_T, groups, eta, control)
         entry.load(x_T, groups, noise, control)
         if entry.graph is None and self.use_graphs:
+            for other in self.entries.values():  # no preview reader may query events during a capture
+                if other.tap is not None:
+                    other.tap.quiesce()
             try:
                 entry.capture()
             except BaseException:  # a failed entry is never reused
                 del self.entries[key]
                 raise
-        return entry.run(progress)
+        return entry.run(progress, preview)
 
     def _entry(self, key, spec, sigmas, x_T, groups, eta, control=None) -> CapturedLoop:
         entry = self.entries.get(key)

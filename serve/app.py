@@ -36,7 +36,7 @@ from tritonsd.upscalers import Upscalers
 from tritonsd.serve.host import ModelHost, ModelKey
 from tritonsd.serve.images import decode_image, text_items
 from tritonsd.serve.jobs import Options
-from tritonsd.serve.previews import check_every
+from tritonsd.serve.previews import check_enabled, check_every
 from tritonsd.serve.schema import Img2ImgRequest, PNGInfoRequest, Txt2ImgRequest
 from tritonsd.serve.tasks import task_id_of
 from tritonsd.serve.worker import Worker
@@ -427,6 +427,7 @@ def options_dict(state: ServerState) -> dict:
     ckpt = next((c for c in state.catalog.checkpoints if c.path == host.default.checkpoint), state.catalog.main)
     previews = getattr(state.worker, "previews", None)
     return {**o.other, "show_progress_every_n_steps": previews.every if previews is not None else 0,
+            "live_previews_enable": previews is not None and getattr(previews, "enabled", True),
             "sd_model_checkpoint": ckpt.title, "sd_checkpoint_hash": ckpt.sha256,
             "sd_vae": o.sd_vae, "CLIP_stop_at_last_layers": o.clip_skip, "randn_source": o.randn_source,
             "eta_ddim": o.eta_ddim, "samples_format": "png"}
@@ -439,7 +440,8 @@ def set_options_sync(state: ServerState, req: dict) -> None:
     o = state.options
     checked = jobs.check_options(req, o, state.catalog)
     every = check_every(req["show_progress_every_n_steps"]) if "show_progress_every_n_steps" in req else None
-    handled = {*jobs.OVERRIDES_USED, "show_progress_every_n_steps"}
+    enabled = check_enabled(req["live_previews_enable"]) if "live_previews_enable" in req else None
+    handled = {*jobs.OVERRIDES_USED, "show_progress_every_n_steps", "live_previews_enable"}
     other = {**o.other, **{k: v for k, v in req.items() if k not in handled}}
     _check_stored_options(other)
     with state.lock:
@@ -449,6 +451,8 @@ def set_options_sync(state: ServerState, req: dict) -> None:
         o.other = other
         if every is not None and getattr(state.worker, "previews", None) is not None:
             state.worker.previews.every = every
+        if enabled is not None and getattr(state.worker, "previews", None) is not None:
+            state.worker.previews.enabled = enabled
     return None
 
 

@@ -340,6 +340,10 @@ def _generate(pipe, s, worker) -> list:
             worker.previews.offer(d["i"], latent, pipe.config.family)  # a copy started; made on its own thread
             worker.check_interrupt()  # a CUDA-graph replay reports after the loop: nothing left to stop there
 
+    # a CUDA-graph replay: previews copied inside the loop reach the page from a thread of the runner's
+    previews_on = getattr(worker.previews, "enabled", True)  # live_previews_enable
+    step.preview_every = getattr(worker.previews, "every", 0) if previews_on else 0  # NoPreviews: none
+    step.preview = lambda i, latent: worker.previews.offer(i, latent, pipe.config.family)
     try:
         out = pipe.generate(s, callback=step)
     except Interrupted:

@@ -5,7 +5,8 @@ own, so the sampling thread only starts a copy.
 On CUDA the latent is copied with ``non_blocking=True`` into pinned host memory and an event is recorded after the
 copy; the preview thread waits on that event, never the sampling thread, so the loop does not stop for a preview.
 A preview still being made when the next one is due is replaced, not queued. A CUDA-graph replay reports its
-steps after the whole loop without latents: such a job has no previews (nothing to copy, nothing synchronised).
+steps after the whole loop without latents; its previews are copied inside the captured loop instead
+(``sampler/graph_preview.py``) and offered here as host tensors from the runner's reader thread.
 
 With a TAESD decoder (``serve --taesd FILE``) the preview thread decodes instead of mapping channels to RGB; on
 CUDA on a stream of its own, so the loop's stream never waits for it.
@@ -36,11 +37,19 @@ def check_every(value) -> int:
     return value
 
 
+def check_enabled(value) -> bool:
+    """``live_previews_enable`` from a client: true or false (A1111's checkbox)."""
+    if not isinstance(value, bool):
+        raise BadRequest(f"live_previews_enable must be true or false, got {printable(value)}")
+    return value
+
+
 class Previews:
     """The latest preview of the running job as base64 PNG (``image()``), or None."""
 
     def __init__(self, every: int = DEFAULT_EVERY, decoder=None):
         self.every = every
+        self.enabled = True  # A1111's live_previews_enable: off, no previews whatever ``every`` is
         self.decoder = decoder  # a TAESDDecoder (on the model's device) or None: "Approx cheap"
         self._stream = None  # the decoder's CUDA stream, made on first use
         self._cond = threading.Condition()
@@ -62,7 +71,7 @@ class Previews:
     def offer(self, step: int, latent: torch.Tensor | None, family: str) -> bool:
         """From the step callback: start copying ``latent`` [B, C, H, W] when step ``step`` is due (the preview is
         a grid of the batch, as A1111's ``show_progress_grid``); True when a preview was started."""
-        if latent is None or not due(step, self.every) or family not in CHEAP_RGB:
+        if not self.enabled or latent is None or not due(step, self.every) or family not in CHEAP_RGB:
             return False
         sample = latent.detach()
         if sample.is_cuda:

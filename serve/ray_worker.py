@@ -85,7 +85,8 @@ class RayWorker:
     async def _run(self, job, future: concurrent.futures.Future) -> None:
         key = job.key or self.host.default
         payload = {"name": job.name, "run": job.run, "job_count": job.job_count, "task_id": job.task_id,
-                   "default": model_id(self.host.default), "preview_every": self.previews.every}
+                   "default": model_id(self.host.default),
+                   "preview_every": self.previews.every if self.previews.enabled else 0}
         handle = self.generator.options(multiplexed_model_id=model_id(key))
         try:
             await self.board.queued.remote(job.task_id)
@@ -149,6 +150,7 @@ class BoardPreviews:
 
     def __init__(self, board, every: int = DEFAULT_EVERY):
         self.board, self.every = board, every
+        self.enabled = True  # live_previews_enable: off, the jobs are sent with no preview period
 
     def image(self) -> str | None:
         return self.board.current_image.remote().result(timeout_s=BOARD_TIMEOUT_S)

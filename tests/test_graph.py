@@ -184,6 +184,49 @@ def test_progress_and_inputs_untouched():
     assert torch.equal(x_T, before)
 
 
+@pytest.mark.parametrize("sampler", ["euler", "euler_a", "dpmpp_2m"])
+def test_previews_of_the_loop_are_the_samplers_denoised(tiny, sampler):
+    """The preview copies taken inside the loop (the captured code, run by the CPU twin): on the due steps
+    (0, 2, 4 of 5 at every 2), each the sampler's own ``denoised`` of that step, bit for bit, as host copies."""
+    steps, every = 5, 2
+    x, cond, uncond = inputs(tiny, batch=2)
+    sigmas = karras(tiny, steps)
+    want = {}
+    cfg = D.CFGDenoiser(make_denoiser(tiny), CFG)
+    kwargs = {"seed": 7} if sampler == "euler_a" else {}
+    SAMPLER_FNS[sampler](cfg, x * sigmas[0], sigmas, extra_args={"cond": {"context": cond},
+                         "uncond": {"context": uncond}},
+                         callback=lambda d: want.setdefault(d["i"], d["denoised"].clone()), **kwargs)
+    runner = GraphRunner(make_denoiser(tiny))
+    got = []
+    out = run(runner, sampler, x, sigmas, cond, uncond, seed=7, preview_every=every,
+              preview=lambda i, latent: got.append((i, latent)))
+    assert [i for i, _ in got] == [0, 2, 4]
+    for i, latent in got:
+        assert latent.device.type == "cpu" and torch.equal(latent, want[i]), i
+    assert torch.equal(out, direct(tiny, sampler, x, sigmas, cond, uncond, seed=7))  # previews change nothing
+    got.clear()
+    run(runner, sampler, x, sigmas, cond, uncond, seed=7, preview_every=every,
+        preview=lambda i, latent: got.append((i, latent)))
+    assert runner.captures == 1 and [i for i, _ in got] == [0, 2, 4]  # the same loop again, previews again
+
+
+def test_preview_period_is_part_of_the_loop_key():
+    runner = GraphRunner(ToyDenoiser())
+    x = torch.randn(1, 4, 8, 8)
+    cond, uncond = torch.randn(2, 1, 77, 8)
+    sigmas = S.get_sigmas_karras(STEPS, 0.03, 14.6)
+    seen = []
+    for every in (0, 1, 2, 2):
+        runner.run(x, cond, uncond, sigmas=sigmas, cfg_scale=CFG, preview_every=every,
+                   preview=lambda i, latent: seen.append((every, i)))
+    runner.run(x, cond, uncond, sigmas=sigmas, cfg_scale=CFG, preview_every=5)  # no sink: the period-0 loop
+    assert runner.captures == 3
+    assert sorted(k.preview_every for k in runner.entries) == [0, 1, 2]
+    assert seen == [(1, 0), (1, 1), (1, 2), (2, 0), (2, 2), (2, 0), (2, 2)]
+    assert [e.tap is None for k, e in runner.entries.items() if k.preview_every == 0] == [True]
+
+
 def test_bad_inputs_are_refused():
     runner = GraphRunner(ToyDenoiser())
     x = torch.randn(1, 4, 8, 8)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -19,6 +20,7 @@ from tritonsd.model.load import load_model
 from tritonsd.model.vae_guard import VAEDecodeNaNWarning
 from tritonsd import pipeline as P
 from tritonsd.sampler import registry
+from tritonsd.sampler.preview import preview_pixels
 from tritonsd.sampler.graph import GraphRunner, tables_on_device
 from tritonsd.sampler.settings import GenerationSettings, SettingsError
 from tritonsd.sampler.wiring import sigma_denoiser
@@ -86,6 +88,37 @@ def test_runner_wiring_img2img_euler_a_bitwise(tiny, monkeypatch):
     assert torch.equal(through, eager) and steps == eager_steps == [(0, 3), (1, 3), (2, 3)]
 
 
+def previewing(every):
+    """A step callback as serve/jobs.py makes one: the eager loop's previews from its dicts (``denoised``), the
+    runner's from the ``preview`` attribute (host copies made inside the loop)."""
+    seen = []
+
+    def step(d):
+        if "denoised" in d and d["i"] % every == 0:
+            seen.append((d["i"], d["denoised"].clone()))
+    step.preview_every = every
+    step.preview = lambda i, latent: seen.append((i, latent))
+    return step, seen
+
+
+@pytest.mark.parametrize("sampler", GRAPH_SAMPLERS)
+def test_runner_previews_equal_eager_previews(tiny, sampler, monkeypatch):
+    """Live previews of the runner's loop (its CPU twin of the captured code): the same steps and the same latents
+    (so the same preview pixels) as the eager pipeline's step callback gives."""
+    s = settings(sampler, steps=5)
+    eager_step, eager = previewing(2)
+    tiny.generate(tiny.settings(s), callback=eager_step)
+    runner = GraphRunner(tables_on_device(sigma_denoiser(tiny.unet, tiny.config), "cpu"), "cpu")
+    monkeypatch.setattr(tiny, "_graph_runner", lambda spec, s: runner)
+    step, through = previewing(2)
+    tiny.generate(tiny.settings(s), callback=step)
+    assert [i for i, _ in through] == [i for i, _ in eager] == [0, 2, 4]
+    for (i, got), (_, want) in zip(through, eager):
+        assert torch.equal(got, want), i
+        assert np.array_equal(preview_pixels(got[1], "sd1"), preview_pixels(want[1], "sd1"))
+    assert next(iter(runner.entries)).preview_every == 2
+
+
 def test_pipeline_decodes_through_the_guard(tiny):
     """A float16 VAE whose decoder overflows: ``decode_first_stage`` gives NaN, the pipeline still returns the
     float32 decode of the same weights, warning once for the model."""
@@ -147,6 +180,30 @@ def test_graph_loop_equals_eager_cuda(tiny, sampler):
     assert runner is model._runner and runner.captures == 1
     entry = next(iter(runner.entries.values()))
     assert entry.graph is not None and entry.replays == 2
+
+
+@cuda
+@pytest.mark.parametrize("sampler", GRAPH_SAMPLERS)
+def test_graph_previews_equal_eager_previews_cuda(tiny, sampler):
+    """Previews out of the replayed graph (the reader thread's host copies): the same steps as the uncaptured
+    loop's and, as the replayed loop equals the eager one, the same latents within the graph bound."""
+    import time
+
+    model = P.Pipeline(copy.deepcopy(tiny.model).to("cuda", torch.float16))
+    s = settings(sampler, steps=5)
+    eager_step, eager = previewing(2)
+    model.generate(model.settings(settings(sampler, steps=5, use_graphs=False)), callback=eager_step)
+    for _ in range(2):  # the capture, then a replay of the captured loop
+        step, through = previewing(2)
+        model.generate(model.settings(s), callback=step)
+        torch.cuda.synchronize()
+        deadline = time.monotonic() + 10
+        while len(through) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert [i for i, _ in through] == [0, 2, 4]
+        for (i, got), (_, want) in zip(through, eager):
+            assert got.device.type == "cpu" and relative_error(got.float(), want.float().cpu()) <= GRAPH_BOUND, i
+    assert runner_of(model, s).captures == 1
 
 
 @cuda

@@ -104,6 +104,50 @@ def test_previews_copy_the_latent_and_encode_on_their_own_thread():
     assert not p.offer(0, latent, "unknown-family") and not Previews(every=0).offer(0, latent, "sd1")
 
 
+def test_a_job_hands_its_preview_sink_to_a_captured_loop():
+    """serve/jobs.py's step callback carries the period and the sink a graph runner's previews go to
+    (``pipeline._denoise_graphed`` reads them): a host latent offered from the runner's thread is the preview."""
+    from types import SimpleNamespace
+
+    from tritonsd.serve import jobs
+    from tritonsd.serve.previews import Previews
+
+    latent = torch.randn(1, 4, 3, 3)
+    seen = {}
+
+    class Pipe:
+        config = SimpleNamespace(family="sd1")
+
+        def generate(self, s, callback):
+            seen["every"] = callback.preview_every
+            callback({"i": 0, "total": 1})  # the replay's progress: no latent
+            threading.Thread(target=callback.preview, args=(0, latent)).start()  # the runner's reader thread
+            return torch.zeros(1, 3, 8, 8)
+
+        def to_pil(self, out, s):
+            return []
+
+    class Progress:
+        def update(self, **kw):
+            pass
+
+    worker = SimpleNamespace(previews=Previews(every=3), progress=Progress(), check_interrupt=lambda: None)
+    jobs._generate(Pipe(), None, worker)
+    deadline = time.monotonic() + 10
+    while worker.previews.image() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert seen["every"] == 3
+    data = base64.b64decode(worker.previews.image())
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(data))), preview_pixels(latent[0], "sd1"))
+
+    worker.previews.reset()
+    worker.previews.enabled = False  # live_previews_enable off: no period for the loop, nothing offered kept
+    jobs._generate(Pipe(), None, worker)
+    time.sleep(0.2)
+    assert seen["every"] == 0 and worker.previews.image() is None
+    assert not worker.previews.offer(0, latent, "sd1")
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_a_cuda_preview_does_not_synchronize_the_loop():
@@ -125,6 +169,52 @@ def test_a_cuda_preview_does_not_synchronize_the_loop():
     while p.image() is None and time.monotonic() < deadline:
         time.sleep(0.01)
     assert base64.b64decode(p.image()).startswith(PNG_MAGIC)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_previews_of_a_replayed_graph_do_not_synchronize_the_loop(monkeypatch):
+    """A captured loop with previews every step: its replay (the sampling thread's whole part) makes no call that
+    waits for the device (sync debug mode "error"); the previews come from the tap's reader thread, host copies,
+    one per step, equal to the uncaptured loop's (a ring as long as the loop: no slot reused, none dropped)."""
+    from tritonsd.sampler.graph import GraphRunner
+    from tritonsd.sampler.graph_preview import PreviewTap
+
+    monkeypatch.setattr(PreviewTap, "RING", 8)
+    from tritonsd.sampler.schedule import get_sigmas_karras
+
+    class Toy:  # x, sigma and the context: cheap, capturable
+        def __call__(self, x, sigma, context):
+            return x / (sigma[:, None, None, None] ** 2 + 1) ** 0.5 + context.mean(dim=(1, 2))[:, None, None, None]
+
+    sigmas = get_sigmas_karras(6, 0.03, 14.6)
+    x = torch.randn(1, 4, 16, 16, device="cuda") * sigmas[0]
+    cond, uncond = torch.randn(2, 1, 77, 8, device="cuda")
+    graphed = GraphRunner(Toy(), device="cuda")
+    eager = GraphRunner(Toy(), device="cuda", use_graphs=False)
+
+    def previews(runner, debug):
+        got = []
+        if debug:
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            runner.run(x, cond, uncond, sigmas=sigmas, cfg_scale=7.5, sampler="euler", preview_every=1,
+                       preview=lambda i, latent: got.append((i, latent)))
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize()
+        deadline = time.monotonic() + 10
+        while len(got) < 6 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return got
+
+    previews(graphed, debug=False)  # the capture synchronises (warm-up): not under the debug mode
+    got = previews(graphed, debug=True)
+    want = previews(eager, debug=False)
+    assert [i for i, _ in got] == [i for i, _ in want] == list(range(6))
+    for (i, a), (_, b) in zip(got, want):
+        assert a.device.type == "cpu" and torch.allclose(a, b, rtol=1e-5, atol=1e-5), i
 
 
 @pytest.mark.slow
@@ -163,8 +253,12 @@ def test_progress_route_returns_the_preview_while_a_job_runs(fixtures, tmp_path)
             assert data.startswith(PNG_MAGIC) and Image.open(io.BytesIO(data)).size == (8, 8)
         assert requests.get(url + "/progress", timeout=10).json()["current_image"] is None  # no job: none
 
-        # previews off: a running job has none
-        assert requests.post(url + "/options", json={"show_progress_every_n_steps": 0}, timeout=10).ok
+        # previews off (A1111's live_previews_enable; a period of 0: the unit test above): none
+        bad = requests.post(url + "/options", json={"live_previews_enable": 1}, timeout=10)
+        assert bad.status_code == 422 and "live_previews_enable" in bad.json()["detail"]
+        assert requests.get(url + "/options", timeout=10).json()["live_previews_enable"] is True
+        assert requests.post(url + "/options", json={"live_previews_enable": False}, timeout=10).ok
+        assert requests.get(url + "/options", timeout=10).json()["live_previews_enable"] is False
         job = threading.Thread(target=lambda: requests.post(url + "/txt2img", json={
             "prompt": "slow", "seed": 3, "width": 64, "height": 64, "steps": 1000, "sampler_name": "Euler"},
             timeout=300))

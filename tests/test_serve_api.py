@@ -411,6 +411,7 @@ def malformed_cases() -> list[tuple[str, str, object]]:
         ("POST /sdapi/v1/options", "options: clip skip as text", {"CLIP_stop_at_last_layers": "x"}),
         ("POST /sdapi/v1/options", "options: a list", [1, 2]),
         ("POST /sdapi/v1/options", "options: randn_source as an object", {"randn_source": {"a": 1}}),
+        ("POST /sdapi/v1/options", "options: live_previews_enable as text", {"live_previews_enable": "yes"}),
         ("GET /sdapi/v1/progress?skip_current_image=maybe", "progress: bad query", None),
         ("GET /sdapi/v1/no-such-route", "unknown route", None),
         ("GET /sdapi/v1/txt2img", "wrong method", None),

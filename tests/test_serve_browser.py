@@ -342,6 +342,33 @@ def test_png_info_fills_the_form_so_generate_reproduces_the_png(page, fixtures, 
     assert page.find_element("id", "enable_hr").is_selected()
     assert base64.b64decode(generate(page)) == png.read_bytes()
 
+    # a CPU-noise PNG: its RNG goes with the request as override_settings (the server's randn_source stays GPU),
+    # shown under the form and cleared by its button, as A1111's paste of a setting that differs
+    assert not page.find_element("id", "overrides").is_displayed()
+    png = tritonsd_generate(fixtures, tmp_path / "cpu", "--prompt", "a barn", "--steps", "3", "--width", "64",
+                            "--height", "64", "--seed", "6", "--rng", "cpu")
+    page.find_element("id", "tab-pnginfo").click()
+    drop_file(page, "png-drop", png)
+    wait(page, 30).until(lambda d: "RNG: CPU" in d.find_element("id", "png-text").text)
+    page.find_element("id", "png-to-txt2img").click()
+    assert page.execute_script("return window.tritonsd.request().override_settings") == {"randn_source": "CPU"}
+    assert "RNG: CPU" in page.find_element("id", "overrides").text
+    assert base64.b64decode(generate(page)) == png.read_bytes()
+    page.find_element("id", "overrides-clear").click()
+    assert page.execute_script("return window.tritonsd.request().override_settings") is None
+    assert not page.find_element("id", "overrides").is_displayed()
+
+    # the Model hash of another listed checkpoint: that checkpoint as an override (an unknown hash: none)
+    inpaint = next(o.get_attribute("value") for o in page.find_elements("css selector", "#sd_model_checkpoint option")
+                   if o.get_attribute("value").startswith("sd1-inpaint-tiny"))
+    for model_hash, want in ((inpaint.rsplit("[", 1)[1].rstrip("]"), {"sd_model_checkpoint": inpaint}),
+                             ("0123456789", {})):
+        page.execute_script("window.tritonsd.page.png.parameters['Model hash'] = arguments[0]", model_hash)
+        page.find_element("id", "tab-pnginfo").click()
+        page.find_element("id", "png-to-txt2img").click()
+        assert page.execute_script("return window.tritonsd.request().override_settings") == \
+            {"randn_source": "CPU", **want}  # the CPU PNG's RNG still
+
 
 def _previews_while_running(page, server, seen: list[str], currents: list[bytes], until: int) -> None:
     import requests

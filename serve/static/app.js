@@ -15,7 +15,8 @@ const STATUS_WORDS = { 400: "The request was not valid", 401: "Not signed in", 4
   408: "The request took too long", 413: "Too large for this server", 422: "The server cannot do this",
   429: "Too many requests", 499: "Cancelled", 500: "The server failed", 503: "The server is busy" };
 
-const page = { mode: "txt2img", running: false, polling: null, init: null, png: null, lastRequest: null };
+const page = { mode: "txt2img", running: false, polling: null, init: null, png: null, lastRequest: null,
+               overrides: {}, options: {} };
 const mask = new MaskEditor($("mask-canvas"), () => { $("use_mask").checked = true; });
 const gallery = new Gallery($("gallery"), $("viewer"), (settings) => setForm(settings));
 
@@ -66,7 +67,9 @@ async function loadChoices() {
   fill($("scheduler"), schedulers.map((s) => [s.label, s.label]), "Automatic");
   fill($("hr_upscaler"), [...modes, ...upscalers].map((u) => [u.name, u.name]), "Latent");
   const every = options.show_progress_every_n_steps;
+  page.options = options;
   if (Number.isInteger(every)) $("preview_every").value = Math.max(every, 0);
+  if (typeof options.live_previews_enable === "boolean") $("live_previews_enable").checked = options.live_previews_enable;
   await Promise.all([loadModels(options), loadNetworks()]);
 }
 
@@ -135,7 +138,9 @@ function number(id) { return Number($(id).value); }
 function request() {
   const body = {};
   for (const name of COMMON) body[name] = NUMBERS.has(name) ? number(name) : $(name).value;
-  if (number("clip_skip") !== 1) body.override_settings = { CLIP_stop_at_last_layers: number("clip_skip") };
+  const overrides = { ...page.overrides };
+  if (number("clip_skip") !== 1) overrides.CLIP_stop_at_last_layers = number("clip_skip");
+  if (Object.keys(overrides).length) body.override_settings = overrides;
   if (page.mode === "txt2img") {
     if ($("enable_hr").checked) {
       body.enable_hr = true;
@@ -168,7 +173,7 @@ function setForm(settings) {
 // ---------------------------------------------------------------- generating
 
 async function pollProgress() {
-  const wantImage = number("preview_every") > 0;
+  const wantImage = number("preview_every") > 0 && $("live_previews_enable").checked;
   try {
     const p = await getJSON(`/progress?skip_current_image=${!wantImage}`);
     const state = p.state || {};
@@ -314,6 +319,7 @@ function infotextToForm(p) {
   if (sampler) out.sampler_name = sampler;
   out.scheduler = schedule;
   setForm(out);
+  setOverrides(infotextOverrides(p));
   const hires = p["Hires upscale"] !== undefined || p["Hires resize-1"] !== undefined;
   $("enable_hr").checked = hires;
   if (hires) {
@@ -323,6 +329,34 @@ function infotextToForm(p) {
   } else if (p["Denoising strength"] !== undefined) {
     $("i2i_denoising_strength").value = p["Denoising strength"];
   }
+}
+
+// The infotext's fields that are settings rather than form fields, as A1111's paste turns them into
+// override_settings (infotext_to_setting_name_mapping), limited to those the server takes: RNG, Eta DDIM and the
+// checkpoint by its Model hash (a listed title "name [hash]"); as A1111's, only those that differ from the server's
+// options and the checkpoint picked (/png-info reads a missing RNG as "GPU").
+const RNG_SOURCES = ["GPU", "NV", "CPU"];
+
+function infotextOverrides(p) {
+  const out = {};
+  const current = page.options;
+  if (RNG_SOURCES.includes(p.RNG) && p.RNG !== (current.randn_source ?? "GPU")) out.randn_source = p.RNG;
+  const eta = Number(p["Eta DDIM"]);
+  if (p["Eta DDIM"] !== undefined && Number.isFinite(eta) && eta >= 0 && eta <= 1
+      && eta !== (current.eta_ddim ?? 0)) out.eta_ddim = eta;
+  const hash = p["Model hash"];
+  const title = hash && [...$("sd_model_checkpoint").options].map((o) => o.value)
+    .find((t) => t.endsWith(` [${hash}]`));
+  if (title && title !== $("sd_model_checkpoint").value) out.sd_model_checkpoint = title;
+  return out;
+}
+
+function setOverrides(overrides) {
+  page.overrides = overrides;
+  const names = { randn_source: "RNG", eta_ddim: "Eta DDIM", sd_model_checkpoint: "Checkpoint" };
+  const parts = Object.entries(overrides).map(([k, v]) => `${names[k] || k}: ${v}`);
+  $("overrides-text").textContent = `Override settings from the PNG: ${parts.join(", ")}`;
+  $("overrides").hidden = parts.length === 0;
 }
 
 // ---------------------------------------------------------------- wiring
@@ -353,6 +387,9 @@ function wire() {
   $("sd_vae").addEventListener("change", (e) => switchModel({ sd_vae: e.target.value }, `VAE ${e.target.value}`));
   $("preview_every").addEventListener("change", () =>
     postJSON("/options", { show_progress_every_n_steps: Math.max(0, number("preview_every")) }).catch(showError));
+  $("live_previews_enable").addEventListener("change", (e) =>
+    postJSON("/options", { live_previews_enable: e.target.checked }).catch(showError));
+  $("overrides-clear").addEventListener("click", () => setOverrides({}));
 
   $("init-file").addEventListener("change", (e) => fileChosen(e.target.files[0], setInitImage));
   dropTarget($("drop-zone"), setInitImage);
