@@ -28,7 +28,7 @@ from tritonsd.escape import escape
 from tritonsd.model.demo import is_demo
 from tritonsd.kernels.dispatch import BACKENDS
 
-PATH_FIELDS = ("path", "config", "vae", "lora_dir", "embeddings_dir", "upscaler_dir")
+PATH_FIELDS = ("path", "config", "vae", "lora_dir", "embeddings_dir", "upscaler_dir", "controlnet_dir")
 
 
 class LoadSpecError(ValueError):
@@ -48,7 +48,8 @@ class LoadSpec:
     no YAML does. ``lora_dir``: where ``<lora:name:w>`` in a prompt is looked up (not checked here: a prompt
     without LoRAs never needs it). ``embeddings_dir``: textual-inversion embeddings, used where their file name
     appears in a prompt. ``upscaler_dir``: upscaler model files (ESRGAN, ...) for hires fix, by file name (not
-    checked here either: only a generation naming one needs it).
+    checked here either: only a generation naming one needs it). ``controlnet_dir``: ControlNet files, where a
+    unit's ``model`` given by name (``name [hash]``, as the extension lists it) is found (not checked here).
 
     Paths are kept as strings (``os.fspath``), so the same spec compares equal whichever door built it.
     """
@@ -64,6 +65,7 @@ class LoadSpec:
     lora_dir: str | None = None
     embeddings_dir: str | None = None
     upscaler_dir: str | None = None
+    controlnet_dir: str | None = None
 
     def __post_init__(self):
         for name in PATH_FIELDS:

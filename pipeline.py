@@ -164,7 +164,8 @@ class Pipeline:
 
     def __init__(self, model, *, name: str = "model", model_hash: str | Callable[[], str] | None = None,
                  kernels: str = "auto", lora_dir: str | os.PathLike | None = None,
-                 embeddings_dir: str | os.PathLike | None = None, upscaler_dir: str | os.PathLike | None = None):
+                 embeddings_dir: str | os.PathLike | None = None, upscaler_dir: str | os.PathLike | None = None,
+                 controlnet_dir: str | os.PathLike | None = None):
         if kernels not in dispatch.BACKENDS:
             raise ValueError(f"unknown kernels {kernels!r}; expected one of {', '.join(dispatch.BACKENDS)}")
         self.model = model
@@ -189,6 +190,7 @@ class Pipeline:
         self.auto_warmup = True  # on CUDA with the Triton kernels: compile and tune new shapes before their run
         self._warmed: set[tuple] = set()
         self._controlnets: dict[str, ControlNet] = {}  # ControlNet files loaded once, by resolved path
+        self.controlnet_dir = controlnet_dir  # where a unit's model given by name ("name [hash]") is found
 
     # ------------------------------------------------------------ facts
 
@@ -257,7 +259,18 @@ class Pipeline:
             raise SettingsError("width", f"x height: {short}")
         if resolved.enable_hr:
             self._check_hires(resolved)
-        return resolved
+        return self._resolve_controls(resolved)
+
+    def _resolve_controls(self, s: GenerationSettings) -> GenerationSettings:
+        """Units whose model is a name (``name [hash]``, a name, part of one) with their file in
+        ``controlnet_dir``, as the server and the command line find them (``control/models.resolve_units``); an
+        existing file or folder, or a loaded ControlNet, is kept. Without a ControlNet folder nothing changes."""
+        if not s.controls or self.controlnet_dir is None:
+            return s
+        try:
+            return dataclasses.replace(s, controls=resolve_units(s.controls, self.controlnet_dir))
+        except ControlUnitError as e:
+            raise SettingsError("controls", str(e)) from None
 
     def _check_hires(self, s: GenerationSettings) -> None:
         """What the hires pass needs of this pipeline: a known upscaler (its file readable comes at the run) and
@@ -278,11 +291,12 @@ class Pipeline:
         """Settings from an AUTOMATIC1111 ``parameters`` text (a PNG's infotext), ``fields`` overriding it:
         a round trip gives the same image. Malformed values are left out (see ``settings.fields_from_infotext``).
         ControlNet units (``ControlNet 0: ...``) need their images, which the PNG does not hold: ``control_images``,
-        one per unit; their models (``name [hash]``) are found in ``controlnet_dir``."""
+        one per unit; their models (``name [hash]``) are found in ``controlnet_dir`` (default: the pipeline's)."""
         parsed, _notes = fields_from_infotext(text)
         if parsed.get("controls") and "controls" not in fields:
             try:
-                parsed["controls"] = resolve_units(attach_images(parsed["controls"], control_images), controlnet_dir)
+                folder = self.controlnet_dir if controlnet_dir is None else controlnet_dir
+                parsed["controls"] = resolve_units(attach_images(parsed["controls"], control_images), folder)
             except ControlUnitError as e:
                 raise SettingsError("controls", str(e)) from None
         check_networks(parse_infotext(text), self.lora_dir, self._embeddings_dir)
@@ -547,7 +561,8 @@ class Pipeline:
             if unit.weight == 0.0 or not acts_in_pass(unit, s.enable_hr, latents.hires):
                 continue
             net = self.controlnet(unit.model)
-            hint = detect(unit, width, height, s.init_image, init_resize_mode=s.resize_mode,
+            init = s.init_image if s.control_init_image is None else s.control_init_image  # as sent
+            hint = detect(unit, width, height, init, init_resize_mode=s.resize_mode,
                           preprocess_size=first_size).to(self.device)
             with torch.no_grad():
                 guided = net.hint_features(hint)
@@ -750,7 +765,8 @@ class Pipeline:
 def load(path: str | os.PathLike, config: str | os.PathLike | None = None, *, device=None, dtype=None,
          kernels: str = "auto", vae: str | os.PathLike | None = None, text_heads: int | None = None,
          parameterization: str | None = None, lora_dir: str | os.PathLike | None = None,
-         embeddings_dir: str | os.PathLike | None = None, upscaler_dir: str | os.PathLike | None = None) -> Pipeline:
+         embeddings_dir: str | os.PathLike | None = None, upscaler_dir: str | os.PathLike | None = None,
+         controlnet_dir: str | os.PathLike | None = None) -> Pipeline:
     """A Pipeline for an original single-file checkpoint (``.safetensors`` or ``.ckpt``), or the built-in demo
     model ``"demo:sd1"`` (tiny, random weights: its images are noise; no file needed).
 
@@ -760,14 +776,16 @@ def load(path: str | os.PathLike, config: str | os.PathLike | None = None, *, de
     external VAE file (``.safetensors`` / ``.pt``); ``text_heads`` / ``parameterization``: what the weights cannot
     tell, when no YAML does; ``lora_dir``: where ``<lora:name:w>`` in a prompt is looked up;
     ``embeddings_dir``: textual-inversion embeddings, used where their file name appears in a prompt;
-    ``upscaler_dir``: upscaler model files (ESRGAN, ...) for hires fix's ``hr_upscaler``. The model
+    ``upscaler_dir``: upscaler model files (ESRGAN, ...) for hires fix's ``hr_upscaler``; ``controlnet_dir``:
+    ControlNet files, found by name for ``ControlUnit(model="name [hash]")`` as the server lists them. The model
     hash for the infotext is computed when the first infotext needs it, and cached on disk
     (``formats.hashes.cached_sha256``).
 
     The same as ``load_spec(LoadSpec(path, config, ...))``: the keywords are ``LoadSpec``'s fields."""
     return load_spec(LoadSpec(path, config, device=device, dtype=dtype, kernels=kernels, vae=vae,
                               text_heads=text_heads, parameterization=parameterization, lora_dir=lora_dir,
-                              embeddings_dir=embeddings_dir, upscaler_dir=upscaler_dir))
+                              embeddings_dir=embeddings_dir, upscaler_dir=upscaler_dir,
+                              controlnet_dir=controlnet_dir))
 
 
 def load_spec(spec: LoadSpec | CheckedSpec) -> Pipeline:
@@ -781,7 +799,7 @@ def load_spec(spec: LoadSpec | CheckedSpec) -> Pipeline:
     source = model.source
     return Pipeline(model, name=source.model_name, kernels=spec.kernels, lora_dir=spec.lora_dir,
                     embeddings_dir=spec.embeddings_dir, upscaler_dir=spec.upscaler_dir,
-                    model_hash=source.model_hash)  # computed (or read from the disk cache) when a PNG needs it
+                    controlnet_dir=spec.controlnet_dir, model_hash=source.model_hash)  # computed (or read from the disk cache) when a PNG needs it
 
 
 __all__ = ["CheckedSpec", "Conditioning", "GenerationSettings", "Images", "Latents", "LoadSpec", "NonFiniteError", "Pipeline",

@@ -44,13 +44,7 @@ def detect(unit: ControlUnit, width: int, height: int, init_image=None, *, init_
     goes through the extension's 8-bit path.
     """
     (unit,) = check_units([unit])
-    image, resize_mode = unit.image, unit.resize_mode
-    if image is None:
-        if init_image is None:
-            raise ControlUnitError("the unit has no image and there is no init image to use instead")
-        image = _init_image(init_image)
-        if init_resize_mode is not None:
-            resize_mode = resize_mode_of(int(init_resize_mode))
+    image, resize_mode = _source(unit, init_image, init_resize_mode)
     if isinstance(image, torch.Tensor):
         if unit.module == "none" and tuple(image.shape[-2:]) == (height, width):
             return image
@@ -59,6 +53,28 @@ def detect(unit: ControlUnit, width: int, height: int, init_image=None, *, init_
                                    f"({width}x{height}) with module none")
         image = tensor_to_uint8(image)
     return to_tensor(detect_map(unit, image, width, height, resize_mode, preprocess_size))
+
+
+def shown_map(unit: ControlUnit, width: int, height: int, init_image=None, *, init_resize_mode=None,
+              preprocess_size: tuple[int, int] | None = None) -> np.ndarray:
+    """The map ``detect`` makes, as the HxWx3 uint8 picture the extension shows (and appends to the API's
+    images); a tensor image goes through the 8-bit path."""
+    (unit,) = check_units([unit])
+    image, resize_mode = _source(unit, init_image, init_resize_mode)
+    if isinstance(image, torch.Tensor):
+        image = tensor_to_uint8(image[:1])
+    return detect_map(unit, image, width, height, resize_mode, preprocess_size)
+
+
+def _source(unit: ControlUnit, init_image, init_resize_mode) -> tuple:
+    """(the image the unit preprocesses, its resize mode): the unit's own, else the init image with img2img's
+    resize mode (the extension's ``choose_input_image``)."""
+    if unit.image is not None:
+        return unit.image, unit.resize_mode
+    if init_image is None:
+        raise ControlUnitError("the unit has no image and there is no init image to use instead")
+    mode = unit.resize_mode if init_resize_mode is None else resize_mode_of(int(init_resize_mode))
+    return _init_image(init_image), mode
 
 
 def detect_map(unit: ControlUnit, image: np.ndarray, width: int, height: int, resize_mode: str | None = None,

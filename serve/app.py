@@ -379,7 +379,9 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.get("/sdapi/v1/scripts")
     def scripts():
-        return {"txt2img": [], "img2img": []}
+        # webui lists its scripts' names (titles, lower case); the one implemented here is the ControlNet
+        # extension's alwayson script ("ControlNet")
+        return {"txt2img": ["controlnet"], "img2img": ["controlnet"]}
 
     @app.get("/sdapi/v1/options")
     def get_options():
