@@ -42,10 +42,12 @@ negative prompt is empty, else the encoded negative prompt; size conditioning: o
 (height, width), crop (0, 0).
 
 ControlNet (``settings.controls``, ``ControlUnit``s as sd-webui-controlnet defines them): ``denoise`` makes each
-unit's control map at the loop's size (``control/preprocess.detect``; an img2img init image serves a unit without
-an image), loads each ControlNet file once (``controlnet``), and runs the UNet with the units' residuals added,
+unit's control map at the loop's size (``control/preprocess.detect``; an img2img init image, as given before any
+resize, serves a unit without an image; "only masked" inpainting cuts every unit's image to the masked region),
+loads each ControlNet file once (``controlnet``), and runs the UNet with the units' residuals added,
 step by step as the extension's hook does (``control/apply.py``); a unit of weight 0 is left out. Hires fix's
-second pass gets its own control maps at its size.
+second pass gets its own control maps at its size. Units name their model by file, or by name (``name [hash]``)
+in the pipeline's ``controlnet_dir``.
 
 Tiling (``settings.tiling``, seamless textures): every convolution of the UNet and the VAE pads circularly, as
 AUTOMATIC1111's ``apply_circular`` sets it for a generation: the VAE encode of an init image, the sampler loop
@@ -71,7 +73,7 @@ import torch
 
 from tritonsd.control import apply as C
 from tritonsd.control.models import attach_images, resolve_units
-from tritonsd.control.preprocess import detect
+from tritonsd.control.preprocess import detect, sources
 from tritonsd.kernels import dispatch
 from tritonsd.load_spec import CheckedSpec, LoadSpec
 from tritonsd.model.controlnet import ControlNet, ControlNetError, load_controlnet
@@ -561,9 +563,7 @@ class Pipeline:
             if unit.weight == 0.0 or not acts_in_pass(unit, s.enable_hr, latents.hires):
                 continue
             net = self.controlnet(unit.model)
-            init = s.init_image if s.control_init_image is None else s.control_init_image  # as sent
-            hint = detect(unit, width, height, init, init_resize_mode=s.resize_mode,
-                          preprocess_size=first_size).to(self.device)
+            hint = detect(unit, width, height, preprocess_size=first_size, **sources(s)).to(self.device)
             with torch.no_grad():
                 guided = net.hint_features(hint)
             soft = None

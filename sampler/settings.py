@@ -112,7 +112,7 @@ class GenerationSettings:
     controls: tuple = ()  # ControlNet units (``sampler/control.py`` ControlUnit), applied together (residuals summed)
     control_init_image: object = None  # img2img's init image as given, before its resize to width x height:
     # ControlNet units without an image preprocess this one, as the extension takes webui's p.init_images[0]
-    # (None: check() keeps a PIL init_image here, except for "only masked" inpainting; else init_image)
+    # (None: check() keeps a PIL init_image here; else init_image)
 
     # ------------------------------------------------------------ without a model
 
@@ -188,17 +188,16 @@ class GenerationSettings:
                                    mask=mask, width=width, height=height, clip_skip=clip_skip, subseed=subseed,
                                    subseed_strength=subseed_strength, sampler=spec.name, inpainting_fill=fill,
                                    inpaint=prepared, controls=controls,
-                                   control_init_image=self._control_init_image(controls, prepared), **hires)
+                                   control_init_image=self._control_init_image(controls), **hires)
 
-    def _control_init_image(self, controls: tuple, prepared) -> object:
+    def _control_init_image(self, controls: tuple) -> object:
         """The image ControlNet units without one preprocess (HxWx3 uint8), or None (they use init_image):
         ``control_init_image``, else a PIL init image as given (the extension's ``p.init_images[0]``, before
-        img2img's resize) unless "only masked" inpainting crops it; kept only while a unit needs it."""
+        img2img's resize or inpainting's crop); kept only while a unit needs it."""
         if not any(unit.image is None for unit in controls):
             return None
         source = self.control_init_image
-        if source is None and (prepared is None or prepared.paste_to is None) and \
-                not isinstance(self.init_image, (torch.Tensor, type(None))):
+        if source is None and not isinstance(self.init_image, (torch.Tensor, type(None))):
             source = self.init_image
         try:
             return control.control_image(source)

@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image
 
 from tritonsd.control.models import list_models, resolve_units
-from tritonsd.control.preprocess import preprocess, shown_map
+from tritonsd.control.preprocess import preprocess, shown_map, sources
 from tritonsd.sampler.control import ControlUnit, ControlUnitError, check_units, control_image, module_of, \
     sorted_modules
 from tritonsd.serve.errors import BadRequest, printable
@@ -114,12 +114,11 @@ def detected_maps(s, saved: tuple[bool, ...]) -> list[str]:
     if s.enable_hr:
         target = hires_target(s.width, s.height, s.hr_scale, s.hr_resize_x, s.hr_resize_y)
         sizes.insert(0, (target.upscale_to_x, target.upscale_to_y))
-    init = s.init_image if s.control_init_image is None else s.control_init_image
     out = []
     for unit, save in zip(s.controls, saved):
         if save:
-            out.extend(_png_b64(shown_map(unit, w, h, init, init_resize_mode=s.resize_mode,
-                                          preprocess_size=(s.width, s.height))) for w, h in sizes)
+            out.extend(_png_b64(shown_map(unit, w, h, preprocess_size=(s.width, s.height), **sources(s)))
+                       for w, h in sizes)
     return out
 
 

@@ -396,3 +396,25 @@ def test_a_unit_without_image_preprocesses_the_init_image_as_sent():
     assert np.array_equal(_b64_array(shown)[0], small[32:96])
     assert GenerationSettings(prompt="x", init_image=resized, control_init_image=original).check() \
         .control_init_image is None, "kept only while a unit needs it"
+
+
+def test_only_masked_inpainting_cuts_every_units_image_to_the_masked_region():
+    """The extension's ``try_crop_image_with_a1111_mask`` (``inpaint_crop_input_image`` defaults to true): a
+    128x128 init image, the mask the square [32, 96) (no blur, no padding), 64x64: the crop region is that square
+    (its aspect is the generation's: not expanded) and the "Resize and Fill" to 64x64 keeps it as it is; so each
+    map (module none) is the square of its image, the init image's as sent (not inpainting's filled one)."""
+    from tritonsd.control.preprocess import detect, sources
+
+    rng = np.random.RandomState(6)
+    init, own = (rng.randint(0, 256, size=(128, 128, 3)).astype(np.uint8) for _ in range(2))
+    mask = np.zeros((128, 128), np.uint8)
+    mask[32:96, 32:96] = 255
+    s = GenerationSettings(prompt="x", init_image=Image.fromarray(init), mask=Image.fromarray(mask), mask_blur=0,
+                           inpaint_full_res=True, inpaint_full_res_padding=0, inpainting_fill=0, width=64, height=64,
+                           controls=[ControlUnit(model="m"), ControlUnit(model="m", image=own)]).check()
+    assert s.inpaint.paste_to == (32, 32, 64, 64)
+    for unit, picture in zip(s.controls, (init, own)):
+        want = torch.from_numpy(picture[32:96, 32:96].copy()).permute(2, 0, 1)[None].float() / 255.0
+        assert torch.equal(detect(unit, 64, 64, **sources(s)), want)
+    maps = [_b64_array(x)[0] for x in serve_cn.detected_maps(s, (True, True))]
+    assert np.array_equal(maps[0], init[32:96, 32:96]) and np.array_equal(maps[1], own[32:96, 32:96])
