@@ -102,6 +102,12 @@ def test_scripts_list_controlnet_and_maps_can_be_left_out(api, canny_image):
                             {"override_settings": {"control_net_no_detectmap": True}})):
         r = api.session.post(f"{api.baseurl}/txt2img", json={**payload, "alwayson_scripts": scripts, **extra})
         assert r.status_code == 200 and len(r.json()["images"]) == 1, r.text
+    assert api.get_options()["control_net_no_detectmap"] is False
+    api.set_options({"control_net_no_detectmap": True})
+    try:
+        assert len(api.txt2img(prompt="x", controlnet_units=[unit], **SIZE).images) == 1
+    finally:
+        api.set_options({"control_net_no_detectmap": False})
 
 
 def test_img2img_unit_without_image_takes_the_init_image_as_sent(api):
