@@ -27,6 +27,17 @@ CN = "controlnet-sd1-tiny"
 SIZE = dict(width=128, height=64, steps=3, seed=7, cfg_scale=6.0)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def webuiapi_defaults_emptied():
+    """webuiapi's txt2img / img2img put the units into their default ``alwayson_scripts={}``, a dict every later
+    call shares (in the test modules after this one too, whose servers know no ControlNet): emptied afterwards."""
+    yield
+    for method in (webuiapi.WebUIApi.txt2img, webuiapi.WebUIApi.img2img):
+        for default in method.__defaults__ or ():
+            if isinstance(default, dict):
+                default.clear()
+
+
 @pytest.fixture(scope="module")
 def cndir(fixtures, tmp_path_factory):
     d = tmp_path_factory.mktemp("controlnet")
