@@ -28,7 +28,8 @@ from tritonsd.escape import escape
 from tritonsd.model.demo import is_demo
 from tritonsd.kernels.dispatch import BACKENDS
 
-PATH_FIELDS = ("path", "config", "vae", "lora_dir", "embeddings_dir", "upscaler_dir", "models_dir")
+PATH_FIELDS = ("path", "config", "vae", "lora_dir", "embeddings_dir", "upscaler_dir", "models_dir",
+               "controlnet_dir")
 
 
 class LoadSpecError(ValueError):
@@ -50,6 +51,8 @@ class LoadSpec:
     appears in a prompt. ``upscaler_dir``: upscaler model files (ESRGAN, ...) for hires fix, by file name (not
     checked here either: only a generation naming one needs it). ``models_dir``: where hires fix's
     ``hr_checkpoint_name`` is looked up by name (default: the checkpoint's folder; not checked here).
+    ``controlnet_dir``: ControlNet files, where a unit's ``model`` given by name (``name [hash]``, as the
+    extension lists it) is found (not checked here).
 
     Paths are kept as strings (``os.fspath``), so the same spec compares equal whichever door built it.
     """
@@ -66,6 +69,7 @@ class LoadSpec:
     embeddings_dir: str | None = None
     upscaler_dir: str | None = None
     models_dir: str | None = None
+    controlnet_dir: str | None = None
 
     def __post_init__(self):
         for name in PATH_FIELDS:

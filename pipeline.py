@@ -42,10 +42,12 @@ negative prompt is empty, else the encoded negative prompt; size conditioning: o
 (height, width), crop (0, 0).
 
 ControlNet (``settings.controls``, ``ControlUnit``s as sd-webui-controlnet defines them): ``denoise`` makes each
-unit's control map at the loop's size (``control/preprocess.detect``; an img2img init image serves a unit without
-an image), loads each ControlNet file once (``controlnet``), and runs the UNet with the units' residuals added,
+unit's control map at the loop's size (``control/preprocess.detect``; an img2img init image, as given before any
+resize, serves a unit without an image; "only masked" inpainting cuts every unit's image to the masked region),
+loads each ControlNet file once (``controlnet``), and runs the UNet with the units' residuals added,
 step by step as the extension's hook does (``control/apply.py``); a unit of weight 0 is left out. Hires fix's
-second pass gets its own control maps at its size.
+second pass gets its own control maps at its size. Units name their model by file, or by name (``name [hash]``)
+in the pipeline's ``controlnet_dir``.
 
 Tiling (``settings.tiling``, seamless textures): every convolution of the UNet and the VAE pads circularly, as
 AUTOMATIC1111's ``apply_circular`` sets it for a generation: the VAE encode of an init image, the sampler loop
@@ -71,7 +73,7 @@ import torch
 
 from tritonsd.control import apply as C
 from tritonsd.control.models import attach_images, resolve_units
-from tritonsd.control.preprocess import detect
+from tritonsd.control.preprocess import detect, sources
 from tritonsd.kernels import dispatch
 from tritonsd.load_spec import CheckedSpec, LoadSpec
 from tritonsd.model import hoist
@@ -167,7 +169,8 @@ class Pipeline:
 
     def __init__(self, model, *, name: str = "model", model_hash: str | Callable[[], str] | None = None,
                  kernels: str = "auto", lora_dir: str | os.PathLike | None = None,
-                 embeddings_dir: str | os.PathLike | None = None, upscaler_dir: str | os.PathLike | None = None):
+                 embeddings_dir: str | os.PathLike | None = None, upscaler_dir: str | os.PathLike | None = None,
+                 controlnet_dir: str | os.PathLike | None = None):
         if kernels not in dispatch.BACKENDS:
             raise ValueError(f"unknown kernels {kernels!r}; expected one of {', '.join(dispatch.BACKENDS)}")
         self.model = model
@@ -194,6 +197,7 @@ class Pipeline:
         self._controlnets: dict[str, ControlNet] = {}  # ControlNet files loaded once, by resolved path
         self.spec: LoadSpec | None = None  # how it was loaded (``load_spec``): a hires checkpoint is loaded alike
         self._hires_pipe: tuple[Path, "Pipeline"] | None = None  # the last hires checkpoint's pipeline, kept
+        self.controlnet_dir = controlnet_dir  # where a unit's model given by name ("name [hash]") is found
 
     # ------------------------------------------------------------ facts
 
@@ -280,7 +284,18 @@ class Pipeline:
                 self.hires_checkpoint(resolved)
             except CheckpointNotFound as e:
                 raise SettingsError("hr_checkpoint_name", str(e)) from None
-        return resolved
+        return self._resolve_controls(resolved)
+
+    def _resolve_controls(self, s: GenerationSettings) -> GenerationSettings:
+        """Units whose model is a name (``name [hash]``, a name, part of one) with their file in
+        ``controlnet_dir``, as the server and the command line find them (``control/models.resolve_units``); an
+        existing file or folder, or a loaded ControlNet, is kept. Without a ControlNet folder nothing changes."""
+        if not s.controls or self.controlnet_dir is None:
+            return s
+        try:
+            return dataclasses.replace(s, controls=resolve_units(s.controls, self.controlnet_dir))
+        except ControlUnitError as e:
+            raise SettingsError("controls", str(e)) from None
 
     def _check_hires(self, s: GenerationSettings) -> None:
         """What the hires pass needs of this pipeline: a known upscaler (its file readable comes at the run) and
@@ -304,11 +319,12 @@ class Pipeline:
         """Settings from an AUTOMATIC1111 ``parameters`` text (a PNG's infotext), ``fields`` overriding it:
         a round trip gives the same image. Malformed values are left out (see ``settings.fields_from_infotext``).
         ControlNet units (``ControlNet 0: ...``) need their images, which the PNG does not hold: ``control_images``,
-        one per unit; their models (``name [hash]``) are found in ``controlnet_dir``."""
+        one per unit; their models (``name [hash]``) are found in ``controlnet_dir`` (default: the pipeline's)."""
         parsed, _notes = fields_from_infotext(text)
         if parsed.get("controls") and "controls" not in fields:
             try:
-                parsed["controls"] = resolve_units(attach_images(parsed["controls"], control_images), controlnet_dir)
+                folder = self.controlnet_dir if controlnet_dir is None else controlnet_dir
+                parsed["controls"] = resolve_units(attach_images(parsed["controls"], control_images), folder)
             except ControlUnitError as e:
                 raise SettingsError("controls", str(e)) from None
         check_networks(parse_infotext(text), self.lora_dir, self._embeddings_dir)
@@ -592,8 +608,7 @@ class Pipeline:
             if unit.weight == 0.0 or not acts_in_pass(unit, s.enable_hr, latents.hires):
                 continue
             net = self.controlnet(unit.model)
-            hint = detect(unit, width, height, s.init_image, init_resize_mode=s.resize_mode,
-                          preprocess_size=first_size).to(self.device)
+            hint = detect(unit, width, height, preprocess_size=first_size, **sources(s)).to(self.device)
             with torch.no_grad():
                 guided = net.hint_features(hint)
             soft = None
@@ -847,7 +862,8 @@ def load(path: str | os.PathLike, config: str | os.PathLike | None = None, *, de
          kernels: str = "auto", vae: str | os.PathLike | None = None, text_heads: int | None = None,
          parameterization: str | None = None, lora_dir: str | os.PathLike | None = None,
          embeddings_dir: str | os.PathLike | None = None, upscaler_dir: str | os.PathLike | None = None,
-         models_dir: str | os.PathLike | None = None) -> Pipeline:
+         models_dir: str | os.PathLike | None = None,
+         controlnet_dir: str | os.PathLike | None = None) -> Pipeline:
     """A Pipeline for an original single-file checkpoint (``.safetensors`` or ``.ckpt``), or the built-in demo
     model ``"demo:sd1"`` (tiny, random weights: its images are noise; no file needed).
 
@@ -858,14 +874,16 @@ def load(path: str | os.PathLike, config: str | os.PathLike | None = None, *, de
     tell, when no YAML does; ``lora_dir``: where ``<lora:name:w>`` in a prompt is looked up;
     ``embeddings_dir``: textual-inversion embeddings, used where their file name appears in a prompt;
     ``upscaler_dir``: upscaler model files (ESRGAN, ...) for hires fix's ``hr_upscaler``; ``models_dir``: where
-    hires fix's ``hr_checkpoint_name`` is looked up (default: the checkpoint's folder). The model
+    hires fix's ``hr_checkpoint_name`` is looked up (default: the checkpoint's folder); ``controlnet_dir``:
+    ControlNet files, found by name for ``ControlUnit(model="name [hash]")`` as the server lists them. The model
     hash for the infotext is computed when the first infotext needs it, and cached on disk
     (``formats.hashes.cached_sha256``).
 
     The same as ``load_spec(LoadSpec(path, config, ...))``: the keywords are ``LoadSpec``'s fields."""
     return load_spec(LoadSpec(path, config, device=device, dtype=dtype, kernels=kernels, vae=vae,
                               text_heads=text_heads, parameterization=parameterization, lora_dir=lora_dir,
-                              embeddings_dir=embeddings_dir, upscaler_dir=upscaler_dir, models_dir=models_dir))
+                              embeddings_dir=embeddings_dir, upscaler_dir=upscaler_dir, models_dir=models_dir,
+                              controlnet_dir=controlnet_dir))
 
 
 def load_spec(spec: LoadSpec | CheckedSpec) -> Pipeline:
@@ -879,6 +897,7 @@ def load_spec(spec: LoadSpec | CheckedSpec) -> Pipeline:
     source = model.source
     pipe = Pipeline(model, name=source.model_name, kernels=spec.kernels, lora_dir=spec.lora_dir,
                     embeddings_dir=spec.embeddings_dir, upscaler_dir=spec.upscaler_dir,
+                    controlnet_dir=spec.controlnet_dir,
                     model_hash=source.model_hash)  # computed (or read from the disk cache) when a PNG needs it
     pipe.spec = spec
     return pipe

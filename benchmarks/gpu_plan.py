@@ -132,6 +132,12 @@ STAGES = (
           (f"{E2E} --model sd15 --batch 1 --impl tritonsd-graph --hires-scale 2 --repeat 3 --json {{json}}",),
           compiles=("sd15-1024-fp16",), tunes=("sd15-fp16", "sd15-1024-fp16"), run_s="e2e_sd15_hires",
           fixtures=("manifests/sd15.json",)),
+    Stage(9, "controlnet-share", "SD 1.5 512x512 batch 1: the ControlNet's share of a step with 0 / 1 / 2 units "
+                                 "(random full-size ControlNets), eager and captured; another image / weight / "
+                                 "start / end replays the captured loop, equal to a fresh eager run",
+          ("python3 benchmarks/controlnet_share.py --model sd15 --size 512 --steps 20 --repeat 5 --check "
+           "--git-commit {commit} --json {json}",),
+          tunes=("sd15-fp16",), run_s="controlnet_share", fixtures=("manifests/sd15.json",)),
     Stage(10, "previews", "live previews' cost: SD 1.5 512x512 time per step with previews off / every 10 / every "
                           "step, graphed and eager (CUDA events); pytest: graph previews == eager, no sync",
           ("python3 benchmarks/preview_cost.py --model sd15 --size 512 --steps 20 --repeat 5 --json {json}",

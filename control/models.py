@@ -77,12 +77,13 @@ def find_model(name: str, directory: str | os.PathLike | None) -> Path:
 
 def resolve_units(units, directory: str | os.PathLike | None, allow_paths: bool = True) -> tuple:
     """The units with each ``model`` given by name turned into its file's path. ``allow_paths``: a ``model`` that
-    is an existing file is used as it is (the command line, Python); the server names models only."""
+    is an existing file (or a diffusers folder) is used as it is (the command line, Python); the server names
+    models only."""
     out = []
     for i, unit in enumerate(units):
         model = unit.model
         if isinstance(model, (str, os.PathLike)):
-            if allow_paths and os.path.isfile(model):
+            if allow_paths and (os.path.isfile(model) or os.path.isdir(model)):
                 model = Path(model)
             else:
                 try:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from tritonsd.sampler.inpaint import resize_image
 from tritonsd.sampler.control import (ControlUnit, ControlUnitError, RESIZE_MODES, check_units, hwc3, module_of,
                                       resize_mode_of)
 
@@ -29,7 +30,7 @@ JUST_RESIZE, CROP_AND_RESIZE, RESIZE_AND_FILL = RESIZE_MODES
 
 
 def detect(unit: ControlUnit, width: int, height: int, init_image=None, *, init_resize_mode=None,
-           preprocess_size: tuple[int, int] | None = None) -> torch.Tensor:
+           preprocess_size: tuple[int, int] | None = None, crop=None) -> torch.Tensor:
     """The unit's control map for an image of width x height: [1, 3, height, width] float32 in [0, 1].
 
     ``init_image``: the img2img init image (PIL, uint8 HxWx3, or [1, 3, H, W] in [-1, 1] as the settings hold
@@ -38,19 +39,14 @@ def detect(unit: ControlUnit, width: int, height: int, init_image=None, *, init_
     of the unit's. The extension preprocesses webui's init image as sent (before img2img resizes it): give that
     image where the sizes differ. ``preprocess_size``: (width, height) pixel perfect
     computes with (the extension takes the first pass's size for the hires pass too); default: width x height.
+    ``crop``: "only masked" inpainting's region (``sources``), which every image is cut to first.
 
     A unit image given as a tensor with module "none" at exactly width x height is returned as it is (a control
     map made elsewhere keeps its float values; [B, 3, H, W]: one map per image of the batch); every other image
     goes through the extension's 8-bit path.
     """
     (unit,) = check_units([unit])
-    image, resize_mode = unit.image, unit.resize_mode
-    if image is None:
-        if init_image is None:
-            raise ControlUnitError("the unit has no image and there is no init image to use instead")
-        image = _init_image(init_image)
-        if init_resize_mode is not None:
-            resize_mode = resize_mode_of(int(init_resize_mode))
+    image, resize_mode = _source(unit, init_image, init_resize_mode, crop)
     if isinstance(image, torch.Tensor):
         if unit.module == "none" and tuple(image.shape[-2:]) == (height, width):
             return image
@@ -59,6 +55,58 @@ def detect(unit: ControlUnit, width: int, height: int, init_image=None, *, init_
                                    f"({width}x{height}) with module none")
         image = tensor_to_uint8(image)
     return to_tensor(detect_map(unit, image, width, height, resize_mode, preprocess_size))
+
+
+def shown_map(unit: ControlUnit, width: int, height: int, init_image=None, *, init_resize_mode=None,
+              preprocess_size: tuple[int, int] | None = None, crop=None) -> np.ndarray:
+    """The map ``detect`` makes, as the HxWx3 uint8 picture the extension shows (and appends to the API's
+    images); a tensor image goes through the 8-bit path."""
+    (unit,) = check_units([unit])
+    image, resize_mode = _source(unit, init_image, init_resize_mode, crop)
+    if isinstance(image, torch.Tensor):
+        image = tensor_to_uint8(image[:1])
+    return detect_map(unit, image, width, height, resize_mode, preprocess_size)
+
+
+def sources(s) -> dict:
+    """``detect`` / ``shown_map``'s keywords for checked GenerationSettings ``s``: the init image as sent (the
+    extension's ``p.init_images[0]``), img2img's resize mode, and with "only masked" inpainting the region every
+    unit's image is cut to: ((x1, y1, x2, y2), the mask's size, the generation's size)."""
+    crop = None
+    prepared = s.inpaint
+    if prepared is not None and prepared.paste_to is not None:
+        x, y, w, h = prepared.paste_to
+        crop = ((x, y, x + w, y + h), prepared.overlay.size, (s.width, s.height))
+    init = s.init_image if s.control_init_image is None else s.control_init_image
+    return {"init_image": init, "init_resize_mode": s.resize_mode, "crop": crop}
+
+
+def _source(unit: ControlUnit, init_image, init_resize_mode, crop=None) -> tuple:
+    """(the image the unit preprocesses, its resize mode): the unit's own, else the init image with img2img's
+    resize mode (the extension's ``choose_input_image``); cut to ``crop`` when given."""
+    if unit.image is not None:
+        image, mode = unit.image, unit.resize_mode
+    elif init_image is None:
+        raise ControlUnitError("the unit has no image and there is no init image to use instead")
+    else:
+        mode = unit.resize_mode if init_resize_mode is None else resize_mode_of(int(init_resize_mode))
+        image = _init_image(init_image)
+    if crop is not None:
+        if isinstance(image, torch.Tensor):
+            image = tensor_to_uint8(image[:1])
+        image = crop_to_region(image, RESIZE_MODES.index(mode), *crop)
+    return image, mode
+
+
+def crop_to_region(image: np.ndarray, mode: int, region: tuple, mask_size: tuple, size: tuple) -> np.ndarray:
+    """The extension's ``try_crop_image_with_a1111_mask`` ("only masked" inpainting, its default
+    ``inpaint_crop_input_image``): webui's ``resize_image`` to the mask's size by ``mode``, the crop region cut
+    out, ``resize_image`` "Resize and Fill" to the generation's size (PIL's filters act per channel, so the
+    extension's channel-by-channel resize is the RGB resize)."""
+    from PIL import Image  # lazy: PIL only for "only masked" inpainting with ControlNet
+
+    picture = resize_image(mode, Image.fromarray(np.ascontiguousarray(image)), *mask_size).crop(region)
+    return np.asarray(resize_image(2, picture, *size)).copy()
 
 
 def detect_map(unit: ControlUnit, image: np.ndarray, width: int, height: int, resize_mode: str | None = None,

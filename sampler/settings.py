@@ -117,6 +117,9 @@ class GenerationSettings:
     # (webui's lookup, ``formats/checkpoint_names.py``); None or "Use same checkpoint": this one
     tiling: bool = False  # seamless textures: every UNet and VAE convolution pads circularly (AUTOMATIC1111's)
     controls: tuple = ()  # ControlNet units (``sampler/control.py`` ControlUnit), applied together (residuals summed)
+    control_init_image: object = None  # img2img's init image as given, before its resize to width x height:
+    # ControlNet units without an image preprocess this one, as the extension takes webui's p.init_images[0]
+    # (None: check() keeps a PIL init_image here; else init_image)
 
     # ------------------------------------------------------------ without a model
 
@@ -198,7 +201,21 @@ class GenerationSettings:
                                    mask=mask, width=width, height=height, clip_skip=clip_skip, subseed=subseed,
                                    subseed_strength=subseed_strength, sampler=spec.name, inpainting_fill=fill,
                                    inpaint=prepared, controls=controls, inpainting_mask_weight=mask_weight,
-                                   **hires)
+                                   control_init_image=self._control_init_image(controls), **hires)
+
+    def _control_init_image(self, controls: tuple) -> object:
+        """The image ControlNet units without one preprocess (HxWx3 uint8), or None (they use init_image):
+        ``control_init_image``, else a PIL init image as given (the extension's ``p.init_images[0]``, before
+        img2img's resize or inpainting's crop); kept only while a unit needs it."""
+        if not any(unit.image is None for unit in controls):
+            return None
+        source = self.control_init_image
+        if source is None and not isinstance(self.init_image, (torch.Tensor, type(None))):
+            source = self.init_image
+        try:
+            return control.control_image(source)
+        except control.ControlUnitError as e:
+            raise SettingsError("control_init_image", str(e)) from None
 
     def _prepare_inpaint(self, fill: int) -> tuple:
         """(prepared, width, height): A1111's pixel-side inpainting (``inpaint.prepare``) of a PIL init image and

@@ -38,7 +38,7 @@ def build_state(spec, *, models_dir=None, vae_dir=None, credentials: dict | None
         spec = LoadSpec(spec)
     catalog = Catalog(spec.path, config=spec.config, models_dir=models_dir, vae_dir=vae_dir,
                       lora_dir=spec.lora_dir, embeddings_dir=spec.embeddings_dir)
-    catalog.controlnet_dir = controlnet_dir
+    catalog.controlnet_dir = spec.controlnet_dir if controlnet_dir is None else controlnet_dir
     host = ModelHost(catalog, spec, pipe=pipe)
     if pipe is None:
         host.ensure(host.default)

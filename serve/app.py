@@ -379,7 +379,9 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.get("/sdapi/v1/scripts")
     def scripts():
-        return {"txt2img": [], "img2img": []}
+        # webui lists its scripts' names (titles, lower case); the one implemented here is the ControlNet
+        # extension's alwayson script ("ControlNet")
+        return {"txt2img": ["controlnet"], "img2img": ["controlnet"]}
 
     @app.get("/sdapi/v1/options")
     def get_options():
@@ -426,7 +428,7 @@ def options_dict(state: ServerState) -> dict:
     host, o = state.host, state.options
     ckpt = next((c for c in state.catalog.checkpoints if c.path == host.default.checkpoint), state.catalog.main)
     previews = getattr(state.worker, "previews", None)
-    return {**o.other, "show_progress_every_n_steps": previews.every if previews is not None else 0,
+    return {"control_net_no_detectmap": False, **o.other, "show_progress_every_n_steps": previews.every if previews is not None else 0,
             "live_previews_enable": previews is not None and getattr(previews, "enabled", True),
             "sd_model_checkpoint": ckpt.title, "sd_checkpoint_hash": ckpt.sha256,
             "sd_vae": o.sd_vae, "CLIP_stop_at_last_layers": o.clip_skip, "randn_source": o.randn_source,

@@ -8,7 +8,11 @@
   lowvram). As in the extension, a unit is used only with ``"enabled": true`` (its field's default is false);
   entries that are not dicts are skipped. Fields that would change the image and are not implemented
   (``advanced_weighting``, ``effective_region_mask``, a ``mask``, ...) are a 422 naming them; fields with no
-  effect here (``low_vram``, ``save_detected_map``, ...) are ignored.
+  effect here (``low_vram``, ...) are ignored.
+* Responses: as the extension's ``postprocess``, each enabled unit's detected map is appended to ``images``
+  (after the generated ones; with hires fix its map at the second pass's size, then the first's) unless the
+  unit has ``"save_detected_map": false`` or the option ``control_net_no_detectmap`` (``/sdapi/v1/options`` or
+  ``override_settings``) is true; ``info``'s infotexts and seeds stay the generated images'.
 * ``model`` is a title of ``/controlnet/model_list`` (``name [hash]``) or a name (``--controlnet-dir``); never
   a path.
 * Routes: ``/controlnet/version``, ``/controlnet/model_list``, ``/controlnet/module_list``
@@ -26,11 +30,12 @@ import numpy as np
 from PIL import Image
 
 from tritonsd.control.models import list_models, resolve_units
-from tritonsd.control.preprocess import preprocess
+from tritonsd.control.preprocess import preprocess, shown_map, sources
 from tritonsd.sampler.control import ControlUnit, ControlUnitError, check_units, control_image, module_of, \
     sorted_modules
 from tritonsd.serve.errors import BadRequest, printable
 from tritonsd.serve.images import decode_image
+from tritonsd.sampler.upscale import hires_target
 
 SCRIPT = "controlnet"
 API_VERSION = 3  # the extension's ``external_code.get_api_version``
@@ -63,18 +68,21 @@ def is_controlnet(name) -> bool:
     return isinstance(name, str) and name.lower() == SCRIPT
 
 
+def _enabled_units(scripts):
+    """(where, fields with the aliases renamed) of each enabled unit of the request, in order."""
+    for i, arg in enumerate(script_args(scripts) or []):
+        if not isinstance(arg, dict):
+            continue
+        fields = {ALIASES.get(k, k): v for k, v in arg.items()}
+        if fields.get("enabled", False):
+            yield f"alwayson_scripts.controlnet.args[{i}]", fields
+
+
 def units_from_request(scripts, controlnet_dir) -> tuple:
     """The request's enabled units, checked (images decoded, names normalised) and their models found in
     ``controlnet_dir``; a BadRequest (422) naming the unit otherwise."""
-    args = script_args(scripts)
     units = []
-    for i, arg in enumerate(args or []):
-        if not isinstance(arg, dict):
-            continue
-        where = f"alwayson_scripts.controlnet.args[{i}]"
-        fields = {ALIASES.get(k, k): v for k, v in arg.items()}
-        if not fields.get("enabled", False):
-            continue
+    for where, fields in _enabled_units(scripts):
         asked = [k for k, neutral in NOT_IMPLEMENTED.items() if k in fields and fields[k] not in neutral]
         if asked:
             raise BadRequest(f"{where}: not implemented by tritonsd, and the image would differ: "
@@ -88,6 +96,30 @@ def units_from_request(scripts, controlnet_dir) -> tuple:
             raise BadRequest(f"{where}: {str(e).removeprefix('unit 0: ')}") from None
         units.append(unit)
     return tuple(units)
+
+
+def saved_maps(scripts, no_detectmap) -> tuple[bool, ...]:
+    """Per enabled unit, whether its detected map joins the response's images: its ``save_detected_map`` (the
+    extension's default: true), none at all under the option ``control_net_no_detectmap``."""
+    return tuple(not no_detectmap and bool(fields.get("save_detected_map", True))
+                 for _, fields in _enabled_units(scripts))
+
+
+def detected_maps(s, saved: tuple[bool, ...]) -> list[str]:
+    """The detected maps the extension's ``postprocess`` appends to ``processed.images`` once per request (after
+    every image of every iteration), as base64 PNGs: per unit with ``saved``, with hires fix its map at the second
+    pass's size first (``get_control`` stores it first), then at the first pass's size. ``s``: the checked
+    settings; a unit of weight 0 and one that sits out a pass show their maps too, as there."""
+    sizes = [(s.width, s.height)]
+    if s.enable_hr:
+        target = hires_target(s.width, s.height, s.hr_scale, s.hr_resize_x, s.hr_resize_y)
+        sizes.insert(0, (target.upscale_to_x, target.upscale_to_y))
+    out = []
+    for unit, save in zip(s.controls, saved):
+        if save:
+            out.extend(_png_b64(shown_map(unit, w, h, preprocess_size=(s.width, s.height), **sources(s)))
+                       for w, h in sizes)
+    return out
 
 
 def _image(where: str, value):

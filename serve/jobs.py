@@ -68,6 +68,7 @@ class Plan:
     ignored: list[str]
     notes: list[str]
     parameters: dict
+    saved_maps: tuple = ()  # per ControlNet unit: its detected map joins the images (``serve/controlnet.py``)
 
 
 # ---------------------------------------------------------------- request -> plan
@@ -220,8 +221,11 @@ def build_plan(req, mode: str, *, options: Options, catalog, host, ignore_unsupp
                               settings.hr_resize_y)
         _check_memory(settings.batch_size, target.upscale_to_x, target.upscale_to_y, host)
     _log_ignored(ignored, table)
+    no_map = (req.override_settings or {}).get("control_net_no_detectmap",
+                                                options.other.get("control_net_no_detectmap", False))
     return Plan(mode, settings, n_iter, key, bool(v("override_settings_restore_afterwards")), subseed, prepared,
-                bool(v("send_images")), sorted(set(ignored)), notes, parameters(req, mode == "img2img"))
+                bool(v("send_images")), sorted(set(ignored)), notes, parameters(req, mode == "img2img"),
+                controlnet.saved_maps(req.alwayson_scripts, bool(no_map)))
 
 
 def _hires_fields(req, v, catalog) -> dict:
@@ -279,7 +283,10 @@ def _prepare_images(req, v, width, height, notes: list[str]) -> tuple[inpaint.Pr
     if mask is None and ints["resize_mode"] == LATENT_RESIZE:  # the image as sent, its latent resized
         return inpaint.Prepared(inpaint.flatten(init), None, None, None, []), dict(resize_mode=LATENT_RESIZE)
     if mask is None:
-        return inpaint.prepare(init, None, width, height, resize_mode=ints["resize_mode"]), {}
+        # ControlNet units without an image preprocess the image as sent (the extension's p.init_images[0]) with
+        # img2img's resize mode (3, latent upscale, is Just Resize there too)
+        return inpaint.prepare(init, None, width, height, resize_mode=ints["resize_mode"]), \
+            {"control_init_image": init, "resize_mode": ints["resize_mode"] % 3}
     fields = dict(mask=mask, mask_blur=(blur_x, blur_y), inpaint_full_res=bool(v("inpaint_full_res")),
                   inpaint_full_res_padding=ints["inpaint_full_res_padding"],
                   inpainting_fill=ints["inpainting_fill"], inpainting_mask_invert=bool(ints["inpainting_mask_invert"]),
@@ -376,7 +383,8 @@ def respond(plan: Plan, pipe, s, images: list, infotexts: list[str], notes: list
         "is_using_inpainting_conditioning": pipe.config.unet.in_channels == 9,
         "version": "tritonsd", "ignored_fields": plan.ignored, "notes": notes,
     }
-    return {"images": [png_b64(im) for im in images] if plan.send_images else [],
+    maps = controlnet.detected_maps(s, plan.saved_maps) if plan.send_images and any(plan.saved_maps) else []
+    return {"images": [png_b64(im) for im in images] + maps if plan.send_images else [],
             "parameters": plan.parameters, "info": json.dumps(info)}
 
 

@@ -6,6 +6,7 @@ loops; and a control that controls, through ``pipe(...)``."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -349,3 +350,23 @@ def test_a_loaded_controlnet_elsewhere_is_refused_in_one_line(pipes, fixtures):
     half = load_controlnet(fixtures / FORMS[1], pipe.model.model.diffusion_model, dtype=torch.float16)
     with pytest.raises(ControlNetError, match="move it"):
         pipe.controlnet(half)
+
+
+def test_only_masked_inpainting_feeds_the_units_the_cut_init_image(pipes, fixtures):
+    """"Only masked": a unit without an image takes the init image as sent, cut to the masked region as the unit's
+    own image is (the extension's ``try_crop_image_with_a1111_mask``), not the filled image the model starts from:
+    the same picture given as the unit's image gives the same pixels."""
+    from PIL import Image
+
+    pipe = pipes("sd1-tiny")
+    rng = np.random.RandomState(8)
+    init = rng.randint(0, 256, size=(128, 128, 3)).astype(np.uint8)
+    mask = np.zeros((128, 128), np.uint8)
+    mask[40:80, 30:90] = 255
+    fields = dict(prompt="a red circle", seed=5, steps=2, width=64, height=64, sampler="euler",
+                  init_image=Image.fromarray(init), mask=Image.fromarray(mask), inpaint_full_res=True,
+                  inpainting_fill=0)
+    implicit = pipe.generate(pipe.settings(controls=(ControlUnit(fixtures / FORMS[1]),), **fields))
+    explicit = pipe.generate(pipe.settings(controls=(ControlUnit(fixtures / FORMS[1], image=init),), **fields))
+    plain = pipe.generate(pipe.settings(**fields))
+    assert torch.equal(implicit, explicit) and (implicit - plain).abs().max() > 1e-3

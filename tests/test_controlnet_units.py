@@ -13,6 +13,7 @@ import json
 import shutil
 
 import numpy as np
+import torch
 import pytest
 import webuiapi
 from PIL import Image
@@ -336,3 +337,84 @@ def test_hr_option_picks_the_passes_a_unit_acts_in(option, first, second):
     assert acts_in_pass(unit, True, False) is first
     assert acts_in_pass(unit, True, True) is second
     assert acts_in_pass(unit, False, False) is True
+
+
+# ---------------------------------------------------------------- detected maps in the response (issue 23)
+
+
+def _b64_array(text: str) -> tuple[np.ndarray, dict]:
+    image = Image.open(io.BytesIO(base64.b64decode(text)))
+    return np.array(image), dict(image.info)
+
+
+def test_detected_maps_follow_the_extensions_postprocess(fixtures):
+    """Each enabled unit's map, unless ``save_detected_map`` is false or the option ``control_net_no_detectmap``
+    is set; with hires fix the second pass's map first. Expected maps: the fixture's canny map (the original
+    code's), and for module none the extension's ``high_quality_resize`` rule written out (>= 200 colours,
+    enlarged: OpenCV's cubic resize)."""
+    import cv2
+
+    ref, _ = load_reference(fixtures / f"{CN}.reference.safetensors")
+    canny = {"enabled": True, "model": "m", "module": "canny", "processor_res": 64,
+             "image": ref["canny.image"].numpy()}
+    photo = np.random.RandomState(3).randint(0, 256, size=(32, 64, 3)).astype(np.uint8)
+    args = [canny, {"enabled": True, "model": "m", "image": photo, "save_detected_map": False},
+            {"enabled": False, "model": "m", "image": photo}, "not a unit"]
+    saved = serve_cn.saved_maps({"ControlNet": {"args": args}}, False)
+    assert saved == (True, False)
+    assert serve_cn.saved_maps({"controlnet": {"args": args}}, True) == (False, False)
+    units = [ControlUnit(**{k: v for k, v in a.items() if k not in ("enabled", "save_detected_map")})
+             for a in args[:2]]
+    s = GenerationSettings(prompt="x", width=128, height=64, controls=units).check()
+    (shown,) = serve_cn.detected_maps(s, saved)
+    pixels, info = _b64_array(shown)
+    assert np.array_equal(pixels, ref["canny.detected_map"].numpy()) and info == {}, "webui's PNG of a map: no text"
+
+    hires = GenerationSettings(prompt="x", width=64, height=32, enable_hr=True, hr_scale=2.0,
+                               controls=[ControlUnit(model="m", image=photo)]).check()
+    second, first = (_b64_array(x)[0] for x in serve_cn.detected_maps(hires, (True,)))
+    assert np.array_equal(first, photo)
+    assert np.array_equal(second, cv2.resize(photo, (128, 64), interpolation=cv2.INTER_CUBIC))
+
+
+def test_a_unit_without_image_preprocesses_the_init_image_as_sent():
+    """img2img: the extension takes webui's ``p.init_images[0]`` (before img2img's resize) with img2img's resize
+    mode. A 256x256 original made of 2x2 blocks, at 128x64 with "Crop and Resize": scaled by 0.5 to cover
+    (area resize of 2x2 blocks: each block's value), then the middle 64 rows -> rows 32..95 of the blocks."""
+    from tritonsd.control.preprocess import detect
+
+    small = np.random.RandomState(4).randint(0, 256, size=(128, 128, 3)).astype(np.uint8)
+    original = Image.fromarray(np.repeat(np.repeat(small, 2, axis=0), 2, axis=1))  # 256x256
+    resized = original.resize((128, 64))  # what img2img's resize would give (any other image would do)
+    s = GenerationSettings(prompt="x", init_image=resized, control_init_image=original, resize_mode=1,
+                           controls=[ControlUnit(model="m")]).check()
+    assert (s.width, s.height) == (128, 64) and s.control_init_image.shape == (256, 256, 3)
+    want = torch.from_numpy(small[32:96]).permute(2, 0, 1)[None].float() / 255.0
+    init = s.init_image if s.control_init_image is None else s.control_init_image
+    assert torch.equal(detect(s.controls[0], 128, 64, init, init_resize_mode=s.resize_mode), want)
+    (shown,) = serve_cn.detected_maps(s, (True,))
+    assert np.array_equal(_b64_array(shown)[0], small[32:96])
+    assert GenerationSettings(prompt="x", init_image=resized, control_init_image=original).check() \
+        .control_init_image is None, "kept only while a unit needs it"
+
+
+def test_only_masked_inpainting_cuts_every_units_image_to_the_masked_region():
+    """The extension's ``try_crop_image_with_a1111_mask`` (``inpaint_crop_input_image`` defaults to true): a
+    128x128 init image, the mask the square [32, 96) (no blur, no padding), 64x64: the crop region is that square
+    (its aspect is the generation's: not expanded) and the "Resize and Fill" to 64x64 keeps it as it is; so each
+    map (module none) is the square of its image, the init image's as sent (not inpainting's filled one)."""
+    from tritonsd.control.preprocess import detect, sources
+
+    rng = np.random.RandomState(6)
+    init, own = (rng.randint(0, 256, size=(128, 128, 3)).astype(np.uint8) for _ in range(2))
+    mask = np.zeros((128, 128), np.uint8)
+    mask[32:96, 32:96] = 255
+    s = GenerationSettings(prompt="x", init_image=Image.fromarray(init), mask=Image.fromarray(mask), mask_blur=0,
+                           inpaint_full_res=True, inpaint_full_res_padding=0, inpainting_fill=0, width=64, height=64,
+                           controls=[ControlUnit(model="m"), ControlUnit(model="m", image=own)]).check()
+    assert s.inpaint.paste_to == (32, 32, 64, 64)
+    for unit, picture in zip(s.controls, (init, own)):
+        want = torch.from_numpy(picture[32:96, 32:96].copy()).permute(2, 0, 1)[None].float() / 255.0
+        assert torch.equal(detect(unit, 64, 64, **sources(s)), want)
+    maps = [_b64_array(x)[0] for x in serve_cn.detected_maps(s, (True, True))]
+    assert np.array_equal(maps[0], init[32:96, 32:96]) and np.array_equal(maps[1], own[32:96, 32:96])

@@ -356,7 +356,8 @@ def load_spec_of(args: argparse.Namespace):
                     vae=getattr(args, "vae", None), text_heads=args.text_heads,
                     parameterization=args.parameterization, lora_dir=args.lora_dir,
                     embeddings_dir=args.embeddings_dir, upscaler_dir=getattr(args, "upscaler_dir", None),
-                    models_dir=getattr(args, "models_dir", None))
+                    models_dir=getattr(args, "models_dir", None),
+                    controlnet_dir=getattr(args, "controlnet_dir", None))
 
 
 def check_cpu_dtype(device: str, dtype: str | None) -> None:
