@@ -28,7 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from tritonsd.serve import jobs, limits
 from tritonsd.serve.catalog import Catalog
 from tritonsd.serve.controlnet_routes import install_routes as install_controlnet_routes
-from tritonsd.serve.errors import ApiError, BadRequest, TooLarge, error_body, printable
+from tritonsd.serve.errors import ApiError, BadRequest, TooLarge, error_body, json_object, printable
 from tritonsd.sampler.upscale import LATENT_UPSCALE_MODES
 from tritonsd.serve.extras import ExtrasSingleImageRequest, extras_job
 from tritonsd.serve.guard import HostGuard, allowed_hosts
@@ -227,16 +227,6 @@ async def read_model(request: Request, model):
     return await run_in_threadpool(_validate, model, await request.body())
 
 
-def _json_object(body: bytes) -> dict:
-    try:
-        value = json.loads(body)
-    except (ValueError, RecursionError) as e:
-        raise BadRequest(f"the body is not valid JSON ({printable(e, 120)})") from None
-    if not isinstance(value, dict):
-        raise BadRequest(f"the body must be a JSON object, got {type(value).__name__}")
-    return value
-
-
 async def wait_disconnect(request: Request) -> None:
     """Returns once the client has gone (its body was read whole by BodyLimit; what comes next is the end)."""
     while True:
@@ -301,7 +291,7 @@ def create_app(state: ServerState) -> FastAPI:
         """Every running job, or only task ``id_task`` (in the query or a JSON body: beside A1111's API)."""
         body = await request.body()
         if body.strip():
-            id_task = _json_object(body).get("id_task", id_task)
+            id_task = json_object(body).get("id_task", id_task)
         if id_task is not None and not isinstance(id_task, str):
             raise BadRequest(f"id_task must be a string, got {printable(id_task)}")
         await run_in_threadpool(state.worker.interrupt, id_task)
@@ -310,7 +300,7 @@ def create_app(state: ServerState) -> FastAPI:
     @app.post("/internal/progress")
     async def internal_progress(request: Request):
         """A1111's progress of one task: ``{"id_task": ...}`` -> active / queued / completed, progress, eta."""
-        req = await run_in_threadpool(_json_object, await request.body())
+        req = await run_in_threadpool(json_object, await request.body())
         task = req.get("id_task")
         if not isinstance(task, str):
             raise BadRequest(f"id_task must be a string, got {printable(task)}")
@@ -390,7 +380,7 @@ def create_app(state: ServerState) -> FastAPI:
     @app.post("/sdapi/v1/options", openapi_extra={"requestBody": {"required": True, "content": {
         "application/json": {"schema": {"type": "object", "additionalProperties": True}}}}})
     async def set_options(request: Request):
-        req = await run_in_threadpool(_json_object, await request.body())
+        req = await run_in_threadpool(json_object, await request.body())
         await run_in_threadpool(set_options_sync, state, req)
         await _maybe_switch(state, req, run_job)
         return None

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 
 import numpy as np
 from PIL import Image
@@ -182,16 +181,6 @@ def detect(body: dict) -> dict:
     except ControlUnitError as e:
         raise BadRequest(str(e).removeprefix("unit 0: ")) from None
     return {"info": "Success", "images": [_png_b64(x) for x in out]}
-
-
-def json_object(body: bytes) -> dict:
-    try:
-        value = json.loads(body)
-    except (ValueError, RecursionError) as e:
-        raise BadRequest(f"the body is not valid JSON ({printable(e, 120)})") from None
-    if not isinstance(value, dict):
-        raise BadRequest(f"the body must be a JSON object, got {type(value).__name__}")
-    return value
 
 
 def _number(body: dict, key: str):

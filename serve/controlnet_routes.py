@@ -6,6 +6,7 @@ from fastapi import FastAPI, Request
 from starlette.concurrency import run_in_threadpool
 
 from tritonsd.serve import controlnet
+from tritonsd.serve.errors import json_object
 
 
 def install_routes(app: FastAPI, state) -> None:
@@ -29,4 +30,4 @@ def install_routes(app: FastAPI, state) -> None:
     @app.post("/controlnet/detect")
     async def detect(request: Request):
         body = await request.body()
-        return await run_in_threadpool(lambda: controlnet.detect(controlnet.json_object(body)))
+        return await run_in_threadpool(lambda: controlnet.detect(json_object(body)))

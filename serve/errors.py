@@ -3,6 +3,8 @@ one-line detail, answered as A1111's API answers errors (``{"error", "detail", "
 
 from __future__ import annotations
 
+import json
+
 
 class ApiError(ValueError):
     """A request the server refuses: ``status`` (4xx), ``error`` (a short type name) and a one-line ``detail``."""
@@ -46,3 +48,14 @@ def printable(text: str, limit: int = 200) -> str:
 def error_body(error: str, detail, message: str | None = None) -> dict:
     """A1111's error JSON (``api.py``'s ``handle_exception``)."""
     return {"error": error, "detail": detail, "body": "", "errors": message if message is not None else str(detail)}
+
+
+def json_object(body: bytes) -> dict:
+    """A request body that must be one JSON object; anything else is a ``BadRequest`` naming why."""
+    try:
+        value = json.loads(body)
+    except (ValueError, RecursionError) as e:
+        raise BadRequest(f"the body is not valid JSON ({printable(e, 120)})") from None
+    if not isinstance(value, dict):
+        raise BadRequest(f"the body must be a JSON object, got {type(value).__name__}")
+    return value
