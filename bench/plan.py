@@ -12,6 +12,10 @@ A measured-times file (``--measured``, written by a GPU run) maps a launch's key
 key) to seconds, or holds ``{"launches": [{"key": ..., "measured_s": ...}]}``; a row whose key it holds shows
 the measurement beside the prediction. (A row's key is not stored in the plan's JSON: it is
 ``op + "|" + impl + "|" + shapes`` of the row.)
+
+``--controlnet N`` walks the step through N random full-size ControlNets at the model's widths (the controlled
+UNet, as a captured loop calls it); each step row's ``part`` says which network launched it (``controlnet``,
+``unet``, or ``sampler`` for the denoiser, CFG and the update) and ``per_step.parts`` totals each part.
 """
 
 from __future__ import annotations
@@ -89,6 +93,8 @@ class GPU:
 def row(c: Cost, gpu: GPU, measured: dict[str, float]) -> dict:
     out = {"op": c.op, "impl": c.impl, "kernel": c.kernel, "shapes": c.shapes, "flops": c.flops,
            "hbm_bytes": c.hbm_bytes, "predicted_s": gpu.time(c)}
+    if c.part:
+        out["part"] = c.part
     if c.config:
         out["config"] = c.config
     if c.autotune is not None:
@@ -135,6 +141,7 @@ class Plan:
     dtype: str
     steps: int
     hoists: bool
+    controlnets: int
     gpu: GPU
     step: list[Cost]
     text: list[Cost]
@@ -147,10 +154,12 @@ class Plan:
         return {
             "label": LABEL, "command": command, "model": self.model, "size": list(self.size), "batch": self.batch,
             "unet_batch": self.batch * (2 if self.cfg else 1), "cfg": self.cfg, "dtype": self.dtype,
-            "hoists": self.hoists,
+            "hoists": self.hoists, "controlnets": self.controlnets,
             "gpu": {"key": gpu.key, "name": gpu.name, "tensor_flops": gpu.tensor_flops,
                     "vector_flops": gpu.vector_flops, "hbm_bytes_s": gpu.hbm_bytes_s, "source": gpu.source},
-            "per_step": totals(self.step, gpu),
+            "per_step": {**totals(self.step, gpu), "parts": {
+                part: totals([c for c in self.step if c.part == part], gpu) for part in plan_model.PARTS
+                if part != "controlnet" or self.controlnets}},
             "launches": [row(c, gpu, measured) for c in self.step],
             "image": {"steps": self.steps, **totals(image, gpu),
                       "parts": {"text": totals(self.text, gpu), "loop": totals(self.loop, gpu),
@@ -166,19 +175,22 @@ def _costs(events: list[Event]) -> list[Cost]:
 
 def make_plan(model: str, size: tuple[int, int] | None = None, batch: int = 1, cfg: bool = True,
               dtype: str = "fp16", gpu: str = "h100", steps: int = DEFAULT_STEPS,
-              text_heads: int | None = None, hoists: bool = True) -> Plan:
+              text_heads: int | None = None, hoists: bool = True, controlnets: int = 0) -> Plan:
     if dtype not in PLAN_DTYPES:
         raise PlanError(f"dtype must be one of {', '.join(PLAN_DTYPES)}, got {dtype!r}")
     if not 1 <= batch <= 64 or not 1 <= steps <= 500:
         raise PlanError("batch must be 1 to 64 and steps 1 to 500")
+    if not 0 <= controlnets <= 8:
+        raise PlanError(f"--controlnet must be 0 to 8, got {controlnets}")
     spec = GPU.named(gpu, dtype)
     built = plan_model.build(model, DTYPE_NAMES[dtype], text_heads)
     size = size or plan_model.native_size(built)
-    walk = plan_model.walk_image(built, size, batch, cfg, DTYPE_NAMES[dtype], steps, hoists)
+    walk = plan_model.walk_image(built, size, batch, cfg, DTYPE_NAMES[dtype], steps, hoists,
+                                  controlnets)
     loop = _costs(walk.loop)
     by_event = {id(e): c for e, c in zip(walk.loop, loop)}
     step = [by_event[id(e)] for e in walk.step]
-    return Plan(model, size, batch, cfg, dtype, steps, hoists, spec, step, _costs(walk.text), loop,
+    return Plan(model, size, batch, cfg, dtype, steps, hoists, controlnets, spec, step, _costs(walk.text), loop,
                 _costs(walk.vae))
 
 
@@ -223,6 +235,9 @@ def print_plan(data: dict, rows: bool = True, file=None) -> None:
     step = data["per_step"]
     for line in summary_lines("one step", step):
         print(line, file=file)
+    if "controlnet" in step["parts"]:
+        print("  by part: " + "; ".join(f"{name} {t['launches']} launches, {_si(t['flops'], 'FLOP')}, floor "
+                                        f"{_ms(t['floor_s'])}" for name, t in step["parts"].items()), file=file)
     low, high = step["with_launch_overhead"]["floor_s"]
     print(f"  predicted {step['predicted_it_s']:.1f} it/s at the floor; {1 / high:.1f}-{1 / low:.1f} it/s with an "
           f"assumed {LAUNCH_OVERHEAD_S[0] * 1e6:.0f}-{LAUNCH_OVERHEAD_S[1] * 1e6:.0f} us per launch", file=file)
@@ -265,6 +280,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                                    "its weights nor its YAML say")
     p.add_argument("--no-hoist", action="store_true", help="walk the loop without moving per-run and per-step-index "
                                                            "work out of the step (to see what the hoists save)")
+    p.add_argument("--controlnet", type=int, default=0, metavar="N",
+                   help="N random full-size ControlNets at the model's widths on every step (default 0); rows and "
+                        "totals per part (controlnet, unet, sampler)")
     p.add_argument("--summary", action="store_true", help="totals only, no row per launch")
 
 
@@ -273,7 +291,8 @@ def command(args: argparse.Namespace) -> list[str]:
     out = ["tritonsd", "bench", "plan", str(args.model)]
     for flag, value, default in (("--size", args.size, None), ("--batch", args.batch, 1),
                                  ("--dtype", args.dtype, "fp16"), ("--gpu", args.gpu, "h100"),
-                                 ("--steps", args.steps, DEFAULT_STEPS), ("--text-heads", args.text_heads, None)):
+                                 ("--steps", args.steps, DEFAULT_STEPS), ("--text-heads", args.text_heads, None),
+                                 ("--controlnet", args.controlnet, 0)):
         if value != default:
             out += [flag, str(value)]
     if args.no_cfg:
@@ -291,7 +310,7 @@ def run(args: argparse.Namespace) -> int:
     size = plan_model.parse_size(args.size) if args.size else None
     measured = load_measured(args.measured)
     plan = make_plan(args.model, size, args.batch, not args.no_cfg, args.dtype, args.gpu, args.steps,
-                     args.text_heads, not args.no_hoist)
+                     args.text_heads, not args.no_hoist, args.controlnet)
     data = plan.to_json(measured, command(args))
     print_plan(data, rows=not args.summary)
     if args.json is not None:

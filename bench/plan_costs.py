@@ -78,6 +78,7 @@ class Cost:
     config: dict = field(default_factory=dict)  # a Triton launch's constexprs as launched
     flops_known: bool = True
     autotune: tuple | None = None  # an autotuned launch: (kernel name, source hash, autotune key, config count)
+    part: str = ""  # the network that launched it ("unet", "controlnet"; "" for the sampler's own work)
 
     @property
     def key(self) -> str:
@@ -176,4 +177,6 @@ def aten_cost(event: Event) -> Cost:
 
 
 def cost(event: Event) -> Cost:
-    return triton_cost(event) if event.kind == "triton" else aten_cost(event)
+    c = triton_cost(event) if event.kind == "triton" else aten_cost(event)
+    c.part = event.part
+    return c

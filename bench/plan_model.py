@@ -6,6 +6,12 @@ no weights are read and nothing is allocated. The loop is the one the Pipeline r
 body, ``sampler/graph.py``, with its per-step tables), walked eagerly over all its steps; a UNet call opens a
 new span, so the middle span is one whole step in the steady state (its UNet, CFG combine and sampler update;
 what the loop makes once, before or at its first step, is in the first spans).
+
+With ControlNets (``controlnets``: random full-size ones at the model's widths, on the meta device like the model)
+the loop's UNet is the controlled one, as a captured loop calls it (``control/apply.ControlledUNet`` over a static
+``ControlRun``: every unit's forward, then the UNet with the summed residuals); each launch is marked with the
+``part`` that made it: ``controlnet``, ``unet`` or ``sampler`` (the denoiser, CFG and the sampler's update; and the
+hint features, made once a run, count as ``controlnet``).
 """
 
 from __future__ import annotations
@@ -16,21 +22,26 @@ from pathlib import Path
 
 import torch
 
-from tritonsd.bench.plan_walk import Event, walking
+from tritonsd.bench.plan_walk import Event, Walk, walking
 from tritonsd.bench.random_weights import build_meta_model
 from tritonsd.escape import escape
 from tritonsd.compile.shapes import LATENT_FACTOR, TEXT_TOKENS
+from tritonsd.control.apply import ControlRun, PreparedUnit
 from tritonsd.formats.checkpoint import read_checkpoint_shapes
 from tritonsd.formats.keys import normalize_keys
 from tritonsd.model.config import ModelConfig, detect_config, find_config
+from tritonsd.model.controlnet import ControlNet, ControlNetConfig
 from tritonsd.model import hoist
 from tritonsd.model.load import no_parameter_init
 from tritonsd.model.sd import StableDiffusion, build_model
 from tritonsd.sampler import registry
+from tritonsd.sampler.control import ControlUnit
 from tritonsd.sampler.graph import GraphRunner, tables_on_device
 from tritonsd.sampler.wiring import make_schedule, sigma_denoiser
 
 FAMILIES = ("sd15", "sd21", "sdxl")
+HINT_WIDTHS = (16, 16, 32, 32, 96, 96, 256)  # the released ControlNets' input_hint_block (RGB in, UNet width out)
+PARTS = ("controlnet", "unet", "sampler")
 
 
 class PlanModelError(ValueError):
@@ -56,6 +67,37 @@ def build_from_config(config: ModelConfig, dtype: torch.dtype) -> StableDiffusio
     with torch.device("meta"), no_parameter_init():
         built = build_model(config)
     return built.eval().requires_grad_(False).to(dtype)
+
+
+def controlnet_for(model: StableDiffusion, dtype: torch.dtype) -> ControlNet:
+    """A full-size ControlNet at the model's UNet widths (as the released ones), on the meta device in ``dtype``."""
+    unet = model.config.unet
+    config = ControlNetConfig(unet=unet, hint_widths=(3, *HINT_WIDTHS, unet.model_channels))
+    with torch.device("meta"), no_parameter_init():
+        net = ControlNet(config)
+    return net.eval().requires_grad_(False).to(dtype)
+
+
+def _units(nets: list[ControlNet], size: tuple[int, int], hint: bool) -> list[PreparedUnit]:
+    """Units of weight 1 (Balanced) over ``nets``, with the hint features of an RGB control map at the image's size
+    (``hint``: computed by the network; else an empty buffer of their shape)."""
+    w, h = size
+    units = []
+    for net in nets:
+        mc = net.config.unet.model_channels
+        guided = (net.hint_features(_meta((1, 3, h, w), torch.float32)) if hint else
+                  _meta((1, mc, h // LATENT_FACTOR, w // LATENT_FACTOR), net.dtype))
+        units.append(PreparedUnit(net, guided, ControlUnit(model=net), False))
+    return units
+
+
+def _control_run(walk: Walk, static: ControlRun, size: tuple[int, int], steps: int) -> ControlRun:
+    """A run's part in the walk: its hint features (once a run) and its scale table, copied into the captured
+    loop's ``static`` buffers (made once per loop shape, outside the walk) as ``CapturedLoop.load`` copies them."""
+    walk.in_part("controlnet")
+    static.load(ControlRun(_units([p.source for p in static.units], size, True), steps, "meta"))
+    walk.in_part("sampler")
+    return static
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -125,9 +167,10 @@ def _conditioning(model: StableDiffusion, batch: int) -> dict[str, torch.Tensor]
 
 def walk_loop(model: StableDiffusion, size: tuple[int, int], batch: int, cfg: bool, dtype, steps: int,
               sampler: str = registry.DEFAULT_SAMPLER, cfg_scale: float = 7.0,
-              hoists: bool = True) -> dict[str, list[Event]]:
+              hoists: bool = True, controlnets: int = 0) -> dict[str, list[Event]]:
     """The graph runner's loop body over ``steps`` steps (Karras sigmas), spans split at each UNet call;
-    ``hoists=False``: without the per-run and per-step-index hoists (``model/hoist``, the step embeddings)."""
+    ``hoists=False``: without the per-run and per-step-index hoists (``model/hoist``, the step embeddings);
+    ``controlnets``: that many ControlNet units on every call (see the module docstring)."""
     spec = registry.get(sampler)
     w, h = size
     # latents are float32 (the Pipeline's), the conditioning in the model's dtype (the text encoders')
@@ -137,16 +180,34 @@ def walk_loop(model: StableDiffusion, size: tuple[int, int], batch: int, cfg: bo
     uncond = _conditioning(model, batch) if cfg else None
     spans: dict[str, list[Event]] = {}
     calls = []
+    static = None  # a captured loop's copy of the ControlNets and buffers: made once per shape, not per run
+    if controlnets:
+        nets = [controlnet_for(model, dtype) for _ in range(controlnets)]
+        static = ControlRun(_units(nets, size, False), steps, "meta").static_copy("meta")
 
     with walking() as walk, contextlib.nullcontext() if hoists else hoist.suspended():
-        walk.span("pre")
+        walk.span("pre", "sampler")
 
-        def unet(x, t, context, y=None, t_emb=None, step_emb=None):  # the model, opening a span per call
-            walk.span(f"step{len(calls)}")
+        def unet(x, t, context, y=None, t_emb=None, step_emb=None, control=None, only_mid_control=False):
+            """The model, opening a span per call (unless the ControlNets opened it)."""
+            if control is None:
+                walk.span(f"step{len(calls)}", "unet")
+                calls.append(1)
+            walk.in_part("unet")
+            out = model.apply_model(x, t, context, y=y, t_emb=t_emb, step_emb=step_emb, control=control,
+                                    only_mid_control=only_mid_control)
+            walk.in_part("sampler")
+            return out
+
+        controlled = None if static is None else _control_run(walk, static, size, steps).wrap(unet)
+
+        def controlled_unet(x, t, context, y=None, t_emb=None, cond_mark=None):  # ControlledUNet's signature
+            """The ControlNets' forwards, then the UNet with their residuals: one span per call."""
+            walk.span(f"step{len(calls)}", "controlnet")
             calls.append(1)
-            return model.apply_model(x, t, context, y=y, t_emb=t_emb, step_emb=step_emb)
+            return controlled(x, t, context, y=y, t_emb=t_emb, cond_mark=cond_mark)
 
-        den = sigma_denoiser(unet, model.config, model.step_embedder() if hoists else None)  # as the Pipeline
+        den = sigma_denoiser(unet if controlled is None else controlled_unet, model.config, model.step_embedder() if hoists else None)  # as the Pipeline
         runner = GraphRunner(tables_on_device(den, "meta"), device="meta", use_graphs=False)
         runner.run(x, cond, uncond, None, sigmas=sigmas, cfg_scale=cfg_scale if cfg else 1.0, sampler=spec)
     for event in walk.events:
@@ -176,8 +237,8 @@ def walk_vae(model: StableDiffusion, size: tuple[int, int], batch: int, dtype) -
 
 
 def walk_image(model: StableDiffusion, size: tuple[int, int], batch: int, cfg: bool, dtype, steps: int,
-               hoists: bool = True) -> ImageWalk:
-    spans = walk_loop(model, size, batch, cfg, dtype, steps, hoists=hoists)
+               hoists: bool = True, controlnets: int = 0) -> ImageWalk:
+    spans = walk_loop(model, size, batch, cfg, dtype, steps, hoists=hoists, controlnets=controlnets)
     return ImageWalk(walk_text(model, batch, cfg), spans, walk_vae(model, size, batch, dtype), steps)
 
 

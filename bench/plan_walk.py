@@ -40,6 +40,7 @@ class Event:
     kwargs: dict = field(default_factory=dict)
     out: Any = None
     mark: str = ""  # the span it belongs to (see Walk.span)
+    part: str = ""  # the network it belongs to within the span: "unet", "controlnet", or "" (see Walk.part)
 
 
 class Walk(TorchDispatchMode):
@@ -52,10 +53,12 @@ class Walk(TorchDispatchMode):
         self.seen = 0
         self.events: list[Event] = []
         self.mark = ""
+        self.part = ""
 
     def flush(self) -> None:
         for kernel, args, kwargs in self.triton_log[self.seen:]:
-            self.events.append(Event("triton", kernel=kernel, args=args, kwargs=kwargs, mark=self.mark))
+            self.events.append(Event("triton", kernel=kernel, args=args, kwargs=kwargs, mark=self.mark,
+                                     part=self.part))
         self.seen = len(self.triton_log)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -67,13 +70,19 @@ class Walk(TorchDispatchMode):
             return out
         tensors = [t for t in tree_flatten((args, kwargs, out))[0] if isinstance(t, torch.Tensor)]
         if any(t.device.type == "meta" for t in tensors):
-            self.events.append(Event("aten", func=func, args=args, kwargs=kwargs, out=out, mark=self.mark))
+            self.events.append(Event("aten", func=func, args=args, kwargs=kwargs, out=out, mark=self.mark,
+                                     part=self.part))
         return out
 
-    def span(self, mark: str) -> None:
-        """Later launches belong to span ``mark`` (launches already made keep theirs)."""
+    def span(self, mark: str, part: str = "") -> None:
+        """Later launches belong to span ``mark`` (launches already made keep theirs), and to ``part``."""
         self.flush()
-        self.mark = mark
+        self.mark, self.part = mark, part
+
+    def in_part(self, part: str) -> None:
+        """Later launches belong to ``part`` of the current span (the network making them)."""
+        self.flush()
+        self.part = part
 
 
 @contextlib.contextmanager

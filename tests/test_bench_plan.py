@@ -17,6 +17,7 @@ from tritonsd.compile import variants
 from tritonsd.kernels import dispatch
 from tritonsd.kernels._triton import innermost
 from tritonsd.kernels.conv import to_kernel_layout
+from tritonsd.model.controlnet import ControlNet, ControlNetConfig
 from tritonsd.model.unet import CrossAttention
 from tritonsd.tools import cli
 
@@ -164,6 +165,7 @@ def test_measured_times_sit_beside_the_predictions(tmp_path, capsys):
     (["bench", "plan", "sd15", "--size", "500x512"], "multiples of 8"),
     (["bench", "plan", "sd15", "--size", "big"], "WxH"),
     (["bench", "plan", "sd15", "--gpu", "v100"], "unknown GPU 'v100'"),
+    (["bench", "plan", "sd15", "--controlnet", "-1"], "--controlnet must be 0 to 8"),
 ])
 def test_bad_flags_are_one_line_and_exit_2(argv, message, capsys):
     rc, out, err = _run(argv, capsys)
@@ -188,3 +190,53 @@ def test_the_hoists_take_exactly_the_per_run_work_out_of_the_step():
     assert len(cross) == 16 and len(unet.res_blocks()) == 22
     assert sum(c.flops for c in steps[False]) - sum(c.flops for c in steps[True]) == kv + time
     assert len(steps[True]) <= len(steps[False]) - (2 * 16 + 2 + 22)
+
+
+def test_controlnet_part_flops_match_torchs_counter_on_the_controlnet_alone(models):
+    """``--controlnet 1`` on the tiny fixture model: the steady step's ``controlnet`` rows (its forward and the
+    residuals' scaling, walked on the meta device through the Triton kernels) against torch's counter over a
+    random ControlNet at the same widths run alone on the CPU (the torch reference, the hint features made before,
+    as a run makes them once). Without the hoists, so that the step holds the whole forward."""
+    model = models("sd1-tiny")
+    meta = M.build_from_config(model.config, torch.float32)
+    walk = M.walk_image(meta, (64, 64), 1, True, torch.float32, steps=3, hoists=False, controlnets=1)
+    step = [cost(e) for e in walk.step]
+    assert {c.part for c in step} == {"controlnet", "unet", "sampler"}
+    planned = sum(c.flops for c in step if c.part == "controlnet")
+    cfg = model.config.unet
+    torch.manual_seed(0)
+    net = ControlNet(ControlNetConfig(unet=cfg, hint_widths=(3, *M.HINT_WIDTHS, cfg.model_channels))).eval()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    ctx = torch.randn(2, 77, cfg.context_dim, generator=g)
+    t = torch.full((2,), 500.0)
+    with dispatch.force("torch"), torch.no_grad():
+        hint = net.hint_features(torch.rand(1, 3, 64, 64, generator=g))
+        counted = _counted_flops(lambda: net(x, t, ctx, guided_hint=hint))
+    assert counted > 0 and abs(planned - counted) <= 0.01 * counted, (planned, counted)
+    unet_flops = sum(c.flops for c in step if c.part == "unet")
+    assert abs(unet_flops - _plan_flops(M.walk_unet(meta, (64, 64), 2, torch.float32))) <= 0.01 * unet_flops
+
+
+def test_cli_controlnet_adds_its_launches_and_part_totals(tmp_path, capsys):
+    """SD 1.5 with one ControlNet: more launches and FLOPs per step than without, every step row marked with its
+    part, and the JSON's per-part totals adding up to the step's."""
+    data = {}
+    for n in (0, 1):
+        path = tmp_path / f"plan{n}.json"
+        argv = ["bench", "plan", "sd15", "--steps", "3", "--json", str(path), "--summary"]
+        rc, out, err = _run(argv + (["--controlnet", "1"] if n else []), capsys)
+        assert rc == 0, err
+        data[n] = json.loads(path.read_text())
+    plain, controlled = data[0]["per_step"], data[1]["per_step"]
+    assert data[1]["controlnets"] == 1 and "--controlnet" in data[1]["command"]
+    assert "--controlnet" not in data[0]["command"] and set(plain["parts"]) == {"unet", "sampler"}
+    assert controlled["launches"] > plain["launches"] and controlled["flops"] > plain["flops"]
+    parts = controlled["parts"]
+    assert set(parts) == {"controlnet", "unet", "sampler"} and parts["controlnet"]["flops"] > 0
+    rows = data[1]["launches"]
+    assert all(r["part"] in parts for r in rows)
+    for key in ("launches", "flops", "hbm_bytes"):
+        assert sum(p[key] for p in parts.values()) == controlled[key]
+    assert parts["controlnet"]["flops"] == sum(r["flops"] for r in rows if r["part"] == "controlnet")
+    assert "by part: controlnet" in out
