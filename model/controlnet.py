@@ -29,7 +29,7 @@ from tritonsd.model.layers import Conv2d, timestep_embedding
 from tritonsd.model.load import no_parameter_init
 from tritonsd.model.sd import load_weights_
 from tritonsd.model import hoist
-from tritonsd.model.unet import Downsample, ResBlock, SpatialTransformer, TimestepBlock, UNetShapeError
+from tritonsd.model.unet import UNetShapeError, encoder_blocks, middle_block, time_layers
 
 HINT_STRIDES = (1, 1, 2, 1, 2, 1, 2, 1)  # of its eight convs (indices 0, 2, ..., 14)
 
@@ -122,37 +122,19 @@ class ControlNet(nn.Module):
         super().__init__()
         self.config = config
         cfg = config.unet
-        mc, ted = cfg.model_channels, cfg.time_embed_dim
-        self.time_embed = nn.Sequential(nn.Linear(mc, ted), nn.SiLU(), nn.Linear(ted, ted))
-        if cfg.adm_in_channels is not None:
-            self.label_emb = nn.Sequential(nn.Sequential(nn.Linear(cfg.adm_in_channels, ted), nn.SiLU(),
-                                                         nn.Linear(ted, ted)))
-        self.input_blocks = nn.ModuleList([TimestepBlock(Conv2d(cfg.in_channels, mc, 3, padding=1))])
-        self.zero_convs = nn.ModuleList([_zero_conv(mc)])
+        time_embed, label_emb = time_layers(cfg)
+        self.time_embed = time_embed
+        if label_emb is not None:
+            self.label_emb = label_emb
+        self.input_blocks, channels = encoder_blocks(cfg)
+        self.zero_convs = nn.ModuleList([_zero_conv(c) for c in channels])  # one per input block
         widths = config.hint_widths
         hint: list[nn.Module] = []
         for i, stride in enumerate(HINT_STRIDES):
             hint += [Conv2d(widths[i], widths[i + 1], 3, stride=stride, padding=1), nn.SiLU()]
         self.input_hint_block = nn.Sequential(*hint[:-1])  # no SiLU after the last conv
-
-        def transformer(ch: int, depth: int) -> SpatialTransformer:
-            return SpatialTransformer(ch, cfg.heads_at(ch), depth, cfg.context_dim, cfg.use_linear_in_transformer)
-
-        ch = mc
-        last = len(cfg.channel_mult) - 1
-        for level, mult in enumerate(cfg.channel_mult):
-            for _ in range(cfg.num_res_blocks):
-                layers: list[nn.Module] = [ResBlock(ch, mult * mc, ted)]
-                ch = mult * mc
-                if cfg.transformer_depth[level]:
-                    layers.append(transformer(ch, cfg.transformer_depth[level]))
-                self.input_blocks.append(TimestepBlock(*layers))
-                self.zero_convs.append(_zero_conv(ch))
-            if level != last:
-                self.input_blocks.append(TimestepBlock(Downsample(ch)))
-                self.zero_convs.append(_zero_conv(ch))
-        self.middle_block = TimestepBlock(ResBlock(ch, ch, ted), transformer(ch, cfg.transformer_depth_middle),
-                                          ResBlock(ch, ch, ted))
+        ch = channels[-1]
+        self.middle_block = middle_block(cfg, ch)
         self.middle_block_out = _zero_conv(ch)
         self.source: Path | None = None
 

@@ -197,37 +197,60 @@ class TimestepBlock(nn.Sequential):
         return x
 
 
+def time_layers(cfg: UNetConfig) -> tuple[nn.Sequential, nn.Sequential | None]:
+    """``time_embed`` and, for SDXL's vector conditioning, ``label_emb`` (None without one)."""
+    mc, ted = cfg.model_channels, cfg.time_embed_dim
+    time_embed = nn.Sequential(nn.Linear(mc, ted), nn.SiLU(), nn.Linear(ted, ted))
+    if cfg.adm_in_channels is None:
+        return time_embed, None
+    return time_embed, nn.Sequential(nn.Sequential(nn.Linear(cfg.adm_in_channels, ted), nn.SiLU(),
+                                                   nn.Linear(ted, ted)))
+
+
+def _transformer(cfg: UNetConfig, ch: int, depth: int) -> SpatialTransformer:
+    return SpatialTransformer(ch, cfg.heads_at(ch), depth, cfg.context_dim, cfg.use_linear_in_transformer)
+
+
+def encoder_blocks(cfg: UNetConfig) -> tuple[nn.ModuleList, list[int]]:
+    """``input_blocks`` (conv_in, then per level its ResBlocks [+ transformers] and, but for the last level, a
+    Downsample) and each block's output channels: the skips the decoder takes, and the ControlNet's zero convs
+    (the ControlNet is a copy of this encoder)."""
+    mc, ted = cfg.model_channels, cfg.time_embed_dim
+    blocks = nn.ModuleList([TimestepBlock(Conv2d(cfg.in_channels, mc, 3, padding=1))])
+    channels = [mc]
+    ch = mc
+    last = len(cfg.channel_mult) - 1
+    for level, mult in enumerate(cfg.channel_mult):
+        for _ in range(cfg.num_res_blocks):
+            layers: list[nn.Module] = [ResBlock(ch, mult * mc, ted)]
+            ch = mult * mc
+            if cfg.transformer_depth[level]:
+                layers.append(_transformer(cfg, ch, cfg.transformer_depth[level]))
+            blocks.append(TimestepBlock(*layers))
+            channels.append(ch)
+        if level != last:
+            blocks.append(TimestepBlock(Downsample(ch)))
+            channels.append(ch)
+    return blocks, channels
+
+
+def middle_block(cfg: UNetConfig, ch: int) -> TimestepBlock:
+    return TimestepBlock(ResBlock(ch, ch, cfg.time_embed_dim), _transformer(cfg, ch, cfg.transformer_depth_middle),
+                         ResBlock(ch, ch, cfg.time_embed_dim))
+
+
 class UNetModel(nn.Module):
     def __init__(self, cfg: UNetConfig):
         super().__init__()
         self.cfg = cfg
         mc, ted = cfg.model_channels, cfg.time_embed_dim
-        self.time_embed = nn.Sequential(nn.Linear(mc, ted), nn.SiLU(), nn.Linear(ted, ted))
-        if cfg.adm_in_channels is not None:
-            self.label_emb = nn.Sequential(nn.Sequential(nn.Linear(cfg.adm_in_channels, ted), nn.SiLU(),
-                                                         nn.Linear(ted, ted)))
-
-        def transformer(ch: int, depth: int) -> SpatialTransformer:
-            return SpatialTransformer(ch, cfg.heads_at(ch), depth, cfg.context_dim, cfg.use_linear_in_transformer)
-
-        self.input_blocks = nn.ModuleList([TimestepBlock(Conv2d(cfg.in_channels, mc, 3, padding=1))])
-        skip_channels = [mc]
-        ch = mc
-        last = len(cfg.channel_mult) - 1
-        for level, mult in enumerate(cfg.channel_mult):
-            for _ in range(cfg.num_res_blocks):
-                layers: list[nn.Module] = [ResBlock(ch, mult * mc, ted)]
-                ch = mult * mc
-                if cfg.transformer_depth[level]:
-                    layers.append(transformer(ch, cfg.transformer_depth[level]))
-                self.input_blocks.append(TimestepBlock(*layers))
-                skip_channels.append(ch)
-            if level != last:
-                self.input_blocks.append(TimestepBlock(Downsample(ch)))
-                skip_channels.append(ch)
-
-        self.middle_block = TimestepBlock(ResBlock(ch, ch, ted), transformer(ch, cfg.transformer_depth_middle),
-                                          ResBlock(ch, ch, ted))
+        time_embed, label_emb = time_layers(cfg)
+        self.time_embed = time_embed
+        if label_emb is not None:
+            self.label_emb = label_emb
+        self.input_blocks, skip_channels = encoder_blocks(cfg)
+        ch = skip_channels[-1]
+        self.middle_block = middle_block(cfg, ch)
 
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
@@ -235,7 +258,7 @@ class UNetModel(nn.Module):
                 layers = [ResBlock(ch + skip_channels.pop(), mult * mc, ted)]
                 ch = mult * mc
                 if cfg.transformer_depth[level]:
-                    layers.append(transformer(ch, cfg.transformer_depth[level]))
+                    layers.append(_transformer(cfg, ch, cfg.transformer_depth[level]))
                 if level and i == cfg.num_res_blocks:
                     layers.append(Upsample(ch))
                 self.output_blocks.append(TimestepBlock(*layers))
