@@ -27,6 +27,7 @@ from tritonsd.kernels import conv as _conv
 from tritonsd.kernels import geglu as _geglu
 from tritonsd.kernels import group_norm as _group_norm
 from tritonsd.kernels import layer_norm as _layer_norm
+from tritonsd.kernels import linear as _linear
 from tritonsd.kernels import sampler_step as _step
 
 BACKENDS = ("auto", "torch", "triton")
@@ -90,6 +91,14 @@ def geglu(x: torch.Tensor) -> torch.Tensor:
     """GEGLU gate: x [..., 2F] -> a * gelu(gate) [..., F], with (a, gate) = x.chunk(2, -1)."""
     impl = _geglu.geglu_triton if use_triton(x) else _geglu.geglu_reference
     return impl(x)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           residual: torch.Tensor | None = None, geglu: bool = False) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` with a fused epilogue: then ``a * gelu(gate)`` of its two halves (``geglu``:
+    the feed-forward's GEGLU, the 2F-wide product never stored), then ``+ residual`` [..., N]."""
+    impl = _linear.linear_triton if use_triton(x) else _linear.linear_reference
+    return impl(x, weight, bias, residual, geglu)
 
 
 def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride: int = 1,

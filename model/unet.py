@@ -3,7 +3,9 @@
 Attribute paths are the checkpoint keys below ``model.diffusion_model.``. Where the original applies
 GroupNorm -> SiLU -> conv, the SiLU is fused into the GroupNorm call and an ``nn.Identity`` keeps the SiLU's
 index in the ``nn.Sequential`` so the following layer's key (``in_layers.2``, ``out_layers.3``, ``out.2``) stays
-the original's. The time-embedding add and the residual adds are fused into the convolutions' epilogue.
+the original's. The time-embedding add and the residual adds are fused into the convolutions' epilogue; in
+the transformer blocks, the residual adds and the GEGLU gate are fused into the Linear GEMMs' epilogue
+(``dispatch.linear``).
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from torch import nn
 
 from tritonsd.kernels import dispatch
 from tritonsd.model.config import UNetConfig
-from tritonsd.model.layers import Conv2d, GroupNorm, LayerNorm, Upsample, timestep_embedding
+from tritonsd.model.layers import (Conv2d, GroupNorm, LayerNorm, Upsample, stack_rows_, stacked_rows,
+                                  timestep_embedding)
 
 
 class UNetShapeError(ValueError):
@@ -43,9 +46,16 @@ class ResBlock(nn.Module):
 
 
 class CrossAttention(nn.Module):
-    """Multi-head attention of x over context (self-attention when context is None)."""
+    """Multi-head attention of x over context (self-attention when context is None).
 
-    def __init__(self, query_dim: int, context_dim: int, heads: int, dim_head: int):
+    ``fused_qkv`` (self-attention): the to_q, to_k and to_v weights are views of one [3 * inner, query_dim]
+    storage (``layers.stack_rows_``), so self-attention projects q, k and v in one GEMM that reads x once, and
+    attention reads its three [B, N, inner] column slices in place. The Parameters stay separate objects with the
+    checkpoint's names (LoRA deltas and loads write into their rows of the shared storage); it is re-established
+    after a load that assigns new tensors and after ``.to()``, and while it does not hold (weights replaced some
+    other way) the three projections run apart, with the same result."""
+
+    def __init__(self, query_dim: int, context_dim: int, heads: int, dim_head: int, fused_qkv: bool = False):
         super().__init__()
         inner = heads * dim_head
         self.heads = heads
@@ -53,11 +63,44 @@ class CrossAttention(nn.Module):
         self.to_k = nn.Linear(context_dim, inner, bias=False)
         self.to_v = nn.Linear(context_dim, inner, bias=False)
         self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Identity())  # [1] was Dropout
+        self.fused_qkv = fused_qkv and query_dim == context_dim
+        if self.fused_qkv:
+            self._stack_qkv()
+            self.register_load_state_dict_post_hook(lambda module, _keys: module._stack_qkv())
+            self._register_state_dict_hook(_unshare_qkv)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        context = x if context is None else context
-        out = dispatch.attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads)
-        return self.to_out[0](out)
+    def _qkv_params(self) -> list[nn.Parameter]:
+        return [self.to_q.weight, self.to_k.weight, self.to_v.weight]
+
+    def _stack_qkv(self) -> None:
+        stack_rows_(self._qkv_params())
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)  # .to() / .half() give each parameter its own new tensor
+        if self.fused_qkv:
+            self._stack_qkv()
+        return out
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``to_out(attention) + residual`` (the residual add fused into the out-projection's epilogue)."""
+        qkv = stacked_rows(self._qkv_params()) if self.fused_qkv and context is None else None
+        if qkv is not None:
+            q, k, v = dispatch.linear(x, qkv).chunk(3, dim=-1)  # [B, N, 3 * inner] -> 3 x [B, N, inner] views
+        else:
+            context = x if context is None else context
+            q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+        out = dispatch.attention(q, k, v, self.heads)
+        return dispatch.linear(out, self.to_out[0].weight, self.to_out[0].bias, residual=residual)
+
+
+def _unshare_qkv(module: CrossAttention, state: dict, prefix: str, _meta) -> None:
+    """``state_dict()`` gives to_q / to_k / to_v as tensors of their own (files cannot hold shared storage);
+    ``keep_vars=True`` gives the Parameters themselves."""
+    for name in ("to_q", "to_k", "to_v"):
+        key = f"{prefix}{name}.weight"
+        if key in state and not isinstance(state[key], nn.Parameter):
+            state[key] = state[key].clone()
 
 
 class GEGLU(nn.Module):
@@ -66,7 +109,8 @@ class GEGLU(nn.Module):
         self.proj = nn.Linear(dim_in, dim_out * 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return dispatch.geglu(self.proj(x))
+        """``a * gelu(gate)`` of ``proj(x)``'s halves, in the projection's epilogue (no 2F-wide product stored)."""
+        return dispatch.linear(x, self.proj.weight, self.proj.bias, geglu=True)
 
 
 class FeedForward(nn.Module):
@@ -74,14 +118,15 @@ class FeedForward(nn.Module):
         super().__init__()
         self.net = nn.Sequential(GEGLU(dim, inner), nn.Identity(), nn.Linear(inner, dim))  # [1] was Dropout
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net[2](self.net[0](x))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        out = self.net[2]
+        return dispatch.linear(self.net[0](x), out.weight, out.bias, residual=residual)
 
 
 class BasicTransformerBlock(nn.Module):
     def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int):
         super().__init__()
-        self.attn1 = CrossAttention(dim, dim, heads, dim_head)
+        self.attn1 = CrossAttention(dim, dim, heads, dim_head, fused_qkv=True)
         self.ff = FeedForward(dim, dim * 4)
         self.attn2 = CrossAttention(dim, context_dim, heads, dim_head)
         self.norm1 = LayerNorm(dim)
@@ -89,9 +134,9 @@ class BasicTransformerBlock(nn.Module):
         self.norm3 = LayerNorm(dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        x = self.attn1(self.norm1(x)) + x
-        x = self.attn2(self.norm2(x), context) + x
-        return self.ff(self.norm3(x)) + x
+        x = self.attn1(self.norm1(x), residual=x)  # each residual add in the last GEMM's epilogue
+        x = self.attn2(self.norm2(x), context, residual=x)
+        return self.ff(self.norm3(x), residual=x)
 
 
 class SpatialTransformer(nn.Module):
@@ -117,12 +162,13 @@ class SpatialTransformer(nn.Module):
             y = self.proj_in(y)
         for block in self.transformer_blocks:
             y = block(y, context)
-        if self.linear:
-            y = self.proj_out(y)
-        y = y.reshape(b, h, w, c).permute(0, 3, 1, 2)  # [B, H*W, C] -> [B, C, H, W]
-        if self.linear:
-            return y + x
-        return self.proj_out(y.contiguous(), residual=x)
+        if self.linear:  # the input added in proj_out's epilogue, read as [B, H*W, C] through x's strides
+            y = dispatch.linear(y, self.proj_out.weight, self.proj_out.bias,
+                                residual=x.permute(0, 2, 3, 1).reshape(b, h * w, c))
+            return y.reshape(b, h, w, c).permute(0, 3, 1, 2)  # [B, H*W, C] -> [B, C, H, W] (channels-last)
+        # [B, H*W, C] -> [B, C, H, W], a channels-last view: the conv reads it as it lies (no copy either way)
+        y = y.reshape(b, h, w, c).permute(0, 3, 1, 2)
+        return self.proj_out(y, residual=x)
 
 
 class Downsample(nn.Module):

@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 
-from tritonsd.kernels import _triton, attention, conv, dispatch, geglu, group_norm, layer_norm
+from tritonsd.kernels import _triton, attention, conv, dispatch, geglu, group_norm, layer_norm, linear
 from tritonsd.model.layers import Conv2d, GroupNorm, LayerNorm
 from tritonsd.testing.reference import relative_error
 
@@ -27,6 +27,7 @@ OPS = [  # (dispatch function, kernel module, triton name, reference name)
     ("layer_norm", layer_norm, "layer_norm_triton", "layer_norm_reference"),
     ("geglu", geglu, "geglu_triton", "geglu_reference"),
     ("conv2d", conv, "conv2d_triton", "conv2d_reference"),
+    ("linear", linear, "linear_triton", "linear_reference"),
 ]
 
 
@@ -42,6 +43,7 @@ def op_args(name: str, seed: int = 0):
         "layer_norm": lambda: ((r(2, 5, 48), r(48), r(48), 1e-5), {}),
         "geglu": lambda: ((r(2, 5, 64),), {}),
         "conv2d": lambda: ((r(1, 8, 6, 6), r(16, 8, 3, 3), r(16), 1, 1), {"emb": r(1, 16), "scale": 0.5}),
+        "linear": lambda: ((r(2, 5, 24), r(32, 24), r(32)), {"residual": r(2, 5, 16), "geglu": True}),
     }[name]()
 
 
