@@ -93,12 +93,16 @@ def geglu(x: torch.Tensor) -> torch.Tensor:
     return impl(x)
 
 
+Norm = _linear.Norm  # a LayerNorm to apply to linear's input: Norm(weight, bias, eps)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           residual: torch.Tensor | None = None, geglu: bool = False) -> torch.Tensor:
-    """``F.linear(x, weight, bias)`` with a fused epilogue: then ``a * gelu(gate)`` of its two halves (``geglu``:
-    the feed-forward's GEGLU, the 2F-wide product never stored), then ``+ residual`` [..., N]."""
+           residual: torch.Tensor | None = None, geglu: bool = False, norm: _linear.Norm | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` with a fused prologue and epilogue: ``norm`` first (a LayerNorm over x's last
+    dim, never stored), then ``a * gelu(gate)`` of the product's two halves (``geglu``: the feed-forward's GEGLU,
+    the 2F-wide product never stored), then ``+ residual`` [..., N]."""
     impl = _linear.linear_triton if use_triton(x) else _linear.linear_reference
-    return impl(x, weight, bias, residual, geglu)
+    return impl(x, weight, bias, residual, geglu, norm)
 
 
 def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride: int = 1,

@@ -26,6 +26,10 @@ class LayerNorm(nn.LayerNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return dispatch.layer_norm(x, self.weight, self.bias, self.eps)
 
+    def as_prologue(self) -> dispatch.Norm:
+        """This norm for ``dispatch.linear(..., norm=...)``: applied while the next GEMM loads its input."""
+        return dispatch.Norm(self.weight, self.bias, self.eps)
+
 
 class Conv2d(nn.Conv2d):
     """Conv2d with the fused epilogue of ``dispatch.conv2d`` (time-embedding add, residual add, scale).

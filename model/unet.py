@@ -4,8 +4,8 @@ Attribute paths are the checkpoint keys below ``model.diffusion_model.``. Where 
 GroupNorm -> SiLU -> conv, the SiLU is fused into the GroupNorm call and an ``nn.Identity`` keeps the SiLU's
 index in the ``nn.Sequential`` so the following layer's key (``in_layers.2``, ``out_layers.3``, ``out.2``) stays
 the original's. The time-embedding add and the residual adds are fused into the convolutions' epilogue; in
-the transformer blocks, the residual adds and the GEGLU gate are fused into the Linear GEMMs' epilogue
-(``dispatch.linear``).
+the transformer blocks, the LayerNorms into the prologue of the Linear GEMMs that read them, the residual adds
+and the GEGLU gate into their epilogue (``dispatch.linear``).
 """
 
 from __future__ import annotations
@@ -81,15 +81,19 @@ class CrossAttention(nn.Module):
             self._stack_qkv()
         return out
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
-                residual: torch.Tensor | None = None) -> torch.Tensor:
-        """``to_out(attention) + residual`` (the residual add fused into the out-projection's epilogue)."""
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, residual: torch.Tensor | None = None,
+                norm: dispatch.Norm | None = None) -> torch.Tensor:
+        """``to_out(attention(norm(x), context)) + residual``: the LayerNorm ``norm`` in the prologue of the GEMM(s)
+        that read x, the residual add in the out-projection's epilogue."""
         qkv = stacked_rows(self._qkv_params()) if self.fused_qkv and context is None else None
-        if qkv is not None:
-            q, k, v = dispatch.linear(x, qkv).chunk(3, dim=-1)  # [B, N, 3 * inner] -> 3 x [B, N, inner] views
+        if qkv is not None:  # [B, N, 3 * inner] -> 3 x [B, N, inner] views
+            q, k, v = dispatch.linear(x, qkv, norm=norm).chunk(3, dim=-1)
         else:
+            if norm is not None and context is None:  # self-attention apart: k and v read the normalised x too
+                x, norm = dispatch.layer_norm(x, *norm), None
             context = x if context is None else context
-            q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+            q = dispatch.linear(x, self.to_q.weight, self.to_q.bias, norm=norm)
+            k, v = self.to_k(context), self.to_v(context)
         out = dispatch.attention(q, k, v, self.heads)
         return dispatch.linear(out, self.to_out[0].weight, self.to_out[0].bias, residual=residual)
 
@@ -108,9 +112,10 @@ class GEGLU(nn.Module):
         super().__init__()
         self.proj = nn.Linear(dim_in, dim_out * 2)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``a * gelu(gate)`` of ``proj(x)``'s halves, in the projection's epilogue (no 2F-wide product stored)."""
-        return dispatch.linear(x, self.proj.weight, self.proj.bias, geglu=True)
+    def forward(self, x: torch.Tensor, norm: dispatch.Norm | None = None) -> torch.Tensor:
+        """``a * gelu(gate)`` of ``proj(norm(x))``'s halves, in the projection's epilogue (no 2F-wide product
+        stored); the LayerNorm ``norm`` in its prologue."""
+        return dispatch.linear(x, self.proj.weight, self.proj.bias, geglu=True, norm=norm)
 
 
 class FeedForward(nn.Module):
@@ -118,9 +123,10 @@ class FeedForward(nn.Module):
         super().__init__()
         self.net = nn.Sequential(GEGLU(dim, inner), nn.Identity(), nn.Linear(inner, dim))  # [1] was Dropout
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None,
+                norm: dispatch.Norm | None = None) -> torch.Tensor:
         out = self.net[2]
-        return dispatch.linear(self.net[0](x), out.weight, out.bias, residual=residual)
+        return dispatch.linear(self.net[0](x, norm=norm), out.weight, out.bias, residual=residual)
 
 
 class BasicTransformerBlock(nn.Module):
@@ -134,9 +140,10 @@ class BasicTransformerBlock(nn.Module):
         self.norm3 = LayerNorm(dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        x = self.attn1(self.norm1(x), residual=x)  # each residual add in the last GEMM's epilogue
-        x = self.attn2(self.norm2(x), context, residual=x)
-        return self.ff(self.norm3(x), residual=x)
+        # each LayerNorm in the prologue of the GEMM(s) reading its output, each residual add in the last epilogue
+        x = self.attn1(x, residual=x, norm=self.norm1.as_prologue())
+        x = self.attn2(x, context, residual=x, norm=self.norm2.as_prologue())
+        return self.ff(x, residual=x, norm=self.norm3.as_prologue())
 
 
 class SpatialTransformer(nn.Module):

@@ -24,9 +24,15 @@ def no_fallback(monkeypatch):
     forbid_fallback(monkeypatch, linear_mod, "linear_reference")
 
 
-def expected(x, weight, bias, residual, geglu):
-    """The unfused layers in float64, from their formulas: x W^T + b; a * 0.5 g (1 + erf(g / sqrt 2)); + r."""
-    y = x.double() @ weight.double().T
+def expected(x, weight, bias, residual, geglu, norm=None):
+    """The unfused layers in float64, from their formulas: (x - mean) / sqrt(var + eps) * w + b over the last dim;
+    x W^T + b; a * 0.5 g (1 + erf(g / sqrt 2)); + r."""
+    x = x.double()
+    if norm is not None:
+        mean = x.mean(-1, keepdim=True)
+        var = ((x - mean) ** 2).mean(-1, keepdim=True)
+        x = (x - mean) / torch.sqrt(var + norm.eps) * norm.weight.double() + norm.bias.double()
+    y = x @ weight.double().T
     if bias is not None:
         y = y + bias.double()
     if geglu:
@@ -38,20 +44,25 @@ def expected(x, weight, bias, residual, geglu):
     return y
 
 
-def make(lead, k, n_w, dtype, seed, bias=True, residual=False, geglu=False):
+def make(lead, k, n_w, dtype, seed, bias=True, residual=False, geglu=False, norm=False):
     g = torch.Generator().manual_seed(seed)
     n = n_w // 2 if geglu else n_w
     t = {
-        "x": torch.randn(*lead, k, generator=g),
+        "x": torch.randn(*lead, k, generator=g) * 2.0 + 0.5,  # off-centre rows: the norm's mean matters
         "weight": torch.randn(n_w, k, generator=g) / k ** 0.5,
         "bias": torch.randn(n_w, generator=g) if bias else None,
         "residual": torch.randn(*lead, n, generator=g) if residual else None,
     }
-    return {name: None if v is None else v.to(DEVICE, dtype) for name, v in t.items()}
+    t = {name: None if v is None else v.to(DEVICE, dtype) for name, v in t.items()}
+    t["norm"] = None
+    if norm:
+        w, b = (torch.randn(k, generator=g).to(DEVICE, dtype) for _ in range(2))
+        t["norm"] = linear_mod.Norm(w, b, 1e-5)
+    return t
 
 
 def check(t, geglu, dtype):
-    ref = expected(t["x"], t["weight"], t["bias"], t["residual"], geglu)
+    ref = expected(t["x"], t["weight"], t["bias"], t["residual"], geglu, t["norm"])
     out = torch.full(ref.shape, float("nan"), device=DEVICE, dtype=dtype)
     got = linear_triton(**t, geglu=geglu, out=out)
     assert got is out and got.dtype == dtype
@@ -69,11 +80,12 @@ SHAPES = [
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("lead,k,n_w", SHAPES)
-@pytest.mark.parametrize("epilogue", ["plain", "bias", "bias-residual", "geglu", "geglu-residual"])
+@pytest.mark.parametrize("epilogue", ["plain", "bias", "bias-residual", "geglu", "geglu-residual", "norm",
+                                      "norm-bias-residual", "norm-geglu"])
 def test_matches_unfused_arithmetic(no_fallback, lead, k, n_w, dtype, epilogue):
-    geglu = epilogue.startswith("geglu")
-    t = make(lead, k, n_w, dtype, seed=k * n_w, bias=epilogue != "plain", residual=epilogue.endswith("residual"),
-             geglu=geglu)
+    geglu = "geglu" in epilogue
+    t = make(lead, k, n_w, dtype, seed=k * n_w, bias=epilogue not in ("plain", "norm"),
+             residual=epilogue.endswith("residual"), geglu=geglu, norm=epilogue.startswith("norm"))
     check(t, geglu, dtype)
 
 
@@ -89,6 +101,23 @@ def test_strided_input_and_residual(no_fallback, dtype):
     check(t, False, dtype)
 
 
+def test_norm_reads_strided_rows(no_fallback):
+    """The LayerNorm prologue over a column slice of a wider tensor, with K above BLOCK_K (several passes)."""
+    t = make((2, 13), 72, 48, torch.float32, seed=8, norm=True, residual=True)
+    wide = torch.randn(2, 13, 100, device=DEVICE)
+    wide[..., 20:92] = t["x"]
+    t["x"] = wide[..., 20:92]
+    check(t, False, torch.float32)
+
+
+def test_norm_without_affine_falls_back():
+    t = make((2, 3), 16, 8, torch.float32, seed=9)
+    t["norm"] = linear_mod.Norm(None, None, 1e-5)
+    got = linear_triton(**t)
+    ref = torch.nn.functional.linear(torch.nn.functional.layer_norm(t["x"], (16,), eps=1e-5), t["weight"], t["bias"])
+    torch.testing.assert_close(got, ref)
+
+
 def test_weight_view_of_a_fused_buffer(no_fallback):
     """A weight that is rows of a larger buffer (the fused q/k/v storage) is read in place."""
     t = make((2, 9), 32, 96, torch.float32, seed=3, bias=False)
@@ -97,7 +126,7 @@ def test_weight_view_of_a_fused_buffer(no_fallback):
 
 
 def test_reference_is_the_unfused_model():
-    t = make((2, 5), 16, 24, torch.float64, seed=1, residual=True, geglu=True)
+    t = make((2, 5), 16, 24, torch.float64, seed=1, residual=True, geglu=True, norm=True)
     got = linear_reference(**t, geglu=True)
     torch.testing.assert_close(got, expected(**t, geglu=True), rtol=1e-12, atol=1e-12)
 
@@ -105,6 +134,7 @@ def test_reference_is_the_unfused_model():
 def test_unsupported_calls_fall_back():
     """Mixed dtypes go to the reference (which raises what torch raises); a broadcast residual is computed there."""
     t = make((2, 4), 8, 6, torch.float32, seed=2)
+    del t["norm"]
     r = torch.randn(6, device=DEVICE)  # broadcasts over rows: not the kernel's contract
     got = linear_triton(t["x"], t["weight"], t["bias"], residual=r)
     torch.testing.assert_close(got, expected(t["x"], t["weight"], t["bias"], r, False).float(), rtol=1e-5, atol=1e-5)
@@ -115,7 +145,7 @@ def test_unsupported_calls_fall_back():
 
 
 def test_dispatch_torch_is_the_reference():
-    t = make((1, 7), 16, 32, torch.float32, seed=4, residual=True, geglu=True)
+    t = make((1, 7), 16, 32, torch.float32, seed=4, residual=True, geglu=True, norm=True)
     with dispatch.force("torch"):
         got = dispatch.linear(**t, geglu=True)
     assert torch.equal(got, linear_reference(**t, geglu=True))
