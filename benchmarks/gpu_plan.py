@@ -126,6 +126,13 @@ STAGES = (
           compiles=("sd15-1024-fp16",), tunes=("sd15-fp16", "sd15-1024-fp16"), run_s="e2e_sd15_hires",
           fixtures=("manifests/sd15.json",)),
 )
+STAGES += (
+    Stage(9, "fusions", "issue 22's fusions: every fused GEMM (LayerNorm prologue, GEGLU / residual epilogues, "
+                        "q/k/v in one) vs its float32 reference, stage timings fused vs the launches it replaces, "
+                        "and the SD 1.5 step with all fusions, each one off, and all off",
+          ("python3 benchmarks/gpu_fusions.py --dtype fp16 --models sd15-512 --step sd15 --git-commit {commit} "
+           "--json {json}",), tunes=("sd15-fp16",), run_s="fusions"),
+)
 PRECOMPILED = ("sd15-fp16", "tiny-fp32", "tiny-half")  # what stage 0 compiles
 UNTUNED_GROUPS = ("tiny-fp32", "tiny-half")  # compiled and run with TRITONSD_AUTOTUNE=0
 

@@ -20,6 +20,7 @@ import contextvars
 from typing import Iterator
 
 import torch
+import torch.nn.functional as F
 
 from tritonsd.kernels import _triton
 from tritonsd.kernels import attention as _attention
@@ -95,14 +96,62 @@ def geglu(x: torch.Tensor) -> torch.Tensor:
 
 Norm = _linear.Norm  # a LayerNorm to apply to linear's input: Norm(weight, bias, eps)
 
+# The fusions of issue 22 that ``unfused`` can switch off, to measure each one (benchmarks/gpu_fusions.py):
+# "norm" (LayerNorm in the next GEMM's prologue), "geglu" (in the FF projection's epilogue), "residual" (the
+# transformer's residual adds in GEMM epilogues), "qkv" (self-attention's q, k, v as one GEMM; model/unet.py;
+# apart, the three projections read norm1's output, so that LayerNorm runs apart too).
+FUSIONS = ("norm", "geglu", "residual", "qkv")
+_unfused: contextvars.ContextVar[frozenset] = contextvars.ContextVar("tritonsd_unfused", default=frozenset())
+
+
+@contextlib.contextmanager
+def unfused(*fusions: str) -> Iterator[None]:
+    """Inside the block, the named fusions run as the separate launches they replace (LayerNorm kernel, cuBLAS
+    GEMM, GEGLU kernel, torch add, three q/k/v GEMMs): the same results, for timing the fused step against the
+    unfused one in the same run."""
+    unknown = set(fusions) - set(FUSIONS)
+    if unknown:
+        raise ValueError(f"unknown fusion(s) {', '.join(sorted(unknown))}; expected {', '.join(FUSIONS)}")
+    token = _unfused.set(_unfused.get() | frozenset(fusions))
+    try:
+        yield
+    finally:
+        _unfused.reset(token)
+
+
+def is_fused(fusion: str) -> bool:
+    return fusion not in _unfused.get()
+
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            residual: torch.Tensor | None = None, geglu: bool = False, norm: _linear.Norm | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` with a fused prologue and epilogue: ``norm`` first (a LayerNorm over x's last
     dim, never stored), then ``a * gelu(gate)`` of the product's two halves (``geglu``: the feed-forward's GEGLU,
     the 2F-wide product never stored), then ``+ residual`` [..., N]."""
+    off = _unfused.get()
+    if off:
+        return _linear_unfused(x, weight, bias, residual, geglu, norm, off)
     impl = _linear.linear_triton if use_triton(x) else _linear.linear_reference
     return impl(x, weight, bias, residual, geglu, norm)
+
+
+def _linear_unfused(x, weight, bias, residual, geglu, norm, off: frozenset) -> torch.Tensor:
+    """:func:`linear` with the fusions in ``off`` as separate launches; a GEMM left with nothing fused is
+    ``F.linear`` (cuBLAS on CUDA), as the unfused model's ``nn.Linear``."""
+    if norm is not None and "norm" in off:
+        x, norm = layer_norm(x, *norm), None
+    late_geglu = geglu and "geglu" in off
+    late_residual = residual if residual is not None and "residual" in off else None
+    geglu = geglu and not late_geglu
+    residual = None if late_residual is not None else residual
+    if norm is None and not geglu and residual is None:
+        y = F.linear(x, weight, bias)
+    else:
+        impl = _linear.linear_triton if use_triton(x) else _linear.linear_reference
+        y = impl(x, weight, bias, residual, geglu, norm)
+    if late_geglu:
+        y = (_geglu.geglu_triton if use_triton(y) else _geglu.geglu_reference)(y)  # the GEGLU kernel
+    return y + late_residual if late_residual is not None else y
 
 
 def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride: int = 1,

@@ -85,7 +85,8 @@ class CrossAttention(nn.Module):
                 norm: dispatch.Norm | None = None) -> torch.Tensor:
         """``to_out(attention(norm(x), context)) + residual``: the LayerNorm ``norm`` in the prologue of the GEMM(s)
         that read x, the residual add in the out-projection's epilogue."""
-        qkv = stacked_rows(self._qkv_params()) if self.fused_qkv and context is None else None
+        fuse = self.fused_qkv and context is None and dispatch.is_fused("qkv")
+        qkv = stacked_rows(self._qkv_params()) if fuse else None
         if qkv is not None:  # [B, N, 3 * inner] -> 3 x [B, N, inner] views
             q, k, v = dispatch.linear(x, qkv, norm=norm).chunk(3, dim=-1)
         else:

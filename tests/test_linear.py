@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -177,3 +178,31 @@ def test_spatial_transformer_fused_matches_torch(linear_proj, batch):
             got = st(x, context)
     assert got.shape == ref.shape == x.shape
     assert relative_error(got, ref) <= 1e-5
+
+
+@pytest.mark.parametrize("off", [("norm",), ("geglu",), ("residual",), ("qkv",), ("norm", "geglu", "residual", "qkv")])
+def test_unfused_switches_give_the_same_block(off):
+    """``dispatch.unfused`` (the GPU script's fused-vs-unfused timing) runs the separate launches, with the same
+    result, and records them: the LayerNorm / GEGLU kernels come back, and F.linear for what is left unfused."""
+    from tritonsd.kernels import _triton, geglu, layer_norm
+    from tritonsd.model.unet import BasicTransformerBlock
+
+    block = _random_(BasicTransformerBlock(32, heads=2, dim_head=16, context_dim=24), seed=3)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 9, 32, generator=g).to(DEVICE)
+    context = torch.randn(2, 5, 24, generator=g).to(DEVICE)
+    with torch.no_grad(), dispatch.force("triton"):
+        fused = block(x, context)
+        with dispatch.unfused(*off):
+            apart = block(x, context)
+        on_meta = copy.deepcopy(block).to("meta")
+        with _triton.recording() as launches, dispatch.unfused(*off):
+            on_meta(x.to("meta"), context.to("meta"))
+    assert relative_error(apart, fused) <= 1e-5
+    names = [k for k, _, _ in launches]
+    # q, k, v apart read norm1's output: that LayerNorm runs apart too
+    assert (layer_norm._layer_norm_kernel in names) == ("norm" in off or "qkv" in off)
+    assert (geglu._geglu_kernel in names) == ("geglu" in off)
+    with pytest.raises(ValueError, match="unknown fusion"):
+        with dispatch.unfused("nope"):
+            pass
