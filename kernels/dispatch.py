@@ -99,8 +99,9 @@ Norm = _linear.Norm  # a LayerNorm to apply to linear's input: Norm(weight, bias
 # The fusions of issue 22 that ``unfused`` can switch off, to measure each one (benchmarks/gpu_fusions.py):
 # "norm" (LayerNorm in the next GEMM's prologue), "geglu" (in the FF projection's epilogue), "residual" (the
 # transformer's residual adds in GEMM epilogues), "qkv" (self-attention's q, k, v as one GEMM; model/unet.py;
-# apart, the three projections read norm1's output, so that LayerNorm runs apart too).
-FUSIONS = ("norm", "geglu", "residual", "qkv")
+# apart, the three projections read norm1's output, so that LayerNorm runs apart too), "group_norm" (GroupNorm
+# + SiLU applied in the next convolution's input load).
+FUSIONS = ("norm", "geglu", "residual", "qkv", "group_norm")
 _unfused: contextvars.ContextVar[frozenset] = contextvars.ContextVar("tritonsd_unfused", default=frozenset())
 
 
@@ -154,18 +155,26 @@ def _linear_unfused(x, weight, bias, residual, geglu, norm, off: frozenset) -> t
     return y + late_residual if late_residual is not None else y
 
 
+GroupNormIn = _conv.GroupNormIn  # a GroupNorm (+ SiLU) to apply to conv2d's input: GroupNormIn(w, b, groups, eps, silu)
+
+
 def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride: int = 1,
            padding: int = 0, emb: torch.Tensor | None = None, residual: torch.Tensor | None = None,
-           scale: float | None = None, circular: bool = False) -> torch.Tensor:
+           scale: float | None = None, circular: bool = False,
+           norm_in: _conv.GroupNormIn | None = None) -> torch.Tensor:
     """2-D convolution with a fused epilogue: ``(conv(x) + bias + emb[:, :, None, None] + residual) * scale``.
 
     emb: [B, C_out] per-channel add (the ResBlock's time embedding); residual: [B, C_out, H', W']; ``circular``:
-    the padding wraps around (tiling). With "auto", convolutions of fewer than ``conv.MIN_TRITON_C_IN`` input
-    channels run the reference (cuDNN on CUDA).
+    the padding wraps around (tiling); ``norm_in``: a GroupNorm (+ SiLU) applied to x as the kernel loads it (the
+    normalised x never stored). With "auto", convolutions of fewer than ``conv.MIN_TRITON_C_IN`` input channels
+    run the reference (cuDNN on CUDA).
     """
+    if norm_in is not None and not is_fused("group_norm"):
+        x, norm_in = group_norm(x, norm_in.weight, norm_in.bias, norm_in.groups, norm_in.eps, silu=norm_in.silu), None
     narrow = x.dim() == 4 and x.shape[1] < _conv.MIN_TRITON_C_IN and _forced.get() == "auto"
     impl = _conv.conv2d_triton if use_triton(x) and not narrow else _conv.conv2d_reference
-    return impl(x, weight, bias, stride, padding, emb=emb, residual=residual, scale=scale, circular=circular)
+    return impl(x, weight, bias, stride, padding, emb=emb, residual=residual, scale=scale, circular=circular,
+                norm_in=norm_in)
 
 
 # ---- the sampler loop's elementwise arithmetic (kernels/sampler_step.py): scalars are host numbers

@@ -36,8 +36,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from tritonsd.kernels._triton import (FLOAT_DTYPES, INTERPRET, check_device, configs, dot_dtype, dot_precision,
-                                     launch)
+from tritonsd.kernels._triton import (FLOAT_DTYPES, check_device, configs, dot_dtype, dot_precision, launch,
+                                     round_bf16_by_bits, rounds_bf16_by_bits)
 from tritonsd.kernels.geglu import geglu_reference
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages), at most 3 per key; checked with ``tritonsd check-compile --arch sm_90
@@ -118,9 +118,7 @@ def _linear_tile(
             a_norm = (a.to(tl.float32) - mean[:, None]) * rstd[:, None] * gamma[None, :] + beta[None, :]
             a_norm = tl.where(k_ok[None, :], a_norm, 0.0)
             if ROUND_BF16_BY_BITS:  # round to nearest even, as the GPU's cvt.rn does (see the launcher)
-                bits = a_norm.to(tl.uint32, bitcast=True)
-                bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-                a = bits.to(tl.float32, bitcast=True)
+                a = round_bf16_by_bits(a_norm)
             else:
                 a = a_norm.to(X.dtype.element_ty)
         a = a.to(DOT_DTYPE)
@@ -242,9 +240,8 @@ def linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     launch(kernel, grid, rows, weight, b, res, y, ln_w, ln_b, m, n, k, float(norm.eps) if norm is not None else 0.0,
            *rows.stride(), *weight.stride(), *res.stride(), *y.stride(),
            HAS_BIAS=bias is not None, HAS_RES=residual is not None, NORM=norm is not None,
-           # triton 3.9's interpreter truncates float32 -> bfloat16 casts (the GPU rounds to nearest): the
-           # normalised activations are then rounded by hand, so both round as the unfused LayerNorm's output
-           ROUND_BF16_BY_BITS=INTERPRET and norm is not None and x.dtype == torch.bfloat16,
+           # the normalised activations round as the unfused LayerNorm's output, also under the interpreter
+           ROUND_BF16_BY_BITS=norm is not None and rounds_bf16_by_bits(x.dtype),
            PRECISION=dot_precision(x.dtype), DOT_DTYPE=dot_dtype(x.dtype), GROUP=GROUP_M)
     return out
 

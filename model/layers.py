@@ -21,6 +21,10 @@ class GroupNorm(nn.GroupNorm):
     def forward(self, x: torch.Tensor, silu: bool = False) -> torch.Tensor:
         return dispatch.group_norm(x, self.weight, self.bias, self.num_groups, self.eps, silu=silu)
 
+    def as_prologue(self, silu: bool = False) -> dispatch.GroupNormIn:
+        """This norm (then SiLU) for ``Conv2d(..., norm_in=...)``: applied while the conv loads its input."""
+        return dispatch.GroupNormIn(self.weight, self.bias, self.num_groups, self.eps, silu)
+
 
 class LayerNorm(nn.LayerNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -65,9 +69,10 @@ class Conv2d(nn.Conv2d):
             destination[prefix + "weight"] = destination[prefix + "weight"].contiguous()
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None, residual: torch.Tensor | None = None,
-                scale: float | None = None) -> torch.Tensor:
-        return dispatch.conv2d(x, self.weight, self.bias, self.stride[0], self.padding[0],
-                               emb=emb, residual=residual, scale=scale, circular=self.padding_mode == "circular")
+                scale: float | None = None, norm_in: dispatch.GroupNormIn | None = None) -> torch.Tensor:
+        return dispatch.conv2d(x, self.weight, self.bias, self.stride[0], self.padding[0], emb=emb,
+                               residual=residual, scale=scale, circular=self.padding_mode == "circular",
+                               norm_in=norm_in)
 
 
 @contextlib.contextmanager

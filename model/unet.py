@@ -3,9 +3,10 @@
 Attribute paths are the checkpoint keys below ``model.diffusion_model.``. Where the original applies
 GroupNorm -> SiLU -> conv, the SiLU is fused into the GroupNorm call and an ``nn.Identity`` keeps the SiLU's
 index in the ``nn.Sequential`` so the following layer's key (``in_layers.2``, ``out_layers.3``, ``out.2``) stays
-the original's. The time-embedding add and the residual adds are fused into the convolutions' epilogue; in
-the transformer blocks, the LayerNorms into the prologue of the Linear GEMMs that read them, the residual adds
-and the GEGLU gate into their epilogue (``dispatch.linear``).
+the original's; the GroupNorm (+ SiLU) is applied in that conv's input load (``Conv2d(..., norm_in=...)``). The
+time-embedding add and the residual adds are fused into the convolutions' epilogue; in the transformer blocks,
+the LayerNorms into the prologue of the Linear GEMMs that read them, the residual adds and the GEGLU gate into
+their epilogue (``dispatch.linear``).
 """
 
 from __future__ import annotations
@@ -39,10 +40,10 @@ class ResBlock(nn.Module):
         self.skip_connection = nn.Identity() if out_channels == channels else Conv2d(channels, out_channels, 1)
 
     def forward(self, x: torch.Tensor, emb_silu: torch.Tensor) -> torch.Tensor:
-        h = self.in_layers[0](x, silu=True)
-        h = self.in_layers[2](h, emb=self.emb_layers[1](emb_silu))
-        h = self.out_layers[0](h, silu=True)
-        return self.out_layers[3](h, residual=self.skip_connection(x))
+        # each GroupNorm + SiLU applied in the next conv's input load (the normalised tensor never stored)
+        h = self.in_layers[2](x, emb=self.emb_layers[1](emb_silu), norm_in=self.in_layers[0].as_prologue(silu=True))
+        return self.out_layers[3](h, residual=self.skip_connection(x),
+                                  norm_in=self.out_layers[0].as_prologue(silu=True))
 
 
 class CrossAttention(nn.Module):
@@ -162,9 +163,10 @@ class SpatialTransformer(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        y = self.norm(x)
-        if not self.linear:
-            y = self.proj_in(y)
+        if self.linear:
+            y = self.norm(x)
+        else:  # the GroupNorm in the 1x1 conv's input load
+            y = self.proj_in(x, norm_in=self.norm.as_prologue())
         y = y.permute(0, 2, 3, 1).reshape(b, h * w, c)  # [B, C, H, W] -> [B, H*W, C]
         if self.linear:
             y = self.proj_in(y)
@@ -280,8 +282,7 @@ class UNetModel(nn.Module):
             if h.shape[-2:] != skip.shape[-2:]:  # odd sizes (A1111's sd_hijack_unet): upsampled -> skip's size
                 h = F.interpolate(h, size=skip.shape[-2:], mode="nearest")
             h = block(torch.cat([h, skip], dim=1), emb_silu, context)
-        h = self.out[0](h, silu=True)
-        return self.out[2](h)
+        return self.out[2](h, norm_in=self.out[0].as_prologue(silu=True))
 
     def _check_inputs(self, x: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None) -> None:
         cfg = self.cfg
