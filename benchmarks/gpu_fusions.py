@@ -1,12 +1,15 @@
 """Stage 9 of the GPU run: each fusion of issue 22 checked and measured on the GPU.
 
-1. Every fused GEMM (``kernels/linear.py``) at the transformer shapes of SD 1.5 / SD 2.1 / SDXL (batch 2, CFG)
+1. Every fused GEMM (``kernels/linear.py``) at the transformer shapes of SD 1.5 / SD 2.1 / SDXL (batch 2, CFG),
+   and the convolution with its GroupNorm prologue at the ResBlock shapes,
    against its float32 reference, on fresh random inputs with the free memory poisoned with NaN first
    (``gpu_correctness``'s rule: finite, ``max|out - ref| / max|ref|`` within 1e-2 for fp16 / bf16).
 2. Stage timings, fused against the launches it replaces, on the same inputs (``triton.testing.do_bench``
    medians): ``qkv+norm`` (LayerNorm kernel + three cuBLAS GEMMs -> one GEMM with the norm in its prologue),
    ``ff-proj+norm+geglu`` (LayerNorm kernel + cuBLAS GEMM + GEGLU kernel -> one GEMM), ``out+residual``
-   (cuBLAS GEMM + torch add -> one GEMM: attention out-projections, SD2/SDXL proj_out) and ``ff-out+residual``.
+   (cuBLAS GEMM + torch add -> one GEMM: attention out-projections, SD2/SDXL proj_out), ``ff-out+residual``,
+   and ``conv+groupnorm+silu`` (GroupNorm kernels + conv -> statistics + a conv normalising its input as it loads
+   it; the ResBlock's 3x3 conv at every UNet level).
 3. One UNet step (random weights, the model's own shapes; ``dispatch.force("auto")``) with every fusion, with
    each one switched off (``dispatch.unfused``), and with all off, in the same process; the output of each
    against the fused step's (the fusions change no result beyond rounding).
@@ -32,7 +35,9 @@ import torch.nn.functional as F
 from tritonsd.bench import environment, harness
 from tritonsd.compile.shapes import BATCH, MODELS, TEXT_TOKENS
 from tritonsd.kernels import dispatch
+from tritonsd.kernels.conv import GroupNormIn, conv2d_reference, conv2d_triton
 from tritonsd.kernels.geglu import geglu_triton
+from tritonsd.kernels.group_norm import group_norm_triton
 from tritonsd.kernels.layer_norm import layer_norm_triton
 from tritonsd.kernels.linear import Norm, linear_reference, linear_triton
 from tritonsd.testing.reference import relative_error, strict_float32
@@ -47,8 +52,14 @@ class FusionCase:
     model: str  # "sd15-512", ...
     name: str
     shape: dict
-    make: Callable[[torch.dtype], dict]  # keyword arguments of linear_triton / linear_reference
+    make: Callable[[torch.dtype], dict]  # keyword arguments of ``fused`` / ``reference`` / ``unfused``
     unfused: Callable[..., torch.Tensor]  # the launches the fusion replaces, on the same arguments
+    fused: Callable[..., torch.Tensor] = None  # the fused kernel's launcher (default: linear_triton)
+    reference: Callable[..., torch.Tensor] = None  # what it must equal, on float32 copies (default: linear_reference)
+
+    def __post_init__(self):
+        self.fused = self.fused or (lambda **kw: linear_triton(**kw))
+        self.reference = self.reference or linear_reference
 
 
 def _norm(c: int, dtype, g) -> Norm:
@@ -73,7 +84,42 @@ def _residual_unfused(x, weight, bias=None, residual=None, geglu=False, norm=Non
     return F.linear(x, weight, bias) + residual
 
 
+def _conv_fused(x, weight, bias, emb, norm_in):
+    return conv2d_triton(x, weight, bias, 1, 1, emb=emb, norm_in=norm_in)
+
+
+def _conv_unfused(x, weight, bias, emb, norm_in):
+    h = group_norm_triton(x, norm_in.weight, norm_in.bias, norm_in.groups, norm_in.eps, silu=norm_in.silu)
+    return conv2d_triton(h, weight, bias, 1, 1, emb=emb)
+
+
+def _conv_reference(x, weight, bias, emb, norm_in):
+    return conv2d_reference(x, weight, bias, 1, 1, emb=emb, norm_in=norm_in)
+
+
+def conv_cases() -> list[FusionCase]:
+    """The ResBlock's GroupNorm + SiLU + 3x3 conv (+ time embedding) at every UNet level (C -> C)."""
+    out = []
+    for spec in MODELS.values():
+        for c, side in spec.levels():
+            def make(dtype, c=c, side=side):
+                g = harness.case_generator(DEVICE)
+                x = _rand(g, dtype, BATCH, c, side, side).contiguous(memory_format=torch.channels_last)
+                norm = _norm(c, dtype, g)
+                return {"x": x, "weight": _rand(g, dtype, c, c, 3, 3, scale=(9 * c) ** -0.5),
+                        "bias": _rand(g, dtype, c, scale=0.02), "emb": _rand(g, dtype, BATCH, c),
+                        "norm_in": GroupNormIn(norm.weight, norm.bias, 32, 1e-5, True)}
+            out.append(FusionCase("conv+groupnorm+silu", spec.label, f"resblock-conv-{side}x{side}-C{c}",
+                                  {"B": BATCH, "C": c, "H": side, "W": side}, make, _conv_unfused,
+                                  fused=_conv_fused, reference=_conv_reference))
+    return out
+
+
 def cases() -> list[FusionCase]:
+    return linear_cases() + conv_cases()
+
+
+def linear_cases() -> list[FusionCase]:
     out = []
     for spec in MODELS.values():
         label = spec.label
@@ -112,8 +158,8 @@ def _float32(kwargs: dict) -> dict:
     for k, v in kwargs.items():
         if isinstance(v, torch.Tensor):
             v = v.float()
-        elif isinstance(v, Norm):
-            v = Norm(v.weight.float(), v.bias.float(), v.eps)
+        elif isinstance(v, (Norm, GroupNormIn)):
+            v = v._replace(weight=v.weight.float(), bias=v.bias.float())
         out[k] = v
     return out
 
@@ -136,10 +182,10 @@ def run_case(case: FusionCase, dtype: torch.dtype, time_it: bool) -> dict:
     try:
         kwargs = case.make(dtype)
         with strict_float32(), torch.no_grad():
-            expected = linear_reference(**_float32(kwargs))
+            expected = case.reference(**_float32(kwargs))
         poison_free_memory()
         with torch.no_grad():
-            got = linear_triton(**kwargs)
+            got = case.fused(**kwargs)
             apart = case.unfused(**kwargs)
         torch.cuda.synchronize()
     except Exception as e:  # noqa: BLE001 - one failing case is a row, not the end
@@ -156,7 +202,7 @@ def run_case(case: FusionCase, dtype: torch.dtype, time_it: bool) -> dict:
         row["error"] = f"relative error {row['rel_error']:.3g} > {bound:g}"
     elif time_it:
         with torch.no_grad():
-            row["fused_ms"] = triton.testing.do_bench(lambda: linear_triton(**kwargs), warmup=25, rep=100)
+            row["fused_ms"] = triton.testing.do_bench(lambda: case.fused(**kwargs), warmup=25, rep=100)
             row["unfused_ms"] = triton.testing.do_bench(lambda: case.unfused(**kwargs), warmup=25, rep=100)
     del kwargs, expected, got, apart
     torch.cuda.empty_cache()
@@ -230,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         for c in selected:
             print(f"{c.kind:<20} {c.model:<10} {c.name}")
-        print(f"{len(selected)} fused-GEMM cases; UNet step of {', '.join(steps) or 'none'} as "
+        print(f"{len(selected)} fusion cases; UNet step of {', '.join(steps) or 'none'} as "
               f"{', '.join(STEP_CONFIGS)}")
         return 0
     try:
@@ -250,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{row.get('error') or 'ok  err %.1e' % row['rel_error']}{timing}", flush=True)
     step = [] if args.no_timing else [r for m in steps for r in step_rows(MODELS[m], dtype, seed)]
     failed = [r for r in rows if "error" in r] + [r for r in step if "error" in r or not r.get("finite", True)]
-    print(f"{len(rows) - sum('error' in r for r in rows)}/{len(rows)} fused GEMM cases within bound (seed {seed})")
+    print(f"{len(rows) - sum('error' in r for r in rows)}/{len(rows)} fusion cases within bound (seed {seed})")
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({**environment.record(git_commit_override=args.git_commit),

@@ -128,8 +128,8 @@ STAGES = (
 )
 STAGES += (
     Stage(9, "fusions", "issue 22's fusions: every fused GEMM (LayerNorm prologue, GEGLU / residual epilogues, "
-                        "q/k/v in one) vs its float32 reference, stage timings fused vs the launches it replaces, "
-                        "and the SD 1.5 step with all fusions, each one off, and all off",
+                        "q/k/v in one) and GroupNorm-prologue conv vs its float32 reference, stage timings fused vs "
+                        "the launches it replaces, and the SD 1.5 step with all fusions, each one off, and all off",
           ("python3 benchmarks/gpu_fusions.py --dtype fp16 --models sd15-512 --step sd15 --git-commit {commit} "
            "--json {json}",), tunes=("sd15-fp16",), run_s="fusions"),
 )

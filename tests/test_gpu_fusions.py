@@ -35,25 +35,23 @@ def on_cpu(monkeypatch):
     return calls
 
 
+SMALL = {"qkv+norm": (5, 16), "ff-proj+norm+geglu": (5, 16), "out+residual": (5, 16, 16),
+         "ff-out+residual": (5, 16), "conv+groupnorm+silu": (32, 3)}  # (tokens, channels[, K]) / (channels, side)
+
+
 def tiny_cases():
-    """The script's four kinds at a tiny shape (its make functions with the SD sizes swapped for small ones)."""
+    """The script's kinds at a tiny shape (its make functions with the SD sizes swapped for small ones)."""
     kinds = {}
     for case in GF.cases():
         kinds.setdefault(case.kind, case)
-    out = []
-    for case in kinds.values():
-        make = case.make
-        defaults = make.__defaults__  # (n, c) or (n, c, k): the shape bound when the case was made
-        small = (5, 16) if len(defaults) == 2 else (5, 16, 64 if case.kind == "ff-out+residual" else 16)
-        out.append(GF.FusionCase(case.kind, "tiny", case.name, {}, lambda dtype, f=make, s=small: f(dtype, *s),
-                                 case.unfused))
-    return out
+    return [GF.FusionCase(c.kind, "tiny", c.name, {}, lambda dtype, f=c.make, s=SMALL[c.kind]: f(dtype, *s),
+                          c.unfused, fused=c.fused, reference=c.reference) for c in kinds.values()]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_cases_check_and_time_fused_against_unfused(on_cpu, dtype):
     cases = tiny_cases()
-    assert {c.kind for c in cases} == {"qkv+norm", "ff-proj+norm+geglu", "out+residual", "ff-out+residual"}
+    assert {c.kind for c in cases} == set(SMALL)
     with dispatch.force("triton"):
         rows = [GF.run_case(c, dtype, time_it=True) for c in cases]
     for row in rows:
@@ -64,8 +62,9 @@ def test_cases_check_and_time_fused_against_unfused(on_cpu, dtype):
 
 
 def test_a_wrong_kernel_is_a_failed_row(on_cpu, monkeypatch):
-    monkeypatch.setattr(GF, "linear_triton", lambda **kw: torch.zeros_like(GF.linear_reference(**kw)))
-    row = GF.run_case(tiny_cases()[0], torch.float32, time_it=True)
+    case = tiny_cases()[0]
+    case.fused = lambda **kw: torch.zeros_like(GF.linear_reference(**kw))
+    row = GF.run_case(case, torch.float32, time_it=True)
     assert row["error"].startswith("relative error") and "fused_ms" not in row
 
 
@@ -84,4 +83,4 @@ def test_dry_run_lists_cases_without_a_gpu():
     proc = subprocess.run([sys.executable, str(GF.Path(GF.__file__)), "--dry-run", "--models", "sd15-512"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert "16 fused-GEMM cases" in proc.stdout and "no-qkv" in proc.stdout
+    assert "20 fusion cases" in proc.stdout and "no-qkv" in proc.stdout and "no-group_norm" in proc.stdout
