@@ -67,7 +67,7 @@ class CrossAttention(nn.Module):
         self.fused_qkv = fused_qkv and query_dim == context_dim
         if self.fused_qkv:
             self._stack_qkv()
-            self.register_load_state_dict_post_hook(lambda module, _keys: module._stack_qkv())
+            self.register_load_state_dict_post_hook(_restack_qkv)  # module-level functions: the module pickles
             self._register_state_dict_hook(_unshare_qkv)
 
     def _qkv_params(self) -> list[nn.Parameter]:
@@ -75,6 +75,11 @@ class CrossAttention(nn.Module):
 
     def _stack_qkv(self) -> None:
         stack_rows_(self._qkv_params())
+
+    def __setstate__(self, state):
+        super().__setstate__(state)  # copy.deepcopy / unpickling: Parameter copies of their own
+        if self.fused_qkv:
+            self._stack_qkv()
 
     def _apply(self, fn, recurse=True):
         out = super()._apply(fn, recurse)  # .to() / .half() give each parameter its own new tensor
@@ -98,6 +103,11 @@ class CrossAttention(nn.Module):
             k, v = self.to_k(context), self.to_v(context)
         out = dispatch.attention(q, k, v, self.heads)
         return dispatch.linear(out, self.to_out[0].weight, self.to_out[0].bias, residual=residual)
+
+
+def _restack_qkv(module: CrossAttention, _incompatible_keys) -> None:
+    """After a load (an assigning one gives each weight its own new tensor): the q / k / v rows stacked again."""
+    module._stack_qkv()
 
 
 def _unshare_qkv(module: CrossAttention, state: dict, prefix: str, _meta) -> None:

@@ -136,3 +136,15 @@ def test_loaded_model_and_lora_switch_write_the_shared_storage(fixtures):
     state.clear()
     for name, a in attns.items():
         assert torch.equal(stacked_rows([a.to_q.weight, a.to_k.weight, a.to_v.weight]), before[name])
+
+
+def test_pickles_and_deep_copies_stacked(tmp_path):
+    """torch.save / copy.deepcopy of a module keep working (no lambdas among its hooks) and keep the rows stacked."""
+    import copy
+
+    attn = random_attention(4)
+    torch.save(attn, tmp_path / "attn.pt")
+    loaded = torch.load(tmp_path / "attn.pt", weights_only=False)
+    for a in (loaded, copy.deepcopy(attn)):
+        assert_stacked(a)
+        assert torch.equal(a.to_v.weight, attn.to_v.weight)
