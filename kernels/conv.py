@@ -47,9 +47,14 @@ MIN_TRITON_C_IN = 16  # dispatch sends fewer input channels (the first convoluti
 # their masked 4-wide channel tiles spill registers on sm_90 in every config (check-compile)
 
 
-@triton.autotune(configs=configs(CONFIGS, INTERPRETED_CONFIG),
-                 # M = batch x output pixels; stride_xc is 1 for channels_last input (the layout changes the best tile)
-                 key=["M", "C_IN", "C_OUT", "H", "W", "KH", "KW", "STRIDE", "PAD", "HAS_RES", "stride_xc", "NORM_IN"])
+# With the GroupNorm prologue (NORM_IN), (128, 64, 32, 4 warps, 4 stages) spills 144 bytes (triton 3.9) / 136 bytes
+# (3.6) on sm_90 at SD 1.5's 3x3 convolutions (check-compile, benchmarks/results/check-compile-sm_90-conv-groupnorm-*):
+# those launches go to an autotuner without it.
+CONFIGS_NORM_IN = [c for c in CONFIGS if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) != (128, 64, 4)]
+# M = batch x output pixels; stride_xc is 1 for channels_last input (the layout changes the best tile)
+KEY = ["M", "C_IN", "C_OUT", "H", "W", "KH", "KW", "STRIDE", "PAD", "HAS_RES", "stride_xc", "NORM_IN"]
+
+
 @triton.jit
 def _conv2d_kernel(
     X, Wt, Bias, Emb, Res, Y, NMean, NScale, NBias,
@@ -142,6 +147,11 @@ def _conv2d_kernel(
     y_ptr = (Y + bidx[:, None].to(tl.int64) * stride_yb + offs_n[None, :] * stride_yc
              + (ho * stride_yh + wo * stride_yw)[:, None])
     tl.store(y_ptr, acc.to(Y.dtype.element_ty), mask=tile_ok)
+
+
+_CONV2D_JIT = _conv2d_kernel
+_conv2d_kernel = triton.autotune(configs=configs(CONFIGS, INTERPRETED_CONFIG), key=KEY)(_CONV2D_JIT)
+_conv2d_norm_kernel = triton.autotune(configs=configs(CONFIGS_NORM_IN, INTERPRETED_CONFIG), key=KEY)(_CONV2D_JIT)
 
 
 def kernel_layout_strides(shape: torch.Size | tuple[int, ...]) -> tuple[int, int, int, int]:
@@ -253,7 +263,7 @@ def conv2d_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         n_mean = n_scale = n_bias = out
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(c_out, meta["BLOCK_N"]),)  # noqa: E731
     launch(
-        _conv2d_kernel, grid, x, weight, bias if bias is not None else weight, e, r, out, n_mean, n_scale, n_bias,
+        _conv2d_norm_kernel if norm_in is not None else _conv2d_kernel, grid, x, weight, bias if bias is not None else weight, e, r, out, n_mean, n_scale, n_bias,
         m, c_in, h, w, c_out, h_out, w_out,
         *x.stride(), *weight.stride(),
         e.stride(0), e.stride(1),

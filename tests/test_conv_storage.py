@@ -62,7 +62,7 @@ def conv_launch_weights(pipe) -> list[torch.Tensor]:
     """The weight argument of every conv kernel launch of one UNet call (recorded, not run)."""
     with _triton.recording() as launches:
         run_unet(pipe)
-    return [args[1] for kernel, args, _ in launches if kernel is conv._conv2d_kernel]
+    return [args[1] for kernel, args, _ in launches if kernel in (conv._conv2d_kernel, conv._conv2d_norm_kernel)]
 
 
 def unet_conv_weights(pipe) -> dict[str, torch.nn.Parameter]:
