@@ -1,6 +1,7 @@
 """Stage 1 of the GPU run: every Triton kernel at the SD shapes against torch, on fresh random inputs.
 
-For each case of the kernel benchmarks (``bench_<op>.cases()``: the real SD 1.5 / SD 2.1 / SDXL / text shapes), the
+For each case of the kernel benchmarks (``bench_<op>.cases()``: the real SD 1.5 / SD 2.1 / SDXL / text shapes), and
+each fused GEMM of ``gpu_fusions.cases()`` (``kernels/linear.py``'s prologue and epilogues at the transformer shapes), the
 inputs are drawn from a seed picked for this run (recorded), the reference is computed from float32 copies,
 the allocator's free memory is filled with NaN just before the kernel runs (so an output element the kernel
 never writes shows up as NaN instead of a stale value) and the result must be finite with
@@ -73,7 +74,23 @@ def run(dtype: torch.dtype, models: list[str] | None, seed: int) -> list[dict]:
             rows.append(row)
             status = row.get("error") or f"ok  err {row['rel_error']:.1e}"
             print(f"{row['op']:<10} {row['model']:<9} {row['case']:<34} {status}", flush=True)
+    for case in _fusions().cases():  # the fused GEMMs (kernels/linear.py): prologue / epilogue per case
+        if models and case.model not in models:
+            continue
+        row = {"op": "linear", **_fusions().run_case(case, dtype, time_it=False)}
+        rows.append(row)
+        status = row.get("error") or f"ok  err {row['rel_error']:.1e}"
+        print(f"{row['op']:<10} {row['model']:<9} {row['case']:<34} {status}  ({row['kind']})", flush=True)
     return rows
+
+
+def _fusions():
+    """benchmarks/gpu_fusions.py, this script's sibling (imported as a neighbour when run as a script)."""
+    try:
+        import gpu_fusions  # lazy: a sibling script, not a package
+    except ImportError:
+        from benchmarks import gpu_fusions  # lazy: likewise, from the checkout's root
+    return gpu_fusions
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -144,6 +144,11 @@ STAGES = (
            f"{UNTUNED} python3 -m pytest -q -p no:cacheprovider {TESTS_PREVIEW} --junitxml {{xml}}"),
           tunes=("sd15-fp16",), run_s="previews", processes=2, modules=("pytest",),
           fixtures=("manifests/sd15.json", "sd1-tiny.safetensors")),
+    Stage(11, "fusions", "issue 22's fusions: every fused GEMM (LayerNorm prologue, GEGLU / residual epilogues, "
+                         "q/k/v in one) and GroupNorm-prologue conv vs its float32 reference, stage timings fused vs "
+                         "the launches it replaces, and the SD 1.5 step with all fusions, each one off, and all off",
+          ("python3 benchmarks/gpu_fusions.py --dtype fp16 --models sd15-512 --step sd15 --git-commit {commit} "
+           "--json {json}",), tunes=("sd15-fp16",), run_s="fusions"),
 )
 PRECOMPILED = ("sd15-fp16", "tiny-fp32", "tiny-half")  # what stage 0 compiles
 UNTUNED_GROUPS = ("tiny-fp32", "tiny-half")  # compiled and run with TRITONSD_AUTOTUNE=0

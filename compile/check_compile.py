@@ -16,7 +16,7 @@ from tritonsd.compile import precompile, shapes, variants
 from tritonsd.compile.warmup import select
 from tritonsd.devices import DTYPE_NAMES, DTYPES, dtype_name
 
-MATMUL_KERNELS = ("attention", "conv")  # the kernels whose inner loop is tl.dot
+MATMUL_KERNELS = ("attention", "conv", "linear")  # the kernels whose inner loop is tl.dot
 
 
 @dataclass

@@ -99,6 +99,22 @@ def dot_dtype(dtype: torch.dtype):
     return _TL_DTYPES[dtype]
 
 
+@triton.jit
+def round_bf16_by_bits(x):
+    """float32 ``x`` rounded to the nearest bfloat16 (ties to even), kept as float32. Triton 3.9's interpreter
+    truncates float32 -> bfloat16 casts (the GPU rounds to nearest): kernels that round an intermediate to
+    bfloat16 in a prologue (what the unfused op would store) use this under the interpreter
+    (:func:`rounds_bf16_by_bits`), so both round alike."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+def rounds_bf16_by_bits(dtype: torch.dtype) -> bool:
+    """Whether a prologue's rounding to ``dtype`` must go through :func:`round_bf16_by_bits`."""
+    return INTERPRET and dtype == torch.bfloat16
+
+
 def next_power_of_2(n: int) -> int:
     return triton.next_power_of_2(n)
 

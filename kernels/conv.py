@@ -15,16 +15,26 @@ CUDA graph's replay, reads. A weight in any other layout is repacked for that on
 kept copy would go stale when the weight changes in place). Accumulation is float32
 (full IEEE float32 products for float32 inputs). The epilogue adds bias, the per-(batch, channel) ``emb`` and
 the ``residual``, multiplies by ``scale``, and stores once.
+
+The prologue (``norm_in``, issue 22 item 2): the GroupNorm (+ SiLU) that precedes most of the UNet's convolutions
+is applied to each input tile as it is loaded, from per-(batch, channel) mean and scale that two small launches
+compute first (``group_norm.group_norm_affine``): the normalised activations are never stored, and the
+GroupNorm's apply pass (a read and a write of the activations) is gone. Zero padding stays zero (the padded
+convolution of the normalised input, as the unfused model).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from tritonsd.kernels._triton import FLOAT_DTYPES, check_device, configs, dot_dtype, dot_precision, launch
+from tritonsd.kernels._triton import (FLOAT_DTYPES, check_device, configs, dot_dtype, dot_precision, launch,
+                                     round_bf16_by_bits, rounds_bf16_by_bits)
+from tritonsd.kernels.group_norm import group_norm_affine, group_norm_reference
 
 # at most 3 per key (each key is timed once per GPU; see compile/tuning.py); all use wgmma on sm_90 in fp16/bf16
 CONFIGS = [
@@ -37,12 +47,17 @@ MIN_TRITON_C_IN = 16  # dispatch sends fewer input channels (the first convoluti
 # their masked 4-wide channel tiles spill registers on sm_90 in every config (check-compile)
 
 
-@triton.autotune(configs=configs(CONFIGS, INTERPRETED_CONFIG),
-                 # M = batch x output pixels; stride_xc is 1 for channels_last input (the layout changes the best tile)
-                 key=["M", "C_IN", "C_OUT", "H", "W", "KH", "KW", "STRIDE", "PAD", "HAS_RES", "stride_xc"])
+# With the GroupNorm prologue (NORM_IN), (128, 64, 32, 4 warps, 4 stages) spills 144 bytes (triton 3.9) / 136 bytes
+# (3.6) on sm_90 at SD 1.5's 3x3 convolutions (check-compile, benchmarks/results/check-compile-sm_90-conv-groupnorm-*):
+# those launches go to an autotuner without it.
+CONFIGS_NORM_IN = [c for c in CONFIGS if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) != (128, 64, 4)]
+# M = batch x output pixels; stride_xc is 1 for channels_last input (the layout changes the best tile)
+KEY = ["M", "C_IN", "C_OUT", "H", "W", "KH", "KW", "STRIDE", "PAD", "HAS_RES", "stride_xc", "NORM_IN"]
+
+
 @triton.jit
 def _conv2d_kernel(
-    X, Wt, Bias, Emb, Res, Y,
+    X, Wt, Bias, Emb, Res, Y, NMean, NScale, NBias,
     M, C_IN, H, W, C_OUT, H_OUT, W_OUT,
     stride_xb, stride_xc, stride_xh, stride_xw,
     stride_wn, stride_wc, stride_wh, stride_ww,
@@ -52,6 +67,7 @@ def _conv2d_kernel(
     scale,
     KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr, CIRCULAR: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_EMB: tl.constexpr, HAS_RES: tl.constexpr, HAS_SCALE: tl.constexpr,
+    NORM_IN: tl.constexpr, SILU_IN: tl.constexpr, ROUND_BF16_BY_BITS: tl.constexpr,
     PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -96,8 +112,22 @@ def _conv2d_kernel(
             for c0 in range(0, C_IN, BLOCK_K):
                 offs_k = c0 + offs_k0
                 k_ok = offs_k < C_IN
-                a = tl.load(x_pix[:, None] + offs_k[None, :] * stride_xc, mask=pix_ok[:, None] & k_ok[None, :],
-                            other=0.0).to(DOT_DTYPE)  # [BLOCK_M, BLOCK_K]
+                a_ok = pix_ok[:, None] & k_ok[None, :]
+                a = tl.load(x_pix[:, None] + offs_k[None, :] * stride_xc, mask=a_ok, other=0.0)  # [BLOCK_M, BLOCK_K]
+                if NORM_IN:  # GroupNorm (+ SiLU) of the input as it is loaded; the padding stays zero
+                    nk = bidx[:, None].to(tl.int64) * C_IN + offs_k[None, :]  # [BLOCK_M, BLOCK_K] into [B, C_in]
+                    mean = tl.load(NMean + nk, mask=a_ok, other=0.0)
+                    scl = tl.load(NScale + nk, mask=a_ok, other=0.0)
+                    shift = tl.load(NBias + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+                    a_norm = (a.to(tl.float32) - mean) * scl + shift[None, :]
+                    if SILU_IN:
+                        a_norm = a_norm / (1.0 + tl.exp(-a_norm))
+                    a_norm = tl.where(a_ok, a_norm, 0.0)
+                    if ROUND_BF16_BY_BITS:  # what the unfused GroupNorm stores, also under the interpreter
+                        a = round_bf16_by_bits(a_norm)
+                    else:
+                        a = a_norm.to(X.dtype.element_ty)
+                a = a.to(DOT_DTYPE)
                 b = tl.load(w_tap + offs_k[:, None] * stride_wc + offs_n[None, :] * stride_wn,
                             mask=k_ok[:, None] & n_ok[None, :], other=0.0).to(DOT_DTYPE)  # [BLOCK_K, BLOCK_N]
                 acc += tl.dot(a, b, input_precision=PRECISION)
@@ -117,6 +147,11 @@ def _conv2d_kernel(
     y_ptr = (Y + bidx[:, None].to(tl.int64) * stride_yb + offs_n[None, :] * stride_yc
              + (ho * stride_yh + wo * stride_yw)[:, None])
     tl.store(y_ptr, acc.to(Y.dtype.element_ty), mask=tile_ok)
+
+
+_CONV2D_JIT = _conv2d_kernel
+_conv2d_kernel = triton.autotune(configs=configs(CONFIGS, INTERPRETED_CONFIG), key=KEY)(_CONV2D_JIT)
+_conv2d_norm_kernel = triton.autotune(configs=configs(CONFIGS_NORM_IN, INTERPRETED_CONFIG), key=KEY)(_CONV2D_JIT)
 
 
 def kernel_layout_strides(shape: torch.Size | tuple[int, ...]) -> tuple[int, int, int, int]:
@@ -162,27 +197,42 @@ def _output_shape(x: torch.Tensor, weight: torch.Tensor, stride, padding) -> tup
     return x.shape[0], weight.shape[0], h_out, w_out
 
 
+class GroupNormIn(NamedTuple):
+    """A GroupNorm (optionally followed by SiLU) applied to the convolution's input as it is loaded:
+    ``silu(F.group_norm(x, groups, weight, bias, eps))`` in float32, rounded to x's dtype (the unfused op's)."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+    groups: int = 32
+    eps: float = 1e-5
+    silu: bool = False
+
+
 def conv2d_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride: int = 1,
                   padding: int = 0, emb: torch.Tensor | None = None, residual: torch.Tensor | None = None,
                   scale: float | None = None, out: torch.Tensor | None = None,
-                  circular: bool = False) -> torch.Tensor:
+                  circular: bool = False, norm_in: GroupNormIn | None = None) -> torch.Tensor:
     """Same contract as :func:`conv2d_reference`; ``out`` (optional, [B, C_out, H', W']) receives the result.
 
     Falls back to the reference (which also raises the errors for bad shapes) for grouped convolutions,
     unequal or string stride/padding, dtypes other than float16/bfloat16/float32, x and weight of different
     dtypes, emb/residual shapes that only broadcast, or circular padding wider than the image (torch refuses
-    it; the kernel wraps once). Its output is channels-last. ``circular`` is not part of the autotune key: the
-    wrap-around changes only the load addresses, so both modes share the tuned tile.
+    it; the kernel wraps once), or a ``norm_in`` whose groups do not divide C_in or that lacks weight or bias.
+    Its output is channels-last. ``circular`` is not part of the autotune key: the wrap-around changes only the
+    load addresses, so both modes share the tuned tile. ``norm_in``: its statistics take two small launches
+    (``group_norm.group_norm_affine``), then the kernel normalises each input tile as it loads it.
     """
     out_shape = _output_shape(x, weight, stride, padding)
     if (out_shape is None or x.dtype not in FLOAT_DTYPES or weight.dtype != x.dtype
             or (emb is not None and tuple(emb.shape) != out_shape[:2])
             or (residual is not None and tuple(residual.shape) != out_shape)
-            or (circular and _as_int(padding) > min(x.shape[2], x.shape[3]))):
+            or (circular and _as_int(padding) > min(x.shape[2], x.shape[3]))
+            or (norm_in is not None and (norm_in.weight is None or norm_in.bias is None or norm_in.groups <= 0
+                                         or x.shape[1] % norm_in.groups))):
         result = conv2d_reference(x, weight, bias, stride, padding, emb=emb, residual=residual, scale=scale,
-                                  circular=circular)
+                                  circular=circular, norm_in=norm_in)
         return result if out is None else out.copy_(result)
-    check_device(x, weight, bias, emb, residual, out)
+    check_device(x, weight, bias, emb, residual, out, *(norm_in[:2] if norm_in is not None else ()))
     bsz, c_in, h, w = x.shape
     c_out, _, kh, kw = weight.shape
     st, pad = _as_int(stride), _as_int(padding)
@@ -206,9 +256,14 @@ def conv2d_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     weight = to_kernel_layout(weight)  # the model's own weights already are: no copy (see the module docstring)
     e = emb if emb is not None else out
     r = residual if residual is not None else out
+    if norm_in is not None:
+        n_mean, n_scale = group_norm_affine(x, norm_in.weight, norm_in.groups, norm_in.eps)  # [B, C_in] float32
+        n_bias = norm_in.bias.contiguous()
+    else:
+        n_mean = n_scale = n_bias = out
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(c_out, meta["BLOCK_N"]),)  # noqa: E731
     launch(
-        _conv2d_kernel, grid, x, weight, bias if bias is not None else weight, e, r, out,
+        _conv2d_norm_kernel if norm_in is not None else _conv2d_kernel, grid, x, weight, bias if bias is not None else weight, e, r, out, n_mean, n_scale, n_bias,
         m, c_in, h, w, c_out, h_out, w_out,
         *x.stride(), *weight.stride(),
         e.stride(0), e.stride(1),
@@ -216,16 +271,22 @@ def conv2d_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         1.0 if scale is None else float(scale),
         KH=kh, KW=kw, STRIDE=st, PAD=pad, CIRCULAR=bool(circular) and pad > 0,
         HAS_BIAS=bias is not None, HAS_EMB=emb is not None, HAS_RES=residual is not None,
-        HAS_SCALE=scale is not None, PRECISION=dot_precision(x.dtype), DOT_DTYPE=dot_dtype(x.dtype), GROUP=GROUP_M,
+        HAS_SCALE=scale is not None, NORM_IN=norm_in is not None, SILU_IN=norm_in is not None and bool(norm_in.silu),
+        ROUND_BF16_BY_BITS=norm_in is not None and rounds_bf16_by_bits(x.dtype),
+        PRECISION=dot_precision(x.dtype), DOT_DTYPE=dot_dtype(x.dtype), GROUP=GROUP_M,
     )
     return out
 
 
 def conv2d_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride: int = 1,
                      padding: int = 0, emb: torch.Tensor | None = None, residual: torch.Tensor | None = None,
-                     scale: float | None = None, circular: bool = False) -> torch.Tensor:
+                     scale: float | None = None, circular: bool = False,
+                     norm_in: GroupNormIn | None = None) -> torch.Tensor:
     """``(conv2d(x) + bias + emb[:, :, None, None] + residual) * scale``, each term optional. ``circular``:
-    the padding wraps around (``nn.Conv2d``'s ``padding_mode="circular"``: ``F.pad`` circular, then no padding)."""
+    the padding wraps around (``nn.Conv2d``'s ``padding_mode="circular"``: ``F.pad`` circular, then no padding).
+    ``norm_in``: x is first ``group_norm_reference(x, ...)`` (the unfused GroupNorm, SiLU included)."""
+    if norm_in is not None:
+        x = group_norm_reference(x, norm_in.weight, norm_in.bias, norm_in.groups, norm_in.eps, silu=norm_in.silu)
     if circular:
         ph, pw = (padding, padding) if isinstance(padding, int) else padding
         x = F.pad(x, (pw, pw, ph, ph), mode="circular")  # [B, C, H + 2ph, W + 2pw]

@@ -20,6 +20,7 @@ import contextvars
 from typing import Iterator
 
 import torch
+import torch.nn.functional as F
 
 from tritonsd.kernels import _triton
 from tritonsd.kernels import attention as _attention
@@ -27,6 +28,7 @@ from tritonsd.kernels import conv as _conv
 from tritonsd.kernels import geglu as _geglu
 from tritonsd.kernels import group_norm as _group_norm
 from tritonsd.kernels import layer_norm as _layer_norm
+from tritonsd.kernels import linear as _linear
 from tritonsd.kernels import sampler_step as _step
 
 BACKENDS = ("auto", "torch", "triton")
@@ -92,18 +94,87 @@ def geglu(x: torch.Tensor) -> torch.Tensor:
     return impl(x)
 
 
+Norm = _linear.Norm  # a LayerNorm to apply to linear's input: Norm(weight, bias, eps)
+
+# The fusions of issue 22 that ``unfused`` can switch off, to measure each one (benchmarks/gpu_fusions.py):
+# "norm" (LayerNorm in the next GEMM's prologue), "geglu" (in the FF projection's epilogue), "residual" (the
+# transformer's residual adds in GEMM epilogues), "qkv" (self-attention's q, k, v as one GEMM; model/unet.py;
+# apart, the three projections read norm1's output, so that LayerNorm runs apart too), "group_norm" (GroupNorm
+# + SiLU applied in the next convolution's input load).
+FUSIONS = ("norm", "geglu", "residual", "qkv", "group_norm")
+_unfused: contextvars.ContextVar[frozenset] = contextvars.ContextVar("tritonsd_unfused", default=frozenset())
+
+
+@contextlib.contextmanager
+def unfused(*fusions: str) -> Iterator[None]:
+    """Inside the block, the named fusions run as the separate launches they replace (LayerNorm kernel, cuBLAS
+    GEMM, GEGLU kernel, torch add, three q/k/v GEMMs): the same results, for timing the fused step against the
+    unfused one in the same run."""
+    unknown = set(fusions) - set(FUSIONS)
+    if unknown:
+        raise ValueError(f"unknown fusion(s) {', '.join(sorted(unknown))}; expected {', '.join(FUSIONS)}")
+    token = _unfused.set(_unfused.get() | frozenset(fusions))
+    try:
+        yield
+    finally:
+        _unfused.reset(token)
+
+
+def is_fused(fusion: str) -> bool:
+    return fusion not in _unfused.get()
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           residual: torch.Tensor | None = None, geglu: bool = False, norm: _linear.Norm | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` with a fused prologue and epilogue: ``norm`` first (a LayerNorm over x's last
+    dim, never stored), then ``a * gelu(gate)`` of the product's two halves (``geglu``: the feed-forward's GEGLU,
+    the 2F-wide product never stored), then ``+ residual`` [..., N]."""
+    off = _unfused.get()
+    if off:
+        return _linear_unfused(x, weight, bias, residual, geglu, norm, off)
+    impl = _linear.linear_triton if use_triton(x) else _linear.linear_reference
+    return impl(x, weight, bias, residual, geglu, norm)
+
+
+def _linear_unfused(x, weight, bias, residual, geglu, norm, off: frozenset) -> torch.Tensor:
+    """:func:`linear` with the fusions in ``off`` as separate launches; a GEMM left with nothing fused is
+    ``F.linear`` (cuBLAS on CUDA), as the unfused model's ``nn.Linear``."""
+    if norm is not None and "norm" in off:
+        x, norm = layer_norm(x, *norm), None
+    late_geglu = geglu and "geglu" in off
+    late_residual = residual if residual is not None and "residual" in off else None
+    geglu = geglu and not late_geglu
+    residual = None if late_residual is not None else residual
+    if norm is None and not geglu and residual is None:
+        y = F.linear(x, weight, bias)
+    else:
+        impl = _linear.linear_triton if use_triton(x) else _linear.linear_reference
+        y = impl(x, weight, bias, residual, geglu, norm)
+    if late_geglu:
+        y = (_geglu.geglu_triton if use_triton(y) else _geglu.geglu_reference)(y)  # the GEGLU kernel
+    return y + late_residual if late_residual is not None else y
+
+
+GroupNormIn = _conv.GroupNormIn  # a GroupNorm (+ SiLU) to apply to conv2d's input: GroupNormIn(w, b, groups, eps, silu)
+
+
 def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride: int = 1,
            padding: int = 0, emb: torch.Tensor | None = None, residual: torch.Tensor | None = None,
-           scale: float | None = None, circular: bool = False) -> torch.Tensor:
+           scale: float | None = None, circular: bool = False,
+           norm_in: _conv.GroupNormIn | None = None) -> torch.Tensor:
     """2-D convolution with a fused epilogue: ``(conv(x) + bias + emb[:, :, None, None] + residual) * scale``.
 
     emb: [B, C_out] per-channel add (the ResBlock's time embedding); residual: [B, C_out, H', W']; ``circular``:
-    the padding wraps around (tiling). With "auto", convolutions of fewer than ``conv.MIN_TRITON_C_IN`` input
-    channels run the reference (cuDNN on CUDA).
+    the padding wraps around (tiling); ``norm_in``: a GroupNorm (+ SiLU) applied to x as the kernel loads it (the
+    normalised x never stored). With "auto", convolutions of fewer than ``conv.MIN_TRITON_C_IN`` input channels
+    run the reference (cuDNN on CUDA).
     """
+    if norm_in is not None and not is_fused("group_norm"):
+        x, norm_in = group_norm(x, norm_in.weight, norm_in.bias, norm_in.groups, norm_in.eps, silu=norm_in.silu), None
     narrow = x.dim() == 4 and x.shape[1] < _conv.MIN_TRITON_C_IN and _forced.get() == "auto"
     impl = _conv.conv2d_triton if use_triton(x) and not narrow else _conv.conv2d_reference
-    return impl(x, weight, bias, stride, padding, emb=emb, residual=residual, scale=scale, circular=circular)
+    return impl(x, weight, bias, stride, padding, emb=emb, residual=residual, scale=scale, circular=circular,
+                norm_in=norm_in)
 
 
 # ---- the sampler loop's elementwise arithmetic (kernels/sampler_step.py): scalars are host numbers

@@ -116,6 +116,34 @@ def _group_norm_apply_kernel(X, Y, W, B, STATS, S, Cg, G, stride_xb, stride_xc, 
         tl.store(y_base + c * stride_yc + s * stride_ys, y.to(Y.dtype.element_ty), mask=ok)
 
 
+@triton.jit
+def _group_affine_kernel(W, STATS, MEAN, SCALE, C, Cg, G, SPLIT, eps, SPLIT_P2: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Per (batch, group): merge the partial statistics (as the apply kernel does) and write, for each of the
+    group's channels, ``mean`` and ``rstd * weight`` [B, C] (float32): what a consumer needs to apply the norm
+    while it loads x (kernels/conv.py's GroupNorm prologue). W first: the variant's dtype is its first tensor's."""
+    pid_bg = tl.program_id(0)
+    b = (pid_bg // G).to(tl.int64)
+    g = pid_bg % G
+    parts = tl.arange(0, SPLIT_P2)
+    p_ok = parts < SPLIT
+    p_base = STATS + (pid_bg * SPLIT + parts) * 3
+    n_p = tl.load(p_base, mask=p_ok, other=0.0)
+    mean_p = tl.load(p_base + 1, mask=p_ok, other=0.0)
+    m2_p = tl.load(p_base + 2, mask=p_ok, other=0.0)
+    n = tl.sum(n_p, 0)
+    mean = tl.sum(n_p * mean_p, 0) / n
+    d = mean_p - mean
+    var = (tl.sum(m2_p, 0) + tl.sum(n_p * d * d, 0)) / n
+    rstd = 1.0 / tl.sqrt_rn(var + eps)
+    for c0 in range(0, Cg, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        ok = c < Cg
+        ch = g * Cg + c
+        w = tl.load(W + ch, mask=ok, other=0.0).to(tl.float32)
+        tl.store(MEAN + b * C + ch, tl.zeros([BLOCK_C], dtype=tl.float32) + mean, mask=ok)
+        tl.store(SCALE + b * C + ch, rstd * w, mask=ok)
+
+
 def _slices(groups_total: int, group_size: int) -> tuple[int, int]:
     """(elements per program, programs per group) for B*G groups of ``group_size`` elements."""
     if INTERPRET:  # few programs (the interpreter's cost is per program), but still several slices to merge
@@ -160,6 +188,29 @@ def group_norm_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
            xs.stride(0), xs.stride(1), xs.stride(2), ys.stride(0), ys.stride(1), ys.stride(2), slice_size, split,
            eps, CHANNELS_INNER=channels_inner, SILU=bool(silu), SPLIT_P2=next_power_of_2(split))
     return out
+
+
+def group_norm_affine(x: torch.Tensor, weight: torch.Tensor, num_groups: int = 32,
+                      eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, scale), each [B, C] float32: GroupNorm(x) = (x - mean) * scale + bias per (batch, channel), with
+    scale = weight / sqrt(var + eps). Two launches (the partial statistics, then their merge), for a consumer
+    that applies the norm while it loads x (kernels/conv.py), so the normalised tensor is never stored.
+    x [B, C, ...] with C divisible by ``num_groups``, any strides; float16/bfloat16/float32."""
+    check_device(x, weight)
+    bsz, c = x.shape[:2]
+    s = x[0, 0].numel()
+    xs = x.reshape(bsz, c, s)  # [B, C, H, W] -> [B, C, S]: a view for NCHW and channels_last alike
+    cg = c // num_groups
+    slice_size, split = _slices(bsz * num_groups, cg * s)
+    channels_inner = s > 1 and xs.stride(1) < xs.stride(2)
+    stats = torch.empty((bsz * num_groups, split, 3), device=x.device, dtype=torch.float32)
+    mean = torch.empty((bsz, c), device=x.device, dtype=torch.float32)
+    scale = torch.empty((bsz, c), device=x.device, dtype=torch.float32)
+    launch(_group_stats_kernel, (bsz * num_groups, split), xs, stats, s, cg, num_groups, xs.stride(0),
+           xs.stride(1), xs.stride(2), slice_size, split, CHANNELS_INNER=channels_inner)
+    launch(_group_affine_kernel, (bsz * num_groups,), weight.contiguous(), stats, mean, scale, c, cg, num_groups,
+           split, eps, SPLIT_P2=next_power_of_2(split), BLOCK_C=min(next_power_of_2(cg), 128))
+    return mean, scale
 
 
 def group_norm_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_groups: int = 32,

@@ -21,10 +21,18 @@ class GroupNorm(nn.GroupNorm):
     def forward(self, x: torch.Tensor, silu: bool = False) -> torch.Tensor:
         return dispatch.group_norm(x, self.weight, self.bias, self.num_groups, self.eps, silu=silu)
 
+    def as_prologue(self, silu: bool = False) -> dispatch.GroupNormIn:
+        """This norm (then SiLU) for ``Conv2d(..., norm_in=...)``: applied while the conv loads its input."""
+        return dispatch.GroupNormIn(self.weight, self.bias, self.num_groups, self.eps, silu)
+
 
 class LayerNorm(nn.LayerNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return dispatch.layer_norm(x, self.weight, self.bias, self.eps)
+
+    def as_prologue(self) -> dispatch.Norm:
+        """This norm for ``dispatch.linear(..., norm=...)``: applied while the next GEMM loads its input."""
+        return dispatch.Norm(self.weight, self.bias, self.eps)
 
 
 class Conv2d(nn.Conv2d):
@@ -68,9 +76,10 @@ class Conv2d(nn.Conv2d):
             destination[prefix + "weight"] = destination[prefix + "weight"].contiguous()
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None, residual: torch.Tensor | None = None,
-                scale: float | None = None) -> torch.Tensor:
-        return dispatch.conv2d(x, self.weight, self.bias, self.stride[0], self.padding[0],
-                               emb=emb, residual=residual, scale=scale, circular=self.padding_mode == "circular")
+                scale: float | None = None, norm_in: dispatch.GroupNormIn | None = None) -> torch.Tensor:
+        return dispatch.conv2d(x, self.weight, self.bias, self.stride[0], self.padding[0], emb=emb,
+                               residual=residual, scale=scale, circular=self.padding_mode == "circular",
+                               norm_in=norm_in)
 
 
 @contextlib.contextmanager
@@ -87,6 +96,36 @@ def circular_padding(module: nn.Module, enabled: bool = True) -> Iterator[None]:
     finally:
         for conv, mode in zip(convs, before):
             conv.padding_mode = mode
+
+
+def stacked_rows(weights: list[torch.Tensor]) -> torch.Tensor | None:
+    """The weights [N_i, K] as one [sum N_i, K] tensor without a copy, when they lie one after the other in one
+    storage, dense (as :func:`stack_rows_` puts them); None otherwise. On the meta device (launch recording)
+    every storage address is 0: equal shapes and adjacent offsets are then taken as stacked."""
+    first = weights[0]
+    if any(w.dim() != 2 or w.shape[1] != first.shape[1] or w.dtype != first.dtype or w.device != first.device
+           or not w.is_contiguous() for w in weights):
+        return None
+    offset, ptr = first.storage_offset(), first.untyped_storage().data_ptr()
+    for w in weights:
+        if w.untyped_storage().data_ptr() != ptr or w.storage_offset() != offset:
+            return None
+        offset += w.numel()
+    rows = sum(w.shape[0] for w in weights)
+    return first.as_strided((rows, first.shape[1]), (first.shape[1], 1), first.storage_offset())
+
+
+def stack_rows_(params: list[nn.Parameter]) -> None:
+    """Make ``params`` (each [N_i, K]) views of one [sum N_i, K] storage, in order, keeping the Parameter objects
+    (what LoRA's ``copy_`` writes into, what a captured graph reads); a no-op when they already are."""
+    if stacked_rows(params) is not None or any(p.dim() != 2 for p in params):
+        return
+    with torch.no_grad():
+        fused = torch.cat([p.detach() for p in params])  # [sum N_i, K]
+    start = 0
+    for p in params:
+        p.data = fused[start:start + p.shape[0]]
+        start += p.shape[0]
 
 
 class Upsample(nn.Module):

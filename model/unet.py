@@ -3,7 +3,10 @@
 Attribute paths are the checkpoint keys below ``model.diffusion_model.``. Where the original applies
 GroupNorm -> SiLU -> conv, the SiLU is fused into the GroupNorm call and an ``nn.Identity`` keeps the SiLU's
 index in the ``nn.Sequential`` so the following layer's key (``in_layers.2``, ``out_layers.3``, ``out.2``) stays
-the original's. The time-embedding add and the residual adds are fused into the convolutions' epilogue.
+the original's; the GroupNorm (+ SiLU) is applied in that conv's input load (``Conv2d(..., norm_in=...)``). The
+time-embedding add and the residual adds are fused into the convolutions' epilogue; in the transformer blocks,
+the LayerNorms into the prologue of the Linear GEMMs that read them, the residual adds and the GEGLU gate into
+their epilogue (``dispatch.linear``).
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ from torch import nn
 from tritonsd.kernels import dispatch
 from tritonsd.model import hoist
 from tritonsd.model.config import UNetConfig
-from tritonsd.model.layers import Conv2d, GroupNorm, LayerNorm, Upsample, timestep_embedding
+from tritonsd.model.layers import (Conv2d, GroupNorm, LayerNorm, Upsample, stack_rows_, stacked_rows,
+                                  timestep_embedding)
 
 
 class UNetShapeError(ValueError):
@@ -37,12 +41,12 @@ class ResBlock(nn.Module):
         self.skip_connection = nn.Identity() if out_channels == channels else Conv2d(channels, out_channels, 1)
 
     def forward(self, x: torch.Tensor, emb: StepEmbedding | torch.Tensor) -> torch.Tensor:
-        """``emb``: the step's ``StepEmbedding``, or SiLU(time embedding) itself (the ControlNet's blocks)."""
-        h = self.in_layers[0](x, silu=True)
+        """``emb``: the step's ``StepEmbedding``, or SiLU(time embedding) itself (the ControlNet's blocks). Each
+        GroupNorm + SiLU is applied in the next conv's input load (the normalised tensor is never stored)."""
         proj = emb.projection(self) if isinstance(emb, StepEmbedding) else self.emb_layers[1](emb)
-        h = self.in_layers[2](h, emb=proj)
-        h = self.out_layers[0](h, silu=True)
-        return self.out_layers[3](h, residual=self.skip_connection(x))
+        h = self.in_layers[2](x, emb=proj, norm_in=self.in_layers[0].as_prologue(silu=True))
+        return self.out_layers[3](h, residual=self.skip_connection(x),
+                                  norm_in=self.out_layers[0].as_prologue(silu=True))
 
 
 class StepEmbedding:
@@ -88,9 +92,16 @@ class StepEmbedder:
 
 
 class CrossAttention(nn.Module):
-    """Multi-head attention of x over context (self-attention when context is None)."""
+    """Multi-head attention of x over context (self-attention when context is None).
 
-    def __init__(self, query_dim: int, context_dim: int, heads: int, dim_head: int):
+    ``fused_qkv`` (self-attention): the to_q, to_k and to_v weights are views of one [3 * inner, query_dim]
+    storage (``layers.stack_rows_``), so self-attention projects q, k and v in one GEMM that reads x once, and
+    attention reads its three [B, N, inner] column slices in place. The Parameters stay separate objects with the
+    checkpoint's names (LoRA deltas and loads write into their rows of the shared storage); it is re-established
+    after a load that assigns new tensors and after ``.to()``, and while it does not hold (weights replaced some
+    other way) the three projections run apart, with the same result."""
+
+    def __init__(self, query_dim: int, context_dim: int, heads: int, dim_head: int, fused_qkv: bool = False):
         super().__init__()
         inner = heads * dim_head
         self.heads = heads
@@ -98,15 +109,62 @@ class CrossAttention(nn.Module):
         self.to_k = nn.Linear(context_dim, inner, bias=False)
         self.to_v = nn.Linear(context_dim, inner, bias=False)
         self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Identity())  # [1] was Dropout
+        self.fused_qkv = fused_qkv and query_dim == context_dim
+        if self.fused_qkv:
+            self._stack_qkv()
+            self.register_load_state_dict_post_hook(_restack_qkv)  # module-level functions: the module pickles
+            self._register_state_dict_hook(_unshare_qkv)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        if context is None:
-            k, v = self.to_k(x), self.to_v(x)
-        else:  # once per distinct context in a run (model/hoist.py): it is the same at every step
-            k, v = hoist.once(self, (context, self.to_k.weight, self.to_v.weight),
-                              lambda: (self.to_k(context), self.to_v(context)))
-        out = dispatch.attention(self.to_q(x), k, v, self.heads)
-        return self.to_out[0](out)
+    def _qkv_params(self) -> list[nn.Parameter]:
+        return [self.to_q.weight, self.to_k.weight, self.to_v.weight]
+
+    def _stack_qkv(self) -> None:
+        stack_rows_(self._qkv_params())
+
+    def __setstate__(self, state):
+        super().__setstate__(state)  # copy.deepcopy / unpickling: Parameter copies of their own
+        if self.fused_qkv:
+            self._stack_qkv()
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)  # .to() / .half() give each parameter its own new tensor
+        if self.fused_qkv:
+            self._stack_qkv()
+        return out
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, residual: torch.Tensor | None = None,
+                norm: dispatch.Norm | None = None) -> torch.Tensor:
+        """``to_out(attention(norm(x), context)) + residual``: the LayerNorm ``norm`` in the prologue of the GEMM(s)
+        that read x, the residual add in the out-projection's epilogue."""
+        fuse = self.fused_qkv and context is None and dispatch.is_fused("qkv")
+        qkv = stacked_rows(self._qkv_params()) if fuse else None
+        if qkv is not None:  # [B, N, 3 * inner] -> 3 x [B, N, inner] views
+            q, k, v = dispatch.linear(x, qkv, norm=norm).chunk(3, dim=-1)
+        else:
+            if norm is not None and context is None:  # self-attention apart: k and v read the normalised x too
+                x, norm = dispatch.layer_norm(x, *norm), None
+            q = dispatch.linear(x, self.to_q.weight, self.to_q.bias, norm=norm)
+            if context is None:
+                k, v = self.to_k(x), self.to_v(x)
+            else:  # once per distinct context in a run (model/hoist.py): it is the same at every step
+                k, v = hoist.once(self, (context, self.to_k.weight, self.to_v.weight),
+                                  lambda: (self.to_k(context), self.to_v(context)))
+        out = dispatch.attention(q, k, v, self.heads)
+        return dispatch.linear(out, self.to_out[0].weight, self.to_out[0].bias, residual=residual)
+
+
+def _restack_qkv(module: CrossAttention, _incompatible_keys) -> None:
+    """After a load (an assigning one gives each weight its own new tensor): the q / k / v rows stacked again."""
+    module._stack_qkv()
+
+
+def _unshare_qkv(module: CrossAttention, state: dict, prefix: str, _meta) -> None:
+    """``state_dict()`` gives to_q / to_k / to_v as tensors of their own (files cannot hold shared storage);
+    ``keep_vars=True`` gives the Parameters themselves."""
+    for name in ("to_q", "to_k", "to_v"):
+        key = f"{prefix}{name}.weight"
+        if key in state and not isinstance(state[key], nn.Parameter):
+            state[key] = state[key].clone()
 
 
 class GEGLU(nn.Module):
@@ -114,8 +172,10 @@ class GEGLU(nn.Module):
         super().__init__()
         self.proj = nn.Linear(dim_in, dim_out * 2)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return dispatch.geglu(self.proj(x))
+    def forward(self, x: torch.Tensor, norm: dispatch.Norm | None = None) -> torch.Tensor:
+        """``a * gelu(gate)`` of ``proj(norm(x))``'s halves, in the projection's epilogue (no 2F-wide product
+        stored); the LayerNorm ``norm`` in its prologue."""
+        return dispatch.linear(x, self.proj.weight, self.proj.bias, geglu=True, norm=norm)
 
 
 class FeedForward(nn.Module):
@@ -123,14 +183,16 @@ class FeedForward(nn.Module):
         super().__init__()
         self.net = nn.Sequential(GEGLU(dim, inner), nn.Identity(), nn.Linear(inner, dim))  # [1] was Dropout
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net[2](self.net[0](x))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None,
+                norm: dispatch.Norm | None = None) -> torch.Tensor:
+        out = self.net[2]
+        return dispatch.linear(self.net[0](x, norm=norm), out.weight, out.bias, residual=residual)
 
 
 class BasicTransformerBlock(nn.Module):
     def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int):
         super().__init__()
-        self.attn1 = CrossAttention(dim, dim, heads, dim_head)
+        self.attn1 = CrossAttention(dim, dim, heads, dim_head, fused_qkv=True)
         self.ff = FeedForward(dim, dim * 4)
         self.attn2 = CrossAttention(dim, context_dim, heads, dim_head)
         self.norm1 = LayerNorm(dim)
@@ -138,9 +200,10 @@ class BasicTransformerBlock(nn.Module):
         self.norm3 = LayerNorm(dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        x = self.attn1(self.norm1(x)) + x
-        x = self.attn2(self.norm2(x), context) + x
-        return self.ff(self.norm3(x)) + x
+        # each LayerNorm in the prologue of the GEMM(s) reading its output, each residual add in the last epilogue
+        x = self.attn1(x, residual=x, norm=self.norm1.as_prologue())
+        x = self.attn2(x, context, residual=x, norm=self.norm2.as_prologue())
+        return self.ff(x, residual=x, norm=self.norm3.as_prologue())
 
 
 class SpatialTransformer(nn.Module):
@@ -158,20 +221,22 @@ class SpatialTransformer(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        y = self.norm(x)
-        if not self.linear:
-            y = self.proj_in(y)
+        if self.linear:
+            y = self.norm(x)
+        else:  # the GroupNorm in the 1x1 conv's input load
+            y = self.proj_in(x, norm_in=self.norm.as_prologue())
         y = y.permute(0, 2, 3, 1).reshape(b, h * w, c)  # [B, C, H, W] -> [B, H*W, C]
         if self.linear:
             y = self.proj_in(y)
         for block in self.transformer_blocks:
             y = block(y, context)
-        if self.linear:
-            y = self.proj_out(y)
-        y = y.reshape(b, h, w, c).permute(0, 3, 1, 2)  # [B, H*W, C] -> [B, C, H, W]
-        if self.linear:
-            return y + x
-        return self.proj_out(y.contiguous(), residual=x)
+        if self.linear:  # the input added in proj_out's epilogue, read as [B, H*W, C] through x's strides
+            y = dispatch.linear(y, self.proj_out.weight, self.proj_out.bias,
+                                residual=x.permute(0, 2, 3, 1).reshape(b, h * w, c))
+            return y.reshape(b, h, w, c).permute(0, 3, 1, 2)  # [B, H*W, C] -> [B, C, H, W] (channels-last)
+        # [B, H*W, C] -> [B, C, H, W], a channels-last view: the conv reads it as it lies (no copy either way)
+        y = y.reshape(b, h, w, c).permute(0, 3, 1, 2)
+        return self.proj_out(y, residual=x)
 
 
 class Downsample(nn.Module):
@@ -316,8 +381,7 @@ class UNetModel(nn.Module):
             if h.shape[-2:] != skip.shape[-2:]:  # odd sizes (A1111's sd_hijack_unet): upsampled -> skip's size
                 h = F.interpolate(h, size=skip.shape[-2:], mode="nearest")
             h = block(torch.cat([h, skip], dim=1), emb, context)
-        h = self.out[0](h, silu=True)
-        return self.out[2](h)
+        return self.out[2](h, norm_in=self.out[0].as_prologue(silu=True))
 
     def _time_silu(self, t_emb: torch.Tensor, batch: int, y: torch.Tensor | None = None) -> torch.Tensor:
         """SiLU(time_embed(t_emb) [+ label_emb(y)]): what every ResBlock's ``emb_layers`` projects."""

@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 
-from tritonsd.kernels import _triton, attention, conv, dispatch, geglu, group_norm, layer_norm
+from tritonsd.kernels import _triton, attention, conv, dispatch, geglu, group_norm, layer_norm, linear
 from tritonsd.model.layers import Conv2d, GroupNorm, LayerNorm
 from tritonsd.testing.reference import relative_error
 
@@ -27,6 +27,7 @@ OPS = [  # (dispatch function, kernel module, triton name, reference name)
     ("layer_norm", layer_norm, "layer_norm_triton", "layer_norm_reference"),
     ("geglu", geglu, "geglu_triton", "geglu_reference"),
     ("conv2d", conv, "conv2d_triton", "conv2d_reference"),
+    ("linear", linear, "linear_triton", "linear_reference"),
 ]
 
 
@@ -42,6 +43,7 @@ def op_args(name: str, seed: int = 0):
         "layer_norm": lambda: ((r(2, 5, 48), r(48), r(48), 1e-5), {}),
         "geglu": lambda: ((r(2, 5, 64),), {}),
         "conv2d": lambda: ((r(1, 8, 6, 6), r(16, 8, 3, 3), r(16), 1, 1), {"emb": r(1, 16), "scale": 0.5}),
+        "linear": lambda: ((r(2, 5, 24), r(32, 24), r(32)), {"residual": r(2, 5, 16), "geglu": True}),
     }[name]()
 
 
@@ -152,15 +154,30 @@ COMPILE_CASES = {
         dict(HEAD_D=80, D0=64, D1=16, CAUSAL=True, PRECISION="tf32", DOT_DTYPE=tl.bfloat16, BLOCK_M=64,
              BLOCK_N=32, EVEN_N=True), floats=("qk_scale",), num_warps=4),
     "conv-fp32-3x3-s2-epilogue": lambda tl: _compile(
-        conv._conv2d_kernel, {p: "*fp32" for p in ("X", "Wt", "Bias", "Emb", "Res", "Y")},
+        conv._conv2d_kernel, {**{p: "*fp32" for p in ("X", "Wt", "Bias", "Emb", "Res", "Y", "NBias")},
+                             "NMean": "*fp32", "NScale": "*fp32"},
         dict(KH=3, KW=3, STRIDE=2, PAD=0, HAS_BIAS=True, HAS_EMB=True, HAS_RES=True, HAS_SCALE=True,
-             PRECISION="ieee", DOT_DTYPE=tl.float32, GROUP=8, BLOCK_M=32, BLOCK_N=32, BLOCK_K=16),
+             NORM_IN=False, SILU_IN=False, ROUND_BF16_BY_BITS=False, PRECISION="ieee", DOT_DTYPE=tl.float32, GROUP=8, BLOCK_M=32, BLOCK_N=32, BLOCK_K=16),
         floats=("scale",), num_warps=4, num_stages=1),
     "conv-fp16-1x1": lambda tl: _compile(
-        conv._conv2d_kernel, {p: "*fp16" for p in ("X", "Wt", "Bias", "Emb", "Res", "Y")},
+        conv._conv2d_kernel, {**{p: "*fp16" for p in ("X", "Wt", "Bias", "Emb", "Res", "Y", "NBias")},
+                             "NMean": "*fp32", "NScale": "*fp32"},
         dict(KH=1, KW=1, STRIDE=1, PAD=0, HAS_BIAS=True, HAS_EMB=False, HAS_RES=False, HAS_SCALE=False,
+             NORM_IN=False, SILU_IN=False, ROUND_BF16_BY_BITS=False,
              PRECISION="tf32", DOT_DTYPE=tl.float16, GROUP=8, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32),
         num_warps=4, num_stages=2),
+    "conv-fp16-3x3-groupnorm-silu": lambda tl: _compile(
+        conv._conv2d_kernel, {**{p: "*fp16" for p in ("X", "Wt", "Bias", "Emb", "Res", "Y", "NBias")},
+                             "NMean": "*fp32", "NScale": "*fp32"},
+        dict(KH=3, KW=3, STRIDE=1, PAD=1, CIRCULAR=False, HAS_BIAS=True, HAS_EMB=True, HAS_RES=False,
+             HAS_SCALE=False, NORM_IN=True, SILU_IN=True, ROUND_BF16_BY_BITS=False, PRECISION="tf32",
+             DOT_DTYPE=tl.float16, GROUP=8, BLOCK_M=64, BLOCK_N=128, BLOCK_K=32),
+        floats=("scale",), num_warps=4, num_stages=4),
+    "linear-fp16-norm-geglu": lambda tl: _compile(
+        linear._linear_geglu_kernel, {p: "*fp16" for p in ("X", "Wt", "Bias", "Res", "Y", "LnW", "LnB")},
+        dict(HAS_BIAS=True, HAS_RES=False, NORM=True, ROUND_BF16_BY_BITS=False, PRECISION="tf32",
+             DOT_DTYPE=tl.float16, GROUP=8, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64),
+        floats=("eps",), num_warps=4, num_stages=4),
     "group-norm-bf16-channels-last": lambda tl: (
         _compile(group_norm._group_stats_kernel, {"X": "*bf16", "STATS": "*fp32"},
                  dict(CHANNELS_INNER=True, BLOCK=2048), num_warps=8),
