@@ -54,14 +54,22 @@ def _attention_flops(a: dict) -> int:
     return 4 * q.shape[0] * q.shape[1] * k.shape[1] * q.shape[2]
 
 
+def _linear_flops(a: dict) -> int:
+    """X [M, K] times Wt [N_w, K] transposed (GEGLU's Wt holds both halves: 2N rows): 2 * M * K * N_w; the
+    LayerNorm prologue and the epilogues are not counted, as torch's counter counts no norm or add."""
+    return 2 * int(a["M"]) * int(a["K"]) * a["Wt"].shape[0]
+
+
 # kernel function name -> FLOPs from its named launch arguments
 TRITON_FLOPS: dict[str, Callable[[dict], int]] = {
     "_conv2d_kernel": _conv_flops,
     "_attention_kernel": _attention_flops,
+    "_linear_kernel": _linear_flops,
+    "_linear_geglu_kernel": _linear_flops,
 }
 # kernels that multiply no matrices (norms, gates, the sampler's fused updates)
 TRITON_NO_MATMUL = frozenset({
-    "_group_stats_kernel", "_group_norm_apply_kernel", "_layer_norm_kernel", "_geglu_kernel",
+    "_group_stats_kernel", "_group_norm_apply_kernel", "_group_affine_kernel", "_layer_norm_kernel", "_geglu_kernel",
     "_denoiser_output_kernel", "_cfg_combine_kernel", "_euler_step_kernel", "_dpmpp_2m_step_kernel",
 })
 
