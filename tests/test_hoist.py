@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tritonsd.model import hoist
-from tritonsd.model.unet import BasicTransformerBlock, CrossAttention, ResBlock
+from tritonsd.model.unet import BasicTransformerBlock, ResBlock
 from tritonsd.sampler import denoise as D
 from tritonsd.sampler import samplers as S
 from tritonsd.sampler import schedule
@@ -51,19 +51,20 @@ def _loop(model, x, cond, uncond, hoisted: bool, per_step: bool = False, rows=No
 
 
 class Calls:
-    """Counts the forward calls of the cross-attention key projections and of the time-embedding layers."""
+    """Counts the forward calls of the cross-attention key projections (``attn2.to_k``; self-attention's keys come
+    from the q/k/v GEMM, made every step) and of the time-embedding layers."""
 
     def __init__(self, model):
         unet = model.model.diffusion_model
         self.kv = self.time = 0
         self.handles = []
+        self.cross = [m.attn2 for m in unet.modules() if isinstance(m, BasicTransformerBlock)]
+        for m in self.cross:
+            self.handles.append(m.to_k.register_forward_hook(self._kv))
         for m in unet.modules():
-            if isinstance(m, CrossAttention):
-                self.handles.append(m.to_k.register_forward_hook(self._kv))
             if isinstance(m, ResBlock):
                 self.handles.append(m.emb_layers[1].register_forward_hook(self._time))
         self.handles.append(unet.time_embed[0].register_forward_hook(self._time))
-        self.cross = [m for m in unet.modules() if isinstance(m, CrossAttention)]
 
     def _kv(self, module, args, out):
         self.kv += 1
@@ -88,8 +89,7 @@ def test_hoisted_loop_is_bit_for_bit_the_unhoisted_one(tiny):
     assert torch.equal(hoisted, plain)
     unet = tiny.model.diffusion_model
     blocks = 1 + len(unet.res_blocks())  # time_embed[0] and every ResBlock's projection
-    layers = len(calls.cross)  # to_k of every attention: self-attention every step, cross-attention once
-    assert calls.kv == layers // 2 * STEPS + layers // 2
+    assert calls.kv == len(calls.cross)  # the cross-attention keys once per run
     assert calls.time == blocks * STEPS  # every step index once (the tables made at the first step)
 
 
@@ -112,9 +112,8 @@ def test_a_captured_loop_runner_embeds_the_steps_once_and_the_conditioning_once_
                 assert torch.equal(out, _loop(tiny, x, cond, uncond, hoisted=False))
     finally:
         calls.close()
-    layers = len(calls.cross) // 2
     assert runner.captures == 1
-    assert outs[0][1] == outs[1][1] == layers * STEPS + layers
+    assert outs[0][1] == outs[1][1] == len(calls.cross)
     assert outs[0][2] > 0 and outs[1][2] == 0  # the second run embeds no step
 
 
@@ -161,8 +160,8 @@ def test_prompt_editing_computes_the_keys_once_per_distinct_entry(tiny):
         finally:
             calls.close()
     assert torch.equal(hoisted, plain) and torch.equal(unmapped, plain)
-    layers = len(calls.cross) // 2
-    assert calls.kv == 2 * (layers * STEPS) + layers * 2 + layers * STEPS  # mapped: 2 pairs; unmapped: 4
+    layers = len(calls.cross)
+    assert calls.kv == layers * 2 + layers * STEPS  # mapped: 2 distinct pairs; unmapped: one per call
 
 
 def test_call_rows_maps_each_call_to_the_first_call_of_its_entry():
