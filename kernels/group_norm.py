@@ -70,17 +70,10 @@ def _group_stats_kernel(X, STATS, S, Cg, G, stride_xb, stride_xc, stride_xs, SLI
     tl.store(out + 2, m2)
 
 
-@triton.autotune(configs=configs(CONFIGS, INTERPRETED_CONFIG), key=["S", "Cg", "SLICE", "CHANNELS_INNER", "SILU"])
 @triton.jit
-def _group_norm_apply_kernel(X, Y, W, B, STATS, S, Cg, G, stride_xb, stride_xc, stride_xs,
-                             stride_yb, stride_yc, stride_ys, SLICE, SPLIT, eps,
-                             CHANNELS_INNER: tl.constexpr, SILU: tl.constexpr, SPLIT_P2: tl.constexpr,
-                             BLOCK: tl.constexpr):
-    pid_bg = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    b = (pid_bg // G).to(tl.int64)
-    g = pid_bg % G
-    # merge the group's partial statistics (vectorised Chan update; empty slices have count 0)
+def _merged_stats(STATS, pid_bg, SPLIT, eps, SPLIT_P2: tl.constexpr):
+    """(mean, rstd) of group ``pid_bg`` from its SPLIT partial (count, mean, M2) rows: a vectorised Chan update
+    (empty slices have count 0)."""
     parts = tl.arange(0, SPLIT_P2)
     p_ok = parts < SPLIT
     p_base = STATS + (pid_bg * SPLIT + parts) * 3
@@ -91,7 +84,20 @@ def _group_norm_apply_kernel(X, Y, W, B, STATS, S, Cg, G, stride_xb, stride_xc, 
     mean = tl.sum(n_p * mean_p, 0) / n
     d = mean_p - mean
     var = (tl.sum(m2_p, 0) + tl.sum(n_p * d * d, 0)) / n
-    rstd = 1.0 / tl.sqrt_rn(var + eps)
+    return mean, 1.0 / tl.sqrt_rn(var + eps)
+
+
+@triton.autotune(configs=configs(CONFIGS, INTERPRETED_CONFIG), key=["S", "Cg", "SLICE", "CHANNELS_INNER", "SILU"])
+@triton.jit
+def _group_norm_apply_kernel(X, Y, W, B, STATS, S, Cg, G, stride_xb, stride_xc, stride_xs,
+                             stride_yb, stride_yc, stride_ys, SLICE, SPLIT, eps,
+                             CHANNELS_INNER: tl.constexpr, SILU: tl.constexpr, SPLIT_P2: tl.constexpr,
+                             BLOCK: tl.constexpr):
+    pid_bg = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    b = (pid_bg // G).to(tl.int64)
+    g = pid_bg % G
+    mean, rstd = _merged_stats(STATS, pid_bg, SPLIT, eps, SPLIT_P2)
 
     x_base = X + b * stride_xb + (g * Cg).to(tl.int64) * stride_xc
     y_base = Y + b * stride_yb + (g * Cg).to(tl.int64) * stride_yc
@@ -124,17 +130,7 @@ def _group_affine_kernel(W, STATS, MEAN, SCALE, C, Cg, G, SPLIT, eps, SPLIT_P2: 
     pid_bg = tl.program_id(0)
     b = (pid_bg // G).to(tl.int64)
     g = pid_bg % G
-    parts = tl.arange(0, SPLIT_P2)
-    p_ok = parts < SPLIT
-    p_base = STATS + (pid_bg * SPLIT + parts) * 3
-    n_p = tl.load(p_base, mask=p_ok, other=0.0)
-    mean_p = tl.load(p_base + 1, mask=p_ok, other=0.0)
-    m2_p = tl.load(p_base + 2, mask=p_ok, other=0.0)
-    n = tl.sum(n_p, 0)
-    mean = tl.sum(n_p * mean_p, 0) / n
-    d = mean_p - mean
-    var = (tl.sum(m2_p, 0) + tl.sum(n_p * d * d, 0)) / n
-    rstd = 1.0 / tl.sqrt_rn(var + eps)
+    mean, rstd = _merged_stats(STATS, pid_bg, SPLIT, eps, SPLIT_P2)
     for c0 in range(0, Cg, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         ok = c < Cg
