@@ -28,17 +28,17 @@ import math
 import os
 import re
 import unicodedata
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from tritonsd.escape import escape  # the batch modules print untrusted ids and text through it
 from tritonsd.control.models import resolve_units
 from tritonsd.formats.checkpoint import CheckpointError, validate_safetensors_header
+from tritonsd.formats.image_file import ImageFileError, open_image
 from tritonsd.sampler.control import ControlUnit, ControlUnitError, check_units
 from tritonsd.sampler.seeds import RANDOM_SEEDS
 from tritonsd.sampler.settings import GenerationSettings, SettingsError
@@ -286,25 +286,11 @@ def parse_controlnet(value, controlnet_dir: Path | None, base: Path) -> tuple:
     return tuple(units)
 
 
-MAX_IMAGE_PIXELS = 8192 * 8192
-
-
 def _read_image(path: Path, what: str):
-    if not path.is_file():
-        raise JobError(f"{what}: file not found: {escape(str(path))}")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                if im.width * im.height > MAX_IMAGE_PIXELS:
-                    raise JobError(f"{what}: {escape(str(path))} is {im.width}x{im.height}, too large")
-                im.load()
-                return im.copy()
-    except JobError:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning, UnidentifiedImageError, OSError,
-            ValueError, SyntaxError, EOFError):
-        raise JobError(f"{what}: {escape(str(path))} is not an image Pillow can read") from None
+        return open_image(path, what)
+    except ImageFileError as e:
+        raise JobError(str(e)) from None
 
 
 def parse_job(fields, line: int, *, lora_dir: Path | None = None, base: Path | None = None,

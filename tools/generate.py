@@ -26,7 +26,7 @@ from tritonsd.sampler.infotext_parse import generation_settings, parse_infotext,
 from tritonsd.sampler.reproduce import check_networks
 from tritonsd.load_spec import LoadSpec
 from tritonsd.sampler.memory import memory_shortfall
-from tritonsd.escape import escape
+from tritonsd.formats import image_file
 from tritonsd.pipeline import load_spec, NonFiniteError
 from tritonsd.tools.control_flags import add_control_flags, control_units
 from tritonsd.tools.progress import bar, progress_enabled
@@ -398,35 +398,12 @@ def check_output_dir(out: Path) -> None:
         raise GenerateError(f"output directory {out} is not writable: {e.strerror or e}") from None
 
 
-MAX_IMAGE_PIXELS = 8192 * 8192  # an input image larger than this is refused before its pixels are decoded
-
-
 def open_image(path: Path, what: str):
-    """A PIL image fully read from ``path``, a regular file of at most ``MAX_IMAGE_PIXELS`` (the settings convert
-    CMYK, palette and 16-bit images and check the rest)."""
-    import warnings
-
-    from PIL import Image, UnidentifiedImageError
-
-
-    if not path.exists():
-        raise GenerateError(f"{what} not found: {escape(path)}")
-    if not path.is_file():
-        raise GenerateError(f"{what} {escape(path)} is not a regular file")
+    """``formats/image_file.open_image``, its refusal as this command's error (exit code 1)."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                if im.width * im.height > MAX_IMAGE_PIXELS:
-                    raise GenerateError(f"{what} {escape(path)} is {im.width}x{im.height}: more than the "
-                                        f"{MAX_IMAGE_PIXELS:,} pixels tritonsd reads")
-                im.load()
-                return im.copy()
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise GenerateError(f"{what} {escape(path)} is refused as a decompression bomb ({escape(e)})") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as e:
-        reason = "not an image Pillow can read" if isinstance(e, UnidentifiedImageError) else escape(e)
-        raise GenerateError(f"cannot open {what} {escape(path)}: {reason}") from None
+        return image_file.open_image(path, what)
+    except image_file.ImageFileError as e:
+        raise GenerateError(str(e)) from None
 
 
 # ------------------------------------------------------------------------------------------------ run
