@@ -248,8 +248,8 @@ class Pipeline:
 
     def _step_embedder(self):
         """The model's step embedder for the per-step tables, when ``unet`` is the model's own (and its
-        ``apply_model`` takes ``step_emb``). A ControlNet run wraps the UNet in a callable that takes no
-        ``step_emb``: its tables then embed nothing (``denoise.takes_step_embedding``)."""
+        ``apply_model`` takes ``step_emb``). A ControlNet run's wrapper (``control/apply.ControlledUNet``) hands
+        ``step_emb`` on to the UNet."""
         if self.unet != self._model_unet or not D.takes_step_embedding(self.model.apply_model):
             return None
         return self.model.step_embedder()

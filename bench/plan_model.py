@@ -201,11 +201,11 @@ def walk_loop(model: StableDiffusion, size: tuple[int, int], batch: int, cfg: bo
 
         controlled = None if static is None else _control_run(walk, static, size, steps).wrap(unet)
 
-        def controlled_unet(x, t, context, y=None, t_emb=None, cond_mark=None):  # ControlledUNet's signature
+        def controlled_unet(x, t, context, y=None, t_emb=None, cond_mark=None, step_emb=None):  # ControlledUNet's
             """The ControlNets' forwards, then the UNet with their residuals: one span per call."""
             walk.span(f"step{len(calls)}", "controlnet")
             calls.append(1)
-            return controlled(x, t, context, y=y, t_emb=t_emb, cond_mark=cond_mark)
+            return controlled(x, t, context, y=y, t_emb=t_emb, cond_mark=cond_mark, step_emb=step_emb)
 
         den = sigma_denoiser(unet if controlled is None else controlled_unet, model.config, model.step_embedder() if hoists else None)  # as the Pipeline
         runner = GraphRunner(tables_on_device(den, "meta"), device="meta", use_graphs=False)

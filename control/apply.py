@@ -186,17 +186,19 @@ def _cond_mark(cond_mark: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
 
 
 class ControlledUNet:
-    """A UNet callable ``(x, t, context, y=None, t_emb=None, cond_mark=None)`` that adds ``run``'s residuals:
-    the ``unet`` it wraps takes ``control=`` (``UNetModel.forward``)."""
+    """A UNet callable ``(x, t, context, y=None, t_emb=None, cond_mark=None, step_emb=None)`` that adds ``run``'s
+    residuals: the ``unet`` it wraps takes ``control=`` (``UNetModel.forward``). ``step_emb`` (the UNet's time MLP
+    and projections, made before the loop) goes to the UNet alone: the ControlNet has time weights of its own."""
 
     def __init__(self, unet, run: ControlRun):
         self.unet = unet
         self.run = run
 
-    def __call__(self, x, t, context, y=None, t_emb=None, cond_mark=None):
+    def __call__(self, x, t, context, y=None, t_emb=None, cond_mark=None, step_emb=None):
         control = self.run.residuals(x, t, context, y=y, t_emb=t_emb, cond_mark=cond_mark)
+        extra = {} if step_emb is None else {"step_emb": step_emb}
         return self.unet(x, t, context, y=y, t_emb=t_emb, control=control,
-                         only_mid_control=self.run.only_mid_control)
+                         only_mid_control=self.run.only_mid_control, **extra)
 
 
 def with_step_callback(run: ControlRun | None, callback):
