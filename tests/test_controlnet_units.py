@@ -269,7 +269,7 @@ def test_batch_controlnet_field(cndir, canny_png):
             "controlnet": [{"model": CN, "image": canny_png.name, "module": "canny", "weight": 0.5,
                             "control_mode": 2, "resize_mode": 1}]}
     bad = [({"model": "nosuch", "image": canny_png.name}, "unknown ControlNet model 'nosuch'"),
-           ({"model": CN, "image": "missing.png"}, "file not found"),
+           ({"model": CN, "image": "missing.png"}, "controlnet[0].image not found: "),
            ({"model": CN, "image": canny_png.name, "module": "depth"}, "unknown module 'depth'"),
            ({"model": CN, "imag": canny_png.name}, "unknown field 'imag'"),
            ({"model": CN}, "has no image")]
