@@ -35,6 +35,7 @@ import triton.language as tl
 from tritonsd.kernels._triton import (FLOAT_DTYPES, check_device, configs, dot_dtype, dot_precision, launch,
                                      round_bf16_by_bits, rounds_bf16_by_bits)
 from tritonsd.kernels.group_norm import group_norm_affine, group_norm_reference
+from tritonsd.kernels.conv_layout import has_kernel_layout, kernel_layout_strides, to_kernel_layout  # noqa: F401
 
 # at most 3 per key (each key is timed once per GPU; see compile/tuning.py); all use wgmma on sm_90 in fp16/bf16
 CONFIGS = [
@@ -152,28 +153,6 @@ def _conv2d_kernel(
 _CONV2D_JIT = _conv2d_kernel
 _conv2d_kernel = triton.autotune(configs=configs(CONFIGS, INTERPRETED_CONFIG), key=KEY)(_CONV2D_JIT)
 _conv2d_norm_kernel = triton.autotune(configs=configs(CONFIGS_NORM_IN, INTERPRETED_CONFIG), key=KEY)(_CONV2D_JIT)
-
-
-def kernel_layout_strides(shape: torch.Size | tuple[int, ...]) -> tuple[int, int, int, int]:
-    """The strides of a [C_out, C_in, KH, KW] weight stored in [KH, KW, C_in, C_out] memory order."""
-    c_out, c_in, _, kw = shape
-    return 1, c_out, kw * c_in * c_out, c_in * c_out
-
-
-def has_kernel_layout(weight: torch.Tensor) -> bool:
-    """Whether ``weight`` [C_out, C_in, KH, KW] lies in memory as [KH, KW, C_in, C_out], dense (the strides of
-    size-1 dimensions do not matter: 1x1 convolutions)."""
-    if weight.dim() != 4:
-        return False
-    want = kernel_layout_strides(weight.shape)
-    return all(size == 1 or st == w for size, st, w in zip(weight.shape, weight.stride(), want))
-
-
-def to_kernel_layout(weight: torch.Tensor) -> torch.Tensor:
-    """``weight`` itself when it has the kernel layout; else a copy in it (same shape and values, new strides)."""
-    if has_kernel_layout(weight):
-        return weight
-    return weight.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)  # [KH, KW, C_in, C_out] memory order
 
 
 def _as_int(v) -> int | None:

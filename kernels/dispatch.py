@@ -17,19 +17,38 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import importlib.util
+import sys
+from types import ModuleType
 from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 
-from tritonsd.kernels import _triton
-from tritonsd.kernels import attention as _attention
-from tritonsd.kernels import conv as _conv
-from tritonsd.kernels import geglu as _geglu
-from tritonsd.kernels import group_norm as _group_norm
-from tritonsd.kernels import layer_norm as _layer_norm
-from tritonsd.kernels import linear as _linear
-from tritonsd.kernels import sampler_step as _step
+
+def _on_first_use(name: str) -> ModuleType:
+    """The kernel module ``tritonsd.kernels.<name>``, executed when one of its names is first read
+    (``importlib.util.LazyLoader``). Each imports triton (0.1 s of CPU, and it must follow the CLI's choice of
+    ``TRITON_INTERPRET``): a process that calls no op (a load, ``inspect``, ``merge``) never pays it."""
+    full = f"tritonsd.kernels.{name}"
+    if full in sys.modules:
+        return sys.modules[full]
+    spec = importlib.util.find_spec(full)
+    spec.loader = importlib.util.LazyLoader(spec.loader)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[full] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+_triton = _on_first_use("_triton")
+_attention = _on_first_use("attention")
+_conv = _on_first_use("conv")
+_geglu = _on_first_use("geglu")
+_group_norm = _on_first_use("group_norm")
+_layer_norm = _on_first_use("layer_norm")
+_linear = _on_first_use("linear")
+_step = _on_first_use("sampler_step")
 
 BACKENDS = ("auto", "torch", "triton")
 _forced: contextvars.ContextVar[str] = contextvars.ContextVar("tritonsd_kernels", default="auto")
@@ -94,7 +113,6 @@ def geglu(x: torch.Tensor) -> torch.Tensor:
     return impl(x)
 
 
-Norm = _linear.Norm  # a LayerNorm to apply to linear's input: Norm(weight, bias, eps)
 
 # The fusions of issue 22 that ``unfused`` can switch off, to measure each one (benchmarks/gpu_fusions.py):
 # "norm" (LayerNorm in the next GEMM's prologue), "geglu" (in the FF projection's epilogue), "residual" (the
@@ -155,7 +173,6 @@ def _linear_unfused(x, weight, bias, residual, geglu, norm, off: frozenset) -> t
     return y + late_residual if late_residual is not None else y
 
 
-GroupNormIn = _conv.GroupNormIn  # a GroupNorm (+ SiLU) to apply to conv2d's input: GroupNormIn(w, b, groups, eps, silu)
 
 
 def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride: int = 1,
@@ -209,3 +226,14 @@ def dpmpp_2m_step(x: torch.Tensor, ratio, decay, denoised: torch.Tensor, old: to
     """``ratio * x - decay * denoised``; with ``old``, ``denoised`` is first ``w * denoised - w_old * old``."""
     impl = _step.dpmpp_2m_step_triton if use_triton(x) else _step.dpmpp_2m_step_reference
     return impl(x, ratio, decay, denoised, old, w, w_old)
+
+
+def __getattr__(name: str):
+    """``Norm`` (a LayerNorm to apply to linear's input: ``Norm(weight, bias, eps)``) and ``GroupNormIn`` (a
+    GroupNorm (+ SiLU) to apply to conv2d's input: ``GroupNormIn(w, b, groups, eps, silu)``): the kernel
+    modules' argument types, read from them when first asked for."""
+    if name == "Norm":
+        return _linear.Norm
+    if name == "GroupNormIn":
+        return _conv.GroupNormIn
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

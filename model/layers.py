@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tritonsd.kernels import dispatch
-from tritonsd.kernels.conv import has_kernel_layout, to_kernel_layout
+from tritonsd.kernels.conv_layout import has_kernel_layout, to_kernel_layout
 
 
 class GroupNorm(nn.GroupNorm):
@@ -120,12 +120,16 @@ def stack_rows_(params: list[nn.Parameter]) -> None:
     (what LoRA's ``copy_`` writes into, what a captured graph reads); a no-op when they already are."""
     if stacked_rows(params) is not None or any(p.dim() != 2 for p in params):
         return
-    with torch.no_grad():
-        fused = torch.cat([p.detach() for p in params])  # [sum N_i, K]
+    first = params[0]
+    # [sum N_i, K], filled row block by row block: torch.cat would do the same, but on the meta device (the
+    # model is built there) it imports torch._dynamo, a second of every process's start
+    fused = torch.empty((sum(p.shape[0] for p in params), first.shape[1]), dtype=first.dtype, device=first.device)
     start = 0
-    for p in params:
-        p.data = fused[start:start + p.shape[0]]
-        start += p.shape[0]
+    with torch.no_grad():
+        for p in params:
+            fused[start:start + p.shape[0]].copy_(p.detach())
+            p.data = fused[start:start + p.shape[0]]
+            start += p.shape[0]
 
 
 class Upsample(nn.Module):
