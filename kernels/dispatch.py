@@ -38,6 +38,7 @@ def _on_first_use(name: str) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     sys.modules[full] = module
     spec.loader.exec_module(module)
+    setattr(sys.modules["tritonsd.kernels"], name, module)  # as an import binds a submodule to its package
     return module
 
 
