@@ -14,7 +14,8 @@ parameter's own storage: what a LoRA switch writes into it (``copy_``) is what t
 CUDA graph's replay, reads. A weight in any other layout is repacked for that one call (nothing is kept: a
 kept copy would go stale when the weight changes in place). Accumulation is float32
 (full IEEE float32 products for float32 inputs). The epilogue adds bias, the per-(batch, channel) ``emb`` and
-the ``residual``, multiplies by ``scale``, and stores once.
+the ``residual``, multiplies by ``scale``, and stores once. ``UPSAMPLE`` 2 convolves the nearest-upsampled input
+without storing it: the taps address the upsampled image and read pixel (h // 2, w // 2) of x.
 
 The prologue (``norm_in``, issue 22 item 2): the GroupNorm (+ SiLU) that precedes most of the UNet's convolutions
 is applied to each input tile as it is loaded, from per-(batch, channel) mean and scale that two small launches
@@ -68,7 +69,7 @@ def _conv2d_kernel(
     scale,
     KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr, CIRCULAR: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_EMB: tl.constexpr, HAS_RES: tl.constexpr, HAS_SCALE: tl.constexpr,
-    NORM_IN: tl.constexpr, SILU_IN: tl.constexpr, ROUND_BF16_BY_BITS: tl.constexpr,
+    NORM_IN: tl.constexpr, SILU_IN: tl.constexpr, ROUND_BF16_BY_BITS: tl.constexpr, UPSAMPLE: tl.constexpr,
     PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -108,7 +109,8 @@ def _conv2d_kernel(
                 pix_ok = h_ok
             else:
                 pix_ok = h_ok & (wi >= 0) & (wi < W)
-            x_pix = x_batch + hi * stride_xh + wi * stride_xw  # [BLOCK_M] pointers to channel 0
+            # [BLOCK_M] pointers to channel 0; H, W are the (nearest-)upsampled input's, x holds 1/UPSAMPLE of each
+            x_pix = x_batch + (hi // UPSAMPLE) * stride_xh + (wi // UPSAMPLE) * stride_xw
             w_tap = Wt + kh * stride_wh + kw * stride_ww
             for c0 in range(0, C_IN, BLOCK_K):
                 offs_k = c0 + offs_k0
@@ -164,13 +166,15 @@ def _as_int(v) -> int | None:
     return None
 
 
-def _output_shape(x: torch.Tensor, weight: torch.Tensor, stride, padding) -> tuple[int, int, int, int] | None:
-    """[B, C_out, H', W'] for the convolutions the kernel covers, None for the others."""
+def _output_shape(x: torch.Tensor, weight: torch.Tensor, stride, padding,
+                  upsample: int = 1) -> tuple[int, int, int, int] | None:
+    """[B, C_out, H', W'] for the convolutions the kernel covers (of x upsampled ``upsample`` times), None for the
+    others."""
     st, pad = _as_int(stride), _as_int(padding)
     if x.dim() != 4 or weight.dim() != 4 or weight.shape[1] != x.shape[1] or st is None or pad is None or st < 1:
         return None
-    h_out = (x.shape[2] + 2 * pad - weight.shape[2]) // st + 1
-    w_out = (x.shape[3] + 2 * pad - weight.shape[3]) // st + 1
+    h_out = (x.shape[2] * upsample + 2 * pad - weight.shape[2]) // st + 1
+    w_out = (x.shape[3] * upsample + 2 * pad - weight.shape[3]) // st + 1
     if h_out <= 0 or w_out <= 0:
         return None  # the reference raises its own error
     return x.shape[0], weight.shape[0], h_out, w_out
@@ -190,7 +194,7 @@ class GroupNormIn(NamedTuple):
 def conv2d_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride: int = 1,
                   padding: int = 0, emb: torch.Tensor | None = None, residual: torch.Tensor | None = None,
                   scale: float | None = None, out: torch.Tensor | None = None,
-                  circular: bool = False, norm_in: GroupNormIn | None = None) -> torch.Tensor:
+                  circular: bool = False, norm_in: GroupNormIn | None = None, upsample: int = 1) -> torch.Tensor:
     """Same contract as :func:`conv2d_reference`; ``out`` (optional, [B, C_out, H', W']) receives the result.
 
     Falls back to the reference (which also raises the errors for bad shapes) for grouped convolutions,
@@ -199,17 +203,20 @@ def conv2d_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     it; the kernel wraps once), or a ``norm_in`` whose groups do not divide C_in or that lacks weight or bias.
     Its output is channels-last. ``circular`` is not part of the autotune key: the wrap-around changes only the
     load addresses, so both modes share the tuned tile. ``norm_in``: its statistics take two small launches
-    (``group_norm.group_norm_affine``), then the kernel normalises each input tile as it loads it.
+    (``group_norm.group_norm_affine``), then the kernel normalises each input tile as it loads it. ``upsample``
+    2: the convolution of x nearest-upsampled 2x (the UNet's and VAE's ``Upsample``), reading each of x's pixels
+    where the upsampled one would be (the 4x larger tensor is never stored); not in the autotune key (only the
+    load addresses change: the upsampled shape's tuned tile serves). Other factors run the reference.
     """
-    out_shape = _output_shape(x, weight, stride, padding)
+    out_shape = _output_shape(x, weight, stride, padding, upsample) if upsample in (1, 2) else None
     if (out_shape is None or x.dtype not in FLOAT_DTYPES or weight.dtype != x.dtype
             or (emb is not None and tuple(emb.shape) != out_shape[:2])
             or (residual is not None and tuple(residual.shape) != out_shape)
-            or (circular and _as_int(padding) > min(x.shape[2], x.shape[3]))
+            or (circular and _as_int(padding) > upsample * min(x.shape[2], x.shape[3]))
             or (norm_in is not None and (norm_in.weight is None or norm_in.bias is None or norm_in.groups <= 0
                                          or x.shape[1] % norm_in.groups))):
         result = conv2d_reference(x, weight, bias, stride, padding, emb=emb, residual=residual, scale=scale,
-                                  circular=circular, norm_in=norm_in)
+                                  circular=circular, norm_in=norm_in, upsample=upsample)
         return result if out is None else out.copy_(result)
     check_device(x, weight, bias, emb, residual, out, *(norm_in[:2] if norm_in is not None else ()))
     bsz, c_in, h, w = x.shape
@@ -243,7 +250,7 @@ def conv2d_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(c_out, meta["BLOCK_N"]),)  # noqa: E731
     launch(
         _conv2d_norm_kernel if norm_in is not None else _conv2d_kernel, grid, x, weight, bias if bias is not None else weight, e, r, out, n_mean, n_scale, n_bias,
-        m, c_in, h, w, c_out, h_out, w_out,
+        m, c_in, h * upsample, w * upsample, c_out, h_out, w_out,
         *x.stride(), *weight.stride(),
         e.stride(0), e.stride(1),
         *r.stride(), *out.stride(),
@@ -251,7 +258,7 @@ def conv2d_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         KH=kh, KW=kw, STRIDE=st, PAD=pad, CIRCULAR=bool(circular) and pad > 0,
         HAS_BIAS=bias is not None, HAS_EMB=emb is not None, HAS_RES=residual is not None,
         HAS_SCALE=scale is not None, NORM_IN=norm_in is not None, SILU_IN=norm_in is not None and bool(norm_in.silu),
-        ROUND_BF16_BY_BITS=norm_in is not None and rounds_bf16_by_bits(x.dtype),
+        ROUND_BF16_BY_BITS=norm_in is not None and rounds_bf16_by_bits(x.dtype), UPSAMPLE=upsample,
         PRECISION=dot_precision(x.dtype), DOT_DTYPE=dot_dtype(x.dtype), GROUP=GROUP_M,
     )
     return out
@@ -260,12 +267,15 @@ def conv2d_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 def conv2d_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride: int = 1,
                      padding: int = 0, emb: torch.Tensor | None = None, residual: torch.Tensor | None = None,
                      scale: float | None = None, circular: bool = False,
-                     norm_in: GroupNormIn | None = None) -> torch.Tensor:
+                     norm_in: GroupNormIn | None = None, upsample: int = 1) -> torch.Tensor:
     """``(conv2d(x) + bias + emb[:, :, None, None] + residual) * scale``, each term optional. ``circular``:
     the padding wraps around (``nn.Conv2d``'s ``padding_mode="circular"``: ``F.pad`` circular, then no padding).
-    ``norm_in``: x is first ``group_norm_reference(x, ...)`` (the unfused GroupNorm, SiLU included)."""
+    ``norm_in``: x is first ``group_norm_reference(x, ...)`` (the unfused GroupNorm, SiLU included); then
+    ``upsample`` > 1: ``F.interpolate(x, scale_factor=upsample, mode="nearest")`` (the UNet's and VAE's Upsample)."""
     if norm_in is not None:
         x = group_norm_reference(x, norm_in.weight, norm_in.bias, norm_in.groups, norm_in.eps, silu=norm_in.silu)
+    if upsample != 1:
+        x = F.interpolate(x, scale_factor=float(upsample), mode="nearest")  # [B, C, H*up, W*up]
     if circular:
         ph, pw = (padding, padding) if isinstance(padding, int) else padding
         x = F.pad(x, (pw, pw, ph, ph), mode="circular")  # [B, C, H + 2ph, W + 2pw]

@@ -179,12 +179,13 @@ def _linear_unfused(x, weight, bias, residual, geglu, norm, off: frozenset) -> t
 def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride: int = 1,
            padding: int = 0, emb: torch.Tensor | None = None, residual: torch.Tensor | None = None,
            scale: float | None = None, circular: bool = False,
-           norm_in: _conv.GroupNormIn | None = None) -> torch.Tensor:
+           norm_in: _conv.GroupNormIn | None = None, upsample: int = 1) -> torch.Tensor:
     """2-D convolution with a fused epilogue: ``(conv(x) + bias + emb[:, :, None, None] + residual) * scale``.
 
     emb: [B, C_out] per-channel add (the ResBlock's time embedding); residual: [B, C_out, H', W']; ``circular``:
     the padding wraps around (tiling); ``norm_in``: a GroupNorm (+ SiLU) applied to x as the kernel loads it (the
-    normalised x never stored). With "auto", convolutions of fewer than ``conv.MIN_TRITON_C_IN`` input channels
+    normalised x never stored); ``upsample``: x nearest-upsampled that many times first (never stored by the
+    Triton kernel). With "auto", convolutions of fewer than ``conv.MIN_TRITON_C_IN`` input channels
     run the reference (cuDNN on CUDA).
     """
     if norm_in is not None and not is_fused("group_norm"):
@@ -196,7 +197,7 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         x, triton_here = x.contiguous(memory_format=torch.channels_last), False
     impl = _conv.conv2d_triton if triton_here else _conv.conv2d_reference
     return impl(x, weight, bias, stride, padding, emb=emb, residual=residual, scale=scale, circular=circular,
-                norm_in=norm_in)
+                norm_in=norm_in, upsample=upsample)
 
 
 # ---- the sampler loop's elementwise arithmetic (kernels/sampler_step.py): scalars are host numbers

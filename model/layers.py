@@ -8,7 +8,6 @@ import math
 from typing import Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from tritonsd.kernels import dispatch
@@ -76,10 +75,11 @@ class Conv2d(nn.Conv2d):
             destination[prefix + "weight"] = destination[prefix + "weight"].contiguous()
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None, residual: torch.Tensor | None = None,
-                scale: float | None = None, norm_in: dispatch.GroupNormIn | None = None) -> torch.Tensor:
+                scale: float | None = None, norm_in: dispatch.GroupNormIn | None = None,
+                upsample: int = 1) -> torch.Tensor:
         return dispatch.conv2d(x, self.weight, self.bias, self.stride[0], self.padding[0], emb=emb,
                                residual=residual, scale=scale, circular=self.padding_mode == "circular",
-                               norm_in=norm_in)
+                               norm_in=norm_in, upsample=upsample)
 
 
 @contextlib.contextmanager
@@ -133,14 +133,15 @@ def stack_rows_(params: list[nn.Parameter]) -> None:
 
 
 class Upsample(nn.Module):
-    """Nearest 2x upsampling then a 3x3 conv (the UNet's and the VAE decoder's ``upsample.conv``)."""
+    """Nearest 2x upsampling then a 3x3 conv (the UNet's and the VAE decoder's ``upsample.conv``): one launch, the
+    conv reading the upsampled image's pixels from x (``dispatch.conv2d(..., upsample=2)``)."""
 
     def __init__(self, channels: int):
         super().__init__()
         self.conv = Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return self.conv(x, upsample=2)
 
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
