@@ -120,14 +120,14 @@ def geglu(x: torch.Tensor) -> torch.Tensor:
 # transformer's residual adds in GEMM epilogues), "qkv" (self-attention's q, k, v as one GEMM; model/unet.py;
 # apart, the three projections read norm1's output, so that LayerNorm runs apart too), "group_norm" (GroupNorm
 # + SiLU applied in the next convolution's input load).
-FUSIONS = ("norm", "geglu", "residual", "qkv", "group_norm")
+FUSIONS = ("norm", "geglu", "residual", "qkv", "group_norm", "upsample")
 _unfused: contextvars.ContextVar[frozenset] = contextvars.ContextVar("tritonsd_unfused", default=frozenset())
 
 
 @contextlib.contextmanager
 def unfused(*fusions: str) -> Iterator[None]:
     """Inside the block, the named fusions run as the separate launches they replace (LayerNorm kernel, cuBLAS
-    GEMM, GEGLU kernel, torch add, three q/k/v GEMMs): the same results, for timing the fused step against the
+    GEMM, GEGLU kernel, torch add, three q/k/v GEMMs, GroupNorm kernel, nearest upsample): the same results, for timing the fused step against the
     unfused one in the same run."""
     unknown = set(fusions) - set(FUSIONS)
     if unknown:
@@ -190,6 +190,8 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """
     if norm_in is not None and not is_fused("group_norm"):
         x, norm_in = group_norm(x, norm_in.weight, norm_in.bias, norm_in.groups, norm_in.eps, silu=norm_in.silu), None
+    if upsample != 1 and not is_fused("upsample"):
+        x, upsample = F.interpolate(x, scale_factor=float(upsample), mode="nearest"), 1
     triton_here = use_triton(x)
     if triton_here and x.dim() == 4 and x.shape[1] < _conv.MIN_TRITON_C_IN and _forced.get() == "auto":
         # the reference (cuDNN) on a channels-last input writes a channels-last output, as the Triton convolutions
