@@ -114,12 +114,12 @@ def geglu(x: torch.Tensor) -> torch.Tensor:
     return impl(x)
 
 
-
 # The fusions of issue 22 that ``unfused`` can switch off, to measure each one (benchmarks/gpu_fusions.py):
 # "norm" (LayerNorm in the next GEMM's prologue), "geglu" (in the FF projection's epilogue), "residual" (the
 # transformer's residual adds in GEMM epilogues), "qkv" (self-attention's q, k, v as one GEMM; model/unet.py;
 # apart, the three projections read norm1's output, so that LayerNorm runs apart too), "group_norm" (GroupNorm
-# + SiLU applied in the next convolution's input load).
+# + SiLU applied in the next convolution's input load), "upsample" (the nearest 2x upsample in the next
+# convolution's input load).
 FUSIONS = ("norm", "geglu", "residual", "qkv", "group_norm", "upsample")
 _unfused: contextvars.ContextVar[frozenset] = contextvars.ContextVar("tritonsd_unfused", default=frozenset())
 
@@ -127,8 +127,8 @@ _unfused: contextvars.ContextVar[frozenset] = contextvars.ContextVar("tritonsd_u
 @contextlib.contextmanager
 def unfused(*fusions: str) -> Iterator[None]:
     """Inside the block, the named fusions run as the separate launches they replace (LayerNorm kernel, cuBLAS
-    GEMM, GEGLU kernel, torch add, three q/k/v GEMMs, GroupNorm kernel, nearest upsample): the same results, for timing the fused step against the
-    unfused one in the same run."""
+    GEMM, GEGLU kernel, torch add, three q/k/v GEMMs, GroupNorm kernel, nearest upsample): the same results, for
+    timing the fused step against the unfused one in the same run."""
     unknown = set(fusions) - set(FUSIONS)
     if unknown:
         raise ValueError(f"unknown fusion(s) {', '.join(sorted(unknown))}; expected {', '.join(FUSIONS)}")
@@ -172,8 +172,6 @@ def _linear_unfused(x, weight, bias, residual, geglu, norm, off: frozenset) -> t
     if late_geglu:
         y = (_geglu.geglu_triton if use_triton(y) else _geglu.geglu_reference)(y)  # the GEGLU kernel
     return y + late_residual if late_residual is not None else y
-
-
 
 
 def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride: int = 1,
