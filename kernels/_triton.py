@@ -119,6 +119,37 @@ def next_power_of_2(n: int) -> int:
     return triton.next_power_of_2(n)
 
 
+# ---- the GPU's size: how many programs fill one wave (split-K convolution, kernels/conv.py)
+
+RECORDING_SMS = 132  # an H100's SMs: the GPU assumed while launches are recorded without one (check-compile, plan)
+_assumed_sms: contextvars.ContextVar[int] = contextvars.ContextVar("tritonsd_assumed_sms", default=RECORDING_SMS)
+_sms: dict[int, int] = {}  # CUDA device index -> multiprocessor count, read once per device
+
+
+@contextlib.contextmanager
+def assume_sms(count: int) -> Iterator[int]:
+    """While launches are recorded (:func:`recording`), the launchers size their grids for a GPU of ``count`` SMs
+    (``tritonsd bench plan --gpu``: the named GPU's)."""
+    token = _assumed_sms.set(int(count))
+    try:
+        yield count
+    finally:
+        _assumed_sms.reset(token)
+
+
+def sm_count(device: torch.device) -> int | None:
+    """The streaming multiprocessors of ``device`` (read once per CUDA device); the assumed GPU's while
+    launches are recorded (:func:`assume_sms`); None on the CPU (the interpreter runs programs one by one)."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index not in _sms:
+            _sms[index] = torch.cuda.get_device_properties(index).multi_processor_count
+        return _sms[index]
+    if device.type == "meta" and is_recording():
+        return _assumed_sms.get()
+    return None
+
+
 # ---- launching: every launcher goes through launch(), so that launches can be recorded (to know which kernel
 # variants a model needs, without a GPU) and autotuned keys looked up in the persistent tuning tables.
 

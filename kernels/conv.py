@@ -22,6 +22,12 @@ is applied to each input tile as it is loaded, from per-(batch, channel) mean an
 compute first (``group_norm.group_norm_affine``): the normalised activations are never stored, and the
 GroupNorm's apply pass (a read and a write of the activations) is gone. Zero padding stays zero (the padded
 convolution of the normalised input, as the unfused model).
+
+Split-K (issue 22, "under-filled grids"): where the output tiles fill less than two waves of the GPU's SMs (SD
+1.5's 16x16 and 8x8 levels), each tile's C_in loop is split over SPLIT programs (:func:`split_k_for`); each
+stores its float32 partial tile to a workspace [SPLIT, M, N], and the last of a tile's programs to finish (a
+per-tile arrival count) sums them in split order and runs the epilogue once (``_split_k_sum``): deterministic,
+no float atomics. SPLIT 1 is the kernel as it was: no workspace, no count.
 """
 
 from __future__ import annotations
@@ -33,8 +39,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from tritonsd.kernels._triton import (FLOAT_DTYPES, check_device, configs, dot_dtype, dot_precision, launch,
-                                     round_bf16_by_bits, rounds_bf16_by_bits)
+from tritonsd.kernels._triton import (FLOAT_DTYPES, KernelArgumentError, check_device, configs, dot_dtype,
+                                     dot_precision, is_recording, launch, round_bf16_by_bits, rounds_bf16_by_bits,
+                                     sm_count)
 from tritonsd.kernels.group_norm import group_norm_affine, group_norm_reference
 from tritonsd.kernels.conv_layout import has_kernel_layout, kernel_layout_strides, to_kernel_layout  # noqa: F401
 
@@ -53,8 +60,53 @@ MIN_TRITON_C_IN = 16  # dispatch sends fewer input channels (the first convoluti
 # (3.6) on sm_90 at SD 1.5's 3x3 convolutions (check-compile, benchmarks/results/check-compile-sm_90-conv-groupnorm-*):
 # those launches go to an autotuner without it.
 CONFIGS_NORM_IN = [c for c in CONFIGS if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) != (128, 64, 4)]
+# Split-K (issue 22, "under-filled grids"): a launch whose output tiles fill less than SPLIT_K_WAVES waves of the
+# GPU's SMs splits every tile's C_in loop over SPLIT programs (see split_k_for), which sum their float32 partials
+# through a workspace (_split_k_sum). At SD 1.5 512x512 (UNet batch 2, 132 SMs): the 16x16 level (M = 512,
+# C_out 1280: 160 tiles of 64x64) takes SPLIT 2, the 8x8 level (M = 128: 40 tiles) SPLIT 7. The workspace
+# traffic is about SPLIT_K_WAVES x SMs float32 tiles written and read per launch (4.3 MB at 64x64 on 132 SMs),
+# so the split tile is the smallest that keeps the tensor cores fed, and SPLIT only as large as two waves need.
+SPLIT_K_WAVES = 2  # the waves of programs a split launch fills, at least
+MIN_K_CHUNKS_PER_SPLIT = 4  # every split sums at least this many BLOCK_K chunks (taps x its channel chunks)
+# one tile size for all split configs, so that the launcher knows the grid (and SPLIT) before the tuner picks
+SPLIT_K_CONFIGS = [
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+    for bk, w, s in [(64, 4, 3), (32, 4, 4), (64, 8, 3)]
+]
 # M = batch x output pixels; stride_xc is 1 for channels_last input (the layout changes the best tile)
 KEY = ["M", "C_IN", "C_OUT", "H", "W", "KH", "KW", "STRIDE", "PAD", "HAS_RES", "stride_xc", "NORM_IN"]
+
+
+@triton.jit
+def _split_k_sum(acc, Ws, Counters, split, tile, offs_m, offs_n, m_ok, n_ok, N, MN, SPLIT_K: tl.constexpr):
+    """Split-K's reduction: store this program's float32 partial ``acc`` [BLOCK_M, BLOCK_N] as split ``split`` of
+    the workspace Ws [SPLIT_K, M, N], count its arrival at ``tile``; the last of the tile's SPLIT_K programs gets
+    the sum of all partials in split order 0..SPLIT_K-1 and ``m_ok`` (the others: ``m_ok`` all False, so the
+    epilogue that follows loads and stores nothing) and resets the count to 0 (a captured CUDA graph replays it).
+
+    Why the last program sees every partial on a GPU: each program's threads store their part of the partial,
+    meet at a barrier (all of the program's stores done), then one atomic add with release semantics at GPU
+    scope publishes them with the count. The atomic adds on one counter form a single chain, each acquiring the
+    previous releases, so the program that reads SPLIT_K - 1 has acquired every other program's stores; its
+    loads come after that (a second barrier) and read through L2 (``.cg``: no stale L1 line). Deterministic: the
+    sum runs in split order whichever program arrives last, with the partials rounded to float32 alike (its own
+    taken from registers, the others from the workspace), so every run gives the same bits; no float atomics.
+    """
+    tile_ok = m_ok[:, None] & n_ok[None, :]
+    ws_tile = Ws + offs_m[:, None] * N + offs_n[None, :]  # [BLOCK_M, BLOCK_N] pointers into split 0 (int32: see
+    tl.store(ws_tile + split * MN, acc, mask=tile_ok)      # the launcher's SPLIT_K * M * N < 2**31)
+    tl.debug_barrier()
+    arrived = tl.atomic_add(Counters + tile, 1, sem="acq_rel")
+    tl.debug_barrier()
+    last = arrived == SPLIT_K - 1
+    # scalar conditions enter the masks through tl.where: triton 3.9's interpreter makes ``block & scalar`` int32
+    total = tl.zeros_like(acc)
+    for s in tl.static_range(SPLIT_K):
+        part = tl.load(ws_tile + s * MN, mask=tl.where(last & (split != s), tile_ok, False), other=0.0,
+                       cache_modifier=".cg")
+        total += tl.where(split == s, acc, part)
+    tl.store(Counters + tile, 0, mask=last)
+    return total, tl.where(last, m_ok, False)
 
 
 @triton.jit
@@ -67,16 +119,25 @@ def _conv2d_kernel(
     stride_rb, stride_rc, stride_rh, stride_rw,
     stride_yb, stride_yc, stride_yh, stride_yw,
     scale,
+    Ws, Counters,  # split-K (SPLIT_K > 1): float32 partial tiles [SPLIT_K, M, C_OUT], an arrival count per tile
     KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr, CIRCULAR: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_EMB: tl.constexpr, HAS_RES: tl.constexpr, HAS_SCALE: tl.constexpr,
     NORM_IN: tl.constexpr, SILU_IN: tl.constexpr, ROUND_BF16_BY_BITS: tl.constexpr, UPSAMPLE: tl.constexpr,
     PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr, GROUP: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr = 1,
 ):
     # grouped tile order (as the Triton matmul tutorial)
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(C_OUT, BLOCK_N)
+    c_lo = 0  # the input channels this program sums over, at every tap
+    c_hi = C_IN
+    if SPLIT_K > 1:  # programs [s * tiles, (s + 1) * tiles) take split s of every tile: C_in chunks [s * per, ...)
+        split = pid // (num_m * num_n)
+        pid = pid % (num_m * num_n)
+        per = tl.cdiv(tl.cdiv(C_IN, BLOCK_K), SPLIT_K) * BLOCK_K
+        c_lo = split * per
+        c_hi = tl.minimum(c_lo + per, C_IN)
     per_group = GROUP * num_n
     first_m = (pid // per_group) * GROUP
     group_rows = tl.minimum(num_m - first_m, GROUP)
@@ -112,9 +173,9 @@ def _conv2d_kernel(
             # [BLOCK_M] pointers to channel 0; H, W are the (nearest-)upsampled input's, x holds 1/UPSAMPLE of each
             x_pix = x_batch + (hi // UPSAMPLE) * stride_xh + (wi // UPSAMPLE) * stride_xw
             w_tap = Wt + kh * stride_wh + kw * stride_ww
-            for c0 in range(0, C_IN, BLOCK_K):
+            for c0 in range(c_lo, c_hi, BLOCK_K):
                 offs_k = c0 + offs_k0
-                k_ok = offs_k < C_IN
+                k_ok = offs_k < c_hi
                 a_ok = pix_ok[:, None] & k_ok[None, :]
                 a = tl.load(x_pix[:, None] + offs_k[None, :] * stride_xc, mask=a_ok, other=0.0)  # [BLOCK_M, BLOCK_K]
                 if NORM_IN:  # GroupNorm (+ SiLU) of the input as it is loaded; the padding stays zero
@@ -135,6 +196,8 @@ def _conv2d_kernel(
                             mask=k_ok[:, None] & n_ok[None, :], other=0.0).to(DOT_DTYPE)  # [BLOCK_K, BLOCK_N]
                 acc += tl.dot(a, b, input_precision=PRECISION)
 
+    if SPLIT_K > 1:  # the tile's last program to finish goes on alone, with the sum of every split's partial
+        acc, m_ok = _split_k_sum(acc, Ws, Counters, split, pid, offs_m, offs_n, m_ok, n_ok, C_OUT, M * C_OUT, SPLIT_K)
     tile_ok = m_ok[:, None] & n_ok[None, :]
     if HAS_BIAS:
         acc += tl.load(Bias + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -155,6 +218,54 @@ def _conv2d_kernel(
 _CONV2D_JIT = _conv2d_kernel
 _conv2d_kernel = triton.autotune(configs=configs(CONFIGS, INTERPRETED_CONFIG), key=KEY)(_CONV2D_JIT)
 _conv2d_norm_kernel = triton.autotune(configs=configs(CONFIGS_NORM_IN, INTERPRETED_CONFIG), key=KEY)(_CONV2D_JIT)
+# SPLIT_K > 1 launches, with or without the GroupNorm prologue (SPLIT follows from the key's shape)
+_conv2d_split_kernel = triton.autotune(configs=configs(SPLIT_K_CONFIGS, INTERPRETED_CONFIG), key=KEY)(_CONV2D_JIT)
+
+
+def split_k_for(m: int, n: int, c_in_chunks: int, taps: int, block_m: int, block_n: int, sms: int | None) -> int:
+    """SPLIT for an [m, n] output of ``block_m x block_n`` tiles whose K loop is ``taps`` x ``c_in_chunks`` chunks,
+    on ``sms`` SMs (None: no GPU to fill, 1): 1 when the tiles alone fill SPLIT_K_WAVES waves; else the smallest
+    SPLIT whose tiles x SPLIT do, at most one channel chunk per split and MIN_K_CHUNKS_PER_SPLIT chunks in all."""
+    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+    if not sms or tiles >= SPLIT_K_WAVES * sms:
+        return 1
+    want = triton.cdiv(SPLIT_K_WAVES * sms, tiles)
+    most = min(c_in_chunks, c_in_chunks * taps // MIN_K_CHUNKS_PER_SPLIT)
+    return max(1, min(want, most))
+
+
+def split_tile() -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N) of every split-K config (one tile size: see SPLIT_K_CONFIGS)."""
+    c = _conv2d_split_kernel.configs[0].kwargs
+    return c["BLOCK_M"], c["BLOCK_N"]
+
+
+def _split_for_launch(split_k: int | None, m: int, c_out: int, c_in: int, taps: int, device: torch.device) -> int:
+    """The launch's SPLIT: ``split_k`` when given, else :func:`split_k_for` on this device; 1 when the workspace
+    would outgrow int32 offsets (the kernel indexes it in int32)."""
+    if split_k is None:
+        block_k = max(c.kwargs["BLOCK_K"] for c in _conv2d_split_kernel.configs)  # the fewest chunks any config has
+        split_k = split_k_for(m, c_out, triton.cdiv(c_in, block_k), taps, *split_tile(), sm_count(device))
+        return split_k if split_k * m * c_out < 2**31 else 1
+    if split_k > 1 and split_k * m * c_out >= 2**31:
+        raise KernelArgumentError(f"split_k={split_k}: the workspace of {split_k} x {m} x {c_out} float32 partials "
+                                  "is too large (2**31 elements at most)")
+    return split_k
+
+
+_COUNTERS: dict[torch.device, list[torch.Tensor]] = {}  # per device: int32 arrival counts, every one left at 0
+
+
+def _counters(device: torch.device, n: int) -> torch.Tensor:
+    """``n`` int32 zeros the split-K launches share on ``device`` (each launch resets those it counted on). A
+    larger buffer is added when needed, never swapped for: a captured CUDA graph keeps its buffer's address.
+    (Split launches on concurrent streams would share counts: the runtime issues its kernels on one stream.)"""
+    if is_recording():
+        return torch.empty(n, device=device, dtype=torch.int32)  # meta: nothing runs
+    kept = _COUNTERS.setdefault(device, [])
+    if not kept or kept[-1].numel() < n:
+        kept.append(torch.zeros(max(n, 4096), device=device, dtype=torch.int32))
+    return kept[-1][:n]
 
 
 def _as_int(v) -> int | None:
@@ -194,7 +305,8 @@ class GroupNormIn(NamedTuple):
 def conv2d_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride: int = 1,
                   padding: int = 0, emb: torch.Tensor | None = None, residual: torch.Tensor | None = None,
                   scale: float | None = None, out: torch.Tensor | None = None,
-                  circular: bool = False, norm_in: GroupNormIn | None = None, upsample: int = 1) -> torch.Tensor:
+                  circular: bool = False, norm_in: GroupNormIn | None = None, upsample: int = 1,
+                  split_k: int | None = None) -> torch.Tensor:
     """Same contract as :func:`conv2d_reference`; ``out`` (optional, [B, C_out, H', W']) receives the result.
 
     Falls back to the reference (which also raises the errors for bad shapes) for grouped convolutions,
@@ -207,7 +319,10 @@ def conv2d_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     2: the convolution of x nearest-upsampled 2x (the UNet's and VAE's ``Upsample``), reading each of x's pixels
     where the upsampled one would be (the 4x larger tensor is never stored); not in the autotune key (only the
     load addresses change: the upsampled shape's tuned tile serves). Other factors run the reference.
+    ``split_k``: SPLIT (see :func:`split_k_for`, which picks it when None); 1 is the unsplit kernel.
     """
+    if split_k is not None and (isinstance(split_k, bool) or not isinstance(split_k, int) or split_k < 1):
+        raise KernelArgumentError(f"split_k must be a positive integer or None, got {split_k!r}")
     out_shape = _output_shape(x, weight, stride, padding, upsample) if upsample in (1, 2) else None
     if (out_shape is None or x.dtype not in FLOAT_DTYPES or weight.dtype != x.dtype
             or (emb is not None and tuple(emb.shape) != out_shape[:2])
@@ -247,19 +362,28 @@ def conv2d_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         n_bias = norm_in.bias.contiguous()
     else:
         n_mean = n_scale = n_bias = out
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(c_out, meta["BLOCK_N"]),)  # noqa: E731
+    kernel = _conv2d_norm_kernel if norm_in is not None else _conv2d_kernel
+    split = _split_for_launch(split_k, m, c_out, c_in, kh * kw, x.device)
+    ws = counters = out  # unused unless split
+    if split > 1:
+        kernel = _conv2d_split_kernel
+        ws = torch.empty((split, m, c_out), device=x.device, dtype=torch.float32)  # every element written first
+        counters = _counters(x.device, triton.cdiv(m, split_tile()[0]) * triton.cdiv(c_out, split_tile()[1]))
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(c_out, meta["BLOCK_N"]) * split,)  # noqa: E731
     launch(
-        _conv2d_norm_kernel if norm_in is not None else _conv2d_kernel, grid, x, weight, bias if bias is not None else weight, e, r, out, n_mean, n_scale, n_bias,
+        kernel, grid, x, weight, bias if bias is not None else weight, e, r, out, n_mean, n_scale, n_bias,
         m, c_in, h * upsample, w * upsample, c_out, h_out, w_out,
         *x.stride(), *weight.stride(),
         e.stride(0), e.stride(1),
         *r.stride(), *out.stride(),
         1.0 if scale is None else float(scale),
+        ws, counters,
         KH=kh, KW=kw, STRIDE=st, PAD=pad, CIRCULAR=bool(circular) and pad > 0,
         HAS_BIAS=bias is not None, HAS_EMB=emb is not None, HAS_RES=residual is not None,
         HAS_SCALE=scale is not None, NORM_IN=norm_in is not None, SILU_IN=norm_in is not None and bool(norm_in.silu),
         ROUND_BF16_BY_BITS=norm_in is not None and rounds_bf16_by_bits(x.dtype), UPSAMPLE=upsample,
         PRECISION=dot_precision(x.dtype), DOT_DTYPE=dot_dtype(x.dtype), GROUP=GROUP_M,
+        **({"SPLIT_K": split} if split > 1 else {}),
     )
     return out
 

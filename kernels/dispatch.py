@@ -119,8 +119,9 @@ def geglu(x: torch.Tensor) -> torch.Tensor:
 # transformer's residual adds in GEMM epilogues), "qkv" (self-attention's q, k, v as one GEMM; model/unet.py;
 # apart, the three projections read norm1's output, so that LayerNorm runs apart too), "group_norm" (GroupNorm
 # + SiLU applied in the next convolution's input load), "upsample" (the nearest 2x upsample in the next
-# convolution's input load).
-FUSIONS = ("norm", "geglu", "residual", "qkv", "group_norm", "upsample")
+# convolution's input load), "split_k" (the convolutions that fill less than two waves of the GPU split their K loop
+# over several programs, kernels/conv.py; off: one program per output tile).
+FUSIONS = ("norm", "geglu", "residual", "qkv", "group_norm", "upsample", "split_k")
 _unfused: contextvars.ContextVar[frozenset] = contextvars.ContextVar("tritonsd_unfused", default=frozenset())
 
 
@@ -148,7 +149,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """``F.linear(x, weight, bias)`` with a fused prologue and epilogue: ``norm`` first (a LayerNorm over x's last
     dim, never stored), then ``a * gelu(gate)`` of the product's two halves (``geglu``: the feed-forward's GEGLU,
     the 2F-wide product never stored), then ``+ residual`` [..., N]."""
-    off = _unfused.get()
+    off = _unfused.get() - {"split_k"}  # a convolution's switch: the GEMMs stay as they are
     if off:
         return _linear_unfused(x, weight, bias, residual, geglu, norm, off)
     impl = _linear.linear_triton if use_triton(x) else _linear.linear_reference
@@ -196,8 +197,9 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         # that read it next want: no copy of conv_in's output for them and for the skip concatenation
         x, triton_here = x.contiguous(memory_format=torch.channels_last), False
     impl = _conv.conv2d_triton if triton_here else _conv.conv2d_reference
+    split = {"split_k": 1} if triton_here and not is_fused("split_k") else {}  # unfused: one program per tile
     return impl(x, weight, bias, stride, padding, emb=emb, residual=residual, scale=scale, circular=circular,
-                norm_in=norm_in, upsample=upsample)
+                norm_in=norm_in, upsample=upsample, **split)
 
 
 # ---- the sampler loop's elementwise arithmetic (kernels/sampler_step.py): scalars are host numbers

@@ -144,6 +144,7 @@ def _compile(kernel, pointers: dict[str, str], constexprs: dict, floats=(), num_
     return compiled
 
 
+SPLIT_PTRS = {"Ws": "*fp32", "Counters": "*i32"}  # the conv kernel's split-K workspace and arrival counts
 COMPILE_CASES = {
     "attention-fp16-d40": lambda tl: _compile(
         attention._attention_kernel, {p: "*fp16" for p in "QKVO"},
@@ -155,24 +156,31 @@ COMPILE_CASES = {
              BLOCK_N=32, EVEN_N=True), floats=("qk_scale",), num_warps=4),
     "conv-fp32-3x3-s2-epilogue": lambda tl: _compile(
         conv._conv2d_kernel, {**{p: "*fp32" for p in ("X", "Wt", "Bias", "Emb", "Res", "Y", "NBias")},
-                             "NMean": "*fp32", "NScale": "*fp32"},
+                             "NMean": "*fp32", "NScale": "*fp32", **SPLIT_PTRS},
         dict(KH=3, KW=3, STRIDE=2, PAD=0, HAS_BIAS=True, HAS_EMB=True, HAS_RES=True, HAS_SCALE=True,
-             NORM_IN=False, SILU_IN=False, ROUND_BF16_BY_BITS=False, PRECISION="ieee", DOT_DTYPE=tl.float32, GROUP=8, BLOCK_M=32, BLOCK_N=32, BLOCK_K=16),
+             NORM_IN=False, SILU_IN=False, ROUND_BF16_BY_BITS=False, PRECISION="ieee", DOT_DTYPE=tl.float32, GROUP=8, BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, SPLIT_K=1),
         floats=("scale",), num_warps=4, num_stages=1),
     "conv-fp16-1x1": lambda tl: _compile(
         conv._conv2d_kernel, {**{p: "*fp16" for p in ("X", "Wt", "Bias", "Emb", "Res", "Y", "NBias")},
-                             "NMean": "*fp32", "NScale": "*fp32"},
+                             "NMean": "*fp32", "NScale": "*fp32", **SPLIT_PTRS},
         dict(KH=1, KW=1, STRIDE=1, PAD=0, HAS_BIAS=True, HAS_EMB=False, HAS_RES=False, HAS_SCALE=False,
              NORM_IN=False, SILU_IN=False, ROUND_BF16_BY_BITS=False,
-             PRECISION="tf32", DOT_DTYPE=tl.float16, GROUP=8, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32),
+             PRECISION="tf32", DOT_DTYPE=tl.float16, GROUP=8, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, SPLIT_K=1),
         num_warps=4, num_stages=2),
     "conv-fp16-3x3-groupnorm-silu": lambda tl: _compile(
         conv._conv2d_kernel, {**{p: "*fp16" for p in ("X", "Wt", "Bias", "Emb", "Res", "Y", "NBias")},
-                             "NMean": "*fp32", "NScale": "*fp32"},
+                             "NMean": "*fp32", "NScale": "*fp32", **SPLIT_PTRS},
         dict(KH=3, KW=3, STRIDE=1, PAD=1, CIRCULAR=False, HAS_BIAS=True, HAS_EMB=True, HAS_RES=False,
              HAS_SCALE=False, NORM_IN=True, SILU_IN=True, ROUND_BF16_BY_BITS=False, PRECISION="tf32",
-             DOT_DTYPE=tl.float16, GROUP=8, BLOCK_M=64, BLOCK_N=128, BLOCK_K=32),
+             DOT_DTYPE=tl.float16, GROUP=8, BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, SPLIT_K=1),
         floats=("scale",), num_warps=4, num_stages=4),
+    "conv-fp16-3x3-groupnorm-split-k": lambda tl: _compile(
+        conv._conv2d_kernel, {**{p: "*fp16" for p in ("X", "Wt", "Bias", "Emb", "Res", "Y", "NBias")},
+                             "NMean": "*fp32", "NScale": "*fp32", **SPLIT_PTRS},
+        dict(KH=3, KW=3, STRIDE=1, PAD=1, CIRCULAR=False, HAS_BIAS=True, HAS_EMB=True, HAS_RES=True,
+             HAS_SCALE=False, NORM_IN=True, SILU_IN=True, ROUND_BF16_BY_BITS=False, PRECISION="tf32",
+             DOT_DTYPE=tl.float16, GROUP=8, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, SPLIT_K=7),
+        floats=("scale",), num_warps=4, num_stages=3),
     "linear-fp16-norm-geglu": lambda tl: _compile(
         linear._linear_geglu_kernel, {p: "*fp16" for p in ("X", "Wt", "Bias", "Res", "Y", "LnW", "LnB")},
         dict(HAS_BIAS=True, HAS_RES=False, NORM=True, ROUND_BF16_BY_BITS=False, PRECISION="tf32",
