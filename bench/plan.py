@@ -6,7 +6,9 @@ recorder and torch's dispatch log; ``plan_model``: the model, the sampler loop, 
 ``plan_costs`` gives each its FLOPs and minimum HBM bytes. A launch's predicted time is the roofline's
 ``max(flops / peak, bytes / bandwidth)`` (tensor-core peak for matrix products, the vector peak otherwise); the
 per-op floor is their sum, the compute ideal ``total flops / tensor peak``, the predicted it/s ``1 / floor``.
-Launch overheads, occupancy and caches are not modelled: a real step is slower than the floor.
+Launch overheads, occupancy and caches are not modelled: a real step is slower than the floor. (So a split-K
+convolution, whose launch fills the GPU's SMs where the unsplit one left most idle, gains nothing here: its row shows
+SPLIT_K in its config and costs its workspace's bytes, written and read back, as if none stayed in L2.)
 
 A measured-times file (``--measured``, written by a GPU run) maps a launch's key ``op|impl|shapes`` (each row's
 key) to seconds, or holds ``{"launches": [{"key": ..., "measured_s": ...}]}``; a row whose key it holds shows
@@ -35,7 +37,7 @@ from tritonsd.bench.plan_costs import Cost, cost
 from tritonsd.bench.plan_walk import Event
 from tritonsd.devices import DTYPE_NAMES
 from tritonsd.escape import escape
-from tritonsd.kernels._triton import TABLES_DIR, TuningTables
+from tritonsd.kernels._triton import TABLES_DIR, TuningTables, assume_sms
 from tritonsd.outputs import atomic_write
 
 LAUNCH_OVERHEAD_S = (1e-6, 2e-6)  # an assumed range of per-launch cost in a captured graph (not measured)
@@ -65,6 +67,7 @@ class GPU:
     hbm_bytes_s: float
     source: str
     device_name: str
+    sms: int  # the launchers size split-K grids for it (kernels/conv.py)
 
     @classmethod
     def named(cls, key: str, dtype: str) -> GPU:
@@ -73,7 +76,7 @@ class GPU:
             raise PlanError(f"unknown GPU {key!r}: expected one of {', '.join(specs)}")
         s = specs[key]
         return cls(key, s["name"], float(s["tensor_flops"][dtype]), float(s["vector_flops"]),
-                   float(s["hbm_bytes_s"]), s["source"], s["device_name"])
+                   float(s["hbm_bytes_s"]), s["source"], s["device_name"], int(s["sms"]))
 
     def tuned(self, autotune: tuple) -> dict:
         """An autotuned launch's config in the tuning tables for this GPU (the user's cache, then the committed
@@ -156,7 +159,8 @@ class Plan:
             "unet_batch": self.batch * (2 if self.cfg else 1), "cfg": self.cfg, "dtype": self.dtype,
             "hoists": self.hoists, "controlnets": self.controlnets,
             "gpu": {"key": gpu.key, "name": gpu.name, "tensor_flops": gpu.tensor_flops,
-                    "vector_flops": gpu.vector_flops, "hbm_bytes_s": gpu.hbm_bytes_s, "source": gpu.source},
+                    "vector_flops": gpu.vector_flops, "hbm_bytes_s": gpu.hbm_bytes_s, "sms": gpu.sms,
+                    "source": gpu.source},
             "per_step": {**totals(self.step, gpu), "parts": {
                 part: totals([c for c in self.step if c.part == part], gpu) for part in plan_model.PARTS
                 if part != "controlnet" or self.controlnets}},
@@ -185,8 +189,8 @@ def make_plan(model: str, size: tuple[int, int] | None = None, batch: int = 1, c
     spec = GPU.named(gpu, dtype)
     built = plan_model.build(model, DTYPE_NAMES[dtype], text_heads)
     size = size or plan_model.native_size(built)
-    walk = plan_model.walk_image(built, size, batch, cfg, DTYPE_NAMES[dtype], steps, hoists,
-                                  controlnets)
+    with assume_sms(spec.sms):  # the launches this GPU would get (split-K convolutions fill its SMs)
+        walk = plan_model.walk_image(built, size, batch, cfg, DTYPE_NAMES[dtype], steps, hoists, controlnets)
     loop = _costs(walk.loop)
     by_event = {id(e): c for e, c in zip(walk.loop, loop)}
     step = [by_event[id(e)] for e in walk.step]

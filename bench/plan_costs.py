@@ -9,7 +9,9 @@ unknown (so a new kernel cannot silently count as free).
 
 Minimum HBM bytes: every distinct tensor the launch touches, read once or written once (a launcher's dummy
 arguments are the same tensor object as a real one, or flagged off, and are not counted twice); a broadcast
-(stride 0) dimension is read once. An in-place aten op reads and writes its destination.
+(stride 0) dimension is read once. An in-place aten op reads and writes its destination. A split-K convolution's
+float32 workspace (``Ws`` [SPLIT, M, N]) is written once and read back by the tile's finishing program, all but
+its own partial (:data:`TRITON_EXTRA_READS`).
 """
 
 from __future__ import annotations
@@ -67,6 +69,14 @@ TRITON_FLOPS: dict[str, Callable[[dict], int]] = {
     "_linear_kernel": _linear_flops,
     "_linear_geglu_kernel": _linear_flops,
 }
+def _conv_workspace_reads(a: dict) -> int:
+    """Split-K: the finishing program of each tile reads the other SPLIT - 1 partials back (its own it holds)."""
+    split = int(a.get("SPLIT_K", 1))
+    return unique_bytes(a["Ws"]) // split * (split - 1) if split > 1 else 0
+
+
+# kernel function name -> bytes read beyond every distinct tensor once (a workspace written, then read back)
+TRITON_EXTRA_READS: dict[str, Callable[[dict], int]] = {"_conv2d_kernel": _conv_workspace_reads}
 # kernels that multiply no matrices (norms, gates, the sampler's fused updates)
 TRITON_NO_MATMUL = frozenset({
     "_group_stats_kernel", "_group_norm_apply_kernel", "_group_affine_kernel", "_layer_norm_kernel", "_geglu_kernel",
@@ -141,7 +151,8 @@ def triton_cost(event: Event) -> Cost:
                     autotune_key(event.kernel, event.args, event.kwargs), len(event.kernel.configs))
     return Cost(op=name.strip("_").removesuffix("_kernel"), impl="triton", kernel=f"{module}.{name}",
                 shapes=_named_shapes(tensors),
-                flops=flops, hbm_bytes=sum(unique_bytes(t) for t in _distinct(tensors.values())),
+                flops=flops, hbm_bytes=sum(unique_bytes(t) for t in _distinct(tensors.values()))
+                + (TRITON_EXTRA_READS[name](named) if name in TRITON_EXTRA_READS else 0),
                 matmul=name in TRITON_FLOPS, config={k: _plain(v) for k, v in config.items()},
                 flops_known=known, autotune=autotune)
 

@@ -109,6 +109,36 @@ def test_bytes_and_flops_of_a_linear_and_a_convolution_by_hand():
     assert conv.hbm_bytes == 2 * (2 * 320 * 64 * 64 * 2 + 320 * 320 * 9 + 320 + 2 * 320)
 
 
+def test_a_split_k_convolution_counts_its_workspace_written_and_read_back():
+    """SD 1.5's 8x8 level (UNet batch 2: 128 pixels, 1280 -> 1280 channels) fills less than two waves of an H100:
+    the row shows SPLIT_K, and its bytes are x, W, y, the float32 partials written once and read back by each
+    tile's finishing program (all but its own: SPLIT - 1 of them), and the tiles' int32 counts."""
+    f16 = dict(device="meta", dtype=torch.float16)
+    img = torch.empty(2, 1280, 8, 8, **f16).contiguous(memory_format=torch.channels_last)
+    kernel = to_kernel_layout(torch.empty(1280, 1280, 3, 3, **f16))
+    [conv] = [cost(e) for e in record(lambda: dispatch.conv2d(img, kernel, None, 1, 1))]
+    split = conv.config["SPLIT_K"]
+    assert split > 1 and f"Ws=[{split},128,1280]" in conv.shapes
+    tiles = int(conv.shapes.split("Counters=[")[1].rstrip("]"))
+    partials = split * 128 * 1280 * 4
+    assert conv.hbm_bytes == 2 * (2 * 1280 * 64) * 2 + 1280 * 1280 * 9 * 2 + partials + partials // split * (
+        split - 1) + 4 * tiles
+    with dispatch.unfused("split_k"):
+        [apart] = [cost(e) for e in record(lambda: dispatch.conv2d(img, kernel, None, 1, 1))]
+    assert "SPLIT_K" not in apart.config and apart.hbm_bytes == 2 * (2 * 1280 * 64) * 2 + 1280 * 1280 * 9 * 2
+
+
+def test_the_plan_sizes_split_k_for_the_named_gpu():
+    """The launches are recorded for the --gpu's SM count (gpus.json): 132 on an H100, 108 on an A100, so an
+    under-filled convolution splits less on the A100 (two waves are fewer programs there)."""
+    def splits(gpu):
+        plan = P.make_plan("sd15", steps=1, gpu=gpu)
+        return [c.config.get("SPLIT_K", 1) for c in plan.step if c.op == "conv2d"]
+    h100, a100 = splits("h100"), splits("a100")
+    assert len(h100) == len(a100) and max(h100) > 1
+    assert all(a <= h for a, h in zip(a100, h100)) and a100 != h100
+
+
 def test_unique_bytes_counts_a_broadcast_dimension_once():
     t = torch.empty(1, 320, device="meta", dtype=torch.float16).expand(2, 320)
     assert unique_bytes(t) == 640
