@@ -9,7 +9,9 @@
    ``ff-proj+norm+geglu`` (LayerNorm kernel + cuBLAS GEMM + GEGLU kernel -> one GEMM), ``out+residual``
    (cuBLAS GEMM + torch add -> one GEMM: attention out-projections, SD2/SDXL proj_out), ``ff-out+residual``,
    and ``conv+groupnorm+silu`` (GroupNorm kernels + conv -> statistics + a conv normalising its input as it loads
-   it; the ResBlock's 3x3 conv at every UNet level).
+   it; the ResBlock's 3x3 conv at every UNet level), and ``conv-split-k`` (SD 1.5's 3x3 convs at the 16x16 and 8x8
+   levels, which fill less than two waves of SMs: split-K as the launcher picks it for this GPU against one
+   program per tile, ``split_k=1``; the row's shape records the SPLIT).
 3. One UNet step (random weights, the model's own shapes; ``dispatch.force("auto")``) with every fusion, with
    each one switched off (``dispatch.unfused``), and with all off, in the same process; the output of each
    against the fused step's (the fusions change no result beyond rounding).
@@ -35,6 +37,7 @@ import torch.nn.functional as F
 from tritonsd.bench import environment, harness
 from tritonsd.compile.shapes import BATCH, MODELS, TEXT_TOKENS
 from tritonsd.kernels import dispatch
+from tritonsd.kernels import conv as conv_mod
 from tritonsd.kernels.conv import GroupNormIn, conv2d_reference, conv2d_triton
 from tritonsd.kernels.geglu import geglu_triton
 from tritonsd.kernels.group_norm import group_norm_triton
@@ -145,8 +148,46 @@ def upsample_cases() -> list[FusionCase]:
     return out
 
 
+SPLIT_K_LEVELS = {"sd15": (16, 8)}  # latent sides whose convolutions split on an H100 (kernels/conv.py)
+
+
+def _conv_split(x, weight, bias, emb, split_k=None):
+    return conv2d_triton(x, weight, bias, 1, 1, emb=emb, split_k=split_k)
+
+
+def _conv_unsplit(x, weight, bias, emb, split_k=None):
+    return conv2d_triton(x, weight, bias, 1, 1, emb=emb, split_k=1)
+
+
+def _conv_plain_reference(x, weight, bias, emb, split_k=None):
+    return conv2d_reference(x, weight, bias, 1, 1, emb=emb)
+
+
+def split_k_cases() -> list[FusionCase]:
+    """SD 1.5's ResBlock 3x3 conv (+ time embedding) at its low-resolution levels: the launcher's split (``split_k``
+    None: what it picks on this GPU, recorded in the row's shape as SPLIT_K) against ``split_k=1``."""
+    out = []
+    for spec in MODELS.values():
+        for c, side in spec.levels():
+            if side not in SPLIT_K_LEVELS.get(spec.name, ()):
+                continue
+            shape = {"B": BATCH, "C": c, "H": side, "W": side}
+
+            def make(dtype, c=c, side=side, split_k=None, shape=shape):
+                g = harness.case_generator(DEVICE)
+                x = _rand(g, dtype, BATCH, c, side, side).contiguous(memory_format=torch.channels_last)
+                if split_k is None:
+                    split_k = conv_mod._split_for_launch(None, BATCH * side * side, c, c, 9, x.device)
+                shape["SPLIT_K"] = split_k
+                return {"x": x, "weight": _rand(g, dtype, c, c, 3, 3, scale=(9 * c) ** -0.5),
+                        "bias": _rand(g, dtype, c, scale=0.02), "emb": _rand(g, dtype, BATCH, c), "split_k": split_k}
+            out.append(FusionCase("conv-split-k", spec.label, f"resblock-conv-{side}x{side}-C{c}", shape, make,
+                                  _conv_unsplit, fused=_conv_split, reference=_conv_plain_reference))
+    return out
+
+
 def cases() -> list[FusionCase]:
-    return linear_cases() + conv_cases() + upsample_cases()
+    return linear_cases() + conv_cases() + upsample_cases() + split_k_cases()
 
 
 def linear_cases() -> list[FusionCase]:
