@@ -2,9 +2,11 @@
 
 Shapes: one UNet step (batch 1 and 2), the VAE decode and one text layer of SD 1.5 (512), SD 2.1 (768) and
 SDXL (1024) from the shapes table (:mod:`.shapes`), as :mod:`.variants` records them, in fp16 and bf16
-(``dtypes``). For each distinct compiled variant and config: shared memory, registers, spills (ptxas -v) and
-whether the PTX uses ``wgmma`` or ``mma.sync``. A row fails on a compile error, on a register spill
-(fp16/bf16), or, for sm_90 and up, on a tensor-core kernel (attention, conv) that falls back to ``mma.sync``.
+(``dtypes``); the launches are recorded for an H100's 132 SMs, so the convolutions that split K there come as the
+split kernel's variants (``conv._conv2d_split_kernel``, one per SPLIT_K). For each distinct compiled variant and
+config: shared memory, registers, spills (ptxas -v) and whether the PTX uses ``wgmma`` or ``mma.sync``. A row
+fails on a compile error, on a register spill (fp16/bf16), or, for sm_90 and up, on a tensor-core kernel
+(attention, conv) that falls back to ``mma.sync``.
 """
 
 from __future__ import annotations
