@@ -133,6 +133,14 @@ def test_float32_split_circular(no_fallback):
     assert_matches(got, ref, torch.float32)
 
 
+def test_float32_split_of_an_upsampling_conv(no_fallback):
+    """The nearest 2x upsample in the input load (the UNet's Upsample) with split K: x [1, 48, 3, 4] read as 6 x 8."""
+    t, params = make(1, 48, 24, (3, 4), 3, torch.float32, seed=17, residual=False)
+    got, ref = run_split(t, params, torch.float32, 2, upsample=2)
+    assert got.shape == (1, 24, 6, 8)
+    assert_matches(got, ref, torch.float32)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("with_norm", [False, True], ids=["plain", "norm_in"])
 def test_half_precision_split(no_fallback, dtype, with_norm):
