@@ -68,10 +68,14 @@ CONFIGS_NORM_IN = [c for c in CONFIGS if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N
 # so the split tile is the smallest that keeps the tensor cores fed, and SPLIT only as large as two waves need.
 SPLIT_K_WAVES = 2  # the waves of programs a split launch fills, at least
 MIN_K_CHUNKS_PER_SPLIT = 4  # every split sums at least this many BLOCK_K chunks (taps x its channel chunks)
+# The split's reduction is unrolled (one load per split): check-compile at SD 1.5's launches (sm_90, triton 3.9 and
+# 3.6) found spills with 4 warps in every 3x3 variant at SPLIT 7 or more and with the GroupNorm prologue from SPLIT 2,
+# and with 8 warps at SPLIT 14 (batch 1's 8x8 level) with the prologue; 8 warps at SPLIT <= 7 compiled without.
+MAX_SPLIT_K = 7
 # one tile size for all split configs, so that the launcher knows the grid (and SPLIT) before the tuner picks
 SPLIT_K_CONFIGS = [
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-    for bk, w, s in [(64, 4, 3), (32, 4, 4), (64, 8, 3)]
+    for bk, w, s in [(64, 8, 3)]
 ]
 # M = batch x output pixels; stride_xc is 1 for channels_last input (the layout changes the best tile)
 KEY = ["M", "C_IN", "C_OUT", "H", "W", "KH", "KW", "STRIDE", "PAD", "HAS_RES", "stride_xc", "NORM_IN"]
@@ -225,12 +229,13 @@ _conv2d_split_kernel = triton.autotune(configs=configs(SPLIT_K_CONFIGS, INTERPRE
 def split_k_for(m: int, n: int, c_in_chunks: int, taps: int, block_m: int, block_n: int, sms: int | None) -> int:
     """SPLIT for an [m, n] output of ``block_m x block_n`` tiles whose K loop is ``taps`` x ``c_in_chunks`` chunks,
     on ``sms`` SMs (None: no GPU to fill, 1): 1 when the tiles alone fill SPLIT_K_WAVES waves; else the smallest
-    SPLIT whose tiles x SPLIT do, at most one channel chunk per split and MIN_K_CHUNKS_PER_SPLIT chunks in all."""
+    SPLIT whose tiles x SPLIT do, at most one channel chunk per split and MIN_K_CHUNKS_PER_SPLIT chunks in all,
+    and at most MAX_SPLIT_K."""
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
     if not sms or tiles >= SPLIT_K_WAVES * sms:
         return 1
     want = triton.cdiv(SPLIT_K_WAVES * sms, tiles)
-    most = min(c_in_chunks, c_in_chunks * taps // MIN_K_CHUNKS_PER_SPLIT)
+    most = min(c_in_chunks, c_in_chunks * taps // MIN_K_CHUNKS_PER_SPLIT, MAX_SPLIT_K)
     return max(1, min(want, most))
 
 

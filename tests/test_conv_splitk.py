@@ -29,6 +29,7 @@ def no_fallback(monkeypatch):
     (2 * 32 * 32, 640, 640, 9, 1),  # 32x32 level: 32 x 10 = 320 tiles, two waves already
     (2 * 64 * 64, 320, 320, 9, 1),  # 64x64 level: 640 tiles
     (2 * 8 * 8, 1280, 2560, 1, 7),  # 8x8 1x1 skip conv of the up blocks: 40 chunks, at most 10 splits
+    (1 * 8 * 8, 1280, 1280, 9, 7),  # batch 1 (no CFG): 20 tiles want 14, capped at 7
     (2 * 8 * 8, 1280, 128, 9, 2),  # only 2 channel chunks: at most 2 splits (no empty split)
     (2 * 8 * 8, 1280, 192, 1, 1),  # 3 chunks, 1 tap: 3 // 4 = 0 splits of 4 chunks -> unsplit
     (2 * 8 * 8, 1280, 256, 1, 1),  # 4 chunks, 1 tap: one split of 4 chunks -> unsplit
@@ -43,7 +44,8 @@ def test_split_k_for_without_a_gpu_or_on_a_full_grid():
     assert split_k_for(128, 1280, 40, 9, 64, 64, None) == 1  # the CPU: nothing to fill
     assert split_k_for(64 * 264, 64, 40, 9, 64, 64, 132) == 1  # 264 tiles: exactly two waves
     assert split_k_for(64 * 263, 64, 40, 9, 64, 64, 132) == 2  # one tile short of them
-    assert split_k_for(64, 64, 40, 9, 64, 64, 132) == 40  # one tile: capped by its 40 channel chunks
+    assert split_k_for(64, 64, 40, 9, 64, 64, 132) == 7  # one tile: capped at MAX_SPLIT_K (spills beyond)
+    assert split_k_for(64, 64, 5, 9, 64, 64, 132) == 5  # ... and by its 5 channel chunks
     assert split_k_for(2 * 8 * 8, 1280, 20, 9, 64, 64, 108) == 6  # an A100: 216 / 40 -> 6 (5.4 rounded up)
 
 
