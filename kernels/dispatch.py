@@ -100,8 +100,9 @@ Norm = _linear.Norm  # a LayerNorm to apply to linear's input: Norm(weight, bias
 # "norm" (LayerNorm in the next GEMM's prologue), "geglu" (in the FF projection's epilogue), "residual" (the
 # transformer's residual adds in GEMM epilogues), "qkv" (self-attention's q, k, v as one GEMM; model/unet.py;
 # apart, the three projections read norm1's output, so that LayerNorm runs apart too), "group_norm" (GroupNorm
-# + SiLU applied in the next convolution's input load).
-FUSIONS = ("norm", "geglu", "residual", "qkv", "group_norm")
+# + SiLU applied in the next convolution's input load), "group_stats" (that GroupNorm's statistics computed in the
+# epilogue of the kernel that writes its input: a convolution, the skip connections' concat).
+FUSIONS = ("norm", "geglu", "residual", "qkv", "group_norm", "group_stats")
 _unfused: contextvars.ContextVar[frozenset] = contextvars.ContextVar("tritonsd_unfused", default=frozenset())
 
 
@@ -156,25 +157,36 @@ def _linear_unfused(x, weight, bias, residual, geglu, norm, off: frozenset) -> t
 
 
 GroupNormIn = _conv.GroupNormIn  # a GroupNorm (+ SiLU) to apply to conv2d's input: GroupNormIn(w, b, groups, eps, silu)
+GroupStats = _group_norm.GroupStats  # a GroupNorm's (mean, scale) [B, C] float32, made by the kernel that wrote x
 
 
 def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride: int = 1,
            padding: int = 0, emb: torch.Tensor | None = None, residual: torch.Tensor | None = None,
            scale: float | None = None, circular: bool = False,
-           norm_in: _conv.GroupNormIn | None = None) -> torch.Tensor:
+           norm_in: _conv.GroupNormIn | None = None, stats_for: _conv.GroupNormIn | None = None):
     """2-D convolution with a fused epilogue: ``(conv(x) + bias + emb[:, :, None, None] + residual) * scale``.
 
     emb: [B, C_out] per-channel add (the ResBlock's time embedding); residual: [B, C_out, H', W']; ``circular``:
     the padding wraps around (tiling); ``norm_in``: a GroupNorm (+ SiLU) applied to x as the kernel loads it (the
     normalised x never stored). With "auto", convolutions of fewer than ``conv.MIN_TRITON_C_IN`` input channels
     run the reference (cuDNN on CUDA).
+
+    ``stats_for``: the GroupNorm that reads the result next. The call then returns ``(y, GroupStats | None)``: the
+    Triton kernel computes that norm's (mean, scale) in its epilogue, to pass on as ``norm_in.stats`` of the
+    conv that applies it; None where the reference runs or ``unfused("group_stats")`` (the consumer then computes
+    them itself, as without ``stats_for``).
     """
     if norm_in is not None and not is_fused("group_norm"):
         x, norm_in = group_norm(x, norm_in.weight, norm_in.bias, norm_in.groups, norm_in.eps, silu=norm_in.silu), None
     narrow = x.dim() == 4 and x.shape[1] < _conv.MIN_TRITON_C_IN and _forced.get() == "auto"
-    impl = _conv.conv2d_triton if use_triton(x) and not narrow else _conv.conv2d_reference
-    return impl(x, weight, bias, stride, padding, emb=emb, residual=residual, scale=scale, circular=circular,
-                norm_in=norm_in)
+    kwargs = dict(emb=emb, residual=residual, scale=scale, circular=circular, norm_in=norm_in)
+    if use_triton(x) and not narrow:
+        if stats_for is not None and is_fused("group_stats"):
+            return _conv.conv2d_triton(x, weight, bias, stride, padding, **kwargs, stats_for=stats_for)
+        y = _conv.conv2d_triton(x, weight, bias, stride, padding, **kwargs)
+    else:
+        y = _conv.conv2d_reference(x, weight, bias, stride, padding, **kwargs)
+    return y if stats_for is None else (y, None)
 
 
 # ---- the sampler loop's elementwise arithmetic (kernels/sampler_step.py): scalars are host numbers
