@@ -70,6 +70,7 @@ TRITON_FLOPS: dict[str, Callable[[dict], int]] = {
 # kernels that multiply no matrices (norms, gates, the sampler's fused updates)
 TRITON_NO_MATMUL = frozenset({
     "_group_stats_kernel", "_group_norm_apply_kernel", "_group_affine_kernel", "_layer_norm_kernel", "_geglu_kernel",
+    "_concat_kernel",
     "_denoiser_output_kernel", "_cfg_combine_kernel", "_euler_step_kernel", "_dpmpp_2m_step_kernel",
 })
 

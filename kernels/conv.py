@@ -40,8 +40,8 @@ import triton.language as tl
 
 from tritonsd.kernels._triton import (FLOAT_DTYPES, check_device, configs, dot_dtype, dot_precision, launch,
                                      round_bf16_by_bits, rounds_bf16_by_bits)
-from tritonsd.kernels.group_norm import (GroupStats, finish_group_stats, group_norm_affine, group_norm_reference,
-                                         stats_counter, stats_workspace_size, tile_group_partials)
+from tritonsd.kernels.group_norm import (GroupStats, StatsBuffers, finish_group_stats, group_norm_affine,
+                                         group_norm_reference, stats_buffers, tile_group_partials)
 
 # at most 3 per key (each key is timed once per GPU; see compile/tuning.py); all use wgmma on sm_90 in fp16/bf16
 CONFIGS = [
@@ -312,20 +312,15 @@ def _conv2d(x, weight, bias, stride, padding, emb, residual, scale, out, circula
     kernel = _VARIANTS[(norm_in is not None, stats_out)]
     if stats_out:
         s_groups, s_eps = stats_for.groups, float(stats_for.eps)
-        s_gamma = stats_for.weight.contiguous()
-        s_mean = torch.empty((bsz, c_out), device=x.device, dtype=torch.float32)
-        s_scale = torch.empty((bsz, c_out), device=x.device, dtype=torch.float32)
         blocks = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in kernel.configs]
-        s_part = torch.empty(stats_workspace_size(bsz, h_out * w_out, c_out, s_groups, blocks), device=x.device,
-                             dtype=torch.float32)  # never initialised: see group_norm.py
-        s_count = stats_counter(x.device)
+        sb = stats_buffers(stats_for.weight, s_groups, bsz, h_out * w_out, c_out, x.device, blocks)
     else:
         s_groups, s_eps = 1, 0.0
-        s_gamma = s_mean = s_scale = s_part = s_count = out
+        sb = StatsBuffers(out, out, out, out, out)  # unused
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(c_out, meta["BLOCK_N"]),)  # noqa: E731
     launch(
         kernel, grid, x, weight, bias if bias is not None else weight, e, r, out, n_mean, n_scale, n_bias,
-        s_gamma, s_mean, s_scale, s_part, s_count,
+        *sb,
         m, c_in, h, w, c_out, h_out, w_out,
         *x.stride(), *weight.stride(),
         e.stride(0), e.stride(1),
@@ -337,7 +332,7 @@ def _conv2d(x, weight, bias, stride, padding, emb, residual, scale, out, circula
         ROUND_BF16_BY_BITS=norm_in is not None and rounds_bf16_by_bits(x.dtype), STATS_OUT=stats_out,
         PRECISION=dot_precision(x.dtype), DOT_DTYPE=dot_dtype(x.dtype), GROUP=GROUP_M,
     )
-    return out, (GroupStats(s_mean, s_scale) if stats_out else None)
+    return out, (sb.stats if stats_out else None)
 
 
 def conv2d_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride: int = 1,

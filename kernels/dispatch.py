@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from tritonsd.kernels import _triton
 from tritonsd.kernels import attention as _attention
+from tritonsd.kernels import concat as _concat
 from tritonsd.kernels import conv as _conv
 from tritonsd.kernels import geglu as _geglu
 from tritonsd.kernels import group_norm as _group_norm
@@ -186,6 +187,17 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         y = _conv.conv2d_triton(x, weight, bias, stride, padding, **kwargs)
     else:
         y = _conv.conv2d_reference(x, weight, bias, stride, padding, **kwargs)
+    return y if stats_for is None else (y, None)
+
+
+def concat_channels(a: torch.Tensor, b: torch.Tensor, stats_for: _conv.GroupNormIn | None = None):
+    """``torch.cat([a, b], 1)``. ``stats_for``: the GroupNorm that reads the result next; the call then returns
+    ``(y, GroupStats | None)``: the Triton concat computes that norm's statistics as it writes (the UNet's skip
+    connections); None where torch's cat runs (the reference, ``unfused("group_stats")``, or no ``stats_for``:
+    then nothing is gained over torch's cat)."""
+    if stats_for is not None and use_triton(a) and is_fused("group_stats"):
+        return _concat.concat_channels_triton(a, b, stats_for=stats_for)
+    y = _concat.concat_channels_reference(a, b)
     return y if stats_for is None else (y, None)
 
 

@@ -235,6 +235,14 @@ def group_norm_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
 #    exactly as ``_group_affine_kernel`` does, then puts the counter back to 0 (so a captured CUDA graph can
 #    replay the launch) (:func:`finish_group_stats`).
 
+class GroupStats(NamedTuple):
+    """A GroupNorm's statistics as its consumer applies them: ``(x - mean) * scale + bias`` per (batch, channel),
+    mean and scale = rstd * weight each [B, C] float32 (what :func:`group_norm_affine` returns)."""
+
+    mean: torch.Tensor
+    scale: torch.Tensor
+
+
 MERGE_BG = tl.constexpr(32)  # (image, group) pairs merged side by side by the last program
 MERGE_T = tl.constexpr(32)  # slots per pair loaded at once
 MERGE_C = tl.constexpr(16)  # channels per pair written at once
@@ -364,6 +372,32 @@ def stats_workspace_size(batch: int, hw: int, channels: int, groups: int,
     return max(batch * groups * ((hw - 1) // bm + 2) * ((cg - 1) // bn + 2) * 2 for bm, bn in blocks)
 
 
+class StatsBuffers(NamedTuple):
+    """What a launch with the statistics epilogue takes: the consumer norm's gamma [C], the results mean and
+    scale [B, C] float32, the partials' workspace and the program counter."""
+
+    gamma: torch.Tensor
+    mean: torch.Tensor
+    scale: torch.Tensor
+    part: torch.Tensor
+    counter: torch.Tensor
+
+    @property
+    def stats(self) -> GroupStats:
+        return GroupStats(self.mean, self.scale)
+
+
+def stats_buffers(weight: torch.Tensor, groups: int, batch: int, hw: int, channels: int, device: torch.device,
+                  blocks: list[tuple[int, int]]) -> StatsBuffers:
+    """The buffers for a launch over ``batch`` images of ``hw`` pixels x ``channels`` whose GroupNorm has
+    ``groups`` groups and ``weight``; ``blocks``: the (BLOCK_M, BLOCK_N) tiles the launch may run with. Nothing
+    is initialised (no launch): see :func:`tile_group_partials`."""
+    def empty(*shape):
+        return torch.empty(shape, device=device, dtype=torch.float32)
+    return StatsBuffers(weight.contiguous(), empty(batch, channels), empty(batch, channels),
+                        empty(stats_workspace_size(batch, hw, channels, groups, blocks)), stats_counter(device))
+
+
 _counters: dict[torch.device, torch.Tensor] = {}
 
 
@@ -377,10 +411,3 @@ def stats_counter(device: torch.device) -> torch.Tensor:
         _counters[device] = torch.zeros(1, device=device, dtype=torch.int32)
     return _counters[device]
 
-
-class GroupStats(NamedTuple):
-    """A GroupNorm's statistics as its consumer applies them: ``(x - mean) * scale + bias`` per (batch, channel),
-    mean and scale = rstd * weight each [B, C] float32 (what :func:`group_norm_affine` returns)."""
-
-    mean: torch.Tensor
-    scale: torch.Tensor
