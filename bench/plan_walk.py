@@ -66,6 +66,8 @@ class Walk(TorchDispatchMode):
         self.flush()
         out = func(*args, **kwargs)
         name = str(func)
+        if name == "aten.convolution.default":
+            out = _cudnn_layout(out, args[0], args[1])
         if func.is_view or name in ALLOCATIONS or name in NO_LAUNCH:
             return out
         tensors = [t for t in tree_flatten((args, kwargs, out))[0] if isinstance(t, torch.Tensor)]
@@ -83,6 +85,18 @@ class Walk(TorchDispatchMode):
         """Later launches belong to ``part`` of the current span (the network making them)."""
         self.flush()
         self.part = part
+
+
+def _cudnn_layout(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The convolution's output in the memory format cuDNN gives it: channels-last when the input or the weight
+    is (ATen's ``cudnn_conv_suggest_memory_format``). The meta kernel always answers contiguous, which would show
+    copies that a GPU does not make."""
+    def channels_last(t: torch.Tensor) -> bool:  # ATen's suggest_memory_format() == ChannelsLast, in Python
+        return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+    if out.dim() == 4 and (channels_last(x) or channels_last(weight)):
+        return torch.empty_like(out, memory_format=torch.channels_last)
+    return out
 
 
 @contextlib.contextmanager

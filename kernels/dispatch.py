@@ -179,9 +179,13 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """
     if norm_in is not None and not is_fused("group_norm"):
         x, norm_in = group_norm(x, norm_in.weight, norm_in.bias, norm_in.groups, norm_in.eps, silu=norm_in.silu), None
-    narrow = x.dim() == 4 and x.shape[1] < _conv.MIN_TRITON_C_IN and _forced.get() == "auto"
+    triton_here = use_triton(x)
+    if triton_here and x.dim() == 4 and x.shape[1] < _conv.MIN_TRITON_C_IN and _forced.get() == "auto":
+        # the reference (cuDNN) on a channels-last input writes a channels-last output, as the Triton convolutions
+        # that read it next want: no copy of conv_in's output for them and for the skip concatenation
+        x, triton_here = x.contiguous(memory_format=torch.channels_last), False
     kwargs = dict(emb=emb, residual=residual, scale=scale, circular=circular, norm_in=norm_in)
-    if use_triton(x) and not narrow:
+    if triton_here:
         if stats_for is not None and is_fused("group_stats"):
             return _conv.conv2d_triton(x, weight, bias, stride, padding, **kwargs, stats_for=stats_for)
         y = _conv.conv2d_triton(x, weight, bias, stride, padding, **kwargs)

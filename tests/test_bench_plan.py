@@ -242,3 +242,26 @@ def test_cli_controlnet_adds_its_launches_and_part_totals(tmp_path, capsys):
         assert sum(p[key] for p in parts.values()) == controlled[key]
     assert parts["controlnet"]["flops"] == sum(r["flops"] for r in rows if r["part"] == "controlnet")
     assert "by part: controlnet" in out
+
+
+def test_a_narrow_first_convolution_hands_the_triton_convolutions_channels_last_without_a_copy():
+    """conv_in (4 input channels) runs cuDNN, which writes channels-last for a channels-last input; the Triton
+    convolution reading its output then copies nothing (the plan walk's meta convolution follows cuDNN's layout
+    rule rather than the meta kernel's contiguous answer)."""
+    x = torch.empty(2, 4, 16, 16, device="meta", dtype=torch.float16)  # NCHW latents
+    w_in = torch.empty(32, 4, 3, 3, device="meta", dtype=torch.float16)
+    w_next = to_kernel_layout(torch.empty(32, 32, 3, 3, device="meta", dtype=torch.float16))
+    outs = []
+
+    def step():
+        y = dispatch.conv2d(x, w_in, None, 1, 1)
+        outs.append(y)
+        dispatch.conv2d(y, w_next, None, 1, 1, residual=y)
+
+    events = record(step)
+    names = [str(e.func) if e.kind == "aten" else e.kernel.fn.__name__ if hasattr(e.kernel, "fn") else "triton"
+             for e in events]
+    assert outs[0].is_contiguous(memory_format=torch.channels_last)
+    copies = [e for e in events if e.kind == "aten" and "clone" in str(e.func) and e.out.shape[1] == 32]
+    assert copies == [], names
+    assert sum(e.kind == "triton" for e in events) == 1 and "aten.convolution.default" in names
