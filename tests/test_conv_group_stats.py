@@ -177,3 +177,22 @@ def test_unet_takes_every_groupnorm_statistic_from_its_producer(tiny_unet, monke
     assert fused_calls == 0 and len(calls) == norms  # apart: each norm's two statistics launches
     assert relative_error(got, ref) <= 1e-4
     assert relative_error(got, apart) <= 1e-5
+
+
+def test_the_sd15_plan_launches_no_groupnorm_statistics_but_conv_ins(tmp_path, capsys):
+    """The plan of one SD 1.5 step (a prediction, recorded on the meta device with "auto"): every GroupNorm's
+    statistics come from its producer's epilogue except the first ResBlock's, whose input conv_in (4 channels)
+    runs cuDNN; the 12 skip concats are Triton concats computing them; the issue's launch budget holds."""
+    import json
+
+    from tritonsd.tools import cli
+
+    path = tmp_path / "plan.json"
+    assert cli.main(["bench", "plan", "sd15", "--steps", "2", "--json", str(path), "--summary"]) == 0
+    capsys.readouterr()
+    rows = json.loads(path.read_text())["launches"]
+    ops = [r["op"] for r in rows]
+    assert ops.count("group_stats") == ops.count("group_affine") == 1
+    assert ops[ops.index("group_stats") - 1] == "convolution"  # right after conv_in (cuDNN)
+    assert ops.count("concat") == 12 and "cat" not in ops[:ops.index("cfg_combine")]  # the UNet's part
+    assert len(rows) <= 260
