@@ -7,6 +7,13 @@ the original's; the GroupNorm (+ SiLU) is applied in that conv's input load (``C
 time-embedding add and the residual adds are fused into the convolutions' epilogue; in the transformer blocks,
 the LayerNorms into the prologue of the Linear GEMMs that read them, the residual adds and the GEGLU gate into
 their epilogue (``dispatch.linear``).
+
+Each GroupNorm's statistics come from the kernel that wrote its input (issue 22, item 6): every layer names the
+GroupNorm it applies first (``in_norm``), ``forward_stats(x, ..., x_stats, out_norm)`` takes x's statistics for
+it and returns the output with ``out_norm``'s (the next layer's, computed in its last conv's epilogue), and the
+decoder's skip concatenation is a Triton concat that computes the output block's first norm's. Where no Triton
+kernel made them (the reference, conv_in on cuDNN, a linear proj_out, a ControlNet residual added), the stats are
+None and the consumer computes them itself.
 """
 
 from __future__ import annotations
