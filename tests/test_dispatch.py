@@ -179,7 +179,7 @@ COMPILE_CASES = {
                              "SCount": "*i32"},
         dict(KH=3, KW=3, STRIDE=1, PAD=1, CIRCULAR=False, HAS_BIAS=True, HAS_EMB=False, HAS_RES=True,
              HAS_SCALE=False, NORM_IN=True, SILU_IN=True, ROUND_BF16_BY_BITS=False, STATS_OUT=True, PRECISION="tf32",
-             DOT_DTYPE=tl.float16, GROUP=8, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32),
+             DOT_DTYPE=tl.float16, GROUP=8, BLOCK_M=128, BLOCK_N=64, BLOCK_K=32),
         floats=("scale", "s_eps"), num_warps=8, num_stages=3),
     "linear-fp16-norm-geglu": lambda tl: _compile(
         linear._linear_geglu_kernel, {p: "*fp16" for p in ("X", "Wt", "Bias", "Res", "Y", "LnW", "LnB")},
