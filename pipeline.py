@@ -97,7 +97,6 @@ from tritonsd.sampler.vae_io import (InpaintConditioning, NonFiniteError, check_
 from tritonsd.sampler.wiring import (build_denoiser, img2img_start, make_schedule, num_steps, sigma_denoiser,
     start_at, txt2img_start)
 from tritonsd.lora.apply import find_lora, LoraError, LoraSpec, LoraState, parse_lora_tags
-from tritonsd.compile.warmup import warmup
 from tritonsd.prompt.encode import (call_rows, encode_schedule, load_model_embeddings, pad_to_same_length,
                                      unet_keywords)
 from tritonsd.formats.checkpoint_names import CheckpointNotFound, find_checkpoint, short_title
@@ -382,6 +381,7 @@ class Pipeline:
             return None
 
         size = default_size(self.config)
+        from tritonsd.compile.warmup import warmup  # lazy: the compile tools import triton, which a load does not need
         return warmup(self.config, sizes=sizes or [(size, size)], batches=batches, dtype=self.dtype,
                       device=self.device, model=self.model, jobs=jobs)
 

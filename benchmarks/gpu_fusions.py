@@ -176,8 +176,38 @@ def group_stats_cases() -> list[FusionCase]:
     return out
 
 
+def _upsample_fused(x, weight, bias):
+    return conv2d_triton(x, weight, bias, 1, 1, upsample=2)
+
+
+def _upsample_unfused(x, weight, bias):
+    return conv2d_triton(F.interpolate(x, scale_factor=2.0, mode="nearest"), weight, bias, 1, 1)
+
+
+def _upsample_reference(x, weight, bias):
+    return conv2d_reference(x, weight, bias, 1, 1, upsample=2)
+
+
+def upsample_cases() -> list[FusionCase]:
+    """The UNet's Upsample (nearest 2x, then a 3x3 conv C -> C) at the end of every level but the outermost, with
+    that level's channels, into the side of the level above."""
+    out = []
+    for spec in MODELS.values():
+        levels = spec.levels()
+        for (_, side), (c, _) in zip(levels, levels[1:]):
+            def make(dtype, c=c, side=side):
+                g = harness.case_generator(DEVICE)
+                x = _rand(g, dtype, BATCH, c, side // 2, side // 2).contiguous(memory_format=torch.channels_last)
+                return {"x": x, "weight": _rand(g, dtype, c, c, 3, 3, scale=(9 * c) ** -0.5),
+                        "bias": _rand(g, dtype, c, scale=0.02)}
+            out.append(FusionCase("conv+upsample", spec.label, f"upsample-conv-{side // 2}to{side}-C{c}",
+                                  {"B": BATCH, "C": c, "H": side // 2, "W": side // 2}, make, _upsample_unfused,
+                                  fused=_upsample_fused, reference=_upsample_reference))
+    return out
+
+
 def cases() -> list[FusionCase]:
-    return linear_cases() + conv_cases() + group_stats_cases()
+    return linear_cases() + conv_cases() + upsample_cases() + group_stats_cases()
 
 
 def linear_cases() -> list[FusionCase]:

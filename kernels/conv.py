@@ -14,7 +14,8 @@ parameter's own storage: what a LoRA switch writes into it (``copy_``) is what t
 CUDA graph's replay, reads. A weight in any other layout is repacked for that one call (nothing is kept: a
 kept copy would go stale when the weight changes in place). Accumulation is float32
 (full IEEE float32 products for float32 inputs). The epilogue adds bias, the per-(batch, channel) ``emb`` and
-the ``residual``, multiplies by ``scale``, and stores once.
+the ``residual``, multiplies by ``scale``, and stores once. ``UPSAMPLE`` 2 convolves the nearest-upsampled input
+without storing it: the taps address the upsampled image and read pixel (h // 2, w // 2) of x.
 
 The prologue (``norm_in``, issue 22 item 2): the GroupNorm (+ SiLU) that precedes most of the UNet's convolutions
 is applied to each input tile as it is loaded, from per-(batch, channel) mean and scale that two small launches
@@ -42,6 +43,7 @@ from tritonsd.kernels._triton import (FLOAT_DTYPES, check_device, configs, dot_d
                                      round_bf16_by_bits, rounds_bf16_by_bits)
 from tritonsd.kernels.group_norm import (GroupStats, StatsBuffers, finish_group_stats, group_norm_affine,
                                          group_norm_reference, stats_buffers, tile_group_partials)
+from tritonsd.kernels.conv_layout import has_kernel_layout, kernel_layout_strides, to_kernel_layout  # noqa: F401
 
 # at most 3 per key (each key is timed once per GPU; see compile/tuning.py); all use wgmma on sm_90 in fp16/bf16
 CONFIGS = [
@@ -82,7 +84,8 @@ def _conv2d_kernel(
     scale, S_GROUPS, s_eps,
     KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr, CIRCULAR: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_EMB: tl.constexpr, HAS_RES: tl.constexpr, HAS_SCALE: tl.constexpr,
-    NORM_IN: tl.constexpr, SILU_IN: tl.constexpr, ROUND_BF16_BY_BITS: tl.constexpr, STATS_OUT: tl.constexpr,
+    NORM_IN: tl.constexpr, SILU_IN: tl.constexpr, ROUND_BF16_BY_BITS: tl.constexpr, UPSAMPLE: tl.constexpr,
+    STATS_OUT: tl.constexpr,
     PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -122,7 +125,8 @@ def _conv2d_kernel(
                 pix_ok = h_ok
             else:
                 pix_ok = h_ok & (wi >= 0) & (wi < W)
-            x_pix = x_batch + hi * stride_xh + wi * stride_xw  # [BLOCK_M] pointers to channel 0
+            # [BLOCK_M] pointers to channel 0; H, W are the (nearest-)upsampled input's, x holds 1/UPSAMPLE of each
+            x_pix = x_batch + (hi // UPSAMPLE) * stride_xh + (wi // UPSAMPLE) * stride_xw
             w_tap = Wt + kh * stride_wh + kw * stride_ww
             for c0 in range(0, C_IN, BLOCK_K):
                 offs_k = c0 + offs_k0
@@ -182,28 +186,6 @@ _VARIANTS = {(False, False): _conv2d_kernel, (True, False): _conv2d_norm_kernel,
              (False, True): _conv2d_stats_kernel, (True, True): _conv2d_norm_stats_kernel}  # (norm_in, stats_out)
 
 
-def kernel_layout_strides(shape: torch.Size | tuple[int, ...]) -> tuple[int, int, int, int]:
-    """The strides of a [C_out, C_in, KH, KW] weight stored in [KH, KW, C_in, C_out] memory order."""
-    c_out, c_in, _, kw = shape
-    return 1, c_out, kw * c_in * c_out, c_in * c_out
-
-
-def has_kernel_layout(weight: torch.Tensor) -> bool:
-    """Whether ``weight`` [C_out, C_in, KH, KW] lies in memory as [KH, KW, C_in, C_out], dense (the strides of
-    size-1 dimensions do not matter: 1x1 convolutions)."""
-    if weight.dim() != 4:
-        return False
-    want = kernel_layout_strides(weight.shape)
-    return all(size == 1 or st == w for size, st, w in zip(weight.shape, weight.stride(), want))
-
-
-def to_kernel_layout(weight: torch.Tensor) -> torch.Tensor:
-    """``weight`` itself when it has the kernel layout; else a copy in it (same shape and values, new strides)."""
-    if has_kernel_layout(weight):
-        return weight
-    return weight.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)  # [KH, KW, C_in, C_out] memory order
-
-
 def _as_int(v) -> int | None:
     """An int stride/padding, or a pair of equal ints; None for anything else (the reference handles it)."""
     if isinstance(v, int):
@@ -213,13 +195,15 @@ def _as_int(v) -> int | None:
     return None
 
 
-def _output_shape(x: torch.Tensor, weight: torch.Tensor, stride, padding) -> tuple[int, int, int, int] | None:
-    """[B, C_out, H', W'] for the convolutions the kernel covers, None for the others."""
+def _output_shape(x: torch.Tensor, weight: torch.Tensor, stride, padding,
+                  upsample: int = 1) -> tuple[int, int, int, int] | None:
+    """[B, C_out, H', W'] for the convolutions the kernel covers (of x upsampled ``upsample`` times), None for the
+    others."""
     st, pad = _as_int(stride), _as_int(padding)
     if x.dim() != 4 or weight.dim() != 4 or weight.shape[1] != x.shape[1] or st is None or pad is None or st < 1:
         return None
-    h_out = (x.shape[2] + 2 * pad - weight.shape[2]) // st + 1
-    w_out = (x.shape[3] + 2 * pad - weight.shape[3]) // st + 1
+    h_out = (x.shape[2] * upsample + 2 * pad - weight.shape[2]) // st + 1
+    w_out = (x.shape[3] * upsample + 2 * pad - weight.shape[3]) // st + 1
     if h_out <= 0 or w_out <= 0:
         return None  # the reference raises its own error
     return x.shape[0], weight.shape[0], h_out, w_out
@@ -251,7 +235,7 @@ def _stats_possible(norm: GroupNormIn | None, c_out: int) -> bool:
 def conv2d_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride: int = 1,
                   padding: int = 0, emb: torch.Tensor | None = None, residual: torch.Tensor | None = None,
                   scale: float | None = None, out: torch.Tensor | None = None,
-                  circular: bool = False, norm_in: GroupNormIn | None = None,
+                  circular: bool = False, norm_in: GroupNormIn | None = None, upsample: int = 1,
                   stats_for: GroupNormIn | None = None):
     """Same contract as :func:`conv2d_reference`; ``out`` (optional, [B, C_out, H', W']) receives the result.
 
@@ -262,26 +246,30 @@ def conv2d_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     Its output is channels-last. ``circular`` is not part of the autotune key: the wrap-around changes only the
     load addresses, so both modes share the tuned tile. ``norm_in``: its statistics are ``norm_in.stats`` when
     given (made by the kernel that wrote x), else two small launches (``group_norm.group_norm_affine``); the
-    kernel normalises each input tile as it loads it.
+    kernel normalises each input tile as it loads it. ``upsample``
+    2: the convolution of x nearest-upsampled 2x (the UNet's and VAE's ``Upsample``), reading each of x's pixels
+    where the upsampled one would be (the 4x larger tensor is never stored); not in the autotune key (only the
+    load addresses change: the upsampled shape's tuned tile serves). Other factors run the reference.
 
     ``stats_for``: the GroupNorm that reads the output next (its weight, groups, eps; bias and silu unused). The
     result is then ``(y, GroupStats | None)``: y's per-(batch, channel) (mean, rstd * weight), computed in this
     launch's epilogue from the values as stored (None where the reference ran, or the groups do not divide C_out).
     """
-    y, stats = _conv2d(x, weight, bias, stride, padding, emb, residual, scale, out, circular, norm_in, stats_for)
+    y, stats = _conv2d(x, weight, bias, stride, padding, emb, residual, scale, out, circular, norm_in, upsample,
+                       stats_for)
     return y if stats_for is None else (y, stats)
 
 
-def _conv2d(x, weight, bias, stride, padding, emb, residual, scale, out, circular, norm_in, stats_for):
-    out_shape = _output_shape(x, weight, stride, padding)
+def _conv2d(x, weight, bias, stride, padding, emb, residual, scale, out, circular, norm_in, upsample, stats_for):
+    out_shape = _output_shape(x, weight, stride, padding, upsample) if upsample in (1, 2) else None
     if (out_shape is None or x.dtype not in FLOAT_DTYPES or weight.dtype != x.dtype
             or (emb is not None and tuple(emb.shape) != out_shape[:2])
             or (residual is not None and tuple(residual.shape) != out_shape)
-            or (circular and _as_int(padding) > min(x.shape[2], x.shape[3]))
+            or (circular and _as_int(padding) > upsample * min(x.shape[2], x.shape[3]))
             or (norm_in is not None and (norm_in.weight is None or norm_in.bias is None or norm_in.groups <= 0
                                          or x.shape[1] % norm_in.groups))):
         result = conv2d_reference(x, weight, bias, stride, padding, emb=emb, residual=residual, scale=scale,
-                                  circular=circular, norm_in=norm_in)
+                                  circular=circular, norm_in=norm_in, upsample=upsample)
         return (result if out is None else out.copy_(result)), None
     check_device(x, weight, bias, emb, residual, out, *(norm_in[:2] if norm_in is not None else ()),
                  *(stats_for[:1] if stats_for is not None else ()))
@@ -329,7 +317,7 @@ def _conv2d(x, weight, bias, stride, padding, emb, residual, scale, out, circula
     launch(
         kernel, grid, x, weight, bias if bias is not None else weight, e, r, out, n_mean, n_scale, n_bias,
         *sb,
-        m, c_in, h, w, c_out, h_out, w_out,
+        m, c_in, h * upsample, w * upsample, c_out, h_out, w_out,
         *x.stride(), *weight.stride(),
         e.stride(0), e.stride(1),
         *r.stride(), *out.stride(),
@@ -337,7 +325,8 @@ def _conv2d(x, weight, bias, stride, padding, emb, residual, scale, out, circula
         KH=kh, KW=kw, STRIDE=st, PAD=pad, CIRCULAR=bool(circular) and pad > 0,
         HAS_BIAS=bias is not None, HAS_EMB=emb is not None, HAS_RES=residual is not None,
         HAS_SCALE=scale is not None, NORM_IN=norm_in is not None, SILU_IN=norm_in is not None and bool(norm_in.silu),
-        ROUND_BF16_BY_BITS=norm_in is not None and rounds_bf16_by_bits(x.dtype), STATS_OUT=stats_out,
+        ROUND_BF16_BY_BITS=norm_in is not None and rounds_bf16_by_bits(x.dtype), UPSAMPLE=upsample,
+        STATS_OUT=stats_out,
         PRECISION=dot_precision(x.dtype), DOT_DTYPE=dot_dtype(x.dtype), GROUP=GROUP_M,
     )
     return out, (sb.stats if stats_out else None)
@@ -346,12 +335,15 @@ def _conv2d(x, weight, bias, stride, padding, emb, residual, scale, out, circula
 def conv2d_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride: int = 1,
                      padding: int = 0, emb: torch.Tensor | None = None, residual: torch.Tensor | None = None,
                      scale: float | None = None, circular: bool = False,
-                     norm_in: GroupNormIn | None = None) -> torch.Tensor:
+                     norm_in: GroupNormIn | None = None, upsample: int = 1) -> torch.Tensor:
     """``(conv2d(x) + bias + emb[:, :, None, None] + residual) * scale``, each term optional. ``circular``:
     the padding wraps around (``nn.Conv2d``'s ``padding_mode="circular"``: ``F.pad`` circular, then no padding).
-    ``norm_in``: x is first ``group_norm_reference(x, ...)`` (the unfused GroupNorm, SiLU included)."""
+    ``norm_in``: x is first ``group_norm_reference(x, ...)`` (the unfused GroupNorm, SiLU included); then
+    ``upsample`` > 1: ``F.interpolate(x, scale_factor=upsample, mode="nearest")`` (the UNet's and VAE's Upsample)."""
     if norm_in is not None:
         x = group_norm_reference(x, norm_in.weight, norm_in.bias, norm_in.groups, norm_in.eps, silu=norm_in.silu)
+    if upsample != 1:
+        x = F.interpolate(x, scale_factor=float(upsample), mode="nearest")  # [B, C, H*up, W*up]
     if circular:
         ph, pw = (padding, padding) if isinstance(padding, int) else padding
         x = F.pad(x, (pw, pw, ph, ph), mode="circular")  # [B, C, H + 2ph, W + 2pw]

@@ -17,20 +17,40 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import importlib.util
+import sys
+from types import ModuleType
 from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 
-from tritonsd.kernels import _triton
-from tritonsd.kernels import attention as _attention
-from tritonsd.kernels import concat as _concat
-from tritonsd.kernels import conv as _conv
-from tritonsd.kernels import geglu as _geglu
-from tritonsd.kernels import group_norm as _group_norm
-from tritonsd.kernels import layer_norm as _layer_norm
-from tritonsd.kernels import linear as _linear
-from tritonsd.kernels import sampler_step as _step
+
+def _on_first_use(name: str) -> ModuleType:
+    """The kernel module ``tritonsd.kernels.<name>``, executed when one of its names is first read
+    (``importlib.util.LazyLoader``). Each imports triton (0.1 s of CPU, and it must follow the CLI's choice of
+    ``TRITON_INTERPRET``): a process that calls no op (a load, ``inspect``, ``merge``) never pays it."""
+    full = f"tritonsd.kernels.{name}"
+    if full in sys.modules:
+        return sys.modules[full]
+    spec = importlib.util.find_spec(full)
+    spec.loader = importlib.util.LazyLoader(spec.loader)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[full] = module
+    spec.loader.exec_module(module)
+    setattr(sys.modules["tritonsd.kernels"], name, module)  # as an import binds a submodule to its package
+    return module
+
+
+_triton = _on_first_use("_triton")
+_attention = _on_first_use("attention")
+_concat = _on_first_use("concat")
+_conv = _on_first_use("conv")
+_geglu = _on_first_use("geglu")
+_group_norm = _on_first_use("group_norm")
+_layer_norm = _on_first_use("layer_norm")
+_linear = _on_first_use("linear")
+_step = _on_first_use("sampler_step")
 
 BACKENDS = ("auto", "torch", "triton")
 _forced: contextvars.ContextVar[str] = contextvars.ContextVar("tritonsd_kernels", default="auto")
@@ -95,23 +115,22 @@ def geglu(x: torch.Tensor) -> torch.Tensor:
     return impl(x)
 
 
-Norm = _linear.Norm  # a LayerNorm to apply to linear's input: Norm(weight, bias, eps)
-
 # The fusions of issue 22 that ``unfused`` can switch off, to measure each one (benchmarks/gpu_fusions.py):
 # "norm" (LayerNorm in the next GEMM's prologue), "geglu" (in the FF projection's epilogue), "residual" (the
 # transformer's residual adds in GEMM epilogues), "qkv" (self-attention's q, k, v as one GEMM; model/unet.py;
 # apart, the three projections read norm1's output, so that LayerNorm runs apart too), "group_norm" (GroupNorm
-# + SiLU applied in the next convolution's input load), "group_stats" (that GroupNorm's statistics computed in the
-# epilogue of the kernel that writes its input: a convolution, the skip connections' concat).
-FUSIONS = ("norm", "geglu", "residual", "qkv", "group_norm", "group_stats")
+# + SiLU applied in the next convolution's input load), "upsample" (the nearest 2x upsample in the next
+# convolution's input load), "group_stats" (that GroupNorm's statistics computed in the epilogue of the kernel that
+# writes its input: a convolution, the skip connections' concat).
+FUSIONS = ("norm", "geglu", "residual", "qkv", "group_norm", "upsample", "group_stats")
 _unfused: contextvars.ContextVar[frozenset] = contextvars.ContextVar("tritonsd_unfused", default=frozenset())
 
 
 @contextlib.contextmanager
 def unfused(*fusions: str) -> Iterator[None]:
     """Inside the block, the named fusions run as the separate launches they replace (LayerNorm kernel, cuBLAS
-    GEMM, GEGLU kernel, torch add, three q/k/v GEMMs): the same results, for timing the fused step against the
-    unfused one in the same run."""
+    GEMM, GEGLU kernel, torch add, three q/k/v GEMMs, GroupNorm kernel, nearest upsample): the same results, for
+    timing the fused step against the unfused one in the same run."""
     unknown = set(fusions) - set(FUSIONS)
     if unknown:
         raise ValueError(f"unknown fusion(s) {', '.join(sorted(unknown))}; expected {', '.join(FUSIONS)}")
@@ -157,19 +176,17 @@ def _linear_unfused(x, weight, bias, residual, geglu, norm, off: frozenset) -> t
     return y + late_residual if late_residual is not None else y
 
 
-GroupNormIn = _conv.GroupNormIn  # a GroupNorm (+ SiLU) to apply to conv2d's input: GroupNormIn(w, b, groups, eps, silu)
-GroupStats = _group_norm.GroupStats  # a GroupNorm's (mean, scale) [B, C] float32, made by the kernel that wrote x
-
-
 def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride: int = 1,
            padding: int = 0, emb: torch.Tensor | None = None, residual: torch.Tensor | None = None,
            scale: float | None = None, circular: bool = False,
-           norm_in: _conv.GroupNormIn | None = None, stats_for: _conv.GroupNormIn | None = None):
+           norm_in: _conv.GroupNormIn | None = None, upsample: int = 1,
+           stats_for: _conv.GroupNormIn | None = None):
     """2-D convolution with a fused epilogue: ``(conv(x) + bias + emb[:, :, None, None] + residual) * scale``.
 
     emb: [B, C_out] per-channel add (the ResBlock's time embedding); residual: [B, C_out, H', W']; ``circular``:
     the padding wraps around (tiling); ``norm_in``: a GroupNorm (+ SiLU) applied to x as the kernel loads it (the
-    normalised x never stored). With "auto", convolutions of fewer than ``conv.MIN_TRITON_C_IN`` input channels
+    normalised x never stored); ``upsample``: x nearest-upsampled that many times first (never stored by the
+    Triton kernel). With "auto", convolutions of fewer than ``conv.MIN_TRITON_C_IN`` input channels
     run the reference (cuDNN on CUDA).
 
     ``stats_for``: the GroupNorm that reads the result next. The call then returns ``(y, GroupStats | None)``: the
@@ -179,12 +196,15 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """
     if norm_in is not None and not is_fused("group_norm"):
         x, norm_in = group_norm(x, norm_in.weight, norm_in.bias, norm_in.groups, norm_in.eps, silu=norm_in.silu), None
+    if upsample != 1 and not is_fused("upsample"):
+        x, upsample = F.interpolate(x, scale_factor=float(upsample), mode="nearest"), 1
     triton_here = use_triton(x)
     if triton_here and x.dim() == 4 and x.shape[1] < _conv.MIN_TRITON_C_IN and _forced.get() == "auto":
         # the reference (cuDNN) on a channels-last input writes a channels-last output, as the Triton convolutions
         # that read it next want: no copy of conv_in's output for them and for the skip concatenation
         x, triton_here = x.contiguous(memory_format=torch.channels_last), False
-    kwargs = dict(emb=emb, residual=residual, scale=scale, circular=circular, norm_in=norm_in)
+    kwargs = dict(emb=emb, residual=residual, scale=scale, circular=circular, norm_in=norm_in,
+                  upsample=upsample)
     if triton_here:
         if stats_for is not None and is_fused("group_stats"):
             return _conv.conv2d_triton(x, weight, bias, stride, padding, **kwargs, stats_for=stats_for)
@@ -233,3 +253,16 @@ def dpmpp_2m_step(x: torch.Tensor, ratio, decay, denoised: torch.Tensor, old: to
     """``ratio * x - decay * denoised``; with ``old``, ``denoised`` is first ``w * denoised - w_old * old``."""
     impl = _step.dpmpp_2m_step_triton if use_triton(x) else _step.dpmpp_2m_step_reference
     return impl(x, ratio, decay, denoised, old, w, w_old)
+
+
+def __getattr__(name: str):
+    """``Norm`` (a LayerNorm to apply to linear's input: ``Norm(weight, bias, eps)``) and ``GroupNormIn`` (a
+    GroupNorm (+ SiLU) to apply to conv2d's input: ``GroupNormIn(w, b, groups, eps, silu)``): the kernel
+    modules' argument types, read from them when first asked for."""
+    if name == "Norm":
+        return _linear.Norm
+    if name == "GroupNormIn":
+        return _conv.GroupNormIn
+    if name == "GroupStats":  # a GroupNorm's (mean, scale) [B, C] float32, made by the kernel that wrote x
+        return _group_norm.GroupStats
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -8,11 +8,10 @@ import math
 from typing import Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from tritonsd.kernels import dispatch
-from tritonsd.kernels.conv import has_kernel_layout, to_kernel_layout
+from tritonsd.kernels.conv_layout import has_kernel_layout, to_kernel_layout
 
 
 class GroupNorm(nn.GroupNorm):
@@ -78,10 +77,11 @@ class Conv2d(nn.Conv2d):
             destination[prefix + "weight"] = destination[prefix + "weight"].contiguous()
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None, residual: torch.Tensor | None = None,
-                scale: float | None = None, norm_in: dispatch.GroupNormIn | None = None) -> torch.Tensor:
+                scale: float | None = None, norm_in: dispatch.GroupNormIn | None = None,
+                upsample: int = 1) -> torch.Tensor:
         return dispatch.conv2d(x, self.weight, self.bias, self.stride[0], self.padding[0], emb=emb,
                                residual=residual, scale=scale, circular=self.padding_mode == "circular",
-                               norm_in=norm_in)
+                               norm_in=norm_in, upsample=upsample)
 
     def forward_stats(self, x: torch.Tensor, out_norm: GroupNorm | None = None,
                       **kwargs) -> tuple[torch.Tensor, dispatch.GroupStats | None]:
@@ -138,27 +138,32 @@ def stack_rows_(params: list[nn.Parameter]) -> None:
     (what LoRA's ``copy_`` writes into, what a captured graph reads); a no-op when they already are."""
     if stacked_rows(params) is not None or any(p.dim() != 2 for p in params):
         return
-    with torch.no_grad():
-        fused = torch.cat([p.detach() for p in params])  # [sum N_i, K]
+    first = params[0]
+    # [sum N_i, K], filled row block by row block: torch.cat would do the same, but on the meta device (the
+    # model is built there) it imports torch._dynamo, a second of every process's start
+    fused = torch.empty((sum(p.shape[0] for p in params), first.shape[1]), dtype=first.dtype, device=first.device)
     start = 0
-    for p in params:
-        p.data = fused[start:start + p.shape[0]]
-        start += p.shape[0]
+    with torch.no_grad():
+        for p in params:
+            fused[start:start + p.shape[0]].copy_(p.detach())
+            p.data = fused[start:start + p.shape[0]]
+            start += p.shape[0]
 
 
 class Upsample(nn.Module):
-    """Nearest 2x upsampling then a 3x3 conv (the UNet's and the VAE decoder's ``upsample.conv``)."""
+    """Nearest 2x upsampling then a 3x3 conv (the UNet's and the VAE decoder's ``upsample.conv``): one launch, the
+    conv reading the upsampled image's pixels from x (``dispatch.conv2d(..., upsample=2)``)."""
 
     def __init__(self, channels: int):
         super().__init__()
         self.conv = Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return self.conv(x, upsample=2)
 
     def forward_stats(self, x: torch.Tensor, out_norm: GroupNorm | None = None):
         """``forward`` and ``out_norm``'s statistics of the output (see ``Conv2d.forward_stats``)."""
-        return self.conv.forward_stats(F.interpolate(x, scale_factor=2.0, mode="nearest"), out_norm)
+        return self.conv.forward_stats(x, out_norm, upsample=2)
 
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:

@@ -17,7 +17,7 @@ from tritonsd.formats.source import LoadedFrom
 from tritonsd.model.conditioner import build_cond_stage
 from tritonsd.model.config import ModelConfig
 from tritonsd.model.layers import Conv2d
-from tritonsd.model.unet import StepEmbedder, StepEmbedding, UNetModel
+from tritonsd.model.unet import CrossAttention, StepEmbedder, StepEmbedding, UNetModel
 from tritonsd.model.vae import AutoencoderKL
 from tritonsd.formats.vae_file import check_vae_fits
 
@@ -106,13 +106,14 @@ def load_weights_(model: StableDiffusion, path: Path, weights: Mapping[str, torc
     """Assign ``weights`` (normalised keys) to a meta-built model, strictly, cast to ``dtype`` on ``device``.
 
     ``kernel_layout``: each conv weight is laid out as the conv kernel reads it (``model/layers.py``
-    ``Conv2d``), where that is cheap: on a CUDA device after the copy (in the file's layout) to it; on the CPU
+    ``Conv2d``), and self-attention's q / k / v weights share one storage (``model/unet.py`` ``CrossAttention``),
+    where that is cheap: on a CUDA device after the copy (in the file's layout) to it; on the CPU
     in the one copy that also casts. False keeps the file's layout: for a model only the torch reference will
     run (the CPU without forced Triton), whose weights then stay mapped from the file, uncopied, unless a cast
     copies them (issue 28: re-laying SD 1.5's 2.5 GB of conv weights on the CPU took 3-9 s of a load)."""
     _check_keys(path, model, weights)
     for m in model.modules():
-        if isinstance(m, Conv2d):
+        if isinstance(m, (Conv2d, CrossAttention)):
             m.kernel_layout = kernel_layout
     params = dict(model.named_parameters()) if kernel_layout else {}
     model.load_state_dict({k: _placed(v, params.get(k), dtype, device) for k, v in weights.items()},
@@ -146,7 +147,7 @@ def _cast(t: torch.Tensor, dtype: torch.dtype, device) -> torch.Tensor:
 
 def _check_keys(path: Path, model: nn.Module, weights: Mapping[str, torch.Tensor]) -> None:
     """Strict loading with a one-line account of what does not fit."""
-    expected = {k: v.shape for k, v in model.state_dict().items()}
+    expected = {k: v.shape for k, v in model.state_dict(keep_vars=True).items()}  # no detached copies
     missing = sorted(expected.keys() - weights.keys())
     unexpected = sorted(weights.keys() - expected.keys())
     wrong = sorted(k for k in expected.keys() & weights.keys() if weights[k].shape != expected[k])

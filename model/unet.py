@@ -120,7 +120,11 @@ class CrossAttention(nn.Module):
     attention reads its three [B, N, inner] column slices in place. The Parameters stay separate objects with the
     checkpoint's names (LoRA deltas and loads write into their rows of the shared storage); it is re-established
     after a load that assigns new tensors and after ``.to()``, and while it does not hold (weights replaced some
-    other way) the three projections run apart, with the same result."""
+    other way) the three projections run apart, with the same result. ``kernel_layout`` False (``model/sd.py``
+    ``load_weights_``, for a model only the torch reference runs: as ``layers.Conv2d``'s) keeps the loaded weights
+    apart, mapped from the file rather than copied into a shared storage."""
+
+    kernel_layout = True  # see the class docstring
 
     def __init__(self, query_dim: int, context_dim: int, heads: int, dim_head: int, fused_qkv: bool = False):
         super().__init__()
@@ -140,7 +144,8 @@ class CrossAttention(nn.Module):
         return [self.to_q.weight, self.to_k.weight, self.to_v.weight]
 
     def _stack_qkv(self) -> None:
-        stack_rows_(self._qkv_params())
+        if self.kernel_layout:
+            stack_rows_(self._qkv_params())
 
     def __setstate__(self, state):
         super().__setstate__(state)  # copy.deepcopy / unpickling: Parameter copies of their own

@@ -32,16 +32,12 @@ Timestep samplers (DDIM, PLMS) take integer timesteps and a different model prot
 from __future__ import annotations
 
 import copy
+import sys
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
 import torch
-
-try:
-    from triton.errors import TritonError  # OutOfResources, CompilationError, PTXASError: not RuntimeErrors
-except ImportError:  # no triton here: nothing more to catch
-    TritonError = RuntimeError
 
 from tritonsd.model import hoist
 from tritonsd.sampler.denoise import CFGDenoiser, PerCallConditioning, prepare, refresh
@@ -49,6 +45,12 @@ from tritonsd.sampler.graph_preview import PreviewSink, PreviewTap
 from tritonsd.sampler import registry
 from tritonsd.sampler.registry import SamplerSpec
 
+
+def _capture_error(e: Exception) -> bool:
+    """A CUDA error or one of triton's (OutOfResources, CompilationError, PTXASError: not RuntimeErrors). Triton's
+    can only come from a triton already imported: looked up there, so this module does not import triton."""
+    triton_errors = sys.modules.get("triton.errors")
+    return isinstance(e, RuntimeError) or (triton_errors is not None and isinstance(e, triton_errors.TritonError))
 
 class GraphRunnerError(ValueError):
     """The runner was called with inputs it cannot serve (unknown sampler, missing noise, bad shapes)."""
@@ -249,7 +251,9 @@ class CapturedLoop:
             torch.cuda.synchronize(self.static_x.device)
             with torch.cuda.graph(graph):
                 out = self.body()
-        except (RuntimeError, TritonError) as e:
+        except Exception as e:
+            if not _capture_error(e):
+                raise
             raise GraphCaptureError(
                 f"CUDA-graph capture of the {self.key.sampler} loop failed ({str(e).splitlines()[0]}); is the "
                 "denoiser built from alphas_cumprod on the device?") from e

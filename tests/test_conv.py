@@ -179,3 +179,45 @@ def test_circular_reference_matches_torch(hw, k, stride, pad):
     torch.testing.assert_close(got, _circular_by_indexing(x, weight, bias, pad, stride), rtol=1e-12, atol=1e-12)
     padded = torch.nn.functional.pad(x, (pad, pad, pad, pad), mode="circular")
     torch.testing.assert_close(got, torch.nn.functional.conv2d(padded, weight, bias, stride), rtol=1e-12, atol=1e-12)
+
+
+# ------------------------------------------------------------------------- the nearest 2x upsample in the load
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("b,c,hw,channels_last,circular", [
+    pytest.param(2, 32, (5, 7), True, False, id="odd-b2-channels-last"),
+    pytest.param(1, 24, (4, 4), False, False, id="b1-nchw"),
+    pytest.param(1, 16, (3, 5), True, True, id="circular"),
+])
+def test_upsample_in_the_load_is_interpolate_then_conv(no_fallback, dtype, b, c, hw, channels_last, circular):
+    """``upsample=2``: what the UNet's and VAE's Upsample computed in two ops (nearest 2x, then a padded 3x3 conv
+    with bias and a residual), on fresh random data into a poisoned output."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(11 + b + c)
+    x = torch.randn(b, c, *hw, generator=g)
+    weight = torch.randn(c, c, 3, 3, generator=g) / (9 * c) ** 0.5
+    bias = torch.randn(c, generator=g)
+    residual = torch.randn(b, c, 2 * hw[0], 2 * hw[1], generator=g)
+    up = F.interpolate(x.double(), scale_factor=2.0, mode="nearest")
+    if circular:
+        up = F.pad(up, (1, 1, 1, 1), mode="circular")
+    want = F.conv2d(up, weight.double(), bias.double(), 1, 0 if circular else 1) + residual.double()
+    x, weight, bias, residual = (t.to(DEVICE, dtype) for t in (x, weight, bias, residual))
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    out = torch.full(want.shape, float("nan"), device=DEVICE, dtype=dtype)
+    got = conv2d_triton(x, weight, bias, 1, 1, residual=residual, out=out, circular=circular, upsample=2)
+    assert got is out
+    assert_matches(got, want, dtype)
+
+
+def test_other_upsample_factors_run_the_reference(monkeypatch):
+    calls = []
+    real = conv_mod.conv2d_reference
+    monkeypatch.setattr(conv_mod, "conv2d_reference", lambda *a, **k: calls.append(k["upsample"]) or real(*a, **k))
+    x = torch.randn(1, 16, 3, 3, device=DEVICE)
+    w = torch.randn(16, 16, 3, 3, device=DEVICE)
+    got = conv2d_triton(x, w, None, 1, 1, upsample=3)
+    assert calls == [3] and got.shape == (1, 16, 9, 9)

@@ -73,9 +73,19 @@ def test_the_pipeline_imports_without_the_optional_extras(graph):
     Ray, diffusers...: none of the modules they import at module level imports one at module level."""
     roots = ["tritonsd", "tritonsd.pipeline", "tritonsd.tools.cli"]
     # the walk follows the imports: the Pipeline's own, and theirs
-    assert {"tritonsd.kernels.dispatch", "tritonsd.sampler.wiring", "tritonsd.kernels.attention"} \
+    assert {"tritonsd.kernels.dispatch", "tritonsd.sampler.wiring", "tritonsd.kernels.conv_layout"} \
         <= graph.loaded_at_import(roots)
     problems = graph.optional_at_import(roots)
+    assert not problems, report(problems)
+
+
+def test_the_pipeline_imports_no_triton(graph):
+    """Importing the package, the Pipeline or the command line imports no kernel module and no triton (0.1 s of
+    every start; and the command line chooses ``TRITON_INTERPRET`` before triton reads it): ``kernels.dispatch``
+    loads each op module when one of its names is first read."""
+    roots = ["tritonsd", "tritonsd.pipeline", "tritonsd.tools.cli"]
+    assert "tritonsd.kernels.attention" not in graph.loaded_at_import(roots)
+    problems = graph.optional_at_import(roots, optional=frozenset({"triton"}))
     assert not problems, report(problems)
 
 

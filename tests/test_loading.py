@@ -197,3 +197,47 @@ def test_demo_model_generates(tmp_path):
 def test_unknown_builtin_model_is_one_line():
     with pytest.raises(ValueError, match="^unknown built-in model 'demo:sd9'; available: demo:sd1$"):
         load_model("demo:sd9")
+
+
+# ---------------------------------------------------------------------------------------------- a CPU load
+
+
+_CPU_LOAD = r"""
+import sys
+from tritonsd.model.layers import stacked_rows
+from tritonsd.kernels.conv_layout import has_kernel_layout
+import tritonsd
+pipe = tritonsd.load(sys.argv[1], device="cpu", text_heads=2)
+attn = [m for m in pipe.model.modules() if type(m).__name__ == "CrossAttention" and m.fused_qkv]
+convs = [m.weight for m in pipe.model.modules() if type(m).__name__ == "Conv2d" and m.weight.shape[-1] > 1]
+print("triton" in sys.modules, len(attn), sum(stacked_rows([a.to_q.weight, a.to_k.weight, a.to_v.weight])
+      is not None for a in attn), sum(has_kernel_layout(w) for w in convs))
+"""
+
+
+def test_a_cpu_load_for_the_torch_reference_imports_no_triton_and_copies_no_weight(fixtures):
+    """Only the torch reference runs on the CPU: the load imports no kernel module (triton: 0.1 s of every start)
+    and keeps the file's tensors as they are: conv weights in the file's layout, q / k / v apart (stacking them,
+    for the fused GEMM, copies every self-attention weight)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", _CPU_LOAD, str(fixtures / "sd1-tiny.safetensors")], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    imported, attention, stacked, laid_out = out.stdout.split()
+    assert imported == "False" and int(attention) > 0 and stacked == "0" and laid_out == "0"
+
+
+def test_a_load_for_the_triton_kernels_stacks_qkv_and_lays_out_the_conv_weights(fixtures):
+    from tritonsd.kernels.conv_layout import has_kernel_layout
+    from tritonsd.model.layers import stacked_rows
+    from tritonsd.model.unet import CrossAttention
+
+    model = load_model(fixtures / "sd1-tiny.safetensors", text_heads=2, kernel_layout=True)
+    attn = [m for m in model.modules() if isinstance(m, CrossAttention) and m.fused_qkv]
+    assert attn and all(stacked_rows([a.to_q.weight, a.to_k.weight, a.to_v.weight]) is not None for a in attn)
+    convs = [m.weight for m in model.modules() if type(m).__name__ == "Conv2d"]
+    assert all(has_kernel_layout(w) for w in convs)

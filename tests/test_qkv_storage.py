@@ -116,9 +116,9 @@ def test_state_dict_gives_tensors_of_their_own(tmp_path):
 
 
 def test_loaded_model_and_lora_switch_write_the_shared_storage(fixtures):
-    """A loaded model (assigning load) is stacked; a LoRA switch writes into the shared rows (the fused GEMM sees
-    it) and the pristine weights come back in the same storage."""
-    model = load_model(fixtures / CHECKPOINT, text_heads=2)
+    """A model loaded for the Triton kernels (assigning load) is stacked; a LoRA switch writes into the shared rows
+    (the fused GEMM sees it) and the pristine weights come back in the same storage."""
+    model = load_model(fixtures / CHECKPOINT, text_heads=2, kernel_layout=True)
     attns = self_attentions(model)
     assert len(attns) >= 2
     for attn in attns.values():
