@@ -36,7 +36,8 @@ def on_cpu(monkeypatch):
 
 
 SMALL = {"qkv+norm": (5, 16), "ff-proj+norm+geglu": (5, 16), "out+residual": (5, 16, 16),
-         "ff-out+residual": (5, 16), "conv+groupnorm+silu": (32, 3), "conv+upsample": (16, 6)}
+         "ff-out+residual": (5, 16), "conv+groupnorm+silu": (32, 3), "conv+upsample": (16, 6),
+         "conv+groupstats": (64, 3), "cat+groupstats": (32, 3)}
 # (tokens, channels[, K]) / (channels, side)
 
 
@@ -84,5 +85,7 @@ def test_dry_run_lists_cases_without_a_gpu():
     proc = subprocess.run([sys.executable, str(GF.Path(GF.__file__)), "--dry-run", "--models", "sd15-512"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert "23 fusion cases" in proc.stdout and "no-qkv" in proc.stdout and "no-group_norm" in proc.stdout
+    assert "31 fusion cases" in proc.stdout and "no-qkv" in proc.stdout and "no-group_norm" in proc.stdout
     assert "upsample-conv-8to16-C1280" in proc.stdout and "no-upsample" in proc.stdout
+    assert "no-group_stats" in proc.stdout
+    assert proc.stdout.count("conv+groupstats") == proc.stdout.count("cat+groupstats") == 4  # SD 1.5's 4 levels
