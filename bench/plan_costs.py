@@ -80,6 +80,7 @@ TRITON_EXTRA_READS: dict[str, Callable[[dict], int]] = {"_conv2d_kernel": _conv_
 # kernels that multiply no matrices (norms, gates, the sampler's fused updates)
 TRITON_NO_MATMUL = frozenset({
     "_group_stats_kernel", "_group_norm_apply_kernel", "_group_affine_kernel", "_layer_norm_kernel", "_geglu_kernel",
+    "_concat_kernel",
     "_denoiser_output_kernel", "_cfg_combine_kernel", "_euler_step_kernel", "_dpmpp_2m_step_kernel",
 })
 
@@ -149,12 +150,24 @@ def triton_cost(event: Event) -> Cost:
     if isinstance(event.kernel, triton.runtime.Autotuner):  # its name as the tuning tables key it
         autotune = (f"{full_module}.{name}", getattr(fn, "cache_key", ""),
                     autotune_key(event.kernel, event.args, event.kwargs), len(event.kernel.configs))
+    hbm = sum(unique_bytes(t) for t in _distinct(tensors.values())) + _workspace_rereads(named)
+    hbm += TRITON_EXTRA_READS[name](named) if name in TRITON_EXTRA_READS else 0
     return Cost(op=name.strip("_").removesuffix("_kernel"), impl="triton", kernel=f"{module}.{name}",
                 shapes=_named_shapes(tensors),
-                flops=flops, hbm_bytes=sum(unique_bytes(t) for t in _distinct(tensors.values()))
-                + (TRITON_EXTRA_READS[name](named) if name in TRITON_EXTRA_READS else 0),
+                flops=flops, hbm_bytes=hbm,
                 matmul=name in TRITON_FLOPS, config={k: _plain(v) for k, v in config.items()},
                 flops_known=known, autotune=autotune)
+
+
+def _workspace_rereads(named: dict) -> int:
+    """Bytes a launch reads back from a workspace it wrote itself: the GroupNorm statistics epilogue's partials
+    (``STATS_OUT``: written by every program, read by the last; kernels/group_norm.py), counted a second time.
+    Its other arguments (the consumer's gamma, mean and scale [B, C], the int32 counter) are distinct tensors
+    the generic count already holds once each."""
+    part = named.get("SPart")
+    if named.get("STATS_OUT") and isinstance(part, torch.Tensor):
+        return unique_bytes(part)
+    return 0
 
 
 def _named_shapes(tensors: dict[str, torch.Tensor]) -> str:

@@ -8,10 +8,13 @@
    medians): ``qkv+norm`` (LayerNorm kernel + three cuBLAS GEMMs -> one GEMM with the norm in its prologue),
    ``ff-proj+norm+geglu`` (LayerNorm kernel + cuBLAS GEMM + GEGLU kernel -> one GEMM), ``out+residual``
    (cuBLAS GEMM + torch add -> one GEMM: attention out-projections, SD2/SDXL proj_out), ``ff-out+residual``,
-   and ``conv+groupnorm+silu`` (GroupNorm kernels + conv -> statistics + a conv normalising its input as it loads
-   it; the ResBlock's 3x3 conv at every UNet level), and ``conv-split-k`` (SD 1.5's 3x3 convs at the 16x16 and 8x8
-   levels, which fill less than two waves of SMs: split-K as the launcher picks it for this GPU against one
-   program per tile, ``split_k=1``; the row's shape records the SPLIT).
+   ``conv+groupnorm+silu`` (GroupNorm kernels + conv -> statistics + a conv normalising its input as it loads
+   it; the ResBlock's 3x3 conv at every UNet level), ``conv+groupstats`` (conv, GroupNorm statistics launches,
+   normalising conv -> the first conv computing the statistics in its epilogue: the ResBlock's two 3x3 convs)
+   and ``cat+groupstats`` (torch's cat, statistics launches, normalising conv -> the Triton concat computing
+   them: a decoder ResBlock's input), and ``conv-split-k`` (SD 1.5's 3x3 convs at the 16x16 and 8x8 levels, which fill
+   less than two waves of SMs: split-K as the launcher picks it for this GPU against one program per tile,
+   ``split_k=1``; the row's shape records the SPLIT).
 3. One UNet step (random weights, the model's own shapes; ``dispatch.force("auto")``) with every fusion, with
    each one switched off (``dispatch.unfused``), and with all off, in the same process; the output of each
    against the fused step's (the fusions change no result beyond rounding).
@@ -38,6 +41,7 @@ from tritonsd.bench import environment, harness
 from tritonsd.compile.shapes import BATCH, MODELS, TEXT_TOKENS
 from tritonsd.kernels import dispatch
 from tritonsd.kernels import conv as conv_mod
+from tritonsd.kernels.concat import concat_channels_triton
 from tritonsd.kernels.conv import GroupNormIn, conv2d_reference, conv2d_triton
 from tritonsd.kernels.geglu import geglu_triton
 from tritonsd.kernels.group_norm import group_norm_triton
@@ -118,6 +122,63 @@ def conv_cases() -> list[FusionCase]:
     return out
 
 
+def _stats_conv_fused(x, w1, b1, w2, b2, norm):
+    y, stats = conv2d_triton(x, w1, b1, 1, 1, stats_for=norm)  # the statistics in the first conv's epilogue
+    return conv2d_triton(y, w2, b2, 1, 1, norm_in=norm._replace(stats=stats))
+
+
+def _stats_conv_unfused(x, w1, b1, w2, b2, norm):
+    return conv2d_triton(conv2d_triton(x, w1, b1, 1, 1), w2, b2, 1, 1, norm_in=norm)  # two statistics launches
+
+
+def _stats_conv_reference(x, w1, b1, w2, b2, norm):
+    return conv2d_reference(conv2d_reference(x, w1, b1, 1, 1), w2, b2, 1, 1, norm_in=norm)
+
+
+def _stats_cat_fused(h, skip, w, b, norm):
+    y, stats = concat_channels_triton(h, skip, stats_for=norm)
+    return conv2d_triton(y, w, b, 1, 1, norm_in=norm._replace(stats=stats))
+
+
+def _stats_cat_unfused(h, skip, w, b, norm):
+    return conv2d_triton(torch.cat([h, skip], 1), w, b, 1, 1, norm_in=norm)
+
+
+def _stats_cat_reference(h, skip, w, b, norm):
+    return conv2d_reference(torch.cat([h, skip], 1), w, b, 1, 1, norm_in=norm)
+
+
+def group_stats_cases() -> list[FusionCase]:
+    """GroupNorm statistics in the producer's epilogue (issue 22 item 6) at every UNet level: a 3x3 conv whose
+    output the next 3x3 conv normalises (GroupNorm + SiLU), and the decoder's concat of two C-wide inputs."""
+    out = []
+    for spec in MODELS.values():
+        for c, side in spec.levels():
+            def conv_pair(dtype, c=c, side=side):
+                g = harness.case_generator(DEVICE)
+                norm = _norm(c, dtype, g)
+                return {"x": _rand(g, dtype, BATCH, c, side, side).contiguous(memory_format=torch.channels_last),
+                        "w1": _rand(g, dtype, c, c, 3, 3, scale=(9 * c) ** -0.5), "b1": _rand(g, dtype, c),
+                        "w2": _rand(g, dtype, c, c, 3, 3, scale=(9 * c) ** -0.5), "b2": _rand(g, dtype, c),
+                        "norm": GroupNormIn(norm.weight, norm.bias, 32, 1e-5, True)}
+
+            def cat(dtype, c=c, side=side):
+                g = harness.case_generator(DEVICE)
+                norm = _norm(2 * c, dtype, g)
+                cl = torch.channels_last
+                return {"h": _rand(g, dtype, BATCH, c, side, side).contiguous(memory_format=cl),
+                        "skip": _rand(g, dtype, BATCH, c, side, side).contiguous(memory_format=cl),
+                        "w": _rand(g, dtype, c, 2 * c, 3, 3, scale=(18 * c) ** -0.5), "b": _rand(g, dtype, c),
+                        "norm": GroupNormIn(norm.weight, norm.bias, 32, 1e-5, True)}
+            shape = {"B": BATCH, "C": c, "H": side, "W": side}
+            out += [FusionCase("conv+groupstats", spec.label, f"resblock-convs-{side}x{side}-C{c}", shape,
+                               conv_pair, _stats_conv_unfused, fused=_stats_conv_fused,
+                               reference=_stats_conv_reference),
+                    FusionCase("cat+groupstats", spec.label, f"skip-cat-{side}x{side}-2x{c}", shape, cat,
+                               _stats_cat_unfused, fused=_stats_cat_fused, reference=_stats_cat_reference)]
+    return out
+
+
 def _upsample_fused(x, weight, bias):
     return conv2d_triton(x, weight, bias, 1, 1, upsample=2)
 
@@ -187,7 +248,7 @@ def split_k_cases() -> list[FusionCase]:
 
 
 def cases() -> list[FusionCase]:
-    return linear_cases() + conv_cases() + upsample_cases() + split_k_cases()
+    return linear_cases() + conv_cases() + upsample_cases() + group_stats_cases() + split_k_cases()
 
 
 def linear_cases() -> list[FusionCase]:

@@ -16,7 +16,7 @@ import torch
 from tritonsd.compile import precompile, shapes, tuning, variants
 from tritonsd.kernels import _triton
 
-KERNEL_NAMES = ("attention", "conv", "group_norm", "layer_norm", "geglu", "linear")
+KERNEL_NAMES = ("attention", "conv", "concat", "group_norm", "layer_norm", "geglu", "linear")
 
 
 class WarmupError(ValueError):

@@ -23,6 +23,12 @@ compute first (``group_norm.group_norm_affine``): the normalised activations are
 GroupNorm's apply pass (a read and a write of the activations) is gone. Zero padding stays zero (the padded
 convolution of the normalised input, as the unfused model).
 
+The statistics epilogue (``stats_for``, issue 22 item 6): when the output is what a GroupNorm reads next, the
+kernel also computes that norm's per-(batch, channel) (mean, rstd * gamma) from its tiles as stored (partials per
+(image, group), merged by the launch's last program: ``group_norm.tile_group_partials`` /
+``finish_group_stats``), so the consumer's prologue finds them ready (``GroupNormIn.stats``) and the two
+statistics launches before it are gone.
+
 Split-K (issue 22, "under-filled grids"): where the output tiles fill less than two waves of the GPU's SMs (SD
 1.5's 16x16 and 8x8 levels), each tile's C_in loop is split over SPLIT programs (:func:`split_k_for`); each
 stores its float32 partial tile to a workspace [SPLIT, M, N], and the last of a tile's programs to finish (a
@@ -42,7 +48,8 @@ import triton.language as tl
 from tritonsd.kernels._triton import (FLOAT_DTYPES, KernelArgumentError, check_device, configs, dot_dtype,
                                      dot_precision, is_recording, launch, round_bf16_by_bits, rounds_bf16_by_bits,
                                      sm_count)
-from tritonsd.kernels.group_norm import group_norm_affine, group_norm_reference
+from tritonsd.kernels.group_norm import (GroupStats, StatsBuffers, finish_group_stats, group_norm_affine,
+                                         group_norm_reference, stats_buffers, tile_group_partials)
 from tritonsd.kernels.conv_layout import has_kernel_layout, kernel_layout_strides, to_kernel_layout  # noqa: F401
 
 # at most 3 per key (each key is timed once per GPU; see compile/tuning.py); all use wgmma on sm_90 in fp16/bf16
@@ -60,6 +67,14 @@ MIN_TRITON_C_IN = 16  # dispatch sends fewer input channels (the first convoluti
 # (3.6) on sm_90 at SD 1.5's 3x3 convolutions (check-compile, benchmarks/results/check-compile-sm_90-conv-groupnorm-*):
 # those launches go to an autotuner without it.
 CONFIGS_NORM_IN = [c for c in CONFIGS if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) != (128, 64, 4)]
+# With the prologue and the GroupNorm statistics epilogue (NORM_IN + STATS_OUT), CONFIGS_NORM_IN's configs spill on
+# sm_90 at SD 1.5's 3x3 convolutions (check-compile: (64, 128, 4 warps) 12 bytes in bf16 under triton 3.9;
+# (128, 128, 8 warps, 3 or 4 stages) 8-24 bytes under 3.6): that variant has 8-warp tiles of 8192 outputs instead,
+# which compile without a spill under both.
+CONFIGS_NORM_STATS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+    for bm, bn, bk, w, s in [(128, 64, 32, 8, 3), (64, 128, 32, 8, 3)]
+]
 # Split-K (issue 22, "under-filled grids"): a launch whose output tiles fill less than SPLIT_K_WAVES waves of the
 # GPU's SMs splits every tile's C_in loop over SPLIT programs (see split_k_for), which sum their float32 partials
 # through a workspace (_split_k_sum). At SD 1.5 512x512 (UNet batch 2, 132 SMs): the 16x16 level (M = 512,
@@ -78,7 +93,7 @@ SPLIT_K_CONFIGS = [
     for bk, w, s in [(64, 8, 3)]
 ]
 # M = batch x output pixels; stride_xc is 1 for channels_last input (the layout changes the best tile)
-KEY = ["M", "C_IN", "C_OUT", "H", "W", "KH", "KW", "STRIDE", "PAD", "HAS_RES", "stride_xc", "NORM_IN"]
+KEY = ["M", "C_IN", "C_OUT", "H", "W", "KH", "KW", "STRIDE", "PAD", "HAS_RES", "stride_xc", "NORM_IN", "STATS_OUT"]
 
 
 @triton.jit
@@ -115,18 +130,19 @@ def _split_k_sum(acc, Ws, Counters, split, tile, offs_m, offs_n, m_ok, n_ok, N, 
 
 @triton.jit
 def _conv2d_kernel(
-    X, Wt, Bias, Emb, Res, Y, NMean, NScale, NBias,
+    X, Wt, Bias, Emb, Res, Y, NMean, NScale, NBias, SGamma, SMean, SScale, SPart, SCount,
     M, C_IN, H, W, C_OUT, H_OUT, W_OUT,
     stride_xb, stride_xc, stride_xh, stride_xw,
     stride_wn, stride_wc, stride_wh, stride_ww,
     stride_eb, stride_en,
     stride_rb, stride_rc, stride_rh, stride_rw,
     stride_yb, stride_yc, stride_yh, stride_yw,
-    scale,
+    scale, S_GROUPS, s_eps,
     Ws, Counters,  # split-K (SPLIT_K > 1): float32 partial tiles [SPLIT_K, M, C_OUT], an arrival count per tile
     KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr, CIRCULAR: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_EMB: tl.constexpr, HAS_RES: tl.constexpr, HAS_SCALE: tl.constexpr,
     NORM_IN: tl.constexpr, SILU_IN: tl.constexpr, ROUND_BF16_BY_BITS: tl.constexpr, UPSAMPLE: tl.constexpr,
+    STATS_OUT: tl.constexpr,
     PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr = 1,
 ):
@@ -216,12 +232,25 @@ def _conv2d_kernel(
         acc = acc * scale
     y_ptr = (Y + bidx[:, None].to(tl.int64) * stride_yb + offs_n[None, :] * stride_yc
              + (ho * stride_yh + wo * stride_yw)[:, None])
-    tl.store(y_ptr, acc.to(Y.dtype.element_ty), mask=tile_ok)
+    y = acc.to(Y.dtype.element_ty)
+    tl.store(y_ptr, y, mask=tile_ok)
+    if STATS_OUT:  # the next GroupNorm's statistics, of the values as stored (group_norm.py, issue 22 item 6)
+        cg = C_OUT // S_GROUPS
+        tile_group_partials(y.to(tl.float32), offs_m, offs_n, m_ok, n_ok, pid_m, pid_n, M, hw_out, C_OUT, cg,
+                            S_GROUPS, SPart, BLOCK_M, BLOCK_N)
+        finish_group_stats(SPart, SCount, SGamma, SMean, SScale, M, hw_out, C_OUT, cg, S_GROUPS, s_eps,
+                           BLOCK_M, BLOCK_N)
 
 
 _CONV2D_JIT = _conv2d_kernel
 _conv2d_kernel = triton.autotune(configs=configs(CONFIGS, INTERPRETED_CONFIG), key=KEY)(_CONV2D_JIT)
 _conv2d_norm_kernel = triton.autotune(configs=configs(CONFIGS_NORM_IN, INTERPRETED_CONFIG), key=KEY)(_CONV2D_JIT)
+# with the GroupNorm statistics epilogue (STATS_OUT), without and with the prologue
+_conv2d_stats_kernel = triton.autotune(configs=configs(CONFIGS, INTERPRETED_CONFIG), key=KEY)(_CONV2D_JIT)
+_conv2d_norm_stats_kernel = triton.autotune(configs=configs(CONFIGS_NORM_STATS, INTERPRETED_CONFIG),
+                                            key=KEY)(_CONV2D_JIT)
+_VARIANTS = {(False, False): _conv2d_kernel, (True, False): _conv2d_norm_kernel,
+             (False, True): _conv2d_stats_kernel, (True, True): _conv2d_norm_stats_kernel}  # (norm_in, stats_out)
 # SPLIT_K > 1 launches, with or without the GroupNorm prologue (SPLIT follows from the key's shape)
 _conv2d_split_kernel = triton.autotune(configs=configs(SPLIT_K_CONFIGS, INTERPRETED_CONFIG), key=KEY)(_CONV2D_JIT)
 
@@ -305,13 +334,25 @@ class GroupNormIn(NamedTuple):
     groups: int = 32
     eps: float = 1e-5
     silu: bool = False
+    stats: GroupStats | None = None  # x's (mean, scale) made by the kernel that wrote x (its stats epilogue)
+
+
+def _stats_fit(norm: GroupNormIn | None, x: torch.Tensor) -> bool:
+    """Whether ``norm.stats`` are x's [B, C] float32 (mean, scale) on x's device."""
+    st = norm.stats if norm is not None else None
+    return st is not None and all(t.shape == x.shape[:2] and t.dtype == torch.float32 and t.device == x.device
+                                  for t in st)
+
+
+def _stats_possible(norm: GroupNormIn | None, c_out: int) -> bool:
+    return norm is not None and norm.weight is not None and norm.groups > 0 and c_out % norm.groups == 0
 
 
 def conv2d_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride: int = 1,
                   padding: int = 0, emb: torch.Tensor | None = None, residual: torch.Tensor | None = None,
                   scale: float | None = None, out: torch.Tensor | None = None,
                   circular: bool = False, norm_in: GroupNormIn | None = None, upsample: int = 1,
-                  split_k: int | None = None) -> torch.Tensor:
+                  stats_for: GroupNormIn | None = None, split_k: int | None = None):
     """Same contract as :func:`conv2d_reference`; ``out`` (optional, [B, C_out, H', W']) receives the result.
 
     Falls back to the reference (which also raises the errors for bad shapes) for grouped convolutions,
@@ -319,15 +360,28 @@ def conv2d_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     dtypes, emb/residual shapes that only broadcast, or circular padding wider than the image (torch refuses
     it; the kernel wraps once), or a ``norm_in`` whose groups do not divide C_in or that lacks weight or bias.
     Its output is channels-last. ``circular`` is not part of the autotune key: the wrap-around changes only the
-    load addresses, so both modes share the tuned tile. ``norm_in``: its statistics take two small launches
-    (``group_norm.group_norm_affine``), then the kernel normalises each input tile as it loads it. ``upsample``
+    load addresses, so both modes share the tuned tile. ``norm_in``: its statistics are ``norm_in.stats`` when
+    given (made by the kernel that wrote x), else two small launches (``group_norm.group_norm_affine``); the
+    kernel normalises each input tile as it loads it. ``upsample``
     2: the convolution of x nearest-upsampled 2x (the UNet's and VAE's ``Upsample``), reading each of x's pixels
     where the upsampled one would be (the 4x larger tensor is never stored); not in the autotune key (only the
     load addresses change: the upsampled shape's tuned tile serves). Other factors run the reference.
-    ``split_k``: SPLIT (see :func:`split_k_for`, which picks it when None); 1 is the unsplit kernel.
+
+    ``stats_for``: the GroupNorm that reads the output next (its weight, groups, eps; bias and silu unused). The
+    result is then ``(y, GroupStats | None)``: y's per-(batch, channel) (mean, rstd * weight), computed in this
+    launch's epilogue from the values as stored (None where the reference ran, or the groups do not divide C_out).
+    ``split_k``: SPLIT (see :func:`split_k_for`, which picks it when None; 1 with ``stats_for``, whose epilogue
+    counts one program per tile); 1 is the unsplit kernel.
     """
     if split_k is not None and (isinstance(split_k, bool) or not isinstance(split_k, int) or split_k < 1):
         raise KernelArgumentError(f"split_k must be a positive integer or None, got {split_k!r}")
+    y, stats = _conv2d(x, weight, bias, stride, padding, emb, residual, scale, out, circular, norm_in, upsample,
+                       stats_for, split_k)
+    return y if stats_for is None else (y, stats)
+
+
+def _conv2d(x, weight, bias, stride, padding, emb, residual, scale, out, circular, norm_in, upsample, stats_for,
+            split_k):
     out_shape = _output_shape(x, weight, stride, padding, upsample) if upsample in (1, 2) else None
     if (out_shape is None or x.dtype not in FLOAT_DTYPES or weight.dtype != x.dtype
             or (emb is not None and tuple(emb.shape) != out_shape[:2])
@@ -337,8 +391,9 @@ def conv2d_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
                                          or x.shape[1] % norm_in.groups))):
         result = conv2d_reference(x, weight, bias, stride, padding, emb=emb, residual=residual, scale=scale,
                                   circular=circular, norm_in=norm_in, upsample=upsample)
-        return result if out is None else out.copy_(result)
-    check_device(x, weight, bias, emb, residual, out, *(norm_in[:2] if norm_in is not None else ()))
+        return (result if out is None else out.copy_(result)), None
+    check_device(x, weight, bias, emb, residual, out, *(norm_in[:2] if norm_in is not None else ()),
+                 *(stats_for[:1] if stats_for is not None else ()))
     bsz, c_in, h, w = x.shape
     c_out, _, kh, kw = weight.shape
     st, pad = _as_int(stride), _as_int(padding)
@@ -351,7 +406,7 @@ def conv2d_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         out = torch.empty(out_shape, device=x.device, dtype=out_dtype, memory_format=torch.channels_last)
     m = bsz * h_out * w_out
     if m == 0 or c_out == 0:
-        return out
+        return out, None
     if not x.is_contiguous(memory_format=torch.channels_last):
         # Channels-last in and out: gathering channels H*W apart (NCHW), or storing and reading the residual
         # with the pixel index split into NCHW strides, spills registers on sm_90 (check-compile: up to 5.9 KB
@@ -363,12 +418,23 @@ def conv2d_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     e = emb if emb is not None else out
     r = residual if residual is not None else out
     if norm_in is not None:
-        n_mean, n_scale = group_norm_affine(x, norm_in.weight, norm_in.groups, norm_in.eps)  # [B, C_in] float32
+        if _stats_fit(norm_in, x):  # made by the kernel that wrote x: nothing to launch
+            n_mean, n_scale = norm_in.stats
+        else:
+            n_mean, n_scale = group_norm_affine(x, norm_in.weight, norm_in.groups, norm_in.eps)  # [B, C_in] fp32
         n_bias = norm_in.bias.contiguous()
     else:
         n_mean = n_scale = n_bias = out
-    kernel = _conv2d_norm_kernel if norm_in is not None else _conv2d_kernel
-    split = _split_for_launch(split_k, m, c_out, c_in, kh * kw, x.device)
+    stats_out = _stats_possible(stats_for, c_out)
+    kernel = _VARIANTS[(norm_in is not None, stats_out)]
+    if stats_out:
+        s_groups, s_eps = stats_for.groups, float(stats_for.eps)
+        blocks = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in kernel.configs]
+        sb = stats_buffers(stats_for.weight, s_groups, bsz, h_out * w_out, c_out, x.device, blocks)
+    else:
+        s_groups, s_eps = 1, 0.0
+        sb = StatsBuffers(out, out, out, out, out)  # unused
+    split = 1 if stats_out else _split_for_launch(split_k, m, c_out, c_in, kh * kw, x.device)
     ws = counters = out  # unused unless split
     if split > 1:
         kernel = _conv2d_split_kernel
@@ -377,20 +443,22 @@ def conv2d_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(c_out, meta["BLOCK_N"]) * split,)  # noqa: E731
     launch(
         kernel, grid, x, weight, bias if bias is not None else weight, e, r, out, n_mean, n_scale, n_bias,
+        *sb,
         m, c_in, h * upsample, w * upsample, c_out, h_out, w_out,
         *x.stride(), *weight.stride(),
         e.stride(0), e.stride(1),
         *r.stride(), *out.stride(),
-        1.0 if scale is None else float(scale),
+        1.0 if scale is None else float(scale), s_groups, s_eps,
         ws, counters,
         KH=kh, KW=kw, STRIDE=st, PAD=pad, CIRCULAR=bool(circular) and pad > 0,
         HAS_BIAS=bias is not None, HAS_EMB=emb is not None, HAS_RES=residual is not None,
         HAS_SCALE=scale is not None, NORM_IN=norm_in is not None, SILU_IN=norm_in is not None and bool(norm_in.silu),
         ROUND_BF16_BY_BITS=norm_in is not None and rounds_bf16_by_bits(x.dtype), UPSAMPLE=upsample,
+        STATS_OUT=stats_out,
         PRECISION=dot_precision(x.dtype), DOT_DTYPE=dot_dtype(x.dtype), GROUP=GROUP_M,
         **({"SPLIT_K": split} if split > 1 else {}),
     )
-    return out
+    return out, (sb.stats if stats_out else None)
 
 
 def conv2d_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride: int = 1,

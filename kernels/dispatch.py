@@ -44,6 +44,7 @@ def _on_first_use(name: str) -> ModuleType:
 
 _triton = _on_first_use("_triton")
 _attention = _on_first_use("attention")
+_concat = _on_first_use("concat")
 _conv = _on_first_use("conv")
 _geglu = _on_first_use("geglu")
 _group_norm = _on_first_use("group_norm")
@@ -119,9 +120,10 @@ def geglu(x: torch.Tensor) -> torch.Tensor:
 # transformer's residual adds in GEMM epilogues), "qkv" (self-attention's q, k, v as one GEMM; model/unet.py;
 # apart, the three projections read norm1's output, so that LayerNorm runs apart too), "group_norm" (GroupNorm
 # + SiLU applied in the next convolution's input load), "upsample" (the nearest 2x upsample in the next
-# convolution's input load), "split_k" (the convolutions that fill less than two waves of the GPU split their K loop
-# over several programs, kernels/conv.py; off: one program per output tile).
-FUSIONS = ("norm", "geglu", "residual", "qkv", "group_norm", "upsample", "split_k")
+# convolution's input load), "group_stats" (that GroupNorm's statistics computed in the epilogue of the kernel that
+# writes its input: a convolution, the skip connections' concat), "split_k" (the convolutions that fill less than two
+# waves of the GPU split their K loop over several programs, kernels/conv.py; off: one program per output tile).
+FUSIONS = ("norm", "geglu", "residual", "qkv", "group_norm", "upsample", "group_stats", "split_k")
 _unfused: contextvars.ContextVar[frozenset] = contextvars.ContextVar("tritonsd_unfused", default=frozenset())
 
 
@@ -178,7 +180,8 @@ def _linear_unfused(x, weight, bias, residual, geglu, norm, off: frozenset) -> t
 def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride: int = 1,
            padding: int = 0, emb: torch.Tensor | None = None, residual: torch.Tensor | None = None,
            scale: float | None = None, circular: bool = False,
-           norm_in: _conv.GroupNormIn | None = None, upsample: int = 1) -> torch.Tensor:
+           norm_in: _conv.GroupNormIn | None = None, upsample: int = 1,
+           stats_for: _conv.GroupNormIn | None = None):
     """2-D convolution with a fused epilogue: ``(conv(x) + bias + emb[:, :, None, None] + residual) * scale``.
 
     emb: [B, C_out] per-channel add (the ResBlock's time embedding); residual: [B, C_out, H', W']; ``circular``:
@@ -186,6 +189,11 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     normalised x never stored); ``upsample``: x nearest-upsampled that many times first (never stored by the
     Triton kernel). With "auto", convolutions of fewer than ``conv.MIN_TRITON_C_IN`` input channels
     run the reference (cuDNN on CUDA).
+
+    ``stats_for``: the GroupNorm that reads the result next. The call then returns ``(y, GroupStats | None)``: the
+    Triton kernel computes that norm's (mean, scale) in its epilogue, to pass on as ``norm_in.stats`` of the
+    conv that applies it; None where the reference runs or ``unfused("group_stats")`` (the consumer then computes
+    them itself, as without ``stats_for``).
     """
     if norm_in is not None and not is_fused("group_norm"):
         x, norm_in = group_norm(x, norm_in.weight, norm_in.bias, norm_in.groups, norm_in.eps, silu=norm_in.silu), None
@@ -196,10 +204,28 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         # the reference (cuDNN) on a channels-last input writes a channels-last output, as the Triton convolutions
         # that read it next want: no copy of conv_in's output for them and for the skip concatenation
         x, triton_here = x.contiguous(memory_format=torch.channels_last), False
-    impl = _conv.conv2d_triton if triton_here else _conv.conv2d_reference
-    split = {"split_k": 1} if triton_here and not is_fused("split_k") else {}  # unfused: one program per tile
-    return impl(x, weight, bias, stride, padding, emb=emb, residual=residual, scale=scale, circular=circular,
-                norm_in=norm_in, upsample=upsample, **split)
+    kwargs = dict(emb=emb, residual=residual, scale=scale, circular=circular, norm_in=norm_in,
+                  upsample=upsample)
+    if triton_here:
+        if not is_fused("split_k"):
+            kwargs["split_k"] = 1  # one program per output tile
+        if stats_for is not None and is_fused("group_stats"):
+            return _conv.conv2d_triton(x, weight, bias, stride, padding, **kwargs, stats_for=stats_for)
+        y = _conv.conv2d_triton(x, weight, bias, stride, padding, **kwargs)
+    else:
+        y = _conv.conv2d_reference(x, weight, bias, stride, padding, **kwargs)
+    return y if stats_for is None else (y, None)
+
+
+def concat_channels(a: torch.Tensor, b: torch.Tensor, stats_for: _conv.GroupNormIn | None = None):
+    """``torch.cat([a, b], 1)``. ``stats_for``: the GroupNorm that reads the result next; the call then returns
+    ``(y, GroupStats | None)``: the Triton concat computes that norm's statistics as it writes (the UNet's skip
+    connections); None where torch's cat runs (the reference, ``unfused("group_stats")``, or no ``stats_for``:
+    then nothing is gained over torch's cat)."""
+    if stats_for is not None and use_triton(a) and is_fused("group_stats"):
+        return _concat.concat_channels_triton(a, b, stats_for=stats_for)
+    y = _concat.concat_channels_reference(a, b)
+    return y if stats_for is None else (y, None)
 
 
 # ---- the sampler loop's elementwise arithmetic (kernels/sampler_step.py): scalars are host numbers
@@ -240,4 +266,6 @@ def __getattr__(name: str):
         return _linear.Norm
     if name == "GroupNormIn":
         return _conv.GroupNormIn
+    if name == "GroupStats":  # a GroupNorm's (mean, scale) [B, C] float32, made by the kernel that wrote x
+        return _group_norm.GroupStats
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

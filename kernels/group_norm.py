@@ -15,6 +15,8 @@ position-major for channels_last (``CHANNELS_INNER``), so loads stay contiguous 
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -206,7 +208,7 @@ def group_norm_affine(x: torch.Tensor, weight: torch.Tensor, num_groups: int = 3
            xs.stride(1), xs.stride(2), slice_size, split, CHANNELS_INNER=channels_inner)
     launch(_group_affine_kernel, (bsz * num_groups,), weight.contiguous(), stats, mean, scale, c, cg, num_groups,
            split, eps, SPLIT_P2=next_power_of_2(split), BLOCK_C=min(next_power_of_2(cg), 128))
-    return mean, scale
+    return GroupStats(mean, scale)
 
 
 def group_norm_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_groups: int = 32,
@@ -216,3 +218,196 @@ def group_norm_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     if silu:
         y = F.silu(y)
     return y.to(x.dtype)
+
+
+# ---- GroupNorm statistics in the producing kernel's epilogue (issue 22, item 6) -------------------------------------
+#
+# A kernel that writes a tensor some GroupNorm reads next (kernels/conv.py's convolution, kernels/concat.py) can
+# hand that norm its per-(batch, channel) (mean, scale) itself, so the consumer launches nothing before it:
+#
+# 1. every program reduces its output tile, as stored, to partial (mean, M2) per (image, group) the tile touches
+#    (:func:`tile_group_partials`) and writes them to a float32 workspace [B, G, NT_M * NT_N, 2]: slot
+#    (i_m, i_n) of (image b, group g) is the i_m-th row tile of image b's rows and the i_n-th column tile of group
+#    g's columns. A slot's count is known from the indices alone (:func:`_slot_counts`), so slots no tile touches
+#    are never written nor read (count 0): the workspace needs no initialisation.
+# 2. the last program to finish (a global int32 counter) merges every (image, group)'s partials with Chan's
+#    formula in a fixed order (deterministic: no float atomics) and writes mean and scale = rstd * gamma [B, C]
+#    exactly as ``_group_affine_kernel`` does, then puts the counter back to 0 (so a captured CUDA graph can
+#    replay the launch) (:func:`finish_group_stats`).
+
+class GroupStats(NamedTuple):
+    """A GroupNorm's statistics as its consumer applies them: ``(x - mean) * scale + bias`` per (batch, channel),
+    mean and scale = rstd * weight each [B, C] float32 (what :func:`group_norm_affine` returns)."""
+
+    mean: torch.Tensor
+    scale: torch.Tensor
+
+
+MERGE_BG = tl.constexpr(32)  # (image, group) pairs merged side by side by the last program
+MERGE_T = tl.constexpr(32)  # slots per pair loaded at once
+MERGE_C = tl.constexpr(16)  # channels per pair written at once
+
+
+@triton.jit
+def _slot_geometry(HW, Cg, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(NT_M, NT_N): at most how many BLOCK_M row tiles one image's HW rows touch, and BLOCK_N column tiles one
+    group's Cg columns touch (an interval of n indices meets at most (n - 1) // BLOCK + 2 tiles)."""
+    return (HW - 1) // BLOCK_M + 2, (Cg - 1) // BLOCK_N + 2
+
+
+@triton.jit
+def tile_group_partials(v, offs_m, offs_n, m_ok, n_ok, pid_m, pid_n, M, HW, C, Cg, G, PART,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Store the tile's partial (mean, M2) per (image, group) it touches. ``v`` [BLOCK_M, BLOCK_N] float32: the
+    values as stored (rows m = image * HW + pixel, columns = channels); a tile may straddle images (HW not a
+    multiple of BLOCK_M, or smaller than it) and groups (Cg not a power of 2). Per image, each column's
+    (mean, M2) over the image's rows first, then those merged per group (Chan): a few [BLOCK_N] reductions per
+    group instead of whole-tile ones."""
+    nt_m, nt_n = _slot_geometry(HW, Cg, BLOCK_M, BLOCK_N)
+    img = offs_m // HW  # [BLOCK_M]
+    grp = offs_n // Cg  # [BLOCK_N]
+    b_lo = (pid_m * BLOCK_M) // HW
+    b_hi = (tl.minimum((pid_m + 1) * BLOCK_M, M) - 1) // HW
+    g_lo = (pid_n * BLOCK_N) // Cg
+    g_hi = (tl.minimum((pid_n + 1) * BLOCK_N, C) - 1) // Cg
+    for b in range(b_lo, b_hi + 1):
+        rows = m_ok & (img == b)
+        n_rows = tl.sum(rows.to(tl.float32), 0)
+        sel = rows[:, None] & n_ok[None, :]
+        col_mean = tl.sum(tl.where(sel, v, 0.0), 0) / n_rows  # [BLOCK_N]
+        d = tl.where(sel, v - col_mean[None, :], 0.0)
+        col_m2 = tl.sum(d * d, 0)  # [BLOCK_N]
+        i_m = pid_m - (b * HW) // BLOCK_M
+        for g in range(g_lo, g_hi + 1):
+            cols = n_ok & (grp == g)
+            n_cols = tl.sum(cols.to(tl.float32), 0)
+            g_mean = tl.sum(tl.where(cols, col_mean, 0.0), 0) / n_cols
+            dm = tl.where(cols, col_mean - g_mean, 0.0)
+            g_m2 = tl.sum(tl.where(cols, col_m2, 0.0), 0) + n_rows * tl.sum(dm * dm, 0)
+            i_n = pid_n - (g * Cg) // BLOCK_N
+            slot = PART + (((b * G + g) * nt_m + i_m) * nt_n + i_n).to(tl.int64) * 2
+            tl.store(slot, g_mean)
+            tl.store(slot + 1, g_m2)
+
+
+@triton.jit
+def _slot_counts(b, g, t, HW, Cg, nt_n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Elements of (image b, group g) in slot t ([MERGE_BG, 1] and [1, MERGE_T] broadcast): what
+    :func:`tile_group_partials` reduced there; 0 for slots no tile touches."""
+    pm = (b * HW) // BLOCK_M + t // nt_n  # the slot's row tile
+    pn = (g * Cg) // BLOCK_N + t % nt_n  # its column tile
+    rows = tl.minimum((pm + 1) * BLOCK_M, (b + 1) * HW) - tl.maximum(pm * BLOCK_M, b * HW)
+    cols = tl.minimum((pn + 1) * BLOCK_N, (g + 1) * Cg) - tl.maximum(pn * BLOCK_N, g * Cg)
+    return (tl.maximum(rows, 0) * tl.maximum(cols, 0)).to(tl.float32)
+
+
+@triton.jit
+def _merge_group_partials(PART, GAMMA, MEAN, SCALE, B, HW, C, Cg, G, eps,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Every (image, group)'s partials merged (Chan, slots in order), then mean and rstd * gamma per channel."""
+    nt_m, nt_n = _slot_geometry(HW, Cg, BLOCK_M, BLOCK_N)
+    slots = nt_m * nt_n
+    for bg0 in range(0, B * G, MERGE_BG):
+        bg = bg0 + tl.arange(0, MERGE_BG)
+        bg_ok = bg < B * G
+        b = bg // G
+        g = bg % G
+        count = tl.zeros([MERGE_BG], dtype=tl.float32)
+        mean = tl.zeros([MERGE_BG], dtype=tl.float32)
+        m2 = tl.zeros([MERGE_BG], dtype=tl.float32)
+        for t0 in range(0, slots, MERGE_T):
+            t = t0 + tl.arange(0, MERGE_T)
+            n = _slot_counts(b[:, None], g[:, None], t[None, :], HW, Cg, nt_n, BLOCK_M, BLOCK_N)
+            ok = bg_ok[:, None] & (t < slots)[None, :] & (n > 0.0)  # [MERGE_BG, MERGE_T]
+            n = tl.where(ok, n, 0.0)
+            p = PART + ((bg[:, None] * slots + t[None, :]).to(tl.int64) * 2)
+            # .cg: read from L2, where the other programs' stores are (not a stale L1 line)
+            mean_p = tl.load(p, mask=ok, other=0.0, cache_modifier=".cg")
+            m2_p = tl.load(p + 1, mask=ok, other=0.0, cache_modifier=".cg")
+            n_c = tl.sum(n, 1)
+            mean_c = tl.sum(n * mean_p, 1) / tl.maximum(n_c, 1.0)
+            d = tl.where(ok, mean_p - mean_c[:, None], 0.0)
+            m2_c = tl.sum(m2_p, 1) + tl.sum(n * d * d, 1)
+            # Chan et al.: the running (count, mean, M2) merged with the chunk's
+            n_new = count + n_c
+            delta = mean_c - mean
+            frac = n_c / tl.maximum(n_new, 1.0)
+            mean = mean + delta * frac
+            m2 = m2 + m2_c + delta * delta * count * frac
+            count = n_new
+        rstd = 1.0 / tl.sqrt_rn(m2 / tl.maximum(count, 1.0) + eps)
+        for c0 in range(0, Cg, MERGE_C):
+            c = c0 + tl.arange(0, MERGE_C)
+            ok = bg_ok[:, None] & (c < Cg)[None, :]
+            ch = g[:, None] * Cg + c[None, :]  # [MERGE_BG, MERGE_C] channels
+            w = tl.load(GAMMA + ch, mask=ok, other=0.0).to(tl.float32)
+            out = b[:, None].to(tl.int64) * C + ch
+            tl.store(MEAN + out, tl.zeros([MERGE_BG, MERGE_C], dtype=tl.float32) + mean[:, None], mask=ok)
+            tl.store(SCALE + out, rstd[:, None] * w, mask=ok)
+
+
+@triton.jit
+def finish_group_stats(PART, COUNTER, GAMMA, MEAN, SCALE, M, HW, C, Cg, G, eps,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """After :func:`tile_group_partials`: the last program of the launch merges everything and resets COUNTER.
+
+    Memory ordering on a GPU (the lock pattern of Triton's layer-norm backward tutorial): ``debug_barrier``
+    makes every thread of this program finish its partial stores before one thread does the atomic; the atomic's
+    acq_rel semantics (gpu scope) release those stores with it, and the last program's increment acquires every
+    earlier program's release (they all precede it in the counter's modification order), so its loads (through
+    L2, ``.cg``) see every partial. Under the interpreter programs run one after the other: the same code holds.
+    """
+    tl.debug_barrier()
+    old = tl.atomic_add(COUNTER, 1, sem="acq_rel")
+    if old == tl.num_programs(0) - 1:
+        _merge_group_partials(PART, GAMMA, MEAN, SCALE, M // HW, HW, C, Cg, G, eps, BLOCK_M, BLOCK_N)
+        tl.atomic_xchg(COUNTER, 0)  # ready for the next launch (and a captured graph's replay)
+
+
+def stats_workspace_size(batch: int, hw: int, channels: int, groups: int,
+                         blocks: list[tuple[int, int]]) -> int:
+    """float32 elements of the partials' workspace: enough for every (BLOCK_M, BLOCK_N) in ``blocks`` (the
+    autotuner picks one after the launcher allocated it)."""
+    cg = channels // groups
+    return max(batch * groups * ((hw - 1) // bm + 2) * ((cg - 1) // bn + 2) * 2 for bm, bn in blocks)
+
+
+class StatsBuffers(NamedTuple):
+    """What a launch with the statistics epilogue takes: the consumer norm's gamma [C], the results mean and
+    scale [B, C] float32, the partials' workspace and the program counter."""
+
+    gamma: torch.Tensor
+    mean: torch.Tensor
+    scale: torch.Tensor
+    part: torch.Tensor
+    counter: torch.Tensor
+
+    @property
+    def stats(self) -> GroupStats:
+        return GroupStats(self.mean, self.scale)
+
+
+def stats_buffers(weight: torch.Tensor, groups: int, batch: int, hw: int, channels: int, device: torch.device,
+                  blocks: list[tuple[int, int]]) -> StatsBuffers:
+    """The buffers for a launch over ``batch`` images of ``hw`` pixels x ``channels`` whose GroupNorm has
+    ``groups`` groups and ``weight``; ``blocks``: the (BLOCK_M, BLOCK_N) tiles the launch may run with. Nothing
+    is initialised (no launch): see :func:`tile_group_partials`."""
+    def empty(*shape):
+        return torch.empty(shape, device=device, dtype=torch.float32)
+    return StatsBuffers(weight.contiguous(), empty(batch, channels), empty(batch, channels),
+                        empty(stats_workspace_size(batch, hw, channels, groups, blocks)), stats_counter(device))
+
+
+_counters: dict[torch.device, torch.Tensor] = {}
+
+
+def stats_counter(device: torch.device) -> torch.Tensor:
+    """The device's int32 program counter for :func:`finish_group_stats` (0 between launches: each launch's last
+    program resets it). One per device: the launches that use it run in one stream, one after the other."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if device not in _counters:
+        _counters[device] = torch.zeros(1, device=device, dtype=torch.int32)
+    return _counters[device]
+

@@ -20,9 +20,11 @@ class GroupNorm(nn.GroupNorm):
     def forward(self, x: torch.Tensor, silu: bool = False) -> torch.Tensor:
         return dispatch.group_norm(x, self.weight, self.bias, self.num_groups, self.eps, silu=silu)
 
-    def as_prologue(self, silu: bool = False) -> dispatch.GroupNormIn:
-        """This norm (then SiLU) for ``Conv2d(..., norm_in=...)``: applied while the conv loads its input."""
-        return dispatch.GroupNormIn(self.weight, self.bias, self.num_groups, self.eps, silu)
+    def as_prologue(self, silu: bool = False, stats: dispatch.GroupStats | None = None) -> dispatch.GroupNormIn:
+        """This norm (then SiLU) for ``Conv2d(..., norm_in=...)``: applied while the conv loads its input.
+        ``stats``: the input's (mean, scale) for this norm, made by the kernel that wrote it (``out_norm``
+        below); None: the conv computes them. Also what a producer is given as ``out_norm``."""
+        return dispatch.GroupNormIn(self.weight, self.bias, self.num_groups, self.eps, silu, stats)
 
 
 class LayerNorm(nn.LayerNorm):
@@ -80,6 +82,22 @@ class Conv2d(nn.Conv2d):
         return dispatch.conv2d(x, self.weight, self.bias, self.stride[0], self.padding[0], emb=emb,
                                residual=residual, scale=scale, circular=self.padding_mode == "circular",
                                norm_in=norm_in, upsample=upsample)
+
+    def forward_stats(self, x: torch.Tensor, out_norm: GroupNorm | None = None,
+                      **kwargs) -> tuple[torch.Tensor, dispatch.GroupStats | None]:
+        """``forward(x, **kwargs)`` and, when ``out_norm`` (the GroupNorm that reads the output next) is given and
+        the Triton kernel runs, that norm's statistics from the conv's epilogue; else None (the norm's consumer
+        then computes them itself)."""
+        if out_norm is None:
+            return self(x, **kwargs), None
+        return dispatch.conv2d(x, self.weight, self.bias, self.stride[0], self.padding[0],
+                               circular=self.padding_mode == "circular", stats_for=out_norm.as_prologue(), **kwargs)
+
+
+def in_norm(layer: nn.Module) -> GroupNorm | None:
+    """The GroupNorm a layer applies first to its input (``layer.in_norm``), whose statistics the layer before
+    it may compute in its epilogue; None for layers that read their input as it is."""
+    return getattr(layer, "in_norm", None)
 
 
 @contextlib.contextmanager
@@ -142,6 +160,10 @@ class Upsample(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(x, upsample=2)
+
+    def forward_stats(self, x: torch.Tensor, out_norm: GroupNorm | None = None):
+        """``forward`` and ``out_norm``'s statistics of the output (see ``Conv2d.forward_stats``)."""
+        return self.conv.forward_stats(x, out_norm, upsample=2)
 
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:

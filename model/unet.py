@@ -7,6 +7,13 @@ the original's; the GroupNorm (+ SiLU) is applied in that conv's input load (``C
 time-embedding add and the residual adds are fused into the convolutions' epilogue; in the transformer blocks,
 the LayerNorms into the prologue of the Linear GEMMs that read them, the residual adds and the GEGLU gate into
 their epilogue (``dispatch.linear``).
+
+Each GroupNorm's statistics come from the kernel that wrote its input (issue 22, item 6): every layer names the
+GroupNorm it applies first (``in_norm``), ``forward_stats(x, ..., x_stats, out_norm)`` takes x's statistics for
+it and returns the output with ``out_norm``'s (the next layer's, computed in its last conv's epilogue), and the
+decoder's skip concatenation is a Triton concat that computes the output block's first norm's. Where no Triton
+kernel made them (the reference, conv_in on cuDNN, a linear proj_out, a ControlNet residual added), the stats are
+None and the consumer computes them itself.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ from torch import nn
 from tritonsd.kernels import dispatch
 from tritonsd.model import hoist
 from tritonsd.model.config import UNetConfig
-from tritonsd.model.layers import (Conv2d, GroupNorm, LayerNorm, Upsample, stack_rows_, stacked_rows,
+from tritonsd.model.layers import (Conv2d, GroupNorm, LayerNorm, Upsample, in_norm, stack_rows_, stacked_rows,
                                   timestep_embedding)
 
 
@@ -40,13 +47,27 @@ class ResBlock(nn.Module):
                                         Conv2d(out_channels, out_channels, 3, padding=1))
         self.skip_connection = nn.Identity() if out_channels == channels else Conv2d(channels, out_channels, 1)
 
+    @property
+    def in_norm(self) -> GroupNorm:
+        return self.in_layers[0]
+
     def forward(self, x: torch.Tensor, emb: StepEmbedding | torch.Tensor) -> torch.Tensor:
         """``emb``: the step's ``StepEmbedding``, or SiLU(time embedding) itself (the ControlNet's blocks). Each
         GroupNorm + SiLU is applied in the next conv's input load (the normalised tensor is never stored)."""
+        return self.forward_stats(x, emb)[0]
+
+    def forward_stats(self, x: torch.Tensor, emb: StepEmbedding | torch.Tensor,
+                      x_stats: dispatch.GroupStats | None = None,
+                      out_norm: GroupNorm | None = None) -> tuple[torch.Tensor, dispatch.GroupStats | None]:
+        """``forward``, with ``x_stats`` (``in_layers[0]``'s statistics of x, made by x's producer, or None) and
+        the output's statistics for ``out_norm`` (the GroupNorm reading it next). in_layers' conv computes
+        out_layers[0]'s statistics in its epilogue."""
         proj = emb.projection(self) if isinstance(emb, StepEmbedding) else self.emb_layers[1](emb)
-        h = self.in_layers[2](x, emb=proj, norm_in=self.in_layers[0].as_prologue(silu=True))
-        return self.out_layers[3](h, residual=self.skip_connection(x),
-                                  norm_in=self.out_layers[0].as_prologue(silu=True))
+        h, h_stats = self.in_layers[2].forward_stats(
+            x, self.out_layers[0], emb=proj, norm_in=self.in_layers[0].as_prologue(silu=True, stats=x_stats))
+        return self.out_layers[3].forward_stats(
+            h, out_norm, residual=self.skip_connection(x),
+            norm_in=self.out_layers[0].as_prologue(silu=True, stats=h_stats))
 
 
 class StepEmbedding:
@@ -224,12 +245,23 @@ class SpatialTransformer(nn.Module):
             BasicTransformerBlock(channels, heads, channels // heads, context_dim) for _ in range(depth))
         self.proj_out = proj()
 
+    @property
+    def in_norm(self) -> GroupNorm | None:
+        """The GroupNorm applied in proj_in's load; None for a linear proj_in (that norm runs apart)."""
+        return None if self.linear else self.norm
+
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        return self.forward_stats(x, context)[0]
+
+    def forward_stats(self, x: torch.Tensor, context: torch.Tensor, x_stats: dispatch.GroupStats | None = None,
+                      out_norm: GroupNorm | None = None) -> tuple[torch.Tensor, dispatch.GroupStats | None]:
+        """``forward`` with the norm's statistics of x made by its producer (``x_stats``) and ``out_norm``'s of
+        the output (the conv proj_out's epilogue; a linear proj_out makes none)."""
         b, c, h, w = x.shape
         if self.linear:
             y = self.norm(x)
         else:  # the GroupNorm in the 1x1 conv's input load
-            y = self.proj_in(x, norm_in=self.norm.as_prologue())
+            y = self.proj_in(x, norm_in=self.norm.as_prologue(stats=x_stats))
         y = y.permute(0, 2, 3, 1).reshape(b, h * w, c)  # [B, C, H, W] -> [B, H*W, C]
         if self.linear:
             y = self.proj_in(y)
@@ -238,10 +270,10 @@ class SpatialTransformer(nn.Module):
         if self.linear:  # the input added in proj_out's epilogue, read as [B, H*W, C] through x's strides
             y = dispatch.linear(y, self.proj_out.weight, self.proj_out.bias,
                                 residual=x.permute(0, 2, 3, 1).reshape(b, h * w, c))
-            return y.reshape(b, h, w, c).permute(0, 3, 1, 2)  # [B, H*W, C] -> [B, C, H, W] (channels-last)
+            return y.reshape(b, h, w, c).permute(0, 3, 1, 2), None  # [B, H*W, C] -> [B, C, H, W] (channels-last)
         # [B, H*W, C] -> [B, C, H, W], a channels-last view: the conv reads it as it lies (no copy either way)
         y = y.reshape(b, h, w, c).permute(0, 3, 1, 2)
-        return self.proj_out(y, residual=x)
+        return self.proj_out.forward_stats(y, out_norm, residual=x)
 
 
 class Downsample(nn.Module):
@@ -252,19 +284,42 @@ class Downsample(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.op(x)
 
+    def forward_stats(self, x: torch.Tensor, out_norm: GroupNorm | None = None):
+        return self.op.forward_stats(x, out_norm)
+
 
 class TimestepBlock(nn.Sequential):
-    """One entry of input_blocks / output_blocks / middle_block: layers that each take what they need."""
+    """One entry of input_blocks / output_blocks / middle_block: layers that each take what they need.
+
+    Each layer's output is what the next layer reads first: where that layer starts with a GroupNorm
+    (``in_norm``: a ResBlock's in_layers[0], a SpatialTransformer's norm), the layer before computes its
+    statistics in its last kernel's epilogue and hands them on (issue 22, item 6); the last layer does the same
+    for ``out_norm``, the GroupNorm after the block (``forward_stats``)."""
+
+    @property
+    def in_norm(self) -> GroupNorm | None:
+        return in_norm(self[0])
 
     def forward(self, x: torch.Tensor, emb: StepEmbedding | torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        for layer in self:
+        return self.forward_stats(x, emb, context)[0]
+
+    def forward_stats(self, x: torch.Tensor, emb: StepEmbedding | torch.Tensor, context: torch.Tensor,
+                      x_stats: dispatch.GroupStats | None = None,
+                      out_norm: GroupNorm | None = None) -> tuple[torch.Tensor, dispatch.GroupStats | None]:
+        """``forward``; ``x_stats``: the first layer's GroupNorm statistics of x (from x's producer) or None;
+        returns the output and ``out_norm``'s statistics of it (None where no Triton kernel made them)."""
+        stats = x_stats
+        for i, layer in enumerate(self):
+            nxt = in_norm(self[i + 1]) if i + 1 < len(self) else out_norm
             if isinstance(layer, ResBlock):
-                x = layer(x, emb)
+                x, stats = layer.forward_stats(x, emb, stats, nxt)
             elif isinstance(layer, SpatialTransformer):
-                x = layer(x, context)
+                x, stats = layer.forward_stats(x, context, stats, nxt)
+            elif isinstance(layer, (Conv2d, Downsample, Upsample)):  # they read x as it is: stats unused
+                x, stats = layer.forward_stats(x, nxt)
             else:
-                x = layer(x)
-        return x
+                x, stats = layer(x), None
+        return x, stats
 
 
 def time_layers(cfg: UNetConfig) -> tuple[nn.Sequential, nn.Sequential | None]:
@@ -370,23 +425,28 @@ class UNetModel(nn.Module):
         h = x.to(dtype)
         context = hoist.once(("context", dtype), (context,), lambda: context.to(dtype))
         skips = []
-        for block in self.input_blocks:
-            h = block(h, emb, context)
+        stats = None  # the GroupNorm statistics of h for the next block's first norm, when its producer made them
+        for i, block in enumerate(self.input_blocks):
+            nxt = self.input_blocks[i + 1] if i + 1 < len(self.input_blocks) else self.middle_block
+            h, stats = block.forward_stats(h, emb, context, stats, nxt.in_norm)
             skips.append(h)
-        h = self.middle_block(h, emb, context)
+        h, _ = self.middle_block.forward_stats(h, emb, context, stats)  # it feeds a concat, which makes its own
         control = self._check_control(control, len(skips))
         if control is not None:
             h = _aligned_add(h, control.pop())
             if only_mid_control:
                 control = None
-        for block in self.output_blocks:
+        for j, block in enumerate(self.output_blocks):
             skip = skips.pop()
             if control is not None:
                 skip = _aligned_add(skip, control.pop())
             if h.shape[-2:] != skip.shape[-2:]:  # odd sizes (A1111's sd_hijack_unet): upsampled -> skip's size
                 h = F.interpolate(h, size=skip.shape[-2:], mode="nearest")
-            h = block(torch.cat([h, skip], dim=1), emb, context)
-        return self.out[2](h, norm_in=self.out[0].as_prologue(silu=True))
+            # the concat computes the block's first GroupNorm statistics as it writes (the Triton kernel)
+            h, stats = dispatch.concat_channels(h, skip, stats_for=block.in_norm.as_prologue())
+            last = j + 1 == len(self.output_blocks)
+            h, stats = block.forward_stats(h, emb, context, stats, self.out[0] if last else None)
+        return self.out[2](h, norm_in=self.out[0].as_prologue(silu=True, stats=stats))
 
     def _time_silu(self, t_emb: torch.Tensor, batch: int, y: torch.Tensor | None = None) -> torch.Tensor:
         """SiLU(time_embed(t_emb) [+ label_emb(y)]): what every ResBlock's ``emb_layers`` projects."""

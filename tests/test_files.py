@@ -38,9 +38,15 @@ _CHILD = textwrap.dedent("""
 """)
 
 
+def _default_sigint() -> None:
+    """A child as a terminal starts it: SIGINT at its default, even where the test run inherited it ignored (a
+    shell's background job: Python then installs no KeyboardInterrupt handler, and a writer rightly ignores it)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(out: Path, ready: Path, mode: str = "single") -> subprocess.Popen:
     proc = subprocess.Popen([sys.executable, "-c", _CHILD, str(out), str(ready), mode],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=_default_sigint)
     deadline = time.monotonic() + 60
     while not ready.exists():
         assert proc.poll() is None, proc.communicate()[1].decode()
@@ -127,13 +133,19 @@ def test_signal_handlers_installed_only_while_writing(tmp_path):
 
 
 def test_sigint_in_process_removes_the_temp(tmp_path):
+    # Python's own SIGINT handler, as in a foreground process (a background job's test run has SIGINT ignored)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+
     def write(f):
         f.write(b"x")
         os.kill(os.getpid(), signal.SIGINT)  # Python's handler raises KeyboardInterrupt after ours ran
         time.sleep(5)
 
-    with pytest.raises(KeyboardInterrupt):
-        files.atomic_write(tmp_path / "a.png", write)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            files.atomic_write(tmp_path / "a.png", write)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert os.listdir(tmp_path) == []
 
 
