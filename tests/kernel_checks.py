@@ -24,3 +24,14 @@ def assert_matches(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> 
     err = relative_error(got, ref)
     assert err <= TOL[dtype], f"relative error {err:.3g} > {TOL[dtype]:g}"
     return err
+
+
+def poison_allocations(monkeypatch) -> None:
+    """Every float tensor made with ``torch.empty`` from here on starts as NaN (outputs, statistics, workspaces):
+    an element a kernel leaves unwritten, or a workspace slot it reads that nothing wrote, shows."""
+    empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.dtype in (torch.float16, torch.bfloat16, torch.float32) else t
+    monkeypatch.setattr(torch, "empty", nan_empty)

@@ -14,21 +14,14 @@ from tritonsd.kernels.conv import GroupNormIn
 from tritonsd.kernels.group_norm import stats_counter
 from tritonsd.testing.reference import relative_error
 
-from kernel_checks import DEVICE, forbid_fallback
-
-FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+from kernel_checks import DEVICE, forbid_fallback, poison_allocations
 
 
 @pytest.fixture
 def poisoned(monkeypatch):
     """Every float tensor the launcher allocates starts as NaN (the output, the statistics, the workspace)."""
     forbid_fallback(monkeypatch, concat_mod, "concat_channels_reference")
-    empty = torch.empty
-
-    def nan_empty(*args, **kwargs):
-        t = empty(*args, **kwargs)
-        return t.fill_(float("nan")) if t.dtype in FLOATS else t
-    monkeypatch.setattr(torch, "empty", nan_empty)
+    poison_allocations(monkeypatch)
 
 
 def stats64(y, gamma, groups, eps):

@@ -14,9 +14,7 @@ from tritonsd.kernels.conv import GroupNormIn, conv2d_triton
 from tritonsd.kernels.group_norm import GroupStats, stats_counter
 from tritonsd.testing.reference import relative_error
 
-from kernel_checks import DEVICE, TOL, assert_matches, forbid_fallback
-
-FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+from kernel_checks import DEVICE, TOL, assert_matches, forbid_fallback, poison_allocations
 
 
 @pytest.fixture
@@ -24,12 +22,7 @@ def poisoned(monkeypatch):
     """Every float tensor the launchers allocate starts as NaN (outputs and the partials' workspace alike): an
     element left unwritten, or a workspace slot read that no tile wrote, shows."""
     forbid_fallback(monkeypatch, conv_mod, "conv2d_reference")
-    empty = torch.empty
-
-    def nan_empty(*args, **kwargs):
-        t = empty(*args, **kwargs)
-        return t.fill_(float("nan")) if t.dtype in FLOATS else t
-    monkeypatch.setattr(torch, "empty", nan_empty)
+    poison_allocations(monkeypatch)
 
 
 def stats64(y: torch.Tensor, gamma: torch.Tensor, groups: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
