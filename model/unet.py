@@ -301,7 +301,15 @@ class TimestepBlock(nn.Sequential):
         return in_norm(self[0])
 
     def forward(self, x: torch.Tensor, emb: StepEmbedding | torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        return self.forward_stats(x, emb, context)[0]
+        """Each layer called as a module (its hooks run), no statistics handed on: the torch reference's path."""
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb)
+            elif isinstance(layer, SpatialTransformer):
+                x = layer(x, context)
+            else:
+                x = layer(x)
+        return x
 
     def forward_stats(self, x: torch.Tensor, emb: StepEmbedding | torch.Tensor, context: torch.Tensor,
                       x_stats: dispatch.GroupStats | None = None,
@@ -428,9 +436,9 @@ class UNetModel(nn.Module):
         stats = None  # the GroupNorm statistics of h for the next block's first norm, when its producer made them
         for i, block in enumerate(self.input_blocks):
             nxt = self.input_blocks[i + 1] if i + 1 < len(self.input_blocks) else self.middle_block
-            h, stats = block.forward_stats(h, emb, context, stats, nxt.in_norm)
+            h, stats = _run_block(block, h, emb, context, stats, nxt.in_norm)
             skips.append(h)
-        h, _ = self.middle_block.forward_stats(h, emb, context, stats)  # it feeds a concat, which makes its own
+        h, _ = _run_block(self.middle_block, h, emb, context, stats, None)  # it feeds a concat, which makes its own
         control = self._check_control(control, len(skips))
         if control is not None:
             h = _aligned_add(h, control.pop())
@@ -445,7 +453,7 @@ class UNetModel(nn.Module):
             # the concat computes the block's first GroupNorm statistics as it writes (the Triton kernel)
             h, stats = dispatch.concat_channels(h, skip, stats_for=block.in_norm.as_prologue())
             last = j + 1 == len(self.output_blocks)
-            h, stats = block.forward_stats(h, emb, context, stats, self.out[0] if last else None)
+            h, stats = _run_block(block, h, emb, context, stats, self.out[0] if last else None)
         return self.out[2](h, norm_in=self.out[0].as_prologue(silu=True, stats=stats))
 
     def _time_silu(self, t_emb: torch.Tensor, batch: int, y: torch.Tensor | None = None) -> torch.Tensor:
@@ -514,6 +522,15 @@ class UNetModel(nn.Module):
         if (y is None) != (cfg.adm_in_channels is None):
             need = f"a [B, {cfg.adm_in_channels}] vector y" if cfg.adm_in_channels else "no y"
             raise UNetShapeError(f"this UNet needs {need}")
+
+
+def _run_block(block: TimestepBlock, h: torch.Tensor, emb, context: torch.Tensor,
+               stats: dispatch.GroupStats | None, out_norm: GroupNorm | None):
+    """(output, out_norm's statistics or None): ``forward_stats`` where Triton kernels can make statistics;
+    elsewhere the block called as a module, as the original calls it (forward hooks on blocks and layers run)."""
+    if dispatch.use_triton(h) and dispatch.is_fused("group_stats"):
+        return block.forward_stats(h, emb, context, stats, out_norm)
+    return block(h, emb, context), None
 
 
 def _aligned_add(base: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:

@@ -62,7 +62,9 @@ def conv_launch_weights(pipe) -> list[torch.Tensor]:
     """The weight argument of every conv kernel launch of one UNet call (recorded, not run)."""
     with _triton.recording() as launches:
         run_unet(pipe)
-    return [args[1] for kernel, args, _ in launches if kernel in (conv._conv2d_kernel, conv._conv2d_norm_kernel)]
+    kernels = (conv._conv2d_kernel, conv._conv2d_norm_kernel, conv._conv2d_stats_kernel,
+               conv._conv2d_norm_stats_kernel, conv._conv2d_split_kernel)  # every entry of the one conv kernel
+    return [args[1] for kernel, args, _ in launches if kernel in kernels]
 
 
 def unet_conv_weights(pipe) -> dict[str, torch.nn.Parameter]:
