@@ -67,6 +67,25 @@ def to_float32(args: tuple) -> tuple:
     return tuple(a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
 
 
+def error_text(e: Exception) -> str:
+    """An exception as one row field: its type and its message's first line."""
+    msg = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {msg[0][:300] if msg else ''}"
+
+
+def judge(row: dict, got: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Record in ``row`` whether ``got`` is finite, its relative error against ``expected`` and, where it fails
+    (non-finite, or over ``TOLERANCE[dtype]``), the error; True when it passed."""
+    row["finite"] = bool(torch.isfinite(got).all())
+    row["rel_error"] = relative_error(got, expected)
+    bound = TOLERANCE[dtype]
+    if not row["finite"]:
+        row["error"] = "non-finite output (an element left unwritten, or an overflow)"
+    elif not row["rel_error"] <= bound:
+        row["error"] = f"relative error {row['rel_error']:.3g} > {bound:g}"
+    return "error" not in row
+
+
 def run_cases(cases: Iterable[Case], impls: dict[str, Callable], reference: Callable, dtype: torch.dtype,
               model: str | None = None) -> list[dict]:
     """``run_case`` over the cases of ``model`` (all when None)."""

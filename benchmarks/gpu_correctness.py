@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from tritonsd.testing.reference import relative_error, strict_float32
+from tritonsd.testing.reference import strict_float32
 from tritonsd.bench import environment, harness
 
 OPS = ("attention", "group_norm", "layer_norm", "geglu", "conv")
@@ -49,16 +49,9 @@ def check_case(module, case, dtype: torch.dtype) -> dict:
             got = module.TRITON(*args)
         torch.cuda.synchronize()
     except Exception as e:  # noqa: BLE001 - one failing case (OutOfResources, a shape refused) is a row, not the end
-        msg = str(e).strip().splitlines()
-        row["error"] = f"{type(e).__name__}: {msg[0][:300] if msg else ''}"
+        row["error"] = harness.error_text(e)
         return row
-    row["finite"] = bool(torch.isfinite(got).all())
-    row["rel_error"] = relative_error(got, expected)
-    bound = harness.TOLERANCE[dtype]
-    if not row["finite"]:
-        row["error"] = "non-finite output (an element left unwritten, or an overflow)"
-    elif not row["rel_error"] <= bound:
-        row["error"] = f"relative error {row['rel_error']:.3g} > {bound:g}"
+    harness.judge(row, got, expected, dtype)
     return row
 
 

@@ -321,18 +321,10 @@ def run_case(case: FusionCase, dtype: torch.dtype, time_it: bool) -> dict:
             apart = case.unfused(**kwargs)
         torch.cuda.synchronize()
     except Exception as e:  # noqa: BLE001 - one failing case is a row, not the end
-        msg = str(e).strip().splitlines()
-        row["error"] = f"{type(e).__name__}: {msg[0][:300] if msg else ''}"
+        row["error"] = harness.error_text(e)
         return row
-    row["finite"] = bool(torch.isfinite(got).all())
-    row["rel_error"] = relative_error(got, expected)
     row["unfused_rel_error"] = relative_error(apart, expected)
-    bound = harness.TOLERANCE[dtype]
-    if not row["finite"]:
-        row["error"] = "non-finite output (an element left unwritten, or an overflow)"
-    elif not row["rel_error"] <= bound:
-        row["error"] = f"relative error {row['rel_error']:.3g} > {bound:g}"
-    elif time_it:
+    if harness.judge(row, got, expected, dtype) and time_it:
         with torch.no_grad():
             row["fused_ms"] = triton.testing.do_bench(lambda: case.fused(**kwargs), warmup=25, rep=100)
             row["unfused_ms"] = triton.testing.do_bench(lambda: case.unfused(**kwargs), warmup=25, rep=100)
