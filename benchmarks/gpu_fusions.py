@@ -12,7 +12,9 @@
    it; the ResBlock's 3x3 conv at every UNet level), ``conv+groupstats`` (conv, GroupNorm statistics launches,
    normalising conv -> the first conv computing the statistics in its epilogue: the ResBlock's two 3x3 convs)
    and ``cat+groupstats`` (torch's cat, statistics launches, normalising conv -> the Triton concat computing
-   them: a decoder ResBlock's input), and ``conv-split-k`` (SD 1.5's 3x3 convs at the 16x16 and 8x8 levels, which fill
+   them: a decoder ResBlock's input), ``skip-concat`` (a decoder ResBlock's entry: the concat writing
+   ``cat([h, skip])`` with the statistics, then the 3x3 conv and the 1x1 shortcut each reading it -> the
+   statistics alone, and both convs reading h and skip themselves; issue 22 item 7), and ``conv-split-k`` (SD 1.5's 3x3 convs at the 16x16 and 8x8 levels, which fill
    less than two waves of SMs: split-K as the launcher picks it for this GPU against one program per tile,
    ``split_k=1``; the row's shape records the SPLIT).
 3. One UNet step (random weights, the model's own shapes; ``dispatch.force("auto")``) with every fusion, with
@@ -41,7 +43,7 @@ from tritonsd.bench import environment, harness
 from tritonsd.compile.shapes import BATCH, MODELS, TEXT_TOKENS
 from tritonsd.kernels import dispatch
 from tritonsd.kernels import conv as conv_mod
-from tritonsd.kernels.concat import concat_channels_triton
+from tritonsd.kernels.concat import concat_channels_triton, concat_stats
 from tritonsd.kernels.conv import GroupNormIn, conv2d_reference, conv2d_triton
 from tritonsd.kernels.geglu import geglu_triton
 from tritonsd.kernels.group_norm import group_norm_triton
@@ -179,6 +181,49 @@ def group_stats_cases() -> list[FusionCase]:
     return out
 
 
+def _skip_entry_fused(h, skip, w, b, emb, w_skip, b_skip, norm):
+    """The decoder ResBlock's entry reading h and skip apart: the concatenation's statistics alone, then
+    in_layers' 3x3 conv (GroupNorm + SiLU prologue, time embedding) and the 1x1 shortcut each reading both. The
+    shortcut's output enters the 3x3 conv as its residual: one output to check (in the ResBlock it is
+    out_layers' residual), the same launches on both sides."""
+    stats = concat_stats(h, skip, norm)
+    shortcut = conv2d_triton(h, w_skip, b_skip, 1, 0, x2=skip)
+    return conv2d_triton(h, w, b, 1, 1, emb=emb, residual=shortcut, norm_in=norm._replace(stats=stats), x2=skip)
+
+
+def _skip_entry_unfused(h, skip, w, b, emb, w_skip, b_skip, norm):
+    x, stats = concat_channels_triton(h, skip, stats_for=norm)  # the concatenation stored, then read twice
+    shortcut = conv2d_triton(x, w_skip, b_skip, 1, 0)
+    return conv2d_triton(x, w, b, 1, 1, emb=emb, residual=shortcut, norm_in=norm._replace(stats=stats))
+
+
+def _skip_entry_reference(h, skip, w, b, emb, w_skip, b_skip, norm):
+    x = torch.cat([h, skip], 1)
+    return conv2d_reference(x, w, b, 1, 1, emb=emb, residual=conv2d_reference(x, w_skip, b_skip, 1, 0),
+                            norm_in=norm)
+
+
+def skip_concat_cases() -> list[FusionCase]:
+    """A decoder ResBlock's entry at every UNet level: h and skip C wide each, C out (a conv shortcut)."""
+    out = []
+    for spec in MODELS.values():
+        for c, side in spec.levels():
+            def make(dtype, c=c, side=side):
+                g = harness.case_generator(DEVICE)
+                norm = _norm(2 * c, dtype, g)
+                cl = torch.channels_last
+                return {"h": _rand(g, dtype, BATCH, c, side, side).contiguous(memory_format=cl),
+                        "skip": _rand(g, dtype, BATCH, c, side, side).contiguous(memory_format=cl),
+                        "w": _rand(g, dtype, c, 2 * c, 3, 3, scale=(18 * c) ** -0.5), "b": _rand(g, dtype, c),
+                        "emb": _rand(g, dtype, BATCH, c),
+                        "w_skip": _rand(g, dtype, c, 2 * c, 1, 1, scale=(2 * c) ** -0.5),
+                        "b_skip": _rand(g, dtype, c), "norm": GroupNormIn(norm.weight, norm.bias, 32, 1e-5, True)}
+            out.append(FusionCase("skip-concat", spec.label, f"resblock-entry-{side}x{side}-2x{c}",
+                                  {"B": BATCH, "C": c, "H": side, "W": side}, make, _skip_entry_unfused,
+                                  fused=_skip_entry_fused, reference=_skip_entry_reference))
+    return out
+
+
 def _upsample_fused(x, weight, bias):
     return conv2d_triton(x, weight, bias, 1, 1, upsample=2)
 
@@ -248,7 +293,8 @@ def split_k_cases() -> list[FusionCase]:
 
 
 def cases() -> list[FusionCase]:
-    return linear_cases() + conv_cases() + upsample_cases() + group_stats_cases() + split_k_cases()
+    return (linear_cases() + conv_cases() + upsample_cases() + group_stats_cases() + skip_concat_cases()
+            + split_k_cases())
 
 
 def linear_cases() -> list[FusionCase]:

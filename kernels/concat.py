@@ -9,6 +9,10 @@ statistics launches before the conv are gone (issue 22, item 6).
 GEMM-like view: M = B*H*W pixels, N = C1 + C2 channels. A program owns a [BLOCK_M, BLOCK_N] tile of the
 channels-last output [B, C1+C2, H, W]; columns below C1 come from ``a``, the others from ``b``, both read
 through their own strides (NCHW or channels-last alike).
+
+:func:`concat_stats` is the same launch without the store (``STORE`` off): the statistics alone, for a consumer
+that reads the two inputs itself (``conv.conv2d_triton(..., x2=...)``: the ResBlock's in_layers conv and its 1x1
+skip_connection), so the concatenation is never written (issue 22 item 7).
 """
 
 from __future__ import annotations
@@ -18,13 +22,12 @@ import triton
 import triton.language as tl
 
 from tritonsd.kernels._triton import FLOAT_DTYPES, check_device, configs, launch
-from tritonsd.kernels.group_norm import StatsBuffers, finish_group_stats, stats_buffers, tile_group_partials
+from tritonsd.kernels.group_norm import GroupStats, StatsBuffers, finish_group_stats, stats_buffers, tile_group_partials
 
 CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w) for bm, bn, w in [(64, 64, 4), (128, 64, 8)]]
 INTERPRETED_CONFIG = triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4)
 
 
-@triton.autotune(configs=configs(CONFIGS, INTERPRETED_CONFIG), key=["M", "C1", "C2", "STATS_OUT"])
 @triton.jit
 def _concat_kernel(A, B, Y, SGamma, SMean, SScale, SPart, SCount,
                    M, HW, W, C1, C2,
@@ -32,7 +35,8 @@ def _concat_kernel(A, B, Y, SGamma, SMean, SScale, SPart, SCount,
                    stride_bb, stride_bc, stride_bh, stride_bw,
                    stride_yb, stride_yc, stride_yh, stride_yw,
                    S_GROUPS, s_eps,
-                   STATS_OUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   STATS_OUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   STORE: tl.constexpr = True):
     pid = tl.program_id(0)
     c = C1 + C2
     num_n = tl.cdiv(c, BLOCK_N)
@@ -51,13 +55,21 @@ def _concat_kernel(A, B, Y, SGamma, SMean, SScale, SPart, SCount,
     b_ptr = B + (bidx * stride_bb + hh * stride_bh + ww * stride_bw)[:, None] + (offs_n - C1)[None, :] * stride_bc
     v = tl.load(a_ptr, mask=tile_ok & from_a[None, :], other=0.0)
     v = tl.where(from_a[None, :], v, tl.load(b_ptr, mask=tile_ok & ~from_a[None, :], other=0.0))
-    y_ptr = Y + (bidx * stride_yb + hh * stride_yh + ww * stride_yw)[:, None] + offs_n[None, :] * stride_yc
-    tl.store(y_ptr, v, mask=tile_ok)
+    if STORE:
+        y_ptr = Y + (bidx * stride_yb + hh * stride_yh + ww * stride_yw)[:, None] + offs_n[None, :] * stride_yc
+        tl.store(y_ptr, v, mask=tile_ok)
     if STATS_OUT:  # the ResBlock's first GroupNorm's statistics (group_norm.py)
         cg = c // S_GROUPS
         tile_group_partials(v.to(tl.float32), offs_m, offs_n, m_ok, n_ok, pid_m, pid_n, M, HW, c, cg, S_GROUPS,
                             SPart, BLOCK_M, BLOCK_N)
         finish_group_stats(SPart, SCount, SGamma, SMean, SScale, M, HW, c, cg, S_GROUPS, s_eps, BLOCK_M, BLOCK_N)
+
+
+_CONCAT_JIT = _concat_kernel
+KEY = ["M", "C1", "C2", "STATS_OUT"]
+_concat_kernel = triton.autotune(configs=configs(CONFIGS, INTERPRETED_CONFIG), key=KEY)(_CONCAT_JIT)
+# STORE off: the statistics alone (concat_stats)
+_concat_stats_kernel = triton.autotune(configs=configs(CONFIGS, INTERPRETED_CONFIG), key=KEY)(_CONCAT_JIT)
 
 
 def _stats_possible(stats_for, channels: int) -> bool:
@@ -70,8 +82,7 @@ def concat_channels_triton(a: torch.Tensor, b: torch.Tensor, stats_for=None):
     result is channels-last. ``stats_for``: the GroupNorm that reads the result next (a ``conv.GroupNormIn``:
     weight, groups, eps); the result is then ``(y, GroupStats | None)``, as ``conv.conv2d_triton``'s. Falls back
     to the reference for other ranks, shapes that differ outside dim 1, or dtypes (stats None)."""
-    if (a.dim() != 4 or b.dim() != 4 or a.shape[0] != b.shape[0] or a.shape[2:] != b.shape[2:]
-            or a.dtype != b.dtype or a.dtype not in FLOAT_DTYPES):
+    if not _inputs_fit(a, b):
         y = concat_channels_reference(a, b)
         return y if stats_for is None else (y, None)
     check_device(a, b, *(stats_for[:1] if stats_for is not None else ()))
@@ -95,6 +106,33 @@ def concat_channels_triton(a: torch.Tensor, b: torch.Tensor, stats_for=None):
     if stats_for is None:
         return out
     return out, (sb.stats if stats_out else None)
+
+
+def _inputs_fit(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (a.dim() == 4 and b.dim() == 4 and a.shape[0] == b.shape[0] and a.shape[2:] == b.shape[2:]
+            and a.dtype == b.dtype and a.dtype in FLOAT_DTYPES)
+
+
+def concat_stats(a: torch.Tensor, b: torch.Tensor, stats_for) -> GroupStats | None:
+    """``stats_for``'s (mean, rstd * gamma) of ``torch.cat([a, b], 1)`` (a ``conv.GroupNormIn``: weight, groups,
+    eps), computed by the concat's launch from a and b without storing the concatenation: the same launch, tiles
+    and arithmetic as :func:`concat_channels_triton`'s statistics, so the same bits. None where that function
+    makes none (inputs it does not take, groups that do not divide C1 + C2, no pixels)."""
+    if stats_for is None or not _inputs_fit(a, b):
+        return None
+    check_device(a, b, stats_for.weight)
+    bsz, c1, h, w = a.shape
+    c = c1 + b.shape[1]
+    m = bsz * h * w
+    if m == 0 or not _stats_possible(stats_for, c):
+        return None
+    blocks = [(cf.kwargs["BLOCK_M"], cf.kwargs["BLOCK_N"]) for cf in _concat_stats_kernel.configs]
+    sb = stats_buffers(stats_for.weight, stats_for.groups, bsz, h * w, c, a.device, blocks)
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(c, meta["BLOCK_N"]),)  # noqa: E731
+    # Y is a's own storage, never written (STORE off): a dummy, as the conv launcher's unused arguments
+    launch(_concat_stats_kernel, grid, a, b, a, *sb, m, h * w, w, c1, b.shape[1], *a.stride(), *b.stride(),
+           *a.stride(), stats_for.groups, float(stats_for.eps), STATS_OUT=True, STORE=False)
+    return sb.stats
 
 
 def concat_channels_reference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -38,6 +38,7 @@ no float atomics. SPLIT 1 is the kernel as it was: no workspace, no count.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -133,6 +134,7 @@ def _conv2d_kernel(
     X, Wt, Bias, Emb, Res, Y, NMean, NScale, NBias, SGamma, SMean, SScale, SPart, SCount,
     M, C_IN, H, W, C_OUT, H_OUT, W_OUT,
     stride_xb, stride_xc, stride_xh, stride_xw,
+    X2, C1, stride_x2b, stride_x2c, stride_x2h, stride_x2w,  # TWO_INPUTS: channels [C1, C_IN) come from X2
     stride_wn, stride_wc, stride_wh, stride_ww,
     stride_eb, stride_en,
     stride_rb, stride_rc, stride_rh, stride_rw,
@@ -142,6 +144,7 @@ def _conv2d_kernel(
     KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr, CIRCULAR: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_EMB: tl.constexpr, HAS_RES: tl.constexpr, HAS_SCALE: tl.constexpr,
     NORM_IN: tl.constexpr, SILU_IN: tl.constexpr, ROUND_BF16_BY_BITS: tl.constexpr, UPSAMPLE: tl.constexpr,
+    TWO_INPUTS: tl.constexpr,
     STATS_OUT: tl.constexpr,
     PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr = 1,
@@ -173,6 +176,7 @@ def _conv2d_kernel(
     ho = (offs_m % hw_out) // W_OUT
     wo = offs_m % W_OUT
     x_batch = X + bidx.to(tl.int64) * stride_xb
+    x2_batch = X2 + bidx.to(tl.int64) * stride_x2b
     offs_k0 = tl.arange(0, BLOCK_K)
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -192,12 +196,21 @@ def _conv2d_kernel(
                 pix_ok = h_ok & (wi >= 0) & (wi < W)
             # [BLOCK_M] pointers to channel 0; H, W are the (nearest-)upsampled input's, x holds 1/UPSAMPLE of each
             x_pix = x_batch + (hi // UPSAMPLE) * stride_xh + (wi // UPSAMPLE) * stride_xw
+            if TWO_INPUTS:  # the launcher passes UPSAMPLE 1 with two inputs
+                x2_pix = x2_batch + hi * stride_x2h + wi * stride_x2w
             w_tap = Wt + kh * stride_wh + kw * stride_ww
             for c0 in range(c_lo, c_hi, BLOCK_K):
                 offs_k = c0 + offs_k0
                 k_ok = offs_k < c_hi
                 a_ok = pix_ok[:, None] & k_ok[None, :]
-                a = tl.load(x_pix[:, None] + offs_k[None, :] * stride_xc, mask=a_ok, other=0.0)  # [BLOCK_M, BLOCK_K]
+                if TWO_INPUTS:  # the whole chunk comes from one input (the launcher checks C1 % BLOCK_K == 0)
+                    from_x2 = c0 >= C1
+                    a_pix = tl.where(from_x2, x2_pix, x_pix)  # [BLOCK_M]
+                    a_k = tl.where(from_x2, offs_k - C1, offs_k) * tl.where(from_x2, stride_x2c, stride_xc)
+                else:
+                    a_pix = x_pix
+                    a_k = offs_k * stride_xc
+                a = tl.load(a_pix[:, None] + a_k[None, :], mask=a_ok, other=0.0)  # [BLOCK_M, BLOCK_K]
                 if NORM_IN:  # GroupNorm (+ SiLU) of the input as it is loaded; the padding stays zero
                     nk = bidx[:, None].to(tl.int64) * C_IN + offs_k[None, :]  # [BLOCK_M, BLOCK_K] into [B, C_in]
                     mean = tl.load(NMean + nk, mask=a_ok, other=0.0)
@@ -312,11 +325,12 @@ def _as_int(v) -> int | None:
 
 
 def _output_shape(x: torch.Tensor, weight: torch.Tensor, stride, padding,
-                  upsample: int = 1) -> tuple[int, int, int, int] | None:
-    """[B, C_out, H', W'] for the convolutions the kernel covers (of x upsampled ``upsample`` times), None for the
-    others."""
+                  upsample: int = 1, x2_channels: int = 0) -> tuple[int, int, int, int] | None:
+    """[B, C_out, H', W'] for the convolutions the kernel covers (of x upsampled ``upsample`` times, with
+    ``x2_channels`` more input channels from a second input), None for the others."""
     st, pad = _as_int(stride), _as_int(padding)
-    if x.dim() != 4 or weight.dim() != 4 or weight.shape[1] != x.shape[1] or st is None or pad is None or st < 1:
+    if (x.dim() != 4 or weight.dim() != 4 or weight.shape[1] != x.shape[1] + x2_channels or st is None
+            or pad is None or st < 1):
         return None
     h_out = (x.shape[2] * upsample + 2 * pad - weight.shape[2]) // st + 1
     w_out = (x.shape[3] * upsample + 2 * pad - weight.shape[3]) // st + 1
@@ -344,6 +358,31 @@ def _stats_fit(norm: GroupNormIn | None, x: torch.Tensor) -> bool:
                                   for t in st)
 
 
+def _stats_fit_cat(norm: GroupNormIn | None, x: torch.Tensor, x2: torch.Tensor) -> bool:
+    """:func:`_stats_fit` for the concatenation of x and x2 along the channels: [B, C1 + C2] float32."""
+    st = norm.stats if norm is not None else None
+    shape = (x.shape[0], x.shape[1] + x2.shape[1])
+    return st is not None and all(tuple(t.shape) == shape and t.dtype == torch.float32 and t.device == x.device
+                                  for t in st)
+
+
+def two_input_alignment() -> int:
+    """The channel multiple C1 must be for the two-input kernel: every config's BLOCK_K of every variant (each K
+    chunk then lies within one input)."""
+    kernels = (*_VARIANTS.values(), _conv2d_split_kernel)
+    return math.lcm(*(c.kwargs["BLOCK_K"] for k in kernels for c in k.configs))
+
+
+def _two_inputs_fit(x: torch.Tensor, x2: torch.Tensor, norm_in: GroupNormIn | None, upsample: int) -> bool:
+    """Whether the kernel reads ``cat([x, x2], 1)`` from x and x2 themselves: 4-D inputs of one float dtype,
+    batch and size; C1 a multiple of :func:`two_input_alignment`; no upsampling; a GroupNorm prologue's
+    statistics given (made by ``concat.concat_stats``: the launcher's own two launches read one tensor)."""
+    return (x.dim() == 4 and x2.dim() == 4 and x.shape[0] == x2.shape[0] and x.shape[2:] == x2.shape[2:]
+            and x.dtype == x2.dtype and x.dtype in FLOAT_DTYPES and x.device == x2.device and upsample == 1
+            and x.shape[1] > 0 and x.shape[1] % two_input_alignment() == 0
+            and (norm_in is None or _stats_fit_cat(norm_in, x, x2)))
+
+
 def _stats_possible(norm: GroupNormIn | None, c_out: int) -> bool:
     return norm is not None and norm.weight is not None and norm.groups > 0 and c_out % norm.groups == 0
 
@@ -352,7 +391,8 @@ def conv2d_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
                   padding: int = 0, emb: torch.Tensor | None = None, residual: torch.Tensor | None = None,
                   scale: float | None = None, out: torch.Tensor | None = None,
                   circular: bool = False, norm_in: GroupNormIn | None = None, upsample: int = 1,
-                  stats_for: GroupNormIn | None = None, split_k: int | None = None):
+                  stats_for: GroupNormIn | None = None, split_k: int | None = None,
+                  x2: torch.Tensor | None = None):
     """Same contract as :func:`conv2d_reference`; ``out`` (optional, [B, C_out, H', W']) receives the result.
 
     Falls back to the reference (which also raises the errors for bad shapes) for grouped convolutions,
@@ -372,29 +412,42 @@ def conv2d_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     launch's epilogue from the values as stored (None where the reference ran, or the groups do not divide C_out).
     ``split_k``: SPLIT (see :func:`split_k_for`, which picks it when None; 1 with ``stats_for``, whose epilogue
     counts one program per tile); 1 is the unsplit kernel.
+
+    ``x2``: a second input [B, C2, H, W]; the convolution is then that of ``torch.cat([x, x2], 1)`` (the weight has
+    C1 + C2 input channels; ``norm_in`` indexes the concatenated channels), read from x and x2 themselves (the
+    decoder's skip connections: the concatenation is never stored). Where :func:`_two_inputs_fit` does not hold
+    (C1 not a multiple of every config's BLOCK_K, ``upsample`` 2, no statistics for ``norm_in``, mismatched
+    inputs), x and x2 are concatenated first (torch's cat, which raises for mismatched sizes) and the one-input
+    path runs.
     """
     if split_k is not None and (isinstance(split_k, bool) or not isinstance(split_k, int) or split_k < 1):
         raise KernelArgumentError(f"split_k must be a positive integer or None, got {split_k!r}")
+    if x2 is not None and not _two_inputs_fit(x, x2, norm_in, upsample):
+        x, x2 = torch.cat([x, x2], 1), None
     y, stats = _conv2d(x, weight, bias, stride, padding, emb, residual, scale, out, circular, norm_in, upsample,
-                       stats_for, split_k)
+                       stats_for, split_k, x2)
     return y if stats_for is None else (y, stats)
 
 
 def _conv2d(x, weight, bias, stride, padding, emb, residual, scale, out, circular, norm_in, upsample, stats_for,
-            split_k):
-    out_shape = _output_shape(x, weight, stride, padding, upsample) if upsample in (1, 2) else None
+            split_k, x2=None):
+    c2 = x2.shape[1] if x2 is not None else 0
+    out_shape = _output_shape(x, weight, stride, padding, upsample, c2) if upsample in (1, 2) else None
     if (out_shape is None or x.dtype not in FLOAT_DTYPES or weight.dtype != x.dtype
             or (emb is not None and tuple(emb.shape) != out_shape[:2])
             or (residual is not None and tuple(residual.shape) != out_shape)
             or (circular and _as_int(padding) > upsample * min(x.shape[2], x.shape[3]))
             or (norm_in is not None and (norm_in.weight is None or norm_in.bias is None or norm_in.groups <= 0
-                                         or x.shape[1] % norm_in.groups))):
+                                         or (x.shape[1] + c2) % norm_in.groups))):
+        if x2 is not None:
+            x = torch.cat([x, x2], 1)
         result = conv2d_reference(x, weight, bias, stride, padding, emb=emb, residual=residual, scale=scale,
                                   circular=circular, norm_in=norm_in, upsample=upsample)
         return (result if out is None else out.copy_(result)), None
-    check_device(x, weight, bias, emb, residual, out, *(norm_in[:2] if norm_in is not None else ()),
+    check_device(x, x2, weight, bias, emb, residual, out, *(norm_in[:2] if norm_in is not None else ()),
                  *(stats_for[:1] if stats_for is not None else ()))
-    bsz, c_in, h, w = x.shape
+    bsz, c1, h, w = x.shape
+    c_in = c1 + c2  # the convolution's input channels: x's, then x2's
     c_out, _, kh, kw = weight.shape
     st, pad = _as_int(stride), _as_int(padding)
     h_out, w_out = out_shape[2:]
@@ -412,13 +465,16 @@ def _conv2d(x, weight, bias, stride, padding, emb, residual, scale, out, circula
         # with the pixel index split into NCHW strides, spills registers on sm_90 (check-compile: up to 5.9 KB
         # per thread in every config); the first convolution copies its input once, the rest chain channels-last.
         x = x.contiguous(memory_format=torch.channels_last)
+    if x2 is not None and not x2.is_contiguous(memory_format=torch.channels_last):
+        x2 = x2.contiguous(memory_format=torch.channels_last)
     if residual is not None and not residual.is_contiguous(memory_format=torch.channels_last):
         residual = residual.contiguous(memory_format=torch.channels_last)
     weight = to_kernel_layout(weight)  # the model's own weights already are: no copy (see the module docstring)
     e = emb if emb is not None else out
     r = residual if residual is not None else out
     if norm_in is not None:
-        if _stats_fit(norm_in, x):  # made by the kernel that wrote x: nothing to launch
+        # made by the kernel that wrote x (with x2: always, _two_inputs_fit): nothing to launch
+        if x2 is not None or _stats_fit(norm_in, x):
             n_mean, n_scale = norm_in.stats
         else:
             n_mean, n_scale = group_norm_affine(x, norm_in.weight, norm_in.groups, norm_in.eps)  # [B, C_in] fp32
@@ -445,7 +501,9 @@ def _conv2d(x, weight, bias, stride, padding, emb, residual, scale, out, circula
         kernel, grid, x, weight, bias if bias is not None else weight, e, r, out, n_mean, n_scale, n_bias,
         *sb,
         m, c_in, h * upsample, w * upsample, c_out, h_out, w_out,
-        *x.stride(), *weight.stride(),
+        *x.stride(),
+        x2 if x2 is not None else x, c1, *(x2 if x2 is not None else x).stride(),
+        *weight.stride(),
         e.stride(0), e.stride(1),
         *r.stride(), *out.stride(),
         1.0 if scale is None else float(scale), s_groups, s_eps,
@@ -454,6 +512,7 @@ def _conv2d(x, weight, bias, stride, padding, emb, residual, scale, out, circula
         HAS_BIAS=bias is not None, HAS_EMB=emb is not None, HAS_RES=residual is not None,
         HAS_SCALE=scale is not None, NORM_IN=norm_in is not None, SILU_IN=norm_in is not None and bool(norm_in.silu),
         ROUND_BF16_BY_BITS=norm_in is not None and rounds_bf16_by_bits(x.dtype), UPSAMPLE=upsample,
+        TWO_INPUTS=x2 is not None,
         STATS_OUT=stats_out,
         PRECISION=dot_precision(x.dtype), DOT_DTYPE=dot_dtype(x.dtype), GROUP=GROUP_M,
         **({"SPLIT_K": split} if split > 1 else {}),

@@ -122,8 +122,11 @@ def geglu(x: torch.Tensor) -> torch.Tensor:
 # + SiLU applied in the next convolution's input load), "upsample" (the nearest 2x upsample in the next
 # convolution's input load), "group_stats" (that GroupNorm's statistics computed in the epilogue of the kernel that
 # writes its input: a convolution, the skip connections' concat), "split_k" (the convolutions that fill less than two
-# waves of the GPU split their K loop over several programs, kernels/conv.py; off: one program per output tile).
-FUSIONS = ("norm", "geglu", "residual", "qkv", "group_norm", "upsample", "group_stats", "split_k")
+# waves of the GPU split their K loop over several programs, kernels/conv.py; off: one program per output tile),
+# "skip_concat" (the decoder's ResBlocks read h and the skip connection apart in their two convolutions, the
+# concatenation never stored, model/unet.py; off: the concat writes it and both convolutions read it).
+FUSIONS = ("norm", "geglu", "residual", "qkv", "group_norm", "upsample", "group_stats", "split_k", "skip_concat")
+_CONV_ONLY = frozenset({"split_k", "skip_concat"})  # switches of the convolutions' own: the GEMMs stay as they are
 _unfused: contextvars.ContextVar[frozenset] = contextvars.ContextVar("tritonsd_unfused", default=frozenset())
 
 
@@ -151,7 +154,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """``F.linear(x, weight, bias)`` with a fused prologue and epilogue: ``norm`` first (a LayerNorm over x's last
     dim, never stored), then ``a * gelu(gate)`` of the product's two halves (``geglu``: the feed-forward's GEGLU,
     the 2F-wide product never stored), then ``+ residual`` [..., N]."""
-    off = _unfused.get() - {"split_k"}  # a convolution's switch: the GEMMs stay as they are
+    off = _unfused.get() - _CONV_ONLY
     if off:
         return _linear_unfused(x, weight, bias, residual, geglu, norm, off)
     impl = _linear.linear_triton if use_triton(x) else _linear.linear_reference
@@ -181,7 +184,7 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
            padding: int = 0, emb: torch.Tensor | None = None, residual: torch.Tensor | None = None,
            scale: float | None = None, circular: bool = False,
            norm_in: _conv.GroupNormIn | None = None, upsample: int = 1,
-           stats_for: _conv.GroupNormIn | None = None):
+           stats_for: _conv.GroupNormIn | None = None, x2: torch.Tensor | None = None):
     """2-D convolution with a fused epilogue: ``(conv(x) + bias + emb[:, :, None, None] + residual) * scale``.
 
     emb: [B, C_out] per-channel add (the ResBlock's time embedding); residual: [B, C_out, H', W']; ``circular``:
@@ -194,12 +197,21 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     Triton kernel computes that norm's (mean, scale) in its epilogue, to pass on as ``norm_in.stats`` of the
     conv that applies it; None where the reference runs or ``unfused("group_stats")`` (the consumer then computes
     them itself, as without ``stats_for``).
+
+    ``x2``: a second input [B, C2, H, W]: the convolution of ``torch.cat([x, x2], 1)``, which the Triton kernel
+    reads from x and x2 (the concatenation never stored; kernels/conv.py); elsewhere (the reference,
+    ``unfused("skip_concat")``, an unfused GroupNorm or upsample) the concatenation is made first.
     """
+    if x2 is not None and not (use_triton(x) and is_fused("skip_concat") and upsample == 1
+                               and (norm_in is None or is_fused("group_norm"))):
+        x, x2 = _concat.concat_channels_reference(x, x2), None
     if norm_in is not None and not is_fused("group_norm"):
         x, norm_in = group_norm(x, norm_in.weight, norm_in.bias, norm_in.groups, norm_in.eps, silu=norm_in.silu), None
     if upsample != 1 and not is_fused("upsample"):
         x, upsample = F.interpolate(x, scale_factor=float(upsample), mode="nearest"), 1
     triton_here = use_triton(x)
+    if triton_here and x2 is not None and x.shape[1] < _conv.MIN_TRITON_C_IN and _forced.get() == "auto":
+        x, x2 = _concat.concat_channels_reference(x, x2), None  # the narrow case below sees the whole input
     if triton_here and x.dim() == 4 and x.shape[1] < _conv.MIN_TRITON_C_IN and _forced.get() == "auto":
         # the reference (cuDNN) on a channels-last input writes a channels-last output, as the Triton convolutions
         # that read it next want: no copy of conv_in's output for them and for the skip concatenation
@@ -209,6 +221,8 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if triton_here:
         if not is_fused("split_k"):
             kwargs["split_k"] = 1  # one program per output tile
+        if x2 is not None:
+            kwargs["x2"] = x2
         if stats_for is not None and is_fused("group_stats"):
             return _conv.conv2d_triton(x, weight, bias, stride, padding, **kwargs, stats_for=stats_for)
         y = _conv.conv2d_triton(x, weight, bias, stride, padding, **kwargs)
@@ -226,6 +240,15 @@ def concat_channels(a: torch.Tensor, b: torch.Tensor, stats_for: _conv.GroupNorm
         return _concat.concat_channels_triton(a, b, stats_for=stats_for)
     y = _concat.concat_channels_reference(a, b)
     return y if stats_for is None else (y, None)
+
+
+def concat_stats(a: torch.Tensor, b: torch.Tensor, stats_for: _conv.GroupNormIn) -> _group_norm.GroupStats | None:
+    """``stats_for``'s statistics of ``torch.cat([a, b], 1)`` without storing the concatenation, for convolutions
+    that read a and b themselves (``conv2d(a, ..., x2=b)``): the Triton concat's launch without its store; None
+    where the reference runs or ``unfused("group_stats")`` (the consumer then makes the concatenation)."""
+    if use_triton(a) and is_fused("group_stats"):
+        return _concat.concat_stats(a, b, stats_for)
+    return None
 
 
 # ---- the sampler loop's elementwise arithmetic (kernels/sampler_step.py): scalars are host numbers

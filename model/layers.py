@@ -78,10 +78,11 @@ class Conv2d(nn.Conv2d):
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None, residual: torch.Tensor | None = None,
                 scale: float | None = None, norm_in: dispatch.GroupNormIn | None = None,
-                upsample: int = 1) -> torch.Tensor:
+                upsample: int = 1, x2: torch.Tensor | None = None) -> torch.Tensor:
+        """``x2``: a second input, read as ``torch.cat([x, x2], 1)`` (``dispatch.conv2d``)."""
         return dispatch.conv2d(x, self.weight, self.bias, self.stride[0], self.padding[0], emb=emb,
                                residual=residual, scale=scale, circular=self.padding_mode == "circular",
-                               norm_in=norm_in, upsample=upsample)
+                               norm_in=norm_in, upsample=upsample, x2=x2)
 
     def forward_stats(self, x: torch.Tensor, out_norm: GroupNorm | None = None,
                       **kwargs) -> tuple[torch.Tensor, dispatch.GroupStats | None]:

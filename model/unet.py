@@ -14,6 +14,10 @@ it and returns the output with ``out_norm``'s (the next layer's, computed in its
 decoder's skip concatenation is a Triton concat that computes the output block's first norm's. Where no Triton
 kernel made them (the reference, conv_in on cuDNN, a linear proj_out, a ControlNet residual added), the stats are
 None and the consumer computes them itself.
+
+The decoder's concatenation ``cat([h, skip], 1)`` is not stored where the output block's ResBlock has a conv
+shortcut (issue 22, item 7): the concat's launch computes the statistics alone (``dispatch.concat_stats``), and
+in_layers' conv and the shortcut conv each read h and skip themselves (``x2``).
 """
 
 from __future__ import annotations
@@ -56,18 +60,35 @@ class ResBlock(nn.Module):
         GroupNorm + SiLU is applied in the next conv's input load (the normalised tensor is never stored)."""
         return self.forward_stats(x, emb)[0]
 
+    @property
+    def reads_two_inputs(self) -> bool:
+        """Whether both convs that read the input can take it as two tensors (``x2``): a conv shortcut; an
+        Identity one adds the input itself, which must then be stored."""
+        return isinstance(self.skip_connection, Conv2d)
+
     def forward_stats(self, x: torch.Tensor, emb: StepEmbedding | torch.Tensor,
                       x_stats: dispatch.GroupStats | None = None,
-                      out_norm: GroupNorm | None = None) -> tuple[torch.Tensor, dispatch.GroupStats | None]:
+                      out_norm: GroupNorm | None = None,
+                      x2: torch.Tensor | None = None) -> tuple[torch.Tensor, dispatch.GroupStats | None]:
         """``forward``, with ``x_stats`` (``in_layers[0]``'s statistics of x, made by x's producer, or None) and
         the output's statistics for ``out_norm`` (the GroupNorm reading it next). in_layers' conv computes
-        out_layers[0]'s statistics in its epilogue."""
+        out_layers[0]'s statistics in its epilogue. ``x2``: the input is ``torch.cat([x, x2], 1)`` (a decoder
+        block's h and skip), which in_layers' conv and the conv shortcut read from x and x2 (``x_stats`` are then
+        the concatenation's)."""
+        if x2 is not None and not self.reads_two_inputs:
+            x, x2 = dispatch.concat_channels(x, x2), None
         proj = emb.projection(self) if isinstance(emb, StepEmbedding) else self.emb_layers[1](emb)
         h, h_stats = self.in_layers[2].forward_stats(
-            x, self.out_layers[0], emb=proj, norm_in=self.in_layers[0].as_prologue(silu=True, stats=x_stats))
+            x, self.out_layers[0], emb=proj, norm_in=self.in_layers[0].as_prologue(silu=True, stats=x_stats),
+            **_second_input(x2))
         return self.out_layers[3].forward_stats(
-            h, out_norm, residual=self.skip_connection(x),
+            h, out_norm, residual=self.skip_connection(x, **_second_input(x2)),
             norm_in=self.out_layers[0].as_prologue(silu=True, stats=h_stats))
+
+
+def _second_input(x2: torch.Tensor | None) -> dict:
+    """``{"x2": x2}`` for a conv reading two inputs, else nothing (an Identity shortcut takes no keywords)."""
+    return {} if x2 is None else {"x2": x2}
 
 
 class StepEmbedding:
@@ -311,16 +332,27 @@ class TimestepBlock(nn.Sequential):
                 x = layer(x)
         return x
 
+    @property
+    def reads_two_inputs(self) -> bool:
+        """Whether the block can take its input as two tensors (``forward_stats``'s ``x2``): it starts with a
+        ResBlock that can."""
+        return isinstance(self[0], ResBlock) and self[0].reads_two_inputs
+
     def forward_stats(self, x: torch.Tensor, emb: StepEmbedding | torch.Tensor, context: torch.Tensor,
                       x_stats: dispatch.GroupStats | None = None,
-                      out_norm: GroupNorm | None = None) -> tuple[torch.Tensor, dispatch.GroupStats | None]:
+                      out_norm: GroupNorm | None = None,
+                      x2: torch.Tensor | None = None) -> tuple[torch.Tensor, dispatch.GroupStats | None]:
         """``forward``; ``x_stats``: the first layer's GroupNorm statistics of x (from x's producer) or None;
-        returns the output and ``out_norm``'s statistics of it (None where no Triton kernel made them)."""
+        returns the output and ``out_norm``'s statistics of it (None where no Triton kernel made them).
+        ``x2``: the input is ``torch.cat([x, x2], 1)``, which the first layer reads apart (``reads_two_inputs``;
+        other blocks get the concatenation)."""
+        if x2 is not None and not self.reads_two_inputs:
+            x, x2 = dispatch.concat_channels(x, x2), None
         stats = x_stats
         for i, layer in enumerate(self):
             nxt = in_norm(self[i + 1]) if i + 1 < len(self) else out_norm
             if isinstance(layer, ResBlock):
-                x, stats = layer.forward_stats(x, emb, stats, nxt)
+                x, stats = layer.forward_stats(x, emb, stats, nxt, x2=x2 if i == 0 else None)
             elif isinstance(layer, SpatialTransformer):
                 x, stats = layer.forward_stats(x, context, stats, nxt)
             elif isinstance(layer, (Conv2d, Downsample, Upsample)):  # they read x as it is: stats unused
@@ -450,10 +482,9 @@ class UNetModel(nn.Module):
                 skip = _aligned_add(skip, control.pop())
             if h.shape[-2:] != skip.shape[-2:]:  # odd sizes (A1111's sd_hijack_unet): upsampled -> skip's size
                 h = F.interpolate(h, size=skip.shape[-2:], mode="nearest")
-            # the concat computes the block's first GroupNorm statistics as it writes (the Triton kernel)
-            h, stats = dispatch.concat_channels(h, skip, stats_for=block.in_norm.as_prologue())
+            h, x2, stats = _block_input(block, h, skip)
             last = j + 1 == len(self.output_blocks)
-            h, stats = _run_block(block, h, emb, context, stats, self.out[0] if last else None)
+            h, stats = _run_block(block, h, emb, context, stats, self.out[0] if last else None, x2)
         return self.out[2](h, norm_in=self.out[0].as_prologue(silu=True, stats=stats))
 
     def _time_silu(self, t_emb: torch.Tensor, batch: int, y: torch.Tensor | None = None) -> torch.Tensor:
@@ -524,12 +555,33 @@ class UNetModel(nn.Module):
             raise UNetShapeError(f"this UNet needs {need}")
 
 
+def _stats_path(h: torch.Tensor) -> bool:
+    """Whether the blocks hand statistics on (``forward_stats``): where Triton kernels make them."""
+    return dispatch.use_triton(h) and dispatch.is_fused("group_stats")
+
+
+def _block_input(block: TimestepBlock, h: torch.Tensor, skip: torch.Tensor):
+    """(x, x2, statistics) for an output block: ``torch.cat([h, skip], 1)`` with its first GroupNorm's statistics
+    (the Triton concat computes them as it writes), x2 None; or, on the statistics path where the block's
+    ResBlock has a conv shortcut (issue 22 item 7), h and skip apart with the statistics alone: its two convs
+    read both, and the concatenation is never stored."""
+    norm = block.in_norm.as_prologue()
+    if (_stats_path(h) and dispatch.is_fused("skip_concat") and dispatch.is_fused("group_norm")
+            and block.reads_two_inputs):
+        return h, skip, dispatch.concat_stats(h, skip, stats_for=norm)
+    x, stats = dispatch.concat_channels(h, skip, stats_for=norm)
+    return x, None, stats
+
+
 def _run_block(block: TimestepBlock, h: torch.Tensor, emb, context: torch.Tensor,
-               stats: dispatch.GroupStats | None, out_norm: GroupNorm | None):
+               stats: dispatch.GroupStats | None, out_norm: GroupNorm | None, x2: torch.Tensor | None = None):
     """(output, out_norm's statistics or None): ``forward_stats`` where Triton kernels can make statistics;
-    elsewhere the block called as a module, as the original calls it (forward hooks on blocks and layers run)."""
-    if dispatch.use_triton(h) and dispatch.is_fused("group_stats"):
-        return block.forward_stats(h, emb, context, stats, out_norm)
+    elsewhere the block called as a module, as the original calls it (forward hooks on blocks and layers run).
+    ``x2``: the block's input is ``torch.cat([h, x2], 1)``, read apart (``_block_input``)."""
+    if _stats_path(h):
+        return block.forward_stats(h, emb, context, stats, out_norm, x2=x2)
+    if x2 is not None:
+        h = dispatch.concat_channels(h, x2)
     return block(h, emb, context), None
 
 

@@ -1,6 +1,7 @@
 """The channel concat with the next GroupNorm's statistics (kernels/concat.py, issue 22 item 6): the copy exact,
 the (mean, rstd * gamma) against float64 arithmetic written out here, NCHW and channels-last inputs, sizes where
-tiles straddle images, groups and the two inputs' boundary (the interpreter's tile is 64 x 32), batch 1 and 2."""
+tiles straddle images, groups and the two inputs' boundary (the interpreter's tile is 64 x 32), batch 1 and 2; the
+same statistics without the concatenation stored (``concat_stats``)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import pytest
 import torch
 
 from tritonsd.kernels import concat as concat_mod
-from tritonsd.kernels import dispatch
-from tritonsd.kernels.concat import concat_channels_triton
+from tritonsd.kernels import _triton, dispatch
+from tritonsd.kernels.concat import concat_channels_triton, concat_stats
 from tritonsd.kernels.conv import GroupNormIn
 from tritonsd.kernels.group_norm import stats_counter
 from tritonsd.testing.reference import relative_error
@@ -104,3 +105,47 @@ def test_mismatched_inputs_fall_back_to_torch():
         concat_channels_triton(a, torch.randn(1, 4, 2, 3, device=DEVICE))
     y, st = concat_channels_triton(a, a.double(), stats_for=GroupNormIn(torch.ones(8), torch.zeros(8), 2))
     assert st is None and y.dtype == torch.float64
+
+
+# ---- the statistics alone (issue 22 item 7): for convolutions that read a and b themselves
+
+
+@pytest.mark.parametrize("b,c1,c2,hw,groups,a_last,b_last", CASES)
+def test_statistics_alone_store_nothing(poisoned, b, c1, c2, hw, groups, a_last, b_last):
+    """``concat_stats``: the concat's launch with its store off (its output argument is a's own storage, left as it
+    was); the statistics those of the concatenation by the float64 formula, and the storing launch's bit for bit."""
+    a, s, norm = make(b, c1, c2, hw, torch.float32, groups, seed=c1 + c2 + b, a_last=a_last, b_last=b_last)
+    a_before, s_before = a.clone(), s.clone()
+    with _triton.recording() as launches:
+        concat_stats(a, s, norm)
+    (kernel, args, kwargs), = launches
+    named = dict(zip(concat_mod._CONCAT_JIT.arg_names, args))
+    assert kernel is concat_mod._concat_stats_kernel and kwargs["STORE"] is False and named["Y"] is a
+    st = concat_stats(a, s, norm)
+    assert torch.equal(a, a_before) and torch.equal(s, s_before)
+    mean64, scale64 = stats64(torch.cat([a, s], 1), norm.weight, groups, norm.eps)
+    assert relative_error(st.mean, mean64) <= 1e-5
+    assert relative_error(st.scale, scale64) <= 1e-5
+    _, stored = concat_channels_triton(a, s, stats_for=norm)
+    assert torch.equal(st.mean, stored.mean) and torch.equal(st.scale, stored.scale)
+    assert int(stats_counter(a.device).item()) == 0
+
+
+def test_statistics_alone_in_half_precision(poisoned):
+    a, s, norm = make(2, 24, 16, (5, 7), torch.float16, 4, seed=5, b_last=False)
+    st = concat_stats(a, s, norm)
+    mean64, scale64 = stats64(torch.cat([a, s], 1), norm.weight, 4, norm.eps)
+    assert relative_error(st.mean, mean64) <= 1e-5 and relative_error(st.scale, scale64) <= 1e-5
+
+
+def test_statistics_alone_none_where_none_are_made():
+    a, s, norm = make(1, 8, 24, (3, 3), torch.float32, 4, seed=6)
+    assert concat_stats(a, s, norm._replace(groups=5)) is None  # 32 channels in 5 groups
+    assert concat_stats(a, s[:, :, :2], norm) is None  # sizes that do not concatenate
+    assert concat_stats(a, s, None) is None
+    with dispatch.force("triton"):
+        assert dispatch.concat_stats(a, s, norm) is not None
+        with dispatch.unfused("group_stats"):
+            assert dispatch.concat_stats(a, s, norm) is None
+    with dispatch.force("torch"):
+        assert dispatch.concat_stats(a, s, norm) is None
