@@ -295,3 +295,25 @@ def test_a_narrow_first_convolution_hands_the_triton_convolutions_channels_last_
     copies = [e for e in events if e.kind == "aten" and "clone" in str(e.func) and e.out.shape[1] == 32]
     assert copies == [], names
     assert sum(e.kind == "triton" for e in events) == 1 and "aten.convolution.default" in names
+
+
+def test_the_decoders_concatenation_is_read_but_never_written():
+    """SD 1.5's first output block (8x8, UNet batch 2, h and skip 1280 wide each; issue 22 item 7): the concat's
+    launch with its store off costs exactly the [2, 2560, 8, 8] fp16 write less than the storing one, and the 1x1
+    shortcut reading h and skip apart reads both, its weight, and writes its output (split-K off: no workspace)."""
+    f16 = dict(device="meta", dtype=torch.float16)
+    cl = torch.channels_last
+    h = torch.empty(2, 1280, 8, 8, **f16).contiguous(memory_format=cl)
+    skip = torch.empty(2, 1280, 8, 8, **f16).contiguous(memory_format=cl)
+    norm = dispatch.GroupNormIn(torch.empty(2560, **f16), torch.empty(2560, **f16), 32, 1e-5, True)
+    [alone] = [c for c in map(cost, record(lambda: dispatch.concat_stats(h, skip, norm))) if c.impl == "triton"]
+    [stored] = [c for c in map(cost, record(lambda: dispatch.concat_channels(h, skip, stats_for=norm)))
+                if c.impl == "triton"]
+    assert alone.op == stored.op == "concat" and "A=Y=[2,1280,8,8]" in alone.shapes
+    assert stored.hbm_bytes - alone.hbm_bytes == 2 * 2560 * 64 * 2
+    w = to_kernel_layout(torch.empty(1280, 2560, 1, 1, **f16))
+    with dispatch.unfused("split_k"):
+        [conv] = [cost(e) for e in record(lambda: dispatch.conv2d(h, w, None, 1, 0, x2=skip))]
+    assert conv.config["TWO_INPUTS"] and "X2=[2,1280,8,8]" in conv.shapes
+    assert conv.flops == 2 * (2 * 1280 * 64) * 2560
+    assert conv.hbm_bytes == 2 * (2 * 1280 * 64) * 2 + 1280 * 2560 * 2 + 2 * 1280 * 64 * 2

@@ -175,7 +175,8 @@ def test_unet_takes_every_groupnorm_statistic_from_its_producer(tiny_unet, monke
 def test_the_sd15_plan_launches_no_groupnorm_statistics_but_conv_ins(tmp_path, capsys):
     """The plan of one SD 1.5 step (a prediction, recorded on the meta device with "auto"): every GroupNorm's
     statistics come from its producer's epilogue except the first ResBlock's, whose input conv_in (4 channels)
-    runs cuDNN; the 12 skip concats are Triton concats computing them; the issue's launch budget holds."""
+    runs cuDNN; the 12 skip concats are Triton concats computing them (without storing the concatenation); the
+    issue's launch budget holds."""
     import json
 
     from tritonsd.tools import cli
@@ -188,4 +189,7 @@ def test_the_sd15_plan_launches_no_groupnorm_statistics_but_conv_ins(tmp_path, c
     assert ops.count("group_stats") == ops.count("group_affine") == 1
     assert ops[ops.index("group_stats") - 1] == "convolution"  # right after conv_in (cuDNN)
     assert ops.count("concat") == 12 and "cat" not in ops[:ops.index("cfg_combine")]  # the UNet's part
+    # SD 1.5's output blocks all have a conv shortcut: each concat launch stores nothing (its Y is its A), the
+    # ResBlock's convs read h and skip themselves (issue 22 item 7)
+    assert all("A=Y=" in r["shapes"] for r in rows if r["op"] == "concat")
     assert len(rows) <= 260
