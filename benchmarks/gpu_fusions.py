@@ -14,9 +14,11 @@
    and ``cat+groupstats`` (torch's cat, statistics launches, normalising conv -> the Triton concat computing
    them: a decoder ResBlock's input), ``skip-concat`` (a decoder ResBlock's entry: the concat writing
    ``cat([h, skip])`` with the statistics, then the 3x3 conv and the 1x1 shortcut each reading it -> the
-   statistics alone, and both convs reading h and skip themselves; issue 22 item 7), and ``conv-split-k`` (SD 1.5's 3x3 convs at the 16x16 and 8x8 levels, which fill
-   less than two waves of SMs: split-K as the launcher picks it for this GPU against one program per tile,
-   ``split_k=1``; the row's shape records the SPLIT).
+   statistics alone, and both convs reading h and skip themselves; issue 22 item 7), and ``conv-split-k`` (SD
+   1.5's 3x3 convs at the 32x32, 16x16 and 8x8 levels, whose autotuned tiles fill less than two waves of SMs:
+   the grid-filling 64x32 tile, split K where it still falls short, as the launcher picks them for this GPU,
+   against the autotuned tiles with one program per tile, ``split_k=1``; the row's shape records TILE and
+   SPLIT_K).
 3. One UNet step (random weights, the model's own shapes; ``dispatch.force("auto")``) with every fusion, with
    each one switched off (``dispatch.unfused``), and with all off, in the same process; the output of each
    against the fused step's (the fusions change no result beyond rounding).
@@ -254,15 +256,16 @@ def upsample_cases() -> list[FusionCase]:
     return out
 
 
-SPLIT_K_LEVELS = {"sd15": (16, 8)}  # latent sides whose convolutions split on an H100 (kernels/conv.py)
+GRID_FILL_LEVELS = {"sd15": (32, 16, 8)}  # latent sides whose convolutions take the grid-filling tile on an H100
+# (kernels/conv.py: 64x32 tiles, split K at the 8x8 level)
 
 
 def _conv_split(x, weight, bias, emb, split_k=None):
-    return conv2d_triton(x, weight, bias, 1, 1, emb=emb, split_k=split_k)
+    return conv2d_triton(x, weight, bias, 1, 1, emb=emb, split_k=split_k)  # None: the launcher's choice
 
 
 def _conv_unsplit(x, weight, bias, emb, split_k=None):
-    return conv2d_triton(x, weight, bias, 1, 1, emb=emb, split_k=1)
+    return conv2d_triton(x, weight, bias, 1, 1, emb=emb, split_k=1)  # the autotuned tiles, one program each
 
 
 def _conv_plain_reference(x, weight, bias, emb, split_k=None):
@@ -270,23 +273,26 @@ def _conv_plain_reference(x, weight, bias, emb, split_k=None):
 
 
 def split_k_cases() -> list[FusionCase]:
-    """SD 1.5's ResBlock 3x3 conv (+ time embedding) at its low-resolution levels: the launcher's split (``split_k``
-    None: what it picks on this GPU, recorded in the row's shape as SPLIT_K) against ``split_k=1``."""
+    """SD 1.5's ResBlock 3x3 conv (+ time embedding) at its low-resolution levels: the launcher's choice for this
+    GPU (the grid-filling 64x32 tile, split where it still falls short of two waves; the row's shape records
+    TILE and SPLIT_K) against the autotuned tiles unsplit (``split_k=1``)."""
     out = []
     for spec in MODELS.values():
         for c, side in spec.levels():
-            if side not in SPLIT_K_LEVELS.get(spec.name, ()):
+            if side not in GRID_FILL_LEVELS.get(spec.name, ()):
                 continue
             shape = {"B": BATCH, "C": c, "H": side, "W": side}
 
-            def make(dtype, c=c, side=side, split_k=None, shape=shape):
+            def make(dtype, c=c, side=side, split_k=None, shape=shape):  # split_k: forced (a test on the CPU)
                 g = harness.case_generator(DEVICE)
                 x = _rand(g, dtype, BATCH, c, side, side).contiguous(memory_format=torch.channels_last)
-                if split_k is None:
-                    split_k = conv_mod._split_for_launch(None, BATCH * side * side, c, c, 9, x.device)
-                shape["SPLIT_K"] = split_k
+                split = conv_mod._split_for_launch(split_k, BATCH * side * side, c, c, 9, x.device,
+                                                   conv_mod._conv2d_kernel.configs)
+                shape["TILE"] = "x".join(map(str, conv_mod.split_tile())) if split else "autotuned"
+                shape["SPLIT_K"] = split or 1
                 return {"x": x, "weight": _rand(g, dtype, c, c, 3, 3, scale=(9 * c) ** -0.5),
-                        "bias": _rand(g, dtype, c, scale=0.02), "emb": _rand(g, dtype, BATCH, c), "split_k": split_k}
+                        "bias": _rand(g, dtype, c, scale=0.02), "emb": _rand(g, dtype, BATCH, c),
+                        "split_k": split_k}
             out.append(FusionCase("conv-split-k", spec.label, f"resblock-conv-{side}x{side}-C{c}", shape, make,
                                   _conv_unsplit, fused=_conv_split, reference=_conv_plain_reference))
     return out

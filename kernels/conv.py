@@ -29,11 +29,12 @@ kernel also computes that norm's per-(batch, channel) (mean, rstd * gamma) from 
 ``finish_group_stats``), so the consumer's prologue finds them ready (``GroupNormIn.stats``) and the two
 statistics launches before it are gone.
 
-Split-K (issue 22, "under-filled grids"): where the output tiles fill less than two waves of the GPU's SMs (SD
-1.5's 16x16 and 8x8 levels), each tile's C_in loop is split over SPLIT programs (:func:`split_k_for`); each
-stores its float32 partial tile to a workspace [SPLIT, M, N], and the last of a tile's programs to finish (a
-per-tile arrival count) sums them in split order and runs the epilogue once (``_split_k_sum``): deterministic,
-no float atomics. SPLIT 1 is the kernel as it was: no workspace, no count.
+Filling the GPU (issue 22, "under-filled grids"): where the autotuned tiles fill less than two waves of the GPU's
+SMs (SD 1.5's 32x32, 16x16 and 8x8 levels), the launch takes a small grid-filling tile, and where even that falls
+short (the 8x8 level), each tile's C_in loop is split over SPLIT programs (:func:`split_k_for`); each stores its
+float32 partial tile to a workspace [SPLIT, M, N], and the last of a tile's programs to finish (a per-tile arrival
+count) sums them in split order and runs the epilogue once (``_split_k_sum``), the statistics epilogue included:
+deterministic, no float atomics. SPLIT 1 is the kernel as it was: no workspace, no count.
 """
 
 from __future__ import annotations
@@ -76,22 +77,25 @@ CONFIGS_NORM_STATS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
     for bm, bn, bk, w, s in [(128, 64, 32, 8, 3), (64, 128, 32, 8, 3)]
 ]
-# Split-K (issue 22, "under-filled grids"): a launch whose output tiles fill less than SPLIT_K_WAVES waves of the
-# GPU's SMs splits every tile's C_in loop over SPLIT programs (see split_k_for), which sum their float32 partials
-# through a workspace (_split_k_sum). At SD 1.5 512x512 (UNet batch 2, 132 SMs): the 16x16 level (M = 512,
-# C_out 1280: 160 tiles of 64x64) takes SPLIT 2, the 8x8 level (M = 128: 40 tiles) SPLIT 7. The workspace
-# traffic is about SPLIT_K_WAVES x SMs float32 tiles written and read per launch (4.3 MB at 64x64 on 132 SMs),
-# so the split tile is the smallest that keeps the tensor cores fed, and SPLIT only as large as two waves need.
-SPLIT_K_WAVES = 2  # the waves of programs a split launch fills, at least
+# Filling the GPU (issue 22, "under-filled grids"): where the autotuned tiles (CONFIGS*, at least 8192 outputs each)
+# fill less than SPLIT_K_WAVES waves of the GPU's SMs (SD 1.5 512x512 on an H100: the 32x32, 16x16 and 8x8 levels),
+# the launch takes the grid-filling tile instead (SPLIT_K_CONFIGS, 64x32), and where even those tiles fall short
+# (the 8x8 level), every tile's C_in loop is split over SPLIT programs (see split_k_for), which sum their float32
+# partials through a workspace (_split_k_sum). At SD 1.5 512x512 (UNet batch 2, 132 SMs): the 32x32 level (M =
+# 2048, C_out 640) has 640 tiles, the 16x16 level (M = 512, C_out 1280) 320, unsplit; the 8x8 level (M = 128)
+# 80 tiles, SPLIT 4. The workspace traffic is about SPLIT_K_WAVES x SMs float32 tiles written and read per split
+# launch, so the split tile is small: 64x32 halves what a 64x64 tile writes (2.2 MB a launch on 132 SMs), and is
+# the smallest tile sm_90's wgmma takes whole (BLOCK_M 64 per warp group).
+SPLIT_K_WAVES = 2  # the waves of programs a launch fills, at least
 MIN_K_CHUNKS_PER_SPLIT = 4  # every split sums at least this many BLOCK_K chunks (taps x its channel chunks)
 # The split's reduction is unrolled (one load per split): check-compile at SD 1.5's launches (sm_90, triton 3.9 and
-# 3.6) found spills with 4 warps in every 3x3 variant at SPLIT 7 or more and with the GroupNorm prologue from SPLIT 2,
-# and with 8 warps at SPLIT 14 (batch 1's 8x8 level) with the prologue; 8 warps at SPLIT <= 7 compiled without.
+# 3.6) found spills with 64x64 tiles of 4 warps in every 3x3 variant at SPLIT 7 or more and with the GroupNorm
+# prologue from SPLIT 2, and with 8 warps at SPLIT 14 (batch 1's 8x8 level) with the prologue.
 MAX_SPLIT_K = 7
-# one tile size for all split configs, so that the launcher knows the grid (and SPLIT) before the tuner picks
+# one tile size for all grid-filling configs, so that the launcher knows the grid (and SPLIT) before the tuner picks
 SPLIT_K_CONFIGS = [
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-    for bk, w, s in [(64, 8, 3)]
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+    for bk, w, s in [(64, 4, 3)]
 ]
 # M = batch x output pixels; stride_xc is 1 for channels_last input (the layout changes the best tile)
 KEY = ["M", "C_IN", "C_OUT", "H", "W", "KH", "KW", "STRIDE", "PAD", "HAS_RES", "stride_xc", "NORM_IN", "STATS_OUT"]
@@ -101,8 +105,9 @@ KEY = ["M", "C_IN", "C_OUT", "H", "W", "KH", "KW", "STRIDE", "PAD", "HAS_RES", "
 def _split_k_sum(acc, Ws, Counters, split, tile, offs_m, offs_n, m_ok, n_ok, N, MN, SPLIT_K: tl.constexpr):
     """Split-K's reduction: store this program's float32 partial ``acc`` [BLOCK_M, BLOCK_N] as split ``split`` of
     the workspace Ws [SPLIT_K, M, N], count its arrival at ``tile``; the last of the tile's SPLIT_K programs gets
-    the sum of all partials in split order 0..SPLIT_K-1 and ``m_ok`` (the others: ``m_ok`` all False, so the
-    epilogue that follows loads and stores nothing) and resets the count to 0 (a captured CUDA graph replays it).
+    the sum of all partials in split order 0..SPLIT_K-1, ``m_ok`` and True (the others: ``m_ok`` all False, so
+    the epilogue that follows loads and stores nothing, and False) and resets the count to 0 (a captured CUDA graph
+    replays it).
 
     Why the last program sees every partial on a GPU: each program's threads store their part of the partial,
     meet at a barrier (all of the program's stores done), then one atomic add with release semantics at GPU
@@ -126,7 +131,7 @@ def _split_k_sum(acc, Ws, Counters, split, tile, offs_m, offs_n, m_ok, n_ok, N, 
                        cache_modifier=".cg")
         total += tl.where(split == s, acc, part)
     tl.store(Counters + tile, 0, mask=last)
-    return total, tl.where(last, m_ok, False)
+    return total, tl.where(last, m_ok, False), last
 
 
 @triton.jit
@@ -229,8 +234,9 @@ def _conv2d_kernel(
                             mask=k_ok[:, None] & n_ok[None, :], other=0.0).to(DOT_DTYPE)  # [BLOCK_K, BLOCK_N]
                 acc += tl.dot(a, b, input_precision=PRECISION)
 
+    tile_done = True  # this program holds the tile's final values
     if SPLIT_K > 1:  # the tile's last program to finish goes on alone, with the sum of every split's partial
-        acc, m_ok = _split_k_sum(acc, Ws, Counters, split, pid, offs_m, offs_n, m_ok, n_ok, C_OUT, M * C_OUT, SPLIT_K)
+        acc, m_ok, tile_done = _split_k_sum(acc, Ws, Counters, split, pid, offs_m, offs_n, m_ok, n_ok, C_OUT, M * C_OUT, SPLIT_K)
     tile_ok = m_ok[:, None] & n_ok[None, :]
     if HAS_BIAS:
         acc += tl.load(Bias + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -249,8 +255,9 @@ def _conv2d_kernel(
     tl.store(y_ptr, y, mask=tile_ok)
     if STATS_OUT:  # the next GroupNorm's statistics, of the values as stored (group_norm.py, issue 22 item 6)
         cg = C_OUT // S_GROUPS
-        tile_group_partials(y.to(tl.float32), offs_m, offs_n, m_ok, n_ok, pid_m, pid_n, M, hw_out, C_OUT, cg,
-                            S_GROUPS, SPart, BLOCK_M, BLOCK_N)
+        if tile_done:  # split-K: the tile's partial from its finishing program; every program is counted below
+            tile_group_partials(y.to(tl.float32), offs_m, offs_n, m_ok, n_ok, pid_m, pid_n, M, hw_out, C_OUT, cg,
+                                S_GROUPS, SPart, BLOCK_M, BLOCK_N)
         finish_group_stats(SPart, SCount, SGamma, SMean, SScale, M, hw_out, C_OUT, cg, S_GROUPS, s_eps,
                            BLOCK_M, BLOCK_N)
 
@@ -287,14 +294,28 @@ def split_tile() -> tuple[int, int]:
     return c["BLOCK_M"], c["BLOCK_N"]
 
 
-def _split_for_launch(split_k: int | None, m: int, c_out: int, c_in: int, taps: int, device: torch.device) -> int:
-    """The launch's SPLIT: ``split_k`` when given, else :func:`split_k_for` on this device; 1 when the workspace
-    would outgrow int32 offsets (the kernel indexes it in int32)."""
+def _fills_gpu(m: int, n: int, block_m: int, block_n: int, sms: int | None) -> bool:
+    """Whether ``block_m x block_n`` tiles of an [m, n] output fill SPLIT_K_WAVES waves of ``sms`` SMs (None:
+    no GPU to fill: they do)."""
+    return not sms or triton.cdiv(m, block_m) * triton.cdiv(n, block_n) >= SPLIT_K_WAVES * sms
+
+
+def _split_for_launch(split_k: int | None, m: int, c_out: int, c_in: int, taps: int, device: torch.device,
+                      tuned: list[triton.Config]) -> int | None:
+    """None: the autotuned tiles ``tuned`` (their smallest fills the GPU, or ``split_k`` is 1); else the
+    grid-filling tile's SPLIT (1 or more): ``split_k`` when given, else :func:`split_k_for` on this device (1 when
+    the workspace would outgrow the kernel's int32 offsets)."""
+    if split_k == 1:
+        return None
     if split_k is None:
+        sms = sm_count(device)
+        smallest = min(tuned, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"]).kwargs
+        if _fills_gpu(m, c_out, smallest["BLOCK_M"], smallest["BLOCK_N"], sms):
+            return None
         block_k = max(c.kwargs["BLOCK_K"] for c in _conv2d_split_kernel.configs)  # the fewest chunks any config has
-        split_k = split_k_for(m, c_out, triton.cdiv(c_in, block_k), taps, *split_tile(), sm_count(device))
+        split_k = split_k_for(m, c_out, triton.cdiv(c_in, block_k), taps, *split_tile(), sms)
         return split_k if split_k * m * c_out < 2**31 else 1
-    if split_k > 1 and split_k * m * c_out >= 2**31:
+    if split_k * m * c_out >= 2**31:
         raise KernelArgumentError(f"split_k={split_k}: the workspace of {split_k} x {m} x {c_out} float32 partials "
                                   "is too large (2**31 elements at most)")
     return split_k
@@ -410,8 +431,9 @@ def conv2d_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     ``stats_for``: the GroupNorm that reads the output next (its weight, groups, eps; bias and silu unused). The
     result is then ``(y, GroupStats | None)``: y's per-(batch, channel) (mean, rstd * weight), computed in this
     launch's epilogue from the values as stored (None where the reference ran, or the groups do not divide C_out).
-    ``split_k``: SPLIT (see :func:`split_k_for`, which picks it when None; 1 with ``stats_for``, whose epilogue
-    counts one program per tile); 1 is the unsplit kernel.
+    ``split_k``: None picks the tile and SPLIT for this device (the autotuned tiles where they fill two waves of
+    its SMs, else the grid-filling 64x32 tile, split where :func:`split_k_for` says); 1 is the autotuned tiles
+    unsplit; more is the grid-filling tile split that many ways.
 
     ``x2``: a second input [B, C2, H, W]; the convolution is then that of ``torch.cat([x, x2], 1)`` (the weight has
     C1 + C2 input channels; ``norm_in`` indexes the concatenated channels), read from x and x2 themselves (the
@@ -483,6 +505,11 @@ def _conv2d(x, weight, bias, stride, padding, emb, residual, scale, out, circula
         n_mean = n_scale = n_bias = out
     stats_out = _stats_possible(stats_for, c_out)
     kernel = _VARIANTS[(norm_in is not None, stats_out)]
+    split = _split_for_launch(split_k, m, c_out, c_in, kh * kw, x.device, kernel.configs)
+    if split is not None:  # the grid-filling tile (see SPLIT_K_CONFIGS), its C_in loop split SPLIT ways
+        kernel = _conv2d_split_kernel
+    else:
+        split = 1
     if stats_out:
         s_groups, s_eps = stats_for.groups, float(stats_for.eps)
         blocks = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in kernel.configs]
@@ -490,10 +517,8 @@ def _conv2d(x, weight, bias, stride, padding, emb, residual, scale, out, circula
     else:
         s_groups, s_eps = 1, 0.0
         sb = StatsBuffers(out, out, out, out, out)  # unused
-    split = 1 if stats_out else _split_for_launch(split_k, m, c_out, c_in, kh * kw, x.device)
     ws = counters = out  # unused unless split
     if split > 1:
-        kernel = _conv2d_split_kernel
         ws = torch.empty((split, m, c_out), device=x.device, dtype=torch.float32)  # every element written first
         counters = _counters(x.device, triton.cdiv(m, split_tile()[0]) * triton.cdiv(c_out, split_tile()[1]))
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(c_out, meta["BLOCK_N"]) * split,)  # noqa: E731

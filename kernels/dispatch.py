@@ -121,10 +121,11 @@ def geglu(x: torch.Tensor) -> torch.Tensor:
 # apart, the three projections read norm1's output, so that LayerNorm runs apart too), "group_norm" (GroupNorm
 # + SiLU applied in the next convolution's input load), "upsample" (the nearest 2x upsample in the next
 # convolution's input load), "group_stats" (that GroupNorm's statistics computed in the epilogue of the kernel that
-# writes its input: a convolution, the skip connections' concat), "split_k" (the convolutions that fill less than two
-# waves of the GPU split their K loop over several programs, kernels/conv.py; off: one program per output tile),
-# "skip_concat" (the decoder's ResBlocks read h and the skip connection apart in their two convolutions, the
-# concatenation never stored, model/unet.py; off: the concat writes it and both convolutions read it).
+# writes its input: a convolution, the skip connections' concat), "split_k" (the convolutions whose autotuned tiles fill less than
+# two waves of the GPU take a small grid-filling tile, split over several programs along K where even that falls
+# short, kernels/conv.py; off: the autotuned tiles, one program per output tile), "skip_concat" (the decoder's
+# ResBlocks read h and the skip connection apart in their two convolutions, the concatenation never stored,
+# model/unet.py; off: the concat writes it and both convolutions read it).
 FUSIONS = ("norm", "geglu", "residual", "qkv", "group_norm", "upsample", "group_stats", "split_k", "skip_concat")
 _CONV_ONLY = frozenset({"split_k", "skip_concat"})  # switches of the convolutions' own: the GEMMs stay as they are
 _unfused: contextvars.ContextVar[frozenset] = contextvars.ContextVar("tritonsd_unfused", default=frozenset())
@@ -220,7 +221,7 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
                   upsample=upsample)
     if triton_here:
         if not is_fused("split_k"):
-            kwargs["split_k"] = 1  # one program per output tile
+            kwargs["split_k"] = 1  # the autotuned tiles, one program per output tile
         if x2 is not None:
             kwargs["x2"] = x2
         if stats_for is not None and is_fused("group_stats"):

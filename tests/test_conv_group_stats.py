@@ -67,6 +67,23 @@ def test_stats_match_the_formula_fp32(poisoned, b, c_in, c_out, hw, groups, stri
     assert int(stats_counter(y.device).item()) == 0
 
 
+@pytest.mark.parametrize("split", [2, 3])
+@pytest.mark.parametrize("b,c_in,c_out,hw,groups,stride", SHAPES[:2] + SHAPES[3:4])
+def test_stats_of_a_split_k_launch(poisoned, b, c_in, c_out, hw, groups, stride, split):
+    """Split K with the statistics epilogue (the 8x8 level's convolutions feed GroupNorms): each tile's finishing
+    program stores the tile's partial, every program is counted, the launch's last merges them. 72 input channels
+    are 3 chunks of the interpreter's BLOCK_K (32) at every tap: each split sums real work."""
+    x, w, bias, norm = make(b, 72, c_out, hw, torch.float32, groups, seed=c_out + b + split)
+    y, st = conv2d_triton(x, w, bias, stride, 1, stats_for=norm, split_k=split)
+    ref = torch.nn.functional.conv2d(x.double(), w.double(), bias.double(), stride, 1)
+    assert_matches(y, ref, torch.float32)
+    mean64, scale64 = stats64(y, norm.weight, groups, norm.eps)
+    assert relative_error(st.mean, mean64) <= 1e-5
+    assert relative_error(st.scale, scale64) <= 1e-5
+    assert int(stats_counter(y.device).item()) == 0
+    assert all(not kept.any() for kept in conv_mod._COUNTERS[y.device])  # the split counts reset too
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_stats_are_of_the_stored_values(poisoned, dtype):
     """In fp16/bf16 the statistics are the stored (rounded) tensor's, as the unfused GroupNorm reads it."""

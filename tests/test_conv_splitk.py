@@ -49,6 +49,28 @@ def test_split_k_for_without_a_gpu_or_on_a_full_grid():
     assert split_k_for(2 * 8 * 8, 1280, 20, 9, 64, 64, 108) == 6  # an A100: 216 / 40 -> 6 (5.4 rounded up)
 
 
+@pytest.mark.parametrize("m,n,c_in,taps,tuned,expect", [
+    (2 * 64 * 64, 320, 320, 9, "CONFIGS", None),  # 64x64 level: 64x128 tiles make 384 (two waves): autotuned
+    (2 * 32 * 32, 640, 640, 9, "CONFIGS", 1),  # 32x32: 160 of the smallest autotuned tile; 640 of 64x32: unsplit
+    (2 * 16 * 16, 1280, 1280, 9, "CONFIGS_NORM_STATS", 1),  # 16x16: 80 -> 320 tiles of 64x32: unsplit
+    (2 * 16 * 16, 1280, 640, 1, "CONFIGS", 1),  # its 1x1 skip conv, alike
+    (2 * 8 * 8, 1280, 1280, 9, "CONFIGS_NORM_STATS", 4),  # 8x8: 80 tiles of 64x32 -> SPLIT 4 (264 / 80 = 3.3)
+    (2 * 8 * 8, 1280, 2560, 1, "CONFIGS", 4),  # 8x8's 1x1 skip conv of the up blocks
+    (2 * 64 * 64, 4, 320, 9, "CONFIGS", 3),  # conv_out: 4 channels, 128 tiles of 64x32 -> 3
+])
+def test_the_launch_takes_the_grid_filling_tile_where_the_autotuned_ones_fall_short(m, n, c_in, taps, tuned,
+                                                                                     expect):
+    """SD 1.5 512x512 (UNet batch 2) on an H100 (132 SMs): None is the autotuned tiles; a number is the 64x32
+    grid-filling tile with that SPLIT (``split_k=1`` asks for the autotuned tiles, more for that split)."""
+    assert conv_mod.split_tile() in ((64, 32),) and conv_mod.INTERPRETED_CONFIG.kwargs["BLOCK_N"] == 32
+    meta = torch.device("meta")
+    with _triton.recording():
+        assert conv_mod._split_for_launch(None, m, n, c_in, taps, meta, getattr(conv_mod, tuned)) == expect
+        assert conv_mod._split_for_launch(1, m, n, c_in, taps, meta, getattr(conv_mod, tuned)) is None
+        assert conv_mod._split_for_launch(3, m, n, c_in, taps, meta, getattr(conv_mod, tuned)) == 3
+    assert conv_mod._split_for_launch(None, m, n, c_in, taps, torch.device("cpu"), conv_mod.CONFIGS) is None
+
+
 def test_sm_count_follows_the_device():
     assert _triton.sm_count(torch.device("cpu")) is None
     assert _triton.sm_count(torch.device("meta")) is None  # a meta tensor outside a recording runs nothing

@@ -86,11 +86,11 @@ def test_dry_run_lists_cases_without_a_gpu():
     proc = subprocess.run([sys.executable, str(GF.Path(GF.__file__)), "--dry-run", "--models", "sd15-512"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert "37 fusion cases" in proc.stdout and "no-qkv" in proc.stdout and "no-group_norm" in proc.stdout
+    assert "38 fusion cases" in proc.stdout and "no-qkv" in proc.stdout and "no-group_norm" in proc.stdout
     assert "upsample-conv-8to16-C1280" in proc.stdout and "no-upsample" in proc.stdout
     assert "no-group_stats" in proc.stdout
     assert proc.stdout.count("conv+groupstats") == proc.stdout.count("cat+groupstats") == 4  # SD 1.5's 4 levels
     assert proc.stdout.count("skip-concat") == 4 and "no-skip_concat" in proc.stdout
-    assert "no-split_k" in proc.stdout  # the UNet step with split-K off (one program per conv tile)
+    assert "no-split_k" in proc.stdout  # the UNet step with the autotuned conv tiles only, one program each
     split_rows = [line.split()[-1] for line in proc.stdout.splitlines() if line.startswith("conv-split-k")]
-    assert split_rows == ["resblock-conv-16x16-C1280", "resblock-conv-8x8-C1280"]
+    assert split_rows == ["resblock-conv-32x32-C640", "resblock-conv-16x16-C1280", "resblock-conv-8x8-C1280"]
