@@ -66,7 +66,7 @@ def _concat_kernel(A, B, Y, SGamma, SMean, SScale, SPart, SCount,
 
 
 _CONCAT_JIT = _concat_kernel
-KEY = ["M", "C1", "C2", "STATS_OUT"]
+KEY = ["M", "C1", "C2", "STATS_OUT", "STORE"]  # STORE: the two autotuners share the JIT's name in the tuning tables
 _concat_kernel = triton.autotune(configs=configs(CONFIGS, INTERPRETED_CONFIG), key=KEY)(_CONCAT_JIT)
 # STORE off: the statistics alone (concat_stats)
 _concat_stats_kernel = triton.autotune(configs=configs(CONFIGS, INTERPRETED_CONFIG), key=KEY)(_CONCAT_JIT)
@@ -102,7 +102,7 @@ def concat_channels_triton(a: torch.Tensor, b: torch.Tensor, stats_for=None):
         s_groups, s_eps = 1, 0.0
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(c, meta["BLOCK_N"]),)  # noqa: E731
     launch(_concat_kernel, grid, a, b, out, *sb, m, h * w, w, c1, b.shape[1], *a.stride(), *b.stride(),
-           *out.stride(), s_groups, s_eps, STATS_OUT=stats_out)
+           *out.stride(), s_groups, s_eps, STATS_OUT=stats_out, STORE=True)
     if stats_for is None:
         return out
     return out, (sb.stats if stats_out else None)
