@@ -198,7 +198,7 @@ def test_dispatch_reads_apart_on_triton_and_concatenates_elsewhere(monkeypatch):
 # ---- the UNet: the decoder's ResBlocks read h and the skip apart
 
 
-@pytest.mark.slow  # two UNet passes under the interpreter: ~30 s
+@pytest.mark.slow  # two UNet passes under the interpreter: 157 s on 2 shared CPU cores
 def test_unet_reads_the_skips_apart_with_the_same_bits(models, monkeypatch):
     """sd1-tiny's twelve output blocks all start with a ResBlock with a conv shortcut (C1 64 or 32): none of them
     stores the concatenation, and the result is the materialised path's, bit for bit (the statistics and each
