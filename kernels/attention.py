@@ -8,6 +8,14 @@ Head dims that are not a power of two (40, 80, 160 in SD) are split into two pow
 tl.dot's minimum), masked beyond D. 80 = 64 + 16 and 160 = 128 + 32 waste nothing; 40 = 32 + 16 computes 48
 columns (instead of 64 for a blind pad). Both slabs are loaded once per block, q.k^T is the sum of two dots and
 the output keeps two accumulators, so the tensor cores see only power-of-two tiles.
+
+Cross-attention with its query projection (issue 22; :func:`cross_q_attention_triton`): the transformer block's
+attn2 computes ``q = LayerNorm(x) @ Wq^T`` and attends over the text's keys. Its kernel makes each program's q tile
+itself (BLOCK_M rows of one image, one head's D columns of Wq): the rows' LayerNorm statistics over all C channels
+and the normalised x tiles as kernels/linear.py's prologue does them (its jitted helpers), the product accumulated
+in float32 and rounded to x's dtype as the unfused GEMM stores q, then the same flash loop (:func:`_attend`). q is
+never written to memory (B*N*H*D elements written and read back per block, one launch fewer); each program re-reads
+its x rows (from L2: the heads of one row block read the same rows) and its head's D x C slab of Wq.
 """
 
 from __future__ import annotations

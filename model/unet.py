@@ -161,7 +161,8 @@ class CrossAttention(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, residual: torch.Tensor | None = None,
                 norm: dispatch.Norm | None = None) -> torch.Tensor:
         """``to_out(attention(norm(x), context)) + residual``: the LayerNorm ``norm`` in the prologue of the GEMM(s)
-        that read x, the residual add in the out-projection's epilogue."""
+        that read x (with a context: in the attention kernel, which projects q itself), the residual add in the
+        out-projection's epilogue. to_q's weight is read at each call (a LoRA changes it in place)."""
         if context is not None:  # q projected inside the attention kernel (dispatch.cross_attention)
             k, v = self._context_kv(context)
             out = dispatch.cross_attention(x, self.to_q.weight, self.to_q.bias, k, v, self.heads, norm=norm)
