@@ -12,7 +12,9 @@ import torch
 
 from tritonsd.kernels import _triton, dispatch
 from tritonsd.kernels import attention as attention_mod
-from tritonsd.kernels.attention import Norm, covers_cross_q, cross_q_attention_reference, cross_q_attention_triton
+from tritonsd.kernels.attention import (Norm, attention_triton, covers_cross_q, cross_q_attention_reference,
+                                        cross_q_attention_triton)
+from tritonsd.kernels.linear import linear_triton
 from tritonsd.testing.reference import relative_error
 
 from kernel_checks import DEVICE, assert_matches, forbid_fallback, poison_allocations
@@ -92,6 +94,21 @@ def test_float32_matches_unfused_ops(no_fallback, monkeypatch, b, n, m, c, heads
 @pytest.mark.parametrize("b,n,m,c,heads,d", [SHAPES[0], SHAPES[1], SHAPES[2]])
 def test_half_precision_matches_unfused_ops(no_fallback, monkeypatch, dtype, b, n, m, c, heads, d):
     check(make(b, n, m, c, heads, d, dtype, seed=n + d), dtype, monkeypatch)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("b,n,m,c,heads,d", [SHAPES[0], SHAPES[1]])
+def test_same_as_the_q_gemm_then_attention(dtype, b, n, m, c, heads, d):
+    """The fused launch gives what the launches it replaces give (the q GEMM with the LayerNorm in its prologue,
+    storing q in x's dtype, then the attention kernel): under the interpreter the same float32 operations, so
+    the same bits; on a GPU the q products may sum in another order (a last-bit difference in q)."""
+    t = make(b, n, m, c, heads, d, dtype, seed=b + n + d, bias=True)
+    fused = cross_q_attention_triton(**t)
+    apart = attention_triton(linear_triton(t["x"], t["weight"], t["bias"], norm=t["norm"]), t["k"], t["v"], heads)
+    if DEVICE == "cpu":
+        assert torch.equal(fused, apart)
+    else:
+        assert relative_error(fused, apart) <= 2e-3
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
