@@ -63,9 +63,10 @@ CONFIGS_LARGE_D_FP32 = [  # float32 tiles of D up to 512 fit shared memory only 
 INTERPRETED_CONFIG = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=1)
 # Cross-attention with its query projection (:func:`cross_q_attention_triton`): the attention's tiles plus BLOCK_K,
 # the projection's step over the query's channels; head dims up to 160 (D0 + D1), SD's cross-attention. Checked
-# with ``tritonsd check-compile --arch sm_90 --kernels attention`` at SD 1.5's shapes under triton 3.9 and 3.6
-# (benchmarks/results/check-compile-sm_90-attention-crossq-triton3.*.json): wgmma, no spill; the fullest are
-# (128, 64, 64, 4 warps) at D=40 (255 registers under 3.9, 226 under 3.6) and (64, 64, 64, 4 warps) at D=160 (254).
+# with ``tritonsd check-compile --arch sm_90 --kernels attention`` at SD 1.5's, SD 2.1's and SDXL's shapes under
+# triton 3.9 and 3.6 (benchmarks/results/check-compile-sm_90-attention-crossq*-triton3.*.json): wgmma, no spill;
+# the fullest are (128, 64, 64, 4 warps) at D=40 and D=64 (254-255 registers) and (64, 64, 64, 4 warps) at D=160
+# (250-254).
 CROSS_Q_SMALL_D = [(128, 64, 64, 4, 3), (128, 64, 64, 8, 3), (128, 128, 64, 8, 3)]  # D0 + D1 <= 64
 CROSS_Q_MEDIUM_D = [(128, 64, 64, 8, 3), (128, 32, 64, 8, 3), (64, 64, 64, 4, 3)]  # D0 + D1 <= 160
 CROSS_Q_MAX_SLABS = 160
