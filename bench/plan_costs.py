@@ -56,6 +56,14 @@ def _attention_flops(a: dict) -> int:
     return 4 * q.shape[0] * q.shape[1] * k.shape[1] * q.shape[2]
 
 
+def _cross_q_attention_flops(a: dict) -> int:
+    """X [B, N, C] projected by Wq [H*D, C] (2 * B * N * C * H*D, as torch counts the q GEMM), then the attention
+    of that q [B, N, H*D] over K [B, M, H*D] (:func:`_attention_flops`)."""
+    x, hd, m = a["X"], a["Wq"].shape[0], a["K"].shape[1]
+    b, n, c = x.shape
+    return 2 * b * n * c * hd + 4 * b * n * m * hd
+
+
 def _linear_flops(a: dict) -> int:
     """X [M, K] times Wt [N_w, K] transposed (GEGLU's Wt holds both halves: 2N rows): 2 * M * K * N_w; the
     LayerNorm prologue and the epilogues are not counted, as torch's counter counts no norm or add."""
@@ -66,6 +74,7 @@ def _linear_flops(a: dict) -> int:
 TRITON_FLOPS: dict[str, Callable[[dict], int]] = {
     "_conv2d_kernel": _conv_flops,
     "_attention_kernel": _attention_flops,
+    "_cross_q_attention_kernel": _cross_q_attention_flops,
     "_linear_kernel": _linear_flops,
     "_linear_geglu_kernel": _linear_flops,
 }

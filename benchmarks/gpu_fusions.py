@@ -8,6 +8,8 @@
    medians): ``qkv+norm`` (LayerNorm kernel + three cuBLAS GEMMs -> one GEMM with the norm in its prologue),
    ``ff-proj+norm+geglu`` (LayerNorm kernel + cuBLAS GEMM + GEGLU kernel -> one GEMM), ``out+residual``
    (cuBLAS GEMM + torch add -> one GEMM: attention out-projections, SD2/SDXL proj_out), ``ff-out+residual``,
+   ``cross-q-attention`` (the q GEMM with norm2 in its prologue + the attention kernel -> one attention kernel
+   projecting its own query tiles: the transformer block's cross-attention over the 77 text tokens),
    ``conv+groupnorm+silu`` (GroupNorm kernels + conv -> statistics + a conv normalising its input as it loads
    it; the ResBlock's 3x3 conv at every UNet level), ``conv+groupstats`` (conv, GroupNorm statistics launches,
    normalising conv -> the first conv computing the statistics in its epilogue: the ResBlock's two 3x3 convs)
@@ -45,6 +47,7 @@ from tritonsd.bench import environment, harness
 from tritonsd.compile.shapes import BATCH, MODELS, TEXT_TOKENS
 from tritonsd.kernels import dispatch
 from tritonsd.kernels import conv as conv_mod
+from tritonsd.kernels.attention import attention_triton, cross_q_attention_reference, cross_q_attention_triton
 from tritonsd.kernels.concat import concat_channels_triton, concat_stats
 from tritonsd.kernels.conv import GroupNormIn, conv2d_reference, conv2d_triton
 from tritonsd.kernels.geglu import geglu_triton
@@ -298,9 +301,40 @@ def split_k_cases() -> list[FusionCase]:
     return out
 
 
+def _cross_q_fused(x, weight, k, v, heads, norm):
+    return cross_q_attention_triton(x, weight, None, k, v, heads, norm)
+
+
+def _cross_q_unfused(x, weight, k, v, heads, norm):
+    return attention_triton(linear_triton(x, weight, norm=norm), k, v, heads)  # the q GEMM (norm2 in its prologue)
+
+
+def _cross_q_reference(x, weight, k, v, heads, norm):
+    return cross_q_attention_reference(x, weight, None, k, v, heads, norm)
+
+
+def cross_q_cases() -> list[FusionCase]:
+    """The transformer block's cross-attention (attn2) at every attention level: norm2 + to_q + attention over the
+    text's 77 tokens in one launch (q never stored) against the q GEMM (norm2 in its prologue) + attention."""
+    out = []
+    for spec in MODELS.values():
+        for c, side in spec.attention_levels():
+            n = side * side
+
+            def make(dtype, n=n, c=c, heads=spec.heads(c)):
+                g = harness.case_generator(DEVICE)
+                return {"x": _rand(g, dtype, BATCH, n, c), "weight": _rand(g, dtype, c, c, scale=c ** -0.5),
+                        "k": _rand(g, dtype, BATCH, TEXT_TOKENS, c), "v": _rand(g, dtype, BATCH, TEXT_TOKENS, c),
+                        "heads": heads, "norm": _norm(c, dtype, g)}
+            out.append(FusionCase("cross-q-attention", spec.label, f"attn2-{side}x{side}-C{c}",
+                                  {"B": BATCH, "N": n, "M": TEXT_TOKENS, "C": c, "heads": spec.heads(c)}, make,
+                                  _cross_q_unfused, fused=_cross_q_fused, reference=_cross_q_reference))
+    return out
+
+
 def cases() -> list[FusionCase]:
-    return (linear_cases() + conv_cases() + upsample_cases() + group_stats_cases() + skip_concat_cases()
-            + split_k_cases())
+    return (linear_cases() + cross_q_cases() + conv_cases() + upsample_cases() + group_stats_cases()
+            + skip_concat_cases() + split_k_cases())
 
 
 def linear_cases() -> list[FusionCase]:

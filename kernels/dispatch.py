@@ -96,6 +96,20 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, cau
     return impl(q, k, v, heads, causal=causal)
 
 
+def cross_attention(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, k: torch.Tensor,
+                    v: torch.Tensor, heads: int, norm: _linear.Norm | None = None) -> torch.Tensor:
+    """``attention(linear(x, weight, bias, norm=norm), k, v, heads)``: cross-attention with its query projection.
+    x: [B, N, C], weight: [H*D, C], k and v: [B, M, H*D] -> [B, N, H*D]. On Triton one launch that projects each
+    query tile in the kernel (q never stored; kernels/attention.py); ``unfused("cross_q")``, and what that kernel
+    does not cover, run the q GEMM and then the attention."""
+    if use_triton(x) and is_fused("cross_q"):
+        if norm is not None and not is_fused("norm"):
+            x, norm = layer_norm(x, *norm), None
+        if _attention.covers_cross_q(x, weight, bias, k, v, heads, norm):
+            return _attention.cross_q_attention_triton(x, weight, bias, k, v, heads, norm)
+    return attention(linear(x, weight, bias, norm=norm), k, v, heads)
+
+
 def group_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_groups: int = 32,
                eps: float = 1e-5, silu: bool = False) -> torch.Tensor:
     """GroupNorm over x [B, C, ...] with statistics in float32, optionally followed by SiLU."""
@@ -123,11 +137,12 @@ def geglu(x: torch.Tensor) -> torch.Tensor:
 # convolution's input load), "group_stats" (that GroupNorm's statistics computed in the epilogue of the kernel that
 # writes its input: a convolution, the skip connections' concat), "split_k" (the convolutions whose autotuned tiles fill less than
 # two waves of the GPU take a small grid-filling tile, split over several programs along K where even that falls
-# short, kernels/conv.py; off: the autotuned tiles, one program per output tile), "skip_concat" (the decoder's
-# ResBlocks read h and the skip connection apart in their two convolutions, the concatenation never stored,
-# model/unet.py; off: the concat writes it and both convolutions read it).
-FUSIONS = ("norm", "geglu", "residual", "qkv", "group_norm", "upsample", "group_stats", "split_k", "skip_concat")
-_CONV_ONLY = frozenset({"split_k", "skip_concat"})  # switches of the convolutions' own: the GEMMs stay as they are
+# short, kernels/conv.py; off: the autotuned tiles, one program per output tile), "cross_q" (cross-attention's query
+# projection inside the attention kernel, q never stored; off: the q GEMM, then the attention kernel),
+# "skip_concat" (the decoder's ResBlocks read h and the skip connection apart in their two convolutions, the
+# concatenation never stored, model/unet.py; off: the concat writes it and both convolutions read it).
+FUSIONS = ("norm", "geglu", "residual", "qkv", "group_norm", "upsample", "group_stats", "split_k", "cross_q",
+           "skip_concat")
 _unfused: contextvars.ContextVar[frozenset] = contextvars.ContextVar("tritonsd_unfused", default=frozenset())
 
 
@@ -155,7 +170,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """``F.linear(x, weight, bias)`` with a fused prologue and epilogue: ``norm`` first (a LayerNorm over x's last
     dim, never stored), then ``a * gelu(gate)`` of the product's two halves (``geglu``: the feed-forward's GEGLU,
     the 2F-wide product never stored), then ``+ residual`` [..., N]."""
-    off = _unfused.get() - _CONV_ONLY
+    # a convolution's / attention's switches: the GEMMs stay as they are
+    off = _unfused.get() - {"split_k", "cross_q", "skip_concat"}
     if off:
         return _linear_unfused(x, weight, bias, residual, geglu, norm, off)
     impl = _linear.linear_triton if use_triton(x) else _linear.linear_reference

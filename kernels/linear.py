@@ -79,6 +79,22 @@ def _row_stats(X, offs_m, m_ok, K, eps, stride_xm, stride_xk, BLOCK_M: tl.conste
 
 
 @triton.jit
+def _layer_norm_tile(a, mean, rstd, LnW, LnB, cols, col_ok, ROUND_BF16_BY_BITS: tl.constexpr):
+    """The x tile ``a`` [BLOCK_M, BLOCK_K] (its columns ``cols``) after the LayerNorm of its rows' statistics
+    (:func:`_row_stats`), as the unfused op stores it: float32 arithmetic, rounded to a's dtype (to nearest even,
+    as the GPU's cvt.rn does, also under the interpreter: ``ROUND_BF16_BY_BITS``); 0 beyond the row's end."""
+    gamma = tl.load(LnW + cols, mask=col_ok, other=0.0).to(tl.float32)
+    beta = tl.load(LnB + cols, mask=col_ok, other=0.0).to(tl.float32)
+    a_norm = (a.to(tl.float32) - mean[:, None]) * rstd[:, None] * gamma[None, :] + beta[None, :]
+    a_norm = tl.where(col_ok[None, :], a_norm, 0.0)
+    if ROUND_BF16_BY_BITS:
+        a_norm = round_bf16_by_bits(a_norm)
+    else:
+        a_norm = a_norm.to(a.dtype)
+    return a_norm
+
+
+@triton.jit
 def _linear_tile(
     X, Wt, Bias, Res, Y, LnW, LnB, M, N, K, eps,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_rm, stride_rn, stride_ym, stride_yn,
@@ -112,15 +128,8 @@ def _linear_tile(
     for k0 in range(0, K, BLOCK_K):
         k_ok = (k0 + offs_k) < K
         a = tl.load(x_ptr, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        if NORM:  # LayerNorm(x) as the unfused op stores it: float32 arithmetic, rounded to x's dtype
-            gamma = tl.load(LnW + k0 + offs_k, mask=k_ok, other=0.0).to(tl.float32)
-            beta = tl.load(LnB + k0 + offs_k, mask=k_ok, other=0.0).to(tl.float32)
-            a_norm = (a.to(tl.float32) - mean[:, None]) * rstd[:, None] * gamma[None, :] + beta[None, :]
-            a_norm = tl.where(k_ok[None, :], a_norm, 0.0)
-            if ROUND_BF16_BY_BITS:  # round to nearest even, as the GPU's cvt.rn does (see the launcher)
-                a = round_bf16_by_bits(a_norm)
-            else:
-                a = a_norm.to(X.dtype.element_ty)
+        if NORM:
+            a = _layer_norm_tile(a, mean, rstd, LnW, LnB, k0 + offs_k, k_ok, ROUND_BF16_BY_BITS)
         a = a.to(DOT_DTYPE)
         w_ok = k_ok[:, None] & n_ok[None, :]
         b = tl.load(w_ptr, mask=w_ok, other=0.0).to(DOT_DTYPE)

@@ -182,22 +182,28 @@ class CrossAttention(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, residual: torch.Tensor | None = None,
                 norm: dispatch.Norm | None = None) -> torch.Tensor:
         """``to_out(attention(norm(x), context)) + residual``: the LayerNorm ``norm`` in the prologue of the GEMM(s)
-        that read x, the residual add in the out-projection's epilogue."""
-        fuse = self.fused_qkv and context is None and dispatch.is_fused("qkv")
+        that read x (with a context: in the attention kernel, which projects q itself), the residual add in the
+        out-projection's epilogue. to_q's weight is read at each call (a LoRA changes it in place)."""
+        if context is not None:  # q projected inside the attention kernel (dispatch.cross_attention)
+            k, v = self._context_kv(context)
+            out = dispatch.cross_attention(x, self.to_q.weight, self.to_q.bias, k, v, self.heads, norm=norm)
+            return dispatch.linear(out, self.to_out[0].weight, self.to_out[0].bias, residual=residual)
+        fuse = self.fused_qkv and dispatch.is_fused("qkv")
         qkv = stacked_rows(self._qkv_params()) if fuse else None
         if qkv is not None:  # [B, N, 3 * inner] -> 3 x [B, N, inner] views
             q, k, v = dispatch.linear(x, qkv, norm=norm).chunk(3, dim=-1)
         else:
-            if norm is not None and context is None:  # self-attention apart: k and v read the normalised x too
+            if norm is not None:  # self-attention apart: k and v read the normalised x too
                 x, norm = dispatch.layer_norm(x, *norm), None
-            q = dispatch.linear(x, self.to_q.weight, self.to_q.bias, norm=norm)
-            if context is None:
-                k, v = self.to_k(x), self.to_v(x)
-            else:  # once per distinct context in a run (model/hoist.py): it is the same at every step
-                k, v = hoist.once(self, (context, self.to_k.weight, self.to_v.weight),
-                                  lambda: (self.to_k(context), self.to_v(context)))
+            q = dispatch.linear(x, self.to_q.weight, self.to_q.bias)
+            k, v = self.to_k(x), self.to_v(x)
         out = dispatch.attention(q, k, v, self.heads)
         return dispatch.linear(out, self.to_out[0].weight, self.to_out[0].bias, residual=residual)
+
+    def _context_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k and v of the context, once per distinct context in a run (model/hoist.py): the same at every step."""
+        return hoist.once(self, (context, self.to_k.weight, self.to_v.weight),
+                          lambda: (self.to_k(context), self.to_v(context)))
 
 
 def _restack_qkv(module: CrossAttention, _incompatible_keys) -> None:

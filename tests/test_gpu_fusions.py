@@ -38,8 +38,9 @@ def on_cpu(monkeypatch):
 SMALL = {"qkv+norm": (5, 16), "ff-proj+norm+geglu": (5, 16), "out+residual": (5, 16, 16),
          "ff-out+residual": (5, 16), "conv+groupnorm+silu": (32, 3), "conv+upsample": (16, 6),
          "conv+groupstats": (64, 3), "cat+groupstats": (32, 3), "skip-concat": (32, 3),
-         "conv-split-k": (64, 3, 2)}
-# (tokens, channels[, K]) / (channels, side[, SPLIT: forced for conv-split-k, as the CPU has no SMs to fill])
+         "conv-split-k": (64, 3, 2), "cross-q-attention": (5, 16, 2)}
+# (tokens, channels[, K]) / (channels, side[, SPLIT: forced for conv-split-k, as the CPU has no SMs to fill]) /
+# (tokens, channels, heads) for cross-q-attention
 
 
 def tiny_cases():
@@ -86,7 +87,8 @@ def test_dry_run_lists_cases_without_a_gpu():
     proc = subprocess.run([sys.executable, str(GF.Path(GF.__file__)), "--dry-run", "--models", "sd15-512"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert "38 fusion cases" in proc.stdout and "no-qkv" in proc.stdout and "no-group_norm" in proc.stdout
+    assert "42 fusion cases" in proc.stdout and "no-qkv" in proc.stdout and "no-group_norm" in proc.stdout
+    assert proc.stdout.count("cross-q-attention") == 4 and "no-cross_q" in proc.stdout  # SD 1.5: 3 levels + middle
     assert "upsample-conv-8to16-C1280" in proc.stdout and "no-upsample" in proc.stdout
     assert "no-group_stats" in proc.stdout
     assert proc.stdout.count("conv+groupstats") == proc.stdout.count("cat+groupstats") == 4  # SD 1.5's 4 levels
