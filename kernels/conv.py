@@ -90,12 +90,14 @@ SPLIT_K_WAVES = 2  # the waves of programs a launch fills, at least
 MIN_K_CHUNKS_PER_SPLIT = 4  # every split sums at least this many BLOCK_K chunks (taps x its channel chunks)
 # The split's reduction is unrolled (one load per split): check-compile at SD 1.5's launches (sm_90, triton 3.9 and
 # 3.6) found spills with 64x64 tiles of 4 warps in every 3x3 variant at SPLIT 7 or more and with the GroupNorm
-# prologue from SPLIT 2, and with 8 warps at SPLIT 14 (batch 1's 8x8 level) with the prologue.
+# prologue from SPLIT 2, and with 8 warps at SPLIT 14 (batch 1's 8x8 level) with the prologue; with 64x32 tiles of
+# 4 warps, every 3x3 variant with the prologue at SPLIT 4 or 7 (124-248 bytes, 255 registers, both tritons), while
+# 8 warps compile all 112 grid-filling launches without a spill (benchmarks/results/check-compile-sm_90-conv-grid-*).
 MAX_SPLIT_K = 7
 # one tile size for all grid-filling configs, so that the launcher knows the grid (and SPLIT) before the tuner picks
 SPLIT_K_CONFIGS = [
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-    for bk, w, s in [(64, 4, 3)]
+    for bk, w, s in [(64, 8, 3)]
 ]
 # M = batch x output pixels; stride_xc is 1 for channels_last input (the layout changes the best tile)
 KEY = ["M", "C_IN", "C_OUT", "H", "W", "KH", "KW", "STRIDE", "PAD", "HAS_RES", "stride_xc", "NORM_IN", "STATS_OUT"]

@@ -188,7 +188,7 @@ COMPILE_CASES = {
         dict(KH=3, KW=3, STRIDE=1, PAD=1, CIRCULAR=False, HAS_BIAS=True, HAS_EMB=True, HAS_RES=True,
              HAS_SCALE=False, NORM_IN=True, SILU_IN=True, ROUND_BF16_BY_BITS=False, STATS_OUT=False, PRECISION="tf32",
              DOT_DTYPE=tl.float16, GROUP=8, BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, SPLIT_K=4),
-        floats=("scale",), num_warps=4, num_stages=3),
+        floats=("scale",), num_warps=8, num_stages=3),
     "conv-fp16-3x3-groupnorm-split-k-stats-out": lambda tl: _compile(
         conv._conv2d_kernel, {**{p: "*fp16" for p in ("X", "Wt", "Bias", "Emb", "Res", "Y", "NBias", "SGamma")},
                              **{p: "*fp32" for p in ("NMean", "NScale", "SMean", "SScale", "SPart")},
@@ -196,7 +196,7 @@ COMPILE_CASES = {
         dict(KH=3, KW=3, STRIDE=1, PAD=1, CIRCULAR=False, HAS_BIAS=True, HAS_EMB=True, HAS_RES=False,
              HAS_SCALE=False, NORM_IN=True, SILU_IN=True, ROUND_BF16_BY_BITS=False, STATS_OUT=True, PRECISION="tf32",
              DOT_DTYPE=tl.float16, GROUP=8, BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, SPLIT_K=4),
-        floats=("scale", "s_eps"), num_warps=4, num_stages=3),
+        floats=("scale", "s_eps"), num_warps=8, num_stages=3),
     "linear-fp16-norm-geglu": lambda tl: _compile(
         linear._linear_geglu_kernel, {p: "*fp16" for p in ("X", "Wt", "Bias", "Res", "Y", "LnW", "LnB")},
         dict(HAS_BIAS=True, HAS_RES=False, NORM=True, ROUND_BF16_BY_BITS=False, PRECISION="tf32",
