@@ -28,6 +28,7 @@ from tritonsd.model.sd import build_model, load_weights_
 from tritonsd.testing.reference import relative_error
 from tritonsd.tools.merge import merge_checkpoint, normalized_to_file_keys
 
+from float_bounds import Reductions, reorder_bound
 from kernel_checks import DEVICE
 
 CHECKPOINT = "sd1-tiny.safetensors"
@@ -116,7 +117,7 @@ def test_loading_lays_out_on_the_files_side(fixtures, monkeypatch):
 def test_a_model_for_the_torch_reference_uses_the_files_tensors_uncopied(fixtures):
     """Without the kernel layout (the CPU's default: only ``F.conv2d`` runs there), every parameter of a load in
     the file's dtype IS the file's tensor (mapped, never copied: issue 28's start-up), conv weights included,
-    and the model's output equals the kernel-layout model's."""
+    and the model's output is the kernel-layout model's up to the order of its sums."""
     raw = normalize_keys(read_checkpoint(fixtures / CHECKPOINT)).weights
     laid_out = load_model(fixtures / CHECKPOINT, text_heads=2, kernel_layout=True)
     with torch.device("meta"):
@@ -131,8 +132,15 @@ def test_a_model_for_the_torch_reference_uses_the_files_tensors_uncopied(fixture
     assert len(stacked) >= 6 and all(params[k].equal(raw[k]) for k in stacked)
     assert all(p.data_ptr() == raw[name].data_ptr() for name, p in params.items() if name not in stacked)
     x, t, context = (v.cpu() for v in unet_inputs(laid_out))
+    with torch.no_grad(), Reductions(model).record() as sums:
+        mapped = model.apply_model(x, t, context)
     with torch.no_grad():
-        assert torch.equal(model.apply_model(x, t, context), laid_out.apply_model(x, t, context))
+        copied = laid_out.apply_model(x, t, context)
+    # the same sums in another order at most: oneDNN blocks a convolution's sums by where its operands lie (a
+    # mapped weight sits where the file puts it, here 4 bytes off a 16-byte boundary, a copy 64-byte aligned):
+    # bit-equal on the CPUs of earlier runs, 2.4e-7 apart in a 1x1 conv on an AMD EPYC with AVX-512
+    scale = copied.abs().max()
+    assert (mapped - copied).abs().max() <= reorder_bound(sums.lengths) * scale
 
 
 def test_the_default_layout_follows_where_the_conv_kernel_runs(fixtures):
