@@ -37,7 +37,7 @@ from tritonsd.bench.plan_costs import Cost, cost
 from tritonsd.bench.plan_walk import Event
 from tritonsd.devices import DTYPE_NAMES
 from tritonsd.escape import escape
-from tritonsd.kernels._triton import TABLES_DIR, TuningTables, assume_sms
+from tritonsd.kernels._triton import TABLES_DIR, TuningTables, assume_gpu
 from tritonsd.outputs import atomic_write
 
 LAUNCH_OVERHEAD_S = (1e-6, 2e-6)  # an assumed range of per-launch cost in a captured graph (not measured)
@@ -189,7 +189,9 @@ def make_plan(model: str, size: tuple[int, int] | None = None, batch: int = 1, c
     spec = GPU.named(gpu, dtype)
     built = plan_model.build(model, DTYPE_NAMES[dtype], text_heads)
     size = size or plan_model.native_size(built)
-    with assume_sms(spec.sms):  # the launches this GPU would get (split-K convolutions fill its SMs)
+    # the launches this GPU would get: split-K convolutions fill its SMs, and its tuning tables say which fused
+    # GEMMs run apart (cuBLAS and separate launches) there
+    with assume_gpu(spec.sms, spec.device_name):
         walk = plan_model.walk_image(built, size, batch, cfg, DTYPE_NAMES[dtype], steps, hoists, controlnets)
     loop = _costs(walk.loop)
     by_event = {id(e): c for e, c in zip(walk.loop, loop)}

@@ -69,16 +69,26 @@ def time_on_gpu(autotuner, grid, args: tuple, kwargs: dict, config: triton.Confi
     return triton.testing.do_bench(call, warmup=5, rep=20, return_mode="median")
 
 
+def time_call_on_gpu(call: Callable[[], object]) -> float:
+    """Milliseconds of ``call`` (median of Triton's ``do_bench``), after one call that may tune its own launches."""
+    call()
+    torch.cuda.synchronize()
+    return triton.testing.do_bench(call, warmup=5, rep=20, return_mode="median")
+
+
 class Tuner:
     """The ``_triton.tuning`` hook: a key missing from the tables is timed (``time_config``, default: on the
-    current GPU) and its winner stored in ``cache_for(gpu)`` (default: the user's file for this GPU).
+    current GPU) and its winner stored in ``cache_for(gpu)`` (default: the user's file for this GPU). The same for
+    a fused launch's way, fused or apart (:meth:`choose_way`, timed with ``time_call``).
 
     ``tuned`` counts the keys timed; ``found`` the keys already in this tuner's cache (stored by another process
     after the launch path read the tables, or earlier by this tuner for a kernel whose in-memory cache was reset)."""
 
     def __init__(self, time_config: Callable[..., float] = time_on_gpu, root: Path | None = None,
-                 gpu: Callable[[], str] | None = None):
+                 gpu: Callable[[], str] | None = None,
+                 time_call: Callable[[Callable[[], object]], float] = time_call_on_gpu):
         self.time_config = time_config
+        self.time_call = time_call
         self.root = root
         self.gpu = gpu or _current_gpu
         self.tuned = 0
@@ -99,6 +109,20 @@ class Tuner:
         else:
             self.found += 1
         return config
+
+    def choose_way(self, choice: str, source: str, key: tuple, ways: dict[str, Callable[[], object]]) -> str:
+        """The faster of ``ways`` (``_triton.runs_apart``'s {"fused": call, "apart": call}) for this key: the
+        stored one, else each timed once and the faster stored with both timings."""
+        cache = self.cache()
+        hit = cache.lookup(choice, source, key)
+        if hit is not None and hit["config"].get("way") in ways:
+            self.found += 1
+            return hit["config"]["way"]
+        timings = {way: float(self.time_call(call)) for way, call in ways.items()}
+        best = min(timings, key=timings.get)
+        cache.store(choice, source, key, {"way": best}, timings)
+        self.tuned += 1
+        return best
 
 
 def _current_gpu() -> str:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import hashlib
+import inspect
 import json
 import os
 import re
@@ -119,27 +121,31 @@ def next_power_of_2(n: int) -> int:
     return triton.next_power_of_2(n)
 
 
-# ---- the GPU's size: how many programs fill one wave (split-K convolution, kernels/conv.py)
+# ---- the GPU's size and name: how many programs fill one wave (split-K convolution, kernels/conv.py), and whose
+# tuning tables decide fused or apart (:func:`runs_apart`)
 
 RECORDING_SMS = 132  # an H100's SMs: the GPU assumed while launches are recorded without one (check-compile, plan)
 _assumed_sms: contextvars.ContextVar[int] = contextvars.ContextVar("tritonsd_assumed_sms", default=RECORDING_SMS)
+_assumed_name: contextvars.ContextVar[str | None] = contextvars.ContextVar("tritonsd_assumed_gpu", default=None)
 _sms: dict[int, int] = {}  # CUDA device index -> multiprocessor count, read once per device
 
 
 @contextlib.contextmanager
-def assume_sms(count: int) -> Iterator[int]:
-    """While launches are recorded (:func:`recording`), the launchers size their grids for a GPU of ``count`` SMs
-    (``tritonsd bench plan --gpu``: the named GPU's)."""
-    token = _assumed_sms.set(int(count))
+def assume_gpu(sms: int, name: str | None = None) -> Iterator[int]:
+    """Off the GPU, the launchers act for a GPU of ``sms`` SMs named ``name`` (``torch.cuda.get_device_name``'s
+    text): while launches are recorded (:func:`recording`) they size their grids for its SMs, and its tuning
+    tables say where a fused launch runs apart (``tritonsd bench plan --gpu``: the named GPU's)."""
+    sms_token, name_token = _assumed_sms.set(int(sms)), _assumed_name.set(name)
     try:
-        yield count
+        yield sms
     finally:
-        _assumed_sms.reset(token)
+        _assumed_sms.reset(sms_token)
+        _assumed_name.reset(name_token)
 
 
 def sm_count(device: torch.device) -> int | None:
     """The streaming multiprocessors of ``device`` (read once per CUDA device); the assumed GPU's while
-    launches are recorded (:func:`assume_sms`); None on the CPU (the interpreter runs programs one by one)."""
+    launches are recorded (:func:`assume_gpu`); None on the CPU (the interpreter runs programs one by one)."""
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
         if index not in _sms:
@@ -169,7 +175,8 @@ def recording() -> Iterator[list[tuple[Any, tuple, dict]]]:
 
 
 # A tuner: (autotuner, grid, args, kwargs, key) -> the config to use for that key (compile/tuning.py's Tuner
-# times every config and stores the winner). Plugged in by tuning(), as the recorder is by recording().
+# times every config and stores the winner); its optional ``choose_way(choice, source, key, ways)`` picks fused or
+# apart (:func:`runs_apart`). Plugged in by tuning(), as the recorder is by recording().
 Tuner = Callable[[Any, Any, tuple, dict, tuple], triton.Config]
 
 _tuner: contextvars.ContextVar[Tuner | None] = contextvars.ContextVar("tritonsd_tuner", default=None)
@@ -277,11 +284,13 @@ class TuningTables:
         self._committed = read_entries(self.table)
 
     def lookup(self, kernel: str, source: str, key: tuple) -> dict | None:
-        k = key_repr(key)
+        k = None  # the key's text, made only when a table holds this kernel's source (a launch asks every time)
         for entries in (self._data, self._committed):
-            hit = entries.get(kernel, {}).get(source, {}).get(k)
-            if hit is not None:
-                return hit
+            keys = entries.get(kernel, {}).get(source)
+            if keys:
+                k = k or key_repr(key)
+                if (hit := keys.get(k)) is not None:
+                    return hit
         return None
 
 
@@ -294,13 +303,19 @@ def innermost(kernel):
 
 
 def source_hash(kernel) -> str:
-    """The JIT's hash of the kernel's source and what it calls: a changed kernel is a new entry."""
-    return innermost(kernel).cache_key
+    """The JIT's hash of the kernel's source and what it calls: a changed kernel is a new entry. (Under the
+    interpreter, which has no JIT: a hash of the kernel function's own source.)"""
+    fn = innermost(kernel)
+    if hasattr(fn, "cache_key"):
+        return fn.cache_key
+    return hashlib.sha256(inspect.getsource(fn.fn).encode()).hexdigest()
 
 
 def kernel_name(kernel) -> str:
     fn = innermost(kernel)
-    return f"{fn.module}.{fn.__name__}"
+    if hasattr(fn, "module"):
+        return f"{fn.module}.{fn.__name__}"
+    return f"{fn.fn.__module__}.{fn.fn.__name__}"  # the interpreter's InterpretedFunction
 
 
 def autotune_key(autotuner, args: tuple, kwargs: dict) -> tuple:
@@ -315,8 +330,7 @@ def autotune_key(autotuner, args: tuple, kwargs: dict) -> tuple:
 _tables: dict[str, TuningTables] = {}  # per GPU name, read once per process
 
 
-def tables_for_current_gpu() -> TuningTables:
-    gpu = torch.cuda.get_device_name()
+def tables_for(gpu: str) -> TuningTables:
     if gpu not in _tables:
         _tables[gpu] = TuningTables(gpu)
     return _tables[gpu]
@@ -324,5 +338,37 @@ def tables_for_current_gpu() -> TuningTables:
 
 def tuned_config(autotuner, key: tuple) -> triton.Config | None:
     """The config the tuning tables hold for this key on the current GPU, if still shipped; else None."""
-    hit = tables_for_current_gpu().lookup(kernel_name(autotuner), source_hash(autotuner), key)
+    hit = tables_for(torch.cuda.get_device_name()).lookup(kernel_name(autotuner), source_hash(autotuner), key)
     return match_config(autotuner.configs, hit["config"]) if hit is not None else None
+
+
+# ---- fused or apart: a fusion saves launches and bytes, but for some shapes the vendor library's GEMM is faster
+# than the fused Triton tile by more. The tuner times both ways once per (GPU, triton version, kernel source, key)
+# and stores the faster under "<kernel>.fused_or_apart" ({"way": "fused" | "apart"}); without an entry, fused.
+
+FUSED, APART = "fused", "apart"
+
+
+def gpu_name(device: torch.device) -> str | None:
+    """Whose tuning tables decide for ``device``: the CUDA device's name, else the GPU of :func:`assume_gpu`."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else _assumed_name.get()
+
+
+def runs_apart(kernel, key: tuple, device: torch.device, ways: dict[str, Callable[[], Any]]) -> bool:
+    """Whether this launch of the fused ``kernel`` (its own ``key``) should run as the unfused launches it replaces.
+
+    ways: {FUSED: call, APART: call}, each running the whole computation one way, for the tuner to time. A key
+    missing from the tables is timed by the tuner of :func:`tuning` (outside a capture and a recording) and then
+    stored; without a tuner it runs fused."""
+    gpu = gpu_name(device)
+    if gpu is None:
+        return False
+    choice, source = f"{kernel_name(kernel)}.fused_or_apart", source_hash(kernel)
+    hit = tables_for(gpu).lookup(choice, source, key)
+    if hit is not None:
+        return hit["config"].get("way") == APART
+    choose = getattr(_tuner.get(), "choose_way", None)
+    if choose is None or _recorder.get() is not None or (device.type == "cuda"
+                                                          and torch.cuda.is_current_stream_capturing()):
+        return False
+    return choose(choice, source, key, ways) == APART

@@ -143,6 +143,7 @@ def geglu(x: torch.Tensor) -> torch.Tensor:
 # concatenation never stored, model/unet.py; off: the concat writes it and both convolutions read it).
 FUSIONS = ("norm", "geglu", "residual", "qkv", "group_norm", "upsample", "group_stats", "split_k", "cross_q",
            "skip_concat")
+GEMM_FUSIONS = frozenset({"norm", "geglu", "residual"})  # what the linear kernel fuses into its GEMM
 _unfused: contextvars.ContextVar[frozenset] = contextvars.ContextVar("tritonsd_unfused", default=frozenset())
 
 
@@ -174,8 +175,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     off = _unfused.get() - {"split_k", "cross_q", "skip_concat"}
     if off:
         return _linear_unfused(x, weight, bias, residual, geglu, norm, off)
-    impl = _linear.linear_triton if use_triton(x) else _linear.linear_reference
-    return impl(x, weight, bias, residual, geglu, norm)
+    if not use_triton(x):
+        return _linear.linear_reference(x, weight, bias, residual, geglu, norm)
+    apart = lambda: _linear_unfused(x, weight, bias, residual, geglu, norm, GEMM_FUSIONS)  # noqa: E731
+    if _linear.runs_apart(x, weight, bias, residual, geglu, norm, apart):  # the tuning found cuBLAS faster here
+        return apart()
+    return _linear.linear_triton(x, weight, bias, residual, geglu, norm)
 
 
 def _linear_unfused(x, weight, bias, residual, geglu, norm, off: frozenset) -> torch.Tensor:

@@ -29,13 +29,14 @@ Prologue (issue 22, item 4):
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from tritonsd.kernels import _triton
 from tritonsd.kernels._triton import (FLOAT_DTYPES, check_device, configs, dot_dtype, dot_precision, launch,
                                      round_bf16_by_bits, rounds_bf16_by_bits)
 from tritonsd.kernels.geglu import geglu_reference
@@ -253,6 +254,21 @@ def linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
            ROUND_BF16_BY_BITS=norm is not None and rounds_bf16_by_bits(x.dtype),
            PRECISION=dot_precision(x.dtype), DOT_DTYPE=dot_dtype(x.dtype), GROUP=GROUP_M)
     return out
+
+
+def runs_apart(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None,
+               geglu: bool, norm: Norm | None, apart: Callable[[], torch.Tensor]) -> bool:
+    """Whether this GPU's tuning tables say the call runs faster unfused (``apart``: cuBLAS's GEMM with the
+    LayerNorm, GEGLU and add as their own launches) than as :func:`linear_triton`'s one fused GEMM; the tuner of
+    ``_triton.tuning`` times both once per key (compile/tuning.py). False for calls the kernel does not cover."""
+    n = _out_features(x, weight, bias, residual, geglu, norm)
+    if n is None:
+        return False
+    k = x.shape[-1]
+    key = (x.numel() // k if k else 0, n, k, bias is not None, residual is not None, norm is not None, str(x.dtype))
+    return _triton.runs_apart(_linear_geglu_kernel if geglu else _linear_kernel, key, x.device,
+                              {_triton.FUSED: lambda: linear_triton(x, weight, bias, residual, geglu, norm),
+                               _triton.APART: apart})
 
 
 def linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,

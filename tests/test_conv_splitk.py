@@ -76,7 +76,7 @@ def test_sm_count_follows_the_device():
     assert _triton.sm_count(torch.device("meta")) is None  # a meta tensor outside a recording runs nothing
     with _triton.recording():
         assert _triton.sm_count(torch.device("meta")) == 132  # an H100, unless told otherwise
-        with _triton.assume_sms(108):
+        with _triton.assume_gpu(108):
             assert _triton.sm_count(torch.device("meta")) == 108
         assert _triton.sm_count(torch.device("meta")) == 132
 
@@ -216,7 +216,7 @@ def test_recorded_sd15_8x8_conv_splits_for_two_waves_of_an_h100():
     assert kernel is conv_mod._conv2d_split_kernel and kwargs["SPLIT_K"] == expect
     assert named["Ws"].shape == (expect, 128, 1280) and named["Ws"].dtype == torch.float32
     assert named["Counters"].shape == (128 // tile[0] * 1280 // tile[1],) and named["Counters"].dtype == torch.int32
-    with _triton.assume_sms(10):  # a small GPU: 40 tiles fill 2 waves of 10 SMs
+    with _triton.assume_gpu(10):  # a small GPU: 40 tiles fill 2 waves of 10 SMs
         assert _recorded_sd_conv(1280, 8)[0] is conv_mod._conv2d_kernel
 
 
