@@ -387,6 +387,8 @@ def count_groups(only: list[str] | None = None) -> dict:
             kernel = la.resolve()
             n = len(getattr(kernel, "configs", ()) or ())
             configs += n if n > 1 and not untuned else 0
+            if la.module.endswith(".linear") and not untuned:
+                configs += 2  # the fused GEMM against cuBLAS apart, timed once per key (_triton.runs_apart)
         out[name] = {"variants": len(unique), "tasks": tasks, "tuning_keys": sum(1 for la in keys if la.tuning_key()),
                      "tuning_configs": configs}
     return out
