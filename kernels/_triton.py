@@ -349,9 +349,17 @@ def tuned_config(autotuner, key: tuple) -> triton.Config | None:
 FUSED, APART = "fused", "apart"
 
 
+_names: dict[int, str] = {}  # CUDA device index -> its name, read once per device (every fused GEMM asks)
+
+
 def gpu_name(device: torch.device) -> str | None:
     """Whose tuning tables decide for ``device``: the CUDA device's name, else the GPU of :func:`assume_gpu`."""
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else _assumed_name.get()
+    if device.type != "cuda":
+        return _assumed_name.get()
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _names:
+        _names[index] = torch.cuda.get_device_name(index)
+    return _names[index]
 
 
 def runs_apart(kernel, key: tuple, device: torch.device, ways: dict[str, Callable[[], Any]]) -> bool:
