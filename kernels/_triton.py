@@ -127,7 +127,15 @@ def next_power_of_2(n: int) -> int:
 RECORDING_SMS = 132  # an H100's SMs: the GPU assumed while launches are recorded without one (check-compile, plan)
 _assumed_sms: contextvars.ContextVar[int] = contextvars.ContextVar("tritonsd_assumed_sms", default=RECORDING_SMS)
 _assumed_name: contextvars.ContextVar[str | None] = contextvars.ContextVar("tritonsd_assumed_gpu", default=None)
-_sms: dict[int, int] = {}  # CUDA device index -> multiprocessor count, read once per device
+_properties: dict[int, Any] = {}  # CUDA device index -> its properties (SMs, name), read once per device
+
+
+def cuda_properties(device: torch.device):
+    """``torch.cuda.get_device_properties`` of a CUDA ``device``, read once per device (launchers ask often)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _properties:
+        _properties[index] = torch.cuda.get_device_properties(index)
+    return _properties[index]
 
 
 @contextlib.contextmanager
@@ -147,10 +155,7 @@ def sm_count(device: torch.device) -> int | None:
     """The streaming multiprocessors of ``device`` (read once per CUDA device); the assumed GPU's while
     launches are recorded (:func:`assume_gpu`); None on the CPU (the interpreter runs programs one by one)."""
     if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        if index not in _sms:
-            _sms[index] = torch.cuda.get_device_properties(index).multi_processor_count
-        return _sms[index]
+        return cuda_properties(device).multi_processor_count
     if device.type == "meta" and is_recording():
         return _assumed_sms.get()
     return None
@@ -349,17 +354,9 @@ def tuned_config(autotuner, key: tuple) -> triton.Config | None:
 FUSED, APART = "fused", "apart"
 
 
-_names: dict[int, str] = {}  # CUDA device index -> its name, read once per device (every fused GEMM asks)
-
-
 def gpu_name(device: torch.device) -> str | None:
     """Whose tuning tables decide for ``device``: the CUDA device's name, else the GPU of :func:`assume_gpu`."""
-    if device.type != "cuda":
-        return _assumed_name.get()
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _names:
-        _names[index] = torch.cuda.get_device_name(index)
-    return _names[index]
+    return cuda_properties(device).name if device.type == "cuda" else _assumed_name.get()
 
 
 def runs_apart(kernel, key: tuple, device: torch.device, ways: dict[str, Callable[[], Any]]) -> bool:
